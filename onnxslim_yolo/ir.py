@@ -1,0 +1,326 @@
+"""The one boundary with onnx / protobuf / graphsurgeon.
+
+Load and save (external data, atomic writes, never over the input), graphsurgeon import and
+export, opset upgrade, unique names, and small edit helpers shared by passes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from .pass_base import ModelLoadError, PreconditionError, UsageError
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+#: protobuf refuses to serialize a message over 2 GiB; stay a little under.
+PROTO_LIMIT = 2 ** 31 - 2 ** 24
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+# ------------------------------------------------------------------------------- load and save
+def load(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read a model; a missing, non-ONNX or truncated file raises :class:`ModelLoadError`."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises others
+        raise ModelLoadError(f"{p}: not a readable ONNX model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'parse failed'})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{p}: not a readable ONNX model (empty or truncated graph)")
+    if not model.opset_import:
+        raise ModelLoadError(f"{p}: model declares no opset")
+    return model
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes (without writing the file)."""
+    return model.ByteSize()
+
+
+def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] = (),
+         external_data: Optional[bool] = None) -> Path:
+    """Write atomically: a temp file beside the target, then rename.
+
+    ``protect`` lists paths that must never be overwritten (the input model). External data is
+    used when the model would not fit in one protobuf (or when asked).
+    """
+    out = Path(path)
+    for q in protect:
+        if Path(q).exists() and out.exists() and os.path.samefile(out, q):
+            raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
+        if Path(q).resolve() == out.resolve():
+            raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = model_size(model) > PROTO_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
+    os.close(fd)
+    try:
+        if external_data:
+            data_name = out.name + ".data"
+            tmp_data = out.parent / ("." + data_name + ".tmp")
+            m = onnx.ModelProto()
+            m.CopyFrom(model)
+            onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            # the proto names the final data file; write it, then rename both
+            _rename_external_location(tmp, tmp_data.name, data_name)
+            os.replace(tmp_data, out.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def _rename_external_location(model_path: str, old: str, new: str) -> None:
+    m = onnx.load(model_path, load_external_data=False)
+    for t in _all_tensors(m):
+        for kv in t.external_data:
+            if kv.key == "location" and kv.value == old:
+                kv.value = new
+    onnx.save_model(m, model_path)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    def walk(g: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        yield from walk(sg)
+    return walk(model.graph)
+
+
+def serialize_for_runtime(model: onnx.ModelProto, tmpdir: PathLike) -> Union[bytes, str]:
+    """Bytes for an InferenceSession, or a file path when the model is over the protobuf limit."""
+    if model_size(model) <= PROTO_LIMIT:
+        return model.SerializeToString()
+    path = Path(tmpdir) / "model.onnx"
+    save(model, path, external_data=True)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------- opset
+def opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            return int(imp.version)
+    return 0
+
+
+def ensure_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """Upgrade the default-domain opset to at least ``version`` (onnx.version_converter)."""
+    current = opset(model)
+    if current >= version:
+        return model
+    try:
+        from onnx import version_converter
+        upgraded = version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise PreconditionError(f"opset upgrade {current} -> {version} failed: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    log.info("upgraded opset %d -> %d", current, version)
+    return upgraded
+
+
+# ---------------------------------------------------------------------------- graphsurgeon
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, like: onnx.ModelProto, cleanup: bool = True) -> onnx.ModelProto:
+    """Export a graph, keeping the original model's metadata, opsets and producer."""
+    if cleanup:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    # graphsurgeon may bump the default opset to graph.opset; keep the model's own
+    if graph.opset and graph.opset != opset(like):
+        for imp in out.opset_import:
+            if imp.domain in DEFAULT_DOMAINS:
+                imp.version = max(int(imp.version), int(graph.opset))
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    out.producer_name = like.producer_name or "onnxslim-yolo"
+    out.producer_version = like.producer_version
+    out.doc_string = like.doc_string
+    out.model_version = like.model_version
+    return out
+
+
+def consumers(t: gs.Variable) -> List[gs.Node]:
+    return list(t.outputs)
+
+
+def producer(t: gs.Tensor) -> Optional[gs.Node]:
+    return t.inputs[0] if len(t.inputs) == 1 else None
+
+
+def const_value(t: gs.Tensor) -> Optional[np.ndarray]:
+    """The value of a constant tensor: an initializer, or the output of a Constant node."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    p = producer(t) if isinstance(t, gs.Variable) else None
+    if p is not None and p.op == "Constant":
+        a = p.attrs.get("value")
+        if isinstance(a, gs.Constant):
+            return np.asarray(a.values)
+        for key in ("value_float", "value_int"):
+            if key in p.attrs:
+                return np.asarray(p.attrs[key])
+        for key in ("value_floats", "value_ints"):
+            if key in p.attrs:
+                return np.asarray(list(p.attrs[key]))
+    return None
+
+
+def graph_output_names(graph: gs.Graph) -> Set[str]:
+    return {t.name for t in graph.outputs}
+
+
+# -------------------------------------------------------------------------------------- names
+class NameAllocator:
+    """Hands out names unused in the graph, derived from what a new tensor or node replaces."""
+
+    def __init__(self, taken: Iterable[str] = ()) -> None:
+        self._taken: Set[str] = set(taken)
+
+    @classmethod
+    def for_graph(cls, graph: Union[gs.Graph, onnx.GraphProto]) -> "NameAllocator":
+        taken: Set[str] = set()
+        if isinstance(graph, gs.Graph):
+            taken.update(graph.tensors().keys())
+            taken.update(n.name for n in graph.nodes if n.name)
+        else:
+            taken.update(i.name for i in graph.initializer)
+            taken.update(i.name for i in graph.input)
+            taken.update(o.name for o in graph.output)
+            for n in graph.node:
+                taken.update(n.input)
+                taken.update(n.output)
+                if n.name:
+                    taken.add(n.name)
+        return cls(taken)
+
+    def __call__(self, base: str) -> str:
+        base = base or "t"
+        name, i = base, 0
+        while name in self._taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name
+
+
+def name_unnamed_nodes(graph: gs.Graph) -> int:
+    """Give every unnamed node a unique name (reports and errors must name nodes)."""
+    alloc = NameAllocator.for_graph(graph)
+    n = 0
+    for node in graph.nodes:
+        if not node.name:
+            node.name = alloc(f"{node.op}_{node.outputs[0].name if node.outputs else n}")
+            n += 1
+    return n
+
+
+# -------------------------------------------------------------------------------------- shapes
+def input_shapes(model: onnx.ModelProto) -> Dict[str, Tuple[Union[int, str, None], ...]]:
+    """Graph inputs that are not initializers, with their declared dims (str for symbolic)."""
+    inits = {i.name for i in model.graph.initializer}
+    out: Dict[str, Tuple[Union[int, str, None], ...]] = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims: List[Union[int, str, None]] = []
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        out[vi.name] = tuple(dims)
+    return out
+
+
+def static_input_shapes(model: onnx.ModelProto,
+                        overrides: Optional[Dict[str, Sequence[int]]] = None) -> Dict[str, Tuple[int, ...]]:
+    """Concrete input shapes. A symbolic batch becomes 1; other symbolic dims need ``overrides``."""
+    overrides = dict(overrides or {})
+    res: Dict[str, Tuple[int, ...]] = {}
+    for name, dims in input_shapes(model).items():
+        if name in overrides:
+            res[name] = tuple(int(d) for d in overrides[name])
+            continue
+        if len(overrides) == 1 and len(input_shapes(model)) == 1:
+            res[name] = tuple(int(d) for d in next(iter(overrides.values())))
+            continue
+        concrete: List[int] = []
+        for i, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                concrete.append(d)
+            elif i == 0:
+                concrete.append(1)
+            else:
+                raise PreconditionError(
+                    f"input '{name}' has no static shape {list(dims)}: pass --input-shape, e.g. 1,3,640,640")
+        res[name] = tuple(concrete)
+    return res
+
+
+def input_dtypes(model: onnx.ModelProto) -> Dict[str, np.dtype]:
+    inits = {i.name for i in model.graph.initializer}
+    return {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            for vi in model.graph.input if vi.name not in inits}
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:
+    """Return a copy whose graph inputs declare the given static shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[vi.name]:
+                dims.add().dim_value = int(d)
+    return m
+
+
+def param_count(model: onnx.ModelProto) -> int:
+    """Number of float parameters in initializers and Constant nodes (ints are shapes, not weights)."""
+    total = 0
+    for t in _all_tensors(model):
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            total += int(np.prod(t.dims)) if len(t.dims) else 1
+    return total
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(t)

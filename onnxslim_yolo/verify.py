@@ -1,0 +1,155 @@
+"""onnxruntime runners and output comparisons (max abs, relative, cosine, SQNR)."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import ir
+from .pass_base import SlimError, Tolerances, VerificationError
+
+log = logging.getLogger(__name__)
+
+Feeds = Dict[str, np.ndarray]
+
+
+def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
+            profile_prefix: Optional[str] = None) -> ort.InferenceSession:
+    """A CPU InferenceSession. ``optimize=False`` disables graph optimizations (the reference)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    with tempfile.TemporaryDirectory() as td:
+        payload = ir.serialize_for_runtime(model, td)
+        try:
+            return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VerificationError(f"onnxruntime cannot load the model: {msg}") from None
+
+
+def run(sess: ort.InferenceSession, feeds: Feeds) -> List[np.ndarray]:
+    try:
+        return sess.run(None, feeds)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerificationError(f"onnxruntime failed to run the model: {msg}") from None
+
+
+def random_feeds(model: onnx.ModelProto, n: int, seed: int,
+                 shapes: Optional[Mapping[str, Sequence[int]]] = None) -> List[Feeds]:
+    """``n`` seeded inputs: images-like floats in [0, 1) for float inputs, small ints otherwise."""
+    rng = np.random.default_rng(seed)
+    static = ir.static_input_shapes(model, dict(shapes or {}))
+    dtypes = ir.input_dtypes(model)
+    out: List[Feeds] = []
+    for _ in range(n):
+        feeds: Feeds = {}
+        for name, shp in static.items():
+            dt = dtypes[name]
+            if np.issubdtype(dt, np.floating):
+                feeds[name] = rng.random(shp, dtype=np.float32).astype(dt)
+            else:
+                feeds[name] = rng.integers(0, 4, size=shp).astype(dt)
+        out.append(feeds)
+    return out
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    name: str
+    max_abs: float
+    ref_max: float
+    cosine: float
+    sqnr_db: float
+
+    def as_dict(self) -> Dict[str, float]:
+        return asdict(self)
+
+
+def diff(name: str, ref: np.ndarray, new: np.ndarray) -> OutputDiff:
+    if ref.shape != new.shape:
+        raise VerificationError(f"output '{name}' changed shape {list(ref.shape)} -> {list(new.shape)}")
+    a = ref.astype(np.float64).ravel()
+    b = new.astype(np.float64).ravel()
+    if a.size == 0:
+        return OutputDiff(name, 0.0, 0.0, 1.0, float("inf"))
+    if not np.all(np.isfinite(b)) and np.all(np.isfinite(a)):
+        return OutputDiff(name, float("inf"), float(np.abs(a).max()), -1.0, float("-inf"))
+    err = a - b
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+    noise = float(err @ err)
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(max(float(a @ a), 1e-30) / noise))
+    return OutputDiff(name, float(np.abs(err).max()), float(np.abs(a).max()), cos, sqnr)
+
+
+def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
+                   ref_optimized: bool = False) -> List[OutputDiff]:
+    """Run both models on the same feeds; one worst-case diff per output (over all feeds).
+
+    The reference runs with graph optimizations disabled so that onnxruntime's own rewrites
+    cannot hide (or cause) a difference.
+    """
+    rs = session(ref, optimize=ref_optimized)
+    ns = session(new, optimize=True)
+    names = [o.name for o in rs.get_outputs()]
+    new_names = [o.name for o in ns.get_outputs()]
+    if names != new_names:
+        raise VerificationError(f"graph outputs changed {names} -> {new_names}")
+    worst: Dict[str, OutputDiff] = {}
+    for f in feeds:
+        for name, a, b in zip(names, run(rs, f), run(ns, f)):
+            d = diff(name, a, b)
+            w = worst.get(name)
+            if w is None or d.max_abs > w.max_abs or d.cosine < w.cosine:
+                worst[name] = OutputDiff(name, max(d.max_abs, w.max_abs if w else 0.0),
+                                         max(d.ref_max, w.ref_max if w else 0.0),
+                                         min(d.cosine, w.cosine if w else 1.0),
+                                         min(d.sqnr_db, w.sqnr_db if w else float("inf")))
+    return [worst[n] for n in names]
+
+
+def within(d: OutputDiff, rtol: float, atol: float) -> bool:
+    return d.max_abs <= atol + rtol * d.ref_max
+
+
+def check_contract(diffs: Sequence[OutputDiff], numerics: str, tol: Tolerances) -> Tuple[bool, str]:
+    """(ok, reason) for one pass's numerics contract over the worst-case output diffs."""
+    for d in diffs:
+        if numerics == "exact":
+            if not within(d, tol.exact_rtol, tol.exact_atol):
+                return False, (f"output '{d.name}': max abs diff {d.max_abs:.3g} exceeds exact bound "
+                               f"{tol.exact_atol:g} + {tol.exact_rtol:g} x {d.ref_max:.3g}")
+        elif numerics == "tolerance":
+            if not within(d, tol.tolerance_rtol, tol.tolerance_atol):
+                return False, (f"output '{d.name}': max abs diff {d.max_abs:.3g} exceeds tolerance "
+                               f"{tol.tolerance_atol:g} + {tol.tolerance_rtol:g} x {d.ref_max:.3g}")
+        else:
+            if not d.cosine >= tol.lossy_min_cosine:
+                return False, (f"output '{d.name}': cosine {d.cosine:.4f} below the lossy floor "
+                               f"{tol.lossy_min_cosine}")
+    return True, "ok"
+
+
+def check_runs(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> None:
+    """Raise :class:`SlimError` subclasses when the model does not load or run."""
+    s = session(model)
+    for f in feeds:
+        run(s, f)
+
+
+__all__ = ["session", "run", "random_feeds", "diff", "compare_models", "check_contract", "OutputDiff",
+           "within", "check_runs", "SlimError"]
