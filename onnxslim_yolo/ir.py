@@ -312,14 +312,33 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -
     return m
 
 
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+                        "InstanceNormalization", "LayerNormalization", "PRelu", "QLinearConv",
+                        "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+
+
 def param_count(model: onnx.ModelProto) -> int:
-    """Number of float parameters in initializers and Constant nodes (ints are shapes, not weights)."""
-    total = 0
-    for t in _all_tensors(model):
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                           onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
-            total += int(np.prod(t.dims)) if len(t.dims) else 1
-    return total
+    """Learned parameters: elements of constant tensors read by weight-bearing ops (Conv, Gemm,
+    MatMul, normalizations), directly or through a DequantizeLinear. Grids, anchors and shape
+    constants of a decode tail are not parameters."""
+    consts: Dict[str, int] = {t.name: int(np.prod(t.dims)) if len(t.dims) else 1
+                              for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = int(np.prod(a.t.dims)) if len(a.t.dims) else 1
+    dq_source = {n.output[0]: n.input[0] for n in model.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input and n.input[0] in consts}
+    counted: Set[str] = set()
+    for n in model.graph.node:
+        if n.op_type not in WEIGHT_OPS:
+            continue
+        for name in n.input:
+            src = dq_source.get(name, name)
+            if src in consts and src not in counted:
+                counted.add(src)
+    return sum(consts[c] for c in counted)
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:

@@ -1,0 +1,155 @@
+"""The Python API behind ``onnxslim-yolo optimize``: one call, a composed pipeline of passes.
+
+    from onnxslim_yolo import optimize
+    result = optimize("yolov5n.onnx", output="yolov5n.int8.onnx", int8=True, calib="images/")
+    print(result.summary["after"]["macs"], result.output)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import onnx
+
+from . import ir, verify
+from .analysis.flops import model_stats
+from .pass_base import PassContext, Tolerances, UsageError
+from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
+
+log = logging.getLogger(__name__)
+
+ModelLike = Union[str, Path, onnx.ModelProto]
+
+
+@dataclass
+class OptimizeOptions:
+    """Everything ``optimize`` accepts besides the model (the CLI maps its flags onto this)."""
+
+    passes: Optional[Sequence[str]] = None      # explicit pass list; default: the default pipeline
+    skip: Sequence[str] = ()
+    int8: bool = False
+    prune: Optional[float] = None
+    calib: Optional[Union[str, Path]] = None    # image folder or .npy/.npz of preprocessed tensors
+    calib_limit: Optional[int] = None
+    images: Optional[Union[str, Path]] = None   # evaluation images (default: calib folder)
+    labels: Optional[Union[str, Path]] = None   # YOLO labels folder or COCO json: accuracy before/after
+    preprocess: Optional[str] = None
+    input_shape: Optional[Sequence[int]] = None
+    pass_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    verify: bool = True
+    dump_dir: Optional[Union[str, Path]] = None
+    bench: bool = True
+    bench_runs: int = 20
+    threads: int = 2
+    seed: int = 0
+    eval_limit: Optional[int] = None
+    tolerances: Tolerances = field(default_factory=Tolerances)
+    progress: bool = True
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    pipeline: PipelineResult
+    summary: Dict[str, Any]
+    output: Optional[Path] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {"output": str(self.output) if self.output else None, "summary": self.summary}
+        d.update(self.pipeline.to_dict())
+        return d
+
+
+def _as_model(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    return ir.load(model), Path(model)
+
+
+def pipeline_names(opts: OptimizeOptions) -> List[str]:
+    extra: List[str] = []
+    if opts.int8:
+        extra.append("insert-qdq")
+    if opts.prune is not None:
+        extra.append("prune-channels")
+    if opts.passes:
+        names = list(opts.passes) + [e for e in extra if e not in opts.passes]
+        return [n for n in names if n not in set(opts.skip)]
+    return default_pass_names(extra=extra, skip=opts.skip)
+
+
+def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence[str]) -> PassContext:
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    if opts.input_shape:
+        (name,) = list(ir.input_shapes(model))[:1] or [""]
+        shapes = {name: tuple(int(d) for d in opts.input_shape)}
+    ir.static_input_shapes(model, dict(shapes))  # refuses a model with no static input size
+    calib = None
+    if opts.calib is not None:
+        from .data import load_calibration
+
+        calib = load_calibration(opts.calib, model, preset=opts.preprocess, limit=opts.calib_limit,
+                                 input_shape=opts.input_shape, progress=opts.progress)
+    options: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in opts.pass_options.items()}
+    if opts.prune is not None:
+        options.setdefault("prune-channels", {})["ratio"] = opts.prune
+    if opts.labels is not None:
+        for n in ("insert-qdq", "prune-channels"):
+            options.setdefault(n, {}).setdefault("labels", str(opts.labels))
+            options.setdefault(n, {}).setdefault("images", str(opts.images or opts.calib))
+    return PassContext(options=options, calib_inputs=calib, tolerances=opts.tolerances, seed=opts.seed,
+                       dump_dir=Path(opts.dump_dir) if opts.dump_dir else None, input_shapes=shapes,
+                       verify=opts.verify)
+
+
+def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
+             options: Optional[OptimizeOptions] = None, **kwargs: Any) -> OptimizeResult:
+    """Run the pipeline on a model (path or ModelProto); write ``output`` atomically if given.
+
+    Keyword arguments are fields of :class:`OptimizeOptions`.
+    """
+    opts = options or OptimizeOptions(**kwargs)
+    original, src = _as_model(model)
+    if output is not None and src is not None and Path(output).resolve() == src.resolve():
+        raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
+    names = pipeline_names(opts)
+    passes = build_passes(names)
+    ctx = build_context(original, opts, names)
+    result = PassManager(passes, ctx).run(original)
+    summary = summarize(original, result.model, ctx, opts)
+    out_path = None
+    if output is not None:
+        out_path = ir.save(result.model, output, protect=[src] if src else [])
+    return OptimizeResult(result.model, result, summary, out_path)
+
+
+def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
+              opts: OptimizeOptions) -> Dict[str, Any]:
+    """Nodes, params, MACs/FLOPs, size, end-to-end diff, latency and accuracy before and after."""
+    shapes = dict(ctx.input_shapes)
+    s = {"before": model_stats(before, shapes).to_dict(), "after": model_stats(after, shapes).to_dict()}
+    feeds = verify.random_feeds(before, 2, ctx.seed, shapes)
+    if ctx.calib_inputs:
+        feeds += list(ctx.calib_inputs[:2])
+    s["outputs"] = [d.as_dict() for d in verify.compare_models(before, after, feeds)]
+    if opts.bench:
+        from .latency import interleaved_latency
+
+        med = interleaved_latency({"before": before, "after": after}, feeds=feeds[-1],
+                                  runs=opts.bench_runs, threads=opts.threads)
+        s["latency_ms"] = med
+        s["latency_ratio"] = med["after"] / med["before"] if med["before"] else None
+    if opts.labels is not None:
+        from .evaluate import evaluate
+
+        images = opts.images or opts.calib
+        if images is None:
+            raise UsageError("--labels needs --images (or --calib) to know which images to score")
+        acc = {}
+        for key, m in (("before", before), ("after", after)):
+            acc[key] = evaluate(m, images, opts.labels, preset=opts.preprocess, limit=opts.eval_limit,
+                                progress=opts.progress)
+        s["accuracy"] = acc
+    return s

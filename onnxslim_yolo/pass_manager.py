@@ -1,0 +1,182 @@
+"""The pass manager: ordering, lifecycle, cleanup, validation, numeric verification, reports.
+
+The manager, not the pass, enforces each pass's numerics contract: after a pass modifies the model,
+the new model is checked (onnx checker, shape inference, the pass's ``ensures``) and compared with
+the model before the pass in onnxruntime (reference with graph optimizations disabled).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import networkx as nx
+import onnx
+
+from . import ir, verify
+from .pass_base import (Pass, PassContext, PassResult, PreconditionError, SlimError, UsageError,
+                        VerificationError)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassRecord:
+    """What happened to one pass in a pipeline run (JSON-able through ``to_dict``)."""
+
+    name: str
+    numerics: str
+    modified: bool
+    seconds: float
+    report: Dict[str, Any]
+    verification: List[Dict[str, float]] = field(default_factory=list)
+    opset_upgraded_to: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "numerics": self.numerics, "modified": self.modified,
+                "seconds": round(self.seconds, 4), "report": self.report,
+                "verification": self.verification, "opset_upgraded_to": self.opset_upgraded_to}
+
+
+@dataclass
+class PipelineResult:
+    model: onnx.ModelProto
+    records: List[PassRecord]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"passes": [r.to_dict() for r in self.records]}
+
+
+def order_passes(passes: Sequence[Pass]) -> List[Pass]:
+    """Topological order honouring each pass's ``after`` (only among scheduled passes).
+
+    Ties keep the order given. A cycle raises :class:`UsageError` naming it.
+    """
+    by_name: Dict[str, Pass] = {}
+    for p in passes:
+        if p.name in by_name:
+            raise UsageError(f"pass '{p.name}' scheduled twice")
+        by_name[p.name] = p
+    g = nx.DiGraph()
+    position = {p.name: i for i, p in enumerate(passes)}
+    g.add_nodes_from(position)
+    for p in passes:
+        for dep in p.after:
+            if dep in by_name:
+                g.add_edge(dep, p.name)
+    try:
+        names = list(nx.lexicographical_topological_sort(g, key=lambda n: position[n]))
+    except nx.NetworkXUnfeasible:
+        cycle = " -> ".join(e[0] for e in nx.find_cycle(g))
+        raise UsageError(f"pass ordering has a cycle: {cycle}") from None
+    return [by_name[n] for n in names]
+
+
+def canonical_export(model: onnx.ModelProto) -> onnx.ModelProto:
+    """One graphsurgeon cleanup + toposort; value_info dropped so shapes are re-inferred."""
+    g = ir.to_graph(model)
+    out = ir.to_model(g, like=model, cleanup=True)
+    del out.graph.value_info[:]
+    return out
+
+
+def validate(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Full onnx checker and strict shape inference; returns the model with inferred value_info."""
+    with tempfile.TemporaryDirectory() as td:
+        try:
+            if ir.model_size(model) > ir.PROTO_LIMIT:
+                p = Path(td) / "m.onnx"
+                ir.save(model, p, external_data=True)
+                onnx.checker.check_model(str(p), full_check=True)
+                return model
+            onnx.checker.check_model(model, full_check=True)
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            first = str(exc).strip().splitlines()
+            raise VerificationError(f"model is invalid: {first[0] if first else type(exc).__name__}") from None
+
+
+class PassManager:
+    """Runs passes in dependency order and proves each one's numerics contract."""
+
+    def __init__(self, passes: Sequence[Pass], ctx: Optional[PassContext] = None,
+                 on_pass: Optional[Callable[[str], None]] = None) -> None:
+        self.ctx = ctx or PassContext()
+        self.passes = order_passes(passes)
+        self.on_pass = on_pass
+
+    def run(self, model: onnx.ModelProto) -> PipelineResult:
+        records: List[PassRecord] = []
+        for index, p in enumerate(self.passes):
+            if self.on_pass:
+                self.on_pass(p.name)
+            before = [r.name for r in records]
+            try:
+                model, rec = self._run_one(p, model)
+            except SlimError as exc:
+                where = f" (after {', '.join(before)})" if before else ""
+                raise type(exc)(f"pass '{p.name}'{where}: {exc}") from None
+            records.append(rec)
+            if self.ctx.dump_dir is not None and rec.modified:
+                ir.save(model, Path(self.ctx.dump_dir) / f"{index:02d}_{p.name}.onnx")
+        return PipelineResult(model, records)
+
+    def _run_one(self, p: Pass, model: onnx.ModelProto) -> "tuple[onnx.ModelProto, PassRecord]":
+        upgraded = None
+        if p.min_opset and ir.opset(model) < p.min_opset:
+            model = ir.ensure_opset(model, p.min_opset)
+            upgraded = p.min_opset
+        p.requires(model, self.ctx)
+        t0 = time.perf_counter()
+        result = p.run(model, self.ctx)
+        if not isinstance(result, PassResult):
+            raise VerificationError("returned no PassResult")
+        seconds = time.perf_counter() - t0
+        new = result.model
+        diffs: List[Dict[str, float]] = []
+        if result.modified or upgraded:
+            new = validate(canonical_export(new))
+            p.ensures(new, self.ctx)
+            if self.ctx.verify:
+                diffs = self._verify(p, model, new)
+        log.info("%s: modified=%s in %.2fs", p.name, result.modified, seconds)
+        rec = PassRecord(p.name, p.numerics.value, bool(result.modified), seconds,
+                         result.report.to_dict(), diffs, upgraded)
+        return (new if (result.modified or upgraded) else model), rec
+
+    def _verify(self, p: Pass, before: onnx.ModelProto, after: onnx.ModelProto) -> List[Dict[str, float]]:
+        feeds = verify.random_feeds(before, self.ctx.verify_samples, self.ctx.seed,
+                                    dict(self.ctx.input_shapes))
+        if self.ctx.calib_inputs:
+            feeds = feeds + list(self.ctx.calib_inputs[: self.ctx.verify_samples])
+        diffs = verify.compare_models(before, after, feeds)
+        ok, reason = verify.check_contract(diffs, p.numerics.value, p.tolerances(self.ctx))
+        if not ok:
+            raise VerificationError(f"broke its {p.numerics.value} numerics contract: {reason}")
+        return [d.as_dict() for d in diffs]
+
+
+def build_passes(names: Sequence[str], ctx: Optional[PassContext] = None) -> List[Pass]:
+    """Instantiate passes by name (built-ins and plugins); unknown names raise UsageError."""
+    from . import registry
+
+    return [registry.get(n)() for n in names]
+
+
+def default_pass_names(extra: Sequence[str] = (), skip: Sequence[str] = ()) -> List[str]:
+    """The default pipeline: every default-enabled pass, plus ``extra``, minus ``skip``."""
+    from . import registry
+
+    table = registry.all_passes()
+    for n in list(extra) + list(skip):
+        if n not in table:
+            raise UsageError(f"unknown pass '{n}'; known passes: {', '.join(sorted(table))}")
+    names = [n for n, cls in table.items() if cls.default_enabled or n in extra]
+    return [n for n in names if n not in set(skip)]
+
+
+__all__ = ["PassManager", "PassRecord", "PipelineResult", "order_passes", "build_passes",
+           "default_pass_names", "validate", "canonical_export", "PreconditionError"]

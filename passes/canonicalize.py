@@ -1,0 +1,129 @@
+"""canonicalize: constant folding, shape folding, and removal of no-op nodes.
+
+What changes in the graph:
+- unnamed nodes get unique names (reports and errors must be able to name every node);
+- subgraphs computing constants are folded (onnxruntime evaluates them through graphsurgeon),
+  including Shape -> Gather -> Unsqueeze -> Concat chains once the input shape is static;
+- Identity, Dropout (inference) and Cast to the type the tensor already has are bypassed;
+- unused nodes and initializers are removed, nodes are topologically sorted.
+
+Must not fire on: QuantizeLinear / DequantizeLinear (folding a DQ of an int8 weight would undo the
+quantization), and folds whose result would be larger than ``max_fold_bytes`` (a constant grid
+that is cheap to compute but costly to store). Graph outputs keep their names.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim_yolo import ir
+from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult
+
+log = logging.getLogger(__name__)
+
+NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
+
+
+class Canonicalize(Pass):
+    """Constant folding and cleanup that leaves the numerics untouched."""
+
+    name = "canonicalize"
+    numerics = Numerics.EXACT
+    description = "fold constants and static shapes, drop Identity / no-op Cast / Dropout"
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        report = PassReport()
+        shapes = dict(ctx.input_shapes)
+        if shapes:
+            model = ir.fix_input_shapes(model, shapes)
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as exc:  # a model we cannot infer still gets folded, less well
+            report.skip("<graph>", f"shape inference failed: {str(exc).splitlines()[0]}")
+        graph = ir.to_graph(model)
+        n_before = len(graph.nodes)
+        named = ir.name_unnamed_nodes(graph)
+        if named:
+            report.count("nodes_named", named)
+        removed = bypass_noops(graph, report)
+        max_bytes = int(ctx.opt(self.name, "max_fold_bytes", DEFAULT_MAX_FOLD_BYTES))
+        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=max_bytes,
+                             should_exclude_node=lambda n: n.op in NEVER_FOLD)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        removed += bypass_noops(graph, report)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        n_after = len(graph.nodes)
+        report.count("nodes_before", n_before)
+        report.count("nodes_after", n_after)
+        report.count("constant_nodes_folded", max(0, n_before - n_after - removed))
+        out = ir.to_model(graph, like=model, cleanup=False)
+        del out.graph.value_info[:]
+        modified = n_after != n_before or named > 0 or bool(shapes) or not _same_graph(model, out)
+        return PassResult(out, modified, report)
+
+
+def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    ga = [(n.op_type, tuple(n.input), tuple(n.output)) for n in a.graph.node]
+    gb = [(n.op_type, tuple(n.input), tuple(n.output)) for n in b.graph.node]
+    return ga == gb and len(a.graph.initializer) == len(b.graph.initializer)
+
+
+def _is_noop(node: gs.Node) -> Optional[str]:
+    if node.op == "Identity":
+        return "Identity"
+    if node.op == "Dropout" and len([o for o in node.outputs if o.outputs or o.name]) >= 1:
+        mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
+        training = node.inputs[2] if len(node.inputs) > 2 else None
+        if not mask_used and (training is None or (ir.const_value(training) is not None
+                                                   and not bool(ir.const_value(training)))):
+            return "Dropout (inference)"
+        return None
+    if node.op == "Cast":
+        src = node.inputs[0].dtype
+        to = node.attrs.get("to")
+        if src is not None and to is not None:
+            try:
+                to_np = onnx.helper.tensor_dtype_to_np_dtype(int(to))
+            except Exception:
+                return None
+            if np.dtype(src) == np.dtype(to_np):
+                return "no-op Cast"
+    return None
+
+
+def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
+    """Reconnect consumers of no-op nodes to their input. Returns how many nodes were bypassed."""
+    outputs = {t.name for t in graph.outputs}
+    matches: List[gs.Node] = [n for n in graph.nodes if n.inputs and _is_noop(n)]
+    n = 0
+    for node in matches:
+        kind = _is_noop(node)
+        src, dst = node.inputs[0], node.outputs[0]
+        if dst.name in outputs:
+            if src.name in outputs or isinstance(src, gs.Constant) or not src.inputs or src in graph.inputs:
+                report.skip(node.name, f"{kind} writes a graph output from a graph input or constant")
+                continue
+            # keep the public output name: the producer now writes it directly
+            prod = src.inputs[0]
+            if any(c is not node for c in src.outputs):
+                report.skip(node.name, f"{kind} writes a graph output and its input has other consumers")
+                continue
+            idx = [i for i, t in enumerate(prod.outputs) if t is src][0]
+            prod.outputs[idx] = dst
+            node.outputs.clear()
+            node.inputs.clear()
+        else:
+            for consumer in list(dst.outputs):
+                for i, t in enumerate(consumer.inputs):
+                    if t is dst:
+                        consumer.inputs[i] = src
+            node.outputs.clear()
+            node.inputs.clear()
+        report.count(f"removed_{kind.split(' ')[0].lower().replace('-', '_')}")
+        n += 1
+    return n
