@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
+NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
+             "no-op Cast": "removed_cast"}
 
 
 class Canonicalize(Pass):
@@ -76,11 +78,11 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 def _is_noop(node: gs.Node) -> Optional[str]:
     if node.op == "Identity":
         return "Identity"
-    if node.op == "Dropout" and len([o for o in node.outputs if o.outputs or o.name]) >= 1:
+    if node.op == "Dropout":
         mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
-        training = node.inputs[2] if len(node.inputs) > 2 else None
-        if not mask_used and (training is None or (ir.const_value(training) is not None
-                                                   and not bool(ir.const_value(training)))):
+        training = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        mode = None if training is None else ir.const_value(training)
+        if not mask_used and (training is None or (mode is not None and not bool(mode))):
             return "Dropout (inference)"
         return None
     if node.op == "Cast":
@@ -124,6 +126,6 @@ def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
                         consumer.inputs[i] = src
             node.outputs.clear()
             node.inputs.clear()
-        report.count(f"removed_{kind.split(' ')[0].lower().replace('-', '_')}")
+        report.count(NOOP_KEYS[kind])
         n += 1
     return n

@@ -1,0 +1,4 @@
+"""python -m onnxslim_yolo"""
+from .cli import main
+
+main(prog_name="onnxslim-yolo")

@@ -1,0 +1,227 @@
+"""Click commands: a thin mapping onto the Python API, no graph logic here.
+
+Exit codes: 0 ok, 1 a check failed, 2 usage / bad input, 3 refused precondition,
+4 verification failed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import click
+
+from .pass_base import SlimError, UsageError
+
+
+def _fail(exc: SlimError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class SlimGroup(click.Group):
+    """Turns the library's typed errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SlimError as exc:
+            _fail(exc)
+
+
+def _csv(value: Optional[str]) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _shape(value: Optional[str]) -> Optional[List[int]]:
+    if not value:
+        return None
+    try:
+        dims = [int(v) for v in value.replace("x", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"--input-shape '{value}': expected integers like 1,3,640,640") from None
+    if len(dims) != 4 or min(dims) <= 0:
+        raise UsageError(f"--input-shape '{value}': expected four positive integers N,C,H,W")
+    return dims
+
+
+def write_json(path: str, data: Dict[str, Any]) -> None:
+    """Atomic JSON write (temp file in the target folder, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + p.name + ".", dir=str(p.parent))
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=_json_default)
+    os.replace(tmp, p)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+@click.group(cls=SlimGroup)
+@click.version_option(package_name="onnxslim-yolo")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """onnxslim-yolo: make YOLO-family ONNX detectors smaller and faster."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.opt.onnx).")
+@click.option("--passes", "passes", help="Comma-separated pass names to run instead of the default pipeline.")
+@click.option("--skip", multiple=True, help="Pass to leave out (repeatable).")
+@click.option("--int8", is_flag=True, help="Insert calibrated QDQ INT8 (needs --calib).")
+@click.option("--calib", type=click.Path(), help="Calibration images folder or .npy/.npz of inputs.")
+@click.option("--calib-limit", type=int, help="Use at most N calibration images.")
+@click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True)
+@click.option("--method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]),
+              default="auto", show_default=True, help="Calibration method (auto: per tensor).")
+@click.option("--calib-table", type=click.Path(), help="Load the calibration table from (or save it to) JSON.")
+@click.option("--max-drop", type=float, help="Mixed precision: keep sensitive nodes float until the "
+              "measured mAP loss (points) is within this.")
+@click.option("--prune", type=float, help="Channel pruning: target fraction of multiply-adds removed.")
+@click.option("--round-to", type=int, default=8, show_default=True, help="Pruned channel counts multiple of N.")
+@click.option("--protect", multiple=True, help="Node name or pattern never pruned (repeatable).")
+@click.option("--images", type=click.Path(), help="Evaluation images (default: --calib).")
+@click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: accuracy before/after.")
+@click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
+@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after each pass here.")
+@click.option("--no-verify", is_flag=True, help="Skip the numeric verification of each pass.")
+@click.option("--no-bench", is_flag=True, help="Skip the latency measurement in the summary.")
+@click.option("--threads", type=int, default=2, show_default=True, help="onnxruntime threads for latency.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
+             calib: Optional[str], calib_limit: Optional[int], target: str, method: str,
+             calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
+             protect: Sequence[str], images: Optional[str], labels: Optional[str], preprocess: Optional[str],
+             input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
+             no_bench: bool, threads: int, quiet: bool) -> None:
+    """Run the optimization pipeline on MODEL and print a before/after summary."""
+    from .api import OptimizeOptions, optimize as run_optimize
+    from .report import passes_table, summary_table
+
+    if int8 and not calib:
+        raise UsageError("--int8 needs calibration images: pass --calib DIR")
+    src = Path(model)
+    out = Path(output) if output else src.with_name(src.name[:-5] + ".opt.onnx"
+                                                      if src.name.endswith(".onnx") else src.name + ".opt.onnx")
+    qdq: Dict[str, Any] = {"target": target, "method": method}
+    if calib_table:
+        qdq["calib_table"] = calib_table
+    if max_drop is not None:
+        qdq["max_drop"] = max_drop
+    prune_opts: Dict[str, Any] = {"round_to": round_to}
+    if protect:
+        prune_opts["protect"] = list(protect)
+    opts = OptimizeOptions(
+        passes=_csv(passes) or None, skip=list(skip), int8=int8, prune=prune, calib=calib,
+        calib_limit=calib_limit, images=images, labels=labels, preprocess=preprocess,
+        input_shape=_shape(input_shape), pass_options={"insert-qdq": qdq, "prune-channels": prune_opts},
+        verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet)
+    result = run_optimize(model, output=out, options=opts)
+    data = result.to_dict()
+    click.echo(passes_table(data["passes"]))
+    click.echo("")
+    click.echo(summary_table(result.summary))
+    for rec in data["passes"]:
+        for s in rec["report"]["skipped"][:10]:
+            click.echo(f"skipped in {rec['name']}: {s['node']}: {s['reason']}")
+    if report:
+        write_json(report, data)
+    click.echo(f"\nwrote {result.output}")
+
+
+@main.command(name="passes")
+def list_passes() -> None:
+    """List the available passes, their numerics contracts and their order."""
+    from .pass_manager import order_passes
+    from .registry import all_passes
+    from .report import table
+
+    table_ = all_passes()
+    ordered = order_passes([cls() for cls in table_.values()])
+    rows = [[p.name, p.numerics.value, "yes" if p.default_enabled else "opt-in",
+             ",".join(p.after) or "-", p.description] for p in ordered]
+    click.echo(table(rows, ["pass", "contract", "default", "after", "what it does"]))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> None:
+    """Op counts, parameters, MACs/FLOPs, opset, inputs/outputs, YOLO family and head."""
+    from . import ir
+    from .analysis.flops import model_stats
+    from .report import stats_table, table
+
+    m = ir.load(model)
+    shapes = {}
+    shp = _shape(input_shape)
+    if shp:
+        shapes = {next(iter(ir.input_shapes(m))): shp}
+    stats = model_stats(m, shapes).to_dict()
+    click.echo(stats_table(stats))
+    click.echo("")
+    click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
+    head = _head_summary(m)
+    if head:
+        stats["head"] = head
+        click.echo("")
+        click.echo(table([[k, v] for k, v in head.items()], ["detection head", ""]))
+    if json_out:
+        write_json(json_out, stats)
+
+
+def _head_summary(model: Any) -> Dict[str, Any]:
+    try:
+        from .analysis.head import find_head
+    except ImportError:
+        return {}
+    try:
+        info = find_head(model)
+    except SlimError as exc:
+        return {"family": "unknown", "reason": str(exc)}
+    d = info.to_dict() if hasattr(info, "to_dict") else dict(vars(info))
+    keep = {}
+    for k, v in d.items():
+        if isinstance(v, (list, tuple, set)) and len(v) > 6:
+            keep[k] = f"{len(v)} items"
+        else:
+            keep[k] = v
+    return keep
+
+
+def _register_optional() -> None:
+    """Commands that live in their own modules (eval, check) are added when present."""
+    import importlib
+
+    for mod, attr in (("onnxslim_yolo.cli_eval", "eval_command"), ("onnxslim_yolo.cli_check", "check_command")):
+        try:
+            cmd = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            continue
+        main.add_command(cmd)
+
+
+_register_optional()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,109 @@
+"""canonicalize: constant/shape folding and no-op removal, exact and idempotent."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import fixtures
+from onnxslim_yolo import ir
+from onnxslim_yolo.pass_base import PassContext
+from onnxslim_yolo.pass_manager import PassManager
+from onnxslim_yolo.passes.canonicalize import Canonicalize
+
+
+def ops(model):
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def run(model, **ctx):
+    return PassManager([Canonicalize()], PassContext(**ctx)).run(model)
+
+
+def noisy_model(opset: int = 13, batch="N") -> onnx.ModelProto:
+    """Conv whose output goes through Identity, a no-op Cast, a Dropout and a Shape-driven Reshape."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Identity", ["c"], ["i"]),
+        helper.make_node("Cast", ["i"], ["k"], to=TensorProto.FLOAT),
+        helper.make_node("Dropout", ["k"], ["d"]),
+        helper.make_node("Shape", ["d"], ["s"]),
+        helper.make_node("Gather", ["s", "idx"], ["g"], axis=0),
+        helper.make_node("Unsqueeze", ["g", "ax0"], ["u"]),
+        helper.make_node("Concat", ["u", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["d", "shape"], ["r"]),
+        helper.make_node("Identity", ["r"], ["y"]),
+    ]
+    inits = [w, numpy_helper.from_array(np.array(0, np.int64), "idx"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_noops_removed_and_shapes_folded_with_static_input():
+    res = run(noisy_model(batch=1))
+    c = ops(res.model)
+    assert c == Counter({"Conv": 1, "Reshape": 1}), c
+    assert [o.name for o in res.model.graph.output] == ["y"]
+    counts = res.records[0].report["counts"]
+    assert counts["removed_identity"] == 2 and counts["removed_cast"] == 1 and counts["removed_dropout"] == 1
+    d = res.records[0].verification[0]
+    assert d["max_abs"] <= 1e-5 * d["ref_max"]
+
+
+def test_dynamic_batch_keeps_shape_chain_until_shape_given():
+    dyn = run(noisy_model(batch="N"))
+    assert ops(dyn.model)["Shape"] == 1
+    fixed = run(noisy_model(batch="N"), input_shapes={"x": (2, 3, 8, 8)})
+    assert ops(fixed.model)["Shape"] == 0
+    dims = [d.dim_value for d in fixed.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 8, 8]
+
+
+def test_quantize_dequantize_never_folded():
+    w = numpy_helper.from_array(np.arange(-13, 14, dtype=np.int8).reshape(1, 3, 3, 3), "wq")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"]),
+             helper.make_node("Conv", ["x", "w"], ["y"])]
+    inits = [w, numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    out = run(m).model
+    assert ops(out)["DequantizeLinear"] == 1
+    assert any(i.data_type == TensorProto.INT8 for i in out.graph.initializer)
+
+
+def test_unnamed_nodes_get_unique_names():
+    m = noisy_model(batch=1)
+    for n in m.graph.node:
+        n.name = ""
+    out = run(m).model
+    names = [n.name for n in out.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+
+
+@pytest.mark.parametrize("family", sorted(fixtures.FAMILIES))
+@pytest.mark.parametrize("opset", [11, 13])
+def test_fixture_families_exact_and_idempotent(family, opset):
+    m = fixtures.FAMILIES[family](opset=opset)
+    first = run(m)
+    assert first.records[0].report["counts"]["nodes_after"] <= len(m.graph.node)
+    second = run(first.model)
+    assert not second.records[0].modified
+    assert ops(second.model) == ops(first.model)
+
+
+def test_real_yolov5n_folds_constants_exactly(yolov5n_path):
+    m = ir.load(yolov5n_path)
+    res = run(m)
+    c = ops(res.model)
+    assert c["Constant"] == 0 and c["Conv"] == 60 and len(res.model.graph.node) == 236
+    d = res.records[0].verification[0]
+    assert d["max_abs"] <= 1e-4 * d["ref_max"] and d["cosine"] > 0.999999

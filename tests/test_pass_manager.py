@@ -1,0 +1,141 @@
+"""Pass manager: ordering, contract enforcement, opset upgrade, dumps, plugins."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from fixtures import GraphBuilder
+from onnxslim_yolo import registry
+from onnxslim_yolo.pass_base import (Numerics, Pass, PassContext, PassReport, PassResult, Tolerances,
+                                     UsageError, VerificationError)
+from onnxslim_yolo.pass_manager import PassManager, order_passes
+
+
+def small_model(opset: int = 13) -> onnx.ModelProto:
+    b = GraphBuilder(opset=opset, seed=1)
+    x = b.input("images", (1, 3, 16, 16))
+    y = b.conv(x, 8, k=3, act="silu")
+    y = b.conv(y, 4, k=1)
+    return b.make_model([x], [y])
+
+
+class ScaleWeights(Pass):
+    """Multiplies the first Conv weight by ``factor``; contract set per test."""
+
+    name = "scale-weights"
+    numerics = Numerics.EXACT
+
+    def __init__(self, factor: float = 1.0, numerics: Numerics = Numerics.EXACT) -> None:
+        self.factor = factor
+        self.numerics = numerics  # type: ignore[misc]
+
+    def run(self, model, ctx):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        conv = next(n for n in m.graph.node if n.op_type == "Conv")
+        init = next(i for i in m.graph.initializer if i.name == conv.input[1])
+        w = numpy_helper.to_array(init) * np.float32(self.factor)
+        init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+        rep = PassReport()
+        rep.count("scaled")
+        return PassResult(m, self.factor != 1.0, rep)
+
+
+def named(name: str, after=(), base=Pass):
+    return type(name.replace("-", "_"), (base,), {"name": name, "after": tuple(after),
+                                                  "run": lambda self, m, c: PassResult(m, False)})()
+
+
+def test_order_honours_after_and_keeps_given_order():
+    a, b, c = named("a"), named("b", after=["c"]), named("c")
+    assert [p.name for p in order_passes([a, b, c])] == ["a", "c", "b"]
+    # "after" naming a pass that is not scheduled is ignored
+    assert [p.name for p in order_passes([named("x", after=["missing"]), a])] == ["x", "a"]
+
+
+def test_order_cycle_is_a_usage_error():
+    with pytest.raises(UsageError, match="cycle"):
+        order_passes([named("a", after=["b"]), named("b", after=["a"])])
+
+
+def test_duplicate_pass_refused():
+    with pytest.raises(UsageError, match="scheduled twice"):
+        order_passes([named("a"), named("a")])
+
+
+def test_exact_pass_within_contract_is_verified():
+    res = PassManager([ScaleWeights(1.0 + 1e-7)], PassContext()).run(small_model())
+    rec = res.records[0]
+    assert rec.modified and rec.verification
+    assert rec.verification[0]["cosine"] > 0.999999
+
+
+def test_exact_pass_that_changes_numerics_fails_loudly():
+    with pytest.raises(VerificationError, match=r"pass 'scale-weights'.*exact numerics contract.*max abs"):
+        PassManager([ScaleWeights(1.05)], PassContext()).run(small_model())
+
+
+def test_error_names_the_passes_that_ran_before():
+    first = named("first")
+    with pytest.raises(VerificationError, match=r"pass 'scale-weights' \(after first\)"):
+        PassManager([first, ScaleWeights(1.05)], PassContext()).run(small_model())
+
+
+def test_lossy_pass_floor_enforced():
+    ok = PassManager([ScaleWeights(1.05, Numerics.LOSSY)], PassContext()).run(small_model())
+    assert ok.records[0].verification[0]["cosine"] > 0.9
+    bad = ScaleWeights(-1.0, Numerics.LOSSY)
+    with pytest.raises(VerificationError, match="below the lossy floor"):
+        PassManager([bad], PassContext(tolerances=Tolerances(lossy_min_cosine=0.99))).run(small_model())
+
+
+def test_no_verify_skips_the_check():
+    res = PassManager([ScaleWeights(1.05)], PassContext(verify=False)).run(small_model())
+    assert res.records[0].modified and res.records[0].verification == []
+
+
+def test_unmodified_pass_returns_same_model():
+    m = small_model()
+    res = PassManager([ScaleWeights(1.0)], PassContext()).run(m)
+    assert res.model is m and not res.records[0].modified
+
+
+def test_pass_returning_nothing_is_refused():
+    bad = type("Bad", (Pass,), {"name": "bad", "run": lambda self, m, c: None})()
+    with pytest.raises(VerificationError, match="pass 'bad'.*no PassResult"):
+        PassManager([bad], PassContext()).run(small_model())
+
+
+def test_pass_producing_invalid_model_is_caught():
+    def run(self, m, c):
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        out.graph.node[0].op_type = "NoSuchOp"
+        return PassResult(out, True)
+    bad = type("Breaker", (Pass,), {"name": "breaker", "run": run})()
+    with pytest.raises(VerificationError, match="pass 'breaker'.*invalid"):
+        PassManager([bad], PassContext()).run(small_model())
+
+
+def test_min_opset_upgrades_model():
+    p = type("Needs13", (Pass,), {"name": "needs-13", "min_opset": 13,
+                                  "run": lambda self, m, c: PassResult(m, False)})()
+    res = PassManager([p], PassContext()).run(small_model(opset=11))
+    assert res.records[0].opset_upgraded_to == 13
+    assert [o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")] == [13]
+
+
+def test_dump_dir_receives_each_modified_model(tmp_path: Path):
+    PassManager([named("noop"), ScaleWeights(1.0 + 1e-7)], PassContext(dump_dir=tmp_path)).run(small_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_scale-weights.onnx"]
+
+
+def test_plugins_from_entry_points(monkeypatch):
+    monkeypatch.setattr(registry, "plugin_passes", lambda: [ScaleWeights])
+    assert registry.get("scale-weights") is ScaleWeights
+    with pytest.raises(UsageError, match="unknown pass 'nope'; known passes: .*canonicalize"):
+        registry.get("nope")
