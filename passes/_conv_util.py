@@ -1,0 +1,133 @@
+"""Helpers shared by the exact rewrites (focus-to-conv, fold-batchnorm, fold-affine).
+
+Conv attribute readers with the ONNX defaults, explicit padding from ``auto_pad``, and the
+checks every fold makes before touching a tensor: is it a constant, is it used elsewhere, is it
+a graph output. Read-only; nothing here mutates a graph.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim_yolo import ir
+
+log = logging.getLogger(__name__)
+
+
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred value_info (the model unchanged when inference fails)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # shapes are a help for the checks, not a requirement to run
+        log.debug("shape inference failed: %s", exc)
+        return model
+
+
+@dataclass(frozen=True)
+class ConvAttrs:
+    """Conv / ConvTranspose attributes with the ONNX defaults filled in (spatial rank ``n``)."""
+
+    kernel: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    dilations: Tuple[int, ...]
+    pads: Tuple[int, ...]          # begin..., end... (ONNX order); zeros when auto_pad is set
+    group: int
+    auto_pad: str
+
+
+def conv_attrs(node: gs.Node, weight_shape: Sequence[int]) -> ConvAttrs:
+    n = len(weight_shape) - 2
+    a = node.attrs
+    auto = a.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    return ConvAttrs(
+        kernel=tuple(int(v) for v in a.get("kernel_shape", weight_shape[2:])),
+        strides=tuple(int(v) for v in a.get("strides", [1] * n)),
+        dilations=tuple(int(v) for v in a.get("dilations", [1] * n)),
+        pads=tuple(int(v) for v in a.get("pads", [0] * (2 * n))),
+        group=int(a.get("group", 1)),
+        auto_pad=auto,
+    )
+
+
+def explicit_pads(at: ConvAttrs, spatial: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+    """Pads (begin..., end...) with ``auto_pad`` resolved; None when SAME needs unknown dims."""
+    if at.auto_pad in ("NOTSET", ""):
+        return at.pads
+    n = len(at.kernel)
+    if at.auto_pad == "VALID":
+        return (0,) * (2 * n)
+    if spatial is None or any(not isinstance(d, int) or d <= 0 for d in spatial):
+        return None
+    begin: List[int] = []
+    end: List[int] = []
+    for d, k, s, dl in zip(spatial, at.kernel, at.strides, at.dilations):
+        out = -(-d // s)
+        total = max((out - 1) * s + (k - 1) * dl + 1 - d, 0)
+        small, large = total // 2, total - total // 2
+        # SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning (ONNX spec)
+        begin.append(small if at.auto_pad == "SAME_UPPER" else large)
+        end.append(large if at.auto_pad == "SAME_UPPER" else small)
+    return tuple(begin + end)
+
+
+def static_shape(t: gs.Tensor) -> Optional[Tuple[int, ...]]:
+    """The tensor's shape when every dim is a known positive int, else None."""
+    shp = getattr(t, "shape", None)
+    if shp is None or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shp):
+        return None
+    return tuple(int(d) for d in shp)
+
+
+def rank(t: gs.Tensor) -> Optional[int]:
+    shp = getattr(t, "shape", None)
+    return None if shp is None else len(shp)
+
+
+def is_graph_output(t: gs.Tensor, outputs: Set[str]) -> bool:
+    return t.name in outputs
+
+
+def sole_consumer(t: gs.Tensor, outputs: Set[str]) -> Optional[gs.Node]:
+    """The one node reading ``t`` when nothing else (node or graph output) does."""
+    if t.name in outputs or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def users(t: gs.Tensor) -> int:
+    """How many node inputs read ``t`` (a node reading it twice counts twice)."""
+    return sum(sum(1 for i in n.inputs if i is t) for n in t.outputs)
+
+
+def param(t: Optional[gs.Tensor], what: str) -> Tuple[Optional[np.ndarray], str]:
+    """(value, "") for a constant tensor, else (None, reason naming ``what``)."""
+    if t is None or (isinstance(t, gs.Variable) and not t.name):
+        return None, f"{what} is missing"
+    v = ir.const_value(t)
+    if v is None:
+        src = "a graph input" if not t.inputs else f"computed by {t.inputs[0].op}"
+        return None, f"{what} '{t.name}' is not a constant ({src})"
+    return v, ""
+
+
+def shared(t: gs.Tensor) -> bool:
+    """True when a parameter tensor is read by more than one node input."""
+    return users(t) > 1
+
+
+def new_const(alloc: ir.NameAllocator, base: str, value: np.ndarray) -> gs.Constant:
+    return gs.Constant(alloc(base), np.ascontiguousarray(value))
+
+
+def float_dtype(*arrays: np.ndarray) -> Optional[np.dtype]:
+    """The common float dtype of parameters, None when one is not a float."""
+    dts = {a.dtype for a in arrays}
+    if len(dts) != 1 or not np.issubdtype(next(iter(dts)), np.floating):
+        return None
+    return next(iter(dts))
