@@ -1,0 +1,52 @@
+"""``onnxslim-yolo eval``: COCO mAP of a model on an image folder with YOLO labels or a COCO JSON.
+
+Registered on the ``main`` group by :mod:`onnxslim_yolo.cli` (``_register_optional``).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+
+from .pass_base import SlimError
+
+
+@click.command(name="eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, type=click.Path(), help="Folder of images (jpg/png/bmp).")
+@click.option("--labels", required=True, type=click.Path(),
+              help="YOLO labels folder (class cx cy w h per line, <image stem>.txt) or COCO instances .json.")
+@click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]),
+              help="Preprocessing preset (default: detected from the model).")
+@click.option("--conf", type=float, default=0.001, show_default=True, help="Score threshold.")
+@click.option("--iou", type=float, default=0.6, show_default=True, help="NMS IoU threshold.")
+@click.option("--max-det", type=int, default=300, show_default=True, help="Detections kept per image.")
+@click.option("--format", "fmt", type=click.Choice(["v5", "v8", "yolox"]),
+              help="Output layout (default: detected from metadata and output shape).")
+@click.option("--limit", type=int, help="Evaluate the first N images (by name).")
+@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: default).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_command(model: str, images: str, labels: str, preprocess: Optional[str], conf: float, iou: float,
+                 max_det: int, fmt: Optional[str], limit: Optional[int], input_shape: Optional[str],
+                 threads: int, json_out: Optional[str], quiet: bool) -> None:
+    """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions)."""
+    from .cli import _shape, write_json  # late: cli imports this module while it loads
+    from .evaluate import evaluate
+    from .report import table
+
+    try:
+        res = evaluate(model, images, labels, preset=preprocess, conf=conf, iou=iou, max_det=max_det,
+                       fmt=fmt, limit=limit, progress=not quiet, threads=threads,
+                       input_shape=_shape(input_shape))
+    except SlimError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    rows = [["mAP@0.5:0.95", f"{res['map']:.4f}"], ["mAP@0.5", f"{res['map50']:.4f}"],
+            ["mAP@0.75", f"{res['map75']:.4f}"], ["images", res["n_images"]],
+            ["ground-truth boxes", res["n_ground_truth"]], ["detections", res["n_detections"]]]
+    click.echo(table(rows, ["metric", "value"]))
+    if json_out:
+        write_json(json_out, dict(res, model=model, conf=conf, iou=iou, max_det=max_det))

@@ -1,0 +1,168 @@
+"""Decode raw YOLO outputs into candidate boxes and per-class scores (input-pixel coordinates).
+
+Formats:
+  ``v5``    (1, N, 5+C) decoded xywh, objectness, class scores; score = obj * cls.
+  ``v8``    (1, 4+C, N) decoded xywh and class scores, no objectness (YOLOv8/11, ultralytics).
+  ``yolox`` (1, N, 5+C) raw YOLOX head: xy offsets from the grid cell and log wh per stride
+            8/16/32, sigmoid obj and cls; score = obj * cls. An export that already decoded the
+            boxes (``decode_in_inference``) is recognised from its values and read like ``v5``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from ..pass_base import UsageError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("v5", "v8", "yolox")
+ALIASES = {"yolov5": "v5", "yolov8": "v8", "yolo11": "v8", "yolov11": "v8", "v11": "v8",
+           "ultralytics": "v8"}
+STRIDES = (8, 16, 32)
+
+
+def normalize_format(fmt: str) -> str:
+    f = ALIASES.get(fmt.lower(), fmt.lower())
+    if f not in FORMATS:
+        raise UsageError(f"unknown output format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    return f
+
+
+def _metadata(model: onnx.ModelProto) -> Dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
+    """'v8' for ultralytics exports (task/imgsz/author keys), 'yolox' when named, 'v5' for yolov5."""
+    meta = _metadata(model)
+    text = " ".join([model.producer_name, model.graph.name, *meta.keys(), *meta.values()]).lower()
+    if "yolox" in text:
+        return "yolox"
+    if "task" in meta or "imgsz" in meta or "ultralytics" in meta.get("author", "").lower():
+        task = meta.get("task", "detect")
+        if task != "detect":
+            raise UsageError(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
+        return "v8"
+    if "stride" in meta and "names" in meta:
+        return "v5"
+    return None
+
+
+def grid_size(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
+    """Number of anchor points of an anchor-free head over ``strides``."""
+    return sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in strides)
+
+
+def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]]) -> Optional[str]:
+    """Guess from the output layout: channels-first -> v8; N == grid points -> yolox; else v5."""
+    dims = list(shape)[-2:] if len(shape) >= 2 else []
+    if len(dims) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+        return None
+    a, b = int(dims[0]), int(dims[1])
+    if a < b:
+        return "v8" if a > 4 else None
+    if b < 6:
+        return None
+    if input_hw is not None and a == grid_size(input_hw):
+        return "yolox"
+    return "v5"
+
+
+def _static_output_shape(model: onnx.ModelProto) -> Tuple:
+    out = model.graph.output[0]
+    return tuple(d.dim_value if d.HasField("dim_value") else None
+                 for d in out.type.tensor_type.shape.dim)
+
+
+def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] = None,
+                  input_hw: Optional[Sequence[int]] = None) -> str:
+    """Output format of ``model``: metadata first, then the (given or declared) output layout."""
+    fmt = format_from_metadata(model)
+    if fmt:
+        return fmt
+    if input_hw is None:
+        from ..data import model_input
+        try:
+            input_hw = model_input(model)[1][1:]
+        except UsageError:
+            input_hw = None
+    shape = output_shape if output_shape is not None else _static_output_shape(model)
+    return format_from_shape(shape, input_hw) or "v5"
+
+
+# ----------------------------------------------------------------------------------- decoding
+def xywh2xyxy(x: np.ndarray) -> np.ndarray:
+    y = np.empty_like(x)
+    half = x[:, 2:4] / 2
+    y[:, :2] = x[:, :2] - half
+    y[:, 2:] = x[:, :2] + half
+    return y
+
+
+def _squeeze(out: np.ndarray) -> np.ndarray:
+    if out.ndim == 3:
+        if out.shape[0] != 1:
+            raise UsageError(f"output batch is {out.shape[0]}; evaluation runs one image at a time")
+        out = out[0]
+    if out.ndim != 2:
+        raise UsageError(f"output of shape {list(out.shape)}; expected (1, N, 5+C) or (1, 4+C, N)")
+    return out.astype(np.float32, copy=False)
+
+
+def _check_obj(p: np.ndarray) -> None:
+    if p.shape[1] < 6:
+        raise UsageError(f"output rows have {p.shape[1]} values; expected xywh, obj and class scores")
+
+
+def _decode_obj(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    return xywh2xyxy(p[:, :4]), p[:, 5:] * p[:, 4:5]
+
+
+def yolox_grid(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> Tuple[np.ndarray, np.ndarray]:
+    """(grid xy (N, 2), stride (N, 1)) in YOLOX's anchor order: per stride, row-major (y, x)."""
+    grids, expanded = [], []
+    for s in strides:
+        hs, ws = math.ceil(input_hw[0] / s), math.ceil(input_hw[1] / s)
+        yv, xv = np.meshgrid(np.arange(hs), np.arange(ws), indexing="ij")
+        grids.append(np.stack([xv, yv], -1).reshape(-1, 2))
+        expanded.append(np.full((hs * ws, 1), s))
+    return np.concatenate(grids).astype(np.float32), np.concatenate(expanded).astype(np.float32)
+
+
+def _looks_decoded(p: np.ndarray) -> bool:
+    # raw YOLOX xy are offsets of about -1..2 cells; decoded xy are pixels up to the input size
+    return float(np.median(np.abs(p[:, :2]))) > 8.0
+
+
+def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
+           conf: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(boxes xyxy (N, 4), class scores (N, C)) in input pixels, from one image's raw output.
+
+    With ``conf``, rows whose objectness is <= conf are dropped first (ultralytics does the same:
+    with class scores <= 1 such rows cannot score above conf).
+    """
+    p = _squeeze(output)
+    if fmt == "v8":
+        if p.shape[0] < 5:
+            raise UsageError(f"v8 output has {p.shape[0]} channels; expected 4 box + class scores")
+        p = p.T
+        return xywh2xyxy(p[:, :4]), p[:, 4:]
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown output format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    _check_obj(p)
+    keep = p[:, 4] > conf if conf is not None else slice(None)
+    if fmt == "v5" or _looks_decoded(p):
+        return _decode_obj(p[keep])
+    grid, stride = yolox_grid(input_hw)
+    if grid.shape[0] != p.shape[0]:
+        raise UsageError(f"YOLOX output has {p.shape[0]} rows but a {input_hw[0]}x{input_hw[1]} "
+                         f"input gives {grid.shape[0]} grid points at strides {STRIDES}")
+    p, grid, stride = p[keep].copy(), grid[keep], stride[keep]
+    p[:, :2] = (p[:, :2] + grid) * stride
+    p[:, 2:4] = np.exp(p[:, 2:4]) * stride
+    return _decode_obj(p)

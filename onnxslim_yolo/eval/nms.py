@@ -1,0 +1,87 @@
+"""Class-aware non-maximum suppression in numpy, with ultralytics validation semantics.
+
+Matches ``non_max_suppression`` of ultralytics yolov5/yolov8 as used by ``val``: candidates with
+score > conf, multi-label (one candidate per class above conf), at most ``max_nms`` candidates by
+score, classes separated by offsetting boxes by ``class * max_wh``, greedy NMS suppressing
+IoU > iou (torchvision.ops.nms), then the ``max_det`` best.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+MAX_WH = 7680
+MAX_NMS = 30000
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box against (N, 4) boxes, areas without the +1 pixel convention."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[int] = None) -> np.ndarray:
+    """Indices kept by greedy NMS, best score first (torchvision.ops.nms semantics: a box is
+    suppressed by a kept, better-scoring box when their IoU > ``iou``).
+
+    Stops after ``max_keep`` boxes: later boxes never suppress earlier ones, so the first
+    ``max_keep`` kept are the same as with a full run.
+    """
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order].astype(np.float64)
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    limit = len(order) if max_keep is None else max_keep
+    idx = np.arange(len(order))
+    keep = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        while idx.size and len(keep) < limit:
+            i, rest = idx[0], idx[1:]
+            keep.append(i)
+            w = np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest])
+            h = np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest])
+            inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+            overlap = inter / (areas[i] + areas[rest] - inter)
+            idx = rest[~(overlap > iou)]  # NaN (two empty boxes) does not suppress, as in torchvision
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.001, iou: float = 0.6,
+                        max_det: int = 300, multi_label: bool = True, agnostic: bool = False,
+                        max_nms: int = MAX_NMS, max_wh: float = MAX_WH) -> np.ndarray:
+    """(M, 6) detections ``x1 y1 x2 y2 score class`` from xyxy ``boxes`` (N, 4) and ``scores`` (N, C)."""
+    if multi_label:
+        i, j = np.nonzero(scores > conf)
+        s = scores[i, j]
+    else:
+        j = scores.argmax(1)
+        s = scores[np.arange(len(j)), j]
+        i = np.nonzero(s > conf)[0]
+        j, s = j[i], s[i]
+    if i.size == 0:
+        return np.zeros((0, 6), dtype=np.float32)
+    if i.size > max_nms:
+        top = np.argsort(-s, kind="stable")[:max_nms]
+        i, j, s = i[top], j[top], s[top]
+    b = boxes[i].astype(np.float64)
+    offset = 0.0 if agnostic else j[:, None].astype(np.float64) * max_wh
+    k = nms(b + offset, s, iou, max_det)
+    return np.concatenate([b[k], s[k, None], j[k, None]], axis=1).astype(np.float32)
+
+
+def scale_boxes(dets: np.ndarray, ratio: float, pad, orig_hw) -> np.ndarray:
+    """Map xyxy boxes from letterboxed input pixels back to the original image, clipped to it."""
+    out = dets.copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] - pad[0]) / ratio
+    out[:, [1, 3]] = (out[:, [1, 3]] - pad[1]) / ratio
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, orig_hw[1])
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, orig_hw[0])
+    return out

@@ -1,0 +1,133 @@
+"""Accuracy of a YOLO ONNX model: detections, COCO mAP against labels, detection agreement.
+
+One onnxruntime session per model; each image is read and preprocessed once, however many
+models are run on it (:func:`detections_multi`). Conventions follow ultralytics ``val`` scored
+with pycocotools: conf 0.001, IoU 0.6, multi-label class-aware NMS, at most 300 detections.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+
+from . import data, ir, verify
+from .eval.decode import decode, detect_format, normalize_format
+from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
+from .eval.nms import non_max_suppression, scale_boxes
+from .pass_base import PreconditionError, UsageError
+
+log = logging.getLogger(__name__)
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+#: score from which a reference model's detection counts as ground truth in :func:`agreement`
+AGREEMENT_CONF = 0.25
+
+
+def _as_model(m: ModelLike) -> onnx.ModelProto:
+    return m if isinstance(m, onnx.ModelProto) else ir.load(m)
+
+
+class _Runner:
+    """A session, its output format and NMS settings for one model."""
+
+    def __init__(self, model: onnx.ModelProto, fmt: Optional[str], threads: int):
+        self.model = model
+        self.sess = verify.session(model, optimize=True, threads=threads)
+        self.fmt = normalize_format(fmt) if fmt else None
+
+    def __call__(self, feeds: Dict[str, np.ndarray], hw) -> np.ndarray:
+        out = verify.run(self.sess, feeds)[0]
+        if self.fmt is None:
+            self.fmt = detect_format(self.model, output_shape=out.shape, input_hw=hw)
+            log.info("output format: %s (detected from %s)", self.fmt, list(out.shape))
+        return out
+
+
+def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike], preset: Optional[str] = None,
+                     conf: float = 0.001, iou: float = 0.6, max_det: int = 300, fmt: Optional[str] = None,
+                     limit: Optional[int] = None, progress: bool = True, threads: int = 0,
+                     input_shape: Optional[Sequence[int]] = None) -> List[List[ImageBoxes]]:
+    """Per-model, per-image detections (boxes in original-image pixels) for every image in ``images``.
+
+    All models must share the input name and size (an optimized model and its original).
+    ``preset`` and ``fmt`` are detected from the first model / each model's output when None.
+    """
+    protos = [_as_model(m) for m in models]
+    if not protos:
+        raise UsageError("no model to evaluate")
+    name, chw = data.model_input(protos[0], input_shape)
+    for m in protos[1:]:
+        if data.model_input(m, input_shape) != (name, chw):
+            raise UsageError(f"models differ in input: {(name, chw)} vs {data.model_input(m, input_shape)}")
+    if chw[0] != 3:
+        raise UsageError(f"model input '{name}' expects {chw[0]} channels; evaluation reads RGB images")
+    p = data.get_preset(preset, protos[0])
+    dtype = ir.input_dtypes(protos[0]).get(name, np.dtype(np.float32))
+    runners = [_Runner(m, fmt, threads) for m in protos]
+    hw = chw[1:]
+    results: List[List[ImageBoxes]] = [[] for _ in protos]
+    for x, meta in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):
+        feeds = {name: x[None].astype(dtype, copy=False)}
+        for run, res in zip(runners, results):
+            boxes, scores = decode(run(feeds, hw), run.fmt, hw, conf)
+            d = non_max_suppression(boxes, scores, conf, iou, max_det)
+            d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
+            res.append(ImageBoxes(meta.path.name, meta.orig_hw, d[:, :4].astype(np.float64),
+                                  d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))
+    return results
+
+
+def detections(model: ModelLike, images: Union[str, os.PathLike], preset: Optional[str] = None,
+               conf: float = 0.001, iou: float = 0.6, max_det: int = 300, fmt: Optional[str] = None,
+               limit: Optional[int] = None, progress: bool = True, threads: int = 0,
+               input_shape: Optional[Sequence[int]] = None) -> List[ImageBoxes]:
+    """Per-image detections of one model (see :func:`detections_multi`)."""
+    return detections_multi([model], images, preset, conf, iou, max_det, fmt, limit, progress, threads,
+                            input_shape)[0]
+
+
+def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[str, float]:
+    """COCO mAP of detections against a YOLO label folder or a COCO JSON."""
+    n_classes = 1 + max((int(d.classes.max()) for d in dets if len(d)), default=0)
+    gt = load_ground_truth(labels, [(d.key, d.hw) for d in dets], n_classes)
+    return coco_map(gt, dets)
+
+
+def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: Union[str, os.PathLike],
+             preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6, max_det: int = 300,
+             fmt: Optional[str] = None, limit: Optional[int] = None, progress: bool = True,
+             threads: int = 0, input_shape: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """pycocotools bbox mAP of a model on an image folder with YOLO labels (or a COCO JSON).
+
+    Returns ``map`` (0.5:0.95), ``map50``, ``map75``, ``n_images``, ``n_detections``, ``n_ground_truth``.
+    """
+    lp = Path(labels)
+    if not lp.exists():
+        raise UsageError(f"{lp}: labels not found (expected a YOLO label folder or a COCO .json)")
+    dets = detections(model_or_path, images, preset, conf, iou, max_det, fmt, limit, progress, threads,
+                      input_shape)
+    res = score(dets, labels)
+    log.info("mAP@0.5:0.95 %.4f  mAP@0.5 %.4f  (%d images, %d detections)", res["map"], res["map50"],
+             res["n_images"], res["n_detections"])
+    return res
+
+
+def agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
+              ref_conf: float = AGREEMENT_CONF) -> Dict[str, float]:
+    """mAP of a candidate's detections using the reference's detections scoring >= ``ref_conf``
+    as ground truth (1.0 when the candidate reproduces them). Both cover the same images."""
+    if [d.key for d in cand_dets] != [d.key for d in ref_dets]:
+        raise UsageError("candidate and reference detections cover different images")
+    gt = [d.above(ref_conf) for d in ref_dets]
+    if not any(len(g) for g in gt):
+        raise PreconditionError(f"the reference model has no detection scoring >= {ref_conf} on "
+                                f"{len(gt)} images: detection agreement is undefined")
+    return coco_map(gt, cand_dets)
+
+
+__all__ = ["evaluate", "detections", "detections_multi", "score", "agreement", "ImageBoxes",
+           "AGREEMENT_CONF"]
