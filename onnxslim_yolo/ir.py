@@ -76,10 +76,11 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
             m = onnx.ModelProto()
             m.CopyFrom(model)
             onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
+                            location=tmp_data.name, size_threshold=0)
             # the proto names the final data file; write it, then rename both
             _rename_external_location(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, out.parent / data_name)
+            if tmp_data.exists():
+                os.replace(tmp_data, out.parent / data_name)
         else:
             onnx.save_model(model, tmp)
         os.replace(tmp, out)

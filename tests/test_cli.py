@@ -1,0 +1,150 @@
+"""CLI through click's test runner: commands, summary, exit codes, one-line errors, nothing written."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import fixtures
+from onnxslim_yolo import ir
+from onnxslim_yolo.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def model_file(tmp_path: Path) -> Path:
+    p = tmp_path / "det.onnx"
+    ir.save(fixtures.build_yolov5_v6(opset=13), p)
+    return p
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_passes_lists_names_and_contracts():
+    r = invoke("passes")
+    assert r.exit_code == 0
+    assert re.search(r"canonicalize\s*\|\s*exact\s*\|\s*yes", r.output)
+
+
+def test_inspect_reports_counts_and_convention(model_file: Path, tmp_path: Path):
+    r = invoke("inspect", model_file, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["op_counts"]["Conv"] == sum(n.op_type == "Conv" for n in ir.load(model_file).graph.node)
+    assert data["flops"] == 2 * data["macs"] > 0
+    assert "FLOPs = 2 x MACs" in r.output
+
+
+def test_optimize_default_output_beside_input(model_file: Path, tmp_path: Path):
+    before = model_file.read_bytes()
+    r = invoke("optimize", model_file, "--no-bench", "--report", tmp_path / "rep.json")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "det.opt.onnx"
+    assert out.exists() and model_file.read_bytes() == before
+    onnx.checker.check_model(str(out), full_check=True)
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["passes"][0]["name"] == "canonicalize"
+    assert rep["summary"]["outputs"][0]["cosine"] > 0.99999
+    for word in ("nodes", "parameters", "MACs", "FLOPs", "size", "max abs diff"):
+        assert word in r.output
+
+
+def test_optimize_summary_has_latency(model_file: Path, tmp_path: Path):
+    r = invoke("optimize", model_file, "-o", tmp_path / "o.onnx", "--passes", "canonicalize")
+    assert r.exit_code == 0, r.output
+    assert re.search(r"latency \(ms, ort cpu\)\s*\|\s*[\d.]+\s*\|\s*[\d.]+\s*\|\s*x[\d.]+", r.output)
+
+
+def _no_outputs(folder: Path, keep: set) -> bool:
+    return {p.name for p in folder.iterdir()} == keep
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("missing", 2, r"error: .*missing.onnx: no such file"),
+    ("junk", 2, r"error: .*junk.onnx: not a readable ONNX model"),
+    ("truncated", 2, r"error: .*truncated.onnx: not a readable ONNX model"),
+    ("dynamic", 3, r"error: .*input 'images' has no static shape"),
+    ("unknown-pass", 2, r"error: unknown pass 'no-such-pass'; known passes:"),
+    ("overwrite", 2, r"error: .*refusing to overwrite the input model"),
+    ("int8-no-calib", 2, r"error: --int8 needs calibration images"),
+])
+def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file: Path, case, code, message):
+    args = ["optimize"]
+    target = model_file
+    extra: list = ["--no-bench"]
+    if case == "missing":
+        target = tmp_path / "missing.onnx"
+    elif case == "junk":
+        target = tmp_path / "junk.onnx"
+        target.write_text("not onnx")
+    elif case == "truncated":
+        target = tmp_path / "truncated.onnx"
+        target.write_bytes(model_file.read_bytes()[:2000])
+    elif case == "dynamic":
+        m = ir.load(model_file)
+        m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"
+        target = tmp_path / "dyn.onnx"
+        onnx.save(m, target)
+    elif case == "unknown-pass":
+        extra += ["--passes", "canonicalize,no-such-pass"]
+    elif case == "overwrite":
+        extra += ["-o", model_file]
+    elif case == "int8-no-calib":
+        extra += ["--int8"]
+    keep = {p.name for p in tmp_path.iterdir()}
+    snapshot = model_file.read_bytes()
+    r = CliRunner().invoke(main, args + [str(target)] + [str(e) for e in extra])
+    assert r.exit_code == code, r.output
+    assert re.search(message, r.output), r.output
+    assert len([ln for ln in r.output.splitlines() if ln.startswith("error:")]) == 1
+    assert _no_outputs(tmp_path, keep)
+    assert model_file.read_bytes() == snapshot
+
+
+def test_inspect_real_yolov5n(yolov5n_path: Path, tmp_path: Path):
+    r = invoke("inspect", yolov5n_path, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["op_counts"]["Conv"] == 60
+    assert 1.85e6 < s["params"] < 1.89e6
+    assert 2.2e9 < s["macs"] < 2.26e9 and s["flops"] == 2 * s["macs"]
+
+
+def _demo_command() -> list:
+    """The optimize command that `make demo` (the README's demo) runs, with the venv prefix removed."""
+    text = (REPO / "Makefile").read_text()
+    variables = dict(re.findall(r"^(\w+) :?= (.*)$", text, re.M))
+    line = next(ln.strip() for ln in text.splitlines() if "onnxslim-yolo optimize" in ln)
+    line = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), ""), line)
+    argv = shlex.split(line)
+    return argv[argv.index("optimize"):]
+
+
+def test_readme_commands_are_the_makefile_targets():
+    readme = (REPO / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.slow
+def test_readme_demo_command_runs(tmp_path: Path, monkeypatch):
+    argv = _demo_command()
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "demo.opt.onnx"
+    i = argv.index("-o")
+    argv[i + 1] = str(out)
+    if "--report" in argv:
+        j = argv.index("--report")
+        argv[j + 1] = str(tmp_path / "demo.json")
+    r = CliRunner().invoke(main, argv, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert out.exists() and "mAP@0.5:0.95" in r.output
+    onnx.checker.check_model(str(out), full_check=True)
