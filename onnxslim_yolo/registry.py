@@ -17,8 +17,14 @@ ENTRY_POINT_GROUP = "onnxslim_yolo.passes"
 
 def _builtin() -> Tuple[Type[Pass], ...]:
     from .passes.canonicalize import Canonicalize
+    from .passes.focus_to_conv import FocusToConv
+    from .passes.fold_affine import FoldAffine
+    from .passes.fold_batchnorm import FoldBatchNorm
     return (
         Canonicalize,
+        FocusToConv,
+        FoldBatchNorm,
+        FoldAffine,
     )
 
 
