@@ -32,6 +32,8 @@ class ImageBoxes:
     boxes: np.ndarray
     classes: np.ndarray
     scores: Optional[np.ndarray] = None
+    #: ground truth only: COCO crowd regions (detections inside them are neither TP nor FP)
+    crowd: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -73,7 +75,10 @@ def read_yolo_labels(path: Path, hw: Tuple[int, int]) -> Tuple[np.ndarray, np.nd
     return np.asarray(rows, np.float64).reshape(-1, 4), np.asarray(classes, np.int64)
 
 
-def load_yolo_labels(folder: Union[str, Path], images: Sequence[Tuple[str, Tuple[int, int]]]) -> List[ImageBoxes]:
+ImageList = Sequence[Tuple[str, Tuple[int, int]]]
+
+
+def load_yolo_labels(folder: Union[str, Path], images: ImageList) -> List[ImageBoxes]:
     """Ground truth for ``images`` (file name, (h, w)) from ``folder/<stem>.txt``."""
     p = Path(folder)
     if not p.is_dir():
@@ -87,8 +92,7 @@ def load_yolo_labels(folder: Union[str, Path], images: Sequence[Tuple[str, Tuple
     return out
 
 
-def load_coco_json(path: Union[str, Path], images: Sequence[Tuple[str, Tuple[int, int]]],
-                   n_classes: int) -> List[ImageBoxes]:
+def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int) -> List[ImageBoxes]:
     """Ground truth from a COCO instances JSON, images matched by file name.
 
     Category ids map to class indices: identity when they are 0..C-1, otherwise the i-th
@@ -111,10 +115,12 @@ def load_coco_json(path: Union[str, Path], images: Sequence[Tuple[str, Tuple[int
     for key, hw in images:
         iid = by_name.get(Path(key).name)
         missing += iid is None
-        rows = [a for a in per_img.get(iid, []) if not a.get("iscrowd", 0) and int(a["category_id"]) in to_cls]
-        boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                             a["bbox"][1] + a["bbox"][3]] for a in rows], np.float64).reshape(-1, 4)
-        out.append(ImageBoxes(key, hw, boxes, np.asarray([to_cls[int(a["category_id"])] for a in rows], np.int64)))
+        rows = [a for a in per_img.get(iid, []) if int(a["category_id"]) in to_cls]
+        xywh = np.asarray([a["bbox"] for a in rows], np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        classes = np.asarray([to_cls[int(a["category_id"])] for a in rows], np.int64)
+        crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in rows], bool)
+        out.append(ImageBoxes(key, hw, boxes, classes, crowd=crowd if crowd.any() else None))
     if missing == len(images):
         raise UsageError(f"{p}: none of the {len(images)} images is listed in the JSON")
     if missing:
@@ -125,8 +131,7 @@ def load_coco_json(path: Union[str, Path], images: Sequence[Tuple[str, Tuple[int
     return out
 
 
-def load_ground_truth(labels: Union[str, Path], images: Sequence[Tuple[str, Tuple[int, int]]],
-                      n_classes: int) -> List[ImageBoxes]:
+def load_ground_truth(labels: Union[str, Path], images: ImageList, n_classes: int) -> List[ImageBoxes]:
     """A YOLO label folder, or a ``.json`` COCO instances file."""
     p = Path(labels)
     if p.suffix.lower() == ".json":
@@ -140,10 +145,11 @@ def _coco_dicts(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes]) -> Tuple[dic
     images, anns, res, cats = [], [], [], set()
     for img_id, (g, d) in enumerate(zip(gt, dt)):
         images.append({"id": img_id, "file_name": g.key, "height": g.hw[0], "width": g.hw[1]})
-        for b, c in zip(g.boxes, g.classes):
+        crowd = g.crowd if g.crowd is not None else np.zeros(len(g), bool)
+        for b, c, k in zip(g.boxes, g.classes, crowd):
             w, h = float(b[2] - b[0]), float(b[3] - b[1])
             # pycocotools treats annotation id 0 as "unmatched": ids start at 1
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(c), "iscrowd": 0,
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(c), "iscrowd": int(k),
                          "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h})
             cats.add(int(c))
         for b, c, s in zip(d.boxes, d.classes, d.scores):

@@ -1,0 +1,190 @@
+"""Image loading, letterbox arithmetic, presets, input iterators and their one-line errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from onnxslim_yolo import data
+from onnxslim_yolo.pass_base import UsageError
+
+
+def declared_model(in_shape: Sequence, out_shape: Sequence, meta: Optional[Dict[str, str]] = None,
+                   in_name: str = "images") -> onnx.ModelProto:
+    """A model whose declared input/output shapes are all that matters (never run)."""
+    g = helper.make_graph([helper.make_node("Identity", [in_name], ["output"])], "g",
+                          [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, list(in_shape))],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    for k, v in (meta or {}).items():
+        m.metadata_props.add(key=k, value=v)
+    return m
+
+
+def write_image(path: Path, h: int, w: int, mode: str = "RGB", value=(200, 100, 50)) -> Path:
+    arr = np.empty((h, w, 3), np.uint8)
+    arr[:] = value
+    im = Image.fromarray(arr)
+    if mode != "RGB":
+        im = im.convert(mode)
+    im.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- letterbox
+@pytest.mark.parametrize("hw, size, ratio, pad, unpadded", [
+    ((480, 640), (640, 640), 1.0, (0, 80), (480, 640)),        # COCO landscape: 80 rows each side
+    ((100, 50), (64, 64), 0.64, (16, 0), (64, 32)),           # portrait: 16 columns each side
+    ((10, 21), (32, 32), 32 / 21, (0, 8), (15, 32)),          # dh = 8.5: top round(8.4)=8, bottom 9
+    ((427, 640), (640, 640), 1.0, (0, 106), (427, 640)),      # dh = 106.5: top 106, bottom 107
+    ((32, 32), (64, 96), 2.0, (16, 0), (64, 64)),             # upscaling, non-square target
+])
+def test_letterbox_numbers(hw, size, ratio, pad, unpadded):
+    img = np.full((*hw, 3), 7, np.uint8)
+    out, r, p = data.letterbox(img, size, center=True, pad_value=114)
+    assert out.shape == (*size, 3)
+    assert r == pytest.approx(ratio)
+    assert p == pad
+    content = (out[..., 0] == 7)
+    rows, cols = np.nonzero(content)
+    assert (rows.min(), cols.min()) == (pad[1], pad[0])
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == unpadded
+    assert content.sum() == unpadded[0] * unpadded[1]
+    assert np.all(out[~content] == 114)
+
+
+def test_letterbox_top_left_pads_right_and_bottom_only():
+    img = np.full((100, 50, 3), 9, np.uint8)
+    out, r, p = data.letterbox(img, (64, 64), center=False, pad_value=0)
+    assert p == (0, 0) and r == pytest.approx(0.64)
+    assert np.all(out[:, :32] == 9) and np.all(out[:, 32:] == 0)
+
+
+def test_preprocess_presets_channel_order_and_scale():
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[..., 0] = 255  # pure red
+    x, meta = data.preprocess(img, data.PRESETS["yolov5"], (8, 8))
+    assert x.dtype == np.float32 and x.shape == (3, 8, 8)
+    assert np.allclose(x[0], 1.0) and np.allclose(x[1:], 0.0)
+    x, _ = data.preprocess(img, data.PRESETS["yolox"], (8, 8))
+    assert np.allclose(x[2], 255.0) and np.allclose(x[:2], 0.0)  # BGR, unscaled
+    assert meta.orig_hw == (8, 8) and meta.ratio == 1.0 and meta.pad == (0, 0)
+
+
+def test_presets_table():
+    v5, v8, x = data.PRESETS["yolov5"], data.PRESETS["yolov8"], data.PRESETS["yolox"]
+    assert (v5.rgb, v5.scale, v5.center, v5.pad_value) == (True, 1 / 255, True, 114)
+    assert (v8.rgb, v8.scale, v8.center) == (True, 1 / 255, True)
+    assert (x.rgb, x.scale, x.center, x.pad_value) == (False, 1.0, False, 114)
+
+
+# ------------------------------------------------------------------------------- preset choice
+@pytest.mark.parametrize("out_shape, meta, expected", [
+    ((1, 25200, 85), {"stride": "32", "names": "{0: 'person'}"}, "yolov5"),
+    ((1, 84, 8400), {}, "yolov8"),
+    ((1, 84, 8400), {"task": "detect", "stride": "32", "imgsz": "[640, 640]"}, "yolov8"),
+    ((1, 8400, 85), {}, "yolox"),
+    ((1, 25200, 85), {}, "yolov5"),
+    (("batch", "n", "c"), {}, "yolov5"),
+    ((1, 25200, 85), {"model": "YOLOX-s"}, "yolox"),
+])
+def test_detect_preset(out_shape, meta, expected):
+    assert data.detect_preset(declared_model((1, 3, 640, 640), out_shape, meta)) == expected
+
+
+def test_unknown_preset_name_is_usage_error():
+    with pytest.raises(UsageError, match="unknown preprocessing preset 'ssd'"):
+        data.get_preset("ssd", declared_model((1, 3, 64, 64), (1, 252, 9)))
+
+
+def test_model_input_dynamic_size_uses_override_then_metadata_then_640():
+    m = declared_model((1, 3, "h", "w"), (1, 84, "n"))
+    assert data.model_input(m) == ("images", (3, 640, 640))
+    assert data.model_input(m, (1, 3, 320, 256)) == ("images", (3, 320, 256))
+    m.metadata_props.add(key="imgsz", value="[480, 512]")
+    assert data.model_input(m) == ("images", (3, 480, 512))
+
+
+# ------------------------------------------------------------------------------------ images
+def test_list_images_sorted_and_filtered(tmp_path: Path):
+    for n in ("b.png", "a.JPG", "c.bmp", "notes.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    assert [p.name for p in data.list_images(tmp_path)] == ["a.JPG", "b.png", "c.bmp"]
+
+
+def test_list_images_errors_name_the_folder(tmp_path: Path):
+    with pytest.raises(UsageError, match=f"{tmp_path}/missing: image folder does not exist"):
+        data.list_images(tmp_path / "missing")
+    with pytest.raises(UsageError, match="no images found"):
+        data.list_images(tmp_path)
+    f = tmp_path / "x.jpg"
+    f.write_bytes(b"x")
+    with pytest.raises(UsageError, match="not a folder"):
+        data.list_images(f)
+
+
+def test_read_image_converts_gray_rgba_palette(tmp_path: Path):
+    for mode in ("L", "RGBA", "P"):
+        p = write_image(tmp_path / f"{mode}.png", 5, 7, mode, (102, 102, 102))  # in the web palette
+        img = data.read_image(p)
+        assert img.shape == (5, 7, 3) and img.dtype == np.uint8
+        assert np.all(img == 102)
+
+
+def test_read_image_undecodable_names_the_file(tmp_path: Path):
+    p = tmp_path / "broken.jpg"
+    p.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(UsageError, match="broken.jpg: cannot decode image"):
+        data.read_image(p)
+
+
+# -------------------------------------------------------------------------------- iter_inputs
+def test_iter_inputs_from_folder(tmp_path: Path):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.jpg", 30, 60)
+    m = declared_model((1, 3, 32, 32), (1, 252, 9))
+    feeds = list(data.iter_inputs(tmp_path, m, limit=2, progress=False))
+    assert len(feeds) == 2
+    x = feeds[0]["images"]
+    assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32
+    assert np.allclose(x[0, :, 0, 0], 114 / 255)                     # centred: top rows are padding
+    assert np.allclose(x[0, :, 16, 16], np.array([200, 100, 50]) / 255, atol=2 / 255)
+
+
+def test_iter_inputs_from_npy_and_npz(tmp_path: Path):
+    m = declared_model((1, 3, 8, 8), (1, 252, 9))
+    a = np.random.default_rng(0).random((4, 3, 8, 8)).astype(np.float64)
+    np.save(tmp_path / "x.npy", a)
+    feeds = data.load_calibration(tmp_path / "x.npy", m, limit=3, progress=False)
+    assert len(feeds) == 3 and feeds[1]["images"].dtype == np.float32
+    assert np.allclose(feeds[1]["images"][0], a[1])
+    np.savez(tmp_path / "x.npz", first=a[:2], second=a[2])
+    feeds = data.load_calibration(tmp_path / "x.npz", m, progress=False)
+    assert len(feeds) == 3 and np.allclose(feeds[2]["images"][0], a[2])
+
+
+def test_npy_wrong_channels_or_size_names_the_file(tmp_path: Path):
+    m = declared_model((1, 3, 8, 8), (1, 252, 9))
+    np.save(tmp_path / "gray.npy", np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(UsageError, match="gray.npy: tensors have 1 channels, model input 'images' expects 3"):
+        data.load_calibration(tmp_path / "gray.npy", m, progress=False)
+    np.save(tmp_path / "big.npy", np.zeros((2, 3, 16, 16), np.float32))
+    with pytest.raises(UsageError, match="big.npy: tensors are 16x16, model input 'images' expects 8x8"):
+        data.load_calibration(tmp_path / "big.npy", m, progress=False)
+    np.save(tmp_path / "flat.npy", np.zeros((3, 64), np.float32))
+    with pytest.raises(UsageError, match="flat.npy: array of shape"):
+        data.load_calibration(tmp_path / "flat.npy", m, progress=False)
+    with pytest.raises(UsageError, match="none.npy: no such file"):
+        data.load_calibration(tmp_path / "none.npy", m, progress=False)
+
+
+def test_image_folder_for_one_channel_model_is_usage_error(tmp_path: Path):
+    write_image(tmp_path / "a.png", 8, 8)
+    m = declared_model((1, 1, 8, 8), (1, 252, 9))
+    with pytest.raises(UsageError, match="expects 1 channels but images are RGB"):
+        data.load_calibration(tmp_path, m, progress=False)

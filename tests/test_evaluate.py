@@ -1,0 +1,327 @@
+"""Evaluator: output decoding, NMS, ground truth, COCO mAP, agreement, CLI, and yolov5n on coco128."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from onnxslim_yolo import data
+from onnxslim_yolo.eval.decode import decode, detect_format, grid_size, yolox_grid
+from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, load_ground_truth, read_yolo_labels
+from onnxslim_yolo.eval.nms import nms, non_max_suppression, scale_boxes
+from onnxslim_yolo.evaluate import agreement, detections, evaluate, score
+from onnxslim_yolo.pass_base import PreconditionError, UsageError
+
+# ------------------------------------------------------------------ a tiny synthetic data set
+# 40x80 images letterboxed to 64x64: ratio 0.8, centred pad (0, 16), top-left pad (0, 0)
+IMG_HW, SIZE = (40, 80), 64
+LABELS = [(1, 0.25, 0.5, 0.2, 0.4), (0, 0.75, 0.3, 0.3, 0.4)]  # class cx cy w h (normalized)
+
+
+def letterboxed(labels, pad_top: float, shift: float = 0.0) -> np.ndarray:
+    """(N, 4) cx cy w h of the labels in 64x64 input pixels; ``shift`` moves boxes right by w*shift."""
+    H, W = IMG_HW
+    r = 0.8
+    return np.array([[(cx * W + shift * w * W) * r, cy * H * r + pad_top, w * W * r, h * H * r]
+                     for _, cx, cy, w, h in labels], np.float32)
+
+
+def const_model(fmt: str, cxcywh: np.ndarray, classes: Sequence[int], n_classes: int = 2) -> onnx.ModelProto:
+    """A model that ignores its image and always outputs these boxes in the given layout."""
+    n = grid_size((SIZE, SIZE))
+    rows = np.zeros((n * (3 if fmt == "v5" else 1), 5 + n_classes), np.float32)
+    if fmt == "yolox":
+        rows[:, :4] = [0.5, 0.5, 0.0, 0.0]  # raw: box of one stride-8 cell
+        for b, c in zip(cxcywh, classes):
+            gx, gy = int(b[0] // 8), int(b[1] // 8)
+            k = gy * (SIZE // 8) + gx
+            rows[k, :4] = [b[0] / 8 - gx, b[1] / 8 - gy, math.log(b[2] / 8), math.log(b[3] / 8)]
+            rows[k, 4], rows[k, 5 + c] = 0.9, 1.0
+    else:
+        for k, (b, c) in enumerate(zip(cxcywh, classes)):
+            rows[k, :4], rows[k, 4], rows[k, 5 + c] = b, 0.9, 1.0
+    if fmt == "v8":
+        rows[:, 5:] *= rows[:, 4:5]
+        rows = np.delete(rows, 4, axis=1).T  # (4 + C, N), no objectness
+    out = rows[None]
+    node = helper.make_node("Constant", [], ["output"], value=numpy_helper.from_array(out, "c"))
+    g = helper.make_graph([node], "const", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                          [1, 3, SIZE, SIZE])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (*IMG_HW, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+        (labels / f"im{i}.txt").write_text("\n".join(" ".join(str(v) for v in lab) for lab in LABELS) + "\n")
+    return images, labels
+
+
+CLASSES = [lab[0] for lab in LABELS]
+
+
+# ------------------------------------------------------------------------------------- NMS
+def brute_force_nms(boxes: np.ndarray, scores: np.ndarray, thr: float) -> List[int]:
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep: List[int] = []
+    for i in order:
+        ok = True
+        for k in keep:
+            a, b = boxes[i], boxes[k]
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            inter = iw * ih
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+            if inter / union > thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def test_nms_hand_computed():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7])
+    # IoU(0, 1) = 81 / 119 = 0.68
+    assert nms(boxes, scores, 0.6).tolist() == [0, 2]
+    assert nms(boxes, scores, 0.7).tolist() == [0, 1, 2]
+    assert nms(boxes, scores, 0.6, max_keep=1).tolist() == [0]
+    # IoU exactly 0.5 does not suppress (strictly greater, as torchvision)
+    half = np.array([[0, 0, 10, 10], [0, 0, 10, 5]], np.float32)
+    assert nms(half, np.array([0.5, 0.9]), 0.5).tolist() == [1, 0]
+    assert nms(half, np.array([0.5, 0.9]), 0.49).tolist() == [1]
+
+
+def test_nms_matches_brute_force_on_random_boxes():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        xy = rng.uniform(0, 50, (60, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(1, 30, (60, 2))], 1)
+        scores = rng.random(60)
+        for thr in (0.3, 0.6):
+            assert nms(boxes, scores, thr).tolist() == brute_force_nms(boxes, scores, thr)
+            assert nms(boxes, scores, thr, max_keep=5).tolist() == brute_force_nms(boxes, scores, thr)[:5]
+
+
+def test_non_max_suppression_class_aware_multilabel_and_limits():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [40, 40, 50, 50]], np.float32)
+    scores = np.array([[0.9, 0.0], [0.0, 0.8], [0.3, 0.2]], np.float32)
+    d = non_max_suppression(boxes, scores, conf=0.1, iou=0.6)
+    # the overlapping pair survives (different classes); box 2 yields one detection per class
+    assert d[:, 4].tolist() == pytest.approx([0.9, 0.8, 0.3, 0.2])
+    assert d[:, 5].tolist() == [0, 1, 0, 1]
+    assert np.allclose(d[1, :4], boxes[1])
+    agnostic = non_max_suppression(boxes, scores, conf=0.1, iou=0.6, agnostic=True, multi_label=False)
+    assert agnostic[:, 4].tolist() == pytest.approx([0.9, 0.3])
+    assert len(non_max_suppression(boxes, scores, conf=0.25, iou=0.6)) == 3  # strict > conf
+    assert len(non_max_suppression(boxes, scores, conf=0.1, iou=0.6, max_det=2)) == 2
+    assert non_max_suppression(boxes, scores, conf=0.95, iou=0.6).shape == (0, 6)
+
+
+def test_scale_boxes_undoes_letterbox_and_clips():
+    d = np.array([[16.0, 26.0, 32.0, 42.0], [-5.0, 10.0, 70.0, 60.0]])
+    out = scale_boxes(d, 0.8, (0, 16), IMG_HW)
+    assert out[0].tolist() == pytest.approx([20, 12.5, 40, 32.5])
+    assert out[1].tolist() == pytest.approx([0, 0, 80, 40])
+
+
+# ---------------------------------------------------------------------------------- decoding
+def test_decode_v5_scores_are_obj_times_cls():
+    out = np.array([[[10, 20, 4, 6, 0.5, 0.2, 0.8], [0, 0, 2, 2, 0.0005, 1.0, 1.0]]], np.float32)
+    boxes, scores = decode(out, "v5", (64, 64))
+    assert boxes[0].tolist() == pytest.approx([8, 17, 12, 23])
+    assert scores[0].tolist() == pytest.approx([0.1, 0.4])
+    boxes, scores = decode(out, "v5", (64, 64), conf=0.001)  # low-objectness row dropped early
+    assert len(boxes) == 1
+
+
+def test_decode_v8_is_channels_first_without_objectness():
+    out = np.array([[10, 20, 4, 6, 0.3, 0.7], [0, 0, 2, 2, 0.9, 0.1]], np.float32).T[None]  # (1, 6, 2)
+    boxes, scores = decode(out, "v8", (64, 64))
+    assert boxes[0].tolist() == pytest.approx([8, 17, 12, 23])
+    assert np.allclose(scores, [[0.3, 0.7], [0.9, 0.1]])
+
+
+def test_decode_yolox_grid_and_strides():
+    grid, stride = yolox_grid((64, 64))
+    assert grid.shape == (84, 2) and stride[:64].max() == 8 and stride[64:80].min() == 16
+    out = np.zeros((1, 84, 7), np.float32)
+    out[0, 70] = [0.5, 0.5, math.log(2), math.log(2), 0.8, 0.5, 0.25]  # stride 16, cell (x=2, y=1)
+    boxes, scores = decode(out, "yolox", (64, 64))
+    assert boxes[70].tolist() == pytest.approx([40 - 16, 24 - 16, 40 + 16, 24 + 16], abs=1e-4)
+    assert scores[70].tolist() == pytest.approx([0.4, 0.2])
+    with pytest.raises(UsageError, match="84 rows but a 32x32 input gives 21 grid points"):
+        decode(out, "yolox", (32, 32))
+
+
+def test_decode_yolox_already_decoded_is_read_as_is():
+    out = np.zeros((1, 84, 7), np.float32)
+    out[0, :, :2] = 30.0
+    out[0, 0] = [40, 24, 32, 32, 0.8, 0.5, 0.25]
+    boxes, _ = decode(out, "yolox", (64, 64))
+    assert boxes[0].tolist() == pytest.approx([24, 8, 56, 40])
+
+
+def test_detect_format_from_layout():
+    assert detect_format(const_model("v5", np.zeros((0, 4)), [])) == "v5"
+    assert detect_format(const_model("v8", np.zeros((0, 4)), [])) == "v8"
+    assert detect_format(const_model("yolox", np.zeros((0, 4)), [])) == "yolox"
+    assert detect_format(const_model("v5", np.zeros((0, 4)), []), output_shape=(1, 6, 84)) == "v8"
+    m = const_model("v5", np.zeros((0, 4)), [])
+    m.metadata_props.add(key="task", value="segment")
+    with pytest.raises(UsageError, match="ultralytics 'segment' export"):
+        detect_format(m)
+
+
+# ----------------------------------------------------------------------- ground truth and mAP
+def test_read_yolo_labels_to_pixels_and_errors(tmp_path: Path):
+    f = tmp_path / "a.txt"
+    f.write_text("1 0.25 0.5 0.2 0.4\n\n3 0.1 0.1 0.3 0.1 0.3 0.5 0.1 0.5\n")
+    boxes, classes = read_yolo_labels(f, IMG_HW)
+    assert classes.tolist() == [1, 3]
+    assert boxes[0].tolist() == pytest.approx([12, 12, 28, 28])
+    assert boxes[1].tolist() == pytest.approx([8, 4, 24, 20])  # polygon -> its bounding box
+    assert read_yolo_labels(tmp_path / "none.txt", IMG_HW)[0].shape == (0, 4)
+    f.write_text("1 0.5 0.5 0.2\n")
+    with pytest.raises(UsageError, match=r"a.txt:1: expected 'class cx cy w h'"):
+        read_yolo_labels(f, IMG_HW)
+    f.write_text("cat 0.5 0.5 0.2 0.1\n")
+    with pytest.raises(UsageError, match=r"a.txt:1: not a YOLO label line"):
+        read_yolo_labels(f, IMG_HW)
+
+
+def test_coco_json_ground_truth_maps_category_ids(tmp_path: Path):
+    j = {"images": [{"id": 7, "file_name": "sub/im0.png", "height": 40, "width": 80}],
+         "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}],
+         "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [12, 12, 16, 16], "iscrowd": 0},
+                         {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1}]}
+    (tmp_path / "gt.json").write_text(json.dumps(j))
+    gt = load_ground_truth(tmp_path / "gt.json", [("im0.png", IMG_HW), ("other.png", IMG_HW)], 2)
+    assert gt[0].classes.tolist() == [1, 0] and gt[0].boxes.tolist() == [[12, 12, 28, 28], [0, 0, 5, 5]]
+    assert gt[0].crowd.tolist() == [False, True] and len(gt[1]) == 0
+    # a detection inside the crowd region is ignored; without the crowd flag it is a false positive
+    dets = [ImageBoxes("im0.png", IMG_HW, np.array([[12, 12, 28, 28], [0, 0, 3, 3]], float),
+                       np.array([1, 0]), np.array([0.5, 0.9])),
+            ImageBoxes("other.png", IMG_HW, np.zeros((0, 4)), np.zeros(0, int), np.zeros(0))]
+    assert coco_map(gt, dets)["map"] == pytest.approx(1.0)
+    no_crowd = [ImageBoxes(g.key, g.hw, g.boxes, g.classes) for g in gt]
+    assert coco_map(no_crowd, dets)["map"] == pytest.approx(0.5)
+    with pytest.raises(UsageError, match="none of the 1 images is listed"):
+        load_ground_truth(tmp_path / "gt.json", [("x.png", IMG_HW)], 2)
+
+
+def _gt(n: int = 2) -> List[ImageBoxes]:
+    boxes = np.array([[12, 12, 28, 28], [48, 4, 72, 20]], np.float64)
+    return [ImageBoxes(f"im{i}.png", IMG_HW, boxes, np.array([1, 0])) for i in range(n)]
+
+
+def _as_dets(gt: List[ImageBoxes], shift: float = 0.0, classes=None) -> List[ImageBoxes]:
+    return [ImageBoxes(g.key, g.hw, g.boxes + [shift, 0, shift, 0],
+                       g.classes if classes is None else np.asarray(classes), np.array([0.9, 0.8]))
+            for g in gt]
+
+
+def test_coco_map_is_one_for_exact_detections_and_lower_when_perturbed():
+    gt = _gt()
+    exact = coco_map(gt, _as_dets(gt))
+    assert exact["map"] == pytest.approx(1.0) and exact["map50"] == pytest.approx(1.0)
+    assert exact["n_images"] == 2 and exact["n_detections"] == 4 and exact["n_ground_truth"] == 4
+    shifted = coco_map(gt, _as_dets(gt, shift=4.0))  # IoU 0.6 and 0.71: only some thresholds pass
+    assert 0.1 < shifted["map"] < 0.6 and shifted["map50"] == pytest.approx(1.0)
+    swapped = coco_map(gt, _as_dets(gt, classes=[0, 1]))
+    assert swapped["map"] == pytest.approx(0.0)
+    empty = [ImageBoxes(g.key, g.hw, np.zeros((0, 4)), np.zeros(0, int), np.zeros(0)) for g in gt]
+    assert coco_map(gt, empty)["map"] == 0.0
+    with pytest.raises(UsageError, match="different images"):
+        coco_map(gt, _as_dets(_gt(1)))
+
+
+def test_agreement():
+    ref = _as_dets(_gt())
+    assert agreement(ref, ref)["map"] == pytest.approx(1.0)
+    low = [ImageBoxes(d.key, d.hw, d.boxes, d.classes, np.array([0.9, 0.1])) for d in ref]
+    res = agreement(ref, low)  # the reference's 0.1 box is not ground truth: the candidate's is a FP
+    assert res["n_ground_truth"] == 2 and res["map"] == pytest.approx(1.0)
+    assert agreement(_as_dets(_gt(), shift=4.0), ref)["map"] < 0.6
+    none = [ImageBoxes(d.key, d.hw, d.boxes, d.classes, np.array([0.2, 0.1])) for d in ref]
+    with pytest.raises(PreconditionError, match="no detection scoring >= 0.25"):
+        agreement(ref, none)
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("fmt", ["v5", "v8", "yolox"])
+def test_evaluate_constant_model_recovers_labels(dataset, fmt):
+    images, labels = dataset
+    pad_top = 0 if fmt == "yolox" else 16  # the yolox preset pads bottom/right only
+    model = const_model(fmt, letterboxed(LABELS, pad_top), CLASSES)
+    res = evaluate(model, images, labels, progress=False, threads=1)  # format and preset detected
+    assert res["map"] == pytest.approx(1.0, abs=1e-6) and res["n_images"] == 3
+    assert res["n_ground_truth"] == 6 and res["n_detections"] == 6
+    shifted = const_model(fmt, letterboxed(LABELS, pad_top, shift=0.15), CLASSES)
+    res2 = evaluate(shifted, images, labels, progress=False, threads=1, fmt=fmt,
+                    preset="yolox" if fmt == "yolox" else "yolov5")
+    assert 0.0 < res2["map"] < 0.9
+
+
+def test_detections_are_in_original_pixels_and_score_uses_labels(dataset):
+    images, labels = dataset
+    dets = detections(const_model("v5", letterboxed(LABELS, 16), CLASSES), images, progress=False, threads=1)
+    assert [d.key for d in dets] == ["im0.png", "im1.png", "im2.png"]
+    assert dets[0].boxes[dets[0].classes == 1][0].tolist() == pytest.approx([12, 12, 28, 28], abs=1e-4)
+    assert dets[0].scores.tolist() == pytest.approx([0.9, 0.9])
+    assert score(dets, labels)["map"] == pytest.approx(1.0)
+    assert agreement(dets, dets)["map"] == pytest.approx(1.0)
+
+
+def test_evaluate_errors(dataset, tmp_path: Path):
+    images, labels = dataset
+    model = const_model("v5", letterboxed(LABELS, 16), CLASSES)
+    with pytest.raises(UsageError, match="labels not found"):
+        evaluate(model, images, tmp_path / "nolabels", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no labels found for the 3 images"):
+        evaluate(model, images, tmp_path / "empty", progress=False)
+    with pytest.raises(UsageError, match="unknown output format 'v9'"):
+        evaluate(model, images, labels, fmt="v9", progress=False)
+
+
+def test_eval_cli(dataset, tmp_path: Path):
+    from onnxslim_yolo.cli import main
+    from onnxslim_yolo.ir import save
+    images, labels = dataset
+    save(const_model("v5", letterboxed(LABELS, 16), CLASSES), tmp_path / "m.onnx")
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--images", str(images), "--labels",
+                                  str(labels), "--json", str(tmp_path / "r.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "mAP@0.5:0.95       | 1.0000" in r.output
+    assert json.loads((tmp_path / "r.json").read_text())["n_images"] == 3
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--images", str(tmp_path / "none"),
+                                  "--labels", str(labels)])
+    assert r.exit_code == 2 and "none: image folder does not exist" in r.output
+
+
+# ------------------------------------------------------------------------------- real model
+def test_yolov5n_coco128_matches_reference(yolov5n_path: Path, coco128: Path):
+    """Reference: pycocotools 0.357 mAP@0.5:0.95, 0.552 mAP@0.5 (shared/README.md)."""
+    dets = detections(yolov5n_path, coco128 / "images", progress=False, threads=1)
+    res = score(dets, coco128 / "labels")
+    assert res["n_images"] == 128
+    assert 0.352 <= res["map"] <= 0.362
+    assert 0.547 <= res["map50"] <= 0.557
+    assert agreement(dets[:8], dets[:8])["map"] == pytest.approx(1.0)
+    assert data.detect_preset(onnx.load(str(yolov5n_path), load_external_data=False)) == "yolov5"
