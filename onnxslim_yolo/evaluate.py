@@ -48,7 +48,8 @@ class _Runner:
 
 
 def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike],
-                     preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6, max_det: int = 300, fmt: Optional[str] = None,
+                     preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6,
+                     max_det: int = 300, fmt: Optional[str] = None,
                      limit: Optional[int] = None, progress: bool = True, threads: int = 0,
                      input_shape: Optional[Sequence[int]] = None) -> List[List[ImageBoxes]]:
     """Per-model, per-image detections (boxes in original-image pixels) for every image in ``images``.
