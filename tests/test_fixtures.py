@@ -30,6 +30,23 @@ def _anchors(img: int) -> int:
     return sum((img // s) ** 2 for s in (8, 16, 32))
 
 
+#: family -> (output name, output shape at img 64 with 4 classes)
+EXPECTED = {
+    "yolov5_focus": ("output", (1, 3 * _anchors(64), 9)),
+    "yolov5_v6": ("output", (1, 3 * _anchors(64), 9)),
+    "yolov8": ("output0", (1, 8, _anchors(64))),
+    "yolox": ("output", (1, _anchors(64), 9)),
+}
+
+
+def _counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 @pytest.fixture(scope="module", params=[(f, o) for f in FAMILIES for o in OPSETS],
                 ids=lambda p: f"{p[0]}-op{p[1]}")
 def built(request):
@@ -48,45 +65,111 @@ def test_checker_and_strict_shape_inference(built):
 
 def test_runs_finite_with_expected_shape(built):
     family, _, model = built
+    name, shape = EXPECTED[family]
+    assert [o.name for o in model.graph.output] == [name]
+    assert [i.name for i in model.graph.input] == [INPUT]
     (out,) = _run(model)
+    assert out.shape == shape
     assert np.isfinite(out).all()
-    na = 3 if family.startswith("yolov5") else 1
-    assert out.shape == (1, na * _anchors(64), 9)
-    assert [o.name for o in model.graph.output] == ["output"]
 
 
-def test_v5_decode_is_pixel_boxes_and_probabilities():
-    (out,) = _run(FAMILIES["yolov5_v6"]())
-    assert 0.0 <= out[..., 4:].min() and out[..., 4:].max() <= 1.0
-    assert out[..., :2].min() > -64 and out[..., :2].max() < 128  # centres near the image
-    assert out[..., 2:4].min() >= 0.0
-
-
-def test_focus_has_four_slices_on_input():
+def test_focus_has_four_slices_on_input_and_one_concat():
     model = FAMILIES["yolov5_focus"]()
     on_input = [n for n in model.graph.node if INPUT in n.input]
     assert Counter(n.op_type for n in on_input) == Counter({"Slice": 4})
-    concat = [n for n in model.graph.node if n.op_type == "Concat"
-              and set(n.input) == {s.output[0] for s in on_input}]
-    assert len(concat) == 1
-    counts = Counter(n.op_type for n in model.graph.node)
+    slices = {s.output[0] for s in on_input}
+    (concat,) = [n for n in model.graph.node if n.op_type == "Concat" and set(n.input) == slices]
+    counts = _counts(model)
     assert counts["BatchNormalization"] == counts["Conv"] - 3  # all but the 3 Detect convs
+    assert counts["MaxPool"] == 3 and counts["Resize"] == 2 and counts["Pow"] == 3
 
 
-def test_v6_stem_is_6x6_stride2():
+def test_focus_slices_follow_yolov5_order():
+    b = GraphBuilder(seed=0)
+    x = b.input(INPUT, (1, 3, 8, 8))
+    from fixtures.yolov5 import focus_stem
+    focus_stem(b, x, 8, bn=False)
+    cat = next(n for n in b.nodes if n.op_type == "Concat")
+    model = b.make_model([x], [cat.output[0]])
+    xin = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    got = _session(model).run(None, {INPUT: xin})[0]
+    ref = np.concatenate([xin[..., ::2, ::2], xin[..., 1::2, ::2], xin[..., ::2, 1::2],
+                          xin[..., 1::2, 1::2]], 1)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_v6_stem_is_6x6_stride2_and_constants_are_nodes():
     model = FAMILIES["yolov5_v6"]()
     (first,) = [n for n in model.graph.node if INPUT in n.input]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in first.attribute}
-    assert first.op_type == "Conv" and attrs["kernel_shape"] == [6, 6] and attrs["strides"] == [2, 2]
+    assert first.op_type == "Conv"
+    assert _attrs(first)["kernel_shape"] == [6, 6] and _attrs(first)["strides"] == [2, 2]
+    counts = _counts(model)
+    assert counts["Constant"] > 10 and counts["Split"] == 3 and counts["Slice"] == 0
+
+
+def test_v5_decode_ranges():
+    (out,) = _run(FAMILIES["yolov5_v6"]())
+    assert 0.0 <= out[..., 4:].min() and out[..., 4:].max() <= 1.0
+    assert out[..., :2].min() >= -16 and out[..., :2].max() <= 64 + 16  # (2s - 0.5 + grid) * stride
+    assert out[..., 2:4].min() >= 0.0 and out[..., 2:4].max() <= 4 * 373  # (2s)^2 * anchor
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+def test_v8_has_split_softmax_dfl_and_no_objectness(opset):
+    model = FAMILIES["yolov8"](opset=opset)
+    counts = _counts(model)
+    assert counts["Split"] >= 8 and counts["Softmax"] == 1  # C2f chunks + box/cls + lt/rb
+    dfl = next(n for n in model.graph.node if n.op_type == "Conv" and "dfl" in n.name)
+    w = next(t for t in model.graph.initializer if t.name == dfl.input[1])
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(w).ravel(), np.arange(16))
+    (out,) = _run(model)
+    assert 0.0 <= out[:, 4:].min() and out[:, 4:].max() <= 1.0
+    assert out[:, 2:4].min() >= 0.0  # wh = lt + rb of non-negative DFL expectations
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+def test_yolox_depthwise_and_raw_vs_decoded(opset):
+    raw = FAMILIES["yolox"](opset=opset)
+    dec = FAMILIES["yolox"](opset=opset, decode_outputs=True)
+    ch = {}
+    for t in raw.graph.initializer:
+        ch[t.name] = t.dims
+    dw = [n for n in raw.graph.node if n.op_type == "Conv" and _attrs(n).get("group", 1) > 1
+          and _attrs(n)["group"] == ch[n.input[1]][0] and ch[n.input[1]][1] == 1]
+    assert len(dw) >= 20
+    (r,) = _run(raw)
+    (d,) = _run(dec)
+    assert 0.0 <= r[..., 4:].min() and r[..., 4:].max() <= 1.0
+    grid, stride = [], []
+    for s in (8, 16, 32):
+        n = 64 // s
+        yv, xv = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        grid.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        stride.append(np.full((n * n, 1), s))
+    grid, stride = np.concatenate(grid)[None], np.concatenate(stride)[None]
+    ref = np.concatenate([(r[..., :2] + grid) * stride, np.exp(r[..., 2:4]) * stride, r[..., 4:]], 2)
+    np.testing.assert_allclose(d, ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_bn_false_has_no_batchnorm_and_dynamic_batch_runs(family):
-    model = FAMILIES[family](bn=False, dynamic_batch=True, opset=13)
-    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+def test_bn_false_is_the_same_network_folded(family):
+    with_bn, folded = FAMILIES[family](bn=True), FAMILIES[family](bn=False)
+    assert _counts(with_bn)["BatchNormalization"] > 20
+    assert _counts(folded)["BatchNormalization"] == 0
+    (a,), (b,) = _run(with_bn), _run(folded)
+    scale = np.abs(a).max()
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_dynamic_batch(family):
+    model = FAMILIES[family](dynamic_batch=True)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    (out,) = _run(model, batch=2)
-    assert out.shape[0] == 2 and np.isfinite(out).all()
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    (two,) = _run(model, batch=2)
+    (one,) = _run(FAMILIES[family]())
+    assert two.shape[0] == 2 and np.isfinite(two).all()
+    np.testing.assert_allclose(two[:1], one, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -94,6 +177,26 @@ def test_deterministic_bytes(family):
     a = FAMILIES[family](seed=3).SerializeToString()
     assert a == FAMILIES[family](seed=3).SerializeToString()
     assert a != FAMILIES[family](seed=4).SerializeToString()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_sizes_and_opsets(family):
+    model = FAMILIES[family](opset=17, img=96, num_classes=2, width=4)
+    (out,) = _run(model, img=96)
+    a = _anchors(96)
+    want = {"yolov5_focus": (1, 3 * a, 7), "yolov5_v6": (1, 3 * a, 7), "yolov8": (1, 6, a),
+            "yolox": (1, a, 7)}[family]
+    assert out.shape == want and np.isfinite(out).all()
+    assert FAMILIES[family](opset=21).opset_import[0].version == 21
+
+
+def test_rejects_bad_family_arguments():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        FAMILIES["yolov8"](img=100)
+    with pytest.raises(ValueError, match="width"):
+        FAMILIES["yolox"](width=3)
+    with pytest.raises(ValueError, match="opset 10"):
+        FAMILIES["yolov5_v6"](opset=10)
 
 
 # ---------------------------------------------------------------------------- GraphBuilder
