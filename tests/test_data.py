@@ -188,3 +188,23 @@ def test_image_folder_for_one_channel_model_is_usage_error(tmp_path: Path):
     m = declared_model((1, 1, 8, 8), (1, 252, 9))
     with pytest.raises(UsageError, match="expects 1 channels but images are RGB"):
         data.load_calibration(tmp_path, m, progress=False)
+
+
+def test_calibration_folder_is_lazy_and_matches_eager(tmp_path):
+    """load_calibration on a folder decodes on access and gives the same tensors as iter_inputs."""
+    import numpy as np
+    from PIL import Image
+
+    import fixtures
+    from onnxslim_yolo.data import ImageFeeds, iter_inputs, load_calibration
+
+    model = fixtures.build_yolov5_v6(opset=13)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    lazy = load_calibration(tmp_path, model, progress=False)
+    assert isinstance(lazy, ImageFeeds) and len(lazy) == 3
+    eager = list(iter_inputs(tmp_path, model, progress=False))
+    for a, b in zip(lazy, eager):
+        assert np.array_equal(a["images"], b["images"])
+    assert len(lazy[:2]) == 2 and len(load_calibration(tmp_path, model, limit=2, progress=False)) == 2
