@@ -1,6 +1,7 @@
 """The fixture models: valid ONNX, run in onnxruntime, expected structure, deterministic."""
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import numpy as np
@@ -12,6 +13,17 @@ from fixtures import FAMILIES, GraphBuilder
 from fixtures.common import INPUT
 
 OPSETS = (11, 13)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(family: str, items: tuple) -> onnx.ModelProto:
+    return FAMILIES[family](**dict(items))
+
+
+def _model(family: str, **kw) -> onnx.ModelProto:
+    """A built model shared between tests (never mutate it)."""
+    kw = {"opset": 13, "bn": True, **kw}
+    return _cached(family, tuple(sorted(kw.items())))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -51,7 +63,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
                 ids=lambda p: f"{p[0]}-op{p[1]}")
 def built(request):
     family, opset = request.param
-    return family, opset, FAMILIES[family](opset=opset)
+    return family, opset, _model(family, opset=opset)
 
 
 def test_checker_and_strict_shape_inference(built):
@@ -74,7 +86,7 @@ def test_runs_finite_with_expected_shape(built):
 
 
 def test_focus_has_four_slices_on_input_and_one_concat():
-    model = FAMILIES["yolov5_focus"]()
+    model = _model("yolov5_focus")
     on_input = [n for n in model.graph.node if INPUT in n.input]
     assert Counter(n.op_type for n in on_input) == Counter({"Slice": 4})
     slices = {s.output[0] for s in on_input}
@@ -99,7 +111,7 @@ def test_focus_slices_follow_yolov5_order():
 
 
 def test_v6_stem_is_6x6_stride2_and_constants_are_nodes():
-    model = FAMILIES["yolov5_v6"]()
+    model = _model("yolov5_v6")
     (first,) = [n for n in model.graph.node if INPUT in n.input]
     assert first.op_type == "Conv"
     assert _attrs(first)["kernel_shape"] == [6, 6] and _attrs(first)["strides"] == [2, 2]
@@ -108,7 +120,7 @@ def test_v6_stem_is_6x6_stride2_and_constants_are_nodes():
 
 
 def test_v5_decode_ranges():
-    (out,) = _run(FAMILIES["yolov5_v6"]())
+    (out,) = _run(_model("yolov5_v6"))
     assert 0.0 <= out[..., 4:].min() and out[..., 4:].max() <= 1.0
     assert out[..., :2].min() >= -16 and out[..., :2].max() <= 64 + 16  # (2s - 0.5 + grid) * stride
     assert out[..., 2:4].min() >= 0.0 and out[..., 2:4].max() <= 4 * 373  # (2s)^2 * anchor
@@ -116,7 +128,7 @@ def test_v5_decode_ranges():
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_v8_has_split_softmax_dfl_and_no_objectness(opset):
-    model = FAMILIES["yolov8"](opset=opset)
+    model = _model("yolov8", opset=opset)
     counts = _counts(model)
     assert counts["Split"] >= 8 and counts["Softmax"] == 1  # C2f chunks + box/cls + lt/rb
     dfl = next(n for n in model.graph.node if n.op_type == "Conv" and "dfl" in n.name)
@@ -129,8 +141,8 @@ def test_v8_has_split_softmax_dfl_and_no_objectness(opset):
 
 @pytest.mark.parametrize("opset", OPSETS)
 def test_yolox_depthwise_and_raw_vs_decoded(opset):
-    raw = FAMILIES["yolox"](opset=opset)
-    dec = FAMILIES["yolox"](opset=opset, decode_outputs=True)
+    raw = _model("yolox", opset=opset)
+    dec = _model("yolox", opset=opset, decode_outputs=True)
     ch = {}
     for t in raw.graph.initializer:
         ch[t.name] = t.dims
@@ -153,7 +165,7 @@ def test_yolox_depthwise_and_raw_vs_decoded(opset):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bn_false_is_the_same_network_folded(family):
-    with_bn, folded = FAMILIES[family](bn=True), FAMILIES[family](bn=False)
+    with_bn, folded = _model(family, bn=True), _model(family, bn=False)
     assert _counts(with_bn)["BatchNormalization"] > 20
     assert _counts(folded)["BatchNormalization"] == 0
     (a,), (b,) = _run(with_bn), _run(folded)
@@ -163,31 +175,31 @@ def test_bn_false_is_the_same_network_folded(family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_dynamic_batch(family):
-    model = FAMILIES[family](dynamic_batch=True)
+    model = _model(family, dynamic_batch=True)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     (two,) = _run(model, batch=2)
-    (one,) = _run(FAMILIES[family]())
+    (one,) = _run(_model(family))
     assert two.shape[0] == 2 and np.isfinite(two).all()
     np.testing.assert_allclose(two[:1], one, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_deterministic_bytes(family):
-    a = FAMILIES[family](seed=3).SerializeToString()
-    assert a == FAMILIES[family](seed=3).SerializeToString()
-    assert a != FAMILIES[family](seed=4).SerializeToString()
+    a = _model(family, seed=3).SerializeToString()
+    assert a == FAMILIES[family](seed=3).SerializeToString()  # a fresh build
+    assert a != _model(family, seed=4).SerializeToString()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_other_sizes_and_opsets(family):
-    model = FAMILIES[family](opset=17, img=96, num_classes=2, width=4)
+    model = _model(family, opset=17, img=96, num_classes=2, width=4)
     (out,) = _run(model, img=96)
     a = _anchors(96)
     want = {"yolov5_focus": (1, 3 * a, 7), "yolov5_v6": (1, 3 * a, 7), "yolov8": (1, 6, a),
             "yolox": (1, a, 7)}[family]
     assert out.shape == want and np.isfinite(out).all()
-    assert FAMILIES[family](opset=21).opset_import[0].version == 21
+    assert _model(family, opset=21).opset_import[0].version == 21
 
 
 def test_rejects_bad_family_arguments():
@@ -255,3 +267,49 @@ def test_builder_rejects_bad_arguments():
         b.split(x, [2, 2])
     with pytest.raises(ValueError, match="groups"):
         b.conv(x, 8, groups=4)
+
+
+def test_eager_probe_values_match_onnxruntime():
+    """The builder's numpy evaluation (used for data-dependent init) agrees with onnxruntime
+    on every op the families use, including the whole YOLOv5 decode."""
+    from fixtures.common import start
+    from fixtures.yolov5 import backbone_neck, detect, focus_stem
+    b, x = start(opset=13, img=64, seed=0, dynamic_batch=True)
+    out = detect(b, backbone_neck(b, focus_stem(b, x, 8, bn=True), 8, True, focus=True), 4,
+                 split_decode=True)
+    model = b.make_model([x], [out])
+    got = _session(model).run(None, {INPUT: b.values[x]})[0]
+    np.testing.assert_allclose(b.values[out], got, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- demo
+def test_demo_files_regenerate_identically(tmp_path):
+    from PIL import Image
+
+    from fixtures import demo_paths
+    from fixtures.make_demo import main
+    model_path, images, labels = demo_paths()
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / model_path.name).read_bytes() == model_path.read_bytes()
+    pngs = sorted(p.name for p in images.glob("*.png"))
+    assert len(pngs) == 8 and pngs == sorted(p.name for p in (tmp_path / "images").glob("*.png"))
+    for name in pngs:
+        a = np.asarray(Image.open(images / name))
+        b = np.asarray(Image.open(tmp_path / "images" / name))
+        assert a.shape in ((96, 128, 3), (128, 96, 3))
+        np.testing.assert_array_equal(a, b)
+        txt = (labels / name.replace(".png", ".txt")).read_text()
+        assert txt == (tmp_path / "labels" / name.replace(".png", ".txt")).read_text()
+        rows = [list(map(float, ln.split())) for ln in txt.splitlines()]
+        assert rows and all(int(r[0]) in range(4) and all(0 < v <= 1 for v in r[1:]) for r in rows)
+
+
+def test_demo_model_is_a_focus_model_that_runs():
+    from fixtures import demo_paths
+    model_path, _, _ = demo_paths()
+    assert 200_000 <= model_path.stat().st_size <= 1_500_000
+    model = onnx.load(str(model_path))
+    counts = _counts(model)
+    assert counts["BatchNormalization"] > 40 and counts["Slice"] >= 4
+    (out,) = _run(model, img=128)
+    assert out.shape == (1, 3 * _anchors(128), 9) and np.isfinite(out).all()
