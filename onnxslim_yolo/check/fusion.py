@@ -1,0 +1,122 @@
+"""INT8 paths onnxruntime's CPU provider will not fuse: a float op between DequantizeLinear and
+QuantizeLinear pays for the conversions and gains nothing.
+
+Which groups fuse comes from onnxruntime itself: the model is optimized at the EXTENDED level
+(where the QDQ fusions run) and the optimized graph is read back. The reason given for each
+unfused node comes from onnxruntime's QDQ selector rules (onnxruntime/core/optimizer/
+qdq_transformer/selectors_actions): QLinear kernels exist for Conv, MatMul, Gemm, Add, Mul,
+Concat, Where, Sigmoid, LeakyRelu, Softmax, AveragePool, GlobalAveragePool; Q/DQ are dropped
+around data-movement ops; Conv/MatMul with int8 (S8) activations fuse only on ARM builds (on
+x86 only with the session option ``session.qdqisint8allowed``), measured with onnxruntime 1.32.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import onnx
+import onnxruntime as ort
+
+from .. import ir
+from .index import QDQ_OPS, GraphIndex
+from .qdq_lint import T, _type_name, qdq_nodes, qtype
+from .result import CheckResult, listing, passed, skipped, summarize, warned
+
+log = logging.getLogger(__name__)
+
+QLINEAR = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "Where", "Sigmoid", "LeakyRelu",
+                     "Softmax", "AveragePool", "GlobalAveragePool"})
+DROPPED = frozenset({"Expand", "Flatten", "Gather", "GatherElements", "Reshape", "Slice", "Squeeze", "Tile",
+                     "Transpose", "Unsqueeze", "Resize", "MaxPool", "ReduceMax", "ReduceMin", "Split", "ArgMax"})
+S8_NEEDS_ARM = frozenset({"Conv", "MatMul"})
+MATMUL_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul"})
+
+
+def _act_dq_inputs(idx: GraphIndex, i: int) -> List[int]:
+    """DequantizeLinear producers of a node's non-constant inputs."""
+    out = []
+    for t in idx.nodes[i].input:
+        p = idx.producer.get(t)
+        if p is not None and idx.nodes[p].op_type == "DequantizeLinear" and not idx.is_const(idx.nodes[p].input[0]):
+            out.append(p)
+    return out
+
+
+def _q_consumers(idx: GraphIndex, i: int) -> List[int]:
+    return [c for o in idx.nodes[i].output for c in idx.consumer_nodes(o) if idx.nodes[c].op_type == "QuantizeLinear"]
+
+
+def unfused_groups(idx: GraphIndex) -> List[int]:
+    """Float ops that read a dequantized activation and are requantized, or Conv-like ops that
+    read one (their weights were dequantized for nothing)."""
+    out = []
+    for i, n in enumerate(idx.nodes):
+        if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in ("", "ai.onnx", "com.microsoft"):
+            continue
+        if _act_dq_inputs(idx, i) and (_q_consumers(idx, i) or n.op_type in MATMUL_LIKE):
+            out.append(i)
+    return out
+
+
+def reason(idx: GraphIndex, i: int) -> str:
+    """Why onnxruntime's rules leave this group unfused (best explanation from the rules)."""
+    n = idx.nodes[i]
+    dqs, qs = _act_dq_inputs(idx, i), _q_consumers(idx, i)
+    types = {qtype(idx, j) for j in dqs + qs}
+    if n.op_type not in QLINEAR | DROPPED:
+        return f"no quantized kernel for {n.op_type} in onnxruntime CPU"
+    if T.INT16 in types or T.UINT16 in types:
+        return "16-bit Q/DQ (no 16-bit QLinear kernels)"
+    if n.op_type in S8_NEEDS_ARM and T.INT8 in {qtype(idx, j) for j in dqs}:
+        return "int8 (S8) activations: onnxruntime on x86 fuses Conv/MatMul only with uint8 activations"
+    if len(types) > 1:
+        return "mixed quantized types " + "/".join(sorted(_type_name(t) for t in types))
+    outs = [c for o in n.output for c in idx.consumer_nodes(o)]
+    if not qs or len(qs) != len(outs) or any(o in idx.outputs for o in n.output):
+        return "output is not requantized by QuantizeLinear alone"
+    if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and idx.producer_op(n.input[1]) != "DequantizeLinear":
+        return "weights are not quantized"
+    return "onnxruntime did not fuse this DQ -> op -> Q group (parameters or shapes)"
+
+
+def ort_optimized(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+    """The model as onnxruntime's CPU provider rewrites it at the EXTENDED level (None if it fails)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as td:
+        so.optimized_model_filepath = str(Path(td) / "optimized.onnx")
+        try:
+            ort.InferenceSession(ir.serialize_for_runtime(model, td), so, providers=["CPUExecutionProvider"])
+            return onnx.load(so.optimized_model_filepath)
+        except Exception as exc:  # reported by the runtime check
+            log.info("onnxruntime could not optimize the model: %s", exc)
+            return None
+
+
+def check_ort_fusion(idx: GraphIndex, target: str) -> CheckResult:
+    """Warn about DQ -> op -> Q groups onnxruntime leaves in float (slower than plain FP32)."""
+    name = "qdq.ort_fusion"
+    if target != "ort-cpu":
+        return skipped(name, f"onnxruntime fusion rules do not apply to {target}")
+    if not qdq_nodes(idx):
+        return skipped(name, "no QuantizeLinear/DequantizeLinear nodes")
+    opt = ort_optimized(idx.model)
+    by_name: Dict[str, int] = {n.name: i for i, n in enumerate(idx.nodes) if n.name}
+    if opt is None:
+        names, source = [idx.label(i) for i in unfused_groups(idx)], "rules (onnxruntime could not optimize)"
+    else:
+        oidx = GraphIndex(opt)
+        names, source = [oidx.label(i) for i in unfused_groups(oidx)], "onnxruntime optimized graph"
+    found = [f"{nm}: {reason(idx, by_name[nm]) if nm in by_name else 'left in float by onnxruntime'}"
+             for nm in names]
+    quantized = len([i for i, n in enumerate(idx.nodes) if n.op_type not in QDQ_OPS and _act_dq_inputs(idx, i)])
+    details = {"unfused": listing(found, 60), "count": len(found), "source": source}
+    if found:
+        return warned(name, f"{len(found)} INT8 groups run in float between DQ and Q on onnxruntime CPU: "
+                            f"{summarize(found, 1)}", **details)
+    return passed(name, f"onnxruntime fuses every quantized group ({quantized} ops read dequantized inputs)",
+                  **details)

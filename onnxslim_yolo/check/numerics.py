@@ -1,0 +1,138 @@
+"""Runtime checks: the model runs in onnxruntime, matches the reference's I/O, and its outputs
+stay close to the reference's (max abs, cosine, SQNR), and its latency against the reference."""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from .. import ir, verify
+from ..pass_base import SlimError
+from .result import CheckResult, failed, passed, warned
+
+Feeds = Dict[str, np.ndarray]
+#: a candidate this much slower than the reference (median ratio) gets a warning
+LATENCY_SLACK = 0.10
+
+
+def check_runs(model: onnx.ModelProto, feeds: Feeds, threads: int = 1) -> CheckResult:
+    """Loads in onnxruntime (CPU), runs on a seeded input, every output finite."""
+    name = "runtime.runs"
+    try:
+        sess = verify.session(model, optimize=True, threads=threads)
+        t0 = time.perf_counter()
+        outs = verify.run(sess, feeds)
+        ms = (time.perf_counter() - t0) * 1000
+    except SlimError as exc:
+        return failed(name, str(exc))
+    names = [o.name for o in sess.get_outputs()]
+    shapes = {n: list(o.shape) for n, o in zip(names, outs)}
+    bad = {n: int(o.size - np.count_nonzero(np.isfinite(o))) for n, o in zip(names, outs)
+           if np.issubdtype(o.dtype, np.floating) and not np.all(np.isfinite(o))}
+    if bad:
+        return failed(name, "non-finite outputs on a seeded input: "
+                            + ", ".join(f"{k} ({v} NaN/Inf)" for k, v in bad.items()), shapes=shapes)
+    return passed(name, f"runs in onnxruntime CPU ({ms:.1f} ms first run); outputs finite: "
+                        + ", ".join(f"{k} {v}" for k, v in shapes.items()), shapes=shapes)
+
+
+def _io(model: onnx.ModelProto) -> Dict[str, Dict[str, object]]:
+    inits = {t.name for t in model.graph.initializer}
+
+    def desc(vi: onnx.ValueInfoProto) -> object:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        return [onnx.TensorProto.DataType.Name(tt.elem_type).lower(), dims]
+    return {"inputs": {vi.name: desc(vi) for vi in model.graph.input if vi.name not in inits},
+            "outputs": {vi.name: desc(vi) for vi in model.graph.output}}
+
+
+def _run_shapes(model: onnx.ModelProto, feeds: Feeds) -> Dict[str, List[int]]:
+    sess = verify.session(model, optimize=True, threads=1)
+    return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), verify.run(sess, feeds))}
+
+
+def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional[Feeds]) -> List[str]:
+    """Human-readable I/O differences (names, order, dtypes, declared and run-time shapes)."""
+    a, b = _io(model), _io(reference)
+    diffs: List[str] = []
+    for kind in ("inputs", "outputs"):
+        if list(a[kind]) != list(b[kind]):
+            diffs.append(f"{kind} {list(a[kind])} != reference {list(b[kind])}")
+            continue
+        for n in a[kind]:
+            if a[kind][n] != b[kind][n]:
+                diffs.append(f"{kind[:-1]} '{n}' {a[kind][n][0]} {a[kind][n][1]} != reference "
+                             f"{b[kind][n][0]} {b[kind][n][1]}")
+    if not diffs and feeds is not None:
+        got, want = _run_shapes(model, feeds), _run_shapes(reference, feeds)
+        diffs += [f"output '{n}' runs with shape {got[n]} != reference {want[n]}" for n in want
+                  if got.get(n) != want[n]]
+    return diffs
+
+
+def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional[Feeds]) -> CheckResult:
+    name = "reference.io"
+    try:
+        diffs = io_differences(model, reference, feeds)
+    except SlimError as exc:
+        return failed(name, f"cannot compare run-time shapes: {exc}")
+    if diffs:
+        return failed(name, "; ".join(diffs[:2]) + (f" (+{len(diffs) - 2} more)" if len(diffs) > 2 else ""),
+                      differences=diffs)
+    io = _io(model)
+    return passed(name, "input/output names, types and shapes equal the reference's", **io)
+
+
+def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Sequence[Feeds],
+                   min_cosine: float, feed_source: str) -> CheckResult:
+    """Per-output worst max abs diff, cosine and SQNR over ``feeds``; fails below ``min_cosine``."""
+    name = "reference.numerics"
+    try:
+        diffs = verify.compare_models(reference, model, feeds, noise_floor=False)
+    except SlimError as exc:
+        return failed(name, str(exc))
+    table = [d.as_dict() for d in diffs]
+    text = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, cosine {d.cosine:.6f}, SQNR {d.sqnr_db:.1f} dB"
+                     for d in diffs[:2])
+    details = {"outputs": table, "min_cosine": min_cosine, "feeds": f"{len(feeds)} {feed_source}"}
+    low = [d for d in diffs if not d.cosine >= min_cosine]
+    if low:
+        return failed(name, f"cosine {low[0].cosine:.4f} of output '{low[0].name}' below {min_cosine} ({text})",
+                      **details)
+    return passed(name, text + f" ({len(feeds)} {feed_source})", **details)
+
+
+def check_latency(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Feeds, runs: int,
+                  threads: int) -> CheckResult:
+    """Median latency of the candidate over the reference's, runs interleaved in one process."""
+    from ..latency import interleaved_latency
+
+    name = "latency"
+    try:
+        med = interleaved_latency({"reference": reference, "candidate": model}, feeds=feeds, runs=runs,
+                                  threads=threads)
+    except SlimError as exc:
+        return failed(name, f"cannot time the models: {exc}")
+    ratio = med["candidate"] / med["reference"] if med["reference"] > 0 else float("nan")
+    details = {"median_ms": med, "ratio": ratio, "runs": runs, "threads": threads}
+    text = (f"{med['candidate']:.2f} ms vs reference {med['reference']:.2f} ms (x{ratio:.2f}, median of "
+            f"{runs} interleaved runs, {threads} thread{'s' if threads > 1 else ''})")
+    if ratio > 1.0 + LATENCY_SLACK:
+        return warned(name, "slower than the reference: " + text, **details)
+    return passed(name, text, **details)
+
+
+def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int, preset: Optional[str],
+                input_shape: Optional[Sequence[int]]) -> List[Feeds]:
+    """``n`` real preprocessed images when ``images`` is given, else ``n`` seeded random inputs."""
+    if images is not None:
+        from ..data import load_calibration
+
+        return load_calibration(images, model, preset=preset, limit=n, input_shape=input_shape, progress=False)
+    shapes = {}
+    if input_shape:
+        shapes = {next(iter(ir.input_shapes(model))): list(input_shape)}
+    return verify.random_feeds(model, n, seed, shapes)

@@ -1,0 +1,184 @@
+"""run_checks: every pre-deployment check on one model, optionally against a reference.
+
+Used by ``onnxslim-yolo check`` and at the end of ``optimize``. A check that cannot run for a
+reason in the model (it does not load, its I/O differs from the reference) is skipped with that
+reason; user mistakes (missing files, bad options) raise :class:`UsageError`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import onnx
+
+from .. import ir, verify
+from ..pass_base import PreconditionError, SlimError, UsageError
+from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
+from .index import GraphIndex
+from .result import FAIL, CheckReport, CheckResult, failed, skipped
+
+log = logging.getLogger(__name__)
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """Thresholds and run settings (the CLI maps its flags onto these)."""
+
+    target: str = "ort-cpu"
+    max_drop: float = 1.0              # mAP points the candidate may lose against the reference
+    min_cosine: float = 0.99           # per-output cosine floor against the reference
+    min_agreement: float = accuracy.MIN_AGREEMENT
+    latency: bool = True
+    latency_runs: int = 20
+    threads: int = 1
+    limit: Optional[int] = None        # images used for detection checks (first N by name)
+    numeric_samples: int = 2           # inputs for the numerics comparison
+    preset: Optional[str] = None
+    input_shape: Optional[Sequence[int]] = None
+    seed: int = 0
+    progress: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.target not in targets.TARGETS:
+            raise UsageError(f"unknown target '{self.target}'; choose one of {', '.join(targets.TARGETS)}")
+        if self.max_drop < 0:
+            raise UsageError(f"--max-drop {self.max_drop}: must be >= 0 (mAP points)")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise UsageError(f"--min-cosine {self.min_cosine}: must be within [-1, 1]")
+        if self.limit is not None and self.limit <= 0:
+            raise UsageError(f"--limit {self.limit}: must be a positive number of images")
+
+
+def _load(m: ModelLike, what: str) -> onnx.ModelProto:
+    if isinstance(m, onnx.ModelProto):
+        return m
+    if not Path(m).exists():
+        raise UsageError(f"{m}: {what} not found")
+    return ir.load(m)
+
+
+def _guard(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
+    """Run one check; a library error becomes a failed result, a user error propagates."""
+    try:
+        return fn()
+    except UsageError:
+        raise
+    except SlimError as exc:
+        return failed(name, str(exc))
+    except Exception as exc:  # a check must not take the others down with it
+        log.debug("check %s crashed", name, exc_info=True)
+        return failed(name, f"check could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _static_checks(model: onnx.ModelProto, idx: GraphIndex, target: str) -> List[CheckResult]:
+    plan: List[tuple] = [
+        ("structure.checker", lambda: structure.check_onnx_checker(model)),
+        ("structure.shape_inference", lambda: structure.check_shape_inference(model)),
+        ("structure.opset", lambda: structure.check_opset(model, idx)),
+        ("structure.ops", lambda: targets.check_ops(model, idx, target)),
+        ("structure.float64", lambda: structure.check_float64(model, target)),
+        ("structure.dynamic_dims", lambda: structure.check_dynamic_dims(model)),
+        ("structure.unused_initializers", lambda: structure.check_unused_initializers(model)),
+        ("structure.duplicate_names", lambda: structure.check_duplicate_names(model)),
+        ("structure.dangling_inputs", lambda: structure.check_dangling_inputs(idx)),
+        ("structure.weights_finite", lambda: structure.check_weights_finite(idx)),
+        ("qdq.pairs", lambda: qdq_lint.check_pairs(idx)),
+        ("qdq.scales", lambda: qdq_lint.check_scales(idx)),
+        ("qdq.zero_points", lambda: qdq_lint.check_zero_points(idx)),
+        ("qdq.per_channel", lambda: qdq_rules.check_per_channel(idx)),
+        ("qdq.target", lambda: qdq_rules.check_target_rules(idx, target)),
+        ("qdq.decode_tail", lambda: qdq_rules.check_decode_tail(idx)),
+        ("qdq.ort_fusion", lambda: fusion.check_ort_fusion(idx, target)),
+    ]
+    return [_guard(n, f) for n, f in plan]
+
+
+def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[int]]:
+    """The input shape to run with: the option, the static shape, or 1xCxHxW from metadata/640."""
+    if opts.input_shape:
+        return [int(d) for d in opts.input_shape]
+    try:
+        ir.static_input_shapes(model)
+        return None
+    except PreconditionError:
+        from ..data import model_input
+
+        _, (c, h, w) = model_input(model)
+        return [1, c, h, w]
+
+
+def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Optional[numerics.Feeds],
+                      opts: CheckOptions, images: Optional[str], shape: Optional[List[int]]) -> List[CheckResult]:
+    io = _guard("reference.io", lambda: numerics.check_io(model, ref, feed))
+    if feed is None or io.status == FAIL:
+        why = "the model does not run in onnxruntime" if feed is None else "its I/O differs from the reference"
+        return [io, skipped("reference.numerics", f"not compared: {why}")]
+    src = "images" if images is not None else "seeded random inputs"
+    feeds = numerics.input_feeds(model, images, opts.numeric_samples, opts.seed, opts.preset, shape)
+    num = _guard("reference.numerics", lambda: numerics.check_numerics(model, ref, feeds, opts.min_cosine, src))
+    return [io, num]
+
+
+def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], images: Optional[str],
+                     labels: Optional[str], opts: CheckOptions, shape: Optional[List[int]]) -> List[CheckResult]:
+    if images is None:
+        why = "no images (pass --images DIR)"
+        return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
+    dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape, opts.progress)
+    return [_guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement)),
+            _guard("accuracy.map_drop", lambda: accuracy.check_map_drop(dets, labels, opts.max_drop))]
+
+
+def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], images: Optional[str],
+                    labels: Optional[str], opts: CheckOptions) -> List[CheckResult]:
+    shape = _input_shape(model, opts)
+    shapes = {next(iter(ir.input_shapes(model))): shape} if shape else {}
+    feed = verify.random_feeds(model, 1, opts.seed, shapes)[0]
+    runs = _guard("runtime.runs", lambda: numerics.check_runs(model, feed, opts.threads))
+    out = [runs]
+    ok = runs.status != FAIL
+    if ref is not None:
+        out += _reference_checks(model, ref, feed if ok else None, opts, images, shape)
+    io_ok = ref is None or out[1].status != FAIL
+    if not ok or not io_ok:
+        why = "the model does not run in onnxruntime" if not ok else "its I/O differs from the reference"
+        out += [skipped(n, f"not run: {why}") for n in ("accuracy.agreement", "accuracy.map_drop", "latency")]
+        return out
+    out += _accuracy_checks(model, ref, images, labels, opts, shape)
+    if ref is None:
+        out.append(skipped("latency", "no reference model to compare with"))
+    elif not opts.latency:
+        out.append(skipped("latency", "disabled (--no-latency)"))
+    else:
+        out.append(_guard("latency", lambda: numerics.check_latency(model, ref, feed, opts.latency_runs,
+                                                                     opts.threads)))
+    return out
+
+
+def run_checks(model: ModelLike, reference: Optional[ModelLike] = None, images: Optional[str] = None,
+               labels: Optional[str] = None, target: str = "ort-cpu", options: Optional[CheckOptions] = None,
+               **kwargs: Any) -> CheckReport:
+    """Every check on ``model`` (path or ModelProto); keyword arguments are CheckOptions fields."""
+    opts = options or CheckOptions(target=target, **kwargs)
+    opts.validate()
+    if labels is not None and images is None:
+        raise UsageError("--labels needs --images: the labels describe which images to score")
+    for p, what in ((images, "image folder"), (labels, "labels")):
+        if p is not None and not Path(p).exists():
+            raise UsageError(f"{p}: {what} not found")
+    m = _load(model, "model")
+    ref = _load(reference, "reference model") if reference is not None else None
+    idx = GraphIndex(m)
+    results = _static_checks(m, idx, opts.target)
+    results += _runtime_checks(m, ref, None if images is None else str(images),
+                               None if labels is None else str(labels), opts)
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("extra", "progress")}
+    settings.update(images=None if images is None else str(images), labels=None if labels is None else str(labels))
+    return CheckReport(results, model=None if isinstance(model, onnx.ModelProto) else str(model),
+                       reference=None if reference is None or isinstance(reference, onnx.ModelProto)
+                       else str(reference), target=opts.target, settings=settings)
