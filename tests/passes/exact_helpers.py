@@ -54,3 +54,25 @@ def assert_idempotent(p, model: onnx.ModelProto, ctx: Optional[PassContext] = No
     assert not again.modified
     assert ops(again.model) == ops(model)
     return again
+
+
+def make_model(nodes: Sequence[onnx.NodeProto], inputs: Dict[str, Sequence], outputs_: Sequence[str],
+               inits: Dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
+    """A model from nodes; graph inputs ``{name: shape}``, float32; output shapes inferred."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        list(nodes), "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs_],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    inferred = onnx.shape_inference.infer_shapes(m)
+    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for out in m.graph.output:
+        vi = known.get(out.name)
+        if vi is not None and vi.type.tensor_type.HasField("shape"):
+            out.type.CopyFrom(vi.type)
+        else:
+            out.type.tensor_type.shape.SetInParent()
+    onnx.checker.check_model(m)
+    return m
