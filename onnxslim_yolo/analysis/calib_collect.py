@@ -1,0 +1,314 @@
+"""Run a model over calibration feeds and gather streaming statistics of chosen tensors.
+
+The requested intermediate tensors become graph outputs of a copy of the model; onnxruntime runs
+it once per feed with basic graph optimizations (faster than none here, and onnxruntime never
+fuses away a graph output). A worker thread folds one feed's outputs into the statistics while
+onnxruntime computes the next one; at most two feeds' outputs are alive at any time.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from .. import ir
+from ..pass_base import UsageError, VerificationError
+from .calib_table import PathLike, read_json, write_json_atomic
+from .histogram import StreamingHistogram, TensorStats, _Scratch
+
+log = logging.getLogger(__name__)
+
+STATS_FORMAT = "onnxslim-yolo/calibration-stats/1"
+#: feeds whose outputs may be alive at once (one being reduced, one being computed)
+IN_FLIGHT = 2
+
+
+@dataclass
+class CalibrationStats(Mapping[str, TensorStats]):
+    """Streaming statistics per tensor, plus the tensors that could not be calibrated and why."""
+
+    tensors: Dict[str, TensorStats]
+    samples: int = 0
+    bins: int = 2048
+    skipped: Dict[str, str] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> TensorStats:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": STATS_FORMAT, "samples": self.samples, "bins": self.bins,
+                "skipped": dict(self.skipped), "meta": dict(self.meta),
+                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "calibration statistics") -> "CalibrationStats":
+        if d.get("format") != STATS_FORMAT:
+            raise UsageError(f"{source}: not calibration statistics (format {d.get('format')!r}, "
+                             f"expected {STATS_FORMAT!r})")
+        try:
+            tensors = {k: TensorStats.from_dict(k, v) for k, v in d["tensors"].items()}
+            return cls(tensors, int(d["samples"]), int(d["bins"]), dict(d.get("skipped", {})),
+                       dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{source}: malformed calibration statistics ({type(exc).__name__}: {exc})") from None
+
+    def to_json(self, path: PathLike):
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: PathLike) -> "CalibrationStats":
+        return cls.from_dict(read_json(path), str(path))
+
+
+# --------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class _Plan:
+    from_feed: Tuple[str, ...]      # graph inputs: read from the feed itself
+    constants: Tuple[str, ...]      # initializers: read once from the model
+    run: Tuple[str, ...]            # everything else: graph outputs of the augmented copy
+    inputs: Tuple[str, ...]         # the model's runtime inputs
+
+
+def _plan(model: onnx.ModelProto, names: Sequence[str]) -> _Plan:
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inputs = tuple(i.name for i in g.input if i.name not in inits)
+    produced = {o for n in g.node for o in n.output if o}
+    from_feed, constants, run = [], [], []
+    for n in names:
+        if n in inputs:
+            from_feed.append(n)
+        elif n in produced:
+            run.append(n)
+        elif n in inits:
+            constants.append(n)
+        else:
+            raise UsageError(f"calibration: tensor '{n}' is not in the model's main graph")
+    return _Plan(tuple(from_feed), tuple(constants), tuple(run), inputs)
+
+
+def _augmented(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in outputs:
+        if n not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    return m
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    # outputs land in our own buffers; an arena would only keep the first feed's copies alive
+    so.enable_cpu_mem_arena = False
+    if threads > 0:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as td:
+        payload = ir.serialize_for_runtime(model, td)
+        try:
+            return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise VerificationError(f"calibration: onnxruntime cannot load the model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip()
+    return s.splitlines()[0] if s else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------- runner
+class _Runner:
+    """Runs the augmented session into preallocated output buffers, one set per in-flight slot.
+
+    Reusing buffers through IO binding avoids allocating (and page-faulting) every output on every
+    feed, which otherwise doubles onnxruntime's time here. Buffers are keyed by the feed's shapes.
+    """
+
+    def __init__(self, sess: ort.InferenceSession, outputs: Sequence[str]) -> None:
+        self.sess, self.outputs = sess, list(outputs)
+        self.key: Optional[Tuple[Any, ...]] = None
+        self.bufs: List[Optional[List[np.ndarray]]] = [None] * IN_FLIGHT
+
+    def run(self, slot: int, feed: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        feed = {n: np.ascontiguousarray(a) for n, a in feed.items()}
+        key = tuple((n, a.shape, a.dtype.str) for n, a in feed.items())
+        if key != self.key:  # new shapes: in-flight buffers stay alive through the reducer's refs
+            self.key, self.bufs = key, [None] * IN_FLIGHT
+        bufs = self.bufs[slot]
+        try:
+            if bufs is None:
+                out = self.sess.run(self.outputs, feed)  # learns the shapes; its arrays are ours
+                self.bufs[slot] = [a if a.flags.writeable and a.flags.c_contiguous else np.empty_like(a)
+                                   for a in out]
+                return out
+            binding = self.sess.io_binding()
+            for n, a in feed.items():
+                binding.bind_cpu_input(n, a)
+            for n, b in zip(self.outputs, bufs):
+                binding.bind_output(n, "cpu", 0, b.dtype, b.shape, b.ctypes.data)
+            self.sess.run_with_iobinding(binding)
+            return bufs
+        except Exception as exc:
+            raise VerificationError(f"calibration: onnxruntime failed to run the model: {_first_line(exc)}") from None
+
+
+class _Reducer:
+    """Folds one feed's tensors into the statistics on a background thread while onnxruntime
+    computes the next feed (onnxruntime and numpy's loops release the GIL)."""
+
+    def __init__(self, stats: Dict[str, TensorStats], skipped: Dict[str, str]) -> None:
+        self.stats, self.skipped = stats, skipped
+        self.free: "queue.Queue[int]" = queue.Queue()
+        for i in range(IN_FLIGHT):
+            self.free.put(i)
+        self.q: "queue.Queue[Optional[Tuple[int, List[Tuple[str, np.ndarray]]]]]" = queue.Queue()
+        self.error: Optional[BaseException] = None
+        #: CPU seconds spent reducing (diagnostics)
+        self.cpu_seconds = 0.0
+        self.thread = threading.Thread(target=self._loop, name="calibration-reducer", daemon=True)
+        self.thread.start()
+
+    def acquire(self) -> int:
+        """A free output slot (waits while both are being reduced)."""
+        slot = self.free.get()
+        self._raise()
+        return slot
+
+    def submit(self, slot: int, items: List[Tuple[str, np.ndarray]]) -> None:
+        self.q.put((slot, items))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        scratch = _Scratch()
+        while True:
+            job = self.q.get()
+            if job is None:
+                self.cpu_seconds = time.thread_time()
+                return
+            slot, items = job
+            try:
+                while items and self.error is None:
+                    name, arr = items.pop()
+                    self._update(name, arr, scratch)
+                    del arr
+            except BaseException as exc:  # re-raised in the main thread
+                self.error = exc
+            finally:
+                job = items = None
+                self.free.put(slot)
+
+    def _update(self, name: str, arr: np.ndarray, scratch: _Scratch) -> None:
+        if name in self.skipped:
+            return
+        if not np.issubdtype(arr.dtype, np.floating):
+            self.skipped[name] = f"{arr.dtype} tensor, not float: nothing to calibrate"
+            self.stats.pop(name, None)
+            return
+        self.stats[name].update(arr, scratch)
+
+
+# ------------------------------------------------------------------------------------ collect
+def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Dict[str, np.ndarray]],
+            bins: int = 2048, progress: bool = True, threads: int = 0) -> CalibrationStats:
+    """Run ``model`` once per feed and gather min, max and a histogram of each of ``tensors``.
+
+    Memory stays bounded: two sets of output buffers (one computed, one reduced), no samples kept.
+    ``threads`` sets onnxruntime's intra-op threads; 0 picks one less than the CPU count (at least
+    1), leaving a core to the reduction. Non-float tensors are reported in ``skipped``; unknown
+    names and empty or malformed feeds raise UsageError.
+    """
+    from tqdm import tqdm
+
+    if bins < 16:
+        raise UsageError(f"calibration: bins must be at least 16, got {bins}")
+    names = list(dict.fromkeys(tensors))
+    plan = _plan(model, names)
+    stats = {n: TensorStats(n, StreamingHistogram(bins)) for n in names}
+    skipped: Dict[str, str] = {}
+    start = time.perf_counter()
+    threads = threads if threads > 0 else max(1, (os.cpu_count() or 2) - 1)
+    runner = _Runner(_session(_augmented(model, plan.run), threads), plan.run) if plan.run else None
+    total = len(feeds) if hasattr(feeds, "__len__") else None  # type: ignore[arg-type]
+    reducer = _Reducer(stats, skipped)
+    samples, run_seconds = 0, 0.0
+    try:
+        for feed in tqdm(feeds, total=total, desc="calibration", unit="feed", file=sys.stderr,
+                         disable=not progress, leave=False):
+            run_feed = _check_feed(feed, plan.inputs, samples)
+            slot = reducer.acquire()
+            items = [(n, run_feed[n]) for n in plan.from_feed]
+            if runner is not None:
+                t0 = time.perf_counter()
+                items += zip(plan.run, runner.run(slot, run_feed))
+                run_seconds += time.perf_counter() - t0
+            reducer.submit(slot, items)
+            del items, run_feed, feed
+            samples += 1
+    finally:
+        reducer.close()
+    if samples == 0:
+        raise UsageError("calibration: no feeds (the calibration data is empty)")
+    _add_constants(model, plan.constants, stats, skipped)
+    seconds = time.perf_counter() - start
+    log.info("calibration: %d tensors over %d feeds in %.1fs", len(stats), samples, seconds)
+    return CalibrationStats(stats, samples, bins, skipped,
+                            {"seconds": round(seconds, 3), "run_seconds": round(run_seconds, 3),
+                             "reduce_cpu_seconds": round(reducer.cpu_seconds, 3), "ort_threads": threads})
+
+
+def _check_feed(feed: Mapping[str, np.ndarray], inputs: Sequence[str], index: int) -> Dict[str, np.ndarray]:
+    if not isinstance(feed, Mapping):
+        raise UsageError(f"calibration: feed {index} is a {type(feed).__name__}, expected a dict "
+                         "input name -> array")
+    missing = [n for n in inputs if n not in feed]
+    if missing:
+        raise UsageError(f"calibration: feed {index} lacks input '{missing[0]}' "
+                         f"(has {sorted(feed)})")
+    return {n: feed[n] for n in inputs}
+
+
+def _add_constants(model: onnx.ModelProto, names: Sequence[str], stats: Dict[str, TensorStats],
+                   skipped: Dict[str, str]) -> None:
+    """Initializers are the same for every feed: counted once."""
+    if not names:
+        return
+    inits = {t.name: t for t in model.graph.initializer if t.name in set(names)}
+    for n in names:
+        value = numpy_helper.to_array(inits[n])
+        if not np.issubdtype(value.dtype, np.floating):
+            skipped[n] = f"{value.dtype} tensor, not float: nothing to calibrate"
+            stats.pop(n, None)
+            continue
+        stats[n].update(value)
+
+
+__all__ = ["CalibrationStats", "collect"]
