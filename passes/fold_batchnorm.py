@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple, Union
+from typing import Dict, List, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -26,7 +26,8 @@ import onnx_graphsurgeon as gs
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, UsageError
 
-from ._affine_fold import OUT_KINDS, Target, apply_in, apply_out, bn_affine, fold_in_conv, fold_out, out_target
+from ._affine_fold import (OUT_KINDS, Target, apply_in, apply_out, bn_affine, fold_in_conv, fold_out,
+                           out_target)
 from ._conv_util import conv_attrs, explicit_pads, new_const, param, rank, shared, static_shape, with_shapes
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,8 @@ class FoldBatchNorm(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         mode = ctx.opt(self.name, "standalone", "mul-add")
         if mode not in STANDALONE:
-            raise UsageError(f"fold-batchnorm: unknown standalone mode '{mode}' (choose {', '.join(STANDALONE)})")
+            raise UsageError(f"fold-batchnorm: unknown standalone mode '{mode}' "
+                             f"(choose {', '.join(STANDALONE)})")
         report = PassReport()
         graph = ir.to_graph(with_shapes(model))
         alloc = ir.NameAllocator.for_graph(graph)

@@ -62,7 +62,8 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: Dict[str, Sequence], out
     from onnx import TensorProto, helper, numpy_helper
 
     g = helper.make_graph(
-        list(nodes), "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
+        list(nodes), "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs_],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)

@@ -100,13 +100,15 @@ def operand_as_input():
     return m
 
 
+MUL = [("Mul", vec((1, C, 1, 1)), False)]
 REFUSALS = [
-    (lambda: conv_then([("Mul", vec((1, 1, 7, 8)), False)]), "constant of shape [1, 1, 7, 8] is not per-channel"),
+    (lambda: conv_then([("Mul", vec((1, 1, 7, 8)), False)]),
+     "constant of shape [1, 1, 7, 8] is not per-channel"),
     (lambda: conv_then([("Add", vec((C,)), False)]), "constant of shape [6] does not broadcast per channel"),
     (lambda: conv_then([("Mul", vec((2, 1, C, 1, 1)), False)]), "does not broadcast per channel on rank 4"),
     (operand_as_input, "Mul 'mul0' operand 'c0' is not a constant (a graph input)"),
-    (lambda: conv_then([("Mul", vec((1, C, 1, 1)), False)], shared=True), "weight 'w' is shared with 1 other"),
-    (lambda: conv_then([("Mul", vec((1, C, 1, 1)), False)], tap=True), "output also feeds 1 other consumer(s)"),
+    (lambda: conv_then(MUL, shared=True), "weight 'w' is shared with 1 other"),
+    (lambda: conv_then(MUL, tap=True), "output also feeds 1 other consumer(s)"),
     (lambda: conv_then([("Div", np.zeros((1, C, 1, 1)), False)]), "divides by zero"),
 ]
 

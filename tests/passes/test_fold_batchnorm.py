@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from onnxslim_yolo import ir, verify
+from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import PassContext, UsageError
 from onnxslim_yolo.pass_manager import PassManager, order_passes
 from onnxslim_yolo.passes.fold_affine import FoldAffine
@@ -33,7 +33,8 @@ def bn_params(rng, c, prefix="bn", zero_shift=False):
 
 
 def bn(x, y, prefix="bn", **attrs):
-    return helper.make_node("BatchNormalization", [x] + [f"{prefix}.{p}" for p in ("scale", "B", "mean", "var")],
+    params = [f"{prefix}.{p}" for p in ("scale", "B", "mean", "var")]
+    return helper.make_node("BatchNormalization", [x] + params,
                             [y], name=prefix, **attrs)
 
 
@@ -118,7 +119,8 @@ def bn_conv(pads=0, group=1, zero_shift=False, auto_pad=None, opset=13):
     inits = {"w": rng.normal(0, 0.3, (6, 6 // group, 3, 3)).astype(np.float32),
              "b": rng.normal(size=6).astype(np.float32), **bn_params(rng, 6, zero_shift=zero_shift)}
     attrs = {"auto_pad": auto_pad} if auto_pad else {"pads": [pads] * 4}
-    nodes = [bn("x", "n"), helper.make_node("Conv", ["n", "w", "b"], ["y"], name="conv", group=group, **attrs)]
+    nodes = [bn("x", "n"),
+             helper.make_node("Conv", ["n", "w", "b"], ["y"], name="conv", group=group, **attrs)]
     return make_model(nodes, {"x": (1, 6, 8, 9)}, ["y"], inits, opset)
 
 
@@ -153,7 +155,8 @@ def test_bn_conv_bn_chain_takes_two_rounds():
     rng = np.random.default_rng(4)
     inits = {"w": rng.normal(0, 0.3, (5, 6, 1, 1)).astype(np.float32), **bn_params(rng, 6, "bn1"),
              **bn_params(rng, 5, "bn2")}
-    nodes = [bn("x", "n", "bn1"), helper.make_node("Conv", ["n", "w"], ["c"], name="conv"), bn("c", "y", "bn2")]
+    nodes = [bn("x", "n", "bn1"), helper.make_node("Conv", ["n", "w"], ["c"], name="conv"),
+             bn("c", "y", "bn2")]
     m = make_model(nodes, {"x": (1, 6, 4, 4)}, ["y"], inits)
     res = run(m)
     assert ops(res.model) == {"Conv": 1}
@@ -176,7 +179,8 @@ def test_standalone_bn(mode, expect):
         return
     valid(res.model)
     assert_exact(m, res.model)
-    assert_idempotent(FoldBatchNorm(), res.model, PassContext(options={"fold-batchnorm": {"standalone": mode}}))
+    ctx = PassContext(options={"fold-batchnorm": {"standalone": mode}})
+    assert_idempotent(FoldBatchNorm(), res.model, ctx)
 
 
 def test_unknown_standalone_mode_is_a_usage_error():
@@ -249,9 +253,11 @@ def test_refusals_name_the_reason(make, reason, n):
 
 # ------------------------------------------------------------------------------------ property
 @settings(derandomize=True, max_examples=30, deadline=None)
-@given(op=st.sampled_from(["Conv", "ConvTranspose"]), group=st.sampled_from([1, 2]), k=st.sampled_from([1, 3]),
+@given(op=st.sampled_from(["Conv", "ConvTranspose"]), group=st.sampled_from([1, 2]),
+       k=st.sampled_from([1, 3]),
        stride=st.integers(1, 2), pads=st.integers(0, 1), bias=st.booleans(),
-       eps=st.sampled_from([1e-5, 1e-3, 0.1]), seed=st.integers(0, 1000), opset=st.sampled_from([11, 13, 17, 21]))
+       eps=st.sampled_from([1e-5, 1e-3, 0.1]), seed=st.integers(0, 1000),
+       opset=st.sampled_from([11, 13, 17, 21]))
 def test_property_conv_bn_fold_is_exact(op, group, k, stride, pads, bias, eps, seed, opset):
     m = conv_bn(opset, bias, group, k, pads, cin=4, cout=6, stride=stride, op=op, eps=eps, seed=seed)
     res = run(m)
