@@ -6,8 +6,11 @@ Which groups fuse comes from onnxruntime itself: the model is optimized at the E
 unfused node comes from onnxruntime's QDQ selector rules (onnxruntime/core/optimizer/
 qdq_transformer/selectors_actions): QLinear kernels exist for Conv, MatMul, Gemm, Add, Mul,
 Concat, Where, Sigmoid, LeakyRelu, Softmax, AveragePool, GlobalAveragePool; Q/DQ are dropped
-around data-movement ops; Conv/MatMul with int8 (S8) activations fuse only on ARM builds (on
-x86 only with the session option ``session.qdqisint8allowed``), measured with onnxruntime 1.32.
+around data-movement ops. Conv/MatMul with int8 (S8) activations fuse only on ARM builds (or with
+the session option ``session.qdqisint8allowed``); on x86 onnxruntime first rewrites an int8 Q->DQ
+pair to uint8, but only when the Q has a single consumer after it gives every consumer its own DQ,
+so an S8 Conv whose output feeds SiLU (Sigmoid and Mul) stays float. Verified with onnxruntime 1.32
+(tests/check/test_qdq.py) and its source (qdq_selectors.cc, qdq_s8_to_u8.cc).
 """
 from __future__ import annotations
 
@@ -70,9 +73,13 @@ def reason(idx: GraphIndex, i: int) -> str:
     if T.INT16 in types or T.UINT16 in types:
         return "16-bit Q/DQ (no 16-bit QLinear kernels)"
     if n.op_type in S8_NEEDS_ARM and T.INT8 in {qtype(idx, j) for j in dqs}:
-        return "int8 (S8) activations: onnxruntime on x86 fuses Conv/MatMul only with uint8 activations"
+        return ("int8 (S8) activations: onnxruntime on x86 fuses Conv/MatMul only with uint8 activations and "
+                "turns an int8 Q/DQ pair into uint8 only when the dequantized tensor has one consumer")
     if len(types) > 1:
         return "mixed quantized types " + "/".join(sorted(_type_name(t) for t in types))
+    floats = [t for t in n.input if t and not idx.is_const(t) and idx.producer_op(t) != "DequantizeLinear"]
+    if floats and n.op_type in QLINEAR:
+        return f"input '{floats[0]}' is float (from {idx.producer_op(floats[0]) or 'a graph input'}), not dequantized"
     outs = [c for o in n.output for c in idx.consumer_nodes(o)]
     if not qs or len(qs) != len(outs) or any(o in idx.outputs for o in n.output):
         return "output is not requantized by QuantizeLinear alone"

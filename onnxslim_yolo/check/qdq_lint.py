@@ -135,7 +135,7 @@ def _stored_ints(proto: onnx.TensorProto) -> Optional[np.ndarray]:
 
 
 def check_zero_points(idx: GraphIndex) -> CheckResult:
-    """Zero points are constants of an integer type, inside that type's range, shaped like the scale."""
+    """Zero points are constants of an integer type, inside that type's range, one per scale."""
     name = "qdq.zero_points"
     if (r := _skip_if_none(name, idx)) is not None:
         return r
@@ -158,8 +158,8 @@ def check_zero_points(idx: GraphIndex) -> CheckResult:
         if out.size:
             bad.append(f"{idx.label(i)}: zero point {int(out[0])} outside {_type_name(proto.data_type)} "
                        f"range [{lo}, {hi}]")
-        elif s is not None and z.shape != s.shape:
-            bad.append(f"{idx.label(i)}: zero point shape {list(z.shape)} != scale shape {list(s.shape)}")
+        elif s is not None and z.size != s.size:
+            bad.append(f"{idx.label(i)}: {z.size} zero points for {s.size} scales")
     if bad:
         return failed(name, f"{len(bad)} invalid zero points: {summarize(bad, 2)}", invalid=listing(bad))
     return passed(name, "zero points are constants within their type's range")

@@ -1,0 +1,230 @@
+"""QDQ lint: pairing, scales, zero points, per-channel axes, TensorRT rules, decode tail and the
+onnxruntime fusion warnings."""
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+import fixtures
+from onnxslim_yolo.check import fusion, qdq_lint, qdq_rules
+from onnxslim_yolo.check.index import GraphIndex
+
+from .models import copy, insert_qdq, node, qdq_conv, quantize_convs, set_init, tail_names
+
+LINT = {"qdq.pairs": lambda i: qdq_lint.check_pairs(i), "qdq.scales": lambda i: qdq_lint.check_scales(i),
+        "qdq.zero_points": lambda i: qdq_lint.check_zero_points(i),
+        "qdq.per_channel": lambda i: qdq_rules.check_per_channel(i),
+        "qdq.decode_tail": lambda i: qdq_rules.check_decode_tail(i)}
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+
+
+@pytest.fixture(scope="module")
+def yolo() -> onnx.ModelProto:
+    return fixtures.build_yolov5_v6(opset=13, bn=False)
+
+
+def run(name: str, model: onnx.ModelProto):
+    return LINT[name](GraphIndex(model))
+
+
+@pytest.mark.parametrize("act", ["uint8", "int8"])
+def test_good_qdq_model_passes_every_lint(act):
+    m = qdq_conv(act)
+    for name in LINT:
+        r = run(name, m)
+        assert r.status == "pass", (name, r.message)
+    assert run("qdq.per_channel", m).details == {"quantized": 1, "per_channel": 1}
+
+
+def test_float_model_skips_qdq_checks(yolo):
+    idx = GraphIndex(yolo)
+    assert {LINT[n](idx).status for n in LINT} == {"skip"}
+    assert qdq_rules.check_target_rules(idx, "tensorrt").status == "skip"
+    assert fusion.check_ort_fusion(idx, "ort-cpu").status == "skip"
+
+
+@pytest.mark.parametrize("value", [0.0, -0.02, np.nan, np.inf])
+def test_bad_activation_scale_fails(value):
+    m = set_init(qdq_conv(), "x_scale", value)
+    r = run("qdq.scales", m)
+    assert r.status == "fail" and "x_Q" in r.message and "x_DQ" in r.details["invalid"][1]
+
+
+def test_bad_per_channel_weight_scale_fails_and_counts():
+    ws = np.full(8, 0.01, np.float32)
+    ws[[2, 5]] = [0.0, np.nan]
+    r = run("qdq.scales", set_init(qdq_conv(), "w_scale", ws))
+    assert r.status == "fail" and "w_DQ" in r.message and "1 non-finite, 1 <= 0 of 8" in r.message
+
+
+def test_runtime_scale_warns():
+    m = qdq_conv()
+    m.graph.node.insert(0, helper.make_node("Abs", ["x_scale"], ["x_scale_rt"], name="abs"))
+    for n in m.graph.node:
+        if n.name in ("x_Q", "x_DQ"):
+            n.input[1] = "x_scale_rt"
+    assert run("qdq.scales", m).status == "warn"
+
+
+def test_q_without_dq_fails():
+    m = qdq_conv()
+    node(m, "head/Sigmoid").input[0] = "y_q"  # Q feeds a float op directly
+    node(m, "y_DQ").output[0] = "unused"
+    r = run("qdq.pairs", m)
+    assert r.status == "fail" and "y_Q" in r.message and "Sigmoid" in r.message
+
+
+def test_q_as_graph_output_fails():
+    m = qdq_conv()
+    m.graph.node.append(helper.make_node("QuantizeLinear", ["out", "y_scale", "y_zp"], ["out_q"], name="out_Q"))
+    m.graph.output.append(helper.make_tensor_value_info("out_q", T.UINT8, [1, 8, 8, 8]))
+    r = run("qdq.pairs", m)
+    assert r.status == "fail" and "out_Q" in r.message and "graph output" in r.message
+
+
+def test_q_dq_pair_with_different_scale_fails():
+    m = qdq_conv()
+    m.graph.initializer.append(numpy_helper.from_array(np.float32(0.07), "other_scale"))
+    node(m, "y_DQ").input[1] = "other_scale"
+    r = run("qdq.pairs", m)
+    assert r.status == "fail" and "y_Q -> y_DQ" in r.message and "differ" in r.message
+
+
+def test_zero_point_out_of_range_fails():
+    m = qdq_conv("int8")
+    zp = next(t for t in m.graph.initializer if t.name == "x_zp")
+    zp.ClearField("raw_data")
+    del zp.int32_data[:]
+    zp.int32_data.append(200)  # int8 stores values in int32_data: 200 is not an int8
+    r = run("qdq.zero_points", m)
+    assert r.status == "fail" and "200" in r.message and "[-128, 127]" in r.message
+
+
+def test_zero_point_count_must_match_scales():
+    r = run("qdq.zero_points", set_init(qdq_conv(), "w_zp", np.zeros(4, np.int8)))
+    assert r.status == "fail" and "4 zero points for 8 scales" in r.message
+
+
+def test_tensorrt_needs_symmetric_int8():
+    idx = GraphIndex(qdq_conv("uint8"))
+    r = qdq_rules.check_target_rules(idx, "tensorrt")
+    assert r.status == "fail" and "uint8" in r.message
+    assert qdq_rules.check_target_rules(idx, "ort-cpu").status == "pass"
+    r = qdq_rules.check_target_rules(GraphIndex(qdq_conv("int8")), "tensorrt")
+    assert r.status == "fail" and r.details["invalid"] == [
+        "b_DQ: int32 DequantizeLinear (TensorRT reads int8 only; keep biases float)"]
+    assert qdq_rules.check_target_rules(GraphIndex(qdq_conv("int8", bias_dq=False)), "tensorrt").status == "pass"
+
+
+def test_tensorrt_nonzero_int8_zero_point_fails():
+    m = set_init(qdq_conv("int8", bias_dq=False), "y_zp", np.int8(3))
+    r = qdq_rules.check_target_rules(GraphIndex(m), "tensorrt")
+    assert r.status == "fail" and "zero point 3" in r.message and "y_Q" in r.message
+
+
+def test_wrong_per_channel_axis_fails():
+    m = qdq_conv(cout=4)  # 4 output channels = 4 input channels: axis 1 still has the right length
+    node(m, "w_DQ").attribute[0].i = 1
+    r = run("qdq.per_channel", m)
+    assert r.status == "fail" and "axis 1, expected 0" in r.message and "conv" in r.message
+
+
+def test_per_channel_scale_length_mismatch_fails():
+    m = set_init(set_init(qdq_conv(), "w_scale", np.full(6, 0.01, np.float32)), "w_zp", np.zeros(6, np.int8))
+    r = run("qdq.per_channel", m)
+    assert r.status == "fail" and "6 values for 8 output channels" in r.message
+
+
+def test_conv_transpose_weights_use_axis_1():
+    m = qdq_conv(cout=6, w_axis=1)
+    conv = node(m, "conv")
+    conv.op_type = "ConvTranspose"
+    w = np.random.default_rng(0).integers(-9, 9, (4, 6, 3, 3)).astype(np.int8)  # (Cin, Cout, kh, kw)
+    m = set_init(m, "w_q", w)
+    assert run("qdq.per_channel", m).status == "pass"
+    node(m, "w_DQ").attribute[0].i = 0
+    m = set_init(set_init(m, "w_scale", np.full(4, 0.01, np.float32)), "w_zp", np.zeros(4, np.int8))
+    r = run("qdq.per_channel", m)
+    assert r.status == "fail" and "axis 0, expected 1" in r.message
+
+
+def test_quantized_tail_fails():
+    r = run("qdq.decode_tail", qdq_conv(tail_qdq=True))
+    assert r.status == "fail" and "s_Q quantizes head/Sigmoid" in r.message
+
+
+def test_yolo_fixture_decode_tail(yolo):
+    m = yolo
+    tail = tail_names(m)
+    assert len(tail) > 10 and all(n.startswith("model.24/") for n in tail)
+    good = quantize_convs(m)  # Convs (including the last ones) quantized, decode tail float
+    r = run("qdq.decode_tail", good)
+    assert r.status == "pass" and r.details["tail_nodes"] == len(tail)
+    bad = insert_qdq(good, "output")  # the decoded boxes and scores under one uint8 scale
+    r = run("qdq.decode_tail", bad)
+    assert r.status == "fail" and "output_Q" in r.message
+
+
+def test_quantized_constant_read_by_tail_fails(yolo):
+    m = yolo
+    consumer = next(n for n in m.graph.node if n.name in set(tail_names(m)) and n.op_type == "Mul"
+                    and any(i for i in n.input if i.startswith("model.24")))
+    idx = GraphIndex(m)
+    const_in = next(i for i in consumer.input if idx.is_const(i))
+    m = copy(m)
+    m.graph.initializer.extend([numpy_helper.from_array(np.int8(2), "k_q"),
+                                numpy_helper.from_array(np.float32(1.0), "k_s")])
+    m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["k_q", "k_s"], ["k"], name="k_DQ"))
+    node(m, consumer.name).input[list(consumer.input).index(const_in)] = "k"
+    r = run("qdq.decode_tail", m)
+    assert r.status == "fail" and "k_DQ feeds quantized constant" in r.message
+
+
+def test_fusion_passes_when_ort_fuses_everything():
+    r = fusion.check_ort_fusion(GraphIndex(qdq_conv("uint8")), "ort-cpu")
+    assert r.status == "pass" and r.details["source"] == "onnxruntime optimized graph"
+    assert fusion.check_ort_fusion(GraphIndex(qdq_conv("uint8")), "tensorrt").status == "skip"
+
+
+@pytest.mark.skipif(not X86, reason="the S8 rule is specific to onnxruntime x86 builds")
+def test_s8_conv_is_fused_only_when_each_dequantized_tensor_has_one_consumer():
+    """The claim encoded in fusion.reason, checked against the installed onnxruntime: x86 has no
+    S8-activation QLinearConv, and converts an int8 Q/DQ pair to uint8 only with one consumer."""
+    single = fusion.check_ort_fusion(GraphIndex(qdq_conv("int8")), "ort-cpu")
+    assert single.status == "pass"
+    m = qdq_conv("int8")  # SiLU: the Conv output feeds both Sigmoid and Mul
+    node(m, "head/Sigmoid").output[0] = "sig"
+    m.graph.node.append(helper.make_node("Mul", ["y_dq", "sig"], ["out"], name="head/Mul"))
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    assert r.status == "warn" and r.details["count"] == 1
+    assert r.details["unfused"][0].startswith("conv: int8 (S8) activations")
+    assert r.details["source"] == "onnxruntime optimized graph"
+    u8 = qdq_conv("uint8")
+    node(u8, "head/Sigmoid").output[0] = "sig"
+    u8.graph.node.append(helper.make_node("Mul", ["y_dq", "sig"], ["out"], name="head/Mul"))
+    assert fusion.check_ort_fusion(GraphIndex(u8), "ort-cpu").status == "pass"
+
+
+def test_op_without_qlinear_kernel_warns():
+    m = qdq_conv("uint8")
+    # Sigmoid (which ORT fuses) -> Pow between DQ and Q, which has no quantized kernel
+    m.graph.initializer.append(numpy_helper.from_array(np.float32(2.0), "two"))
+    sig = node(m, "head/Sigmoid")
+    sig.op_type, sig.name = "Pow", "head/Pow"
+    sig.input.append("two")
+    m = insert_qdq(m, "out", 0.05, 0)
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    assert r.status == "warn" and r.details["unfused"] == ["head/Pow: no quantized kernel for Pow in onnxruntime CPU"]
+
+
+def test_fusion_reason_for_float_second_input(yolo):
+    r = fusion.check_ort_fusion(GraphIndex(quantize_convs(yolo)), "ort-cpu")
+    # SiLU's Mul reads the dequantized Conv output and the float Sigmoid: it cannot become QLinearMul
+    assert r.status == "warn"
+    assert any(u.startswith("model.0/act/Mul: input") and "is float (from Sigmoid)" in u for u in r.details["unfused"])
+    assert not any("/Conv" in u.split(":")[0] for u in r.details["unfused"])
