@@ -1,0 +1,191 @@
+"""Runtime, reference, accuracy and latency checks, and run_checks end to end on fixtures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+from PIL import Image
+
+import fixtures
+from onnxslim_yolo import verify
+from onnxslim_yolo.check import accuracy, numerics, run_checks
+from onnxslim_yolo.pass_base import UsageError
+
+from .models import copy, quantize_convs
+
+
+@pytest.fixture(scope="module")
+def yolo() -> onnx.ModelProto:
+    return fixtures.build_yolov5_v6(opset=13)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(d / f"im{i}.png")
+    return d
+
+
+def shifted(model: onnx.ModelProto, dx: float) -> onnx.ModelProto:
+    """The same model with every box moved ``dx`` input pixels right (I/O unchanged)."""
+    m = copy(model)
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        n.output[:] = [o + "_raw" if o == out else o for o in n.output]
+    shift = np.zeros((1, 1, m.graph.output[0].type.tensor_type.shape.dim[2].dim_value), np.float32)
+    shift[..., 0] = dx
+    m.graph.initializer.append(numpy_helper.from_array(shift, "shift"))
+    m.graph.node.append(helper.make_node("Add", [out + "_raw", "shift"], [out], name="shift_boxes"))
+    return m
+
+
+def feed(model):
+    return verify.random_feeds(model, 1, 0)[0]
+
+
+def statuses(report):
+    return {r.name: r.status for r in report.results}
+
+
+# ------------------------------------------------------------------------------------ runs, io
+def test_runs_passes_and_reports_output_shape(yolo):
+    r = numerics.check_runs(yolo, feed(yolo))
+    assert r.status == "pass" and r.details["shapes"] == {"output": [1, 252, 9]}
+
+
+def test_runs_fails_on_non_finite_output():
+    g = helper.make_graph([helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Log", ["n"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    r = numerics.check_runs(m, {"x": np.linspace(0.1, 0.9, 8, dtype=np.float32)[None]})
+    assert r.status == "fail" and "y (8 NaN/Inf)" in r.message
+
+
+def test_unloadable_model_fails_runs_and_skips_the_rest(yolo):
+    m = copy(yolo)
+    m.graph.node[-1].domain = "my.ops"
+    m.opset_import.append(helper.make_opsetid("my.ops", 1))
+    rep = run_checks(m, reference=yolo, latency=False)
+    st = statuses(rep)
+    assert st["runtime.runs"] == "fail" and "onnxruntime cannot load" in rep.get("runtime.runs").message
+    assert st["structure.ops"] == "fail"
+    assert st["reference.numerics"] == "skip" and st["latency"] == "skip"
+    assert not rep.ok
+
+
+def test_output_shape_mismatch_fails_io_and_skips_numerics(yolo):
+    other = fixtures.build_yolov5_v6(opset=13, num_classes=5)
+    rep = run_checks(other, reference=yolo, latency=False)
+    io = rep.get("reference.io")
+    assert io.status == "fail" and "output 'output' float [1, 252, 10] != reference float [1, 252, 9]" in io.message
+    assert rep.get("reference.numerics").status == "skip"
+    assert [r.name for r in rep.failures] == ["reference.io"]
+
+
+def test_input_name_mismatch_fails_io(yolo):
+    m = copy(yolo)
+    m.graph.input[0].name = "data"
+    for n in m.graph.node:
+        n.input[:] = ["data" if i == "images" else i for i in n.input]
+    r = numerics.check_io(m, yolo, None)
+    assert r.status == "fail" and "inputs ['data'] != reference ['images']" in r.message
+
+
+# ------------------------------------------------------------------------------------ numerics
+def test_numerics_same_model_passes(yolo):
+    r = numerics.check_numerics(yolo, yolo, [feed(yolo)], 0.99, "seeded random inputs")
+    assert r.status == "pass" and r.details["outputs"][0]["cosine"] > 0.999999
+
+
+def test_numerics_below_cosine_floor_fails_and_floor_is_settable(yolo):
+    other = fixtures.build_yolov5_v6(opset=13, seed=1)  # same graph, other weights
+    r = numerics.check_numerics(other, yolo, [feed(yolo)], 0.99, "seeded random inputs")
+    assert r.status == "fail" and "below 0.99" in r.message and "SQNR" in r.message
+    cos = r.details["outputs"][0]["cosine"]
+    assert numerics.check_numerics(other, yolo, [feed(yolo)], cos - 1e-3, "x").status == "pass"
+
+
+def test_latency_reports_medians_and_ratio(yolo):
+    r = numerics.check_latency(yolo, yolo, feed(yolo), runs=3, threads=1)
+    assert r.status in ("pass", "warn")  # same model: the ratio is noise around 1
+    assert set(r.details["median_ms"]) == {"reference", "candidate"}
+    assert r.details["ratio"] == pytest.approx(r.details["median_ms"]["candidate"] / r.details["median_ms"]["reference"])
+
+
+# ------------------------------------------------------------------------------------ accuracy
+def write_labels(dets, folder: Path, conf: float = 0.25) -> Path:
+    """YOLO labels made from a model's confident detections (so that model scores high)."""
+    folder.mkdir(exist_ok=True)
+    for d in dets:
+        h, w = d.hw
+        rows = [f"{c} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
+                f"{(b[3] - b[1]) / h:.6f}" for b, c, s in zip(d.boxes, d.classes, d.scores) if s >= conf]
+        (folder / (Path(d.key).stem + ".txt")).write_text("\n".join(rows[:20]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def labels(yolo, images, tmp_path_factory) -> Path:
+    from onnxslim_yolo.evaluate import detections
+
+    return write_labels(detections(yolo, images, progress=False), tmp_path_factory.mktemp("run") / "labels")
+
+
+def test_accuracy_passes_against_itself(yolo, images, labels):
+    rep = run_checks(yolo, reference=yolo, images=str(images), labels=str(labels), latency=False)
+    assert rep.ok, [(r.name, r.message) for r in rep.failures]
+    ag, drop = rep.get("accuracy.agreement"), rep.get("accuracy.map_drop")
+    assert ag.status == "pass" and ag.details["map"] > 0.9
+    assert drop.status == "pass" and drop.details["drop_points"] == pytest.approx(0.0)
+
+
+def test_moved_boxes_fail_agreement_and_map_drop(yolo, images, labels):
+    rep = run_checks(shifted(yolo, 6.0), reference=yolo, images=str(images), labels=str(labels), latency=False)
+    st = statuses(rep)
+    assert st["reference.io"] == "pass"
+    assert st["accuracy.map_drop"] == "fail" and "exceeds --max-drop 1" in rep.get("accuracy.map_drop").message
+    assert rep.get("accuracy.agreement").details["map"] < rep.get("accuracy.agreement").details["min_agreement"]
+    assert st["accuracy.agreement"] == "fail"
+    dets = accuracy.detect(shifted(yolo, 6.0), yolo, str(images), None, None, 1, None, False)
+    assert accuracy.check_map_drop(dets, str(labels), max_drop=100.0).status == "pass"
+    assert accuracy.check_agreement(dets, min_agreement=0.0).status == "pass"
+
+
+def test_labels_without_reference_report_candidate_map(yolo, images, labels):
+    rep = run_checks(yolo, images=str(images), labels=str(labels), latency=False)
+    r = rep.get("accuracy.map_drop")
+    assert r.status == "pass" and "no reference" in r.message and r.details["candidate"]["map"] > 0.5
+    assert rep.get("accuracy.agreement").status == "skip"
+
+
+# ---------------------------------------------------------------------------- run_checks as a whole
+def test_quantized_fixture_report(yolo):
+    rep = run_checks(quantize_convs(fixtures.build_yolov5_v6(opset=13, bn=False)), latency=False)
+    st = statuses(rep)
+    assert all(st[n] == "pass" for n in ("qdq.pairs", "qdq.scales", "qdq.zero_points", "qdq.per_channel",
+                                         "qdq.decode_tail", "runtime.runs"))
+    assert st["qdq.ort_fusion"] == "warn"  # SiLU left float between Q/DQ
+    assert rep.ok
+    d = rep.to_dict()
+    assert d["ok"] is True and d["counts"]["fail"] == 0 and len(d["checks"]) == len(rep.results)
+
+
+def test_run_checks_usage_errors(yolo, images, tmp_path):
+    with pytest.raises(UsageError, match="--labels needs --images"):
+        run_checks(yolo, labels=str(tmp_path))
+    with pytest.raises(UsageError, match="unknown target"):
+        run_checks(yolo, target="tpu")
+    with pytest.raises(UsageError, match="not found"):
+        run_checks(str(tmp_path / "missing.onnx"))
+    with pytest.raises(UsageError, match="image folder not found"):
+        run_checks(yolo, images=str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="max-drop"):
+        run_checks(yolo, max_drop=-1)
