@@ -98,8 +98,9 @@ def child_ort(args: argparse.Namespace) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------- parent
 def spawn(args: argparse.Namespace, role: str, methods: List[str]) -> Dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", role, "--model", str(args.model), "--images", str(args.images),
-           "--limit", str(args.limit), "--threads", str(args.threads), "--methods", ",".join(methods)]
+    cmd = [sys.executable, __file__, "--child", role, "--model", str(args.model),
+           "--images", str(args.images), "--limit", str(args.limit), "--threads", str(args.threads),
+           "--methods", ",".join(methods)]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if res.returncode != 0:
@@ -115,7 +116,8 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--model", type=Path)
     ap.add_argument("--images", type=Path)
     ap.add_argument("--limit", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads for collect (0: auto)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime intra-op threads for collect (0: auto)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--separate", action="store_true", help="one collect per method, each in its own process")
     ap.add_argument("--skip-ort", action="store_true")

@@ -1,9 +1,10 @@
 """Run a model over calibration feeds and gather streaming statistics of chosen tensors.
 
 The requested intermediate tensors become graph outputs of a copy of the model; onnxruntime runs
-it once per feed with basic graph optimizations (faster than none here, and onnxruntime never
-fuses away a graph output). A worker thread folds one feed's outputs into the statistics while
-onnxruntime computes the next one; at most two feeds' outputs are alive at any time.
+it once per feed with basic graph optimizations (onnxruntime never fuses away a graph output; on
+yolov5n with outputs bound to buffers, basic and disabled cost the same, 0.097 vs 0.100 CPU s per
+640 image, with identical values). Outputs go through IO binding into two reused buffer sets: a
+worker thread folds one feed's outputs into the statistics while onnxruntime computes the next.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -24,58 +25,13 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..pass_base import UsageError, VerificationError
-from .calib_table import PathLike, read_json, write_json_atomic
+from .calib_table import CalibrationStats
 from .histogram import StreamingHistogram, TensorStats, _Scratch
 
 log = logging.getLogger(__name__)
 
-STATS_FORMAT = "onnxslim-yolo/calibration-stats/1"
 #: feeds whose outputs may be alive at once (one being reduced, one being computed)
 IN_FLIGHT = 2
-
-
-@dataclass
-class CalibrationStats(Mapping[str, TensorStats]):
-    """Streaming statistics per tensor, plus the tensors that could not be calibrated and why."""
-
-    tensors: Dict[str, TensorStats]
-    samples: int = 0
-    bins: int = 2048
-    skipped: Dict[str, str] = field(default_factory=dict)
-    meta: Dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> TensorStats:
-        return self.tensors[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"format": STATS_FORMAT, "samples": self.samples, "bins": self.bins,
-                "skipped": dict(self.skipped), "meta": dict(self.meta),
-                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "calibration statistics") -> "CalibrationStats":
-        if d.get("format") != STATS_FORMAT:
-            raise UsageError(f"{source}: not calibration statistics (format {d.get('format')!r}, "
-                             f"expected {STATS_FORMAT!r})")
-        try:
-            tensors = {k: TensorStats.from_dict(k, v) for k, v in d["tensors"].items()}
-            return cls(tensors, int(d["samples"]), int(d["bins"]), dict(d.get("skipped", {})),
-                       dict(d.get("meta", {})))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(f"{source}: malformed calibration statistics ({type(exc).__name__}: {exc})") from None
-
-    def to_json(self, path: PathLike):
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def from_json(cls, path: PathLike) -> "CalibrationStats":
-        return cls.from_dict(read_json(path), str(path))
 
 
 # --------------------------------------------------------------------------------- planning
@@ -129,7 +85,8 @@ def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
         try:
             return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise VerificationError(f"calibration: onnxruntime cannot load the model: {_first_line(exc)}") from None
+            raise VerificationError("calibration: onnxruntime cannot load the model: "
+                                    f"{_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -170,7 +127,8 @@ class _Runner:
             self.sess.run_with_iobinding(binding)
             return bufs
         except Exception as exc:
-            raise VerificationError(f"calibration: onnxruntime failed to run the model: {_first_line(exc)}") from None
+            raise VerificationError("calibration: onnxruntime failed to run the model: "
+                                    f"{_first_line(exc)}") from None
 
 
 class _Reducer:

@@ -1,4 +1,4 @@
-"""Calibration tables: tensor -> chosen range (and why), saved to and loaded from JSON."""
+"""What calibration saves: statistics per tensor and the chosen ranges, to and from JSON."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,12 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, T
 import numpy as np
 
 from ..pass_base import UsageError
+from .histogram import TensorStats
 from .qparams import qrange, scale_zero_point
 
 PathLike = Union[str, os.PathLike]
 TABLE_FORMAT = "onnxslim-yolo/calibration-table/1"
+STATS_FORMAT = "onnxslim-yolo/calibration-stats/1"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,51 @@ class CalibrationTable(Mapping[str, RangeEntry]):
 
     @classmethod
     def from_json(cls, path: PathLike) -> "CalibrationTable":
+        return cls.from_dict(read_json(path), str(path))
+
+
+@dataclass
+class CalibrationStats(Mapping[str, TensorStats]):
+    """Streaming statistics per tensor, plus the tensors that could not be calibrated and why."""
+
+    tensors: Dict[str, TensorStats]
+    samples: int = 0
+    bins: int = 2048
+    skipped: Dict[str, str] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> TensorStats:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": STATS_FORMAT, "samples": self.samples, "bins": self.bins,
+                "skipped": dict(self.skipped), "meta": dict(self.meta),
+                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "calibration statistics") -> "CalibrationStats":
+        if d.get("format") != STATS_FORMAT:
+            raise UsageError(f"{source}: not calibration statistics (format {d.get('format')!r}, "
+                             f"expected {STATS_FORMAT!r})")
+        try:
+            tensors = {k: TensorStats.from_dict(k, v) for k, v in d["tensors"].items()}
+            return cls(tensors, int(d["samples"]), int(d["bins"]), dict(d.get("skipped", {})),
+                       dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{source}: malformed calibration statistics "
+                             f"({type(exc).__name__}: {exc})") from None
+
+    def to_json(self, path: PathLike):
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_json(cls, path: PathLike) -> "CalibrationStats":
         return cls.from_dict(read_json(path), str(path))
 
 

@@ -73,7 +73,8 @@ def test_percentile_matches_numpy():
         assert abs(got - np.percentile(data, q)) <= 1.5 * ts.hist.width, q
     table = choose_ranges(one(ts), "percentile", percentile=99.0)
     lo, hi = np.percentile(data, [0.5, 99.5])  # asymmetric: half the cut on each side
-    assert abs(table["t"].rmin - lo) <= 1.5 * ts.hist.width and abs(table["t"].rmax - hi) <= 1.5 * ts.hist.width
+    w = ts.hist.width
+    assert abs(table["t"].rmin - lo) <= 1.5 * w and abs(table["t"].rmax - hi) <= 1.5 * w
 
 
 # -------------------------------------------------------------------------------- methods
@@ -211,21 +212,23 @@ def test_quantize_matches_onnxruntime_quantize_linear():
             [numpy_helper.from_array(np.array(s, np.float32), "s"),
              numpy_helper.from_array(np.array(z, np.uint8 if elem == TensorProto.UINT8 else np.int8), "z")])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-        q, y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        q, y = sess.run(None, {"x": x})
         np.testing.assert_array_equal(quantize(x, s, z, qdtype), q)
         np.testing.assert_array_equal(dequantize(q, s, z), y)
 
 
 # -------------------------------------------------------------------------------- tables
 def test_json_round_trips(tmp_path: Path):
-    stats = CalibrationStats({"heavy": heavy_tailed(), "flat": uniform(), "zero": stats_of([np.zeros(4, np.float32)])},
-                             samples=8, skipped={"shape": "int64 tensor"})
+    tensors = {"heavy": heavy_tailed(), "flat": uniform(), "zero": stats_of([np.zeros(4, np.float32)])}
+    stats = CalibrationStats(tensors, samples=8, skipped={"shape": "int64 tensor"})
     p = stats.to_json(tmp_path / "stats.json")
     back = CalibrationStats.from_json(p)
     assert back.samples == 8 and back.skipped == stats.skipped and list(back) == list(stats)
     for n in stats:
         a, b = stats[n], back[n]
-        assert (a.min, a.max, a.count, a.hist.width, a.hist.k_lo) == (b.min, b.max, b.count, b.hist.width, b.hist.k_lo)
+        key = lambda t: (t.min, t.max, t.count, t.hist.width, t.hist.k_lo)  # noqa: E731
+        assert key(a) == key(b)
         np.testing.assert_array_equal(a.hist.counts, b.hist.counts)
     table = choose_ranges(stats, "auto")
     assert choose_ranges(back, "auto") == table  # calibration runs once: re-choose from the file
@@ -277,7 +280,8 @@ def conv_model(hw: int = 16, c: int = 8) -> onnx.ModelProto:
              helper.make_node("Add", ["c2h", "a1"], ["r"]),
              helper.make_node("Conv", ["r", "w3"], ["out"], pads=[1, 1, 1, 1]),
              helper.make_node("Shape", ["out"], ["shape"])]
-    g = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, hw, hw])],
+    g = helper.make_graph(nodes, "small",
+                          [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, hw, hw])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, hw, hw]),
                            helper.make_tensor_value_info("shape", TensorProto.INT64, [4])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
