@@ -380,3 +380,23 @@ def test_collect_on_yolov5n(yolov5n_path: Path):
         assert stats[n].max == pytest.approx(max(float(o[i].max()) for o in outs), rel=1e-4)
         assert stats[n].min == pytest.approx(min(float(o[i].min()) for o in outs), rel=1e-4)
     assert not math.isnan(choose_ranges(stats, "auto")[convs[0]].rmax)
+
+
+def test_collect_dynamic_shapes_and_progress_bar(capsys):
+    """Feeds of changing spatial size (new output buffers per shape); the bar goes to stderr."""
+    model = conv_model()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "h", "w"
+    for o in model.graph.output:
+        if o.name == "out":
+            o.type.tensor_type.shape.dim[2].dim_param = "h"
+            o.type.tensor_type.shape.dim[3].dim_param = "w"
+    data = [f for i, hw in enumerate((16, 16, 16, 24, 24, 24, 16, 8, 8)) for f in feeds(1, hw=hw, seed=i)]
+    stats = collect(model, ["c1", "out"], data, progress=True, threads=1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [sess.run(["out"], f)[0] for f in data]
+    assert stats["out"].count == sum(o.size for o in outs)
+    assert stats["out"].max == pytest.approx(max(float(o.max()) for o in outs), rel=1e-5)
+    assert stats["out"].min == pytest.approx(min(float(o.min()) for o in outs), rel=1e-5)
+    err = capsys.readouterr().err
+    assert "calibration" in err
