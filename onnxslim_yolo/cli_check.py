@@ -36,7 +36,8 @@ def render(report: CheckReport) -> str:
 @click.command(name="check")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--reference", type=click.Path(dir_okay=False), help="The original model to compare against.")
-@click.option("--images", type=click.Path(), help="Image folder: numerics on real inputs, detection agreement.")
+@click.option("--images", type=click.Path(),
+              help="Image folder: numerics on real inputs, detection agreement.")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: true mAP and its drop.")
 @click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
@@ -45,7 +46,8 @@ def render(report: CheckReport) -> str:
               help="Per-output cosine floor against the reference.")
 @click.option("--min-agreement", type=float, default=0.5, show_default=True,
               help="Floor of the mAP of the model's detections against the reference's.")
-@click.option("--latency/--no-latency", default=True, show_default=True, help="Time the model against the reference.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Time the model against the reference.")
 @click.option("--runs", type=int, default=20, show_default=True, help="Interleaved latency runs per model.")
 @click.option("--limit", type=int, help="Use the first N images (by name) for the detection checks.")
 @click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
@@ -54,8 +56,9 @@ def render(report: CheckReport) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def check_command(ctx: click.Context, model: str, reference: Optional[str], images: Optional[str],
-                  labels: Optional[str], target: str, json_out: Optional[str], max_drop: float, min_cosine: float,
-                  min_agreement: float, latency: bool, runs: int, limit: Optional[int], preprocess: Optional[str],
+                  labels: Optional[str], target: str, json_out: Optional[str], max_drop: float,
+                  min_cosine: float, min_agreement: float, latency: bool, runs: int, limit: Optional[int],
+                  preprocess: Optional[str],
                   input_shape: Optional[str], threads: int, quiet: bool) -> None:
     """Pre-deployment checks of MODEL, optionally against the original (--reference)."""
     from .check import CheckOptions, run_checks

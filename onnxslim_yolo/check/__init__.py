@@ -10,4 +10,5 @@ lint and latency. Each check returns a :class:`CheckResult`; :func:`run_checks` 
 from .result import FAIL, PASS, SKIP, STATUSES, WARN, CheckReport, CheckResult
 from .runner import CheckOptions, run_checks
 
-__all__ = ["CheckResult", "CheckReport", "CheckOptions", "run_checks", "STATUSES", "PASS", "FAIL", "WARN", "SKIP"]
+__all__ = ["CheckResult", "CheckReport", "CheckOptions", "run_checks", "STATUSES", "PASS", "FAIL", "WARN",
+           "SKIP"]

@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 QLINEAR = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "Where", "Sigmoid", "LeakyRelu",
                      "Softmax", "AveragePool", "GlobalAveragePool"})
 DROPPED = frozenset({"Expand", "Flatten", "Gather", "GatherElements", "Reshape", "Slice", "Squeeze", "Tile",
-                     "Transpose", "Unsqueeze", "Resize", "MaxPool", "ReduceMax", "ReduceMin", "Split", "ArgMax"})
+                     "Transpose", "Unsqueeze", "Resize", "MaxPool", "ReduceMax", "ReduceMin", "Split",
+                     "ArgMax"})
 S8_NEEDS_ARM = frozenset({"Conv", "MatMul"})
+FLOAT_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MATMUL_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul"})
 
 
@@ -42,13 +44,15 @@ def _act_dq_inputs(idx: GraphIndex, i: int) -> List[int]:
     out = []
     for t in idx.nodes[i].input:
         p = idx.producer.get(t)
-        if p is not None and idx.nodes[p].op_type == "DequantizeLinear" and not idx.is_const(idx.nodes[p].input[0]):
+        dq = idx.nodes[p] if p is not None else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and not idx.is_const(dq.input[0]):
             out.append(p)
     return out
 
 
 def _q_consumers(idx: GraphIndex, i: int) -> List[int]:
-    return [c for o in idx.nodes[i].output for c in idx.consumer_nodes(o) if idx.nodes[c].op_type == "QuantizeLinear"]
+    return [c for o in idx.nodes[i].output for c in idx.consumer_nodes(o)
+            if idx.nodes[c].op_type == "QuantizeLinear"]
 
 
 def unfused_groups(idx: GraphIndex) -> List[int]:
@@ -56,7 +60,7 @@ def unfused_groups(idx: GraphIndex) -> List[int]:
     read one (their weights were dequantized for nothing)."""
     out = []
     for i, n in enumerate(idx.nodes):
-        if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in ("", "ai.onnx", "com.microsoft"):
+        if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in FLOAT_DOMAINS:
             continue
         if _act_dq_inputs(idx, i) and (_q_consumers(idx, i) or n.op_type in MATMUL_LIKE):
             out.append(i)
@@ -79,11 +83,13 @@ def reason(idx: GraphIndex, i: int) -> str:
         return "mixed quantized types " + "/".join(sorted(_type_name(t) for t in types))
     floats = [t for t in n.input if t and not idx.is_const(t) and idx.producer_op(t) != "DequantizeLinear"]
     if floats and n.op_type in QLINEAR:
-        return f"input '{floats[0]}' is float (from {idx.producer_op(floats[0]) or 'a graph input'}), not dequantized"
+        src = idx.producer_op(floats[0]) or "a graph input"
+        return f"input '{floats[0]}' is float (from {src}), not dequantized"
     outs = [c for o in n.output for c in idx.consumer_nodes(o)]
     if not qs or len(qs) != len(outs) or any(o in idx.outputs for o in n.output):
         return "output is not requantized by QuantizeLinear alone"
-    if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and idx.producer_op(n.input[1]) != "DequantizeLinear":
+    if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 \
+            and idx.producer_op(n.input[1]) != "DequantizeLinear":
         return "weights are not quantized"
     return "onnxruntime did not fuse this DQ -> op -> Q group (parameters or shapes)"
 
@@ -120,7 +126,7 @@ def check_ort_fusion(idx: GraphIndex, target: str) -> CheckResult:
         names, source = [oidx.label(i) for i in unfused_groups(oidx)], "onnxruntime optimized graph"
     found = [f"{nm}: {reason(idx, by_name[nm]) if nm in by_name else 'left in float by onnxruntime'}"
              for nm in names]
-    quantized = len([i for i, n in enumerate(idx.nodes) if n.op_type not in QDQ_OPS and _act_dq_inputs(idx, i)])
+    quantized = sum(1 for i, n in enumerate(idx.nodes) if n.op_type not in QDQ_OPS and _act_dq_inputs(idx, i))
     details = {"unfused": listing(found, 60), "count": len(found), "source": source}
     if found:
         return warned(name, f"{len(found)} INT8 groups run in float between DQ and Q on onnxruntime CPU: "

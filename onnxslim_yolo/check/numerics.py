@@ -100,7 +100,8 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
     details = {"outputs": table, "min_cosine": min_cosine, "feeds": f"{len(feeds)} {feed_source}"}
     low = [d for d in diffs if not d.cosine >= min_cosine]
     if low:
-        return failed(name, f"cosine {low[0].cosine:.4f} of output '{low[0].name}' below {min_cosine} ({text})",
+        return failed(name, f"cosine {low[0].cosine:.4f} of output '{low[0].name}' below {min_cosine} "
+                            f"({text})",
                       **details)
     return passed(name, text + f" ({len(feeds)} {feed_source})", **details)
 
@@ -131,7 +132,8 @@ def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int
     if images is not None:
         from ..data import load_calibration
 
-        return load_calibration(images, model, preset=preset, limit=n, input_shape=input_shape, progress=False)
+        return load_calibration(images, model, preset=preset, limit=n, input_shape=input_shape,
+                                progress=False)
     shapes = {}
     if input_shape:
         shapes = {next(iter(ir.input_shapes(model))): list(input_shape)}

@@ -7,14 +7,13 @@ coordinates next to 0..1 scores) puts both ranges under one scale and destroys a
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import onnx
 
 from .index import QDQ_OPS, GraphIndex, attr
 from .result import CheckResult, failed, listing, passed, skipped, summarize
-from .tail import decode_tail
 
 T = onnx.TensorProto
 QRANGE = {T.INT8: (-128, 127), T.UINT8: (0, 255), T.INT16: (-32768, 32767), T.UINT16: (0, 65535),
@@ -120,7 +119,8 @@ def check_scales(idx: GraphIndex) -> CheckResult:
             worst = sf[~np.isfinite(sf) | (sf <= 0)].ravel()[0]
             bad.append(f"{idx.label(i)}: scale {worst:g} ({n_nan} non-finite, {n_nonpos} <= 0 of {s.size})")
     if bad:
-        return failed(name, f"{len(bad)} Q/DQ nodes have invalid scales: {summarize(bad, 2)}", invalid=listing(bad))
+        return failed(name, f"{len(bad)} Q/DQ nodes have invalid scales: {summarize(bad, 2)}",
+                      invalid=listing(bad))
     if dynamic:
         return CheckResult(name, "warn", f"{len(dynamic)} Q/DQ scales are computed at run time: "
                                          f"{summarize(dynamic)}", {"dynamic": listing(dynamic)})
@@ -150,7 +150,7 @@ def check_zero_points(idx: GraphIndex) -> CheckResult:
             continue
         lo, hi = QRANGE.get(proto.data_type, (None, None))
         if lo is None:
-            bad.append(f"{idx.label(i)}: zero point type {_type_name(proto.data_type)} is not an integer type")
+            bad.append(f"{idx.label(i)}: zero point type {_type_name(proto.data_type)} is not an integer")
             continue
         raw = _stored_ints(proto)
         vals = raw if raw is not None else z.astype(np.int64)

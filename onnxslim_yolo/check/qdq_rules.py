@@ -85,7 +85,8 @@ def check_target_rules(idx: GraphIndex, target: str) -> CheckResult:
     for i in qdq_nodes(idx):
         t = qtype(idx, i)
         if t == T.INT32:
-            bad.append(f"{idx.label(i)}: int32 DequantizeLinear (TensorRT reads int8 only; keep biases float)")
+            bad.append(f"{idx.label(i)}: int32 DequantizeLinear (TensorRT reads int8 only; "
+                       "keep biases float)")
             continue
         if t != T.INT8:
             bad.append(f"{idx.label(i)}: type {_type_name(t)} (TensorRT needs int8)")

@@ -22,6 +22,8 @@ from .result import FAIL, CheckReport, CheckResult, failed, skipped
 
 log = logging.getLogger(__name__)
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+NOT_RUNNING = "the model does not run in onnxruntime"
+IO_DIFFERS = "its I/O differs from the reference"
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def _guard(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
         return failed(name, str(exc))
     except Exception as exc:  # a check must not take the others down with it
         log.debug("check %s crashed", name, exc_info=True)
-        return failed(name, f"check could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return failed(name, f"check could not run: {type(exc).__name__}: {first}")
 
 
 def _static_checks(model: onnx.ModelProto, idx: GraphIndex, target: str) -> List[CheckResult]:
@@ -113,19 +116,22 @@ def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[in
 
 
 def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Optional[numerics.Feeds],
-                      opts: CheckOptions, images: Optional[str], shape: Optional[List[int]]) -> List[CheckResult]:
+                      opts: CheckOptions, images: Optional[str],
+                      shape: Optional[List[int]]) -> List[CheckResult]:
     io = _guard("reference.io", lambda: numerics.check_io(model, ref, feed))
     if feed is None or io.status == FAIL:
-        why = "the model does not run in onnxruntime" if feed is None else "its I/O differs from the reference"
+        why = NOT_RUNNING if feed is None else IO_DIFFERS
         return [io, skipped("reference.numerics", f"not compared: {why}")]
     src = "images" if images is not None else "seeded random inputs"
     feeds = numerics.input_feeds(model, images, opts.numeric_samples, opts.seed, opts.preset, shape)
-    num = _guard("reference.numerics", lambda: numerics.check_numerics(model, ref, feeds, opts.min_cosine, src))
+    num = _guard("reference.numerics",
+                 lambda: numerics.check_numerics(model, ref, feeds, opts.min_cosine, src))
     return [io, num]
 
 
 def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], images: Optional[str],
-                     labels: Optional[str], opts: CheckOptions, shape: Optional[List[int]]) -> List[CheckResult]:
+                     labels: Optional[str], opts: CheckOptions,
+                     shape: Optional[List[int]]) -> List[CheckResult]:
     if images is None:
         why = "no images (pass --images DIR)"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
@@ -146,7 +152,7 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
         out += _reference_checks(model, ref, feed if ok else None, opts, images, shape)
     io_ok = ref is None or out[1].status != FAIL
     if not ok or not io_ok:
-        why = "the model does not run in onnxruntime" if not ok else "its I/O differs from the reference"
+        why = NOT_RUNNING if not ok else IO_DIFFERS
         out += [skipped(n, f"not run: {why}") for n in ("accuracy.agreement", "accuracy.map_drop", "latency")]
         return out
     out += _accuracy_checks(model, ref, images, labels, opts, shape)
@@ -155,8 +161,8 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     elif not opts.latency:
         out.append(skipped("latency", "disabled (--no-latency)"))
     else:
-        out.append(_guard("latency", lambda: numerics.check_latency(model, ref, feed, opts.latency_runs,
-                                                                     opts.threads)))
+        out.append(_guard("latency",
+                          lambda: numerics.check_latency(model, ref, feed, opts.latency_runs, opts.threads)))
     return out
 
 
@@ -178,7 +184,8 @@ def run_checks(model: ModelLike, reference: Optional[ModelLike] = None, images: 
     results += _runtime_checks(m, ref, None if images is None else str(images),
                                None if labels is None else str(labels), opts)
     settings = {k: v for k, v in asdict(opts).items() if k not in ("extra", "progress")}
-    settings.update(images=None if images is None else str(images), labels=None if labels is None else str(labels))
+    settings.update(images=None if images is None else str(images),
+                    labels=None if labels is None else str(labels))
     return CheckReport(results, model=None if isinstance(model, onnx.ModelProto) else str(model),
                        reference=None if reference is None or isinstance(reference, onnx.ModelProto)
                        else str(reference), target=opts.target, settings=settings)

@@ -78,11 +78,13 @@ def check_opset(model: onnx.ModelProto, idx: GraphIndex) -> CheckResult:
     if v == 0:
         return failed(name, "model imports no ai.onnx opset", opsets=domains)
     if not MIN_OPSET <= v <= MAX_OPSET:
-        return failed(name, f"opset {v} is outside the supported range {MIN_OPSET}..{MAX_OPSET}", opsets=domains)
+        return failed(name, f"opset {v} is outside the supported range {MIN_OPSET}..{MAX_OPSET}",
+                      opsets=domains)
     pc = has_per_channel_qdq(idx)
     if pc and v < PER_CHANNEL_OPSET:
         return failed(name, f"opset {v} has no per-channel QuantizeLinear/DequantizeLinear (needs "
-                            f">= {PER_CHANNEL_OPSET}) but {len(pc)} Q/DQ nodes are per-channel: {summarize(pc)}",
+                            f">= {PER_CHANNEL_OPSET}) but {len(pc)} Q/DQ nodes are per-channel: "
+                            f"{summarize(pc)}",
                       opsets=domains, per_channel=listing(pc))
     return passed(name, f"opset {v}", opsets=domains)
 
@@ -94,7 +96,8 @@ def _float64_tensors(model: onnx.ModelProto) -> List[str]:
         if n.op_type == "Cast" and attr(n, "to") == dbl:
             hits.append(f"Cast {n.name or n.output[0]} to double")
         elif n.op_type == "Constant":
-            hits += [f"Constant {n.output[0]}" for a in n.attribute if a.name == "value" and a.t.data_type == dbl]
+            hits += [f"Constant {n.output[0]}" for a in n.attribute
+                     if a.name == "value" and a.t.data_type == dbl]
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
         vis = list(inferred.graph.value_info)
@@ -119,7 +122,8 @@ def check_float64(model: onnx.ModelProto, target: str) -> CheckResult:
 def _dims(vi: onnx.ValueInfoProto) -> List[object]:
     if not vi.type.tensor_type.HasField("shape"):
         return ["?"]
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in vi.type.tensor_type.shape.dim]
 
 
 def check_dynamic_dims(model: onnx.ModelProto) -> CheckResult:

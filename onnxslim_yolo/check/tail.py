@@ -78,5 +78,5 @@ def decode_tail(idx: GraphIndex) -> Tuple[Set[int], str]:
     """(node indices of the decode tail, where the answer came from)."""
     found = _from_head_analysis(idx)
     if found is not None:
-        return {i for i in found if idx.nodes[i].op_type not in QDQ_OPS}, "analysis.head.find_head"
+        return {i for i in found if idx.nodes[i].op_type not in QDQ_OPS | CONV_OPS}, "analysis.head.find_head"
     return structural_tail(idx), "structural (after the last Conv on every path)"

@@ -47,15 +47,16 @@ def _const_or_dq_const(idx: GraphIndex, tensor: str) -> bool:
     if idx.is_const(tensor):
         return True
     p = idx.producer.get(tensor)
-    return p is not None and idx.nodes[p].op_type == "DequantizeLinear" and idx.is_const(idx.nodes[p].input[0])
+    dq = idx.nodes[p] if p is not None else None
+    return dq is not None and dq.op_type == "DequantizeLinear" and idx.is_const(dq.input[0])
 
 
 def check_ops(model: onnx.ModelProto, idx: GraphIndex, target: str) -> CheckResult:
     """Ops the target cannot run fail; deprecated ops warn."""
     name = "structure.ops"
     bad = _unsupported(idx, target)
-    deprecated = [f"{idx.label(i)} ({n.op_type}: use {DEPRECATED[n.op_type]})" for i, n in enumerate(idx.nodes)
-                  if n.domain in ("", "ai.onnx") and n.op_type in DEPRECATED]
+    deprecated = [f"{idx.label(i)} ({n.op_type}: use {DEPRECATED[n.op_type]})"
+                  for i, n in enumerate(idx.nodes) if n.domain in ("", "ai.onnx") and n.op_type in DEPRECATED]
     counts: Dict[str, int] = {}
     for n in idx.nodes:
         key = f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type

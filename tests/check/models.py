@@ -32,11 +32,13 @@ def qdq_conv(act: str = "uint8", opset: int = 13, w_axis: int = 0, tail_qdq: boo
              _init("w_q", rng.integers(-100, 100, (cout, 4, 3, 3)).astype(np.int8)),
              _init("w_scale", ws), _init("w_zp", np.zeros(cout, np.int8)),
              _init("b_q", rng.integers(-50, 50, cout).astype(np.int32)),
-             _init("b_scale", (ws * np.float32(0.02)).astype(np.float32)), _init("b_zp", np.zeros(cout, np.int32)),
+             _init("b_scale", (ws * np.float32(0.02)).astype(np.float32)),
+             _init("b_zp", np.zeros(cout, np.int32)),
              _init("y_scale", np.float32(0.05)), _init("y_zp", dt(zp))]
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_Q"),
              helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_DQ"),
-             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="w_DQ", axis=w_axis),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="w_DQ",
+                              axis=w_axis),
              helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["b"], name="b_DQ", axis=0),
              helper.make_node("Conv", ["x_dq", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("QuantizeLinear", ["y", "y_scale", "y_zp"], ["y_q"], name="y_Q"),
@@ -106,8 +108,10 @@ def _insert(m: onnx.ModelProto, tensor: str, scale: float, zp) -> None:
             n.input[:] = [dst if i == tensor else i for i in n.input]
     m.graph.initializer.extend([_init(tensor + "_s", np.float32(scale)), _init(tensor + "_z", zp)])
     m.graph.node.extend([
-        helper.make_node("QuantizeLinear", [src, tensor + "_s", tensor + "_z"], [tensor + "_q"], name=tensor + "_Q"),
-        helper.make_node("DequantizeLinear", [tensor + "_q", tensor + "_s", tensor + "_z"], [dst], name=tensor + "_DQ")])
+        helper.make_node("QuantizeLinear", [src, tensor + "_s", tensor + "_z"], [tensor + "_q"],
+                         name=tensor + "_Q"),
+        helper.make_node("DequantizeLinear", [tensor + "_q", tensor + "_s", tensor + "_z"], [dst],
+                         name=tensor + "_DQ")])
 
 
 def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -81,7 +81,8 @@ def test_q_without_dq_fails():
 
 def test_q_as_graph_output_fails():
     m = qdq_conv()
-    m.graph.node.append(helper.make_node("QuantizeLinear", ["out", "y_scale", "y_zp"], ["out_q"], name="out_Q"))
+    m.graph.node.append(helper.make_node("QuantizeLinear", ["out", "y_scale", "y_zp"], ["out_q"],
+                                         name="out_Q"))
     m.graph.output.append(helper.make_tensor_value_info("out_q", T.UINT8, [1, 8, 8, 8]))
     r = run("qdq.pairs", m)
     assert r.status == "fail" and "out_Q" in r.message and "graph output" in r.message
@@ -118,7 +119,8 @@ def test_tensorrt_needs_symmetric_int8():
     r = qdq_rules.check_target_rules(GraphIndex(qdq_conv("int8")), "tensorrt")
     assert r.status == "fail" and r.details["invalid"] == [
         "b_DQ: int32 DequantizeLinear (TensorRT reads int8 only; keep biases float)"]
-    assert qdq_rules.check_target_rules(GraphIndex(qdq_conv("int8", bias_dq=False)), "tensorrt").status == "pass"
+    trt_ok = GraphIndex(qdq_conv("int8", bias_dq=False))
+    assert qdq_rules.check_target_rules(trt_ok, "tensorrt").status == "pass"
 
 
 def test_tensorrt_nonzero_int8_zero_point_fails():
@@ -219,12 +221,14 @@ def test_op_without_qlinear_kernel_warns():
     sig.input.append("two")
     m = insert_qdq(m, "out", 0.05, 0)
     r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
-    assert r.status == "warn" and r.details["unfused"] == ["head/Pow: no quantized kernel for Pow in onnxruntime CPU"]
+    assert r.status == "warn"
+    assert r.details["unfused"] == ["head/Pow: no quantized kernel for Pow in onnxruntime CPU"]
 
 
 def test_fusion_reason_for_float_second_input(yolo):
     r = fusion.check_ort_fusion(GraphIndex(quantize_convs(yolo)), "ort-cpu")
     # SiLU's Mul reads the dequantized Conv output and the float Sigmoid: it cannot become QLinearMul
     assert r.status == "warn"
-    assert any(u.startswith("model.0/act/Mul: input") and "is float (from Sigmoid)" in u for u in r.details["unfused"])
+    assert any(u.startswith("model.0/act/Mul: input") and "is float (from Sigmoid)" in u
+               for u in r.details["unfused"])
     assert not any("/Conv" in u.split(":")[0] for u in r.details["unfused"])

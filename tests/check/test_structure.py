@@ -83,7 +83,8 @@ def test_opset_10_with_per_channel_dq_fails():
 
 
 def test_ops_custom_domain_fails_on_ort_and_com_microsoft_only_on_tensorrt():
-    custom = tiny([helper.make_node("Magic", ["x"], ["y"], domain="my.ops", name="magic")], domains=["my.ops"])
+    custom = tiny([helper.make_node("Magic", ["x"], ["y"], domain="my.ops", name="magic")],
+                  domains=["my.ops"])
     r = targets.check_ops(custom, GraphIndex(custom), "ort-cpu")
     assert r.status == "fail" and "magic" in r.message and "my.ops" in r.message
     ms = tiny([helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft", name="gelu")],
@@ -95,8 +96,8 @@ def test_ops_custom_domain_fails_on_ort_and_com_microsoft_only_on_tensorrt():
 
 def test_ops_qoperator_and_dynamic_weights_fail_on_tensorrt():
     inits = [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")]
-    dyn = tiny([helper.make_node("Relu", ["w"], ["w2"]), helper.make_node("Conv", ["x", "w2"], ["y"], name="c")],
-               inits)
+    dyn = tiny([helper.make_node("Relu", ["w"], ["w2"]),
+                helper.make_node("Conv", ["x", "w2"], ["y"], name="c")], inits)
     assert targets.check_ops(dyn, GraphIndex(dyn), "ort-cpu").status == "pass"
     r = targets.check_ops(dyn, GraphIndex(dyn), "tensorrt")
     assert r.status == "fail" and "weights are not constant" in r.message
@@ -136,10 +137,12 @@ def test_unused_initializer_warns(good):
 
 
 def test_duplicate_tensor_fails_and_duplicate_node_name_warns():
-    dup_t = tiny([helper.make_node("Relu", ["x"], ["y"], name="a"), helper.make_node("Sigmoid", ["x"], ["y"], name="b")])
+    dup_t = tiny([helper.make_node("Relu", ["x"], ["y"], name="a"),
+                  helper.make_node("Sigmoid", ["x"], ["y"], name="b")])
     r = structure.check_duplicate_names(dup_t)
     assert r.status == "fail" and r.details["tensors"] == ["y"]
-    dup_n = tiny([helper.make_node("Relu", ["x"], ["h"], name="same"), helper.make_node("Relu", ["h"], ["y"], name="same")])
+    dup_n = tiny([helper.make_node("Relu", ["x"], ["h"], name="same"),
+                  helper.make_node("Relu", ["h"], ["y"], name="same")])
     r = structure.check_duplicate_names(dup_n)
     assert r.status == "warn" and "same" in r.message
 
