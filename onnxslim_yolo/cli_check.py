@@ -25,7 +25,7 @@ def render(report: CheckReport) -> str:
     width = max((len(m) for m in msgs), default=0)
     # pre-padded so the text column reads left-aligned (report.table right-aligns columns after the first)
     rows = [[r.name, r.status.upper().ljust(4), m.ljust(width)] for r, m in zip(report.results, msgs)]
-    lines = [table(rows, ["check", "status", "result"]), ""]
+    lines = [table(rows, ["check", "status", "result".ljust(width)]), ""]
     for r in report.results:
         if r.status in (FAIL, WARN):
             lines.append(f"{r.status.upper()} {r.name}: {r.message}")
