@@ -91,11 +91,14 @@ def mse_range(ts: TensorStats, qdtype: str, symmetric: bool) -> Range:
     if symmetric:
         t = _search(lambda ts_: err(-ts_, ts_), hi)
         return _finish(-t, t, True)
-    for _ in range(2):  # coordinate descent: the scale couples both ends
-        if hi > 0:
-            hi = _search(lambda c: err(np.full_like(c, lo), c), ts.max, hi)
-        if lo < 0:
-            lo = -_search(lambda c: err(-c, np.full_like(c, hi)), -ts.min, -lo)
+    # a joint search on the |x| threshold (clips whichever side is long), then one round of
+    # coordinate descent on each end (the scale couples them)
+    t = _search(lambda c: err(np.maximum(lo, -c), np.minimum(hi, c)), max(hi, -lo))
+    lo, hi = max(lo, -t), min(hi, t)
+    if hi > 0:
+        hi = _search(lambda c: err(np.full_like(c, lo), c), ts.max, hi)
+    if lo < 0:
+        lo = -_search(lambda c: err(-c, np.full_like(c, hi)), -ts.min, -lo)
     return _finish(lo, hi, False)
 
 
@@ -140,7 +143,7 @@ def entropy_range(ts: TensorStats, qdtype: str, symmetric: bool) -> Range:
     cand = np.unique(np.linspace(tmin, top, COARSE).astype(int))
     best = int(cand[int(np.argmin(kl(cand)))])
     step = max(1, (top - tmin) // COARSE)
-    fine = np.unique(np.clip(np.arange(best - step, best + step + 1), tmin, top))
+    fine = np.unique(np.clip(np.linspace(best - step, best + step, FINE + 1).round().astype(int), tmin, top))
     t = int(fine[int(np.argmin(kl(fine)))])
     thr = min(t * h.width, ts.absmax)
     return _finish(max(ts.min, -thr), min(ts.max, thr), symmetric)
