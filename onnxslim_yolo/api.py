@@ -47,6 +47,9 @@ class OptimizeOptions:
     eval_limit: Optional[int] = None
     tolerances: Tolerances = field(default_factory=Tolerances)
     progress: bool = True
+    check: bool = True                          # run the pre-deployment checks on the result
+    max_drop: Optional[float] = None            # mAP points the checks allow (None: not enforced)
+    target: str = "ort-cpu"
 
 
 @dataclass
@@ -55,10 +58,17 @@ class OptimizeResult:
     pipeline: PipelineResult
     summary: Dict[str, Any]
     output: Optional[Path] = None
+    checks: Optional[Any] = None               # a check.CheckReport when checks ran
+
+    @property
+    def ok(self) -> bool:
+        return self.checks is None or bool(self.checks.ok)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"output": str(self.output) if self.output else None, "summary": self.summary}
         d.update(self.pipeline.to_dict())
+        if self.checks is not None:
+            d["checks"] = self.checks.to_dict()
         return d
 
 
@@ -118,15 +128,37 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     passes = build_passes(names)
     ctx = build_context(original, opts, names)
     result = PassManager(passes, ctx).run(original)
-    summary = summarize(original, result.model, ctx, opts)
+    checks = run_final_checks(original, result, opts) if opts.check else None
+    summary = summarize(original, result.model, ctx, opts, checks)
     out_path = None
     if output is not None:
         out_path = ir.save(result.model, output, protect=[src] if src else [])
-    return OptimizeResult(result.model, result, summary, out_path)
+    return OptimizeResult(result.model, result, summary, out_path, checks)
+
+
+def _eval_images(opts: OptimizeOptions) -> Optional[str]:
+    images = opts.images or opts.calib
+    if images is None or Path(images).suffix.lower() in (".npy", ".npz"):
+        return None
+    return str(images)
+
+
+def run_final_checks(original: onnx.ModelProto, result: PipelineResult, opts: OptimizeOptions) -> Any:
+    """The same checks as ``onnxslim-yolo check``, on the optimized model against the original."""
+    from .check import run_checks
+
+    lossy = any(r.numerics != "exact" and r.modified for r in result.records)
+    images = _eval_images(opts)
+    return run_checks(result.model, reference=original, images=images,
+                      labels=str(opts.labels) if (opts.labels and images) else None, target=opts.target,
+                      latency=False, limit=opts.eval_limit, preset=opts.preprocess,
+                      input_shape=opts.input_shape, threads=opts.threads, progress=opts.progress,
+                      max_drop=float("inf") if opts.max_drop is None else opts.max_drop,
+                      min_cosine=opts.tolerances.lossy_min_cosine if lossy else 0.99)
 
 
 def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
-              opts: OptimizeOptions) -> Dict[str, Any]:
+              opts: OptimizeOptions, checks: Optional[Any] = None) -> Dict[str, Any]:
     """Nodes, params, MACs/FLOPs, size, end-to-end diff, latency and accuracy before and after."""
     shapes = dict(ctx.input_shapes)
     s = {"before": model_stats(before, shapes).to_dict(), "after": model_stats(after, shapes).to_dict()}
@@ -141,7 +173,10 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
                                   runs=opts.bench_runs, threads=opts.threads)
         s["latency_ms"] = med
         s["latency_ratio"] = med["after"] / med["before"] if med["before"] else None
-    if opts.labels is not None:
+    drop = checks.get("accuracy.map_drop") if checks is not None else None
+    if drop is not None and "candidate" in drop.details:
+        s["accuracy"] = {"before": drop.details["reference"], "after": drop.details["candidate"]}
+    elif opts.labels is not None:
         from .evaluate import evaluate
 
         images = opts.images or opts.calib

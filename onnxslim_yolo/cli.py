@@ -105,6 +105,7 @@ def main(verbose: int) -> None:
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after each pass here.")
 @click.option("--no-verify", is_flag=True, help="Skip the numeric verification of each pass.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement in the summary.")
+@click.option("--no-check", is_flag=True, help="Skip the pre-deployment checks on the result.")
 @click.option("--threads", type=int, default=2, show_default=True, help="onnxruntime threads for latency.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
@@ -112,7 +113,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
              calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
              protect: Sequence[str], images: Optional[str], labels: Optional[str], preprocess: Optional[str],
              input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
-             no_bench: bool, threads: int, quiet: bool) -> None:
+             no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""
     from .api import OptimizeOptions, optimize as run_optimize
     from .report import passes_table, summary_table
@@ -134,7 +135,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         passes=_csv(passes) or None, skip=list(skip), int8=int8, prune=prune, calib=calib,
         calib_limit=calib_limit, images=images, labels=labels, preprocess=preprocess,
         input_shape=_shape(input_shape), pass_options={"insert-qdq": qdq, "prune-channels": prune_opts},
-        verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet)
+        verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet,
+        check=not no_check, max_drop=max_drop, target=target)
     result = run_optimize(model, output=out, options=opts)
     data = result.to_dict()
     click.echo(passes_table(data["passes"]))
@@ -146,6 +148,13 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     if report:
         write_json(report, data)
     click.echo(f"\nwrote {result.output}")
+    if result.checks is not None:
+        from .cli_check import render
+
+        click.echo("\npre-deployment checks against the original:")
+        click.echo(render(result.checks))
+        if not result.checks.ok:
+            sys.exit(1)
 
 
 @main.command(name="passes")

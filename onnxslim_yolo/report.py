@@ -1,6 +1,7 @@
 """Plain-text tables for the CLI: the optimize summary, pass timings, inspect output."""
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 
@@ -10,9 +11,14 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     line = "+".join("-" * (w + 2) for w in widths)
 
     def fmt_row(r: List[str]) -> str:
-        return "|".join(" " + (c.ljust(w) if i == 0 else c.rjust(w)) + " "
+        return "|".join(" " + (c.rjust(w) if i and _numeric(c) else c.ljust(w)) + " "
                         for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([fmt_row(cells[0]), line] + [fmt_row(r) for r in cells[1:]])
+
+
+def _numeric(cell: str) -> bool:
+    """Numbers (with a unit or sign) are right-aligned, text left-aligned."""
+    return bool(re.match(r"^[x+-]?[\d.,]+(e[+-]?\d+)?\s*(%|pts|[kMG]B?|B)?$", cell.strip()))
 
 
 def _fmt(v: Any) -> str:
