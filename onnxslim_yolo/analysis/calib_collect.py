@@ -223,7 +223,8 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Dict
                          disable=not progress, leave=False):
             run_feed = _check_feed(feed, plan.inputs, samples)
             slot = reducer.acquire()
-            items = [(n, run_feed[n]) for n in plan.from_feed]
+            # a copy: a feed generator may refill its array while the reducer still reads it
+            items = [(n, np.array(run_feed[n])) for n in plan.from_feed]
             if runner is not None:
                 t0 = time.perf_counter()
                 items += zip(plan.run, runner.run(slot, run_feed))

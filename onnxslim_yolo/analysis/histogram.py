@@ -138,19 +138,6 @@ class StreamingHistogram:
         right = np.clip(right, vmin, vmax)
         return left, right, self.counts[nz].astype(np.float64)
 
-    def quantile(self, q: float, vmin: float, vmax: float) -> float:
-        """Value below which a fraction ``q`` of the data lies (linear inside a bin)."""
-        left, right, n = self.occupied(vmin, vmax)
-        if n.size == 0:
-            return 0.0
-        cum = np.cumsum(n)
-        target = min(max(q, 0.0), 1.0) * cum[-1]
-        i = int(np.searchsorted(cum, target, side="left"))
-        i = min(i, n.size - 1)
-        before = cum[i - 1] if i else 0.0
-        frac = (target - before) / n[i] if n[i] else 0.0
-        return float(np.clip(left[i] + frac * (right[i] - left[i]), vmin, vmax))
-
     # --------------------------------------------------------------------------------- JSON
     def to_dict(self) -> Dict[str, Any]:
         nz = np.flatnonzero(self.counts)
