@@ -38,6 +38,12 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def cpu_s() -> float:
+    """User + system CPU seconds of this process: fairer than wall time on a shared machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def feeds(model, images: Path, limit: int) -> Iterator[Dict[str, Any]]:
     from onnxslim_yolo.data import iter_inputs
     return iter_inputs(images, model, limit=limit or None, progress=False)
@@ -60,7 +66,8 @@ def child_ours(args: argparse.Namespace) -> Dict[str, Any]:
     stats = collect(model, names, feeds(model, args.images, args.limit), progress=False, threads=args.threads)
     collect_s = time.perf_counter() - t0
     out: Dict[str, Any] = {"tensors": len(stats), "skipped": len(stats.skipped), "samples": stats.samples,
-                           "collect_s": collect_s, "collect_peak_mb": peak_mb(), "meta": stats.meta,
+                           "collect_s": collect_s, "collect_cpu_s": cpu_s(), "collect_peak_mb": peak_mb(),
+                           "meta": stats.meta,
                            "methods": {}}
     with tempfile.TemporaryDirectory() as td:
         t = time.perf_counter()
@@ -68,10 +75,10 @@ def child_ours(args: argparse.Namespace) -> Dict[str, Any]:
         out["stats_json_mb"] = (Path(td) / "stats.json").stat().st_size / 2**20
         out["stats_json_s"] = time.perf_counter() - t
     for m in args.methods:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_s()
         table = choose_ranges(stats, m)
-        out["methods"][m] = {"choose_s": time.perf_counter() - t, "peak_mb": peak_mb(),
-                             "won": table.methods()}
+        out["methods"][m] = {"choose_s": time.perf_counter() - t, "choose_cpu_s": cpu_s() - c,
+                             "peak_mb": peak_mb(), "won": table.methods()}
     return out
 
 
@@ -93,7 +100,7 @@ def child_ort(args: argparse.Namespace) -> Dict[str, Any]:
         quantize_static(str(args.model), str(Path(td) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
-    return {"wall_s": time.perf_counter() - t, "peak_mb": peak_mb()}
+    return {"wall_s": time.perf_counter() - t, "cpu_s": cpu_s(), "peak_mb": peak_mb()}
 
 
 # -------------------------------------------------------------------------------- parent
@@ -150,16 +157,18 @@ def main(argv: List[str] = None) -> int:
 def print_table(report: Dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{Path(args.model).name}, {args.limit} images, load average {report['loadavg'][0]:.1f} "
           f"on {report['cpus']} CPUs")
-    print(f"{'what':34s} {'wall s':>8s} {'peak RSS MB':>12s}")
+    print(f"{'what':34s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MB':>12s}")
     if "ort_minmax" in report:
         o = report["ort_minmax"]
-        print(f"{'onnxruntime quantize_static MinMax':34s} {o['wall_s']:8.1f} {o['peak_mb']:12.0f}")
+        print(f"{'onnxruntime quantize_static MinMax':34s} {o['wall_s']:8.1f} {o['cpu_s']:8.1f} "
+              f"{o['peak_mb']:12.0f}   (whole process)")
     for key, run in report["ours"].items():
         print(f"{'collect (' + str(run['tensors']) + ' tensors)':34s} {run['collect_s']:8.1f} "
-              f"{run['collect_peak_mb']:12.0f}   [{key}]")
+              f"{run['collect_cpu_s']:8.1f} {run['collect_peak_mb']:12.0f}   [{key}]")
         for m, r in run["methods"].items():
             print(f"{'collect + choose_ranges ' + m:34s} {run['collect_s'] + r['choose_s']:8.1f} "
-                  f"{r['peak_mb']:12.0f}   choose {r['choose_s']:.2f}s, won {r['won']}")
+                  f"{run['collect_cpu_s'] + r['choose_cpu_s']:8.1f} {r['peak_mb']:12.0f}   "
+                  f"won {r['won']}")
 
 
 if __name__ == "__main__":
