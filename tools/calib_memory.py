@@ -49,10 +49,11 @@ def feeds(model, images: Path, limit: int) -> Iterator[Dict[str, Any]]:
     return iter_inputs(images, model, limit=limit or None, progress=False)
 
 
-def activation_names(model) -> List[str]:
+def activation_names(model, exclude: List[str] = ()) -> List[str]:
     inits = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
-    names += [o for n in model.graph.node if n.op_type in QUANTIZABLE for o in n.output if o]
+    ops = set(QUANTIZABLE) - set(exclude)
+    names += [o for n in model.graph.node if n.op_type in ops for o in n.output if o]
     return names
 
 
@@ -62,7 +63,7 @@ def child_ours(args: argparse.Namespace) -> Dict[str, Any]:
     from onnxslim_yolo.analysis.calibration import choose_ranges, collect
     t0 = time.perf_counter()
     model = onnx.load(str(args.model))
-    names = activation_names(model)
+    names = activation_names(model, args.exclude_ops)
     stats = collect(model, names, feeds(model, args.images, args.limit), progress=False, threads=args.threads)
     collect_s = time.perf_counter() - t0
     out: Dict[str, Any] = {"tensors": len(stats), "skipped": len(stats.skipped), "samples": stats.samples,
@@ -107,7 +108,7 @@ def child_ort(args: argparse.Namespace) -> Dict[str, Any]:
 def spawn(args: argparse.Namespace, role: str, methods: List[str]) -> Dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", role, "--model", str(args.model),
            "--images", str(args.images), "--limit", str(args.limit), "--threads", str(args.threads),
-           "--methods", ",".join(methods)]
+           "--methods", ",".join(methods), "--exclude-ops", ",".join(args.exclude_ops)]
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if res.returncode != 0:
@@ -126,6 +127,8 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="onnxruntime intra-op threads for collect (0: auto)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--exclude-ops", default="",
+                    help="op types whose outputs are not calibrated, e.g. Sigmoid")
     ap.add_argument("--separate", action="store_true", help="one collect per method, each in its own process")
     ap.add_argument("--skip-ort", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -134,6 +137,7 @@ def main(argv: List[str] = None) -> int:
     args.model = args.model or args.shared / "models" / "yolov5n.onnx"
     args.images = args.images or args.shared / "data" / "coco128" / "images"
     args.methods = [m for m in args.methods.split(",") if m]
+    args.exclude_ops = [m for m in args.exclude_ops.split(",") if m]
     if args.child:
         print(json.dumps(child_ours(args) if args.child == "ours" else child_ort(args)))
         return 0
