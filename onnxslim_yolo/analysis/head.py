@@ -1,0 +1,289 @@
+"""Detection-head analysis (read-only): the last Convs, the decode tail, the output layout.
+
+The *last convs* are the weight-carrying nodes (Conv, ConvTranspose, MatMul/Gemm with a constant
+operand, and their quantized forms) from which no other such node is reachable before a graph
+output: the head's raw prediction maps. The *decode tail* is every node downstream of them up to
+the outputs (Reshape/Transpose/Sigmoid, grid and anchor arithmetic, the Concat of boxes and
+scores, DFL). A DFL projection (a 1x1 Conv or MatMul whose constant weight is ``arange(reg_max)``)
+is decode arithmetic, not a learned layer: it belongs to the tail and is never a last conv.
+
+Node names are the graph's own; an unnamed node is called ``"<op>:<first output>"``.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..pass_base import PreconditionError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv", "ConvInteger",
+                        "QLinearMatMul", "MatMulInteger"})
+FAMILIES = ("yolov5", "yolov8", "yolox", "unknown")
+DEFAULT_STRIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """Where the detection head ends and what its outputs mean."""
+
+    family: str
+    layout: str
+    last_convs: Tuple[str, ...]
+    last_conv_outputs: Tuple[str, ...]
+    tail_nodes: Tuple[str, ...]
+    decode_convs: Tuple[str, ...] = ()
+    levels: Dict[int, Tuple[str, ...]] = field(default_factory=dict)
+    num_classes: Optional[int] = None
+    anchors_per_cell: Optional[int] = None
+    outputs: Tuple[Tuple[str, Tuple[object, ...]], ...] = ()
+    evidence: Tuple[str, ...] = ()
+
+    @property
+    def strides(self) -> Tuple[int, ...]:
+        return tuple(sorted(self.levels))
+
+    def to_dict(self) -> Dict[str, object]:
+        d = asdict(self)
+        d["levels"] = {str(k): list(v) for k, v in self.levels.items()}
+        d["strides"] = list(self.strides)
+        d["outputs"] = [{"name": n, "shape": list(s)} for n, s in self.outputs]
+        for k in ("last_convs", "last_conv_outputs", "tail_nodes", "decode_convs", "evidence"):
+            d[k] = list(d[k])
+        return d
+
+
+# ----------------------------------------------------------------------------------- graph index
+def node_name(n: onnx.NodeProto) -> str:
+    return n.name or f"{n.op_type}:{n.output[0] if n.output else ''}"
+
+
+class _Index:
+    """Producer/consumer links of a GraphProto (top graph only), built once."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.nodes = list(g.node)
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer: Dict[str, int] = {}
+        self.consumers: Dict[str, List[int]] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+            for x in n.input:
+                if x:
+                    self.consumers.setdefault(x, []).append(i)
+        self.outputs = [o.name for o in g.output]
+
+    def succ(self, i: int) -> Set[int]:
+        return {j for o in self.nodes[i].output for j in self.consumers.get(o, ())}
+
+    def const(self, name: str) -> Optional[np.ndarray]:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        p = self.producer.get(name)
+        if p is not None and self.nodes[p].op_type == "Constant":
+            for a in self.nodes[p].attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        if p is not None and self.nodes[p].op_type in ("DequantizeLinear", "Identity", "Cast"):
+            return self.const(self.nodes[p].input[0])
+        return None
+
+    def topo(self) -> List[int]:
+        """Kahn's order (the proto need not be sorted)."""
+        indeg = [0] * len(self.nodes)
+        succ = [self.succ(i) for i in range(len(self.nodes))]
+        for s in succ:
+            for j in s:
+                indeg[j] += 1
+        q = deque(i for i, d in enumerate(indeg) if d == 0)
+        order: List[int] = []
+        while q:
+            i = q.popleft()
+            order.append(i)
+            for j in succ[i]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    q.append(j)
+        if len(order) != len(self.nodes):
+            raise PreconditionError("find_head: the graph has a cycle")
+        return order
+
+
+def is_decode_projection(idx: _Index, i: int) -> bool:
+    """DFL: a Conv/MatMul whose constant weight is 0, 1, ..., n-1 (an expectation, not a layer)."""
+    n = idx.nodes[i]
+    if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2:
+        return False
+    for name in n.input[:2]:
+        w = idx.const(name)
+        if w is not None and 2 <= w.size <= 256 and w.size == max(w.shape, default=1):
+            if np.array_equal(w.ravel(), np.arange(w.size, dtype=w.dtype)):
+                return True
+    return False
+
+
+def _is_weight_node(idx: _Index, i: int) -> bool:
+    n = idx.nodes[i]
+    if n.op_type not in WEIGHT_OPS:
+        return False
+    if n.op_type in ("MatMul", "Gemm"):  # activation x activation (attention) is not a layer
+        return any(idx.const(x) is not None for x in n.input[:2])
+    return True
+
+
+# --------------------------------------------------------------------------------------- shapes
+def _dims(vi: onnx.ValueInfoProto) -> Tuple[object, ...]:
+    out: List[object] = []
+    for d in vi.type.tensor_type.shape.dim:
+        out.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None))
+    return tuple(out)
+
+
+def _shapes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, Tuple[object, ...]]:
+    """Static shapes of ``names`` (graph outputs and value_info first; shape inference if needed)."""
+    g = model.graph
+    known = {vi.name: _dims(vi) for vi in list(g.value_info) + list(g.output) + list(g.input)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    if all(n in known for n in names):
+        return known
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # shape inference is best effort here
+        log.debug("find_head: shape inference failed: %s", exc)
+        return known
+    gi = inferred.graph
+    for vi in list(gi.value_info) + list(gi.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            known.setdefault(vi.name, _dims(vi))
+    return known
+
+
+def _image_hw(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        d = _dims(vi)
+        if len(d) == 4 and isinstance(d[2], int) and isinstance(d[3], int) and d[2] > 0 and d[3] > 0:
+            return int(d[2]), int(d[3])
+    return None
+
+
+# ----------------------------------------------------------------------------------------- head
+def _reaches_layer(idx: _Index, order: Sequence[int], layer: Set[int]) -> List[bool]:
+    """reach[i]: some weight layer is strictly downstream of node i."""
+    reach = [False] * len(idx.nodes)
+    for i in reversed(order):
+        reach[i] = any(j in layer or reach[j] for j in idx.succ(i))
+    return reach
+
+
+def _downstream(idx: _Index, starts: Sequence[int]) -> Set[int]:
+    seen: Set[int] = set()
+    stack = list(starts)
+    while stack:
+        for j in idx.succ(stack.pop()):
+            if j not in seen:
+                seen.add(j)
+                stack.append(j)
+    return seen
+
+
+def _levels(last_out: Mapping[str, str], shapes: Mapping[str, Tuple[object, ...]],
+            hw: Optional[Tuple[int, int]]) -> Dict[int, Tuple[str, ...]]:
+    levels: Dict[int, List[str]] = {}
+    if hw is None:
+        return {}
+    for node, t in last_out.items():
+        s = shapes.get(t, ())
+        if len(s) == 4 and isinstance(s[2], int) and s[2] > 0 and hw[0] % s[2] == 0:
+            levels.setdefault(hw[0] // s[2], []).append(node)
+    return {k: tuple(v) for k, v in sorted(levels.items())}
+
+
+def _cells(hw: Optional[Tuple[int, int]], strides: Sequence[int]) -> Optional[int]:
+    if hw is None:
+        return None
+    return sum((hw[0] // s) * (hw[1] // s) for s in strides)
+
+
+def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[object, ...]]],
+                 strides: Sequence[int], has_dfl: bool) -> Tuple[str, str, Optional[int], Optional[int], List[str]]:
+    """(family, layout, num_classes, anchors per cell, evidence) from output shapes and metadata."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    ev: List[str] = []
+    cells = _cells(_image_hw(model), strides or DEFAULT_STRIDES)
+    rank3 = [(n, s) for n, s in outputs if len(s) == 3 and all(isinstance(d, int) for d in s[1:])]
+    if rank3:
+        name, (_, a, b) = max(rank3, key=lambda ns: int(ns[1][1]) * int(ns[1][2]))  # type: ignore[index]
+        a, b = int(a), int(b)  # type: ignore[arg-type]
+        if cells and b == cells and a >= 5 and (has_dfl or a < b):
+            ev.append(f"output {name} (1, {a}, {b}): 4+C channels first, {b} = grid cells")
+            return "yolov8", "(1, 4+C, N) xywh + class scores, no objectness", a - 4, 1, ev
+        if cells and a % cells == 0 and b >= 6:
+            na = a // cells
+            fam = "yolov5" if na > 1 else "yolox"
+            ev.append(f"output {name} (1, {a}, {b}): {na} prediction(s) per grid cell, 5+C last")
+            return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5, na, ev
+        if has_dfl and a >= 5:
+            ev.append("DFL projection in the tail")
+            return "yolov8", "(1, 4+C, N) xywh + class scores, no objectness", a - 4, 1, ev
+        if b >= 6 and a > b:
+            fam = "yolov5" if "stride" in meta and "names" in meta else "unknown"
+            ev.append(f"output {name} (1, {a}, {b}): predictions last-dim 5+C")
+            return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5, None, ev
+    if any(len(s) == 5 for _, s in outputs):
+        ev.append("rank-5 outputs (1, na, h, w, 5+C)")
+        s5 = next(s for _, s in outputs if len(s) == 5)
+        nc = int(s5[4]) - 5 if isinstance(s5[4], int) else None
+        return "yolov5", "raw maps (1, na, h, w, 5+C)", nc, s5[1] if isinstance(s5[1], int) else None, ev
+    if meta.get("task") == "detect" or "ultralytics" in meta.get("author", "").lower():
+        ev.append("ultralytics metadata")
+        return "yolov8", "unknown layout", None, None, ev
+    return "unknown", "unknown layout", None, None, ev
+
+
+def find_head(model: onnx.ModelProto) -> HeadInfo:
+    """Locate the last Convs, the decode tail and the output layout of a YOLO-family model.
+
+    Raises :class:`PreconditionError` when the graph has no weight layer at all.
+    """
+    idx = _Index(model)
+    order = idx.topo()
+    decode = {i for i in range(len(idx.nodes)) if is_decode_projection(idx, i)}
+    layers = {i for i in range(len(idx.nodes)) if i not in decode and _is_weight_node(idx, i)}
+    if not layers:
+        raise PreconditionError("find_head: no Conv/MatMul with weights in the graph")
+    reach = _reaches_layer(idx, order, layers)
+    last = [i for i in order if i in layers and not reach[i]]
+    tail_set = _downstream(idx, last)
+    pos = {i: k for k, i in enumerate(order)}
+    tail = sorted((i for i in tail_set if idx.nodes[i].op_type != "Constant"), key=pos.__getitem__)
+    last_out = {node_name(idx.nodes[i]): idx.nodes[i].output[0] for i in last}
+    out_names = [o for o in idx.outputs]
+    shapes = _shapes(model, list(last_out.values()) + out_names)
+    levels = _levels(last_out, shapes, _image_hw(model))
+    outputs = tuple((o, tuple(shapes.get(o, ()))) for o in out_names)
+    has_dfl = any(i in tail_set for i in decode)
+    family, layout, nc, na, ev = guess_family(model, outputs, tuple(levels) or DEFAULT_STRIDES, has_dfl)
+    info = HeadInfo(family=family, layout=layout, last_convs=tuple(last_out),
+                    last_conv_outputs=tuple(last_out.values()),
+                    tail_nodes=tuple(node_name(idx.nodes[i]) for i in tail),
+                    decode_convs=tuple(node_name(idx.nodes[i]) for i in sorted(decode, key=pos.__getitem__)),
+                    levels=levels, num_classes=nc, anchors_per_cell=na, outputs=outputs, evidence=tuple(ev))
+    log.info("head: %s, %d last convs, %d tail nodes, strides %s", family, len(last), len(tail),
+             list(levels))
+    return info
+
+
+__all__ = ["HeadInfo", "find_head", "guess_family", "is_decode_projection", "node_name", "WEIGHT_OPS"]

@@ -1,0 +1,103 @@
+"""How far a quantized model is from its float original, measured on calibration images.
+
+- :func:`output_quality`: per graph output and per head map (the last convs' raw outputs, where
+  box and score logits are still separate from the decode), mean and worst cosine and SQNR;
+- :func:`detection_loss`: the accuracy loss in mAP points used by mixed precision: with labels,
+  the true mAP drop on the labelled images; without, 100 x (1 - detection agreement), the mAP of
+  the candidate's detections scored against the float model's confident detections.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from .. import verify
+
+log = logging.getLogger(__name__)
+
+Feeds = Dict[str, np.ndarray]
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy that also outputs the float tensors ``names`` (no-op for existing outputs)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def _sqnr(ref: np.ndarray, new: np.ndarray) -> float:
+    a = ref.astype(np.float64).ravel()
+    e = a - new.astype(np.float64).ravel()
+    noise = float(e @ e)
+    return float("inf") if noise == 0 else float(10 * np.log10(max(float(a @ a), 1e-30) / noise))
+
+
+def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
+                   extra: Sequence[str] = (), threads: int = 0) -> Dict[str, Dict[str, float]]:
+    """``{output: {cosine_mean, cosine_min, sqnr_db_mean, sqnr_db_min}}`` over ``feeds``."""
+    outs = [o.name for o in ref.graph.output] + [n for n in extra]
+    rs = verify.session(with_outputs(ref, extra), threads=threads)
+    ns = verify.session(with_outputs(new, extra), threads=threads)
+    cos: Dict[str, List[float]] = {n: [] for n in outs}
+    sq: Dict[str, List[float]] = {n: [] for n in outs}
+    for f in feeds:
+        for name, a, b in zip(outs, rs.run(outs, f), ns.run(outs, f)):
+            d = verify.diff(name, a, b)
+            cos[name].append(d.cosine)
+            sq[name].append(_sqnr(a, b))
+    return {n: {"cosine_mean": round(float(np.mean(cos[n])), 6), "cosine_min": round(float(np.min(cos[n])), 6),
+                "sqnr_db_mean": round(float(np.mean(sq[n])), 2), "sqnr_db_min": round(float(np.min(sq[n])), 2)}
+            for n in outs if cos[n]}
+
+
+def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list:
+    from ..eval.decode import decode, detect_format
+    from ..eval.metrics import ImageBoxes
+    from ..eval.nms import non_max_suppression
+
+    sess = verify.session(model, threads=threads)
+    name = sess.get_inputs()[0].name
+    res = []
+    fmt: Optional[str] = None
+    for i, f in enumerate(feeds):
+        hw = tuple(int(d) for d in f[name].shape[2:])
+        out = sess.run(None, f)[0]
+        fmt = fmt or detect_format(model, output_shape=out.shape, input_hw=hw)
+        boxes, scores = decode(out, fmt, hw, 0.001)
+        d = non_max_suppression(boxes, scores, 0.001, 0.6, 300)
+        res.append(ImageBoxes(str(i), hw, d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
+                              d[:, 4].astype(np.float64)))
+    return res
+
+
+class DetectionLoss:
+    """Callable model -> loss in mAP points, against a float reference computed once."""
+
+    def __init__(self, ref: onnx.ModelProto, feeds: Sequence[Feeds], labels: Optional[str] = None,
+                 images: Optional[str] = None, threads: int = 0, progress: bool = False) -> None:
+        self.feeds, self.labels, self.images, self.threads, self.progress = feeds, labels, images, threads, progress
+        if labels:
+            from ..evaluate import evaluate
+            if not images:
+                from ..pass_base import UsageError
+                raise UsageError("insert-qdq: option 'labels' needs option 'images' (the labelled image folder)")
+            self.ref_map = evaluate(ref, images, labels, progress=progress, threads=threads)["map"]
+            self.kind = "true mAP drop (points)"
+        else:
+            self.ref_boxes = _boxes(ref, feeds, threads)
+            self.kind = "100 x (1 - detection agreement with the float model)"
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        if self.labels:
+            from ..evaluate import evaluate
+            m = evaluate(model, self.images, self.labels, progress=self.progress, threads=self.threads)["map"]
+            return round(100.0 * (self.ref_map - m), 4)
+        from ..evaluate import agreement
+        return round(100.0 * (1.0 - agreement(_boxes(model, self.feeds, self.threads), self.ref_boxes)["map"]), 4)

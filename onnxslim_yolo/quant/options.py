@@ -1,0 +1,73 @@
+"""Options of the insert-qdq pass (``ctx.opts("insert-qdq")``), validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Mapping, Optional
+
+from ..analysis.calibration import METHODS
+from ..pass_base import UsageError
+from .targets import TARGETS
+
+
+@dataclass(frozen=True)
+class QdqOptions:
+    #: "ort-cpu" (uint8 activations, onnxruntime fusions) or "tensorrt" (int8 symmetric)
+    target: str = "ort-cpu"
+    #: calibration method: "auto" picks per tensor the range with the lowest expected error
+    method: str = "auto"
+    percentile: float = 99.99
+    per_channel: bool = True
+    #: node names or fnmatch patterns kept float
+    exclude: List[str] = field(default_factory=list)
+    #: JSON calibration table: loaded when the file exists, else written after calibration
+    calib_table: Optional[str] = None
+    #: use at most this many calibration feeds for statistics (None: all)
+    calib_limit: Optional[int] = None
+    #: subtract each INT8 Conv's own mean output error from its bias
+    bias_correction: bool = True
+    bias_correction_images: int = 32
+    #: ort-cpu: "measure" keeps a Conv float when INT8 is not faster here; "all" quantizes every Conv
+    placement: str = "measure"
+    min_speedup: float = 1.05
+    tune_threads: int = 1
+    #: mixed precision: restore the most sensitive units to float until the loss <= max_drop points
+    max_drop: Optional[float] = None
+    sensitivity: bool = False
+    sensitivity_images: int = 4
+    mixed_images: int = 32
+    labels: Optional[str] = None
+    images: Optional[str] = None
+    #: calibration images used for the report's output cosine/SQNR
+    eval_images: int = 8
+    threads: int = 0
+    progress: bool = True
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> "QdqOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UsageError(f"insert-qdq: unknown option '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        kw = dict(raw)
+        if isinstance(kw.get("exclude"), str):
+            kw["exclude"] = [p for p in kw["exclude"].split(",") if p]
+        o = cls(**kw)
+        o.validate()
+        return o
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise UsageError(f"insert-qdq: unknown target '{self.target}' (use {', '.join(TARGETS)})")
+        if self.method != "auto" and self.method not in METHODS:
+            raise UsageError(f"insert-qdq: unknown method '{self.method}' (use auto, {', '.join(METHODS)})")
+        if self.placement not in ("measure", "all"):
+            raise UsageError(f"insert-qdq: placement must be 'measure' or 'all', got '{self.placement}'")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise UsageError(f"insert-qdq: max_drop must be >= 0 points, got {self.max_drop}")
+        for name in ("bias_correction_images", "sensitivity_images", "mixed_images", "eval_images"):
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"insert-qdq: {name} must be at least 1")
+        if self.calib_limit is not None and self.calib_limit < 1:
+            raise UsageError("insert-qdq: calib_limit must be at least 1")
+        if self.labels and not self.images:
+            raise UsageError("insert-qdq: option 'labels' needs option 'images' (the labelled image folder)")

@@ -1,0 +1,114 @@
+"""Calibrate -> choose parameters -> insert: one quantization of a float model, reusable per plan.
+
+:class:`Quantizer` holds what does not change between plans (the prepared float model, the head,
+the measured conv costs, the calibration statistics turned into per-tensor ranges, the bias
+errors), so mixed precision can build many variants cheaply.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..analysis.calib_table import CalibrationTable
+from ..analysis.head import HeadInfo, find_head
+from . import bias_correction, cost, ranges, rewrite
+from .options import QdqOptions
+from .placement import QuantPlan, make_plan
+from .targets import Target, get_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    model: onnx.ModelProto
+    graph: gs.Graph
+    plan: QuantPlan
+    table: CalibrationTable
+    record: rewrite.RewriteRecord
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Named nodes, sorted, with inferred dtypes and shapes (placement needs float dtypes)."""
+    graph = ir.to_graph(model)
+    ir.name_unnamed_nodes(graph)
+    named = ir.to_model(graph, model)
+    try:
+        return onnx.shape_inference.infer_shapes(named, strict_mode=False)
+    except Exception as exc:  # placement falls back to dtypes graphsurgeon knows
+        log.warning("insert-qdq: shape inference failed (%s); quantizing what has known dtypes", exc)
+        return named
+
+
+class Quantizer:
+    def __init__(self, model: onnx.ModelProto, opts: QdqOptions, feeds: Sequence[Dict[str, np.ndarray]]):
+        self.model = prepare(model)
+        self.opts = opts
+        self.target: Target = get_target(opts.target)
+        self.feeds = feeds
+        self.head: HeadInfo = find_head(self.model)
+        self.costs: Dict[str, cost.ConvCost] = {}
+        self.timings: List[Dict[str, object]] = []
+        self.base: Optional[CalibrationTable] = None
+        self.calib_info: Dict[str, object] = {}
+        self.bias_errors: Dict[str, np.ndarray] = {}
+        if self.target.measure and opts.placement == "measure":
+            self._measure()
+
+    # ----------------------------------------------------------------------------- placement
+    def _measure(self) -> None:
+        graph = ir.to_graph(self.model)
+        skip = set(self.head.tail_nodes) | set(self.head.last_convs)
+        keys = {n.name: cost.conv_key(n) for n in graph.nodes if n.op == "Conv" and n.name not in skip}
+        measured = cost.measure([k for k in keys.values() if k is not None], threads=self.opts.tune_threads,
+                                progress=self.opts.progress)
+        self.costs = {n: measured[k] for n, k in keys.items() if k is not None}
+        for k, c in measured.items():
+            self.timings.append({"conv": f"{k.cin}->{k.cout} k{'x'.join(map(str, k.kernel))} "
+                                         f"s{k.strides[0]} g{k.group} {'x'.join(map(str, k.hw))} {k.act}",
+                                 "int8_ms": c.int8_ms, "float_ms": c.float_ms,
+                                 "speedup": round(c.speedup, 3),
+                                 "nodes": [n for n, kk in keys.items() if kk == k]})
+
+    def _filter(self, node: gs.Node) -> Optional[str]:
+        return cost.slower_in_int8(self.costs.get(node.name), self.opts.min_speedup)
+
+    def plan(self, excluded_nodes: Iterable[str] = ()) -> QuantPlan:
+        graph = ir.to_graph(self.model)
+        return make_plan(graph, self.head, self.target, self.opts.exclude, self._filter, excluded_nodes)
+
+    # ----------------------------------------------------------------------------- calibrate
+    def calibrate(self, plan: QuantPlan) -> None:
+        feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
+        self.base, self.calib_info = ranges.base_table(self.model, plan, feeds, self.opts.method,
+                                                       self.opts.percentile, self.opts.calib_table,
+                                                       self.opts.progress)
+
+    def correct_bias(self, plan: QuantPlan) -> None:
+        if not (self.opts.bias_correction and self.feeds):
+            return
+        qp = ranges.qparams(ranges.plan_table(self.base, plan))
+        feeds = self.feeds[: self.opts.bias_correction_images]
+        self.bias_errors = bias_correction.measure_bias_error(self.model, plan, qp, feeds,
+                                                              self.opts.per_channel, self.opts.threads)
+
+    # ----------------------------------------------------------------------------- insert
+    def build(self, plan: QuantPlan) -> Built:
+        if self.base is None:
+            self.calibrate(plan)
+        table = ranges.plan_table(self.base, plan)
+        qp = ranges.qparams(table)
+        graph = ir.to_graph(self.model)
+        errors = {k: v for k, v in self.bias_errors.items() if k in plan.layers}
+        if errors:
+            bias_correction.apply_correction(graph, errors)
+        rec = rewrite.apply(graph, plan, qp, self.opts.per_channel)
+        model = ir.to_model(graph, self.model)
+        del model.graph.value_info[:]
+        return Built(model, graph, plan, table, rec)

@@ -1,0 +1,269 @@
+"""Where Q/DQ go: which weight layers and ops run in INT8, which tensors get a Q/DQ pair.
+
+Read-only over a graphsurgeon graph; the result is a :class:`QuantPlan` the rewrite applies.
+Rules (per target, see ``quant.targets``):
+- the decode tail from :func:`find_head` is never touched; the last convs' outputs stay float;
+- a weight layer runs INT8 unless the target has no kernel for it, the user excluded it, its
+  weights are not constant, or the measurement said INT8 is slower here (``layer_filter``);
+  its activation input is quantized, and (ort-cpu) its output too, so DQ->Conv->Q fuses;
+- (ort-cpu) an op in ``int8_ops`` runs INT8 when all its float data inputs are quantized anyway
+  and some consumer reads it in INT8; otherwise it is left float and reads DQ outputs;
+- ops the runtime runs unchanged on integers (MaxPool, Resize, Reshape ...) and Concat share one
+  range between inputs and output (``groups``); a Sigmoid output has the fixed range [0, 1];
+- (tensorrt) only the inputs of weight layers and the residual input of Add are quantized.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+from ..analysis.head import HeadInfo
+from ..pass_base import UsageError
+from .targets import SAME_RANGE_OPS, Target, weight_axis
+
+log = logging.getLogger(__name__)
+
+#: data inputs of the ops that may run INT8 (other inputs are shapes, scales, axes)
+_ALL_INPUTS = ("Concat", "Add", "Mul")
+LayerFilter = Callable[[gs.Node], Optional[str]]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One INT8 weight layer: its weight (and bias) tensors and the per-channel axis."""
+
+    node: str
+    op: str
+    act_input: str
+    weight: str
+    weight_index: int
+    axis: int
+    bias: Optional[str] = None
+
+
+@dataclass
+class QuantPlan:
+    target: Target
+    layers: Dict[str, LayerSpec] = field(default_factory=dict)
+    int8_ops: List[str] = field(default_factory=list)
+    activations: Dict[str, str] = field(default_factory=dict)   # tensor -> why it is quantized
+    float_nodes: Dict[str, str] = field(default_factory=dict)   # node -> why it stays float
+    groups: List[List[str]] = field(default_factory=list)      # tensors sharing one range
+    fixed: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    graph_inputs: List[str] = field(default_factory=list)
+    tail: List[str] = field(default_factory=list)
+    #: unit name -> node names (an INT8 layer with the INT8 ops that only it feeds)
+    units: Dict[str, List[str]] = field(default_factory=dict)
+
+    def summary(self) -> Dict[str, object]:
+        return {"target": self.target.name, "int8_layers": len(self.layers),
+                "int8_ops": len(self.int8_ops), "quantized_tensors": len(self.activations),
+                "float_nodes": len(self.float_nodes), "shared_range_groups": len(self.groups),
+                "decode_tail_nodes": len(self.tail)}
+
+
+def match_patterns(names: Iterable[str], patterns: Sequence[str]) -> Set[str]:
+    """Node names matching any pattern (exact name or fnmatch); a pattern matching nothing is an error."""
+    names = list(names)
+    hit: Set[str] = set()
+    for p in patterns:
+        m = {n for n in names if n == p or fnmatch.fnmatchcase(n, p)}
+        if not m:
+            raise UsageError(f"insert-qdq: exclude pattern '{p}' matches no node")
+        hit |= m
+    return hit
+
+
+def data_inputs(node: gs.Node) -> List[gs.Tensor]:
+    return list(node.inputs) if node.op in _ALL_INPUTS else list(node.inputs[:1])
+
+
+def is_float_var(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Variable) and ir.const_value(t) is None and t.dtype is not None \
+        and np.dtype(t.dtype) == np.float32
+
+
+def _const(t: gs.Tensor) -> Optional[np.ndarray]:
+    return ir.const_value(t) if t is not None and t.name else None
+
+
+def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]:
+    """(spec, "") for a weight layer the target can run INT8, else (None, reason)."""
+    if node.op not in target.int8_layers:
+        return None, f"{target.name} has no INT8 {node.op} kernel (measured: DQ + float op + Q)"
+    if node.op == "MatMul":
+        if len(node.inputs) < 2 or _const(node.inputs[1]) is None or _const(node.inputs[0]) is not None:
+            return None, "MatMul without a constant right-hand weight"
+        w_idx, act = 1, node.inputs[0]
+    else:
+        if len(node.inputs) < 2 or _const(node.inputs[1]) is None:
+            return None, f"{node.op} weights are not constant"
+        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+            return None, "Gemm with transA"
+        w_idx, act = 1, node.inputs[0]
+    w = _const(node.inputs[w_idx])
+    if w is None or w.dtype != np.float32 or w.ndim < 2:
+        return None, f"{node.op} weights are not float32 matrices"
+    if not is_float_var(act):
+        return None, f"{node.op} input '{act.name}' is not a float32 activation"
+    axis = weight_axis(node.op, int(node.attrs.get("transB", 0)), w.ndim)
+    bias = None
+    if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+        b = _const(node.inputs[2])
+        if b is not None and b.ndim == 1 and b.shape[0] == w.shape[axis]:
+            bias = node.inputs[2].name
+    return LayerSpec(node.name, node.op, act.name, node.inputs[w_idx].name, w_idx, axis, bias), ""
+
+
+# ------------------------------------------------------------------------------------- planning
+def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: Set[str],
+                   layer_filter: Optional[LayerFilter]) -> None:
+    last = set(head.last_convs)
+    tail = set(plan.tail)
+    t = plan.target
+    for node in graph.nodes:
+        if node.name in tail or node.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            continue
+        if node.name in excluded:
+            plan.float_nodes[node.name] = "excluded by option"
+            continue
+        if node.name in last and not t.quantize_last_convs:
+            plan.float_nodes[node.name] = ("last conv: its output feeds the decode tail and stays float "
+                                           "(a quantized output needs one scale for box and score logits)")
+            continue
+        spec, why = layer_spec(node, t)
+        if spec is None:
+            plan.float_nodes[node.name] = why
+            continue
+        slower = layer_filter(node) if layer_filter is not None else None
+        if slower:
+            plan.float_nodes[node.name] = slower
+            continue
+        plan.layers[node.name] = spec
+
+
+def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Set[str]) -> Set[str]:
+    """Forward: ops that can run INT8 on tensors quantized anyway. Returns quantized tensor names."""
+    t = plan.target
+    tail = set(plan.tail)
+    avail: Set[str] = {s.act_input for s in plan.layers.values()}
+    if t.quantize_layer_outputs:
+        for node in graph.nodes:
+            if node.name in plan.layers:
+                avail.update(o.name for o in node.outputs if is_float_var(o))
+    if not t.int8_ops:
+        return avail
+    for node in graph.nodes:
+        if node.name in tail or node.name in plan.layers or node.op not in t.int8_ops:
+            continue
+        if node.name in excluded:
+            plan.float_nodes[node.name] = "excluded by option"
+            continue
+        ins = data_inputs(node)
+        if not ins or not all(is_float_var(x) and x.name in avail for x in ins):
+            continue
+        outs = [o for o in node.outputs if is_float_var(o)]
+        if len(outs) != len([o for o in node.outputs if o.name]):
+            continue
+        plan.int8_ops.append(node.name)
+        avail.update(o.name for o in outs)
+    return avail
+
+
+def _demote(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> None:
+    """Backward: an INT8 op none of whose readers runs INT8 goes back to float (saves a Q/DQ)."""
+    int8 = set(plan.int8_ops)
+    layer_inputs = {s.act_input for s in plan.layers.values()}
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    for name in sorted(int8, key=order.__getitem__, reverse=True):
+        node = by_name[name]
+        used = False
+        for o in node.outputs:
+            if o.name in layer_inputs:
+                used = True
+            for c in o.outputs:
+                if c.name in int8:
+                    used = True
+        if not used:
+            int8.discard(name)
+            plan.float_nodes[name] = "no INT8 reader: a float op after DQ is cheaper than requantizing"
+    plan.int8_ops = [n for n in plan.int8_ops if n in int8]
+
+
+def _collect(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> None:
+    t = plan.target
+    for spec in plan.layers.values():
+        plan.activations.setdefault(spec.act_input, f"input of INT8 {spec.op} {spec.node}")
+        if t.quantize_layer_outputs:
+            for o in by_name[spec.node].outputs:
+                if is_float_var(o):
+                    plan.activations.setdefault(o.name, f"output of INT8 {spec.op} {spec.node} (DQ-{spec.op}-Q fuses)")
+    for name in plan.int8_ops:
+        node = by_name[name]
+        for o in node.outputs:
+            plan.activations.setdefault(o.name, f"output of INT8 {node.op} {name}")
+        if node.op == "Sigmoid":
+            plan.fixed[node.outputs[0].name] = (0.0, 1.0)
+        if node.op in t.same_range_ops or (node.op == "Concat" and t.shared_concat):
+            plan.groups.append([x.name for x in data_inputs(node)] + [o.name for o in node.outputs])
+    if t.residual_add_inputs:
+        _residual_adds(graph, plan)
+    plan.graph_inputs = [i.name for i in graph.inputs if i.name in plan.activations]
+
+
+def _residual_adds(graph: gs.Graph, plan: QuantPlan) -> None:
+    """TensorRT: quantize the skip input of a residual Add so the Add fuses into the Conv."""
+    tail = set(plan.tail)
+    for node in graph.nodes:
+        if node.op != "Add" or node.name in tail or len(node.inputs) != 2:
+            continue
+        ins = [x for x in node.inputs if is_float_var(x)]
+        if len(ins) != 2:
+            continue
+        skip = [x for x in ins if len(x.outputs) > 1]
+        for x in (skip if len(skip) == 1 else ins):
+            plan.activations.setdefault(x.name, f"residual input of Add {node.name}")
+
+
+def _units(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> None:
+    """Group each INT8 layer with the INT8 ops fed only by it (its activation chain)."""
+    owner: Dict[str, str] = {}
+    int8 = set(plan.int8_ops)
+    for node in graph.nodes:
+        if node.name in plan.layers:
+            plan.units[node.name] = [node.name]
+            for o in node.outputs:
+                owner[o.name] = node.name
+        elif node.name in int8:
+            srcs = {owner.get(x.name) for x in data_inputs(node)}
+            unit = srcs.pop() if len(srcs) == 1 and None not in srcs and len(data_inputs(node)) >= 1 else None
+            if unit is None or by_name[node.name].op == "Concat":
+                unit = node.name
+                plan.units[unit] = []
+            plan.units[unit].append(node.name)
+            for o in node.outputs:
+                owner[o.name] = unit
+    for name in plan.graph_inputs:
+        plan.units[f"input:{name}"] = []
+
+
+def make_plan(graph: gs.Graph, head: HeadInfo, target: Target, exclude: Sequence[str] = (),
+              layer_filter: Optional[LayerFilter] = None, excluded_nodes: Iterable[str] = ()) -> QuantPlan:
+    """The placement for ``graph`` (every node named, toposorted, dtypes known)."""
+    by_name = {n.name: n for n in graph.nodes}
+    excluded = match_patterns(by_name, exclude) | set(excluded_nodes)
+    tail = set(head.tail_nodes) | set(head.decode_convs)
+    plan = QuantPlan(target=target, tail=[n.name for n in graph.nodes if n.name in tail])
+    _choose_layers(graph, plan, head, excluded, layer_filter)
+    _propagate(graph, plan, excluded)
+    _demote(graph, plan, by_name)
+    _collect(graph, plan, by_name)
+    _units(graph, plan, by_name)
+    log.info("placement %s: %s", target.name, plan.summary())
+    return plan

@@ -1,0 +1,96 @@
+"""From calibration statistics to the scale and zero point of every planned tensor.
+
+Calibration (``analysis.calibration``) runs once over the float model for all candidate tensors;
+each plan (the default one, and every mixed-precision variant) then takes its tensors' ranges,
+fixes the ranges that need no data (a Sigmoid output is [0, 1]), takes the graph input's
+min/max (images are exact multiples of 1/255 or integers: a clipped range would only lose), and
+merges the ranges of tensors that must share one scale.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import onnx
+
+from ..analysis import calibration as cal
+from ..analysis.calib_table import CalibrationTable, RangeEntry, force_same_range
+from ..pass_base import UsageError
+from .placement import QuantPlan
+
+log = logging.getLogger(__name__)
+
+QParams = Dict[str, Tuple[float, int]]
+
+
+def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method: str, percentile: float,
+               table_path: Optional[str], progress: bool) -> Tuple[CalibrationTable, Dict[str, object]]:
+    """Per-tensor ranges for the plan's calibrated tensors: loaded from ``table_path`` when that file
+    exists, else calibrated on ``feeds`` (and saved to ``table_path`` when given)."""
+    t = plan.target
+    tensors = [n for n in plan.activations if n not in plan.fixed]
+    info: Dict[str, object] = {}
+    if table_path and Path(table_path).exists():
+        table = CalibrationTable.from_json(table_path)
+        if table.qdtype != t.act_qdtype or table.symmetric != t.act_symmetric:
+            raise UsageError(f"{table_path}: calibration table is for {table.qdtype}"
+                             f"{' symmetric' if table.symmetric else ''}, target {t.name} needs "
+                             f"{t.act_qdtype}{' symmetric' if t.act_symmetric else ''}: delete it to recalibrate")
+        missing = [n for n in tensors if n not in table]
+        if missing:
+            raise UsageError(f"{table_path}: calibration table has no range for tensor '{missing[0]}' "
+                             f"({len(missing)} missing): delete it to recalibrate")
+        info["calibration"] = f"loaded from {table_path}"
+        return table, info
+    if not feeds:
+        raise UsageError("insert-qdq needs calibration images: pass --calib DIR")
+    stats = cal.collect(model, tensors, feeds, progress=progress)
+    table = cal.choose_ranges(stats, method, symmetric=t.act_symmetric, qdtype=t.act_qdtype,
+                              percentile=percentile, tensors=tensors)
+    if method == "auto" and plan.graph_inputs:
+        exact = cal.choose_ranges(stats, "minmax", symmetric=t.act_symmetric, qdtype=t.act_qdtype,
+                                  tensors=plan.graph_inputs)
+        table = CalibrationTable({**table.entries, **exact.entries}, table.qdtype, table.symmetric,
+                                 dict(table.meta))
+    info["calibration"] = {"samples": stats.samples, "seconds": stats.meta.get("seconds"),
+                           "skipped": dict(stats.skipped)}
+    if table_path:
+        table.to_json(table_path)
+        info["calibration_table"] = str(table_path)
+    return table, info
+
+
+def plan_table(base: CalibrationTable, plan: QuantPlan) -> CalibrationTable:
+    """The plan's tensors with fixed ranges added and shared groups merged."""
+    entries: Dict[str, RangeEntry] = {}
+    for name in plan.activations:
+        if name in plan.fixed:
+            lo, hi = plan.fixed[name]
+            entries[name] = RangeEntry(lo, hi, "fixed")
+        elif name in base:
+            entries[name] = replace(base[name], shared=None)
+        else:
+            raise UsageError(f"insert-qdq: no calibration range for tensor '{name}'")
+    table = CalibrationTable(entries, base.qdtype, base.symmetric, dict(base.meta))
+    groups = [[n for n in g if n in entries] for g in plan.groups]
+    return force_same_range(table, [g for g in groups if len(g) > 1])
+
+
+def qparams(table: CalibrationTable) -> QParams:
+    return {name: (float(s), int(z)) for name in table for s, z in [table.scale_zero_point(name)]}
+
+
+def table_report(table: CalibrationTable, plan: QuantPlan) -> Dict[str, Dict[str, object]]:
+    """Per tensor: method, range, scale, zero point, why quantized, the group it shares."""
+    out: Dict[str, Dict[str, object]] = {}
+    for name, e in table.entries.items():
+        s, z = table.scale_zero_point(name)
+        out[name] = {"method": e.method, "rmin": round(e.rmin, 6), "rmax": round(e.rmax, 6),
+                     "scale": float(s), "zero_point": int(z), "why": plan.activations.get(name, "")}
+        if e.shared:
+            out[name]["shared_with"] = e.shared
+        if e.errors:
+            out[name]["expected_mse"] = {k: float(f"{v:.4g}") for k, v in e.errors.items()}
+    return out

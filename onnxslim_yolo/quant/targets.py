@@ -1,0 +1,88 @@
+"""What each deployment target wants from a QDQ model (types, which ops run in INT8, ranges).
+
+The ort-cpu rules come from measurements with onnxruntime 1.32 on the 2-core AVX512-VNNI machine
+(profiles of yolov5n at 640, per-op kernel time, see the module docs of ``quant.cost``):
+- DQ -> Conv -> Q fuses into QLinearConv (int32 or float bias both fuse); dense convs run 2.5-3.5x
+  faster than FP32, but the 3-channel stem (5.2 ms vs 3.3 ms) and depthwise convs (2-4x slower)
+  do not, hence the per-conv measurement (``quant.cost``) instead of a fixed rule;
+- SiLU as QLinearSigmoid + QLinearMul (7.0 ms on yolov5n) beat the float alternatives: DQ ->
+  Sigmoid -> Mul -> Q (no QuickGelu fusion once onnxruntime duplicates the DQ: 10+ ms), DQ ->
+  com.microsoft QuickGelu -> Q (about equal, but not a standard op), a 256-entry Gather lookup
+  (4x slower);
+- ConvTranspose has no INT8 kernel (runs DQ + float ConvTranspose + Q): kept float;
+- a quantized last-conv output costs 0.6 mAP (one scale for box and score logits): kept float;
+- Reshape/Transpose/MaxPool/Resize/Split/Slice run on uint8 when input and output share a scale.
+TensorRT: explicit quantization rules (Q/DQ on the inputs of Conv/MatMul/Gemm and their weights,
+the residual input of Add; int8 symmetric, zero point 0; biases float).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import FrozenSet
+
+from ..pass_base import UsageError
+
+WEIGHT_LAYERS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+#: ops onnxruntime runs on uint8 unchanged when their input and output share one scale
+SAME_RANGE_OPS = frozenset({"MaxPool", "Resize", "Reshape", "Transpose", "Split", "Slice", "Squeeze",
+                            "Unsqueeze", "Flatten", "Identity", "DepthToSpace", "SpaceToDepth"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """Quantization conventions of one runtime."""
+
+    name: str
+    act_qdtype: str
+    act_symmetric: bool
+    #: weight layers the runtime runs in INT8
+    int8_layers: FrozenSet[str]
+    #: non-weight ops that run in INT8 when all their float inputs are quantized
+    int8_ops: FrozenSet[str]
+    #: ops whose output shares its input's range (one group per node)
+    same_range_ops: FrozenSet[str]
+    #: Concat inputs and output share one scale
+    shared_concat: bool
+    bias_int32: bool
+    #: quantize the inputs and weights of the last convs (their outputs always stay float)
+    quantize_last_convs: bool
+    #: a quantized layer's output is quantized too (onnxruntime fuses DQ->Conv->Q only)
+    quantize_layer_outputs: bool
+    #: Add: quantize only the residual (skip) input, TensorRT's rule
+    residual_add_inputs: bool
+    #: decide INT8 vs float per conv by timing both on this machine
+    measure: bool
+
+
+ORT_CPU = Target(
+    name="ort-cpu", act_qdtype="uint8", act_symmetric=False,
+    int8_layers=frozenset({"Conv", "MatMul", "Gemm"}),
+    int8_ops=frozenset({"Sigmoid", "Mul", "Add", "Concat", "LeakyRelu", "Relu", "AveragePool",
+                        "GlobalAveragePool"}) | SAME_RANGE_OPS,
+    same_range_ops=SAME_RANGE_OPS, shared_concat=True, bias_int32=True, quantize_last_convs=False,
+    quantize_layer_outputs=True, residual_add_inputs=False, measure=True)
+
+TENSORRT = Target(
+    name="tensorrt", act_qdtype="int8", act_symmetric=True,
+    int8_layers=frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
+    int8_ops=frozenset(), same_range_ops=frozenset(), shared_concat=False, bias_int32=False,
+    quantize_last_convs=True, quantize_layer_outputs=False, residual_add_inputs=True, measure=False)
+
+TARGETS = {t.name: t for t in (ORT_CPU, TENSORRT)}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise UsageError(f"insert-qdq: unknown target '{name}' (use {', '.join(TARGETS)})")
+    return TARGETS[name]
+
+
+def weight_axis(op: str, trans_b: int = 0, rank: int = 4) -> int:
+    """Output-channel axis of a layer's weight: Conv 0, ConvTranspose 1, MatMul last, Gemm by transB."""
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1
+    if op == "Gemm":
+        return 0 if trans_b else 1
+    return rank - 1
