@@ -1,0 +1,355 @@
+"""How each op moves Conv output channels: the per-op rules of the channel-group analysis.
+
+A rule reads one node and tells the :class:`Recorder` which channel positions ``(tensor, index)``
+are the same channel (``link``), which ones a Conv produces or consumes (``role``), and which ones
+can never be removed (``block`` with a reason). Rules never mutate the graph. Channels are on
+axis 1 (NCHW, also NCL / NCDHW); a "feature" tensor is a float tensor of rank >= 3 with a static
+channel count.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ir
+
+#: element-wise ops of one data input (extra inputs, if any, are scalars such as Clip's bounds).
+UNARY_OPS = frozenset({
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Tanh", "Elu", "Selu",
+    "Celu", "Softplus", "Softsign", "Mish", "Gelu", "Identity", "Neg", "Abs", "Exp", "Log", "Sqrt",
+    "Reciprocal", "Erf", "Cast", "Dropout", "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign",
+})
+#: element-wise ops between feature maps (broadcasting): every full-channel input is coupled.
+ELEMENTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu"})
+#: per-channel spatial ops: output channel c reads input channel c only.
+POOL_OPS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+                      "GlobalLpPool"})
+#: ops that may sit between a Shape and a Resize 'sizes' input (shape arithmetic).
+SHAPE_ARITH_OPS = frozenset({"Gather", "Slice", "Concat", "Cast", "Unsqueeze", "Squeeze", "Mul",
+                             "Div", "Add", "Sub", "Floor", "Ceil", "Identity", "Constant"})
+
+
+class Recorder(Protocol):
+    """What a rule may call (implemented by ``channels._Builder``)."""
+
+    def channels(self, t: gs.Tensor) -> Optional[int]: ...
+    def link(self, a: gs.Tensor, a0: int, b: gs.Tensor, b0: int, n: int) -> None: ...
+    def block(self, t: gs.Tensor, reason: str, start: int = 0, n: Optional[int] = None) -> None: ...
+    def role(self, t: gs.Tensor, kind: str, node: gs.Node, n: Optional[int] = None,
+             offset: int = 0) -> None: ...
+
+
+Rule = Callable[[gs.Node, Recorder], None]
+
+
+def _features(rec: Recorder, tensors: Iterable[gs.Tensor]) -> List[gs.Tensor]:
+    return [t for t in tensors if isinstance(t, gs.Variable) and t.name and rec.channels(t)]
+
+
+def _desc(node: gs.Node) -> str:
+    return f"{node.op} '{node.name}'"
+
+
+def block_node(node: gs.Node, rec: Recorder, why: str = "") -> None:
+    """Unmapped op: its feature inputs and outputs keep all their channels."""
+    tail = f" ({why})" if why else ""
+    for t in _features(rec, node.inputs):
+        rec.block(t, f"consumed by {_desc(node)}{tail}")
+    for t in _features(rec, node.outputs):
+        rec.block(t, f"produced by {_desc(node)}{tail}")
+
+
+def _pass_through(node: gs.Node, rec: Recorder, x: gs.Tensor, y: gs.Tensor) -> None:
+    cx, cy = rec.channels(x), rec.channels(y)
+    if not cx or not cy:
+        block_node(node, rec, "unknown channel count")
+    elif cx != cy:
+        block_node(node, rec, f"changes the channel count {cx} -> {cy}")
+    else:
+        rec.link(x, 0, y, 0, cx)
+
+
+def _has_feature_io(node: gs.Node, rec: Recorder) -> bool:
+    return bool(_features(rec, node.inputs) or _features(rec, node.outputs))
+
+
+def rule_unary(node: gs.Node, rec: Recorder) -> None:
+    if not node.inputs or not node.outputs or not _has_feature_io(node, rec):
+        return
+    for extra in node.inputs[1:]:
+        if extra.name and ir.const_value(extra) is None and rec.channels(extra):
+            return block_node(node, rec, "non-scalar second input")
+    used = [o for o in node.outputs[1:] if o.outputs]
+    if used:
+        return block_node(node, rec, "extra output is used")
+    _pass_through(node, rec, node.inputs[0], node.outputs[0])
+
+
+def rule_batchnorm(node: gs.Node, rec: Recorder) -> None:
+    if not _has_feature_io(node, rec):
+        return
+    if any(ir.const_value(t) is None for t in node.inputs[1:5]):
+        return block_node(node, rec, "non-constant parameters")
+    if any(o.outputs for o in node.outputs[1:]):
+        return block_node(node, rec, "training-mode outputs are used")
+    _pass_through(node, rec, node.inputs[0], node.outputs[0])
+    if rec.channels(node.outputs[0]):
+        rec.role(node.outputs[0], "bn", node)
+
+
+def rule_pool(node: gs.Node, rec: Recorder) -> None:
+    if not _has_feature_io(node, rec):
+        return
+    if any(o.outputs for o in node.outputs[1:]):
+        return block_node(node, rec, "pooling indices are used")
+    _pass_through(node, rec, node.inputs[0], node.outputs[0])
+
+
+def _sizes_from_own_shape(node: gs.Node) -> bool:
+    """True when Resize's runtime 'sizes' are computed from Shape(its own input): they follow C."""
+    sizes = node.inputs[3]
+    stack, seen = [sizes], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        p = ir.producer(t) if isinstance(t, gs.Variable) else None
+        if p is None:
+            continue
+        if p.op == "Shape":
+            if p.inputs[0] is node.inputs[0]:
+                return True
+            continue
+        if p.op in SHAPE_ARITH_OPS:
+            stack.extend(p.inputs)
+    return False
+
+
+def rule_resize(node: gs.Node, rec: Recorder) -> None:
+    if not _has_feature_io(node, rec):
+        return
+    if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
+        if ir.const_value(node.inputs[3]) is None and not _sizes_from_own_shape(node):
+            return block_node(node, rec, "'sizes' is computed and does not follow the input's shape")
+    _pass_through(node, rec, node.inputs[0], node.outputs[0])
+
+
+def _axis(node: gs.Node, t: gs.Tensor, default: int = 0) -> Optional[int]:
+    shp = getattr(t, "shape", None)
+    if shp is None:
+        return None
+    a = int(node.attrs.get("axis", default))
+    return a + len(shp) if a < 0 else a
+
+
+def rule_concat(node: gs.Node, rec: Recorder) -> None:
+    y = node.outputs[0]
+    if not rec.channels(y):
+        return block_node(node, rec) if _features(rec, node.inputs) else None
+    axis = _axis(node, y)
+    offset = 0
+    for x in node.inputs:
+        cx = rec.channels(x) if isinstance(x, gs.Variable) else None
+        n = x.shape[1] if getattr(x, "shape", None) is not None and len(x.shape) > 1 else None
+        if axis != 1:
+            if cx:
+                rec.link(x, 0, y, 0, cx)
+            else:
+                rec.block(y, f"{_desc(node)} has a constant or unknown input '{x.name}'")
+            continue
+        if cx:
+            rec.link(x, 0, y, offset, cx)
+            offset += cx
+        elif isinstance(n, (int, np.integer)):
+            rec.block(y, f"constant input '{x.name}' of {_desc(node)}", offset, int(n))
+            offset += int(n)
+        else:
+            return block_node(node, rec, f"input '{x.name}' has no static channel count")
+
+
+def _split_sizes(node: gs.Node, rec: Recorder) -> Optional[List[int]]:
+    sizes = []
+    for o in node.outputs:
+        shp = getattr(o, "shape", None)
+        if shp is None or len(shp) < 2 or not isinstance(shp[1], (int, np.integer)):
+            return None
+        sizes.append(int(shp[1]))
+    return sizes
+
+
+def rule_split(node: gs.Node, rec: Recorder) -> None:
+    x = node.inputs[0]
+    if not rec.channels(x):
+        return block_node(node, rec) if _features(rec, node.outputs) else None
+    axis = _axis(node, x)
+    if axis != 1:
+        for o in node.outputs:
+            _pass_through(node, rec, x, o)
+        return
+    sizes = _split_sizes(node, rec)
+    if sizes is None or sum(sizes) != rec.channels(x):
+        return block_node(node, rec, "output channel counts unknown")
+    offset = 0
+    for o, n in zip(node.outputs, sizes):
+        if n:
+            rec.link(x, offset, o, 0, n)
+        offset += n
+
+
+def slice_params(node: gs.Node, rank: int) -> Optional[Dict[int, Tuple[int, int, int]]]:
+    """{axis: (start, end, step)} from constant inputs, or None when any bound is computed."""
+    vals = []
+    for i in range(1, 5):
+        if len(node.inputs) > i and node.inputs[i].name:
+            v = ir.const_value(node.inputs[i])
+            if v is None:
+                return None
+            vals.append([int(a) for a in np.asarray(v).ravel()])
+        else:
+            vals.append(None)
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None:
+        return None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    return {(a + rank if a < 0 else a): (s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)}
+
+
+def normalized_slice(start: int, end: int, step: int, n: int) -> Tuple[int, int]:
+    """[start, end) clamped to 0..n for a positive step (ONNX Slice semantics)."""
+    s = start + n if start < 0 else start
+    e = end + n if end < 0 else end
+    return max(0, min(s, n)), max(0, min(e, n))
+
+
+def rule_slice(node: gs.Node, rec: Recorder) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    if not rec.channels(x):
+        return block_node(node, rec) if rec.channels(y) else None
+    params = slice_params(node, len(x.shape))
+    if params is None:
+        return block_node(node, rec, "non-constant bounds")
+    if 1 not in params:
+        return _pass_through(node, rec, x, y)
+    start, end, step = params[1]
+    if step != 1:
+        return block_node(node, rec, f"channel step {step}")
+    cy = rec.channels(y)
+    s, e = normalized_slice(start, end, step, rec.channels(x))
+    if not cy or cy != max(e - s, 0):
+        return block_node(node, rec, "output channel count unknown")
+    rec.link(x, s, y, 0, cy)
+
+
+def _aligned_channel_dim(shape: Sequence, out_rank: int) -> Optional[object]:
+    """The dim of a broadcast operand that lines up with the output's axis 1 (None if absent)."""
+    pos = 1 - (out_rank - len(shape))
+    return shape[pos] if 0 <= pos < len(shape) else None
+
+
+def rule_elementwise(node: gs.Node, rec: Recorder) -> None:
+    y = node.outputs[0]
+    cy = rec.channels(y)
+    if not cy:
+        return block_node(node, rec) if _features(rec, node.inputs) else None
+    rank = len(y.shape)
+    for x in node.inputs:
+        v = ir.const_value(x)
+        shape = list(v.shape) if v is not None else getattr(x, "shape", None)
+        if shape is None:
+            return block_node(node, rec, f"input '{x.name}' has no known shape")
+        c = _aligned_channel_dim(shape, rank)
+        if c is None or c == 1:
+            continue  # broadcast along channels: not coupled
+        if c != cy:
+            return block_node(node, rec, f"input '{x.name}' of shape {list(shape)} does not line up "
+                                         f"with {cy} channels")
+        if v is not None:
+            rec.role(y, "const", node)  # per-channel constant: sliced with the channels
+        elif rec.channels(x):
+            rec.link(x, 0, y, 0, cy)
+        else:
+            return block_node(node, rec, f"input '{x.name}' has no static channel count")
+
+
+def conv_kind(node: gs.Node, rec: Recorder) -> Tuple[str, str]:
+    """("dense" | "depthwise" | "blocked", reason)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    wv = ir.const_value(w) if w is not None else None
+    if wv is None:
+        return "blocked", "weight is not a constant"
+    if len(node.inputs) > 2 and node.inputs[2].name and ir.const_value(node.inputs[2]) is None:
+        return "blocked", "bias is not a constant"
+    g = int(node.attrs.get("group", 1))
+    if g == 1:
+        return "dense", ""
+    cin = rec.channels(node.inputs[0])
+    if cin == g and wv.shape[0] == g and wv.shape[1] == 1:
+        return "depthwise", ""
+    return "blocked", f"grouped Conv (group={g}) that is not depthwise"
+
+
+def rule_conv(node: gs.Node, rec: Recorder) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    kind, why = conv_kind(node, rec)
+    if kind == "blocked":
+        return block_node(node, rec, why)
+    if kind == "depthwise":
+        _pass_through(node, rec, x, y)
+        if rec.channels(y):
+            rec.role(y, "depthwise", node)
+        return
+    if rec.channels(x):
+        rec.role(x, "consumer", node)
+    else:
+        block_node(node, rec, "input channel count unknown")
+        return
+    if rec.channels(y):
+        rec.role(y, "producer", node)
+
+
+def _shape_feeds_only_own_resize(node: gs.Node) -> Optional[str]:
+    """None when a Shape's value only sizes a Resize of the same tensor, else what reads it."""
+    start = int(node.attrs.get("start", 0))
+    if start >= 2:
+        return None  # reads spatial dims only
+    stack, seen = [node.outputs[0]], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for c in t.outputs:
+            if c.op == "Resize" and len(c.inputs) > 3 and c.inputs[3] is t:
+                if c.inputs[0] is not node.inputs[0]:
+                    return _desc(c)
+            elif c.op in SHAPE_ARITH_OPS:
+                stack.extend(c.outputs)
+            else:
+                return _desc(c)
+    return None
+
+
+def rule_shape(node: gs.Node, rec: Recorder) -> None:
+    reader = _shape_feeds_only_own_resize(node)
+    if reader is not None:
+        for t in _features(rec, node.inputs):
+            rec.block(t, f"channel count read by {_desc(node)} feeding {reader}")
+
+
+RULES: Dict[str, Rule] = {
+    **{op: rule_unary for op in UNARY_OPS},
+    **{op: rule_elementwise for op in ELEMENTWISE_OPS},
+    **{op: rule_pool for op in POOL_OPS},
+    "BatchNormalization": rule_batchnorm,
+    "Resize": rule_resize, "Upsample": rule_resize,
+    "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
+    "Conv": rule_conv, "Shape": rule_shape, "Constant": lambda n, r: None,
+}
+
+
+def rule_for(op: str) -> Rule:
+    return RULES.get(op, block_node)

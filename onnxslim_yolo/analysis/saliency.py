@@ -1,0 +1,84 @@
+"""Where the detector finds objects: per-image saliency maps from the model's own detections.
+
+For a known YOLO output layout (v5, v8, yolox; rows ordered per stride 8/16/32, anchor, y, x),
+each candidate's best class score is written at its grid cell, and the map (at the finest stride)
+is the maximum over anchors and strides. Least-squares statistics sample Conv output positions
+partly in proportion to this map, so that reconstructions are accurate where boxes are decoded,
+not only on background. Returns None for unknown layouts (then sampling stays uniform).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from .. import verify
+from .activations import Feeds
+
+log = logging.getLogger(__name__)
+
+STRIDES = (8, 16, 32)
+
+
+def _layout(model: onnx.ModelProto):
+    from ..data import model_input
+    from ..eval.decode import _static_output_shape, format_from_metadata, format_from_shape
+    try:
+        hw = model_input(model)[1][1:]
+        fmt = format_from_metadata(model) or format_from_shape(_static_output_shape(model), hw)
+    except Exception:  # unknown layout: uniform sampling
+        return None, None
+    return fmt, hw
+
+
+def detection_map(scores: np.ndarray, hw: Sequence[int]) -> Optional[np.ndarray]:
+    """(H/8, W/8) map of the best score per cell, from per-row best scores in YOLO row order."""
+    grids = [(math.ceil(hw[0] / s), math.ceil(hw[1] / s)) for s in STRIDES]
+    cells = sum(h * w for h, w in grids)
+    if len(scores) % cells:
+        return None
+    na = len(scores) // cells
+    out = np.zeros(grids[0], np.float32)
+    start = 0
+    for (h, w), s in zip(grids, STRIDES):
+        block = scores[start:start + na * h * w].reshape(na, h, w).max(axis=0)
+        start += na * h * w
+        up = np.repeat(np.repeat(block, s // STRIDES[0], axis=0), s // STRIDES[0], axis=1)
+        out = np.maximum(out, up[:grids[0][0], :grids[0][1]])
+    return out
+
+
+def saliency_maps(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int = 1
+                  ) -> Optional[List[np.ndarray]]:
+    """One map per feed (batch 1), or None when the output layout is not a known YOLO format."""
+    fmt, hw = _layout(model)
+    if fmt is None or len(model.graph.output) != 1:
+        return None
+    from ..eval.decode import decode
+    sess = verify.session(model, optimize=True, threads=threads)
+    maps: List[np.ndarray] = []
+    for f in feeds:
+        out = verify.run(sess, f)[0]
+        if out.shape[0] != 1:
+            return None
+        _, scores = decode(out, fmt, hw)
+        m = detection_map(scores.max(axis=1), hw)
+        if m is None:
+            log.info("saliency: output rows do not match the stride grid; uniform sampling")
+            return None
+        maps.append(m)
+    return maps
+
+
+def cell_weights(sal: np.ndarray, ho: int, wo: int, mix: float = 0.5) -> np.ndarray:
+    """Sampling probabilities over a (ho, wo) output grid: ``mix`` uniform, the rest saliency."""
+    ys = np.minimum(((np.arange(ho) + 0.5) * sal.shape[0] / ho).astype(int), sal.shape[0] - 1)
+    xs = np.minimum(((np.arange(wo) + 0.5) * sal.shape[1] / wo).astype(int), sal.shape[1] - 1)
+    s = sal[np.ix_(ys, xs)].astype(np.float64).ravel()
+    u = np.full(s.size, 1.0 / s.size)
+    if s.sum() <= 0:
+        return u
+    return mix * u + (1 - mix) * s / s.sum()

@@ -1,0 +1,207 @@
+"""Measured sensitivity of the detection head to removing input channels of given Convs.
+
+A copy of the model gets, in front of each listed Conv, ``x * m + s`` with ``m`` and ``s``
+per-channel graph inputs. Setting ``m = 0`` and ``s = mean`` for a channel is exactly what
+removing that input channel of that Conv with its mean folded into the bias does, so one
+onnxruntime session measures any removal without rebuilding the model. The distortion is
+measured on the confident detections when the output format is a known YOLO layout
+(:class:`DetectionMetric`: box offsets and sizes relative to the box, score changes), else on
+the outputs of the last Convs (:class:`HeadMetric`: per-channel MSE over variance).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import ir, verify
+from . import activations
+from .activations import Feeds
+
+log = logging.getLogger(__name__)
+
+MASK, SHIFT = "__prune_mask", "__prune_shift"
+Removal = Mapping[str, Tuple[np.ndarray, np.ndarray]]
+
+
+def masked_model(model: onnx.ModelProto, convs: Sequence[str],
+                 shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """Copy of ``model`` where each Conv in ``convs`` reads ``x * <conv>__prune_mask +
+    <conv>__prune_shift`` (``shapes`` gives the static shape of each Conv's input)."""
+    graph = ir.to_graph(model)
+    ir.name_unnamed_nodes(graph)
+    wanted = set(convs)
+    for node in [n for n in graph.nodes if n.name in wanted and n.op == "Conv"]:
+        x = node.inputs[0]
+        shp = shapes[x.name]
+        shape = [1, int(shp[1])] + [1] * (len(shp) - 2)
+        m = gs.Variable(node.name + MASK, np.float32, shape)
+        s = gs.Variable(node.name + SHIFT, np.float32, shape)
+        mul = gs.Variable(node.name + "__prune_mul", np.float32)
+        out = gs.Variable(node.name + "__prune_in", np.float32)
+        graph.nodes.append(gs.Node("Mul", node.name + "__prune_Mul", inputs=[x, m], outputs=[mul]))
+        graph.nodes.append(gs.Node("Add", node.name + "__prune_Add", inputs=[mul, s], outputs=[out]))
+        graph.inputs.extend([m, s])
+        node.inputs[0] = out
+    return ir.to_model(graph, model)
+
+
+def last_convs(model: onnx.ModelProto) -> List[str]:
+    """Output tensors of the Convs with no Conv downstream (the head's raw maps)."""
+    g = nx.DiGraph()
+    prod = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        g.add_node(n.name)
+        for i in n.input:
+            if i in prod:
+                g.add_edge(prod[i].name, n.name)
+    conv = {n.name for n in model.graph.node if n.op_type == "Conv"}
+    below: Dict[str, bool] = {}
+    for name in reversed(list(nx.topological_sort(g))):
+        below[name] = any(s in conv or below[s] for s in g.successors(name))
+    return [n.output[0] for n in model.graph.node if n.op_type == "Conv" and not below[n.name]]
+
+
+def _channels_first(a: np.ndarray) -> np.ndarray:
+    return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1).astype(np.float64)
+
+
+def distortion(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], var: Sequence[np.ndarray]) -> float:
+    """Mean over tensors and channels of MSE / reference variance of the channel."""
+    vals = []
+    for a, b, v in zip(ref, new, var):
+        d = (_channels_first(a) - _channels_first(b)) ** 2
+        vals.append(float(np.mean(d.mean(axis=1) / v)))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+class HeadMetric:
+    """Per-channel normalized MSE of the last Convs' outputs (any model)."""
+
+    name = "head"
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.watch = last_convs(model)
+        self.var: List[np.ndarray] = []
+
+    def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
+        stacked = [np.concatenate([_channels_first(r[i]) for r in refs], axis=1)
+                   for i in range(len(self.watch))]
+        self.var = [np.maximum(s.var(axis=1), 1e-12) for s in stacked]
+
+    def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
+        return distortion(ref, new, self.var)
+
+
+def _cxcywh(b: np.ndarray) -> np.ndarray:
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2,
+                     np.maximum(b[:, 2] - b[:, 0], 1e-3), np.maximum(b[:, 3] - b[:, 1], 1e-3)], axis=1)
+
+
+class DetectionMetric:
+    """Error of the candidate detections the reference scores at least ``conf``, row by row:
+    squared box offsets relative to the box size, squared log size ratios and the squared
+    relative change of the top class score, averaged over rows (every candidate counts, as every
+    rank counts in AP). Needs a known YOLO output format (v5, v8, yolox)."""
+
+    name = "detections"
+
+    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05) -> None:
+        self.watch = [model.graph.output[0].name]
+        self.fmt, self.hw, self.conf = fmt, tuple(hw), conf
+
+    def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
+        return None
+
+    def _decode(self, out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        from ..eval.decode import decode
+        return decode(out, self.fmt, self.hw)
+
+    def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
+        rb, rs = self._decode(ref[0])
+        nb, ns = self._decode(new[0])
+        cls = rs.argmax(axis=1)
+        top = rs[np.arange(len(rs)), cls]
+        rows = np.nonzero(top >= self.conf)[0]
+        if not len(rows):
+            rows = np.argsort(-top)[:10]
+        a, b = _cxcywh(rb[rows].astype(np.float64)), _cxcywh(nb[rows].astype(np.float64))
+        box = (((b[:, :2] - a[:, :2]) / a[:, 2:]) ** 2).sum(1) + (np.log(b[:, 2:] / a[:, 2:]) ** 2).sum(1)
+        s_ref = top[rows].astype(np.float64)
+        s_new = ns[rows, cls[rows]].astype(np.float64)
+        err = box + ((s_new - s_ref) / np.maximum(s_ref, 1e-6)) ** 2
+        return float(err.mean())
+
+
+def default_metric(model: onnx.ModelProto):
+    """Detection-level metric when the output format is recognised, else the head metric."""
+    from ..data import model_input
+    from ..eval.decode import _static_output_shape, format_from_metadata, format_from_shape
+    try:
+        hw = model_input(model)[1][1:]
+        fmt = format_from_metadata(model) or format_from_shape(_static_output_shape(model), hw)
+    except Exception:  # any doubt about the layout: the format-free metric
+        fmt = None
+    if fmt is None or len(model.graph.output) != 1:
+        return HeadMetric(model)
+    return DetectionMetric(model, fmt, hw)
+
+
+class Probe:
+    """One session answering "how much do the outputs change if these inputs are mean-replaced?"."""
+
+    def __init__(self, model: onnx.ModelProto, convs: Sequence[str], shapes: Mapping[str, Sequence[int]],
+                 feeds: Sequence[Feeds], threads: int = 1, metric=None) -> None:
+        self.metric = metric if metric is not None else default_metric(model)
+        masked = masked_model(model, convs, shapes)
+        self.model = activations.with_outputs(masked, self.metric.watch)
+        dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in self.model.graph.input}
+        self.masks = {c: dims[c + MASK] for c in convs if c + MASK in dims}
+        self.feeds = list(feeds)
+        self.sess = verify.session(self.model, optimize=True, threads=threads)
+        names = [o.name for o in self.sess.get_outputs()]
+        self.idx = [names.index(w) for w in self.metric.watch]
+        self.ref = [self._run(f, {}) for f in self.feeds]
+        self.metric.prepare(self.ref)
+
+    def _feed(self, f: Feeds, removal: Removal) -> Feeds:
+        out = dict(f)
+        for conv, shape in self.masks.items():
+            m = np.ones(shape[1], np.float32)
+            s = np.zeros(shape[1], np.float32)
+            if conv in removal:
+                idx, mean = removal[conv]
+                m[idx] = 0.0
+                s[idx] = mean
+            out[conv + MASK] = m.reshape(shape)
+            out[conv + SHIFT] = s.reshape(shape)
+        return out
+
+    def _run(self, f: Feeds, removal: Removal) -> List[np.ndarray]:
+        res = verify.run(self.sess, self._feed(f, removal))
+        return [res[i] for i in self.idx]
+
+    def measure(self, removal: Removal) -> float:
+        """Output distortion when, per Conv, the given input channels are replaced by their means."""
+        res = [self._run(f, removal) for f in self.feeds]
+        return float(np.mean([self.metric(r, n) for r, n in zip(self.ref, res)]))
+
+
+def removal_of(groups: Iterable, means: Mapping[str, np.ndarray]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """(consumer Conv -> (input channel indices, means)) for the given channel groups."""
+    idx: Dict[str, List[int]] = {}
+    tensor: Dict[str, str] = {}
+    for g in groups:
+        for r in g.consumers:
+            idx.setdefault(r.node, []).append(r.index)
+            tensor[r.node] = r.tensor
+    out: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    for n, ii in idx.items():
+        a = np.array(sorted(set(ii)), dtype=np.int64)
+        mean = means.get(tensor[n])
+        out[n] = (a, (mean[a] if mean is not None else np.zeros(len(a))).astype(np.float32))
+    return out

@@ -1,0 +1,192 @@
+"""Least-squares recovery for prune-channels: refit consumer Convs on calibration activations.
+
+For a dense 2-D Conv that lost input channels, sample output positions on calibration images,
+take the im2col patches of its input in the pruned model (kept channels) and the original
+output ``Y = X W^T + b`` of the original model at the same positions, and solve the ridge
+problem ``min ||[X_kept, 1] theta - Y||^2 + lambda ||W'||^2`` (bias not penalised) by the normal
+equations in float64. ``sequential`` refits in topological levels: a consumer sees the inputs
+of the pruned model with all upstream refits applied, so it also corrects upstream error.
+Grouped, depthwise and non-2-D Convs are not refit (depthwise ones are removed with their
+group, never consumers); their names are returned as skipped.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxslim_yolo import ir
+from onnxslim_yolo.analysis._im2col import ConvGeometry, geometry, patches, sample_positions
+from onnxslim_yolo.analysis.activations import Feeds, capture
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Target:
+    node: str
+    x: str
+    keep: np.ndarray
+    w: np.ndarray            # original weight (Cout kept, Cin, kh, kw)
+    b: np.ndarray
+    geo: ConvGeometry
+
+
+def _targets(model: onnx.ModelProto, names: Sequence[str], keep: Mapping[str, np.ndarray],
+             shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[List[_Target], Dict[str, str]]:
+    graph = ir.to_graph(model)
+    ir.name_unnamed_nodes(graph)
+    by_name = {n.name: n for n in graph.nodes}
+    out: List[_Target] = []
+    skipped: Dict[str, str] = {}
+    for name in names:
+        node = by_name[name]
+        w = ir.const_value(node.inputs[1])
+        x = node.inputs[0].name
+        geo = geometry(node, w.shape, shapes.get(x))
+        if geo is None or int(node.attrs.get("group", 1)) != 1:
+            skipped[name] = "not a dense 2-D Conv with known padding: no refit"
+            continue
+        b = ir.const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        b = np.zeros(w.shape[0]) if b is None else b
+        ky = keep.get(node.outputs[0].name)
+        if ky is not None:  # the consumer is also a producer that lost output channels
+            w, b = w[ky], b[ky]
+        kx = keep.get(x, np.arange(w.shape[1]))
+        out.append(_Target(name, x, kx, w.astype(np.float64), b.astype(np.float64), geo))
+    return out, skipped
+
+
+def _levels(model: onnx.ModelProto, names: Sequence[str]) -> List[List[str]]:
+    """Consumers grouped so that no consumer depends on another of its own level."""
+    g = nx.DiGraph()
+    prod = {o: n.name for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        g.add_node(n.name)
+        for i in n.input:
+            if i in prod:
+                g.add_edge(prod[i], n.name)
+    wanted = set(names)
+    level: Dict[str, int] = {}
+    for n in nx.topological_sort(g):
+        if n in wanted:
+            up = [level[a] for a in nx.ancestors(g, n) if a in level]
+            level[n] = 1 + max(up) if up else 0
+    out: List[List[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for n, lv in level.items():
+        out[lv].append(n)
+    return out
+
+
+def _solve(ata: np.ndarray, aty: np.ndarray, ridge: float) -> np.ndarray:
+    f = ata.shape[0] - 1
+    lam = ridge * float(np.trace(ata[:f, :f])) / max(f, 1)
+    reg = np.full(f + 1, lam)
+    reg[-1] = 0.0
+    return np.linalg.solve(ata + np.diag(reg), aty)
+
+
+def _set_params(model: onnx.ModelProto, node_name: str, w: np.ndarray, b: np.ndarray,
+                alloc: ir.NameAllocator) -> None:
+    """Point the Conv at new weight and bias initializers (the old ones are cleaned up later)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    names = [alloc(node_name + "_w_refit"), alloc(node_name + "_b_refit")]
+    model.graph.initializer.extend([numpy_helper.from_array(w.astype(np.float32), names[0]),
+                                    numpy_helper.from_array(b.astype(np.float32), names[1])])
+    node.input[1] = names[0]
+    if len(node.input) > 2:
+        node.input[2] = names[1]
+    else:
+        node.input.append(names[1])
+
+
+def downstream_convs(model: onnx.ModelProto, sources: Sequence[str]) -> List[str]:
+    """Dense Convs at or below any node in ``sources`` (they see changed inputs after pruning)."""
+    g = nx.DiGraph()
+    prod = {o: n.name for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        g.add_node(n.name)
+        for i in n.input:
+            if i in prod:
+                g.add_edge(prod[i], n.name)
+    below: set = set()
+    for s in sources:
+        if s in g:
+            below |= nx.descendants(g, s) | {s}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name in below]
+
+
+def _rows(t: _Target, budget: int) -> int:
+    """Sampled rows for one refit: about 6 per unknown, within [2048, budget]."""
+    f = len(t.keep) * t.geo.kernel[0] * t.geo.kernel[1] + 1
+    return int(min(max(6 * f, 2048), budget))
+
+
+def _original_side(orig: onnx.ModelProto, targets: List[_Target], feeds: Sequence[Feeds],
+                   samples: int, seed: int, threads: int, want_x: bool, saliency=None):
+    """Sampled positions, original outputs Y (and original kept-channel patches when want_x)."""
+    rng = np.random.default_rng(seed)
+    pos: Dict[str, List[np.ndarray]] = {t.node: [] for t in targets}
+    ys: Dict[str, List[np.ndarray]] = {t.node: [] for t in targets}
+    xs: Dict[str, List[np.ndarray]] = {t.node: [] for t in targets}
+    per_image = {t.node: max(1, -(-_rows(t, samples) // len(feeds))) for t in targets}
+    for i, vals in enumerate(capture(orig, feeds, [t.x for t in targets], threads)):
+        sal = saliency[i] if saliency is not None else None
+        for t in targets:
+            x = vals[t.x]
+            p = sample_positions(t.geo, x.shape, per_image[t.node], rng, sal)
+            full = patches(t.geo, x, p)
+            pos[t.node].append(p)
+            ys[t.node].append((full @ t.w.reshape(t.w.shape[0], -1).T + t.b).astype(np.float32))
+            if want_x:
+                xs[t.node].append(patches(t.geo, x[:, t.keep], p).astype(np.float32))
+    return pos, ys, xs
+
+
+def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
+          keep: Mapping[str, np.ndarray], feeds: Sequence[Feeds], shapes: Mapping[str, Tuple[int, ...]],
+          *, ridge: float = 1e-3, samples: int = 8192, sequential: bool = True, seed: int = 0,
+          threads: int = 1, saliency=None) -> Tuple[onnx.ModelProto, Dict[str, Dict[str, float]], Dict[str, str]]:
+    """Refit ``convs`` of ``pruned`` to the original outputs; returns (model, per-Conv relative
+    errors before/after, skipped reasons). Convs that lost no input channel are refit on all."""
+    targets, skipped = _targets(orig, convs, keep, shapes)
+    if not targets or not feeds:
+        return pruned, {}, skipped
+    pos, ys, xs = _original_side(orig, targets, feeds, samples, seed, threads, not sequential, saliency)
+    out = onnx.ModelProto()
+    out.CopyFrom(pruned)
+    alloc = ir.NameAllocator.for_graph(out.graph)
+    errors: Dict[str, Dict[str, float]] = {}
+    by_node = {t.node: t for t in targets}
+    levels = _levels(out, [t.node for t in targets]) if sequential else [[t.node for t in targets]]
+    for names in levels:
+        if sequential:
+            xs = {n: [] for n in names}
+            for vals in capture(out, feeds, [by_node[n].x for n in names], threads):
+                for n in names:
+                    t = by_node[n]
+                    xs[n].append(patches(t.geo, vals[t.x], pos[n][len(xs[n])]).astype(np.float32))
+        for n in names:
+            errors[n] = _fit_one(out, by_node[n], np.concatenate(xs[n]).astype(np.float64),
+                                 np.concatenate(ys[n]).astype(np.float64), ridge, alloc)
+    return ir.to_model(ir.to_graph(out), out), errors, skipped
+
+
+def _fit_one(model: onnx.ModelProto, t: _Target, x: np.ndarray, y: np.ndarray,
+             ridge: float, alloc: ir.NameAllocator) -> Dict[str, float]:
+    a = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    theta = _solve(a.T @ a, a.T @ y, ridge)
+    w_kept = t.w[:, t.keep].reshape(t.w.shape[0], -1)
+    spread = float(((y - y.mean(0)) ** 2).sum()) or 1.0
+    before = float(np.sqrt(((x @ w_kept.T + t.b - y) ** 2).sum() / spread))
+    after = float(np.sqrt(((a @ theta - y) ** 2).sum() / spread))
+    cout, (kh, kw) = t.w.shape[0], t.geo.kernel
+    w_new = theta[:-1].T.reshape(cout, len(t.keep), kh, kw)
+    _set_params(model, t.node, w_new, theta[-1], alloc)
+    return {"rel_error_before": round(before, 5), "rel_error_after": round(after, 5)}

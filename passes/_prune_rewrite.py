@@ -1,0 +1,182 @@
+"""The structural rewrite of prune-channels: remove channel positions everywhere they appear.
+
+Given the kept channel indices of every tensor that loses channels, slice producer Conv weights
+and biases (output axis), consumer Conv weights (input axis), depthwise Convs (and their group
+count), BatchNormalization parameters, per-channel constants of element-wise ops, and rewrite
+Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize
+'sizes'. Concat offsets follow from the inputs. Optionally the removed channels' means are folded
+into the consumer biases first. value_info is dropped and shapes inferred again.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Set
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim_yolo import ir
+from onnxslim_yolo.analysis import channel_rules
+from onnxslim_yolo.analysis.channels import ChannelAnalysis
+from onnxslim_yolo.pass_base import PreconditionError
+
+Keep = Dict[str, np.ndarray]
+
+
+def keep_map(analysis: ChannelAnalysis, removed_gids: Set[int]) -> Keep:
+    """Kept channel indices (sorted) of every tensor that loses at least one channel."""
+    gone: Dict[str, Set[int]] = {}
+    for g in analysis.groups:
+        if g.gid in removed_gids:
+            for t, i in g.channels:
+                gone.setdefault(t, set()).add(i)
+    return {t: np.array([i for i in range(analysis.channel_counts[t]) if i not in s], dtype=np.int64)
+            for t, s in gone.items()}
+
+
+class _Rewriter:
+    def __init__(self, graph: gs.Graph, keep: Keep, counts: Mapping[str, int], opset: int,
+                 means: Optional[Mapping[str, np.ndarray]]) -> None:
+        self.graph, self.keep, self.counts, self.opset = graph, keep, counts, opset
+        self.means = means or {}
+        self.alloc = ir.NameAllocator.for_graph(graph)
+        self.touched: Set[str] = set()
+
+    def set_input(self, node: gs.Node, i: int, value: np.ndarray, base: str) -> None:
+        const = gs.Constant(self.alloc(base), np.ascontiguousarray(value))
+        if i < len(node.inputs):
+            node.inputs[i] = const
+        else:
+            while len(node.inputs) < i:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs.append(const)
+        self.touched.add(node.name)
+
+    def k(self, t: gs.Tensor) -> Optional[np.ndarray]:
+        return self.keep.get(t.name) if isinstance(t, gs.Variable) else None
+
+    def conv(self, node: gs.Node) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        kx, ky = self.k(x), self.k(y)
+        if kx is None and ky is None:
+            return
+        w = ir.const_value(node.inputs[1])
+        has_b = len(node.inputs) > 2 and bool(node.inputs[2].name)
+        b = ir.const_value(node.inputs[2]) if has_b else np.zeros(w.shape[0], w.dtype)
+        g = int(node.attrs.get("group", 1))
+        if g > 1:  # depthwise: input and output channels are the same positions
+            keep = ky if ky is not None else kx
+            w, b = w[keep], b[keep]
+            node.attrs["group"] = int(len(keep))
+        else:
+            if kx is not None:
+                b = b + self._folded(x.name, kx, w).astype(b.dtype)
+                w = w[:, kx]
+            if ky is not None:
+                w, b = w[ky], b[ky]
+        self.set_input(node, 1, w, node.inputs[1].name + "_pruned")
+        if has_b or np.any(b != 0):
+            self.set_input(node, 2, b, (node.inputs[2].name if has_b else node.name + "_bias") + "_pruned")
+
+    def _folded(self, tensor: str, keep: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Bias change from replacing the removed input channels by their means."""
+        mean = self.means.get(tensor)
+        if mean is None:
+            return np.zeros(w.shape[0])
+        gone = np.setdiff1d(np.arange(w.shape[1]), keep)
+        taps = w[:, gone].reshape(w.shape[0], len(gone), -1).sum(axis=2).astype(np.float64)
+        return taps @ mean[gone]
+
+    def batchnorm(self, node: gs.Node) -> None:
+        k = self.k(node.outputs[0])
+        if k is None:
+            return
+        for i in range(1, 5):
+            v = ir.const_value(node.inputs[i])
+            self.set_input(node, i, v[k], node.inputs[i].name + "_pruned")
+
+    def elementwise(self, node: gs.Node) -> None:
+        y = node.outputs[0]
+        k = self.k(y)
+        if k is None:
+            return
+        c = self.counts[y.name]
+        for i, x in enumerate(node.inputs):
+            v = ir.const_value(x)
+            if v is None or v.ndim == 0:
+                continue
+            pos = 1 - (len(y.shape) - v.ndim)
+            if 0 <= pos < v.ndim and v.shape[pos] == c and c > 1:
+                self.set_input(node, i, np.take(v, k, axis=pos), x.name + "_pruned")
+
+    def split(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        kx = self.k(x)
+        if kx is None or channel_rules._axis(node, x) != 1:
+            return
+        sizes = np.array([len(self.keep[o.name]) if o.name in self.keep else self.counts[o.name]
+                          for o in node.outputs], dtype=np.int64)
+        self.touched.add(node.name)
+        if self.opset < 13:
+            node.attrs["split"] = [int(s) for s in sizes]
+            return
+        node.attrs.pop("num_outputs", None)
+        self.set_input(node, 1, sizes, node.name + "_split")
+
+    def slice(self, node: gs.Node) -> None:
+        x = node.inputs[0]
+        kx = self.k(x)
+        if kx is None:
+            return
+        params = channel_rules.slice_params(node, len(x.shape))
+        if params is None or 1 not in params:
+            return
+        s, e = channel_rules.normalized_slice(*params[1], self.counts[x.name])
+        new_s = int(np.sum(kx < s))
+        new_e = new_s + int(np.sum((kx >= s) & (kx < e)))
+        axes = ir.const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+        axes_l = [int(a) for a in (axes if axes is not None else range(len(params)))]
+        j = [a + len(x.shape) if a < 0 else a for a in axes_l].index(1)
+        for i, val in ((1, new_s), (2, new_e)):
+            arr = np.array(ir.const_value(node.inputs[i]), copy=True)
+            arr.reshape(-1)[j] = val
+            self.set_input(node, i, arr, node.inputs[i].name + "_pruned")
+
+    def resize(self, node: gs.Node) -> None:
+        k = self.k(node.outputs[0])
+        if k is None or len(node.inputs) < 4 or not node.inputs[3].name:
+            return
+        sizes = ir.const_value(node.inputs[3])
+        if sizes is None:
+            return  # computed from Shape(input): follows the new channel count by itself
+        sizes = np.array(sizes, copy=True)
+        sizes[1] = len(k)
+        self.set_input(node, 3, sizes, node.inputs[3].name + "_pruned")
+
+    def run(self) -> None:
+        table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
+                 "Slice": self.slice, "Resize": self.resize,
+                 **{op: self.elementwise for op in channel_rules.ELEMENTWISE_OPS}}
+        for node in list(self.graph.nodes):
+            fn = table.get(node.op)
+            if fn is not None:
+                fn(node)
+
+
+def apply_keep(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Keep,
+               means: Optional[Mapping[str, np.ndarray]] = None) -> onnx.ModelProto:
+    """The model with only the kept channels; shapes re-inferred (checker-clean)."""
+    graph = ir.to_graph(model)
+    ir.name_unnamed_nodes(graph)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name in keep:
+            t.shape = None
+    _Rewriter(graph, keep, analysis.channel_counts, ir.opset(model), means).run()
+    out = ir.to_model(graph, model)
+    del out.graph.value_info[:]
+    try:
+        out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PreconditionError(f"prune-channels: pruned model fails shape inference: {msg}") from None
+    return out

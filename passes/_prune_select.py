@@ -1,0 +1,232 @@
+"""Which channel groups prune-channels removes: greedy by cost per multiply-add saved.
+
+Layers (clusters of groups with the same producers and consumers) shrink in units; with
+``round_to`` > 1 a layer wider than ``round_to`` keeps a multiple of ``round_to`` channels. At
+each step the unit with the least cost per saved multiply-add (exact, counting in- and output
+channels already removed) goes, until the target reduction of the model's multiply-adds is
+reached; a layer never loses more than ``max_layer_ratio`` of its channels. Per-layer ratios fix
+a layer's count first. Costs come from a cost model:
+
+* :class:`ScoreCost`: static importance scores; a unit is the lowest-scored remaining channels.
+* :class:`LSQCost`: the relative error each consumer Conv keeps after an optimal least-squares
+  refit (analysis.lsq), times a per-consumer gain (how much that error reaches the head); the
+  unit is built channel by channel, each time the cheapest one, so correlated channels go first.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo
+from onnxslim_yolo.analysis.lsq import ConsumerLSQ
+
+
+@dataclass
+class Selection:
+    removed: Set[int]
+    macs_before: int
+    macs_after: int
+    layers: Dict[ClusterKey, Tuple[int, int]]
+    notes: List[str] = field(default_factory=list)
+    order: List[int] = field(default_factory=list)
+
+
+def allowed_counts(n: int, round_to: int, min_channels: int) -> List[int]:
+    """Kept-channel counts a layer of ``n`` channels may shrink to, largest first (n excluded)."""
+    floor = max(1, min_channels)
+    if round_to > 1 and n > round_to:
+        floor = max(floor, round_to)
+        first = (n - 1) // round_to * round_to
+        return [k for k in range(first, floor - 1, -round_to) if k >= floor]
+    return list(range(n - 1, floor - 1, -1))
+
+
+class _Macs:
+    """Current (cout, cin per group) of every Conv; exact MACs of a removal."""
+
+    def __init__(self, convs: Mapping[str, ConvInfo]) -> None:
+        self.info = dict(convs)
+        self.cout = {n: c.weight_shape[0] for n, c in convs.items()}
+        self.cin = {n: c.weight_shape[1] for n, c in convs.items()}
+
+    def _macs(self, n: str, cout: int, cin: int) -> int:
+        c = self.info[n]
+        return cout * cin * c.taps * c.spatial
+
+    def _deltas(self, groups: Sequence[ChannelGroup]) -> Dict[str, List[int]]:
+        d: Dict[str, List[int]] = {}
+        for g in groups:
+            for r in g.roles:
+                if r.node not in self.info or r.kind not in ("producer", "depthwise", "consumer"):
+                    continue
+                e = d.setdefault(r.node, [0, 0])
+                e[1 if r.kind == "consumer" else 0] += 1
+        return d
+
+    def saved(self, groups: Sequence[ChannelGroup]) -> int:
+        total = 0
+        for n, (dout, din) in self._deltas(groups).items():
+            co, ci = self.cout[n], self.cin[n]
+            total += self._macs(n, co, ci) - self._macs(n, co - dout, ci - din)
+        return total
+
+    def apply(self, groups: Sequence[ChannelGroup]) -> int:
+        s = self.saved(groups)
+        for n, (dout, din) in self._deltas(groups).items():
+            self.cout[n] -= dout
+            self.cin[n] -= din
+        return s
+
+
+@dataclass
+class Layer:
+    key: ClusterKey
+    groups: List[ChannelGroup]
+    counts: List[int]                   # allowed kept counts, largest first
+    floor: int                          # never keep fewer (max_layer_ratio)
+    remaining: List[ChannelGroup] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        return len(self.remaining)
+
+    def next_size(self) -> Optional[int]:
+        nxt = [k for k in self.counts if k < self.kept and k >= self.floor]
+        return self.kept - nxt[0] if nxt else None
+
+
+class ScoreCost:
+    """Static scores: the unit is the ``size`` lowest-scored remaining groups."""
+
+    def __init__(self, scores: Mapping[int, float]) -> None:
+        self.scores = scores
+
+    def unit(self, layer: Layer, size: int) -> Tuple[List[ChannelGroup], float]:
+        order = sorted(layer.remaining, key=lambda g: (self.scores.get(g.gid, 0.0), g.gid))[:size]
+        return order, sum(self.scores.get(g.gid, 0.0) for g in order)
+
+    def commit(self, layer: Layer, unit: Sequence[ChannelGroup]) -> None:
+        return None
+
+    def touches(self, a: Layer, b: Layer) -> bool:
+        return a is b
+
+
+class LSQCost:
+    """Relative consumer error after a least-squares refit, weighted by per-consumer gains."""
+
+    def __init__(self, states: Dict[str, ConsumerLSQ], gains: Mapping[str, float]) -> None:
+        self.states = states
+        self.gains = gains
+
+    def _cost(self, g: ChannelGroup, st: Mapping[str, ConsumerLSQ]) -> float:
+        return sum(self.gains.get(r.node, 1.0) * st[r.node].cost(r.index)
+                   for r in g.consumers if r.node in st)
+
+    def _run(self, layer: Layer, size: int, st: Dict[str, ConsumerLSQ]) -> Tuple[List[ChannelGroup], float]:
+        left = list(layer.remaining)
+        unit: List[ChannelGroup] = []
+        total = 0.0
+        for _ in range(size):
+            best = min(left, key=lambda g: (self._cost(g, st), g.gid))
+            for r in best.consumers:
+                if r.node in st:
+                    total += self.gains.get(r.node, 1.0) * st[r.node].remove(r.index)
+            left.remove(best)
+            unit.append(best)
+        return unit, total
+
+    def _consumers(self, layer: Layer) -> Set[str]:
+        return {n for n in layer.key[1] if n in self.states}
+
+    def unit(self, layer: Layer, size: int) -> Tuple[List[ChannelGroup], float]:
+        st = {n: self.states[n].copy() for n in self._consumers(layer)}
+        return self._run(layer, size, st)
+
+    def commit(self, layer: Layer, unit: Sequence[ChannelGroup]) -> None:
+        for g in unit:
+            for r in g.consumers:
+                if r.node in self.states:
+                    self.states[r.node].remove(r.index)
+
+    def touches(self, a: Layer, b: Layer) -> bool:
+        return a is b or bool(self._consumers(a) & self._consumers(b))
+
+
+def make_layers(analysis: ChannelAnalysis, round_to: int, min_channels: int,
+                max_layer_ratio: float) -> List[Layer]:
+    out = []
+    for key, groups in sorted(analysis.clusters().items()):
+        n = len(groups)
+        out.append(Layer(key, list(groups), allowed_counts(n, round_to, min_channels),
+                         int(-(-n * (1 - max_layer_ratio) // 1)), list(groups)))
+    return out
+
+
+def _matches(layer: Layer, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) or n == pattern for n in layer.key[0])
+
+
+def _remove(layer: Layer, unit: Sequence[ChannelGroup], model, macs: _Macs, sel: Selection) -> int:
+    model.commit(layer, unit)
+    ids = {g.gid for g in unit}
+    layer.remaining = [g for g in layer.remaining if g.gid not in ids]
+    sel.removed.update(ids)
+    sel.order.extend(g.gid for g in unit)
+    return macs.apply(unit)
+
+
+def _per_layer(layers: List[Layer], per_layer: Mapping[str, float], model, macs: _Macs,
+               sel: Selection) -> Tuple[Set[int], int]:
+    fixed: Set[int] = set()
+    saved = 0
+    for pattern, frac in per_layer.items():
+        hits = [i for i, l in enumerate(layers) if _matches(l, pattern)]
+        if not hits:
+            sel.notes.append(f"per-layer '{pattern}': no prunable layer matches")
+        for i in hits:
+            layer = layers[i]
+            n = len(layer.groups)
+            kept = min([n] + layer.counts, key=lambda k: (abs(k - n * (1.0 - frac)), -k))
+            if kept < n:
+                unit, _ = model.unit(layer, n - kept)
+                saved += _remove(layer, unit, model, macs, sel)
+            fixed.add(i)
+    return fixed, saved
+
+
+def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: Mapping[str, float],
+           round_to: int, min_channels: int, max_layer_ratio: float = 0.75) -> Selection:
+    """Groups to remove under cost ``model`` (ScoreCost or LSQCost); see module docstring."""
+    layers = make_layers(analysis, round_to, min_channels, max_layer_ratio)
+    macs = _Macs(analysis.convs)
+    before = analysis.total_macs
+    sel = Selection(set(), before, before, {})
+    fixed, saved = _per_layer(layers, per_layer, model, macs, sel)
+    target = int(round((ratio or 0.0) * before))
+    cache: Dict[int, Tuple[List[ChannelGroup], float, int]] = {}
+    while saved < target:
+        best: Optional[Tuple[float, int]] = None
+        for i, layer in enumerate(layers):
+            size = layer.next_size()
+            if i in fixed or size is None:
+                continue
+            if i not in cache:
+                unit, cost = model.unit(layer, size)
+                cache[i] = (unit, cost, macs.saved(unit))
+            _, cost, gain = cache[i]
+            if gain > 0 and (best is None or cost / gain < best[0]):
+                best = (cost / gain, i)
+        if best is None:
+            sel.notes.append(f"target not reached: {saved / before:.1%} of {ratio:.1%} fewer "
+                             "multiply-adds (no prunable channels left)")
+            break
+        i = best[1]
+        unit = cache[i][0]
+        saved += _remove(layers[i], unit, model, macs, sel)
+        cache = {j: v for j, v in cache.items() if not model.touches(layers[i], layers[j])}
+        cache = {j: (u, c, macs.saved(u)) for j, (u, c, _) in cache.items()}
+    sel.macs_after = before - saved
+    sel.layers = {l.key: (len(l.groups), l.kept) for l in layers}
+    return sel
