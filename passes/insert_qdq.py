@@ -22,11 +22,12 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 from onnxslim_yolo.quant import metrics, mixed, ranges
 from onnxslim_yolo.quant.options import QdqOptions
 from onnxslim_yolo.quant.pipeline import Built, Quantizer
-from onnxslim_yolo.quant.sensitivity import UnitSensitivity, rank_units, switch_model, tensor_units
+from onnxslim_yolo.quant.sensitivity import (SwitchEvaluator, UnitSensitivity, candidates, rank_units,
+                                             significant_units, switch_model, tensor_units)
 
 log = logging.getLogger(__name__)
 
-QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+QUANT_OPS: frozenset = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                        "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul"})
 NO_CALIB = "insert-qdq needs calibration images: pass --calib DIR"
 
@@ -34,6 +35,36 @@ NO_CALIB = "insert-qdq needs calibration images: pass --calib DIR"
 def already_quantized(model: onnx.ModelProto) -> Optional[str]:
     ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
     return f"model already holds {', '.join(ops)} nodes: quantizing twice would stack errors" if ops else None
+
+
+def output_format(q: Quantizer) -> Optional[str]:
+    """The decoded YOLO output format ("v5", "v8", "yolox"), or None to measure the head maps."""
+    from onnxslim_yolo.eval.decode import format_from_metadata, format_from_shape
+
+    if q.head.family == "unknown" or len(q.model.graph.output) != 1:
+        return None
+    shape = dict(q.head.outputs).get(q.model.graph.output[0].name, ())
+    hw = None
+    for vi in q.model.graph.input:
+        d = [x.dim_value for x in vi.type.tensor_type.shape.dim]
+        if len(d) == 4:
+            hw = d[2:]
+    try:
+        return format_from_metadata(q.model) or format_from_shape(shape, hw)
+    except Exception:  # unknown layout: fall back to the head maps
+        return None
+
+
+def _within_budget(found: List[UnitSensitivity], max_layers: int) -> List[UnitSensitivity]:
+    """The most sensitive candidates whose layers together stay within ``max_layers``."""
+    out: List[UnitSensitivity] = []
+    used: set = set()
+    for r in found:
+        new = used | set(r.units)
+        if len(new) <= max_layers:
+            out.append(r)
+            used = new
+    return out
 
 
 class _Clock:
@@ -54,6 +85,7 @@ class InsertQDQ(Pass):
     name = "insert-qdq"
     numerics = Numerics.LOSSY
     description = "Calibrated INT8 Q/DQ (YOLO decode tail kept float; ort-cpu or tensorrt placement)"
+    after = ("canonicalize", "focus-to-conv", "fold-batchnorm", "fold-affine", "prune-channels")
     min_opset = 13
     default_enabled = False
 
@@ -74,38 +106,64 @@ class InsertQDQ(Pass):
         model = ir.ensure_opset(model, self.min_opset)
         clock = _Clock(report)
         q = Quantizer(model, opts, ctx.calib_inputs)
+        report.details["seconds"].update(q.seconds)
         plan = clock("plan", q.plan)
         clock("calibrate", q.calibrate, plan)
         clock("bias_correction", q.correct_bias, plan)
         built = clock("insert", q.build, plan)
-        ranking: List[UnitSensitivity] = []
-        if opts.sensitivity or opts.max_drop is not None:
-            ranking = clock("sensitivity", self._sensitivity, q, built, report)
-        final = built
-        if opts.max_drop is not None:
-            final = clock("mixed_precision", self._mixed, q, built, ranking, report)
+        final = clock("accuracy", self._accuracy, q, built, report)
         clock("report", self._report, q, final, report)
         return PassResult(final.model, True, report)
 
     # --------------------------------------------------------------------------------- accuracy
-    def _sensitivity(self, q: Quantizer, built: Built, report: PassReport) -> List[UnitSensitivity]:
-        sw = switch_model(built.graph, q.model, built.plan, built.record, tensor_units(built.graph, built.plan))
-        ranking = rank_units(sw, [u for u in built.plan.units if not u.startswith("input:")],
-                             q.head.last_conv_outputs, q.feeds[: q.opts.sensitivity_images], q.opts.threads,
-                             q.opts.progress, built.plan.units)
-        report.details["sensitivity"] = {"metric": "head-map SQNR gained by restoring the unit to float (dB)",
-                                         "images": min(len(q.feeds), q.opts.sensitivity_images),
-                                         "ranking": [r.as_dict() for r in ranking]}
-        return ranking
+    def _accuracy(self, q: Quantizer, built: Built, report: PassReport) -> Built:
+        """Sensitivity ranking, automatic float for very sensitive units, mixed precision."""
+        o = q.opts
+        if not (o.sensitivity or o.max_drop is not None or o.auto_float_db > 0) or not built.plan.units:
+            return built
+        units_of = tensor_units(built.graph, built.plan)
+        sw = switch_model(built.graph, q.model, built.plan, built.record, units_of)
+        ev = SwitchEvaluator(sw, q.head.last_conv_outputs, q.feeds[: o.sensitivity_images], o.threads,
+                             output_format(q))
+        cands = candidates(built.plan, units_of)
+        nodes = built.plan.units
+        ranking: List[UnitSensitivity] = []
+        if o.sensitivity or o.max_drop is not None:
+            ranking = rank_units(ev, cands, nodes, o.progress)
+            significant = [r for r in ranking if o.auto_float_db > 0 and r.sqnr_gain_db >= o.auto_float_db]
+        else:
+            significant = significant_units(ev, cands, nodes, o.auto_float_db)
+        significant = _within_budget(significant, int(o.auto_float_max * len(built.plan.layers)))
+        sens: Dict[str, Any] = {"metric": ev.metric, "gain": "dB of that loss removed by restoring alone",
+                                "images": len(ev.feeds), "int8_loss_db": round(ev.base, 3), "runs": ev.runs}
+        if ranking:
+            sens["ranking"] = [r.as_dict() for r in ranking]
+        if significant:
+            keep = [u for r in significant for u in r.units]
+            sens["auto_float"] = {"threshold_db": o.auto_float_db, "candidates": [r.as_dict() for r in significant],
+                                  "gain_together_db": round(ev.gain(keep), 3)}
+            built = q.build(q.plan(self._keep_float(built, significant, o.auto_float_db)))
+        report.details["sensitivity"] = sens
+        if o.max_drop is not None:
+            built = self._mixed(q, built, [r for r in ranking if r not in significant], report)
+        return built
+
+    @staticmethod
+    def _keep_float(built: Built, restored: List[UnitSensitivity], threshold: float) -> Dict[str, str]:
+        return {n: f"sensitive: un-quantizing {r.unit} alone lowers the output loss {r.sqnr_gain_db:.2f} dB "
+                   f"(>= {threshold:g})" for r in restored for n in r.nodes}
 
     def _mixed(self, q: Quantizer, built: Built, ranking: List[UnitSensitivity], report: PassReport) -> Built:
         loss = metrics.DetectionLoss(q.model, q.feeds[: q.opts.mixed_images], q.opts.labels, q.opts.images,
                                      q.opts.threads, False)
         variants: Dict[int, Built] = {0: built}
+        base_float = {n: why for n, why in built.plan.float_nodes.items() if why.startswith("sensitive")}
 
         def build(units: List[str]) -> onnx.ModelProto:
-            nodes = [n for u in units for n in built.plan.units.get(u, [])]
-            b = q.build(q.plan(excluded_nodes=nodes))
+            keep = dict(base_float)
+            keep.update({n: f"mixed precision: {r.unit} restored to meet max_drop"
+                         for r in ranking if r.unit in set(units) for n in r.nodes})
+            b = q.build(q.plan(keep))
             variants[len(units)] = b
             return b.model
 

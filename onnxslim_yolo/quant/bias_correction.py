@@ -67,16 +67,21 @@ def _shadow_model(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[str, tu
                                        outputs=[mean]))
         graph.outputs.append(mean)
         outs[spec.node] = mean.name
+        for tag, src in (("noise", diff), ("signal", y)):
+            ss = gs.Variable(alloc(f"bc_{tag}"), np.float32)
+            graph.nodes.append(gs.Node("ReduceSumSquare", attrs={"keepdims": 0}, inputs=[src], outputs=[ss]))
+            graph.outputs.append(ss)
+            outs[f"{spec.node}\0{tag}"] = ss.name
     return ir.to_model(graph, model, cleanup=False), outs
 
 
 def measure_bias_error(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[str, tuple],
                        feeds: Sequence[Dict[str, np.ndarray]], per_channel: bool = True,
-                       threads: int = 0) -> Dict[str, np.ndarray]:
-    """Per INT8 Conv: mean (quantized - float) output per channel, over ``feeds``."""
+                       threads: int = 0) -> tuple:
+    """Per INT8 Conv: (mean (quantized - float) output per channel, local SQNR dB) over ``feeds``."""
     shadow, outs = _shadow_model(model, plan, qparams, per_channel)
     if not outs:
-        return {}
+        return {}, {}
     sess = verify.session(shadow, threads=threads)
     names = list(outs.values())
     acc = {k: 0.0 for k in outs}
@@ -84,7 +89,12 @@ def measure_bias_error(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[st
         vals = dict(zip(names, sess.run(names, f)))
         for node, t in outs.items():
             acc[node] = acc[node] + vals[t].astype(np.float64)
-    return {k: (v / max(len(feeds), 1)).astype(np.float32) for k, v in acc.items()}
+    local = {}
+    for k in list(acc):
+        if k.endswith("\0noise"):
+            node = k[:-6]
+            local[node] = float(10 * np.log10(max(acc[node + "\0signal"], 1e-30) / max(acc[k], 1e-30)))
+    return {k: (v / max(len(feeds), 1)).astype(np.float32) for k, v in acc.items() if "\0" not in k}, local
 
 
 def apply_correction(graph: gs.Graph, errors: Dict[str, np.ndarray]) -> Dict[str, float]:

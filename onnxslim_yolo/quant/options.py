@@ -25,20 +25,25 @@ class QdqOptions:
     calib_limit: Optional[int] = None
     #: subtract each INT8 Conv's own mean output error from its bias
     bias_correction: bool = True
-    bias_correction_images: int = 32
+    bias_correction_images: int = 16
     #: ort-cpu: "measure" keeps a Conv float when INT8 is not faster here; "all" quantizes every Conv
     placement: str = "measure"
     min_speedup: float = 1.05
     tune_threads: int = 1
+    #: keep float every unit whose restoring alone gains at least this much head-map SQNR (dB);
+    #: 0 disables; at most ``auto_float_max`` x the INT8 layers are restored this way
+    auto_float_db: float = 0.0
+    auto_float_max: float = 0.1
     #: mixed precision: restore the most sensitive units to float until the loss <= max_drop points
     max_drop: Optional[float] = None
+    #: compute and report the full sensitivity ranking
     sensitivity: bool = False
-    sensitivity_images: int = 4
+    sensitivity_images: int = 2
     mixed_images: int = 32
     labels: Optional[str] = None
     images: Optional[str] = None
     #: calibration images used for the report's output cosine/SQNR
-    eval_images: int = 8
+    eval_images: int = 4
     threads: int = 0
     progress: bool = True
 
@@ -69,5 +74,7 @@ class QdqOptions:
                 raise UsageError(f"insert-qdq: {name} must be at least 1")
         if self.calib_limit is not None and self.calib_limit < 1:
             raise UsageError("insert-qdq: calib_limit must be at least 1")
+        if not self.auto_float_db >= 0 or not 0 <= self.auto_float_max <= 1:
+            raise UsageError("insert-qdq: auto_float_db must be >= 0 and auto_float_max in [0, 1]")
         if self.labels and not self.images:
             raise UsageError("insert-qdq: option 'labels' needs option 'images' (the labelled image folder)")

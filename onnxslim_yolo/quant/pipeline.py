@@ -7,8 +7,9 @@ errors), so mixed precision can build many variants cheaply.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -48,6 +49,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
 
 class Quantizer:
     def __init__(self, model: onnx.ModelProto, opts: QdqOptions, feeds: Sequence[Dict[str, np.ndarray]]):
+        t0 = time.perf_counter()
         self.model = prepare(model)
         self.opts = opts
         self.target: Target = get_target(opts.target)
@@ -58,8 +60,12 @@ class Quantizer:
         self.base: Optional[CalibrationTable] = None
         self.calib_info: Dict[str, object] = {}
         self.bias_errors: Dict[str, np.ndarray] = {}
+        self.local_sqnr: Dict[str, float] = {}
+        self.seconds = {"prepare": round(time.perf_counter() - t0, 2)}
         if self.target.measure and opts.placement == "measure":
+            t0 = time.perf_counter()
             self._measure()
+            self.seconds["measure_convs"] = round(time.perf_counter() - t0, 2)
 
     # ----------------------------------------------------------------------------- placement
     def _measure(self) -> None:
@@ -79,9 +85,9 @@ class Quantizer:
     def _filter(self, node: gs.Node) -> Optional[str]:
         return cost.slower_in_int8(self.costs.get(node.name), self.opts.min_speedup)
 
-    def plan(self, excluded_nodes: Iterable[str] = ()) -> QuantPlan:
+    def plan(self, keep_float: Optional[Mapping[str, str]] = None) -> QuantPlan:
         graph = ir.to_graph(self.model)
-        return make_plan(graph, self.head, self.target, self.opts.exclude, self._filter, excluded_nodes)
+        return make_plan(graph, self.head, self.target, self.opts.exclude, self._filter, keep_float)
 
     # ----------------------------------------------------------------------------- calibrate
     def calibrate(self, plan: QuantPlan) -> None:
@@ -95,13 +101,31 @@ class Quantizer:
             return
         qp = ranges.qparams(ranges.plan_table(self.base, plan))
         feeds = self.feeds[: self.opts.bias_correction_images]
-        self.bias_errors = bias_correction.measure_bias_error(self.model, plan, qp, feeds,
+        self.bias_errors, self.local_sqnr = bias_correction.measure_bias_error(self.model, plan, qp, feeds,
                                                               self.opts.per_channel, self.opts.threads)
 
     # ----------------------------------------------------------------------------- insert
+    def _extend(self, plan: QuantPlan) -> None:
+        """Calibrate tensors a re-plan quantizes that the first plan did not (rare)."""
+        missing = [n for n in plan.activations if n not in plan.fixed and n not in self.base]
+        if not missing:
+            return
+        self.base = ranges.derive(self.base, plan)
+        missing = [n for n in missing if n not in self.base]
+        if not missing:
+            return
+        sub = QuantPlan(plan.target, activations={n: "" for n in missing},
+                        graph_inputs=[n for n in plan.graph_inputs if n in missing],
+                        act_after={n: a for n, a in plan.act_after.items() if n in missing})
+        feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
+        extra, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile, None, False)
+        self.base = CalibrationTable({**self.base.entries, **extra.entries}, self.base.qdtype,
+                                     self.base.symmetric, dict(self.base.meta))
+
     def build(self, plan: QuantPlan) -> Built:
         if self.base is None:
             self.calibrate(plan)
+        self._extend(plan)
         table = ranges.plan_table(self.base, plan)
         qp = ranges.qparams(table)
         graph = ir.to_graph(self.model)

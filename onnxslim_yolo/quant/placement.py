@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..analysis.head import HeadInfo
 from ..pass_base import UsageError
+from .act_range import activation_of
 from .targets import SAME_RANGE_OPS, Target, weight_axis
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 #: data inputs of the ops that may run INT8 (other inputs are shapes, scales, axes)
 _ALL_INPUTS = ("Concat", "Add", "Mul")
 LayerFilter = Callable[[gs.Node], Optional[str]]
+#: ops whose output values all come from their data inputs (nearest Resize included)
+VALUE_PRESERVING = frozenset({"MaxPool", "Reshape", "Transpose", "Split", "Slice", "Squeeze", "Unsqueeze",
+                              "Flatten", "Identity", "DepthToSpace", "SpaceToDepth", "Concat"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class QuantPlan:
     tail: List[str] = field(default_factory=list)
     #: unit name -> node names (an INT8 layer with the INT8 ops that only it feeds)
     units: Dict[str, List[str]] = field(default_factory=dict)
+    #: quantized tensor -> the activation all its readers form ("silu", "sigmoid", "relu")
+    act_after: Dict[str, str] = field(default_factory=dict)
+    #: output of a value-preserving INT8 op (MaxPool, Resize, Reshape, Concat ...) -> its inputs:
+    #: its values are a subset of theirs, so its range is their union (not calibrated)
+    derived: Dict[str, List[str]] = field(default_factory=dict)
 
     def summary(self) -> Dict[str, object]:
         return {"target": self.target.name, "int8_layers": len(self.layers),
@@ -122,7 +131,7 @@ def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]
 
 
 # ------------------------------------------------------------------------------------- planning
-def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: Set[str],
+def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: Mapping[str, str],
                    layer_filter: Optional[LayerFilter]) -> None:
     last = set(head.last_convs)
     tail = set(plan.tail)
@@ -131,7 +140,7 @@ def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: S
         if node.name in tail or node.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
             continue
         if node.name in excluded:
-            plan.float_nodes[node.name] = "excluded by option"
+            plan.float_nodes[node.name] = excluded[node.name]
             continue
         if node.name in last and not t.quantize_last_convs:
             plan.float_nodes[node.name] = ("last conv: its output feeds the decode tail and stays float "
@@ -148,7 +157,7 @@ def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: S
         plan.layers[node.name] = spec
 
 
-def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Set[str]) -> Set[str]:
+def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) -> Set[str]:
     """Forward: ops that can run INT8 on tensors quantized anyway. Returns quantized tensor names."""
     t = plan.target
     tail = set(plan.tail)
@@ -163,7 +172,7 @@ def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Set[str]) -> Set[str]
         if node.name in tail or node.name in plan.layers or node.op not in t.int8_ops:
             continue
         if node.name in excluded:
-            plan.float_nodes[node.name] = "excluded by option"
+            plan.float_nodes[node.name] = excluded[node.name]
             continue
         ins = data_inputs(node)
         if not ins or not all(is_float_var(x) and x.name in avail for x in ins):
@@ -212,8 +221,16 @@ def _collect(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> N
             plan.fixed[node.outputs[0].name] = (0.0, 1.0)
         if node.op in t.same_range_ops or (node.op == "Concat" and t.shared_concat):
             plan.groups.append([x.name for x in data_inputs(node)] + [o.name for o in node.outputs])
+            if node.op in VALUE_PRESERVING:
+                for o in node.outputs:
+                    plan.derived[o.name] = [x.name for x in data_inputs(node)]
     if t.residual_add_inputs:
         _residual_adds(graph, plan)
+    tensors = graph.tensors()
+    for name in plan.activations:
+        act = activation_of(tensors[name])
+        if act:
+            plan.act_after[name] = act
     plan.graph_inputs = [i.name for i in graph.inputs if i.name in plan.activations]
 
 
@@ -254,10 +271,15 @@ def _units(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> Non
 
 
 def make_plan(graph: gs.Graph, head: HeadInfo, target: Target, exclude: Sequence[str] = (),
-              layer_filter: Optional[LayerFilter] = None, excluded_nodes: Iterable[str] = ()) -> QuantPlan:
-    """The placement for ``graph`` (every node named, toposorted, dtypes known)."""
+              layer_filter: Optional[LayerFilter] = None,
+              keep_float: Optional[Mapping[str, str]] = None) -> QuantPlan:
+    """The placement for ``graph`` (every node named, toposorted, dtypes known).
+
+    ``exclude``: user patterns kept float; ``keep_float``: node -> reason (mixed precision).
+    """
     by_name = {n.name: n for n in graph.nodes}
-    excluded = match_patterns(by_name, exclude) | set(excluded_nodes)
+    excluded = {n: "excluded by option" for n in match_patterns(by_name, exclude)}
+    excluded.update(keep_float or {})
     tail = set(head.tail_nodes) | set(head.decode_convs)
     plan = QuantPlan(target=target, tail=[n.name for n in graph.nodes if n.name in tail])
     _choose_layers(graph, plan, head, excluded, layer_filter)

@@ -18,6 +18,7 @@ import onnx
 from ..analysis import calibration as cal
 from ..analysis.calib_table import CalibrationTable, RangeEntry, force_same_range
 from ..pass_base import UsageError
+from .act_range import act_range, range_error
 from .placement import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
     """Per-tensor ranges for the plan's calibrated tensors: loaded from ``table_path`` when that file
     exists, else calibrated on ``feeds`` (and saved to ``table_path`` when given)."""
     t = plan.target
-    tensors = [n for n in plan.activations if n not in plan.fixed]
+    tensors = [n for n in plan.activations if n not in plan.fixed and n not in plan.derived]
     info: Dict[str, object] = {}
     if table_path and Path(table_path).exists():
         table = CalibrationTable.from_json(table_path)
@@ -38,7 +39,7 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
             raise UsageError(f"{table_path}: calibration table is for {table.qdtype}"
                              f"{' symmetric' if table.symmetric else ''}, target {t.name} needs "
                              f"{t.act_qdtype}{' symmetric' if t.act_symmetric else ''}: delete it to recalibrate")
-        missing = [n for n in tensors if n not in table]
+        missing = [n for n in tensors + list(plan.derived) if n not in table]
         if missing:
             raise UsageError(f"{table_path}: calibration table has no range for tensor '{missing[0]}' "
                              f"({len(missing)} missing): delete it to recalibrate")
@@ -54,12 +55,40 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
                                   tensors=plan.graph_inputs)
         table = CalibrationTable({**table.entries, **exact.entries}, table.qdtype, table.symmetric,
                                  dict(table.meta))
+    table = derive(activation_aware(table, stats, plan), plan)
     info["calibration"] = {"samples": stats.samples, "seconds": stats.meta.get("seconds"),
                            "skipped": dict(stats.skipped)}
     if table_path:
         table.to_json(table_path)
         info["calibration_table"] = str(table_path)
     return table, info
+
+
+def activation_aware(table: CalibrationTable, stats: cal.CalibrationStats, plan: QuantPlan) -> CalibrationTable:
+    """Replace the range of a tensor read only by an activation when the activation-aware range
+    has a lower error after the activation (method ``<act>-aware``; the per-method errors of the
+    plain candidates stay recorded)."""
+    entries = dict(table.entries)
+    for name, act in plan.act_after.items():
+        if name not in stats or name not in entries:
+            continue
+        e = entries[name]
+        lo, hi, err = act_range(stats[name], act, table.qdtype, table.symmetric)
+        before = range_error(stats[name], act, e.rmin, e.rmax, table.qdtype, table.symmetric)
+        if err < before:
+            errors = {**e.errors, f"{act}-aware (after {act})": err, f"{e.method} (after {act})": before}
+            entries[name] = RangeEntry(lo, hi, f"{act}-aware", errors)
+    return CalibrationTable(entries, table.qdtype, table.symmetric, dict(table.meta))
+
+
+def derive(table: CalibrationTable, plan: QuantPlan) -> CalibrationTable:
+    """Ranges of value-preserving outputs: the union of their inputs' ranges (topological order)."""
+    entries = dict(table.entries)
+    for out, ins in plan.derived.items():
+        known = [entries[i] for i in ins if i in entries]
+        if known and len(known) == len(ins):
+            entries[out] = RangeEntry(min(e.rmin for e in known), max(e.rmax for e in known), "derived")
+    return CalibrationTable(entries, table.qdtype, table.symmetric, dict(table.meta))
 
 
 def plan_table(base: CalibrationTable, plan: QuantPlan) -> CalibrationTable:

@@ -1,24 +1,31 @@
-"""Sensitivity of the model output to each quantized unit, measured in one onnxruntime session.
+"""Sensitivity of the model output to each quantization decision, in one onnxruntime session.
 
 A unit is an INT8 layer with the INT8 ops that only it feeds (its activation), a Concat/Add on
-its own, or a quantized graph input (``QuantPlan.units``). The switch model is the quantized
-model where every Q/DQ'd tensor and every INT8 weight is read through ``Where(switch, dq, float)``
-with one boolean graph input per unit, so any subset of units can be restored to float without
-rebuilding a session. The error is measured on the head's raw maps (the last convs' outputs,
-before a decode mixes pixel boxes with 0..1 scores): SQNR over all maps and images. A unit's
-sensitivity is the SQNR gained by restoring only that unit to float in the fully quantized model.
+its own (``QuantPlan.units``). A quantized tensor is quantized as long as its producer's unit or
+any INT8 layer reading it stays INT8 (onnxruntime fuses DQ->Conv->Q only with both). So the
+candidates for restoring to float are, per quantized tensor, that set of units: restoring it
+removes the tensor's Q/DQ and runs those layers float, exactly what a rebuild with their nodes
+kept float does.
+
+The switch model is the quantized model with every quantized read (activation, weight, bias)
+routed through ``Where(on, quantized, float)``, ``on`` the Or of the switches (boolean graph
+inputs) of the units that keep it quantized; with every switch off it computes the float model.
+The error is measured on the head's raw maps (the last convs' outputs, before a decode mixes
+pixel boxes with 0..1 scores): SQNR over all maps and images. A candidate's sensitivity is the
+SQNR gained by restoring it alone in the fully quantized model.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, verify
+from . import metrics
 from .metrics import with_outputs
 from .placement import QuantPlan
 from .rewrite import RewriteRecord
@@ -30,51 +37,91 @@ SWITCH = "__qdq_switch_"
 
 @dataclass(frozen=True)
 class UnitSensitivity:
+    """One candidate: a name (the tensor it un-quantizes), its units, their nodes, the gain."""
+
     unit: str
+    units: tuple
     nodes: tuple
     sqnr_gain_db: float
 
     def as_dict(self) -> Dict[str, object]:
-        return {"unit": self.unit, "nodes": list(self.nodes), "sqnr_gain_db": round(self.sqnr_gain_db, 3)}
+        return {"candidate": self.unit, "units": list(self.units), "nodes": list(self.nodes),
+                "sqnr_gain_db": round(self.sqnr_gain_db, 3)}
 
 
-def tensor_units(graph: gs.Graph, plan: QuantPlan) -> Dict[str, str]:
-    """Quantized tensor -> unit: its producer's unit, else the unit of an INT8 layer reading it."""
+def tensor_units(graph: gs.Graph, plan: QuantPlan) -> Dict[str, List[str]]:
+    """Quantized tensor -> the units that keep it quantized: the producing INT8 layer (its output
+    must be quantized for DQ->Conv->Q to fuse) and every unit that reads it in INT8."""
     node_unit = {n: u for u, ns in plan.units.items() for n in ns}
+    int8_readers = set(plan.layers) | set(plan.int8_ops)
     tensors = graph.tensors()
-    out: Dict[str, str] = {}
+    out: Dict[str, List[str]] = {}
     for name in plan.activations:
         t = tensors[name]
         p = t.inputs[0] if t.inputs else None
-        if p is not None and p.name in node_unit:
-            out[name] = node_unit[p.name]
-            continue
-        if f"input:{name}" in plan.units:
-            out[name] = f"input:{name}"
-            continue
-        readers = [c.name for c in t.outputs if c.name in node_unit]
-        if readers:
-            out[name] = node_unit[readers[0]]
+        units = [node_unit[p.name]] if p is not None and p.name in plan.layers else []
+        for r in t.outputs:
+            if r.name in int8_readers and r.name in node_unit and node_unit[r.name] not in units:
+                units.append(node_unit[r.name])
+        if not units and p is not None and p.name in node_unit:
+            units = [node_unit[p.name]]
+        if units:
+            out[name] = units
+    return out
+
+
+def candidates(plan: QuantPlan, units_of: Dict[str, List[str]]) -> List[Tuple[str, Tuple[str, ...]]]:
+    """(name, units) per distinct set of units that un-quantizes a tensor, in graph order."""
+    seen: Dict[frozenset, str] = {}
+    for t, units in units_of.items():
+        seen.setdefault(frozenset(units), t)
+    order = {u: i for i, u in enumerate(plan.units)}
+    return [(t, tuple(sorted(us, key=order.__getitem__))) for us, t in seen.items()]
+
+
+def float_biases(model: onnx.ModelProto, plan: QuantPlan) -> Dict[str, np.ndarray]:
+    """The float model's bias of every INT8 layer (bias correction changes the quantized one)."""
+    graph = ir.to_graph(model)
+    out: Dict[str, np.ndarray] = {}
+    for n in graph.nodes:
+        if n.name in plan.layers and plan.layers[n.name].bias is not None:
+            b = ir.const_value(n.inputs[2])
+            if b is not None:
+                out[n.name] = b.astype(np.float32)
     return out
 
 
 def switch_model(qgraph: gs.Graph, like: onnx.ModelProto, plan: QuantPlan, rec: RewriteRecord,
-                 units_of: Dict[str, str]) -> onnx.ModelProto:
-    """The quantized graph with a Where(switch_unit, quantized, float) on every quantized read."""
+                 units_of: Dict[str, List[str]]) -> onnx.ModelProto:
+    """The quantized graph with a Where(switch_unit, quantized, float) on every quantized read
+    (activations, weights and biases: with every switch off it computes the float model)."""
     tensors = qgraph.tensors()
     alloc = ir.NameAllocator.for_graph(qgraph)
     switches: Dict[str, gs.Variable] = {}
 
-    def sw(unit: str) -> gs.Variable:
-        if unit not in switches:
-            switches[unit] = gs.Variable(SWITCH + unit, np.bool_, [])
-        return switches[unit]
+    ors: Dict[Tuple[str, ...], gs.Variable] = {}
 
-    def route(dq_name: str, float_t: gs.Tensor, unit: str) -> None:
+    def sw(units: Sequence[str]) -> gs.Variable:
+        key = tuple(sorted(units))
+        for u in key:
+            if u not in switches:
+                switches[u] = gs.Variable(SWITCH + u, np.bool_, [])
+        if len(key) == 1:
+            return switches[key[0]]
+        if key not in ors:
+            acc = switches[key[0]]
+            for u in key[1:]:
+                nxt = gs.Variable(alloc("switch_or"), np.bool_, [])
+                qgraph.nodes.append(gs.Node("Or", inputs=[acc, switches[u]], outputs=[nxt]))
+                acc = nxt
+            ors[key] = acc
+        return ors[key]
+
+    def route(dq_name: str, float_t: gs.Tensor, units: Sequence[str]) -> None:
         dq = tensors[dq_name]
         readers = list(dq.outputs)
         out = gs.Variable(alloc(dq_name + "_switched"), np.float32, dq.shape)
-        qgraph.nodes.append(gs.Node("Where", inputs=[sw(unit), dq, float_t], outputs=[out]))
+        qgraph.nodes.append(gs.Node("Where", inputs=[sw(units), dq, float_t], outputs=[out]))
         for r in readers:
             for i, x in enumerate(r.inputs):
                 if x is dq:
@@ -83,44 +130,120 @@ def switch_model(qgraph: gs.Graph, like: onnx.ModelProto, plan: QuantPlan, rec: 
     for name, (_, dq) in rec.activations.items():
         if name in units_of:
             route(dq, tensors[name], units_of[name])
+    node_unit = {n: u for u, ns in plan.units.items() for n in ns}
     for node, (w_float, dq) in rec.weights.items():
-        unit = next((u for u, ns in plan.units.items() if node in ns), None)
-        if unit is not None and w_float in tensors:
-            route(dq, tensors[w_float], unit)
+        if node in node_unit and w_float in tensors:
+            route(dq, tensors[w_float], [node_unit[node]])
+    layers = {n.name: n for n in qgraph.nodes if n.name in plan.layers}
+    originals = float_biases(like, plan)
+    for name, b in originals.items():
+        node = layers.get(name)
+        if node is None or name not in node_unit or len(node.inputs) < 3:
+            continue
+        out = gs.Variable(alloc(name + "_bias_switched"), np.float32, b.shape)
+        orig = gs.Constant(alloc(name + "_bias_float"), b)
+        qgraph.nodes.append(gs.Node("Where", inputs=[sw([node_unit[name]]), node.inputs[2], orig], outputs=[out]))
+        node.inputs[2] = out
     qgraph.inputs.extend(switches.values())
     return ir.to_model(qgraph, like)
 
 
-def rank_units(model: onnx.ModelProto, units: Sequence[str], head_maps: Sequence[str],
-               feeds: Sequence[Dict[str, np.ndarray]], threads: int = 0,
-               progress: bool = False, nodes: Dict[str, List[str]] = None) -> List[UnitSensitivity]:
-    """Sensitivity of every unit of a switch model, most sensitive first."""
-    from tqdm import tqdm
+class SwitchEvaluator:
+    """Loss of a switch model with any set of units restored to float (one session).
 
-    sess = verify.session(with_outputs(model, head_maps), threads=threads)
-    names = [i.name for i in sess.get_inputs() if i.name.startswith(SWITCH)]
-    plain = [f for f in feeds]
+    With a decodable YOLO output the loss is :class:`metrics.DetectionError` on the decoded
+    output; otherwise the noise-to-signal ratio of the head maps. Gains are in dB of that loss.
+    """
 
-    def run(on: Dict[str, bool]) -> List[List[np.ndarray]]:
-        flags = {n: np.array(on.get(n[len(SWITCH):], True)) for n in names}
-        return [sess.run(list(head_maps), {**f, **flags}) for f in plain]
+    def __init__(self, model: onnx.ModelProto, head_maps: Sequence[str],
+                 feeds: Sequence[Dict[str, np.ndarray]], threads: int = 0,
+                 fmt: Optional[str] = None) -> None:
+        out0 = model.graph.output[0].name
+        self.names = None
+        self.feeds = list(feeds)
+        self.runs = 0
+        self.fetch = [out0] if fmt else list(head_maps)
+        self.sess = verify.session(with_outputs(model, [] if fmt else head_maps), threads=threads)
+        self.names = [i.name for i in self.sess.get_inputs() if i.name.startswith(SWITCH)]
+        ref = self._run(off=None)
+        if fmt:
+            name = [i.name for i in self.sess.get_inputs() if not i.name.startswith(SWITCH)][0]
+            err = metrics.DetectionError(fmt, self.feeds[0][name].shape[2:])
+            self.metric = "decoded detections: confidence-weighted score L1 + box (1 - IoU)"
+            self.ref = [err.decoded(r[0]) for r in ref]
+            self.loss = lambda outs: err(self.ref, [o[0] for o in outs])
+        else:
+            self.metric = "head maps: noise-to-signal ratio"
+            self.ref = ref
+            self.loss = self._nsr
+        self.base_loss = self.loss(self._run(off=()))
+        self.base = -10 * np.log10(max(self.base_loss, 1e-30))
 
-    ref = run({u: False for u in units})
+    def _run(self, off: Optional[Iterable[str]]) -> List[List[np.ndarray]]:
+        off_set = set(off) if off is not None else None
+        flags = {n: np.array(off_set is not None and n[len(SWITCH):] not in off_set) for n in self.names}
+        self.runs += len(self.feeds)
+        return [self.sess.run(self.fetch, {**f, **flags}) for f in self.feeds]
 
-    def sqnr(outs: List[List[np.ndarray]]) -> float:
+    def _nsr(self, outs: List[List[np.ndarray]]) -> float:
         sig = noise = 0.0
-        for r_img, o_img in zip(ref, outs):
+        for r_img, o_img in zip(self.ref, outs):
             for a, b in zip(r_img, o_img):
                 a64 = a.astype(np.float64)
                 sig += float((a64 ** 2).sum())
                 noise += float(((a64 - b) ** 2).sum())
-        return float("inf") if noise == 0 else 10 * np.log10(max(sig, 1e-30) / noise)
+        return noise / max(sig, 1e-30)
 
-    base = sqnr(run({}))
-    res = []
-    for u in tqdm(list(units), desc="sensitivity", disable=not progress, leave=False):
-        res.append(UnitSensitivity(u, tuple((nodes or {}).get(u, [])), sqnr(run({u: False})) - base))
+    def gain(self, restored: Iterable[str]) -> float:
+        """dB by which restoring ``restored`` to float lowers the loss."""
+        loss = self.loss(self._run(off=restored))
+        return float(10 * np.log10(max(self.base_loss, 1e-30) / max(loss, 1e-30)))
+
+
+Candidate = Tuple[str, Tuple[str, ...]]
+
+
+def _nodes(units: Sequence[str], nodes: Dict[str, List[str]]) -> tuple:
+    return tuple(n for u in units for n in nodes.get(u, []))
+
+
+def rank_units(ev: SwitchEvaluator, cands: Sequence[Candidate], nodes: Dict[str, List[str]],
+               progress: bool = False) -> List[UnitSensitivity]:
+    """Exact ranking: every candidate restored alone; most sensitive first."""
+    from tqdm import tqdm
+
+    res = [UnitSensitivity(name, units, _nodes(units, nodes), ev.gain(units))
+           for name, units in tqdm(list(cands), desc="sensitivity", disable=not progress, leave=False)]
     res.sort(key=lambda r: -r.sqnr_gain_db)
-    log.info("sensitivity: all-INT8 head SQNR %.2f dB; most sensitive %s", base,
+    log.info("sensitivity: all-INT8 head SQNR %.2f dB; most sensitive %s", ev.base,
              [(r.unit, round(r.sqnr_gain_db, 2)) for r in res[:5]])
     return res
+
+
+def significant_units(ev: SwitchEvaluator, cands: Sequence[Candidate], nodes: Dict[str, List[str]],
+                      threshold_db: float, group: int = 0) -> List[UnitSensitivity]:
+    """Candidates whose restoring alone gains at least ``threshold_db``, found by group testing.
+
+    Restoring a group of candidates removes at least the noise of any one of them, up to error
+    cancellation between members; so a group gaining less than half the threshold is not split
+    (the margin absorbs cancellation): about sqrt(n)/2 + 2 k log(n) evaluations for k
+    significant candidates instead of n. Most sensitive first.
+    """
+    cands = list(cands)
+    size = group or max(2, int(np.ceil(np.sqrt(len(cands)) / 2)))
+    stack = [cands[i:i + size] for i in range(0, len(cands), size)]
+    found: List[UnitSensitivity] = []
+    while stack:
+        g = stack.pop()
+        units = tuple(dict.fromkeys(u for _, us in g for u in us))
+        gain = ev.gain(units)
+        if gain < (threshold_db if len(g) == 1 else threshold_db / 2):
+            continue
+        if len(g) == 1:
+            found.append(UnitSensitivity(g[0][0], g[0][1], _nodes(g[0][1], nodes), gain))
+        else:
+            stack += [g[: len(g) // 2], g[len(g) // 2:]]
+    found.sort(key=lambda r: -r.sqnr_gain_db)
+    log.info("sensitivity: %d candidates gain >= %.2f dB (%d runs): %s", len(found), threshold_db, ev.runs,
+             [(r.unit, round(r.sqnr_gain_db, 2)) for r in found])
+    return found
