@@ -20,11 +20,13 @@ def _builtin() -> Tuple[Type[Pass], ...]:
     from .passes.focus_to_conv import FocusToConv
     from .passes.fold_affine import FoldAffine
     from .passes.fold_batchnorm import FoldBatchNorm
+    from .passes.insert_qdq import InsertQDQ
     return (
         Canonicalize,
         FocusToConv,
         FoldBatchNorm,
         FoldAffine,
+        InsertQDQ,
     )
 
 
