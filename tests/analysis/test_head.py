@@ -1,0 +1,134 @@
+"""find_head: last convs, decode tail, family/layout and strides on every fixture family and yolov5n."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import fixtures
+from onnxslim_yolo.analysis.head import find_head, node_name
+from onnxslim_yolo.pass_base import PreconditionError
+
+EXPECTED = {  # family builder -> (family, last convs, has DFL, layout starts with)
+    "yolov5_focus": ("yolov5", 3, False, "(1, N, 5+C)"),
+    "yolov5_v6": ("yolov5", 3, False, "(1, N, 5+C)"),
+    "yolov8": ("yolov8", 6, True, "(1, 4+C, N)"),
+    "yolox": ("yolox", 9, False, "(1, N, 5+C)"),
+}
+
+
+def _downstream(model: onnx.ModelProto, names) -> set:
+    prod_out = {node_name(n): list(n.output) for n in model.graph.node}
+    readers = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    seen, stack = set(), [t for nm in names for t in prod_out[nm]]
+    while stack:
+        for r in readers.get(stack.pop(), []):
+            if node_name(r) not in seen:
+                seen.add(node_name(r))
+                stack.extend(r.output)
+    return seen
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fixture_heads(name: str, opset: int) -> None:
+    model = fixtures.FAMILIES[name](opset=opset)
+    family, n_last, dfl, layout = EXPECTED[name]
+    info = find_head(model)
+    assert info.family == family
+    assert info.layout.startswith(layout)
+    assert len(info.last_convs) == n_last
+    assert info.num_classes == 4
+    assert info.strides == (8, 16, 32)
+    assert sum(len(v) for v in info.levels.values()) == n_last
+    assert len(set(len(v) for v in info.levels.values())) == 1  # same convs per level
+    ops = {node_name(n): n.op_type for n in model.graph.node}
+    assert all(ops[n] == "Conv" for n in info.last_convs)
+    assert all(ops[n] != "Constant" for n in info.tail_nodes)
+    # the tail is exactly what lies downstream of the last convs (Constants aside)
+    assert set(info.tail_nodes) == {n for n in _downstream(model, info.last_convs) if ops[n] != "Constant"}
+    # no weight layer in the tail except the DFL projection
+    tail_convs = [n for n in info.tail_nodes if ops[n] == "Conv"]
+    assert tail_convs == list(info.decode_convs)
+    assert bool(info.decode_convs) == dfl
+    assert not set(info.decode_convs) & set(info.last_convs)
+    assert {o.name for o in model.graph.output} <= {t for n in model.graph.node if node_name(n) in info.tail_nodes
+                                                     for t in n.output}
+
+
+def test_yolov8_dfl_conv_is_tail_not_last() -> None:
+    info = find_head(fixtures.build_yolov8())
+    assert info.decode_convs == ("model.22/dfl/conv/Conv",)
+    assert "model.22/dfl/conv/Conv" in info.tail_nodes
+    assert all("/cv2." in n or "/cv3." in n for n in info.last_convs)
+    assert info.anchors_per_cell == 1
+
+
+def test_yolox_decoded_tail_has_grid_arithmetic() -> None:
+    info = find_head(fixtures.build_yolox(decode_outputs=True))
+    assert info.family == "yolox"
+    ops = {node_name(n): n.op_type for n in fixtures.build_yolox(decode_outputs=True).graph.node}
+    tail_ops = {ops[n] for n in info.tail_nodes}
+    assert {"Exp", "Add", "Mul", "Sigmoid", "Concat"} <= tail_ops
+
+
+def test_to_dict_is_json_ready() -> None:
+    import json
+
+    d = find_head(fixtures.build_yolov5_v6()).to_dict()
+    json.dumps(d)
+    assert d["strides"] == [8, 16, 32] and d["family"] == "yolov5"
+
+
+def test_unnamed_nodes_get_derived_names() -> None:
+    m = fixtures.build_yolov5_v6()
+    for n in m.graph.node:
+        n.name = ""
+    info = find_head(m)
+    assert len(info.last_convs) == 3
+    assert all(n.startswith("Conv:") for n in info.last_convs)
+
+
+def test_graph_without_weights_is_refused() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    g = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"], name="s")], "g", [x], [y])
+    with pytest.raises(PreconditionError, match="no Conv/MatMul with weights"):
+        find_head(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_matmul_between_activations_is_not_a_layer() -> None:
+    """An attention-like MatMul of two activations after the last Conv belongs to the tail."""
+    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Reshape", ["c", "shape"], ["r"], name="reshape"),
+             helper.make_node("Transpose", ["r"], ["rt"], name="t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["r", "rt"], ["y"], name="mm")]
+    shape = numpy_helper.from_array(np.array([1, 4, 64], np.int64), "shape")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])], [w, shape])
+    info = find_head(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    assert info.last_convs == ("conv",)
+    assert info.tail_nodes == ("reshape", "t", "mm")
+    assert info.family == "unknown"
+
+
+def test_yolov5n_head(yolov5n_path) -> None:
+    model = onnx.load(str(yolov5n_path))
+    t = time.perf_counter()
+    info = find_head(model)
+    assert time.perf_counter() - t < 2.0
+    assert info.last_convs == ("/model.24/m.0/Conv", "/model.24/m.1/Conv", "/model.24/m.2/Conv")
+    assert len(info.tail_nodes) == 37
+    assert info.family == "yolov5" and info.num_classes == 80 and info.anchors_per_cell == 3
+    assert info.levels == {8: ("/model.24/m.0/Conv",), 16: ("/model.24/m.1/Conv",), 32: ("/model.24/m.2/Conv",)}
+    assert info.tail_nodes[-1] == "/model.24/Concat_3"
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert sorted({ops[n] for n in info.tail_nodes}) == ["Add", "Concat", "Mul", "Pow", "Reshape", "Sigmoid",
+                                                         "Split", "Transpose"]
