@@ -130,8 +130,11 @@ def _unit_model(key: ConvKey, int8: bool, seed: int = 0) -> onnx.ModelProto:
         nodes.append(helper.make_node(op, [y], ["a"]))
         y = "a"
     out = qdq(y, 0.03, 10, "out", dq=False)
+    n = len(key.hw)
+    ohw = tuple((key.hw[i] + key.pads[i] + key.pads[i + n] - key.dilations[i] * (key.kernel[i] - 1) - 1)
+                // key.strides[i] + 1 for i in range(n))
     g = helper.make_graph(nodes, "conv_unit", [helper.make_tensor_value_info("x", TensorProto.UINT8, (1, key.cin) + key.hw)],
-                          [helper.make_tensor_value_info(out, TensorProto.UINT8, None)], inits)
+                          [helper.make_tensor_value_info(out, TensorProto.UINT8, (1, key.cout) + ohw)], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 

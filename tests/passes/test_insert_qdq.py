@@ -1,0 +1,270 @@
+"""insert-qdq on the fixture families (both targets) and on the real yolov5n."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Dict, List
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import fixtures
+from onnxslim_yolo import ir, verify
+from onnxslim_yolo.analysis.head import find_head
+from onnxslim_yolo.pass_base import PassContext, PreconditionError, UsageError
+from onnxslim_yolo.passes.insert_qdq import NO_CALIB, InsertQDQ
+
+FAMILIES = ("yolov5_focus", "yolov5_v6", "yolov8", "yolox")
+
+
+def ctx(model: onnx.ModelProto, n: int = 8, **opts) -> PassContext:
+    base = {"progress": False, "placement": "all"}
+    return PassContext(options={"insert-qdq": {**base, **opts}}, calib_inputs=verify.random_feeds(model, n, 0))
+
+
+@lru_cache(maxsize=None)
+def quantized(family: str, target: str = "ort-cpu", opset: int = 13):
+    model = fixtures.FAMILIES[family](opset=opset, bn=False)
+    res = InsertQDQ().run(model, ctx(model, target=target))
+    return model, res
+
+
+class G:
+    """Producer/consumer index of a quantized model."""
+
+    def __init__(self, m: onnx.ModelProto) -> None:
+        self.m = m
+        self.inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        self.prod = {o: n for n in m.graph.node for o in n.output}
+        self.readers: Dict[str, List[onnx.NodeProto]] = {}
+        for n in m.graph.node:
+            for x in n.input:
+                self.readers.setdefault(x, []).append(n)
+
+    def ops(self, op: str) -> List[onnx.NodeProto]:
+        return [n for n in self.m.graph.node if n.op_type == op]
+
+    def attr(self, n: onnx.NodeProto, name: str, default=None):
+        return next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == name), default)
+
+
+# ------------------------------------------------------------------------------------ refusals
+def test_missing_calibration_is_a_precondition_error() -> None:
+    model = fixtures.build_yolov5_v6(bn=False)
+    for c in (PassContext(), PassContext(calib_inputs=[])):
+        with pytest.raises(PreconditionError) as e:
+            InsertQDQ().requires(model, c)
+        assert str(e.value) == NO_CALIB == "insert-qdq needs calibration images: pass --calib DIR"
+        with pytest.raises(PreconditionError, match="--calib DIR"):
+            InsertQDQ().run(model, c)
+
+
+def test_bad_options_are_usage_errors() -> None:
+    model = fixtures.build_yolov5_v6(bn=False)
+    with pytest.raises(UsageError, match="unknown option 'colour'"):
+        InsertQDQ().run(model, ctx(model, colour=1))
+    with pytest.raises(UsageError, match="unknown target 'tpu'"):
+        InsertQDQ().run(model, ctx(model, target="tpu"))
+    with pytest.raises(UsageError, match="matches no node"):
+        InsertQDQ().run(model, ctx(model, exclude=["nothing/like/this*"]))
+
+
+def test_already_quantized_model_is_left_unchanged() -> None:
+    _, res = quantized("yolov5_v6")
+    again = InsertQDQ().run(res.model, ctx(res.model))
+    assert again.modified is False and again.model is res.model
+    assert "already holds" in again.report.skipped[0]["reason"]
+
+
+# ------------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ort_cpu_structure(family: str) -> None:
+    model, res = quantized(family)
+    q = res.model
+    onnx.checker.check_model(q, full_check=True)
+    g = G(q)
+    qs = g.ops("QuantizeLinear")
+    assert len(qs) == res.report.counts["quantized_tensors"] > 0
+    for n in qs:  # every Q feeds only DQs with the same parameters
+        readers = g.readers[n.output[0]]
+        assert readers and all(r.op_type == "DequantizeLinear" and r.input[1:] == n.input[1:] for r in readers)
+        assert g.inits[n.input[2]].dtype == np.uint8
+    # decode tail untouched: no tail node reads a DQ, no Q reads a tail output
+    tail = set(find_head(model).tail_nodes) | set(find_head(model).decode_convs)
+    for n in q.graph.node:
+        if n.name in tail:
+            assert not any(g.prod.get(x) is not None and g.prod[x].op_type == "DequantizeLinear" for x in n.input)
+    assert not any(g.prod.get(n.input[0]) is not None and g.prod[n.input[0]].name in tail for n in qs)
+    # weights: int8, symmetric per output channel along axis 0, bias int32 = x_scale * w_scale
+    convs = [n for n in g.ops("Conv") if g.prod.get(n.input[1]) is not None]
+    assert len(convs) == res.report.counts["int8_layers"]
+    for c in convs:
+        wdq = g.prod[c.input[1]]
+        w, s = g.inits[wdq.input[0]], g.inits[wdq.input[1]]
+        assert w.dtype == np.int8 and np.abs(w).max() <= 127 and g.attr(wdq, "axis") == 0
+        assert s.shape == (w.shape[0],) and not np.any(g.inits[wdq.input[2]])
+        if len(c.input) > 2:
+            bdq, xdq = g.prod[c.input[2]], g.prod[c.input[0]]
+            assert g.inits[bdq.input[0]].dtype == np.int32
+            np.testing.assert_allclose(g.inits[bdq.input[1]], g.inits[xdq.input[1]] * s, rtol=1e-6)
+    verify.check_runs(q, verify.random_feeds(q, 1, 3))
+
+
+def test_shared_scales_concat_sigmoid() -> None:
+    _, res = quantized("yolov5_v6")
+    g = G(res.model)
+    qparams = {n.input[0]: tuple(n.input[1:]) for n in g.ops("QuantizeLinear")}
+
+    def params(t: str):
+        p = g.prod.get(t)
+        return tuple(p.input[1:]) if p is not None and p.op_type == "DequantizeLinear" else qparams.get(t)
+
+    value = lambda names: {(float(g.inits[a]), int(g.inits[b])) for a, b in names}  # noqa: E731
+    concats = [n for n in g.ops("Concat") if n.output[0] in qparams]
+    assert concats
+    for n in concats:
+        assert len(value([params(x) for x in n.input] + [qparams[n.output[0]]])) == 1
+    sig = [n for n in g.ops("Sigmoid") if n.output[0] in qparams]
+    assert sig and all(value([qparams[n.output[0]]]) == {(np.float32(1 / 255), 0)} for n in sig)
+    for n in g.ops("MaxPool"):
+        if n.output[0] in qparams:
+            assert value([params(n.input[0]), qparams[n.output[0]]]).__len__() == 1
+
+
+def test_opset11_yolox_is_upgraded_and_valid() -> None:
+    model, res = quantized("yolox", opset=11)
+    assert ir.opset(model) == 11 and ir.opset(res.model) == 13
+    g = G(res.model)
+    axes = [g.attr(n, "axis") for n in g.ops("DequantizeLinear") if g.inits.get(n.input[0]) is not None
+            and g.inits[n.input[0]].dtype == np.int8]
+    assert axes and all(a == 0 for a in axes)
+    depthwise = [c for c in g.ops("Conv") if (g.attr(c, "group", 1) or 1) > 1 and g.prod.get(c.input[1])]
+    assert depthwise  # placement "all": depthwise convs are quantized too
+    onnx.checker.check_model(res.model, full_check=True)
+    verify.check_runs(res.model, verify.random_feeds(res.model, 1, 5))
+
+
+@pytest.mark.parametrize("family,floor", [("yolov8", 0.95), ("yolov5_focus", 0.8)])
+def test_output_cosine_floor(family: str, floor: float) -> None:
+    model, res = quantized(family)
+    diffs = verify.compare_models(model, res.model, verify.random_feeds(model, 3, 11))
+    assert min(d.cosine for d in diffs) >= floor
+    quality = res.report.details["quality"]["outputs"]
+    assert set(quality) >= {o.name for o in model.graph.output}
+    json.dumps(res.report.to_dict())
+
+
+# --------------------------------------------------------------------------------- targets
+def test_tensorrt_target_rules() -> None:
+    model, res = quantized("yolov5_v6", "tensorrt")
+    g = G(res.model)
+    for n in g.ops("QuantizeLinear") + g.ops("DequantizeLinear"):
+        zp = g.inits[n.input[2]]
+        assert not np.any(zp), n.name
+        assert zp.dtype == np.int8, n.name  # int8 activations and weights, no int32 bias
+    head = find_head(model)
+    by_name = {n.name: n for n in res.model.graph.node}
+    for conv in head.last_convs:  # last convs quantized at input and weights, output float
+        c = by_name[conv]
+        assert g.prod[c.input[0]].op_type == "DequantizeLinear" and g.prod[c.input[1]].op_type == "DequantizeLinear"
+        assert all(r.op_type != "QuantizeLinear" for r in g.readers[c.output[0]])
+    adds = [n for n in g.ops("Add") if n.name not in head.tail_nodes]
+    assert adds and all(any(g.prod.get(x) is not None and g.prod[x].op_type == "DequantizeLinear"
+                            for x in n.input) for n in adds)
+    assert not any(g.prod.get(n.input[0]) is not None and g.prod[n.input[0]].op_type == "Sigmoid"
+                   for n in g.ops("QuantizeLinear"))  # no activation outputs quantized for TensorRT
+    verify.check_runs(res.model, verify.random_feeds(res.model, 1, 2))
+
+
+# ---------------------------------------------------------------------------------- options
+def test_exclude_keeps_nodes_float() -> None:
+    model = fixtures.build_yolov5_v6(bn=False)
+    res = InsertQDQ().run(model, ctx(model, exclude=["model.4/*"]))
+    g = G(res.model)
+    for c in g.ops("Conv"):
+        if c.name.startswith("model.4/"):
+            assert c.input[1] in g.inits and g.inits[c.input[1]].dtype == np.float32
+    assert any(s["reason"] == "excluded by option" and s["node"].startswith("model.4/")
+               for s in res.report.skipped)
+
+
+def test_calibration_table_saved_then_loaded(tmp_path) -> None:
+    model = fixtures.build_yolov5_v6(bn=False)
+    path = tmp_path / "calib.json"
+    first = InsertQDQ().run(model, ctx(model, calib_table=str(path)))
+    assert path.exists() and first.report.details["calibration"]["calibration_table"] == str(path)
+    # other images, same table: identical model
+    c2 = PassContext(options={"insert-qdq": {"progress": False, "placement": "all", "calib_table": str(path),
+                                             "bias_correction": False}},
+                     calib_inputs=verify.random_feeds(model, 2, 99))
+    again = InsertQDQ().run(model, c2)
+    assert "loaded from" in again.report.details["calibration"]["calibration"]
+    s1 = {n.input[0]: float(numpy_helper.to_array(i)) for n in first.model.graph.node if n.op_type == "QuantizeLinear"
+          for i in first.model.graph.initializer if i.name == n.input[1]}
+    s2 = {n.input[0]: float(numpy_helper.to_array(i)) for n in again.model.graph.node if n.op_type == "QuantizeLinear"
+          for i in again.model.graph.initializer if i.name == n.input[1]}
+    assert s1 == s2
+    with pytest.raises(UsageError, match="target tensorrt needs int8"):
+        InsertQDQ().run(model, ctx(model, calib_table=str(path), target="tensorrt"))
+
+
+def test_bias_correction_changes_biases() -> None:
+    model = fixtures.build_yolov5_v6(bn=False)
+    on = InsertQDQ().run(model, ctx(model))
+    off = InsertQDQ().run(model, ctx(model, bias_correction=False))
+    corr = on.report.details["bias_correction"]
+    assert corr and all(v >= 0 for v in corr.values()) and "bias_correction" not in off.report.details
+    int32 = lambda m: {i.name: numpy_helper.to_array(i) for i in m.graph.initializer  # noqa: E731
+                       if i.data_type == onnx.TensorProto.INT32 and i.dims}
+    b_on, b_off = int32(on.model), int32(off.model)
+    assert b_on.keys() == b_off.keys() and b_on
+    changed = [k for k in b_on if not np.array_equal(b_on[k], b_off[k])]
+    assert len(changed) >= len(b_on) // 2
+
+
+def test_measured_placement_reports_timings() -> None:
+    model = fixtures.build_yolov5_v6(bn=False, img=128)
+    res = InsertQDQ().run(model, ctx(model, placement="measure"))
+    timings = res.report.details["conv_timings"]
+    assert timings and all(t["int8_ms"] > 0 and t["float_ms"] > 0 for t in timings)
+    slower = {n for t in timings if t["speedup"] < 1.05 for n in t["nodes"]}
+    reasons = {s["node"]: s["reason"] for s in res.report.skipped}
+    assert all(reasons[n].startswith("INT8 slower here") for n in slower)
+    assert set(res.report.details["int8_layers"]).isdisjoint(slower)
+
+
+def test_sensitivity_and_mixed_precision() -> None:
+    model = fixtures.build_yolov8(bn=False)
+    res = InsertQDQ().run(model, ctx(model, sensitivity=True, max_drop=1e9, mixed_images=2))
+    sens = res.report.details["sensitivity"]
+    gains = [r["sqnr_gain_db"] for r in sens["ranking"]]
+    assert gains == sorted(gains, reverse=True) and len(gains) >= res.report.counts["int8_layers"]
+    mixed = res.report.details["mixed_precision"]
+    assert mixed["met"] and mixed["restored_units"] == [] and mixed["steps"][0]["restored"] == 0
+    strict = InsertQDQ().run(model, ctx(model, max_drop=0.0, mixed_images=2))
+    m2 = strict.report.details["mixed_precision"]
+    assert m2["steps"][0]["loss"] > 0  # the all-INT8 model does not reproduce every detection
+    assert m2["restored_units"] and (m2["final_loss"] <= 0.0) == m2["met"]
+    assert strict.report.counts["int8_layers"] < res.report.counts["int8_layers"]
+
+
+# -------------------------------------------------------------------------------- real model
+def test_yolov5n_sixteen_images(yolov5n_path, coco128) -> None:
+    from onnxslim_yolo.data import load_calibration
+    from onnxslim_yolo.quant.metrics import DetectionError
+
+    model = ir.load(yolov5n_path)
+    feeds = load_calibration(coco128 / "images", model, limit=16, progress=False)
+    res = InsertQDQ().run(model, PassContext(options={"insert-qdq": {"progress": False}}, calib_inputs=feeds))
+    counts, details = res.report.counts, res.report.details
+    assert counts["int8_layers"] >= 45 and counts["decode_tail_nodes"] == 37
+    assert details["head"]["family"] == "yolov5"
+    assert details["quality"]["outputs"]["output"]["cosine_min"] > 0.999
+    err = DetectionError("v5", (640, 640))
+    fs = [feeds[i] for i in range(0, 16, 2)]
+    ref = [err.decoded(o[0]) for o in (verify.session(model).run(None, f) for f in fs)]
+    qs = verify.session(res.model)
+    loss = err(ref, [qs.run(None, f)[0] for f in fs])
+    assert -10 * np.log10(loss) > 11.0  # int8 default lands near 13.7 dB on all 128 images

@@ -1,0 +1,132 @@
+"""The stages of insert-qdq alone: weight quantization, activation-aware ranges, placement rules,
+conv timing models, group-testing sensitivity and the mixed-precision search."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fixtures
+from onnxslim_yolo import ir, verify
+from onnxslim_yolo.analysis.head import find_head
+from onnxslim_yolo.analysis.histogram import StreamingHistogram, TensorStats
+from onnxslim_yolo.quant import cost, mixed
+from onnxslim_yolo.quant.act_range import act_range, range_error
+from onnxslim_yolo.quant.placement import make_plan
+from onnxslim_yolo.quant.rewrite import quantize_weight
+from onnxslim_yolo.quant.sensitivity import UnitSensitivity, significant_units
+from onnxslim_yolo.quant.targets import ORT_CPU, TENSORRT, weight_axis
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(1, 6), st.integers(1, 5), st.sampled_from([0, 1]), st.booleans(), st.integers(0, 2 ** 16))
+def test_quantize_weight_matches_numpy(cout: int, cin: int, axis: int, per_channel: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((cout, cin, 3, 3)) * rng.uniform(0.01, 3.0)).astype(np.float32)
+    if cout > 1:
+        w[0] = 0.0  # an all-zero channel gets scale 1, never 0
+    q, s = quantize_weight(w, axis, per_channel)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 127
+    shape = [1] * 4
+    if per_channel:
+        assert s.shape == (w.shape[axis],)
+        shape[axis] = -1
+    else:
+        assert s.shape == ()
+    sb = s.reshape(shape)
+    assert np.all(np.abs(q * sb - w) <= sb / 2 + 1e-7)
+    assert np.all(s > 0)
+    red = tuple(i for i in range(4) if i != axis) if per_channel else None
+    top = np.abs(q).max(axis=red)
+    assert np.all((top == 127) | (np.abs(w).max(axis=red) == 0))
+
+
+def test_weight_axes() -> None:
+    assert weight_axis("Conv") == 0 and weight_axis("ConvTranspose") == 1
+    assert weight_axis("Gemm", trans_b=1) == 0 and weight_axis("Gemm", trans_b=0) == 1
+    assert weight_axis("MatMul", rank=2) == 1
+
+
+def _stats(x: np.ndarray) -> TensorStats:
+    ts = TensorStats("t", StreamingHistogram(2048))
+    ts.update(x)
+    return ts
+
+
+def test_silu_aware_range_clips_the_squashed_negatives() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 2, 200_000), rng.uniform(-40, -8, 2_000)]).astype(np.float32)
+    ts = _stats(x)
+    lo, hi, err = act_range(ts, "silu", "uint8", False)
+    assert -12 < lo < -3 and hi > 5  # the tail below about -6 is worth nothing after SiLU
+    assert err < range_error(ts, "silu", float(x.min()), float(x.max()), "uint8", False) / 4
+    lo_r, _, _ = act_range(ts, "relu", "uint8", False)
+    assert lo_r == pytest.approx(0.0, abs=0.5)
+
+
+def test_placement_rules_ort_and_tensorrt() -> None:
+    model = ir.to_model(ir.to_graph(fixtures.build_yolov5_v6(bn=False)), fixtures.build_yolov5_v6(bn=False))
+    model = onnx.shape_inference.infer_shapes(model)
+    head = find_head(model)
+    plan = make_plan(ir.to_graph(model), head, ORT_CPU)
+    assert set(plan.layers).isdisjoint(head.last_convs)
+    assert all("last conv" in plan.float_nodes[n] for n in head.last_convs)
+    assert not set(plan.int8_ops) & set(head.tail_nodes)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert {ops[n] for n in plan.int8_ops} >= {"Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize"}
+    assert plan.derived and all(ops[n.rsplit("_output", 1)[0]] in ("MaxPool", "Concat") for n in plan.derived)
+    assert set(plan.act_after.values()) == {"silu"}
+    trt = make_plan(ir.to_graph(model), head, TENSORRT)
+    assert set(head.last_convs) <= set(trt.layers) and not trt.int8_ops and not trt.groups
+    adds = [n for n in model.graph.node if n.op_type == "Add" and n.name not in head.tail_nodes]
+    assert adds and all(any(x in trt.activations for x in n.input) for n in adds)
+
+
+def test_conv_unit_models_run_and_time() -> None:
+    keys = [cost.ConvKey(8, 16, (16, 16), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, "silu"),
+            cost.ConvKey(8, 8, (16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 8, "none")]
+    for k in keys:
+        for int8 in (True, False):
+            onnx.checker.check_model(cost._unit_model(k, int8))
+    measured = cost.measure(keys, budget_ms=5)
+    assert set(measured) == set(keys) and all(c.int8_ms > 0 and c.float_ms > 0 for c in measured.values())
+    assert cost.slower_in_int8(cost.ConvCost(2.0, 1.0), 1.05).startswith("INT8 slower here")
+    assert cost.slower_in_int8(cost.ConvCost(1.0, 2.0), 1.05) is None
+    assert cost.slower_in_int8(None, 1.05) is None
+
+
+class FakeEvaluator:
+    """Loss = sum of planted unit noises (additive), so gains are known exactly."""
+
+    def __init__(self, noise):
+        self.noise, self.runs = noise, 0
+        self.base = 0.0
+
+    def gain(self, restored):
+        self.runs += 1
+        total = sum(self.noise.values())
+        left = total - sum(self.noise[u] for u in set(restored))
+        return 10 * np.log10(total / max(left, 1e-12))
+
+
+def test_group_testing_finds_planted_units_in_few_runs() -> None:
+    units = [f"u{i}" for i in range(64)]
+    noise = {u: 0.01 for u in units}
+    noise["u5"], noise["u40"] = 1.0, 0.6
+    ev = FakeEvaluator(noise)
+    found = significant_units(ev, [(u, (u,)) for u in units], {}, threshold_db=1.0)
+    assert [r.unit for r in found] == ["u5", "u40"]
+    assert ev.runs < 40  # vs 64 for one run per unit
+
+
+def test_mixed_search_finds_smallest_restore() -> None:
+    ranking = [UnitSensitivity(f"c{i}", (f"c{i}",), (), 10.0 - i) for i in range(10)]
+    built = []
+    res = mixed.search(ranking, lambda units: built.append(len(units)) or len(units), lambda k: 10 - 2 * k,
+                       max_drop=3.0, first=0)
+    assert res.met and len(res.restored) == 4 and res.loss == 2  # 10 - 2k <= 3 first at k = 4
+    assert sorted({s["restored"] for s in res.steps}) == sorted(set([0] + built))
+    never = mixed.search(ranking, lambda units: len(units), lambda k: 5.0, max_drop=1.0, first=0)
+    assert not never.met and len(never.restored) == 10
