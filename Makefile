@@ -18,7 +18,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/onnxslim-yolo optimize $(DEMO_MODEL) --int8 --calib $(DEMO_DATA)/images --labels $(DEMO_DATA)/labels -o out/yolov5s_demo.opt.onnx --report out/demo_report.json
+	$(BIN)/onnxslim-yolo optimize $(DEMO_MODEL) --calib $(DEMO_DATA)/images -o out/yolov5s_demo.opt.onnx --report out/demo_report.json
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

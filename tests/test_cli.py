@@ -132,6 +132,9 @@ def test_readme_commands_are_the_makefile_targets():
     readme = (REPO / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
     assert "make test" in (REPO / ".ci" / "run").read_text()
+    # the demo command quoted in the README is the one `make demo` runs
+    quoted = re.search(r"(onnxslim-yolo optimize fixtures/demo[^`]*?)\n```", readme).group(1)
+    assert shlex.split(quoted.replace("\\\n", " "))[1:] == _demo_command()
 
 
 @pytest.mark.slow
@@ -146,5 +149,9 @@ def test_readme_demo_command_runs(tmp_path: Path, monkeypatch):
         argv[j + 1] = str(tmp_path / "demo.json")
     r = CliRunner().invoke(main, argv, catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert out.exists() and "mAP@0.5:0.95" in r.output
+    assert out.exists() and "accuracy.agreement" in r.output and "PASS:" in r.output
+    # the demo model has a Focus stem and BatchNorm: both must be gone
+    g = onnx.load(str(out)).graph
+    assert "BatchNormalization" not in [n.op_type for n in g.node]
+    assert [n.op_type for n in g.node if g.input[0].name in n.input] == ["Conv"]
     onnx.checker.check_model(str(out), full_check=True)
