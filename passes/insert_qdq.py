@@ -27,8 +27,9 @@ from onnxslim_yolo.quant.sensitivity import (SwitchEvaluator, UnitSensitivity, c
 
 log = logging.getLogger(__name__)
 
-QUANT_OPS: frozenset = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                       "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul"})
+QUANT_OPS: frozenset = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd",
+                                  "QLinearMul"})
 NO_CALIB = "insert-qdq needs calibration images: pass --calib DIR"
 
 
@@ -140,7 +141,8 @@ class InsertQDQ(Pass):
             sens["ranking"] = [r.as_dict() for r in ranking]
         if significant:
             keep = [u for r in significant for u in r.units]
-            sens["auto_float"] = {"threshold_db": o.auto_float_db, "candidates": [r.as_dict() for r in significant],
+            sens["auto_float"] = {"threshold_db": o.auto_float_db,
+                                  "candidates": [r.as_dict() for r in significant],
                                   "gain_together_db": round(ev.gain(keep), 3)}
             built = q.build(q.plan(self._keep_float(built, significant, o.auto_float_db)))
         report.details["sensitivity"] = sens
@@ -200,7 +202,8 @@ class InsertQDQ(Pass):
         if q.timings:
             d["conv_timings"] = q.timings
         if q.bias_errors:
-            d["bias_correction"] = {k: float(abs(v).max()) for k, v in q.bias_errors.items() if k in plan.layers}
+            d["bias_correction"] = {k: float(abs(v).max()) for k, v in q.bias_errors.items()
+                                    if k in plan.layers}
         feeds = q.feeds[: q.opts.eval_images]
         d["quality"] = {"images": len(feeds),
                         "outputs": metrics.output_quality(q.model, b.model, feeds, q.head.last_conv_outputs,

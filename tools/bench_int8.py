@@ -70,8 +70,8 @@ class Reader(CalibrationDataReader):
 quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(find_head(model).tail_nodes))
-json.dump({"seconds": time.perf_counter() - t0,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, open(dst + ".json", "w"))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+json.dump({"seconds": time.perf_counter() - t0, "peak_rss_mb": rss}, open(dst + ".json", "w"))
 """
 
 
@@ -118,7 +118,8 @@ def fixture_check(tmp: Path) -> Dict[str, object]:
     feeds = verify.random_feeds(model, 8, 0)
     res = {}
     for placement in ("measure", "all"):
-        ctx = PassContext(options={"insert-qdq": {"progress": False, "placement": placement}}, calib_inputs=feeds)
+        opts = {"insert-qdq": {"progress": False, "placement": placement}}
+        ctx = PassContext(options=opts, calib_inputs=feeds)
         out = InsertQDQ().run(model, ctx).model
         onnx.checker.check_model(out, full_check=True)
         diff = verify.compare_models(model, out, feeds[:2])
@@ -157,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["latency_ratio_theirs"] = [round(r[2] / r[0], 3) for r in reps]
     if a.labels:
         from onnxslim_yolo.evaluate import evaluate
-        result["map"] = {name: round(evaluate(m, a.calib, a.labels, progress=False, threads=a.threads)["map"], 4)
+        result["map"] = {name: round(evaluate(m, a.calib, a.labels, progress=False,
+                                              threads=a.threads)["map"], 4)
                          for name, m in zip(("fp32", "ours", "theirs"), models)}
     result["yolox_opset11_fixture"] = fixture_check(out)
     text = json.dumps(result, indent=1, default=str)

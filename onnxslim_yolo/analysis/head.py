@@ -218,7 +218,8 @@ def _cells(hw: Optional[Tuple[int, int]], strides: Sequence[int]) -> Optional[in
 
 
 def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[object, ...]]],
-                 strides: Sequence[int], has_dfl: bool) -> Tuple[str, str, Optional[int], Optional[int], List[str]]:
+                 strides: Sequence[int], has_dfl: bool
+                 ) -> Tuple[str, str, Optional[int], Optional[int], List[str]]:
     """(family, layout, num_classes, anchors per cell, evidence) from output shapes and metadata."""
     meta = {p.key: p.value for p in model.metadata_props}
     ev: List[str] = []

@@ -85,7 +85,8 @@ def _unit_model(key: ConvKey, int8: bool, seed: int = 0) -> onnx.ModelProto:
     """uint8 in -> DQ -> Conv (+activation) -> Q -> uint8 out, with INT8 or float Conv/activation."""
     rng = np.random.default_rng(seed)
     fan_in = key.cin // key.group * int(np.prod(key.kernel))
-    w = (rng.standard_normal((key.cout, key.cin // key.group) + key.kernel) / np.sqrt(fan_in)).astype(np.float32)
+    w = rng.standard_normal((key.cout, key.cin // key.group) + key.kernel) / np.sqrt(fan_in)
+    w = w.astype(np.float32)
     b = (rng.standard_normal(key.cout) * 0.1).astype(np.float32)
     inits: List[onnx.TensorProto] = []
     nodes: List[onnx.NodeProto] = []
@@ -107,17 +108,17 @@ def _unit_model(key: ConvKey, int8: bool, seed: int = 0) -> onnx.ModelProto:
     if int8:
         ws = (np.abs(w).reshape(key.cout, -1).max(1) / 127).astype(np.float32)
         wq = np.round(w / ws.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.int8)
-        nodes.append(helper.make_node("DequantizeLinear", [c(wq, "wq"), c(ws, "ws"), c(np.zeros(key.cout, np.int8), "wz")],
-                                      ["wd"], axis=0))
+        wz = c(np.zeros(key.cout, np.int8), "wz")
+        nodes.append(helper.make_node("DequantizeLinear", [c(wq, "wq"), c(ws, "ws"), wz], ["wd"], axis=0))
         bs = (0.02 * ws).astype(np.float32)
-        nodes.append(helper.make_node("DequantizeLinear", [c(np.round(b / bs).astype(np.int32), "bq"), c(bs, "bs"),
-                                                           c(np.zeros(key.cout, np.int32), "bz")], ["bd"], axis=0))
+        bq, bz = c(np.round(b / bs).astype(np.int32), "bq"), c(np.zeros(key.cout, np.int32), "bz")
+        nodes.append(helper.make_node("DequantizeLinear", [bq, c(bs, "bs"), bz], ["bd"], axis=0))
         wb = ["wd", "bd"]
     else:
         wb = [c(w, "w"), c(b, "b")]
     nodes.append(helper.make_node("Conv", ["xd"] + wb, ["y"], kernel_shape=list(key.kernel),
-                                  strides=list(key.strides), pads=list(key.pads), dilations=list(key.dilations),
-                                  group=key.group))
+                                  strides=list(key.strides), pads=list(key.pads),
+                                  dilations=list(key.dilations), group=key.group))
     y = qdq("y", 0.05, 128, "yq") if int8 else "y"
     if key.act == "silu":
         sg = "sg"
@@ -133,7 +134,8 @@ def _unit_model(key: ConvKey, int8: bool, seed: int = 0) -> onnx.ModelProto:
     n = len(key.hw)
     ohw = tuple((key.hw[i] + key.pads[i] + key.pads[i + n] - key.dilations[i] * (key.kernel[i] - 1) - 1)
                 // key.strides[i] + 1 for i in range(n))
-    g = helper.make_graph(nodes, "conv_unit", [helper.make_tensor_value_info("x", TensorProto.UINT8, (1, key.cin) + key.hw)],
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, (1, key.cin) + key.hw)
+    g = helper.make_graph(nodes, "conv_unit", [x],
                           [helper.make_tensor_value_info(out, TensorProto.UINT8, (1, key.cout) + ohw)], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 

@@ -52,8 +52,10 @@ def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
             d = verify.diff(name, a, b)
             cos[name].append(d.cosine)
             sq[name].append(_sqnr(a, b))
-    return {n: {"cosine_mean": round(float(np.mean(cos[n])), 6), "cosine_min": round(float(np.min(cos[n])), 6),
-                "sqnr_db_mean": round(float(np.mean(sq[n])), 2), "sqnr_db_min": round(float(np.min(sq[n])), 2)}
+    return {n: {"cosine_mean": round(float(np.mean(cos[n])), 6),
+                "cosine_min": round(float(np.min(cos[n])), 6),
+                "sqnr_db_mean": round(float(np.mean(sq[n])), 2),
+                "sqnr_db_min": round(float(np.min(sq[n])), 2)}
             for n in outs if cos[n]}
 
 
@@ -118,12 +120,14 @@ class DetectionLoss:
 
     def __init__(self, ref: onnx.ModelProto, feeds: Sequence[Feeds], labels: Optional[str] = None,
                  images: Optional[str] = None, threads: int = 0, progress: bool = False) -> None:
-        self.feeds, self.labels, self.images, self.threads, self.progress = feeds, labels, images, threads, progress
+        self.feeds, self.labels, self.images = feeds, labels, images
+        self.threads, self.progress = threads, progress
         if labels:
             from ..evaluate import evaluate
             if not images:
                 from ..pass_base import UsageError
-                raise UsageError("insert-qdq: option 'labels' needs option 'images' (the labelled image folder)")
+                raise UsageError("insert-qdq: option 'labels' needs option 'images' "
+                                 "(the labelled image folder)")
             self.ref_map = evaluate(ref, images, labels, progress=progress, threads=threads)["map"]
             self.kind = "true mAP drop (points)"
         else:
@@ -136,4 +140,5 @@ class DetectionLoss:
             m = evaluate(model, self.images, self.labels, progress=self.progress, threads=self.threads)["map"]
             return round(100.0 * (self.ref_map - m), 4)
         from ..evaluate import agreement
-        return round(100.0 * (1.0 - agreement(_boxes(model, self.feeds, self.threads), self.ref_boxes)["map"]), 4)
+        cand = _boxes(model, self.feeds, self.threads)
+        return round(100.0 * (1.0 - agreement(cand, self.ref_boxes)["map"]), 4)

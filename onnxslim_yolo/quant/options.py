@@ -25,7 +25,7 @@ class QdqOptions:
     calib_limit: Optional[int] = None
     #: subtract each INT8 Conv's own mean output error from its bias
     bias_correction: bool = True
-    bias_correction_images: int = 16
+    bias_correction_images: int = 8
     #: ort-cpu: "measure" keeps a Conv float when INT8 is not faster here; "all" quantizes every Conv
     placement: str = "measure"
     min_speedup: float = 1.05
@@ -43,7 +43,7 @@ class QdqOptions:
     labels: Optional[str] = None
     images: Optional[str] = None
     #: calibration images used for the report's output cosine/SQNR
-    eval_images: int = 4
+    eval_images: int = 2
     threads: int = 0
     progress: bool = True
 

@@ -101,8 +101,8 @@ class Quantizer:
             return
         qp = ranges.qparams(ranges.plan_table(self.base, plan))
         feeds = self.feeds[: self.opts.bias_correction_images]
-        self.bias_errors, self.local_sqnr = bias_correction.measure_bias_error(self.model, plan, qp, feeds,
-                                                              self.opts.per_channel, self.opts.threads)
+        self.bias_errors, self.local_sqnr = bias_correction.measure_bias_error(
+            self.model, plan, qp, feeds, self.opts.per_channel, self.opts.threads)
 
     # ----------------------------------------------------------------------------- insert
     def _extend(self, plan: QuantPlan) -> None:
@@ -118,7 +118,8 @@ class Quantizer:
                         graph_inputs=[n for n in plan.graph_inputs if n in missing],
                         act_after={n: a for n, a in plan.act_after.items() if n in missing})
         feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
-        extra, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile, None, False)
+        extra, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile,
+                                     None, False)
         self.base = CalibrationTable({**self.base.entries, **extra.entries}, self.base.qdtype,
                                      self.base.symmetric, dict(self.base.meta))
 

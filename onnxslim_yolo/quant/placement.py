@@ -26,7 +26,7 @@ from .. import ir
 from ..analysis.head import HeadInfo
 from ..pass_base import UsageError
 from .act_range import activation_of
-from .targets import SAME_RANGE_OPS, Target, weight_axis
+from .targets import Target, weight_axis
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def _collect(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> N
         if t.quantize_layer_outputs:
             for o in by_name[spec.node].outputs:
                 if is_float_var(o):
-                    plan.activations.setdefault(o.name, f"output of INT8 {spec.op} {spec.node} (DQ-{spec.op}-Q fuses)")
+                    why = f"output of INT8 {spec.op} {spec.node} (DQ-{spec.op}-Q fuses)"
+                    plan.activations.setdefault(o.name, why)
     for name in plan.int8_ops:
         node = by_name[name]
         for o in node.outputs:

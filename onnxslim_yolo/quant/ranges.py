@@ -38,7 +38,8 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
         if table.qdtype != t.act_qdtype or table.symmetric != t.act_symmetric:
             raise UsageError(f"{table_path}: calibration table is for {table.qdtype}"
                              f"{' symmetric' if table.symmetric else ''}, target {t.name} needs "
-                             f"{t.act_qdtype}{' symmetric' if t.act_symmetric else ''}: delete it to recalibrate")
+                             f"{t.act_qdtype}{' symmetric' if t.act_symmetric else ''}: "
+                             "delete it to recalibrate")
         missing = [n for n in tensors + list(plan.derived) if n not in table]
         if missing:
             raise UsageError(f"{table_path}: calibration table has no range for tensor '{missing[0]}' "
@@ -64,7 +65,8 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
     return table, info
 
 
-def activation_aware(table: CalibrationTable, stats: cal.CalibrationStats, plan: QuantPlan) -> CalibrationTable:
+def activation_aware(table: CalibrationTable, stats: cal.CalibrationStats,
+                     plan: QuantPlan) -> CalibrationTable:
     """Replace the range of a tensor read only by an activation when the activation-aware range
     has a lower error after the activation (method ``<act>-aware``; the per-method errors of the
     plain candidates stay recorded)."""

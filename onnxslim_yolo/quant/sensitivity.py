@@ -142,7 +142,8 @@ def switch_model(qgraph: gs.Graph, like: onnx.ModelProto, plan: QuantPlan, rec: 
             continue
         out = gs.Variable(alloc(name + "_bias_switched"), np.float32, b.shape)
         orig = gs.Constant(alloc(name + "_bias_float"), b)
-        qgraph.nodes.append(gs.Node("Where", inputs=[sw([node_unit[name]]), node.inputs[2], orig], outputs=[out]))
+        qgraph.nodes.append(gs.Node("Where", inputs=[sw([node_unit[name]]), node.inputs[2], orig],
+                                    outputs=[out]))
         node.inputs[2] = out
     qgraph.inputs.extend(switches.values())
     return ir.to_model(qgraph, like)

@@ -58,8 +58,8 @@ def test_fixture_heads(name: str, opset: int) -> None:
     assert tail_convs == list(info.decode_convs)
     assert bool(info.decode_convs) == dfl
     assert not set(info.decode_convs) & set(info.last_convs)
-    assert {o.name for o in model.graph.output} <= {t for n in model.graph.node if node_name(n) in info.tail_nodes
-                                                     for t in n.output}
+    tail_outputs = {t for n in model.graph.node if node_name(n) in info.tail_nodes for t in n.output}
+    assert {o.name for o in model.graph.output} <= tail_outputs
 
 
 def test_yolov8_dfl_conv_is_tail_not_last() -> None:
@@ -127,7 +127,8 @@ def test_yolov5n_head(yolov5n_path) -> None:
     assert info.last_convs == ("/model.24/m.0/Conv", "/model.24/m.1/Conv", "/model.24/m.2/Conv")
     assert len(info.tail_nodes) == 37
     assert info.family == "yolov5" and info.num_classes == 80 and info.anchors_per_cell == 3
-    assert info.levels == {8: ("/model.24/m.0/Conv",), 16: ("/model.24/m.1/Conv",), 32: ("/model.24/m.2/Conv",)}
+    assert info.levels == {8: ("/model.24/m.0/Conv",), 16: ("/model.24/m.1/Conv",),
+                           32: ("/model.24/m.2/Conv",)}
     assert info.tail_nodes[-1] == "/model.24/Concat_3"
     ops = {n.name: n.op_type for n in model.graph.node}
     assert sorted({ops[n] for n in info.tail_nodes}) == ["Add", "Concat", "Mul", "Pow", "Reshape", "Sigmoid",

@@ -21,7 +21,8 @@ FAMILIES = ("yolov5_focus", "yolov5_v6", "yolov8", "yolox")
 
 def ctx(model: onnx.ModelProto, n: int = 8, **opts) -> PassContext:
     base = {"progress": False, "placement": "all"}
-    return PassContext(options={"insert-qdq": {**base, **opts}}, calib_inputs=verify.random_feeds(model, n, 0))
+    feeds = verify.random_feeds(model, n, 0)
+    return PassContext(options={"insert-qdq": {**base, **opts}}, calib_inputs=feeds)
 
 
 @lru_cache(maxsize=None)
@@ -89,13 +90,15 @@ def test_ort_cpu_structure(family: str) -> None:
     assert len(qs) == res.report.counts["quantized_tensors"] > 0
     for n in qs:  # every Q feeds only DQs with the same parameters
         readers = g.readers[n.output[0]]
-        assert readers and all(r.op_type == "DequantizeLinear" and r.input[1:] == n.input[1:] for r in readers)
+        assert readers
+        assert all(r.op_type == "DequantizeLinear" and r.input[1:] == n.input[1:] for r in readers)
         assert g.inits[n.input[2]].dtype == np.uint8
     # decode tail untouched: no tail node reads a DQ, no Q reads a tail output
     tail = set(find_head(model).tail_nodes) | set(find_head(model).decode_convs)
     for n in q.graph.node:
         if n.name in tail:
-            assert not any(g.prod.get(x) is not None and g.prod[x].op_type == "DequantizeLinear" for x in n.input)
+            assert not any(g.prod.get(x) is not None and g.prod[x].op_type == "DequantizeLinear"
+                           for x in n.input)
     assert not any(g.prod.get(n.input[0]) is not None and g.prod[n.input[0]].name in tail for n in qs)
     # weights: int8, symmetric per output channel along axis 0, bias int32 = x_scale * w_scale
     convs = [n for n in g.ops("Conv") if g.prod.get(n.input[1]) is not None]
@@ -168,7 +171,7 @@ def test_tensorrt_target_rules() -> None:
     by_name = {n.name: n for n in res.model.graph.node}
     for conv in head.last_convs:  # last convs quantized at input and weights, output float
         c = by_name[conv]
-        assert g.prod[c.input[0]].op_type == "DequantizeLinear" and g.prod[c.input[1]].op_type == "DequantizeLinear"
+        assert g.prod[c.input[0]].op_type == g.prod[c.input[1]].op_type == "DequantizeLinear"
         assert all(r.op_type != "QuantizeLinear" for r in g.readers[c.output[0]])
     adds = [n for n in g.ops("Add") if n.name not in head.tail_nodes]
     assert adds and all(any(g.prod.get(x) is not None and g.prod[x].op_type == "DequantizeLinear"
@@ -201,11 +204,12 @@ def test_calibration_table_saved_then_loaded(tmp_path) -> None:
                      calib_inputs=verify.random_feeds(model, 2, 99))
     again = InsertQDQ().run(model, c2)
     assert "loaded from" in again.report.details["calibration"]["calibration"]
-    s1 = {n.input[0]: float(numpy_helper.to_array(i)) for n in first.model.graph.node if n.op_type == "QuantizeLinear"
-          for i in first.model.graph.initializer if i.name == n.input[1]}
-    s2 = {n.input[0]: float(numpy_helper.to_array(i)) for n in again.model.graph.node if n.op_type == "QuantizeLinear"
-          for i in again.model.graph.initializer if i.name == n.input[1]}
-    assert s1 == s2
+
+    def scales(m: onnx.ModelProto) -> Dict[str, float]:
+        g = G(m)
+        return {n.input[0]: float(g.inits[n.input[1]]) for n in g.ops("QuantizeLinear")}
+
+    assert scales(first.model) == scales(again.model)
     with pytest.raises(UsageError, match="target tensorrt needs int8"):
         InsertQDQ().run(model, ctx(model, calib_table=str(path), target="tensorrt"))
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fixtures
-from onnxslim_yolo import ir, verify
+from onnxslim_yolo import ir
 from onnxslim_yolo.analysis.head import find_head
 from onnxslim_yolo.analysis.histogram import StreamingHistogram, TensorStats
 from onnxslim_yolo.quant import cost, mixed
