@@ -1,6 +1,7 @@
 """Options of the insert-qdq pass (``ctx.opts("insert-qdq")``), validated once."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Mapping, Optional
 
@@ -42,10 +43,11 @@ class QdqOptions:
     mixed_images: int = 32
     labels: Optional[str] = None
     images: Optional[str] = None
-    #: calibration images used for the report's output cosine/SQNR
-    eval_images: int = 2
+    #: restore sensitive layers to float when the output cosine falls below the manager's floor
+    guard: bool = True
     threads: int = 0
-    progress: bool = True
+    #: progress bars; None: only when stderr is a terminal
+    progress: Optional[bool] = None
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> "QdqOptions":
@@ -56,6 +58,8 @@ class QdqOptions:
         kw = dict(raw)
         if isinstance(kw.get("exclude"), str):
             kw["exclude"] = [p for p in kw["exclude"].split(",") if p]
+        if kw.get("progress") is None:
+            kw["progress"] = sys.stderr.isatty()
         o = cls(**kw)
         o.validate()
         return o
@@ -69,7 +73,7 @@ class QdqOptions:
             raise UsageError(f"insert-qdq: placement must be 'measure' or 'all', got '{self.placement}'")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise UsageError(f"insert-qdq: max_drop must be >= 0 points, got {self.max_drop}")
-        for name in ("bias_correction_images", "sensitivity_images", "mixed_images", "eval_images"):
+        for name in ("bias_correction_images", "sensitivity_images", "mixed_images"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"insert-qdq: {name} must be at least 1")
         if self.calib_limit is not None and self.calib_limit < 1:

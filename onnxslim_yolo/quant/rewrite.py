@@ -23,6 +23,7 @@ from .placement import LayerSpec, QuantPlan
 log = logging.getLogger(__name__)
 
 INT32_MAX = 2 ** 31 - 1
+TARGET_FLOAT_BIAS = "target keeps biases float"
 QParams = Mapping[str, Tuple[float, int]]  # tensor -> (scale, zero point)
 
 
@@ -57,8 +58,8 @@ def _scalar(name: str, value: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.asarray(value))
 
 
-def _qdq(graph: gs.Graph, t: gs.Variable, scale: float, zp: int, qdtype: str, alloc: ir.NameAllocator,
-         outputs: set) -> Tuple[str, str]:
+def _qdq(graph: gs.Graph, t: gs.Variable, scale: float, zp: int, qdtype: str,
+         alloc: ir.NameAllocator) -> Tuple[str, str]:
     s = _scalar(alloc(t.name + "_scale"), np.array(scale, np.float32))
     z = _scalar(alloc(t.name + "_zero_point"), np.array(zp, np_qdtype(qdtype)))
     qv = gs.Variable(alloc(t.name + "_quantized"), np_qdtype(qdtype), t.shape)
@@ -117,7 +118,6 @@ def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool 
     alloc = ir.NameAllocator.for_graph(graph)
     tensors = graph.tensors()
     by_name = {n.name: n for n in graph.nodes}
-    outputs = {o.name for o in graph.outputs}
     for spec in plan.layers.values():
         node = by_name[spec.node]
         w_name = node.inputs[spec.weight_index].name
@@ -126,7 +126,7 @@ def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool 
         if spec.bias is None:
             continue
         if not plan.target.bias_int32 or spec.act_input not in qparams:
-            rec.float_bias[spec.node] = "target keeps biases float"
+            rec.float_bias[spec.node] = TARGET_FLOAT_BIAS
             continue
         why = _bias(graph, node, spec, scale, qparams[spec.act_input][0], alloc)
         if why:
@@ -135,5 +135,5 @@ def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool 
             rec.int32_bias.append(spec.node)
     for name in plan.activations:
         s, z = qparams[name]
-        rec.activations[name] = _qdq(graph, tensors[name], s, z, plan.target.act_qdtype, alloc, outputs)
+        rec.activations[name] = _qdq(graph, tensors[name], s, z, plan.target.act_qdtype, alloc)
     return rec

@@ -20,7 +20,7 @@ FAMILIES = ("yolov5_focus", "yolov5_v6", "yolov8", "yolox")
 
 
 def ctx(model: onnx.ModelProto, n: int = 8, **opts) -> PassContext:
-    base = {"progress": False, "placement": "all"}
+    base = {"progress": False, "placement": "all", "guard": False}
     feeds = verify.random_feeds(model, n, 0)
     return PassContext(options={"insert-qdq": {**base, **opts}}, calib_inputs=feeds)
 
@@ -200,6 +200,7 @@ def test_calibration_table_saved_then_loaded(tmp_path) -> None:
     assert path.exists() and first.report.details["calibration"]["calibration_table"] == str(path)
     # other images, same table: identical model
     c2 = PassContext(options={"insert-qdq": {"progress": False, "placement": "all", "calib_table": str(path),
+                                             "guard": False,
                                              "bias_correction": False}},
                      calib_inputs=verify.random_feeds(model, 2, 99))
     again = InsertQDQ().run(model, c2)
@@ -246,12 +247,26 @@ def test_sensitivity_and_mixed_precision() -> None:
     gains = [r["sqnr_gain_db"] for r in sens["ranking"]]
     assert gains == sorted(gains, reverse=True) and len(gains) >= res.report.counts["int8_layers"]
     mixed = res.report.details["mixed_precision"]
-    assert mixed["met"] and mixed["restored_units"] == [] and mixed["steps"][0]["restored"] == 0
+    assert mixed["met"] and mixed["restored"] == [] and mixed["steps"][0]["restored"] == 0
     strict = InsertQDQ().run(model, ctx(model, max_drop=0.0, mixed_images=2))
     m2 = strict.report.details["mixed_precision"]
     assert m2["steps"][0]["loss"] > 0  # the all-INT8 model does not reproduce every detection
-    assert m2["restored_units"] and (m2["final_loss"] <= 0.0) == m2["met"]
+    assert m2["restored"] and (m2["final"] <= 0.0) == m2["met"]
     assert strict.report.counts["int8_layers"] < res.report.counts["int8_layers"]
+
+
+def test_guard_keeps_the_manager_floor() -> None:
+    """A random-weight YOLOX amplifies rounding noise (cosine ~0.6 fully INT8): the guard restores
+    the most sensitive layers until the manager's check passes on the manager's own inputs."""
+    model = fixtures.build_yolox(opset=11, bn=False)
+    c = ctx(model, guard=True)
+    res = InsertQDQ().run(model, c)
+    guard = res.report.details["guard"]
+    assert guard["cosine_before"] < 0.9 <= guard["target_cosine"] and guard["met"] and guard["restored"]
+    feeds = verify.random_feeds(model, c.verify_samples, c.seed) + list(c.calib_inputs[: c.verify_samples])
+    diffs = verify.compare_models(ir.ensure_opset(model, 13), res.model, feeds)
+    assert min(d.cosine for d in diffs) >= c.tolerances.lossy_min_cosine
+    assert res.report.counts["int8_layers"] >= 1
 
 
 # -------------------------------------------------------------------------------- real model
