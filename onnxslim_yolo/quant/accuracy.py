@@ -88,19 +88,16 @@ class Controller:
     def sensitivity(self, built: Built) -> Built:
         """Ranking (when asked) and automatic float for candidates above ``auto_float_db``."""
         o = self.o
-        if not (o.sensitivity or o.max_drop is not None or o.auto_float_db > 0) or not built.plan.units:
+        if not (o.sensitivity or o.auto_float_db > 0) or not built.plan.units:
             return built
         ev = self._evaluator(built)
-        if o.sensitivity or o.max_drop is not None:
+        if o.sensitivity:
             significant = [r for r in self._rank(built)
                            if o.auto_float_db > 0 and r.sqnr_gain_db >= o.auto_float_db]
         else:
             significant = significant_units(ev, self._cands, built.plan.units, o.auto_float_db)
         significant = within_budget(significant, int(o.auto_float_max * len(built.plan.layers)))
-        sens: Dict[str, Any] = {"metric": ev.metric, "gain": "dB of that loss removed by restoring alone",
-                                "images": len(ev.feeds), "int8_loss_db": round(ev.base, 3), "runs": ev.runs}
-        if self.ranking:
-            sens["ranking"] = [r.as_dict() for r in self.ranking]
+        sens = self._sensitivity_report()
         if significant:
             together = ev.gain([u for r in significant for u in r.units])
             sens["auto_float"] = {"threshold_db": o.auto_float_db,
@@ -108,19 +105,34 @@ class Controller:
                                   "gain_together_db": round(together, 3)}
             why = "sensitive: un-quantizing {unit} alone lowers the output loss {gain:.2f} dB"
             built = self.q.build(self.q.plan(keep_float(significant, why)))
-        self.report.details["sensitivity"] = sens
         return built
+
+    def _sensitivity_report(self) -> Dict[str, Any]:
+        ev = self._ev
+        if ev is None:
+            return {}
+        sens: Dict[str, Any] = self.report.details.setdefault("sensitivity", {})
+        sens.update({"metric": ev.metric, "gain": "dB of that loss removed by restoring alone",
+                     "images": len(ev.feeds), "int8_loss_db": round(ev.base, 3), "runs": ev.runs})
+        if self.ranking:
+            sens["ranking"] = [r.as_dict() for r in self.ranking]
+        return sens
 
     def search(self, built: Built, loss: Callable[[onnx.ModelProto], float], max_drop: float,
                key: str, why: str) -> Built:
         """Restore the most sensitive candidates until ``loss <= max_drop`` (see ``quant.mixed``)."""
-        ranking = [r for r in self._rank(built) if not set(r.nodes) <= set(built.plan.float_nodes)]
+        ranked: List[UnitSensitivity] = []
         base = {n: w for n, w in built.plan.float_nodes.items()
                 if w.startswith(("sensitive", "mixed", "guard"))}
         variants: Dict[int, Built] = {0: built}
 
+        def ranking() -> List[UnitSensitivity]:
+            ranked.extend(r for r in self._rank(built) if not set(r.nodes) <= set(built.plan.float_nodes))
+            self._sensitivity_report()
+            return ranked
+
         def build(units: List[str]) -> onnx.ModelProto:
-            chosen = [r for r in ranking if r.unit in set(units)]
+            chosen = [r for r in ranked if r.unit in set(units)]
             b = self.q.build(self.q.plan({**base, **keep_float(chosen, why)}))
             variants[len(units)] = b
             return b.model

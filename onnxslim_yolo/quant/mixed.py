@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import onnx
 
@@ -27,11 +27,17 @@ class MixedResult:
     steps: List[Dict[str, object]] = field(default_factory=list)
 
 
-def search(ranking: Sequence[UnitSensitivity], build: Callable[[Sequence[str]], onnx.ModelProto],
+Ranking = Union[Sequence[UnitSensitivity], Callable[[], Sequence[UnitSensitivity]]]
+
+
+def search(ranking: Ranking, build: Callable[[Sequence[str]], onnx.ModelProto],
            loss: Callable[[onnx.ModelProto], float], max_drop: float,
            first: Optional[onnx.ModelProto] = None) -> MixedResult:
-    """Smallest k such that restoring the k most sensitive units gives loss <= max_drop."""
-    units = [r.unit for r in ranking]
+    """Smallest k such that restoring the k most sensitive units gives loss <= max_drop.
+
+    ``ranking`` may be a callable: it is only computed when the unrestored model misses max_drop.
+    """
+    units: List[str] = []
     cache: Dict[int, tuple] = {}
     steps: List[Dict[str, object]] = []
 
@@ -45,6 +51,9 @@ def search(ranking: Sequence[UnitSensitivity], build: Callable[[Sequence[str]], 
 
     if at(0)[1] <= max_drop:
         return MixedResult(cache[0][0], [], cache[0][1], True, steps)
+    units = [r.unit for r in (ranking() if callable(ranking) else ranking)]
+    if not units:
+        return MixedResult(cache[0][0], [], cache[0][1], False, steps)
     lo, k = 0, 1
     while k < len(units) and at(k)[1] > max_drop:
         lo, k = k, min(2 * k, len(units))
