@@ -126,5 +126,6 @@ class InsertQDQ(Pass):
         if q.bias_errors:
             d["bias_correction"] = {k: float(abs(v).max()) for k, v in q.bias_errors.items()
                                     if k in plan.layers}
+            d["layer_local_sqnr_db"] = {k: round(v, 2) for k, v in q.local_sqnr.items() if k in plan.layers}
         d["quality"] = {"inputs": "seeded random and calibration images (what the manager checks)",
                         "outputs": quality}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -24,6 +25,8 @@ from .placement import QuantPlan, make_plan
 from .targets import Target, get_target
 
 log = logging.getLogger(__name__)
+#: calibration-table meta key holding the conv timings the placement was decided with
+TIMINGS_KEY = "insert_qdq_conv_timings"
 
 
 @dataclass
@@ -64,8 +67,9 @@ class Quantizer:
         self.seconds = {"prepare": round(time.perf_counter() - t0, 2)}
         if self.target.measure and opts.placement == "measure":
             t0 = time.perf_counter()
-            self._measure()
-            self.seconds["measure_convs"] = round(time.perf_counter() - t0, 2)
+            if not self._load_timings():
+                self._measure()
+                self.seconds["measure_convs"] = round(time.perf_counter() - t0, 2)
 
     # ----------------------------------------------------------------------------- placement
     def _measure(self) -> None:
@@ -82,6 +86,20 @@ class Quantizer:
                                  "speedup": round(c.speedup, 3),
                                  "nodes": [n for n, kk in keys.items() if kk == k]})
 
+    def _load_timings(self) -> bool:
+        """Reuse the conv timings saved with a calibration table: the same table, the same placement."""
+        path = self.opts.calib_table
+        if not path or not Path(path).exists():
+            return False
+        saved = CalibrationTable.from_json(path).meta.get(TIMINGS_KEY)
+        if not saved:
+            return False
+        self.timings = list(saved)
+        self.costs = {n: cost.ConvCost(float(t["int8_ms"]), float(t["float_ms"]))
+                      for t in saved for n in t["nodes"]}
+        log.info("insert-qdq: conv timings loaded from %s", path)
+        return True
+
     def _filter(self, node: gs.Node) -> Optional[str]:
         return cost.slower_in_int8(self.costs.get(node.name), self.opts.min_speedup)
 
@@ -94,6 +112,7 @@ class Quantizer:
         feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
         self.base, self.calib_info = ranges.base_table(self.model, plan, feeds, self.opts.method,
                                                        self.opts.percentile, self.opts.calib_table,
+                                                       {TIMINGS_KEY: self.timings} if self.timings else {},
                                                        self.opts.progress)
 
     def correct_bias(self, plan: QuantPlan) -> None:
@@ -119,7 +138,7 @@ class Quantizer:
                         act_after={n: a for n, a in plan.act_after.items() if n in missing})
         feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
         extra, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile,
-                                     None, False)
+                                     None, {}, False)
         self.base = CalibrationTable({**self.base.entries, **extra.entries}, self.base.qdtype,
                                      self.base.symmetric, dict(self.base.meta))
 

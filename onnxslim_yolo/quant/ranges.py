@@ -27,9 +27,10 @@ QParams = Dict[str, Tuple[float, int]]
 
 
 def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method: str, percentile: float,
-               table_path: Optional[str], progress: bool) -> Tuple[CalibrationTable, Dict[str, object]]:
+               table_path: Optional[str], meta: Dict[str, object], progress: bool
+               ) -> Tuple[CalibrationTable, Dict[str, object]]:
     """Per-tensor ranges for the plan's calibrated tensors: loaded from ``table_path`` when that file
-    exists, else calibrated on ``feeds`` (and saved to ``table_path`` when given)."""
+    exists, else calibrated on ``feeds`` (and saved to ``table_path`` with ``meta`` when given)."""
     t = plan.target
     tensors = [n for n in plan.activations if n not in plan.fixed and n not in plan.derived]
     info: Dict[str, object] = {}
@@ -59,6 +60,7 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
     table = derive(activation_aware(table, stats, plan), plan)
     info["calibration"] = {"samples": stats.samples, "seconds": stats.meta.get("seconds"),
                            "skipped": dict(stats.skipped)}
+    table.meta.update(meta)
     if table_path:
         table.to_json(table_path)
         info["calibration_table"] = str(table_path)

@@ -215,6 +215,17 @@ def test_calibration_table_saved_then_loaded(tmp_path) -> None:
         InsertQDQ().run(model, ctx(model, calib_table=str(path), target="tensorrt"))
 
 
+def test_calibration_table_pins_the_measured_placement(tmp_path) -> None:
+    model = fixtures.build_yolov5_v6(bn=False, img=128)
+    path = str(tmp_path / "calib.json")
+    first = InsertQDQ().run(model, ctx(model, placement="measure", calib_table=path))
+    again = InsertQDQ().run(model, ctx(model, placement="measure", calib_table=path))
+    assert "measure_convs" in first.report.details["seconds"]
+    assert "measure_convs" not in again.report.details["seconds"]  # timings came from the table
+    assert again.report.details["conv_timings"] == first.report.details["conv_timings"]
+    assert again.report.details["int8_layers"] == first.report.details["int8_layers"]
+
+
 def test_bias_correction_changes_biases() -> None:
     model = fixtures.build_yolov5_v6(bn=False)
     on = InsertQDQ().run(model, ctx(model))
