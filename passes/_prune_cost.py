@@ -21,7 +21,7 @@ from onnxslim_yolo.analysis.activations import ChannelStats, Feeds
 from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.analysis.importance import Params
 
-from ._prune_select import LSQCost
+from ._prune_select import Layer, LSQCost
 
 log = logging.getLogger(__name__)
 
@@ -88,5 +88,52 @@ def lsq_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[
     states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n], ridge) for n in geoms}
     gains = (measure_gains(model, analysis, geoms, moments, params, stats, feeds[:sens_images], threads, seed)
              if use_gains else {n: 1.0 for n in geoms})
-    info: Dict[str, Any] = {"gains": {n: round(v, 4) for n, v in gains.items()}, "lsq_states": states}
-    return LSQCost(states, gains), info
+    return LSQCost(states, gains), {"gains": {n: round(v, 4) for n, v in gains.items()}}
+
+
+class MeasuredCost(LSQCost):
+    """A unit is built channel by channel by least-squares cost (as LSQCost); its cost is the
+    measured output distortion (analysis.sensitivity.RefitProbe) of the model with all committed
+    refits plus this unit's refit, minus that of the committed model. Used with lazy greedy."""
+
+    lazy = True
+
+    def __init__(self, states: Dict[str, lsq.ConsumerLSQ], probe: sensitivity.RefitProbe,
+                 shapes: Mapping[str, Sequence[int]]) -> None:
+        super().__init__(states, {})
+        self.probe = probe
+        self.shapes = shapes
+        self.base: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        self.base_d = 0.0
+
+    def unit(self, layer: Layer, size: int):
+        st = {n: self.states[n].copy() for n in self._consumers(layer)}
+        unit, _ = self._run(layer, size, st)
+        params = dict(self.base)
+        params.update({n: lsq.full_weights(st[n], self.shapes[n]) for n in st})
+        return unit, self.probe.measure(params) - self.base_d
+
+    def commit(self, layer: Layer, unit) -> None:
+        super().commit(layer, unit)
+        for n in self._consumers(layer):
+            self.base[n] = lsq.full_weights(self.states[n], self.shapes[n])
+        self.base_d = self.probe.measure(self.base)
+
+    def touches(self, a: Layer, b: Layer) -> bool:
+        return True
+
+
+def measured_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds],
+                  params: Params, *, samples: int, ridge: float, sens_images: int, threads: int,
+                  seed: int, saliency=None) -> Tuple[MeasuredCost, Dict[str, Any]]:
+    """The measured cost model (LSQ units, distortion measured on ``sens_images`` feeds)."""
+    geoms = consumer_geometries(model, analysis)
+    per_image = max(1, -(-samples // max(len(feeds), 1)))
+    batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
+    moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
+    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n], ridge) for n in geoms}
+    conv_params = {n: (params.conv[n][0], params.conv[n][1] if params.conv[n][1] is not None
+                       else np.zeros(params.conv[n][0].shape[0], np.float32)) for n in geoms}
+    probe = sensitivity.RefitProbe(model, conv_params, feeds[:sens_images], threads)
+    shapes = {n: params.conv[n][0].shape for n in geoms}
+    return MeasuredCost(states, probe, shapes), {"metric": probe.metric.name}

@@ -152,7 +152,8 @@ def _original_side(orig: onnx.ModelProto, targets: List[_Target], feeds: Sequenc
 def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
           keep: Mapping[str, np.ndarray], feeds: Sequence[Feeds], shapes: Mapping[str, Tuple[int, ...]],
           *, ridge: float = 1e-3, samples: int = 8192, sequential: bool = True, seed: int = 0,
-          threads: int = 1, saliency=None) -> Tuple[onnx.ModelProto, Dict[str, Dict[str, float]], Dict[str, str]]:
+          threads: int = 1, saliency=None
+          ) -> Tuple[onnx.ModelProto, Dict[str, Dict[str, float]], Dict[str, str]]:
     """Refit ``convs`` of ``pruned`` to the original outputs; returns (model, per-Conv relative
     errors before/after, skipped reasons). Convs that lost no input channel are refit on all."""
     targets, skipped = _targets(orig, convs, keep, shapes)

@@ -30,6 +30,7 @@ class Selection:
     layers: Dict[ClusterKey, Tuple[int, int]]
     notes: List[str] = field(default_factory=list)
     order: List[int] = field(default_factory=list)
+    steps: List[Dict[str, object]] = field(default_factory=list)
 
 
 def allowed_counts(n: int, round_to: int, min_channels: int) -> List[int]:
@@ -182,7 +183,7 @@ def _per_layer(layers: List[Layer], per_layer: Mapping[str, float], model, macs:
     fixed: Set[int] = set()
     saved = 0
     for pattern, frac in per_layer.items():
-        hits = [i for i, l in enumerate(layers) if _matches(l, pattern)]
+        hits = [i for i, layer in enumerate(layers) if _matches(layer, pattern)]
         if not hits:
             sel.notes.append(f"per-layer '{pattern}': no prunable layer matches")
         for i in hits:
@@ -205,7 +206,8 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
     sel = Selection(set(), before, before, {})
     fixed, saved = _per_layer(layers, per_layer, model, macs, sel)
     target = int(round((ratio or 0.0) * before))
-    cache: Dict[int, Tuple[List[ChannelGroup], float, int]] = {}
+    lazy = bool(getattr(model, "lazy", False))
+    cache: Dict[int, Tuple[List[ChannelGroup], float, bool]] = {}   # unit, cost, fresh
     while saved < target:
         best: Optional[Tuple[float, int]] = None
         for i, layer in enumerate(layers):
@@ -214,19 +216,29 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
                 continue
             if i not in cache:
                 unit, cost = model.unit(layer, size)
-                cache[i] = (unit, cost, macs.saved(unit))
-            _, cost, gain = cache[i]
-            if gain > 0 and (best is None or cost / gain < best[0]):
-                best = (cost / gain, i)
+                cache[i] = (unit, cost, True)
+            gain = macs.saved(cache[i][0])
+            if gain > 0 and (best is None or cache[i][1] / gain < best[0]):
+                best = (cache[i][1] / gain, i)
         if best is None:
             sel.notes.append(f"target not reached: {saved / before:.1%} of {ratio:.1%} fewer "
                              "multiply-adds (no prunable channels left)")
             break
         i = best[1]
-        unit = cache[i][0]
-        saved += _remove(layers[i], unit, model, macs, sel)
-        cache = {j: v for j, v in cache.items() if not model.touches(layers[i], layers[j])}
-        cache = {j: (u, c, macs.saved(u)) for j, (u, c, _) in cache.items()}
+        if not cache[i][2]:  # lazy greedy: re-measure the winner against the current model
+            unit, cost = model.unit(layers[i], layers[i].next_size() or 0)
+            cache[i] = (unit, cost, True)
+            continue
+        gain = _remove(layers[i], cache[i][0], model, macs, sel)
+        saved += gain
+        sel.steps.append({"layer": layers[i].key[0][0] if layers[i].key[0] else "?",
+                          "removed": len(cache[i][0]), "cost": round(float(cache[i][1]), 6),
+                          "macs_saved": gain, "reduction": round(saved / before, 4)})
+        del cache[i]
+        if lazy:
+            cache = {j: (u, c, False) for j, (u, c, _) in cache.items()}
+        else:
+            cache = {j: v for j, v in cache.items() if not model.touches(layers[i], layers[j])}
     sel.macs_after = before - saved
-    sel.layers = {l.key: (len(l.groups), l.kept) for l in layers}
+    sel.layers = {layer.key: (len(layer.groups), layer.kept) for layer in layers}
     return sel

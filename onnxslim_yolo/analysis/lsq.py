@@ -136,3 +136,14 @@ def replacement_error(w: np.ndarray, b: Optional[np.ndarray], stats: ConvStats,
     q = (np.asarray(channels, dtype=np.int64)[:, None] * stats.taps + np.arange(stats.taps)).ravel()
     tq = theta[:, q]
     return float(np.einsum("of,fg,og->", tq, cov[np.ix_(q, q)], tq)) / var_y
+
+
+def full_weights(state: ConsumerLSQ, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """The state's refit as full Conv parameters: (W of ``shape`` with zeros in removed input
+    channels, bias)."""
+    cout, cin = int(shape[0]), int(shape[1])
+    w = np.zeros((cout, cin, state.taps), np.float64)
+    kept = np.nonzero(state.row >= 0)[0]
+    body = state.theta[:, :-1].reshape(cout, len(kept), state.taps)
+    w[:, kept] = body
+    return w.reshape(tuple(int(d) for d in shape)).astype(np.float32), state.theta[:, -1].astype(np.float32)

@@ -97,22 +97,28 @@ class HeadMetric:
         return distortion(ref, new, self.var)
 
 
-def _cxcywh(b: np.ndarray) -> np.ndarray:
-    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2,
-                     np.maximum(b[:, 2] - b[:, 0], 1e-3), np.maximum(b[:, 3] - b[:, 1], 1e-3)], axis=1)
+def box_iou_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of row i of ``a`` with row i of ``b`` (xyxy)."""
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return inter / np.maximum(union, 1e-9)
 
 
 class DetectionMetric:
-    """Error of the candidate detections the reference scores at least ``conf``, row by row:
-    squared box offsets relative to the box size, squared log size ratios and the squared
-    relative change of the top class score, averaged over rows (every candidate counts, as every
-    rank counts in AP). Needs a known YOLO output format (v5, v8, yolox)."""
+    """How far the candidates the reference scores at least ``conf`` move, row by row: 1 - IoU
+    of the box with the reference box, plus ``score_weight`` x |log| of the score ratio of the
+    reference's top class, averaged with the reference score as weight. 1 - IoU is what costs
+    mAP@0.5:0.95 (a box that moves loses the high IoU thresholds). Needs a known YOLO output
+    format (v5, v8, yolox)."""
 
     name = "detections"
 
-    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05) -> None:
+    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05,
+                 score_weight: float = 0.1) -> None:
         self.watch = [model.graph.output[0].name]
-        self.fmt, self.hw, self.conf = fmt, tuple(hw), conf
+        self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         return None
@@ -129,12 +135,11 @@ class DetectionMetric:
         rows = np.nonzero(top >= self.conf)[0]
         if not len(rows):
             rows = np.argsort(-top)[:10]
-        a, b = _cxcywh(rb[rows].astype(np.float64)), _cxcywh(nb[rows].astype(np.float64))
-        box = (((b[:, :2] - a[:, :2]) / a[:, 2:]) ** 2).sum(1) + (np.log(b[:, 2:] / a[:, 2:]) ** 2).sum(1)
-        s_ref = top[rows].astype(np.float64)
-        s_new = ns[rows, cls[rows]].astype(np.float64)
-        err = box + ((s_new - s_ref) / np.maximum(s_ref, 1e-6)) ** 2
-        return float(err.mean())
+        w = top[rows].astype(np.float64)
+        iou = box_iou_rows(rb[rows].astype(np.float64), nb[rows].astype(np.float64))
+        s_new = np.maximum(ns[rows, cls[rows]].astype(np.float64), 1e-9)
+        err = (1.0 - iou) + self.score_weight * np.abs(np.log(s_new / np.maximum(w, 1e-9)))
+        return float((err * w).sum() / max(w.sum(), 1e-12))
 
 
 def default_metric(model: onnx.ModelProto):
@@ -188,6 +193,58 @@ class Probe:
     def measure(self, removal: Removal) -> float:
         """Output distortion when, per Conv, the given input channels are replaced by their means."""
         res = [self._run(f, removal) for f in self.feeds]
+        return float(np.mean([self.metric(r, n) for r, n in zip(self.ref, res)]))
+
+
+def weights_as_inputs(model: onnx.ModelProto, convs: Sequence[str]) -> onnx.ModelProto:
+    """Copy of ``model`` where each Conv in ``convs`` reads its weight and bias from graph inputs
+    ``<conv>__prune_w`` / ``<conv>__prune_b`` (a bias input is added when missing)."""
+    graph = ir.to_graph(model)
+    ir.name_unnamed_nodes(graph)
+    wanted = set(convs)
+    for node in [n for n in graph.nodes if n.name in wanted and n.op == "Conv"]:
+        w = ir.const_value(node.inputs[1])
+        wv = gs.Variable(node.name + "__prune_w", np.float32, list(w.shape))
+        bv = gs.Variable(node.name + "__prune_b", np.float32, [int(w.shape[0])])
+        graph.inputs.extend([wv, bv])
+        node.inputs[1] = wv
+        if len(node.inputs) > 2:
+            node.inputs[2] = bv
+        else:
+            node.inputs.append(bv)
+    return ir.to_model(graph, model)
+
+
+class RefitProbe:
+    """One session answering "how much do the outputs change with these Conv parameters?"."""
+
+    def __init__(self, model: onnx.ModelProto, params: Mapping[str, Tuple[np.ndarray, np.ndarray]],
+                 feeds: Sequence[Feeds], threads: int = 1, metric=None) -> None:
+        self.metric = metric if metric is not None else default_metric(model)
+        self.defaults = {n: (np.asarray(w, np.float32), np.asarray(b, np.float32))
+                         for n, (w, b) in params.items()}
+        self.model = activations.with_outputs(weights_as_inputs(model, list(params)), self.metric.watch)
+        self.feeds = list(feeds)
+        self.sess = verify.session(self.model, optimize=True, threads=threads)
+        names = [o.name for o in self.sess.get_outputs()]
+        self.idx = [names.index(w) for w in self.metric.watch]
+        self.ref = [self._run(f, {}) for f in self.feeds]
+        self.metric.prepare(self.ref)
+        self.runs = 0
+
+    def _run(self, f: Feeds, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> List[np.ndarray]:
+        feed = dict(f)
+        for n, (w, b) in self.defaults.items():
+            w, b = params.get(n, (w, b))
+            feed[n + "__prune_w"] = w
+            feed[n + "__prune_b"] = b
+        res = verify.run(self.sess, feed)
+        return [res[i] for i in self.idx]
+
+    def measure(self, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> float:
+        """Output distortion with the given Conv parameters (others unchanged)."""
+        self.runs += 1
+        res = [self._run(f, params) for f in self.feeds]
         return float(np.mean([self.metric(r, n) for r, n in zip(self.ref, res)]))
 
 
