@@ -152,7 +152,7 @@ def _time(sessions: Sequence, feed: Dict[str, np.ndarray], runs: int) -> List[fl
     return [float(np.median(t)) * 1e3 for t in times]
 
 
-def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 30.0,
+def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,
             progress: bool = False) -> Dict[ConvKey, ConvCost]:
     """Time every key's INT8 and float unit; about ``budget_ms`` of runs per key (at least 5)."""
     from tqdm import tqdm

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -27,6 +28,24 @@ from .targets import Target, get_target
 log = logging.getLogger(__name__)
 #: calibration-table meta key holding the conv timings the placement was decided with
 TIMINGS_KEY = "insert_qdq_conv_timings"
+
+
+class Spread(SequenceABC):
+    """``k`` feeds spread evenly over ``seq``, read on access (a lazy image folder stays lazy)."""
+
+    def __init__(self, seq: Sequence[Dict[str, np.ndarray]], k: Optional[int]) -> None:
+        n = len(seq)
+        self.seq = seq
+        self.idx = list(range(n)) if k is None or k >= n else \
+            sorted(set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.seq[self.idx[i]]
 
 
 @dataclass
@@ -109,7 +128,7 @@ class Quantizer:
 
     # ----------------------------------------------------------------------------- calibrate
     def calibrate(self, plan: QuantPlan) -> None:
-        feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
+        feeds = Spread(self.feeds, self.opts.calib_limit)
         self.base, self.calib_info = ranges.base_table(self.model, plan, feeds, self.opts.method,
                                                        self.opts.percentile, self.opts.calib_table,
                                                        {TIMINGS_KEY: self.timings} if self.timings else {},
@@ -136,7 +155,7 @@ class Quantizer:
         sub = QuantPlan(plan.target, activations={n: "" for n in missing},
                         graph_inputs=[n for n in plan.graph_inputs if n in missing],
                         act_after={n: a for n, a in plan.act_after.items() if n in missing})
-        feeds = self.feeds[: self.opts.calib_limit] if self.opts.calib_limit else self.feeds
+        feeds = Spread(self.feeds, self.opts.calib_limit)
         extra, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile,
                                      None, {}, False)
         self.base = CalibrationTable({**self.base.entries, **extra.entries}, self.base.qdtype,
