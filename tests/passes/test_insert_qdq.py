@@ -298,3 +298,43 @@ def test_yolov5n_sixteen_images(yolov5n_path, coco128) -> None:
     qs = verify.session(res.model)
     loss = err(ref, [qs.run(None, f)[0] for f in fs])
     assert -10 * np.log10(loss) > 11.0  # int8 default lands near 13.7 dB on all 128 images
+
+
+def _layers_model() -> onnx.ModelProto:
+    """Conv -> ConvTranspose -> Conv -> Flatten -> Gemm(transB): one of each weight layer."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32))  # noqa: E731
+    inits = [w(8, 3, 3, 3), w(8, 4, 2, 2), w(4, 4, 3, 3), w(10, 4 * 16 * 16)]
+    for t, name in zip(inits, ("w0", "wt", "w1", "wg")):
+        t.name = name
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
+             helper.make_node("ConvTranspose", ["ar", "wt"], ["b"], name="up", strides=[2, 2]),
+             helper.make_node("Conv", ["b", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
+    g = helper.make_graph(nodes, "layers", [x], [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_axes_per_layer_type(per_channel: bool) -> None:
+    model = _layers_model()
+    trt = InsertQDQ().run(model, ctx(model, target="tensorrt", per_channel=per_channel))
+    g = G(trt.model)
+    axis = {n.name: g.attr(g.prod[n.input[1]], "axis") for n in trt.model.graph.node
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm") and g.prod.get(n.input[1]) is not None}
+    if per_channel:
+        assert axis == {"conv0": 0, "up": 1, "conv1": 0, "fc": 0}
+    else:
+        assert set(axis) == {"conv0", "up", "conv1", "fc"} and set(axis.values()) == {None}
+    ort = InsertQDQ().run(model, ctx(model, per_channel=per_channel))
+    reasons = {s["node"]: s["reason"] for s in ort.report.skipped}
+    assert "no INT8 ConvTranspose kernel" in reasons["up"]
+    assert reasons["fc"].startswith("last conv")  # the Gemm feeds the output: the "head"
+    verify.check_runs(ort.model, verify.random_feeds(ort.model, 1, 0))
+    verify.check_runs(trt.model, verify.random_feeds(trt.model, 1, 0))
