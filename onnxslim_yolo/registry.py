@@ -21,11 +21,13 @@ def _builtin() -> Tuple[Type[Pass], ...]:
     from .passes.fold_affine import FoldAffine
     from .passes.fold_batchnorm import FoldBatchNorm
     from .passes.insert_qdq import InsertQDQ
+    from .passes.prune_channels import PruneChannels
     return (
         Canonicalize,
         FocusToConv,
         FoldBatchNorm,
         FoldAffine,
+        PruneChannels,
         InsertQDQ,
     )
 

@@ -35,9 +35,11 @@ def keep_map(analysis: ChannelAnalysis, removed_gids: Set[int]) -> Keep:
 
 
 class _Rewriter:
-    def __init__(self, graph: gs.Graph, keep: Keep, counts: Mapping[str, int], opset: int,
+    def __init__(self, graph: gs.Graph, keep: Keep, analysis: ChannelAnalysis, opset: int,
                  means: Optional[Mapping[str, np.ndarray]]) -> None:
-        self.graph, self.keep, self.counts, self.opset = graph, keep, counts, opset
+        self.graph, self.keep, self.opset = graph, keep, opset
+        self.counts = analysis.channel_counts
+        self.shapes = analysis.shapes
         self.means = means or {}
         self.alloc = ir.NameAllocator.for_graph(graph)
         self.touched: Set[str] = set()
@@ -51,6 +53,13 @@ class _Rewriter:
                 node.inputs.append(gs.Variable.empty())
             node.inputs.append(const)
         self.touched.add(node.name)
+
+    def rank(self, t: gs.Tensor) -> int:
+        return len(self.shapes[t.name])
+
+    def axis(self, node: gs.Node, t: gs.Tensor) -> int:
+        a = int(node.attrs.get("axis", 0))
+        return a + self.rank(t) if a < 0 else a
 
     def k(self, t: gs.Tensor) -> Optional[np.ndarray]:
         return self.keep.get(t.name) if isinstance(t, gs.Variable) else None
@@ -105,14 +114,14 @@ class _Rewriter:
             v = ir.const_value(x)
             if v is None or v.ndim == 0:
                 continue
-            pos = 1 - (len(y.shape) - v.ndim)
+            pos = 1 - (self.rank(y) - v.ndim)
             if 0 <= pos < v.ndim and v.shape[pos] == c and c > 1:
                 self.set_input(node, i, np.take(v, k, axis=pos), x.name + "_pruned")
 
     def split(self, node: gs.Node) -> None:
         x = node.inputs[0]
         kx = self.k(x)
-        if kx is None or channel_rules._axis(node, x) != 1:
+        if kx is None or self.axis(node, x) != 1:
             return
         sizes = np.array([len(self.keep[o.name]) if o.name in self.keep else self.counts[o.name]
                           for o in node.outputs], dtype=np.int64)
@@ -128,7 +137,7 @@ class _Rewriter:
         kx = self.k(x)
         if kx is None:
             return
-        params = channel_rules.slice_params(node, len(x.shape))
+        params = channel_rules.slice_params(node, self.rank(x))
         if params is None or 1 not in params:
             return
         s, e = channel_rules.normalized_slice(*params[1], self.counts[x.name])
@@ -136,7 +145,7 @@ class _Rewriter:
         new_e = new_s + int(np.sum((kx >= s) & (kx < e)))
         axes = ir.const_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
         axes_l = [int(a) for a in (axes if axes is not None else range(len(params)))]
-        j = [a + len(x.shape) if a < 0 else a for a in axes_l].index(1)
+        j = [a + self.rank(x) if a < 0 else a for a in axes_l].index(1)
         for i, val in ((1, new_s), (2, new_e)):
             arr = np.array(ir.const_value(node.inputs[i]), copy=True)
             arr.reshape(-1)[j] = val
@@ -168,10 +177,10 @@ def apply_keep(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Keep,
     """The model with only the kept channels; shapes re-inferred (checker-clean)."""
     graph = ir.to_graph(model)
     ir.name_unnamed_nodes(graph)
-    for t in graph.tensors().values():
+    _Rewriter(graph, keep, analysis, ir.opset(model), means).run()
+    for t in graph.tensors().values():  # stale channel counts; inference below recomputes them
         if isinstance(t, gs.Variable) and t.name in keep:
             t.shape = None
-    _Rewriter(graph, keep, analysis.channel_counts, ir.opset(model), means).run()
     out = ir.to_model(graph, model)
     del out.graph.value_info[:]
     try:

@@ -6,7 +6,8 @@ positions that are the same channel (through activations, BN, pooling, Resize, S
 offsets, residual Add/Mul, depthwise Convs). A connected component is a :class:`ChannelGroup`:
 removing one of its positions means removing all of them. A group is prunable when no position is
 blocked (graph input or output, Reshape/Transpose/Gemm/..., protected layers, the Detect head)
-and a Conv produces it. Read-only: the model is never changed.
+and a Conv produces it (a produced channel nothing reads, e.g. cut off by a Slice, is
+prunable). Read-only: the model is never changed.
 """
 from __future__ import annotations
 
@@ -247,8 +248,6 @@ def _assemble(b: _Builder, convs: Mapping[str, ConvInfo]) -> List[ChannelGroup]:
                     roles.append(Role(kind, node, t, i - off))
         if not reasons and not any(r.kind == "producer" for r in roles):
             reasons.add("no Conv produces these channels")
-        if not reasons and not any(r.kind == "consumer" for r in roles):
-            reasons.add("no Conv consumes these channels")
         groups.append(ChannelGroup(len(groups), frozenset(comp), tuple(sorted(
             roles, key=lambda r: (r.kind, r.node, r.index))), _group_macs(roles, convs),
             tuple(sorted(reasons))))

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from .. import verify
+from ..pass_base import SlimError
 from .activations import Feeds
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,16 @@ log = logging.getLogger(__name__)
 STRIDES = (8, 16, 32)
 
 
-def _layout(model: onnx.ModelProto):
+def layout(model: onnx.ModelProto):
+    """(format, input hw) of a single-output YOLO detector, (None, None) otherwise."""
     from ..data import model_input
     from ..eval.decode import _static_output_shape, format_from_metadata, format_from_shape
     try:
+        shape = _static_output_shape(model)
+        if len(model.graph.output) != 1 or len(shape) != 3:
+            return None, None
         hw = model_input(model)[1][1:]
-        fmt = format_from_metadata(model) or format_from_shape(_static_output_shape(model), hw)
+        fmt = format_from_metadata(model) or format_from_shape(shape, hw)
     except Exception:  # unknown layout: uniform sampling
         return None, None
     return fmt, hw
@@ -54,17 +59,19 @@ def detection_map(scores: np.ndarray, hw: Sequence[int]) -> Optional[np.ndarray]
 def saliency_maps(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int = 1
                   ) -> Optional[List[np.ndarray]]:
     """One map per feed (batch 1), or None when the output layout is not a known YOLO format."""
-    fmt, hw = _layout(model)
-    if fmt is None or len(model.graph.output) != 1:
+    fmt, hw = layout(model)
+    if fmt is None:
         return None
     from ..eval.decode import decode
     sess = verify.session(model, optimize=True, threads=threads)
     maps: List[np.ndarray] = []
     for f in feeds:
         out = verify.run(sess, f)[0]
-        if out.shape[0] != 1:
+        try:
+            _, scores = decode(out, fmt, hw)
+        except SlimError as exc:
+            log.info("saliency: %s; uniform sampling", exc)
             return None
-        _, scores = decode(out, fmt, hw)
         m = detection_map(scores.max(axis=1), hw)
         if m is None:
             log.info("saliency: output rows do not match the stride grid; uniform sampling")

@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, verify
+from ..pass_base import SlimError
 from . import activations
 from .activations import Feeds
 
@@ -143,17 +144,26 @@ class DetectionMetric:
 
 
 def default_metric(model: onnx.ModelProto):
-    """Detection-level metric when the output format is recognised, else the head metric."""
-    from ..data import model_input
-    from ..eval.decode import _static_output_shape, format_from_metadata, format_from_shape
-    try:
-        hw = model_input(model)[1][1:]
-        fmt = format_from_metadata(model) or format_from_shape(_static_output_shape(model), hw)
-    except Exception:  # any doubt about the layout: the format-free metric
-        fmt = None
-    if fmt is None or len(model.graph.output) != 1:
+    """Detection-level metric when the output is a known YOLO layout, else the head metric."""
+    from .saliency import layout
+    fmt, hw = layout(model)
+    if fmt is None:
         return HeadMetric(model)
     return DetectionMetric(model, fmt, hw)
+
+
+def _checked_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int):
+    """default_metric, falling back to the head metric when decoding the real output fails."""
+    metric = default_metric(model)
+    if isinstance(metric, DetectionMetric) and feeds:
+        out = list(activations.capture(model, feeds, metric.watch, threads))[0]
+        try:
+            ref = [out[n] for n in metric.watch]
+            metric(ref, ref)
+        except SlimError as exc:
+            log.info("detection metric unavailable (%s); measuring the head maps", exc)
+            return HeadMetric(model)
+    return metric
 
 
 class Probe:
@@ -220,7 +230,7 @@ class RefitProbe:
 
     def __init__(self, model: onnx.ModelProto, params: Mapping[str, Tuple[np.ndarray, np.ndarray]],
                  feeds: Sequence[Feeds], threads: int = 1, metric=None) -> None:
-        self.metric = metric if metric is not None else default_metric(model)
+        self.metric = metric if metric is not None else _checked_metric(model, feeds[:1], threads)
         self.defaults = {n: (np.asarray(w, np.float32), np.asarray(b, np.float32))
                          for n, (w, b) in params.items()}
         self.model = activations.with_outputs(weights_as_inputs(model, list(params)), self.metric.watch)

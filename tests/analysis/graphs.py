@@ -1,0 +1,120 @@
+"""Tiny hand-built graphs (onnx.helper) for the channel-group and pruning tests."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class G:
+    """Add nodes by name; every helper returns the output tensor name (``<node>_out``)."""
+
+    def __init__(self, opset: int = 13, seed: int = 0) -> None:
+        self.opset = opset
+        self.rng = np.random.default_rng(seed)
+        self.nodes: List[onnx.NodeProto] = []
+        self.inits: List[onnx.TensorProto] = []
+
+    def const(self, name: str, value) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: Sequence[str], name: str, n_out: int = 1, **attrs) -> str:
+        outs = [f"{name}_out"] if n_out == 1 else [f"{name}_out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs  # type: ignore[return-value]
+
+    def conv(self, x: str, cin: int, cout: int, name: str, k: int = 1, group: int = 1,
+             bias: bool = True, pad: Optional[int] = None) -> str:
+        w = (self.rng.normal(0, 1, (cout, cin // group, k, k)) / np.sqrt(cin // group * k * k))
+        ins = [x, self.const(name + ".w", w.astype(np.float32))]
+        if bias:
+            ins.append(self.const(name + ".b", self.rng.normal(0, 0.1, cout).astype(np.float32)))
+        p = k // 2 if pad is None else pad
+        return self.node("Conv", ins, name, kernel_shape=[k, k], pads=[p] * 4, group=group)
+
+    def silu(self, x: str, name: str) -> str:
+        return self.node("Mul", [x, self.node("Sigmoid", [x], name + ".sig")], name)
+
+    def cbs(self, x: str, cin: int, cout: int, name: str, k: int = 1) -> str:
+        return self.silu(self.conv(x, cin, cout, name, k), name + ".act")
+
+    def model(self, inputs: Sequence[Tuple[str, Sequence[int]]], outputs: Sequence[str],
+              out_rank: Optional[Sequence[int]] = None) -> onnx.ModelProto:
+        ranks = list(out_rank or [4] * len(outputs))
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs]
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * r)
+                for o, r in zip(outputs, ranks)]
+        g = helper.make_graph(self.nodes, "g", ins, outs, self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+        m.ir_version = 8
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        for o in m.graph.output:  # declare the inferred output shapes (the checker wants one)
+            vi = next((v for v in m.graph.value_info if v.name == o.name), None)
+            if vi is not None:
+                o.CopyFrom(vi)
+        del m.graph.value_info[:]
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+X = ("x", (1, 3, 8, 8))
+
+
+def concat_graph() -> onnx.ModelProto:
+    """a(4) and b(6) -> Concat(10) -> c; the head conv h keeps its outputs (graph output)."""
+    g = G()
+    a = g.cbs("x", 3, 4, "a")
+    b = g.cbs("x", 3, 6, "b", k=3)
+    c = g.cbs(g.node("Concat", [a, b], "cat", axis=1), 10, 8, "c", k=3)
+    return g.model([X], [g.conv(c, 8, 5, "h")])
+
+
+def split_graph(opset: int = 13, sizes: Tuple[int, int] = (3, 5),
+                num_outputs: bool = False) -> onnx.ModelProto:
+    """a(8) -> Split sizes -> b (3x3) on the first part, c on the second; Concat -> h. The split
+    sizes are an attribute before opset 13, an input from 13, or ``num_outputs`` (opset 18)."""
+    g = G(opset)
+    a = g.cbs("x", 3, sum(sizes), "a")
+    if num_outputs:
+        parts = g.node("Split", [a], "split", n_out=2, axis=1, num_outputs=2)
+    elif opset >= 13:
+        parts = g.node("Split", [a, g.const("sizes", np.array(sizes, np.int64))], "split", n_out=2, axis=1)
+    else:
+        parts = g.node("Split", [a], "split", n_out=2, axis=1, split=list(sizes))
+    b = g.cbs(parts[0], sizes[0], 4, "b", k=3)
+    c = g.cbs(parts[1], sizes[1], 4, "c")
+    return g.model([X], [g.conv(g.node("Concat", [b, c], "cat", axis=1), 8, 5, "h")])
+
+
+def residual_graph() -> onnx.ModelProto:
+    """a(8) -> SiLU -> b(8) 3x3 -> SiLU; Add(a, b) -> c; dw(8) depthwise -> d."""
+    g = G()
+    a = g.cbs("x", 3, 8, "a")
+    b = g.cbs(a, 8, 8, "b", k=3)
+    s = g.node("Add", [a, b], "add")
+    dw = g.silu(g.conv(s, 8, 8, "dw", k=3, group=8), "dw.act")
+    return g.model([X], [g.conv(dw, 8, 5, "h")])
+
+
+def pool_resize_graph() -> onnx.ModelProto:
+    """a(6) -> MaxPool 3x3 -> Resize x2 (scales) -> b 3x3 -> Slice channels [1:5] -> c."""
+    g = G()
+    a = g.cbs("x", 3, 6, "a")
+    p = g.node("MaxPool", [a], "pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    r = g.node("Resize", [p, "", g.const("scales", np.array([1, 1, 2, 2], np.float32))], "up", mode="nearest")
+    b = g.cbs(r, 6, 8, "b", k=3)
+    sl = g.node("Slice", [b, g.const("st", np.array([1], np.int64)), g.const("en", np.array([5], np.int64)),
+                          g.const("ax", np.array([1], np.int64))], "slice")
+    return g.model([X], [g.conv(sl, 4, 5, "h")])
+
+
+def blocked_graph() -> onnx.ModelProto:
+    """a(4) -> Reshape -> output; b(4) grouped (group=2) -> output."""
+    g = G()
+    a = g.cbs("x", 3, 4, "a")
+    r = g.node("Reshape", [a, g.const("shape", np.array([1, -1], np.int64))], "flat")
+    b = g.conv(g.cbs("x", 3, 4, "p"), 4, 4, "grp", group=2)
+    return g.model([X], [r, b], out_rank=[2, 4])

@@ -1,0 +1,136 @@
+"""Channel groups on small hand-built graphs: exact membership, roles, MACs, blocking reasons."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxslim_yolo.analysis.channels import analyze_channels
+from onnxslim_yolo.pass_base import UsageError
+
+from . import graphs
+
+
+def _group(a, tensor: str, index: int):
+    g = a.group_of(tensor, index)
+    assert g is not None, (tensor, index)
+    return g
+
+
+def _roles(g):
+    return sorted((r.kind, r.node, r.index) for r in g.roles)
+
+
+def test_concat_offsets_map_inputs_to_the_concatenated_channels():
+    a = analyze_channels(graphs.concat_graph())
+    g = _group(a, "b_out", 2)
+    assert g.channels == {("b_out", 2), ("b.act.sig_out", 2), ("b.act_out", 2), ("cat_out", 6)}
+    assert _roles(g) == [("consumer", "c", 6), ("producer", "b", 2)]
+    # producer b: 3 in x 3x3 x 64 px; consumer c: 8 out x 3x3 x 64 px
+    assert g.macs == 3 * 9 * 64 + 8 * 9 * 64
+    assert _group(a, "a_out", 3) is _group(a, "cat_out", 3)
+    assert len(a.clusters()) == 3  # a, b, c
+
+
+@pytest.mark.parametrize("opset,sizes,num_outputs", [(11, (3, 5), False), (13, (3, 5), False),
+                                                     (18, (3, 5), False), (18, (4, 4), True)])
+def test_split_offsets(opset, sizes, num_outputs):
+    a = analyze_channels(graphs.split_graph(opset, sizes, num_outputs))
+    first = sizes[0]
+    g = _group(a, "a_out", first + 1)
+    assert ("split_out1", 1) in g.channels and ("split_out0", 1) not in g.channels
+    assert _roles(g) == [("consumer", "c", 1), ("producer", "a", first + 1)]
+    assert _roles(_group(a, "a_out", 0)) == [("consumer", "b", 0), ("producer", "a", 0)]
+
+
+def test_residual_add_and_depthwise_couple_everything_on_the_channel():
+    a = analyze_channels(graphs.residual_graph())
+    g = _group(a, "a_out", 5)
+    assert {("add_out", 5), ("b_out", 5), ("dw_out", 5), ("dw.act_out", 5)} <= g.channels
+    assert _roles(g) == [("consumer", "b", 5), ("consumer", "h", 5), ("depthwise", "dw", 5),
+                         ("producer", "a", 5), ("producer", "b", 5)]
+    assert len(a.prunable_groups()) == 8
+    assert len(a.clusters()) == 1
+
+
+def test_maxpool_resize_pass_channels_and_slice_shifts_them():
+    a = analyze_channels(graphs.pool_resize_graph())
+    g = _group(a, "a_out", 4)
+    assert {("pool_out", 4), ("up_out", 4)} <= g.channels
+    assert _roles(g) == [("consumer", "b", 4), ("producer", "a", 4)]
+    assert _roles(_group(a, "b_out", 3)) == [("consumer", "h", 2), ("producer", "b", 3)]
+    # channels the Slice drops are produced and read by nobody: prunable, no consumer
+    cut = _group(a, "b_out", 0)
+    assert cut.prunable and _roles(cut) == [("producer", "b", 0)]
+
+
+def test_unmapped_ops_and_grouped_convs_block_with_reasons():
+    a = analyze_channels(graphs.blocked_graph(), protect_head=False)
+    assert not a.prunable_groups()
+    assert "consumed by Reshape 'flat'" in _group(a, "a_out", 0).reasons
+    grouped = "consumed by Conv 'grp' (grouped Conv (group=2) that is not depthwise)"
+    assert grouped in _group(a, "p_out", 1).reasons
+    assert "graph output 'grp_out'" in _group(a, "grp_out", 0).reasons
+    assert "graph input 'x'" in _group(a, "x", 0).reasons
+
+
+def test_protect_by_name_and_pattern_and_unknown_names():
+    a = analyze_channels(graphs.concat_graph(), protect=["a", "[c]"])
+    assert "protected: Conv 'a'" in _group(a, "a_out", 0).reasons
+    assert "protected: Conv 'c'" in _group(a, "c_out", 0).reasons
+    assert _group(a, "b_out", 0).prunable
+    with pytest.raises(UsageError, match=r"^prune-channels: protect names match no node: nope, zz\*$"):
+        analyze_channels(graphs.concat_graph(), protect=["a", "nope", "zz*"])
+
+
+def test_head_convs_are_protected():
+    a = analyze_channels(graphs.concat_graph())
+    assert any(r.startswith("Detect head") for r in _group(a, "h_out", 0).reasons)
+
+
+def test_per_channel_and_spatial_constants_ride_along_with_the_channel():
+    g = graphs.G()
+    a = g.cbs("x", 3, 4, "a")
+    s = g.node("Mul", [a, g.const("scale", np.ones((1, 4, 1, 1), np.float32))], "scale")
+    t = g.node("Add", [a, g.const("plane", np.ones((4, 8, 8), np.float32))], "plane")
+    out = g.node("Add", [g.conv(s, 4, 4, "b"), g.conv(t, 4, 4, "c")], "sum")
+    an = analyze_channels(g.model([graphs.X], [g.conv(out, 4, 2, "h")]))
+    grp = an.group_of("a_out", 1)
+    assert {("scale_out", 1), ("plane_out", 1)} <= grp.channels
+    assert _roles(grp) == [("const", "plane", 1), ("const", "scale", 1), ("consumer", "b", 1),
+                           ("consumer", "c", 1), ("producer", "a", 1)]
+    expected = [("consumer", "h", 3), ("producer", "b", 3), ("producer", "c", 3)]
+    assert _roles(an.group_of("sum_out", 3)) == expected
+
+
+def test_shape_feeding_its_own_resize_does_not_block():
+    g = graphs.G()
+    a = g.cbs("x", 3, 4, "a")
+    shp = g.node("Shape", [a], "shape")
+    bounds = [g.const("s0", np.array([0], np.int64)), g.const("s1", np.array([2], np.int64))]
+    nc = g.node("Slice", [shp] + bounds, "nc")
+    sizes = g.node("Concat", [nc, g.const("hw", np.array([16, 16], np.int64))], "sizes", axis=0)
+    up = g.node("Resize", [a, "", "", sizes], "up", mode="nearest")
+    an = analyze_channels(g.model([graphs.X], [g.conv(up, 4, 2, "h")]))
+    assert an.group_of("a_out", 2).prunable
+    # the same Shape feeding a Reshape of another tensor blocks
+    g2 = graphs.G()
+    a = g2.cbs("x", 3, 4, "a")
+    r = g2.node("Reshape", [g2.cbs("x", 3, 4, "b"), g2.node("Shape", [a], "shape")], "r")
+    an2 = analyze_channels(g2.model([graphs.X], [g2.conv(r, 4, 2, "h"), g2.conv(a, 4, 2, "h2")]))
+    assert "channel count read by Shape 'shape' feeding Reshape 'r'" in an2.group_of("a_out", 0).reasons
+
+
+def test_total_macs_match_flops_and_fixture_families_have_prunable_groups():
+    from fixtures import FAMILIES
+
+    from onnxslim_yolo.analysis.flops import model_stats
+    for name, build in FAMILIES.items():
+        m = build()
+        a = analyze_channels(m)
+        assert a.total_macs == model_stats(m).macs
+        assert a.prunable_groups(), name
+        if name == "yolox":
+            assert any(r.kind == "depthwise" for g in a.prunable_groups() for r in g.roles)
+        if name == "yolov8":
+            kinds = {n.op_type for n in m.graph.node}
+            assert "Split" in kinds

@@ -1,0 +1,225 @@
+"""prune-channels: exact mechanics, rewrites of every op kind, options, errors, reports."""
+from __future__ import annotations
+
+import json
+from typing import Dict, Optional
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from fixtures import FAMILIES, build_yolov5_v6
+from onnxslim_yolo import verify
+from onnxslim_yolo.analysis.channels import analyze_channels
+from onnxslim_yolo.pass_base import PassContext, PreconditionError, UsageError
+from onnxslim_yolo.passes.prune_channels import PruneChannels
+from tests.analysis import graphs
+
+EXACT = dict(fold_mean=False, reconstruct=False)
+
+
+def run(model: onnx.ModelProto, calib: Optional[list] = None, **opts):
+    return PruneChannels().run(model, PassContext(options={"prune-channels": opts}, calib_inputs=calib))
+
+
+def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
+    """The original with every removed channel zeroed at its source: producer and depthwise
+    filters and biases, BN beta and mean (BN(0) = 0), per-channel constants (0 + 0 = 0 * 0 = 0)."""
+    a = analyze_channels(model)
+    out = {n.name: n.output[0] for n in model.graph.node}
+    gone = set()
+    for conv, v in details["layers"].items():
+        for i in set(range(v["out_channels"][0])) - set(v["kept_out"]):
+            gone.add(a.group_of(out[conv], i))
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes = {n.name: n for n in m.graph.node}
+
+    def zero(name: str, index: int, axis: int = 0) -> None:
+        arr = numpy_helper.to_array(inits[name]).copy()
+        idx = [slice(None)] * arr.ndim
+        idx[axis] = index
+        arr[tuple(idx)] = 0
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+
+    for g in gone:
+        for r in g.roles:
+            node = nodes[r.node]
+            if r.kind in ("producer", "depthwise"):
+                for t in node.input[1:3]:
+                    zero(t, r.index)
+            elif r.kind == "bn":
+                zero(node.input[2], r.index)
+                zero(node.input[3], r.index)
+            elif r.kind == "const":
+                for t in node.input:
+                    if t in inits and numpy_helper.to_array(inits[t]).ndim >= 3:
+                        v = numpy_helper.to_array(inits[t])
+                        zero(t, r.index, axis=1 - (4 - v.ndim))
+    return m
+
+
+def assert_exact(model: onnx.ModelProto, pruned: onnx.ModelProto, details: Dict) -> None:
+    onnx.checker.check_model(pruned, full_check=True)
+    onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True)
+    ref = zeroed(model, details)
+    for d in verify.compare_models(ref, pruned, verify.random_feeds(model, 2, 3)):
+        assert d.max_abs <= 1e-4 * max(1.0, d.ref_max), d
+
+
+# ------------------------------------------------------------------------- exact mechanics
+HAND = {
+    "concat": graphs.concat_graph,
+    "split11": lambda: graphs.split_graph(11),
+    "split13": lambda: graphs.split_graph(13),
+    "split18": lambda: graphs.split_graph(18),
+    "split18_num_outputs": lambda: graphs.split_graph(18, (4, 4), True),
+    "residual_depthwise": graphs.residual_graph,
+    "pool_resize_slice": graphs.pool_resize_graph,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_pruned_equals_original_with_removed_channels_zeroed(name):
+    model = HAND[name]()
+    res = run(model, ratio=0.3, round_to=1, **EXACT)
+    assert res.modified
+    assert res.report.details["mac_reduction"] >= 0.3
+    assert_exact(model, res.model, res.report.details)
+
+
+def test_split_and_depthwise_attributes_follow_the_kept_channels():
+    res = run(graphs.split_graph(11), per_layer={"a": 0.5}, round_to=1, **EXACT)
+    split = next(n for n in res.model.graph.node if n.op_type == "Split")
+    sizes = [list(onnx.helper.get_attribute_value(a)) for a in split.attribute if a.name == "split"][0]
+    # each part of 'a' (3 channels read by b, 5 by c) is a layer of its own: 3 -> 2, 5 -> 3
+    assert sizes == [2, 3] and res.report.details["layers"]["a"]["out_channels"] == [8, 5]
+    res = run(graphs.residual_graph(), ratio=0.3, round_to=1, **EXACT)
+    dw = next(n for n in res.model.graph.node if n.name == "dw")
+    group = [a.i for a in dw.attribute if a.name == "group"][0]
+    assert group == res.report.details["layers"]["dw"]["out_channels"][1] < 8
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("bn", [True, False])
+def test_fixture_families_prune_exactly_before_and_after_bn_folding(family, bn):
+    model = FAMILIES[family](bn=bn)
+    res = run(model, ratio=0.2, **EXACT)
+    assert res.report.details["mac_reduction"] >= 0.2
+    assert res.report.counts["layers_pruned"] >= 1
+    assert_exact(model, res.model, res.report.details)
+
+
+@pytest.mark.parametrize("family", ["yolov8", "yolox"])
+def test_activation_criterion_with_least_squares_on_calibration_data(family):
+    model = FAMILIES[family](bn=family == "yolov8")
+    calib = verify.random_feeds(model, 3, 0)
+    res = run(model, calib, ratio=0.15, sens_images=2, samples=512)
+    d = res.report.details
+    onnx.checker.check_model(res.model, full_check=True)
+    assert d["criterion"] == "activation" and d["cost"] == "measured" and d["reconstruct"]
+    assert d["mac_reduction"] >= 0.15 and d["refit"] and d["probe_runs"] > 0
+    for e in d["refit"].values():
+        assert e["rel_error_after"] <= e["rel_error_before"] + 1e-6
+    diff = verify.compare_models(model, res.model, calib)[0]
+    assert diff.cosine > 0.5
+
+
+# ----------------------------------------------------------------------------- options
+def test_round_to_keeps_multiples_of_eight():
+    model = build_yolov5_v6(width=16)
+    res = run(model, ratio=0.3, **EXACT)
+    layers = res.report.details["layers"]
+    assert layers
+    for name, v in layers.items():
+        before, after = v["out_channels"]
+        if before > 8 and after != before:
+            assert after % 8 == 0 and after >= 8, (name, v)
+    res1 = run(model, ratio=0.3, round_to=1, **EXACT)
+    assert any(v["out_channels"][1] % 8 for v in res1.report.details["layers"].values())
+
+
+def test_kept_json_lists_kept_indices_per_layer(tmp_path):
+    path = tmp_path / "kept.json"
+    res = run(graphs.concat_graph(), ratio=0.3, round_to=1, kept_json=str(path), **EXACT)
+    doc = json.loads(path.read_text())
+    assert doc["layers"] == res.report.details["layers"]
+    assert doc["macs_after"] < doc["macs_before"]
+    for v in doc["layers"].values():
+        assert len(v["kept_out"]) == v["out_channels"][1]
+        assert len(v["kept_in"]) == v["in_channels"][1]
+        assert v["kept_out"] == sorted(v["kept_out"])
+
+
+def test_protect_keeps_a_layer_and_per_layer_ratio_prunes_one():
+    res = run(graphs.concat_graph(), ratio=0.3, round_to=1, protect=["b"], **EXACT)
+    assert "b" not in res.report.details["layers"] or \
+        res.report.details["layers"]["b"]["out_channels"][1] == 6
+    res = run(graphs.concat_graph(), per_layer={"b": 0.5}, round_to=1, **EXACT)
+    layers = res.report.details["layers"]
+    assert layers["b"]["out_channels"] == [6, 3] and "a" not in layers
+
+
+def test_bn_criterion_needs_batchnorm():
+    res = run(FAMILIES["yolov5_v6"](bn=True), ratio=0.1, criterion="bn", **EXACT)
+    assert res.report.details["criterion"] == "bn"
+    with pytest.raises(PreconditionError, match="criterion 'bn' needs BatchNormalization nodes"):
+        run(FAMILIES["yolov5_v6"](bn=False), ratio=0.1, criterion="bn")
+
+
+def test_dead_channel_is_removed_exactly():
+    g = graphs.G()
+    a = g.conv("x", 3, 4, "a")
+    w = numpy_helper.to_array(g.inits[0]).copy()
+    w[2] = 0.0  # channel 2 is the constant SiLU(bias) everywhere
+    g.inits[0] = numpy_helper.from_array(w, g.inits[0].name)
+    s = g.silu(a, "a.act")
+    model = g.model([graphs.X], [g.conv(g.cbs(s, 4, 4, "b", k=1), 4, 2, "h")])
+    calib = verify.random_feeds(model, 2, 0)
+    res = run(model, calib, per_layer={"a": 0.25}, round_to=1, reconstruct=False)
+    d = res.report.details
+    assert d["layers"]["a"]["kept_out"] == [0, 1, 3]
+    assert d["dead_removed_exact"] == 1 and res.report.counts["dead_channels"] == 1
+    diff = verify.compare_models(model, res.model, verify.random_feeds(model, 2, 5))[0]
+    assert diff.max_abs < 1e-5
+
+
+# ------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("ratio", [0, 0.95, -1])
+def test_ratio_out_of_range(ratio):
+    with pytest.raises(UsageError) as e:
+        run(graphs.concat_graph(), ratio=ratio)
+    assert str(e.value) == (f"prune-channels: ratio {ratio} is outside (0, 0.9]: give the fraction of "
+                            "multiply-adds to remove, e.g. 0.2")
+
+
+def test_unknown_protected_names():
+    with pytest.raises(UsageError) as e:
+        run(graphs.concat_graph(), ratio=0.2, protect=["a", "missing", "nothing*"])
+    assert str(e.value) == "prune-channels: protect names match no node: missing, nothing*"
+
+
+def test_nothing_prunable_says_why():
+    with pytest.raises(PreconditionError) as e:
+        run(graphs.blocked_graph(), ratio=0.2)
+    msg = str(e.value)
+    assert msg.startswith("prune-channels: nothing prunable in this model: every channel group is blocked: ")
+    assert "consumed by Reshape 'flat'" in msg or "graph output" in msg or "Detect head" in msg
+
+
+def test_other_bad_options():
+    with pytest.raises(UsageError, match="give ratio"):
+        run(graphs.concat_graph())
+    with pytest.raises(UsageError, match="round_to must be a positive integer, got 0"):
+        run(graphs.concat_graph(), ratio=0.2, round_to=0)
+    with pytest.raises(UsageError, match="criterion 'activation' needs calibration images"):
+        run(graphs.concat_graph(), ratio=0.2, criterion="activation")
+    with pytest.raises(UsageError, match="unknown options bogus"):
+        run(graphs.concat_graph(), ratio=0.2, bogus=1)
+
+
+def test_registered_and_off_by_default():
+    from onnxslim_yolo.registry import all_passes
+    cls = all_passes()["prune-channels"]
+    assert cls is PruneChannels and not cls.default_enabled and cls.numerics.value == "lossy"
