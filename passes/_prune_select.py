@@ -197,9 +197,31 @@ def _per_layer(layers: List[Layer], per_layer: Mapping[str, float], model, macs:
     return fixed, saved
 
 
+#: a lazy-greedy winner saving at least this share of the model's MACs is only taken after every
+#: stale candidate was measured again (a big, lumpy unit must beat up-to-date alternatives)
+BIG_UNIT = 0.01
+
+
+def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
+          cache: Dict[int, Tuple[List[ChannelGroup], float, bool]]) -> Optional[Tuple[float, int, int]]:
+    """(cost per MAC, layer index, MACs saved) of the cheapest next unit, filling the cache."""
+    best: Optional[Tuple[float, int, int]] = None
+    for i, layer in enumerate(layers):
+        size = layer.next_size()
+        if i in fixed or size is None:
+            continue
+        if i not in cache:
+            unit, cost = model.unit(layer, size)
+            cache[i] = (unit, cost, True)
+        gain = macs.saved(cache[i][0])
+        if gain > 0 and (best is None or cache[i][1] / gain < best[0]):
+            best = (cache[i][1] / gain, i, gain)
+    return best
+
+
 def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: Mapping[str, float],
            round_to: int, min_channels: int, max_layer_ratio: float = 0.75) -> Selection:
-    """Groups to remove under cost ``model`` (ScoreCost or LSQCost); see module docstring."""
+    """Groups to remove under cost ``model`` (ScoreCost, LSQCost or a lazy MeasuredCost)."""
     layers = make_layers(analysis, round_to, min_channels, max_layer_ratio)
     macs = _Macs(analysis.convs)
     before = analysis.total_macs
@@ -209,25 +231,16 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
     lazy = bool(getattr(model, "lazy", False))
     cache: Dict[int, Tuple[List[ChannelGroup], float, bool]] = {}   # unit, cost, fresh
     while saved < target:
-        best: Optional[Tuple[float, int]] = None
-        for i, layer in enumerate(layers):
-            size = layer.next_size()
-            if i in fixed or size is None:
-                continue
-            if i not in cache:
-                unit, cost = model.unit(layer, size)
-                cache[i] = (unit, cost, True)
-            gain = macs.saved(cache[i][0])
-            if gain > 0 and (best is None or cache[i][1] / gain < best[0]):
-                best = (cache[i][1] / gain, i)
+        best = _best(layers, fixed, model, macs, cache)
         if best is None:
             sel.notes.append(f"target not reached: {saved / before:.1%} of {ratio:.1%} fewer "
                              "multiply-adds (no prunable channels left)")
             break
         i = best[1]
-        if not cache[i][2]:  # lazy greedy: re-measure the winner against the current model
-            unit, cost = model.unit(layers[i], layers[i].next_size() or 0)
-            cache[i] = (unit, cost, True)
+        stale = [j for j, v in cache.items() if not v[2]]
+        if not cache[i][2] or (best[2] >= BIG_UNIT * before and stale):
+            for j in ([i] if not cache[i][2] and best[2] < BIG_UNIT * before else stale):
+                cache[j] = (*model.unit(layers[j], layers[j].next_size() or 0), True)
             continue
         gain = _remove(layers[i], cache[i][0], model, macs, sel)
         saved += gain
