@@ -44,8 +44,8 @@ def prune(model, ratio: float, method: str, calib, extra: Dict[str, Any]):
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-    head = ("| method | target | MACs (G) | fewer MACs | mAP@0.5:0.95 | change | mAP@0.5 | latency vs original "
-            "| prune s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| method | target | MACs (G) | fewer MACs | mAP@0.5:0.95 | change | mAP@0.5 "
+            "| latency vs original | prune s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = next(r for r in rows if r["method"] == "original")
     lines = [head]
     for r in rows:
