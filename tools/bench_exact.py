@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -35,17 +33,11 @@ from onnxslim_yolo.pass_base import Pass, PassContext  # noqa: E402
 def latency(models: List[onnx.ModelProto], feeds: Dict[str, np.ndarray], runs: int, threads: int,
             optimize: bool) -> List[float]:
     """Median ms per model; runs interleaved so drift hits every model alike."""
-    sessions = [verify.session(m, optimize=optimize, threads=threads) for m in models]
-    for s in sessions:  # warm-up
-        for _ in range(3):
-            s.run(None, feeds)
-    times: List[List[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    from onnxslim_yolo.latency import interleaved_latency
+
+    med = interleaved_latency({str(i): m for i, m in enumerate(models)}, feeds=feeds, runs=runs,
+                              threads=threads, optimize=optimize)
+    return [med[str(i)] for i in range(len(models))]
 
 
 def diffs(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]]) -> Dict[str, float]:

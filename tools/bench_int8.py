@@ -21,11 +21,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,26 +80,17 @@ def compile_in_subprocess(script: str, args: List[str]) -> Dict[str, object]:
 
 
 def latency(models: List[str], threads: int, runs: int, repeats: int) -> List[List[float]]:
-    """Per repeat: median ms of each model, sessions alive together, runs interleaved."""
+    """Per repeat: median ms of each model (``onnxslim_yolo.latency``: one process, shared pool,
+    runs interleaved)."""
     import onnx
 
     from onnxslim_yolo import verify
+    from onnxslim_yolo.latency import latency_runs
 
-    sessions = [verify.session(onnx.load(m), threads=threads) for m in models]
-    feed = verify.random_feeds(onnx.load(models[0]), 1, 0)[0]
-    out = []
-    for _ in range(repeats):
-        for s in sessions:
-            for _ in range(3):
-                s.run(None, feed)
-        times: List[List[float]] = [[] for _ in sessions]
-        for _ in range(runs):
-            for i, s in enumerate(sessions):
-                t = time.perf_counter()
-                s.run(None, feed)
-                times[i].append((time.perf_counter() - t) * 1e3)
-        out.append([float(np.median(t)) for t in times])
-    return out
+    loaded = {str(i): onnx.load(m) for i, m in enumerate(models)}
+    feed = verify.random_feeds(loaded["0"], 1, 0)[0]
+    res = latency_runs(loaded, feeds=feed, runs=runs, threads=threads, repeats=repeats)
+    return [[res["repeat_ms"][str(i)][r] for i in range(len(models))] for r in range(repeats)]
 
 
 def fixture_check(tmp: Path) -> Dict[str, object]:

@@ -223,3 +223,25 @@ def test_registered_and_off_by_default():
     from onnxslim_yolo.registry import all_passes
     cls = all_passes()["prune-channels"]
     assert cls is PruneChannels and not cls.default_enabled and cls.numerics.value == "lossy"
+
+
+# ------------------------------------------------------------------------ real models
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["yolov5n", "yolov5n_bn"])
+def test_yolov5n_pruned_by_l1_equals_the_zeroed_original(which, yolov5n_path, yolov5n_bn_path):
+    from onnxslim_yolo import ir
+    from onnxslim_yolo.analysis.flops import model_stats
+
+    model = ir.load(yolov5n_path if which == "yolov5n" else yolov5n_bn_path)
+    res = run(model, ratio=0.1, criterion="l1", **EXACT)
+    d = res.report.details
+    assert 0.1 <= d["mac_reduction"] < 0.15
+    assert model_stats(res.model).macs == d["macs_after"] < model_stats(model).macs
+    shrunk = {n: v for n, v in d["layers"].items() if v["out_channels"][1] < v["out_channels"][0]}
+    assert shrunk
+    for name, v in shrunk.items():  # multiples of 8 by default
+        assert v["out_channels"][1] % 8 == 0, (name, v)
+    head = [n.name for n in model.graph.node if n.name.startswith("/model.24/m.")]
+    assert len(head) == 3 and not set(head) & set(shrunk), "the Detect head convs keep their outputs"
+    assert_exact(model, res.model, d)
