@@ -91,6 +91,8 @@ def main(verbose: int) -> None:
 @click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True)
 @click.option("--method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]),
               default="auto", show_default=True, help="Calibration method (auto: per tensor).")
+@click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
+              help="INT8 weight range: auto uses 7 bits on x86 CPUs without VNNI (ort-cpu kernels saturate).")
 @click.option("--calib-table", type=click.Path(), help="Load the calibration table from (or save it to) JSON.")
 @click.option("--max-drop", type=float, help="Mixed precision: keep sensitive nodes float until the "
               "measured mAP loss (points) is within this.")
@@ -109,7 +111,7 @@ def main(verbose: int) -> None:
 @click.option("--threads", type=int, default=2, show_default=True, help="onnxruntime threads for latency.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
-             calib: Optional[str], calib_limit: Optional[int], target: str, method: str,
+             calib: Optional[str], calib_limit: Optional[int], target: str, method: str, weight_bits: str,
              calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
              protect: Sequence[str], images: Optional[str], labels: Optional[str], preprocess: Optional[str],
              input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
@@ -124,6 +126,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     out = Path(output) if output else src.with_name(src.name[:-5] + ".opt.onnx"
                                                       if src.name.endswith(".onnx") else src.name + ".opt.onnx")
     qdq: Dict[str, Any] = {"target": target, "method": method}
+    if weight_bits != "auto":
+        qdq["reduce_range"] = weight_bits == "7"
     if calib_table:
         qdq["calib_table"] = calib_table
     if max_drop is not None:

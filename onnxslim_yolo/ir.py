@@ -115,6 +115,20 @@ def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
     return walk(model.graph)
 
 
+def node_graph(model: onnx.ModelProto):
+    """networkx DiGraph of node names, an edge from each producer to each consumer."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    prod = {o: n.name for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        g.add_node(n.name)
+        for i in n.input:
+            if i in prod:
+                g.add_edge(prod[i], n.name)
+    return g
+
+
 def serialize_for_runtime(model: onnx.ModelProto, tmpdir: PathLike) -> Union[bytes, str]:
     """Bytes for an InferenceSession, or a file path when the model is over the protobuf limit."""
     if model_size(model) <= PROTO_LIMIT:

@@ -287,4 +287,3 @@ def private_nodes_problem(m: FocusMatch, outputs: Set[str]) -> str:
                 if id(c) not in inside:
                     return f"{n.op} '{n.name}' output also feeds {c.op} '{c.name}'"
     return ""
-

@@ -37,6 +37,8 @@ class PruneOptions:
     sens_images: int = 8
     samples: int = 8192
     ridge: float = 1e-3
+    refit_samples: int = 262144
+    refit_ridge: float = 0.1
     sequential: bool = True
     refit_scope: str = "affected"
     refit_head: str = "yes"
@@ -50,8 +52,8 @@ class PruneOptions:
     threads: int = 1
 
 
-INTS = ("round_to", "min_channels", "calib_images", "sens_images", "samples", "threads")
-FLOATS = ("ridge", "dead_tol")
+INTS = ("round_to", "min_channels", "calib_images", "sens_images", "samples", "refit_samples", "threads")
+FLOATS = ("ridge", "refit_ridge", "dead_tol")
 BOOLS = ("sequential", "saliency", "gains", "bn_by_var", "relative")
 KNOWN = set(PruneOptions.__dataclass_fields__) | set(PASSED_THROUGH)
 

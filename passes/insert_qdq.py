@@ -115,6 +115,7 @@ class InsertQDQ(Pass):
             report.count("float_biases", len(b.record.float_bias))
         d: Dict[str, Any] = report.details
         d["target"] = plan.target.name
+        d["weights"] = {"bits": 7 if q.reduce_range else 8, "why": q.weight_range}
         d["head"] = {"family": q.head.family, "layout": q.head.layout, "last_convs": list(q.head.last_convs),
                      "strides": list(q.head.strides), "tail_nodes": list(plan.tail)}
         d["placement"] = plan.summary()

@@ -18,8 +18,10 @@ Options (``ctx.opts("prune-channels")``, validated in ``_prune_options``): ``rat
 ``round_to`` (8: layers wider than 8 keep a multiple of 8); ``min_channels`` (1); ``protect``
 (node names or fnmatch patterns whose outputs keep all channels); ``criterion``; ``reconstruct``;
 ``fold_mean`` (removed channels' means into consumer biases); ``kept_json`` (path for the kept
-indices per layer); ``calib_images`` (32); ``sens_images`` (8); ``samples`` (8192 rows per refit);
-``ridge`` (1e-3); ``sequential`` (refit on the pruned model's own inputs, level by level);
+indices per layer); ``calib_images`` (32); ``sens_images`` (8); ``samples`` (8192 rows for the
+cost model's input moments); ``ridge`` (1e-3, cost model); ``refit_samples`` (at most 262144 rows
+per refit, 64 per unknown); ``refit_ridge`` (0.1, relative to the mean input energy, pulling the
+refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);
 ``refit_scope`` (affected | downstream); ``refit_head`` (yes | no); ``cost`` (auto | measured |
 lsq | score); ``saliency`` (sample refit rows near detections); ``max_layer_ratio`` (0.75);
 ``bn_by_var``, ``relative``, ``dead_tol``, ``threads``.
@@ -142,6 +144,7 @@ def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAna
         head = set(sensitivity.last_convs(model))
         convs = {n.name for n in model.graph.node if n.name in convs and n.output[0] not in head}
     out, errors, skipped = _prune_refit.refit(
-        model, pruned, sorted(convs), keep, feeds, analysis.shapes, ridge=opts.ridge, samples=opts.samples,
+        model, pruned, sorted(convs), keep, feeds, analysis.shapes, ridge=opts.refit_ridge,
+        samples=opts.refit_samples,
         sequential=opts.sequential, seed=seed, threads=opts.threads, saliency=sal)
     return out, {"refit": errors, "refit_skipped": skipped}

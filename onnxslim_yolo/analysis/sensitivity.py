@@ -53,13 +53,7 @@ def masked_model(model: onnx.ModelProto, convs: Sequence[str],
 
 def last_convs(model: onnx.ModelProto) -> List[str]:
     """Output tensors of the Convs with no Conv downstream (the head's raw maps)."""
-    g = nx.DiGraph()
-    prod = {o: n for n in model.graph.node for o in n.output}
-    for n in model.graph.node:
-        g.add_node(n.name)
-        for i in n.input:
-            if i in prod:
-                g.add_edge(prod[i].name, n.name)
+    g = ir.node_graph(model)
     conv = {n.name for n in model.graph.node if n.op_type == "Conv"}
     below: Dict[str, bool] = {}
     for name in reversed(list(nx.topological_sort(g))):

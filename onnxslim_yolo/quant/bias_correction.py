@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _shadow_model(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[str, tuple],
-                  per_channel: bool) -> tuple:
+                  per_channel: bool, weight_qmax: int = 127) -> tuple:
     graph = ir.to_graph(model)
     by_name = {n.name: n for n in graph.nodes}
     alloc = ir.NameAllocator.for_graph(graph)
@@ -44,7 +44,7 @@ def _shadow_model(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[str, tu
         xq = gs.Variable(alloc("bc_xq"), qd)
         xd = gs.Variable(alloc("bc_xd"), np.float32)
         w = ir.const_value(node.inputs[1]).astype(np.float32)
-        q, ws = quantize_weight(w, spec.axis, per_channel)
+        q, ws = quantize_weight(w, spec.axis, per_channel, weight_qmax)
         shape = [1] * w.ndim
         if per_channel:
             shape[spec.axis] = -1
@@ -77,9 +77,9 @@ def _shadow_model(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[str, tu
 
 def measure_bias_error(model: onnx.ModelProto, plan: QuantPlan, qparams: Dict[str, tuple],
                        feeds: Sequence[Dict[str, np.ndarray]], per_channel: bool = True,
-                       threads: int = 0) -> tuple:
+                       threads: int = 0, weight_qmax: int = 127) -> tuple:
     """Per INT8 Conv: (mean (quantized - float) output per channel, local SQNR dB) over ``feeds``."""
-    shadow, outs = _shadow_model(model, plan, qparams, per_channel)
+    shadow, outs = _shadow_model(model, plan, qparams, per_channel, weight_qmax)
     if not outs:
         return {}, {}
     sess = verify.session(shadow, threads=threads)

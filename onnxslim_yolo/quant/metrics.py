@@ -15,21 +15,11 @@ import numpy as np
 import onnx
 
 from .. import verify
+from ..analysis.activations import with_outputs
 
 log = logging.getLogger(__name__)
 
 Feeds = Dict[str, np.ndarray]
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy that also outputs the float tensors ``names`` (no-op for existing outputs)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    return m
 
 
 def _sqnr(ref: np.ndarray, new: np.ndarray) -> float:

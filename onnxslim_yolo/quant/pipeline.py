@@ -23,7 +23,7 @@ from ..analysis.head import HeadInfo, find_head
 from . import bias_correction, cost, ranges, rewrite
 from .options import QdqOptions
 from .placement import QuantPlan, make_plan
-from .targets import Target, get_target
+from .targets import Target, get_target, weight_range
 
 log = logging.getLogger(__name__)
 #: calibration-table meta key holding the conv timings the placement was decided with
@@ -84,6 +84,8 @@ class Quantizer:
         self.bias_errors: Dict[str, np.ndarray] = {}
         self.local_sqnr: Dict[str, float] = {}
         self.seconds = {"prepare": round(time.perf_counter() - t0, 2)}
+        self.reduce_range, self.weight_range = weight_range(self.target, opts.reduce_range)
+        self.weight_qmax = 63 if self.reduce_range else 127
         if self.target.measure and opts.placement == "measure":
             t0 = time.perf_counter()
             if not self._load_timings():
@@ -140,7 +142,7 @@ class Quantizer:
         qp = ranges.qparams(ranges.plan_table(self.base, plan))
         feeds = self.feeds[: self.opts.bias_correction_images]
         self.bias_errors, self.local_sqnr = bias_correction.measure_bias_error(
-            self.model, plan, qp, feeds, self.opts.per_channel, self.opts.threads)
+            self.model, plan, qp, feeds, self.opts.per_channel, self.opts.threads, self.weight_qmax)
 
     # ----------------------------------------------------------------------------- insert
     def _extend(self, plan: QuantPlan) -> None:
@@ -171,7 +173,7 @@ class Quantizer:
         errors = {k: v for k, v in self.bias_errors.items() if k in plan.layers}
         if errors:
             bias_correction.apply_correction(graph, errors)
-        rec = rewrite.apply(graph, plan, qp, self.opts.per_channel)
+        rec = rewrite.apply(graph, plan, qp, self.opts.per_channel, self.weight_qmax)
         model = ir.to_model(graph, self.model)
         del model.graph.value_info[:]
         return Built(model, graph, plan, table, rec)

@@ -39,18 +39,19 @@ class RewriteRecord:
     float_bias: Dict[str, str] = field(default_factory=dict)
 
 
-def quantize_weight(w: np.ndarray, axis: int, per_channel: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """(int8 weights, float32 scales) symmetric on [-127, 127]; an all-zero channel gets scale 1."""
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool, qmax: int = 127) -> Tuple[np.ndarray, np.ndarray]:
+    """(int8 weights, float32 scales) symmetric on [-qmax, qmax] (127, or 63 for reduced range);
+    an all-zero channel gets scale 1."""
     if per_channel:
         red = tuple(i for i in range(w.ndim) if i != axis)
         amax = np.abs(w).max(axis=red)
     else:
         amax = np.asarray(np.abs(w).max())
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / float(qmax), 1.0).astype(np.float32)
     shape = [1] * w.ndim
     if per_channel:
         shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -76,9 +77,9 @@ def _qdq(graph: gs.Graph, t: gs.Variable, scale: float, zp: int, qdtype: str,
 
 
 def _weight(graph: gs.Graph, node: gs.Node, spec: LayerSpec, per_channel: bool,
-            alloc: ir.NameAllocator) -> Tuple[np.ndarray, str]:
+            alloc: ir.NameAllocator, qmax: int = 127) -> Tuple[np.ndarray, str]:
     w = ir.const_value(node.inputs[spec.weight_index]).astype(np.float32)
-    q, scale = quantize_weight(w, spec.axis, per_channel)
+    q, scale = quantize_weight(w, spec.axis, per_channel, qmax)
     base = spec.weight
     qc = gs.Constant(alloc(base + "_quantized"), q)
     sc = gs.Constant(alloc(base + "_scale"), scale)
@@ -112,7 +113,8 @@ def _bias(graph: gs.Graph, node: gs.Node, spec: LayerSpec, w_scale: np.ndarray, 
     return ""
 
 
-def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool = True) -> RewriteRecord:
+def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool = True,
+          weight_qmax: int = 127) -> RewriteRecord:
     """Mutate ``graph`` per ``plan``; ``qparams`` gives every planned activation's scale and zero point."""
     rec = RewriteRecord()
     alloc = ir.NameAllocator.for_graph(graph)
@@ -121,7 +123,7 @@ def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool 
     for spec in plan.layers.values():
         node = by_name[spec.node]
         w_name = node.inputs[spec.weight_index].name
-        scale, dq = _weight(graph, node, spec, per_channel, alloc)
+        scale, dq = _weight(graph, node, spec, per_channel, alloc, weight_qmax)
         rec.weights[spec.node] = (w_name, dq)
         if spec.bias is None:
             continue

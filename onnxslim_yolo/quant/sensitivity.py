@@ -25,8 +25,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, verify
+from ..analysis.activations import with_outputs
 from . import metrics
-from .metrics import with_outputs
 from .placement import QuantPlan
 from .rewrite import RewriteRecord
 

@@ -17,8 +17,10 @@ the residual input of Add; int8 symmetric, zero point 0; biases float).
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
-from typing import FrozenSet
+from pathlib import Path
+from typing import FrozenSet, Optional, Tuple
 
 from ..pass_base import UsageError
 
@@ -86,3 +88,47 @@ def weight_axis(op: str, trans_b: int = 0, rank: int = 4) -> int:
     if op == "Gemm":
         return 0 if trans_b else 1
     return rank - 1
+
+
+#: CPU flags (Linux /proc/cpuinfo) of x86 int8 dot products that accumulate u8 x s8 in 32 bits
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def x86_int8_saturates(cpuinfo: Optional[str] = None) -> Optional[bool]:
+    """True on an x86 CPU without VNNI/AMX, False with it or off x86, None when unknown.
+
+    Without VNNI, onnxruntime's u8 x s8 kernels multiply with VPMADDUBSW, which adds pairs of
+    products in 16 bits and saturates (255 x 127 x 2 > 32767); its documentation advises
+    7-bit weights (reduce range) there. With VNNI (VPDPBUSD) or AMX the sums are 32-bit.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+            break
+    if not flags:
+        return None
+    return not (flags & VNNI_FLAGS)
+
+
+def weight_range(target: Target, reduce_range: Optional[bool],
+                 cpuinfo: Optional[str] = None) -> Tuple[bool, str]:
+    """(use 7-bit weights, why) for ``target``; ``reduce_range`` None decides from this CPU."""
+    if reduce_range is not None:
+        return bool(reduce_range), f"{7 if reduce_range else 8}-bit weights (set by option reduce_range)"
+    if target.name != "ort-cpu":
+        return False, f"8-bit weights ({target.name} accumulates int8 products in 32 bits)"
+    sat = x86_int8_saturates(cpuinfo)
+    if sat:
+        return True, ("7-bit weights: this x86 CPU has no VNNI, and onnxruntime's u8 x s8 kernels "
+                      "would saturate 16-bit pair sums with 8-bit weights")
+    if sat is None:
+        return False, "8-bit weights (CPU features unknown)"
+    return False, "8-bit weights (this CPU sums int8 products in 32 bits: VNNI, AMX or not x86)"

@@ -72,6 +72,17 @@ def test_bad_options_are_usage_errors() -> None:
         InsertQDQ().run(model, ctx(model, exclude=["nothing/like/this*"]))
 
 
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_reduce_range_option_sets_the_weight_bits(reduce_range: bool) -> None:
+    model = fixtures.FAMILIES["yolov5_v6"](bn=False)
+    res = InsertQDQ().run(model, ctx(model, reduce_range=reduce_range))
+    g = G(res.model)
+    top = max(int(np.abs(g.inits[g.prod[c.input[1]].input[0]]).max()) for c in g.ops("Conv")
+              if g.prod.get(c.input[1]) is not None)
+    assert top == (63 if reduce_range else 127)
+    assert res.report.details["weights"]["bits"] == (7 if reduce_range else 8)
+
+
 def test_already_quantized_model_is_left_unchanged() -> None:
     _, res = quantized("yolov5_v6")
     again = InsertQDQ().run(res.model, ctx(res.model))
