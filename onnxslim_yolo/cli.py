@@ -99,6 +99,8 @@ def main(verbose: int) -> None:
 @click.option("--prune", type=float, help="Channel pruning: target fraction of multiply-adds removed.")
 @click.option("--round-to", type=int, default=8, show_default=True, help="Pruned channel counts multiple of N.")
 @click.option("--protect", multiple=True, help="Node name or pattern never pruned (repeatable).")
+@click.option("--kept-json", type=click.Path(dir_okay=False),
+              help="Pruning: write the kept channel indices per layer here (to fine-tune the same shape).")
 @click.option("--images", type=click.Path(), help="Evaluation images (default: --calib).")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: accuracy before/after.")
 @click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
@@ -113,7 +115,7 @@ def main(verbose: int) -> None:
 def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
              calib: Optional[str], calib_limit: Optional[int], target: str, method: str, weight_bits: str,
              calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
-             protect: Sequence[str], images: Optional[str], labels: Optional[str], preprocess: Optional[str],
+             protect: Sequence[str], kept_json: Optional[str], images: Optional[str], labels: Optional[str], preprocess: Optional[str],
              input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
              no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""
@@ -135,6 +137,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     prune_opts: Dict[str, Any] = {"round_to": round_to}
     if protect:
         prune_opts["protect"] = list(protect)
+    if kept_json:
+        prune_opts["kept_json"] = kept_json
     opts = OptimizeOptions(
         passes=_csv(passes) or None, skip=list(skip), int8=int8, prune=prune, calib=calib,
         calib_limit=calib_limit, images=images, labels=labels, preprocess=preprocess,

@@ -33,7 +33,7 @@ class PruneOptions:
     reconstruct: bool = False
     fold_mean: bool = False
     kept_json: Optional[str] = None
-    calib_images: int = 32
+    calib_images: int = 64
     sens_images: int = 8
     samples: int = 8192
     ridge: float = 1e-3

@@ -18,7 +18,7 @@ Options (``ctx.opts("prune-channels")``, validated in ``_prune_options``): ``rat
 ``round_to`` (8: layers wider than 8 keep a multiple of 8); ``min_channels`` (1); ``protect``
 (node names or fnmatch patterns whose outputs keep all channels); ``criterion``; ``reconstruct``;
 ``fold_mean`` (removed channels' means into consumer biases); ``kept_json`` (path for the kept
-indices per layer); ``calib_images`` (32); ``sens_images`` (8); ``samples`` (8192 rows for the
+indices per layer); ``calib_images`` (64); ``sens_images`` (8); ``samples`` (8192 rows for the
 cost model's input moments); ``ridge`` (1e-3, cost model); ``refit_samples`` (at most 262144 rows
 per refit, 64 per unknown); ``refit_ridge`` (0.1, relative to the mean input energy, pulling the
 refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);

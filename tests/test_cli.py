@@ -155,3 +155,24 @@ def test_readme_demo_command_runs(tmp_path: Path, monkeypatch):
     assert "BatchNormalization" not in [n.op_type for n in g.node]
     assert [n.op_type for n in g.node if g.input[0].name in n.input] == ["Conv"]
     onnx.checker.check_model(str(out), full_check=True)
+
+
+@pytest.mark.slow
+def test_optimize_prune_writes_kept_channels_json(model_file: Path, tmp_path: Path):
+    from fixtures import demo_paths
+
+    _, images, _ = demo_paths()
+    kept = tmp_path / "kept.json"
+    out = tmp_path / "pruned.onnx"
+    r = invoke("optimize", model_file, "--prune", "0.2", "--calib", images, "--round-to", "1", "--no-bench",
+               "--no-check", "--quiet", "--kept-json", kept, "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(kept.read_text())
+    assert doc["mac_reduction"] >= 0.2 and doc["macs_after"] < doc["macs_before"]
+    pruned = ir.load(out)
+    shrunk = {n: v for n, v in doc["layers"].items() if v["out_channels"][1] < v["out_channels"][0]}
+    assert shrunk
+    inits = {t.name: t for t in pruned.graph.initializer}
+    for node in pruned.graph.node:
+        if node.name in shrunk:
+            assert inits[node.input[1]].dims[0] == len(shrunk[node.name]["kept_out"])

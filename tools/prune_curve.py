@@ -2,15 +2,16 @@
 """Accuracy and latency of channel pruning against the multiply-add reduction.
 
     python tools/prune_curve.py MODEL --images DIR --labels DIR [--ratios 0.05,0.1,0.2,0.3]
-                                [--calib-images 32] [--out DIR]
+                                [--calib-images 64] [--out DIR]
 
 For each ratio it runs prune-channels twice: ``activation+lsq`` (activation-aware, measured
 cost, least-squares refit, calibrated on the first ``--calib-images`` images of ``--images``) and
 ``l1`` (filter L1, no calibration, no reconstruction). Every model is scored with
 ``onnxslim_yolo.evaluate.evaluate`` (pycocotools mAP@0.5:0.95 and @0.5 on all of ``--images``)
-and timed with onnxruntime, all sessions alive in one process, runs interleaved (median; ratio to
-the original). Writes ``prune_curve.json`` and ``prune_curve.md`` in ``--out`` and prints the table.
-Note: with coco128 the calibration images are part of the evaluated set.
+and on the held-out images alone (those after the first ``--calib-images``, which the pruning never
+saw), and timed with ``onnxslim_yolo.latency`` (one worker process, sessions sharing one pool,
+runs interleaved, median; ratio to the original). Writes ``prune_curve.json`` and
+``prune_curve.md`` in ``--out`` and prints the table.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -44,15 +46,36 @@ def prune(model, ratio: float, method: str, calib, extra: Dict[str, Any]):
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-    head = ("| method | target | MACs (G) | fewer MACs | mAP@0.5:0.95 | change | mAP@0.5 "
-            "| latency vs original | prune s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| method | target | MACs (G) | fewer MACs | mAP@0.5:0.95 | change | mAP@0.5 | held-out mAP "
+            "| held-out change | latency vs original | prune s |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     base = next(r for r in rows if r["method"] == "original")
     lines = [head]
     for r in rows:
+        ho = r.get("holdout_map")
+        ho_txt = ("-", "-") if ho is None else (f"{ho:.3f}", f"{100 * (ho - base['holdout_map']):+.1f}")
         lines.append(f"| {r['method']} | {r['target']:.0%} | {r['macs'] / 1e9:.3f} | {r['reduction']:.1%} | "
                      f"{r['map']:.3f} | {100 * (r['map'] - base['map']):+.1f} | {r['map50']:.3f} | "
-                     f"{r['latency_ratio']:.2f} | {r['seconds']:.0f} |")
+                     f"{ho_txt[0]} | {ho_txt[1]} | {r['latency_ratio']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def holdout_folder(images: str, labels: str, skip: int, work: Path) -> Optional[Tuple[Path, Path]]:
+    """Symlinked image and label folders of the images after the first ``skip`` (None if none)."""
+    from onnxslim_yolo.data import list_images
+
+    rest = list_images(images)[skip:]
+    if not rest or not Path(labels).is_dir():
+        return None
+    img_dir, lab_dir = work / "images", work / "labels"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    for f in rest:
+        (img_dir / f.name).symlink_to(f.resolve())
+        lab = Path(labels) / (f.stem + ".txt")
+        if lab.exists():
+            (lab_dir / lab.name).symlink_to(lab.resolve())
+    return img_dir, lab_dir
 
 
 def main(argv=None) -> int:
@@ -62,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", required=True)
     ap.add_argument("--ratios", default="0.05,0.1,0.2,0.3")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--calib-images", type=int, default=32)
+    ap.add_argument("--calib-images", type=int, default=64)
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime threads for pruning/evaluation")
     ap.add_argument("--latency-runs", type=int, default=30)
@@ -92,10 +115,15 @@ def main(argv=None) -> int:
             if out:
                 ir.save(pruned, out / f"{key}.onnx")
             print(f"{key}: {details['mac_reduction']:.1%} fewer MACs in {secs:.0f} s", file=sys.stderr)
-    for r, m in zip(rows, models.values()):
-        res = evaluate.evaluate(m, args.images, args.labels, progress=False, threads=args.threads)
-        r["map"], r["map50"] = res["map"], res["map50"]
-    lat = interleaved_latency(models, runs=args.latency_runs, threads=1)
+    with tempfile.TemporaryDirectory() as td:
+        held = holdout_folder(args.images, args.labels, args.calib_images, Path(td))
+        for r, m in zip(rows, models.values()):
+            res = evaluate.evaluate(m, args.images, args.labels, progress=False, threads=args.threads)
+            r["map"], r["map50"] = res["map"], res["map50"]
+            if held:
+                r["holdout_map"] = evaluate.evaluate(m, held[0], held[1], progress=False,
+                                                     threads=args.threads)["map"]
+    lat = interleaved_latency(models, runs=args.latency_runs, threads=args.threads)
     for r, name in zip(rows, models):
         r["latency_ms"] = lat[name]
         r["latency_ratio"] = lat[name] / lat["original"]
