@@ -13,8 +13,6 @@ Public API::
 """
 from __future__ import annotations
 
-from typing import Dict, Type
-
 from .api import OptimizeOptions, OptimizeResult, optimize
 from .ir import load, save
 from .pass_base import (ModelLoadError, Numerics, Pass, PassContext, PassReport, PassResult,

@@ -125,8 +125,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     if int8 and not calib:
         raise UsageError("--int8 needs calibration images: pass --calib DIR")
     src = Path(model)
-    out = Path(output) if output else src.with_name(src.name[:-5] + ".opt.onnx"
-                                                      if src.name.endswith(".onnx") else src.name + ".opt.onnx")
+    stem = src.name[:-5] if src.name.endswith(".onnx") else src.name
+    out = Path(output) if output else src.with_name(stem + ".opt.onnx")
     qdq: Dict[str, Any] = {"target": target, "method": method}
     if weight_bits != "auto":
         qdq["reduce_range"] = weight_bits == "7"

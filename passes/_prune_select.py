@@ -213,7 +213,8 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
           cache: Dict[int, Tuple[List[ChannelGroup], float, bool]],
           remaining: Optional[int] = None) -> Optional[Tuple[float, int, int]]:
     """(cost per MAC, layer index, MACs saved) of the cheapest next unit, filling the cache;
-    units over ``LUMP_SHARE`` of ``remaining`` only when there is no other."""
+    units over ``LUMP_SHARE`` of ``remaining`` only when there is no other, and then the one of
+    least total cost (it nearly finishes the target: per-MAC cheapness would overshoot it)."""
     best: Optional[Tuple[float, int, int]] = None
     lump: Optional[Tuple[float, int, int]] = None
     for i, layer in enumerate(layers):
@@ -228,7 +229,8 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
             continue
         cand = (cache[i][1] / gain, i, gain)
         if remaining is not None and gain > LUMP_SHARE * remaining:
-            lump = cand if lump is None or cand[0] < lump[0] else lump
+            if lump is None or cache[i][1] < cache[lump[1]][1]:
+                lump = cand
         elif best is None or cand[0] < best[0]:
             best = cand
     return best if best is not None else lump

@@ -1,7 +1,6 @@
 """IR boundary: loading errors, atomic saves, external data, names, shapes, opset upgrade."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -114,8 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for c_out in (16, 32):
         stem = build_focus("slice_chained", k=3, stride=1, pad=1, img=(640, 640), c_out=c_out)
         for mode in ("merge", "space-to-depth-conv"):
-            cases.append(lambda s=stem, c=c_out, md=mode: case(f"focus stem 640 c_out={c}", s, FocusToConv(),
-                                                            {"mode": md}, args, shared))
+            cases.append(lambda s=stem, c=c_out, md=mode: case(
+                f"focus stem 640 c_out={c}", s, FocusToConv(), {"mode": md}, args, shared))
     v5 = fixtures.build_yolov5_focus(opset=13, img=320)
     cases.append(lambda: case("yolov5 v5.0 fixture 320", v5, FocusToConv(), {"mode": "merge"}, args))
     bn_model: Optional[onnx.ModelProto] = None
