@@ -34,9 +34,12 @@ from onnxslim_yolo.data import load_calibration
 from onnxslim_yolo.pass_base import PassContext
 from onnxslim_yolo.passes.insert_qdq import InsertQDQ
 src, dst, calib, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+limit = int(sys.argv[5]) or None
+if limit:
+    opts.setdefault("calib_limit", limit)
 t0 = time.perf_counter()
 model = ir.load(src)
-feeds = load_calibration(calib, model, progress=False)
+feeds = load_calibration(calib, model, limit=limit, progress=False)
 ctx = PassContext(options={"insert-qdq": {"progress": False, **opts}}, calib_inputs=feeds)
 res = InsertQDQ().run(model, ctx)
 ir.save(res.model, dst)
@@ -54,9 +57,10 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from onnxslim_yolo.analysis.head import find_head
 from onnxslim_yolo.data import load_calibration
 src, dst, calib = sys.argv[1], sys.argv[2], sys.argv[3]
+limit = int(sys.argv[4]) or None
 t0 = time.perf_counter()
 model = onnx.load(src)
-feeds = load_calibration(calib, model, progress=False)
+feeds = load_calibration(calib, model, limit=limit, progress=False)
 class Reader(CalibrationDataReader):
     def __init__(self):
         self.i = 0
@@ -132,16 +136,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--options", default="{}", help="insert-qdq options as JSON")
     ap.add_argument("--compile-repeats", type=int, default=2)
     ap.add_argument("--skip-theirs", action="store_true")
+    ap.add_argument("--calib-limit", type=int, default=0,
+                    help="calibrate both on the first N images (default: ours its own default of "
+                         "64, theirs every image)")
     a = ap.parse_args(argv)
     out = Path(a.out or tempfile.mkdtemp(prefix="bench_int8_"))
     out.mkdir(parents=True, exist_ok=True)
     ours, theirs = str(out / "ours.onnx"), str(out / "ort_quantize_static.onnx")
-    result: Dict[str, object] = {"model": a.model, "calib": a.calib}
+    result: Dict[str, object] = {"model": a.model, "calib": a.calib, "calib_limit": a.calib_limit or None}
     compiles: List[Dict[str, object]] = []
     for _ in range(a.compile_repeats):  # alternated: the machine's load drifts
-        row: Dict[str, object] = {"ours": compile_in_subprocess(OURS, [a.model, ours, a.calib, a.options])}
+        args = [a.model, ours, a.calib, a.options, str(a.calib_limit)]
+        row: Dict[str, object] = {"ours": compile_in_subprocess(OURS, args)}
         if not a.skip_theirs:
-            row["theirs"] = compile_in_subprocess(THEIRS, [a.model, theirs, a.calib])
+            row["theirs"] = compile_in_subprocess(THEIRS, [a.model, theirs, a.calib, str(a.calib_limit)])
         compiles.append(row)
     result["ours"] = compiles[-1]["ours"]
     result["compile_seconds"] = [{k: round(float(v["seconds"]), 2) for k, v in r.items()} for r in compiles]
