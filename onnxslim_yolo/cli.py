@@ -5,11 +5,8 @@ Exit codes: 0 ok, 1 a check failed, 2 usage / bad input, 3 refused precondition,
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -51,12 +48,9 @@ def _shape(value: Optional[str]) -> Optional[List[int]]:
 
 def write_json(path: str, data: Dict[str, Any]) -> None:
     """Atomic JSON write (temp file in the target folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + p.name + ".", dir=str(p.parent))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
-    os.replace(tmp, p)
+    from . import ir  # late: ir imports onnx, which `--help` should not wait for
+
+    ir.write_json(path, data, indent=2, default=_json_default)
 
 
 def _json_default(o: Any) -> Any:
@@ -115,7 +109,8 @@ def main(verbose: int) -> None:
 def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
              calib: Optional[str], calib_limit: Optional[int], target: str, method: str, weight_bits: str,
              calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
-             protect: Sequence[str], kept_json: Optional[str], images: Optional[str], labels: Optional[str], preprocess: Optional[str],
+             protect: Sequence[str], kept_json: Optional[str], images: Optional[str], labels: Optional[str],
+             preprocess: Optional[str],
              input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
              no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""

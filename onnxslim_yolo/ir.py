@@ -5,11 +5,12 @@ export, opset upgrade, unique names, and small edit helpers shared by passes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -83,6 +84,24 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
                 os.replace(tmp_data, out.parent / data_name)
         else:
             onnx.save_model(model, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
+               default: Optional[Callable[[Any], Any]] = None) -> Path:
+    """Write JSON atomically: a temp file beside ``path``, then rename (compact without ``indent``)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=indent, default=default,
+                      separators=None if indent is not None else (",", ":"))
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

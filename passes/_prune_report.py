@@ -1,9 +1,6 @@
 """Reports of prune-channels: blocked layers, per-layer channel table, dead channels, JSON."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Mapping
@@ -11,6 +8,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import onnx
 
+from onnxslim_yolo import ir
 from onnxslim_yolo.analysis import importance as imp
 from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.analysis.flops import model_stats
@@ -102,8 +100,4 @@ def write_json(path: Path, details: Mapping[str, Any]) -> None:
     doc = {k: details[k] for k in ("criterion", "target_ratio", "macs_before", "macs_after",
                                    "mac_reduction") if k in details}
     doc["layers"] = details.get("layers", {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=str(path.parent))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=1)
-    os.replace(tmp, path)
+    ir.write_json(path, doc, indent=1)

@@ -211,7 +211,7 @@ LUMP_SHARE = 0.5
 
 def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
           cache: Dict[int, Tuple[List[ChannelGroup], float, bool]],
-          remaining: Optional[int] = None) -> Optional[Tuple[float, int, int]]:
+          remaining: int) -> Optional[Tuple[float, int, int]]:
     """(cost per MAC, layer index, MACs saved) of the cheapest next unit, filling the cache;
     units over ``LUMP_SHARE`` of ``remaining`` only when there is no other, and then the one of
     least total cost (it nearly finishes the target: per-MAC cheapness would overshoot it)."""
@@ -228,7 +228,7 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
         if gain <= 0:
             continue
         cand = (cache[i][1] / gain, i, gain)
-        if remaining is not None and gain > LUMP_SHARE * remaining:
+        if gain > LUMP_SHARE * remaining:
             if lump is None or cache[i][1] < cache[lump[1]][1]:
                 lump = cand
         elif best is None or cand[0] < best[0]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .. import ir
 from ..pass_base import UsageError
 from .histogram import TensorStats
 from .qparams import qrange, scale_zero_point
@@ -184,19 +184,8 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json_atomic(path: PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write JSON to a temp file beside ``path``, then ``os.replace`` it into place."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(payload), f, separators=(",", ":"))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    """Compact JSON, written atomically (``ir.write_json``)."""
+    return ir.write_json(path, _jsonable(payload))
 
 
 def read_json(path: PathLike) -> Dict[str, Any]:

@@ -39,7 +39,8 @@ class RewriteRecord:
     float_bias: Dict[str, str] = field(default_factory=dict)
 
 
-def quantize_weight(w: np.ndarray, axis: int, per_channel: bool, qmax: int = 127) -> Tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool,
+                    qmax: int = 127) -> Tuple[np.ndarray, np.ndarray]:
     """(int8 weights, float32 scales) symmetric on [-qmax, qmax] (127, or 63 for reduced range);
     an all-zero channel gets scale 1."""
     if per_channel:
