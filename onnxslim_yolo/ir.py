@@ -9,8 +9,9 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -65,12 +66,9 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
             raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
         if Path(q).resolve() == out.resolve():
             raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = model_size(model) > PROTO_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
-    os.close(fd)
-    try:
+    with replacing(out) as tmp:
         if external_data:
             data_name = out.name + ".data"
             tmp_data = out.parent / ("." + data_name + ".tmp")
@@ -84,29 +82,32 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
                 os.replace(tmp_data, out.parent / data_name)
         else:
             onnx.save_model(model, tmp)
+    return out
+
+
+@contextmanager
+def replacing(out: Path) -> Iterator[str]:
+    """A temp file path beside ``out``, renamed onto ``out`` when the block succeeds and removed
+    when it fails: what ``out`` held stays whole until the new content is complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return out
 
 
 def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
                default: Optional[Callable[[Any], Any]] = None) -> Path:
     """Write JSON atomically: a temp file beside ``path``, then rename (compact without ``indent``)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=indent, default=default,
-                      separators=None if indent is not None else (",", ":"))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with replacing(out) as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=indent, default=default,
+                  separators=None if indent is not None else (",", ":"))
     return out
 
 
