@@ -1,6 +1,8 @@
 """IR boundary: loading errors, atomic saves, external data, names, shapes, opset upgrade."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,21 @@ def test_save_is_atomic_and_protects_input(tmp_path: Path):
     assert src.read_bytes() == before
     out = ir.save(tiny(), tmp_path / "sub" / "out.onnx", protect=[src])
     assert out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["out.onnx"]
+
+
+def test_written_files_get_the_umask_mode_and_failures_leave_nothing(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        model = ir.save(tiny(), tmp_path / "m.onnx")
+        doc = ir.write_json(tmp_path / "r.json", {"a": 1}, indent=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(model.stat().st_mode) == 0o644 and stat.S_IMODE(doc.stat().st_mode) == 0o644
+    assert doc.read_text() == '{\n  "a": 1\n}'
+    with pytest.raises(TypeError):
+        ir.write_json(tmp_path / "r.json", {"a": object()})
+    assert doc.read_text() == '{\n  "a": 1\n}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
 
 
 def test_external_data_round_trip(tmp_path: Path):
