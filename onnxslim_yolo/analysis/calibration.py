@@ -15,6 +15,8 @@ method whose range has the lowest expected error; every candidate's error is rec
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -72,14 +74,18 @@ def choose_ranges(stats: CalibrationStats, method: str = "auto", *, symmetric: b
         raise UsageError(f"calibration: no statistics for tensor '{missing[0]}' ({why})")
     candidates = METHODS if method == "auto" else (method,)
     fns = {m: _range_fn(m, percentile) for m in candidates}
-    entries: Dict[str, RangeEntry] = {}
-    for name in names:
+
+    def choose(name: str) -> RangeEntry:
         ts = stats[name]
         ranges = {m: fn(ts, qdtype, symmetric) for m, fn in fns.items()}
         errors = range_errors(ts, ranges, qdtype, symmetric)
         best = min(candidates, key=lambda m: errors[m])
         lo, hi = ranges[best]
-        entries[name] = RangeEntry(float(lo), float(hi), best, errors)
+        return RangeEntry(float(lo), float(hi), best, errors)
+
+    # the searches are numpy work on whole histograms (the GIL is released): one thread per core
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        entries: Dict[str, RangeEntry] = dict(zip(names, pool.map(choose, names)))
     table = CalibrationTable(entries, qdtype, symmetric,
                              {"method": method, "percentile": percentile, "samples": stats.samples})
     log.info("calibration ranges (%s, %s%s): %s", method, qdtype, " symmetric" if symmetric else "",

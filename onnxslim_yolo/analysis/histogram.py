@@ -18,6 +18,20 @@ import numpy as np
 CHUNK = 1 << 15
 #: the smallest bin width; keeps 1/w finite in float32
 MIN_WIDTH = 1e-30
+#: Larger tensors are binned on an even stride, at least HIST_MIN_SAMPLES values per update and
+#: enough for HIST_TOTAL_SAMPLES over a calibration run (min, max and count stay exact over every
+#: element). A 640x640 YOLO image puts ~25M values of quantized tensors through calibration and
+#: binning costs ~3 ns each, as long as onnxruntime's own run; a stride leaves a fraction of that
+#: and still gives every large tensor a 2M-sample histogram (yolov5n, 64 images: the chosen
+#: ranges move by a median 0.02% and at the 90th percentile 4% of their width against binning
+#: every value; 2^14 per update moved them 7%).
+HIST_MIN_SAMPLES = 1 << 15
+HIST_TOTAL_SAMPLES = 1 << 21
+
+
+def samples_per_update(updates: int) -> int:
+    """Values to bin per update of a tensor when ``updates`` updates are expected."""
+    return max(HIST_MIN_SAMPLES, -(-HIST_TOTAL_SAMPLES // max(1, updates)))
 
 
 class _Scratch:
@@ -168,12 +182,17 @@ class TensorStats:
     max: float = -math.inf
     #: NaN/inf values seen (left out of every statistic)
     nonfinite: int = 0
+    #: updates so far (rotates the offset of the binning stride between feeds)
+    updates: int = field(default=0, repr=False, compare=False)
 
     @property
     def absmax(self) -> float:
         return max(abs(self.min), abs(self.max)) if self.count else 0.0
 
-    def update(self, arr: np.ndarray, scratch: Optional[_Scratch] = None) -> None:
+    def update(self, arr: np.ndarray, scratch: Optional[_Scratch] = None,
+               samples: Optional[int] = None) -> None:
+        """Fold ``arr`` in; with ``samples``, bin only an even stride of about that many values
+        (offset rotating between updates) while min, max and count see every value."""
         x = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
         if x.size == 0:
             return
@@ -188,6 +207,10 @@ class TensorStats:
         self.count += int(x.size)
         self.min = min(self.min, lo)
         self.max = max(self.max, hi)
+        step = x.size // samples if samples else 1
+        if step > 1:  # a contiguous copy: binning a strided view costs twice as much per value
+            x = np.ascontiguousarray(x[self.updates % step::step])
+        self.updates += 1
         self.hist.add(x, lo, hi, scratch)
 
     def to_dict(self) -> Dict[str, Any]:

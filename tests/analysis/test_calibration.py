@@ -63,6 +63,33 @@ def test_histogram_zero_then_data_and_nonfinite():
     assert h.counts.sum() == 13 and h.counts[-h.k_lo] == 11  # the zeros sit in the bin [0, w)
 
 
+def test_strided_histogram_keeps_exact_extremes_and_matches_the_full_one():
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_t(3, 200_000).astype(np.float32) * s for s in (1.0, 2.0, 0.5, 1.5)]
+    full = stats_of(batches)
+    part = TensorStats("t", StreamingHistogram(2048))
+    for b in batches:
+        part.update(b, samples=10_000)
+    data = np.concatenate(batches)
+    # min, max and count see every value; the histogram holds one value in 20 of each update
+    assert (part.min, part.max, part.count) == (float(data.min()), float(data.max()), data.size)
+    assert part.hist.counts.sum() == 4 * 10_000 and part.updates == 4
+    for q in (0.5, 0.9, 0.999):
+        assert quantile(*signed_bins(part), q) == pytest.approx(quantile(*signed_bins(full), q), rel=0.05, abs=0.02), q
+    # small updates are binned whole
+    small = TensorStats("s", StreamingHistogram(256))
+    small.update(np.arange(100, dtype=np.float32), samples=10_000)
+    assert small.hist.counts.sum() == 100
+
+
+def test_samples_per_update_bounds_the_total_and_the_floor():
+    from onnxslim_yolo.analysis.histogram import HIST_MIN_SAMPLES, HIST_TOTAL_SAMPLES, samples_per_update
+    assert samples_per_update(1) == HIST_TOTAL_SAMPLES
+    assert samples_per_update(10**6) == HIST_MIN_SAMPLES
+    n = HIST_TOTAL_SAMPLES // HIST_MIN_SAMPLES // 2
+    assert samples_per_update(n) * n >= HIST_TOTAL_SAMPLES
+
+
 def test_percentile_matches_numpy():
     rng = np.random.default_rng(1)
     batches = [rng.gamma(2.0, 1.5, 20000).astype(np.float32) - 1.0 for _ in range(5)]
