@@ -85,12 +85,16 @@ class Quantizer:
         self.local_sqnr: Dict[str, float] = {}
         self.seconds = {"prepare": round(time.perf_counter() - t0, 2)}
         self.reduce_range, self.weight_range = weight_range(self.target, opts.reduce_range)
-        self.weight_qmax = 63 if self.reduce_range else 127
         if self.target.measure and opts.placement == "measure":
             t0 = time.perf_counter()
             if not self._load_timings():
                 self._measure()
                 self.seconds["measure_convs"] = round(time.perf_counter() - t0, 2)
+
+    @property
+    def weight_qmax(self) -> int:
+        """Largest INT8 weight magnitude: 7-bit (63) weights when the range is reduced."""
+        return 63 if self.reduce_range else 127
 
     # ----------------------------------------------------------------------------- placement
     def _measure(self) -> None:
