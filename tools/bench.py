@@ -195,13 +195,14 @@ def cpu_name() -> str:
 
     name = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        cpuinfo: Optional[str] = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    sat = x86_int8_saturates()
+        cpuinfo = None
+    for line in (cpuinfo or "").splitlines():
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    sat = x86_int8_saturates(cpuinfo)
     return name + {True: " (x86, no VNNI)", False: "", None: ""}[sat]
 
 
@@ -232,7 +233,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.extend(bench_model(m, args, args.out))
     import onnxruntime
     header = (f"Measured {date.today().isoformat()} on {cpu_name()}, {mp.cpu_count()} cores, onnxruntime "
-              f"{onnxruntime.__version__}, {args.threads} threads, latency median of {args.runs} interleaved runs.")
+              f"{onnxruntime.__version__}, {args.threads} threads, latency median of {args.runs} "
+              "interleaved runs.")
     (args.out / "bench.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
     md = markdown(rows, header)
     (args.out / "bench.md").write_text(md)

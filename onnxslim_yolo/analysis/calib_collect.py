@@ -217,11 +217,11 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Dict
     total = len(feeds) if hasattr(feeds, "__len__") else None  # type: ignore[arg-type]
     # histograms of large tensors are binned on a stride (exact min/max): with a known feed count,
     # enough values per feed for HIST_TOTAL_SAMPLES in all; a stream of unknown length bins all
-    samples = samples_per_update(total) if total else None
+    per_feed = samples_per_update(total) if total else None
     if threads <= 0:  # binning everything needs a core of its own; a strided sample does not
-        threads = max(1, (os.cpu_count() or 2) - (0 if samples else 1))
+        threads = max(1, (os.cpu_count() or 2) - (0 if per_feed else 1))
     runner = _Runner(_session(_augmented(model, plan.run), threads), plan.run) if plan.run else None
-    reducer = _Reducer(stats, skipped, samples)
+    reducer = _Reducer(stats, skipped, per_feed)
     samples, run_seconds = 0, 0.0
     try:
         for feed in tqdm(feeds, total=total, desc="calibration", unit="feed", file=sys.stderr,
