@@ -19,10 +19,9 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
@@ -60,22 +59,11 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def holdout_folder(images: str, labels: str, skip: int, work: Path) -> Optional[Tuple[Path, Path]]:
-    """Symlinked image and label folders of the images after the first ``skip`` (None if none)."""
+def held_out_keys(images: str, skip: int) -> List[str]:
+    """Names of the images after the first ``skip`` (the ones the pruning never saw)."""
     from onnxslim_yolo.data import list_images
 
-    rest = list_images(images)[skip:]
-    if not rest or not Path(labels).is_dir():
-        return None
-    img_dir, lab_dir = work / "images", work / "labels"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    lab_dir.mkdir(parents=True, exist_ok=True)
-    for f in rest:
-        (img_dir / f.name).symlink_to(f.resolve())
-        lab = Path(labels) / (f.stem + ".txt")
-        if lab.exists():
-            (lab_dir / lab.name).symlink_to(lab.resolve())
-    return img_dir, lab_dir
+    return [f.name for f in list_images(images)[skip:]]
 
 
 def main(argv=None) -> int:
@@ -115,14 +103,13 @@ def main(argv=None) -> int:
             if out:
                 ir.save(pruned, out / f"{key}.onnx")
             print(f"{key}: {details['mac_reduction']:.1%} fewer MACs in {secs:.0f} s", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as td:
-        held = holdout_folder(args.images, args.labels, args.calib_images, Path(td))
-        for r, m in zip(rows, models.values()):
-            res = evaluate.evaluate(m, args.images, args.labels, progress=False, threads=args.threads)
-            r["map"], r["map50"] = res["map"], res["map50"]
-            if held:
-                r["holdout_map"] = evaluate.evaluate(m, held[0], held[1], progress=False,
-                                                     threads=args.threads)["map"]
+    held = set(held_out_keys(args.images, args.calib_images))
+    for r, m in zip(rows, models.values()):
+        dets = evaluate.detections(m, args.images, progress=False, threads=args.threads)
+        res = evaluate.score(dets, args.labels)
+        r["map"], r["map50"] = res["map"], res["map50"]
+        if held:
+            r["holdout_map"] = evaluate.score([d for d in dets if d.key in held], args.labels)["map"]
     lat = interleaved_latency(models, runs=args.latency_runs, threads=args.threads)
     for r, name in zip(rows, models):
         r["latency_ms"] = lat[name]
