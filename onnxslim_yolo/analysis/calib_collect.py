@@ -13,7 +13,6 @@ import logging
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from .. import ir
+from .. import verify
 from ..pass_base import UsageError, VerificationError
 from .calib_table import CalibrationStats
 from .histogram import StreamingHistogram, TensorStats, _Scratch, samples_per_update
@@ -73,19 +72,10 @@ def _augmented(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProt
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads > 0:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    with tempfile.TemporaryDirectory() as td:
-        payload = ir.serialize_for_runtime(model, td)
-        try:
-            return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise VerificationError("calibration: onnxruntime cannot load the model: "
-                                    f"{_first_line(exc)}") from None
+    try:
+        return verify.session(model, optimize=True, threads=max(threads, 0))
+    except VerificationError as exc:
+        raise VerificationError(f"calibration: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
