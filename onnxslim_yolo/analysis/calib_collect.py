@@ -125,8 +125,9 @@ class _Reducer:
     computes the next feed (onnxruntime and numpy's loops release the GIL)."""
 
     def __init__(self, stats: Dict[str, TensorStats], skipped: Dict[str, str],
-                 samples: Optional[int] = None) -> None:
-        self.stats, self.skipped, self.samples = stats, skipped, samples
+                 per_feed: Optional[int] = None) -> None:
+        #: values of a large tensor binned per feed (None: all of them)
+        self.stats, self.skipped, self.per_feed = stats, skipped, per_feed
         self.free: "queue.Queue[int]" = queue.Queue()
         for i in range(IN_FLIGHT):
             self.free.put(i)
@@ -181,7 +182,7 @@ class _Reducer:
             self.skipped[name] = f"{arr.dtype} tensor, not float: nothing to calibrate"
             self.stats.pop(name, None)
             return
-        self.stats[name].update(arr, scratch, self.samples)
+        self.stats[name].update(arr, scratch, self.per_feed)
 
 
 # ------------------------------------------------------------------------------------ collect
