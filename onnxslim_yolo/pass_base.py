@@ -43,6 +43,13 @@ class VerificationError(SlimError):
     exit_code = 4
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # -------------------------------------------------------------------------------------- contracts
 class Numerics(str, enum.Enum):
     """What a pass promises about model outputs.

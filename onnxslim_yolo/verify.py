@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from . import ir
-from .pass_base import SlimError, Tolerances, VerificationError
+from .pass_base import SlimError, Tolerances, VerificationError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,14 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
         try:
             return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise VerificationError(f"onnxruntime cannot load the model: {msg}") from None
+            raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
 def run(sess: ort.InferenceSession, feeds: Feeds) -> List[np.ndarray]:
     try:
         return sess.run(None, feeds)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VerificationError(f"onnxruntime failed to run the model: {msg}") from None
+        raise VerificationError(f"onnxruntime failed to run the model: {first_line(exc)}") from None
 
 
 def random_feeds(model: onnx.ModelProto, n: int, seed: int,

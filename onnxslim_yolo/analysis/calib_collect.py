@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .. import verify
-from ..pass_base import UsageError, VerificationError
+from ..pass_base import UsageError, VerificationError, first_line
 from .calib_table import CalibrationStats
 from .histogram import StreamingHistogram, TensorStats, _Scratch, samples_per_update
 
@@ -78,11 +78,6 @@ def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
         raise VerificationError(f"calibration: {exc}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
-
-
 # ----------------------------------------------------------------------------------- runner
 class _Runner:
     """Runs the augmented session into preallocated output buffers, one set per in-flight slot.
@@ -117,7 +112,7 @@ class _Runner:
             return bufs
         except Exception as exc:
             raise VerificationError("calibration: onnxruntime failed to run the model: "
-                                    f"{_first_line(exc)}") from None
+                                    f"{first_line(exc)}") from None
 
 
 class _Reducer:

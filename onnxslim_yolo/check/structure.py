@@ -14,17 +14,13 @@ import numpy as np
 import onnx
 
 from .. import ir
+from ..pass_base import first_line
 from .index import QDQ_OPS, GraphIndex, attr
 from .result import CheckResult, failed, listing, passed, summarize, warned
 
 MIN_OPSET, MAX_OPSET = 11, 21
 #: per-channel Q/DQ (an ``axis`` attribute) exists from opset 13
 PER_CHANNEL_OPSET = 13
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_onnx_checker(model: onnx.ModelProto) -> CheckResult:
@@ -39,7 +35,7 @@ def check_onnx_checker(model: onnx.ModelProto) -> CheckResult:
         else:
             onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # onnx raises ValidationError, InferenceError and others
-        return failed(name, f"onnx checker: {_first_line(exc)}")
+        return failed(name, f"onnx checker: {first_line(exc)}")
     return passed(name, f"onnx checker (full) ok, IR version {model.ir_version}")
 
 
@@ -49,7 +45,7 @@ def check_shape_inference(model: onnx.ModelProto) -> CheckResult:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
-        return failed(name, f"strict shape inference: {_first_line(exc)}")
+        return failed(name, f"strict shape inference: {first_line(exc)}")
     known = {vi.name for vi in inferred.graph.value_info}
     produced = [o for n in model.graph.node for o in n.output if o]
     missing = [t for t in produced if t not in known and t not in {o.name for o in model.graph.output}]
