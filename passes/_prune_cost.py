@@ -91,6 +91,21 @@ def lsq_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[
     return LSQCost(states, gains), {"gains": {n: round(v, 4) for n, v in gains.items()}}
 
 
+def _lsq_states(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds], params: Params,
+                samples: int, ridge: float, threads: int, seed: int, saliency
+                ) -> Tuple[Dict[str, lsq.ConsumerLSQ], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """Least-squares state and (weight, bias) of every dense consumer Conv, from one run of the
+    model over ``feeds`` (``samples`` input rows in all)."""
+    geoms = consumer_geometries(model, analysis)
+    per_image = max(1, -(-samples // max(len(feeds), 1)))
+    batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
+    moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
+    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n], ridge) for n in geoms}
+    conv_params = {n: (params.conv[n][0], params.conv[n][1] if params.conv[n][1] is not None
+                       else np.zeros(params.conv[n][0].shape[0], np.float32)) for n in geoms}
+    return states, conv_params
+
+
 class MeasuredCost(LSQCost):
     """A unit is built channel by channel by least-squares cost (as LSQCost); its cost is the
     measured output distortion (analysis.sensitivity.RefitProbe) of the model with all committed
@@ -123,17 +138,110 @@ class MeasuredCost(LSQCost):
         return True
 
 
+def probe_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], name: str, threads: int):
+    """The probe's metric: 'agreement' (AgreementMetric, falling back when undefined) or None
+    (the probe's default: detections for a known YOLO layout, else the head maps)."""
+    return sensitivity.agreement_metric(model, feeds, threads) if name == "agreement" else None
+
+
 def measured_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds],
                   params: Params, *, samples: int, ridge: float, sens_images: int, threads: int,
-                  seed: int, saliency=None) -> Tuple[MeasuredCost, Dict[str, Any]]:
+                  seed: int, saliency=None, metric: str = "auto") -> Tuple[MeasuredCost, Dict[str, Any]]:
     """The measured cost model (LSQ units, distortion measured on ``sens_images`` feeds)."""
-    geoms = consumer_geometries(model, analysis)
-    per_image = max(1, -(-samples // max(len(feeds), 1)))
-    batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
-    moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
-    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n], ridge) for n in geoms}
-    conv_params = {n: (params.conv[n][0], params.conv[n][1] if params.conv[n][1] is not None
-                       else np.zeros(params.conv[n][0].shape[0], np.float32)) for n in geoms}
-    probe = sensitivity.RefitProbe(model, conv_params, feeds[:sens_images], threads)
-    shapes = {n: params.conv[n][0].shape for n in geoms}
+    states, conv_params = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
+                                      saliency)
+    m = probe_metric(model, feeds[:sens_images], metric, threads)
+    probe = sensitivity.RefitProbe(model, conv_params, feeds[:sens_images], threads, metric=m)
+    shapes = {n: params.conv[n][0].shape for n in states}
     return MeasuredCost(states, probe, shapes), {"metric": probe.metric.name}
+
+
+#: shares of a layer's channels at which the sweep measures the layer's cost curve
+SWEEP_LEVELS = (0.125, 0.25, 0.5, 0.75)
+
+
+class SweepCost(LSQCost):
+    """Per-layer cost curves, each measured once on the unpruned model. A layer's channels are
+    ordered channel by channel by least-squares cost (as LSQCost); at a few depths of that order
+    (``levels``, shares of the layer) the model with only those channels gone and the layer's
+    consumers refit is measured with ``probe`` (e.g. 1 - agreement mAP on the calibration
+    images). A unit is the next channels of the order; its cost is the rise of the curve
+    (linear between measured depths, made non-decreasing). Layers are measured alone, so their
+    costs are taken as additive: a sensitivity sweep, then a greedy allocation."""
+
+    def __init__(self, states: Dict[str, lsq.ConsumerLSQ], probe: sensitivity.RefitProbe,
+                 shapes: Mapping[str, Sequence[int]], levels: Sequence[float] = SWEEP_LEVELS,
+                 progress=None) -> None:
+        super().__init__(states, {})
+        self.probe = probe
+        self.shapes = shapes
+        self.levels = tuple(levels)
+        self.progress = progress
+        self.base_d = probe.measure({})
+        self.curves: Dict[Any, Tuple[List[Any], np.ndarray, np.ndarray]] = {}
+
+    def _depths(self, layer: Layer) -> List[int]:
+        n = len(layer.groups)
+        ok = sorted(n - k for k in layer.counts if k >= layer.floor)
+        if not ok:
+            return []
+        return sorted({min(ok, key=lambda d: (abs(d - share * n), d)) for share in self.levels})
+
+    def curve(self, layer: Layer) -> Tuple[List[Any], np.ndarray, np.ndarray]:
+        """(channel order, measured depths with 0, non-decreasing costs) of ``layer``."""
+        if layer.key in self.curves:
+            return self.curves[layer.key]
+        depths = self._depths(layer)
+        st = {n: self.states[n].copy() for n in self._consumers(layer)}
+        left, order, costs = list(layer.groups), [], [0.0]
+        for depth in depths:
+            while len(order) < depth:
+                best = min(left, key=lambda g: (self._cost(g, st), g.gid))
+                for r in best.consumers:
+                    if r.node in st:
+                        st[r.node].remove(r.index)
+                left.remove(best)
+                order.append(best)
+            params = {n: lsq.full_weights(st[n], self.shapes[n]) for n in st}
+            costs.append(self.probe.measure(params) - self.base_d)
+            if self.progress is not None:
+                self.progress.update(1)
+        xs = np.array([0] + depths, dtype=np.float64)
+        ys = np.maximum.accumulate(np.maximum(np.array(costs), 0.0))
+        self.curves[layer.key] = (order, xs, ys)
+        return self.curves[layer.key]
+
+    def curve_report(self) -> Dict[str, List[List[float]]]:
+        """First producer of each measured layer -> [[channels removed, cost], ...]."""
+        return {(key[0][0] if key[0] else "?"): [[int(x), round(float(y), 5)] for x, y in zip(xs, ys)]
+                for key, (_, xs, ys) in self.curves.items()}
+
+    def unit(self, layer: Layer, size: int) -> Tuple[List[Any], float]:
+        order, xs, ys = self.curve(layer)
+        done = len(layer.groups) - layer.kept
+        unit = order[done:done + size]
+        if len(unit) < size:        # past the measured depths: the least-squares order goes on
+            rest = [g for g in layer.remaining if g not in unit]
+            unit += rest[:size - len(unit)]
+        cost = float(np.interp(done + size, xs, ys) - np.interp(done, xs, ys))
+        return unit, cost
+
+    def commit(self, layer: Layer, unit) -> None:
+        return None
+
+    def touches(self, a: Layer, b: Layer) -> bool:
+        return a is b
+
+
+def sweep_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds],
+               params: Params, *, samples: int, ridge: float, sens_images: int, threads: int,
+               seed: int, saliency=None, metric: str = "agreement", progress=None
+               ) -> Tuple[SweepCost, Dict[str, Any]]:
+    """The sweep cost model: per-layer curves measured by agreement mAP on ``sens_images`` feeds."""
+    states, conv_params = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
+                                      saliency)
+    probe_feeds = feeds[:sens_images]
+    m = probe_metric(model, probe_feeds, metric, threads)
+    probe = sensitivity.RefitProbe(model, conv_params, probe_feeds, threads, metric=m)
+    shapes = {n: params.conv[n][0].shape for n in states}
+    return SweepCost(states, probe, shapes, progress=progress), {"metric": probe.metric.name}

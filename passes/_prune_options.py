@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 NAME = "prune-channels"
 MAX_RATIO = 0.9
-CHOICES = {"cost": ("auto", "measured", "lsq", "score"), "refit_scope": ("affected", "downstream"),
-           "refit_head": ("yes", "no")}
+CHOICES = {"cost": ("auto", "measured", "sweep", "lsq", "score"), "refit_scope": ("affected", "downstream"),
+           "refit_head": ("yes", "no"), "probe_metric": ("auto", "detections", "agreement")}
 #: options the API may pass along for every lossy pass (evaluation data); not used here
 PASSED_THROUGH = ("labels", "images")
 
@@ -35,6 +35,7 @@ class PruneOptions:
     kept_json: Optional[str] = None
     calib_images: int = 64
     sens_images: int = 8
+    sweep_images: int = 64
     samples: int = 8192
     ridge: float = 1e-3
     refit_samples: int = 262144
@@ -43,6 +44,7 @@ class PruneOptions:
     refit_scope: str = "affected"
     refit_head: str = "yes"
     cost: str = "auto"
+    probe_metric: str = "auto"
     saliency: bool = True
     gains: bool = True
     max_layer_ratio: float = 0.75
@@ -52,7 +54,7 @@ class PruneOptions:
     threads: int = 1
 
 
-INTS = ("round_to", "min_channels", "calib_images", "sens_images", "samples", "refit_samples", "threads")
+INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples", "threads")
 FLOATS = ("ridge", "refit_ridge", "dead_tol")
 BOOLS = ("sequential", "saliency", "gains", "bn_by_var", "relative")
 KNOWN = set(PruneOptions.__dataclass_fields__) | set(PASSED_THROUGH)

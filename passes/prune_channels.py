@@ -23,7 +23,9 @@ cost model's input moments); ``ridge`` (1e-3, cost model); ``refit_samples`` (at
 per refit, 64 per unknown); ``refit_ridge`` (0.1, relative to the mean input energy, pulling the
 refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);
 ``refit_scope`` (affected | downstream); ``refit_head`` (yes | no); ``cost`` (auto | measured |
-lsq | score); ``saliency`` (sample refit rows near detections); ``max_layer_ratio`` (0.75);
+sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement mAP on
+``sweep_images`` (64) images, then allocated greedily, reported as ``curves``); ``probe_metric``
+(auto | detections | agreement); ``saliency`` (sample refit rows near detections); ``max_layer_ratio`` (0.75);
 ``bn_by_var``, ``relative``, ``dead_tol``, ``threads``.
 
 Must not fire on channels that reach a graph output, a Reshape/Transpose/Flatten/Gemm/Softmax,
@@ -85,8 +87,10 @@ class PruneChannels(Pass):
         cost, info = _cost_model(model, analysis, stats, scores, feeds, opts, ctx.seed, sal)
         sel = _prune_select.select(analysis, cost, opts.ratio, opts.per_layer, opts.round_to,
                                    opts.min_channels, opts.max_layer_ratio)
-        if isinstance(cost, _prune_cost.MeasuredCost):
+        if isinstance(cost, (_prune_cost.MeasuredCost, _prune_cost.SweepCost)):
             info["probe_runs"] = cost.probe.runs
+        if isinstance(cost, _prune_cost.SweepCost):
+            info["curves"] = cost.curve_report()
         report = PassReport()
         _prune_report.report_blocked(report, analysis)
         if not sel.removed:
@@ -123,8 +127,13 @@ def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
     params = imp.read_params(model)
     common = dict(samples=opts.samples, ridge=opts.ridge, sens_images=opts.sens_images,
                   threads=opts.threads, seed=seed, saliency=sal)
+    if opts.probe_metric != "auto":
+        common["metric"] = opts.probe_metric
     if cost == "measured":
         model_cost, info = _prune_cost.measured_cost(model, analysis, feeds, params, **common)
+    elif cost == "sweep":
+        common["sens_images"] = opts.sweep_images
+        model_cost, info = _prune_cost.sweep_cost(model, analysis, feeds, params, **common)
     else:
         model_cost, info = _prune_cost.lsq_cost(model, analysis, feeds, stats, params,
                                                 use_gains=opts.gains, **common)

@@ -137,6 +137,39 @@ class DetectionMetric:
         return float((err * w).sum() / max(w.sum(), 1e-12))
 
 
+class AgreementMetric:
+    """1 - agreement mAP@0.5:0.95 over all probe images together: the candidate's detections (NMS
+    at conf 0.001, as evaluation does) scored against the reference's detections scoring at least
+    ``ref_conf`` as ground truth, in input pixels. The same measure as ``check``'s agreement, so it
+    ranks candidates as mAP does, at the price of one NMS and one pycocotools run per measure."""
+
+    name = "agreement"
+
+    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], ref_conf: float = 0.25) -> None:
+        self.watch = [model.graph.output[0].name]
+        self.fmt, self.hw, self.ref_conf = fmt, tuple(int(v) for v in hw), ref_conf
+        self.gt: List = []
+
+    def _boxes(self, i: int, out: np.ndarray):
+        from ..eval.decode import decode
+        from ..eval.metrics import ImageBoxes
+        from ..eval.nms import non_max_suppression
+        boxes, scores = decode(out, self.fmt, self.hw, 0.001)
+        d = non_max_suppression(boxes, scores, 0.001, 0.6, 300)
+        return ImageBoxes(str(i), self.hw, d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
+                          d[:, 4].astype(np.float64))
+
+    def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
+        self.gt = [self._boxes(i, r[0]).above(self.ref_conf) for i, r in enumerate(refs)]
+        if not any(len(g) for g in self.gt):
+            raise SlimError(f"the model detects nothing scoring >= {self.ref_conf} on {len(refs)} "
+                            "probe images: agreement is undefined")
+
+    def total(self, refs: Sequence[List[np.ndarray]], news: Sequence[List[np.ndarray]]) -> float:
+        from ..eval.metrics import coco_map
+        return 1.0 - coco_map(self.gt, [self._boxes(i, n[0]) for i, n in enumerate(news)])["map"]
+
+
 def default_metric(model: onnx.ModelProto):
     """Detection-level metric when the output is a known YOLO layout, else the head metric."""
     from .saliency import layout
@@ -144,6 +177,23 @@ def default_metric(model: onnx.ModelProto):
     if fmt is None:
         return HeadMetric(model)
     return DetectionMetric(model, fmt, hw)
+
+
+def agreement_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int):
+    """AgreementMetric for a known YOLO layout whose reference detects something on ``feeds``;
+    else the checked default metric (detections or head maps)."""
+    from .saliency import layout
+    fmt, hw = layout(model)
+    if fmt is None:
+        return _checked_metric(model, feeds[:1], threads)
+    metric = AgreementMetric(model, fmt, hw)
+    try:
+        outs = activations.capture(model, feeds, metric.watch, threads)
+        metric.prepare([[o[n] for n in metric.watch] for o in outs])
+    except SlimError as exc:
+        log.info("agreement metric unavailable (%s); using the default metric", exc)
+        return _checked_metric(model, feeds[:1], threads)
+    return metric
 
 
 def _checked_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int):
@@ -249,6 +299,8 @@ class RefitProbe:
         """Output distortion with the given Conv parameters (others unchanged)."""
         self.runs += 1
         res = [self._run(f, params) for f in self.feeds]
+        if hasattr(self.metric, "total"):
+            return float(self.metric.total(self.ref, res))
         return float(np.mean([self.metric(r, n) for r, n in zip(self.ref, res)]))
 
 

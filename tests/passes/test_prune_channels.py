@@ -245,3 +245,19 @@ def test_yolov5n_pruned_by_l1_equals_the_zeroed_original(which, yolov5n_path, yo
     head = [n.name for n in model.graph.node if n.name.startswith("/model.24/m.")]
     assert len(head) == 3 and not set(head) & set(shrunk), "the Detect head convs keep their outputs"
     assert_exact(model, res.model, d)
+
+
+def test_sweep_cost_measures_non_decreasing_per_layer_curves():
+    model = FAMILIES["yolov8"](bn=True)
+    calib = verify.random_feeds(model, 3, 0)
+    res = run(model, calib, ratio=0.15, cost="sweep", sweep_images=2, samples=512)
+    d = res.report.details
+    onnx.checker.check_model(res.model, full_check=True)
+    assert d["cost"] == "sweep" and d["metric"] == "agreement" and d["mac_reduction"] >= 0.15
+    assert d["curves"] and d["probe_runs"] >= len(d["curves"])
+    for curve in d["curves"].values():
+        assert curve[0] == [0, 0.0]
+        xs, ys = [p[0] for p in curve], [p[1] for p in curve]
+        assert xs == sorted(set(xs)) and ys == sorted(ys)
+    with pytest.raises(UsageError, match="probe_metric 'nope' is not one of auto, detections, agreement"):
+        run(model, calib, ratio=0.15, probe_metric="nope")

@@ -1,0 +1,76 @@
+"""analysis.sensitivity: the agreement metric of the pruning probes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fixtures import FAMILIES
+from onnxslim_yolo import verify
+from onnxslim_yolo.analysis import sensitivity
+from onnxslim_yolo.pass_base import SlimError
+from tests.analysis import graphs
+
+HW = (64, 64)
+
+
+class _Model:
+    """Just enough of a ModelProto for the metric: one named graph output."""
+
+    class graph:  # noqa: N801
+        output = [type("O", (), {"name": "out"})()]
+
+
+def v5_output(boxes, cls, n_rows=40, n_classes=3, seed=0) -> np.ndarray:
+    """(1, n_rows, 5 + n_classes) YOLOv5 rows: the given xywh boxes confident, the rest noise."""
+    rng = np.random.default_rng(seed)
+    p = np.zeros((n_rows, 5 + n_classes), np.float32)
+    p[:, :4] = rng.uniform(8, 56, (n_rows, 4))
+    p[:, 4] = rng.uniform(0.0, 0.02, n_rows)
+    p[:, 5:] = rng.uniform(0.0, 0.5, (n_rows, n_classes))
+    for i, (b, c) in enumerate(zip(boxes, cls)):
+        p[i, :4] = b
+        p[i, 4] = 0.9
+        p[i, 5:] = 0.05
+        p[i, 5 + c] = 0.95
+    return p[None]
+
+
+BOXES = [(16, 16, 12, 12), (44, 40, 16, 20)]
+
+
+def metric_on(ref):
+    m = sensitivity.AgreementMetric(_Model(), "v5", HW)
+    m.prepare([[r] for r in ref])
+    return m
+
+
+def test_agreement_cost_is_zero_for_the_reference_and_grows_as_boxes_move():
+    ref = [v5_output(BOXES, [0, 2], seed=i) for i in range(3)]
+    m = metric_on(ref)
+    assert m.total([[r] for r in ref], [[r] for r in ref]) == pytest.approx(0.0, abs=1e-9)
+    costs = []
+    for shift in (1.0, 3.0, 6.0):
+        moved = [r.copy() for r in ref]
+        for r in moved:
+            r[0, :2, 0] += shift
+        costs.append(m.total([[r] for r in ref], [[r] for r in moved]))
+    assert 0.0 < costs[0] < costs[1] < costs[2] <= 1.0
+    gone = [r.copy() for r in ref]
+    for r in gone:
+        r[0, :2, 4] = 0.0
+    assert m.total([[r] for r in ref], [[r] for r in gone]) == pytest.approx(1.0)
+
+
+def test_agreement_is_undefined_when_the_reference_detects_nothing():
+    quiet = [v5_output([], []) for _ in range(2)]
+    with pytest.raises(SlimError, match="detects nothing scoring >= 0.25 on 2 probe images"):
+        metric_on(quiet)
+
+
+def test_agreement_metric_on_yolo_fixtures_and_head_metric_for_unknown_layouts():
+    for family in ("yolov8", "yolox"):
+        model = FAMILIES[family](bn=False)
+        metric = sensitivity.agreement_metric(model, verify.random_feeds(model, 2, 0), 1)
+        assert metric.name == "agreement" and len(metric.gt) == 2
+    model = graphs.concat_graph()     # a 4-D feature map output: no detection layout
+    assert sensitivity.agreement_metric(model, verify.random_feeds(model, 1, 0), 1).name == "head"
