@@ -47,6 +47,14 @@ class _Runner:
         return out
 
 
+def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float = 0.001, iou: float = 0.6,
+                   max_det: int = 300) -> np.ndarray:
+    """(M, 6) detections ``x1 y1 x2 y2 score class`` in input pixels from one image's raw output
+    (decode, then NMS, with evaluation's settings by default)."""
+    boxes, scores = decode(output, fmt, hw, conf)
+    return non_max_suppression(boxes, scores, conf, iou, max_det)
+
+
 def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike],
                      preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6,
                      max_det: int = 300, fmt: Optional[str] = None,
@@ -74,8 +82,7 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
     for x, meta in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):
         feeds = {name: x[None].astype(dtype, copy=False)}
         for run, res in zip(runners, results):
-            boxes, scores = decode(run(feeds, hw), run.fmt, hw, conf)
-            d = non_max_suppression(boxes, scores, conf, iou, max_det)
+            d = raw_detections(run(feeds, hw), run.fmt, hw, conf, iou, max_det)
             d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
             res.append(ImageBoxes(meta.path.name, meta.orig_hw, d[:, :4].astype(np.float64),
                                   d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))

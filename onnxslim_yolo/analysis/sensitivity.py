@@ -11,7 +11,7 @@ the outputs of the last Convs (:class:`HeadMetric`: per-channel MSE over varianc
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import networkx as nx
 import numpy as np
@@ -138,36 +138,39 @@ class DetectionMetric:
 
 
 class AgreementMetric:
-    """1 - agreement mAP@0.5:0.95 over all probe images together: the candidate's detections (NMS
-    at conf 0.001, as evaluation does) scored against the reference's detections scoring at least
-    ``ref_conf`` as ground truth, in input pixels. The same measure as ``check``'s agreement, so it
-    ranks candidates as mAP does, at the price of one NMS and one pycocotools run per measure."""
+    """1 - agreement mAP@0.5:0.95 over all probe images together (evaluate.agreement, in input
+    pixels): the candidate's detections, with evaluation's NMS settings, scored against the
+    reference's detections scoring at least ``ref_conf`` as ground truth. The same measure as
+    ``check``'s agreement, so it ranks candidates as mAP does, at the price of one NMS and one
+    pycocotools run per measure."""
 
     name = "agreement"
 
-    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], ref_conf: float = 0.25) -> None:
+    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int],
+                 ref_conf: Optional[float] = None) -> None:
+        from ..evaluate import AGREEMENT_CONF
         self.watch = [model.graph.output[0].name]
-        self.fmt, self.hw, self.ref_conf = fmt, tuple(int(v) for v in hw), ref_conf
-        self.gt: List = []
+        self.fmt, self.hw = fmt, tuple(int(v) for v in hw)
+        self.ref_conf = AGREEMENT_CONF if ref_conf is None else ref_conf
+        self.ref_dets: List = []
 
     def _boxes(self, i: int, out: np.ndarray):
-        from ..eval.decode import decode
         from ..eval.metrics import ImageBoxes
-        from ..eval.nms import non_max_suppression
-        boxes, scores = decode(out, self.fmt, self.hw, 0.001)
-        d = non_max_suppression(boxes, scores, 0.001, 0.6, 300)
+        from ..evaluate import raw_detections
+        d = raw_detections(out, self.fmt, self.hw)
         return ImageBoxes(str(i), self.hw, d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
                           d[:, 4].astype(np.float64))
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
-        self.gt = [self._boxes(i, r[0]).above(self.ref_conf) for i, r in enumerate(refs)]
-        if not any(len(g) for g in self.gt):
+        self.ref_dets = [self._boxes(i, r[0]) for i, r in enumerate(refs)]
+        if not any(len(d.above(self.ref_conf)) for d in self.ref_dets):
             raise SlimError(f"the model detects nothing scoring >= {self.ref_conf} on {len(refs)} "
                             "probe images: agreement is undefined")
 
     def total(self, refs: Sequence[List[np.ndarray]], news: Sequence[List[np.ndarray]]) -> float:
-        from ..eval.metrics import coco_map
-        return 1.0 - coco_map(self.gt, [self._boxes(i, n[0]) for i, n in enumerate(news)])["map"]
+        from ..evaluate import agreement
+        cand = [self._boxes(i, n[0]) for i, n in enumerate(news)]
+        return 1.0 - agreement(cand, self.ref_dets, self.ref_conf)["map"]
 
 
 def default_metric(model: onnx.ModelProto):

@@ -71,6 +71,6 @@ def test_agreement_metric_on_yolo_fixtures_and_head_metric_for_unknown_layouts()
     for family in ("yolov8", "yolox"):
         model = FAMILIES[family](bn=False)
         metric = sensitivity.agreement_metric(model, verify.random_feeds(model, 2, 0), 1)
-        assert metric.name == "agreement" and len(metric.gt) == 2
+        assert metric.name == "agreement" and len(metric.ref_dets) == 2
     model = graphs.concat_graph()     # a 4-D feature map output: no detection layout
     assert sensitivity.agreement_metric(model, verify.random_feeds(model, 1, 0), 1).name == "head"
