@@ -170,13 +170,11 @@ class SweepCost(LSQCost):
     costs are taken as additive: a sensitivity sweep, then a greedy allocation."""
 
     def __init__(self, states: Dict[str, lsq.ConsumerLSQ], probe: sensitivity.RefitProbe,
-                 shapes: Mapping[str, Sequence[int]], levels: Sequence[float] = SWEEP_LEVELS,
-                 progress=None) -> None:
+                 shapes: Mapping[str, Sequence[int]], levels: Sequence[float] = SWEEP_LEVELS) -> None:
         super().__init__(states, {})
         self.probe = probe
         self.shapes = shapes
         self.levels = tuple(levels)
-        self.progress = progress
         self.base_d = probe.measure({})
         self.curves: Dict[Any, Tuple[List[Any], np.ndarray, np.ndarray]] = {}
 
@@ -196,19 +194,14 @@ class SweepCost(LSQCost):
         left, order, costs = list(layer.groups), [], [0.0]
         for depth in depths:
             while len(order) < depth:
-                best = min(left, key=lambda g: (self._cost(g, st), g.gid))
-                for r in best.consumers:
-                    if r.node in st:
-                        st[r.node].remove(r.index)
-                left.remove(best)
-                order.append(best)
+                order.append(self.take(left, st)[0])
             params = {n: lsq.full_weights(st[n], self.shapes[n]) for n in st}
             costs.append(self.probe.measure(params) - self.base_d)
-            if self.progress is not None:
-                self.progress.update(1)
         xs = np.array([0] + depths, dtype=np.float64)
         ys = np.maximum.accumulate(np.maximum(np.array(costs), 0.0))
         self.curves[layer.key] = (order, xs, ys)
+        log.info("sweep: layer %d measured (%s): %s", len(self.curves),
+                 layer.key[0][0] if layer.key[0] else "?", " ".join(f"{int(x)}:{y:.3f}" for x, y in zip(xs[1:], ys[1:])))
         return self.curves[layer.key]
 
     def curve_report(self) -> Dict[str, List[List[float]]]:
@@ -235,8 +228,7 @@ class SweepCost(LSQCost):
 
 def sweep_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds],
                params: Params, *, samples: int, ridge: float, sens_images: int, threads: int,
-               seed: int, saliency=None, metric: str = "agreement", progress=None
-               ) -> Tuple[SweepCost, Dict[str, Any]]:
+               seed: int, saliency=None, metric: str = "agreement") -> Tuple[SweepCost, Dict[str, Any]]:
     """The sweep cost model: per-layer curves measured by agreement mAP on ``sens_images`` feeds."""
     states, conv_params = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
                                       saliency)
@@ -244,4 +236,4 @@ def sweep_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequenc
     m = probe_metric(model, probe_feeds, metric, threads)
     probe = sensitivity.RefitProbe(model, conv_params, probe_feeds, threads, metric=m)
     shapes = {n: params.conv[n][0].shape for n in states}
-    return SweepCost(states, probe, shapes, progress=progress), {"metric": probe.metric.name}
+    return SweepCost(states, probe, shapes), {"metric": probe.metric.name}

@@ -54,7 +54,8 @@ class PruneOptions:
     threads: int = 1
 
 
-INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples", "threads")
+INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples",
+        "threads")
 FLOATS = ("ridge", "refit_ridge", "dead_tol")
 BOOLS = ("sequential", "saliency", "gains", "bn_by_var", "relative")
 KNOWN = set(PruneOptions.__dataclass_fields__) | set(PASSED_THROUGH)

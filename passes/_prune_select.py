@@ -125,17 +125,25 @@ class LSQCost:
         return sum(self.gains.get(r.node, 1.0) * st[r.node].cost(r.index)
                    for r in g.consumers if r.node in st)
 
+    def take(self, left: List[ChannelGroup], st: Dict[str, ConsumerLSQ]) -> Tuple[ChannelGroup, float]:
+        """Remove the cheapest group of ``left`` from ``left`` and from the states ``st`` (refit);
+        returns it and the weighted error that added."""
+        best = min(left, key=lambda g: (self._cost(g, st), g.gid))
+        added = 0.0
+        for r in best.consumers:
+            if r.node in st:
+                added += self.gains.get(r.node, 1.0) * st[r.node].remove(r.index)
+        left.remove(best)
+        return best, added
+
     def _run(self, layer: Layer, size: int, st: Dict[str, ConsumerLSQ]) -> Tuple[List[ChannelGroup], float]:
         left = list(layer.remaining)
         unit: List[ChannelGroup] = []
         total = 0.0
         for _ in range(size):
-            best = min(left, key=lambda g: (self._cost(g, st), g.gid))
-            for r in best.consumers:
-                if r.node in st:
-                    total += self.gains.get(r.node, 1.0) * st[r.node].remove(r.index)
-            left.remove(best)
+            best, added = self.take(left, st)
             unit.append(best)
+            total += added
         return unit, total
 
     def _consumers(self, layer: Layer) -> Set[str]:
