@@ -15,7 +15,7 @@ import onnx
 
 from . import ir, verify
 from .analysis.flops import model_stats
-from .pass_base import PassContext, Tolerances, UsageError
+from .pass_base import Numerics, PassContext, PreconditionError, Tolerances, UsageError
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
 log = logging.getLogger(__name__)
@@ -90,12 +90,26 @@ def pipeline_names(opts: OptimizeOptions) -> List[str]:
     return default_pass_names(extra=extra, skip=opts.skip)
 
 
-def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence[str]) -> PassContext:
+def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence[str],
+                  exact_only: bool = False) -> PassContext:
+    """The passes' context. A model with a dynamic image size and no ``input_shape`` is refused,
+    except by an ``exact_only`` pipeline: that keeps the dynamic dims and verifies at the size in
+    the model's metadata (else 640)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
+    fix = True
     if opts.input_shape:
         (name,) = list(ir.input_shapes(model))[:1] or [""]
         shapes = {name: tuple(int(d) for d in opts.input_shape)}
-    ir.static_input_shapes(model, dict(shapes))  # refuses a model with no static input size
+    try:
+        ir.static_input_shapes(model, dict(shapes))
+    except PreconditionError:
+        if not exact_only:
+            raise
+        from .data import model_input
+
+        name, chw = model_input(model)
+        shapes, fix = {name: (1,) + chw}, False
+        log.info("input '%s' is dynamic: kept so, exact passes verified at %s", name, list(shapes[name]))
     calib = None
     if opts.calib is not None:
         from .data import load_calibration
@@ -111,7 +125,7 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
             options.setdefault(n, {}).setdefault("images", str(opts.images or opts.calib))
     return PassContext(options=options, calib_inputs=calib, tolerances=opts.tolerances, seed=opts.seed,
                        dump_dir=Path(opts.dump_dir) if opts.dump_dir else None, input_shapes=shapes,
-                       verify=opts.verify)
+                       fix_input_shapes=fix, verify=opts.verify)
 
 
 def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
@@ -126,7 +140,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
     names = pipeline_names(opts)
     passes = build_passes(names)
-    ctx = build_context(original, opts, names)
+    ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
     result = PassManager(passes, ctx).run(original)
     checks = run_final_checks(original, result, opts) if opts.check else None
     summary = summarize(original, result.model, ctx, opts, checks)

@@ -96,6 +96,8 @@ class PassContext:
     seed: int = 0
     dump_dir: Optional[Path] = None
     input_shapes: Mapping[str, Tuple[int, ...]] = field(default_factory=dict)
+    #: False: ``input_shapes`` is only the size passes verify at; the model keeps its dynamic dims
+    fix_input_shapes: bool = True
     verify: bool = True
     verify_samples: int = 2
 

@@ -40,7 +40,7 @@ class Canonicalize(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         report = PassReport()
-        shapes = dict(ctx.input_shapes)
+        shapes = dict(ctx.input_shapes) if ctx.fix_input_shapes else {}
         if shapes:
             model = ir.fix_input_shapes(model, shapes)
         try:

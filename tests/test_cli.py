@@ -88,11 +88,12 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
     elif case == "truncated":
         target = tmp_path / "truncated.onnx"
         target.write_bytes(model_file.read_bytes()[:2000])
-    elif case == "dynamic":
+    elif case == "dynamic":  # a lossy pass needs a static size; exact ones keep it dynamic (below)
         m = ir.load(model_file)
         m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "width"
         target = tmp_path / "dyn.onnx"
         onnx.save(m, target)
+        extra += ["--prune", "0.1"]
     elif case == "unknown-pass":
         extra += ["--passes", "canonicalize,no-such-pass"]
     elif case == "overwrite":
@@ -107,6 +108,29 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
     assert len([ln for ln in r.output.splitlines() if ln.startswith("error:")]) == 1
     assert _no_outputs(tmp_path, keep)
     assert model_file.read_bytes() == snapshot
+
+
+def test_exact_passes_keep_a_dynamic_size_and_verify_at_the_metadata_size(model_file: Path, tmp_path: Path):
+    m = ir.load(model_file)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    hw = [dims[2].dim_value, dims[3].dim_value]
+    for i, name in ((0, "batch"), (2, "height"), (3, "width")):
+        dims[i].dim_param = name
+    onnx.helper.set_model_props(m, {"imgsz": str(hw)})
+    src = tmp_path / "dyn.onnx"
+    onnx.save(m, src)
+    r = invoke("optimize", src, "-o", tmp_path / "o.onnx", "--no-bench", "--report", tmp_path / "rep.json")
+    assert r.exit_code == 0, r.output
+    out = ir.load(tmp_path / "o.onnx")
+    assert [d.dim_param or d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == \
+        ["batch", 3, "height", "width"]
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    ver = rep["passes"][0]["verification"]
+    assert rep["passes"][0]["name"] == "canonicalize" and ver and min(d["cosine"] for d in ver) > 0.99999
+    assert rep["summary"]["outputs"][0]["cosine"] > 0.99999
+    checks = {c["name"]: c for c in rep["checks"]["checks"]}
+    assert checks["reference.io"]["status"] == "pass"
+    assert checks["structure.dynamic_dims"]["status"] == "warn"
 
 
 def test_inspect_real_yolov5n(yolov5n_path: Path, tmp_path: Path):

@@ -3,7 +3,7 @@ stay close to the reference's (max abs, cosine, SQNR), and its latency against t
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -54,35 +54,63 @@ def _run_shapes(model: onnx.ModelProto, feeds: Feeds) -> Dict[str, List[int]]:
     return {o.name: list(v.shape) for o, v in zip(sess.get_outputs(), verify.run(sess, feeds))}
 
 
-def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional[Feeds]) -> List[str]:
-    """Human-readable I/O differences (names, order, dtypes, declared and run-time shapes)."""
+def _specializes(got: object, want: object) -> bool:
+    """Same dtype and rank, and every dim equal or fixed where the reference's is symbolic."""
+    (gt, gd), (wt, wd) = got, want  # type: ignore[misc]
+    return gt == wt and len(gd) == len(wd) and all(
+        g == w or (isinstance(w, str) and isinstance(g, int)) for g, w in zip(gd, wd))
+
+
+def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
+                   feeds: Optional[Feeds]) -> Tuple[List[str], List[str]]:
+    """Human-readable I/O differences (names, order, dtypes, declared and run-time shapes), and the
+    inputs/outputs that only fix dims the reference leaves symbolic (``[1, 3, 640, 640]`` for
+    ``['batch', 3, 'h', 'w']``, as ``--input-shape`` does)."""
     a, b = _io(model), _io(reference)
     diffs: List[str] = []
+    fixed: List[str] = []
     for kind in ("inputs", "outputs"):
         if list(a[kind]) != list(b[kind]):
             diffs.append(f"{kind} {list(a[kind])} != reference {list(b[kind])}")
             continue
         for n in a[kind]:
-            if a[kind][n] != b[kind][n]:
-                diffs.append(f"{kind[:-1]} '{n}' {a[kind][n][0]} {a[kind][n][1]} != reference "
-                             f"{b[kind][n][0]} {b[kind][n][1]}")
+            if a[kind][n] == b[kind][n]:
+                continue
+            text = f"{kind[:-1]} '{n}' {a[kind][n][0]} {a[kind][n][1]}"
+            ref = f"reference {b[kind][n][0]} {b[kind][n][1]}"
+            if _specializes(a[kind][n], b[kind][n]):
+                fixed.append(f"{text} (the {ref})")
+            else:
+                diffs.append(f"{text} != {ref}")
     if not diffs and feeds is not None:
         got, want = _run_shapes(model, feeds), _run_shapes(reference, feeds)
         diffs += [f"output '{n}' runs with shape {got[n]} != reference {want[n]}" for n in want
                   if got.get(n) != want[n]]
-    return diffs
+    return diffs, fixed
 
 
-def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional[Feeds]) -> CheckResult:
+def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional[Feeds],
+             shape_given: bool = False) -> CheckResult:
+    """Names, types and shapes equal the reference's. Dims the reference leaves symbolic and the
+    model fixes pass when the user fixed the input shape (``shape_given``) or only outputs have
+    them (shape inference resolved them); fixed input dims warn."""
     name = "reference.io"
     try:
-        diffs = io_differences(model, reference, feeds)
+        diffs, fixed = io_differences(model, reference, feeds)
     except SlimError as exc:
         return failed(name, f"cannot compare run-time shapes: {exc}")
     if diffs:
         return failed(name, "; ".join(diffs[:2]) + (f" (+{len(diffs) - 2} more)" if len(diffs) > 2 else ""),
                       differences=diffs)
     io = _io(model)
+    if fixed:
+        text = f"fixed dims the reference leaves symbolic: {fixed[0]}" + (
+            f" (+{len(fixed) - 1} more)" if len(fixed) > 1 else "")
+        if shape_given:
+            return passed(name, f"as the input shape given, {text}", fixed=fixed, **io)
+        if any(f.startswith("input ") for f in fixed):
+            return warned(name, f"{text}; the model runs at that size only", fixed=fixed, **io)
+        return passed(name, f"inputs equal the reference's; shape inference {text}", fixed=fixed, **io)
     return passed(name, "input/output names, types and shapes equal the reference's", **io)
 
 

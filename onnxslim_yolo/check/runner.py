@@ -118,7 +118,7 @@ def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[in
 def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Optional[numerics.Feeds],
                       opts: CheckOptions, images: Optional[str],
                       shape: Optional[List[int]]) -> List[CheckResult]:
-    io = _guard("reference.io", lambda: numerics.check_io(model, ref, feed))
+    io = _guard("reference.io", lambda: numerics.check_io(model, ref, feed, bool(opts.input_shape)))
     if feed is None or io.status == FAIL:
         why = NOT_RUNNING if feed is None else IO_DIFFERS
         return [io, skipped("reference.numerics", f"not compared: {why}")]

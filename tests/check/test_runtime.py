@@ -100,6 +100,32 @@ def test_input_name_mismatch_fails_io(yolo):
     assert r.status == "fail" and "inputs ['data'] != reference ['images']" in r.message
 
 
+def _symbolic(model, which, index, name):
+    m = copy(model)
+    vi = (m.graph.input if which == "input" else m.graph.output)[0]
+    vi.type.tensor_type.shape.dim[index].dim_param = name
+    return m
+
+
+def test_io_fixed_input_dims_pass_when_the_shape_was_given_else_warn(yolo):
+    ref = _symbolic(_symbolic(yolo, "input", 0, "batch"), "input", 3, "width")
+    given = numerics.check_io(yolo, ref, None, shape_given=True)
+    assert given.status == "pass" and "as the input shape given" in given.message
+    assert given.details["fixed"][0].startswith("input 'images' float [1, 3,")
+    silent = numerics.check_io(yolo, ref, None)
+    assert silent.status == "warn" and "runs at that size only" in silent.message
+
+
+def test_io_output_dims_resolved_by_inference_pass_and_real_differences_fail(yolo):
+    ref = _symbolic(yolo, "output", 1, "anchors")
+    r = numerics.check_io(yolo, ref, None)
+    assert r.status == "pass" and "shape inference fixed dims" in r.message
+    other = copy(yolo)
+    other.graph.input[0].type.tensor_type.shape.dim[2].dim_value += 32
+    bad = numerics.check_io(other, _symbolic(yolo, "input", 0, "batch"), None, shape_given=True)
+    assert bad.status == "fail" and "!= reference" in bad.message
+
+
 # ------------------------------------------------------------------------------------ numerics
 def test_numerics_same_model_passes(yolo):
     r = numerics.check_numerics(yolo, yolo, [feed(yolo)], 0.99, "seeded random inputs")
