@@ -60,8 +60,25 @@ def _shape_table(model: onnx.ModelProto) -> Dict[str, Tuple[int, ...]]:
     return table
 
 
+def _infer(m: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        return m
+
+
+def _unshaped_outputs(m: onnx.ModelProto) -> bool:
+    """Some Conv/Gemm/MatMul output has no static shape (its MACs would count as 0)."""
+    shapes = _shape_table(m)
+    return any(n.output[0] not in shapes for n in m.graph.node
+               if n.op_type in CONV_OPS + MATMUL_OPS + ("ConvTranspose", "Gemm"))
+
+
 def _infer_static(model: onnx.ModelProto,
                   input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> onnx.ModelProto:
+    """The model (same nodes) with shapes inferred from static inputs. Shapes that stay unknown
+    behind a Shape -> Gather -> Div -> ... chain (torch.chunk's Slice ends, views by computed
+    sizes) are taken from a copy with constants and shapes folded, inferred again."""
     try:
         static = ir.static_input_shapes(model, dict(input_shapes or {}))
     except Exception:
@@ -69,10 +86,25 @@ def _infer_static(model: onnx.ModelProto,
     m = ir.fix_input_shapes(model, static) if static else model
     if ir.model_size(m) > ir.PROTO_LIMIT:
         return m  # shape inference in memory is limited to 2 GB protos; MACs may be partial
-    try:
-        return onnx.shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:
-        return m
+    inferred = _infer(m)
+    folded = inferred
+    for _ in range(3):  # each round folds what the previous inference resolved
+        if not static or not _unshaped_outputs(folded):
+            break
+        graph = ir.to_graph(folded)
+        try:
+            graph.fold_constants(fold_shapes=True, error_ok=True)
+        except Exception:
+            break
+        folded = ir.to_model(graph, like=m)
+        del folded.graph.value_info[:]
+        folded = _infer(folded)
+    if folded is not inferred:
+        known = set(_shape_table(inferred))
+        outputs = {o for n in inferred.graph.node for o in n.output}
+        shaped = list(folded.graph.value_info) + list(folded.graph.output)
+        inferred.graph.value_info.extend(vi for vi in shaped if vi.name in outputs and vi.name not in known)
+    return inferred
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

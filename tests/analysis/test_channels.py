@@ -134,3 +134,33 @@ def test_total_macs_match_flops_and_fixture_families_have_prunable_groups():
         if name == "yolov8":
             kinds = {n.op_type for n in m.graph.node}
             assert "Split" in kinds
+
+
+def test_macs_count_convs_behind_a_computed_slice_end():
+    """torch.chunk exports Slice ends as Shape -> Gather -> Add -> Div -> Mul; onnx's data
+    propagation leaves the slice (and the Conv after it) unshaped, folding resolves it."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from onnxslim_yolo.analysis.flops import _infer, _shape_table, model_stats
+
+    def const(name, arr):
+        return numpy_helper.from_array(np.asarray(arr), name)
+    inits = [const("w1", np.ones((8, 8, 1, 1), np.float32)), const("w2", np.ones((4, 4, 3, 3), np.float32)),
+             const("i1", np.array([1], np.int64)), const("one", np.array([1], np.int64)),
+             const("two", np.array([2], np.int64)), const("zero", np.array([0], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y"], name="c1"),
+             helper.make_node("Shape", ["y"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "i1"], ["g"], name="gather"),
+             helper.make_node("Add", ["g", "one"], ["a"], name="add"),
+             helper.make_node("Div", ["a", "two"], ["d"], name="div"),
+             helper.make_node("Mul", ["d", "one"], ["e"], name="mul"),
+             helper.make_node("Slice", ["y", "zero", "e", "i1"], ["h"], name="slice"),
+             helper.make_node("Conv", ["h", "w2"], ["z"], name="c2", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "chunk", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 8, 8])],
+                          [helper.make_tensor_value_info("z", T.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    assert "z" not in _shape_table(_infer(m))            # what plain inference gives
+    stats = model_stats(m)
+    assert stats.per_node_macs == {"c1": 8 * 8 * 8 * 8, "c2": 4 * 8 * 8 * 4 * 9}
+    assert stats.macs == 4096 + 9216
