@@ -72,6 +72,11 @@ def main(verbose: int) -> None:
     """onnxslim-yolo: make YOLO-family ONNX detectors smaller and faster."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    import onnxruntime as ort
+
+    # onnxruntime's own graph-optimizer warnings (e.g. "can't constant fold Floor" on float16
+    # models) go to its default logger, which session options do not reach; -vv shows them
+    ort.set_default_logger_severity(2 if verbose >= 2 else 3)
 
 
 @main.command()

@@ -338,6 +338,23 @@ def input_dtypes(model: onnx.ModelProto) -> Dict[str, np.dtype]:
             for vi in model.graph.input if vi.name not in inits}
 
 
+def non_float32_weights(model: onnx.ModelProto) -> Optional[str]:
+    """The first Conv/ConvTranspose/Gemm/MatMul whose constant weight is not float32, described
+    ("Conv 'x' has float16 weights"), else None. Passes that calibrate or refit weights work in
+    float32 only."""
+    consts = {t.name: t.data_type for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t.data_type
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1:
+            dt = consts.get(n.input[1])
+            if dt is not None and dt != onnx.TensorProto.FLOAT:
+                name = onnx.TensorProto.DataType.Name(dt).lower()
+                return f"{n.op_type} '{n.name or n.output[0]}' has {name} weights"
+    return None
+
+
 def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:
     """Return a copy whose graph inputs declare the given static shapes."""
     m = onnx.ModelProto()

@@ -261,3 +261,32 @@ def test_sweep_cost_measures_non_decreasing_per_layer_curves():
         assert xs == sorted(set(xs)) and ys == sorted(ys)
     with pytest.raises(UsageError, match="probe_metric 'nope' is not one of auto, detections, agreement"):
         run(model, calib, ratio=0.15, probe_metric="nope")
+
+
+def _half(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its Conv weights stored as float16 (as a half=True export has them)."""
+    import numpy as np
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    weights = {n.input[1] for n in m.graph.node if n.op_type == "Conv"}
+    for i, t in enumerate(m.graph.initializer):
+        if t.name in weights:
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(t).astype(np.float16), t.name))
+    return m
+
+
+@pytest.mark.parametrize("which", ["prune-channels", "insert-qdq"])
+def test_float16_models_are_refused_naming_the_conv(which):
+    from onnxslim_yolo.passes.insert_qdq import InsertQDQ
+
+    model = _half(build_yolov5_v6(opset=13))
+    first = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    p = PruneChannels() if which == "prune-channels" else InsertQDQ()
+    ctx = PassContext(options={which: {"ratio": 0.1} if which == "prune-channels" else {}},
+                      calib_inputs=[{"images": None}])
+    with pytest.raises(PreconditionError, match=rf"Conv '{first}' has float16 weights: this pass works on "
+                                                r"float32 models; export the model in float32"):
+        p.requires(model, ctx)
+    p.requires(build_yolov5_v6(opset=13), ctx)      # the float32 model passes the same check
