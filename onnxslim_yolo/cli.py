@@ -81,7 +81,8 @@ def main(verbose: int) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output model (default: MODEL.opt.onnx).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output model (default: MODEL.opt.onnx).")
 @click.option("--passes", "passes", help="Comma-separated pass names to run instead of the default pipeline.")
 @click.option("--skip", multiple=True, help="Pass to leave out (repeatable).")
 @click.option("--int8", is_flag=True, help="Insert calibrated QDQ INT8 (needs --calib).")
@@ -92,11 +93,13 @@ def main(verbose: int) -> None:
               default="auto", show_default=True, help="Calibration method (auto: per tensor).")
 @click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
               help="INT8 weight range: auto uses 7 bits on x86 CPUs without VNNI (ort-cpu kernels saturate).")
-@click.option("--calib-table", type=click.Path(), help="Load the calibration table from (or save it to) JSON.")
+@click.option("--calib-table", type=click.Path(),
+              help="Load the calibration table from (or save it to) JSON.")
 @click.option("--max-drop", type=float, help="Mixed precision: keep sensitive nodes float until the "
               "measured mAP loss (points) is within this.")
 @click.option("--prune", type=float, help="Channel pruning: target fraction of multiply-adds removed.")
-@click.option("--round-to", type=int, default=8, show_default=True, help="Pruned channel counts multiple of N.")
+@click.option("--round-to", type=int, default=8, show_default=True,
+              help="Pruned channel counts multiple of N.")
 @click.option("--protect", multiple=True, help="Node name or pattern never pruned (repeatable).")
 @click.option("--kept-json", type=click.Path(dir_okay=False),
               help="Pruning: write the kept channel indices per layer here (to fine-tune the same shape).")
@@ -230,7 +233,8 @@ def _register_optional() -> None:
     """Commands that live in their own modules (eval, check) are added when present."""
     import importlib
 
-    for mod, attr in (("onnxslim_yolo.cli_eval", "eval_command"), ("onnxslim_yolo.cli_check", "check_command")):
+    commands = (("onnxslim_yolo.cli_eval", "eval_command"), ("onnxslim_yolo.cli_check", "check_command"))
+    for mod, attr in commands:
         try:
             cmd = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError):

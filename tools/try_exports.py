@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Run the optimize pipelines on detector and backbone exports this project has no fixture for.
+
+    python tools/try_exports.py --exporter-python /path/to/venv/bin/python --calib IMAGES --out DIR
+
+The exports are made by a Python with ``ultralytics`` and ``torchvision`` installed (they need
+PyTorch, which this project does not depend on; ``--exporter-python`` names that interpreter):
+Ultralytics YOLOv8n (opset 11 and 17, dynamic axes, ``nms=True``), YOLO11n (opset 12), YOLOv10n
+and YOLO26n at 320x320, and torchvision ShuffleNetV2-0.5 and MobileNetV3-small. The weights are
+random (nothing is downloaded), so this tests structure, not accuracy: every graph must get
+through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` with exit code 0, and pruning must
+remove about 10% of the multiply-adds. Prints one row per model and pipeline; exit code 1 when any
+run fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+EXPORT = r'''
+import shutil, sys
+out = sys.argv[1]
+from ultralytics import YOLO
+jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolov8n_op11"),
+        ("yolov8n.yaml", 17, {"dynamic": True}, "yolov8n_dynamic"),
+        ("yolov8n.yaml", 17, {"nms": True}, "yolov8n_nms"), ("yolo11n.yaml", 12, {}, "yolo11n_op12"),
+        ("yolov10n.yaml", 17, {}, "yolov10n"), ("yolo26n.yaml", 17, {}, "yolo26n")]
+for cfg, opset, kw, name in jobs:
+    p = YOLO(cfg).export(format="onnx", opset=opset, imgsz=320, simplify=False, **kw)
+    shutil.move(p, f"{out}/{name}.onnx")
+import torch, torchvision
+for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):
+    m = getattr(torchvision.models, name)(weights=None).eval()
+    torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/{name}.onnx", opset_version=13,
+                      input_names=["images"], dynamo=False)
+'''
+
+PIPELINES = {"exact": [], "int8": ["--int8"], "prune": ["--prune", "0.1"]}
+
+
+def run(model: Path, pipeline: str, calib: str, out: Path) -> dict:
+    extra = list(PIPELINES[pipeline])
+    if "dynamic" in model.stem and pipeline != "exact":
+        extra += ["--input-shape", "1,3,320,320"]
+    report = out / f"{model.stem}.{pipeline}.json"
+    cmd = [sys.executable, "-m", "onnxslim_yolo", "optimize", str(model), "-o",
+           str(out / f"{model.stem}.{pipeline}.onnx"), "--calib", calib, "--calib-limit", "16",
+           "--quiet", "--no-bench", "--report", str(report)] + extra
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    row = {"model": model.stem, "pipeline": pipeline, "rc": proc.returncode}
+    if proc.returncode == 0 and report.exists():
+        rep = json.loads(report.read_text())
+        before, after = rep["summary"]["before"], rep["summary"]["after"]
+        row.update(nodes=f"{before['nodes']} -> {after['nodes']}",
+                   macs_change=after["macs"] / before["macs"] - 1 if before["macs"] else 0.0,
+                   size_mb=after["size_bytes"] / 1e6, verdict=rep.get("checks", {}).get("verdict", ""))
+    else:
+        row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--exporter-python", required=True, help="a Python with ultralytics and torchvision")
+    ap.add_argument("--calib", required=True, help="calibration images")
+    ap.add_argument("--out", default=None, help="folder for the exports, outputs and reports")
+    args = ap.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="try_exports_"))
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([args.exporter_python, "-c", EXPORT, str(out)], check=True, capture_output=True,
+                   cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
+    rows = [run(m, p, args.calib, out) for m in sorted(out.glob("*.onnx")) if "." not in m.stem
+            for p in PIPELINES]
+    print("| model | pipeline | rc | nodes | MACs change | size MB | checks |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if r["rc"]:
+            print(f"| {r['model']} | {r['pipeline']} | {r['rc']} | {r['error']} | | | |")
+        else:
+            print(f"| {r['model']} | {r['pipeline']} | 0 | {r['nodes']} | {r['macs_change']:+.1%} | "
+                  f"{r['size_mb']:.2f} | {r['verdict']} |")
+    (out / "try_exports.json").write_text(json.dumps(rows, indent=1))
+    return 1 if any(r["rc"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
