@@ -119,6 +119,9 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
     options: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in opts.pass_options.items()}
     if opts.prune is not None:
         options.setdefault("prune-channels", {})["ratio"] = opts.prune
+    if not opts.progress:  # --quiet reaches the passes' own bars too
+        for n in ("insert-qdq", "prune-channels"):
+            options.setdefault(n, {}).setdefault("progress", False)
     if opts.labels is not None:
         for n in ("insert-qdq", "prune-channels"):
             options.setdefault(n, {}).setdefault("labels", str(opts.labels))

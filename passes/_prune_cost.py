@@ -9,10 +9,12 @@ channels is mean-replaced, divided by the relative error that causes at the cons
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis import activations, lsq, sensitivity
@@ -170,13 +172,17 @@ class SweepCost(LSQCost):
     costs are taken as additive: a sensitivity sweep, then a greedy allocation."""
 
     def __init__(self, states: Dict[str, lsq.ConsumerLSQ], probe: sensitivity.RefitProbe,
-                 shapes: Mapping[str, Sequence[int]], levels: Sequence[float] = SWEEP_LEVELS) -> None:
+                 shapes: Mapping[str, Sequence[int]], levels: Sequence[float] = SWEEP_LEVELS,
+                 layers: Optional[int] = None, progress: bool = False) -> None:
         super().__init__(states, {})
         self.probe = probe
         self.shapes = shapes
         self.levels = tuple(levels)
         self.base_d = probe.measure({})
         self.curves: Dict[Any, Tuple[List[Any], np.ndarray, np.ndarray]] = {}
+        #: one tick per layer measured (``layers``: how many there are, for the bar's total)
+        self.bar = tqdm(total=layers, desc="sensitivity sweep: layers", file=sys.stderr, leave=False,
+                        disable=not progress)
 
     def _depths(self, layer: Layer) -> List[int]:
         n = len(layer.groups)
@@ -200,8 +206,12 @@ class SweepCost(LSQCost):
         xs = np.array([0] + depths, dtype=np.float64)
         ys = np.maximum.accumulate(np.maximum(np.array(costs), 0.0))
         self.curves[layer.key] = (order, xs, ys)
-        log.info("sweep: layer %d measured (%s): %s", len(self.curves),
-                 layer.key[0][0] if layer.key[0] else "?", " ".join(f"{int(x)}:{y:.3f}" for x, y in zip(xs[1:], ys[1:])))
+        self.bar.update(1)
+        if self.bar.total is not None and self.bar.n >= self.bar.total:
+            self.bar.close()
+        first = layer.key[0][0] if layer.key[0] else "?"
+        log.info("sweep: layer %d measured (%s): %s", len(self.curves), first,
+                 " ".join(f"{int(x)}:{y:.3f}" for x, y in zip(xs[1:], ys[1:])))
         return self.curves[layer.key]
 
     def curve_report(self) -> Dict[str, List[List[float]]]:
@@ -228,12 +238,14 @@ class SweepCost(LSQCost):
 
 def sweep_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds],
                params: Params, *, samples: int, ridge: float, sens_images: int, threads: int,
-               seed: int, saliency=None, metric: str = "agreement") -> Tuple[SweepCost, Dict[str, Any]]:
-    """The sweep cost model: per-layer curves measured by agreement mAP on ``sens_images`` feeds."""
+               seed: int, saliency=None, metric: str = "agreement", layers: Optional[int] = None,
+               progress: bool = False) -> Tuple[SweepCost, Dict[str, Any]]:
+    """The sweep cost model: per-layer curves measured by agreement mAP on ``sens_images`` feeds
+    (``layers``: how many layers the selection has, for the progress bar)."""
     states, conv_params = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
                                       saliency)
     probe_feeds = feeds[:sens_images]
     m = probe_metric(model, probe_feeds, metric, threads)
     probe = sensitivity.RefitProbe(model, conv_params, probe_feeds, threads, metric=m)
     shapes = {n: params.conv[n][0].shape for n in states}
-    return SweepCost(states, probe, shapes), {"metric": probe.metric.name}
+    return SweepCost(states, probe, shapes, layers=layers, progress=progress), {"metric": probe.metric.name}

@@ -52,6 +52,8 @@ class PruneOptions:
     relative: bool = True
     dead_tol: float = 1e-4
     threads: int = 1
+    #: progress bars for the selection and the refit; None: when stderr is a terminal
+    progress: Optional[bool] = None
 
 
 INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples",
@@ -120,4 +122,5 @@ def parse_options(opts: Mapping[str, Any], has_calib: bool) -> PruneOptions:
     return PruneOptions(
         ratio=ratio, per_layer=per_layer, protect=protect, criterion=criterion, reconstruct=reconstruct,
         fold_mean=bool(opts.get("fold_mean", has_calib)) and has_calib, kept_json=opts.get("kept_json"),
-        max_layer_ratio=_ratio(opts.get("max_layer_ratio", 0.75), "max_layer_ratio"), **_typed(opts))
+        max_layer_ratio=_ratio(opts.get("max_layer_ratio", 0.75), "max_layer_ratio"),
+        progress=None if opts.get("progress") is None else bool(opts["progress"]), **_typed(opts))

@@ -12,6 +12,7 @@ group, never consumers); their names are returned as skipped.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -19,6 +20,7 @@ import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from tqdm import tqdm
 
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis._im2col import ConvGeometry, geometry, patches, sample_positions
@@ -148,7 +150,7 @@ def _original_side(orig: onnx.ModelProto, targets: List[_Target], feeds: Sequenc
 def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
           keep: Mapping[str, np.ndarray], feeds: Sequence[Feeds], shapes: Mapping[str, Tuple[int, ...]],
           *, ridge: float = 1e-3, samples: int = 8192, sequential: bool = True, seed: int = 0,
-          threads: int = 1, saliency=None
+          threads: int = 1, saliency=None, progress: bool = False
           ) -> Tuple[onnx.ModelProto, Dict[str, Dict[str, float]], Dict[str, str]]:
     """Refit ``convs`` of ``pruned`` to the original outputs; returns (model, per-Conv relative
     errors before/after, skipped reasons). Convs that lost no input channel are refit on all."""
@@ -162,6 +164,7 @@ def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
     errors: Dict[str, Dict[str, float]] = {}
     by_node = {t.node: t for t in targets}
     levels = _levels(out, [t.node for t in targets]) if sequential else [[t.node for t in targets]]
+    bar = tqdm(total=len(targets), desc="refitting convs", file=sys.stderr, leave=False, disable=not progress)
     for names in levels:
         if sequential:
             xs = {n: [] for n in names}
@@ -171,6 +174,8 @@ def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
                     xs[n].append(patches(t.geo, vals[t.x], pos[n][len(xs[n])]).astype(np.float32))
         for n in names:
             errors[n] = _fit_one(out, by_node[n], xs[n], ys[n], ridge, alloc)
+            bar.update(1)
+    bar.close()
     return ir.to_model(ir.to_graph(out), out), errors, skipped
 
 

@@ -15,8 +15,11 @@ a layer's count first. Costs come from a cost model:
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+from tqdm import tqdm
 
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo
 from onnxslim_yolo.analysis.lsq import ConsumerLSQ
@@ -245,8 +248,10 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
 
 
 def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: Mapping[str, float],
-           round_to: int, min_channels: int, max_layer_ratio: float = 0.75) -> Selection:
-    """Groups to remove under cost ``model`` (ScoreCost, LSQCost or a lazy MeasuredCost)."""
+           round_to: int, min_channels: int, max_layer_ratio: float = 0.75,
+           progress: bool = False) -> Selection:
+    """Groups to remove under cost ``model`` (ScoreCost, LSQCost or a lazy MeasuredCost);
+    ``progress`` shows a bar of the multiply-adds removed against the target."""
     layers = make_layers(analysis, round_to, min_channels, max_layer_ratio)
     macs = _Macs(analysis.convs)
     before = analysis.total_macs
@@ -255,6 +260,10 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
     target = int(round((ratio or 0.0) * before))
     lazy = bool(getattr(model, "lazy", False))
     cache: Dict[int, Tuple[List[ChannelGroup], float, bool]] = {}   # unit, cost, fresh
+    bar = tqdm(total=round(target / 1e6, 1), desc="pruning: M multiply-adds removed", file=sys.stderr,
+               leave=False, disable=not progress or target <= 0,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f}")
+    bar.update(round(min(saved, target) / 1e6, 1))
     while saved < target:
         best = _best(layers, fixed, model, macs, cache, target - saved)
         if best is None:
@@ -269,6 +278,7 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
             continue
         gain = _remove(layers[i], cache[i][0], model, macs, sel)
         saved += gain
+        bar.update(round(min(saved, target) / 1e6, 1) - bar.n)
         sel.steps.append({"layer": layers[i].key[0][0] if layers[i].key[0] else "?",
                           "removed": len(cache[i][0]), "cost": round(float(cache[i][1]), 6),
                           "macs_saved": gain, "reduction": round(saved / before, 4)})
@@ -277,6 +287,7 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
             cache = {j: (u, c, False) for j, (u, c, _) in cache.items()}
         else:
             cache = {j: v for j, v in cache.items() if not model.touches(layers[i], layers[j])}
+    bar.close()
     sel.macs_after = before - saved
     sel.layers = {layer.key: (len(layer.groups), layer.kept) for layer in layers}
     return sel

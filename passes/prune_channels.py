@@ -35,6 +35,7 @@ with the reason. A model with nothing prunable raises PreconditionError.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -89,8 +90,9 @@ class PruneChannels(Pass):
                                         relative=opts.relative, dead_tol=opts.dead_tol)
         sal = saliency.saliency_maps(model, feeds, opts.threads) if (feeds and opts.saliency) else None
         cost, info = _cost_model(model, analysis, stats, scores, feeds, opts, ctx.seed, sal)
+        show = _show(opts)
         sel = _prune_select.select(analysis, cost, opts.ratio, opts.per_layer, opts.round_to,
-                                   opts.min_channels, opts.max_layer_ratio)
+                                   opts.min_channels, opts.max_layer_ratio, progress=show)
         if isinstance(cost, (_prune_cost.MeasuredCost, _prune_cost.SweepCost)):
             info["probe_runs"] = cost.probe.runs
         if isinstance(cost, _prune_cost.SweepCost):
@@ -104,12 +106,18 @@ class PruneChannels(Pass):
         means = {t: s.mean for t, s in stats.items()} if (stats and opts.fold_mean) else None
         pruned = _prune_rewrite.apply_keep(model, analysis, keep, means)
         if opts.reconstruct:
-            pruned, more = _refit(model, pruned, analysis, sel.removed, keep, feeds, opts, ctx.seed, sal)
+            pruned, more = _refit(model, pruned, analysis, sel.removed, keep, feeds, opts, ctx.seed, sal,
+                                  show)
             info.update(more)
         _prune_report.fill_report(report, model, pruned, analysis, sel, keep, scores, opts, info)
         if opts.kept_json:
             _prune_report.write_json(Path(opts.kept_json), report.details)
         return PassResult(pruned, True, report)
+
+
+def _show(opts: PruneOptions) -> bool:
+    """Progress bars: the option, else when stderr is a terminal."""
+    return sys.stderr.isatty() if opts.progress is None else opts.progress
 
 
 def _stats(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: List[Feeds],
@@ -137,7 +145,10 @@ def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
         model_cost, info = _prune_cost.measured_cost(model, analysis, feeds, params, **common)
     elif cost == "sweep":
         common["sens_images"] = opts.sweep_images
-        model_cost, info = _prune_cost.sweep_cost(model, analysis, feeds, params, **common)
+        n_layers = sum(layer.next_size() is not None for layer in _prune_select.make_layers(
+            analysis, opts.round_to, opts.min_channels, opts.max_layer_ratio))
+        model_cost, info = _prune_cost.sweep_cost(model, analysis, feeds, params, layers=n_layers,
+                                                  progress=_show(opts), **common)
     else:
         model_cost, info = _prune_cost.lsq_cost(model, analysis, feeds, stats, params,
                                                 use_gains=opts.gains, **common)
@@ -146,7 +157,7 @@ def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
 
 def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAnalysis, removed: set,
            keep: Dict[str, np.ndarray], feeds: List[Feeds], opts: PruneOptions, seed: int,
-           sal) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
+           sal, progress: bool = False) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
     """Least-squares refit of the Convs that lost input channels (and, with refit_scope
     'downstream', of every Conv below a pruned one; refit_head 'no' leaves the last Convs)."""
     convs = {r.node for g in analysis.groups if g.gid in removed for r in g.consumers}
@@ -159,5 +170,5 @@ def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAna
     out, errors, skipped = _prune_refit.refit(
         model, pruned, sorted(convs), keep, feeds, analysis.shapes, ridge=opts.refit_ridge,
         samples=opts.refit_samples,
-        sequential=opts.sequential, seed=seed, threads=opts.threads, saliency=sal)
+        sequential=opts.sequential, seed=seed, threads=opts.threads, saliency=sal, progress=progress)
     return out, {"refit": errors, "refit_skipped": skipped}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Dict, Optional
 
 import onnx
@@ -247,11 +248,12 @@ def test_yolov5n_pruned_by_l1_equals_the_zeroed_original(which, yolov5n_path, yo
     assert_exact(model, res.model, d)
 
 
-def test_sweep_cost_measures_non_decreasing_per_layer_curves():
+def test_sweep_cost_measures_non_decreasing_per_layer_curves(capsys):
     model = FAMILIES["yolov8"](bn=True)
     calib = verify.random_feeds(model, 3, 0)
-    res = run(model, calib, ratio=0.15, cost="sweep", sweep_images=2, samples=512)
+    res = run(model, calib, ratio=0.15, cost="sweep", sweep_images=2, samples=512, progress=True)
     d = res.report.details
+    assert re.search(r"sensitivity sweep: layers: 100%.*\| (\d+)/\1 ", capsys.readouterr().err)
     onnx.checker.check_model(res.model, full_check=True)
     assert d["cost"] == "sweep" and d["metric"] == "agreement" and d["mac_reduction"] >= 0.15
     assert d["curves"] and d["probe_runs"] >= len(d["curves"])
@@ -290,3 +292,13 @@ def test_float16_models_are_refused_naming_the_conv(which):
                                                 r"float32 models; export the model in float32"):
         p.requires(model, ctx)
     p.requires(build_yolov5_v6(opset=13), ctx)      # the float32 model passes the same check
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_selection_and_refit_show_progress_bars_when_asked(capsys, progress):
+    model = build_yolov5_v6(opset=13)
+    res = run(model, verify.random_feeds(model, 3, 0), ratio=0.2, progress=progress)
+    assert res.report.details["mac_reduction"] >= 0.2
+    err = capsys.readouterr().err
+    assert ("pruning: M multiply-adds removed" in err) == progress
+    assert ("refitting convs" in err) == progress
