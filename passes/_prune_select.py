@@ -262,7 +262,7 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
     cache: Dict[int, Tuple[List[ChannelGroup], float, bool]] = {}   # unit, cost, fresh
     bar = tqdm(total=round(target / 1e6, 1), desc="pruning: M multiply-adds removed", file=sys.stderr,
                leave=False, disable=not progress or target <= 0,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f}")
+               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}]")
     bar.update(round(min(saved, target) / 1e6, 1))
     while saved < target:
         best = _best(layers, fixed, model, macs, cache, target - saved)
