@@ -338,10 +338,10 @@ def input_dtypes(model: onnx.ModelProto) -> Dict[str, np.dtype]:
             for vi in model.graph.input if vi.name not in inits}
 
 
-def non_float32_weights(model: onnx.ModelProto) -> Optional[str]:
-    """The first Conv/ConvTranspose/Gemm/MatMul whose constant weight is not float32, described
-    ("Conv 'x' has float16 weights"), else None. Passes that calibrate or refit weights work in
-    float32 only."""
+def require_float32_weights(model: onnx.ModelProto) -> None:
+    """Raise PreconditionError naming the first Conv/ConvTranspose/Gemm/MatMul whose constant
+    weight is not float32 (a float16 export): the passes that calibrate or refit weights work in
+    float32 only (the pass manager puts the pass's name in front)."""
     consts = {t.name: t.data_type for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -351,8 +351,10 @@ def non_float32_weights(model: onnx.ModelProto) -> Optional[str]:
             dt = consts.get(n.input[1])
             if dt is not None and dt != onnx.TensorProto.FLOAT:
                 name = onnx.TensorProto.DataType.Name(dt).lower()
-                return f"{n.op_type} '{n.name or n.output[0]}' has {name} weights"
-    return None
+                raise PreconditionError(
+                    f"{n.op_type} '{n.name or n.output[0]}' has {name} weights: this pass works on float32 "
+                    "models; export the model in float32 (e.g. without half=True) and convert to float16 "
+                    "after optimizing")
 
 
 def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:

@@ -174,10 +174,3 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} ({self.numerics.value})>"
-
-
-def float32_only(why: str) -> str:
-    """The refusal of a pass that calibrates or refits weights, for a float16 (or other) model
-    (the pass manager puts the pass's name in front)."""
-    return (f"{why}: this pass works on float32 models; export the model in float32 (e.g. "
-            "without half=True) and convert to float16 after optimizing")

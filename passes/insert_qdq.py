@@ -18,8 +18,7 @@ from typing import Any, Dict, Optional
 import onnx
 
 from onnxslim_yolo import ir, verify
-from onnxslim_yolo.pass_base import (Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError,
-                                     float32_only)
+from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 from onnxslim_yolo.quant import ranges, rewrite
 from onnxslim_yolo.quant.accuracy import Controller
 from onnxslim_yolo.quant.options import QdqOptions
@@ -62,9 +61,7 @@ class InsertQDQ(Pass):
 
     def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:
         QdqOptions.parse(ctx.opts(self.name))
-        why = ir.non_float32_weights(model)
-        if why:
-            raise PreconditionError(float32_only(why))
+        ir.require_float32_weights(model)
         if not ctx.calib_inputs:
             raise PreconditionError(NO_CALIB)
 

@@ -45,8 +45,7 @@ import onnx
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis import activations, importance as imp, saliency, sensitivity
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, analyze_channels
-from onnxslim_yolo.pass_base import (Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError,
-                                     float32_only)
+from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 
 from . import _prune_cost, _prune_refit, _prune_report, _prune_rewrite, _prune_select
 from ._prune_options import NAME, PruneOptions, parse_options
@@ -72,9 +71,7 @@ class PruneChannels(Pass):
 
     def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:
         parse_options(ctx.opts(self.name), bool(ctx.calib_inputs))
-        why = ir.non_float32_weights(model)
-        if why:
-            raise PreconditionError(float32_only(why))
+        ir.require_float32_weights(model)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts = parse_options(ctx.opts(self.name), bool(ctx.calib_inputs))
