@@ -62,13 +62,13 @@ def _specializes(got: object, want: object) -> bool:
 
 
 def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
-                   feeds: Optional[Feeds]) -> Tuple[List[str], List[str]]:
-    """Human-readable I/O differences (names, order, dtypes, declared and run-time shapes), and the
-    inputs/outputs that only fix dims the reference leaves symbolic (``[1, 3, 640, 640]`` for
-    ``['batch', 3, 'h', 'w']``, as ``--input-shape`` does)."""
+                   feeds: Optional[Feeds]) -> Tuple[List[str], Dict[str, List[str]]]:
+    """Human-readable I/O differences (names, order, dtypes, declared and run-time shapes), and per
+    kind ("inputs", "outputs") the ones that only fix dims the reference leaves symbolic
+    (``[1, 3, 640, 640]`` for ``['batch', 3, 'h', 'w']``, as ``--input-shape`` does)."""
     a, b = _io(model), _io(reference)
     diffs: List[str] = []
-    fixed: List[str] = []
+    fixed: Dict[str, List[str]] = {"inputs": [], "outputs": []}
     for kind in ("inputs", "outputs"):
         if list(a[kind]) != list(b[kind]):
             diffs.append(f"{kind} {list(a[kind])} != reference {list(b[kind])}")
@@ -79,7 +79,7 @@ def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
             text = f"{kind[:-1]} '{n}' {a[kind][n][0]} {a[kind][n][1]}"
             ref = f"reference {b[kind][n][0]} {b[kind][n][1]}"
             if _specializes(a[kind][n], b[kind][n]):
-                fixed.append(f"{text} (the {ref})")
+                fixed[kind].append(f"{text} (the {ref})")
             else:
                 diffs.append(f"{text} != {ref}")
     if not diffs and feeds is not None:
@@ -96,19 +96,20 @@ def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional
     them (shape inference resolved them); fixed input dims warn."""
     name = "reference.io"
     try:
-        diffs, fixed = io_differences(model, reference, feeds)
+        diffs, by_kind = io_differences(model, reference, feeds)
     except SlimError as exc:
         return failed(name, f"cannot compare run-time shapes: {exc}")
     if diffs:
         return failed(name, "; ".join(diffs[:2]) + (f" (+{len(diffs) - 2} more)" if len(diffs) > 2 else ""),
                       differences=diffs)
     io = _io(model)
+    fixed = by_kind["inputs"] + by_kind["outputs"]
     if fixed:
         text = f"fixed dims the reference leaves symbolic: {fixed[0]}" + (
             f" (+{len(fixed) - 1} more)" if len(fixed) > 1 else "")
         if shape_given:
             return passed(name, f"as the input shape given, {text}", fixed=fixed, **io)
-        if any(f.startswith("input ") for f in fixed):
+        if by_kind["inputs"]:
             return warned(name, f"{text}; the model runs at that size only", fixed=fixed, **io)
         return passed(name, f"inputs equal the reference's; shape inference {text}", fixed=fixed, **io)
     return passed(name, "input/output names, types and shapes equal the reference's", **io)
