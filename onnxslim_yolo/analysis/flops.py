@@ -88,8 +88,8 @@ def _infer_static(model: onnx.ModelProto,
         return m  # shape inference in memory is limited to 2 GB protos; MACs may be partial
     inferred = _infer(m)
     folded = inferred
-    for _ in range(3):  # each round folds what the previous inference resolved
-        if not static or not _unshaped_outputs(folded):
+    for _ in range(3 if static else 0):  # each round folds what the previous inference resolved
+        if not _unshaped_outputs(folded):
             break
         graph = ir.to_graph(folded)
         try:
