@@ -133,9 +133,10 @@ def preprocess(img: np.ndarray, preset: Preset, size: Tuple[int, int],
 
 # ------------------------------------------------------------------------------------ models
 def detect_preset(model: onnx.ModelProto) -> str:
-    """The preset name for ``model``: from the output format (metadata, then layout), else yolov5."""
-    from .eval.decode import detect_format  # decode does not import data: no cycle
-    fmt = detect_format(model)
+    """The preset name for ``model``: from the exporter (metadata; any ultralytics task is
+    preprocessed like its detector), then the output layout, else yolov5."""
+    from .eval.decode import detect_format, exporter_family  # decode does not import data: no cycle
+    fmt = exporter_family(model)[0] or detect_format(model)
     return {"v8": "yolov8", "yolox": "yolox"}.get(fmt, "yolov5")
 
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnxslim_yolo import data
-from onnxslim_yolo.eval.decode import decode, detect_format, grid_size, yolox_grid
+from onnxslim_yolo.eval.decode import NotDetections, decode, detect_format, grid_size, yolox_grid
 from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, load_ground_truth, read_yolo_labels
 from onnxslim_yolo.eval.nms import nms, non_max_suppression, scale_boxes
 from onnxslim_yolo.evaluate import agreement, detections, evaluate, score
@@ -184,8 +184,16 @@ def test_detect_format_from_layout():
     assert detect_format(const_model("v5", np.zeros((0, 4)), []), output_shape=(1, 6, 84)) == "v8"
     m = const_model("v5", np.zeros((0, 4)), [])
     m.metadata_props.add(key="task", value="segment")
-    with pytest.raises(UsageError, match="ultralytics 'segment' export"):
+    with pytest.raises(NotDetections, match="ultralytics 'segment' export"):
         detect_format(m)
+    assert data.detect_preset(m) == "yolov8"  # preprocessed like the detector, not refused
+
+
+def test_decode_refuses_outputs_that_are_not_detections():
+    with pytest.raises(NotDetections, match=r"output of shape \[1, 1000\]"):
+        decode(np.zeros((1, 1000), np.float32), "v5", (64, 64))  # a classifier's logits
+    with pytest.raises(NotDetections, match="rows have 5 values"):
+        decode(np.zeros((1, 20, 5), np.float32), "v5", (64, 64))
 
 
 # ----------------------------------------------------------------------- ground truth and mAP

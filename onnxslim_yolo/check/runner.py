@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import onnx
 
 from .. import ir, verify
+from ..eval.decode import NotDetections
 from ..pass_base import PreconditionError, SlimError, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
 from .index import GraphIndex
@@ -135,7 +136,11 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
     if images is None:
         why = "no images (pass --images DIR)"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
-    dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape, opts.progress)
+    try:
+        dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape, opts.progress)
+    except NotDetections as exc:
+        why = f"not a detection output: {exc}"
+        return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
     return [_guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement)),
             _guard("accuracy.map_drop", lambda: accuracy.check_map_drop(dets, labels, opts.max_drop))]
 

@@ -26,6 +26,11 @@ ALIASES = {"yolov5": "v5", "yolov8": "v8", "yolo11": "v8", "yolov11": "v8", "v11
 STRIDES = (8, 16, 32)
 
 
+class NotDetections(UsageError):
+    """The model's output is not a YOLO detection layout this module decodes (a classifier, a
+    segmentation or pose export, ...): evaluation refuses it, checks skip detection metrics."""
+
+
 def normalize_format(fmt: str) -> str:
     f = ALIASES.get(fmt.lower(), fmt.lower())
     if f not in FORMATS:
@@ -37,20 +42,27 @@ def _metadata(model: onnx.ModelProto) -> Dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
-    """'v8' for ultralytics exports (task/imgsz/author keys), 'yolox' when named, 'v5' for yolov5."""
+def exporter_family(model: onnx.ModelProto) -> Tuple[Optional[str], str]:
+    """(family, task) from the metadata: 'yolox' when named, 'v8' for ultralytics exports
+    (task/imgsz/author keys; task 'detect', 'segment', 'pose', ...), 'v5' for yolov5."""
     meta = _metadata(model)
     text = " ".join([model.producer_name, model.graph.name, *meta.keys(), *meta.values()]).lower()
     if "yolox" in text:
-        return "yolox"
+        return "yolox", "detect"
     if "task" in meta or "imgsz" in meta or "ultralytics" in meta.get("author", "").lower():
-        task = meta.get("task", "detect")
-        if task != "detect":
-            raise UsageError(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
-        return "v8"
+        return "v8", meta.get("task", "detect")
     if "stride" in meta and "names" in meta:
-        return "v5"
-    return None
+        return "v5", "detect"
+    return None, "detect"
+
+
+def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
+    """The output format the metadata names (see :func:`exporter_family`); ultralytics exports of
+    another task than 'detect' raise: their outputs are not boxes and class scores alone."""
+    family, task = exporter_family(model)
+    if task != "detect":
+        raise NotDetections(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
+    return family
 
 
 def grid_size(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
@@ -109,14 +121,14 @@ def _squeeze(out: np.ndarray) -> np.ndarray:
         if out.shape[0] != 1:
             raise UsageError(f"output batch is {out.shape[0]}; evaluation runs one image at a time")
         out = out[0]
-    if out.ndim != 2:
-        raise UsageError(f"output of shape {list(out.shape)}; expected (1, N, 5+C) or (1, 4+C, N)")
+    if out.ndim != 2 or out.shape[0] == 1:
+        raise NotDetections(f"output of shape {list(out.shape)}; expected (1, N, 5+C) or (1, 4+C, N)")
     return out.astype(np.float32, copy=False)
 
 
 def _check_obj(p: np.ndarray) -> None:
     if p.shape[1] < 6:
-        raise UsageError(f"output rows have {p.shape[1]} values; expected xywh, obj and class scores")
+        raise NotDetections(f"output rows have {p.shape[1]} values; expected xywh, obj and class scores")
 
 
 def _decode_obj(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -149,7 +161,7 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
     p = _squeeze(output)
     if fmt == "v8":
         if p.shape[0] < 5:
-            raise UsageError(f"v8 output has {p.shape[0]} channels; expected 4 box + class scores")
+            raise NotDetections(f"v8 output has {p.shape[0]} channels; expected 4 box + class scores")
         p = p.T
         return xywh2xyxy(p[:, :4]), p[:, 4:]
     if fmt not in FORMATS:
@@ -160,7 +172,7 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
         return _decode_obj(p[keep])
     grid, stride = yolox_grid(input_hw)
     if grid.shape[0] != p.shape[0]:
-        raise UsageError(f"YOLOX output has {p.shape[0]} rows but a {input_hw[0]}x{input_hw[1]} "
+        raise NotDetections(f"YOLOX output has {p.shape[0]} rows but a {input_hw[0]}x{input_hw[1]} "
                          f"input gives {grid.shape[0]} grid points at strides {STRIDES}")
     p, grid, stride = p[keep].copy(), grid[keep], stride[keep]
     p[:, :2] = (p[:, :2] + grid) * stride

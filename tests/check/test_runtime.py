@@ -190,6 +190,27 @@ def test_moved_boxes_fail_agreement_and_map_drop(yolo, images, labels):
     assert accuracy.check_agreement(dets, min_agreement=0.0).status == "pass"
 
 
+def _classifier() -> onnx.ModelProto:
+    """Image in, (1, 10) logits out: runs, but has no detections to compare."""
+    w = numpy_helper.from_array(np.full((10, 3, 1, 1), 0.1, np.float32), "w")
+    nodes = [helper.make_node("Conv", ["images", "w"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["logits"], name="flat")]
+    g = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("images", T.FLOAT, [1, 3, 32, 32])],
+                          [helper.make_tensor_value_info("logits", T.FLOAT, [1, 10])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_accuracy_checks_skip_a_model_whose_output_is_not_detections(images, tmp_path):
+    m = _classifier()
+    rep = run_checks(m, reference=m, images=str(images), labels=str(tmp_path), latency=False)
+    st = statuses(rep)
+    assert st["accuracy.agreement"] == st["accuracy.map_drop"] == "skip"
+    why = next(r.message for r in rep.results if r.name == "accuracy.agreement")
+    assert why.startswith("not a detection output: output of shape [1, 10]")
+    assert st["reference.numerics"] == "pass"
+
+
 def test_labels_without_reference_report_candidate_map(yolo, images, labels):
     rep = run_checks(yolo, images=str(images), labels=str(labels), latency=False)
     r = rep.get("accuracy.map_drop")
