@@ -182,6 +182,25 @@ def model_input(model: onnx.ModelProto,
     return name, (int(c), int(hw[0]), int(hw[1]))
 
 
+def model_batch(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None) -> int:
+    """Images per run: N of an (N, C, H, W) ``input_shape``, else the image input's fixed batch
+    (an export with a static batch of 4 takes 4 images at once), else 1."""
+    if input_shape is not None and len(input_shape) == 4:
+        return max(int(input_shape[0]), 1)
+    dims = next(iter(ir.input_shapes(model).values()), ())
+    n = dims[0] if len(dims) else 1
+    return int(n) if isinstance(n, (int, np.integer)) and n > 1 else 1
+
+
+def groups(items: Sequence, n: int) -> List[list]:
+    """Consecutive groups of ``n`` items; the last group is filled up by repeating its last item
+    (a static-batch model needs full batches; callers drop what the filler gave)."""
+    out = [list(items[i:i + n]) for i in range(0, len(items), n)]
+    if out and len(out[-1]) < n:
+        out[-1] += [out[-1][-1]] * (n - len(out[-1]))
+    return out
+
+
 # ---------------------------------------------------------------------------------- iterators
 def _progress(it, total: Optional[int], desc: str, progress: bool):
     from tqdm import tqdm
@@ -221,7 +240,7 @@ def _array_batches(path: Path) -> List[np.ndarray]:
 
 
 def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dtype,
-                 limit: Optional[int], progress: bool) -> Iterator[Feeds]:
+                 limit: Optional[int], progress: bool, batch: int = 1) -> Iterator[Feeds]:
     batches = _array_batches(path)
     for a in batches:
         if a.shape[1] != chw[0]:
@@ -232,14 +251,15 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
                              f"expects {chw[1]}x{chw[2]}")
     samples = [a[i:i + 1] for a in batches for i in range(a.shape[0])]
     samples = samples[:limit] if limit else samples
-    for s in _progress(samples, len(samples), "tensors", progress):
-        yield {name: np.ascontiguousarray(s, dtype=dtype)}
+    for g in _progress(groups(samples, batch), -(-len(samples) // batch), "tensors", progress):
+        yield {name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}
 
 
 def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
                 limit: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
                 progress: bool = True) -> Iterator[Feeds]:
-    """Feeds ``{input_name: 1xCxHxW}`` from an image folder or a ``.npy``/``.npz`` of tensors.
+    """Feeds ``{input_name: NxCxHxW}`` from an image folder or a ``.npy``/``.npz`` of tensors,
+    N = :func:`model_batch` images per feed (1 unless the model's batch is fixed).
 
     Array files hold already-preprocessed CHW or NCHW tensors; their channel count and spatial
     size must match the model input. Image folders need a 3-channel model input.
@@ -250,35 +270,39 @@ def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] 
     if src.suffix.lower() in ARRAY_SUFFIXES:
         if not src.is_file():
             raise UsageError(f"{src}: no such file")
-        yield from _iter_arrays(src, name, chw, dtype, limit, progress)
+        yield from _iter_arrays(src, name, chw, dtype, limit, progress, model_batch(model, input_shape))
         return
     if chw[0] != 3:
         raise UsageError(f"{src}: model input '{name}' expects {chw[0]} channels but images are RGB "
                          "(3 channels); pass preprocessed tensors as .npy/.npz instead")
     p = get_preset(preset, model)
-    for x, _ in iter_images(src, p, chw[1:], limit, progress):
-        yield {name: x[None].astype(dtype, copy=False)}
+    files = list_images(src)[:limit] if limit else list_images(src)
+    feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape))
+    for i in _progress(range(len(feeds)), len(feeds), "images", progress):
+        yield feeds[i]
 
 
 class ImageFeeds(SequenceABC):
-    """Feeds read from an image folder on access, so memory holds one image, however many there are.
+    """Feeds read from an image folder on access, so memory holds one feed, however many images
+    there are. A feed holds ``batch`` images (the last one filled up by repeating its last image).
 
     Calibration walks the data several times (statistics, sensitivity, refits); decoding again
     costs a few milliseconds per image, keeping 128 preprocessed 640x640 inputs would cost 630 MB.
     """
 
     def __init__(self, files: Sequence[Path], name: str, preset: Preset, size: Tuple[int, int],
-                 dtype: np.dtype) -> None:
+                 dtype: np.dtype, batch: int = 1) -> None:
         self.files, self.name, self.preset, self.size, self.dtype = list(files), name, preset, size, dtype
+        self.groups = groups(self.files, batch)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.groups)
 
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        x, _ = preprocess(read_image(self.files[i]), self.preset, self.size, self.files[i])
-        return {self.name: x[None].astype(self.dtype, copy=False)}
+        xs = [preprocess(read_image(f), self.preset, self.size, f)[0] for f in self.groups[i]]
+        return {self.name: np.stack(xs).astype(self.dtype, copy=False)}
 
 
 def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
@@ -298,11 +322,13 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
         for f in _progress(files, len(files), "checking images", progress):
             read_image(f)
         feeds = ImageFeeds(files, name, get_preset(preset, model), chw[1:],
-                           ir.input_dtypes(model).get(name, np.dtype(np.float32)))
+                           ir.input_dtypes(model).get(name, np.dtype(np.float32)),
+                           model_batch(model, input_shape))
     if not len(feeds):
         raise UsageError(f"{source}: no calibration samples")
     return feeds
 
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
-           "detect_preset", "get_preset", "model_input", "iter_images", "iter_inputs", "load_calibration", "ImageFeeds"]
+           "detect_preset", "get_preset", "model_input", "model_batch", "groups", "iter_images",
+           "iter_inputs", "load_calibration", "ImageFeeds"]

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
 from . import data, ir, verify
-from .eval.decode import decode, detect_format, normalize_format
+from .eval.decode import NotDetections, decode, detect_format, normalize_format, per_image
 from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
@@ -55,6 +55,20 @@ def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float 
     return non_max_suppression(boxes, scores, conf, iou, max_det)
 
 
+def output_boxes(outputs: Sequence[np.ndarray], fmt: str, hw: Sequence[int],
+                 start: int = 0) -> List[ImageBoxes]:
+    """Detections (evaluation's settings, input pixels) of each image in raw outputs, one output
+    per feed; a feed holding a batch of images gives one entry per image, keyed 'feed.image'
+    (feeds counted from ``start``)."""
+    res = []
+    for i, out in enumerate(outputs, start):
+        for b, o in enumerate(per_image(out)):
+            d = raw_detections(o, fmt, hw)
+            res.append(ImageBoxes(f"{i}.{b}", tuple(hw), d[:, :4].astype(np.float64),
+                                  d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))
+    return res
+
+
 def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike],
                      preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6,
                      max_det: int = 300, fmt: Optional[str] = None,
@@ -78,14 +92,31 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
     dtype = ir.input_dtypes(protos[0]).get(name, np.dtype(np.float32))
     runners = [_Runner(m, fmt, threads) for m in protos]
     hw = chw[1:]
+    batch = data.model_batch(protos[0], input_shape)
     results: List[List[ImageBoxes]] = [[] for _ in protos]
-    for x, meta in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):
-        feeds = {name: x[None].astype(dtype, copy=False)}
+
+    def run_batch(pending: List[Tuple[np.ndarray, data.Meta]]) -> None:
+        """One feed of ``batch`` images (the last feed filled up); each real image's boxes kept."""
+        feeds = {name: np.stack([x for x, _ in data.groups(pending, batch)[0]]).astype(dtype, copy=False)}
         for run, res in zip(runners, results):
-            d = raw_detections(run(feeds, hw), run.fmt, hw, conf, iou, max_det)
-            d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
-            res.append(ImageBoxes(meta.path.name, meta.orig_hw, d[:, :4].astype(np.float64),
-                                  d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))
+            out = run(feeds, hw)
+            outs = per_image(out)
+            if len(outs) != batch:
+                raise NotDetections(f"output of shape {list(out.shape)} does not hold the {batch} images fed")
+            for o, (_, meta) in zip(outs, pending):
+                d = raw_detections(o, run.fmt, hw, conf, iou, max_det)
+                d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
+                res.append(ImageBoxes(meta.path.name, meta.orig_hw, d[:, :4].astype(np.float64),
+                                      d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))
+
+    pending: List[Tuple[np.ndarray, data.Meta]] = []
+    for item in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):
+        pending.append(item)
+        if len(pending) == batch:
+            run_batch(pending)
+            pending = []
+    if pending:
+        run_batch(pending)
     return results
 
 

@@ -56,7 +56,7 @@ class _Macs:
 
     def _macs(self, n: str, cout: int, cin: int) -> int:
         c = self.info[n]
-        return cout * cin * c.taps * c.spatial
+        return cout * cin * c.taps * c.positions
 
     def _deltas(self, groups: Sequence[ChannelGroup]) -> Dict[str, List[int]]:
         d: Dict[str, List[int]] = {}

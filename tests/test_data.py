@@ -208,3 +208,21 @@ def test_calibration_folder_is_lazy_and_matches_eager(tmp_path):
     for a, b in zip(lazy, eager):
         assert np.array_equal(a["images"], b["images"])
     assert len(lazy[:2]) == 2 and len(load_calibration(tmp_path, model, limit=2, progress=False)) == 2
+
+
+def test_a_static_batch_model_gets_full_batches_of_images(tmp_path: Path):
+    """A model exported with batch 2 is fed 2 images at a time; the last feed repeats its image."""
+    values = [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
+    for i, v in enumerate(values):
+        write_image(tmp_path / f"{i}.png", 8, 8, value=v)
+    m = declared_model((2, 3, 8, 8), (2, 252, 9))
+    assert data.model_batch(m) == 2 and data.model_batch(declared_model(("n", 3, 8, 8), (1, 2))) == 1
+    assert data.model_batch(m, (4, 3, 8, 8)) == 4 and data.model_batch(m, (8, 8)) == 2
+    for feeds in (data.load_calibration(tmp_path, m, progress=False),
+                  list(data.iter_inputs(tmp_path, m, progress=False))):
+        assert len(feeds) == 2 and all(f["images"].shape == (2, 3, 8, 8) for f in feeds)
+        firsts = [f["images"][b, :, 4, 4] * 255 for f in feeds for b in range(2)]
+        assert np.allclose(firsts, [values[0], values[1], values[2], values[2]], atol=1)
+    np.save(tmp_path / "x.npy", np.arange(3 * 3 * 64, dtype=np.float32).reshape(3, 3, 8, 8))
+    feeds = data.load_calibration(tmp_path / "x.npy", m, progress=False)
+    assert [f["images"][:, 0, 0, 0].tolist() for f in feeds] == [[0.0, 192.0], [384.0, 384.0]]

@@ -296,6 +296,26 @@ def test_detections_are_in_original_pixels_and_score_uses_labels(dataset):
     assert agreement(dets, dets)["map"] == pytest.approx(1.0)
 
 
+def test_a_static_batch_model_is_evaluated_image_by_image(dataset):
+    """Batch 2 over 3 images: two runs, the filler's boxes dropped, each image's boxes as with batch 1."""
+    images, labels = dataset
+    one = const_model("v5", letterboxed(LABELS, 16), CLASSES)
+    two = onnx.ModelProto()
+    two.CopyFrom(one)
+    rows = two.graph.output[0].type.tensor_type.shape.dim
+    two.graph.node[0].output[0] = "rows"
+    two.graph.initializer.append(numpy_helper.from_array(np.array([2, rows[1].dim_value, rows[2].dim_value]),
+                                                         "shape"))
+    two.graph.node.append(helper.make_node("Expand", ["rows", "shape"], ["output"]))
+    two.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    rows[0].dim_value = 2
+    a, b = detections(one, images, progress=False), detections(two, images, progress=False)
+    assert [d.key for d in b] == [d.key for d in a] == ["im0.png", "im1.png", "im2.png"]
+    for x, y in zip(a, b):
+        assert np.array_equal(x.boxes, y.boxes) and np.array_equal(x.scores, y.scores)
+    assert score(b, labels)["map"] == pytest.approx(1.0)
+
+
 def test_evaluate_errors(dataset, tmp_path: Path):
     images, labels = dataset
     model = const_model("v5", letterboxed(LABELS, 16), CLASSES)

@@ -89,12 +89,13 @@ class ConvInfo:
         return int(np.prod(self.weight_shape[2:]))
 
     @property
-    def spatial(self) -> int:
-        return int(np.prod(self.out_shape[2:]))
+    def positions(self) -> int:
+        """Output positions over batch and space (a static batch of N costs N times the MACs)."""
+        return int(np.prod(self.out_shape)) // max(int(self.out_shape[1]), 1)
 
     @property
     def macs(self) -> int:
-        return int(np.prod(self.weight_shape)) * self.spatial
+        return int(np.prod(self.weight_shape)) * self.positions
 
 
 @dataclass
@@ -225,11 +226,11 @@ def _group_macs(roles: Sequence[Role], convs: Mapping[str, ConvInfo]) -> int:
         if ci is None:
             continue
         if r.kind == "producer":
-            total += int(np.prod(ci.weight_shape[1:])) * ci.spatial
+            total += int(np.prod(ci.weight_shape[1:])) * ci.positions
         elif r.kind == "consumer":
-            total += ci.weight_shape[0] * ci.taps * ci.spatial
+            total += ci.weight_shape[0] * ci.taps * ci.positions
         elif r.kind == "depthwise":
-            total += ci.taps * ci.spatial
+            total += ci.taps * ci.positions
     return total
 
 

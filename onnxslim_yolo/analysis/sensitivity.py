@@ -119,8 +119,8 @@ class DetectionMetric:
         return None
 
     def _decode(self, out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        from ..eval.decode import decode
-        return decode(out, self.fmt, self.hw)
+        from ..eval.decode import decode_rows
+        return decode_rows(out, self.fmt, self.hw)
 
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
         rb, rs = self._decode(ref[0])
@@ -154,22 +154,19 @@ class AgreementMetric:
         self.ref_conf = AGREEMENT_CONF if ref_conf is None else ref_conf
         self.ref_dets: List = []
 
-    def _boxes(self, i: int, out: np.ndarray):
-        from ..eval.metrics import ImageBoxes
-        from ..evaluate import raw_detections
-        d = raw_detections(out, self.fmt, self.hw)
-        return ImageBoxes(str(i), self.hw, d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
-                          d[:, 4].astype(np.float64))
+    def _boxes(self, outs: Sequence[List[np.ndarray]]) -> list:
+        from ..evaluate import output_boxes
+        return output_boxes([o[0] for o in outs], self.fmt, self.hw)
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
-        self.ref_dets = [self._boxes(i, r[0]) for i, r in enumerate(refs)]
+        self.ref_dets = self._boxes(refs)
         if not any(len(d.above(self.ref_conf)) for d in self.ref_dets):
             raise SlimError(f"the model detects nothing scoring >= {self.ref_conf} on {len(refs)} "
                             "probe images: agreement is undefined")
 
     def total(self, refs: Sequence[List[np.ndarray]], news: Sequence[List[np.ndarray]]) -> float:
         from ..evaluate import agreement
-        cand = [self._boxes(i, n[0]) for i, n in enumerate(news)]
+        cand = self._boxes(news)
         return 1.0 - agreement(cand, self.ref_dets, self.ref_conf)["map"]
 
 

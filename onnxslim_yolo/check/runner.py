@@ -137,7 +137,8 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
         why = "no images (pass --images DIR)"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
     try:
-        dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape, opts.progress)
+        dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape,
+                               opts.progress)
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -149,6 +149,20 @@ def yolox_grid(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> Tup
 def _looks_decoded(p: np.ndarray) -> bool:
     # raw YOLOX xy are offsets of about -1..2 cells; decoded xy are pixels up to the input size
     return float(np.median(np.abs(p[:, :2]))) > 8.0
+
+
+def per_image(output: np.ndarray) -> List[np.ndarray]:
+    """Each image's output (batch axis kept, length 1) of a batched (N, ., .) output."""
+    if output.ndim == 3 and output.shape[0] > 1:
+        return [output[b:b + 1] for b in range(output.shape[0])]
+    return [output]
+
+
+def decode_rows(output: np.ndarray, fmt: str, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`decode` of every image of a batch, rows concatenated in batch order (for row-by-row
+    comparisons of two models' outputs)."""
+    parts = [decode(o, fmt, input_hw) for o in per_image(output)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],

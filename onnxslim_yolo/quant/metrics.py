@@ -67,8 +67,8 @@ class DetectionError:
         self.fmt, self.hw, self.min_conf = fmt, tuple(hw), min_conf
 
     def decoded(self, out: np.ndarray) -> tuple:
-        from ..eval.decode import decode
-        return decode(out, self.fmt, self.hw)
+        from ..eval.decode import decode_rows
+        return decode_rows(out, self.fmt, self.hw)
 
     def __call__(self, ref: Sequence[tuple], new: Sequence[np.ndarray]) -> float:
         num = den = 0.0
@@ -86,22 +86,18 @@ class DetectionError:
 
 
 def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list:
-    from ..eval.decode import decode, detect_format
-    from ..eval.metrics import ImageBoxes
-    from ..eval.nms import non_max_suppression
+    from ..eval.decode import detect_format
+    from ..evaluate import output_boxes
 
     sess = verify.session(model, threads=threads)
     name = sess.get_inputs()[0].name
-    res = []
+    res: list = []
     fmt: Optional[str] = None
-    for i, f in enumerate(feeds):
+    for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
         hw = tuple(int(d) for d in f[name].shape[2:])
         out = sess.run(None, f)[0]
         fmt = fmt or detect_format(model, output_shape=out.shape, input_hw=hw)
-        boxes, scores = decode(out, fmt, hw, 0.001)
-        d = non_max_suppression(boxes, scores, 0.001, 0.6, 300)
-        res.append(ImageBoxes(str(i), hw, d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
-                              d[:, 4].astype(np.float64)))
+        res += output_boxes([out], fmt, hw, start=i)
     return res
 
 

@@ -90,6 +90,28 @@ def test_pruned_equals_original_with_removed_channels_zeroed(name):
     assert_exact(model, res.model, res.report.details)
 
 
+def with_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
+    """The same graph with a static batch of ``n`` on its inputs and outputs (no Reshape inside)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = n
+    return m
+
+
+def test_a_static_batch_prunes_the_same_channels_to_the_same_fraction():
+    one = run(graphs.concat_graph(), ratio=0.3, round_to=1, **EXACT).report.details
+    model = with_batch(graphs.concat_graph(), 2)
+    res = run(model, ratio=0.3, round_to=1, **EXACT)
+    two = res.report.details
+    assert two["macs_before"] == 2 * one["macs_before"]
+    assert two["mac_reduction"] == one["mac_reduction"]
+    kept = [{k: v["kept_out"] for k, v in d["layers"].items()} for d in (one, two)]
+    assert kept[0] == kept[1]
+    assert_exact(model, res.model, two)
+
+
 def test_split_and_depthwise_attributes_follow_the_kept_channels():
     res = run(graphs.split_graph(11), per_layer={"a": 0.5}, round_to=1, **EXACT)
     split = next(n for n in res.model.graph.node if n.op_type == "Split")
