@@ -34,9 +34,9 @@ def _as_model(m: ModelLike) -> onnx.ModelProto:
 class _Runner:
     """A session, its output format and NMS settings for one model."""
 
-    def __init__(self, model: onnx.ModelProto, fmt: Optional[str], threads: int):
+    def __init__(self, model: onnx.ModelProto, fmt: Optional[str], threads: int, optimize: bool = True):
         self.model = model
-        self.sess = verify.session(model, optimize=True, threads=threads)
+        self.sess = verify.session(model, optimize=optimize, threads=threads)
         self.fmt = normalize_format(fmt) if fmt else None
 
     def __call__(self, feeds: Dict[str, np.ndarray], hw) -> np.ndarray:
@@ -73,11 +73,13 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
                      preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6,
                      max_det: int = 300, fmt: Optional[str] = None,
                      limit: Optional[int] = None, progress: bool = True, threads: int = 0,
-                     input_shape: Optional[Sequence[int]] = None) -> List[List[ImageBoxes]]:
+                     input_shape: Optional[Sequence[int]] = None,
+                     optimize: bool = True) -> List[List[ImageBoxes]]:
     """Per-model, per-image detections (boxes in original-image pixels) for every image in ``images``.
 
     All models must share the input name and size (an optimized model and its original).
     ``preset`` and ``fmt`` are detected from the first model / each model's output when None.
+    ``optimize`` False runs the sessions without onnxruntime's graph optimizations.
     """
     protos = [_as_model(m) for m in models]
     if not protos:
@@ -90,7 +92,7 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
         raise UsageError(f"model input '{name}' expects {chw[0]} channels; evaluation reads RGB images")
     p = data.get_preset(preset, protos[0])
     dtype = ir.input_dtypes(protos[0]).get(name, np.dtype(np.float32))
-    runners = [_Runner(m, fmt, threads) for m in protos]
+    runners = [_Runner(m, fmt, threads, optimize) for m in protos]
     hw = chw[1:]
     batch = data.model_batch(protos[0], input_shape)
     results: List[List[ImageBoxes]] = [[] for _ in protos]

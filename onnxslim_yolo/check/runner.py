@@ -142,7 +142,9 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
-    return [_guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement)),
+    noise = None if ref is None else (lambda: accuracy.self_agreement(
+        ref, dets, images, opts.preset, opts.limit, opts.threads, shape, opts.progress))
+    return [_guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement, noise)),
             _guard("accuracy.map_drop", lambda: accuracy.check_map_drop(dets, labels, opts.max_drop))]
 
 

@@ -185,9 +185,24 @@ def test_moved_boxes_fail_agreement_and_map_drop(yolo, images, labels):
     ag = rep.get("accuracy.agreement").details
     assert ag["map"] < ag["min_agreement"]
     assert st["accuracy.agreement"] == "fail"
+    assert ag["self_agreement"] > 0.9  # a stable reference: the move is the candidate's fault
     dets = accuracy.detect(shifted(yolo, 6.0), yolo, str(images), None, None, 1, None, False)
     assert accuracy.check_map_drop(dets, str(labels), max_drop=100.0).status == "pass"
     assert accuracy.check_agreement(dets, min_agreement=0.0).status == "pass"
+
+
+def test_agreement_below_the_floor_only_warns_when_the_reference_fails_it_against_itself(yolo, images):
+    dets = accuracy.detect(shifted(yolo, 6.0), yolo, str(images), None, None, 1, None, False)
+    calls = []
+
+    def noise(value):
+        return lambda: calls.append(value) or value
+
+    unstable = accuracy.check_agreement(dets, 0.5, noise(0.02))
+    assert unstable.status == "warn" and unstable.details["self_agreement"] == 0.02
+    assert "the reference scores 0.0200 against itself" in unstable.message
+    assert accuracy.check_agreement(dets, 0.5, noise(0.9)).status == "fail"
+    assert accuracy.check_agreement(dets, 0.0, noise(0.02)).status == "pass" and calls == [0.02, 0.9]
 
 
 def _classifier() -> onnx.ModelProto:
