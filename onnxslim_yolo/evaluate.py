@@ -55,6 +55,12 @@ def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float 
     return non_max_suppression(boxes, scores, conf, iou, max_det)
 
 
+def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray) -> ImageBoxes:
+    """ImageBoxes from (M, 6) ``x1 y1 x2 y2 score class`` rows."""
+    return ImageBoxes(key, tuple(hw), d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
+                      d[:, 4].astype(np.float64))
+
+
 def output_boxes(outputs: Sequence[np.ndarray], fmt: str, hw: Sequence[int],
                  start: int = 0) -> List[ImageBoxes]:
     """Detections (evaluation's settings, input pixels) of each image in raw outputs, one output
@@ -64,8 +70,7 @@ def output_boxes(outputs: Sequence[np.ndarray], fmt: str, hw: Sequence[int],
     for i, out in enumerate(outputs, start):
         for b, o in enumerate(per_image(out)):
             d = raw_detections(o, fmt, hw)
-            res.append(ImageBoxes(f"{i}.{b}", tuple(hw), d[:, :4].astype(np.float64),
-                                  d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))
+            res.append(_image_boxes(f"{i}.{b}", tuple(hw), d))
     return res
 
 
@@ -108,8 +113,7 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
             for o, (_, meta) in zip(outs, pending):
                 d = raw_detections(o, run.fmt, hw, conf, iou, max_det)
                 d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
-                res.append(ImageBoxes(meta.path.name, meta.orig_hw, d[:, :4].astype(np.float64),
-                                      d[:, 5].astype(np.int64), d[:, 4].astype(np.float64)))
+                res.append(_image_boxes(meta.path.name, meta.orig_hw, d))
 
     pending: List[Tuple[np.ndarray, data.Meta]] = []
     for item in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):
