@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from .eval.decode import FORMATS
 from .pass_base import SlimError
 
 
@@ -22,7 +23,7 @@ from .pass_base import SlimError
 @click.option("--conf", type=float, default=0.001, show_default=True, help="Score threshold.")
 @click.option("--iou", type=float, default=0.6, show_default=True, help="NMS IoU threshold.")
 @click.option("--max-det", type=int, default=300, show_default=True, help="Detections kept per image.")
-@click.option("--format", "fmt", type=click.Choice(["v5", "v8", "yolox"]),
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output layout (default: detected from metadata and output shape).")
 @click.option("--limit", type=int, help="Evaluate the first N images (by name).")
 @click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from . import data, ir, verify
-from .eval.decode import NotDetections, decode, detect_format, normalize_format, per_image
+from .eval.decode import (NotDetections, decode, detection_output, final_detections, normalize_format,
+                          outputs_format, per_image)
 from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
@@ -40,9 +41,10 @@ class _Runner:
         self.fmt = normalize_format(fmt) if fmt else None
 
     def __call__(self, feeds: Dict[str, np.ndarray], hw) -> np.ndarray:
-        out = verify.run(self.sess, feeds)[0]
+        outs = verify.run(self.sess, feeds)
+        out = detection_output(outs)
         if self.fmt is None:
-            self.fmt = detect_format(self.model, output_shape=out.shape, input_hw=hw)
+            self.fmt = outputs_format(self.model, outs, hw)
             log.info("output format: %s (detected from %s)", self.fmt, list(out.shape))
         return out
 
@@ -50,7 +52,9 @@ class _Runner:
 def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float = 0.001, iou: float = 0.6,
                    max_det: int = 300) -> np.ndarray:
     """(M, 6) detections ``x1 y1 x2 y2 score class`` in input pixels from one image's raw output
-    (decode, then NMS, with evaluation's settings by default)."""
+    (decode, then NMS, with evaluation's settings by default; a ``dets`` output ran NMS inside)."""
+    if fmt == "dets":
+        return final_detections(output, conf, max_det)
     boxes, scores = decode(output, fmt, hw, conf)
     return non_max_suppression(boxes, scores, conf, iou, max_det)
 

@@ -65,6 +65,47 @@ def random_feeds(model: onnx.ModelProto, n: int, seed: int,
     return out
 
 
+#: ops that pick elements by their values: a tiny change of a score can reorder or swap what
+#: comes out, so tensors downstream of them are compared through the candidates fed to them
+SELECTION_OPS = frozenset({"NonMaxSuppression", "TopK"})
+
+
+def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
+    """(float32 tensors computed before and consumed after a selection op (NMS, TopK), graph outputs
+    downstream of one). Empty lists for a model without such ops."""
+    g = model.graph
+    region: set = set()
+    nodes = []
+    for n in g.node:  # graph nodes are topologically sorted (onnx requires it)
+        if n.op_type in SELECTION_OPS or any(i in region for i in n.input if i):
+            region.update(o for o in n.output if o)
+            nodes.append(n)
+    if not nodes:
+        return [], []
+    consts = {i.name for i in g.initializer}
+    consts |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 -- without types nothing can be watched safely
+        return [], [o.name for o in g.output if o.name in region]
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(inferred.graph.value_info) + list(g.input) + list(g.output)}
+    outputs = {o.name for o in g.output}
+    frontier = [i for n in nodes for i in n.input if i and i not in region and i not in consts
+                and i not in outputs and types.get(i) == onnx.TensorProto.FLOAT]
+    return list(dict.fromkeys(frontier)), [o.name for o in g.output if o.name in region]
+
+
+def _watching(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the float tensors ``names``."""
+    if not names:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return m
+
+
 @dataclass(frozen=True)
 class OutputDiff:
     name: str
@@ -75,6 +116,9 @@ class OutputDiff:
     #: max abs diff of the reference against itself with onnxruntime optimizations on: the
     #: runtime's own float reordering, which an "exact" rewrite may also show
     noise_floor: float = 0.0
+    #: "output"; "selected" for a graph output downstream of NMS/TopK; "candidates" for a tensor
+    #: fed into that selection (:func:`selection_frontier`), compared in its place
+    role: str = "output"
 
     def as_dict(self) -> Dict[str, float]:
         return asdict(self)
@@ -99,19 +143,26 @@ def diff(name: str, ref: np.ndarray, new: np.ndarray) -> OutputDiff:
 
 def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
                    ref_optimized: bool = False, noise_floor: bool = True) -> List[OutputDiff]:
-    """Run both models on the same feeds; one worst-case diff per output (over all feeds).
+    """Run both models on the same feeds; one worst-case diff per output (over all feeds), then
+    one per tensor feeding an NMS or TopK that graph outputs pass through (role "candidates").
 
     The reference runs with graph optimizations disabled so that onnxruntime's own rewrites
     cannot hide (or cause) a difference. With ``noise_floor`` the reference also runs optimized,
     and the largest difference that alone causes is recorded next to each diff.
     """
-    rs = session(ref, optimize=ref_optimized)
-    ns = session(new, optimize=True)
-    fs = session(ref, optimize=True) if noise_floor and not ref_optimized else None
-    names = [o.name for o in rs.get_outputs()]
-    new_names = [o.name for o in ns.get_outputs()]
+    names = [o.name for o in ref.graph.output]
+    new_names = [o.name for o in new.graph.output]
     if names != new_names:
         raise VerificationError(f"graph outputs changed {names} -> {new_names}")
+    frontier, selected = selection_frontier(ref)
+    produced = {o for n in new.graph.node for o in n.output}
+    frontier = [t for t in frontier if t in produced]
+    role = {n: "selected" if n in selected else "output" for n in names}
+    role.update({t: "candidates" for t in frontier})
+    rs = session(_watching(ref, frontier), optimize=ref_optimized)
+    ns = session(_watching(new, frontier), optimize=True)
+    fs = session(_watching(ref, frontier), optimize=True) if noise_floor and not ref_optimized else None
+    names = names + frontier
     worst: Dict[str, OutputDiff] = {}
     for f in feeds:
         ref_out = run(rs, f)
@@ -122,7 +173,7 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
             w = worst.get(name, OutputDiff(name, 0.0, 0.0, 1.0, float("inf"), 0.0))
             worst[name] = OutputDiff(name, max(d.max_abs, w.max_abs), max(d.ref_max, w.ref_max),
                                      min(d.cosine, w.cosine), min(d.sqnr_db, w.sqnr_db),
-                                     max(nf, w.noise_floor))
+                                     max(nf, w.noise_floor), role[name])
     return [worst[n] for n in names]
 
 
@@ -142,7 +193,7 @@ def check_contract(diffs: Sequence[OutputDiff], numerics: str, tol: Tolerances) 
             if not within(d, tol.tolerance_rtol, tol.tolerance_atol, tol.noise_factor):
                 return False, (f"output '{d.name}': max abs diff {d.max_abs:.3g} exceeds tolerance "
                                f"{tol.tolerance_atol:g} + {tol.tolerance_rtol:g} x {d.ref_max:.3g}")
-        else:
+        elif d.role != "selected":  # a lossy pass may reorder what NMS keeps: judged by its candidates
             if not d.cosine >= tol.lossy_min_cosine:
                 return False, (f"output '{d.name}': cosine {d.cosine:.4f} below the lossy floor "
                                f"{tol.lossy_min_cosine}")
@@ -157,4 +208,5 @@ def check_runs(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> None:
 
 
 __all__ = ["session", "run", "random_feeds", "diff", "compare_models", "check_contract", "OutputDiff",
+           "selection_frontier", "SELECTION_OPS",
            "within", "check_runs", "SlimError"]

@@ -14,7 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnxslim_yolo import data
-from onnxslim_yolo.eval.decode import NotDetections, decode, detect_format, grid_size, yolox_grid
+from fixtures.postprocess import append_nms, split_boxes_scores
+from onnxslim_yolo.eval.decode import (NotDetections, decode, decode_rows, detect_format, grid_size,
+                                       row_format, yolox_grid)
 from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, load_ground_truth, read_yolo_labels
 from onnxslim_yolo.eval.nms import nms, non_max_suppression, scale_boxes
 from onnxslim_yolo.evaluate import agreement, detections, evaluate, score
@@ -189,6 +191,24 @@ def test_detect_format_from_layout():
     assert data.detect_preset(m) == "yolov8"  # preprocessed like the detector, not refused
 
 
+def test_detect_format_of_split_and_post_nms_outputs():
+    base = const_model("v5", np.zeros((0, 4)), [])
+    for channels_first in (False, True):
+        split = split_boxes_scores(base, channels_first)
+        assert [o.name for o in split.graph.output] == ["boxes", "scores"]
+        assert detect_format(split) == "xyxy" and row_format(split, (1, 252, 4), (64, 64)) is None
+    nms = append_nms(base, max_det=20)
+    assert detect_format(nms) == "dets" and row_format(nms, (1, 20, 6), (64, 64)) is None
+    ultra = const_model("v8", np.zeros((0, 4)), [])
+    ultra.metadata_props.add(key="task", value="detect")
+    assert detect_format(ultra, output_shape=(1, 300, 6)) == "dets"  # nms=True export: not (1, 4+C, N)
+    assert detect_format(ultra) == "v8" == row_format(ultra, (1, 6, 84), (64, 64))
+    one_class = const_model("v5", np.zeros((0, 4)), [], n_classes=1)  # (1, 3 x 84, 6): still a v5 head
+    assert detect_format(one_class) == "v5"
+    with pytest.raises(NotDetections, match="rows do not correspond"):
+        decode_rows(np.zeros((1, 20, 6), np.float32), "dets", (64, 64))
+
+
 def test_decode_refuses_outputs_that_are_not_detections():
     with pytest.raises(NotDetections, match=r"output of shape \[1, 1000\]"):
         decode(np.zeros((1, 1000), np.float32), "v5", (64, 64))  # a classifier's logits
@@ -286,6 +306,22 @@ def test_evaluate_constant_model_recovers_labels(dataset, fmt):
     assert 0.0 < res2["map"] < 0.9
 
 
+@pytest.mark.parametrize("tail", ["split", "split_channels_first", "nms"])
+def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
+    """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered."""
+    images, labels = dataset
+    base = const_model("v5", letterboxed(LABELS, 16), CLASSES)
+    model = {"split": lambda m: split_boxes_scores(m),
+             "split_channels_first": lambda m: split_boxes_scores(m, True),
+             "nms": lambda m: append_nms(m, max_det=20)}[tail](base)
+    ref, got = (detections(m, images, progress=False, threads=1) for m in (base, model))
+    for a, b in zip(ref, got):
+        ia, ib = np.argsort(a.classes), np.argsort(b.classes)  # equal scores: any order
+        assert len(a) == len(b) == 2 and np.allclose(b.boxes[ib], a.boxes[ia], atol=1e-4)
+        assert np.allclose(b.scores[ib], a.scores[ia]) and b.classes[ib].tolist() == a.classes[ia].tolist()
+    assert evaluate(model, images, labels, progress=False, threads=1)["map"] == pytest.approx(1.0)
+
+
 def test_detections_are_in_original_pixels_and_score_uses_labels(dataset):
     images, labels = dataset
     dets = detections(const_model("v5", letterboxed(LABELS, 16), CLASSES), images, progress=False, threads=1)
@@ -353,3 +389,13 @@ def test_yolov5n_coco128_matches_reference(yolov5n_path: Path, coco128: Path):
     assert 0.547 <= res["map50"] <= 0.557
     assert agreement(dets[:8], dets[:8])["map"] == pytest.approx(1.0)
     assert data.detect_preset(onnx.load(str(yolov5n_path), load_external_data=False)) == "yolov5"
+
+
+def test_yolov5n_with_nms_inside_or_split_outputs_scores_the_same(yolov5n_path: Path, coco128: Path):
+    """The real head behind an ONNX NonMaxSuppression tail, and as boxes + scores outputs."""
+    model = onnx.load(str(yolov5n_path))
+    ref = score(detections(model, coco128 / "images", progress=False, limit=32), coco128 / "labels")
+    for tail in (append_nms(model), split_boxes_scores(model, channels_first=True)):
+        res = score(detections(tail, coco128 / "images", progress=False, limit=32), coco128 / "labels")
+        assert res["map"] == pytest.approx(ref["map"], abs=1e-4)
+        assert res["n_detections"] == ref["n_detections"]

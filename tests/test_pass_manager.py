@@ -93,6 +93,30 @@ def test_lossy_pass_floor_enforced():
         PassManager([bad], PassContext(tolerances=Tolerances(lossy_min_cosine=0.99))).run(small_model())
 
 
+def candidates_then_nms() -> onnx.ModelProto:
+    """256 candidate rows (x y w h obj 2 classes, all in 0..1) from a Conv, then an NMS tail."""
+    from fixtures.postprocess import append_nms
+    b = GraphBuilder(opset=13, seed=3)
+    x = b.input("images", (1, 3, 16, 16))
+    y = b.sigmoid(b.conv(x, 7, k=3))
+    y = b.node("Reshape", [y, b.i64([1, 7, 256])], shapes=[(1, 7, 256)])
+    y = b.node("Transpose", [y], shapes=[(1, 256, 7)], perm=[0, 2, 1])
+    return append_nms(b.make_model([x], [y]), max_det=50, iou=0.3)
+
+
+def test_lossy_pass_is_judged_by_the_candidates_an_nms_keeps_from():
+    """A small weight change reorders what the NMS keeps (its output's cosine collapses), yet its
+    candidates barely move: the lossy contract holds; a sign flip of the weights still fails."""
+    ok = PassManager([ScaleWeights(1.05, Numerics.LOSSY)], PassContext()).run(candidates_then_nms())
+    by_role = {}
+    for d in ok.records[0].verification:
+        by_role.setdefault(d["role"], []).append(d["cosine"])
+    assert set(by_role) == {"selected", "candidates"}
+    assert min(by_role["selected"]) < 0.9 < min(by_role["candidates"])
+    with pytest.raises(VerificationError, match=r"output 'nms_\d+': cosine .* below the lossy floor"):
+        PassManager([ScaleWeights(-1.0, Numerics.LOSSY)], PassContext()).run(candidates_then_nms())
+
+
 def test_no_verify_skips_the_check():
     res = PassManager([ScaleWeights(1.05)], PassContext(verify=False)).run(small_model())
     assert res.records[0].modified and res.records[0].verification == []

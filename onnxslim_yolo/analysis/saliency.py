@@ -27,16 +27,13 @@ STRIDES = (8, 16, 32)
 def layout(model: onnx.ModelProto):
     """(format, input hw) of a single-output YOLO detector, (None, None) otherwise."""
     from ..data import model_input
-    from ..eval.decode import _static_output_shape, format_from_metadata, format_from_shape
+    from ..eval.decode import _static_output_shape, row_format
     try:
-        shape = _static_output_shape(model)
-        if len(model.graph.output) != 1 or len(shape) != 3:
-            return None, None
         hw = model_input(model)[1][1:]
-        fmt = format_from_metadata(model) or format_from_shape(shape, hw)
+        fmt = row_format(model, _static_output_shape(model), hw)
     except Exception:  # unknown layout: uniform sampling
         return None, None
-    return fmt, hw
+    return (fmt, hw) if fmt else (None, None)
 
 
 def detection_map(scores: np.ndarray, hw: Sequence[int]) -> Optional[np.ndarray]:

@@ -127,7 +127,7 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
     text = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, cosine {d.cosine:.6f}, SQNR {d.sqnr_db:.1f} dB"
                      for d in diffs[:2])
     details = {"outputs": table, "min_cosine": min_cosine, "feeds": f"{len(feeds)} {feed_source}"}
-    low = [d for d in diffs if not d.cosine >= min_cosine]
+    low = [d for d in diffs if not d.cosine >= min_cosine and d.role != "selected"]
     if low:
         return failed(name, f"cosine {low[0].cosine:.4f} of output '{low[0].name}' below {min_cosine} "
                             f"({text})",

@@ -6,6 +6,12 @@ Formats:
   ``yolox`` (1, N, 5+C) raw YOLOX head: xy offsets from the grid cell and log wh per stride
             8/16/32, sigmoid obj and cls; score = obj * cls. An export that already decoded the
             boxes (``decode_in_inference``) is recognised from its values and read like ``v5``.
+  ``xyxy``  two outputs, boxes (1, N, 4) x1 y1 x2 y2 and class scores (1, N, C) or (1, C, N), no
+            objectness (YOLO-NAS, PP-YOLOE, DAMO-YOLO exports); :func:`detection_output` joins
+            them into one (1, N, 4+C) array.
+  ``dets``  (1, K, 6) detections after NMS, ``x1 y1 x2 y2 score class`` (ultralytics ``nms=True``
+            and end-to-end exports). Rows are not candidates: they do not correspond between two
+            models, so only NMS-level comparisons (mAP, agreement) apply, not row-by-row ones.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ from ..pass_base import UsageError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("v5", "v8", "yolox")
+FORMATS = ("v5", "v8", "yolox", "xyxy", "dets")
+#: formats whose rows are candidates in a fixed order (row i of two models is the same anchor)
+ROW_FORMATS = ("v5", "v8", "yolox", "xyxy")
 ALIASES = {"yolov5": "v5", "yolov8": "v8", "yolo11": "v8", "yolov11": "v8", "v11": "v8",
            "ultralytics": "v8"}
 STRIDES = (8, 16, 32)
@@ -65,13 +73,56 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
     return family
 
 
+def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
+    """(boxes index, scores index, scores channels-first) when ``shapes`` are exactly two outputs,
+    boxes (B, N, 4) and scores (B, N, C) or (B, C, N) with C != 4; else None."""
+    if len(shapes) != 2 or any(len(s) != 3 for s in shapes):
+        return None
+    for bi in (0, 1):
+        box, sc = shapes[bi], shapes[1 - bi]
+        n = box[1]
+        if box[2] != 4 or not isinstance(n, (int, np.integer)) or n <= 0:
+            continue
+        if sc[1] == n and sc[2] != 4:
+            return bi, 1 - bi, False
+        if sc[2] == n and sc[1] != 4:
+            return bi, 1 - bi, True
+    return None
+
+
+def detection_output(outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The one array :func:`decode` reads from a model's outputs: the first output, or for a
+    boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C)."""
+    split = split_layout([o.shape for o in outputs])
+    if split is None:
+        return outputs[0]
+    bi, si, channels_first = split
+    scores = outputs[si].transpose(0, 2, 1) if channels_first else outputs[si]
+    return np.concatenate([outputs[bi].astype(np.float32, copy=False),
+                           scores.astype(np.float32, copy=False)], axis=2)
+
+
+def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
+                   input_hw: Optional[Sequence[int]] = None) -> str:
+    """:func:`detect_format` from a run's outputs (their real shapes, dynamic axes included)."""
+    if split_layout([o.shape for o in outputs]) is not None:
+        return "xyxy"
+    return detect_format(model, output_shape=outputs[0].shape, input_hw=input_hw)
+
+
+def _declared_shapes(model: onnx.ModelProto) -> List[Tuple]:
+    return [tuple(d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim)
+            for o in model.graph.output]
+
+
 def grid_size(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
     """Number of anchor points of an anchor-free head over ``strides``."""
     return sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in strides)
 
 
 def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]]) -> Optional[str]:
-    """Guess from the output layout: channels-first -> v8; N == grid points -> yolox; else v5."""
+    """Guess from the output layout: channels-first -> v8; N == grid points -> yolox; 6 values
+    per row and fewer rows than anchors -> dets (after NMS); else v5."""
     dims = list(shape)[-2:] if len(shape) >= 2 else []
     if len(dims) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
         return None
@@ -82,7 +133,14 @@ def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]]) -> Opt
         return None
     if input_hw is not None and a == grid_size(input_hw):
         return "yolox"
+    if b == 6 and _few_rows(a, input_hw):
+        return "dets"
     return "v5"
+
+
+def _few_rows(rows: int, input_hw: Optional[Sequence[int]]) -> bool:
+    """Fewer rows than a YOLO head has candidates (one per grid point at strides 8/16/32)."""
+    return rows < (grid_size(input_hw) if input_hw is not None else 1000)
 
 
 def _static_output_shape(model: onnx.ModelProto) -> Tuple:
@@ -91,12 +149,22 @@ def _static_output_shape(model: onnx.ModelProto) -> Tuple:
                  for d in out.type.tensor_type.shape.dim)
 
 
+def _format_from(model: onnx.ModelProto, shape: Sequence, input_hw: Optional[Sequence[int]]) -> Optional[str]:
+    fmt = format_from_metadata(model)
+    if fmt and len(shape) == 3 and shape[-1] == 6 and isinstance(shape[-2], (int, np.integer)):
+        rows = int(shape[-2])
+        # (1, K, 6) is not the (1, 4+C, N) v8 layout, nor a head with fewer rows than anchors
+        if (fmt == "v8" and rows > 6) or _few_rows(rows, input_hw):
+            return "dets"
+    return fmt or format_from_shape(shape, input_hw)
+
+
 def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] = None,
                   input_hw: Optional[Sequence[int]] = None) -> str:
-    """Output format of ``model``: metadata first, then the (given or declared) output layout."""
-    fmt = format_from_metadata(model)
-    if fmt:
-        return fmt
+    """Output format of ``model``: a boxes + scores pair of outputs is ``xyxy``; else metadata
+    first (an ultralytics (1, K, 6) output is ``dets``), then the (given or declared) layout."""
+    if split_layout(_declared_shapes(model)) is not None:
+        return "xyxy"
     if input_hw is None:
         from ..data import model_input
         try:
@@ -104,7 +172,18 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
         except UsageError:
             input_hw = None
     shape = output_shape if output_shape is not None else _static_output_shape(model)
-    return format_from_shape(shape, input_hw) or "v5"
+    return _format_from(model, shape, input_hw) or "v5"
+
+
+def row_format(model: onnx.ModelProto, shape: Sequence, input_hw: Optional[Sequence[int]]) -> Optional[str]:
+    """The format of a single-output model whose output ``shape`` holds candidates row by row
+    (:data:`ROW_FORMATS`), for metrics that compare two models row by row; None otherwise
+    (unknown layout, several outputs, detections after NMS). Raises NotDetections for
+    ultralytics exports of another task."""
+    if len(model.graph.output) != 1 or len(shape) != 3:
+        return None
+    fmt = _format_from(model, shape, input_hw)
+    return fmt if fmt in ROW_FORMATS else None
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -160,7 +239,9 @@ def per_image(output: np.ndarray) -> List[np.ndarray]:
 
 def decode_rows(output: np.ndarray, fmt: str, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`decode` of every image of a batch, rows concatenated in batch order (for row-by-row
-    comparisons of two models' outputs)."""
+    comparisons of two models' outputs). Refuses ``dets``, whose rows do not correspond."""
+    if fmt == "dets":
+        raise NotDetections("the output holds detections after NMS; rows do not correspond between models")
     parts = [decode(o, fmt, input_hw) for o in per_image(output)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -178,6 +259,15 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
             raise NotDetections(f"v8 output has {p.shape[0]} channels; expected 4 box + class scores")
         p = p.T
         return xywh2xyxy(p[:, :4]), p[:, 4:]
+    if fmt == "xyxy":
+        if p.shape[1] < 5:
+            raise NotDetections(f"xyxy output rows have {p.shape[1]} values; expected 4 box + class scores")
+        return p[:, :4], p[:, 4:]
+    if fmt == "dets":
+        d = final_detections(p, conf or 0.0)
+        scores = np.zeros((len(d), int(d[:, 5].max()) + 1 if len(d) else 1), np.float32)
+        scores[np.arange(len(d)), d[:, 5].astype(np.int64)] = d[:, 4]
+        return d[:, :4], scores
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format '{fmt}'; choose one of {', '.join(FORMATS)}")
     _check_obj(p)
@@ -192,3 +282,15 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
     p[:, :2] = (p[:, :2] + grid) * stride
     p[:, 2:4] = np.exp(p[:, 2:4]) * stride
     return _decode_obj(p)
+
+
+def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300) -> np.ndarray:
+    """(M, 6) ``x1 y1 x2 y2 score class`` of a ``dets`` output (NMS already ran in the model):
+    rows scoring > ``conf``, best first, at most ``max_det``. Padding rows (score 0) drop out."""
+    p = _squeeze(output)
+    if p.shape[1] != 6:
+        raise NotDetections(f"detection rows have {p.shape[1]} values; expected x1 y1 x2 y2 score class")
+    p = p[p[:, 4] > conf]
+    if (p[:, 5] < 0).any() or not np.all(np.isfinite(p)):
+        raise NotDetections("detection rows hold a negative class or non-finite values")
+    return p[np.argsort(-p[:, 4], kind="stable")[:max_det]].astype(np.float32)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from .. import verify
 from ..pass_base import PassReport
 from . import metrics, mixed
 from .pipeline import Built, Quantizer
@@ -27,10 +28,11 @@ GUARD_MARGIN = 0.005
 
 
 def output_format(q: Quantizer) -> Optional[str]:
-    """The decoded YOLO output format ("v5", "v8", "yolox"), or None to measure the head maps."""
-    from ..eval.decode import format_from_metadata, format_from_shape
+    """The YOLO output format whose rows two models share ("v5", "v8", "yolox", "xyxy"), or None
+    to measure the head maps."""
+    from ..eval.decode import row_format
 
-    if q.head.family == "unknown" or len(q.model.graph.output) != 1:
+    if q.head.family == "unknown":
         return None
     shape = dict(q.head.outputs).get(q.model.graph.output[0].name, ())
     hw = None
@@ -39,7 +41,7 @@ def output_format(q: Quantizer) -> Optional[str]:
         if len(d) == 4:
             hw = d[2:]
     try:
-        return format_from_metadata(q.model) or format_from_shape(shape, hw)
+        return row_format(q.model, shape, hw)
     except Exception:  # unknown layout: fall back to the head maps
         return None
 
@@ -159,14 +161,16 @@ class Controller:
     def quality(self, model: onnx.ModelProto, feeds: Sequence[Feeds]) -> Dict[str, Dict[str, float]]:
         """Per graph output and head map: cosine and SQNR against the float model (cached)."""
         if id(model) not in self._quality:
-            self._quality[id(model)] = metrics.output_quality(self.q.model, model, feeds,
-                                                              self.q.head.last_conv_outputs, self.o.threads)
+            extra = list(self.q.head.last_conv_outputs) + verify.selection_frontier(self.q.model)[0]
+            self._quality[id(model)] = metrics.output_quality(self.q.model, model, feeds, extra,
+                                                              self.o.threads)
         return self._quality[id(model)]
 
     def guard(self, built: Built, feeds: Sequence[Feeds], floor: float) -> Built:
         """Keep the worst output cosine on ``feeds`` at or above ``floor`` (+ a margin)."""
         target = floor + GUARD_MARGIN
-        outs = [o.name for o in self.q.model.graph.output]
+        frontier, selected = verify.selection_frontier(self.q.model)
+        outs = [o.name for o in self.q.model.graph.output if o.name not in selected] + frontier
 
         def worst(m: onnx.ModelProto) -> float:
             qual = self.quality(m, feeds)

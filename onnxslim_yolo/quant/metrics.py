@@ -86,7 +86,7 @@ class DetectionError:
 
 
 def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list:
-    from ..eval.decode import detect_format
+    from ..eval.decode import detection_output, outputs_format
     from ..evaluate import output_boxes
 
     sess = verify.session(model, threads=threads)
@@ -95,8 +95,9 @@ def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list
     fmt: Optional[str] = None
     for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
         hw = tuple(int(d) for d in f[name].shape[2:])
-        out = sess.run(None, f)[0]
-        fmt = fmt or detect_format(model, output_shape=out.shape, input_hw=hw)
+        outs = sess.run(None, f)
+        out = detection_output(outs)
+        fmt = fmt or outputs_format(model, outs, hw)
         res += output_boxes([out], fmt, hw, start=i)
     return res
 

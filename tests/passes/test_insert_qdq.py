@@ -291,6 +291,21 @@ def test_guard_keeps_the_manager_floor() -> None:
     assert res.report.counts["int8_layers"] >= 1
 
 
+def test_guard_judges_an_nms_output_by_its_candidates() -> None:
+    """With NMS inside the graph, the guard measures the boxes and scores fed to it: the kept rows
+    reorder under INT8 noise (output cosine far below the floor) and would restore every layer."""
+    from fixtures.postprocess import append_nms
+    model = append_nms(fixtures.build_yolov5_v6(bn=False))
+    c = ctx(model, guard=True)
+    res = InsertQDQ().run(model, c)
+    feeds = verify.random_feeds(model, c.verify_samples, c.seed) + list(c.calib_inputs[: c.verify_samples])
+    diffs = verify.compare_models(model, res.model, feeds)
+    worst = {r: min(d.cosine for d in diffs if d.role == r) for r in ("selected", "candidates")}
+    assert worst["selected"] < c.tolerances.lossy_min_cosine <= worst["candidates"]
+    assert verify.check_contract(diffs, "lossy", c.tolerances)[0]
+    assert res.report.counts["int8_layers"] >= 10
+
+
 # -------------------------------------------------------------------------------- real model
 def test_yolov5n_sixteen_images(yolov5n_path, coco128) -> None:
     from onnxslim_yolo.data import load_calibration
