@@ -7,7 +7,8 @@ The exports are made by a Python with ``ultralytics`` and ``torchvision`` instal
 PyTorch, which this project does not depend on; ``--exporter-python`` names that interpreter):
 Ultralytics YOLOv8n (opset 11, 17 and 21, dynamic axes, a static batch of 2, ``nms=True``),
 YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb and classify
-heads and RT-DETR-L at 320x320, and torchvision ShuffleNetV2-0.5 and MobileNetV3-small. The
+heads and RT-DETR-L at 320x320, torchvision ShuffleNetV2-0.5 and MobileNetV3-small, and with
+``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
@@ -47,6 +48,36 @@ for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):
                       input_names=["images"], dynamo=False)
 '''
 
+#: Megvii YOLOX nano (depthwise), tiny and s from the YOLOX source tree (the PyPI sdist
+#: yolox-0.3.0.tar.gz unpacked; its setup.py needs torch at build time, so it is not installed),
+#: exported as its tools/export_onnx.py does: opset 11, SiLU as x * sigmoid(x), BN folded by
+#: torch; the raw head (the default) and with decode_in_inference. BN statistics are randomised.
+EXPORT_YOLOX = r'''
+import sys, torch
+from torch import nn
+src, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, src)
+from yolox.models import YOLOPAFPN, YOLOXHead, YOLOX
+from yolox.models.network_blocks import SiLU
+from yolox.utils import replace_module
+sizes = {"nano": (0.33, 0.25, True, 416), "tiny": (0.33, 0.375, False, 416), "s": (0.33, 0.5, False, 640)}
+for name, (depth, width, dw, size) in sizes.items():
+    for decode in (False, True):
+        torch.manual_seed(0)
+        m = YOLOX(YOLOPAFPN(depth, width, act="silu", depthwise=dw),
+                  YOLOXHead(80, width, act="silu", depthwise=dw))
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                nn.init.uniform_(mod.weight, 0.5, 1.5); nn.init.uniform_(mod.bias, -0.2, 0.2)
+                mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+        m.head.initialize_biases(1e-2)
+        m = replace_module(m.eval(), nn.SiLU, SiLU)
+        m.head.decode_in_inference = decode
+        path = f"{out}/yolox_{name}{'_decoded' if decode else ''}.onnx"
+        torch.onnx.export(m, torch.randn(1, 3, size, size), path,
+                          input_names=["images"], output_names=["output"], opset_version=11, dynamo=False)
+'''
+
 PIPELINES = {"exact": [], "int8": ["--int8"], "prune": ["--prune", "0.1"]}
 #: pipelines left out per export: pruning RT-DETR-L (15 G multiply-adds at 320x320, 27 M
 #: parameters) measures candidates for more than 20 minutes on 2 cores
@@ -79,11 +110,17 @@ def main(argv=None) -> int:
     ap.add_argument("--exporter-python", required=True, help="a Python with ultralytics and torchvision")
     ap.add_argument("--calib", required=True, help="calibration images")
     ap.add_argument("--out", default=None, help="folder for the exports, outputs and reports")
+    ap.add_argument("--yolox-src", default=None,
+                    help="YOLOX source tree (unpacked yolox-0.3.0 sdist): also export YOLOX nano/tiny/s; "
+                         "the exporter Python then needs loguru, thop and tabulate")
     args = ap.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="try_exports_"))
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run([args.exporter_python, "-c", EXPORT, str(out)], check=True, capture_output=True,
                    cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
+    if args.yolox_src:
+        subprocess.run([args.exporter_python, "-c", EXPORT_YOLOX, args.yolox_src, str(out)], check=True,
+                       capture_output=True, cwd=out)
     rows = [run(m, p, args.calib, out) for m in sorted(out.glob("*.onnx")) if "." not in m.stem
             for p in PIPELINES if p not in LEFT_OUT.get(m.stem, ())]
     print("| model | pipeline | rc | nodes | MACs change | size MB | checks |")

@@ -144,12 +144,11 @@ def _few_rows(rows: int, input_hw: Optional[Sequence[int]]) -> bool:
 
 
 def _static_output_shape(model: onnx.ModelProto) -> Tuple:
-    out = model.graph.output[0]
-    return tuple(d.dim_value if d.HasField("dim_value") else None
-                 for d in out.type.tensor_type.shape.dim)
+    return _declared_shapes(model)[0]
 
 
-def _format_from(model: onnx.ModelProto, shape: Sequence, input_hw: Optional[Sequence[int]]) -> Optional[str]:
+def _format_from(model: onnx.ModelProto, shape: Sequence,
+                 input_hw: Optional[Sequence[int]]) -> Optional[str]:
     fmt = format_from_metadata(model)
     if fmt and len(shape) == 3 and shape[-1] == 6 and isinstance(shape[-2], (int, np.integer)):
         rows = int(shape[-2])
