@@ -144,7 +144,8 @@ def diff(name: str, ref: np.ndarray, new: np.ndarray) -> OutputDiff:
 def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
                    ref_optimized: bool = False, noise_floor: bool = True) -> List[OutputDiff]:
     """Run both models on the same feeds; one worst-case diff per output (over all feeds), then
-    one per tensor feeding an NMS or TopK that graph outputs pass through (role "candidates").
+    one for the tensors feeding an NMS or TopK that graph outputs pass through, joined (role
+    "candidates").
 
     The reference runs with graph optimizations disabled so that onnxruntime's own rewrites
     cannot hide (or cause) a difference. With ``noise_floor`` the reference also runs optimized,
@@ -158,16 +159,26 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     produced = {o for n in new.graph.node for o in n.output}
     frontier = [t for t in frontier if t in produced]
     role = {n: "selected" if n in selected else "output" for n in names}
-    role.update({t: "candidates" for t in frontier})
+    # the candidates, taken together, stand for the outputs the selection picks from, as one
+    # output holding boxes and scores does in a model without NMS inside
+    joint = f"{frontier[0]} + {len(frontier) - 1} more" if len(frontier) > 1 else "".join(frontier)
+    role[joint] = "candidates"
     rs = session(_watching(ref, frontier), optimize=ref_optimized)
     ns = session(_watching(new, frontier), optimize=True)
     fs = session(_watching(ref, frontier), optimize=True) if noise_floor and not ref_optimized else None
-    names = names + frontier
+    n_out = len(names)
+    names = names + ([joint] if frontier else [])
+
+    def joined(outs: List[np.ndarray]) -> List[np.ndarray]:
+        if not frontier:
+            return outs
+        return outs[:n_out] + [np.concatenate([o.astype(np.float64).ravel() for o in outs[n_out:]])]
+
     worst: Dict[str, OutputDiff] = {}
     for f in feeds:
-        ref_out = run(rs, f)
-        floor = run(fs, f) if fs is not None else ref_out
-        for name, a, b, c in zip(names, ref_out, run(ns, f), floor):
+        ref_out = joined(run(rs, f))
+        floor = joined(run(fs, f)) if fs is not None else ref_out
+        for name, a, b, c in zip(names, ref_out, joined(run(ns, f)), floor):
             d = diff(name, a, b)
             nf = float(np.abs(a.astype(np.float64) - c.astype(np.float64)).max()) if a.size else 0.0
             w = worst.get(name, OutputDiff(name, 0.0, 0.0, 1.0, float("inf"), 0.0))

@@ -169,6 +169,8 @@ class Controller:
     def guard(self, built: Built, feeds: Sequence[Feeds], floor: float) -> Built:
         """Keep the worst output cosine on ``feeds`` at or above ``floor`` (+ a margin)."""
         target = floor + GUARD_MARGIN
+        # outputs after an NMS/TopK are judged by what is fed into it, each tensor on its own
+        # (stricter than the manager, which joins them)
         frontier, selected = verify.selection_frontier(self.q.model)
         outs = [o.name for o in self.q.model.graph.output if o.name not in selected] + frontier
 
