@@ -65,9 +65,10 @@ def random_feeds(model: onnx.ModelProto, n: int, seed: int,
     return out
 
 
-#: ops that pick elements by their values: a tiny change of a score can reorder or swap what
-#: comes out, so tensors downstream of them are compared through the candidates fed to them
-SELECTION_OPS = frozenset({"NonMaxSuppression", "TopK"})
+#: ops that pick elements by their values (NMS, TopK, NonZero of a score mask): a tiny change of
+#: a score can reorder, swap or add what comes out, so tensors downstream of them are compared
+#: through the candidates fed to them
+SELECTION_OPS = frozenset({"NonMaxSuppression", "TopK", "NonZero"})
 
 
 def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:

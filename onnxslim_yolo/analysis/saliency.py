@@ -36,6 +36,40 @@ def layout(model: onnx.ModelProto):
     return (fmt, hw) if fmt else (None, None)
 
 
+def detection_watch(model: onnx.ModelProto):
+    """(tensors to watch, format, input hw) for row-by-row detection metrics, or None: the single
+    output of a known YOLO layout, a boxes + scores pair of outputs, or for a model with NMS inside
+    the boxes (1, N, 4) and scores fed into it (both read as ``xyxy``)."""
+    fmt, hw = layout(model)
+    if fmt is not None:
+        return [model.graph.output[0].name], fmt, hw
+    from .. import verify
+    from ..data import model_input
+    from ..eval.decode import _declared_shapes, split_layout
+    pair = split_layout(_declared_shapes(model))
+    if pair is not None:  # boxes + scores outputs
+        try:
+            hw = model_input(model)[1][1:]
+        except Exception:  # noqa: BLE001 -- dynamic input size: no fixed layout
+            return None
+        return [model.graph.output[pair[0]].name, model.graph.output[pair[1]].name], "xyxy", hw
+    frontier, selected = verify.selection_frontier(model)
+    if not frontier or len(selected) != len(model.graph.output):
+        return None
+    try:
+        hw = model_input(model)[1][1:]
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 -- no shapes: no candidate layout
+        return None
+    shapes = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None
+                             for d in vi.type.tensor_type.shape.dim) for vi in inferred.graph.value_info}
+    for a in frontier:
+        for b in frontier:
+            if a != b and a in shapes and b in shapes and split_layout([shapes[a], shapes[b]]) is not None:
+                return [a, b], "xyxy", hw
+    return None
+
+
 def detection_map(scores: np.ndarray, hw: Sequence[int]) -> Optional[np.ndarray]:
     """(H/8, W/8) map of the best score per cell, from per-row best scores in YOLO row order."""
     grids = [(math.ceil(hw[0] / s), math.ceil(hw[1] / s)) for s in STRIDES]

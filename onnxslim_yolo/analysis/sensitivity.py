@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, verify
+from ..eval.decode import detection_output
 from ..pass_base import SlimError
 from . import activations
 from .activations import Feeds
@@ -111,8 +112,8 @@ class DetectionMetric:
     name = "detections"
 
     def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05,
-                 score_weight: float = 0.1) -> None:
-        self.watch = [model.graph.output[0].name]
+                 score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
+        self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
@@ -123,8 +124,8 @@ class DetectionMetric:
         return decode_rows(out, self.fmt, self.hw)
 
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
-        rb, rs = self._decode(ref[0])
-        nb, ns = self._decode(new[0])
+        rb, rs = self._decode(detection_output(ref))
+        nb, ns = self._decode(detection_output(new))
         cls = rs.argmax(axis=1)
         top = rs[np.arange(len(rs)), cls]
         rows = np.nonzero(top >= self.conf)[0]
@@ -147,16 +148,16 @@ class AgreementMetric:
     name = "agreement"
 
     def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int],
-                 ref_conf: Optional[float] = None) -> None:
+                 ref_conf: Optional[float] = None, watch: Optional[Sequence[str]] = None) -> None:
         from ..evaluate import AGREEMENT_CONF
-        self.watch = [model.graph.output[0].name]
+        self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw = fmt, tuple(int(v) for v in hw)
         self.ref_conf = AGREEMENT_CONF if ref_conf is None else ref_conf
         self.ref_dets: List = []
 
     def _boxes(self, outs: Sequence[List[np.ndarray]]) -> list:
         from ..evaluate import output_boxes
-        return output_boxes([o[0] for o in outs], self.fmt, self.hw)
+        return output_boxes([detection_output(o) for o in outs], self.fmt, self.hw)
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         self.ref_dets = self._boxes(refs)
@@ -172,21 +173,23 @@ class AgreementMetric:
 
 def default_metric(model: onnx.ModelProto):
     """Detection-level metric when the output is a known YOLO layout, else the head metric."""
-    from .saliency import layout
-    fmt, hw = layout(model)
-    if fmt is None:
+    from .saliency import detection_watch
+    found = detection_watch(model)
+    if found is None:
         return HeadMetric(model)
-    return DetectionMetric(model, fmt, hw)
+    watch, fmt, hw = found
+    return DetectionMetric(model, fmt, hw, watch=watch)
 
 
 def agreement_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int):
     """AgreementMetric for a known YOLO layout whose reference detects something on ``feeds``;
     else the checked default metric (detections or head maps)."""
-    from .saliency import layout
-    fmt, hw = layout(model)
-    if fmt is None:
+    from .saliency import detection_watch
+    found = detection_watch(model)
+    if found is None:
         return _checked_metric(model, feeds[:1], threads)
-    metric = AgreementMetric(model, fmt, hw)
+    watch, fmt, hw = found
+    metric = AgreementMetric(model, fmt, hw, watch=watch)
     try:
         outs = activations.capture(model, feeds, metric.watch, threads)
         metric.prepare([[o[n] for n in metric.watch] for o in outs])

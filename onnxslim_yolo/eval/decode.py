@@ -75,7 +75,8 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
 
 def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
     """(boxes index, scores index, scores channels-first) when ``shapes`` are exactly two outputs,
-    boxes (B, N, 4) and scores (B, N, C) or (B, C, N) with C != 4; else None."""
+    boxes (B, N, 4) and scores (B, N, C) or (B, C, N); else None. Two (B, N, 4) outputs (four
+    classes) are taken in their order, boxes first."""
     if len(shapes) != 2 or any(len(s) != 3 for s in shapes):
         return None
     for bi in (0, 1):
@@ -83,9 +84,9 @@ def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
         n = box[1]
         if box[2] != 4 or not isinstance(n, (int, np.integer)) or n <= 0:
             continue
-        if sc[1] == n and sc[2] != 4:
+        if sc[1] == n and (sc[2] != 4 or bi == 0):
             return bi, 1 - bi, False
-        if sc[2] == n and sc[1] != 4:
+        if sc[2] == n and sc[1] != n:
             return bi, 1 - bi, True
     return None
 
@@ -150,12 +151,20 @@ def _static_output_shape(model: onnx.ModelProto) -> Tuple:
 def _format_from(model: onnx.ModelProto, shape: Sequence,
                  input_hw: Optional[Sequence[int]]) -> Optional[str]:
     fmt = format_from_metadata(model)
+    if len(shape) == 3 and shape[-1] == 6 and _after_selection(model):
+        return "dets"  # (1, K, 6) computed from an NMS / TopK inside the model
     if fmt and len(shape) == 3 and shape[-1] == 6 and isinstance(shape[-2], (int, np.integer)):
         rows = int(shape[-2])
         # (1, K, 6) is not the (1, 4+C, N) v8 layout, nor a head with fewer rows than anchors
         if (fmt == "v8" and rows > 6) or _few_rows(rows, input_hw):
             return "dets"
     return fmt or format_from_shape(shape, input_hw)
+
+
+def _after_selection(model: onnx.ModelProto) -> bool:
+    """The first graph output is computed from an NMS, TopK or NonZero."""
+    from ..verify import selection_frontier
+    return model.graph.output[0].name in selection_frontier(model)[1]
 
 
 def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] = None,

@@ -74,3 +74,22 @@ def test_agreement_metric_on_yolo_fixtures_and_head_metric_for_unknown_layouts()
         assert metric.name == "agreement" and len(metric.ref_dets) == 2
     model = graphs.concat_graph()     # a 4-D feature map output: no detection layout
     assert sensitivity.agreement_metric(model, verify.random_feeds(model, 1, 0), 1).name == "head"
+
+
+def test_detection_metric_reads_the_candidates_of_an_nms_tail_and_split_outputs():
+    """NMS inside the graph: the probe watches the boxes and scores fed into it (rows that
+    correspond between two models); boxes + scores outputs are watched as they are."""
+    from fixtures.postprocess import append_nms, split_boxes_scores
+    from onnxslim_yolo.analysis import activations
+    from onnxslim_yolo.analysis.saliency import detection_watch
+    base = FAMILIES["yolov5_v6"](bn=False)
+    for model in (append_nms(base), split_boxes_scores(base, channels_first=True)):
+        watch, fmt, hw = detection_watch(model)
+        assert fmt == "xyxy" and len(watch) == 2 and hw == (64, 64)
+        metric = sensitivity.default_metric(model)
+        assert metric.name == "detections" and metric.watch == watch
+        out = list(activations.capture(model, verify.random_feeds(model, 1, 0), watch, 1))[0]
+        ref = [out[n] for n in watch]
+        moved = [ref[0] + 2.0, ref[1]]  # every box shifted by 2 pixels
+        assert metric(ref, moved) > metric(ref, ref) + 0.05
+    assert detection_watch(graphs.concat_graph()) is None
