@@ -72,8 +72,8 @@ SELECTION_OPS = frozenset({"NonMaxSuppression", "TopK", "NonZero"})
 
 
 def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
-    """(float32 tensors computed before and consumed after a selection op (NMS, TopK), graph outputs
-    downstream of one). Empty lists for a model without such ops."""
+    """(float32 tensors computed before and consumed after a selection op (NMS, TopK, NonZero),
+    graph outputs downstream of one). Empty lists for a model without such ops."""
     g = model.graph
     region: set = set()
     nodes = []
@@ -97,13 +97,15 @@ def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
     return list(dict.fromkeys(frontier)), [o.name for o in g.output if o.name in region]
 
 
-def _watching(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the float tensors ``names``."""
-    if not names:
-        return model
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``names`` (float tensors, shape unspecified)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
     return m
 
 
@@ -164,9 +166,9 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     # output holding boxes and scores does in a model without NMS inside
     joint = f"{frontier[0]} + {len(frontier) - 1} more" if len(frontier) > 1 else "".join(frontier)
     role[joint] = "candidates"
-    rs = session(_watching(ref, frontier), optimize=ref_optimized)
-    ns = session(_watching(new, frontier), optimize=True)
-    fs = session(_watching(ref, frontier), optimize=True) if noise_floor and not ref_optimized else None
+    rs = session(with_outputs(ref, frontier), optimize=ref_optimized)
+    ns = session(with_outputs(new, frontier), optimize=True)
+    fs = session(with_outputs(ref, frontier), optimize=True) if noise_floor and not ref_optimized else None
     n_out = len(names)
     names = names + ([joint] if frontier else [])
 
@@ -220,5 +222,5 @@ def check_runs(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> None:
 
 
 __all__ = ["session", "run", "random_feeds", "diff", "compare_models", "check_contract", "OutputDiff",
-           "selection_frontier", "SELECTION_OPS",
+           "selection_frontier", "SELECTION_OPS", "with_outputs",
            "within", "check_runs", "SlimError"]

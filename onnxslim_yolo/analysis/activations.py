@@ -13,20 +13,9 @@ import numpy as np
 import onnx
 
 from .. import verify
+from ..verify import with_outputs  # noqa: F401 -- re-exported: the analyses import it from here
 
 Feeds = Dict[str, np.ndarray]
-
-
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``names`` (float tensors, shape unspecified)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-            have.add(n)
-    return m
 
 
 def capture(model: onnx.ModelProto, feeds: Iterable[Feeds], names: Sequence[str],

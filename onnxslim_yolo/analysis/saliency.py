@@ -45,7 +45,7 @@ def detection_watch(model: onnx.ModelProto):
         return [model.graph.output[0].name], fmt, hw
     from .. import verify
     from ..data import model_input
-    from ..eval.decode import _declared_shapes, split_layout
+    from ..eval.decode import _declared_shapes, split_layout, value_dims
     pair = split_layout(_declared_shapes(model))
     if pair is not None:  # boxes + scores outputs
         try:
@@ -61,8 +61,7 @@ def detection_watch(model: onnx.ModelProto):
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 -- no shapes: no candidate layout
         return None
-    shapes = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None
-                             for d in vi.type.tensor_type.shape.dim) for vi in inferred.graph.value_info}
+    shapes = {vi.name: value_dims(vi) for vi in inferred.graph.value_info}
     for a in frontier:
         for b in frontier:
             if a != b and a in shapes and b in shapes and split_layout([shapes[a], shapes[b]]) is not None:

@@ -111,9 +111,13 @@ def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
     return detect_format(model, output_shape=outputs[0].shape, input_hw=input_hw)
 
 
+def value_dims(vi: onnx.ValueInfoProto) -> Tuple:
+    """A tensor's declared dims, None where not a fixed number."""
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+
+
 def _declared_shapes(model: onnx.ModelProto) -> List[Tuple]:
-    return [tuple(d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim)
-            for o in model.graph.output]
+    return [value_dims(o) for o in model.graph.output]
 
 
 def grid_size(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
