@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from . import data, ir, verify
-from .eval.decode import (NotDetections, decode, detection_output, final_detections, normalize_format,
-                          outputs_format, per_image)
+from .eval.decode import (NotDetections, batch_rows_as_dets, decode, detection_output, final_detections,
+                          normalize_format, outputs_format, per_image)
 from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
@@ -53,8 +53,8 @@ def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float 
                    max_det: int = 300) -> np.ndarray:
     """(M, 6) detections ``x1 y1 x2 y2 score class`` in input pixels from one image's raw output
     (decode, then NMS, with evaluation's settings by default; a ``dets`` output ran NMS inside)."""
-    if fmt == "dets":
-        return final_detections(output, conf, max_det)
+    if fmt in ("dets", "dets7"):
+        return final_detections(batch_rows_as_dets(output) if fmt == "dets7" else output, conf, max_det)
     boxes, scores = decode(output, fmt, hw, conf)
     return non_max_suppression(boxes, scores, conf, iou, max_det)
 

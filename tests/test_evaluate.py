@@ -199,6 +199,7 @@ def test_detect_format_of_split_and_post_nms_outputs():
         assert detect_format(split) == "xyxy" and row_format(split, (1, 252, 4), (64, 64)) is None
     nms = append_nms(base, max_det=20)
     assert detect_format(nms) == "dets" and row_format(nms, (1, 20, 6), (64, 64)) is None
+    assert detect_format(append_nms(base, batch_rows=True)) == "dets7"  # (K, 7) YOLOv7 end-to-end rows
     ultra = const_model("v8", np.zeros((0, 4)), [])
     ultra.metadata_props.add(key="task", value="detect")
     assert detect_format(ultra, output_shape=(1, 300, 6)) == "dets"  # nms=True export: not (1, 4+C, N)
@@ -306,14 +307,15 @@ def test_evaluate_constant_model_recovers_labels(dataset, fmt):
     assert 0.0 < res2["map"] < 0.9
 
 
-@pytest.mark.parametrize("tail", ["split", "split_channels_first", "nms"])
+@pytest.mark.parametrize("tail", ["split", "split_channels_first", "nms", "nms_batch_rows"])
 def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
     """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered."""
     images, labels = dataset
     base = const_model("v5", letterboxed(LABELS, 16), CLASSES)
     model = {"split": lambda m: split_boxes_scores(m),
              "split_channels_first": lambda m: split_boxes_scores(m, True),
-             "nms": lambda m: append_nms(m, max_det=20)}[tail](base)
+             "nms": lambda m: append_nms(m, max_det=20),
+             "nms_batch_rows": lambda m: append_nms(m, max_det=20, batch_rows=True)}[tail](base)
     ref, got = (detections(m, images, progress=False, threads=1) for m in (base, model))
     for a, b in zip(ref, got):
         ia, ib = np.argsort(a.classes), np.argsort(b.classes)  # equal scores: any order

@@ -93,7 +93,7 @@ def test_lossy_pass_floor_enforced():
         PassManager([bad], PassContext(tolerances=Tolerances(lossy_min_cosine=0.99))).run(small_model())
 
 
-def candidates_then_nms() -> onnx.ModelProto:
+def candidates_then_nms(batch_rows: bool = False) -> onnx.ModelProto:
     """256 candidate rows (x y w h obj 2 classes, all in 0..1) from a Conv, then an NMS tail."""
     from fixtures.postprocess import append_nms
     b = GraphBuilder(opset=13, seed=3)
@@ -101,20 +101,23 @@ def candidates_then_nms() -> onnx.ModelProto:
     y = b.sigmoid(b.conv(x, 7, k=3))
     y = b.node("Reshape", [y, b.i64([1, 7, 256])], shapes=[(1, 7, 256)])
     y = b.node("Transpose", [y], shapes=[(1, 256, 7)], perm=[0, 2, 1])
-    return append_nms(b.make_model([x], [y]), max_det=50, iou=0.3)
+    return append_nms(b.make_model([x], [y]), max_det=50, iou=0.3, batch_rows=batch_rows)
 
 
-def test_lossy_pass_is_judged_by_the_candidates_an_nms_keeps_from():
+@pytest.mark.parametrize("batch_rows", [False, True])
+def test_lossy_pass_is_judged_by_the_candidates_an_nms_keeps_from(batch_rows: bool):
     """A small weight change reorders what the NMS keeps (its output's cosine collapses), yet its
-    candidates barely move: the lossy contract holds; a sign flip of the weights still fails."""
-    ok = PassManager([ScaleWeights(1.05, Numerics.LOSSY)], PassContext()).run(candidates_then_nms())
+    candidates barely move: the lossy contract holds; a sign flip of the weights still fails.
+    (K, 7) rows without padding: the NMS may keep another number of rows."""
+    ok = PassManager([ScaleWeights(1.05, Numerics.LOSSY)], PassContext()).run(candidates_then_nms(batch_rows))
     by_role = {}
     for d in ok.records[0].verification:
         by_role.setdefault(d["role"], []).append(d["cosine"])
     assert set(by_role) == {"selected", "candidates"}
     assert min(by_role["selected"]) < 0.9 < min(by_role["candidates"])
-    with pytest.raises(VerificationError, match=r"output 'nms_\d+ \+ \d+ more': cosine .* below the lossy floor"):
-        PassManager([ScaleWeights(-1.0, Numerics.LOSSY)], PassContext()).run(candidates_then_nms())
+    floor = r"output 'nms_\d+ \+ \d+ more': cosine .* below the lossy floor"
+    with pytest.raises(VerificationError, match=floor):
+        PassManager([ScaleWeights(-1.0, Numerics.LOSSY)], PassContext()).run(candidates_then_nms(batch_rows))
 
 
 def test_no_verify_skips_the_check():

@@ -12,6 +12,8 @@ Formats:
   ``dets``  (1, K, 6) detections after NMS, ``x1 y1 x2 y2 score class`` (ultralytics ``nms=True``
             and end-to-end exports). Rows are not candidates: they do not correspond between two
             models, so only NMS-level comparisons (mAP, agreement) apply, not row-by-row ones.
+  ``dets7`` (K, 7) detections after NMS, ``batch x1 y1 x2 y2 class score`` (the YOLOv7
+            end-to-end export for onnxruntime); read like ``dets``, one image at a time.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..pass_base import UsageError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("v5", "v8", "yolox", "xyxy", "dets")
+FORMATS = ("v5", "v8", "yolox", "xyxy", "dets", "dets7")
 #: formats whose rows are candidates in a fixed order (row i of two models is the same anchor)
 ROW_FORMATS = ("v5", "v8", "yolox", "xyxy")
 ALIASES = {"yolov5": "v5", "yolov8": "v8", "yolo11": "v8", "yolov11": "v8", "v11": "v8",
@@ -155,6 +157,8 @@ def _static_output_shape(model: onnx.ModelProto) -> Tuple:
 def _format_from(model: onnx.ModelProto, shape: Sequence,
                  input_hw: Optional[Sequence[int]]) -> Optional[str]:
     fmt = format_from_metadata(model)
+    if len(shape) == 2 and shape[-1] == 7 and _after_selection(model):
+        return "dets7"
     if len(shape) == 3 and shape[-1] == 6 and _after_selection(model):
         return "dets"  # (1, K, 6) computed from an NMS / TopK inside the model
     if fmt and len(shape) == 3 and shape[-1] == 6 and isinstance(shape[-2], (int, np.integer)):
@@ -252,7 +256,7 @@ def per_image(output: np.ndarray) -> List[np.ndarray]:
 def decode_rows(output: np.ndarray, fmt: str, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`decode` of every image of a batch, rows concatenated in batch order (for row-by-row
     comparisons of two models' outputs). Refuses ``dets``, whose rows do not correspond."""
-    if fmt == "dets":
+    if fmt in ("dets", "dets7"):
         raise NotDetections("the output holds detections after NMS; rows do not correspond between models")
     parts = [decode(o, fmt, input_hw) for o in per_image(output)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -265,6 +269,8 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
     With ``conf``, rows whose objectness is <= conf are dropped first (ultralytics does the same:
     with class scores <= 1 such rows cannot score above conf).
     """
+    if fmt == "dets7":
+        output, fmt = batch_rows_as_dets(output), "dets"
     p = _squeeze(output)
     if fmt == "v8":
         if p.shape[0] < 5:
@@ -306,3 +312,14 @@ def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300
     if (p[:, 5] < 0).any() or not np.all(np.isfinite(p)):
         raise NotDetections("detection rows hold a negative class or non-finite values")
     return p[np.argsort(-p[:, 4], kind="stable")[:max_det]].astype(np.float32)
+
+
+def batch_rows_as_dets(output: np.ndarray) -> np.ndarray:
+    """A ``dets7`` output's rows of image 0 as a (1, K, 6) ``dets`` array."""
+    p = np.asarray(output, np.float32)
+    if p.ndim != 2 or p.shape[1] != 7:
+        raise NotDetections(f"output of shape {list(p.shape)}; expected (K, 7) batch x1 y1 x2 y2 class score")
+    if (p[:, 0] > 0).any():
+        raise UsageError("the (K, 7) detections name images after the first; evaluation runs one "
+                         "image at a time")
+    return p[:, [1, 2, 3, 4, 6, 5]][None]
