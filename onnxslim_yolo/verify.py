@@ -98,13 +98,13 @@ def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``names`` (float tensors, shape unspecified)."""
+    """A copy of ``model`` whose graph also outputs ``names`` (type and shape left to the runtime)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
             have.add(n)
     return m
 

@@ -61,16 +61,6 @@ def _plan(model: onnx.ModelProto, names: Sequence[str]) -> _Plan:
     return _Plan(tuple(from_feed), tuple(constants), tuple(run), inputs)
 
 
-def _augmented(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in outputs:
-        if n not in have:
-            m.graph.output.append(onnx.ValueInfoProto(name=n))
-    return m
-
-
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     try:
         return verify.session(model, optimize=True, threads=max(threads, 0))
@@ -206,7 +196,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Dict
     per_feed = samples_per_update(total) if total else None
     if threads <= 0:  # binning everything needs a core of its own; a strided sample does not
         threads = max(1, (os.cpu_count() or 2) - (0 if per_feed else 1))
-    runner = _Runner(_session(_augmented(model, plan.run), threads), plan.run) if plan.run else None
+    runner = _Runner(_session(verify.with_outputs(model, plan.run), threads), plan.run) if plan.run else None
     reducer = _Reducer(stats, skipped, per_feed)
     samples, run_seconds = 0, 0.0
     try:

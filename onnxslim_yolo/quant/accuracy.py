@@ -71,6 +71,8 @@ class Controller:
         self._quality: Dict[int, Dict[str, Dict[str, float]]] = {}
         self._ev: Optional[SwitchEvaluator] = None
         self._cands: List[Tuple[str, Tuple[str, ...]]] = []
+        #: tensors fed into an NMS/TopK inside the model, and the graph outputs after it
+        self.frontier, self.selected = verify.selection_frontier(q.model)
 
     def _evaluator(self, built: Built) -> SwitchEvaluator:
         if self._ev is None:
@@ -161,7 +163,7 @@ class Controller:
     def quality(self, model: onnx.ModelProto, feeds: Sequence[Feeds]) -> Dict[str, Dict[str, float]]:
         """Per graph output and head map: cosine and SQNR against the float model (cached)."""
         if id(model) not in self._quality:
-            extra = list(self.q.head.last_conv_outputs) + verify.selection_frontier(self.q.model)[0]
+            extra = list(self.q.head.last_conv_outputs) + self.frontier
             self._quality[id(model)] = metrics.output_quality(self.q.model, model, feeds, extra,
                                                               self.o.threads)
         return self._quality[id(model)]
@@ -171,8 +173,7 @@ class Controller:
         target = floor + GUARD_MARGIN
         # outputs after an NMS/TopK are judged by what is fed into it, each tensor on its own
         # (stricter than the manager, which joins them)
-        frontier, selected = verify.selection_frontier(self.q.model)
-        outs = [o.name for o in self.q.model.graph.output if o.name not in selected] + frontier
+        outs = [o.name for o in self.q.model.graph.output if o.name not in self.selected] + self.frontier
 
         def worst(m: onnx.ModelProto) -> float:
             qual = self.quality(m, feeds)
