@@ -39,9 +39,11 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
             raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
-def run(sess: ort.InferenceSession, feeds: Feeds) -> List[np.ndarray]:
+def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Optional[Sequence[str]] = None
+        ) -> List[np.ndarray]:
+    """Run ``sess`` (all outputs, or the named ``outputs`` in that order)."""
     try:
-        return sess.run(None, feeds)
+        return sess.run(None if outputs is None else list(outputs), feeds)
     except Exception as exc:
         raise VerificationError(f"onnxruntime failed to run the model: {first_line(exc)}") from None
 

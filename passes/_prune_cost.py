@@ -134,7 +134,7 @@ class MeasuredCost(LSQCost):
         super().commit(layer, unit)
         for n in self._consumers(layer):
             self.base[n] = lsq.full_weights(self.states[n], self.shapes[n])
-        self.base_d = self.probe.measure(self.base)
+        self.base_d = self.probe.rebase(self.base)
 
     def touches(self, a: Layer, b: Layer) -> bool:
         return True

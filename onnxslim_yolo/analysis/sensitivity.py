@@ -115,16 +115,24 @@ class DetectionMetric:
                  score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
+        self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
-        return None
+        """Decode the references once (a probe compares every candidate with the same ones)."""
+        self._refs = [(r, self._decode(detection_output(r))) for r in refs]
+
+    def _decoded_ref(self, ref: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        for r, dec in self._refs:
+            if r is ref:
+                return dec
+        return self._decode(detection_output(ref))
 
     def _decode(self, out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         from ..eval.decode import decode_rows
         return decode_rows(out, self.fmt, self.hw)
 
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
-        rb, rs = self._decode(detection_output(ref))
+        rb, rs = self._decoded_ref(ref)
         nb, ns = self._decode(detection_output(new))
         cls = rs.argmax(axis=1)
         top = rs[np.arange(len(rs)), cls]
@@ -273,38 +281,86 @@ def weights_as_inputs(model: onnx.ModelProto, convs: Sequence[str]) -> onnx.Mode
 
 
 class RefitProbe:
-    """One session answering "how much do the outputs change with these Conv parameters?"."""
+    """One session answering "how much do the outputs change with these Conv parameters?".
+
+    :meth:`rebase` makes a set of parameters the base (one whole-model run that also caches the
+    activations a suffix run needs, analysis.suffix); :meth:`measure` then re-runs only the part of
+    the model below the Convs whose parameters differ from the base (``suffix=False``: always the
+    whole model)."""
 
     def __init__(self, model: onnx.ModelProto, params: Mapping[str, Tuple[np.ndarray, np.ndarray]],
-                 feeds: Sequence[Feeds], threads: int = 1, metric=None) -> None:
+                 feeds: Sequence[Feeds], threads: int = 1, metric=None, suffix: bool = True) -> None:
+        from .suffix import Suffixes
         self.metric = metric if metric is not None else _checked_metric(model, feeds[:1], threads)
         self.defaults = {n: (np.asarray(w, np.float32), np.asarray(b, np.float32))
                          for n, (w, b) in params.items()}
-        self.model = activations.with_outputs(weights_as_inputs(model, list(params)), self.metric.watch)
+        plain = weights_as_inputs(model, list(params))
+        sources = {n: (n + "__prune_w", n + "__prune_b") for n in params}
+        self.suffixes = Suffixes(plain, sources, self.metric.watch, threads) if suffix else None
+        extra = self.suffixes.capture if self.suffixes is not None else []
+        self.model = activations.with_outputs(plain, list(dict.fromkeys(self.metric.watch + extra)))
         self.feeds = list(feeds)
         self.sess = verify.session(self.model, optimize=True, threads=threads)
-        names = [o.name for o in self.sess.get_outputs()]
-        self.idx = [names.index(w) for w in self.metric.watch]
-        self.ref = [self._run(f, {}) for f in self.feeds]
-        self.metric.prepare(self.ref)
+        self.base: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         self.runs = 0
+        self.ref = self._base_runs({})
+        self.metric.prepare(self.ref)
 
-    def _run(self, f: Feeds, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> List[np.ndarray]:
+    def _feed(self, f: Feeds, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> Feeds:
         feed = dict(f)
         for n, (w, b) in self.defaults.items():
             w, b = params.get(n, (w, b))
             feed[n + "__prune_w"] = w
             feed[n + "__prune_b"] = b
-        res = verify.run(self.sess, feed)
-        return [res[i] for i in self.idx]
+        return feed
 
-    def measure(self, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> float:
-        """Output distortion with the given Conv parameters (others unchanged)."""
-        self.runs += 1
-        res = [self._run(f, params) for f in self.feeds]
+    def _run(self, f: Feeds, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> List[np.ndarray]:
+        return verify.run(self.sess, self._feed(f, params), self.metric.watch)
+
+    def _base_runs(self, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> List[List[np.ndarray]]:
+        """Whole-model runs with ``params``, which become the base of later suffix runs."""
+        self.base = dict(params)
+        if self.suffixes is None or not self.suffixes.usable:
+            return [self._run(f, params) for f in self.feeds]
+        names = self.suffixes.capture
+        values = [dict(zip(names, verify.run(self.sess, self._feed(f, params), names))) for f in self.feeds]
+        self.suffixes.store(values)
+        return [[v[t] for t in self.metric.watch] for v in values]
+
+    def _changed(self, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> set:
+        """Convs whose parameters in ``params`` differ from the base's."""
+        out = set()
+        for n, d in self.defaults.items():
+            a, b = params.get(n, d), self.base.get(n, d)
+            if a is not b and not all(x is y or np.array_equal(x, y) for x, y in zip(a, b)):
+                out.add(n)
+        return out
+
+    def _score(self, res: Sequence[List[np.ndarray]]) -> float:
         if hasattr(self.metric, "total"):
             return float(self.metric.total(self.ref, res))
         return float(np.mean([self.metric(r, n) for r, n in zip(self.ref, res)]))
+
+    def measure(self, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> float:
+        """Output distortion with the given Conv parameters (others as in the original)."""
+        self.runs += 1
+        changed = self._changed(params) if self.suffixes is not None else None
+        if self.suffixes is not None and self.suffixes.covers(changed):
+            key = frozenset(changed)
+            res = [self.suffixes.run(k, self._feed(f, params), key) for k, f in enumerate(self.feeds)]
+        else:
+            res = [self._run(f, params) for f in self.feeds]
+        return self._score(res)
+
+    def rebase(self, params: Mapping[str, Tuple[np.ndarray, np.ndarray]]) -> float:
+        """measure(params), and ``params`` become the base that suffix runs start from."""
+        self.runs += 1
+        changed = self._changed(params) if self.suffixes is not None else None
+        if self.suffixes is not None and self.suffixes.covers(changed):
+            res = self.suffixes.rebase([self._feed(f, params) for f in self.feeds], frozenset(changed))
+            self.base = dict(params)
+            return self._score(res)
+        return self._score(self._base_runs(params))
 
 
 def removal_of(groups: Iterable, means: Mapping[str, np.ndarray]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

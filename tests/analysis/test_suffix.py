@@ -1,0 +1,80 @@
+"""analysis.suffix: the pruning probe re-runs only the part of the model below a change."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fixtures import FAMILIES
+from onnxslim_yolo import verify
+from onnxslim_yolo.analysis import importance as imp, sensitivity
+
+
+def _params(model):
+    conv = imp.read_params(model).conv
+    return {n: (w, b if b is not None else np.zeros(w.shape[0], np.float32)) for n, (w, b) in conv.items()}
+
+
+def _perturbed(params, names, rng, scale=0.2):
+    return {n: ((params[n][0] * (1 + scale * rng.standard_normal(params[n][0].shape))).astype(np.float32),
+                params[n][1]) for n in names}
+
+
+def _probes(model, n_feeds=2, **kw):
+    params = _params(model)
+    feeds = verify.random_feeds(model, n_feeds, 0)
+    return params, sensitivity.RefitProbe(model, params, feeds, 1, suffix=False), \
+        sensitivity.RefitProbe(model, params, feeds, 1, **kw)
+
+
+@pytest.mark.parametrize("family", ["yolov5_v6", "yolov8", "yolox"])
+def test_suffix_runs_measure_what_whole_model_runs_measure(family):
+    """Concat, Resize, C2f Split and depthwise Convs: a change anywhere in the network measures
+    the same from the cached base activations as from a whole run, and late changes run a
+    suffix of a few nodes only. (Suffix sessions bake the unchanged weights in, and onnxruntime's
+    pre-packed Conv kernels round differently from those reading weights as inputs: on these
+    random-weight fixtures that is up to 2e-5 of the output's range, hence rel 2e-3.)"""
+    model = FAMILIES[family](bn=False)
+    params, full, part = _probes(model)
+    names = list(params)
+    rng = np.random.default_rng(1)
+    for pick in ([names[0]], [names[len(names) // 2]], [names[-1]], [names[1], names[-2]]):
+        for scale in (0.2, 0.05):   # the same Convs again, other weights: one cached session
+            p = _perturbed(params, pick, rng, scale)
+            want, got = full.measure(p), part.measure(p)
+            assert want > 1e-6
+            assert got == pytest.approx(want, rel=2e-3, abs=1e-9)
+    assert part.suffixes.runs == 8 * 2          # every measure ran suffixes, on both feeds
+    assert len(part.suffixes.sessions) == 4
+    last = part.suffixes.below[names[-1]]
+    assert 0 < len(last) < len(model.graph.node) // 4
+    assert part.measure({}) == pytest.approx(full.measure({}), rel=1e-6)   # the cached base itself
+    assert part.suffixes.runs == 8 * 2
+
+
+def test_rebase_moves_the_cache_and_later_changes_start_from_it():
+    model = FAMILIES["yolov8"](bn=False)
+    params, full, part = _probes(model)
+    names = list(params)
+    rng = np.random.default_rng(2)
+    base = _perturbed(params, [names[3]], rng)
+    assert part.rebase(base) == pytest.approx(full.rebase(base), rel=2e-3)
+    for pick in ([names[-1]], [names[5], names[-3]], [names[3]]):
+        p = dict(base)
+        p.update(_perturbed(params, pick, rng))
+        assert part.measure(p) == pytest.approx(full.measure(p), rel=2e-3)
+    # going back to the original weights is a change of names[3] relative to the base
+    assert part.measure({}) == pytest.approx(full.measure({}), rel=2e-3, abs=1e-5)
+    assert part.measure(base) == pytest.approx(full.measure(base), rel=2e-3)
+
+
+def test_a_cache_over_its_cap_falls_back_to_whole_model_runs():
+    model = FAMILIES["yolox"](bn=False)
+    params, full, part = _probes(model)
+    small = sensitivity.RefitProbe(model, params, verify.random_feeds(model, 2, 0), 1)
+    small.suffixes.cache_bytes = 1
+    small.suffixes.store(small.suffixes.cache)
+    assert not small.suffixes.ready
+    p = _perturbed(params, [list(params)[-1]], np.random.default_rng(3))
+    assert small.measure(p) == pytest.approx(full.measure(p), rel=1e-6)
+    assert small.rebase(p) == pytest.approx(full.measure(p), rel=1e-6)
+    assert small.suffixes.runs == 0
