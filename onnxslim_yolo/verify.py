@@ -99,16 +99,44 @@ def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
     return list(dict.fromkeys(frontier)), [o.name for o in g.output if o.name in region]
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``names`` (type and shape left to the runtime)."""
+def with_outputs(model: onnx.ModelProto, names: Sequence[str], only: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``names`` (type and shape left to the runtime).
+
+    ``only``: the graph outputs exactly ``names`` and keeps only the nodes they need, so a run
+    computes nothing else (onnxruntime runs every node of a graph whatever outputs are asked)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if only and not _has_subgraphs(m.graph):
+        needed = _ancestors(m.graph, names)
+        kept = [n for i, n in enumerate(m.graph.node) if i in needed]
+        del m.graph.node[:]
+        m.graph.node.extend(kept)
+        del m.graph.output[:]
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:
             m.graph.output.append(onnx.ValueInfoProto(name=n))
             have.add(n)
     return m
+
+
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in graph.node for a in n.attribute)
+
+
+def _ancestors(graph: onnx.GraphProto, names: Sequence[str]) -> set:
+    """Indices of the nodes that ``names`` are computed from."""
+    producer = {t: i for i, n in enumerate(graph.node) for t in n.output}
+    seen: set = set()
+    todo = [producer[t] for t in names if t in producer]
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        todo.extend(producer[t] for t in graph.node[i].input if t in producer)
+    return seen
 
 
 @dataclass(frozen=True)

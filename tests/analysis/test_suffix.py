@@ -78,3 +78,21 @@ def test_a_cache_over_its_cap_falls_back_to_whole_model_runs():
     assert small.measure(p) == pytest.approx(full.measure(p), rel=1e-6)
     assert small.rebase(p) == pytest.approx(full.measure(p), rel=1e-6)
     assert small.suffixes.runs == 0
+
+
+def test_capture_runs_only_the_nodes_its_tensors_need():
+    """activations.capture builds its session over the ancestors of the captured tensors (a
+    prefix of the model) and gets the values the whole model computes."""
+    from onnxslim_yolo.analysis import activations
+    model = FAMILIES["yolov8"](bn=False)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    early = convs[2].input[0]
+    prefix = verify.with_outputs(model, [early], only=True)
+    assert [o.name for o in prefix.graph.output] == [early]
+    assert 0 < len(prefix.graph.node) < len(model.graph.node) // 4
+    feeds = verify.random_feeds(model, 1, 0)
+    got = list(activations.capture(model, feeds, [early]))[0][early]
+    whole = verify.session(verify.with_outputs(model, [early]), threads=1)
+    names = [o.name for o in whole.get_outputs()]
+    want = verify.run(whole, feeds[0])[names.index(early)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
