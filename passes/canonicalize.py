@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
+#: fold, re-infer shapes, fold again: at most this many rounds
+FOLD_ROUNDS = 4
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
              "no-op Cast": "removed_cast"}
 
@@ -43,22 +45,26 @@ class Canonicalize(Pass):
         shapes = dict(ctx.input_shapes) if ctx.fix_input_shapes else {}
         if shapes:
             model = ir.fix_input_shapes(model, shapes)
-        try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception as exc:  # a model we cannot infer still gets folded, less well
-            report.skip("<graph>", f"shape inference failed: {str(exc).splitlines()[0]}")
-        graph = ir.to_graph(model)
+        graph = _inferred_graph(model, report)
         n_before = len(graph.nodes)
         named = ir.name_unnamed_nodes(graph)
         if named:
             report.count("nodes_named", named)
         removed = bypass_noops(graph, report)
         max_bytes = int(ctx.opt(self.name, "max_fold_bytes", DEFAULT_MAX_FOLD_BYTES))
-        graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=max_bytes,
-                             should_exclude_node=lambda n: n.op in NEVER_FOLD)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        removed += bypass_noops(graph, report)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        for rnd in range(FOLD_ROUNDS):
+            # a fold can make a shape known that the next round folds (a Reshape whose target
+            # came from a Shape chain, then a Shape of what it feeds): infer again and go on
+            if rnd:
+                graph = _inferred_graph(ir.to_model(graph, like=model, cleanup=False), None)
+            n_round = len(graph.nodes)
+            graph.fold_constants(fold_shapes=True, error_ok=True, size_threshold=max_bytes,
+                                 should_exclude_node=lambda n: n.op in NEVER_FOLD)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            removed += bypass_noops(graph, report)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            if len(graph.nodes) == n_round:
+                break
         n_after = len(graph.nodes)
         report.count("nodes_before", n_before)
         report.count("nodes_after", n_after)
@@ -67,6 +73,17 @@ class Canonicalize(Pass):
         del out.graph.value_info[:]
         modified = n_after != n_before or named > 0 or bool(shapes) or not _same_graph(model, out)
         return PassResult(out, modified, report)
+
+
+def _inferred_graph(model: onnx.ModelProto, report: Optional[PassReport]) -> gs.Graph:
+    """The graph with onnx shape inference (data propagation on) applied where it succeeds (a
+    failure is reported once, in the first round)."""
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # a model we cannot infer still gets folded, less well
+        if report is not None:
+            report.skip("<graph>", f"shape inference failed: {str(exc).splitlines()[0]}")
+    return ir.to_graph(model)
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:

@@ -7,7 +7,8 @@ The exports are made by a Python with ``ultralytics`` and ``torchvision`` instal
 PyTorch, which this project does not depend on; ``--exporter-python`` names that interpreter):
 Ultralytics YOLOv8n (opset 11, 17 and 21, dynamic axes, a static batch of 2, ``nms=True``),
 YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb and classify
-heads and RT-DETR-L at 320x320, torchvision ShuffleNetV2-0.5 and MobileNetV3-small, and with
+heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
+opset 11, all at 320x320, torchvision ShuffleNetV2-0.5 and MobileNetV3-small, and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR: see
@@ -36,7 +37,11 @@ jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolo
         ("yolov10n.yaml", 17, {}, "yolov10n"), ("yolo26n.yaml", 17, {}, "yolo26n"),
         ("yolov5n.yaml", 13, {}, "yolov5nu_op13"), ("yolov8n-seg.yaml", 17, {}, "yolov8n_seg"),
         ("yolov8n-pose.yaml", 17, {}, "yolov8n_pose"), ("yolov8n-obb.yaml", 17, {}, "yolov8n_obb"),
-        ("yolov8n-cls.yaml", 17, {}, "yolov8n_cls"), ("rtdetr-l.yaml", 17, {}, "rtdetr_l")]
+        ("yolov8n-cls.yaml", 17, {}, "yolov8n_cls"), ("rtdetr-l.yaml", 17, {}, "rtdetr_l"),
+        ("yolov9t.yaml", 17, {}, "yolov9t"), ("yolov6n.yaml", 13, {}, "yolov6n"),
+        ("yolov8n-ghost.yaml", 17, {}, "yolov8n_ghost"), ("yolov8n-p2.yaml", 17, {}, "yolov8n_p2"),
+        ("yolov8n-p6.yaml", 17, {}, "yolov8n_p6"), ("yolov3-tinyu.yaml", 12, {}, "yolov3_tinyu"),
+        ("yolo11n-seg.yaml", 11, {}, "yolo11n_seg_op11")]
 for cfg, opset, kw, name in jobs:
     cls = RTDETR if cfg.startswith("rtdetr") else YOLO
     p = cls(cfg).export(format="onnx", opset=opset, imgsz=320, simplify=False, **kw)
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--exporter-python", required=True, help="a Python with ultralytics and torchvision")
     ap.add_argument("--calib", required=True, help="calibration images")
     ap.add_argument("--out", default=None, help="folder for the exports, outputs and reports")
+    ap.add_argument("--only", nargs="*", default=None, metavar="NAME",
+                    help="run the pipelines on these exports only (names as in the table, e.g. yolov9t)")
     ap.add_argument("--yolox-src", default=None,
                     help="YOLOX source tree (unpacked yolox-0.3.0 sdist): also export YOLOX nano/tiny/s; "
                          "the exporter Python then needs loguru, thop and tabulate")
@@ -121,7 +128,9 @@ def main(argv=None) -> int:
     if args.yolox_src:
         subprocess.run([args.exporter_python, "-c", EXPORT_YOLOX, args.yolox_src, str(out)], check=True,
                        capture_output=True, cwd=out)
-    rows = [run(m, p, args.calib, out) for m in sorted(out.glob("*.onnx")) if "." not in m.stem
+    models = [m for m in sorted(out.glob("*.onnx"))
+              if "." not in m.stem and (not args.only or m.stem in args.only)]
+    rows = [run(m, p, args.calib, out) for m in models
             for p in PIPELINES if p not in LEFT_OUT.get(m.stem, ())]
     print("| model | pipeline | rc | nodes | MACs change | size MB | checks |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

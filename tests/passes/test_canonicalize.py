@@ -107,3 +107,36 @@ def test_real_yolov5n_folds_constants_exactly(yolov5n_path):
     assert c["Constant"] == 0 and c["Conv"] == 60 and len(res.model.graph.node) == 236
     d = res.records[0].verification[0]
     assert d["max_abs"] <= 1e-4 * d["ref_max"] and d["cosine"] > 0.999999
+
+
+def _two_step_shape_chain() -> onnx.ModelProto:
+    """x (1,4,8,8) -> Reshape to (1, 4, 64) by a Shape chain with a Div (no data propagation
+    through it), then Reshape to (1, 2, 2, 64) by a Shape chain of that result: the second chain
+    can only fold once the first has (the YOLOv3-tinyu export's DFL Reshape)."""
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["c"], axis=0),
+        helper.make_node("Div", ["c", "one_val"], ["c1"]),
+        helper.make_node("Unsqueeze", ["c1", "ax0"], ["cu"]),
+        helper.make_node("Concat", ["one_vec", "cu", "minus1"], ["t1"], axis=0),
+        helper.make_node("Reshape", ["x", "t1"], ["y"]),
+        helper.make_node("Shape", ["y"], ["s2"]), helper.make_node("Gather", ["s2", "two"], ["d"], axis=0),
+        helper.make_node("Unsqueeze", ["d", "ax0"], ["du"]),
+        helper.make_node("Concat", ["one_vec", "two_vec", "two_vec", "du"], ["t2"], axis=0),
+        helper.make_node("Reshape", ["y", "t2"], ["x2"]),
+        helper.make_node("Relu", ["x2"], ["out"]),
+    ]
+    inits = [i64("one", 1), i64("one_val", 1), i64("ax0", [0]), i64("one_vec", [1]), i64("minus1", [-1]),
+             i64("two", 2), i64("two_vec", [2])]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["a", "b", "c", "d"])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_shape_chains_that_depend_on_each_other_fold_in_rounds():
+    model = _two_step_shape_chain()
+    res = run(model)
+    assert ops(res.model) == Counter({"Reshape": 2, "Relu": 1})
+    inferred = onnx.shape_inference.infer_shapes(res.model)
+    out = inferred.graph.output[0].type.tensor_type.shape
+    assert [d.dim_value for d in out.dim] == [1, 2, 2, 64]
