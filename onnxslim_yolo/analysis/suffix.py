@@ -130,7 +130,8 @@ class Suffixes:
         graph = helper.make_graph([self.nodes[i] for i in order], "suffix", inputs,
                                   [onnx.ValueInfoProto(name=t) for t in outputs],
                                   [t for t in self.model.graph.initializer if t.name in used] + baked)
-        sub = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        sub = helper.make_model(graph, opset_imports=list(self.model.opset_import),
+                                ir_version=self.model.ir_version)
         sub.functions.extend(self.model.functions)
         entry = (verify.session(sub, optimize=True, threads=self.threads), [i.name for i in inputs], bounds,
                  outputs)
@@ -154,7 +155,8 @@ class Suffixes:
         new = self._suffix_run(k, feed, changed, False) if changed else {}
         return [new[t] if t in new else base[t] for t in self.watch]
 
-    def rebase(self, feeds: Sequence[Mapping[str, np.ndarray]], changed: FrozenSet[str]) -> List[List[np.ndarray]]:
+    def rebase(self, feeds: Sequence[Mapping[str, np.ndarray]], changed: FrozenSet[str]
+               ) -> List[List[np.ndarray]]:
         """Make the change the base: the cached tensors below it are recomputed by a suffix run
         per feed (``feeds`` in cache order). Returns the watched tensors per feed."""
         if changed:

@@ -128,8 +128,9 @@ def _two_step_shape_chain() -> onnx.ModelProto:
     ]
     inits = [i64("one", 1), i64("one_val", 1), i64("ax0", [0]), i64("one_vec", [1]), i64("minus1", [-1]),
              i64("two", 2), i64("two_vec", [2])]
-    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["a", "b", "c", "d"])], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["a", "b", "c", "d"])
+    g = helper.make_graph(nodes, "chain", [x], [out], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
