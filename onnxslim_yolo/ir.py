@@ -124,6 +124,13 @@ def _rename_external_location(model_path: str, old: str, new: str) -> None:
     onnx.save_model(m, model_path)
 
 
+def has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Whether a node of ``graph`` holds a subgraph (If, Loop, Scan): such a node may read outer
+    tensors that none of its inputs name, so a graph cut by its listed inputs is not safe."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in graph.node for a in n.attribute)
+
+
 def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
     def walk(g: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
         yield from g.initializer

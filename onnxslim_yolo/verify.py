@@ -106,7 +106,7 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], only: bool = Fals
     computes nothing else (onnxruntime runs every node of a graph whatever outputs are asked)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    if only and not _has_subgraphs(m.graph):
+    if only and not ir.has_subgraphs(m.graph):
         needed = _ancestors(m.graph, names)
         kept = [n for i, n in enumerate(m.graph.node) if i in needed]
         del m.graph.node[:]
@@ -118,11 +118,6 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], only: bool = Fals
             m.graph.output.append(onnx.ValueInfoProto(name=n))
             have.add(n)
     return m
-
-
-def _has_subgraphs(graph: onnx.GraphProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in graph.node for a in n.attribute)
 
 
 def _ancestors(graph: onnx.GraphProto, names: Sequence[str]) -> set:

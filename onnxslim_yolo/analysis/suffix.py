@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .. import verify
+from .. import ir, verify
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ class Suffixes:
         index = {n.name: i for i, n in enumerate(self.nodes) if n.name}
         self.sources = {s: index[s] for s in sources if s in index}
         #: nodes with subgraphs may read outer tensors that no input lists: not cut there
-        self.usable = not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                              for n in self.nodes for a in n.attribute)
+        self.usable = not ir.has_subgraphs(g)
         self.below = {s: self._descendants([i]) for s, i in self.sources.items()}
         bounds: Set[str] = set()
         for nodes in self.below.values():
