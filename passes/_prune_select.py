@@ -225,7 +225,9 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
           remaining: int) -> Optional[Tuple[float, int, int]]:
     """(cost per MAC, layer index, MACs saved) of the cheapest next unit, filling the cache;
     units over ``LUMP_SHARE`` of ``remaining`` only when there is no other, and then the one of
-    least total cost (it nearly finishes the target: per-MAC cheapness would overshoot it)."""
+    least total cost (it nearly finishes the target: per-MAC cheapness would overshoot it), of
+    equal costs the one saving least (random-weight exports measure every unit at 0.0: the first
+    lump found, half of a wide neck Conv, took YOLOv8n-p2 at 10% to 13.2% fewer multiply-adds)."""
     best: Optional[Tuple[float, int, int]] = None
     lump: Optional[Tuple[float, int, int]] = None
     for i, layer in enumerate(layers):
@@ -240,7 +242,7 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
             continue
         cand = (cache[i][1] / gain, i, gain)
         if gain > LUMP_SHARE * remaining:
-            if lump is None or cache[i][1] < cache[lump[1]][1]:
+            if lump is None or (cache[i][1], gain) < (cache[lump[1]][1], lump[2]):
                 lump = cand
         elif best is None or cand[0] < best[0]:
             best = cand

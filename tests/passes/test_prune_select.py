@@ -1,0 +1,50 @@
+"""The greedy selection's choice of the last unit, on stub layers (no model needed)."""
+from __future__ import annotations
+
+from onnxslim_yolo.analysis.channels import ChannelGroup
+from onnxslim_yolo.passes._prune_select import Layer, _best
+
+
+def _group(gid: int, macs: int) -> ChannelGroup:
+    return ChannelGroup(gid, frozenset(), (), macs, ())
+
+
+class _Macs:
+    def saved(self, groups):
+        return sum(g.macs for g in groups)
+
+
+class _Cost:
+    def __init__(self, costs):
+        self.costs = costs
+
+    def unit(self, layer, size):
+        unit = layer.remaining[:size]
+        return unit, self.costs[layer.key[0]]
+
+
+def _layer(key, macs_per_channel, n=16):
+    groups = [_group(100 * len(key) + i, macs_per_channel) for i in range(n)]
+    return Layer((key, ()), groups, list(range(n - 8, 0, -8)), 1, list(groups))
+
+
+def test_of_equal_cost_lumps_the_one_saving_least_is_taken():
+    wide, narrow = _layer(("wide",), 1000), _layer(("narrow",), 10)
+    cost = _Cost({("wide",): 0.0, ("narrow",): 0.0})
+    # 50 MACs still to remove: both 8-channel units (8000 and 80) are over half of it
+    best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=50)
+    assert best is not None and best[1] == 1 and best[2] == 80
+
+
+def test_of_lumps_the_cheaper_one_wins_whatever_it_saves():
+    wide, narrow = _layer(("wide",), 1000), _layer(("narrow",), 10)
+    cost = _Cost({("wide",): 0.5, ("narrow",): 1.0})
+    best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=50)
+    assert best is not None and best[1] == 0 and best[2] == 8000
+
+
+def test_a_unit_under_half_the_remainder_beats_any_lump():
+    wide, narrow = _layer(("wide",), 1000), _layer(("narrow",), 10)
+    cost = _Cost({("wide",): 0.0, ("narrow",): 5.0})
+    best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=1000)
+    assert best is not None and best[1] == 1
