@@ -365,9 +365,14 @@ def require_float32_weights(model: onnx.ModelProto) -> None:
 
 
 def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:
-    """Return a copy whose graph inputs declare the given static shapes."""
+    """Return a copy whose graph inputs declare the given static shapes. The intermediate shapes
+    (value_info) are dropped: they were derived from the old input shape, and shape inference
+    keeps a stale symbolic dim there (an onnxslim-simplified dynamic export declares ``batch``
+    and size expressions on every tensor, and they reached the outputs)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if shapes:
+        del m.graph.value_info[:]
     for vi in m.graph.input:
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim

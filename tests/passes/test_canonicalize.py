@@ -12,7 +12,7 @@ import fixtures
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import PassContext
 from onnxslim_yolo.pass_manager import PassManager
-from onnxslim_yolo.passes.canonicalize import Canonicalize
+from onnxslim_yolo.passes.canonicalize import Canonicalize, _inferred_graph
 
 
 def ops(model):
@@ -64,6 +64,27 @@ def test_dynamic_batch_keeps_shape_chain_until_shape_given():
     assert ops(fixed.model)["Shape"] == 0
     dims = [d.dim_value for d in fixed.model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 3, 8, 8]
+
+
+def test_a_given_shape_replaces_stale_symbolic_shapes_when_nothing_folds():
+    # an onnxslim-simplified dynamic YOLO11n export lists each tensor's symbolic shape in
+    # value_info up to 9 times, its output included. Shape inference updated the graph output,
+    # graphsurgeon then read a stale copy, and with nothing to fold no later round repaired it:
+    # the output kept ['batch', 84, <expression>] and failed the reference I/O check
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "h", "w"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    for _ in range(3):
+        m.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                ["N", 4, "floor(h)", "floor(w)"]))
+    graph = _inferred_graph(ir.fix_input_shapes(m, {"x": (2, 3, 8, 8)}), None)
+    assert graph.outputs[0].shape == [2, 4, 8, 8]
+    fixed = run(m, input_shapes={"x": (2, 3, 8, 8)}).model
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param
+            for d in fixed.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == [2, 4, 8, 8]
 
 
 def test_quantize_dequantize_never_folded():
