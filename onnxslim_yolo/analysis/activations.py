@@ -51,13 +51,15 @@ class _Acc:
         self.shift: np.ndarray = np.zeros(c)
 
     def add(self, a: np.ndarray) -> None:
-        x = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1).astype(np.float64)
+        # the tensor stays in its float type; the sums are taken in float64 (a float64 copy of
+        # each activation took 4x as long, about 15% of a yolov5n prune)
+        x = np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
         if self.n == 0:  # shifted sums keep the variance accurate for large means
-            self.shift = x.mean(axis=1)
-        d = x - self.shift[:, None]
+            self.shift = x.mean(axis=1, dtype=np.float64).astype(x.dtype).astype(np.float64)
+        d = x - self.shift.astype(x.dtype)[:, None]
         self.n += x.shape[1]
-        self.s += d.sum(axis=1)
-        self.ss += (d * d).sum(axis=1)
+        self.s += d.sum(axis=1, dtype=np.float64)
+        self.ss += np.einsum("ij,ij->i", d, d, dtype=np.float64)
         self.lo = np.minimum(self.lo, x.min(axis=1))
         self.hi = np.maximum(self.hi, x.max(axis=1))
 
