@@ -8,7 +8,9 @@ PyTorch, which this project does not depend on; ``--exporter-python`` names that
 Ultralytics YOLOv8n (opset 11, 17 and 21, dynamic axes, a static batch of 2, ``nms=True``),
 YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb and classify
 heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
-opset 11, all at 320x320, torchvision ShuffleNetV2-0.5 and MobileNetV3-small, and with
+opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n with dynamic axes,
+YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
+torchvision ShuffleNetV2-0.5 and MobileNetV3-small, and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR: see
@@ -41,10 +43,19 @@ jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolo
         ("yolov9t.yaml", 17, {}, "yolov9t"), ("yolov6n.yaml", 13, {}, "yolov6n"),
         ("yolov8n-ghost.yaml", 17, {}, "yolov8n_ghost"), ("yolov8n-p2.yaml", 17, {}, "yolov8n_p2"),
         ("yolov8n-p6.yaml", 17, {}, "yolov8n_p6"), ("yolov3-tinyu.yaml", 12, {}, "yolov3_tinyu"),
-        ("yolo11n-seg.yaml", 11, {}, "yolo11n_seg_op11")]
+        ("yolo11n-seg.yaml", 11, {}, "yolo11n_seg_op11"),
+        # graphs as most users have them: simplified by onnxslim (the exporter's default), some
+        # with dynamic axes, a rectangular input, or 640x640
+        ("yolov8n.yaml", 17, {"simplify": True}, "yolov8n_slim"),
+        ("yolo11n.yaml", 17, {"simplify": True, "dynamic": True}, "yolo11n_slim_dynamic"),
+        ("yolov8n.yaml", 17, {"imgsz": (256, 416)}, "yolov8n_rect"),
+        ("yolo11n-seg.yaml", 19, {"simplify": True, "imgsz": (320, 480)}, "yolo11n_seg_slim_rect"),
+        ("yolov8n-pose.yaml", 17, {"simplify": True}, "yolov8n_pose_slim"),
+        ("yolo26n.yaml", 17, {"simplify": True, "imgsz": 640}, "yolo26n_slim_640")]
 for cfg, opset, kw, name in jobs:
     cls = RTDETR if cfg.startswith("rtdetr") else YOLO
-    p = cls(cfg).export(format="onnx", opset=opset, imgsz=320, simplify=False, **kw)
+    kw = {"imgsz": 320, "simplify": False, **kw}
+    p = cls(cfg).export(format="onnx", opset=opset, **kw)
     shutil.move(p, f"{out}/{name}.onnx")
 import torch, torchvision
 for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):
