@@ -55,14 +55,25 @@ def _q_consumers(idx: GraphIndex, i: int) -> List[int]:
             if idx.nodes[c].op_type == "QuantizeLinear"]
 
 
+def _dq_weights(idx: GraphIndex, i: int) -> bool:
+    """Whether a Conv-like op reads a dequantized constant (weight or bias)."""
+    for t in idx.nodes[i].input[1:]:
+        p = idx.producer.get(t) if t else None
+        if p is not None and idx.nodes[p].op_type == "DequantizeLinear" and idx.is_const(idx.nodes[p].input[0]):
+            return True
+    return False
+
+
 def unfused_groups(idx: GraphIndex) -> List[int]:
     """Float ops that read a dequantized activation and are requantized, or Conv-like ops that
-    read one (their weights were dequantized for nothing)."""
+    read one with dequantized weights (dequantized for nothing). A float Conv with float weights
+    that reads a tensor quantized for another reader is left out: it loses nothing."""
     out = []
     for i, n in enumerate(idx.nodes):
         if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in FLOAT_DOMAINS:
             continue
-        if _act_dq_inputs(idx, i) and (_q_consumers(idx, i) or n.op_type in MATMUL_LIKE):
+        if _act_dq_inputs(idx, i) and (_q_consumers(idx, i)
+                                       or (n.op_type in MATMUL_LIKE and _dq_weights(idx, i))):
             out.append(i)
     return out
 

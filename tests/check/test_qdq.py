@@ -232,3 +232,22 @@ def test_fusion_reason_for_float_second_input(yolo):
     assert any(u.startswith("model.0/act/Mul: input") and "is float (from Sigmoid)" in u
                for u in r.details["unfused"])
     assert not any("/Conv" in u.split(":")[0] for u in r.details["unfused"])
+
+
+def test_a_float_conv_reading_a_tensor_quantized_for_another_reader_is_not_reported():
+    """A Conv kept float (say INT8 measured slower) whose input is quantized for an INT8 sibling
+    reads a DQ output like any float op; it dequantized no weights, so nothing is lost."""
+    m = qdq_conv("uint8")
+    m.graph.initializer.append(numpy_helper.from_array(
+        np.random.default_rng(1).normal(size=(8, 4, 1, 1)).astype(np.float32), "w_float"))
+    m.graph.node.append(helper.make_node("Conv", ["x_dq", "w_float"], ["side"], name="float_conv"))
+    m.graph.output.append(helper.make_tensor_value_info("side", T.FLOAT, [1, 8, 8, 8]))
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    assert r.status == "pass", r.message
+    # the same Conv with dequantized weights but no requantized output is still reported
+    w = numpy_helper.from_array(np.random.default_rng(2).integers(-9, 9, (8, 4, 1, 1)).astype(np.int8), "wq2")
+    m.graph.initializer.append(w)
+    m.graph.node.append(helper.make_node("DequantizeLinear", ["wq2", "w_scale", "w_zp"], ["w2"], name="w2_DQ"))
+    node(m, "float_conv").input[1] = "w2"
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    assert r.status == "warn" and r.details["unfused"][0].startswith("float_conv: output is not requantized")
