@@ -44,6 +44,8 @@ def latency_runs(models: Mapping[str, onnx.ModelProto], feeds: Optional[Dict[str
                  input_shapes: Optional[Mapping[str, List[int]]] = None, optimize: bool = True,
                  repeats: int = 1) -> Dict[str, Any]:
     """Like :func:`interleaved_latency`, with the per-repeat medians (``repeat_ms``) as well."""
+    if int(runs) < 1:
+        raise ValueError(f"latency runs must be at least 1, got {runs}")
     if not models:
         return {"median_ms": {}, "repeat_ms": {}}
     if feeds is None:

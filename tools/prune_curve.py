@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-runs", type=int, default=30)
     ap.add_argument("--out", default=None, help="folder for prune_curve.json/.md and the models")
     args = ap.parse_args(argv)
+    if args.latency_runs < 1:
+        ap.error(f"--latency-runs must be at least 1, got {args.latency_runs}")
     logging.basicConfig(level=logging.WARNING)
 
     from onnxslim_yolo import data, evaluate, ir

@@ -74,6 +74,8 @@ def test_usage_errors_exit_2(paths):
     assert r.exit_code == 2 and "--labels needs --images" in r.output
     r = invoke(paths["good"], "--target", "tpu")
     assert r.exit_code == 2
+    r = invoke(paths["good"], "--runs", "0")
+    assert r.exit_code == 2 and "--runs" in r.output
 
 
 def test_not_onnx_exits_2(paths):

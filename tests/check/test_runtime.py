@@ -148,6 +148,13 @@ def test_latency_reports_medians_and_ratio(yolo):
     assert r.details["ratio"] == pytest.approx(med["candidate"] / med["reference"])
 
 
+def test_latency_refuses_zero_runs_before_starting_a_worker(yolo):
+    from onnxslim_yolo.latency import latency_runs
+
+    with pytest.raises(ValueError, match="latency runs must be at least 1, got 0"):
+        latency_runs({"m": yolo}, runs=0)
+
+
 # ------------------------------------------------------------------------------------ accuracy
 def write_labels(dets, folder: Path, conf: float = 0.25) -> Path:
     """YOLO labels made from a model's confident detections (so that model scores high)."""
