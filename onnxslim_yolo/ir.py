@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.message import EncodeError, Message
 from onnx import numpy_helper
 
 from .pass_base import ModelLoadError, PreconditionError, UsageError
@@ -49,8 +50,112 @@ def load(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (without writing the file)."""
-    return model.ByteSize()
+    """Serialized size in bytes (without writing the file). protobuf refuses to size a message over
+    2 GiB; such a model is sized by its parts (each initializer and node), a few bytes short."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return _size_by_parts(model)
+
+
+def _size_by_parts(model: onnx.ModelProto) -> int:
+    """Each element's size plus its field tag and length prefix; misses only the model's and the
+    graph's scalar fields (names, versions: tens of bytes)."""
+    g = model.graph
+    parts = [g.initializer, g.sparse_initializer, g.node, g.input, g.output, g.value_info, model.functions,
+             model.opset_import]
+    sizes = [x.ByteSize() for part in parts for x in part]
+    return sum(n + 1 + max(1, (n.bit_length() + 6) // 7) for n in sizes)
+
+
+#: initializers above this many bytes become typed graph inputs in :func:`infer_shapes`'s copy
+_LIGHT_TENSOR = 1 << 16
+
+
+def infer_shapes(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` (same keyword arguments), also over 2 GiB.
+
+    onnx serializes the model to infer it, which protobuf refuses above 2 GiB. Such a model is
+    inferred without its weights: every large initializer is declared as a graph input of its shape
+    and type instead (small ones, which data propagation may read, stay); the inferred value_info
+    and outputs are then put on a copy of the original."""
+    if model_size(model) <= PROTO_LIMIT:
+        return onnx.shape_inference.infer_shapes(model, **kwargs)
+    light = _copy_except_initializers(model)
+    declared = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.ByteSize() <= _LIGHT_TENSOR:
+            light.graph.initializer.append(t)
+        elif t.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inferred = onnx.shape_inference.infer_shapes(light, **kwargs)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    del out.graph.output[:]
+    out.graph.output.extend(inferred.graph.output)
+    return out
+
+
+def check_model(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+    """``onnx.checker.check_model`` with ``full_check``, also over 2 GiB; raises what onnx raises.
+
+    Over the limit the checker reads a temporary external-data copy, without its full check (whose
+    shape inference cannot read external tensors); strict shape inference runs through
+    :func:`infer_shapes` instead, and its result is returned (None under the limit)."""
+    if model_size(model) <= PROTO_LIMIT:
+        onnx.checker.check_model(model, full_check=True)
+        return None
+    with tempfile.TemporaryDirectory(prefix="osy_check_") as td:
+        path = Path(td) / "model.onnx"
+        save(model, path, external_data=True)
+        onnx.checker.check_model(str(path))
+    return infer_shapes(model, check_type=True, strict_mode=True)
+
+
+def _copy_except_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the graph's initializers: cheap when the weights are the model."""
+    out = onnx.ModelProto()
+    for dst, src in ((out, model), (out.graph, model.graph)):
+        for f, v in src.ListFields():
+            if src is model and f.name == "graph" or src is model.graph and f.name == "initializer":
+                continue
+            if isinstance(v, Message):
+                getattr(dst, f.name).CopyFrom(v)
+            elif hasattr(v, "extend"):  # a repeated field
+                getattr(dst, f.name).extend(v)
+            else:
+                setattr(dst, f.name, v)
+    return out
+
+
+#: tensors over this many bytes go to the data file (onnx's own default); smaller ones, such as
+#: Resize scales and Reshape shapes, stay inline where shape inference reads them
+_EXTERNAL_MIN = 1024
+_EXTERNAL_ALIGN = 4096
+
+
+def _save_external(model: onnx.ModelProto, proto_path: str, data_path: Path, location: str) -> None:
+    """Write the graph to ``proto_path`` and its initializers over :data:`_EXTERNAL_MIN` bytes to
+    ``data_path`` (named ``location`` in the proto, page-aligned), without copying the model."""
+    light = _copy_except_initializers(model)
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            if (t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING
+                    or t.ByteSize() <= _EXTERNAL_MIN):
+                light.graph.initializer.append(t)
+                continue
+            blob = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            offset = -(-f.tell() // _EXTERNAL_ALIGN) * _EXTERNAL_ALIGN
+            f.write(b"\0" * (offset - f.tell()))
+            f.write(blob)
+            ref = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                              doc_string=t.doc_string, data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", location), ("offset", offset), ("length", len(blob))):
+                ref.external_data.add(key=key, value=str(value))
+            del blob
+    onnx.save_model(light, proto_path)
 
 
 def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] = (),
@@ -72,14 +177,13 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
         if external_data:
             data_name = out.name + ".data"
             tmp_data = out.parent / ("." + data_name + ".tmp")
-            m = onnx.ModelProto()
-            m.CopyFrom(model)
-            onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=0)
             # the proto names the final data file; write it, then rename both
-            _rename_external_location(tmp, tmp_data.name, data_name)
-            if tmp_data.exists():
-                os.replace(tmp_data, out.parent / data_name)
+            try:
+                _save_external(model, tmp, tmp_data, data_name)
+            except BaseException:
+                tmp_data.unlink(missing_ok=True)
+                raise
+            os.replace(tmp_data, out.parent / data_name)
         else:
             onnx.save_model(model, tmp)
     return out
@@ -115,35 +219,11 @@ def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
     return out
 
 
-def _rename_external_location(model_path: str, old: str, new: str) -> None:
-    m = onnx.load(model_path, load_external_data=False)
-    for t in _all_tensors(m):
-        for kv in t.external_data:
-            if kv.key == "location" and kv.value == old:
-                kv.value = new
-    onnx.save_model(m, model_path)
-
-
 def has_subgraphs(graph: onnx.GraphProto) -> bool:
     """Whether a node of ``graph`` holds a subgraph (If, Loop, Scan): such a node may read outer
     tensors that none of its inputs name, so a graph cut by its listed inputs is not safe."""
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for n in graph.node for a in n.attribute)
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
-    def walk(g: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
-        yield from g.initializer
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    yield a.t
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        yield from walk(sg)
-    return walk(model.graph)
 
 
 def node_graph(model: onnx.ModelProto):

@@ -7,7 +7,6 @@ the model before the pass in onnxruntime (reference with graph optimizations dis
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,18 +84,12 @@ def canonical_export(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def validate(model: onnx.ModelProto) -> onnx.ModelProto:
     """Full onnx checker and strict shape inference; returns the model with inferred value_info."""
-    with tempfile.TemporaryDirectory() as td:
-        try:
-            if ir.model_size(model) > ir.PROTO_LIMIT:
-                p = Path(td) / "m.onnx"
-                ir.save(model, p, external_data=True)
-                onnx.checker.check_model(str(p), full_check=True)
-                return model
-            onnx.checker.check_model(model, full_check=True)
-            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            first = str(exc).strip().splitlines()
-            raise VerificationError(f"model is invalid: {first[0] if first else type(exc).__name__}") from None
+    try:
+        inferred = ir.check_model(model)
+        return inferred if inferred is not None else ir.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()
+        raise VerificationError(f"model is invalid: {first[0] if first else type(exc).__name__}") from None
 
 
 class PassManager:

@@ -88,7 +88,7 @@ def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
     consts = {i.name for i in g.initializer}
     consts |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = ir.infer_shapes(model)
     except Exception:  # noqa: BLE001 -- without types nothing can be watched safely
         return [], [o.name for o in g.output if o.name in region]
     types = {vi.name: vi.type.tensor_type.elem_type
@@ -191,22 +191,24 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     # output holding boxes and scores does in a model without NMS inside
     joint = f"{frontier[0]} + {len(frontier) - 1} more" if len(frontier) > 1 else "".join(frontier)
     role[joint] = "candidates"
-    rs = session(with_outputs(ref, frontier), optimize=ref_optimized)
-    ns = session(with_outputs(new, frontier), optimize=True)
-    fs = session(with_outputs(ref, frontier), optimize=True) if noise_floor and not ref_optimized else None
     n_out = len(names)
     names = names + ([joint] if frontier else [])
 
-    def joined(outs: List[np.ndarray]) -> List[np.ndarray]:
+    def outputs(model: onnx.ModelProto, optimize: bool) -> List[List[np.ndarray]]:
+        # one session at a time: a large model's weights are held once by each live session
+        sess = session(with_outputs(model, frontier) if frontier else model, optimize=optimize)
+        outs = [run(sess, f) for f in feeds]
+        del sess
         if not frontier:
             return outs
-        return outs[:n_out] + [np.concatenate([o.astype(np.float64).ravel() for o in outs[n_out:]])]
+        return [o[:n_out] + [np.concatenate([t.astype(np.float64).ravel() for t in o[n_out:]])] for o in outs]
 
+    ref_outs = outputs(ref, ref_optimized)
+    floors = outputs(ref, True) if noise_floor and not ref_optimized else ref_outs
+    new_outs = outputs(new, True)
     worst: Dict[str, OutputDiff] = {}
-    for f in feeds:
-        ref_out = joined(run(rs, f))
-        floor = joined(run(fs, f)) if fs is not None else ref_out
-        for name, a, b, c in zip(names, ref_out, joined(run(ns, f)), floor):
+    for ref_out, new_out, floor in zip(ref_outs, new_outs, floors):
+        for name, a, b, c in zip(names, ref_out, new_out, floor):
             if role[name] == "selected" and a.shape != b.shape:  # NMS kept another number of rows
                 d = OutputDiff(name, float("inf"), float(np.abs(a).max()) if a.size else 0.0, 0.0,
                                float("-inf"))

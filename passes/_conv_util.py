@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with inferred value_info (the model unchanged when inference fails)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return ir.infer_shapes(model, data_prop=True)
     except Exception as exc:  # shapes are a help for the checks, not a requirement to run
         log.debug("shape inference failed: %s", exc)
         return model

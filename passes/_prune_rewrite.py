@@ -184,7 +184,7 @@ def apply_keep(model: onnx.ModelProto, analysis: ChannelAnalysis, keep: Keep,
     out = ir.to_model(graph, model)
     del out.graph.value_info[:]
     try:
-        out = onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
+        out = ir.infer_shapes(out, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PreconditionError(f"prune-channels: pruned model fails shape inference: {msg}") from None

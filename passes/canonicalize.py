@@ -79,7 +79,7 @@ def _inferred_graph(model: onnx.ModelProto, report: Optional[PassReport]) -> gs.
     """The graph with onnx shape inference (data propagation on) applied where it succeeds (a
     failure is reported once, in the first round)."""
     try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = ir.infer_shapes(model, data_prop=True)
     except Exception as exc:  # a model we cannot infer still gets folded, less well
         if report is not None:
             report.skip("<graph>", f"shape inference failed: {str(exc).splitlines()[0]}")

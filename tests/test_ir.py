@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from fixtures import GraphBuilder
+from fixtures import GraphBuilder, build_yolov5_v6
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import ModelLoadError, PreconditionError, UsageError
 
@@ -64,10 +64,40 @@ def test_written_files_get_the_umask_mode_and_failures_leave_nothing(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
 
 
+def test_external_data_files_get_the_umask_mode_and_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch):
+    old = os.umask(0o022)
+    try:
+        ir.save(build_yolov5_v6(opset=13), tmp_path / "e.onnx", external_data=True)
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("e.onnx", "e.onnx.data")] == [0o644, 0o644]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_save = onnx.save_model
+
+    def full_disk(*a, **k):  # the data file is written, then the proto fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ir.save(build_yolov5_v6(opset=13, width=16), tmp_path / "e.onnx", external_data=True)
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_external_data_round_trip(tmp_path: Path):
-    m = tiny()
+    m = build_yolov5_v6(opset=13)
     out = ir.save(m, tmp_path / "ext.onnx", external_data=True)
     assert (tmp_path / "ext.onnx.data").exists()
+    # small tensors (Resize scales, Reshape shapes) stay inline, where shape inference reads them
+    inline = onnx.load(str(out), load_external_data=False).graph.initializer
+    where = {t.name: t.data_location == onnx.TensorProto.EXTERNAL for t in inline}
+    assert any(where.values()) and not all(where.values())
+    assert all(where[t.name] == (t.ByteSize() > 1024) for t in m.graph.initializer if abs(t.ByteSize() - 1024) > 64)
+    import onnxruntime as ort
+    feed = {"images": np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)}
+    from_file = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)
+    in_memory = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert all(np.array_equal(a, b) for a, b in zip(from_file, in_memory))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     back = ir.load(out)
     a = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -102,3 +132,31 @@ def test_param_count_counts_weights_only():
     m = tiny()
     # 4x3x3x3 weight + 4 bias; SiLU has no parameters
     assert ir.param_count(m) == 4 * 3 * 3 * 3 + 4
+
+
+def test_size_by_parts_matches_bytesize():
+    m = build_yolov5_v6(opset=13)
+    assert 0 <= m.ByteSize() - ir._size_by_parts(m) < 64
+
+
+def test_infer_shapes_over_the_limit_infers_without_the_weights(monkeypatch):
+    m = build_yolov5_v6(opset=13)
+    plain = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    monkeypatch.setattr(ir, "PROTO_LIMIT", 1000)
+    monkeypatch.setattr(ir, "_LIGHT_TENSOR", 1024)
+    calls = []
+    real = onnx.shape_inference.infer_shapes
+
+    def spy(model, **kw):
+        calls.append(max(t.ByteSize() for t in model.graph.initializer))
+        return real(model, **kw)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
+    light = ir.infer_shapes(m, data_prop=True)
+    assert calls and calls[0] <= ir._LIGHT_TENSOR < max(t.ByteSize() for t in m.graph.initializer)
+    shape = {vi.name: str(vi.type) for vi in plain.graph.value_info}
+    assert {vi.name: str(vi.type) for vi in light.graph.value_info} == shape and len(shape) > 50
+    assert [str(o) for o in light.graph.output] == [str(o) for o in plain.graph.output]
+    assert [t.SerializeToString() for t in light.graph.initializer] == \
+        [t.SerializeToString() for t in m.graph.initializer]
+    assert len(light.graph.input) == len(m.graph.input)

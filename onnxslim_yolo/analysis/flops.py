@@ -62,7 +62,7 @@ def _shape_table(model: onnx.ModelProto) -> Dict[str, Tuple[int, ...]]:
 
 def _infer(m: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+        return ir.infer_shapes(m, data_prop=True)
     except Exception:
         return m
 
@@ -84,8 +84,6 @@ def _infer_static(model: onnx.ModelProto,
     except Exception:
         static = {}
     m = ir.fix_input_shapes(model, static) if static else model
-    if ir.model_size(m) > ir.PROTO_LIMIT:
-        return m  # shape inference in memory is limited to 2 GB protos; MACs may be partial
     inferred = _infer(m)
     folded = inferred
     for _ in range(3 if static else 0):  # each round folds what the previous inference resolved

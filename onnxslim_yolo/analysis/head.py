@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import ir
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def _shapes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, Tuple[obj
     if all(n in known for n in names):
         return known
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = ir.infer_shapes(model, strict_mode=False)
     except Exception as exc:  # shape inference is best effort here
         log.debug("find_head: shape inference failed: %s", exc)
         return known

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import onnx
 
-from .. import verify
+from .. import ir, verify
 from ..pass_base import SlimError
 from .activations import Feeds
 
@@ -58,7 +58,7 @@ def detection_watch(model: onnx.ModelProto):
         return None
     try:
         hw = model_input(model)[1][1:]
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = ir.infer_shapes(model)
     except Exception:  # noqa: BLE001 -- no shapes: no candidate layout
         return None
     shapes = {vi.name: value_dims(vi) for vi in inferred.graph.value_info}

@@ -5,9 +5,7 @@ Each function takes the model (and its :class:`GraphIndex`) and returns one Chec
 """
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Dict, Iterable, List, Set
 
 import numpy as np
@@ -27,13 +25,7 @@ def check_onnx_checker(model: onnx.ModelProto) -> CheckResult:
     """onnx.checker with ``full_check`` (types and shapes too)."""
     name = "structure.checker"
     try:
-        if model.ByteSize() > ir.PROTO_LIMIT:  # the checker needs a path above 2 GiB
-            with tempfile.TemporaryDirectory() as td:
-                path = Path(td) / "model.onnx"
-                ir.save(model, path, external_data=True)
-                onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        ir.check_model(model)
     except Exception as exc:  # onnx raises ValidationError, InferenceError and others
         return failed(name, f"onnx checker: {first_line(exc)}")
     return passed(name, f"onnx checker (full) ok, IR version {model.ir_version}")
@@ -43,7 +35,7 @@ def check_shape_inference(model: onnx.ModelProto) -> CheckResult:
     """Strict shape inference with data propagation: every op must infer, declared shapes agree."""
     name = "structure.shape_inference"
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = ir.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         return failed(name, f"strict shape inference: {first_line(exc)}")
     known = {vi.name for vi in inferred.graph.value_info}
@@ -95,7 +87,7 @@ def _float64_tensors(model: onnx.ModelProto) -> List[str]:
             hits += [f"Constant {n.output[0]}" for a in n.attribute
                      if a.name == "value" and a.t.data_type == dbl]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = ir.infer_shapes(model)
         vis = list(inferred.graph.value_info)
     except Exception:  # reported by the shape-inference check
         vis = list(model.graph.value_info)

@@ -63,7 +63,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     ir.name_unnamed_nodes(graph)
     named = ir.to_model(graph, model)
     try:
-        return onnx.shape_inference.infer_shapes(named, strict_mode=False)
+        return ir.infer_shapes(named, strict_mode=False)
     except Exception as exc:  # placement falls back to dtypes graphsurgeon knows
         log.warning("insert-qdq: shape inference failed (%s); quantizing what has known dtypes", exc)
         return named
