@@ -48,7 +48,8 @@ def render(report: CheckReport) -> str:
               help="Floor of the mAP of the model's detections against the reference's.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time the model against the reference.")
-@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Interleaved latency runs per model.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Interleaved latency runs per model.")
 @click.option("--limit", type=int, help="Use the first N images (by name) for the detection checks.")
 @click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
 @click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")

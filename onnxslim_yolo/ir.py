@@ -151,7 +151,8 @@ def _save_external(model: onnx.ModelProto, proto_path: str, data_path: Path, loc
             f.write(b"\0" * (offset - f.tell()))
             f.write(blob)
             ref = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
-                                              doc_string=t.doc_string, data_location=onnx.TensorProto.EXTERNAL)
+                                              doc_string=t.doc_string,
+                                              data_location=onnx.TensorProto.EXTERNAL)
             for key, value in (("location", location), ("offset", offset), ("length", len(blob))):
                 ref.external_data.add(key=key, value=str(value))
             del blob

@@ -64,7 +64,7 @@ def test_written_files_get_the_umask_mode_and_failures_leave_nothing(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
 
 
-def test_external_data_files_get_the_umask_mode_and_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch):
+def test_external_data_gets_the_umask_mode_and_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch):
     old = os.umask(0o022)
     try:
         ir.save(build_yolov5_v6(opset=13), tmp_path / "e.onnx", external_data=True)
@@ -92,11 +92,13 @@ def test_external_data_round_trip(tmp_path: Path):
     inline = onnx.load(str(out), load_external_data=False).graph.initializer
     where = {t.name: t.data_location == onnx.TensorProto.EXTERNAL for t in inline}
     assert any(where.values()) and not all(where.values())
-    assert all(where[t.name] == (t.ByteSize() > 1024) for t in m.graph.initializer if abs(t.ByteSize() - 1024) > 64)
+    clear = [t for t in m.graph.initializer if abs(t.ByteSize() - 1024) > 64]
+    assert all(where[t.name] == (t.ByteSize() > 1024) for t in clear)
     import onnxruntime as ort
     feed = {"images": np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)}
     from_file = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)
-    in_memory = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    in_memory = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None,
+                                                                                                    feed)
     assert all(np.array_equal(a, b) for a, b in zip(from_file, in_memory))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     back = ir.load(out)
