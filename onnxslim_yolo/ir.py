@@ -117,9 +117,9 @@ def check_model(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
 def _copy_except_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of everything but the graph's initializers: cheap when the weights are the model."""
     out = onnx.ModelProto()
-    for dst, src in ((out, model), (out.graph, model.graph)):
+    for dst, src, skip in ((out, model, "graph"), (out.graph, model.graph, "initializer")):
         for f, v in src.ListFields():
-            if src is model and f.name == "graph" or src is model.graph and f.name == "initializer":
+            if f.name == skip:
                 continue
             if isinstance(v, Message):
                 getattr(dst, f.name).CopyFrom(v)

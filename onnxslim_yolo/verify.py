@@ -196,16 +196,18 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
 
     def outputs(model: onnx.ModelProto, optimize: bool) -> List[List[np.ndarray]]:
         # one session at a time: a large model's weights are held once by each live session
-        sess = session(with_outputs(model, frontier) if frontier else model, optimize=optimize)
+        sess = session(model, optimize=optimize)
         outs = [run(sess, f) for f in feeds]
         del sess
         if not frontier:
             return outs
         return [o[:n_out] + [np.concatenate([t.astype(np.float64).ravel() for t in o[n_out:]])] for o in outs]
 
-    ref_outs = outputs(ref, ref_optimized)
-    floors = outputs(ref, True) if noise_floor and not ref_optimized else ref_outs
-    new_outs = outputs(new, True)
+    # one copy of each model with the candidates as outputs, shared by its runs
+    ref_run = with_outputs(ref, frontier) if frontier else ref
+    ref_outs = outputs(ref_run, ref_optimized)
+    floors = outputs(ref_run, True) if noise_floor and not ref_optimized else ref_outs
+    new_outs = outputs(with_outputs(new, frontier) if frontier else new, True)
     worst: Dict[str, OutputDiff] = {}
     for ref_out, new_out, floor in zip(ref_outs, new_outs, floors):
         for name, a, b, c in zip(names, ref_out, new_out, floor):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from fixtures import GraphBuilder, build_yolov5_v6
@@ -94,7 +95,6 @@ def test_external_data_round_trip(tmp_path: Path):
     assert any(where.values()) and not all(where.values())
     clear = [t for t in m.graph.initializer if abs(t.ByteSize() - 1024) > 64]
     assert all(where[t.name] == (t.ByteSize() > 1024) for t in clear)
-    import onnxruntime as ort
     feed = {"images": np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)}
     from_file = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)
     in_memory = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None,
