@@ -182,7 +182,44 @@ def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) ->
             continue
         plan.int8_ops.append(node.name)
         avail.update(o.name for o in outs)
+    _complete_partial(graph, plan, excluded, avail)
     return avail
+
+
+#: INT8 ops whose missing inputs :func:`_complete_partial` quantizes
+_COMPLETED = ("Concat", "Add")
+
+
+def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str], avail: Set[str]) -> None:
+    """A Concat or Add whose output is quantized anyway and some of whose inputs are, but not all
+    (one comes from a float op, say a Conv kept float because INT8 is slower there): quantize the
+    rest too, so that it runs INT8 instead of in float between DQs and a Q. One Q replaces the DQs
+    and the float op. A Concat's inputs share its output's range, so there the values do not
+    change; an Add's new Q adds one rounding, as the Q after an INT8 producer would. Repeated
+    until nothing changes: a completed Concat's new Q can make the Add before it eligible."""
+    t = plan.target
+    ops = [op for op in _COMPLETED if op in t.int8_ops and (op != "Concat" or t.shared_concat)]
+    tail = set(plan.tail)
+    changed = True
+    while changed:
+        changed = False
+        int8 = set(plan.int8_ops)
+        for node in graph.nodes:
+            if node.op not in ops or node.name in tail or node.name in int8 or node.name in excluded:
+                continue
+            ins, outs = data_inputs(node), [o.name for o in node.outputs if is_float_var(o)]
+            if not ins or not all(is_float_var(x) for x in ins) or outs != [o.name for o in node.outputs] \
+                    or not set(outs) <= avail:
+                continue
+            missing = [x.name for x in ins if x.name not in avail]
+            if len(missing) == len(ins):
+                continue
+            plan.int8_ops.append(node.name)
+            for x in missing:
+                plan.activations.setdefault(x, f"input of INT8 {node.op} {node.name} (its other inputs and "
+                                               f"output are quantized: one Q instead of a float {node.op})")
+                avail.add(x)
+            changed = True
 
 
 def _demote(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> None:
