@@ -76,19 +76,11 @@ def infer_shapes(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     """``onnx.shape_inference.infer_shapes`` (same keyword arguments), also over 2 GiB.
 
     onnx serializes the model to infer it, which protobuf refuses above 2 GiB. Such a model is
-    inferred without its weights: every large initializer is declared as a graph input of its shape
-    and type instead (small ones, which data propagation may read, stay); the inferred value_info
-    and outputs are then put on a copy of the original."""
+    inferred without its weights (see :func:`_infer_light`); the inferred value_info and outputs
+    are then put on a copy of the original."""
     if model_size(model) <= PROTO_LIMIT:
         return onnx.shape_inference.infer_shapes(model, **kwargs)
-    light = _copy_except_initializers(model)
-    declared = {i.name for i in model.graph.input}
-    for t in model.graph.initializer:
-        if t.ByteSize() <= _LIGHT_TENSOR:
-            light.graph.initializer.append(t)
-        elif t.name not in declared:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    inferred = onnx.shape_inference.infer_shapes(light, **kwargs)
+    inferred = _infer_light(model, **kwargs)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.value_info[:]
@@ -98,20 +90,50 @@ def infer_shapes(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     return out
 
 
-def check_model(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+def inferred_values(model: onnx.ModelProto, **kwargs: Any) -> List[onnx.ValueInfoProto]:
+    """The value_info and graph outputs shape inference gives (same keyword arguments as
+    :func:`infer_shapes`), for callers that read only types and shapes: over 2 GiB this makes no
+    copy of the weights."""
+    if model_size(model) <= PROTO_LIMIT:
+        g = onnx.shape_inference.infer_shapes(model, **kwargs).graph
+    else:
+        g = _infer_light(model, **kwargs).graph
+    return list(g.value_info) + list(g.output)
+
+
+def _infer_light(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
+    """Shape inference on a copy without the large weights: every initializer over
+    ``_LIGHT_TENSOR`` bytes is declared as a graph input of its shape and type instead (small ones,
+    which data propagation may read, stay). Returns that inferred light copy."""
+    light = _copy_except_initializers(model)
+    declared = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.ByteSize() <= _LIGHT_TENSOR:
+            light.graph.initializer.append(t)
+        elif t.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return onnx.shape_inference.infer_shapes(light, **kwargs)
+
+
+def check_model(model: onnx.ModelProto, infer: bool = False) -> Optional[onnx.ModelProto]:
     """``onnx.checker.check_model`` with ``full_check``, also over 2 GiB; raises what onnx raises.
 
     Over the limit the checker reads a temporary external-data copy, without its full check (whose
     shape inference cannot read external tensors); strict shape inference runs through
-    :func:`infer_shapes` instead, and its result is returned (None under the limit)."""
+    :func:`infer_shapes` instead. With ``infer``, the model with its strictly inferred value_info is
+    returned (also under the limit); otherwise None."""
+    strict = dict(check_type=True, strict_mode=True)
     if model_size(model) <= PROTO_LIMIT:
         onnx.checker.check_model(model, full_check=True)
-        return None
+        return onnx.shape_inference.infer_shapes(model, **strict) if infer else None
     with tempfile.TemporaryDirectory(prefix="osy_check_") as td:
         path = Path(td) / "model.onnx"
         save(model, path, external_data=True)
         onnx.checker.check_model(str(path))
-    return infer_shapes(model, check_type=True, strict_mode=True)
+    if infer:
+        return infer_shapes(model, **strict)
+    inferred_values(model, **strict)
+    return None
 
 
 def _copy_except_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -85,8 +85,7 @@ def canonical_export(model: onnx.ModelProto) -> onnx.ModelProto:
 def validate(model: onnx.ModelProto) -> onnx.ModelProto:
     """Full onnx checker and strict shape inference; returns the model with inferred value_info."""
     try:
-        inferred = ir.check_model(model)
-        return inferred if inferred is not None else ir.infer_shapes(model, check_type=True, strict_mode=True)
+        return ir.check_model(model, infer=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()
         raise VerificationError(f"model is invalid: {first[0] if first else type(exc).__name__}") from None

@@ -88,11 +88,11 @@ def selection_frontier(model: onnx.ModelProto) -> Tuple[List[str], List[str]]:
     consts = {i.name for i in g.initializer}
     consts |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
     try:
-        inferred = ir.infer_shapes(model)
+        inferred = ir.inferred_values(model)
     except Exception:  # noqa: BLE001 -- without types nothing can be watched safely
         return [], [o.name for o in g.output if o.name in region]
     types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in list(inferred.graph.value_info) + list(g.input) + list(g.output)}
+             for vi in inferred + list(g.input) + list(g.output)}
     outputs = {o.name for o in g.output}
     frontier = [i for n in nodes for i in n.input if i and i not in region and i not in consts
                 and i not in outputs and types.get(i) == onnx.TensorProto.FLOAT]

@@ -162,3 +162,32 @@ def test_infer_shapes_over_the_limit_infers_without_the_weights(monkeypatch):
     assert [t.SerializeToString() for t in light.graph.initializer] == \
         [t.SerializeToString() for t in m.graph.initializer]
     assert len(light.graph.input) == len(m.graph.input)
+
+
+def test_inferred_values_over_the_limit_copies_no_weights(monkeypatch):
+    m = build_yolov5_v6(opset=13)
+    plain = onnx.shape_inference.infer_shapes(m).graph
+    monkeypatch.setattr(ir, "PROTO_LIMIT", 1000)
+    monkeypatch.setattr(ir, "_LIGHT_TENSOR", 1024)
+    copies = []
+    real = onnx.ModelProto.CopyFrom
+    monkeypatch.setattr(onnx.ModelProto, "CopyFrom", lambda self, o: (copies.append(1), real(self, o))[1])
+    got = ir.inferred_values(m)
+    assert not copies
+    assert [str(v) for v in got] == [str(v) for v in list(plain.value_info) + list(plain.output)]
+    assert len(got) > 50
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+def test_check_model_returns_the_strictly_inferred_model_only_when_asked(monkeypatch, limit):
+    m = build_yolov5_v6(opset=13)
+    if limit:
+        monkeypatch.setattr(ir, "PROTO_LIMIT", limit)
+    assert ir.check_model(m) is None
+    inferred = ir.check_model(m, infer=True)
+    assert len(inferred.graph.value_info) == len(onnx.shape_inference.infer_shapes(m).graph.value_info) > 50
+    bad = onnx.ModelProto()
+    bad.CopyFrom(m)
+    bad.graph.node[0].input[0] = "missing_tensor"
+    with pytest.raises(onnx.checker.ValidationError, match="missing_tensor"):
+        ir.check_model(bad)

@@ -158,12 +158,11 @@ def _shapes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, Tuple[obj
     if all(n in known for n in names):
         return known
     try:
-        inferred = ir.infer_shapes(model, strict_mode=False)
+        inferred = ir.inferred_values(model, strict_mode=False)
     except Exception as exc:  # shape inference is best effort here
         log.debug("find_head: shape inference failed: %s", exc)
         return known
-    gi = inferred.graph
-    for vi in list(gi.value_info) + list(gi.output):
+    for vi in inferred:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             known.setdefault(vi.name, _dims(vi))
     return known

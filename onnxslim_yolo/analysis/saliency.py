@@ -58,10 +58,10 @@ def detection_watch(model: onnx.ModelProto):
         return None
     try:
         hw = model_input(model)[1][1:]
-        inferred = ir.infer_shapes(model)
+        inferred = ir.inferred_values(model)
     except Exception:  # noqa: BLE001 -- no shapes: no candidate layout
         return None
-    shapes = {vi.name: value_dims(vi) for vi in inferred.graph.value_info}
+    shapes = {vi.name: value_dims(vi) for vi in inferred}
     for a in frontier:
         for b in frontier:
             if a != b and a in shapes and b in shapes and split_layout([shapes[a], shapes[b]]) is not None:

@@ -35,10 +35,10 @@ def check_shape_inference(model: onnx.ModelProto) -> CheckResult:
     """Strict shape inference with data propagation: every op must infer, declared shapes agree."""
     name = "structure.shape_inference"
     try:
-        inferred = ir.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inferred = ir.inferred_values(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
         return failed(name, f"strict shape inference: {first_line(exc)}")
-    known = {vi.name for vi in inferred.graph.value_info}
+    known = {vi.name for vi in inferred}
     produced = [o for n in model.graph.node for o in n.output if o]
     missing = [t for t in produced if t not in known and t not in {o.name for o in model.graph.output}]
     if missing:
@@ -87,8 +87,7 @@ def _float64_tensors(model: onnx.ModelProto) -> List[str]:
             hits += [f"Constant {n.output[0]}" for a in n.attribute
                      if a.name == "value" and a.t.data_type == dbl]
     try:
-        inferred = ir.infer_shapes(model)
-        vis = list(inferred.graph.value_info)
+        vis = ir.inferred_values(model)
     except Exception:  # reported by the shape-inference check
         vis = list(model.graph.value_info)
     for vi in list(model.graph.input) + list(model.graph.output) + vis:
