@@ -64,17 +64,30 @@ def _dq_weights(idx: GraphIndex, i: int) -> bool:
     return False
 
 
+def _shared_dq(idx: GraphIndex, dq: int, reader: int) -> bool:
+    """Whether a DequantizeLinear's quantized tensor is also read by a node other than ``reader``."""
+    q_out = idx.nodes[dq].input[0]
+    others = [c for c in idx.consumer_nodes(idx.nodes[dq].output[0]) if c != reader]
+    return bool(others) or len(idx.consumer_nodes(q_out)) > 1
+
+
 def unfused_groups(idx: GraphIndex) -> List[int]:
     """Float ops that read a dequantized activation and are requantized, or Conv-like ops that
-    read one with dequantized weights (dequantized for nothing). A float Conv with float weights
-    that reads a tensor quantized for another reader is left out: it loses nothing."""
+    read one with dequantized weights (dequantized for nothing). Left out, since they lose
+    nothing: a float Conv with float weights that reads a tensor quantized for another reader, and
+    an op with no quantized kernel at all (ConvTranspose, say) whose dequantized inputs all are
+    quantized for other readers too (onnxruntime itself dequantizes such an op's weights, in its
+    WeightBiasQuantization step, though it has no kernel to fuse them into)."""
     out = []
     for i, n in enumerate(idx.nodes):
         if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in FLOAT_DOMAINS:
             continue
-        if _act_dq_inputs(idx, i) and (_q_consumers(idx, i)
-                                       or (n.op_type in MATMUL_LIKE and _dq_weights(idx, i))):
-            out.append(i)
+        dqs = _act_dq_inputs(idx, i)
+        if not dqs or not (_q_consumers(idx, i) or (n.op_type in MATMUL_LIKE and _dq_weights(idx, i))):
+            continue
+        if n.op_type not in QLINEAR | DROPPED and all(_shared_dq(idx, d, i) for d in dqs):
+            continue
+        out.append(i)
     return out
 
 

@@ -242,8 +242,16 @@ def _demote(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> No
     plan.int8_ops = [n for n in plan.int8_ops if n in int8]
 
 
+def _from_int8_relu(x: gs.Tensor, int8: Set[str]) -> bool:
+    """A Relu output keeps its own range [0, max] in a shared Concat: with a zero point at the
+    bottom of the range onnxruntime drops the Relu (ReluQuantFusion); in the Concat's wider range
+    it would run in float between DQ and Q. QLinearConcat requantizes such an input."""
+    return len(x.inputs) == 1 and x.inputs[0].op == "Relu" and x.inputs[0].name in int8
+
+
 def _collect(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> None:
     t = plan.target
+    int8 = set(plan.int8_ops)
     for spec in plan.layers.values():
         plan.activations.setdefault(spec.act_input, f"input of INT8 {spec.op} {spec.node}")
         if t.quantize_layer_outputs:
@@ -258,7 +266,9 @@ def _collect(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> N
         if node.op == "Sigmoid":
             plan.fixed[node.outputs[0].name] = (0.0, 1.0)
         if node.op in t.same_range_ops or (node.op == "Concat" and t.shared_concat):
-            plan.groups.append([x.name for x in data_inputs(node)] + [o.name for o in node.outputs])
+            own_range = node.op == "Concat"
+            shared = [x.name for x in data_inputs(node) if not (own_range and _from_int8_relu(x, int8))]
+            plan.groups.append(shared + [o.name for o in node.outputs])
             if node.op in VALUE_PRESERVING:
                 for o in node.outputs:
                     plan.derived[o.name] = [x.name for x in data_inputs(node)]

@@ -251,3 +251,28 @@ def test_a_float_conv_reading_a_tensor_quantized_for_another_reader_is_not_repor
     node(m, "float_conv").input[1] = "w2"
     r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
     assert r.status == "warn" and r.details["unfused"][0].startswith("float_conv: output is not requantized")
+
+
+def test_an_op_without_kernel_is_reported_only_when_its_dq_serves_it_alone():
+    """A float ConvTranspose between DQ and Q loses nothing when the dequantized tensor is read in
+    INT8 by another node too (here the Conv) and its output is requantized for an INT8 reader: no
+    placement does better. Read through a DQ of its own, that Q -> DQ pair is wasted."""
+    m = qdq_conv("uint8")
+    m.graph.initializer.append(numpy_helper.from_array(
+        np.random.default_rng(3).normal(size=(4, 4, 2, 2)).astype(np.float32), "w_up"))
+    m.graph.node.append(helper.make_node("ConvTranspose", ["x_dq", "w_up"], ["up"], name="up",
+                                         strides=[2, 2]))
+    m.graph.output.append(helper.make_tensor_value_info("up", T.FLOAT, [1, 4, 16, 16]))
+    m = insert_qdq(m, "up", 0.05, 128)
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    assert r.status == "pass", r.message
+    own = copy(m)  # a pair of its own (another scale, so onnxruntime does not merge the two)
+    own.graph.initializer.append(numpy_helper.from_array(np.float32(0.03), "x_scale2"))
+    own.graph.node.insert(0, helper.make_node("QuantizeLinear", ["x", "x_scale2", "x_zp"], ["x_q2"],
+                                              name="x_Q2"))
+    own.graph.node.insert(1, helper.make_node("DequantizeLinear", ["x_q2", "x_scale2", "x_zp"], ["x_dq2"],
+                                              name="x_DQ2"))
+    node(own, "up").input[0] = "x_dq2"
+    r = fusion.check_ort_fusion(GraphIndex(own), "ort-cpu")
+    assert r.status == "warn" and r.details["unfused"] == \
+        ["up: no quantized kernel for ConvTranspose in onnxruntime CPU"], r.details

@@ -238,6 +238,30 @@ def test_an_add_or_concat_fed_by_a_float_conv_still_runs_int8() -> None:
         assert [g.prod[i].op_type for i in node.input] == ["DequantizeLinear"] * 2
 
 
+def test_a_relu_into_a_concat_keeps_its_own_range_so_onnxruntime_drops_it() -> None:
+    """RepVGG / ShuffleNet style: Relu outputs concatenated with signed tensors. In the Concat's
+    shared range the Relu's Q would get a zero point inside the range and the Relu would run in
+    float; with its own range [0, max] (zero point 0) onnxruntime removes it."""
+    from onnxslim_yolo.check.fusion import check_ort_fusion
+    from onnxslim_yolo.check.index import GraphIndex
+    b = GraphBuilder(opset=13, seed=7)
+    x = b.input("images", (1, 3, 32, 32))
+    a = b.conv(x, 16, k=3, s=2, act="silu", name="a")
+    cat = b.node("Concat", [b.conv(a, 8, k=3, act="relu", name="r"), b.conv(a, 8, k=1, name="signed")],
+                 name="cat", axis=1)
+    model = b.make_model([x], [b.conv(b.conv(cat, 16, k=3, act="silu", name="c"), 8, k=1, name="out")])
+    r = InsertQDQ().run(model, ctx(model))
+    check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
+    assert check.status == "pass", check.message
+    g = G(r.model)
+    relu = next(n for n in g.ops("Relu"))
+    q = g.readers[relu.output[0]]
+    assert [n.op_type for n in q] == ["QuantizeLinear"] and int(g.inits[q[0].input[2]]) == 0
+    concat = g.ops("Concat")[0]
+    other = g.prod[g.prod[concat.input[1]].input[0]]
+    assert other.op_type == "QuantizeLinear" and int(g.inits[other.input[2]]) > 0
+
+
 def test_calibration_table_saved_then_loaded(tmp_path) -> None:
     model = fixtures.build_yolov5_v6(bn=False)
     path = tmp_path / "calib.json"
