@@ -174,6 +174,26 @@ def run_final_checks(original: onnx.ModelProto, result: PipelineResult, opts: Op
                       min_cosine=opts.tolerances.lossy_min_cosine if lossy else 0.99)
 
 
+#: a latency ratio above this (after / before) is reported as slower: below it is run-to-run noise
+SLOWER_RATIO = 1.05
+
+
+def slower_note(ratio: Optional[float], opts: OptimizeOptions) -> Optional[str]:
+    """A warning when the optimized model ran slower than the original, with the likely reason."""
+    if ratio is None or ratio <= SLOWER_RATIO:
+        return None
+    note = (f"the optimized model ran x{ratio:.2f} slower than the original here (median of "
+            f"{opts.bench_runs} interleaved runs, {opts.threads} threads)")
+    if opts.int8:
+        from .quant.targets import x86_int8_saturates
+        if x86_int8_saturates():
+            note += ("; this x86 CPU has no VNNI, where onnxruntime's INT8 kernels gain little over float "
+                     "and the Q/DQ conversions cost more: INT8 shrinks the file, but time it on the target")
+        else:
+            note += "; here the Q/DQ conversions outweigh what the INT8 kernels gain: time it on the target"
+    return note
+
+
 def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
               opts: OptimizeOptions, checks: Optional[Any] = None) -> Dict[str, Any]:
     """Nodes, params, MACs/FLOPs, size, end-to-end diff, latency and accuracy before and after."""
@@ -190,6 +210,9 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
                                   runs=opts.bench_runs, threads=opts.threads)
         s["latency_ms"] = med
         s["latency_ratio"] = med["after"] / med["before"] if med["before"] else None
+        note = slower_note(s["latency_ratio"], opts)
+        if note:
+            s.setdefault("notes", []).append(note)
     drop = checks.get("accuracy.map_drop") if checks is not None else None
     if drop is not None and "candidate" in drop.details:
         s["accuracy"] = {"before": drop.details["reference"], "after": drop.details["candidate"]}

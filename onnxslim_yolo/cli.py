@@ -153,6 +153,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     click.echo(passes_table(data["passes"]))
     click.echo("")
     click.echo(summary_table(result.summary))
+    for note in result.summary.get("notes", []):
+        click.echo(f"warning: {note}")
     for rec in data["passes"]:
         for s in rec["report"]["skipped"][:10]:
             click.echo(f"skipped in {rec['name']}: {s['node']}: {s['reason']}")

@@ -64,6 +64,29 @@ def test_optimize_summary_has_latency(model_file: Path, tmp_path: Path):
     assert re.search(r"latency \(ms, ort cpu\)\s*\|\s*[\d.]+\s*\|\s*[\d.]+\s*\|\s*x[\d.]+", r.output)
 
 
+@pytest.mark.parametrize("ratio, saturates, expect", [
+    (1.04, True, None),
+    (2.0, True, r"ran x2\.00 slower .*20 interleaved runs, 2 threads\); this x86 CPU has no VNNI"),
+    (2.0, False, r"ran x2\.00 slower .*the Q/DQ conversions outweigh")])
+def test_optimize_warns_when_the_result_runs_slower(model_file: Path, tmp_path: Path, monkeypatch, ratio,
+                                                    saturates, expect):
+    from onnxslim_yolo import latency
+    from onnxslim_yolo.quant import targets
+    monkeypatch.setattr(latency, "interleaved_latency", lambda models, **kw: {"before": 1.0, "after": ratio})
+    monkeypatch.setattr(targets, "x86_int8_saturates", lambda cpuinfo=None: saturates)
+    images = tmp_path / "calib.npy"
+    model = ir.load(model_file)
+    np.save(images, np.random.default_rng(0).random((2, *ir.input_shapes(model)["images"][1:]), np.float32))
+    r = invoke("optimize", model_file, "-o", tmp_path / "o.onnx", "--int8", "--calib", images, "--no-check",
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning: the optimized model")]
+    if expect is None:
+        assert not warnings
+    else:
+        assert len(warnings) == 1 and re.search(expect, warnings[0]), warnings
+
+
 def _no_outputs(folder: Path, keep: set) -> bool:
     return {p.name for p in folder.iterdir()} == keep
 
