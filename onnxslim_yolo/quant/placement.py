@@ -194,7 +194,8 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
     """A Concat or Add whose output is quantized anyway and some of whose inputs are, but not all
     (one comes from a float op, say a Conv kept float because INT8 is slower there): quantize the
     rest too, so that it runs INT8 instead of in float between DQs and a Q. One Q replaces the DQs
-    and the float op. A Concat's inputs share its output's range, so there the values do not
+    and the float op. Not when such an input's producer is excluded by the user or kept float by
+    the accuracy search. A Concat's inputs share its output's range, so there the values do not
     change; an Add's new Q adds one rounding, as the Q after an INT8 producer would. Repeated
     until nothing changes: a completed Concat's new Q can make the Add before it eligible."""
     t = plan.target
@@ -211,14 +212,16 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
             if not ins or not all(is_float_var(x) for x in ins) or outs != [o.name for o in node.outputs] \
                     or not set(outs) <= avail:
                 continue
-            missing = [x.name for x in ins if x.name not in avail]
-            if len(missing) == len(ins):
+            missing = [x for x in ins if x.name not in avail]
+            # an input from a node the user or the accuracy search keeps float stays float
+            if len(missing) == len(ins) or any(p.name in excluded for x in missing for p in x.inputs):
                 continue
             plan.int8_ops.append(node.name)
             for x in missing:
-                plan.activations.setdefault(x, f"input of INT8 {node.op} {node.name} (its other inputs and "
-                                               f"output are quantized: one Q instead of a float {node.op})")
-                avail.add(x)
+                why = f"input of INT8 {node.op} {node.name} (its other inputs and output are quantized: " \
+                      f"one Q instead of a float {node.op})"
+                plan.activations.setdefault(x.name, why)
+                avail.add(x.name)
             changed = True
 
 
