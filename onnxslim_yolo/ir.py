@@ -123,16 +123,19 @@ def check_model(model: onnx.ModelProto, infer: bool = False) -> Optional[onnx.Mo
     :func:`infer_shapes` instead. With ``infer``, the model with its strictly inferred value_info is
     returned (also under the limit); otherwise None."""
     strict = dict(check_type=True, strict_mode=True)
-    if model_size(model) <= PROTO_LIMIT:
-        onnx.checker.check_model(model, full_check=True)
-        return onnx.shape_inference.infer_shapes(model, **strict) if infer else None
-    with tempfile.TemporaryDirectory(prefix="osy_check_") as td:
-        path = Path(td) / "model.onnx"
-        save(model, path, external_data=True)
-        onnx.checker.check_model(str(path))
+    small = model_size(model) <= PROTO_LIMIT
+    if small:
+        # the full check is this check plus strict inference: with ``infer`` that runs once, below
+        onnx.checker.check_model(model, full_check=not infer)
+    else:
+        with tempfile.TemporaryDirectory(prefix="osy_check_") as td:
+            path = Path(td) / "model.onnx"
+            save(model, path, external_data=True)
+            onnx.checker.check_model(str(path))
     if infer:
         return infer_shapes(model, **strict)
-    inferred_values(model, **strict)
+    if not small:
+        inferred_values(model, **strict)
     return None
 
 
