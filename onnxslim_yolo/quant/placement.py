@@ -174,16 +174,24 @@ def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) ->
         if node.name in excluded:
             plan.float_nodes[node.name] = excluded[node.name]
             continue
-        ins = data_inputs(node)
-        if not ins or not all(is_float_var(x) and x.name in avail for x in ins):
-            continue
-        outs = [o for o in node.outputs if is_float_var(o)]
-        if len(outs) != len([o for o in node.outputs if o.name]):
+        io = _float_io(node)
+        if io is None or not all(x.name in avail for x in io[0]):
             continue
         plan.int8_ops.append(node.name)
-        avail.update(o.name for o in outs)
+        avail.update(o.name for o in io[1])
     _complete_partial(graph, plan, excluded, avail)
     return avail
+
+
+def _float_io(node: gs.Node) -> Optional[Tuple[List[gs.Tensor], List[gs.Tensor]]]:
+    """(data inputs, outputs) of a node that could run INT8: every data input and every named
+    output a float32 activation; None otherwise."""
+    ins = data_inputs(node)
+    outs = [o for o in node.outputs if is_float_var(o)]
+    named = [o for o in node.outputs if o.name]
+    if not ins or not all(is_float_var(x) for x in ins) or len(outs) != len(named):
+        return None
+    return ins, outs
 
 
 #: INT8 ops whose missing inputs :func:`_complete_partial` quantizes
@@ -208,10 +216,10 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
         for node in graph.nodes:
             if node.op not in ops or node.name in tail or node.name in int8 or node.name in excluded:
                 continue
-            ins, outs = data_inputs(node), [o.name for o in node.outputs if is_float_var(o)]
-            if not ins or not all(is_float_var(x) for x in ins) or outs != [o.name for o in node.outputs] \
-                    or not set(outs) <= avail:
+            io = _float_io(node)
+            if io is None or not all(o.name in avail for o in io[1]):
                 continue
+            ins, _ = io
             missing = [x for x in ins if x.name not in avail]
             # an input from a node the user or the accuracy search keeps float stays float
             if len(missing) == len(ins) or any(p.name in excluded for x in missing for p in x.inputs):
