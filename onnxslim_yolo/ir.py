@@ -245,11 +245,15 @@ def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
     return out
 
 
+def holds_subgraph(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` holds a subgraph (If, Loop, Scan): it may read outer tensors that none of
+    its inputs name, so a graph cut by its listed inputs is not safe at or around it."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
 def has_subgraphs(graph: onnx.GraphProto) -> bool:
-    """Whether a node of ``graph`` holds a subgraph (If, Loop, Scan): such a node may read outer
-    tensors that none of its inputs name, so a graph cut by its listed inputs is not safe."""
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in graph.node for a in n.attribute)
+    """Whether a node of ``graph`` holds a subgraph (see :func:`holds_subgraph`)."""
+    return any(holds_subgraph(n) for n in graph.node)
 
 
 def node_graph(model: onnx.ModelProto):

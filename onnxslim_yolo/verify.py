@@ -103,11 +103,13 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], only: bool = Fals
     """A copy of ``model`` whose graph also outputs ``names`` (type and shape left to the runtime).
 
     ``only``: the graph outputs exactly ``names`` and keeps only the nodes they need, so a run
-    computes nothing else (onnxruntime runs every node of a graph whatever outputs are asked)."""
+    computes nothing else (onnxruntime runs every node of a graph whatever outputs are asked).
+    When one of the nodes they need holds a subgraph (which may read tensors no input names),
+    every node and output is kept; an If or Loop that only later nodes need (an NMS tail) goes."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    if only and not ir.has_subgraphs(m.graph):
-        needed = _ancestors(m.graph, names)
+    needed = _ancestors(m.graph, names) if only else set()
+    if only and not any(ir.holds_subgraph(m.graph.node[i]) for i in needed):
         kept = [n for i, n in enumerate(m.graph.node) if i in needed]
         del m.graph.node[:]
         m.graph.node.extend(kept)

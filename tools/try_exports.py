@@ -10,7 +10,8 @@ YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb 
 heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
 opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n with dynamic axes,
 YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
-torchvision ShuffleNetV2-0.5 and MobileNetV3-small, and with
+YOLO12n (opset 17, and simplified at opset 11), torchvision ShuffleNetV2-0.5 and
+MobileNetV3-small at 224x224 and the SSDlite320 detector (MobileNetV3-large), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR: see
@@ -51,7 +52,9 @@ jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolo
         ("yolov8n.yaml", 17, {"imgsz": (256, 416)}, "yolov8n_rect"),
         ("yolo11n-seg.yaml", 19, {"simplify": True, "imgsz": (320, 480)}, "yolo11n_seg_slim_rect"),
         ("yolov8n-pose.yaml", 17, {"simplify": True}, "yolov8n_pose_slim"),
-        ("yolo26n.yaml", 17, {"simplify": True, "imgsz": 640}, "yolo26n_slim_640")]
+        ("yolo26n.yaml", 17, {"simplify": True, "imgsz": 640}, "yolo26n_slim_640"),
+        # attention blocks (area attention: Reshape, Transpose, MatMul, Softmax)
+        ("yolo12n.yaml", 17, {}, "yolo12n"), ("yolo12n.yaml", 11, {"simplify": True}, "yolo12n_slim_op11")]
 for cfg, opset, kw, name in jobs:
     cls = RTDETR if cfg.startswith("rtdetr") else YOLO
     kw = {"imgsz": 320, "simplify": False, **kw}
@@ -62,6 +65,10 @@ for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):
     m = getattr(torchvision.models, name)(weights=None).eval()
     torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/{name}.onnx", opset_version=13,
                       input_names=["images"], dynamo=False)
+# a detector outside the YOLO family: SSDlite, its post-processing (per-class TopK, NMS) and an If
+m = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+torch.onnx.export(m, torch.rand(1, 3, 320, 320), f"{out}/ssdlite320.onnx", opset_version=11,
+                  input_names=["images"], dynamo=False)
 '''
 
 #: Megvii YOLOX nano (depthwise), tiny and s from the YOLOX source tree (the PyPI sdist

@@ -228,7 +228,7 @@ class Probe:
                  feeds: Sequence[Feeds], threads: int = 1, metric=None) -> None:
         self.metric = metric if metric is not None else default_metric(model)
         masked = masked_model(model, convs, shapes)
-        self.model = activations.with_outputs(masked, self.metric.watch)
+        self.model = activations.with_outputs(masked, self.metric.watch, only=True)
         dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in self.model.graph.input}
         self.masks = {c: dims[c + MASK] for c in convs if c + MASK in dims}
         self.feeds = list(feeds)
@@ -294,11 +294,13 @@ class RefitProbe:
         self.metric = metric if metric is not None else _checked_metric(model, feeds[:1], threads)
         self.defaults = {n: (np.asarray(w, np.float32), np.asarray(b, np.float32))
                          for n, (w, b) in params.items()}
-        plain = weights_as_inputs(model, list(params))
+        # only the nodes the metric reads: a tail after them (an NMS with If/Loop) neither runs
+        # nor keeps the suffixes from being cut
+        plain = activations.with_outputs(weights_as_inputs(model, list(params)), self.metric.watch, only=True)
         sources = {n: (n + "__prune_w", n + "__prune_b") for n in params}
         self.suffixes = Suffixes(plain, sources, self.metric.watch, threads) if suffix else None
         extra = self.suffixes.capture if self.suffixes is not None else []
-        self.model = activations.with_outputs(plain, list(dict.fromkeys(self.metric.watch + extra)))
+        self.model = activations.with_outputs(plain, list(dict.fromkeys(self.metric.watch + extra)), only=True)
         self.feeds = list(feeds)
         self.sess = verify.session(self.model, optimize=True, threads=threads)
         self.base: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}

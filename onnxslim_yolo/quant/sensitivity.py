@@ -164,7 +164,7 @@ class SwitchEvaluator:
         self.feeds = list(feeds)
         self.runs = 0
         self.fetch = [out0] if fmt else list(head_maps)
-        self.sess = verify.session(with_outputs(model, [] if fmt else head_maps), threads=threads)
+        self.sess = verify.session(with_outputs(model, self.fetch, only=True), threads=threads)
         self.names = [i.name for i in self.sess.get_inputs() if i.name.startswith(SWITCH)]
         ref = self._run(off=None)
         if fmt:

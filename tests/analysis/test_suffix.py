@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from fixtures import FAMILIES
-from onnxslim_yolo import verify
+from onnxslim_yolo import ir, verify
 from onnxslim_yolo.analysis import importance as imp, sensitivity
 
 
@@ -96,3 +98,54 @@ def test_capture_runs_only_the_nodes_its_tensors_need():
     names = [o.name for o in whole.get_outputs()]
     want = verify.run(whole, feeds[0])[names.index(early)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _with_if_tail(model):
+    """``model`` whose only output is an If (torchvision's SSD and R-CNN post-processing style) over
+    its original output; the branches read that output from the outer scope, which no input of
+    the If names."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0].name
+
+    def branch(name, op):
+        node = helper.make_node(op, [out], [name + "_y"], name=name, keepdims=0)
+        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(name + "_y", 1, None)])
+    nodes = [helper.make_node("ReduceMax", [out], ["tail_max"], name="tail_max", keepdims=0),
+             helper.make_node("Greater", ["tail_max", "tail_zero"], ["tail_cond"], name="tail_cond"),
+             helper.make_node("If", ["tail_cond"], ["tail_out"], name="tail_if",
+                              then_branch=branch("then", "ReduceSum"), else_branch=branch("else", "ReduceMin"))]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "tail_zero"))
+    m.graph.node.extend(nodes)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("tail_out", 1, None))
+    return m
+
+
+def test_an_if_tail_after_the_watched_tensors_neither_runs_nor_blocks_the_suffixes():
+    """A subgraph node blocks cutting only where the metric needs it: with the head maps watched,
+    an If after them is dropped from the probe's model and suffix runs still measure what whole
+    runs measure."""
+    model = _with_if_tail(FAMILIES["yolov8"](bn=False))
+    assert ir.has_subgraphs(model.graph)
+    params, full, part = _probes(model)
+    assert type(part.metric).__name__ == "HeadMetric"
+    assert "tail_if" not in {n.name for n in part.model.graph.node}
+    assert part.suffixes.usable
+    names = list(params)
+    rng = np.random.default_rng(4)
+    for pick in ([names[-1]], [names[2], names[-2]]):
+        p = _perturbed(params, pick, rng)
+        assert part.measure(p) == pytest.approx(full.measure(p), rel=2e-3)
+    assert part.suffixes.runs == 2 * 2
+
+
+def test_with_outputs_only_keeps_a_needed_subgraph_node_and_everything_around_it():
+    model = _with_if_tail(FAMILIES["yolov8"](bn=False))
+    head = model.graph.node[0].output[0]
+    cut = verify.with_outputs(model, [head], only=True)
+    assert [o.name for o in cut.graph.output] == [head]
+    assert len(cut.graph.node) == 1
+    kept = verify.with_outputs(model, ["tail_out"], only=True)     # the If is needed: nothing cut
+    assert len(kept.graph.node) == len(model.graph.node)
+    assert [o.name for o in kept.graph.output] == ["tail_out"]
