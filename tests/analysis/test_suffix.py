@@ -114,7 +114,8 @@ def _with_if_tail(model):
     nodes = [helper.make_node("ReduceMax", [out], ["tail_max"], name="tail_max", keepdims=0),
              helper.make_node("Greater", ["tail_max", "tail_zero"], ["tail_cond"], name="tail_cond"),
              helper.make_node("If", ["tail_cond"], ["tail_out"], name="tail_if",
-                              then_branch=branch("then", "ReduceSum"), else_branch=branch("else", "ReduceMin"))]
+                              then_branch=branch("then", "ReduceSum"),
+                              else_branch=branch("else", "ReduceMin"))]
     m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "tail_zero"))
     m.graph.node.extend(nodes)
     del m.graph.output[:]
