@@ -245,6 +245,12 @@ def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
     return out
 
 
+#: fold constants, re-infer shapes, fold again: at most this many rounds (each one stops early
+#: once nothing changes). A shape computed from another shape resolves one level per round: in
+#: torchvision's FPN each upsampling to the size of the next level (RetinaNet: 6 rounds).
+FOLD_ROUNDS = 16
+
+
 def holds_subgraph(node: onnx.NodeProto) -> bool:
     """Whether ``node`` holds a subgraph (If, Loop, Scan): it may read outer tensors that none of
     its inputs name, so a graph cut by its listed inputs is not safe at or around it."""

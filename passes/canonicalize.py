@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
-#: fold, re-infer shapes, fold again: at most this many rounds
-FOLD_ROUNDS = 4
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
              "no-op Cast": "removed_cast"}
 
@@ -52,7 +50,7 @@ class Canonicalize(Pass):
             report.count("nodes_named", named)
         removed = bypass_noops(graph, report)
         max_bytes = int(ctx.opt(self.name, "max_fold_bytes", DEFAULT_MAX_FOLD_BYTES))
-        for rnd in range(FOLD_ROUNDS):
+        for rnd in range(ir.FOLD_ROUNDS):
             # a fold can make a shape known that the next round folds (a Reshape whose target
             # came from a Shape chain, then a Shape of what it feeds): infer again and go on
             if rnd:

@@ -118,3 +118,37 @@ def blocked_graph() -> onnx.ModelProto:
     r = g.node("Reshape", [a, g.const("shape", np.array([1, -1], np.int64))], "flat")
     b = g.conv(g.cbs("x", 3, 4, "p"), 4, 4, "grp", group=2)
     return g.model([X], [r, b], out_rank=[2, 4])
+
+
+def fpn_chain(opset: int = 11, levels: int = 6, c: int = 4, hw: int = 64) -> onnx.ModelProto:
+    """torchvision's FPN top-down path: each level upsamples the one above to the size of its
+    lateral Conv, read as Shape -> Gather -> Unsqueeze -> Concat -> Cast and joined to the
+    Shape of the level above. Resize-11 does not infer its output from such computed sizes, so
+    each level's shape is known only once the level above has been folded."""
+    g = G(opset)
+    i0, e = g.const("i0", np.array([0], np.int64)), g.const("empty", np.zeros(0, np.float32))
+    two = g.const("i2", np.array([2], np.int64))
+    axes = {"axes": [0]} if opset < 13 else {}
+    cs = [g.conv("x", c, c, "c0", k=3)]
+    for i in range(1, levels + 1):
+        cs.append(g.node("Conv", [cs[-1], g.const(f"c{i}.w", np.ones((c, c, 1, 1), np.float32))], f"c{i}",
+                         strides=[2, 2]))
+    p, heads = cs[-1], []
+    for i in range(levels - 1, -1, -1):
+        top = g.node("Slice", [g.node("Shape", [p], f"sp{i}"), i0, two], f"nc{i}")
+        sc = g.node("Shape", [cs[i]], f"sc{i}")
+        dims = [g.node("Unsqueeze", [g.node("Gather", [sc, g.const(f"k{k}{i}", np.array(k, np.int64))],
+                                            f"g{k}{i}", axis=0)] + ([] if axes else [i0]), f"u{k}{i}", **axes)
+                for k in (2, 3)]
+        hw_ = g.node("Cast", [g.node("Concat", dims, f"hw{i}", axis=0)], f"hwc{i}", to=TensorProto.INT64)
+        up = g.node("Resize", [p, e, e, g.node("Concat", [top, hw_], f"size{i}", axis=0)], f"up{i}",
+                    mode="nearest")
+        p = g.node("Add", [cs[i], up], f"p{i}")
+        heads.append(g.conv(p, c, c, f"o{i}"))
+    return g.model([("x", (1, c, hw, hw))], heads)
+
+
+def fpn_chain_macs(levels: int = 6, c: int = 4, hw: int = 64) -> int:
+    """Multiply-adds of :func:`fpn_chain`: the 3x3 stem, the stride-2 1x1 Convs, the 1x1 heads."""
+    px = [(hw >> i) ** 2 for i in range(levels + 1)]
+    return c * c * 9 * px[0] + c * c * sum(px[1:]) + c * c * sum(px[:levels])

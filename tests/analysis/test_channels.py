@@ -164,3 +164,15 @@ def test_macs_count_convs_behind_a_computed_slice_end():
     stats = model_stats(m)
     assert stats.per_node_macs == {"c1": 8 * 8 * 8 * 8, "c2": 4 * 8 * 8 * 4 * 9}
     assert stats.macs == 4096 + 9216
+
+
+def test_macs_count_every_level_of_an_fpn_whose_upsampling_sizes_are_computed():
+    """Six FPN levels at opset 11, each resolvable only after the one above is folded: folding
+    goes on while it makes progress, so every Conv counts."""
+    from onnxslim_yolo.analysis.flops import _infer, _unshaped_outputs, model_stats
+
+    m = graphs.fpn_chain()
+    assert _unshaped_outputs(_infer(m))          # plain inference leaves the lower levels unshaped
+    stats = model_stats(m)
+    assert len(stats.per_node_macs) == 6 + 7
+    assert stats.macs == graphs.fpn_chain_macs()

@@ -162,3 +162,16 @@ def test_shape_chains_that_depend_on_each_other_fold_in_rounds():
     inferred = onnx.shape_inference.infer_shapes(res.model)
     out = inferred.graph.output[0].type.tensor_type.shape
     assert [d.dim_value for d in out.dim] == [1, 2, 2, 64]
+
+
+def test_folding_goes_on_until_every_fpn_level_has_a_static_shape():
+    """Each round resolves one level of a computed-size FPN (torchvision's), so six levels take
+    more rounds than a fixed few; afterwards plain shape inference knows every Conv's output."""
+    from onnxslim_yolo.analysis.flops import _infer, _unshaped_outputs
+
+    from ..analysis import graphs
+
+    model = graphs.fpn_chain()
+    out = run(model).model
+    assert _unshaped_outputs(_infer(out)) == 0
+    assert ops(out)["Resize"] == 6 and not ops(out)["Shape"]
