@@ -300,8 +300,7 @@ class RefitProbe:
         sources = {n: (n + "__prune_w", n + "__prune_b") for n in params}
         self.suffixes = Suffixes(plain, sources, self.metric.watch, threads) if suffix else None
         extra = self.suffixes.capture if self.suffixes is not None else []
-        wanted = list(dict.fromkeys(self.metric.watch + extra))
-        self.model = activations.with_outputs(plain, wanted, only=True)
+        self.model = activations.with_outputs(plain, list(dict.fromkeys(self.metric.watch + extra)))
         self.feeds = list(feeds)
         self.sess = verify.session(self.model, optimize=True, threads=threads)
         self.base: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
