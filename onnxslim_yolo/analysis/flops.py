@@ -67,10 +67,10 @@ def _infer(m: onnx.ModelProto) -> onnx.ModelProto:
         return m
 
 
-def _unshaped_outputs(m: onnx.ModelProto) -> int:
-    """How many Conv/Gemm/MatMul outputs have no static shape (their MACs would count as 0)."""
+def _unshaped_outputs(m: onnx.ModelProto) -> bool:
+    """Some Conv/Gemm/MatMul output has no static shape (its MACs would count as 0)."""
     shapes = _shape_table(m)
-    return sum(n.output[0] not in shapes for n in m.graph.node
+    return any(n.output[0] not in shapes for n in m.graph.node
                if n.op_type in CONV_OPS + MATMUL_OPS + ("ConvTranspose", "Gemm"))
 
 
@@ -86,10 +86,10 @@ def _infer_static(model: onnx.ModelProto,
     m = ir.fix_input_shapes(model, static) if static else model
     inferred = _infer(m)
     folded = inferred
-    left, size = _unshaped_outputs(folded), len(folded.graph.node)
     for _ in range(ir.FOLD_ROUNDS if static else 0):  # each round folds what the last one resolved
-        if not left:
+        if not _unshaped_outputs(folded):
             break
+        size = len(folded.graph.node)
         graph = ir.to_graph(folded)
         try:
             graph.fold_constants(fold_shapes=True, error_ok=True)
@@ -98,10 +98,8 @@ def _infer_static(model: onnx.ModelProto,
         folded = ir.to_model(graph, like=m)
         del folded.graph.value_info[:]
         folded = _infer(folded)
-        now = _unshaped_outputs(folded)
-        if now >= left and len(folded.graph.node) >= size:   # nothing folded, nothing resolved
+        if len(folded.graph.node) == size:  # nothing folded: inference cannot learn more either
             break
-        left, size = now, len(folded.graph.node)
     if folded is not inferred:
         known = set(_shape_table(inferred))
         outputs = {o for n in inferred.graph.node for o in n.output}

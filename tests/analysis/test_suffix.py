@@ -110,7 +110,8 @@ def _with_if_tail(model):
 
     def branch(name, op):
         node = helper.make_node(op, [out], [name + "_y"], name=name, keepdims=0)
-        return helper.make_graph([node], name, [], [helper.make_tensor_value_info(name + "_y", 1, None)])
+        y = helper.make_tensor_value_info(name + "_y", onnx.TensorProto.FLOAT, None)
+        return helper.make_graph([node], name, [], [y])
     nodes = [helper.make_node("ReduceMax", [out], ["tail_max"], name="tail_max", keepdims=0),
              helper.make_node("Greater", ["tail_max", "tail_zero"], ["tail_cond"], name="tail_cond"),
              helper.make_node("If", ["tail_cond"], ["tail_out"], name="tail_if",
@@ -119,7 +120,7 @@ def _with_if_tail(model):
     m.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "tail_zero"))
     m.graph.node.extend(nodes)
     del m.graph.output[:]
-    m.graph.output.append(helper.make_tensor_value_info("tail_out", 1, None))
+    m.graph.output.append(helper.make_tensor_value_info("tail_out", onnx.TensorProto.FLOAT, None))
     return m
 
 
