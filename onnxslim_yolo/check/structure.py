@@ -183,19 +183,48 @@ def check_dangling_inputs(idx: GraphIndex) -> CheckResult:
     return passed(name, "every node input is produced")
 
 
+#: (op, input index) where an infinite constant is a bound, not a weight: TF-style "same" max
+#: pooling pads with -inf (Pad value), Clip and Max/Min bounds, masks added before a Softmax or
+#: selected by Where, comparison thresholds. None: any input of that op.
+INF_AS_BOUND = {"Pad": (2,), "Clip": (1, 2), "Where": (1, 2), "Max": None, "Min": None, "Add": None,
+                "Sub": None, "Less": None, "LessOrEqual": None, "Greater": None, "GreaterOrEqual": None,
+                "Equal": None}
+
+
+def _inf_as_bound(idx: GraphIndex, t: str) -> bool:
+    """Whether every reader of ``t`` takes it where an infinite value has a meaning."""
+    readers = [idx.nodes[i] for i in idx.consumer_nodes(t)]
+    for node in readers:
+        if node.op_type not in INF_AS_BOUND:
+            return False
+        where = INF_AS_BOUND[node.op_type]
+        if where is not None and not any(k < len(node.input) and node.input[k] == t for k in where):
+            return False
+    return bool(readers)
+
+
 def check_weights_finite(idx: GraphIndex) -> CheckResult:
-    """NaN or Inf in float constants (initializers and Constant nodes)."""
+    """NaN in float constants (initializers and Constant nodes), and +-Inf unless every reader
+    takes it as a bound (``INF_AS_BOUND``): a Pad value of -inf before a MaxPool is how
+    TensorFlow-style "same" pooling exports."""
     name = "structure.weights_finite"
     names = list(idx.inits) + [o for n in idx.nodes if n.op_type == "Constant" for o in n.output]
     bad: Dict[str, int] = {}
+    bounds = 0
     for t in names:
         v = idx.const(t)
-        if v is not None and np.issubdtype(v.dtype, np.floating):
-            n_bad = int(v.size - np.count_nonzero(np.isfinite(v)))
-            if n_bad:
-                bad[t] = n_bad
+        if v is None or not np.issubdtype(v.dtype, np.floating):
+            continue
+        n_nan, n_inf = int(np.count_nonzero(np.isnan(v))), int(np.count_nonzero(np.isinf(v)))
+        if n_inf and not n_nan and _inf_as_bound(idx, t):
+            bounds += 1
+        elif n_nan + n_inf:
+            bad[t] = n_nan + n_inf
     if bad:
         return failed(name, f"{len(bad)} constant tensors hold NaN/Inf: "
                             f"{summarize([f'{k} ({v} values)' for k, v in bad.items()])}",
                       tensors=dict(list(bad.items())[:20]))
+    if bounds:
+        return passed(name, f"{len(names) - bounds} constant tensors are finite; {bounds} hold infinite "
+                            "bounds (a Pad value, Clip/Max/Min bound or mask), which is allowed")
     return passed(name, f"{len(names)} constant tensors are finite")

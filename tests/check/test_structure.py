@@ -161,3 +161,26 @@ def test_non_finite_weights_fail(good, bad):
     r = structure.check_weights_finite(GraphIndex(set_init(good, conv.input[1], w)))
     assert r.status == "fail" and conv.input[1] in r.message and "(1 values)" in r.message
     assert structure.check_weights_finite(GraphIndex(good)).status == "pass"
+
+
+def _same_maxpool(value: float, extra_reader: bool = False) -> onnx.ModelProto:
+    """TF-style "same" max pooling: Pad with a constant value, then MaxPool without pads; the
+    value optionally read by a Mul too."""
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")
+    val = numpy_helper.from_array(np.array(value, np.float32), "pad_value")
+    nodes = [helper.make_node("Pad", ["x", "pads", "pad_value"], ["p"], name="pad", mode="constant"),
+             helper.make_node("MaxPool", ["p"], ["y" if not extra_reader else "m"], name="pool",
+                              kernel_shape=[2, 2], strides=[1, 1])]
+    if extra_reader:
+        nodes.append(helper.make_node("Mul", ["m", "pad_value"], ["y"], name="scale"))
+    return tiny(nodes, [pads, val])
+
+
+def test_minus_inf_pad_value_is_a_bound_not_a_bad_weight():
+    ok = structure.check_weights_finite(GraphIndex(_same_maxpool(-np.inf)))
+    assert ok.status == "pass" and "1 hold infinite bounds" in ok.message
+    assert structure.check_onnx_checker(_same_maxpool(-np.inf)).status == "pass"
+    # the same -inf read as a factor, and a NaN even as a pad value, still fail
+    for m in (_same_maxpool(-np.inf, extra_reader=True), _same_maxpool(np.nan)):
+        r = structure.check_weights_finite(GraphIndex(m))
+        assert r.status == "fail" and "pad_value (1 values)" in r.message
