@@ -244,6 +244,38 @@ def rule_slice(node: gs.Node, rec: Recorder) -> None:
     rec.link(x, s, y, 0, cy)
 
 
+def pad_amounts(node: gs.Node, rank: int) -> Optional[Dict[int, Tuple[int, int]]]:
+    """{axis: (before, after)} of a Pad, from its ``pads`` attribute (opset < 11) or constant
+    ``pads`` and ``axes`` inputs; None when they are computed."""
+    if "pads" in node.attrs:
+        pads: Optional[List[int]] = [int(a) for a in node.attrs["pads"]]
+    else:
+        v = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+        pads = None if v is None else [int(a) for a in np.asarray(v).ravel()]
+    axes: Optional[List[int]] = list(range(rank))
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        v = ir.const_value(node.inputs[3])
+        axes = None if v is None else [int(a) + rank if int(a) < 0 else int(a) for a in np.asarray(v).ravel()]
+    if pads is None or axes is None or len(pads) != 2 * len(axes):
+        return None
+    return {a: (pads[i], pads[i + len(axes)]) for i, a in enumerate(axes)}
+
+
+def rule_pad(node: gs.Node, rec: Recorder) -> None:
+    """A Pad of the spatial axes only (TF-style "same" padding before a strided Conv or a MaxPool)
+    keeps every channel where it was, whatever its mode and value."""
+    x, y = node.inputs[0], node.outputs[0]
+    if not _has_feature_io(node, rec):
+        return
+    shape = getattr(x, "shape", None)
+    amounts = pad_amounts(node, len(shape)) if shape is not None else None
+    if amounts is None:
+        return block_node(node, rec, "non-constant pads")
+    if any(amounts.get(a, (0, 0)) != (0, 0) for a in (0, 1)):
+        return block_node(node, rec, "pads the batch or channel axis")
+    _pass_through(node, rec, x, y)
+
+
 def _aligned_channel_dim(shape: Sequence, out_rank: int) -> Optional[object]:
     """The dim of a broadcast operand that lines up with the output's axis 1 (None if absent)."""
     pos = 1 - (out_rank - len(shape))
@@ -347,7 +379,7 @@ RULES: Dict[str, Rule] = {
     "BatchNormalization": rule_batchnorm,
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
-    "Conv": rule_conv, "Shape": rule_shape, "Constant": lambda n, r: None,
+    "Conv": rule_conv, "Shape": rule_shape, "Pad": rule_pad, "Constant": lambda n, r: None,
 }
 
 

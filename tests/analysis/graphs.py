@@ -111,6 +111,27 @@ def pool_resize_graph() -> onnx.ModelProto:
     return g.model([X], [g.conv(sl, 4, 5, "h")])
 
 
+def pad_graph(opset: int = 13, channel_pad: bool = False) -> onnx.ModelProto:
+    """TF-style "same" padding: a(6) -> Pad (bottom/right, zeros) -> b 3x3 stride 2 unpadded ->
+    Pad (-inf) -> MaxPool 2x2 unpadded -> h. From opset 18 the first Pad names its axes (2, 3).
+    ``channel_pad``: the first Pad also adds one zero channel (b then reads 7)."""
+    g = G(opset)
+    a = g.cbs("x", 3, 6, "a")
+    if opset >= 18 and not channel_pad:
+        p = g.node("Pad", [a, g.const("pads", np.array([0, 0, 1, 1], np.int64)), "",
+                           g.const("axes", np.array([2, 3], np.int64))], "pad", mode="constant")
+    else:
+        pads = [0, 0, 0, 0, 0, int(channel_pad), 1, 1]
+        p = g.node("Pad", [a, g.const("pads", np.array(pads, np.int64))], "pad", mode="constant")
+    cin = 7 if channel_pad else 6
+    w = (g.rng.normal(0, 1, (8, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+    b = g.silu(g.node("Conv", [p, g.const("b.w", w)], "b", kernel_shape=[3, 3], strides=[2, 2]), "b.act")
+    q = g.node("Pad", [b, g.const("pads2", np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64)),
+                       g.const("ninf", np.array(-np.inf, np.float32))], "pad2", mode="constant")
+    m = g.node("MaxPool", [q], "pool", kernel_shape=[2, 2])
+    return g.model([X], [g.conv(m, 8, 5, "h")])
+
+
 def blocked_graph() -> onnx.ModelProto:
     """a(4) -> Reshape -> output; b(4) grouped (group=2) -> output."""
     g = G()

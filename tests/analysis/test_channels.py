@@ -63,6 +63,19 @@ def test_maxpool_resize_pass_channels_and_slice_shifts_them():
     assert cut.prunable and _roles(cut) == [("producer", "b", 0)]
 
 
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_spatial_pad_passes_channels_and_a_channel_pad_blocks(opset):
+    a = analyze_channels(graphs.pad_graph(opset))
+    g = _group(a, "a_out", 2)
+    assert ("pad_out", 2) in g.channels
+    assert _roles(g) == [("consumer", "b", 2), ("producer", "a", 2)]
+    assert {("pad2_out", 7), ("pool_out", 7)} <= _group(a, "b_out", 7).channels
+    assert len(a.prunable_groups()) == 14
+    blocked = analyze_channels(graphs.pad_graph(opset, channel_pad=True))
+    assert "consumed by Pad 'pad' (pads the batch or channel axis)" in _group(blocked, "a_out", 2).reasons
+    assert len(blocked.prunable_groups()) == 8
+
+
 def test_unmapped_ops_and_grouped_convs_block_with_reasons():
     a = analyze_channels(graphs.blocked_graph(), protect_head=False)
     assert not a.prunable_groups()

@@ -78,6 +78,8 @@ HAND = {
     "split18_num_outputs": lambda: graphs.split_graph(18, (4, 4), True),
     "residual_depthwise": graphs.residual_graph,
     "pool_resize_slice": graphs.pool_resize_graph,
+    "pad13": graphs.pad_graph,
+    "pad18_axes": lambda: graphs.pad_graph(18),
 }
 
 
