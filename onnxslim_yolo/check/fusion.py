@@ -71,13 +71,31 @@ def _shared_dq(idx: GraphIndex, dq: int, reader: int) -> bool:
     return bool(others) or len(idx.consumer_nodes(q_out)) > 1
 
 
+def _read_as_int8(idx: GraphIndex, quantized: str) -> bool:
+    """Whether a quantized tensor has a reader other than a DequantizeLinear (in onnxruntime's
+    optimized graph, a fused QLinear op)."""
+    return any(idx.nodes[c].op_type != "DequantizeLinear" for c in idx.consumer_nodes(quantized))
+
+
+def _serves_neighbours(idx: GraphIndex, i: int, dqs: List[int]) -> bool:
+    """A QLinear-capable op with a float data input whose every dequantized input and every Q it
+    feeds is read in INT8 by other nodes: those conversions are paid for its neighbours, and
+    running it INT8 would take one more Q (on the float input). ResNet's residual Add after a last
+    bottleneck Conv kept float is one."""
+    n = idx.nodes[i]
+    floats = [t for t in n.input if t and not idx.is_const(t) and idx.producer_op(t) != "DequantizeLinear"]
+    return bool(floats) and all(_read_as_int8(idx, idx.nodes[d].input[0]) for d in dqs) \
+        and all(_read_as_int8(idx, idx.nodes[q].output[0]) for q in _q_consumers(idx, i))
+
+
 def unfused_groups(idx: GraphIndex) -> List[int]:
     """Float ops that read a dequantized activation and are requantized, or Conv-like ops that
     read one with dequantized weights (dequantized for nothing). Left out, since they lose
-    nothing: a float Conv with float weights that reads a tensor quantized for another reader, and
+    nothing: a float Conv with float weights that reads a tensor quantized for another reader;
     an op with no quantized kernel at all (ConvTranspose, say) whose dequantized inputs all are
     quantized for other readers too (onnxruntime itself dequantizes such an op's weights, in its
-    WeightBiasQuantization step, though it has no kernel to fuse them into)."""
+    WeightBiasQuantization step, though it has no kernel to fuse them into); and an op that
+    :func:`_serves_neighbours`."""
     out = []
     for i, n in enumerate(idx.nodes):
         if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in FLOAT_DOMAINS:
@@ -86,6 +104,8 @@ def unfused_groups(idx: GraphIndex) -> List[int]:
         if not dqs or not (_q_consumers(idx, i) or (n.op_type in MATMUL_LIKE and _dq_weights(idx, i))):
             continue
         if n.op_type not in QLINEAR | DROPPED and all(_shared_dq(idx, d, i) for d in dqs):
+            continue
+        if n.op_type in QLINEAR and n.op_type not in MATMUL_LIKE and _serves_neighbours(idx, i, dqs):
             continue
         out.append(i)
     return out

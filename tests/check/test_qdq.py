@@ -276,3 +276,38 @@ def test_an_op_without_kernel_is_reported_only_when_its_dq_serves_it_alone():
     r = fusion.check_ort_fusion(GraphIndex(own), "ort-cpu")
     assert r.status == "warn" and r.details["unfused"] == \
         ["up: no quantized kernel for ConvTranspose in onnxruntime CPU"], r.details
+
+
+def _residual_add_after_float_conv(int8_reader: bool = True) -> onnx.ModelProto:
+    """ResNet's last bottleneck Conv kept float: Add(DQ(x), float Conv(x)) -> Q. x is quantized
+    for the INT8 Conv anyway; with ``int8_reader`` the Add's Q feeds another INT8 Conv (the next
+    block), else only a DQ to a float graph output."""
+    m = qdq_conv("uint8")
+    rng = np.random.default_rng(4)
+    m.graph.initializer.extend([
+        numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "w_f"),
+        numpy_helper.from_array(rng.integers(-100, 100, (4, 4, 1, 1)).astype(np.int8), "w2_q"),
+        numpy_helper.from_array(np.full(4, 0.01, np.float32), "w2_scale"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "w2_zp")])
+    m.graph.node.extend([helper.make_node("Conv", ["x", "w_f"], ["f"], name="conv3_float"),
+                         helper.make_node("Add", ["x_dq", "f"], ["r"], name="add")])
+    out = "r"
+    if int8_reader:
+        m = insert_qdq(m, "r", 0.05, 128)
+        m.graph.node.extend([
+            helper.make_node("DequantizeLinear", ["w2_q", "w2_scale", "w2_zp"], ["w2"], name="w2_DQ", axis=0),
+            helper.make_node("Conv", ["r_dq", "w2"], ["n"], name="next_conv")])
+        out = "n"
+    m.graph.output.append(helper.make_tensor_value_info(out, T.FLOAT, [1, 4, 8, 8]))
+    return insert_qdq(m, out, 0.05, 128)
+
+
+def test_a_float_add_costs_nothing_when_its_conversions_serve_int8_neighbours():
+    """Its DQ'd input is read in INT8 by the Conv and its Q by the next Conv: running the Add in
+    INT8 would need one more Q (on the float Conv's output), so nothing is lost. Its Q read by a
+    float graph output alone is still a Q -> DQ paid for nothing."""
+    r = fusion.check_ort_fusion(GraphIndex(_residual_add_after_float_conv()), "ort-cpu")
+    assert r.status == "pass", r.details
+    r = fusion.check_ort_fusion(GraphIndex(_residual_add_after_float_conv(int8_reader=False)), "ort-cpu")
+    assert r.status == "warn" and r.details["unfused"] == \
+        ["add: input 'f' is float (from Conv), not dequantized"], r.details
