@@ -196,16 +196,39 @@ def _float_io(node: gs.Node) -> Optional[Tuple[List[gs.Tensor], List[gs.Tensor]]
 
 #: INT8 ops whose missing inputs :func:`_complete_partial` quantizes
 _COMPLETED = ("Concat", "Add")
+#: a single-input INT8 op that may sit between a completed op and its quantized output
+_THROUGH = ("Relu",)
+
+
+def _relu_after(graph: gs.Graph, outs: Sequence[gs.Tensor], avail: Set[str], skip: Set[str],
+                int8_ops: Iterable[str]) -> Optional[List[gs.Node]]:
+    """The readers of ``outs`` when each output is read by one Relu alone (an INT8 op of the
+    target, not in ``skip``) whose outputs are quantized anyway: ResNet's residual Add -> Relu.
+    None otherwise."""
+    graph_outs = {o.name for o in graph.outputs}
+    readers: List[gs.Node] = []
+    for o in outs:
+        if o.name in graph_outs or len(o.outputs) != 1:
+            return None
+        r = o.outputs[0]
+        if r.op not in _THROUGH or r.op not in int8_ops or r.name in skip:
+            return None
+        io = _float_io(r)
+        if io is None or not all(y.name in avail for y in io[1]):
+            return None
+        readers.append(r)
+    return readers
 
 
 def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str], avail: Set[str]) -> None:
-    """A Concat or Add whose output is quantized anyway and some of whose inputs are, but not all
-    (one comes from a float op, say a Conv kept float because INT8 is slower there): quantize the
-    rest too, so that it runs INT8 instead of in float between DQs and a Q. One Q replaces the DQs
-    and the float op. Not when such an input's producer is excluded by the user or kept float by
-    the accuracy search. A Concat's inputs share its output's range, so there the values do not
-    change; an Add's new Q adds one rounding, as the Q after an INT8 producer would. Repeated
-    until nothing changes: a completed Concat's new Q can make the Add before it eligible."""
+    """A Concat or Add whose output is quantized anyway (directly, or after a Relu as in ResNet's
+    residual Add) and some of whose inputs are, but not all (one comes from a float op, say a Conv
+    kept float because INT8 is slower there): quantize the rest too, so that it runs INT8 instead
+    of in float between DQs and a Q. One Q replaces the DQs and the float op. Not when such an
+    input's producer is excluded by the user or kept float by the accuracy search. A Concat's
+    inputs share its output's range, so there the values do not change; an Add's new Q adds one
+    rounding, as the Q after an INT8 producer would. Repeated until nothing changes: a completed
+    Concat's new Q can make the Add before it eligible."""
     t = plan.target
     ops = [op for op in _COMPLETED if op in t.int8_ops and (op != "Concat" or t.shared_concat)]
     tail = set(plan.tail)
@@ -217,19 +240,24 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
             if node.op not in ops or node.name in tail or node.name in int8 or node.name in excluded:
                 continue
             io = _float_io(node)
-            if io is None or not all(o.name in avail for o in io[1]):
+            if io is None:
                 continue
-            ins, _ = io
+            ins, outs = io
+            after: Optional[List[gs.Node]] = []
+            if not all(o.name in avail for o in outs):
+                after = _relu_after(graph, outs, avail, tail | int8 | set(excluded), t.int8_ops)
             missing = [x for x in ins if x.name not in avail]
             # an input from a node the user or the accuracy search keeps float stays float
-            if len(missing) == len(ins) or any(p.name in excluded for x in missing for p in x.inputs):
+            if after is None or len(missing) == len(ins) \
+                    or any(p.name in excluded for x in missing for p in x.inputs):
                 continue
-            plan.int8_ops.append(node.name)
+            plan.int8_ops.extend([node.name] + [r.name for r in after])
             for x in missing:
                 why = f"input of INT8 {node.op} {node.name} (its other inputs and output are quantized: " \
                       f"one Q instead of a float {node.op})"
                 plan.activations.setdefault(x.name, why)
                 avail.add(x.name)
+            avail.update(o.name for o in outs)
             changed = True
 
 

@@ -242,6 +242,37 @@ def test_an_add_or_concat_fed_by_a_float_conv_still_runs_int8(monkeypatch) -> No
         assert [g.prod[i].op_type for i in node.input] == ["DequantizeLinear"] * 2
 
 
+def test_a_residual_add_before_a_relu_runs_int8_when_its_last_conv_stays_float(monkeypatch) -> None:
+    """ResNet bottlenecks whose last Conv measured slower in INT8: Add(float Conv, shortcut) -> Relu,
+    the Relu's output quantized for the next block. With a downsampling shortcut Conv (INT8, its
+    output quantized for the Add alone) a float Add would leave that Q -> DQ serving nothing; the
+    float Conv's output gets a Q instead, and the Add and Relu run INT8. Same without a downsample."""
+    from onnxslim_yolo.check.fusion import check_ort_fusion
+    from onnxslim_yolo.check.index import GraphIndex
+    from onnxslim_yolo.quant.pipeline import Quantizer
+    b = GraphBuilder(opset=13, seed=11)
+    x = b.input("images", (1, 3, 32, 32))
+    a = b.conv(x, 16, k=3, s=2, act="relu", name="stem")
+    y1 = b.relu(b.add(b.conv(b.conv(a, 8, k=1, act="relu", name="b1"), 32, k=1, name="float_c3"),
+                      b.conv(a, 32, k=1, name="down"), name="add1"), name="relu1")
+    y2 = b.relu(b.add(b.conv(b.conv(y1, 8, k=1, act="relu", name="b2"), 32, k=1, name="float_c3b"), y1,
+                      name="add2"), name="relu2")
+    model = b.make_model([x], [b.conv(b.conv(y2, 16, k=3, act="relu", name="head_in"), 8, k=1, name="out")])
+    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
+                        if node.name.startswith("float_") else None)
+    r = InsertQDQ().run(model, ctx(model))
+    check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
+    assert check.status == "pass", check.message
+    g = G(r.model)
+    floats = [n for n in g.ops("Conv") if n.name.startswith("float_")]
+    assert len(floats) == 2 and all(g.inits[n.input[1]].dtype == np.float32 for n in floats)
+    for n in floats:
+        assert [c.op_type for c in g.readers[n.output[0]]] == ["QuantizeLinear"]
+    for add in g.ops("Add"):
+        assert [g.prod[i].op_type for i in add.input] == ["DequantizeLinear"] * 2
+        assert [c.op_type for c in g.readers[add.output[0]]] == ["QuantizeLinear"]
+
+
 def test_a_relu_into_a_concat_keeps_its_own_range_so_onnxruntime_drops_it() -> None:
     """RepVGG / ShuffleNet style: Relu outputs concatenated with signed tensors. In the Concat's
     shared range the Relu's Q would get a zero point inside the range and the Relu would run in
