@@ -12,10 +12,11 @@ opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n wit
 YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
 YOLO12n (opset 17, and simplified at opset 11), torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
-MobileNetV3-320-FPN and RetinaNet-ResNet50-FPN-v2 at 320x320 (opset 11), and with
+MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
+EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
-must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR or RetinaNet: see
+must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
 one row per model and pipeline; exit code 1 when any run fails.
 """
@@ -73,8 +74,30 @@ for name, m in (("ssdlite320", det.ssdlite320_mobilenet_v3_large(weights=None, w
                 ("frcnn_mobilenet320", det.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None,
                                                                                  weights_backbone=None)),
                 ("retinanet320", det.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None,
-                                                               min_size=320, max_size=320))):
+                                                               min_size=320, max_size=320)),
+                # GroupNorm in the head (exported as InstanceNormalization between Reshapes)
+                ("fcos320", det.fcos_resnet50_fpn(weights=None, weights_backbone=None, min_size=320,
+                                                  max_size=320))):
     torch.onnx.export(m.eval(), torch.rand(1, 3, 320, 320), f"{out}/{name}.onnx", opset_version=11,
+                      input_names=["images"], dynamo=False)
+# EfficientDet from effdet (when the exporter Python has it): BiFPN weighted fusion, depthwise
+# convs; the tf_ variant pads TF-style ("same": a Pad before each strided Conv, -inf before MaxPool)
+try:
+    from effdet import create_model
+except ImportError:
+    create_model = None
+for name, size in (("tf_efficientdet_d0", 384), ("efficientdet_lite0", 320)) if create_model else ():
+    torch.manual_seed(0)
+    m = create_model(name, bench_task="", pretrained=False, pretrained_backbone=False,
+                     image_size=(size, size)).eval()
+    class Outputs(torch.nn.Module):  # the class and box maps of the 5 levels as 10 outputs
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+        def forward(self, x):
+            cls, box = self.m(x)
+            return tuple(cls) + tuple(box)
+    torch.onnx.export(Outputs(m), torch.rand(1, 3, size, size), f"{out}/{name}.onnx", opset_version=13,
                       input_names=["images"], dynamo=False)
 '''
 
@@ -110,9 +133,9 @@ for name, (depth, width, dw, size) in sizes.items():
 
 PIPELINES = {"exact": [], "int8": ["--int8"], "prune": ["--prune", "0.1"]}
 #: pipelines left out per export: pruning RT-DETR-L (15 G multiply-adds at 320x320, 27 M
-#: parameters) measures candidates for more than 20 minutes on 2 cores; RetinaNet-R50 (24 G) is
-#: left out untried, as Faster R-CNN-MobileNet (0.7 G) already takes 7 minutes
-LEFT_OUT = {"rtdetr_l": ("prune",), "retinanet320": ("prune",)}
+#: parameters) measures candidates for more than 20 minutes on 2 cores; RetinaNet-R50 (24 G) and
+#: FCOS-R50 (20 G) are left out untried, as Faster R-CNN-MobileNet (0.7 G) already takes 7 minutes
+LEFT_OUT = {"rtdetr_l": ("prune",), "retinanet320": ("prune",), "fcos320": ("prune",)}
 
 
 def run(model: Path, pipeline: str, calib: str, out: Path) -> dict:
