@@ -276,6 +276,44 @@ def rule_pad(node: gs.Node, rec: Recorder) -> None:
     _pass_through(node, rec, x, y)
 
 
+#: reductions: channel c of the output is reduced from channel c alone when axis 1 is kept
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2",
+                        "ReduceProd", "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"})
+
+
+def axes_of(node: gs.Node, rank: int) -> Optional[List[int]]:
+    """A Reduce/Squeeze/Unsqueeze node's axes, normalized to ``rank``: the ``axes`` attribute
+    (older opsets) or the constant second input; [] when absent, None when computed."""
+    if "axes" in node.attrs:
+        raw = [int(a) for a in node.attrs["axes"]]
+    elif len(node.inputs) > 1 and node.inputs[1].name:
+        v = ir.const_value(node.inputs[1])
+        if v is None:
+            return None
+        raw = [int(a) for a in np.asarray(v).ravel()]
+    else:
+        raw = []
+    return [a + rank if a < 0 else a for a in raw]
+
+
+def rule_axes(node: gs.Node, rec: Recorder) -> None:
+    """Reduce over, Squeeze or Unsqueeze only axes after the channel axis (SE blocks' spatial
+    mean; BiFPN's torch.stack + sum over a new last axis): channel c stays at axis 1."""
+    if not node.inputs or not node.outputs or not _has_feature_io(node, rec):
+        return
+    x, y = node.inputs[0], node.outputs[0]
+    ref = y if node.op == "Unsqueeze" else x
+    shape = getattr(ref, "shape", None)
+    axes = axes_of(node, len(shape)) if shape is not None else None
+    if axes is None:
+        return block_node(node, rec, "axes unknown")
+    if not axes and (node.op != "Unsqueeze" and not node.attrs.get("noop_with_empty_axes", 0)):
+        return block_node(node, rec, "no axes: every axis")
+    if any(a <= 1 for a in axes):
+        return block_node(node, rec, "moves or reduces the channel axis")
+    _pass_through(node, rec, x, y)
+
+
 def _aligned_channel_dim(shape: Sequence, out_rank: int) -> Optional[object]:
     """The dim of a broadcast operand that lines up with the output's axis 1 (None if absent)."""
     pos = 1 - (out_rank - len(shape))
@@ -376,6 +414,7 @@ RULES: Dict[str, Rule] = {
     **{op: rule_unary for op in UNARY_OPS},
     **{op: rule_elementwise for op in ELEMENTWISE_OPS},
     **{op: rule_pool for op in POOL_OPS},
+    **{op: rule_axes for op in REDUCE_OPS | {"Squeeze", "Unsqueeze"}},
     "BatchNormalization": rule_batchnorm,
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,

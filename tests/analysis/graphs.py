@@ -132,6 +132,31 @@ def pad_graph(opset: int = 13, channel_pad: bool = False) -> onnx.ModelProto:
     return g.model([X], [g.conv(m, 8, 5, "h")])
 
 
+def se_stack_graph(opset: int = 13, mean_over: Sequence[int] = (2, 3)) -> onnx.ModelProto:
+    """EfficientNet / EfficientDet patterns. SE: a(8) * Sigmoid(se2(se1(ReduceMean(a) over
+    ``mean_over``, keepdims))); BiFPN's weighted sum of torch.stack: Unsqueeze both inputs on a
+    new last axis, Concat there, Mul by per-input weights, ReduceSum over it (keepdims 0) -> h.
+    Axes are attributes up to opset 12 (ReduceMean up to 17), inputs after."""
+    g = G(opset)
+
+    def axes_node(op: str, x: str, axes: Sequence[int], name: str, input_from: int, **attrs) -> str:
+        if opset >= input_from:
+            return g.node(op, [x, g.const(name + ".axes", np.array(axes, np.int64))], name, **attrs)
+        return g.node(op, [x], name, axes=list(axes), **attrs)
+
+    a = g.cbs("x", 3, 8, "a", k=3)
+    m = axes_node("ReduceMean", a, mean_over, "se.mean", 18, keepdims=1)
+    gate = g.node("Sigmoid", [g.conv(g.cbs(m, 8 if 1 not in mean_over else 1, 4, "se1"), 4, 8, "se2")],
+                  "se.gate")
+    s = g.node("Mul", [a, gate], "se.scale")
+    b = g.cbs("x", 3, 8, "b", k=3)
+    stacked = g.node("Concat", [axes_node("Unsqueeze", s, [-1], "ua", 13),
+                                axes_node("Unsqueeze", b, [-1], "ub", 13)], "stack", axis=-1)
+    w = g.node("Mul", [stacked, g.const("fuse.w", np.array([0.6, 0.4], np.float32))], "fuse")
+    total = axes_node("ReduceSum", w, [-1], "fuse.sum", 13, keepdims=0)
+    return g.model([X], [g.conv(total, 8, 5, "h")])
+
+
 def blocked_graph() -> onnx.ModelProto:
     """a(4) -> Reshape -> output; b(4) grouped (group=2) -> output."""
     g = G()

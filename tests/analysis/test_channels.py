@@ -76,6 +76,24 @@ def test_spatial_pad_passes_channels_and_a_channel_pad_blocks(opset):
     assert len(blocked.prunable_groups()) == 8
 
 
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_se_mean_and_stacked_sum_keep_the_channel_axis(opset):
+    """The SE block's spatial ReduceMean and the Unsqueeze / Concat / ReduceSum of a stacked
+    weighted sum leave channel c at axis 1: a, b and the SE expand conv share each channel."""
+    a = analyze_channels(graphs.se_stack_graph(opset))
+    g = _group(a, "a_out", 3)
+    assert {("se.mean_out", 3), ("se2_out", 3), ("ua_out", 3), ("stack_out", 3), ("fuse.sum_out", 3),
+            ("b_out", 3)} <= g.channels
+    assert _roles(g) == [("consumer", "h", 3), ("consumer", "se1", 3), ("producer", "a", 3),
+                         ("producer", "b", 3), ("producer", "se2", 3)]
+    assert len(a.prunable_groups()) == 12
+    # a mean over the channels (CBAM's spatial attention) does couple them: blocked
+    over_c = analyze_channels(graphs.se_stack_graph(opset, mean_over=(1,)))
+    assert "consumed by ReduceMean 'se.mean' (moves or reduces the channel axis)" in \
+        _group(over_c, "a_out", 3).reasons
+    assert len(over_c.prunable_groups()) == 4
+
+
 def test_unmapped_ops_and_grouped_convs_block_with_reasons():
     a = analyze_channels(graphs.blocked_graph(), protect_head=False)
     assert not a.prunable_groups()

@@ -80,6 +80,9 @@ HAND = {
     "pool_resize_slice": graphs.pool_resize_graph,
     "pad13": graphs.pad_graph,
     "pad18_axes": lambda: graphs.pad_graph(18),
+    "se_stack11": lambda: graphs.se_stack_graph(11),
+    "se_stack13": graphs.se_stack_graph,
+    "se_stack18": lambda: graphs.se_stack_graph(18),
 }
 
 
