@@ -255,6 +255,17 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
         yield {name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}
 
 
+def _require_rgb(src: Path, model: onnx.ModelProto, name: str, chw: Tuple[int, int, int]) -> None:
+    """Images feed a 3-channel NCHW input only; a channels-last input (tf2onnx's default) is named."""
+    if chw[0] == 3:
+        return
+    dims = ir.input_shapes(model).get(name, ())
+    nhwc = f"; its shape {list(dims)} is channels-last (NHWC): export it channels-first (tf2onnx: " \
+           f"--inputs-as-nchw {name})," if len(dims) == 4 and dims[3] == 3 else ";"
+    raise UsageError(f"{src}: model input '{name}' expects {chw[0]} channels but images are RGB (3 channels)"
+                     f"{nhwc} or pass preprocessed tensors as .npy/.npz")
+
+
 def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
                 limit: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
                 progress: bool = True) -> Iterator[Feeds]:
@@ -272,9 +283,7 @@ def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] 
             raise UsageError(f"{src}: no such file")
         yield from _iter_arrays(src, name, chw, dtype, limit, progress, model_batch(model, input_shape))
         return
-    if chw[0] != 3:
-        raise UsageError(f"{src}: model input '{name}' expects {chw[0]} channels but images are RGB "
-                         "(3 channels); pass preprocessed tensors as .npy/.npz instead")
+    _require_rgb(src, model, name, chw)
     p = get_preset(preset, model)
     files = list_images(src)[:limit] if limit else list_images(src)
     feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape))
@@ -315,9 +324,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
         feeds: Sequence[Feeds] = list(iter_inputs(source, model, preset, limit, input_shape, progress))
     else:
         name, chw = model_input(model, input_shape)
-        if chw[0] != 3:
-            raise UsageError(f"{src}: model input '{name}' expects {chw[0]} channels but images are RGB "
-                             "(3 channels); pass preprocessed tensors as .npy/.npz instead")
+        _require_rgb(src, model, name, chw)
         files = list_images(src)[:limit] if limit else list_images(src)
         for f in _progress(files, len(files), "checking images", progress):
             read_image(f)

@@ -186,8 +186,24 @@ def test_npy_wrong_channels_or_size_names_the_file(tmp_path: Path):
 def test_image_folder_for_one_channel_model_is_usage_error(tmp_path: Path):
     write_image(tmp_path / "a.png", 8, 8)
     m = declared_model((1, 1, 8, 8), (1, 252, 9))
-    with pytest.raises(UsageError, match="expects 1 channels but images are RGB"):
+    with pytest.raises(UsageError, match="expects 1 channels but images are RGB") as err:
         data.load_calibration(tmp_path, m, progress=False)
+    assert "channels-last" not in str(err.value)
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_image_folder_for_a_channels_last_model_says_how_to_export_it(tmp_path: Path, lazy: bool):
+    """tf2onnx keeps Keras's NHWC input by default: the error names the layout and the fix."""
+    write_image(tmp_path / "a.png", 8, 8)
+    m = declared_model((1, 8, 8, 3), (1, 252, 9))
+    read = (lambda: data.load_calibration(tmp_path, m, progress=False)) if lazy else \
+        (lambda: list(data.iter_inputs(tmp_path, m, progress=False)))
+    with pytest.raises(UsageError) as err:
+        read()
+    assert str(err.value) == (f"{tmp_path}: model input 'images' expects 8 channels but images are RGB "
+                              "(3 channels); its shape [1, 8, 8, 3] is channels-last (NHWC): export it "
+                              "channels-first (tf2onnx: --inputs-as-nchw images), or pass preprocessed "
+                              "tensors as .npy/.npz")
 
 
 def test_calibration_folder_is_lazy_and_matches_eager(tmp_path):
