@@ -199,23 +199,32 @@ def rule_split(node: gs.Node, rec: Recorder) -> None:
         offset += n
 
 
+def const_ints(node: gs.Node, index: int, attr: Optional[str] = None) -> Optional[List[int]]:
+    """The ints of attribute ``attr`` (older opsets) or else of the constant input ``index``;
+    [] when neither is given, None when the input is computed."""
+    if attr is not None and attr in node.attrs:
+        return [int(a) for a in node.attrs[attr]]
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return []
+    v = ir.const_value(node.inputs[index])
+    return None if v is None else [int(a) for a in np.asarray(v).ravel()]
+
+
+def _normalized(axes: List[int], rank: int) -> List[int]:
+    return [a + rank if a < 0 else a for a in axes]
+
+
 def slice_params(node: gs.Node, rank: int) -> Optional[Dict[int, Tuple[int, int, int]]]:
     """{axis: (start, end, step)} from constant inputs, or None when any bound is computed."""
-    vals = []
-    for i in range(1, 5):
-        if len(node.inputs) > i and node.inputs[i].name:
-            v = ir.const_value(node.inputs[i])
-            if v is None:
-                return None
-            vals.append([int(a) for a in np.asarray(v).ravel()])
-        else:
-            vals.append(None)
-    starts, ends, axes, steps = vals
-    if starts is None or ends is None:
+    vals = [const_ints(node, i) for i in range(1, 5)]
+    if any(v is None for v in vals):
         return None
-    axes = axes if axes is not None else list(range(len(starts)))
-    steps = steps if steps is not None else [1] * len(starts)
-    return {(a + rank if a < 0 else a): (s, e, st) for a, s, e, st in zip(axes, starts, ends, steps)}
+    starts, ends, axes, steps = vals
+    if not starts or not ends:
+        return None
+    axes = axes or list(range(len(starts)))
+    steps = steps or [1] * len(starts)
+    return dict(zip(_normalized(axes, rank), zip(starts, ends, steps)))
 
 
 def normalized_slice(start: int, end: int, step: int, n: int) -> Tuple[int, int]:
@@ -247,16 +256,11 @@ def rule_slice(node: gs.Node, rec: Recorder) -> None:
 def pad_amounts(node: gs.Node, rank: int) -> Optional[Dict[int, Tuple[int, int]]]:
     """{axis: (before, after)} of a Pad, from its ``pads`` attribute (opset < 11) or constant
     ``pads`` and ``axes`` inputs; None when they are computed."""
-    if "pads" in node.attrs:
-        pads: Optional[List[int]] = [int(a) for a in node.attrs["pads"]]
-    else:
-        v = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-        pads = None if v is None else [int(a) for a in np.asarray(v).ravel()]
-    axes: Optional[List[int]] = list(range(rank))
-    if len(node.inputs) > 3 and node.inputs[3].name:
-        v = ir.const_value(node.inputs[3])
-        axes = None if v is None else [int(a) + rank if int(a) < 0 else int(a) for a in np.asarray(v).ravel()]
-    if pads is None or axes is None or len(pads) != 2 * len(axes):
+    pads, axes = const_ints(node, 1, "pads"), const_ints(node, 3)
+    if pads is None or axes is None:
+        return None
+    axes = _normalized(axes, rank) if axes else list(range(rank))
+    if len(pads) != 2 * len(axes):
         return None
     return {a: (pads[i], pads[i + len(axes)]) for i, a in enumerate(axes)}
 
@@ -284,16 +288,8 @@ REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Re
 def axes_of(node: gs.Node, rank: int) -> Optional[List[int]]:
     """A Reduce/Squeeze/Unsqueeze node's axes, normalized to ``rank``: the ``axes`` attribute
     (older opsets) or the constant second input; [] when absent, None when computed."""
-    if "axes" in node.attrs:
-        raw = [int(a) for a in node.attrs["axes"]]
-    elif len(node.inputs) > 1 and node.inputs[1].name:
-        v = ir.const_value(node.inputs[1])
-        if v is None:
-            return None
-        raw = [int(a) for a in np.asarray(v).ravel()]
-    else:
-        raw = []
-    return [a + rank if a < 0 else a for a in raw]
+    axes = const_ints(node, 1, "axes")
+    return None if axes is None else _normalized(axes, rank)
 
 
 def rule_axes(node: gs.Node, rec: Recorder) -> None:
