@@ -4,7 +4,9 @@ What changes in the graph:
 - unnamed nodes get unique names (reports and errors must be able to name every node);
 - subgraphs computing constants are folded (onnxruntime evaluates them through graphsurgeon),
   including Shape -> Gather -> Unsqueeze -> Concat chains once the input shape is static;
-- Identity, Dropout (inference) and Cast to the type the tensor already has are bypassed;
+- Identity, Dropout (inference) and Cast to the type the tensor already has are bypassed, and so
+  is a chain of Reshape / Squeeze / Unsqueeze / Flatten that ends in the static shape it started
+  from (tf2onnx's SE blocks: GlobalAveragePool -> Squeeze -> Reshape back to N x C x 1 x 1);
 - unused nodes and initializers are removed, nodes are topologically sorted.
 
 Must not fire on: QuantizeLinear / DequantizeLinear (folding a DQ of an int8 weight would undo the
@@ -28,7 +30,9 @@ log = logging.getLogger(__name__)
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
-             "no-op Cast": "removed_cast"}
+             "no-op Cast": "removed_cast", "reshape round trip": "removed_reshape_round_trip"}
+#: ops that only relabel the dims of row-major data: a chain of them back to its first shape is exact
+RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 class Canonicalize(Pass):
@@ -90,9 +94,40 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     return ga == gb and len(a.graph.initializer) == len(b.graph.initializer)
 
 
+def _static(t: gs.Tensor) -> Optional[tuple]:
+    shape = getattr(t, "shape", None)
+    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
+    """For the last op of a Reshape / Squeeze / Unsqueeze / Flatten chain, the nearest tensor up
+    the chain with the same static shape and dtype as its output (None if there is none)."""
+    if node.op not in RESHAPES or not node.inputs or not node.outputs:
+        return None
+    out = node.outputs[0]
+    want = _static(out)
+    if want is None:
+        return None
+    cur = node
+    while True:
+        src = cur.inputs[0]
+        if not isinstance(src, gs.Variable):
+            return None
+        if _static(src) == want and src.dtype is not None and out.dtype is not None \
+                and np.dtype(src.dtype) == np.dtype(out.dtype):
+            return src
+        if len(src.inputs) != 1 or src.inputs[0].op not in RESHAPES:
+            return None
+        cur = src.inputs[0]
+
+
 def _is_noop(node: gs.Node) -> Optional[str]:
     if node.op == "Identity":
         return "Identity"
+    if node.op in RESHAPES and round_trip_source(node) is not None:
+        return "reshape round trip"
     if node.op == "Dropout":
         mask_used = len(node.outputs) > 1 and bool(node.outputs[1].outputs)
         training = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -121,6 +156,10 @@ def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
     for node in matches:
         kind = _is_noop(node)
         src, dst = node.inputs[0], node.outputs[0]
+        if kind == "reshape round trip":
+            if dst.name in outputs:  # a graph output keeps its producer
+                continue
+            src = round_trip_source(node)
         if dst.name in outputs:
             if src.name in outputs or isinstance(src, gs.Constant) or not src.inputs or src in graph.inputs:
                 report.skip(node.name, f"{kind} writes a graph output from a graph input or constant")

@@ -175,3 +175,43 @@ def test_folding_goes_on_until_every_fpn_level_has_a_static_shape():
     out = run(model).model
     assert _unshaped_outputs(_infer(out)) == 0
     assert ops(out)["Resize"] == 6 and not ops(out)["Shape"]
+
+
+def se_squeezed(batch=1, opset: int = 13) -> onnx.ModelProto:
+    """tf2onnx's squeeze-excite: Conv a -> GlobalAveragePool -> Squeeze [N, C] -> Reshape back to
+    [N, C, 1, 1] -> Conv -> Sigmoid -> Mul(a, gate). A Flatten of the pooled map is read as well
+    (a shape change that is not a round trip), and the graph output is a no-op Reshape."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "wa"),
+             numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "wse"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1, 8, 1, 1], np.int64), "back"),
+             numpy_helper.from_array(np.array([-1, 8, 8, 8], np.int64), "same")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1], name="a"),
+             helper.make_node("GlobalAveragePool", ["a"], ["gap"], name="gap"),
+             helper.make_node("Squeeze", ["gap", "axes"], ["sq"], name="sq"),
+             helper.make_node("Reshape", ["sq", "back"], ["rs"], name="rs"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+             helper.make_node("Conv", ["rs", "wse"], ["se"], name="se"),
+             helper.make_node("Sigmoid", ["se"], ["gate"], name="gate"),
+             helper.make_node("Mul", ["a", "gate"], ["m"], name="scale"),
+             helper.make_node("Reshape", ["m", "same"], ["y"], name="out")]
+    g = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 8, 8]),
+                           helper.make_tensor_value_info("flat", TensorProto.FLOAT, [batch, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_a_squeeze_reshape_round_trip_is_bypassed_exactly():
+    res = run(se_squeezed())
+    c = ops(res.model)
+    assert c == Counter({"Conv": 2, "GlobalAveragePool": 1, "Flatten": 1, "Sigmoid": 1, "Mul": 1,
+                         "Reshape": 1}), c
+    se = next(n for n in res.model.graph.node if n.name == "se")
+    assert se.input[0] == "gap"
+    assert res.records[0].report["counts"]["removed_reshape_round_trip"] == 1
+    d = res.records[0].verification[0]
+    assert d["max_abs"] <= 1e-5 * max(d["ref_max"], 1.0)
+    # with a dynamic batch the shapes are not static: nothing is bypassed
+    dyn = run(se_squeezed(batch="N"))
+    assert ops(dyn.model)["Squeeze"] == 1 and ops(dyn.model)["Reshape"] == 2
