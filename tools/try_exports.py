@@ -13,7 +13,8 @@ YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv
 YOLO12n (opset 17, and simplified at opset 11), torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
-EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, and with
+EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, with
+``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
@@ -131,6 +132,20 @@ for name, (depth, width, dw, size) in sizes.items():
                           input_names=["images"], output_names=["output"], opset_version=11, dynamo=False)
 '''
 
+#: Keras MobileNetV2 and EfficientNetB0 (random weights) converted by tf2onnx, with the input
+#: channels-first (``--inputs-as-nchw``; images cannot feed Keras's NHWC input, see data.py)
+EXPORT_TF = r'''
+import sys, tensorflow as tf, tf2onnx
+out = sys.argv[1]
+tf.random.set_seed(0)
+for name, ctor in (("mobilenetv2", tf.keras.applications.MobileNetV2),
+                   ("efficientnetb0", tf.keras.applications.EfficientNetB0)):
+    m = ctor(weights=None, input_shape=(224, 224, 3))
+    spec = (tf.TensorSpec((1, 224, 224, 3), tf.float32, name="images"),)
+    tf2onnx.convert.from_keras(m, input_signature=spec, opset=17, inputs_as_nchw=["images"],
+                               output_path=f"{out}/tf_{name}.onnx")
+'''
+
 PIPELINES = {"exact": [], "int8": ["--int8"], "prune": ["--prune", "0.1"]}
 #: pipelines left out per export: pruning RT-DETR-L (15 G multiply-adds at 320x320, 27 M
 #: parameters) measures candidates for more than 20 minutes on 2 cores; RetinaNet-R50 (24 G) and
@@ -166,6 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the exports, outputs and reports")
     ap.add_argument("--only", nargs="*", default=None, metavar="NAME",
                     help="run the pipelines on these exports only (names as in the table, e.g. yolov9t)")
+    ap.add_argument("--tf-python", default=None,
+                    help="a Python with tensorflow and tf2onnx: also convert Keras MobileNetV2 and "
+                         "EfficientNetB0")
     ap.add_argument("--yolox-src", default=None,
                     help="YOLOX source tree (unpacked yolox-0.3.0 sdist): also export YOLOX nano/tiny/s; "
                          "the exporter Python then needs loguru, thop and tabulate")
@@ -174,6 +192,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run([args.exporter_python, "-c", EXPORT, str(out)], check=True, capture_output=True,
                    cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
+    if args.tf_python:
+        subprocess.run([args.tf_python, "-c", EXPORT_TF, str(out)], check=True, capture_output=True, cwd=out)
     if args.yolox_src:
         subprocess.run([args.exporter_python, "-c", EXPORT_YOLOX, args.yolox_src, str(out)], check=True,
                        capture_output=True, cwd=out)
