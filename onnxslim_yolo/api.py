@@ -105,10 +105,10 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
     except PreconditionError:
         if not exact_only:
             raise
-        from .data import model_input
+        from .data import full_input_shape, model_input
 
         name, chw = model_input(model)
-        shapes, fix = {name: (1,) + chw}, False
+        shapes, fix = {name: full_input_shape(model, chw)}, False
         log.info("input '%s' is dynamic: kept so, exact passes verified at %s", name, list(shapes[name]))
     calib = None
     if opts.calib is not None:

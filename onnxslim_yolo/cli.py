@@ -106,7 +106,8 @@ def main(verbose: int) -> None:
 @click.option("--images", type=click.Path(), help="Evaluation images (default: --calib).")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: accuracy before/after.")
 @click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
-@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
+                                    "for models with dynamic size.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
 @click.option("--dump-dir", type=click.Path(file_okay=False), help="Save the model after each pass here.")
 @click.option("--no-verify", is_flag=True, help="Skip the numeric verification of each pass.")
@@ -186,7 +187,8 @@ def list_passes() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
+                                    "for models with dynamic size.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> None:
     """Op counts, parameters, MACs/FLOPs, opset, inputs/outputs, YOLO family and head."""

@@ -52,7 +52,8 @@ def render(report: CheckReport) -> str:
               help="Interleaved latency runs per model.")
 @click.option("--limit", type=int, help="Use the first N images (by name) for the detection checks.")
 @click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
-@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
+                                    "for models with dynamic size.")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context

@@ -26,7 +26,8 @@ from .pass_base import SlimError
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output layout (default: detected from metadata and output shape).")
 @click.option("--limit", type=int, help="Evaluate the first N images (by name).")
-@click.option("--input-shape", help="Static input shape N,C,H,W for models with dynamic size.")
+@click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
+                                    "for models with dynamic size.")
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: default).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -162,24 +162,51 @@ def _metadata_imgsz(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _channels_last(dims: Sequence) -> bool:
+    """A rank-4 image input whose last dim is 3 and whose axis 1 is not: N x H x W x C (tf2onnx
+    keeps Keras's layout unless told ``--inputs-as-nchw``)."""
+    return len(dims) == 4 and dims[3] == 3 and dims[1] != 3
+
+
+def channels_last(model: onnx.ModelProto) -> bool:
+    """Whether the single image input is channels-last (NHWC): feeds are then transposed."""
+    shapes = ir.input_shapes(model)
+    return len(shapes) == 1 and _channels_last(next(iter(shapes.values())))
+
+
 def model_input(model: onnx.ModelProto,
                 input_shape: Optional[Sequence[int]] = None) -> Tuple[str, Tuple[int, int, int]]:
-    """(name, (C, H, W)) of the single image input. ``input_shape`` is (H, W) or (N, C, H, W)."""
+    """(name, (C, H, W)) of the single image input, NCHW or NHWC (:func:`channels_last`).
+    ``input_shape`` is (H, W) or the full input shape in the model's layout."""
     shapes = ir.input_shapes(model)
     if len(shapes) != 1:
         raise UsageError(f"expected a model with one image input, found {len(shapes)}: {list(shapes)}")
     name, dims = next(iter(shapes.items()))
     if len(dims) != 4:
-        raise UsageError(f"input '{name}' has rank {len(dims)} {list(dims)}; expected NCHW")
-    c = dims[1] if isinstance(dims[1], int) and dims[1] > 0 else 3
+        raise UsageError(f"input '{name}' has rank {len(dims)} {list(dims)}; expected NCHW or NHWC")
+    last = _channels_last(dims)
+    cdim, hw_dims = (dims[3], dims[1:3]) if last else (dims[1], dims[2:])
+    c = cdim if isinstance(cdim, int) and cdim > 0 else 3
     if input_shape is not None:
-        hw = tuple(int(x) for x in input_shape)[-2:]
-    elif all(isinstance(d, int) and d > 0 for d in dims[2:]):
-        hw = (int(dims[2]), int(dims[3]))
+        given = tuple(int(x) for x in input_shape)
+        hw = given[1:3] if last and len(given) == 4 else given[-2:]
+    elif all(isinstance(d, int) and d > 0 for d in hw_dims):
+        hw = (int(hw_dims[0]), int(hw_dims[1]))
     else:
         hw = _metadata_imgsz(model) or (DEFAULT_SIZE, DEFAULT_SIZE)
         log.info("input '%s' has dynamic size %s: using %dx%d", name, list(dims), *hw)
     return name, (int(c), int(hw[0]), int(hw[1]))
+
+
+def full_input_shape(model: onnx.ModelProto, chw: Tuple[int, int, int], n: int = 1) -> Tuple[int, ...]:
+    """The image input's whole shape for ``n`` samples of ``chw``, in the model's layout."""
+    c, h, w = chw
+    return (n, h, w, c) if channels_last(model) else (n, c, h, w)
+
+
+def to_layout(batch: np.ndarray, last: bool) -> np.ndarray:
+    """An N x C x H x W batch in the model's layout (N x H x W x C when ``last``)."""
+    return np.ascontiguousarray(batch.transpose(0, 2, 3, 1)) if last else batch
 
 
 def model_batch(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = None) -> int:
@@ -240,14 +267,16 @@ def _array_batches(path: Path) -> List[np.ndarray]:
 
 
 def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dtype,
-                 limit: Optional[int], progress: bool, batch: int = 1) -> Iterator[Feeds]:
+                 limit: Optional[int], progress: bool, batch: int = 1, last: bool = False) -> Iterator[Feeds]:
+    """Feeds from an array file whose tensors are in the model's layout (NHWC when ``last``)."""
     batches = _array_batches(path)
     for a in batches:
-        if a.shape[1] != chw[0]:
-            raise UsageError(f"{path}: tensors have {a.shape[1]} channels, model input '{name}' "
+        c, hw = (a.shape[3], a.shape[1:3]) if last else (a.shape[1], a.shape[2:])
+        if c != chw[0]:
+            raise UsageError(f"{path}: tensors have {c} channels, model input '{name}' "
                              f"expects {chw[0]}")
-        if tuple(a.shape[2:]) != chw[1:]:
-            raise UsageError(f"{path}: tensors are {a.shape[2]}x{a.shape[3]}, model input '{name}' "
+        if tuple(hw) != chw[1:]:
+            raise UsageError(f"{path}: tensors are {hw[0]}x{hw[1]}, model input '{name}' "
                              f"expects {chw[1]}x{chw[2]}")
     samples = [a[i:i + 1] for a in batches for i in range(a.shape[0])]
     samples = samples[:limit] if limit else samples
@@ -255,25 +284,22 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
         yield {name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}
 
 
-def _require_rgb(src: Path, model: onnx.ModelProto, name: str, chw: Tuple[int, int, int]) -> None:
-    """Images feed a 3-channel NCHW input only; a channels-last input (tf2onnx's default) is named."""
-    if chw[0] == 3:
-        return
-    dims = ir.input_shapes(model).get(name, ())
-    nhwc = f"; its shape {list(dims)} is channels-last (NHWC): export it channels-first (tf2onnx: " \
-           f"--inputs-as-nchw {name})," if len(dims) == 4 and dims[3] == 3 else ";"
-    raise UsageError(f"{src}: model input '{name}' expects {chw[0]} channels but images are RGB (3 channels)"
-                     f"{nhwc} or pass preprocessed tensors as .npy/.npz")
+def _require_rgb(src: Path, name: str, chw: Tuple[int, int, int]) -> None:
+    if chw[0] != 3:
+        raise UsageError(f"{src}: model input '{name}' expects {chw[0]} channels but images are RGB "
+                         "(3 channels); pass preprocessed tensors as .npy/.npz instead")
 
 
 def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
                 limit: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
                 progress: bool = True) -> Iterator[Feeds]:
-    """Feeds ``{input_name: NxCxHxW}`` from an image folder or a ``.npy``/``.npz`` of tensors,
-    N = :func:`model_batch` images per feed (1 unless the model's batch is fixed).
+    """Feeds ``{input_name: NxCxHxW}`` (NxHxWxC for a channels-last input) from an image folder or
+    a ``.npy``/``.npz`` of tensors, N = :func:`model_batch` images per feed (1 unless the model's
+    batch is fixed).
 
-    Array files hold already-preprocessed CHW or NCHW tensors; their channel count and spatial
-    size must match the model input. Image folders need a 3-channel model input.
+    Array files hold already-preprocessed tensors in the model's layout (CHW / NCHW, or HWC / NHWC
+    for a channels-last input); their channel count and spatial size must match the model input.
+    Image folders need a 3-channel model input.
     """
     src = Path(source)
     name, chw = model_input(model, input_shape)
@@ -281,12 +307,13 @@ def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] 
     if src.suffix.lower() in ARRAY_SUFFIXES:
         if not src.is_file():
             raise UsageError(f"{src}: no such file")
-        yield from _iter_arrays(src, name, chw, dtype, limit, progress, model_batch(model, input_shape))
+        yield from _iter_arrays(src, name, chw, dtype, limit, progress, model_batch(model, input_shape),
+                                channels_last(model))
         return
-    _require_rgb(src, model, name, chw)
+    _require_rgb(src, name, chw)
     p = get_preset(preset, model)
     files = list_images(src)[:limit] if limit else list_images(src)
-    feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape))
+    feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape), channels_last(model))
     for i in _progress(range(len(feeds)), len(feeds), "images", progress):
         yield feeds[i]
 
@@ -300,9 +327,10 @@ class ImageFeeds(SequenceABC):
     """
 
     def __init__(self, files: Sequence[Path], name: str, preset: Preset, size: Tuple[int, int],
-                 dtype: np.dtype, batch: int = 1) -> None:
+                 dtype: np.dtype, batch: int = 1, last: bool = False) -> None:
         self.files, self.name, self.preset, self.size, self.dtype = list(files), name, preset, size, dtype
         self.groups = groups(self.files, batch)
+        self.last = last
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -311,7 +339,7 @@ class ImageFeeds(SequenceABC):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         xs = [preprocess(read_image(f), self.preset, self.size, f)[0] for f in self.groups[i]]
-        return {self.name: np.stack(xs).astype(self.dtype, copy=False)}
+        return {self.name: to_layout(np.stack(xs), self.last).astype(self.dtype, copy=False)}
 
 
 def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
@@ -324,18 +352,19 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
         feeds: Sequence[Feeds] = list(iter_inputs(source, model, preset, limit, input_shape, progress))
     else:
         name, chw = model_input(model, input_shape)
-        _require_rgb(src, model, name, chw)
+        _require_rgb(src, name, chw)
         files = list_images(src)[:limit] if limit else list_images(src)
         for f in _progress(files, len(files), "checking images", progress):
             read_image(f)
         feeds = ImageFeeds(files, name, get_preset(preset, model), chw[1:],
                            ir.input_dtypes(model).get(name, np.dtype(np.float32)),
-                           model_batch(model, input_shape))
+                           model_batch(model, input_shape), channels_last(model))
     if not len(feeds):
         raise UsageError(f"{source}: no calibration samples")
     return feeds
 
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
-           "detect_preset", "get_preset", "model_input", "model_batch", "groups", "iter_images",
+           "detect_preset", "get_preset", "model_input", "channels_last", "full_input_shape", "to_layout",
+           "model_batch", "groups", "iter_images",
            "iter_inputs", "load_calibration", "ImageFeeds"]

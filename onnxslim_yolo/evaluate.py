@@ -103,12 +103,14 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
     dtype = ir.input_dtypes(protos[0]).get(name, np.dtype(np.float32))
     runners = [_Runner(m, fmt, threads, optimize) for m in protos]
     hw = chw[1:]
+    last = data.channels_last(protos[0])
     batch = data.model_batch(protos[0], input_shape)
     results: List[List[ImageBoxes]] = [[] for _ in protos]
 
     def run_batch(pending: List[Tuple[np.ndarray, data.Meta]]) -> None:
         """One feed of ``batch`` images (the last feed filled up); each real image's boxes kept."""
-        feeds = {name: np.stack([x for x, _ in data.groups(pending, batch)[0]]).astype(dtype, copy=False)}
+        stacked = np.stack([x for x, _ in data.groups(pending, batch)[0]])
+        feeds = {name: data.to_layout(stacked, last).astype(dtype, copy=False)}
         for run, res in zip(runners, results):
             out = run(feeds, hw)
             outs = per_image(out)

@@ -258,3 +258,41 @@ def test_optimize_over_the_protobuf_limit(model_file: Path, tmp_path: Path, monk
     assert large and all(t.data_location == onnx.TensorProto.EXTERNAL for t in large)
     onnx.checker.check_model(str(out), full_check=True)
     assert back.graph.node
+
+
+def test_a_channels_last_model_is_calibrated_and_scored_from_images(tmp_path: Path):
+    """The demo model behind a Transpose (tf2onnx's NHWC input): its detections on the demo images
+    equal the NCHW model's, and INT8 calibrated from the same images quantizes the same layers
+    with the same ranges (every layer INT8, so the CPU's timings do not choose)."""
+    from fixtures import demo_paths
+    from fixtures.layout import channels_last_input
+    from onnxslim_yolo.api import optimize
+    from onnxslim_yolo.evaluate import detections
+
+    model_path, images, _ = demo_paths()
+    nchw = ir.load(model_path)
+    nhwc = channels_last_input(nchw)
+    ref = detections(nchw, images, progress=False, threads=1)
+    got = detections(nhwc, images, progress=False, threads=1)
+    assert sum(len(d) for d in ref) > 0 and [d.key for d in got] == [d.key for d in ref]
+    for a, b in zip(ref, got):
+        assert np.allclose(a.boxes, b.boxes, atol=1e-3) and np.allclose(a.scores, b.scores, atol=1e-5)
+    opts = dict(int8=True, calib=images, bench=False, check=False, progress=False,
+                pass_options={"insert-qdq": {"placement": "all", "guard": False}})
+    q_ref, q_got = optimize(nchw, **opts), optimize(nhwc, **opts)
+    counts = [next(r for r in q.pipeline.records if r.name == "insert-qdq").report["counts"]
+              for q in (q_ref, q_got)]
+    assert counts[0]["int8_layers"] == counts[1]["int8_layers"] > 0
+
+    def q_params(m: onnx.ModelProto) -> dict:
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+        return {n.input[0].replace("images_nchw", "images"):
+                (float(inits[n.input[1]]), int(inits[n.input[2]]))
+                for n in m.graph.node if n.op_type == "QuantizeLinear"}
+
+    # the same calibration data gave every quantized tensor the same scale and zero point; the
+    # image's own range is searched at the graph input in one, behind the Transpose in the other
+    ref_q, got_q = q_params(q_ref.model), q_params(q_got.model)
+    (s_ref, z_ref), (s_got, z_got) = ref_q.pop("images"), got_q.pop("images")
+    assert len(ref_q) > 100 and got_q == ref_q
+    assert z_ref == z_got and s_got == pytest.approx(s_ref, rel=0.01)

@@ -103,17 +103,17 @@ def _static_checks(model: onnx.ModelProto, idx: GraphIndex, target: str) -> List
 
 
 def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[int]]:
-    """The input shape to run with: the option, the static shape, or 1xCxHxW from metadata/640."""
+    """The input shape to run with: the option, the static shape, or 1xCxHxW (1xHxWxC) from
+    metadata/640."""
     if opts.input_shape:
         return [int(d) for d in opts.input_shape]
     try:
         ir.static_input_shapes(model)
         return None
     except PreconditionError:
-        from ..data import model_input
+        from ..data import full_input_shape, model_input
 
-        _, (c, h, w) = model_input(model)
-        return [1, c, h, w]
+        return list(full_input_shape(model, model_input(model)[1]))
 
 
 def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Optional[numerics.Feeds],

@@ -196,7 +196,8 @@ def se_squeezed(batch=1, opset: int = 13) -> onnx.ModelProto:
              helper.make_node("Sigmoid", ["se"], ["gate"], name="gate"),
              helper.make_node("Mul", ["a", "gate"], ["m"], name="scale"),
              helper.make_node("Reshape", ["m", "same"], ["y"], name="out")]
-    g = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])
+    g = helper.make_graph(nodes, "se", [x],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 8, 8]),
                            helper.make_tensor_value_info("flat", TensorProto.FLOAT, [batch, 8])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
