@@ -14,7 +14,8 @@ YOLO12n (opset 17, and simplified at opset 11), torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
 EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, with
-``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17), and with
+``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
+also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
@@ -132,8 +133,8 @@ for name, (depth, width, dw, size) in sizes.items():
                           input_names=["images"], output_names=["output"], opset_version=11, dynamo=False)
 '''
 
-#: Keras MobileNetV2 and EfficientNetB0 (random weights) converted by tf2onnx, with the input
-#: channels-first (``--inputs-as-nchw``; images cannot feed Keras's NHWC input, see data.py)
+#: Keras MobileNetV2 and EfficientNetB0 (random weights) converted by tf2onnx with the input
+#: channels-first (``--inputs-as-nchw``), and MobileNetV2 as tf2onnx leaves it (NHWC, opset 13)
 EXPORT_TF = r'''
 import sys, tensorflow as tf, tf2onnx
 out = sys.argv[1]
@@ -144,6 +145,9 @@ for name, ctor in (("mobilenetv2", tf.keras.applications.MobileNetV2),
     spec = (tf.TensorSpec((1, 224, 224, 3), tf.float32, name="images"),)
     tf2onnx.convert.from_keras(m, input_signature=spec, opset=17, inputs_as_nchw=["images"],
                                output_path=f"{out}/tf_{name}.onnx")
+    if name == "mobilenetv2":  # and as tf2onnx leaves it by default: channels-last input
+        tf2onnx.convert.from_keras(m, input_signature=spec, opset=13,
+                                   output_path=f"{out}/tf_{name}_nhwc.onnx")
 '''
 
 PIPELINES = {"exact": [], "int8": ["--int8"], "prune": ["--prune", "0.1"]}
