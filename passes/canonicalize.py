@@ -25,6 +25,8 @@ import onnx_graphsurgeon as gs
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult
 
+from ._conv_util import static_shape
+
 log = logging.getLogger(__name__)
 
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -94,20 +96,13 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     return ga == gb and len(a.graph.initializer) == len(b.graph.initializer)
 
 
-def _static(t: gs.Tensor) -> Optional[tuple]:
-    shape = getattr(t, "shape", None)
-    if shape is None or not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-        return None
-    return tuple(int(d) for d in shape)
-
-
 def round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
     """For the last op of a Reshape / Squeeze / Unsqueeze / Flatten chain, the nearest tensor up
     the chain with the same static shape and dtype as its output (None if there is none)."""
     if node.op not in RESHAPES or not node.inputs or not node.outputs:
         return None
     out = node.outputs[0]
-    want = _static(out)
+    want = static_shape(out)
     if want is None:
         return None
     cur = node
@@ -115,7 +110,7 @@ def round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
         src = cur.inputs[0]
         if not isinstance(src, gs.Variable):
             return None
-        if _static(src) == want and src.dtype is not None and out.dtype is not None \
+        if static_shape(src) == want and src.dtype is not None and out.dtype is not None \
                 and np.dtype(src.dtype) == np.dtype(out.dtype):
             return src
         if len(src.inputs) != 1 or src.inputs[0].op not in RESHAPES:
