@@ -21,12 +21,14 @@ def _builtin() -> Tuple[Type[Pass], ...]:
     from .passes.fold_affine import FoldAffine
     from .passes.fold_batchnorm import FoldBatchNorm
     from .passes.insert_qdq import InsertQDQ
+    from .passes.merge_branches import MergeBranches
     from .passes.prune_channels import PruneChannels
     return (
         Canonicalize,
         FocusToConv,
         FoldBatchNorm,
         FoldAffine,
+        MergeBranches,
         PruneChannels,
         InsertQDQ,
     )

@@ -83,7 +83,8 @@ def plan_node(node: gs.Node, outputs: Set[str], claimed: Set[int]) -> Union[Plan
     if node.op == "Div" and np.any(vec == 0):
         return f"Div '{node.name}' divides by zero in some channel"
     ones, zeros = np.ones(tg.channels), np.zeros(tg.channels)
-    s, t = {"Mul": (vec, zeros), "Div": (1.0 / vec, zeros), "Add": (ones, vec), "Sub": (ones, -vec)}[node.op]
+    s, t = {"Mul": (vec, zeros), "Div": (1.0 / np.where(vec == 0, 1.0, vec), zeros), "Add": (ones, vec),
+            "Sub": (ones, -vec)}[node.op]
     w, bias = fold_out(tg, s, t)
     return Plan(node, tg, w, bias)
 
