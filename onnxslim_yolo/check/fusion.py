@@ -88,14 +88,25 @@ def _serves_neighbours(idx: GraphIndex, i: int, dqs: List[int]) -> bool:
         and all(_read_as_int8(idx, idx.nodes[q].output[0]) for q in _q_consumers(idx, i))
 
 
+def _float_from_kernel_less(idx: GraphIndex, i: int) -> bool:
+    """A QLinear-capable op whose every float data input comes from an op with no quantized kernel
+    (Mish's Mul reads DQ(x) and Tanh(Softplus(DQ(x)))): to run INT8 it needs a Q on each such
+    input, one conversion for the DQ it saves, so the float op loses nothing."""
+    floats = [t for t in idx.nodes[i].input
+              if t and not idx.is_const(t) and idx.producer_op(t) != "DequantizeLinear"]
+    ops = [idx.producer_op(t) for t in floats]
+    return bool(ops) and all(op is not None and op not in QLINEAR | DROPPED | QDQ_OPS for op in ops)
+
+
 def unfused_groups(idx: GraphIndex) -> List[int]:
     """Float ops that read a dequantized activation and are requantized, or Conv-like ops that
     read one with dequantized weights (dequantized for nothing). Left out, since they lose
     nothing: a float Conv with float weights that reads a tensor quantized for another reader;
     an op with no quantized kernel at all (ConvTranspose, say) whose dequantized inputs all are
     quantized for other readers too (onnxruntime itself dequantizes such an op's weights, in its
-    WeightBiasQuantization step, though it has no kernel to fuse them into); and an op that
-    :func:`_serves_neighbours`."""
+    WeightBiasQuantization step, though it has no kernel to fuse them into); an op that
+    :func:`_serves_neighbours`; and one whose float inputs come from ops with no quantized
+    kernel (:func:`_float_from_kernel_less`)."""
     out = []
     for i, n in enumerate(idx.nodes):
         if n.op_type in QDQ_OPS or n.op_type.startswith("QLinear") or n.domain not in FLOAT_DOMAINS:
@@ -105,7 +116,8 @@ def unfused_groups(idx: GraphIndex) -> List[int]:
             continue
         if n.op_type not in QLINEAR | DROPPED and all(_shared_dq(idx, d, i) for d in dqs):
             continue
-        if n.op_type in QLINEAR and n.op_type not in MATMUL_LIKE and _serves_neighbours(idx, i, dqs):
+        if n.op_type in QLINEAR and n.op_type not in MATMUL_LIKE and (
+                _serves_neighbours(idx, i, dqs) or _float_from_kernel_less(idx, i)):
             continue
         out.append(i)
     return out

@@ -311,3 +311,25 @@ def test_a_float_add_costs_nothing_when_its_conversions_serve_int8_neighbours():
     r = fusion.check_ort_fusion(GraphIndex(_residual_add_after_float_conv(int8_reader=False)), "ort-cpu")
     assert r.status == "warn" and r.details["unfused"] == \
         ["add: input 'f' is float (from Conv), not dequantized"], r.details
+
+
+def test_mish_mul_is_not_reported_its_float_input_has_no_quantized_kernel():
+    """Mish (x * Tanh(Softplus(x)), YOLOv4's activation) after an INT8 Conv: Softplus and Tanh run in
+    float on DQ(y) anyway, and an INT8 Mul would need a Q on the Tanh output for the DQ it saves.
+    SiLU's Mul with a float Sigmoid (which has a QLinear kernel) is still reported."""
+    def act(first: str) -> onnx.ModelProto:
+        m = qdq_conv("uint8")
+        sig = node(m, "head/Sigmoid")
+        if first == "Softplus":
+            sig.op_type, sig.name, sig.output[0] = "Softplus", "act/Softplus", "sp"
+            m.graph.node.append(helper.make_node("Tanh", ["sp"], ["th"], name="act/Tanh"))
+            gate = "th"
+        else:
+            sig.name, sig.output[0], gate = "act/Sigmoid", "sg", "sg"
+        m.graph.node.append(helper.make_node("Mul", ["y_dq", gate], ["out"], name="act/Mul"))
+        return insert_qdq(m, "out", 0.05, 128)
+    mish = fusion.check_ort_fusion(GraphIndex(act("Softplus")), "ort-cpu")
+    assert mish.status == "pass", mish.details
+    silu = fusion.check_ort_fusion(GraphIndex(act("Sigmoid")), "ort-cpu")
+    assert any(u.startswith("act/Mul: input 'sg' is float (from Sigmoid)") for u in silu.details["unfused"]), \
+        silu.details
