@@ -26,6 +26,7 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 
 from ._affine_fold import Target, apply_out, fold_out, out_target
 from ._conv_util import param, rank, with_shapes
+from ._rounds import run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,11 @@ class FoldAffine(Pass):
         report = PassReport()
         graph = ir.to_graph(with_shapes(model))
         alloc = ir.NameAllocator.for_graph(graph)
-        done = 0
-        while True:  # Conv -> Mul -> Add: the Add folds once the Mul is gone
-            plans, refused = one_round(graph)
-            if not plans:
-                break
-            for p in plans:
-                apply_out(p.target, p.weight, p.bias, p.node, alloc)
-                report.count(f"folded_{p.node.op.lower()}")
-            done += len(plans)
-            graph.cleanup(remove_unused_graph_inputs=False)
-        for node, reason in refused.items():
-            report.skip(node, reason)
-        if not done:
-            return PassResult(model, False, report)
-        report.count("folded", done)
-        log.info("fold-affine: %d Mul/Add node(s) folded into Convs", done)
-        return PassResult(ir.to_model(graph, like=model), True, report)
+
+        def apply(p: Plan) -> None:
+            apply_out(p.target, p.weight, p.bias, p.node, alloc)
+            report.count(f"folded_{p.node.op.lower()}")
+
+        # Conv -> Mul -> Add: the Add folds once the Mul is gone
+        return run_rounds(model, graph, report, one_round, apply, "folded",
+                          "fold-affine: %d Mul/Add node(s) folded into Convs")

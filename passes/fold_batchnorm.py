@@ -29,6 +29,7 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 from ._affine_fold import (OUT_KINDS, Target, apply_in, apply_out, bn_affine, fold_in_conv, fold_out,
                            out_target)
 from ._conv_util import conv_attrs, explicit_pads, new_const, param, rank, shared, static_shape, with_shapes
+from ._rounds import run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -212,21 +213,12 @@ class FoldBatchNorm(Pass):
         report = PassReport()
         graph = ir.to_graph(with_shapes(model))
         alloc = ir.NameAllocator.for_graph(graph)
-        done = 0
-        while True:  # a Conv between two BNs takes one fold per round
-            plans, refused = one_round(graph, mode)
-            if not plans:
-                break
-            for p in plans:
-                report.count(apply(p, graph, alloc))
-                if isinstance(p, Standalone) and p.note:
-                    report.details.setdefault("standalone_notes", {})[p.bn.name] = p.note
-            done += len(plans)
-            graph.cleanup(remove_unused_graph_inputs=False)
-        for node, reason in refused.items():
-            report.skip(node, reason)
-        if not done:
-            return PassResult(model, False, report)
-        report.count("folded", done)
-        log.info("fold-batchnorm: %d BatchNormalization node(s) removed", done)
-        return PassResult(ir.to_model(graph, like=model), True, report)
+
+        def fold(p: Plan) -> None:
+            report.count(apply(p, graph, alloc))
+            if isinstance(p, Standalone) and p.note:
+                report.details.setdefault("standalone_notes", {})[p.bn.name] = p.note
+
+        # a Conv between two BNs takes one fold per round
+        return run_rounds(model, graph, report, lambda g: one_round(g, mode), fold, "folded",
+                          "fold-batchnorm: %d BatchNormalization node(s) removed")

@@ -39,6 +39,7 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 
 from ._conv_util import (ConvAttrs, conv_attrs, explicit_pads, float_dtype, new_const, param, rank,
                          sole_consumer, static_shape, with_shapes)
+from ._rounds import run_rounds
 from .fold_affine import per_channel
 from .fold_batchnorm import bn_params
 
@@ -306,21 +307,11 @@ class MergeBranches(Pass):
         graph = ir.to_graph(with_shapes(model))
         ir.name_unnamed_nodes(graph)
         alloc = ir.NameAllocator.for_graph(graph)
-        done = 0
-        refused: Dict[str, str] = {}
-        while True:  # Add(Add(conv_a, conv_b), identity): one branch per round
-            plans, refused = one_round(graph)
-            if not plans:
-                break
-            for p in plans:
-                apply(p, alloc)
-                report.count(f"merged_{p.kind}")
-            done += len(plans)
-            graph.cleanup(remove_unused_graph_inputs=False)
-        for node, reason in refused.items():
-            report.skip(node, reason)
-        if not done:
-            return PassResult(model, False, report)
-        report.count("merged", done)
-        log.info("merge-branches: %d branch(es) merged into Convs", done)
-        return PassResult(ir.to_model(graph, like=model), True, report)
+
+        def merge(p: Plan) -> None:
+            apply(p, alloc)
+            report.count(f"merged_{p.kind}")
+
+        # Add(Add(conv_a, conv_b), identity): one branch per round
+        return run_rounds(model, graph, report, one_round, merge, "merged",
+                          "merge-branches: %d branch(es) merged into Convs")
