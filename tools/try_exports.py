@@ -3,8 +3,10 @@
 
     python tools/try_exports.py --exporter-python /path/to/venv/bin/python --calib IMAGES --out DIR
 
-The exports are made by a Python with ``ultralytics`` and ``torchvision`` installed (they need
-PyTorch, which this project does not depend on; ``--exporter-python`` names that interpreter):
+The exports are made by a Python with PyTorch (which this project does not depend on;
+``--exporter-python`` names that interpreter); each family is exported when that Python has its
+package (``ultralytics``, ``torchvision``, ``effdet``, ``timm``), and ``--no-export`` reruns the
+pipelines on the exports already in ``--out``:
 Ultralytics YOLOv8n (opset 11, 17 and 21, dynamic axes, a static batch of 2, ``nms=True``),
 YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb and classify
 heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
@@ -13,7 +15,9 @@ YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv
 YOLO12n (opset 17, and simplified at opset 11), torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
-EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, with
+EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 16 timm
+backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
+not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNet18 with Mish), with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
@@ -35,9 +39,11 @@ from pathlib import Path
 EXPORT = r'''
 import shutil, sys
 out = sys.argv[1]
-from ultralytics import YOLO
-from ultralytics import RTDETR
-jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolov8n_op11"),
+try:  # each family is exported when the exporter Python has its package
+    from ultralytics import YOLO, RTDETR
+except ImportError:
+    YOLO = None
+jobs = [] if YOLO is None else [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolov8n_op11"),
         ("yolov8n.yaml", 21, {}, "yolov8n_op21"), ("yolov8n.yaml", 17, {"dynamic": True}, "yolov8n_dynamic"),
         ("yolov8n.yaml", 17, {"batch": 2}, "yolov8n_batch2"),
         ("yolov8n.yaml", 17, {"nms": True}, "yolov8n_nms"), ("yolo11n.yaml", 12, {}, "yolo11n_op12"),
@@ -64,22 +70,26 @@ for cfg, opset, kw, name in jobs:
     kw = {"imgsz": 320, "simplify": False, **kw}
     p = cls(cfg).export(format="onnx", opset=opset, **kw)
     shutil.move(p, f"{out}/{name}.onnx")
-import torch, torchvision
-for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small"):
+import torch
+try:
+    import torchvision
+except ImportError:
+    torchvision = None
+for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small") if torchvision else ():
     m = getattr(torchvision.models, name)(weights=None).eval()
     torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/{name}.onnx", opset_version=13,
                       input_names=["images"], dynamo=False)
 # a detector outside the YOLO family: SSDlite, its post-processing (per-class TopK, NMS) and an If
 # and two with an FPN whose upsampling sizes are computed (Faster R-CNN adds RoIAlign)
-det = torchvision.models.detection
-for name, m in (("ssdlite320", det.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)),
-                ("frcnn_mobilenet320", det.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None,
-                                                                                 weights_backbone=None)),
-                ("retinanet320", det.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None,
-                                                               min_size=320, max_size=320)),
-                # GroupNorm in the head (exported as InstanceNormalization between Reshapes)
-                ("fcos320", det.fcos_resnet50_fpn(weights=None, weights_backbone=None, min_size=320,
-                                                  max_size=320))):
+det = torchvision.models.detection if torchvision else None
+detectors = [] if det is None else [
+    ("ssdlite320", det.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)),
+    ("frcnn_mobilenet320", det.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)),
+    ("retinanet320", det.retinanet_resnet50_fpn_v2(weights=None, weights_backbone=None, min_size=320,
+                                                   max_size=320)),
+    # GroupNorm in the head (exported as InstanceNormalization between Reshapes)
+    ("fcos320", det.fcos_resnet50_fpn(weights=None, weights_backbone=None, min_size=320, max_size=320))]
+for name, m in detectors:
     torch.onnx.export(m.eval(), torch.rand(1, 3, 320, 320), f"{out}/{name}.onnx", opset_version=11,
                       input_names=["images"], dynamo=False)
 # EfficientDet from effdet (when the exporter Python has it): BiFPN weighted fusion, depthwise
@@ -100,6 +110,29 @@ for name, size in (("tf_efficientdet_d0", 384), ("efficientdet_lite0", 320)) if 
             cls, box = self.m(x)
             return tuple(cls) + tuple(box)
     torch.onnx.export(Outputs(m), torch.rand(1, 3, size, size), f"{out}/{name}.onnx", opset_version=13,
+                      input_names=["images"], dynamo=False)
+# timm backbones (when the exporter Python has timm, as effdet brings it): YOLO-style CSP stems,
+# grouped convs with SE, LayerNorm, ghost modules, multi-resolution fusion, attention, Mish, and
+# RepVGG / MobileOne blocks exported without re-parameterisation (parallel branches summed)
+try:
+    import timm
+except ImportError:
+    timm = None
+TIMM = [("cs3darknet_focus_s", {}, 17), ("cs3darknet_s", {}, 17), ("regnety_002", {}, 17),
+        ("convnext_atto", {}, 17), ("ghostnet_050", {}, 17), ("repvgg_a0", {}, 17),
+        ("mobileone_s0", {}, 17), ("mobilevit_xxs", {}, 17), ("hrnet_w18_small", {}, 17),
+        ("dla46_c", {}, 17), ("lcnet_050", {}, 17), ("efficientvit_b0", {}, 17), ("hgnetv2_b0", {}, 17),
+        ("resnet18", {"act_layer": "mish"}, 18), ("resnet18", {"act_layer": "mish"}, 13),
+        ("cspdarknet53", {}, 17)]
+for name, kw, opset in TIMM if timm else ():
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, **kw).eval()
+    for mod in m.modules():  # BN statistics randomised, as a trained model has them
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
+            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+    tag = f"timm_{name}" + (f"_mish_op{opset}" if kw else "")
+    torch.onnx.export(m, torch.rand(1, 3, 224, 224), f"{out}/{tag}.onnx", opset_version=opset,
                       input_names=["images"], dynamo=False)
 '''
 
@@ -153,8 +186,10 @@ for name, ctor in (("mobilenetv2", tf.keras.applications.MobileNetV2),
 PIPELINES = {"exact": [], "int8": ["--int8"], "prune": ["--prune", "0.1"]}
 #: pipelines left out per export: pruning RT-DETR-L (15 G multiply-adds at 320x320, 27 M
 #: parameters) measures candidates for more than 20 minutes on 2 cores; RetinaNet-R50 (24 G) and
-#: FCOS-R50 (20 G) are left out untried, as Faster R-CNN-MobileNet (0.7 G) already takes 7 minutes
-LEFT_OUT = {"rtdetr_l": ("prune",), "retinanet320": ("prune",), "fcos320": ("prune",)}
+#: FCOS-R50 (20 G) are left out untried, as Faster R-CNN-MobileNet (0.7 G) already takes 7 minutes;
+#: CSPDarknet53 (27.6 M parameters) likewise
+LEFT_OUT = {"rtdetr_l": ("prune",), "retinanet320": ("prune",), "fcos320": ("prune",),
+            "timm_cspdarknet53": ("prune",)}
 
 
 def run(model: Path, pipeline: str, calib: str, out: Path) -> dict:
@@ -175,12 +210,15 @@ def run(model: Path, pipeline: str, calib: str, out: Path) -> dict:
                    size_mb=after["size_bytes"] / 1e6, verdict=rep.get("checks", {}).get("verdict", ""))
     else:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
+    print(json.dumps(row), file=sys.stderr, flush=True)  # progress: one line per run
     return row
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--exporter-python", required=True, help="a Python with ultralytics and torchvision")
+    ap.add_argument("--exporter-python", default=None,
+                    help="a Python with torch and any of ultralytics, torchvision, effdet, timm")
+    ap.add_argument("--no-export", action="store_true", help="reuse the exports already in --out")
     ap.add_argument("--calib", required=True, help="calibration images")
     ap.add_argument("--out", default=None, help="folder for the exports, outputs and reports")
     ap.add_argument("--only", nargs="*", default=None, metavar="NAME",
@@ -192,13 +230,18 @@ def main(argv=None) -> int:
                     help="YOLOX source tree (unpacked yolox-0.3.0 sdist): also export YOLOX nano/tiny/s; "
                          "the exporter Python then needs loguru, thop and tabulate")
     args = ap.parse_args(argv)
+    if args.no_export and not args.out:
+        ap.error("--no-export needs --out, the folder holding the exports")
+    if not args.no_export and not args.exporter_python:
+        ap.error("give --exporter-python, or --no-export with --out")
     out = Path(args.out or tempfile.mkdtemp(prefix="try_exports_"))
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([args.exporter_python, "-c", EXPORT, str(out)], check=True, capture_output=True,
-                   cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
-    if args.tf_python:
+    if not args.no_export:
+        subprocess.run([args.exporter_python, "-c", EXPORT, str(out)], check=True, capture_output=True,
+                       cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
+    if args.tf_python and not args.no_export:
         subprocess.run([args.tf_python, "-c", EXPORT_TF, str(out)], check=True, capture_output=True, cwd=out)
-    if args.yolox_src:
+    if args.yolox_src and not args.no_export:
         subprocess.run([args.exporter_python, "-c", EXPORT_YOLOX, args.yolox_src, str(out)], check=True,
                        capture_output=True, cwd=out)
     models = [m for m in sorted(out.glob("*.onnx"))
