@@ -43,7 +43,7 @@ try:  # each family is exported when the exporter Python has its package
     from ultralytics import YOLO, RTDETR
 except ImportError:
     YOLO = None
-jobs = [] if YOLO is None else [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolov8n_op11"),
+jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolov8n_op11"),
         ("yolov8n.yaml", 21, {}, "yolov8n_op21"), ("yolov8n.yaml", 17, {"dynamic": True}, "yolov8n_dynamic"),
         ("yolov8n.yaml", 17, {"batch": 2}, "yolov8n_batch2"),
         ("yolov8n.yaml", 17, {"nms": True}, "yolov8n_nms"), ("yolo11n.yaml", 12, {}, "yolo11n_op12"),
@@ -65,7 +65,7 @@ jobs = [] if YOLO is None else [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolo
         ("yolo26n.yaml", 17, {"simplify": True, "imgsz": 640}, "yolo26n_slim_640"),
         # attention blocks (area attention: Reshape, Transpose, MatMul, Softmax)
         ("yolo12n.yaml", 17, {}, "yolo12n"), ("yolo12n.yaml", 11, {"simplify": True}, "yolo12n_slim_op11")]
-for cfg, opset, kw, name in jobs:
+for cfg, opset, kw, name in jobs if YOLO else ():
     cls = RTDETR if cfg.startswith("rtdetr") else YOLO
     kw = {"imgsz": 320, "simplify": False, **kw}
     p = cls(cfg).export(format="onnx", opset=opset, **kw)
