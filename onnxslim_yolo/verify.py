@@ -19,8 +19,11 @@ Feeds = Dict[str, np.ndarray]
 
 
 def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
-            profile_prefix: Optional[str] = None) -> ort.InferenceSession:
-    """A CPU InferenceSession. ``optimize=False`` disables graph optimizations (the reference)."""
+            profile_prefix: Optional[str] = None, disabled_optimizers: Sequence[str] = (),
+            save_optimized: Optional[str] = None) -> ort.InferenceSession:
+    """A CPU InferenceSession. ``optimize=False`` disables graph optimizations (the reference);
+    ``disabled_optimizers`` names onnxruntime graph transformers left out; ``save_optimized``
+    writes the graph onnxruntime runs to that path."""
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -31,10 +34,13 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
+    if save_optimized:
+        so.optimized_model_filepath = str(save_optimized)
     with tempfile.TemporaryDirectory() as td:
         payload = ir.serialize_for_runtime(model, td)
         try:
-            return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:
             raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 

@@ -7,6 +7,12 @@ it does depends on the shape and the CPU: on the AVX512-VNNI machine this was wr
 depthwise convs 2-4x slower. So instead of a rule, every distinct Conv configuration is timed
 here: two one-layer models with uint8 input and output (the same borders for both), run
 interleaved in one process, median of several runs each.
+
+The float unit runs without onnxruntime's ``WeightBiasQuantization`` transformer. That step
+quantizes the float weights (per tensor) of a Conv that reads a DequantizeLinear and feeds a
+QuantizeLinear, which the float unit with no activation after its Conv does, so that unit ran as
+a QLinearConv: both units took the same time and every such Conv (a plain Conv before a residual
+Add, Mish, HardSwish, GELU or a LayerNorm) was kept float as "INT8 slower here".
 """
 from __future__ import annotations
 
@@ -152,6 +158,17 @@ def _time(sessions: Sequence, feed: Dict[str, np.ndarray], runs: int) -> List[fl
     return [float(np.median(t)) * 1e3 for t in times]
 
 
+#: onnxruntime transformers left out of the float unit's session (see the module docstring)
+FLOAT_UNIT_DISABLED = ("WeightBiasQuantization",)
+
+
+def unit_session(key: ConvKey, int8: bool, threads: int = 1, save_optimized: Optional[str] = None):
+    """The onnxruntime session of one timing unit (``save_optimized``: where to write the graph
+    onnxruntime runs)."""
+    return verify.session(_unit_model(key, int8), threads=threads, save_optimized=save_optimized,
+                          disabled_optimizers=() if int8 else FLOAT_UNIT_DISABLED)
+
+
 def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,
             progress: bool = False) -> Dict[ConvKey, ConvCost]:
     """Time every key's INT8 and float unit; about ``budget_ms`` of runs per key (at least 5)."""
@@ -159,7 +176,7 @@ def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,
 
     out: Dict[ConvKey, ConvCost] = {}
     for key in tqdm(list(dict.fromkeys(keys)), desc="timing convs", disable=not progress, leave=False):
-        sessions = [verify.session(_unit_model(key, i8), threads=threads) for i8 in (True, False)]
+        sessions = [unit_session(key, i8, threads) for i8 in (True, False)]
         feed = {"x": np.random.default_rng(1).integers(0, 256, (1, key.cin) + key.hw).astype(np.uint8)}
         first = _time(sessions, feed, 1)
         runs = int(np.clip(budget_ms / max(sum(first), 1e-3), 5, 50))

@@ -111,6 +111,20 @@ class FakeEvaluator:
         return 10 * np.log10(total / max(left, 1e-12))
 
 
+@pytest.mark.parametrize("act", ["none", "relu", "silu"])
+def test_float_unit_runs_a_float_conv(act, tmp_path) -> None:
+    """onnxruntime quantizes the float weights of a Conv between DQ and Q itself
+    (WeightBiasQuantization): the float unit must not let it, or it times an INT8 Conv."""
+    key = cost.ConvKey(16, 16, (8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, act)
+    ops = {}
+    for int8 in (True, False):
+        path = tmp_path / f"unit_{int8}.onnx"
+        cost.unit_session(key, int8, save_optimized=str(path))
+        ops[int8] = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "QLinearConv" in ops[True]
+    assert "QLinearConv" not in ops[False] and ops[False] & {"Conv", "FusedConv"}
+
+
 def test_group_testing_finds_planted_units_in_few_runs() -> None:
     units = [f"u{i}" for i in range(64)]
     noise = {u: 0.01 for u in units}
