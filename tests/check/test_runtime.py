@@ -212,6 +212,19 @@ def test_agreement_below_the_floor_only_warns_when_the_reference_fails_it_agains
     assert accuracy.check_agreement(dets, 0.0, noise(0.02)).status == "pass" and calls == [0.02, 0.9]
 
 
+def test_agreement_below_the_floor_warns_when_it_reaches_that_share_of_the_references_own(yolo, images):
+    """The floor scales with what the reference scores against itself: a candidate at 90% of a
+    reference that agrees 0.5 with itself is within the noise, one at 40% is not."""
+    dets = accuracy.detect(shifted(yolo, 6.0), yolo, str(images), None, None, 1, None, False)
+    a = accuracy.check_agreement(dets, 0.0).details["map"]
+    assert 0.0 < a < 1.0
+    floor = (a + a ** 0.5) / 2  # a < floor and floor * floor <= a, so a / floor is at least the floor
+    near = accuracy.check_agreement(dets, floor, lambda: a / floor)
+    assert near.status == "warn" and near.details["self_agreement"] == pytest.approx(a / floor)
+    assert accuracy.check_agreement(dets, floor, lambda: 1.0).status == "fail"
+    assert accuracy.check_agreement(dets, floor, lambda: min(1.0, 1.01 * a / floor)).status == "fail"
+
+
 def _classifier() -> onnx.ModelProto:
     """Image in, (1, 10) logits out: runs, but has no detections to compare."""
     w = numpy_helper.from_array(np.full((10, 3, 1, 1), 0.1, np.float32), "w")
