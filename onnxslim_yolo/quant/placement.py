@@ -196,15 +196,16 @@ def _float_io(node: gs.Node) -> Optional[Tuple[List[gs.Tensor], List[gs.Tensor]]
 
 #: INT8 ops whose missing inputs :func:`_complete_partial` quantizes
 _COMPLETED = ("Concat", "Add")
-#: a single-input INT8 op that may sit between a completed op and its quantized output
-_THROUGH = ("Relu",)
+#: single-input INT8 ops that may sit between a completed op and its quantized output: a Relu,
+#: or an op onnxruntime runs on uint8 unchanged (GhostNet's Concat -> Slice keeping the first half)
+_THROUGH = frozenset({"Relu"}) | (VALUE_PRESERVING - {"Concat"})
 
 
-def _relu_after(graph: gs.Graph, outs: Sequence[gs.Tensor], avail: Set[str], skip: Set[str],
-                int8_ops: Iterable[str]) -> Optional[List[gs.Node]]:
-    """The readers of ``outs`` when each output is read by one Relu alone (an INT8 op of the
-    target, not in ``skip``) whose outputs are quantized anyway: ResNet's residual Add -> Relu.
-    None otherwise."""
+def _through_after(graph: gs.Graph, outs: Sequence[gs.Tensor], avail: Set[str], skip: Set[str],
+                   int8_ops: Iterable[str]) -> Optional[List[gs.Node]]:
+    """The readers of ``outs`` when each output is read by one op of ``_THROUGH`` alone (an INT8
+    op of the target, not in ``skip``) whose outputs are quantized anyway: ResNet's residual
+    Add -> Relu, GhostNet's Concat -> Slice. None otherwise."""
     graph_outs = {o.name for o in graph.outputs}
     readers: List[gs.Node] = []
     for o in outs:
@@ -222,8 +223,9 @@ def _relu_after(graph: gs.Graph, outs: Sequence[gs.Tensor], avail: Set[str], ski
 
 def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str], avail: Set[str]) -> None:
     """A Concat or Add whose output is quantized anyway (directly, or after a Relu as in ResNet's
-    residual Add) and some of whose inputs are, but not all (one comes from a float op, say a Conv
-    kept float because INT8 is slower there): quantize the rest too, so that it runs INT8 instead
+    residual Add, or after a Slice as in GhostNet's Concat) and some of whose inputs are, but not
+    all (one comes from a float op, say a Conv kept float because INT8 is slower there): quantize
+    the rest too, so that it runs INT8 instead
     of in float between DQs and a Q. One Q replaces the DQs and the float op. Not when such an
     input's producer is excluded by the user or kept float by the accuracy search. A Concat's
     inputs share its output's range, so there the values do not change; an Add's new Q adds one
@@ -245,7 +247,7 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
             ins, outs = io
             after: Optional[List[gs.Node]] = []
             if not all(o.name in avail for o in outs):
-                after = _relu_after(graph, outs, avail, tail | int8 | set(excluded), t.int8_ops)
+                after = _through_after(graph, outs, avail, tail | int8 | set(excluded), t.int8_ops)
             missing = [x for x in ins if x.name not in avail]
             # an input from a node the user or the accuracy search keeps float stays float
             if after is None or len(missing) == len(ins) \

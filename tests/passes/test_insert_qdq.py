@@ -273,6 +273,33 @@ def test_a_residual_add_before_a_relu_runs_int8_when_its_last_conv_stays_float(m
         assert [c.op_type for c in g.readers[add.output[0]]] == ["QuantizeLinear"]
 
 
+def test_a_concat_read_through_a_slice_runs_int8_when_one_input_stays_float(monkeypatch) -> None:
+    """GhostNet's ghost module: Concat(primary Conv, cheap depthwise Conv of it) -> Slice of the
+    first channels -> quantized reader. With the depthwise Conv measured slower in INT8, its
+    output gets a Q and the Concat and Slice run on uint8 instead of in float between DQ and Q."""
+    from onnxslim_yolo.check.fusion import check_ort_fusion
+    from onnxslim_yolo.check.index import GraphIndex
+    from onnxslim_yolo.quant.pipeline import Quantizer
+    b = GraphBuilder(opset=13, seed=5)
+    x = b.input("images", (1, 3, 32, 32))
+    a = b.conv(x, 16, k=3, s=2, act="relu", name="stem")
+    p = b.conv(a, 16, k=1, name="primary")
+    cat = b.node("Concat", [p, b.conv(p, 16, k=3, groups=16, name="float_cheap")], name="cat", axis=1)
+    half = b.slice(cat, [0], [24], [1], name="keep")
+    model = b.make_model([x], [b.conv(b.conv(half, 16, k=3, act="relu", name="next"), 8, k=1, name="out")])
+    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
+                        if node.name.startswith("float_") else None)
+    r = InsertQDQ().run(model, ctx(model))
+    check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
+    assert check.status == "pass", check.message
+    g = G(r.model)
+    cheap = next(n for n in g.ops("Conv") if n.name.startswith("float_"))
+    assert g.inits[cheap.input[1]].dtype == np.float32
+    assert [c.op_type for c in g.readers[cheap.output[0]]] == ["QuantizeLinear"]
+    concat = g.ops("Concat")[0]
+    assert [g.prod[i].op_type for i in concat.input] == ["DequantizeLinear"] * 2
+
+
 def test_a_relu_into_a_concat_keeps_its_own_range_so_onnxruntime_drops_it() -> None:
     """RepVGG / ShuffleNet style: Relu outputs concatenated with signed tensors. In the Concat's
     shared range the Relu's Q would get a zero point inside the range and the Relu would run in
