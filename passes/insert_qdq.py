@@ -121,6 +121,9 @@ class InsertQDQ(Pass):
                      "strides": list(q.head.strides), "tail_nodes": list(plan.tail)}
         d["placement"] = plan.summary()
         d["int8_layers"] = list(plan.layers)
+        if plan.runtime_quantized:
+            report.count("runtime_quantized_layers", len(plan.runtime_quantized))
+            d["runtime_quantized"] = dict(plan.runtime_quantized)
         d["calibration"] = {**q.calib_info, "methods": b.table.methods()}
         d["tensors"] = ranges.table_report(b.table, plan)
         if q.timings:

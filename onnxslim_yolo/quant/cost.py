@@ -16,7 +16,10 @@ Add, Mish, HardSwish, GELU or a LayerNorm) was kept float as "INT8 slower here".
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -167,6 +170,18 @@ def unit_session(key: ConvKey, int8: bool, threads: int = 1, save_optimized: Opt
     onnxruntime runs)."""
     return verify.session(_unit_model(key, int8), threads=threads, save_optimized=save_optimized,
                           disabled_optimizers=() if int8 else FLOAT_UNIT_DISABLED)
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_quantizes_float_convs() -> bool:
+    """Whether this onnxruntime quantizes a float Conv between DequantizeLinear and
+    QuantizeLinear itself (its WeightBiasQuantization step, onnxruntime 1.20 on): a float unit
+    with every optimizer on runs as a QLinearConv."""
+    key = ConvKey(8, 8, (4, 4), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, "none")
+    with tempfile.TemporaryDirectory() as td:
+        path = os.path.join(td, "unit.onnx")
+        verify.session(_unit_model(key, False), threads=1, save_optimized=path)
+        return any(n.op_type == "QLinearConv" for n in onnx.load(path).graph.node)
 
 
 def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,

@@ -130,7 +130,8 @@ class Quantizer:
 
     def plan(self, keep_float: Optional[Mapping[str, str]] = None) -> QuantPlan:
         graph = ir.to_graph(self.model)
-        return make_plan(graph, self.head, self.target, self.opts.exclude, self._filter, keep_float)
+        return make_plan(graph, self.head, self.target, self.opts.exclude, self._filter, keep_float,
+                         runtime_quantizes=self.target.measure and cost.runtime_quantizes_float_convs())
 
     # ----------------------------------------------------------------------------- calibrate
     def calibrate(self, plan: QuantPlan) -> None:

@@ -69,6 +69,8 @@ class QuantPlan:
     #: output of a value-preserving INT8 op (MaxPool, Resize, Reshape, Concat ...) -> its inputs:
     #: its values are a subset of theirs, so its range is their union (not calibrated)
     derived: Dict[str, List[str]] = field(default_factory=dict)
+    #: weight layers measured slower in INT8 but quantized, since the runtime would anyway
+    runtime_quantized: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> Dict[str, object]:
         return {"target": self.target.name, "int8_layers": len(self.layers),
@@ -132,7 +134,10 @@ def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]
 
 # ------------------------------------------------------------------------------------- planning
 def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: Mapping[str, str],
-                   layer_filter: Optional[LayerFilter]) -> None:
+                   layer_filter: Optional[LayerFilter], forced: Mapping[str, str]) -> Set[str]:
+    """Fill ``plan.layers`` and ``plan.float_nodes``; returns the layers kept float by
+    ``layer_filter`` alone (measured slower in INT8). ``forced`` layers skip the filter."""
+    slower: Set[str] = set()
     last = set(head.last_convs)
     tail = set(plan.tail)
     t = plan.target
@@ -150,11 +155,15 @@ def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: M
         if spec is None:
             plan.float_nodes[node.name] = why
             continue
-        slower = layer_filter(node) if layer_filter is not None else None
-        if slower:
-            plan.float_nodes[node.name] = slower
+        why_slower = layer_filter(node) if layer_filter is not None and node.name not in forced else None
+        if why_slower:
+            plan.float_nodes[node.name] = why_slower
+            slower.add(node.name)
             continue
+        if node.name in forced:
+            plan.runtime_quantized[node.name] = forced[node.name]
         plan.layers[node.name] = spec
+    return slower
 
 
 def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) -> Set[str]:
@@ -359,22 +368,58 @@ def _units(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> Non
         plan.units[f"input:{name}"] = []
 
 
+#: float weight layers onnxruntime quantizes itself (weights per tensor, its WeightBiasQuantization
+#: step) when they read a DequantizeLinear and their output reaches a QuantizeLinear through
+#: nothing but single-reader Relu / Clip nodes
+_RUNTIME_QUANTIZED = ("Conv", "ConvTranspose", "Gemm")
+RUNTIME_QUANTIZED_WHY = ("measured slower in INT8, but onnxruntime quantizes it anyway (per-tensor weights) "
+                         "between its dequantized input and quantized output: quantized here per channel")
+
+
+def runtime_quantized(graph: gs.Graph, plan: QuantPlan, slower: Set[str]) -> Set[str]:
+    """Layers of ``slower`` (kept float for speed alone) that onnxruntime would quantize anyway
+    in ``plan``: input quantized, output quantized directly or after single-reader Relu / Clip."""
+    outs = {o.name for o in graph.outputs}
+    found: Set[str] = set()
+    for node in graph.nodes:
+        if node.name not in slower or node.op not in _RUNTIME_QUANTIZED or node.name in plan.layers:
+            continue
+        if not node.inputs or node.inputs[0].name not in plan.activations or len(node.outputs) != 1:
+            continue
+        y = node.outputs[0]
+        while y.name not in plan.activations and y.name not in outs and len(y.outputs) == 1 \
+                and y.outputs[0].op in ("Relu", "Clip") and y.outputs[0].outputs:
+            y = y.outputs[0].outputs[0]
+        if y.name in plan.activations:
+            found.add(node.name)
+    return found
+
+
 def make_plan(graph: gs.Graph, head: HeadInfo, target: Target, exclude: Sequence[str] = (),
               layer_filter: Optional[LayerFilter] = None,
-              keep_float: Optional[Mapping[str, str]] = None) -> QuantPlan:
+              keep_float: Optional[Mapping[str, str]] = None, runtime_quantizes: bool = False) -> QuantPlan:
     """The placement for ``graph`` (every node named, toposorted, dtypes known).
 
-    ``exclude``: user patterns kept float; ``keep_float``: node -> reason (mixed precision).
+    ``exclude``: user patterns kept float; ``keep_float``: node -> reason (mixed precision);
+    ``runtime_quantizes``: the runtime quantizes a float layer between Q/DQ itself (onnxruntime
+    1.20 on), so a layer kept float only as slower in INT8 is quantized here when the plan puts
+    it there (per-channel weights instead of the runtime's per-tensor ones).
     """
     by_name = {n.name: n for n in graph.nodes}
     excluded = {n: "excluded by option" for n in match_patterns(by_name, exclude)}
     excluded.update(keep_float or {})
     tail = set(head.tail_nodes) | set(head.decode_convs)
-    plan = QuantPlan(target=target, tail=[n.name for n in graph.nodes if n.name in tail])
-    _choose_layers(graph, plan, head, excluded, layer_filter)
-    _propagate(graph, plan, excluded)
-    _demote(graph, plan, by_name)
-    _collect(graph, plan, by_name)
+    forced: Dict[str, str] = {}
+    for _ in range(4):  # a promoted layer's quantized output can put the next one between Q/DQ
+        plan = QuantPlan(target=target, tail=[n.name for n in graph.nodes if n.name in tail])
+        slower = _choose_layers(graph, plan, head, excluded, layer_filter, forced)
+        _propagate(graph, plan, excluded)
+        _demote(graph, plan, by_name)
+        _collect(graph, plan, by_name)
+        more = runtime_quantized(graph, plan, slower) if runtime_quantizes else set()
+        if not more:
+            break
+        forced.update({n: RUNTIME_QUANTIZED_WHY for n in more})
     _units(graph, plan, by_name)
     log.info("placement %s: %s", target.name, plan.summary())
     return plan

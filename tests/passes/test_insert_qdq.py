@@ -208,9 +208,12 @@ def test_exclude_keeps_nodes_float() -> None:
 def test_an_add_or_concat_fed_by_a_float_conv_still_runs_int8(monkeypatch) -> None:
     """A Conv kept float because INT8 measured slower there feeds a residual Add and a Concat whose
     other inputs and outputs are quantized: its output gets a Q too, so onnxruntime fuses both
-    instead of running them in float between DQ and Q. A Conv the user excludes stays float."""
+    instead of running them in float between DQ and Q. A Conv the user excludes stays float. (An
+    onnxruntime that quantizes a float Conv between Q/DQ itself would run those two Convs INT8
+    anyway: then they are quantized here, per channel.)"""
     from onnxslim_yolo.check.fusion import check_ort_fusion
     from onnxslim_yolo.check.index import GraphIndex
+    from onnxslim_yolo.quant import cost
     from onnxslim_yolo.quant.pipeline import Quantizer
     b = GraphBuilder(opset=13, seed=5)
     x = b.input("images", (1, 3, 32, 32))
@@ -221,18 +224,21 @@ def test_an_add_or_concat_fed_by_a_float_conv_still_runs_int8(monkeypatch) -> No
     outs = [b.conv(b.conv(t, 16, k=3, act="silu", name="head_in"), 8, k=1, name="out") for t in (res, cat)]
     model = b.make_model([x], outs)
 
-    def run(**opts):
+    def run(float_weights: bool = True, **opts):
         r = InsertQDQ().run(model, ctx(model, **opts))
         g = G(r.model)
         floats = [n for n in g.ops("Conv") if n.name.startswith("float_")]
-        assert len(floats) == 2 and all(g.inits[n.input[1]].dtype == np.float32 for n in floats)
+        assert len(floats) == 2
+        assert all((n.input[1] in g.inits) == float_weights for n in floats)
         return r, g, floats
 
     r, g, floats = run(exclude=["float_*"])
     assert all([c.op_type for c in g.readers[n.output[0]]] != ["QuantizeLinear"] for n in floats)
     monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
                         if node.name.startswith("float_") else None)
-    r, g, floats = run()
+    by_runtime = cost.runtime_quantizes_float_convs()
+    r, g, floats = run(float_weights=not by_runtime)
+    assert set(r.report.details.get("runtime_quantized", ())) == ({n.name for n in floats} if by_runtime else set())
     check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
     assert check.status == "pass", check.message
     for n in floats:
@@ -276,9 +282,12 @@ def test_a_residual_add_before_a_relu_runs_int8_when_its_last_conv_stays_float(m
 def test_a_concat_read_through_a_slice_runs_int8_when_one_input_stays_float(monkeypatch) -> None:
     """GhostNet's ghost module: Concat(primary Conv, cheap depthwise Conv of it) -> Slice of the
     first channels -> quantized reader. With the depthwise Conv measured slower in INT8, its
-    output gets a Q and the Concat and Slice run on uint8 instead of in float between DQ and Q."""
+    output gets a Q and the Concat and Slice run on uint8 instead of in float between DQ and Q.
+    (Between Q/DQ then, an onnxruntime that quantizes float Convs itself would run the depthwise
+    Conv INT8 anyway: it is quantized here, per channel.)"""
     from onnxslim_yolo.check.fusion import check_ort_fusion
     from onnxslim_yolo.check.index import GraphIndex
+    from onnxslim_yolo.quant import cost
     from onnxslim_yolo.quant.pipeline import Quantizer
     b = GraphBuilder(opset=13, seed=5)
     x = b.input("images", (1, 3, 32, 32))
@@ -294,10 +303,46 @@ def test_a_concat_read_through_a_slice_runs_int8_when_one_input_stays_float(monk
     assert check.status == "pass", check.message
     g = G(r.model)
     cheap = next(n for n in g.ops("Conv") if n.name.startswith("float_"))
-    assert g.inits[cheap.input[1]].dtype == np.float32
+    by_runtime = cost.runtime_quantizes_float_convs()
+    assert (cheap.input[1] in g.inits) != by_runtime
+    assert set(r.report.details.get("runtime_quantized", ())) == ({cheap.name} if by_runtime else set())
     assert [c.op_type for c in g.readers[cheap.output[0]]] == ["QuantizeLinear"]
     concat = g.ops("Concat")[0]
     assert [g.prod[i].op_type for i in concat.input] == ["DequantizeLinear"] * 2
+
+
+def test_a_conv_onnxruntime_would_quantize_itself_is_quantized_per_channel(monkeypatch, tmp_path) -> None:
+    """A Conv measured slower in INT8, between a quantized input and a quantized output: this
+    onnxruntime quantizes its float weights itself (per tensor) and runs it as a QLinearConv, so
+    the placement quantizes it (per channel). Kept float when the user excludes it, and when the
+    runtime does not do that."""
+    from onnxslim_yolo.quant import cost, placement
+    from onnxslim_yolo.quant.pipeline import Quantizer
+    b = GraphBuilder(opset=13, seed=3)
+    x = b.input("images", (1, 3, 32, 32))
+    a = b.conv(x, 16, k=3, s=2, name="stem")  # its output quantized: DQ-Conv-Q, read as DQ(a)
+    mid = b.conv(a, 16, k=3, name="float_mid")
+    model = b.make_model([x], [b.conv(b.conv(mid, 16, k=3, act="relu", name="next"), 8, k=1, name="out")])
+    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
+                        if node.name.startswith("float_") else None)
+    if not cost.runtime_quantizes_float_convs():
+        pytest.skip("this onnxruntime does not quantize float Convs between Q/DQ itself")
+    name = next(n.name for n in model.graph.node if n.name.startswith("float_mid"))
+    r = InsertQDQ().run(model, ctx(model))
+    d = r.report.details
+    assert name in d["int8_layers"] and d["runtime_quantized"][name] == placement.RUNTIME_QUANTIZED_WHY
+    assert r.report.counts["runtime_quantized_layers"] == 1
+    g = G(r.model)
+    w = g.prod[next(n for n in g.ops("Conv") if n.name == name).input[1]]
+    assert w.op_type == "DequantizeLinear" and g.inits[w.input[1]].shape == (16,)  # per channel
+    path = tmp_path / "ort.onnx"
+    verify.session(r.model, save_optimized=str(path))
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("QLinearConv") == len(d["int8_layers"])
+    kept = InsertQDQ().run(model, ctx(model, exclude=["float_mid*"])).report.details
+    assert name not in kept["int8_layers"] and "runtime_quantized" not in kept
+    monkeypatch.setattr(cost, "runtime_quantizes_float_convs", lambda: False)
+    plain = InsertQDQ().run(model, ctx(model)).report.details
+    assert name not in plain["int8_layers"] and "runtime_quantized" not in plain
 
 
 def test_a_relu_into_a_concat_keeps_its_own_range_so_onnxruntime_drops_it() -> None:
