@@ -238,7 +238,8 @@ def test_an_add_or_concat_fed_by_a_float_conv_still_runs_int8(monkeypatch) -> No
                         if node.name.startswith("float_") else None)
     by_runtime = cost.runtime_quantizes_float_convs()
     r, g, floats = run(float_weights=not by_runtime)
-    assert set(r.report.details.get("runtime_quantized", ())) == ({n.name for n in floats} if by_runtime else set())
+    expected = {n.name for n in floats} if by_runtime else set()
+    assert set(r.report.details.get("runtime_quantized", ())) == expected
     check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
     assert check.status == "pass", check.message
     for n in floats:
