@@ -17,7 +17,9 @@ MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
 EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 16 timm
 backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
-not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNet18 with Mish), with
+not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNet18 with Mish),
+darknet YOLOv3-tiny and YOLOv4-tiny from cfg files at 320x320 (opsets 11 and 17) when
+``pytorchyolo`` is (installed with ``--no-deps``), with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
@@ -134,6 +136,52 @@ for name, kw, opset in TIMM if timm else ():
     tag = f"timm_{name}" + (f"_mish_op{opset}" if kw else "")
     torch.onnx.export(m, torch.rand(1, 3, 224, 224), f"{out}/{tag}.onnx", opset_version=opset,
                       input_names=["images"], dynamo=False)
+# darknet YOLOv3-tiny and YOLOv4-tiny from cfg files, built by pytorchyolo (when the exporter
+# Python has it, installed with --no-deps: the training-side modules it imports are stubbed):
+# LeakyReLU, a stride-1 MaxPool after a ZeroPad, CSP route groups (a channel Slice of a Concat),
+# and a decode written with in-place slice assignments (ScatterND, Where/Expand chains)
+import types
+for _m in ("imgaug", "imgaug.augmenters", "matplotlib", "matplotlib.pyplot", "matplotlib.patches",
+           "terminaltables", "torchsummary"):
+    sys.modules.setdefault(_m, types.ModuleType(_m))
+try:
+    from pytorchyolo.models import Darknet
+except ImportError:
+    Darknet = None
+NET = ("[net]\nbatch=1\nsubdivisions=1\nwidth=320\nheight=320\nchannels=3\nmomentum=0.9\n"
+       "decay=0.0005\nlearning_rate=0.001\nburn_in=1000\nmax_batches=500200\npolicy=steps\n"
+       "steps=400000,450000\nscales=.1,.1\n")
+def conv(f, k=3, s=1, act="leaky", bn=1):
+    return (f"[convolutional]\nbatch_normalize={bn}\nfilters={f}\nsize={k}\nstride={s}\npad=1\n"
+            f"activation={act}\n")
+def yolo(mask):
+    return (f"[yolo]\nmask = {mask}\nanchors = 10,14, 23,27, 37,58, 81,82, 135,169, 344,319\n"
+            "classes=80\nnum=6\n")
+def pool(s=2):
+    return f"[maxpool]\nsize=2\nstride={s}\n"
+def csp(f):  # conv, second half of its channels -> two convs -> concat -> 1x1 -> concat with the first conv
+    return (conv(f) + "[route]\nlayers=-1\ngroups=2\ngroup_id=1\n" + conv(f // 2) + conv(f // 2)
+            + "[route]\nlayers = -1,-2\n" + conv(f, 1) + "[route]\nlayers = -6,-1\n")
+def head(route):
+    return (conv(256, 1) + conv(512) + conv(255, 1, act="linear", bn=0) + yolo("3,4,5")
+            + "[route]\nlayers = -4\n" + conv(128, 1) + "[upsample]\nstride=2\n"
+            + f"[route]\nlayers = -1, {route}\n" + conv(256) + conv(255, 1, act="linear", bn=0) + yolo("0,1,2"))
+CFGS = {"yolov3_tiny": NET + "".join(conv(f) + pool() for f in (16, 32, 64, 128, 256)) + conv(512) + pool(1)
+        + conv(1024) + head(8),
+        "yolov4_tiny": NET + conv(32, 3, 2) + conv(64, 3, 2) + csp(64) + pool() + csp(128) + pool() + csp(256)
+        + pool() + conv(512) + head(23)}
+for name, cfg in CFGS.items() if Darknet else ():
+    with open(f"{out}/{name}.cfg", "w") as f:
+        f.write(cfg)
+    torch.manual_seed(0)
+    m = Darknet(f"{out}/{name}.cfg").eval()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
+            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+    for opset in (11, 17):
+        torch.onnx.export(m, torch.rand(1, 3, 320, 320), f"{out}/darknet_{name}_op{opset}.onnx",
+                          opset_version=opset, input_names=["images"], output_names=["output"], dynamo=False)
 '''
 
 #: Megvii YOLOX nano (depthwise), tiny and s from the YOLOX source tree (the PyPI sdist
