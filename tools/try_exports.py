@@ -165,7 +165,8 @@ def csp(f):  # conv, second half of its channels -> two convs -> concat -> 1x1 -
 def head(route):
     return (conv(256, 1) + conv(512) + conv(255, 1, act="linear", bn=0) + yolo("3,4,5")
             + "[route]\nlayers = -4\n" + conv(128, 1) + "[upsample]\nstride=2\n"
-            + f"[route]\nlayers = -1, {route}\n" + conv(256) + conv(255, 1, act="linear", bn=0) + yolo("0,1,2"))
+            + f"[route]\nlayers = -1, {route}\n" + conv(256) + conv(255, 1, act="linear", bn=0)
+            + yolo("0,1,2"))
 CFGS = {"yolov3_tiny": NET + "".join(conv(f) + pool() for f in (16, 32, 64, 128, 256)) + conv(512) + pool(1)
         + conv(1024) + head(8),
         "yolov4_tiny": NET + conv(32, 3, 2) + conv(64, 3, 2) + csp(64) + pool() + csp(128) + pool() + csp(256)
