@@ -166,8 +166,20 @@ def ort_optimized(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
             return None
 
 
+def quantized_by_runtime(idx: GraphIndex, opt: onnx.ModelProto) -> List[str]:
+    """Weight layers with float weights in the model that onnxruntime runs as QLinear ops: it
+    quantizes the weights of a float Conv / Gemm between DQ and Q itself (WeightBiasQuantization,
+    onnxruntime 1.20 on, per tensor), which undoes an exclusion and costs accuracy."""
+    float_layers = {n.name for n in idx.nodes if n.name and n.op_type in ("Conv", "ConvTranspose", "Gemm")
+                    and len(n.input) > 1 and idx.is_const(n.input[1])
+                    and idx.producer_op(n.input[1]) != "DequantizeLinear"}
+    return sorted(n.name for n in opt.graph.node if n.name in float_layers
+                  and (n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "ConvInteger")))
+
+
 def check_ort_fusion(idx: GraphIndex, target: str) -> CheckResult:
-    """Warn about DQ -> op -> Q groups onnxruntime leaves in float (slower than plain FP32)."""
+    """Warn about DQ -> op -> Q groups onnxruntime leaves in float (slower than plain FP32), and
+    about float weight layers it quantizes itself (:func:`quantized_by_runtime`)."""
     name = "qdq.ort_fusion"
     if target != "ort-cpu":
         return skipped(name, f"onnxruntime fusion rules do not apply to {target}")
@@ -175,17 +187,26 @@ def check_ort_fusion(idx: GraphIndex, target: str) -> CheckResult:
         return skipped(name, "no QuantizeLinear/DequantizeLinear nodes")
     opt = ort_optimized(idx.model)
     by_name: Dict[str, int] = {n.name: i for i, n in enumerate(idx.nodes) if n.name}
+    requantized: List[str] = []
     if opt is None:
         names, source = [idx.label(i) for i in unfused_groups(idx)], "rules (onnxruntime could not optimize)"
     else:
         oidx = GraphIndex(opt)
         names, source = [oidx.label(i) for i in unfused_groups(oidx)], "onnxruntime optimized graph"
+        requantized = quantized_by_runtime(idx, opt)
     found = [f"{nm}: {reason(idx, by_name[nm]) if nm in by_name else 'left in float by onnxruntime'}"
              for nm in names]
     quantized = sum(1 for i, n in enumerate(idx.nodes) if n.op_type not in QDQ_OPS and _act_dq_inputs(idx, i))
-    details = {"unfused": listing(found, 60), "count": len(found), "source": source}
+    details = {"unfused": listing(found, 60), "count": len(found), "source": source,
+               "quantized_by_onnxruntime": listing(requantized, 60)}
+    parts = []
     if found:
-        return warned(name, f"{len(found)} INT8 groups run in float between DQ and Q on onnxruntime CPU: "
-                            f"{summarize(found, 1)}", **details)
+        parts.append(f"{len(found)} INT8 groups run in float between DQ and Q on onnxruntime CPU: "
+                     f"{summarize(found, 1)}")
+    if requantized:
+        parts.append(f"onnxruntime quantizes {len(requantized)} float weight layer(s) itself, with per-tensor "
+                     f"weights, between their DQ input and Q output: {summarize(requantized, 1)}")
+    if parts:
+        return warned(name, "; ".join(parts), **details)
     return passed(name, f"onnxruntime fuses every quantized group ({quantized} ops read dequantized inputs)",
                   **details)

@@ -316,7 +316,9 @@ def test_a_conv_onnxruntime_would_quantize_itself_is_quantized_per_channel(monke
     """A Conv measured slower in INT8, between a quantized input and a quantized output: this
     onnxruntime quantizes its float weights itself (per tensor) and runs it as a QLinearConv, so
     the placement quantizes it (per channel). Kept float when the user excludes it, and when the
-    runtime does not do that."""
+    runtime does not do that; then the fusion check says that onnxruntime quantizes it anyway."""
+    from onnxslim_yolo.check.fusion import check_ort_fusion
+    from onnxslim_yolo.check.index import GraphIndex
     from onnxslim_yolo.quant import cost, placement
     from onnxslim_yolo.quant.pipeline import Quantizer
     b = GraphBuilder(opset=13, seed=3)
@@ -339,8 +341,13 @@ def test_a_conv_onnxruntime_would_quantize_itself_is_quantized_per_channel(monke
     path = tmp_path / "ort.onnx"
     verify.session(r.model, save_optimized=str(path))
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("QLinearConv") == len(d["int8_layers"])
-    kept = InsertQDQ().run(model, ctx(model, exclude=["float_mid*"])).report.details
+    assert check_ort_fusion(GraphIndex(r.model), "ort-cpu").status == "pass"
+    excluded = InsertQDQ().run(model, ctx(model, exclude=["float_mid*"]))
+    kept = excluded.report.details
     assert name not in kept["int8_layers"] and "runtime_quantized" not in kept
+    check = check_ort_fusion(GraphIndex(excluded.model), "ort-cpu")  # the exclusion is undone at run time
+    assert check.status == "warn" and check.details["quantized_by_onnxruntime"] == [name]
+    assert "onnxruntime quantizes 1 float weight layer(s) itself" in check.message
     monkeypatch.setattr(cost, "runtime_quantizes_float_convs", lambda: False)
     plain = InsertQDQ().run(model, ctx(model)).report.details
     assert name not in plain["int8_layers"] and "runtime_quantized" not in plain
