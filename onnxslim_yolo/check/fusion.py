@@ -204,8 +204,8 @@ def check_ort_fusion(idx: GraphIndex, target: str) -> CheckResult:
         parts.append(f"{len(found)} INT8 groups run in float between DQ and Q on onnxruntime CPU: "
                      f"{summarize(found, 1)}")
     if requantized:
-        parts.append(f"onnxruntime quantizes {len(requantized)} float weight layer(s) itself, with per-tensor "
-                     f"weights, between their DQ input and Q output: {summarize(requantized, 1)}")
+        parts.append(f"onnxruntime quantizes {len(requantized)} float weight layer(s) itself, with "
+                     f"per-tensor weights, between their DQ input and Q output: {summarize(requantized, 1)}")
     if parts:
         return warned(name, "; ".join(parts), **details)
     return passed(name, f"onnxruntime fuses every quantized group ({quantized} ops read dequantized inputs)",
