@@ -7,6 +7,9 @@ What changes in the graph:
 - Identity, Dropout (inference) and Cast to the type the tensor already has are bypassed, and so
   is a chain of Reshape / Squeeze / Unsqueeze / Flatten that ends in the static shape it started
   from (tf2onnx's SE blocks: GlobalAveragePool -> Squeeze -> Reshape back to N x C x 1 x 1);
+- identity arithmetic is bypassed: x + 0, x - 0, x * 1, x / 1 with a constant of zeros or ones
+  that does not broadcast x to a larger shape (an untrained learnable affine, as in HGNetV2's
+  blocks; onnxruntime drops these too, and a placement that kept them would misjudge what runs);
 - unused nodes and initializers are removed, nodes are topologically sorted.
 
 Must not fire on: QuantizeLinear / DequantizeLinear (folding a DQ of an int8 weight would undo the
@@ -32,7 +35,10 @@ log = logging.getLogger(__name__)
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
-             "no-op Cast": "removed_cast", "reshape round trip": "removed_reshape_round_trip"}
+             "no-op Cast": "removed_cast", "reshape round trip": "removed_reshape_round_trip",
+             "identity arithmetic": "removed_identity_arithmetic"}
+#: binary ops with their neutral constant, and which input positions that constant may take
+NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
 #: ops that only relabel the dims of row-major data: a chain of them back to its first shape is exact
 RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
@@ -42,7 +48,7 @@ class Canonicalize(Pass):
 
     name = "canonicalize"
     numerics = Numerics.EXACT
-    description = "fold constants and static shapes, drop Identity / no-op Cast / Dropout"
+    description = "fold constants and static shapes, drop Identity / no-op Cast / Dropout / x*1, x+0"
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         report = PassReport()
@@ -118,9 +124,35 @@ def round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
         cur = src.inputs[0]
 
 
+def identity_operand(node: gs.Node) -> Optional[gs.Tensor]:
+    """The variable input of ``x + 0``, ``0 + x``, ``x - 0``, ``x * 1``, ``1 * x`` or ``x / 1`` when
+    the constant is all neutral and the output has the input's static shape and dtype."""
+    if node.op not in NEUTRAL or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    neutral, positions = NEUTRAL[node.op]
+    out = node.outputs[0]
+    for ci in positions:
+        c, x = node.inputs[ci], node.inputs[1 - ci]
+        value = ir.const_value(c)
+        if value is None or value.size == 0 or not isinstance(x, gs.Variable):
+            continue
+        if ir.const_value(x) is not None:
+            continue
+        if value.dtype.kind not in "fiu" or not np.all(value == neutral):
+            continue
+        shape = static_shape(x)
+        if shape is None or shape != static_shape(out) or x.dtype is None or out.dtype is None \
+                or np.dtype(x.dtype) != np.dtype(out.dtype):
+            continue
+        return x
+    return None
+
+
 def _is_noop(node: gs.Node) -> Optional[str]:
     if node.op == "Identity":
         return "Identity"
+    if node.op in NEUTRAL and identity_operand(node) is not None:
+        return "identity arithmetic"
     if node.op in RESHAPES and round_trip_source(node) is not None:
         return "reshape round trip"
     if node.op == "Dropout":
@@ -155,6 +187,8 @@ def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
             if dst.name in outputs:  # a graph output keeps its producer
                 continue
             src = round_trip_source(node)
+        elif kind == "identity arithmetic":
+            src = identity_operand(node)
         if dst.name in outputs:
             if src.name in outputs or isinstance(src, gs.Constant) or not src.inputs or src in graph.inputs:
                 report.skip(node.name, f"{kind} writes a graph output from a graph input or constant")

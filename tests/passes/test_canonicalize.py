@@ -216,3 +216,47 @@ def test_a_squeeze_reshape_round_trip_is_bypassed_exactly():
     # with a dynamic batch the shapes are not static: nothing is bypassed
     dyn = run(se_squeezed(batch="N"))
     assert ops(dyn.model)["Squeeze"] == 1 and ops(dyn.model)["Reshape"] == 2
+
+
+def affine_chain() -> onnx.ModelProto:
+    """Conv -> Relu -> x * 1 -> x + 0 (per channel) -> 0 + x -> x - 0 -> x / 1 -> y, an untrained
+    learnable affine; then ops that are not identities: x * 1 broadcast to a larger batch, x + 0.5,
+    1 - x (the neutral-looking constant first)."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones((1,), np.float32), "one"),
+             numpy_helper.from_array(np.zeros((1, 4, 1, 1), np.float32), "zeros"),
+             numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+             numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "ones_batch2"),
+             numpy_helper.from_array(np.full((1,), 0.5, np.float32), "half")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "one"], ["m"], name="mul1"),
+             helper.make_node("Add", ["m", "zeros"], ["a"], name="add0"),
+             helper.make_node("Add", ["zero", "a"], ["a2"], name="zero_add"),
+             helper.make_node("Sub", ["a2", "zero"], ["s"], name="sub0"),
+             helper.make_node("Div", ["s", "one"], ["y"], name="div1"),
+             helper.make_node("Mul", ["y", "ones_batch2"], ["wide"], name="broadcast"),
+             helper.make_node("Add", ["y", "half"], ["shift"], name="add_half"),
+             helper.make_node("Sub", ["one", "y"], ["flip"], name="one_minus")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "wide", "shift", "flip")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    g = helper.make_graph(nodes, "affine", [x], outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_identity_arithmetic_is_bypassed_exactly():
+    model = affine_chain()
+    res = run(model)
+    names = {n.name for n in res.model.graph.node}
+    assert names == {"conv", "relu", "broadcast", "add_half", "one_minus"}, names
+    assert res.records[0].report["counts"]["removed_identity_arithmetic"] == 5
+    assert [o.name for o in res.model.graph.output] == ["y", "wide", "shift", "flip"]
+    relu = next(n for n in res.model.graph.node if n.name == "relu")
+    assert relu.output[0] == "y"  # the graph output keeps its name, written by the Relu now
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    import onnxruntime as ort
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    after = ort.InferenceSession(res.model.SerializeToString()).run(None, {"x": x})
+    for b, a in zip(before, after):
+        assert b.shape == a.shape and np.array_equal(b, a)
