@@ -249,14 +249,25 @@ def test_an_add_or_concat_fed_by_a_float_conv_still_runs_int8(monkeypatch) -> No
         assert [g.prod[i].op_type for i in node.input] == ["DequantizeLinear"] * 2
 
 
+def slow_convs_run(monkeypatch, model: onnx.ModelProto, **opts):
+    """insert-qdq with every Conv named ``float_*`` measured slower in INT8; onnxruntime must fuse
+    every quantized group of the result. Returns the result and its graph."""
+    from onnxslim_yolo.check.fusion import check_ort_fusion
+    from onnxslim_yolo.check.index import GraphIndex
+    from onnxslim_yolo.quant.pipeline import Quantizer
+    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
+                        if node.name.startswith("float_") else None)
+    r = InsertQDQ().run(model, ctx(model, **opts))
+    check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
+    assert check.status == "pass", check.message
+    return r, G(r.model)
+
+
 def test_a_residual_add_before_a_relu_runs_int8_when_its_last_conv_stays_float(monkeypatch) -> None:
     """ResNet bottlenecks whose last Conv measured slower in INT8: Add(float Conv, shortcut) -> Relu,
     the Relu's output quantized for the next block. With a downsampling shortcut Conv (INT8, its
     output quantized for the Add alone) a float Add would leave that Q -> DQ serving nothing; the
     float Conv's output gets a Q instead, and the Add and Relu run INT8. Same without a downsample."""
-    from onnxslim_yolo.check.fusion import check_ort_fusion
-    from onnxslim_yolo.check.index import GraphIndex
-    from onnxslim_yolo.quant.pipeline import Quantizer
     b = GraphBuilder(opset=13, seed=11)
     x = b.input("images", (1, 3, 32, 32))
     a = b.conv(x, 16, k=3, s=2, act="relu", name="stem")
@@ -265,12 +276,7 @@ def test_a_residual_add_before_a_relu_runs_int8_when_its_last_conv_stays_float(m
     y2 = b.relu(b.add(b.conv(b.conv(y1, 8, k=1, act="relu", name="b2"), 32, k=1, name="float_c3b"), y1,
                       name="add2"), name="relu2")
     model = b.make_model([x], [b.conv(b.conv(y2, 16, k=3, act="relu", name="head_in"), 8, k=1, name="out")])
-    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
-                        if node.name.startswith("float_") else None)
-    r = InsertQDQ().run(model, ctx(model))
-    check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
-    assert check.status == "pass", check.message
-    g = G(r.model)
+    r, g = slow_convs_run(monkeypatch, model)
     floats = [n for n in g.ops("Conv") if n.name.startswith("float_")]
     assert len(floats) == 2 and all(g.inits[n.input[1]].dtype == np.float32 for n in floats)
     for n in floats:
@@ -286,10 +292,7 @@ def test_a_concat_read_through_a_slice_runs_int8_when_one_input_stays_float(monk
     output gets a Q and the Concat and Slice run on uint8 instead of in float between DQ and Q.
     (Between Q/DQ then, an onnxruntime that quantizes float Convs itself would run the depthwise
     Conv INT8 anyway: it is quantized here, per channel.)"""
-    from onnxslim_yolo.check.fusion import check_ort_fusion
-    from onnxslim_yolo.check.index import GraphIndex
     from onnxslim_yolo.quant import cost
-    from onnxslim_yolo.quant.pipeline import Quantizer
     b = GraphBuilder(opset=13, seed=5)
     x = b.input("images", (1, 3, 32, 32))
     a = b.conv(x, 16, k=3, s=2, act="relu", name="stem")
@@ -297,12 +300,7 @@ def test_a_concat_read_through_a_slice_runs_int8_when_one_input_stays_float(monk
     cat = b.node("Concat", [p, b.conv(p, 16, k=3, groups=16, name="float_cheap")], name="cat", axis=1)
     half = b.slice(cat, [0], [24], [1], name="keep")
     model = b.make_model([x], [b.conv(b.conv(half, 16, k=3, act="relu", name="next"), 8, k=1, name="out")])
-    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
-                        if node.name.startswith("float_") else None)
-    r = InsertQDQ().run(model, ctx(model))
-    check = check_ort_fusion(GraphIndex(r.model), "ort-cpu")
-    assert check.status == "pass", check.message
-    g = G(r.model)
+    r, g = slow_convs_run(monkeypatch, model)
     cheap = next(n for n in g.ops("Conv") if n.name.startswith("float_"))
     by_runtime = cost.runtime_quantizes_float_convs()
     assert (cheap.input[1] in g.inits) != by_runtime
@@ -320,28 +318,23 @@ def test_a_conv_onnxruntime_would_quantize_itself_is_quantized_per_channel(monke
     from onnxslim_yolo.check.fusion import check_ort_fusion
     from onnxslim_yolo.check.index import GraphIndex
     from onnxslim_yolo.quant import cost, placement
-    from onnxslim_yolo.quant.pipeline import Quantizer
     b = GraphBuilder(opset=13, seed=3)
     x = b.input("images", (1, 3, 32, 32))
     a = b.conv(x, 16, k=3, s=2, name="stem")  # its output quantized: DQ-Conv-Q, read as DQ(a)
     mid = b.conv(a, 16, k=3, name="float_mid")
     model = b.make_model([x], [b.conv(b.conv(mid, 16, k=3, act="relu", name="next"), 8, k=1, name="out")])
-    monkeypatch.setattr(Quantizer, "_filter", lambda self, node: "INT8 slower here (test)"
-                        if node.name.startswith("float_") else None)
     if not cost.runtime_quantizes_float_convs():
         pytest.skip("this onnxruntime does not quantize float Convs between Q/DQ itself")
     name = next(n.name for n in model.graph.node if n.name.startswith("float_mid"))
-    r = InsertQDQ().run(model, ctx(model))
+    r, g = slow_convs_run(monkeypatch, model)
     d = r.report.details
     assert name in d["int8_layers"] and d["runtime_quantized"][name] == placement.RUNTIME_QUANTIZED_WHY
     assert r.report.counts["runtime_quantized_layers"] == 1
-    g = G(r.model)
     w = g.prod[next(n for n in g.ops("Conv") if n.name == name).input[1]]
     assert w.op_type == "DequantizeLinear" and g.inits[w.input[1]].shape == (16,)  # per channel
     path = tmp_path / "ort.onnx"
     verify.session(r.model, save_optimized=str(path))
     assert [n.op_type for n in onnx.load(str(path)).graph.node].count("QLinearConv") == len(d["int8_layers"])
-    assert check_ort_fusion(GraphIndex(r.model), "ort-cpu").status == "pass"
     excluded = InsertQDQ().run(model, ctx(model, exclude=["float_mid*"]))
     kept = excluded.report.details
     assert name not in kept["int8_layers"] and "runtime_quantized" not in kept
