@@ -13,7 +13,6 @@ read by more than the Mul/Add or being a graph output.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple, Union
 
@@ -27,8 +26,6 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 from ._affine_fold import Target, apply_out, fold_out, out_target
 from ._conv_util import param, rank, with_shapes
 from ._rounds import run_rounds
-
-log = logging.getLogger(__name__)
 
 OPS = ("Mul", "Add", "Sub", "Div")
 KINDS = ("Conv", "ConvTranspose")

@@ -15,7 +15,6 @@ by more than the BN, BN parameters that are not per-channel, ranks the fold cann
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Dict, List, Set, Tuple, Union
 
@@ -30,8 +29,6 @@ from ._affine_fold import (OUT_KINDS, Target, apply_in, apply_out, bn_affine, fo
                            out_target)
 from ._conv_util import conv_attrs, explicit_pads, new_const, param, rank, shared, static_shape, with_shapes
 from ._rounds import run_rounds
-
-log = logging.getLogger(__name__)
 
 STANDALONE = ("mul-add", "depthwise-conv", "keep")
 

@@ -26,7 +26,6 @@ is not per-channel. Adds whose operands are not both branches of one tensor are 
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple, Union
 
@@ -42,8 +41,6 @@ from ._conv_util import (ConvAttrs, conv_attrs, explicit_pads, float_dtype, new_
 from ._rounds import run_rounds
 from .fold_affine import per_channel
 from .fold_batchnorm import bn_params
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
