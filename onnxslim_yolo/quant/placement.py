@@ -160,8 +160,6 @@ def _choose_layers(graph: gs.Graph, plan: QuantPlan, head: HeadInfo, excluded: M
             plan.float_nodes[node.name] = why_slower
             slower.add(node.name)
             continue
-        if node.name in forced:
-            plan.runtime_quantized[node.name] = forced[node.name]
         plan.layers[node.name] = spec
     return slower
 
@@ -382,7 +380,7 @@ def runtime_quantized(graph: gs.Graph, plan: QuantPlan, slower: Set[str]) -> Set
     outs = {o.name for o in graph.outputs}
     found: Set[str] = set()
     for node in graph.nodes:
-        if node.name not in slower or node.op not in _RUNTIME_QUANTIZED or node.name in plan.layers:
+        if node.name not in slower or node.op not in _RUNTIME_QUANTIZED:
             continue
         if not node.inputs or node.inputs[0].name not in plan.activations or len(node.outputs) != 1:
             continue
@@ -420,6 +418,7 @@ def make_plan(graph: gs.Graph, head: HeadInfo, target: Target, exclude: Sequence
         if not more:
             break
         forced.update({n: RUNTIME_QUANTIZED_WHY for n in more})
+    plan.runtime_quantized = forced  # every forced layer is a layer: it passed layer_spec to be slower
     _units(graph, plan, by_name)
     log.info("placement %s: %s", target.name, plan.summary())
     return plan
