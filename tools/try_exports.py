@@ -140,10 +140,12 @@ for name, kw, opset in TIMM if timm else ():
 # Python has it, installed with --no-deps: the training-side modules it imports are stubbed):
 # LeakyReLU, a stride-1 MaxPool after a ZeroPad, CSP route groups (a channel Slice of a Concat),
 # and a decode written with in-place slice assignments (ScatterND, Where/Expand chains)
-import types
-for _m in ("imgaug", "imgaug.augmenters", "matplotlib", "matplotlib.pyplot", "matplotlib.patches",
-           "terminaltables", "torchsummary"):
-    sys.modules.setdefault(_m, types.ModuleType(_m))
+import importlib.util, types
+for _pkg, _subs in (("imgaug", ("augmenters",)), ("matplotlib", ("pyplot", "patches")),
+                    ("terminaltables", ()), ("torchsummary", ())):
+    if importlib.util.find_spec(_pkg) is None:  # stub only what is missing, never an installed package
+        for _m in (_pkg,) + tuple(f"{_pkg}.{s}" for s in _subs):
+            sys.modules.setdefault(_m, types.ModuleType(_m))
 try:
     from pytorchyolo.models import Darknet
 except ImportError:
