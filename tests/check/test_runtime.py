@@ -213,8 +213,9 @@ def test_agreement_below_the_floor_only_warns_when_the_reference_fails_it_agains
 
 
 def test_agreement_below_the_floor_warns_when_it_reaches_that_share_of_the_references_own(yolo, images):
-    """The floor scales with what the reference scores against itself: a candidate at 90% of a
-    reference that agrees 0.5 with itself is within the noise, one at 40% is not."""
+    """The floor scales with what the reference scores against itself: a candidate that reaches
+    the floor's share of the reference's own agreement warns; against a reference that agrees
+    1.0, or just too well (1% above that share), it fails."""
     dets = accuracy.detect(shifted(yolo, 6.0), yolo, str(images), None, None, 1, None, False)
     a = accuracy.check_agreement(dets, 0.0).details["map"]
     assert 0.0 < a < 1.0
