@@ -141,6 +141,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     original, src = _as_model(model)
     if output is not None and src is not None and Path(output).resolve() == src.resolve():
         raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
+    _refuse_custom_ops(original, src)
     names = pipeline_names(opts)
     passes = build_passes(names)
     ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
@@ -151,6 +152,16 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     if output is not None:
         out_path = ir.save(result.model, output, protect=[src] if src else [])
     return OptimizeResult(result.model, result, summary, out_path, checks)
+
+
+def _refuse_custom_ops(model: onnx.ModelProto, src: Optional[Path]) -> None:
+    """Every pass is verified in onnxruntime: a node it has no kernel for (a TensorRT NMS plugin
+    from an end-to-end export) is refused up front, named, rather than failing the first pass."""
+    foreign = verify.custom_op_nodes(model)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise PreconditionError(f"{src or 'model'}: {foreign[0]}{more}; export the model without it "
+                                "(e.g. without the TensorRT NMS plugin)")
 
 
 def _eval_images(opts: OptimizeOptions) -> Optional[str]:

@@ -42,7 +42,20 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
             return ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"],
                                         disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:
-            raise VerificationError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+            foreign = custom_op_nodes(model)
+            why = f"{foreign[0]}; " if foreign else ""
+            raise VerificationError(f"onnxruntime cannot load the model: {why}{first_line(exc)}") from None
+
+
+#: op domains onnxruntime's CPU provider has kernels for; any other needs a custom-op library
+ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+
+def custom_op_nodes(model: onnx.ModelProto) -> List[str]:
+    """The top-level nodes onnxruntime cannot run without a custom-op library (a TensorRT plugin
+    such as EfficientNMS_TRT), each as "node 'NAME' is DOMAIN.OP, which onnxruntime cannot run"."""
+    return [f"node '{n.name or f'#{i}'}' is {n.domain}.{n.op_type}, which onnxruntime cannot run"
+            for i, n in enumerate(model.graph.node) if n.domain not in ORT_DOMAINS]
 
 
 def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Optional[Sequence[str]] = None

@@ -99,6 +99,7 @@ def _no_outputs(folder: Path, keep: set) -> bool:
     ("unknown-pass", 2, r"error: unknown pass 'no-such-pass'; known passes:"),
     ("overwrite", 2, r"error: .*refusing to overwrite the input model"),
     ("int8-no-calib", 2, r"error: --int8 needs calibration images"),
+    ("custom-op", 3, r"error: .*plugin.onnx: node 'nms' is TRT.EfficientNMS_TRT, which onnxruntime cannot run"),
 ])
 def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file: Path, case, code, message):
     args = ["optimize"]
@@ -124,6 +125,14 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
         extra += ["-o", model_file]
     elif case == "int8-no-calib":
         extra += ["--int8"]
+    elif case == "custom-op":  # an end-to-end export's TensorRT NMS plugin on the head output
+        m = ir.load(model_file)
+        head = m.graph.output[0].name
+        m.graph.node.append(onnx.helper.make_node("EfficientNMS_TRT", [head], ["num_dets"], name="nms",
+                                                  domain="TRT"))
+        m.opset_import.append(onnx.helper.make_opsetid("TRT", 1))
+        target = tmp_path / "plugin.onnx"
+        onnx.save(m, target)
     keep = {p.name for p in tmp_path.iterdir()}
     snapshot = model_file.read_bytes()
     r = CliRunner().invoke(main, args + [str(target)] + [str(e) for e in extra])

@@ -11,11 +11,11 @@ from typing import Dict, List
 
 import onnx
 
+from ..verify import ORT_DOMAINS
 from .index import GraphIndex
 from .result import CheckResult, failed, listing, passed, summarize, warned
 
 TARGETS = ("ort-cpu", "tensorrt")
-ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 TRT_DOMAINS = frozenset({"", "ai.onnx"})
 #: op -> replacement (deprecated in the ai.onnx domain)
 DEPRECATED = {"Upsample": "Resize", "Scatter": "ScatterElements", "ImageScaler": "Mul + Add",
