@@ -11,7 +11,7 @@ import ast
 import logging
 import sys
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -141,11 +141,17 @@ def detect_preset(model: onnx.ModelProto) -> str:
 
 
 def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
+    """The named (or detected) preset. A model whose image input is an integer tensor (uint8
+    pixels, normalised inside the graph) is fed the pixel values: the preset's scale becomes 1
+    (scaled to [0, 1], then cast to uint8, every pixel would read 0 or 1)."""
     if name is None:
         name = detect_preset(model)
         log.info("preprocessing preset: %s (detected)", name)
     if name not in PRESETS:
         raise UsageError(f"unknown preprocessing preset '{name}'; choose one of {', '.join(PRESETS)}")
+    dtypes = ir.input_dtypes(model)
+    if len(dtypes) == 1 and np.issubdtype(next(iter(dtypes.values())), np.integer):
+        return replace(PRESETS[name], scale=1.0)
     return PRESETS[name]
 
 

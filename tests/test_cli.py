@@ -305,3 +305,21 @@ def test_a_channels_last_model_is_calibrated_and_scored_from_images(tmp_path: Pa
     (s_ref, z_ref), (s_got, z_got) = ref_q.pop("images"), got_q.pop("images")
     assert len(ref_q) > 100 and got_q == ref_q
     assert z_ref == z_got and s_got == pytest.approx(s_ref, rel=0.01)
+
+
+def test_a_uint8_input_model_is_fed_pixel_values(tmp_path: Path):
+    """The demo model taking uint8 pixels (Cast and Div 255 inside): its calibration feeds hold
+    the 0-255 values, and on them it outputs what the float model does on its own feeds."""
+    from fixtures import demo_paths
+    from fixtures.layout import uint8_input
+    from onnxslim_yolo import verify
+    from onnxslim_yolo.data import load_calibration
+
+    model_path, images, _ = demo_paths()
+    f32 = ir.load(model_path)
+    u8 = uint8_input(f32)
+    feeds = [load_calibration(images, m, limit=3, progress=False) for m in (f32, u8)]
+    assert all(f["images"].dtype == np.uint8 and f["images"].max() > 200 for f in feeds[1])
+    outs = [[verify.run(verify.session(m, threads=1), f)[0] for f in fs] for m, fs in zip((f32, u8), feeds)]
+    for a, b in zip(*outs):
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
