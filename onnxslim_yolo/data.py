@@ -141,18 +141,65 @@ def detect_preset(model: onnx.ModelProto) -> str:
 
 
 def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
-    """The named (or detected) preset. A model whose image input is an integer tensor (uint8
-    pixels, normalised inside the graph) is fed the pixel values: the preset's scale becomes 1
-    (scaled to [0, 1], then cast to uint8, every pixel would read 0 or 1)."""
+    """The named (or detected) preset. A model that takes pixel values (:func:`takes_pixels`) is
+    fed them: the preset's scale becomes 1. Scaled to [0, 1] first, a uint8 input would read 0 or
+    1 everywhere, and a graph that divides by 255 itself would see a nearly black image."""
     if name is None:
         name = detect_preset(model)
         log.info("preprocessing preset: %s (detected)", name)
     if name not in PRESETS:
         raise UsageError(f"unknown preprocessing preset '{name}'; choose one of {', '.join(PRESETS)}")
-    dtypes = ir.input_dtypes(model)
-    if len(dtypes) == 1 and np.issubdtype(next(iter(dtypes.values())), np.integer):
+    if PRESETS[name].scale != 1.0 and takes_pixels(model):
+        log.info("the model normalises its image input itself: fed pixel values 0-255")
         return replace(PRESETS[name], scale=1.0)
     return PRESETS[name]
+
+
+#: ops between an image input and its normalisation that leave the values as they are
+_LAYOUT_OPS = frozenset({"Transpose", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
+
+
+def _constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
+    out = {t.name: ir.tensor_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = ir.tensor_array(n.attribute[0].t)
+    return out
+
+
+def takes_pixels(model: onnx.ModelProto) -> bool:
+    """Whether the single image input takes pixel values 0-255: an integer tensor (uint8), or a
+    graph whose first arithmetic on the input (past layout ops and Casts) divides it by 50 or more,
+    multiplies it by 0.02 or less, or subtracts a mean in pixel units (Keras' Rescaling and
+    Normalization layers, end-to-end exports)."""
+    graph = model.graph
+    init = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init]
+    if len(inputs) != 1:
+        return False
+    if np.issubdtype(ir.input_dtypes(model).get(inputs[0].name, np.dtype(np.float32)), np.integer):
+        return True
+    consts, name = _constants(graph), inputs[0].name
+    for _ in range(len(_LAYOUT_OPS) + 1):
+        users = [n for n in graph.node if name in n.input]
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if node.op_type in _LAYOUT_OPS and node.input[0] == name:
+            name = node.output[0]
+            continue
+        other = [i for i in node.input if i != name]
+        if node.op_type not in ("Div", "Mul", "Sub", "Add") or len(other) != 1 or other[0] not in consts:
+            return False
+        v = np.abs(consts[other[0]].astype(np.float64))
+        if v.size == 0:
+            return False
+        if node.op_type == "Div":
+            return node.input[0] == name and float(v.min()) >= 50.0
+        if node.op_type == "Mul":
+            return 0.0 < float(v.max()) <= 0.02
+        return float(v.max()) > 2.0
+    return False
 
 
 def _metadata_imgsz(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
@@ -371,6 +418,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
 
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
-           "detect_preset", "get_preset", "model_input", "channels_last", "full_input_shape", "to_layout",
+           "detect_preset", "get_preset", "takes_pixels", "model_input", "channels_last", "full_input_shape",
+           "to_layout",
            "model_batch", "groups", "iter_images",
            "iter_inputs", "load_calibration", "ImageFeeds"]

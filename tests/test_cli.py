@@ -99,7 +99,8 @@ def _no_outputs(folder: Path, keep: set) -> bool:
     ("unknown-pass", 2, r"error: unknown pass 'no-such-pass'; known passes:"),
     ("overwrite", 2, r"error: .*refusing to overwrite the input model"),
     ("int8-no-calib", 2, r"error: --int8 needs calibration images"),
-    ("custom-op", 3, r"error: .*plugin.onnx: node 'nms' is TRT.EfficientNMS_TRT, which onnxruntime cannot run"),
+    ("custom-op", 3, r"error: .*plugin.onnx: node 'nms' is TRT.EfficientNMS_TRT, which onnxruntime "
+                     r"cannot run"),
 ])
 def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file: Path, case, code, message):
     args = ["optimize"]
@@ -307,19 +308,22 @@ def test_a_channels_last_model_is_calibrated_and_scored_from_images(tmp_path: Pa
     assert z_ref == z_got and s_got == pytest.approx(s_ref, rel=0.01)
 
 
-def test_a_uint8_input_model_is_fed_pixel_values(tmp_path: Path):
-    """The demo model taking uint8 pixels (Cast and Div 255 inside): its calibration feeds hold
-    the 0-255 values, and on them it outputs what the float model does on its own feeds."""
+@pytest.mark.parametrize("how", ["uint8", "div", "mul"])
+def test_a_model_normalising_its_input_is_fed_pixel_values(how: str):
+    """The demo model taking pixels 0-255 (a uint8 input, or Div 255 / Mul 1/255 inside): its
+    calibration feeds hold the pixel values, and on them it outputs what the original model
+    outputs on its own feeds."""
     from fixtures import demo_paths
-    from fixtures.layout import uint8_input
+    from fixtures.layout import pixel_input
     from onnxslim_yolo import verify
     from onnxslim_yolo.data import load_calibration
 
     model_path, images, _ = demo_paths()
     f32 = ir.load(model_path)
-    u8 = uint8_input(f32)
-    feeds = [load_calibration(images, m, limit=3, progress=False) for m in (f32, u8)]
-    assert all(f["images"].dtype == np.uint8 and f["images"].max() > 200 for f in feeds[1])
-    outs = [[verify.run(verify.session(m, threads=1), f)[0] for f in fs] for m, fs in zip((f32, u8), feeds)]
+    px = pixel_input(f32, how)
+    feeds = [load_calibration(images, m, limit=3, progress=False) for m in (f32, px)]
+    assert all(f["images"].max() > 200 for f in feeds[1]) and all(f["images"].max() <= 1 for f in feeds[0])
+    assert feeds[1][0]["images"].dtype == (np.uint8 if how == "uint8" else np.float32)
+    outs = [[verify.run(verify.session(m, threads=1), f)[0] for f in fs] for m, fs in zip((f32, px), feeds)]
     for a, b in zip(*outs):
         assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()

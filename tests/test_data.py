@@ -257,3 +257,45 @@ def test_a_static_batch_model_gets_full_batches_of_images(tmp_path: Path):
     np.save(tmp_path / "x.npy", np.arange(3 * 3 * 64, dtype=np.float32).reshape(3, 3, 8, 8))
     feeds = data.load_calibration(tmp_path / "x.npy", m, progress=False)
     assert [f["images"][:, 0, 0, 0].tolist() for f in feeds] == [[0.0, 192.0], [384.0, 384.0]]
+
+
+def _normalising(ops: Sequence, elem_type: int = TensorProto.FLOAT,
+                 extra_reader: bool = False) -> onnx.ModelProto:
+    """images -> ops (op type, constant) in a chain -> output; ``extra_reader`` adds a second
+    reader of the input."""
+    nodes, inits, x = [], [], "images"
+    for i, (op, value) in enumerate(ops):
+        if op in ("Transpose", "Cast"):
+            attrs = {"perm": [0, 3, 1, 2]} if op == "Transpose" else {"to": TensorProto.FLOAT}
+            nodes.append(helper.make_node(op, [x], [f"t{i}"], **attrs))
+        else:
+            const = np.asarray(value, np.float32).reshape(-1, 1, 1)
+            inits.append(onnx.numpy_helper.from_array(const, f"c{i}"))
+            nodes.append(helper.make_node(op, [x, f"c{i}"], [f"t{i}"]))
+        x = f"t{i}"
+    outs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["images"], ["copy"]))
+        outs.append(helper.make_tensor_value_info("copy", elem_type, None))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", elem_type, [1, 3, 8, 8])],
+                          outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("ops, elem_type, extra, expected", [
+    ([("Div", 255.0)], TensorProto.FLOAT, False, True),
+    ([("Mul", 1 / 255)], TensorProto.FLOAT, False, True),
+    ([("Transpose", None), ("Cast", None), ("Sub", [123.7, 116.3, 103.5]), ("Div", [58.4, 57.1, 57.4])],
+     TensorProto.FLOAT, False, True),
+    ([("Cast", None)], TensorProto.UINT8, False, True),
+    ([("Sub", [0.485, 0.456, 0.406]), ("Div", [0.229, 0.224, 0.225])], TensorProto.FLOAT, False, False),
+    ([("Mul", 2.0)], TensorProto.FLOAT, False, False),
+    ([("Div", 255.0)], TensorProto.FLOAT, True, False),
+])
+def test_takes_pixels_reads_the_normalisation_in_the_graph(ops, elem_type, extra, expected):
+    """Pixel values 0-255 are fed when the graph scales or centres them itself (or the input is
+    uint8); not for a [0, 1] ImageNet normalisation, another factor, or a second reader."""
+    model = _normalising(ops, elem_type, extra)
+    assert data.takes_pixels(model) is expected
+    scale = data.get_preset("yolov5", model).scale
+    assert scale == (1.0 if expected else data.PRESETS["yolov5"].scale)
