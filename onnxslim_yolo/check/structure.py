@@ -5,6 +5,7 @@ Each function takes the model (and its :class:`GraphIndex`) and returns one Chec
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Dict, Iterable, List, Set
 
@@ -59,15 +60,21 @@ def has_per_channel_qdq(idx: GraphIndex) -> List[str]:
 
 
 def check_opset(model: onnx.ModelProto, idx: GraphIndex) -> CheckResult:
-    """Default-domain opset within 11..21, and >= 13 when per-channel Q/DQ is present."""
+    """Default-domain opset within 11..21 (a newer one warns when onnxruntime runs it), and >= 13
+    when per-channel Q/DQ is present."""
     name = "structure.opset"
     v = ir.opset(model)
     domains = {imp.domain or "ai.onnx": int(imp.version) for imp in model.opset_import}
     if v == 0:
         return failed(name, "model imports no ai.onnx opset", opsets=domains)
-    if not MIN_OPSET <= v <= MAX_OPSET:
+    if v < MIN_OPSET:
         return failed(name, f"opset {v} is outside the supported range {MIN_OPSET}..{MAX_OPSET}",
                       opsets=domains)
+    if v > MAX_OPSET:
+        if not runtime_loads_opset(v):
+            return failed(name, f"opset {v} is newer than onnxruntime {ort_version()} runs", opsets=domains)
+        return warned(name, f"opset {v} is newer than the range tested here ({MIN_OPSET}..{MAX_OPSET}); "
+                            f"onnxruntime {ort_version()} runs it", opsets=domains)
     pc = has_per_channel_qdq(idx)
     if pc and v < PER_CHANNEL_OPSET:
         return failed(name, f"opset {v} has no per-channel QuantizeLinear/DequantizeLinear (needs "
@@ -75,6 +82,30 @@ def check_opset(model: onnx.ModelProto, idx: GraphIndex) -> CheckResult:
                             f"{summarize(pc)}",
                       opsets=domains, per_channel=listing(pc))
     return passed(name, f"opset {v}", opsets=domains)
+
+
+def ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_loads_opset(version: int) -> bool:
+    """Whether the installed onnxruntime loads a one-node (Identity) model at ``version``."""
+    from onnx import TensorProto, helper
+
+    from ..pass_base import VerificationError
+    from ..verify import session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(version))])
+    try:
+        session(probe, optimize=False)
+    except VerificationError:
+        return False
+    return True
 
 
 def _float64_tensors(model: onnx.ModelProto) -> List[str]:
