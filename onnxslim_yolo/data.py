@@ -159,11 +159,12 @@ def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
 _LAYOUT_OPS = frozenset({"Transpose", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
 
 
-def _constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
-    out = {t.name: ir.tensor_array(t) for t in graph.initializer}
+def _constants(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node values by name, not yet read into arrays."""
+    out = {t.name: t for t in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = ir.tensor_array(n.attribute[0].t)
+            out[n.output[0]] = n.attribute[0].t
     return out
 
 
@@ -191,7 +192,7 @@ def takes_pixels(model: onnx.ModelProto) -> bool:
         other = [i for i in node.input if i != name]
         if node.op_type not in ("Div", "Mul", "Sub", "Add") or len(other) != 1 or other[0] not in consts:
             return False
-        v = np.abs(consts[other[0]].astype(np.float64))
+        v = np.abs(ir.tensor_array(consts[other[0]]).astype(np.float64))
         if v.size == 0:
             return False
         if node.op_type == "Div":
