@@ -19,7 +19,9 @@ EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is instal
 backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
 not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNet18 with Mish),
 darknet YOLOv3-tiny and YOLOv4-tiny from cfg files at 320x320 (opsets 11 and 17) when
-``pytorchyolo`` is (installed with ``--no-deps``), with
+``pytorchyolo`` is (installed with ``--no-deps``), the original anchor-based YOLOv5 code's
+model-zoo configs at nano scale (P6, P7, P2, BiFPN, Ghost, transformer, LeakyReLU, YOLOv3-tiny)
+when ``yolov5`` is, with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
@@ -39,7 +41,7 @@ import tempfile
 from pathlib import Path
 
 EXPORT = r'''
-import shutil, sys
+import os, shutil, sys
 out = sys.argv[1]
 try:  # each family is exported when the exporter Python has its package
     from ultralytics import YOLO, RTDETR
@@ -73,6 +75,11 @@ for cfg, opset, kw, name in jobs if YOLO else ():
     p = cls(cfg).export(format="onnx", opset=opset, **kw)
     shutil.move(p, f"{out}/{name}.onnx")
 import torch
+def randomise_bn(m):  # BatchNorm statistics randomised, as a trained model has them
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
+            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
 try:
     import torchvision
 except ImportError:
@@ -129,10 +136,7 @@ TIMM = [("cs3darknet_focus_s", {}, 17), ("cs3darknet_s", {}, 17), ("regnety_002"
 for name, kw, opset in TIMM if timm else ():
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, **kw).eval()
-    for mod in m.modules():  # BN statistics randomised, as a trained model has them
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+    randomise_bn(m)
     tag = f"timm_{name}" + (f"_mish_op{opset}" if kw else "")
     torch.onnx.export(m, torch.rand(1, 3, 224, 224), f"{out}/{tag}.onnx", opset_version=opset,
                       input_names=["images"], dynamo=False)
@@ -178,13 +182,36 @@ for name, cfg in CFGS.items() if Darknet else ():
         f.write(cfg)
     torch.manual_seed(0)
     m = Darknet(f"{out}/{name}.cfg").eval()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+    randomise_bn(m)
     for opset in (11, 17):
         torch.onnx.export(m, torch.rand(1, 3, 320, 320), f"{out}/darknet_{name}_op{opset}.onnx",
                           opset_version=opset, input_names=["images"], output_names=["output"], dynamo=False)
+# the original (anchor-based) YOLOv5 code from the `yolov5` package (when the exporter Python has
+# it), built from its model-zoo configs at nano scale and exported as its export.py does (BN
+# fused, one decoded output): P6 and P7 heads (4 and 5 scales), P2, BiFPN, Ghost modules, a
+# transformer block (C3TR: MultiheadAttention), LeakyReLU, and the anchor-based YOLOv3-tiny
+try:
+    import yolov5 as _yolov5, yaml
+    from yolov5.models.yolo import Model as V5Model, Detect as V5Detect
+except ImportError:
+    V5Model = None
+V5 = [("yolov5n6", 320, 12), ("yolov5s-transformer", 320, 12), ("yolov5s-ghost", 320, 12),
+      ("yolov5-bifpn", 320, 12), ("yolov5-p2", 320, 12), ("yolov5-p7", 384, 12), ("yolov3-tiny", 320, 11),
+      ("yolov5s-LeakyReLU", 320, 17)]
+for name, size, opset in V5 if V5Model else ():
+    with open(os.path.join(os.path.dirname(_yolov5.__file__), "models", "hub", name + ".yaml")) as f:
+        cfg = yaml.safe_load(f)
+    if name != "yolov3-tiny":
+        cfg["depth_multiple"], cfg["width_multiple"] = 0.33, 0.25
+    torch.manual_seed(0)
+    m = V5Model(cfg, ch=3, nc=80)
+    randomise_bn(m)
+    m = m.fuse().eval()
+    for mod in m.modules():
+        if isinstance(mod, V5Detect):
+            mod.inplace, mod.export = False, True
+    torch.onnx.export(m, torch.rand(1, 3, size, size), f"{out}/v5pip_{name.replace('-', '_')}.onnx",
+                      opset_version=opset, input_names=["images"], output_names=["output0"], dynamo=False)
 '''
 
 #: Megvii YOLOX nano (depthwise), tiny and s from the YOLOX source tree (the PyPI sdist
