@@ -205,6 +205,11 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
     click.echo(stats_table(stats))
     click.echo("")
     click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
+    feed = _input_summary(m, shp)
+    if feed:
+        stats["input"] = feed
+        click.echo("")
+        click.echo(table([[k, v] for k, v in feed.items()], ["image input (as fed by --calib/--images)", ""]))
     head = _head_summary(m)
     if head:
         stats["head"] = head
@@ -212,6 +217,24 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
         click.echo(table([[k, v] for k, v in head.items()], ["detection head", ""]))
     if json_out:
         write_json(json_out, stats)
+
+
+def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, Any]:
+    """What calibration, evaluation and the checks feed the image input: layout, dtype, and the
+    detected preprocessing (``--preprocess`` overrides it); empty when images cannot feed it."""
+    from . import data, ir
+
+    try:
+        name, chw = data.model_input(model, input_shape)
+        preset = data.get_preset(None, model)
+    except SlimError:
+        return {}
+    pixels = ("pixel values 0-255" if preset.scale == 1.0 else "pixels / 255 (0-1)"
+              if abs(preset.scale - 1 / 255) < 1e-9 else f"pixels x {preset.scale:.6g}")
+    return {"name": name, "layout": "NHWC" if data.channels_last(model) else "NCHW",
+            "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
+            "preprocessing": f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, letterbox "
+                             f"{'centred' if preset.center else 'top-left'}"}
 
 
 def _head_summary(model: Any) -> Dict[str, Any]:

@@ -42,6 +42,20 @@ def test_inspect_reports_counts_and_convention(model_file: Path, tmp_path: Path)
     assert data["op_counts"]["Conv"] == sum(n.op_type == "Conv" for n in ir.load(model_file).graph.node)
     assert data["flops"] == 2 * data["macs"] > 0
     assert "FLOPs = 2 x MACs" in r.output
+    assert data["input"]["layout"] == "NCHW" and data["input"]["size (h, w)"] == [64, 64]
+    assert data["input"]["preprocessing"] == "yolov5: RGB, pixels / 255 (0-1), letterbox centred"
+
+
+def test_inspect_shows_pixel_values_fed_to_a_model_normalising_its_input(tmp_path: Path):
+    from fixtures.layout import channels_last_input, pixel_input
+
+    path = tmp_path / "u8.onnx"
+    ir.save(channels_last_input(pixel_input(fixtures.build_yolov5_v6(opset=13), "uint8")), path)
+    r = invoke("inspect", path, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    feed = json.loads((tmp_path / "s.json").read_text())["input"]
+    assert (feed["layout"], feed["dtype"]) == ("NHWC", "uint8")
+    assert "pixel values 0-255" in feed["preprocessing"] and "pixel values 0-255" in r.output
 
 
 def test_optimize_default_output_beside_input(model_file: Path, tmp_path: Path):
