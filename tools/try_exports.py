@@ -21,7 +21,8 @@ not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNe
 darknet YOLOv3-tiny and YOLOv4-tiny from cfg files at 320x320 (opsets 11 and 17) when
 ``pytorchyolo`` is (installed with ``--no-deps``), the original anchor-based YOLOv5 code's
 model-zoo configs at nano scale (P6, P7, P2, BiFPN, Ghost, transformer, LeakyReLU, YOLOv3-tiny)
-when ``yolov5`` is, with
+when ``yolov5`` is, YOLOv5n, YOLOv8n and YOLO11n through PyTorch's dynamo exporter (opset 20,
+external weights; also with a dynamic batch) when ``onnxscript`` is, with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
@@ -212,6 +213,41 @@ for name, size, opset in V5 if V5Model else ():
             mod.inplace, mod.export = False, True
     torch.onnx.export(m, torch.rand(1, 3, size, size), f"{out}/v5pip_{name.replace('-', '_')}.onnx",
                       opset_version=opset, input_names=["images"], output_names=["output0"], dynamo=False)
+# torch.onnx.export's default since PyTorch 2.9, dynamo=True (when onnxscript is installed): opset
+# 20, weights in a .onnx.data file beside the model, the exporter's own graph optimisation
+try:
+    import onnxscript
+except ImportError:
+    onnxscript = None
+dynamo_jobs = []
+if onnxscript and V5Model:
+    with open(os.path.join(os.path.dirname(_yolov5.__file__), "models", "yolov5n.yaml")) as f:
+        torch.manual_seed(0)
+        m = V5Model(yaml.safe_load(f), ch=3, nc=80)
+    dynamo_jobs.append(("dynamo_yolov5n", m))
+if onnxscript and YOLO:
+    for cfg in ("yolov8n", "yolo11n"):
+        torch.manual_seed(0)
+        dynamo_jobs.append((f"dynamo_{cfg}", YOLO(cfg + ".yaml").model))
+for tag, m in dynamo_jobs:
+    randomise_bn(m)
+    with torch.no_grad():  # fused weights are computed tensors; the dynamo exporter wants leaves
+        m = m.fuse().eval()
+    m.requires_grad_(False)
+    for mod in m.modules():
+        if mod.__class__.__name__ == "Detect":  # one output, as each project's export sets it
+            mod.export = True
+            if hasattr(mod, "inplace"):
+                mod.inplace = False
+            if hasattr(mod, "format"):
+                mod.format = "onnx"
+    x = torch.rand(1, 3, 320, 320)
+    torch.onnx.export(m, (x,), f"{out}/{tag}.onnx", input_names=["images"], output_names=["output0"],
+                      dynamo=True)
+    if tag == "dynamo_yolov5n":
+        torch.onnx.export(m, (x,), f"{out}/{tag}_dynbatch.onnx", input_names=["images"],
+                          output_names=["output0"], dynamo=True,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", max=16)}})
 '''
 
 #: Megvii YOLOX nano (depthwise), tiny and s from the YOLOX source tree (the PyPI sdist
