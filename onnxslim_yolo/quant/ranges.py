@@ -86,12 +86,19 @@ def activation_aware(table: CalibrationTable, stats: cal.CalibrationStats,
 
 
 def derive(table: CalibrationTable, plan: QuantPlan) -> CalibrationTable:
-    """Ranges of value-preserving outputs: the union of their inputs' ranges (topological order)."""
+    """Ranges of value-preserving outputs: the union of their inputs' ranges. An input may itself
+    be derived, listed later (a Concat reading another Concat): the outputs are resolved in rounds
+    until no more can be; one with an input that never gets a range stays without."""
     entries = dict(table.entries)
-    for out, ins in plan.derived.items():
-        known = [entries[i] for i in ins if i in entries]
-        if known and len(known) == len(ins):
+    pending = dict(plan.derived)
+    while pending:
+        ready = {out: ins for out, ins in pending.items() if ins and all(i in entries for i in ins)}
+        if not ready:
+            break
+        for out, ins in ready.items():
+            known = [entries[i] for i in ins]
             entries[out] = RangeEntry(min(e.rmin for e in known), max(e.rmax for e in known), "derived")
+            del pending[out]
     return CalibrationTable(entries, table.qdtype, table.symmetric, dict(table.meta))
 
 

@@ -172,3 +172,21 @@ def test_reduced_range_weights_stay_within_63() -> None:
     q, s = quantize_weight(w, 0, True, qmax=63)
     assert np.abs(q).max() == 63 and np.all(np.abs(q * s.reshape(-1, 1, 1, 1) - w) <= s.reshape(-1, 1, 1, 1) / 2 + 1e-7)
     np.testing.assert_allclose(s, np.abs(w).reshape(8, -1).max(1) / 63, rtol=1e-6)
+
+
+def test_derived_ranges_resolve_a_concat_of_a_concat_listed_first():
+    """A Concat reading another Concat's output may come first in the plan (YOLOv5-ghost: a
+    GhostConv's Concat feeds the neck's): its range is still the union of all three inputs, and
+    an output with an input that never gets a range stays without one."""
+    from onnxslim_yolo.analysis.calib_table import CalibrationTable, RangeEntry
+    from onnxslim_yolo.quant.placement import QuantPlan
+    from onnxslim_yolo.quant.ranges import derive
+
+    base = CalibrationTable({"a": RangeEntry(-1.0, 2.0, "mse"), "b": RangeEntry(0.0, 5.0, "mse"),
+                             "c": RangeEntry(-3.0, 1.0, "mse")}, "uint8", False, {})
+    plan = QuantPlan(ORT_CPU, derived={"outer": ["inner", "c"], "inner": ["a", "b"],
+                                       "lost": ["a", "nowhere"]})
+    table = derive(base, plan)
+    assert (table["inner"].rmin, table["inner"].rmax) == (-1.0, 5.0)
+    assert (table["outer"].rmin, table["outer"].rmax, table["outer"].method) == (-3.0, 5.0, "derived")
+    assert "lost" not in table
