@@ -237,21 +237,30 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
     input's producer is excluded by the user or kept float by the accuracy search. A Concat's
     inputs share its output's range, so there the values do not change; an Add's new Q adds one
     rounding, as the Q after an INT8 producer would. Repeated until nothing changes: a completed
-    Concat's new Q can make the Add before it eligible."""
+    Concat's new Q can make the Add before it eligible. A Resize, MaxPool, Slice ... (same-range
+    ops) whose input and outputs end up quantized that way runs INT8 too: YOLOv5-ghost's upsample
+    of a ghost Concat quantized for a later Concat, its output for the next one, ran in float
+    between DQ and Q with two different ranges, which onnxruntime does not fuse."""
     t = plan.target
     ops = [op for op in _COMPLETED if op in t.int8_ops and (op != "Concat" or t.shared_concat)]
+    same_range = t.same_range_ops & t.int8_ops
     tail = set(plan.tail)
     changed = True
     while changed:
         changed = False
         int8 = set(plan.int8_ops)
         for node in graph.nodes:
-            if node.op not in ops or node.name in tail or node.name in int8 or node.name in excluded:
+            if node.name in tail or node.name in int8 or node.name in excluded:
                 continue
-            io = _float_io(node)
+            io = _float_io(node) if node.op in ops or node.op in same_range else None
             if io is None:
                 continue
             ins, outs = io
+            if node.op in same_range:  # quantized on both sides anyway: run it INT8 in one range
+                if all(x.name in avail for x in ins + outs):
+                    plan.int8_ops.append(node.name)
+                    changed = True
+                continue
             after: Optional[List[gs.Node]] = []
             if not all(o.name in avail for o in outs):
                 after = _through_after(graph, outs, avail, tail | int8 | set(excluded), t.int8_ops)
