@@ -162,7 +162,8 @@ def test_x86_without_vnni_saturates_and_gets_7_bit_weights(monkeypatch) -> None:
     assert "no VNNI" in targets.weight_range(ORT_CPU, None, AVX2_ONLY)[1]
     assert targets.weight_range(ORT_CPU, None, VNNI)[0] is False
     assert targets.weight_range(TENSORRT, None, AVX2_ONLY)[0] is False  # TensorRT sums in 32 bits
-    assert targets.weight_range(ORT_CPU, False, AVX2_ONLY) == (False, "8-bit weights (set by option reduce_range)")
+    assert targets.weight_range(ORT_CPU, False, AVX2_ONLY) == (False,
+                                                               "8-bit weights (set by option reduce_range)")
     monkeypatch.setattr(targets.platform, "machine", lambda: "aarch64")
     assert targets.x86_int8_saturates(AVX2_ONLY) is False
 
@@ -170,7 +171,8 @@ def test_x86_without_vnni_saturates_and_gets_7_bit_weights(monkeypatch) -> None:
 def test_reduced_range_weights_stay_within_63() -> None:
     w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
     q, s = quantize_weight(w, 0, True, qmax=63)
-    assert np.abs(q).max() == 63 and np.all(np.abs(q * s.reshape(-1, 1, 1, 1) - w) <= s.reshape(-1, 1, 1, 1) / 2 + 1e-7)
+    step = s.reshape(-1, 1, 1, 1)
+    assert np.abs(q).max() == 63 and np.all(np.abs(q * step - w) <= step / 2 + 1e-7)
     np.testing.assert_allclose(s, np.abs(w).reshape(8, -1).max(1) / 63, rtol=1e-6)
 
 
