@@ -39,6 +39,15 @@ FLOAT_DOMAINS = ("", "ai.onnx", "com.microsoft")
 MATMUL_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedGemm", "FusedMatMul"})
 
 
+def _has_int8_path(node: onnx.NodeProto) -> bool:
+    """onnxruntime has a QLinear kernel for the op or drops the Q/DQ around it; for a Resize only
+    in nearest mode (an interpolating one stays float between them, onnxruntime 1.32)."""
+    if node.op_type == "Resize":
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+        return mode == "nearest"
+    return node.op_type in QLINEAR | DROPPED
+
+
 def _act_dq_inputs(idx: GraphIndex, i: int) -> List[int]:
     """DequantizeLinear producers of a node's non-constant inputs."""
     out = []
@@ -114,7 +123,7 @@ def unfused_groups(idx: GraphIndex) -> List[int]:
         dqs = _act_dq_inputs(idx, i)
         if not dqs or not (_q_consumers(idx, i) or (n.op_type in MATMUL_LIKE and _dq_weights(idx, i))):
             continue
-        if n.op_type not in QLINEAR | DROPPED and all(_shared_dq(idx, d, i) for d in dqs):
+        if not _has_int8_path(n) and all(_shared_dq(idx, d, i) for d in dqs):
             continue
         if n.op_type in QLINEAR and n.op_type not in MATMUL_LIKE and (
                 _serves_neighbours(idx, i, dqs) or _float_from_kernel_less(idx, i)):
@@ -128,8 +137,9 @@ def reason(idx: GraphIndex, i: int) -> str:
     n = idx.nodes[i]
     dqs, qs = _act_dq_inputs(idx, i), _q_consumers(idx, i)
     types = {qtype(idx, j) for j in dqs + qs}
-    if n.op_type not in QLINEAR | DROPPED:
-        return f"no quantized kernel for {n.op_type} in onnxruntime CPU"
+    if not _has_int8_path(n):
+        what = "an interpolating Resize" if n.op_type == "Resize" else n.op_type
+        return f"no quantized kernel for {what} in onnxruntime CPU"
     if T.INT16 in types or T.UINT16 in types:
         return "16-bit Q/DQ (no 16-bit QLinear kernels)"
     if n.op_type in S8_NEEDS_ARM and T.INT8 in {qtype(idx, j) for j in dqs}:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -176,7 +176,7 @@ def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) ->
     if not t.int8_ops:
         return avail
     for node in graph.nodes:
-        if node.name in tail or node.name in plan.layers or node.op not in t.int8_ops:
+        if node.name in tail or node.name in plan.layers or not runs_int8(node, t.int8_ops):
             continue
         if node.name in excluded:
             plan.float_nodes[node.name] = excluded[node.name]
@@ -188,6 +188,16 @@ def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) ->
         avail.update(o.name for o in io[1])
     _complete_partial(graph, plan, excluded, avail)
     return avail
+
+
+def runs_int8(node: gs.Node, ops: AbstractSet[str]) -> bool:
+    """``node.op`` is one of ``ops``, and not a Resize that interpolates: onnxruntime drops the
+    Q/DQ around a nearest Resize only, so a linear one (YOLO26's depth head) runs in float
+    between them whatever its ranges (measured on onnxruntime 1.32)."""
+    if node.op not in ops:
+        return False
+    mode = node.attrs.get("mode", "nearest") if node.op == "Resize" else "nearest"
+    return (mode.decode() if isinstance(mode, bytes) else str(mode)) == "nearest"
 
 
 def _float_io(node: gs.Node) -> Optional[Tuple[List[gs.Tensor], List[gs.Tensor]]]:
@@ -252,7 +262,7 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
         for node in graph.nodes:
             if node.name in tail or node.name in int8 or node.name in excluded:
                 continue
-            io = _float_io(node) if node.op in ops or node.op in same_range else None
+            io = _float_io(node) if node.op in ops or runs_int8(node, same_range) else None
             if io is None:
                 continue
             ins, outs = io

@@ -225,6 +225,29 @@ def test_op_without_qlinear_kernel_warns():
     assert r.details["unfused"] == ["head/Pow: no quantized kernel for Pow in onnxruntime CPU"]
 
 
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_a_resize_between_dq_and_q_of_one_range_fuses_only_in_nearest_mode(mode: str):
+    """onnxruntime drops the Q/DQ around a nearest Resize; an interpolating one stays float
+    between them even with equal ranges (measured here), so only that one is reported."""
+    s, z = numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
+             helper.make_node("Resize", ["xd", "", "scales"], ["r"], name="up", mode=mode),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["rq", "s", "z"], ["y"], name="dq_out")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 16, 16])], [s, z, scales])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    if mode == "nearest":
+        assert r.status == "pass", r.message
+    else:
+        assert r.status == "warn"
+        assert r.details["unfused"] == ["up: no quantized kernel for an interpolating Resize in "
+                                        "onnxruntime CPU"]
+
+
 def test_fusion_reason_for_float_second_input(yolo):
     r = fusion.check_ort_fusion(GraphIndex(quantize_convs(yolo)), "ort-cpu")
     # SiLU's Mul reads the dequantized Conv output and the float Sigmoid: it cannot become QLinearMul

@@ -310,24 +310,29 @@ def test_a_concat_read_through_a_slice_runs_int8_when_one_input_stays_float(monk
     assert [g.prod[i].op_type for i in concat.input] == ["DequantizeLinear"] * 2
 
 
-def test_an_upsample_quantized_on_both_sides_runs_int8(monkeypatch) -> None:
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_an_upsample_quantized_on_both_sides_runs_int8(monkeypatch, mode: str) -> None:
     """YOLOv5-ghost: a ghost module's Concat (its depthwise Conv measured slower in INT8) is
     upsampled for one neck Concat and read by a later one. Both Concats are completed, so the
-    Resize's input and output are quantized anyway: it runs INT8 in one range, not in float
-    between a DQ and a Q of different ranges (onnxruntime left that unfused)."""
+    Resize's input and output are quantized anyway: a nearest one runs INT8 in one range, not in
+    float between a DQ and a Q of different ranges (onnxruntime left that unfused). onnxruntime
+    keeps an interpolating (linear) Resize float between Q/DQ whatever the ranges: it is not
+    planned INT8, and onnxruntime fuses every group either way (``slow_convs_run`` checks)."""
     b = GraphBuilder(opset=13, seed=7)
     x = b.input("images", (1, 3, 32, 32))
     a = b.conv(x, 16, k=3, s=2, act="silu", name="stem")
     p = b.conv(a, 8, k=1, act="silu", name="primary")
     ghost = b.node("Concat", [p, b.conv(p, 8, k=3, groups=8, act="silu", name="float_cheap")], name="ghost",
                    axis=1)
-    up = b.resize2x(ghost, name="up")
+    up = b.resize2x(ghost, name="up", mode=mode)
     near = b.node("Concat", [up, b.conv(x, 16, k=3, act="silu", name="side")], name="near", axis=1)
     far = b.node("Concat", [ghost, b.conv(a, 16, k=3, act="silu", name="lateral")], name="far", axis=1)
     outs = [b.conv(b.conv(t, 16, k=3, act="silu", name=f"{n}_in"), 8, k=1, name=f"{n}_out")
             for t, n in ((near, "p3"), (far, "p4"))]
     r, g = slow_convs_run(monkeypatch, b.make_model([x], outs))
     resize = g.ops("Resize")[0]
+    if mode == "linear":
+        return
     assert g.prod[resize.input[0]].op_type == "DequantizeLinear"
     assert [c.op_type for c in g.readers[resize.output[0]]] == ["QuantizeLinear"]
     dq, q = g.prod[resize.input[0]], g.readers[resize.output[0]][0]
