@@ -12,7 +12,8 @@ YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb 
 heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
 opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n with dynamic axes,
 YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
-YOLO12n (opset 17, and simplified at opset 11), torchvision ShuffleNetV2-0.5 and
+YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -seg, -depth and
+-sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
 EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 16 timm
@@ -69,7 +70,13 @@ jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolo
         ("yolov8n-pose.yaml", 17, {"simplify": True}, "yolov8n_pose_slim"),
         ("yolo26n.yaml", 17, {"simplify": True, "imgsz": 640}, "yolo26n_slim_640"),
         # attention blocks (area attention: Reshape, Transpose, MatMul, Softmax)
-        ("yolo12n.yaml", 17, {}, "yolo12n"), ("yolo12n.yaml", 11, {"simplify": True}, "yolo12n_slim_op11")]
+        ("yolo12n.yaml", 17, {}, "yolo12n"), ("yolo12n.yaml", 11, {"simplify": True}, "yolo12n_slim_op11"),
+        # YOLO26 heads and tasks beyond detection (depth: bilinear upsampling; sem: per-pixel classes)
+        ("yolo26n-p2.yaml", 17, {}, "yolo26n_p2"), ("yolo26n-p6.yaml", 17, {}, "yolo26n_p6"),
+        ("yolo26n-pose.yaml", 17, {}, "yolo26n_pose"), ("yolo26n-obb.yaml", 17, {}, "yolo26n_obb"),
+        ("yolo26n-seg.yaml", 17, {}, "yolo26n_seg"), ("yolo26n-depth.yaml", 17, {}, "yolo26n_depth"),
+        ("yolo26n-sem.yaml", 17, {}, "yolo26n_sem"), ("yolo12n-pose.yaml", 17, {}, "yolo12n_pose"),
+        ("yolov10s.yaml", 13, {}, "yolov10s"), ("yolov9s.yaml", 17, {}, "yolov9s")]
 for cfg, opset, kw, name in jobs if YOLO else ():
     cls = RTDETR if cfg.startswith("rtdetr") else YOLO
     kw = {"imgsz": 320, "simplify": False, **kw}
