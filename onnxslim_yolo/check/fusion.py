@@ -68,7 +68,8 @@ def _dq_weights(idx: GraphIndex, i: int) -> bool:
     """Whether a Conv-like op reads a dequantized constant (weight or bias)."""
     for t in idx.nodes[i].input[1:]:
         p = idx.producer.get(t) if t else None
-        if p is not None and idx.nodes[p].op_type == "DequantizeLinear" and idx.is_const(idx.nodes[p].input[0]):
+        dq = idx.nodes[p] if p is not None else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and idx.is_const(dq.input[0]):
             return True
     return False
 

@@ -270,7 +270,8 @@ def test_a_float_conv_reading_a_tensor_quantized_for_another_reader_is_not_repor
     # the same Conv with dequantized weights but no requantized output is still reported
     w = numpy_helper.from_array(np.random.default_rng(2).integers(-9, 9, (8, 4, 1, 1)).astype(np.int8), "wq2")
     m.graph.initializer.append(w)
-    m.graph.node.append(helper.make_node("DequantizeLinear", ["wq2", "w_scale", "w_zp"], ["w2"], name="w2_DQ"))
+    m.graph.node.append(helper.make_node("DequantizeLinear", ["wq2", "w_scale", "w_zp"], ["w2"],
+                                         name="w2_DQ"))
     node(m, "float_conv").input[1] = "w2"
     r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
     assert r.status == "warn" and r.details["unfused"][0].startswith("float_conv: output is not requantized")
@@ -354,5 +355,5 @@ def test_mish_mul_is_not_reported_its_float_input_has_no_quantized_kernel():
     mish = fusion.check_ort_fusion(GraphIndex(act("Softplus")), "ort-cpu")
     assert mish.status == "pass", mish.details
     silu = fusion.check_ort_fusion(GraphIndex(act("Sigmoid")), "ort-cpu")
-    assert any(u.startswith("act/Mul: input 'sg' is float (from Sigmoid)") for u in silu.details["unfused"]), \
-        silu.details
+    unfused = silu.details["unfused"]
+    assert any(u.startswith("act/Mul: input 'sg' is float (from Sigmoid)") for u in unfused), silu.details
