@@ -87,6 +87,17 @@ def _read_as_int8(idx: GraphIndex, quantized: str) -> bool:
     return any(idx.nodes[c].op_type != "DequantizeLinear" for c in idx.consumer_nodes(quantized))
 
 
+def _float_const_operands(idx: GraphIndex, i: int) -> List[str]:
+    """Float constants a node reads directly, not through a DequantizeLinear (a Linear's bias in
+    the Add after its MatMul)."""
+    out = []
+    for t in idx.nodes[i].input:
+        c = idx.const(t) if t and idx.is_const(t) else None
+        if c is not None and c.dtype.kind == "f":
+            out.append(t)
+    return out
+
+
 def _serves_neighbours(idx: GraphIndex, i: int, dqs: List[int]) -> bool:
     """A QLinear-capable op with a float data input whose every dequantized input and every Q it
     feeds is read in INT8 by other nodes: those conversions are paid for its neighbours, and
@@ -152,6 +163,9 @@ def reason(idx: GraphIndex, i: int) -> str:
     if floats and n.op_type in QLINEAR:
         src = idx.producer_op(floats[0]) or "a graph input"
         return f"input '{floats[0]}' is float (from {src}), not dequantized"
+    consts = _float_const_operands(idx, i)
+    if consts and n.op_type in QLINEAR and n.op_type not in MATMUL_LIKE:
+        return f"constant input '{consts[0]}' is float, not dequantized"
     outs = [c for o in n.output for c in idx.consumer_nodes(o)]
     if not qs or len(qs) != len(outs) or any(o in idx.outputs for o in n.output):
         return "output is not requantized by QuantizeLinear alone"

@@ -248,6 +248,24 @@ def test_a_resize_between_dq_and_q_of_one_range_fuses_only_in_nearest_mode(mode:
                                         "onnxruntime CPU"]
 
 
+def test_fusion_reason_for_a_float_constant_operand():
+    """A Linear's bias Add between DQ and Q (YOLOv5's transformer block): onnxruntime needs both
+    inputs of a QLinearAdd dequantized, and the reason names the float constant."""
+    s, z = numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z")
+    bias = numpy_helper.from_array(np.linspace(-0.5, 0.5, 16, dtype=np.float32), "bias")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq_in"),
+             helper.make_node("Add", ["xd", "bias"], ["a"], name="linear/Add"),
+             helper.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"], name="q_out"),
+             helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["y"], name="dq_out")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 49, 16])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 49, 16])], [s, z, bias])
+    r = fusion.check_ort_fusion(GraphIndex(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])),
+                                "ort-cpu")
+    assert r.status == "warn"
+    assert r.details["unfused"] == ["linear/Add: constant input 'bias' is float, not dequantized"]
+
+
 def test_fusion_reason_for_float_second_input(yolo):
     r = fusion.check_ort_fusion(GraphIndex(quantize_convs(yolo)), "ort-cpu")
     # SiLU's Mul reads the dequantized Conv output and the float Sigmoid: it cannot become QLinearMul
