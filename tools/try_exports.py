@@ -16,9 +16,10 @@ YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -s
 -sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
-EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 16 timm
+EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 21 timm
 backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
-not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNet18 with Mish),
+not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNet18 with Mish,
+MobileNetV4, RepViT, FastViT, GhostNetV2, InceptionNeXt),
 darknet YOLOv3-tiny and YOLOv4-tiny from cfg files at 320x320 (opsets 11 and 17) when
 ``pytorchyolo`` is (installed with ``--no-deps``), the original anchor-based YOLOv5 code's
 model-zoo configs at nano scale (P6, P7, P2, BiFPN, Ghost, transformer, LeakyReLU, YOLOv3-tiny)
@@ -140,7 +141,11 @@ TIMM = [("cs3darknet_focus_s", {}, 17), ("cs3darknet_s", {}, 17), ("regnety_002"
         ("mobileone_s0", {}, 17), ("mobilevit_xxs", {}, 17), ("hrnet_w18_small", {}, 17),
         ("dla46_c", {}, 17), ("lcnet_050", {}, 17), ("efficientvit_b0", {}, 17), ("hgnetv2_b0", {}, 17),
         ("resnet18", {"act_layer": "mish"}, 18), ("resnet18", {"act_layer": "mish"}, 13),
-        ("cspdarknet53", {}, 17)]
+        ("cspdarknet53", {}, 17),
+        # backbones YOLO variants borrow: MobileNetV4, RepViT, FastViT (RepMixer), GhostNetV2
+        # (DFC attention), InceptionNeXt
+        ("mobilenetv4_conv_small", {}, 17), ("repvit_m0_9", {}, 17), ("fastvit_t8", {}, 17),
+        ("ghostnetv2_100", {}, 17), ("inception_next_atto", {}, 17)]
 for name, kw, opset in TIMM if timm else ():
     torch.manual_seed(0)
     m = timm.create_model(name, pretrained=False, **kw).eval()
