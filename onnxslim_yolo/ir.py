@@ -38,7 +38,12 @@ def load(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(p), load_external_data=load_external_data)
+        model = onnx.load(str(p), load_external_data=False)
+        if load_external_data:
+            _require_external_files(model, p)
+            onnx.load_external_data_for_model(model, str(p.parent))
+    except ModelLoadError:
+        raise
     except Exception as exc:  # protobuf raises DecodeError, external data raises others
         raise ModelLoadError(f"{p}: not a readable ONNX model ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'parse failed'})") from None
@@ -47,6 +52,27 @@ def load(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     if not model.opset_import:
         raise ModelLoadError(f"{p}: model declares no opset")
     return model
+
+
+def _require_external_files(model: onnx.ModelProto, path: Path) -> None:
+    """Each external-data file the model names exists beside it (PyTorch's dynamo exporter writes
+    the weights to ``model.onnx.data``; a model copied without it cannot load)."""
+    def tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for n in graph.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from tensors(g)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if not (path.parent / loc).is_file():
+                raise ModelLoadError(f"{path}: its weights are stored in '{loc}' beside it (external data), "
+                                     "and that file is missing: copy it next to the model")
 
 
 def model_size(model: onnx.ModelProto) -> int:

@@ -115,6 +115,8 @@ def _no_outputs(folder: Path, keep: set) -> bool:
     ("int8-no-calib", 2, r"error: --int8 needs calibration images"),
     ("custom-op", 3, r"error: .*plugin.onnx: node 'nms' is TRT.EfficientNMS_TRT, which onnxruntime "
                      r"cannot run"),
+    ("no-weights-file", 2, r"error: .*ext.onnx: its weights are stored in 'ext.onnx.data' beside it "
+                           r"\(external data\), and that file is missing"),
 ])
 def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file: Path, case, code, message):
     args = ["optimize"]
@@ -148,6 +150,11 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
         m.opset_import.append(onnx.helper.make_opsetid("TRT", 1))
         target = tmp_path / "plugin.onnx"
         onnx.save(m, target)
+    elif case == "no-weights-file":  # a dynamo export copied without its .onnx.data
+        target = tmp_path / "ext.onnx"
+        onnx.save(ir.load(model_file), target, save_as_external_data=True, location="ext.onnx.data",
+                  size_threshold=0)
+        (tmp_path / "ext.onnx.data").unlink()
     keep = {p.name for p in tmp_path.iterdir()}
     snapshot = model_file.read_bytes()
     r = CliRunner().invoke(main, args + [str(target)] + [str(e) for e in extra])
