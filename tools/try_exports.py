@@ -22,7 +22,8 @@ not re-parameterised, MobileViT, HRNet, DLA, LCNet, EfficientViT, HGNetV2, ResNe
 MobileNetV4, RepViT, FastViT, GhostNetV2, InceptionNeXt),
 darknet YOLOv3-tiny and YOLOv4-tiny from cfg files at 320x320 (opsets 11 and 17) when
 ``pytorchyolo`` is (installed with ``--no-deps``), the original anchor-based YOLOv5 code's
-model-zoo configs at nano scale (P6, P7, P2, BiFPN, Ghost, transformer, LeakyReLU, YOLOv3-tiny)
+model-zoo configs at nano scale (P6, P7, P2, BiFPN, Ghost, transformer, LeakyReLU, YOLOv3-tiny,
+YOLOv5n-seg)
 when ``yolov5`` is, YOLOv5n, YOLOv8n and YOLO11n through PyTorch's dynamo exporter (opset 20,
 external weights; also with a dynamic batch) when ``onnxscript`` is, with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
@@ -205,26 +206,29 @@ for name, cfg in CFGS.items() if Darknet else ():
 # transformer block (C3TR: MultiheadAttention), LeakyReLU, and the anchor-based YOLOv3-tiny
 try:
     import yolov5 as _yolov5, yaml
-    from yolov5.models.yolo import Model as V5Model, Detect as V5Detect
+    from yolov5.models.yolo import Model as V5Model, Detect as V5Detect, SegmentationModel as V5Seg
 except ImportError:
     V5Model = None
 V5 = [("yolov5n6", 320, 12), ("yolov5s-transformer", 320, 12), ("yolov5s-ghost", 320, 12),
       ("yolov5-bifpn", 320, 12), ("yolov5-p2", 320, 12), ("yolov5-p7", 384, 12), ("yolov3-tiny", 320, 11),
-      ("yolov5s-LeakyReLU", 320, 17)]
+      ("yolov5s-LeakyReLU", 320, 17), ("yolov5n-seg", 320, 12)]  # seg: 32 mask coefficients + prototypes
 for name, size, opset in V5 if V5Model else ():
-    with open(os.path.join(os.path.dirname(_yolov5.__file__), "models", "hub", name + ".yaml")) as f:
+    seg = name.endswith("-seg")
+    folder = ("models", "segment") if seg else ("models", "hub")
+    with open(os.path.join(os.path.dirname(_yolov5.__file__), *folder, name + ".yaml")) as f:
         cfg = yaml.safe_load(f)
     if name != "yolov3-tiny":
         cfg["depth_multiple"], cfg["width_multiple"] = 0.33, 0.25
     torch.manual_seed(0)
-    m = V5Model(cfg, ch=3, nc=80)
+    m = (V5Seg if seg else V5Model)(cfg, ch=3, nc=80)
     randomise_bn(m)
     m = m.fuse().eval()
     for mod in m.modules():
         if isinstance(mod, V5Detect):
             mod.inplace, mod.export = False, True
     torch.onnx.export(m, torch.rand(1, 3, size, size), f"{out}/v5pip_{name.replace('-', '_')}.onnx",
-                      opset_version=opset, input_names=["images"], output_names=["output0"], dynamo=False)
+                      opset_version=opset, input_names=["images"],
+                      output_names=["output0", "output1"][:1 + seg], dynamo=False)
 # torch.onnx.export's default since PyTorch 2.9, dynamo=True (when onnxscript is installed): opset
 # 20, weights in a .onnx.data file beside the model, the exporter's own graph optimisation
 try:

@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .. import ir
+from ..eval.decode import mask_coefficients
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,9 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
     """(family, layout, num_classes, anchors per cell, evidence) from output shapes and metadata."""
     meta = {p.key: p.value for p in model.metadata_props}
     ev: List[str] = []
+    nm = mask_coefficients([s for _, s in outputs])
+    if nm:
+        ev.append(f"{nm} mask coefficients per candidate (prototype output)")
     cells = _cells(_image_hw(model), strides or DEFAULT_STRIDES)
     rank3 = [(n, s) for n, s in outputs if len(s) == 3 and all(isinstance(d, int) for d in s[1:])]
     if rank3:
@@ -230,19 +234,19 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         a, b = int(a), int(b)  # type: ignore[arg-type]
         if cells and b == cells and a >= 5 and (has_dfl or a < b):
             ev.append(f"output {name} (1, {a}, {b}): 4+C channels first, {b} = grid cells")
-            return "yolov8", "(1, 4+C, N) xywh + class scores, no objectness", a - 4, 1, ev
+            return "yolov8", "(1, 4+C, N) xywh + class scores, no objectness", a - 4 - nm, 1, ev
         if cells and a % cells == 0 and b >= 6:
             na = a // cells
             fam = "yolov5" if na > 1 else "yolox"
             ev.append(f"output {name} (1, {a}, {b}): {na} prediction(s) per grid cell, 5+C last")
-            return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5, na, ev
+            return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5 - nm, na, ev
         if has_dfl and a >= 5:
             ev.append("DFL projection in the tail")
-            return "yolov8", "(1, 4+C, N) xywh + class scores, no objectness", a - 4, 1, ev
+            return "yolov8", "(1, 4+C, N) xywh + class scores, no objectness", a - 4 - nm, 1, ev
         if b >= 6 and a > b:
             fam = "yolov5" if "stride" in meta and "names" in meta else "unknown"
             ev.append(f"output {name} (1, {a}, {b}): predictions last-dim 5+C")
-            return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5, None, ev
+            return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5 - nm, None, ev
     if any(len(s) == 5 for _, s in outputs):
         ev.append("rank-5 outputs (1, na, h, w, 5+C)")
         s5 = next(s for _, s in outputs if len(s) == 5)

@@ -93,12 +93,27 @@ def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
     return None
 
 
+def mask_coefficients(shapes: Sequence[Sequence]) -> int:
+    """Mask coefficients per candidate in an instance-segmentation export: two outputs, the
+    candidates (rank 3, e.g. YOLOv5-seg's (1, N, 5+C+nm)) and the prototype masks (1, nm, h, w).
+    nm (the prototypes' channels) then; 0 for any other set of outputs."""
+    if len(shapes) != 2 or len(shapes[0]) != 3 or len(shapes[1]) != 4:
+        return 0
+    nm = shapes[1][1]
+    return int(nm) if isinstance(nm, (int, np.integer)) and nm > 0 else 0
+
+
 def detection_output(outputs: Sequence[np.ndarray]) -> np.ndarray:
-    """The one array :func:`decode` reads from a model's outputs: the first output, or for a
+    """The one array :func:`decode` reads from a model's outputs: the first output, without the
+    trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), or for a
     boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C)."""
     split = split_layout([o.shape for o in outputs])
     if split is None:
-        return outputs[0]
+        nm = mask_coefficients([o.shape for o in outputs])
+        out = outputs[0]
+        if nm and out.shape[1] > out.shape[2]:  # candidates in rows: (B, N, 5+C+nm)
+            return out[:, :, :-nm]
+        return out[:, :-nm, :] if nm else out  # channels first: (B, 4+C+nm, N)
     bi, si, channels_first = split
     scores = outputs[si].transpose(0, 2, 1) if channels_first else outputs[si]
     return np.concatenate([outputs[bi].astype(np.float32, copy=False),

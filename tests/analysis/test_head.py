@@ -133,3 +133,31 @@ def test_yolov5n_head(yolov5n_path) -> None:
     ops = {n.name: n.op_type for n in model.graph.node}
     assert sorted({ops[n] for n in info.tail_nodes}) == ["Add", "Concat", "Mul", "Pow", "Reshape", "Sigmoid",
                                                          "Split", "Transpose"]
+
+
+def test_segmentation_export_mask_coefficients_are_not_classes() -> None:
+    """A YOLOv5-seg style export: the candidates carry nm mask coefficients after the class scores
+    (1, N, 5+C+nm), and a second output holds nm prototype masks (1, nm, h, w). The head has C
+    classes, and the evaluator reads the candidates without the coefficients."""
+    import onnxruntime as ort
+
+    from onnxslim_yolo.eval.decode import detection_output
+
+    model = fixtures.build_yolov5_v6(opset=13)
+    n = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    det, image = model.graph.output[0].name, model.graph.input[0].name
+    # coefficients above every score: read as classes, they would win every candidate
+    coeffs = numpy_helper.from_array(np.full((1, n, 3), 0.9, np.float32), "coeffs")
+    model.graph.initializer.append(coeffs)
+    model.graph.node.extend([helper.make_node("Concat", [det, "coeffs"], ["candidates"], axis=2),
+                             helper.make_node("Identity", [image], ["protos"])])
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info("candidates", TensorProto.FLOAT, [1, n, 9 + 3]),
+                               helper.make_tensor_value_info("protos", TensorProto.FLOAT, [1, 3, 64, 64])])
+    info = find_head(model)
+    assert info.num_classes == 4 and "3 mask coefficients" in info.evidence[0]
+    feeds = {image: np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, feeds)
+    assert outs[0].shape == (1, n, 12)
+    np.testing.assert_array_equal(detection_output(outs), outs[0][:, :, :9])
