@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -18,15 +19,20 @@ log = logging.getLogger(__name__)
 Feeds = Dict[str, np.ndarray]
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
+#: ``optimize`` values of :func:`session`: every graph optimization, none (the reference), or up
+#: to the EXTENDED level (the QDQ fusions, without the NCHWc layout rewrites of the last level)
+LEVELS = {True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+
+
+def session(model: onnx.ModelProto, *, optimize: Union[bool, str] = True, threads: int = 0,
             profile_prefix: Optional[str] = None, disabled_optimizers: Sequence[str] = (),
             save_optimized: Optional[str] = None) -> ort.InferenceSession:
-    """A CPU InferenceSession. ``optimize=False`` disables graph optimizations (the reference);
+    """A CPU InferenceSession. ``optimize`` is a key of :data:`LEVELS` (False: the reference);
     ``disabled_optimizers`` names onnxruntime graph transformers left out; ``save_optimized``
     writes the graph onnxruntime runs to that path."""
     so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = LEVELS[optimize]
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
@@ -45,6 +51,16 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0,
             foreign = custom_op_nodes(model)
             why = f"{foreign[0]}; " if foreign else ""
             raise VerificationError(f"onnxruntime cannot load the model: {why}{first_line(exc)}") from None
+
+
+def optimized_model(model: onnx.ModelProto, *, optimize: Union[bool, str] = True,
+                    disabled_optimizers: Sequence[str] = ()) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs for ``model`` (one thread), read back."""
+    with tempfile.TemporaryDirectory() as td:
+        path = os.path.join(td, "optimized.onnx")
+        session(model, optimize=optimize, threads=1, disabled_optimizers=disabled_optimizers,
+                save_optimized=path)
+        return onnx.load(path)
 
 
 #: op domains onnxruntime's CPU provider has kernels for; any other needs a custom-op library

@@ -15,14 +15,11 @@ so an S8 Conv whose output feeds SiLU (Sigmoid and Mul) stays float. Verified wi
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import onnx
-import onnxruntime as ort
 
-from .. import ir
+from .. import verify
 from .index import QDQ_OPS, GraphIndex
 from .qdq_lint import T, _type_name, qdq_nodes, qtype
 from .result import CheckResult, listing, passed, skipped, summarize, warned
@@ -177,18 +174,11 @@ def reason(idx: GraphIndex, i: int) -> str:
 
 def ort_optimized(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
     """The model as onnxruntime's CPU provider rewrites it at the EXTENDED level (None if it fails)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    with tempfile.TemporaryDirectory() as td:
-        so.optimized_model_filepath = str(Path(td) / "optimized.onnx")
-        try:
-            ort.InferenceSession(ir.serialize_for_runtime(model, td), so, providers=["CPUExecutionProvider"])
-            return onnx.load(so.optimized_model_filepath)
-        except Exception as exc:  # reported by the runtime check
-            log.info("onnxruntime could not optimize the model: %s", exc)
-            return None
+    try:
+        return verify.optimized_model(model, optimize="extended")
+    except Exception as exc:  # reported by the runtime check
+        log.info("onnxruntime could not optimize the model: %s", exc)
+        return None
 
 
 def quantized_by_runtime(idx: GraphIndex, opt: onnx.ModelProto) -> List[str]:
