@@ -159,42 +159,34 @@ def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
 _LAYOUT_OPS = frozenset({"Transpose", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
 
 
-def _constants(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
-    """Initializers and Constant-node values by name, not yet read into arrays."""
-    out = {t.name: t for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = n.attribute[0].t
-    return out
-
-
 def takes_pixels(model: onnx.ModelProto) -> bool:
     """Whether the single image input takes pixel values 0-255: an integer tensor (uint8), or a
     graph whose first arithmetic on the input (past layout ops and Casts) divides it by 50 or more,
     multiplies it by 0.02 or less, or subtracts a mean in pixel units (Keras' Rescaling and
     Normalization layers, end-to-end exports)."""
-    graph = model.graph
-    init = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in init]
-    if len(inputs) != 1:
+    from .check.index import GraphIndex  # check imports data's callers: import when used
+
+    idx = GraphIndex(model)
+    if len(idx.inputs) != 1:
         return False
-    if np.issubdtype(ir.input_dtypes(model).get(inputs[0].name, np.dtype(np.float32)), np.integer):
+    name = idx.inputs[0]
+    if np.issubdtype(ir.input_dtypes(model).get(name, np.dtype(np.float32)), np.integer):
         return True
-    consts, name = _constants(graph), inputs[0].name
     for _ in range(len(_LAYOUT_OPS) + 1):
-        users = [n for n in graph.node if name in n.input]
+        users = set(idx.consumer_nodes(name))
         if len(users) != 1:
             return False
-        node = users[0]
+        node = idx.nodes[users.pop()]
         if node.op_type in _LAYOUT_OPS and node.input[0] == name:
             name = node.output[0]
             continue
         other = [i for i in node.input if i != name]
-        if node.op_type not in ("Div", "Mul", "Sub", "Add") or len(other) != 1 or other[0] not in consts:
+        if node.op_type not in ("Div", "Mul", "Sub", "Add") or len(other) != 1:
             return False
-        v = np.abs(ir.tensor_array(consts[other[0]]).astype(np.float64))
-        if v.size == 0:
+        value = idx.const(other[0])  # only now: the other input of a Conv would be its weights
+        if value is None or value.size == 0:
             return False
+        v = np.abs(value.astype(np.float64))
         if node.op_type == "Div":
             return node.input[0] == name and float(v.min()) >= 50.0
         if node.op_type == "Mul":
