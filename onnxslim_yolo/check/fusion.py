@@ -186,8 +186,7 @@ def quantized_by_runtime(idx: GraphIndex, opt: onnx.ModelProto) -> List[str]:
     quantizes the weights of a float Conv / Gemm between DQ and Q itself (WeightBiasQuantization,
     onnxruntime 1.20 on, per tensor), which undoes an exclusion and costs accuracy."""
     float_layers = {n.name for n in idx.nodes if n.name and n.op_type in ("Conv", "ConvTranspose", "Gemm")
-                    and len(n.input) > 1 and idx.is_const(n.input[1])
-                    and idx.producer_op(n.input[1]) != "DequantizeLinear"}
+                    and len(n.input) > 1 and idx.is_const(n.input[1])}  # a DQ output is not a constant
     return sorted(n.name for n in opt.graph.node if n.name in float_layers
                   and (n.op_type.startswith("QLinear") or n.op_type in ("QGemm", "ConvInteger")))
 

@@ -262,11 +262,12 @@ def _complete_partial(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, s
         for node in graph.nodes:
             if node.name in tail or node.name in int8 or node.name in excluded:
                 continue
-            io = _float_io(node) if node.op in ops or runs_int8(node, same_range) else None
+            passthrough = runs_int8(node, same_range)
+            io = _float_io(node) if passthrough or node.op in ops else None
             if io is None:
                 continue
             ins, outs = io
-            if node.op in same_range:  # quantized on both sides anyway: run it INT8 in one range
+            if passthrough:  # quantized on both sides anyway: run it INT8 in one range
                 if all(x.name in avail for x in ins + outs):
                     plan.int8_ops.append(node.name)
                     changed = True
