@@ -44,7 +44,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXPORT = r'''
+#: the start of every export script: BatchNorm statistics randomised, as a trained model has them
+RANDOMISE_BN = r'''
+import torch
+def randomise_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
+            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+'''
+
+EXPORT = RANDOMISE_BN + r'''
 import os, shutil, sys
 out = sys.argv[1]
 try:  # each family is exported when the exporter Python has its package
@@ -84,12 +94,6 @@ for cfg, opset, kw, name in jobs if YOLO else ():
     kw = {"imgsz": 320, "simplify": False, **kw}
     p = cls(cfg).export(format="onnx", opset=opset, **kw)
     shutil.move(p, f"{out}/{name}.onnx")
-import torch
-def randomise_bn(m):  # BatchNorm statistics randomised, as a trained model has them
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(mod.weight, 0.5, 1.5); torch.nn.init.uniform_(mod.bias, -0.2, 0.2)
-            mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
 try:
     import torchvision
 except ImportError:
@@ -270,7 +274,7 @@ for tag, m in dynamo_jobs:
 #: yolox-0.3.0.tar.gz unpacked; its setup.py needs torch at build time, so it is not installed),
 #: exported as its tools/export_onnx.py does: opset 11, SiLU as x * sigmoid(x), BN folded by
 #: torch; the raw head (the default) and with decode_in_inference. BN statistics are randomised.
-EXPORT_YOLOX = r'''
+EXPORT_YOLOX = RANDOMISE_BN + r'''
 import sys, torch
 from torch import nn
 src, out = sys.argv[1], sys.argv[2]
@@ -284,10 +288,7 @@ for name, (depth, width, dw, size) in sizes.items():
         torch.manual_seed(0)
         m = YOLOX(YOLOPAFPN(depth, width, act="silu", depthwise=dw),
                   YOLOXHead(80, width, act="silu", depthwise=dw))
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                nn.init.uniform_(mod.weight, 0.5, 1.5); nn.init.uniform_(mod.bias, -0.2, 0.2)
-                mod.running_mean.uniform_(-0.1, 0.1); mod.running_var.uniform_(0.5, 2.0)
+        randomise_bn(m)
         m.head.initialize_biases(1e-2)
         m = replace_module(m.eval(), nn.SiLU, SiLU)
         m.head.decode_in_inference = decode
