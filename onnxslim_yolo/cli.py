@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
+from .data import PRESETS
 from .pass_base import SlimError, UsageError
 
 
@@ -105,7 +106,7 @@ def main(verbose: int) -> None:
               help="Pruning: write the kept channel indices per layer here (to fine-tune the same shape).")
 @click.option("--images", type=click.Path(), help="Evaluation images (default: --calib).")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: accuracy before/after.")
-@click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
+@click.option("--preprocess", type=click.Choice(list(PRESETS)), help="Preprocessing preset.")
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")

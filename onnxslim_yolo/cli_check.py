@@ -11,6 +11,7 @@ from typing import Optional
 import click
 
 from .check.result import FAIL, WARN, CheckReport
+from .data import PRESETS
 
 #: width of the message column in the table (full messages are in the lines below and the JSON)
 MESSAGE_WIDTH = 96
@@ -51,7 +52,7 @@ def render(report: CheckReport) -> str:
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Interleaved latency runs per model.")
 @click.option("--limit", type=int, help="Use the first N images (by name) for the detection checks.")
-@click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]), help="Preprocessing preset.")
+@click.option("--preprocess", type=click.Choice(list(PRESETS)), help="Preprocessing preset.")
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")

@@ -9,6 +9,7 @@ from typing import Optional
 
 import click
 
+from .data import PRESETS
 from .eval.decode import FORMATS
 from .pass_base import SlimError
 
@@ -18,7 +19,7 @@ from .pass_base import SlimError
 @click.option("--images", required=True, type=click.Path(), help="Folder of images (jpg/png/bmp).")
 @click.option("--labels", required=True, type=click.Path(),
               help="YOLO labels folder (class cx cy w h per line, <image stem>.txt) or COCO instances .json.")
-@click.option("--preprocess", type=click.Choice(["yolov5", "yolov8", "yolox"]),
+@click.option("--preprocess", type=click.Choice(list(PRESETS)),
               help="Preprocessing preset (default: detected from the model).")
 @click.option("--conf", type=float, default=0.001, show_default=True, help="Score threshold.")
 @click.option("--iou", type=float, default=0.6, show_default=True, help="NMS IoU threshold.")

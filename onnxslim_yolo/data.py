@@ -13,14 +13,18 @@ import sys
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from PIL import Image, UnidentifiedImageError
 
 from . import ir
 from .pass_base import UsageError
+
+if TYPE_CHECKING:
+    from .check.index import GraphIndex
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     "yolov5": Preset("yolov5", rgb=True, scale=1 / 255, center=True),
     "yolov8": Preset("yolov8", rgb=True, scale=1 / 255, center=True),
+    "yolov6": Preset("yolov6", rgb=True, scale=1 / 255, center=True),
     "yolox": Preset("yolox", rgb=False, scale=1.0, center=False),
 }
 
@@ -134,10 +139,64 @@ def preprocess(img: np.ndarray, preset: Preset, size: Tuple[int, int],
 # ------------------------------------------------------------------------------------ models
 def detect_preset(model: onnx.ModelProto) -> str:
     """The preset name for ``model``: from the exporter (metadata; any ultralytics task is
-    preprocessed like its detector), then the output layout, else yolov5."""
+    preprocessed like its detector), then the output layout, else yolov5. A row per grid point
+    is YOLOX's layout, unless the objectness column is a constant 1: YOLOX has an objectness
+    branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`)."""
     from .eval.decode import detect_format, exporter_family  # decode does not import data: no cycle
     fmt = exporter_family(model)[0] or detect_format(model)
+    if fmt == "yolox" and ones_objectness(model):
+        return "yolov6"
     return {"v8": "yolov8", "yolox": "yolox"}.get(fmt, "yolov5")
+
+
+#: ops that pass a tensor of ones on as ones (a broadcast, a reshape, a cast)
+_KEEPS_ONES = frozenset({"Expand", "Tile", "Reshape", "Unsqueeze", "Cast", "Identity"})
+
+
+def ones_objectness(model: onnx.ModelProto) -> bool:
+    """Whether the first output is a Concat on its last axis whose column 4 (objectness, after
+    the 4 box values) is a constant 1: an initializer or Constant of ones, a ConstantOfShape of
+    value 1 (a dynamic-batch export), possibly broadcast by Expand or Tile."""
+    from .check.index import GraphIndex, attr  # check imports data's callers: import when used
+
+    idx = GraphIndex(model)
+    out = idx.outputs[0] if idx.outputs else ""
+    i = idx.producer.get(out)
+    if i is None or idx.nodes[i].op_type != "Concat":
+        return False
+    node = idx.nodes[i]
+    if not any(_is_ones(idx, t) for t in node.input[1:]):
+        return False  # before any shape inference: most models stop here
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim] for v in ir.inferred_values(model)}
+    out_dims = shapes.get(out) or [None]
+    if len(out_dims) < 2 or out_dims[-1] is None or attr(node, "axis") not in (-1, len(out_dims) - 1):
+        return False
+    widths = [(shapes.get(t) or [None])[-1] for t in node.input]
+    if widths.count(None) == 1:  # a ConstantOfShape's shape is known only from its data
+        widths[widths.index(None)] = out_dims[-1] - sum(w for w in widths if w is not None)
+    column = 0
+    for t, w in zip(node.input, widths):
+        if column == 4:
+            return w == 1 and _is_ones(idx, t)
+        if w is None:
+            return False
+        column += w
+    return False
+
+
+def _is_ones(idx: "GraphIndex", tensor: str, depth: int = 0) -> bool:
+    value = idx.const(tensor)
+    if value is not None:
+        return value.size > 0 and bool(np.all(value == 1))
+    i = idx.producer.get(tensor)
+    if i is None or depth > 4:
+        return False
+    node = idx.nodes[i]
+    if node.op_type == "ConstantOfShape":
+        fill = next((a.t for a in node.attribute if a.name == "value"), None)
+        return fill is not None and bool(np.all(numpy_helper.to_array(fill) == 1))
+    return node.op_type in _KEEPS_ONES and _is_ones(idx, node.input[0], depth + 1)
 
 
 def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
+import fixtures
 from onnxslim_yolo import data
 from onnxslim_yolo.pass_base import UsageError
 
@@ -95,6 +96,59 @@ def test_presets_table():
 ])
 def test_detect_preset(out_shape, meta, expected):
     assert data.detect_preset(declared_model((1, 3, 640, 640), out_shape, meta)) == expected
+
+
+def _folded_ones(model: onnx.ModelProto, value: float = 1.0, ones_last: bool = False) -> onnx.ModelProto:
+    """``model`` (a YOLOv6-style fixture) with its ConstantOfShape of ones replaced by an
+    initializer, as a constant-folding exporter writes it; ``ones_last`` moves that column after
+    the class scores (column 8 instead of 4)."""
+    g = model.graph
+    cos = next(n for n in g.node if n.op_type == "ConstantOfShape")
+    shape_node = next(n for n in g.node if n.output[0] == cos.input[0])
+    g.initializer.append(onnx.numpy_helper.from_array(np.full((1, 84, 1), value, np.float32), cos.output[0]))
+    g.node.remove(cos)
+    g.node.remove(shape_node)
+    if ones_last:
+        cat = next(n for n in g.node if n.output[0] == g.output[0].name)
+        ins = list(cat.input)
+        del cat.input[:]
+        cat.input.extend(ins[:2] + ins[3:] + ins[2:3])
+    return model
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_yolov6_ones_objectness_is_fed_rgb_0_1(dynamic_batch):
+    """A row per grid point is YOLOX's layout (BGR 0-255), but a constant objectness column of
+    ones is how YOLOv6 fills it, and YOLOv6 wants RGB 0-1."""
+    v6 = fixtures.build_yolox(decode_outputs=True, ones_objectness=True, dynamic_batch=dynamic_batch)
+    assert data.ones_objectness(v6) and data.detect_preset(v6) == "yolov6"
+    preset = data.get_preset(None, v6)
+    assert (preset.rgb, preset.scale, preset.center) == (True, 1 / 255, True)
+    yolox = fixtures.build_yolox(decode_outputs=True, dynamic_batch=dynamic_batch)
+    assert not data.ones_objectness(yolox) and data.detect_preset(yolox) == "yolox"
+
+
+def test_ones_objectness_from_a_folded_constant_and_only_in_column_4():
+    base = fixtures.build_yolox(decode_outputs=True, ones_objectness=True)
+    folded = _folded_ones(onnx.ModelProto.FromString(base.SerializeToString()))
+    onnx.checker.check_model(folded)
+    assert data.detect_preset(folded) == "yolov6"
+    halves = _folded_ones(onnx.ModelProto.FromString(base.SerializeToString()), value=0.5)
+    assert not data.ones_objectness(halves) and data.detect_preset(halves) == "yolox"
+    shifted = _folded_ones(onnx.ModelProto.FromString(base.SerializeToString()), ones_last=True)
+    onnx.checker.check_model(shifted, full_check=True)
+    assert not data.ones_objectness(shifted) and data.detect_preset(shifted) == "yolox"
+
+
+def test_cli_preset_choices_are_the_presets():
+    from onnxslim_yolo import cli
+    from onnxslim_yolo.cli_check import check_command
+    from onnxslim_yolo.cli_eval import eval_command
+
+    for cmd in (cli.optimize, check_command, eval_command):
+        opt = next(p for p in cmd.params if p.name == "preprocess")
+        assert list(opt.type.choices) == list(data.PRESETS), cmd.name
+    assert "yolov6" in data.PRESETS
 
 
 def test_unknown_preset_name_is_usage_error():
