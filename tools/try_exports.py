@@ -28,7 +28,8 @@ when ``yolov5`` is, YOLOv5n, YOLOv8n and YOLO11n through PyTorch's dynamo export
 external weights; also with a dynamic batch) when ``onnxscript`` is, with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
-``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11). The
+``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11), with ``--yolov6-src``
+meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13). The
 weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
@@ -297,6 +298,34 @@ for name, (depth, width, dw, size) in sizes.items():
                           input_names=["images"], output_names=["output"], opset_version=11, dynamo=False)
 '''
 
+#: meituan YOLOv6 from its source tree (the PyPI sdist yolov6detect-0.4.1.tar.gz unpacked; it needs
+#: ``addict`` in the exporter Python), exported as its deploy/ONNX/export_onnx.py does: RepVGG
+#: blocks re-parameterised, opset 13, one (1, N, 85) output whose objectness column is ones.
+#: YOLOv6n (also with a dynamic batch), YOLOv6n-base (Conv + ReLU blocks, no re-parameterisation)
+#: and YOLOv6n6 (strides 8-64), at 640x640. BN statistics are randomised.
+EXPORT_YOLOV6 = RANDOMISE_BN + r'''
+import sys, torch
+src, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, src)
+from yolov6.utils.config import Config
+from yolov6.models.yolo import build_model
+from yolov6.layers.common import RepVGGBlock
+for name, cfg_name, dynamic in (("mt_yolov6n", "yolov6n", False), ("mt_yolov6n_dynamic", "yolov6n", True),
+                                ("mt_yolov6n_base", "base/yolov6n_base", False), ("mt_yolov6n6", "yolov6n6", False)):
+    cfg = Config.fromfile(f"{src}/yolov6/configs/{cfg_name}.py")
+    if "training_mode" not in cfg._cfg_dict:  # the sdist's n/s configs lack it; the repo default
+        cfg._cfg_dict.training_mode = "repvgg"
+    torch.manual_seed(0)
+    m = build_model(cfg, 80, "cpu").eval()
+    randomise_bn(m)
+    for mod in m.modules():
+        if isinstance(mod, RepVGGBlock):
+            mod.switch_to_deploy()
+    axes = {"images": {0: "batch"}, "outputs": {0: "batch"}} if dynamic else None
+    torch.onnx.export(m, torch.zeros(1, 3, 640, 640), f"{out}/{name}.onnx", opset_version=13,
+                      input_names=["images"], output_names=["outputs"], dynamic_axes=axes, dynamo=False)
+'''
+
 #: Keras MobileNetV2 and EfficientNetB0 (random weights) converted by tf2onnx with the input
 #: channels-first (``--inputs-as-nchw``), and MobileNetV2 as tf2onnx leaves it (NHWC, opset 13)
 EXPORT_TF = r'''
@@ -354,6 +383,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the exports, outputs and reports")
     ap.add_argument("--only", nargs="*", default=None, metavar="NAME",
                     help="run the pipelines on these exports only (names as in the table, e.g. yolov9t)")
+    ap.add_argument("--yolov6-src", default=None,
+                    help="YOLOv6 source tree (unpacked yolov6detect-0.4.1 sdist): also export YOLOv6n, "
+                         "-n-base and -n6; the exporter Python then needs addict")
     ap.add_argument("--tf-python", default=None,
                     help="a Python with tensorflow and tf2onnx: also convert Keras MobileNetV2 and "
                          "EfficientNetB0")
@@ -374,6 +406,9 @@ def main(argv=None) -> int:
         subprocess.run([args.tf_python, "-c", EXPORT_TF, str(out)], check=True, capture_output=True, cwd=out)
     if args.yolox_src and not args.no_export:
         subprocess.run([args.exporter_python, "-c", EXPORT_YOLOX, args.yolox_src, str(out)], check=True,
+                       capture_output=True, cwd=out)
+    if args.yolov6_src and not args.no_export:
+        subprocess.run([args.exporter_python, "-c", EXPORT_YOLOV6, args.yolov6_src, str(out)], check=True,
                        capture_output=True, cwd=out)
     models = [m for m in sorted(out.glob("*.onnx"))
               if "." not in m.stem and (not args.only or m.stem in args.only)]
