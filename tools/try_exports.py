@@ -311,7 +311,8 @@ from yolov6.utils.config import Config
 from yolov6.models.yolo import build_model
 from yolov6.layers.common import RepVGGBlock
 for name, cfg_name, dynamic in (("mt_yolov6n", "yolov6n", False), ("mt_yolov6n_dynamic", "yolov6n", True),
-                                ("mt_yolov6n_base", "base/yolov6n_base", False), ("mt_yolov6n6", "yolov6n6", False)):
+                                ("mt_yolov6n_base", "base/yolov6n_base", False),
+                                ("mt_yolov6n6", "yolov6n6", False)):
     cfg = Config.fromfile(f"{src}/yolov6/configs/{cfg_name}.py")
     if "training_mode" not in cfg._cfg_dict:  # the sdist's n/s configs lack it; the repo default
         cfg._cfg_dict.training_mode = "repvgg"
