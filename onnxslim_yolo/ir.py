@@ -288,6 +288,19 @@ def has_subgraphs(graph: onnx.GraphProto) -> bool:
     return any(holds_subgraph(n) for n in graph.node)
 
 
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph``, then of the subgraphs its nodes hold (If branches, Loop and Scan
+    bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from all_nodes(sub)
+
+
 def node_graph(model: onnx.ModelProto):
     """networkx DiGraph of node names, an edge from each producer to each consumer."""
     import networkx as nx

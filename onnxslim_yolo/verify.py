@@ -68,10 +68,16 @@ ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 
 
 def custom_op_nodes(model: onnx.ModelProto) -> List[str]:
-    """The top-level nodes onnxruntime cannot run without a custom-op library (a TensorRT plugin
-    such as EfficientNMS_TRT), each as "node 'NAME' is DOMAIN.OP, which onnxruntime cannot run"."""
-    return [f"node '{n.name or f'#{i}'}' is {n.domain}.{n.op_type}, which onnxruntime cannot run"
-            for i, n in enumerate(model.graph.node) if n.domain not in ORT_DOMAINS]
+    """The nodes, in the main graph or a subgraph (an If branch), that onnxruntime cannot run
+    without a custom-op library (a TensorRT plugin such as EfficientNMS_TRT), each as
+    "node 'NAME' is DOMAIN.OP, which onnxruntime cannot run"; an unnamed node is named by its
+    op and first output."""
+    out = []
+    for n in ir.all_nodes(model.graph):
+        if n.domain not in ORT_DOMAINS:
+            label = n.name or f"{n.op_type}({n.output[0] if n.output else ''})"
+            out.append(f"node '{label}' is {n.domain}.{n.op_type}, which onnxruntime cannot run")
+    return out
 
 
 def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Optional[Sequence[str]] = None

@@ -115,6 +115,8 @@ def _no_outputs(folder: Path, keep: set) -> bool:
     ("int8-no-calib", 2, r"error: --int8 needs calibration images"),
     ("custom-op", 3, r"error: .*plugin.onnx: node 'nms' is TRT.EfficientNMS_TRT, which onnxruntime "
                      r"cannot run"),
+    ("custom-op-in-if", 3, r"error: .*plugin_if.onnx: node 'EfficientNMS_TRT\(nms_out\)' is "
+                           r"TRT.EfficientNMS_TRT, which onnxruntime cannot run"),
     ("no-weights-file", 2, r"error: .*ext.onnx: its weights are stored in 'ext.onnx.data' beside it "
                            r"\(external data\), and that file is missing"),
 ])
@@ -149,6 +151,21 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
                                                   domain="TRT"))
         m.opset_import.append(onnx.helper.make_opsetid("TRT", 1))
         target = tmp_path / "plugin.onnx"
+        onnx.save(m, target)
+    elif case == "custom-op-in-if":  # the plugin, unnamed, in one branch of an If
+        m = ir.load(model_file)
+        head = m.graph.output[0].name
+        out = onnx.helper.make_tensor_value_info("nms_out", onnx.TensorProto.FLOAT, None)
+        then = onnx.helper.make_graph([onnx.helper.make_node("EfficientNMS_TRT", [head], ["nms_out"],
+                                                             domain="TRT")], "then", [], [out])
+        other = onnx.helper.make_graph([onnx.helper.make_node("Identity", [head], ["nms_out"])], "else",
+                                       [], [out])
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "use_plugin"))
+        m.graph.node.append(onnx.helper.make_node("If", ["use_plugin"], ["selected"], name="select",
+                                                  then_branch=then, else_branch=other))
+        m.graph.output.append(onnx.helper.make_tensor_value_info("selected", onnx.TensorProto.FLOAT, None))
+        m.opset_import.append(onnx.helper.make_opsetid("TRT", 1))
+        target = tmp_path / "plugin_if.onnx"
         onnx.save(m, target)
     elif case == "no-weights-file":  # a dynamo export copied without its .onnx.data
         target = tmp_path / "ext.onnx"
