@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .. import ir
+from ..data import ones_objectness
 from ..eval.decode import mask_coefficients
 from ..pass_base import PreconditionError
 
@@ -239,6 +240,9 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
             na = a // cells
             fam = "yolov5" if na > 1 else "yolox"
             ev.append(f"output {name} (1, {a}, {b}): {na} prediction(s) per grid cell, 5+C last")
+            if na == 1 and ones_objectness(model):
+                ev.append("objectness column is a constant 1 (no objectness branch)")
+                return "yolov6", "(1, N, 5+C) xywh + ones + class scores", b - 5 - nm, na, ev
             return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5 - nm, na, ev
         if has_dfl and a >= 5:
             ev.append("DFL projection in the tail")

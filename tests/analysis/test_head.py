@@ -70,6 +70,12 @@ def test_yolov8_dfl_conv_is_tail_not_last() -> None:
     assert info.anchors_per_cell == 1
 
 
+def test_yolov6_head_named_by_its_constant_objectness() -> None:
+    info = find_head(fixtures.build_yolox(decode_outputs=True, ones_objectness=True))
+    assert (info.family, info.num_classes, info.anchors_per_cell) == ("yolov6", 4, 1)
+    assert "objectness column is a constant 1 (no objectness branch)" in info.evidence
+
+
 def test_yolox_decoded_tail_has_grid_arithmetic() -> None:
     info = find_head(fixtures.build_yolox(decode_outputs=True))
     assert info.family == "yolox"
