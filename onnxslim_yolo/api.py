@@ -92,9 +92,10 @@ def pipeline_names(opts: OptimizeOptions) -> List[str]:
 
 def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence[str],
                   exact_only: bool = False) -> PassContext:
-    """The passes' context. A model with a dynamic image size and no ``input_shape`` is refused,
-    except by an ``exact_only`` pipeline: that keeps the dynamic dims and verifies at the size in
-    the model's metadata (else 640)."""
+    """The passes' context. A model with a dynamic image size and no ``input_shape``: an
+    ``exact_only`` pipeline keeps the dynamic dims and verifies at the size in the model's
+    metadata (else 640); a lossy one runs at the metadata size, fixed as if it were given as
+    ``input_shape``, and is refused when the metadata names none."""
     shapes: Dict[str, Tuple[int, ...]] = {}
     fix = True
     if opts.input_shape:
@@ -103,13 +104,19 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
     try:
         ir.static_input_shapes(model, dict(shapes))
     except PreconditionError:
-        if not exact_only:
-            raise
-        from .data import full_input_shape, model_input
+        from .data import full_input_shape, metadata_imgsz, model_input
 
+        if not exact_only and metadata_imgsz(model) is None:
+            raise
         name, chw = model_input(model)
-        shapes, fix = {name: full_input_shape(model, chw)}, False
-        log.info("input '%s' is dynamic: kept so, exact passes verified at %s", name, list(shapes[name]))
+        shapes = {name: full_input_shape(model, chw)}
+        if exact_only:
+            fix = False
+            log.info("input '%s' is dynamic: kept so, exact passes verified at %s", name, list(shapes[name]))
+        else:
+            log.warning("input '%s' is dynamic: INT8 and pruning run at %s, the size its metadata names, "
+                        "and the result is fixed to it (--input-shape for another size)", name,
+                        list(shapes[name]))
     calib = None
     if opts.calib is not None:
         from .data import load_calibration

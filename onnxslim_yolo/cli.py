@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
@@ -202,7 +202,12 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
     shp = _shape(input_shape)
     if shp:
         shapes = {next(iter(ir.input_shapes(m))): shp}
+    at = _dynamic_size(m) if not shp else None
+    if at:
+        shapes = {next(iter(ir.input_shapes(m))): at}
     stats = model_stats(m, shapes).to_dict()
+    if at:
+        stats["macs_at"] = list(at)
     click.echo(stats_table(stats))
     click.echo("")
     click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
@@ -218,6 +223,22 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
         click.echo(table([[k, v] for k, v in head.items()], ["detection head", ""]))
     if json_out:
         write_json(json_out, stats)
+
+
+def _dynamic_size(model: Any) -> Optional[Tuple[int, ...]]:
+    """For a single image input of dynamic size: the whole input shape at the size its metadata
+    names (else 640), where `inspect` counts MACs; None for a static input."""
+    from . import data, ir
+
+    try:
+        ir.static_input_shapes(model)
+        return None
+    except SlimError:
+        pass
+    try:
+        return data.full_input_shape(model, data.model_input(model)[1])
+    except SlimError:
+        return None
 
 
 def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, Any]:

@@ -254,7 +254,8 @@ def takes_pixels(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _metadata_imgsz(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
+def metadata_imgsz(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
+    """The (h, w) an Ultralytics export names in its ``imgsz`` metadata, if any."""
     for p in model.metadata_props:
         if p.key == "imgsz":
             try:
@@ -298,7 +299,7 @@ def model_input(model: onnx.ModelProto,
     elif all(isinstance(d, int) and d > 0 for d in hw_dims):
         hw = (int(hw_dims[0]), int(hw_dims[1]))
     else:
-        hw = _metadata_imgsz(model) or (DEFAULT_SIZE, DEFAULT_SIZE)
+        hw = metadata_imgsz(model) or (DEFAULT_SIZE, DEFAULT_SIZE)
         log.info("input '%s' has dynamic size %s: using %dx%d", name, list(dims), *hw)
     return name, (int(c), int(hw[0]), int(hw[1]))
 

@@ -94,7 +94,8 @@ def passes_table(records: Sequence[Dict[str, Any]]) -> str:
 def stats_table(stats: Dict[str, Any]) -> str:
     rows = [["opset", stats["opset"]], ["nodes", stats["nodes"]],
             ["parameters", f"{stats['params']:,} ({human(stats['params'])})"],
-            ["MACs", f"{stats['macs']:,} ({human(stats['macs'])})"],
+            ["MACs", f"{stats['macs']:,} ({human(stats['macs'])})"
+                     + (f" at input {stats['macs_at']} (the input size is dynamic)" if stats.get("macs_at") else "")],
             ["FLOPs", f"{stats['flops']:,} ({human(stats['flops'])}; FLOPs = 2 x MACs of "
                       "Conv/ConvTranspose/Gemm/MatMul)"],
             ["size", human(stats["size_bytes"], "B")]]

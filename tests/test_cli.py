@@ -205,6 +205,40 @@ def test_exact_passes_keep_a_dynamic_size_and_verify_at_the_metadata_size(model_
     assert checks["structure.dynamic_dims"]["status"] == "warn"
 
 
+def test_int8_of_a_dynamic_size_runs_at_the_metadata_size(model_file: Path, tmp_path: Path, caplog):
+    """An Ultralytics export with dynamic axes names its size in ``imgsz``: INT8 calibrates at it
+    with no --input-shape, fixes the result to it and says so; `inspect` counts MACs at it."""
+    from fixtures import demo_paths
+
+    _, images, _ = demo_paths()
+    m = ir.load(model_file)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    static = [d.dim_value for d in dims]
+    for i, name in ((2, "height"), (3, "width")):
+        dims[i].dim_param = name
+    onnx.helper.set_model_props(m, {"imgsz": str(static[2:])})
+    src = tmp_path / "dyn.onnx"
+    onnx.save(m, src)
+    r = invoke("optimize", src, "-o", tmp_path / "q.onnx", "--int8", "--calib", images, "--calib-limit", "4",
+               "--no-bench", "--no-check", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert f"INT8 and pruning run at {static}, the size its metadata names" in caplog.text
+    out = ir.load(tmp_path / "q.onnx")
+    assert [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == static
+    assert any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    r = invoke("inspect", src, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    dyn, fixed = (json.loads(p.read_text()) for p in (tmp_path / "s.json", _inspect_json(model_file, tmp_path)))
+    assert dyn["macs"] == fixed["macs"] > 0 and dyn["macs_at"] == static
+    assert f"at input {static} (the input size is dynamic)" in r.output
+
+
+def _inspect_json(model: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "static.json"
+    assert invoke("inspect", model, "--json", path).exit_code == 0
+    return path
+
+
 def test_inspect_real_yolov5n(yolov5n_path: Path, tmp_path: Path):
     r = invoke("inspect", yolov5n_path, "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
