@@ -198,13 +198,9 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
     from .report import stats_table, table
 
     m = ir.load(model)
-    shapes = {}
     shp = _shape(input_shape)
-    if shp:
-        shapes = {next(iter(ir.input_shapes(m))): shp}
-    at = _dynamic_size(m) if not shp else None
-    if at:
-        shapes = {next(iter(ir.input_shapes(m))): at}
+    at = None if shp else _dynamic_size(m)
+    shapes = {next(iter(ir.input_shapes(m))): shp or at} if shp or at else {}
     stats = model_stats(m, shapes).to_dict()
     if at:
         stats["macs_at"] = list(at)
