@@ -4,7 +4,8 @@ Given the kept channel indices of every tensor that loses channels, slice produc
 and biases (output axis), consumer Conv weights (input axis), depthwise Convs (and their group
 count), BatchNormalization parameters, per-channel constants of element-wise ops, and rewrite
 Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize
-'sizes'. Concat offsets follow from the inputs. Optionally the removed channels' means are folded
+'sizes' and the target shapes of a channel shuffle's Reshapes. Concat offsets follow from the
+inputs. Optionally the removed channels' means are folded
 into the consumer biases first. value_info is dropped and shapes inferred again.
 """
 from __future__ import annotations
@@ -162,9 +163,23 @@ class _Rewriter:
         sizes[1] = len(k)
         self.set_input(node, 3, sizes, node.inputs[3].name + "_pruned")
 
+    def reshape(self, node: gs.Node) -> None:
+        """The two Reshapes of a channel shuffle (channel_rules.Shuffle) take the new count."""
+        sh = channel_rules.shuffle_from(node, self.shapes)  # this graph's tensors carry no shapes
+        if sh is None:
+            return
+        k = self.k(sh.first.inputs[0])
+        if k is None:
+            return
+        for reshape, axis, count in ((sh.first, 2, len(k) // sh.groups), (sh.last, 1, len(k))):
+            target = channel_rules.shape_const(reshape)
+            if target[axis] != -1:  # -1 follows the new count by itself
+                target[axis] = count
+                self.set_input(reshape, 1, np.array(target, np.int64), reshape.inputs[1].name + "_pruned")
+
     def run(self) -> None:
         table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
-                 "Slice": self.slice, "Resize": self.resize,
+                 "Slice": self.slice, "Resize": self.resize, "Reshape": self.reshape,
                  **{op: self.elementwise for op in channel_rules.ELEMENTWISE_OPS}}
         for node in list(self.graph.nodes):
             fn = table.get(node.op)

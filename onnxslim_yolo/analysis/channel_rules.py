@@ -8,7 +8,8 @@ channel count.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -406,6 +407,92 @@ def rule_shape(node: gs.Node, rec: Recorder) -> None:
             rec.block(t, f"channel count read by {_desc(node)} feeding {reader}")
 
 
+@dataclass(frozen=True)
+class Shuffle:
+    """A channel shuffle: Reshape (N, C, H, W) -> (N, g, C/g, H, W), Transpose [0, 2, 1, 3, 4],
+    Reshape back to (N, C, H, W), as ShuffleNet exports it. Input channel ``a * C/g + b`` becomes
+    output channel ``b * g + a``."""
+
+    first: gs.Node
+    transpose: gs.Node
+    last: gs.Node
+    groups: int
+    channels: int
+
+
+def shape_const(node: gs.Node) -> Optional[List[int]]:
+    """A Reshape's constant target shape, None when it is computed."""
+    v = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if v is None else [int(d) for d in np.asarray(v).ravel()]
+
+
+def _only_reader(t: gs.Tensor, op: str) -> Optional[gs.Node]:
+    readers = list(t.outputs)
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+
+def shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Optional[Shuffle]:
+    """The channel shuffle whose first Reshape is ``node``, when the three nodes have constant
+    target shapes (an entry of -1 where the count follows from the others), static shapes (the
+    tensors' own, or from ``shapes`` by name), and no other reader between them."""
+    if node.op != "Reshape" or node.attrs.get("allowzero", 0):
+        return None
+    x, mid = node.inputs[0], node.outputs[0]
+    tr = _only_reader(mid, "Transpose")
+    last = _only_reader(tr.outputs[0], "Reshape") if tr is not None else None
+    if last is None or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3, 4] or last.attrs.get("allowzero", 0):
+        return None
+    xs, ms, ys = ((shapes.get(t.name) if shapes is not None else getattr(t, "shape", None))
+                  for t in (x, mid, last.outputs[0]))
+    if xs is None or ms is None or ys is None or len(xs) != 4 or len(ms) != 5 or list(ys) != list(xs):
+        return None
+    if not all(isinstance(d, (int, np.integer)) for d in list(xs) + list(ms)):
+        return None
+    g, m = int(ms[1]), int(ms[2])
+    if [ms[0], g * m, ms[3], ms[4]] != list(xs):
+        return None
+    first_shape, last_shape = shape_const(node), shape_const(last)
+    if first_shape is None or last_shape is None or len(first_shape) != 5 or len(last_shape) != 4:
+        return None
+    if first_shape[1] != g or first_shape[2] not in (m, -1) or last_shape[1] not in (g * m, -1):
+        return None
+    return Shuffle(node, tr, last, g, g * m)
+
+
+def _shuffle_around(node: gs.Node) -> Optional[Shuffle]:
+    """The shuffle ``node`` (a Transpose or the last Reshape) is the middle or the end of."""
+    first = None
+    if node.op == "Transpose":
+        first = ir.producer(node.inputs[0])
+    elif node.op == "Reshape":
+        tr = ir.producer(node.inputs[0])
+        first = ir.producer(tr.inputs[0]) if tr is not None and tr.op == "Transpose" else None
+    sh = shuffle_from(first) if first is not None else None
+    return sh if sh is not None and node in (sh.transpose, sh.last) else None
+
+
+def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
+    """A channel shuffle is a fixed permutation: input channel a*m + b (m = C/g) is output
+    channel b*g + a. Its Reshapes keep g groups of equal size, so channel b of every group goes
+    together: the g inputs a*m + b and the g outputs b*g + a are one channel. The tensors between
+    the three nodes have no channel axis and take no part. Any other Reshape or Transpose keeps
+    all its channels."""
+    sh = shuffle_from(node) if node.op == "Reshape" else None
+    if sh is not None:
+        x, y = sh.first.inputs[0], sh.last.outputs[0]
+        if rec.channels(x) != sh.channels or rec.channels(y) != sh.channels:
+            return block_node(node, rec, "channel shuffle with unknown channel counts")
+        m = sh.channels // sh.groups
+        for a in range(sh.groups):
+            for b in range(m):
+                rec.link(x, a * m + b, y, b * sh.groups + a, 1)
+                if a:
+                    rec.link(x, b, x, a * m + b, 1)
+        return
+    if _shuffle_around(node) is None:
+        block_node(node, rec)
+
+
 RULES: Dict[str, Rule] = {
     **{op: rule_unary for op in UNARY_OPS},
     **{op: rule_elementwise for op in ELEMENTWISE_OPS},
@@ -415,6 +502,7 @@ RULES: Dict[str, Rule] = {
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
     "Conv": rule_conv, "Shape": rule_shape, "Pad": rule_pad, "Constant": lambda n, r: None,
+    "Reshape": rule_shuffle, "Transpose": rule_shuffle,
 }
 
 

@@ -157,6 +157,31 @@ def se_stack_graph(opset: int = 13, mean_over: Sequence[int] = (2, 3)) -> onnx.M
     return g.model([X], [g.conv(total, 8, 5, "h")])
 
 
+def shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
+    """Two ShuffleNetV2 stride-1 units on a(8): Split 4 + 4, the second half through 1x1 ->
+    depthwise 3x3 -> 1x1, Concat with the first half, then a channel shuffle of 2 groups
+    (Reshape (1, 2, 4, 8, 8) -> Transpose (0, 2, 1, 3, 4) -> Reshape (1, 8, 8, 8), or with -1
+    for the computed counts when ``minus_one``) -> h."""
+    g = G(opset)
+    y = g.cbs("x", 3, 8, "a")
+    for u in range(2):
+        if opset >= 13:
+            parts = g.node("Split", [y, g.const(f"u{u}.sizes", np.array([4, 4], np.int64))], f"u{u}.split",
+                           n_out=2, axis=1)
+        else:
+            parts = g.node("Split", [y], f"u{u}.split", n_out=2, axis=1, split=[4, 4])
+        b = g.cbs(parts[1], 4, 4, f"u{u}.b1")
+        b = g.conv(b, 4, 4, f"u{u}.dw", k=3, group=4)
+        b = g.cbs(b, 4, 4, f"u{u}.b2")
+        cat = g.node("Concat", [parts[0], b], f"u{u}.cat", axis=1)
+        first = [1, 2, -1 if minus_one else 4, 8, 8]
+        r = g.node("Reshape", [cat, g.const(f"u{u}.s1", np.array(first, np.int64))], f"u{u}.view")
+        t = g.node("Transpose", [r], f"u{u}.swap", perm=[0, 2, 1, 3, 4])
+        last = [1, -1 if minus_one else 8, 8, 8]
+        y = g.node("Reshape", [t, g.const(f"u{u}.s2", np.array(last, np.int64))], f"u{u}.shuffle")
+    return g.model([X], [g.conv(y, 8, 5, "h")])
+
+
 def blocked_graph() -> onnx.ModelProto:
     """a(4) -> Reshape -> output; b(4) grouped (group=2) -> output."""
     g = G()

@@ -94,6 +94,35 @@ def test_se_mean_and_stacked_sum_keep_the_channel_axis(opset):
     assert len(over_c.prunable_groups()) == 4
 
 
+def test_channel_shuffle_maps_each_group_position_and_couples_the_groups():
+    """Shuffle of 2 groups of 4: Concat channel a*4 + b is shuffled channel b*2 + a, and channel
+    b of both halves goes together (the Reshapes keep equal groups)."""
+    a = analyze_channels(graphs.shuffle_graph(13))
+    for b in range(4):
+        g = _group(a, "u0.cat_out", b)
+        assert {("u0.cat_out", 4 + b), ("u0.shuffle_out", 2 * b), ("u0.shuffle_out", 2 * b + 1)} <= g.channels
+        assert g.prunable
+    # channel 0 of the first unit's branch rides along with stem channel 0 and, through the second
+    # shuffle, with channels 0 and 1 of the second unit's branch
+    assert _roles(_group(a, "u0.b2_out", 0)) == [
+        ("consumer", "h", 0), ("consumer", "h", 1), ("consumer", "h", 2), ("consumer", "h", 3),
+        ("producer", "a", 0), ("producer", "u0.b2", 0), ("producer", "u1.b2", 0), ("producer", "u1.b2", 1)]
+    # the rank-5 tensors between the Reshapes are no channel positions of any Conv
+    assert not any(t.startswith(("u0.view", "u0.swap")) for g in a.prunable_groups() for t, _ in g.channels)
+
+
+def test_a_transpose_other_than_a_shuffle_blocks():
+    model = graphs.shuffle_graph(13)
+    swap = next(n for n in model.graph.node if n.name == "u1.swap")
+    swap.attribute[0].ints[:] = [0, 1, 2, 4, 3]  # swaps height and width instead
+    a = analyze_channels(model)
+    assert _group(a, "u1.cat_out", 0).reasons == ("consumed by Reshape 'u1.view'",)
+    assert _group(a, "u1.shuffle_out", 0).reasons == ("produced by Reshape 'u1.shuffle'",)
+    # the first shuffle still maps, so what it couples to u1's input is blocked with it
+    assert _group(a, "u0.b2_out", 0).reasons == ("consumed by Reshape 'u1.view'",)
+    assert _group(a, "u0.b1_out", 0).prunable
+
+
 def test_unmapped_ops_and_grouped_convs_block_with_reasons():
     a = analyze_channels(graphs.blocked_graph(), protect_head=False)
     assert not a.prunable_groups()

@@ -83,6 +83,8 @@ HAND = {
     "se_stack11": lambda: graphs.se_stack_graph(11),
     "se_stack13": graphs.se_stack_graph,
     "se_stack18": lambda: graphs.se_stack_graph(18),
+    "shuffle11": lambda: graphs.shuffle_graph(11),
+    "shuffle13_minus_one": lambda: graphs.shuffle_graph(13, minus_one=True),
 }
 
 
@@ -93,6 +95,27 @@ def test_pruned_equals_original_with_removed_channels_zeroed(name):
     assert res.modified
     assert res.report.details["mac_reduction"] >= 0.3
     assert_exact(model, res.model, res.report.details)
+
+
+@pytest.mark.parametrize("minus_one", [False, True])
+@pytest.mark.parametrize("layer", ["u0.b2", "u1.b2"])
+def test_pruning_through_a_channel_shuffle_is_exact(layer, minus_one):
+    """Half of a branch's output channels go; through the shuffles that also takes channels of
+    the other units and of the stem, and the shuffle Reshapes take the new counts."""
+    model = graphs.shuffle_graph(13, minus_one)
+    res = run(model, per_layer={layer: 0.5}, round_to=1, **EXACT)
+    details = res.report.details
+    assert details["layers"][layer]["out_channels"] == [4, 2]
+    assert_exact(model, res.model, details)
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in res.model.graph.initializer}
+    targets = [consts[n.input[1]] for n in res.model.graph.node if n.op_type == "Reshape"]
+    left = {n: v["out_channels"][1] for n, v in details["layers"].items()}
+    per_unit = [left.get("a", 8) - 4 + left.get("u0.b2", 4), left.get("u1.b2", 4) * 2]
+    if minus_one:
+        assert targets == [[1, 2, -1, 8, 8], [1, -1, 8, 8]] * 2
+    else:  # each unit's shuffle holds its first half (what was left of the one before) and its branch
+        assert targets[1][1] == per_unit[0] < 8 and targets[0] == [1, 2, per_unit[0] // 2, 8, 8]
+        assert targets[3] == [1, per_unit[1], 8, 8] and targets[2][2] == per_unit[1] // 2
 
 
 def with_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
