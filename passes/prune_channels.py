@@ -28,7 +28,8 @@ sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement 
 (auto | detections | agreement); ``saliency`` (sample refit rows near detections); ``max_layer_ratio`` (0.75);
 ``bn_by_var``, ``relative``, ``dead_tol``, ``threads``.
 
-Must not fire on channels that reach a graph output, a Reshape/Transpose/Flatten/Gemm/Softmax,
+Must not fire on channels that reach a graph output, a Reshape/Transpose (other than a channel
+shuffle, whose Reshapes take the new count)/Flatten/Gemm/Softmax,
 the Detect decode, a non-depthwise grouped Conv or a protected node: those layers are skipped
 with the reason. A model with nothing prunable raises PreconditionError.
 """

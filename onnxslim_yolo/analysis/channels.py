@@ -3,10 +3,12 @@
 Every channel position ``(tensor, index)`` of a feature tensor (float, rank >= 3, static channel
 count on axis 1) is a node of a networkx graph; the per-op rules in :mod:`channel_rules` link
 positions that are the same channel (through activations, BN, pooling, Resize, Split/Slice/Concat
-offsets, residual Add/Mul, depthwise Convs, spatial Pads, and Reduce/Squeeze/Unsqueeze over axes
-after the channel axis). A connected component is a :class:`ChannelGroup`:
+offsets, residual Add/Mul, depthwise Convs, spatial Pads, Reduce/Squeeze/Unsqueeze over axes
+after the channel axis, and ShuffleNet's channel shuffle, a fixed permutation). A connected
+component is a :class:`ChannelGroup`:
 removing one of its positions means removing all of them. A group is prunable when no position is
-blocked (graph input or output, Reshape/Transpose/Gemm/..., protected layers, the Detect head)
+blocked (graph input or output, Reshape/Transpose other than a channel shuffle, Gemm, ...,
+protected layers, the Detect head)
 and a Conv produces it (a produced channel nothing reads, e.g. cut off by a Slice, is
 prunable). Read-only: the model is never changed.
 """
