@@ -14,7 +14,8 @@ opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n wit
 YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
 YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -seg, -depth and
 -sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
-MobileNetV3-small at 224x224, the torchvision detectors SSDlite320, Faster R-CNN
+MobileNetV3-small at 224x224, a ShuffleNetV2-based YOLO (x0.5 at opset 11, x1.0 at 17; C2f neck,
+YOLOv8 head), the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
 EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 21 timm
 backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
@@ -103,6 +104,38 @@ for name in ("shufflenet_v2_x0_5", "mobilenet_v3_small") if torchvision else ():
     m = getattr(torchvision.models, name)(weights=None).eval()
     torch.onnx.export(m, torch.randn(1, 3, 224, 224), f"{out}/{name}.onnx", opset_version=13,
                       input_names=["images"], dynamo=False)
+# ShuffleNet-based YOLO: torchvision's ShuffleNetV2 (channel shuffles: Reshape, Transpose, Reshape)
+# at strides 8/16/32, a C2f PAN neck and the YOLOv8 Detect head; x0.5 at opset 11, x1.0 at 17
+if torchvision and YOLO:
+    from torch import nn
+    from ultralytics.nn.modules import C2f, Conv, Detect
+    class ShuffleYOLO(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            sn = getattr(torchvision.models, f"shufflenet_v2_x{width}")(weights=None)
+            c3, c4, c5 = sn._stage_out_channels[1:4]
+            self.stem = nn.Sequential(sn.conv1, sn.maxpool)
+            self.s2, self.s3, self.s4 = sn.stage2, sn.stage3, sn.stage4
+            self.lat5, self.up = Conv(c5, 128, 1), nn.Upsample(scale_factor=2, mode="nearest")
+            self.td4, self.lat4, self.td3 = C2f(c4 + 128, 128, 1), Conv(128, 64, 1), C2f(c3 + 64, 64, 1)
+            self.dn3, self.bu4 = Conv(64, 64, 3, 2), C2f(128, 128, 1)
+            self.dn4, self.bu5 = Conv(128, 128, 3, 2), C2f(256, 256, 1)
+            self.detect = Detect(80, ch=(64, 128, 256))
+            self.detect.stride = torch.tensor([8.0, 16.0, 32.0])
+            self.detect.export, self.detect.format = True, "onnx"
+        def forward(self, x):
+            p3 = self.s2(self.stem(x)); p4 = self.s3(p3); p5 = self.s4(p4)
+            f5 = self.lat5(p5)
+            f4 = self.lat4(self.td4(torch.cat([self.up(f5), p4], 1)))
+            o3 = self.td3(torch.cat([self.up(f4), p3], 1))
+            o4 = self.bu4(torch.cat([self.dn3(o3), f4], 1))
+            return self.detect([o3, o4, self.bu5(torch.cat([self.dn4(o4), f5], 1))])
+    for width, opset in (("0_5", 11), ("1_0", 17)):
+        torch.manual_seed(0)
+        m = ShuffleYOLO(width)
+        randomise_bn(m)
+        torch.onnx.export(m.eval(), torch.rand(1, 3, 320, 320), f"{out}/shufflenet_yolo_x{width}.onnx",
+                          opset_version=opset, input_names=["images"], output_names=["output0"], dynamo=False)
 # a detector outside the YOLO family: SSDlite, its post-processing (per-class TopK, NMS) and an If
 # and two with an FPN whose upsampling sizes are computed (Faster R-CNN adds RoIAlign)
 det = torchvision.models.detection if torchvision else None
