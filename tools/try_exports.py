@@ -30,8 +30,9 @@ external weights; also with a dynamic batch) when ``onnxscript`` is, with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11), with ``--yolov6-src``
-meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13). The
-weights are random (nothing is downloaded), so this tests structure, not accuracy: every graph
+meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13), and with
+``--pip-models`` the real-weight YOLOv8n detector of the ``nudenet`` wheel. Apart from that one, the
+weights are random, so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
 one row per model and pipeline; exit code 1 when any run fails.
@@ -386,6 +387,19 @@ LEFT_OUT = {"rtdetr_l": ("prune",), "retinanet320": ("prune",), "fcos320": ("pru
             "timm_cspdarknet53": ("prune",)}
 
 
+def fetch_nudenet(out: Path) -> None:
+    """NudeNet 3.4.2's detector, a YOLOv8n trained on 18 classes and exported with dynamic axes:
+    the one real-weight YOLOv8 a package registry serves. Saved as ``nudenet_320n.onnx``."""
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as td:
+        subprocess.run([sys.executable, "-m", "pip", "download", "nudenet==3.4.2", "--no-deps", "-d", td],
+                       check=True, capture_output=True)
+        wheel = next(Path(td).glob("nudenet-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            (out / "nudenet_320n.onnx").write_bytes(z.read("nudenet/320n.onnx"))
+
+
 def run(model: Path, pipeline: str, calib: str, out: Path) -> dict:
     extra = list(PIPELINES[pipeline])
     if "dynamic" in model.stem and pipeline != "exact":
@@ -420,6 +434,9 @@ def main(argv=None) -> int:
     ap.add_argument("--yolov6-src", default=None,
                     help="YOLOv6 source tree (unpacked yolov6detect-0.4.1 sdist): also export YOLOv6n, "
                          "-n-base and -n6; the exporter Python then needs addict")
+    ap.add_argument("--pip-models", action="store_true",
+                    help="also fetch the real-weight YOLOv8n detector the nudenet wheel ships (320n.onnx, "
+                         "dynamic axes, 18 classes) with pip download")
     ap.add_argument("--tf-python", default=None,
                     help="a Python with tensorflow and tf2onnx: also convert Keras MobileNetV2 and "
                          "EfficientNetB0")
@@ -444,6 +461,8 @@ def main(argv=None) -> int:
     if args.yolov6_src and not args.no_export:
         subprocess.run([args.exporter_python, "-c", EXPORT_YOLOV6, args.yolov6_src, str(out)], check=True,
                        capture_output=True, cwd=out)
+    if args.pip_models and not args.no_export:
+        fetch_nudenet(out)
     models = [m for m in sorted(out.glob("*.onnx"))
               if "." not in m.stem and (not args.only or m.stem in args.only)]
     rows = [run(m, p, args.calib, out) for m in models
