@@ -471,15 +471,17 @@ def input_shapes(model: onnx.ModelProto) -> Dict[str, Tuple[Union[int, str, None
 
 def static_input_shapes(model: onnx.ModelProto,
                         overrides: Optional[Dict[str, Sequence[int]]] = None) -> Dict[str, Tuple[int, ...]]:
-    """Concrete input shapes. A symbolic batch becomes 1; other symbolic dims need ``overrides``."""
+    """Concrete input shapes. A symbolic batch becomes 1; other symbolic dims need ``overrides``,
+    which may set only the dims the model leaves symbolic (UsageError otherwise)."""
     overrides = dict(overrides or {})
     res: Dict[str, Tuple[int, ...]] = {}
-    for name, dims in input_shapes(model).items():
-        if name in overrides:
-            res[name] = tuple(int(d) for d in overrides[name])
-            continue
-        if len(overrides) == 1 and len(input_shapes(model)) == 1:
-            res[name] = tuple(int(d) for d in next(iter(overrides.values())))
+    declared = input_shapes(model)
+    for name, dims in declared.items():
+        given = overrides.get(name)
+        if given is None and len(overrides) == 1 and len(declared) == 1:
+            given = next(iter(overrides.values()))
+        if given is not None:
+            res[name] = _overridden(name, dims, tuple(int(d) for d in given))
             continue
         concrete: List[int] = []
         for i, d in enumerate(dims):
@@ -492,6 +494,17 @@ def static_input_shapes(model: onnx.ModelProto,
                     f"input '{name}' has no static shape {list(dims)}: pass --input-shape, e.g. 1,3,640,640")
         res[name] = tuple(concrete)
     return res
+
+
+def _overridden(name: str, dims: Sequence, given: Tuple[int, ...]) -> Tuple[int, ...]:
+    """``given`` for input ``name`` when it agrees with every dim the model fixes."""
+    if len(given) != len(dims):
+        raise UsageError(f"--input-shape {list(given)}: input '{name}' has rank {len(dims)} {list(dims)}")
+    for i, (d, g) in enumerate(zip(dims, given)):
+        if isinstance(d, int) and d > 0 and d != g:
+            raise UsageError(f"--input-shape {list(given)}: input '{name}' is {list(dims)}, and axis {i} is "
+                             f"fixed at {d}; only its symbolic dims can be set")
+    return given
 
 
 def input_dtypes(model: onnx.ModelProto) -> Dict[str, np.dtype]:

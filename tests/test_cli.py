@@ -117,6 +117,8 @@ def _no_outputs(folder: Path, keep: set) -> bool:
                      r"cannot run"),
     ("custom-op-in-if", 3, r"error: .*plugin_if.onnx: node 'EfficientNMS_TRT\(nms_out\)' is "
                            r"TRT.EfficientNMS_TRT, which onnxruntime cannot run"),
+    ("shape-conflict", 2, r"error: --input-shape \[1, 3, 32, 32\]: input 'images' is \[1, 3, 64, 64\], and axis "
+                          r"2 is fixed at 64; only its symbolic dims can be set"),
     ("no-weights-file", 2, r"error: .*ext.onnx: its weights are stored in 'ext.onnx.data' beside it "
                            r"\(external data\), and that file is missing"),
 ])
@@ -167,6 +169,8 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
         m.opset_import.append(onnx.helper.make_opsetid("TRT", 1))
         target = tmp_path / "plugin_if.onnx"
         onnx.save(m, target)
+    elif case == "shape-conflict":  # a static size is not changed by --input-shape
+        extra += ["--input-shape", "1,3,32,32"]
     elif case == "no-weights-file":  # a dynamo export copied without its .onnx.data
         target = tmp_path / "ext.onnx"
         onnx.save(ir.load(model_file), target, save_as_external_data=True, location="ext.onnx.data",

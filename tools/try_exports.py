@@ -400,9 +400,20 @@ def fetch_nudenet(out: Path) -> None:
             (out / "nudenet_320n.onnx").write_bytes(z.read("nudenet/320n.onnx"))
 
 
+def _dynamic_size(model: Path) -> bool:
+    """Whether the image input's height or width is symbolic and no metadata names a size (then
+    INT8 and pruning need --input-shape; a symbolic batch alone runs as 1)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    return any(not d.HasField("dim_value") for d in dims[2:]) and not any(p.key == "imgsz" for p in
+                                                                          m.metadata_props)
+
+
 def run(model: Path, pipeline: str, calib: str, out: Path) -> dict:
     extra = list(PIPELINES[pipeline])
-    if "dynamic" in model.stem and pipeline != "exact":
+    if pipeline != "exact" and _dynamic_size(model):
         extra += ["--input-shape", "1,3,320,320"]
     report = out / f"{model.stem}.{pipeline}.json"
     cmd = [sys.executable, "-m", "onnxslim_yolo", "optimize", str(model), "-o",

@@ -106,7 +106,9 @@ def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[in
     """The input shape to run with: the option, the static shape, or 1xCxHxW (1xHxWxC) from
     metadata/640."""
     if opts.input_shape:
-        return [int(d) for d in opts.input_shape]
+        shape = [int(d) for d in opts.input_shape]
+        ir.static_input_shapes(model, {next(iter(ir.input_shapes(model)), ""): shape})  # agrees with it
+        return shape
     try:
         ir.static_input_shapes(model)
         return None
