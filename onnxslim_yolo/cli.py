@@ -91,7 +91,8 @@ def main(verbose: int) -> None:
 @click.option("--calib-limit", type=int, help="Use at most N calibration images.")
 @click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True)
 @click.option("--method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]),
-              default="auto", show_default=True, help="Calibration method (auto: per tensor).")
+              default="auto", show_default=True,
+              help="Calibration method (auto: per tensor, or the percentile table when it measures better).")
 @click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
               help="INT8 weight range: auto uses 7 bits on x86 CPUs without VNNI (ort-cpu kernels saturate).")
 @click.option("--calib-table", type=click.Path(),

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir
+from .. import ir, verify
 from ..analysis.calib_table import CalibrationTable
 from ..analysis.head import HeadInfo, find_head
-from . import bias_correction, cost, ranges, rewrite
+from . import bias_correction, cost, metrics, ranges, rewrite
 from .options import QdqOptions
 from .placement import QuantPlan, make_plan
 from .targets import Target, get_target, weight_range
@@ -136,10 +136,35 @@ class Quantizer:
     # ----------------------------------------------------------------------------- calibrate
     def calibrate(self, plan: QuantPlan) -> None:
         feeds = Spread(self.feeds, self.opts.calib_limit)
-        self.base, self.calib_info = ranges.base_table(self.model, plan, feeds, self.opts.method,
-                                                       self.opts.percentile, self.opts.calib_table,
-                                                       {TIMINGS_KEY: self.timings} if self.timings else {},
-                                                       self.opts.progress)
+        also = ("percentile",) if self.opts.method == "auto" and self.opts.choice_images else ()
+        self.base, self.calib_info, alts = ranges.base_table(
+            self.model, plan, feeds, self.opts.method, self.opts.percentile, self.opts.calib_table,
+            {TIMINGS_KEY: self.timings} if self.timings else {}, self.opts.progress, also)
+        if alts:
+            self.base = self._choose(plan, {"auto": self.base, **alts})
+            if self.opts.calib_table:
+                ranges.save_table(self.base, self.opts.calib_table, self.calib_info)
+
+    def _choose(self, plan: QuantPlan, tables: Mapping[str, CalibrationTable]) -> CalibrationTable:
+        """The table whose INT8 model has the highest mean SQNR over the graph outputs and the
+        head maps (outputs after an NMS/TopK: what is fed into it) on ``choice_images`` feeds.
+        Per-tensor errors favour tight ranges that clip rare large values; in a box branch those
+        values are the large boxes, which only the whole model's error shows."""
+        feeds = list(Spread(self.feeds, self.opts.choice_images))
+        frontier, selected = verify.selection_frontier(self.model)
+        extra = list(dict.fromkeys(list(self.head.last_conv_outputs) + frontier))
+        scores: Dict[str, float] = {}
+        for name, table in tables.items():
+            self.base = table
+            quality = metrics.output_quality(self.model, self.build(plan).model, feeds, extra,
+                                             self.opts.threads)
+            scores[name] = round(float(np.mean([q["sqnr_db_mean"] for t, q in quality.items()
+                                                if t not in selected])), 2)
+        best = max(scores, key=lambda n: scores[n])  # a tie keeps the first, the per-tensor table
+        self.calib_info["choice"] = {"metric": "mean SQNR (dB) of the outputs and head maps",
+                                     "images": len(feeds), "sqnr_db": scores, "chosen": best}
+        log.info("insert-qdq: calibration table %s (output SQNR %s)", best, scores)
+        return tables[best]
 
     def correct_bias(self, plan: QuantPlan) -> None:
         if not (self.opts.bias_correction and self.feeds):
@@ -163,8 +188,8 @@ class Quantizer:
                         graph_inputs=[n for n in plan.graph_inputs if n in missing],
                         act_after={n: a for n, a in plan.act_after.items() if n in missing})
         feeds = Spread(self.feeds, self.opts.calib_limit)
-        extra, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile,
-                                     None, {}, False)
+        extra, _, _ = ranges.base_table(self.model, sub, feeds, self.opts.method, self.opts.percentile,
+                                        None, {}, False)
         self.base = CalibrationTable({**self.base.entries, **extra.entries}, self.base.qdtype,
                                      self.base.symmetric, dict(self.base.meta))
 

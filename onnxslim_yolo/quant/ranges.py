@@ -27,10 +27,13 @@ QParams = Dict[str, Tuple[float, int]]
 
 
 def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method: str, percentile: float,
-               table_path: Optional[str], meta: Dict[str, object], progress: bool
-               ) -> Tuple[CalibrationTable, Dict[str, object]]:
+               table_path: Optional[str], meta: Dict[str, object], progress: bool,
+               also: Sequence[str] = ()
+               ) -> Tuple[CalibrationTable, Dict[str, object], Dict[str, CalibrationTable]]:
     """Per-tensor ranges for the plan's calibrated tensors: loaded from ``table_path`` when that file
-    exists, else calibrated on ``feeds`` (and saved to ``table_path`` with ``meta`` when given)."""
+    exists, else calibrated on ``feeds`` (and saved to ``table_path`` with ``meta`` when given and
+    there are no alternatives to choose from). ``also``: methods whose tables, from the same
+    statistics, come back as alternatives (none when the table is loaded)."""
     t = plan.target
     tensors = [n for n in plan.activations if n not in plan.fixed and n not in plan.derived]
     info: Dict[str, object] = {}
@@ -46,25 +49,40 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
             raise UsageError(f"{table_path}: calibration table has no range for tensor '{missing[0]}' "
                              f"({len(missing)} missing): delete it to recalibrate")
         info["calibration"] = f"loaded from {table_path}"
-        return table, info
+        return table, info, {}
     if not feeds:
         raise UsageError("insert-qdq needs calibration images: pass --calib DIR")
     stats = cal.collect(model, tensors, feeds, progress=progress)
+    tables = {m: _table(stats, plan, m, percentile, tensors, exact_inputs=m == "auto" or m in also)
+              for m in (method, *also)}
+    table = tables.pop(method)
+    info["calibration"] = {"samples": stats.samples, "seconds": stats.meta.get("seconds"),
+                           "skipped": dict(stats.skipped)}
+    for tab in (table, *tables.values()):
+        tab.meta.update(meta)
+    if table_path and not tables:
+        save_table(table, table_path, info)
+    return table, info, tables
+
+
+def save_table(table: CalibrationTable, path: str, info: Dict[str, object]) -> None:
+    table.to_json(path)
+    info["calibration_table"] = str(path)
+
+
+def _table(stats: cal.CalibrationStats, plan: QuantPlan, method: str, percentile: float,
+           tensors: Sequence[str], exact_inputs: bool) -> CalibrationTable:
+    """One method's ranges from the statistics; with ``exact_inputs`` the graph inputs take
+    min/max (images are exact multiples of 1/255 or integers: a clipped range would only lose)."""
+    t = plan.target
     table = cal.choose_ranges(stats, method, symmetric=t.act_symmetric, qdtype=t.act_qdtype,
                               percentile=percentile, tensors=tensors)
-    if method == "auto" and plan.graph_inputs:
+    if exact_inputs and plan.graph_inputs:
         exact = cal.choose_ranges(stats, "minmax", symmetric=t.act_symmetric, qdtype=t.act_qdtype,
                                   tensors=plan.graph_inputs)
         table = CalibrationTable({**table.entries, **exact.entries}, table.qdtype, table.symmetric,
                                  dict(table.meta))
-    table = derive(activation_aware(table, stats, plan), plan)
-    info["calibration"] = {"samples": stats.samples, "seconds": stats.meta.get("seconds"),
-                           "skipped": dict(stats.skipped)}
-    table.meta.update(meta)
-    if table_path:
-        table.to_json(table_path)
-        info["calibration_table"] = str(table_path)
-    return table, info
+    return derive(activation_aware(table, stats, plan), plan)
 
 
 def activation_aware(table: CalibrationTable, stats: cal.CalibrationStats,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Dict, List
 
 import numpy as np
@@ -419,6 +420,45 @@ def test_calibration_table_saved_then_loaded(tmp_path) -> None:
     assert scales(first.model) == scales(again.model)
     with pytest.raises(UsageError, match="target tensorrt needs int8"):
         InsertQDQ().run(model, ctx(model, calib_table=str(path), target="tensorrt"))
+
+
+def _scales(m: onnx.ModelProto) -> Dict[str, float]:
+    g = G(m)
+    return {n.input[0]: float(g.inits[n.input[1]]) for n in g.ops("QuantizeLinear")}
+
+
+def test_auto_keeps_the_calibration_table_measured_better_at_the_outputs(monkeypatch, tmp_path) -> None:
+    """auto builds the per-tensor table and the percentile one from the same statistics, and keeps
+    the one whose INT8 model has the higher output SQNR: here a stand-in measurement prefers the
+    percentile table, so the model gets its scales (the image input keeps its exact min/max)."""
+    from onnxslim_yolo.quant import pipeline
+
+    model = fixtures.build_yolov8(bn=False)
+    measured = iter([{"output0": {"sqnr_db_mean": 10.0}}, {"output0": {"sqnr_db_mean": 20.0}}])
+    monkeypatch.setattr(pipeline, "metrics", SimpleNamespace(output_quality=lambda *a, **k: next(measured)))
+    table = tmp_path / "calib.json"
+    res = InsertQDQ().run(model, ctx(model, calib_table=str(table), bias_correction=False))
+    choice = res.report.details["calibration"]["choice"]
+    assert choice["sqnr_db"] == {"auto": 10.0, "percentile": 20.0} and choice["chosen"] == "percentile"
+    monkeypatch.undo()
+    pct = InsertQDQ().run(model, ctx(model, method="percentile", bias_correction=False))
+    image = model.graph.input[0].name
+    got, want = _scales(res.model), _scales(pct.model)
+    assert {k: v for k, v in got.items() if k != image} == {k: v for k, v in want.items() if k != image}
+    per_tensor = InsertQDQ().run(model, ctx(model, choice_images=0, bias_correction=False))
+    assert "choice" not in per_tensor.report.details["calibration"]
+    assert got != _scales(per_tensor.model)
+    # the saved table is the chosen one: loading it gives the same model
+    again = InsertQDQ().run(model, ctx(model, calib_table=str(table), bias_correction=False))
+    assert _scales(again.model) == got
+
+
+def test_auto_choice_is_the_higher_measured_sqnr() -> None:
+    model = fixtures.build_yolov8(bn=False)
+    res = InsertQDQ().run(model, ctx(model))
+    choice = res.report.details["calibration"]["choice"]
+    assert set(choice["sqnr_db"]) == {"auto", "percentile"} and choice["images"] == 8
+    assert choice["chosen"] == max(choice["sqnr_db"], key=lambda k: (choice["sqnr_db"][k], k == "auto"))
 
 
 def test_calibration_table_pins_the_measured_placement(tmp_path) -> None:
