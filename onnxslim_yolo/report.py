@@ -91,11 +91,15 @@ def passes_table(records: Sequence[Dict[str, Any]]) -> str:
     return table(rows, ["pass", "contract", "changed", "seconds", "min cosine", "skipped", "counts"])
 
 
+def _macs_at(stats: Dict[str, Any]) -> str:
+    at = stats.get("macs_at")
+    return f" at input {at} (the input size is dynamic)" if at else ""
+
+
 def stats_table(stats: Dict[str, Any]) -> str:
     rows = [["opset", stats["opset"]], ["nodes", stats["nodes"]],
             ["parameters", f"{stats['params']:,} ({human(stats['params'])})"],
-            ["MACs", f"{stats['macs']:,} ({human(stats['macs'])})"
-                     + (f" at input {stats['macs_at']} (the input size is dynamic)" if stats.get("macs_at") else "")],
+            ["MACs", f"{stats['macs']:,} ({human(stats['macs'])})" + _macs_at(stats)],
             ["FLOPs", f"{stats['flops']:,} ({human(stats['flops'])}; FLOPs = 2 x MACs of "
                       "Conv/ConvTranspose/Gemm/MatMul)"],
             ["size", human(stats["size_bytes"], "B")]]

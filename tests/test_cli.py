@@ -117,8 +117,8 @@ def _no_outputs(folder: Path, keep: set) -> bool:
                      r"cannot run"),
     ("custom-op-in-if", 3, r"error: .*plugin_if.onnx: node 'EfficientNMS_TRT\(nms_out\)' is "
                            r"TRT.EfficientNMS_TRT, which onnxruntime cannot run"),
-    ("shape-conflict", 2, r"error: --input-shape \[1, 3, 32, 32\]: input 'images' is \[1, 3, 64, 64\], and axis "
-                          r"2 is fixed at 64; only its symbolic dims can be set"),
+    ("shape-conflict", 2, r"error: --input-shape \[1, 3, 32, 32\]: input 'images' is \[1, 3, 64, 64\], "
+                          r"and axis 2 is fixed at 64; only its symbolic dims can be set"),
     ("no-weights-file", 2, r"error: .*ext.onnx: its weights are stored in 'ext.onnx.data' beside it "
                            r"\(external data\), and that file is missing"),
 ])
@@ -232,7 +232,8 @@ def test_int8_of_a_dynamic_size_runs_at_the_metadata_size(model_file: Path, tmp_
     assert any(n.op_type == "QuantizeLinear" for n in out.graph.node)
     r = invoke("inspect", src, "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
-    dyn, fixed = (json.loads(p.read_text()) for p in (tmp_path / "s.json", _inspect_json(model_file, tmp_path)))
+    dyn = json.loads((tmp_path / "s.json").read_text())
+    fixed = json.loads(_inspect_json(model_file, tmp_path).read_text())
     assert dyn["macs"] == fixed["macs"] > 0 and dyn["macs_at"] == static
     assert f"at input {static} (the input size is dynamic)" in r.output
 

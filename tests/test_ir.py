@@ -122,8 +122,9 @@ def test_static_input_shapes_and_refusal():
     with pytest.raises(PreconditionError, match=r"input 'images' has no static shape.*--input-shape"):
         ir.static_input_shapes(m)
     assert ir.static_input_shapes(m, {"images": (1, 3, 16, 8)}) == {"images": (1, 3, 16, 8)}
-    with pytest.raises(UsageError, match=r"--input-shape \[1, 3, 16, 16\]: input 'images' is \[1, 3, 'height', 8\], "
-                                         r"and axis 3 is fixed at 8; only its symbolic dims can be set"):
+    with pytest.raises(UsageError, match=r"--input-shape \[1, 3, 16, 16\]: input 'images' is "
+                                         r"\[1, 3, 'height', 8\], and axis 3 is fixed at 8; only its "
+                                         r"symbolic dims can be set"):
         ir.static_input_shapes(m, {"images": (1, 3, 16, 16)})
     with pytest.raises(UsageError, match=r"input 'images' has rank 4"):
         ir.static_input_shapes(m, {"images": (3, 16, 8)})
