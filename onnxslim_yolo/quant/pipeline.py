@@ -28,6 +28,8 @@ from .targets import Target, get_target, weight_range
 log = logging.getLogger(__name__)
 #: calibration-table meta key holding the conv timings the placement was decided with
 TIMINGS_KEY = "insert_qdq_conv_timings"
+#: SQNR beyond this counts as exact when calibration tables are compared (dB)
+SQNR_CAP_DB = 100.0
 
 
 class Spread(SequenceABC):
@@ -158,8 +160,10 @@ class Quantizer:
             self.base = table
             quality = metrics.output_quality(self.model, self.build(plan).model, feeds, extra,
                                              self.opts.threads)
-            scores[name] = round(float(np.mean([q["sqnr_db_mean"] for t, q in quality.items()
-                                                if t not in selected])), 2)
+            sqnr = [q["sqnr_db_mean"] for t, q in quality.items() if t not in selected]
+            # an output both tables leave exact (infinite SQNR) must not hide the others' differences
+            scores[name] = round(float(np.mean(np.clip(np.nan_to_num(sqnr, nan=-SQNR_CAP_DB),
+                                                       -SQNR_CAP_DB, SQNR_CAP_DB))), 2)
         best = max(scores, key=lambda n: scores[n])  # a tie keeps the first, the per-tensor table
         self.calib_info["choice"] = {"metric": "mean SQNR (dB) of the outputs and head maps",
                                      "images": len(feeds), "sqnr_db": scores, "chosen": best}

@@ -434,12 +434,15 @@ def test_auto_keeps_the_calibration_table_measured_better_at_the_outputs(monkeyp
     from onnxslim_yolo.quant import pipeline
 
     model = fixtures.build_yolov8(bn=False)
-    measured = iter([{"output0": {"sqnr_db_mean": 10.0}}, {"output0": {"sqnr_db_mean": 20.0}}])
+    # an output both tables leave exact (infinite SQNR) counts as 100 dB and decides nothing
+    exact = {"sqnr_db_mean": float("inf")}
+    measured = iter([{"output0": {"sqnr_db_mean": 10.0}, "head": exact},
+                     {"output0": {"sqnr_db_mean": 20.0}, "head": exact}])
     monkeypatch.setattr(pipeline, "metrics", SimpleNamespace(output_quality=lambda *a, **k: next(measured)))
     table = tmp_path / "calib.json"
     res = InsertQDQ().run(model, ctx(model, calib_table=str(table), bias_correction=False))
     choice = res.report.details["calibration"]["choice"]
-    assert choice["sqnr_db"] == {"auto": 10.0, "percentile": 20.0} and choice["chosen"] == "percentile"
+    assert choice["sqnr_db"] == {"auto": 55.0, "percentile": 60.0} and choice["chosen"] == "percentile"
     monkeypatch.undo()
     pct = InsertQDQ().run(model, ctx(model, method="percentile", bias_correction=False))
     image = model.graph.input[0].name
