@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 TIMINGS_KEY = "insert_qdq_conv_timings"
 #: SQNR beyond this counts as exact when calibration tables are compared (dB)
 SQNR_CAP_DB = 100.0
+#: another calibration table replaces the per-tensor one only when it measures this much better
+#: (dB): within it the two differ by noise, and two equivalent models (an NCHW export and its
+#: NHWC twin) must not get different tables from a last-digit difference
+CHOICE_MARGIN_DB = 0.5
 
 
 class Spread(SequenceABC):
@@ -149,7 +153,8 @@ class Quantizer:
 
     def _choose(self, plan: QuantPlan, tables: Mapping[str, CalibrationTable]) -> CalibrationTable:
         """The table whose INT8 model has the highest mean SQNR over the graph outputs and the
-        head maps (outputs after an NMS/TopK: what is fed into it) on ``choice_images`` feeds.
+        head maps (outputs after an NMS/TopK: what is fed into it) on ``choice_images`` feeds;
+        the first (per-tensor) table unless another wins by :data:`CHOICE_MARGIN_DB`.
         Per-tensor errors favour tight ranges that clip rare large values; in a box branch those
         values are the large boxes, which only the whole model's error shows."""
         feeds = list(Spread(self.feeds, self.opts.choice_images))
@@ -164,7 +169,10 @@ class Quantizer:
             # an output both tables leave exact (infinite SQNR) must not hide the others' differences
             scores[name] = round(float(np.mean(np.clip(np.nan_to_num(sqnr, nan=-SQNR_CAP_DB),
                                                        -SQNR_CAP_DB, SQNR_CAP_DB))), 2)
-        best = max(scores, key=lambda n: scores[n])  # a tie keeps the first, the per-tensor table
+        first = best = next(iter(scores))
+        for name, score in scores.items():
+            if score >= scores[first] + CHOICE_MARGIN_DB and score > scores[best]:
+                best = name
         self.calib_info["choice"] = {"metric": "mean SQNR (dB) of the outputs and head maps",
                                      "images": len(feeds), "sqnr_db": scores, "chosen": best}
         log.info("insert-qdq: calibration table %s (output SQNR %s)", best, scores)

@@ -461,7 +461,19 @@ def test_auto_choice_is_the_higher_measured_sqnr() -> None:
     res = InsertQDQ().run(model, ctx(model))
     choice = res.report.details["calibration"]["choice"]
     assert set(choice["sqnr_db"]) == {"auto", "percentile"} and choice["images"] == 8
-    assert choice["chosen"] == max(choice["sqnr_db"], key=lambda k: (choice["sqnr_db"][k], k == "auto"))
+    sqnr = choice["sqnr_db"]
+    assert choice["chosen"] == ("percentile" if sqnr["percentile"] >= sqnr["auto"] + 0.5 else "auto")
+
+
+def test_auto_keeps_the_per_tensor_table_within_the_margin(monkeypatch) -> None:
+    from onnxslim_yolo.quant import pipeline
+
+    model = fixtures.build_yolov8(bn=False)
+    for auto, pct, chosen in ((30.0, 30.4, "auto"), (30.0, 30.5, "percentile"), (30.0, 29.0, "auto")):
+        measured = iter([{"output0": {"sqnr_db_mean": auto}}, {"output0": {"sqnr_db_mean": pct}}])
+        monkeypatch.setattr(pipeline, "metrics", SimpleNamespace(output_quality=lambda *a, **k: next(measured)))
+        res = InsertQDQ().run(model, ctx(model, n=2, bias_correction=False))
+        assert res.report.details["calibration"]["choice"]["chosen"] == chosen, (auto, pct)
 
 
 def test_calibration_table_pins_the_measured_placement(tmp_path) -> None:
