@@ -230,7 +230,8 @@ def test_int8_of_a_dynamic_size_runs_at_the_metadata_size(model_file: Path, tmp_
     out = ir.load(tmp_path / "q.onnx")
     assert [d.dim_value for d in out.graph.input[0].type.tensor_type.shape.dim] == static
     # calibrated on the 4 images at that size (how many Convs end up INT8 is measured per machine)
-    qdq = next(p for p in json.loads((tmp_path / "rep.json").read_text())["passes"] if p["name"] == "insert-qdq")
+    passes = json.loads((tmp_path / "rep.json").read_text())["passes"]
+    qdq = next(p for p in passes if p["name"] == "insert-qdq")
     assert qdq["report"]["details"]["calibration"]["calibration"]["samples"] == 4
     r = invoke("inspect", src, "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output

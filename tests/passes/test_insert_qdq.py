@@ -471,7 +471,8 @@ def test_auto_keeps_the_per_tensor_table_within_the_margin(monkeypatch) -> None:
     model = fixtures.build_yolov8(bn=False)
     for auto, pct, chosen in ((30.0, 30.4, "auto"), (30.0, 30.5, "percentile"), (30.0, 29.0, "auto")):
         measured = iter([{"output0": {"sqnr_db_mean": auto}}, {"output0": {"sqnr_db_mean": pct}}])
-        monkeypatch.setattr(pipeline, "metrics", SimpleNamespace(output_quality=lambda *a, **k: next(measured)))
+        stand_in = SimpleNamespace(output_quality=lambda *a, **k: next(measured))
+        monkeypatch.setattr(pipeline, "metrics", stand_in)
         res = InsertQDQ().run(model, ctx(model, n=2, bias_correction=False))
         assert res.report.details["calibration"]["choice"]["chosen"] == chosen, (auto, pct)
 
