@@ -293,12 +293,17 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     bodies), depth first."""
     for node in graph.node:
         yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from all_nodes(sub)
+        yield from subgraph_nodes(node)
+
+
+def subgraph_nodes(node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
+    """Every node of the subgraphs ``node`` holds, nested ones included (none for most nodes)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield from all_nodes(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for sub in a.graphs:
+                yield from all_nodes(sub)
 
 
 def node_graph(model: onnx.ModelProto):

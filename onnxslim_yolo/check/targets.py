@@ -11,6 +11,7 @@ from typing import Dict, List
 
 import onnx
 
+from .. import ir
 from ..verify import ORT_DOMAINS
 from .index import GraphIndex
 from .result import CheckResult, failed, listing, passed, summarize, warned
@@ -40,6 +41,10 @@ def _unsupported(idx: GraphIndex, target: str) -> List[str]:
         elif target == "tensorrt" and n.op_type in ("Conv", "ConvTranspose") and len(n.input) > 1 \
                 and not _const_or_dq_const(idx, n.input[1]):
             out.append(f"{idx.label(i)} ({n.op_type} weights are not constant; TensorRT needs them to be)")
+        for s in ir.subgraph_nodes(n):  # an If branch may hold a plugin too
+            if s.domain not in domains:
+                out.append(f"{s.name or s.op_type} in a subgraph of {idx.label(i)} ({s.domain}.{s.op_type}: "
+                           f"domain not supported by {target})")
     return out
 
 

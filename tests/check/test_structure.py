@@ -106,6 +106,19 @@ def test_ops_custom_domain_fails_on_ort_and_com_microsoft_only_on_tensorrt():
     assert r.status == "fail" and "gelu" in r.message
 
 
+def test_ops_custom_domain_inside_an_if_branch_fails():
+    branch = helper.make_graph([helper.make_node("Magic", ["x"], ["z"], domain="my.ops")], "then", [],
+                               [helper.make_tensor_value_info("z", T.FLOAT, [1, 4, 8, 8])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "else", [],
+                              [helper.make_tensor_value_info("z", T.FLOAT, [1, 4, 8, 8])])
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    m = tiny([helper.make_node("If", ["cond"], ["y"], name="select", then_branch=branch, else_branch=other)],
+             inits=[cond], domains=["my.ops"])
+    r = targets.check_ops(m, GraphIndex(m), "ort-cpu")
+    assert r.status == "fail"
+    assert "Magic in a subgraph of select (my.ops.Magic: domain not supported by ort-cpu)" in r.message
+
+
 def test_ops_qoperator_and_dynamic_weights_fail_on_tensorrt():
     inits = [numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")]
     dyn = tiny([helper.make_node("Relu", ["w"], ["w2"]),
