@@ -325,6 +325,9 @@ def test_optimize_over_the_protobuf_limit(model_file: Path, tmp_path: Path, monk
     _, images, _ = demo_paths()
     monkeypatch.setattr(ir, "PROTO_LIMIT", 50_000)
     assert ir.model_size(ir.load(model_file)) > ir.PROTO_LIMIT
+    if "--int8" in pipeline:  # every Conv INT8 whatever this machine measures: the floor below is fixed
+        from onnxslim_yolo.quant.pipeline import Quantizer
+        monkeypatch.setattr(Quantizer, "_filter", lambda self, node: None)
     out = tmp_path / "big.opt.onnx"
     calib = ["--calib", images, "--calib-limit", "4"] if pipeline else []
     # a random-weight fixture pruned by 20% on 4 images fails the agreement check by design
