@@ -223,17 +223,11 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
 
 
 def _dynamic_size(model: Any) -> Optional[Tuple[int, ...]]:
-    """For a single image input of dynamic size: the whole input shape at the size its metadata
-    names (else 640), where `inspect` counts MACs; None for a static input."""
-    from . import data, ir
+    """:func:`data.dynamic_input_shape`, None for a model with no single image input."""
+    from . import data
 
     try:
-        ir.static_input_shapes(model)
-        return None
-    except SlimError:
-        pass
-    try:
-        return data.full_input_shape(model, data.model_input(model)[1])
+        return data.dynamic_input_shape(model)
     except SlimError:
         return None
 

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from PIL import Image, UnidentifiedImageError
 
 from . import ir
-from .pass_base import UsageError
+from .pass_base import PreconditionError, UsageError
 
 if TYPE_CHECKING:
     from .check.index import GraphIndex
@@ -308,6 +308,17 @@ def full_input_shape(model: onnx.ModelProto, chw: Tuple[int, int, int], n: int =
     """The image input's whole shape for ``n`` samples of ``chw``, in the model's layout."""
     c, h, w = chw
     return (n, h, w, c) if channels_last(model) else (n, c, h, w)
+
+
+def dynamic_input_shape(model: onnx.ModelProto) -> Optional[Tuple[int, ...]]:
+    """For an image input of symbolic size: its whole shape at the size the metadata names (else
+    640), where `check` runs it and `inspect` counts its MACs; None when the shape is static (a
+    symbolic batch alone runs as 1). Raises UsageError when no single image input is found."""
+    try:
+        ir.static_input_shapes(model)
+        return None
+    except PreconditionError:
+        return full_input_shape(model, model_input(model)[1])
 
 
 def to_layout(batch: np.ndarray, last: bool) -> np.ndarray:

@@ -466,12 +466,10 @@ def main(argv=None) -> int:
                        cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
     if args.tf_python and not args.no_export:
         subprocess.run([args.tf_python, "-c", EXPORT_TF, str(out)], check=True, capture_output=True, cwd=out)
-    if args.yolox_src and not args.no_export:
-        subprocess.run([args.exporter_python, "-c", EXPORT_YOLOX, args.yolox_src, str(out)], check=True,
-                       capture_output=True, cwd=out)
-    if args.yolov6_src and not args.no_export:
-        subprocess.run([args.exporter_python, "-c", EXPORT_YOLOV6, args.yolov6_src, str(out)], check=True,
-                       capture_output=True, cwd=out)
+    for src, script in ((args.yolox_src, EXPORT_YOLOX), (args.yolov6_src, EXPORT_YOLOV6)):
+        if src and not args.no_export:  # a source tree the exporter Python imports from
+            subprocess.run([args.exporter_python, "-c", script, src, str(out)], check=True,
+                           capture_output=True, cwd=out)
     if args.pip_models and not args.no_export:
         fetch_nudenet(out)
     models = [m for m in sorted(out.glob("*.onnx"))

@@ -16,7 +16,7 @@ import onnx
 
 from .. import ir, verify
 from ..eval.decode import NotDetections
-from ..pass_base import PreconditionError, SlimError, UsageError
+from ..pass_base import SlimError, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
 from .index import GraphIndex
 from .result import FAIL, CheckReport, CheckResult, failed, skipped
@@ -109,13 +109,10 @@ def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[in
         shape = [int(d) for d in opts.input_shape]
         ir.static_input_shapes(model, {next(iter(ir.input_shapes(model)), ""): shape})  # agrees with it
         return shape
-    try:
-        ir.static_input_shapes(model)
-        return None
-    except PreconditionError:
-        from ..data import full_input_shape, model_input
+    from ..data import dynamic_input_shape
 
-        return list(full_input_shape(model, model_input(model)[1]))
+    shape = dynamic_input_shape(model)
+    return None if shape is None else list(shape)
 
 
 def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Optional[numerics.Feeds],
