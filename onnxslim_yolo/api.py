@@ -15,6 +15,7 @@ import onnx
 
 from . import ir, verify
 from .analysis.flops import model_stats
+from .eval.anchors import with_anchors
 from .pass_base import Numerics, PassContext, PreconditionError, Tolerances, UsageError
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
@@ -36,6 +37,7 @@ class OptimizeOptions:
     images: Optional[Union[str, Path]] = None   # evaluation images (default: calib folder)
     labels: Optional[Union[str, Path]] = None   # YOLO labels folder or COCO json: accuracy before/after
     preprocess: Optional[str] = None
+    anchors: Optional[str] = None               # raw anchor-map heads: JSON anchors (eval.anchors)
     input_shape: Optional[Sequence[int]] = None
     pass_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     verify: bool = True
@@ -146,6 +148,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     """
     opts = options or OptimizeOptions(**kwargs)
     original, src = _as_model(model)
+    original = with_anchors(original, opts.anchors, copy=src is None)
     if output is not None and src is not None and Path(output).resolve() == src.resolve():
         raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
     _refuse_custom_ops(original, src)

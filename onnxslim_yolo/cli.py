@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import click
 
 from .data import PRESETS
+from .eval.anchors import ANCHORS_HELP
 from .pass_base import SlimError, UsageError
 
 
@@ -108,6 +109,7 @@ def main(verbose: int) -> None:
 @click.option("--images", type=click.Path(), help="Evaluation images (default: --calib).")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: accuracy before/after.")
 @click.option("--preprocess", type=click.Choice(list(PRESETS)), help="Preprocessing preset.")
+@click.option("--anchors", help=ANCHORS_HELP)
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
@@ -121,7 +123,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
              calib: Optional[str], calib_limit: Optional[int], target: str, method: str, weight_bits: str,
              calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
              protect: Sequence[str], kept_json: Optional[str], images: Optional[str], labels: Optional[str],
-             preprocess: Optional[str],
+             preprocess: Optional[str], anchors: Optional[str],
              input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
              no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""
@@ -147,7 +149,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         prune_opts["kept_json"] = kept_json
     opts = OptimizeOptions(
         passes=_csv(passes) or None, skip=list(skip), int8=int8, prune=prune, calib=calib,
-        calib_limit=calib_limit, images=images, labels=labels, preprocess=preprocess,
+        calib_limit=calib_limit, images=images, labels=labels, preprocess=preprocess, anchors=anchors,
         input_shape=_shape(input_shape), pass_options={"insert-qdq": qdq, "prune-channels": prune_opts},
         verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet,
         check=not no_check, max_drop=max_drop, target=target)

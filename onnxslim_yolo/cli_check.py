@@ -12,6 +12,7 @@ import click
 
 from .check.result import FAIL, WARN, CheckReport
 from .data import PRESETS
+from .eval.anchors import ANCHORS_HELP
 
 #: width of the message column in the table (full messages are in the lines below and the JSON)
 MESSAGE_WIDTH = 96
@@ -53,6 +54,7 @@ def render(report: CheckReport) -> str:
               help="Interleaved latency runs per model.")
 @click.option("--limit", type=int, help="Use the first N images (by name) for the detection checks.")
 @click.option("--preprocess", type=click.Choice(list(PRESETS)), help="Preprocessing preset.")
+@click.option("--anchors", help=ANCHORS_HELP)
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
@@ -61,7 +63,7 @@ def render(report: CheckReport) -> str:
 def check_command(ctx: click.Context, model: str, reference: Optional[str], images: Optional[str],
                   labels: Optional[str], target: str, json_out: Optional[str], max_drop: float,
                   min_cosine: float, min_agreement: float, latency: bool, runs: int, limit: Optional[int],
-                  preprocess: Optional[str],
+                  preprocess: Optional[str], anchors: Optional[str],
                   input_shape: Optional[str], threads: int, quiet: bool) -> None:
     """Pre-deployment checks of MODEL, optionally against the original (--reference)."""
     from .check import CheckOptions, run_checks
@@ -69,7 +71,7 @@ def check_command(ctx: click.Context, model: str, reference: Optional[str], imag
 
     opts = CheckOptions(target=target, max_drop=max_drop, min_cosine=min_cosine, min_agreement=min_agreement,
                         latency=latency, latency_runs=runs, threads=threads, limit=limit, preset=preprocess,
-                        input_shape=_shape(input_shape), progress=not quiet)
+                        input_shape=_shape(input_shape), progress=not quiet, anchors=anchors)
     report = run_checks(model, reference=reference, images=images, labels=labels, options=opts)
     click.echo(render(report))
     if json_out:

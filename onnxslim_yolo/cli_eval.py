@@ -9,7 +9,9 @@ from typing import Optional
 
 import click
 
+from . import ir
 from .data import PRESETS
+from .eval.anchors import ANCHORS_HELP, with_anchors
 from .eval.decode import FORMATS
 from .pass_base import SlimError
 
@@ -26,6 +28,7 @@ from .pass_base import SlimError
 @click.option("--max-det", type=int, default=300, show_default=True, help="Detections kept per image.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output layout (default: detected from metadata and output shape).")
+@click.option("--anchors", help=ANCHORS_HELP)
 @click.option("--limit", type=int, help="Evaluate the first N images (by name).")
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
@@ -33,7 +36,7 @@ from .pass_base import SlimError
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model: str, images: str, labels: str, preprocess: Optional[str], conf: float, iou: float,
-                 max_det: int, fmt: Optional[str], limit: Optional[int], input_shape: Optional[str],
+                 max_det: int, fmt: Optional[str], anchors: Optional[str], limit: Optional[int], input_shape: Optional[str],
                  threads: int, json_out: Optional[str], quiet: bool) -> None:
     """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions)."""
     from .cli import _shape, write_json  # late: cli imports this module while it loads
@@ -41,7 +44,8 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     from .report import table
 
     try:
-        res = evaluate(model, images, labels, preset=preprocess, conf=conf, iou=iou, max_det=max_det,
+        target = with_anchors(ir.load(model), anchors, copy=False) if anchors else model
+        res = evaluate(target, images, labels, preset=preprocess, conf=conf, iou=iou, max_det=max_det,
                        fmt=fmt, limit=limit, progress=not quiet, threads=threads,
                        input_shape=_shape(input_shape))
     except SlimError as exc:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from . import data, ir, verify
+from .eval.anchors import model_anchors
 from .eval.decode import (NotDetections, batch_rows_as_dets, decode, detection_output, final_detections,
                           normalize_format, outputs_format, per_image)
 from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
@@ -39,10 +40,11 @@ class _Runner:
         self.model = model
         self.sess = verify.session(model, optimize=optimize, threads=threads)
         self.fmt = normalize_format(fmt) if fmt else None
+        self.anchors = model_anchors(model)
 
     def __call__(self, feeds: Dict[str, np.ndarray], hw) -> np.ndarray:
         outs = verify.run(self.sess, feeds)
-        out = detection_output(outs)
+        out = detection_output(outs, hw, self.anchors)
         if self.fmt is None:
             self.fmt = outputs_format(self.model, outs, hw)
             log.info("output format: %s (detected from %s)", self.fmt, list(out.shape))

@@ -361,6 +361,53 @@ for name, cfg_name, dynamic in (("mt_yolov6n", "yolov6n", False), ("mt_yolov6n_d
                       input_names=["images"], output_names=["outputs"], dynamic_axes=axes, dynamo=False)
 '''
 
+#: WongKinYiu YOLOv7 from its source tree: the repository (cfg/training/*.yaml, models/), or the
+#: yolov7detect 1.0.1 sdist (the same code as a ``yolov7`` package; it needs scipy) with that
+#: repository's cfg/training folder copied beside it. Exported as its export.py does: weights
+#: fused (BN, RepConv, the implicit knowledge layers), opset 12, 320x320; YOLOv7-tiny (LeakyReLU)
+#: with the raw head (no ``--grid``: three (1, 3, h, w, 85) maps), the decoded head (``--grid``,
+#: also with a dynamic batch), the onnxruntime NMS tail (``--end2end --max-wh 640``: (K, 7) rows)
+#: and the boxes + scores pair (``--include-nms``); and YOLOv7 (RepConv, SPPCSPC) at width 0.25.
+EXPORT_YOLOV7 = RANDOMISE_BN + r'''
+import sys, torch, yaml
+src, out = sys.argv[1], sys.argv[2]
+sys.path.insert(0, src)
+try:  # the repository's layout, else the sdist's package
+    from models.yolo import Model
+    from models.experimental import End2End
+except ImportError:
+    from yolov7.models.yolo import Model
+    from yolov7.models.experimental import End2End
+runs = (("yolov7_tiny", "yolov7-tiny", "raw", False), ("yolov7_tiny_grid", "yolov7-tiny", "grid", False),
+        ("yolov7_tiny_grid_dynbatch", "yolov7-tiny", "grid", True),
+        ("yolov7_tiny_end2end", "yolov7-tiny", "end2end", False),
+        ("yolov7_tiny_nms_split", "yolov7-tiny", "include_nms", False), ("yolov7_w025_grid", "yolov7", "grid", False))
+for name, cfg, mode, dynbatch in runs:
+    torch.manual_seed(0)
+    with open(f"{src}/cfg/training/{cfg}.yaml") as f:
+        spec = yaml.safe_load(f)
+    if cfg == "yolov7":
+        spec["width_multiple"] = 0.25
+    m = Model(spec, ch=3, nc=80).eval()
+    randomise_bn(m)
+    m.requires_grad_(False)  # as a checkpoint's EMA weights are: fuse() edits them in place
+    m = m.fuse().eval()
+    x = torch.zeros(1, 3, 320, 320)
+    m.model[-1].export = mode == "raw"
+    names = ["output"]
+    if mode == "include_nms":
+        m.model[-1].include_nms = True
+        names = ["boxes", "scores"]
+    m(x)
+    if mode == "grid":
+        m.model[-1].concat = True
+    if mode == "end2end":
+        m = End2End(m, 100, 0.45, 0.25, 640, torch.device("cpu"), 80)
+    axes = {"images": {0: "batch"}, "output": {0: "batch"}} if dynbatch else None
+    torch.onnx.export(m, x, f"{out}/{name}.onnx", opset_version=12, input_names=["images"],
+                      output_names=names, dynamic_axes=axes, dynamo=False)
+'''
+
 #: Keras MobileNetV2 and EfficientNetB0 (random weights) converted by tf2onnx with the input
 #: channels-first (``--inputs-as-nchw``), and MobileNetV2 as tf2onnx leaves it (NHWC, opset 13)
 EXPORT_TF = r'''
@@ -445,6 +492,9 @@ def main(argv=None) -> int:
     ap.add_argument("--yolov6-src", default=None,
                     help="YOLOv6 source tree (unpacked yolov6detect-0.4.1 sdist): also export YOLOv6n, "
                          "-n-base and -n6; the exporter Python then needs addict")
+    ap.add_argument("--yolov7-src", default=None,
+                    help="YOLOv7 source tree (the repository, or the unpacked yolov7detect-1.0.1 sdist with the "
+                         "repository's cfg/training folder): also export YOLOv7-tiny (five heads) and YOLOv7")
     ap.add_argument("--pip-models", action="store_true",
                     help="also fetch the real-weight YOLOv8n detector the nudenet wheel ships (320n.onnx, "
                          "dynamic axes, 18 classes) with pip download")
@@ -466,7 +516,8 @@ def main(argv=None) -> int:
                        cwd=out, env=dict(os.environ, YOLO_OFFLINE="1"))
     if args.tf_python and not args.no_export:
         subprocess.run([args.tf_python, "-c", EXPORT_TF, str(out)], check=True, capture_output=True, cwd=out)
-    for src, script in ((args.yolox_src, EXPORT_YOLOX), (args.yolov6_src, EXPORT_YOLOV6)):
+    for src, script in ((args.yolox_src, EXPORT_YOLOX), (args.yolov6_src, EXPORT_YOLOV6),
+                        (args.yolov7_src, EXPORT_YOLOV7)):
         if src and not args.no_export:  # a source tree the exporter Python imports from
             subprocess.run([args.exporter_python, "-c", script, src, str(out)], check=True,
                            capture_output=True, cwd=out)

@@ -22,6 +22,7 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..data import ones_objectness
+from ..eval.anchors import anchor_layout, model_anchors, per_cell
 from ..eval.decode import mask_coefficients
 from ..pass_base import PreconditionError
 
@@ -251,6 +252,11 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
             fam = "yolov5" if "stride" in meta and "names" in meta else "unknown"
             ev.append(f"output {name} (1, {a}, {b}): predictions last-dim 5+C")
             return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5 - nm, None, ev
+    maps = anchor_layout([s for _, s in outputs], per_cell(model_anchors(model)))
+    if maps is not None and len(outputs[0][1]) == 4:
+        na, no = maps
+        ev.append(f"{len(outputs)} raw head maps (1, {na}x{no}, h, w), no decode in the graph")
+        return "yolov5", "raw maps (1, na*(5+C), h, w)", no - 5, na, ev
     if any(len(s) == 5 for _, s in outputs):
         ev.append("rank-5 outputs (1, na, h, w, 5+C)")
         s5 = next(s for _, s in outputs if len(s) == 5)

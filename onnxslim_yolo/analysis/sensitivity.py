@@ -19,6 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, verify
+from ..eval.anchors import model_anchors
 from ..eval.decode import detection_output
 from ..pass_base import SlimError
 from . import activations
@@ -115,17 +116,18 @@ class DetectionMetric:
                  score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
+        self.anchors = model_anchors(model)
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         """Decode the references once (a probe compares every candidate with the same ones)."""
-        self._refs = [(r, self._decode(detection_output(r))) for r in refs]
+        self._refs = [(r, self._decode(detection_output(r, self.hw, self.anchors))) for r in refs]
 
     def _decoded_ref(self, ref: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         for r, dec in self._refs:
             if r is ref:
                 return dec
-        return self._decode(detection_output(ref))
+        return self._decode(detection_output(ref, self.hw, self.anchors))
 
     def _decode(self, out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         from ..eval.decode import decode_rows
@@ -133,7 +135,7 @@ class DetectionMetric:
 
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
         rb, rs = self._decoded_ref(ref)
-        nb, ns = self._decode(detection_output(new))
+        nb, ns = self._decode(detection_output(new, self.hw, self.anchors))
         cls = rs.argmax(axis=1)
         top = rs[np.arange(len(rs)), cls]
         rows = np.nonzero(top >= self.conf)[0]
@@ -160,12 +162,13 @@ class AgreementMetric:
         from ..evaluate import AGREEMENT_CONF
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw = fmt, tuple(int(v) for v in hw)
+        self.anchors = model_anchors(model)
         self.ref_conf = AGREEMENT_CONF if ref_conf is None else ref_conf
         self.ref_dets: List = []
 
     def _boxes(self, outs: Sequence[List[np.ndarray]]) -> list:
         from ..evaluate import output_boxes
-        return output_boxes([detection_output(o) for o in outs], self.fmt, self.hw)
+        return output_boxes([detection_output(o, self.hw, self.anchors) for o in outs], self.fmt, self.hw)
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         self.ref_dets = self._boxes(refs)

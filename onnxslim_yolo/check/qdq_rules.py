@@ -108,7 +108,8 @@ def check_decode_tail(idx: GraphIndex) -> CheckResult:
         return r
     tail, source = decode_tail(idx)
     if not tail:
-        return skipped(name, "no decode tail found (no Conv feeds the outputs)", source=source)
+        return skipped(name, "no decode tail found (the outputs are the last Convs' own, or no Conv feeds "
+                             "them)", source=source)
     bad: List[str] = []
     for i in qdq_nodes(idx):
         n = idx.nodes[i]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import onnx
 
 from .. import ir, verify
+from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
 from ..pass_base import SlimError, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
@@ -41,6 +42,7 @@ class CheckOptions:
     limit: Optional[int] = None        # images used for detection checks (first N by name)
     numeric_samples: int = 2           # inputs for the numerics comparison
     preset: Optional[str] = None
+    anchors: Optional[str] = None      # raw anchor-map heads: JSON anchors for both models (eval.anchors)
     input_shape: Optional[Sequence[int]] = None
     seed: int = 0
     progress: bool = False
@@ -184,8 +186,10 @@ def run_checks(model: ModelLike, reference: Optional[ModelLike] = None, images: 
     for p, what in ((images, "image folder"), (labels, "labels")):
         if p is not None and not Path(p).exists():
             raise UsageError(f"{p}: {what} not found")
-    m = _load(model, "model")
+    m = with_anchors(_load(model, "model"), opts.anchors, copy=isinstance(model, onnx.ModelProto))
     ref = _load(reference, "reference model") if reference is not None else None
+    if ref is not None:
+        ref = with_anchors(ref, opts.anchors, copy=isinstance(reference, onnx.ModelProto))
     idx = GraphIndex(m)
     results = _static_checks(m, idx, opts.target)
     results += _runtime_checks(m, ref, None if images is None else str(images),

@@ -14,6 +14,8 @@ Formats:
             models, so only NMS-level comparisons (mAP, agreement) apply, not row-by-row ones.
   ``dets7`` (K, 7) detections after NMS, ``batch x1 y1 x2 y2 class score`` (the YOLOv7
             end-to-end export for onnxruntime); read like ``dets``, one image at a time.
+Raw anchor-based head maps (one per level, before the decode) are decoded into ``v5`` rows by
+:func:`detection_output` (:mod:`.anchors`).
 """
 from __future__ import annotations
 
@@ -103,10 +105,16 @@ def mask_coefficients(shapes: Sequence[Sequence]) -> int:
     return int(nm) if isinstance(nm, (int, np.integer)) and nm > 0 else 0
 
 
-def detection_output(outputs: Sequence[np.ndarray]) -> np.ndarray:
+def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None,
+                     anchors=None) -> np.ndarray:
     """The one array :func:`decode` reads from a model's outputs: the first output, without the
-    trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), or for a
-    boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C)."""
+    trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), for a
+    boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), and for raw
+    anchor maps (:mod:`.anchors`, with ``anchors`` from :func:`.anchors.model_anchors`) their
+    decoded ``v5`` rows."""
+    from .anchors import anchor_layout, decode_maps, per_cell
+    if anchor_layout([o.shape for o in outputs], per_cell(anchors)) is not None:
+        return decode_maps(outputs, input_hw, anchors)
     split = split_layout([o.shape for o in outputs])
     if split is None:
         nm = mask_coefficients([o.shape for o in outputs])
@@ -120,11 +128,19 @@ def detection_output(outputs: Sequence[np.ndarray]) -> np.ndarray:
                            scores.astype(np.float32, copy=False)], axis=2)
 
 
+def _anchor_maps(model: onnx.ModelProto, shapes: Sequence[Sequence]) -> bool:
+    """Whether ``shapes`` are raw anchor maps (:func:`.anchors.anchor_layout`) of ``model``."""
+    from .anchors import anchor_layout, model_anchors, per_cell
+    return anchor_layout(shapes, per_cell(model_anchors(model))) is not None
+
+
 def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
                    input_hw: Optional[Sequence[int]] = None) -> str:
     """:func:`detect_format` from a run's outputs (their real shapes, dynamic axes included)."""
     if split_layout([o.shape for o in outputs]) is not None:
         return "xyxy"
+    if _anchor_maps(model, [o.shape for o in outputs]):
+        return "v5"
     return detect_format(model, output_shape=outputs[0].shape, input_hw=input_hw)
 
 
@@ -196,6 +212,8 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
     first (an ultralytics (1, K, 6) output is ``dets``), then the (given or declared) layout."""
     if split_layout(_declared_shapes(model)) is not None:
         return "xyxy"
+    if output_shape is None and _anchor_maps(model, _declared_shapes(model)):
+        return "v5"
     if input_hw is None:
         from ..data import model_input
         try:

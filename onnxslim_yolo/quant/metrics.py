@@ -90,6 +90,7 @@ class DetectionError:
 
 
 def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list:
+    from ..eval.anchors import model_anchors
     from ..eval.decode import detection_output, outputs_format
     from ..evaluate import output_boxes
 
@@ -97,10 +98,11 @@ def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list
     name = sess.get_inputs()[0].name
     res: list = []
     fmt: Optional[str] = None
+    anchors = model_anchors(model)
     for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
         hw = tuple(int(d) for d in f[name].shape[2:])
         outs = sess.run(None, f)
-        out = detection_output(outs)
+        out = detection_output(outs, hw, anchors)
         fmt = fmt or outputs_format(model, outs, hw)
         res += output_boxes([out], fmt, hw, start=i)
     return res

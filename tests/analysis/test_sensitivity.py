@@ -14,7 +14,9 @@ HW = (64, 64)
 
 
 class _Model:
-    """Just enough of a ModelProto for the metric: one named graph output."""
+    """Just enough of a ModelProto for the metric: one named graph output, no metadata."""
+
+    metadata_props: list = []
 
     class graph:  # noqa: N801
         output = [type("O", (), {"name": "out"})()]

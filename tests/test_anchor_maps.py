@@ -1,0 +1,154 @@
+"""Raw anchor-based head maps (a YOLOv5 / YOLOv7 export that stops before the decode)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from PIL import Image
+
+from fixtures.yolov5 import ANCHORS, build_yolov5_v6
+from onnxslim_yolo import data, verify
+from onnxslim_yolo.analysis.head import find_head
+from onnxslim_yolo.eval.anchors import anchor_layout, decode_maps, model_anchors, parse_anchors
+from onnxslim_yolo.eval.decode import detect_format, detection_output
+from onnxslim_yolo.evaluate import detections
+from onnxslim_yolo.pass_base import UsageError
+
+HW = (64, 64)
+
+
+def _cut(model: onnx.ModelProto, outputs, tmp_path: Path, name: str) -> onnx.ModelProto:
+    src, dst = tmp_path / "full.onnx", tmp_path / f"{name}.onnx"
+    onnx.save(model, str(src))
+    onnx.utils.extract_model(str(src), str(dst), ["images"], list(outputs))
+    return onnx.load(str(dst))
+
+
+@pytest.fixture()
+def heads(tmp_path: Path):
+    """The YOLOv5 fixture (decode inside, YOLOv5's default anchors) and the same graph cut at its
+    head: the three head Convs' outputs (B, 3*(5+C), h, w), and those maps reshaped and
+    transposed to (B, 3, h, w, 5+C) before the sigmoid."""
+    full = build_yolov5_v6(num_classes=4)
+    convs = find_head(full).last_conv_outputs
+    by_input = {n.input[0]: n for n in full.graph.node if n.input}  # Constant nodes have none
+    permuted = [by_input[by_input[c].output[0]].output[0] for c in convs]  # Conv -> Reshape -> Transpose
+    assert all(by_input[p].op_type == "Sigmoid" for p in permuted)
+    return full, _cut(full, convs, tmp_path, "raw4"), _cut(full, permuted, tmp_path, "raw5")
+
+
+def _outs(model: onnx.ModelProto, x: np.ndarray):
+    return verify.run(verify.session(model, optimize=False), {"images": x})
+
+
+@pytest.mark.parametrize("rank", [4, 5])
+def test_raw_maps_decode_to_the_graphs_own_decode(heads, rank):
+    full, raw4, raw5 = heads
+    raw = raw4 if rank == 4 else raw5
+    x = np.random.default_rng(0).random((1, 3, *HW), dtype=np.float32)
+    want = _outs(full, x)[0]
+    outs = _outs(raw, x)
+    assert [o.ndim for o in outs] == [rank] * 3
+    got = detection_output(outs[::-1], HW)  # any output order: levels sorted finest first
+    assert got.shape == want.shape == (1, 3 * (64 + 16 + 4), 9)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # strides follow from the input size; without it, 8, 16, 32 are assumed (the same here)
+    np.testing.assert_allclose(detection_output(outs), got, rtol=1e-6)
+
+
+def test_anchors_from_metadata_scale_the_boxes(heads):
+    _, raw4, _ = heads
+    outs = _outs(raw4, np.full((1, 3, *HW), 0.5, np.float32))
+    doubled = [[2 * v for v in lv] for lv in ANCHORS]
+    helper.set_model_props(raw4, {"anchors": json.dumps(doubled)})
+    anchors = model_anchors(raw4)
+    assert anchors == tuple(tuple(float(v) for v in lv) for lv in doubled)
+    base, scaled = decode_maps(outs, HW), decode_maps(outs, HW, anchors)
+    np.testing.assert_allclose(scaled[..., 2:4], 2 * base[..., 2:4], rtol=1e-6)
+    np.testing.assert_array_equal(scaled[..., [0, 1, 4, 5]], base[..., [0, 1, 4, 5]])
+
+
+def test_the_evaluator_and_head_analysis_read_raw_maps(heads, tmp_path: Path):
+    full, raw4, raw5 = heads
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    ref = detections(full, images, progress=False, threads=1)
+    for raw in (raw4, raw5):
+        assert detect_format(raw) == "v5" and data.detect_preset(raw) == "yolov5"
+        got = detections(raw, images, progress=False, threads=1)
+        for a, b in zip(ref, got):
+            assert len(a) == len(b) > 0
+            np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-3)
+            np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
+    info = find_head(raw4)
+    assert (info.family, info.layout, info.num_classes, info.anchors_per_cell) == \
+        ("yolov5", "raw maps (1, na*(5+C), h, w)", 4, 3)
+
+
+def test_anchor_layout_only_matches_one_anchor_head():
+    assert anchor_layout([(1, 27, 8, 8), (1, 27, 4, 4), (1, 27, 2, 2)]) == (3, 9)
+    assert anchor_layout([(1, 3, 8, 8, 9), (1, 3, 4, 4, 9)]) == (3, 9)
+    assert anchor_layout([(1, 27, 8, 8), (1, 27, 4, 4)], predictions=9) is None  # 3 values per prediction
+    assert anchor_layout([(1, 27, 8, 8)]) is None  # one map
+    assert anchor_layout([(1, 27, 8, 8), (1, 27, 8, 8)]) is None  # two maps of one size
+    assert anchor_layout([(1, 27, 8, 8), (1, 36, 4, 4)]) is None  # other channels
+    assert anchor_layout([(1, 28, 8, 8), (1, 28, 4, 4)]) is None  # not 3 predictions per cell
+    assert anchor_layout([(1, 27, 8, 8), (1, 3, 4, 4, 9)]) is None  # mixed ranks
+    assert anchor_layout([(1, 27, "h", 8), (1, 27, 4, 4)]) is None  # symbolic size
+
+
+def test_bad_or_missing_anchors_are_named():
+    with pytest.raises(UsageError, match="anchors '\\[1, 2\\]': expected a JSON list"):
+        parse_anchors("[1, 2]")
+    with pytest.raises(UsageError, match="same number of positive w, h pairs"):
+        parse_anchors("[[10, 13, 16, 30], [30, 61]]")
+    maps = [np.zeros((1, 27, 8, 8), np.float32), np.zeros((1, 27, 4, 4), np.float32)]
+    with pytest.raises(UsageError, match="raw head maps of 2 levels: no default anchors; name them in "
+                                         "the model's 'anchors' metadata"):
+        decode_maps(maps, (64, 64))
+    with pytest.raises(UsageError, match="anchors name 1 levels of 3 but the head has 2 levels"):
+        decode_maps(maps, (64, 64), parse_anchors("[[1, 2, 3, 4, 5, 6]]"))
+
+
+def _images(folder: Path, n: int = 2) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_anchors_option_reaches_optimize_check_and_eval(heads, tmp_path: Path):
+    """``--anchors`` is stored in the optimized model's metadata, so that ``check`` decodes it
+    without the option; a malformed value is a usage error (exit 2) naming it."""
+    from click.testing import CliRunner
+
+    from onnxslim_yolo.cli import main
+    _, raw4, _ = heads
+    images = _images(tmp_path / "images")
+    src, out = tmp_path / "raw.onnx", tmp_path / "raw.opt.onnx"
+    onnx.save(raw4, str(src))
+    doubled = json.dumps([[2 * v for v in lv] for lv in ANCHORS])
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(out), "--anchors", doubled, "--calib",
+                                  str(images), "--no-bench", "--quiet", "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert model_anchors(onnx.load(str(out))) == parse_anchors(doubled)
+    assert model_anchors(onnx.load(str(src))) is None  # the input is left as it was
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r.json").read_text())["checks"]["checks"]}
+    assert checks["accuracy.agreement"]["status"] == "pass"  # it skipped before: "not a detection output"
+    r = CliRunner().invoke(main, ["check", str(out), "--reference", str(src), "--anchors", doubled,
+                                  "--images", str(images), "--no-latency", "--min-agreement", "0.0",
+                                  "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    agreement = {c["name"]: c for c in json.loads((tmp_path / "c.json").read_text())["checks"]}
+    assert agreement["accuracy.agreement"]["status"] == "pass"
+    for cmd in (["eval", str(src), "--labels", str(tmp_path)], ["check", str(src)]):
+        r = CliRunner().invoke(main, cmd + ["--images", str(images), "--anchors", "[[1, 2], [3]]"])
+        assert r.exit_code == 2 and "anchors '[[1, 2], [3]]': every level needs the same number" in r.output
