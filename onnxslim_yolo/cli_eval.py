@@ -36,7 +36,8 @@ from .pass_base import SlimError
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model: str, images: str, labels: str, preprocess: Optional[str], conf: float, iou: float,
-                 max_det: int, fmt: Optional[str], anchors: Optional[str], limit: Optional[int], input_shape: Optional[str],
+                 max_det: int, fmt: Optional[str], anchors: Optional[str], limit: Optional[int],
+                 input_shape: Optional[str],
                  threads: int, json_out: Optional[str], quiet: bool) -> None:
     """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions)."""
     from .cli import _shape, write_json  # late: cli imports this module while it loads

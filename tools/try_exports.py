@@ -30,7 +30,9 @@ external weights; also with a dynamic batch) when ``onnxscript`` is, with
 ``--tf-python`` Keras MobileNetV2 and EfficientNetB0 converted by tf2onnx (opset 17; MobileNetV2
 also with its NHWC input), and with
 ``--yolox-src`` Megvii YOLOX nano/tiny/s (raw and decoded heads, opset 11), with ``--yolov6-src``
-meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13), and with
+meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13), with
+``--yolov7-src`` YOLOv7-tiny (raw head, decoded head with and without a dynamic batch, the
+onnxruntime NMS tail, boxes + scores) and YOLOv7 at width 0.25 (opset 12), and with
 ``--pip-models`` the real-weight YOLOv8n detector of the ``nudenet`` wheel. Apart from that one, the
 weights are random, so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
@@ -381,7 +383,8 @@ except ImportError:
 runs = (("yolov7_tiny", "yolov7-tiny", "raw", False), ("yolov7_tiny_grid", "yolov7-tiny", "grid", False),
         ("yolov7_tiny_grid_dynbatch", "yolov7-tiny", "grid", True),
         ("yolov7_tiny_end2end", "yolov7-tiny", "end2end", False),
-        ("yolov7_tiny_nms_split", "yolov7-tiny", "include_nms", False), ("yolov7_w025_grid", "yolov7", "grid", False))
+        ("yolov7_tiny_nms_split", "yolov7-tiny", "include_nms", False),
+        ("yolov7_w025_grid", "yolov7", "grid", False))
 for name, cfg, mode, dynbatch in runs:
     torch.manual_seed(0)
     with open(f"{src}/cfg/training/{cfg}.yaml") as f:
@@ -493,8 +496,9 @@ def main(argv=None) -> int:
                     help="YOLOv6 source tree (unpacked yolov6detect-0.4.1 sdist): also export YOLOv6n, "
                          "-n-base and -n6; the exporter Python then needs addict")
     ap.add_argument("--yolov7-src", default=None,
-                    help="YOLOv7 source tree (the repository, or the unpacked yolov7detect-1.0.1 sdist with the "
-                         "repository's cfg/training folder): also export YOLOv7-tiny (five heads) and YOLOv7")
+                    help="YOLOv7 source tree (the repository, or the unpacked yolov7detect-1.0.1 sdist with "
+                         "the repository's cfg/training folder): also export YOLOv7-tiny (five heads) and "
+                         "YOLOv7")
     ap.add_argument("--pip-models", action="store_true",
                     help="also fetch the real-weight YOLOv8n detector the nudenet wheel ships (320n.onnx, "
                          "dynamic axes, 18 classes) with pip download")
