@@ -24,6 +24,7 @@ from .. import ir
 from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, model_anchors, per_cell
 from ..eval.decode import mask_coefficients
+from ..eval.dfl import dfl_layout
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,12 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         na, no = maps
         ev.append(f"{len(outputs)} raw head maps (1, {na}x{no}, h, w), no decode in the graph")
         return "yolov5", "raw maps (1, na*(5+C), h, w)", no - 5, na, ev
+    free = dfl_layout([s for _, s in outputs])
+    if free is not None:
+        bins, nc, levels = free
+        ev.append(f"{len(levels)} levels of raw head maps (1, 4x{bins}, h, w) + (1, {nc}, h, w), no DFL "
+                  "decode in the graph")
+        return "yolov8", "raw maps (1, 4*R, h, w) + (1, C, h, w)", nc, 1, ev
     if any(len(s) == 5 for _, s in outputs):
         ev.append("rank-5 outputs (1, na, h, w, 5+C)")
         s5 = next(s for _, s in outputs if len(s) == 5)

@@ -38,18 +38,19 @@ def layout(model: onnx.ModelProto):
 
 def detection_watch(model: onnx.ModelProto):
     """(tensors to watch, format, input hw) for row-by-row detection metrics, or None: the single
-    output of a known YOLO layout, a boxes + scores pair of outputs, raw anchor maps (every output,
-    decoded as ``v5``), or for a model with NMS inside the boxes (1, N, 4) and scores fed into it
+    output of a known YOLO layout, a boxes + scores pair of outputs, raw head maps (every output,
+    decoded as ``v5`` or ``v8``), or for a model with NMS inside the boxes (1, N, 4) and scores fed into it
     (both read as ``xyxy``)."""
     fmt, hw = layout(model)
     if fmt is not None:
         return [model.graph.output[0].name], fmt, hw
     from .. import verify
     from ..data import model_input
-    from ..eval.decode import _anchor_maps, _declared_shapes, split_layout, value_dims
-    if _anchor_maps(model, _declared_shapes(model)):
+    from ..eval.decode import _declared_shapes, raw_maps_format, split_layout, value_dims
+    raw = raw_maps_format(model, _declared_shapes(model))
+    if raw is not None:
         try:
-            return [o.name for o in model.graph.output], "v5", model_input(model)[1][1:]
+            return [o.name for o in model.graph.output], raw, model_input(model)[1][1:]
         except Exception:  # noqa: BLE001 -- dynamic input size: no fixed layout
             return None
     pair = split_layout(_declared_shapes(model))

@@ -14,8 +14,8 @@ Formats:
             models, so only NMS-level comparisons (mAP, agreement) apply, not row-by-row ones.
   ``dets7`` (K, 7) detections after NMS, ``batch x1 y1 x2 y2 class score`` (the YOLOv7
             end-to-end export for onnxruntime); read like ``dets``, one image at a time.
-Raw anchor-based head maps (one per level, before the decode) are decoded into ``v5`` rows by
-:func:`detection_output` (:mod:`.anchors`).
+Raw head maps (per level, before the decode) are decoded by :func:`detection_output`: anchor-based
+ones into ``v5`` rows (:mod:`.anchors`), anchor-free DFL ones into the ``v8`` layout (:mod:`.dfl`).
 """
 from __future__ import annotations
 
@@ -112,9 +112,12 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
     boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), and for raw
     anchor maps (:mod:`.anchors`, with ``anchors`` from :func:`.anchors.model_anchors`) their
     decoded ``v5`` rows."""
-    from .anchors import anchor_layout, decode_maps, per_cell
-    if anchor_layout([o.shape for o in outputs], per_cell(anchors)) is not None:
-        return decode_maps(outputs, input_hw, anchors)
+    from . import anchors as anchor_maps, dfl
+    shapes = [o.shape for o in outputs]
+    if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchors)) is not None:
+        return anchor_maps.decode_maps(outputs, input_hw, anchors)
+    if dfl.dfl_layout(shapes) is not None:
+        return dfl.decode_maps(outputs, input_hw)
     split = split_layout([o.shape for o in outputs])
     if split is None:
         nm = mask_coefficients([o.shape for o in outputs])
@@ -128,10 +131,14 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
                            scores.astype(np.float32, copy=False)], axis=2)
 
 
-def _anchor_maps(model: onnx.ModelProto, shapes: Sequence[Sequence]) -> bool:
-    """Whether ``shapes`` are raw anchor maps (:func:`.anchors.anchor_layout`) of ``model``."""
-    from .anchors import anchor_layout, model_anchors, per_cell
-    return anchor_layout(shapes, per_cell(model_anchors(model))) is not None
+def raw_maps_format(model: onnx.ModelProto, shapes: Sequence[Sequence]) -> Optional[str]:
+    """The format :func:`detection_output` decodes raw head maps of ``model`` with these
+    ``shapes`` into: ``v5`` for anchor-based maps (:mod:`.anchors`), ``v8`` for anchor-free ones
+    (:mod:`.dfl`); None when the shapes are not raw head maps."""
+    from . import anchors as anchor_maps, dfl
+    if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchor_maps.model_anchors(model))) is not None:
+        return "v5"
+    return "v8" if dfl.dfl_layout(shapes) is not None else None
 
 
 def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
@@ -139,8 +146,9 @@ def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
     """:func:`detect_format` from a run's outputs (their real shapes, dynamic axes included)."""
     if split_layout([o.shape for o in outputs]) is not None:
         return "xyxy"
-    if _anchor_maps(model, [o.shape for o in outputs]):
-        return "v5"
+    raw = raw_maps_format(model, [o.shape for o in outputs])
+    if raw is not None:
+        return raw
     return detect_format(model, output_shape=outputs[0].shape, input_hw=input_hw)
 
 
@@ -212,8 +220,9 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
     first (an ultralytics (1, K, 6) output is ``dets``), then the (given or declared) layout."""
     if split_layout(_declared_shapes(model)) is not None:
         return "xyxy"
-    if output_shape is None and _anchor_maps(model, _declared_shapes(model)):
-        return "v5"
+    raw = raw_maps_format(model, _declared_shapes(model)) if output_shape is None else None
+    if raw is not None:
+        return raw
     if input_hw is None:
         from ..data import model_input
         try:

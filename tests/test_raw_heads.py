@@ -1,4 +1,4 @@
-"""Raw anchor-based head maps (a YOLOv5 / YOLOv7 export that stops before the decode)."""
+"""Raw head maps: a YOLOv5 / YOLOv7 / YOLOv8 export that stops before the decode."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,12 @@ from onnx import helper
 from PIL import Image
 
 from fixtures.yolov5 import ANCHORS, build_yolov5_v6
+from fixtures.yolov8 import build_yolov8
 from onnxslim_yolo import data, verify
 from onnxslim_yolo.analysis.head import find_head
 from onnxslim_yolo.eval.anchors import anchor_layout, decode_maps, model_anchors, parse_anchors
 from onnxslim_yolo.eval.decode import detect_format, detection_output
+from onnxslim_yolo.eval.dfl import dfl_layout
 from onnxslim_yolo.evaluate import detections
 from onnxslim_yolo.pass_base import UsageError
 
@@ -152,3 +154,46 @@ def test_anchors_option_reaches_optimize_check_and_eval(heads, tmp_path: Path):
     for cmd in (["eval", str(src), "--labels", str(tmp_path)], ["check", str(src)]):
         r = CliRunner().invoke(main, cmd + ["--images", str(images), "--anchors", "[[1, 2], [3]]"])
         assert r.exit_code == 2 and "anchors '[[1, 2], [3]]': every level needs the same number" in r.output
+
+
+# ------------------------------------------------------------- anchor-free (DFL) raw head maps
+@pytest.fixture()
+def v8_heads(tmp_path: Path):
+    """The YOLOv8 fixture (DFL decode inside) and the same graph cut at its six head Convs."""
+    full = build_yolov8(num_classes=4)
+    return full, _cut(full, find_head(full).last_conv_outputs, tmp_path, "v8raw")
+
+
+def test_dfl_maps_decode_to_the_graphs_own_decode(v8_heads):
+    full, raw = v8_heads
+    x = np.random.default_rng(0).random((1, 3, *HW), dtype=np.float32)
+    want, outs = _outs(full, x)[0], _outs(raw, x)
+    assert sorted(o.shape[1] for o in outs) == [4, 4, 4, 64, 64, 64]
+    assert dfl_layout([o.shape for o in outs]) == (16, 4, [(0, 1), (2, 3), (4, 5)])
+    got = detection_output(outs, HW)
+    assert got.shape == want.shape == (1, 8, 64 + 16 + 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # Rockchip's layout: class scores through the sigmoid in the graph, a clipped score sum after them
+    rk = []
+    for box, cls in zip(outs[::2], outs[1::2]):
+        s = 1.0 / (1.0 + np.exp(-cls))
+        rk += [box, s, np.minimum(s.sum(1, keepdims=True), 1.0)]
+    np.testing.assert_allclose(detection_output(rk, HW), want, rtol=1e-5, atol=1e-4)
+    assert detect_format(raw) == "v8" and data.detect_preset(raw) == "yolov8"
+    info = find_head(raw)
+    assert (info.family, info.num_classes) == ("yolov8", 4) and info.layout.startswith("raw maps")
+
+
+def test_dfl_layout_only_matches_one_anchor_free_head():
+    two = [(1, 64, 8, 8), (1, 4, 8, 8), (1, 64, 4, 4), (1, 4, 4, 4)]
+    assert dfl_layout(two) == (16, 4, [(0, 1), (2, 3)])
+    assert dfl_layout([(1, 64, 8, 8), (1, 1, 8, 8), (1, 64, 4, 4), (1, 1, 4, 4)])[1] == 1  # one class
+    assert dfl_layout(two[:2]) is None  # one level
+    assert dfl_layout([(1, 64, 8, 8), (1, 4, 8, 8), (1, 64, 4, 4), (1, 5, 4, 4)]) is None  # classes differ
+    assert dfl_layout([(1, 6, 8, 8), (1, 4, 8, 8), (1, 6, 4, 4), (1, 4, 4, 4)]) is None  # no 4R box map
+    # EfficientDet / RetinaNet: 9 anchors x 4 box values and 9 x C class scores per level
+    assert dfl_layout([(1, 36, 8, 8), (1, 810, 8, 8), (1, 36, 4, 4), (1, 810, 4, 4)]) is None
+    assert dfl_layout([(1, 68, 8, 8), (1, 80, 8, 8), (1, 68, 4, 4), (1, 80, 4, 4)])[:2] == (17, 80)
+    assert dfl_layout([(1, 64, 8, 8), (1, 4, 8, 8), (1, 32, 8, 8), (1, 64, 4, 4), (1, 4, 4, 4),
+                       (1, 32, 4, 4)]) is None  # a third wide map per level (mask coefficients)
+    assert dfl_layout([(1, 64, 8, 8), (1, 4, "h", 8), (1, 64, 4, 4), (1, 4, 4, 4)]) is None

@@ -1,0 +1,95 @@
+"""Raw anchor-free head maps: a YOLOv8 / YOLO11 export cut before the DFL decode.
+
+NPU toolchains cut Ultralytics' Detect head at its last Convs and decode on the host: per level a
+box map (B, 4*R, h, w) of distance-bin logits (R = 16 bins per side, the DFL ``reg_max``) and a
+class map (B, C, h, w), sometimes a (B, 1, h, w) score sum beside them (Rockchip's export), which
+is ignored. :func:`decode_maps` turns them into the ``v8`` layout, (B, 4+C, N) decoded xywh and
+class scores, as the Detect head does: softmax over each side's bins, their expected value is the
+distance from the cell centre in strides; class logits go through the sigmoid (maps whose values
+all lie in [0, 1] are taken as scores already).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..pass_base import UsageError
+
+#: distance bins per side of the heads exported this way: 16 (Ultralytics' reg_max), 17 (reg_max 16
+#: plus one: PP-YOLOE, YOLOv6 3.0, DAMO-YOLO). Other counts are left alone: an anchor-based box map
+#: of 9 anchors x 4 (RetinaNet, EfficientDet) must not be read as 9 bins.
+BINS = (16, 17)
+
+
+def _static(s: Sequence) -> bool:
+    return len(s) == 4 and all(isinstance(d, (int, np.integer)) and d > 0 for d in s[1:])
+
+
+def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tuple[int, int]]]]:
+    """(bins per side R, classes C, [(box output, class output) per level, finest first]) when
+    ``shapes`` are the rank-4 maps of 2 or more levels of one anchor-free head: per spatial size,
+    one (B, 4R, h, w) box map (R in :data:`BINS`) and one (B, C, h, w) class map, and at most one (B, 1, h, w) score
+    sum after them; the same R and C on every level. When C = 4R too, the first of the two in
+    output order is the box map (Ultralytics' order). None for any other set of outputs.
+    Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is read as
+    boxes and keypoints."""
+    if len(shapes) < 4 or not all(_static(s) for s in shapes):
+        return None
+    by_size: Dict[Tuple[int, int], List[int]] = {}
+    for i, s in enumerate(shapes):
+        by_size.setdefault((int(s[2]), int(s[3])), []).append(i)
+    levels, kinds = [], set()
+    for size in sorted(by_size, key=lambda hw: -hw[0] * hw[1]):
+        maps = list(by_size[size])
+        if len(maps) == 3:  # a score-sum map beside them: the last one-channel map
+            ones = [i for i in maps if int(shapes[i][1]) == 1]
+            if not ones:
+                return None
+            maps.remove(ones[-1])
+        if len(maps) != 2:
+            return None
+        box = next((i for i in maps if int(shapes[i][1]) % 4 == 0 and int(shapes[i][1]) // 4 in BINS), None)
+        if box is None:
+            return None
+        cls = maps[1] if box == maps[0] else maps[0]
+        levels.append((box, cls))
+        kinds.add((int(shapes[box][1]) // 4, int(shapes[cls][1])))
+    if len(levels) < 2 or len(kinds) != 1:
+        return None
+    bins, nc = kinds.pop()
+    return bins, nc, levels
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None) -> np.ndarray:
+    """The ``v8`` array (B, 4+C, N) of raw anchor-free maps (:func:`dfl_layout`), finest level
+    first. A level's stride is the input height over its height (8, 16, 32, ... without
+    ``input_hw``)."""
+    layout = dfl_layout([o.shape for o in outputs])
+    if layout is None:
+        raise UsageError(f"outputs {[list(o.shape) for o in outputs]} are not raw anchor-free head maps")
+    bins, _, levels = layout
+    scored = all(float(outputs[c].min()) >= 0.0 and float(outputs[c].max()) <= 1.0 for _, c in levels)
+    proj = np.arange(bins, dtype=np.float32)
+    cols = []
+    for i, (bi, ci) in enumerate(levels):
+        box, cls = np.asarray(outputs[bi], np.float32), np.asarray(outputs[ci], np.float32)
+        b, _, h, w = box.shape
+        stride = float(input_hw[0]) / h if input_hw is not None else float(8 * 2 ** i)
+        dist = (_softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
+        yv, xv = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5,
+                             indexing="ij")
+        cx, cy = xv.reshape(1, -1), yv.reshape(1, -1)
+        x1, y1, x2, y2 = cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]
+        xywh = np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1) * stride
+        scores = cls.reshape(b, -1, h * w)
+        cols.append(np.concatenate([xywh, scores if scored else 1.0 / (1.0 + np.exp(-scores))], 1))
+    return np.concatenate(cols, 2).astype(np.float32, copy=False)
+
+
+__all__ = ["dfl_layout", "decode_maps"]
