@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from . import data, ir, verify
-from .eval.anchors import model_anchors
+from .eval.anchors import anchor_layout, model_anchors
 from .eval.decode import (NotDetections, batch_rows_as_dets, decode, detection_output, final_detections,
                           normalize_format, outputs_format, per_image)
 from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
@@ -48,6 +48,9 @@ class _Runner:
         if self.fmt is None:
             self.fmt = outputs_format(self.model, outs, hw)
             log.info("output format: %s (detected from %s)", self.fmt, list(out.shape))
+            if self.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
+                log.warning("raw anchor maps decoded with YOLOv5's default anchors; pass --anchors if the "
+                            "model was trained with others")
         return out
 
 

@@ -74,7 +74,7 @@ def test_anchors_from_metadata_scale_the_boxes(heads):
     np.testing.assert_array_equal(scaled[..., [0, 1, 4, 5]], base[..., [0, 1, 4, 5]])
 
 
-def test_the_evaluator_and_head_analysis_read_raw_maps(heads, tmp_path: Path):
+def test_the_evaluator_and_head_analysis_read_raw_maps(heads, tmp_path: Path, caplog):
     full, raw4, raw5 = heads
     images = tmp_path / "images"
     images.mkdir()
@@ -84,14 +84,23 @@ def test_the_evaluator_and_head_analysis_read_raw_maps(heads, tmp_path: Path):
     ref = detections(full, images, progress=False, threads=1)
     for raw in (raw4, raw5):
         assert detect_format(raw) == "v5" and data.detect_preset(raw) == "yolov5"
+        caplog.clear()
         got = detections(raw, images, progress=False, threads=1)
+        assert "decoded with YOLOv5's default anchors" in caplog.text
         for a, b in zip(ref, got):
             assert len(a) == len(b) > 0
             np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-3)
             np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
-    info = find_head(raw4)
-    assert (info.family, info.layout, info.num_classes, info.anchors_per_cell) == \
-        ("yolov5", "raw maps (1, na*(5+C), h, w)", 4, 3)
+    for raw, layout in ((raw4, "(1, na*(5+C), h, w)"), (raw5, "(1, na, h, w, 5+C)")):
+        info = find_head(raw)
+        assert (info.family, info.layout, info.num_classes, info.anchors_per_cell) == \
+            ("yolov5", f"raw maps {layout}", 4, 3)
+        assert info.evidence[-1] == "anchors: YOLOv5's defaults (--anchors names others)"
+    helper.set_model_props(raw4, {"anchors": json.dumps(ANCHORS)})
+    assert find_head(raw4).evidence[-1] == "anchors: the model's 'anchors' metadata"
+    caplog.clear()
+    detections(raw4, images, progress=False, threads=1)
+    assert "default anchors" not in caplog.text
 
 
 def test_anchor_layout_only_matches_one_anchor_head():

@@ -254,10 +254,13 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
             ev.append(f"output {name} (1, {a}, {b}): predictions last-dim 5+C")
             return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5 - nm, None, ev
     maps = anchor_layout([s for _, s in outputs], per_cell(model_anchors(model)))
-    if maps is not None and len(outputs[0][1]) == 4:
+    if maps is not None:
         na, no = maps
-        ev.append(f"{len(outputs)} raw head maps (1, {na}x{no}, h, w), no decode in the graph")
-        return "yolov5", "raw maps (1, na*(5+C), h, w)", no - 5, na, ev
+        layout = "(1, na*(5+C), h, w)" if len(outputs[0][1]) == 4 else "(1, na, h, w, 5+C)"
+        ev.append(f"{len(outputs)} raw head maps {layout}, na={na}, 5+C={no}, no decode in the graph")
+        ev.append("anchors: " + ("the model's 'anchors' metadata" if model_anchors(model) is not None
+                                 else "YOLOv5's defaults (--anchors names others)"))
+        return "yolov5", f"raw maps {layout}", no - 5, na, ev
     free = dfl_layout([s for _, s in outputs])
     if free is not None:
         bins, nc, levels = free
