@@ -17,8 +17,8 @@ import numpy as np
 from ..pass_base import UsageError
 
 #: distance bins per side of the heads exported this way: 16 (Ultralytics' reg_max), 17 (reg_max 16
-#: plus one: PP-YOLOE, YOLOv6 3.0, DAMO-YOLO). Other counts are left alone: an anchor-based box map
-#: of 9 anchors x 4 (RetinaNet, EfficientDet) must not be read as 9 bins.
+#: plus one: YOLOv6 3.0's DFL heads, whose decode is the same; PP-YOLOE's too). Other counts are left
+#: alone: an anchor-based box map of 9 anchors x 4 (RetinaNet, EfficientDet) is not 9 bins.
 BINS = (16, 17)
 
 
