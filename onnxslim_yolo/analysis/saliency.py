@@ -39,8 +39,8 @@ def layout(model: onnx.ModelProto):
 def detection_watch(model: onnx.ModelProto):
     """(tensors to watch, format, input hw) for row-by-row detection metrics, or None: the single
     output of a known YOLO layout, a boxes + scores pair of outputs, raw head maps (every output,
-    decoded as ``v5`` or ``v8``), or for a model with NMS inside the boxes (1, N, 4) and scores fed into it
-    (both read as ``xyxy``)."""
+    decoded as ``v5`` or ``v8``), or for a model with NMS inside the boxes (1, N, 4) and scores fed
+    into it (both read as ``xyxy``)."""
     fmt, hw = layout(model)
     if fmt is not None:
         return [model.graph.output[0].name], fmt, hw

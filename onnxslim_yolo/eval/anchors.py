@@ -12,15 +12,12 @@ xy = (2 s - 0.5 + cell) x stride and wh = (2 s)^2 x anchor.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
 from ..pass_base import UsageError
-
-log = logging.getLogger(__name__)
 
 #: YOLOv5's default anchors (w, h pixel pairs per level, finest level first): its P3-P5 models,
 #: and its P6 models (P3-P6)
@@ -67,18 +64,13 @@ def with_anchors(model: onnx.ModelProto, text: Optional[str], copy: bool = True)
         return model
     value = json.dumps([list(lv) for lv in parse_anchors(text)])
     if copy:
-        model = _deep_copy(model)
+        model, original = onnx.ModelProto(), model
+        model.CopyFrom(original)
     keep = [(p.key, p.value) for p in model.metadata_props if p.key != ANCHORS_KEY]
     del model.metadata_props[:]
     for k, v in keep + [(ANCHORS_KEY, value)]:
         model.metadata_props.add(key=k, value=v)
     return model
-
-
-def _deep_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def per_cell(anchors) -> int:

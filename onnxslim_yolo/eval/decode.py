@@ -109,18 +109,18 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
                      anchors=None) -> np.ndarray:
     """The one array :func:`decode` reads from a model's outputs: the first output, without the
     trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), for a
-    boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), and for raw
-    anchor maps (:mod:`.anchors`, with ``anchors`` from :func:`.anchors.model_anchors`) their
-    decoded ``v5`` rows."""
+    boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), for raw anchor
+    maps (:mod:`.anchors`, with ``anchors`` from :func:`.anchors.model_anchors`) their decoded
+    ``v5`` rows, and for raw anchor-free maps (:mod:`.dfl`) their decoded ``v8`` array."""
     from . import anchors as anchor_maps, dfl
     shapes = [o.shape for o in outputs]
     if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchors)) is not None:
         return anchor_maps.decode_maps(outputs, input_hw, anchors)
     if dfl.dfl_layout(shapes) is not None:
         return dfl.decode_maps(outputs, input_hw)
-    split = split_layout([o.shape for o in outputs])
+    split = split_layout(shapes)
     if split is None:
-        nm = mask_coefficients([o.shape for o in outputs])
+        nm = mask_coefficients(shapes)
         out = outputs[0]
         if nm and out.shape[1] > out.shape[2]:  # candidates in rows: (B, N, 5+C+nm)
             return out[:, :, :-nm]

@@ -29,11 +29,11 @@ def _static(s: Sequence) -> bool:
 def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tuple[int, int]]]]:
     """(bins per side R, classes C, [(box output, class output) per level, finest first]) when
     ``shapes`` are the rank-4 maps of 2 or more levels of one anchor-free head: per spatial size,
-    one (B, 4R, h, w) box map (R in :data:`BINS`) and one (B, C, h, w) class map, and at most one (B, 1, h, w) score
-    sum after them; the same R and C on every level. When C = 4R too, the first of the two in
-    output order is the box map (Ultralytics' order). None for any other set of outputs.
-    Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is read as
-    boxes and keypoints."""
+    one (B, 4R, h, w) box map (R in :data:`BINS`) and one (B, C, h, w) class map, and at most one
+    (B, 1, h, w) score sum after them; the same R and C on every level. When C = 4R too, the first
+    of the two in output order is the box map (Ultralytics' order). None for any other set of
+    outputs. Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is
+    read as boxes and keypoints."""
     if len(shapes) < 4 or not all(_static(s) for s in shapes):
         return None
     by_size: Dict[Tuple[int, int], List[int]] = {}
