@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_yolo import ir
-from onnxslim_yolo.analysis import channel_rules
+from onnxslim_yolo.analysis import channel_rules, linear_se
 from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.pass_base import PreconditionError
 
@@ -163,8 +163,27 @@ class _Rewriter:
         sizes[1] = len(k)
         self.set_input(node, 3, sizes, node.inputs[3].name + "_pruned")
 
+    def linear_se(self, node: gs.Node) -> None:
+        """A Linear excitation branch starting at ``node`` keeps the pooled tensor's channels."""
+        se = linear_se.se_from(node, self.shapes)  # this graph's tensors carry no shapes
+        k = self.k(se.first.inputs[0]) if se is not None else None
+        if k is not None:
+            linear_se.rewrite(se, k, self.set_input)
+
+    def expand(self, node: gs.Node) -> None:
+        """A constant Expand target that names the old channel count takes the new one."""
+        k = self.k(node.outputs[0])
+        shape = ir.const_value(node.inputs[1]) if k is not None and len(node.inputs) > 1 else None
+        count = self.counts.get(node.outputs[0].name)
+        if shape is not None and shape.ndim == 1 and len(shape) > 1 and shape[1] == count:
+            shape = np.array(shape, copy=True)
+            shape[1] = len(k)
+            self.set_input(node, 1, shape, node.inputs[1].name + "_pruned")
+
     def reshape(self, node: gs.Node) -> None:
-        """The two Reshapes of a channel shuffle (channel_rules.Shuffle) take the new count."""
+        """The two Reshapes of a channel shuffle (channel_rules.Shuffle) take the new count, and so
+        do those of a Linear excitation branch."""
+        self.linear_se(node)
         sh = channel_rules.shuffle_from(node, self.shapes)  # this graph's tensors carry no shapes
         if sh is None:
             return
@@ -180,6 +199,7 @@ class _Rewriter:
     def run(self) -> None:
         table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
                  "Slice": self.slice, "Resize": self.resize, "Reshape": self.reshape,
+                 "Flatten": self.linear_se, "Squeeze": self.linear_se, "Expand": self.expand,
                  **{op: self.elementwise for op in channel_rules.ELEMENTWISE_OPS}}
         for node in list(self.graph.nodes):
             fn = table.get(node.op)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
+from . import linear_se
 
 #: element-wise ops of one data input (extra inputs, if any, are scalars such as Clip's bounds).
 UNARY_OPS = frozenset({
@@ -378,8 +379,15 @@ def rule_conv(node: gs.Node, rec: Recorder) -> None:
         rec.role(y, "producer", node)
 
 
+def _meets_source(expand: gs.Node, src: gs.Tensor) -> bool:
+    """An Expand whose output meets ``src`` in an element-wise op: its channels are coupled with
+    ``src``'s (``x * gate.expand_as(x)``), so a Shape of ``src`` stays its size after pruning."""
+    return any(r.op in ELEMENTWISE_OPS and src in r.inputs for r in expand.outputs[0].outputs)
+
+
 def _shape_feeds_only_own_resize(node: gs.Node) -> Optional[str]:
-    """None when a Shape's value only sizes a Resize of the same tensor, else what reads it."""
+    """None when a Shape's value only sizes a Resize of the same tensor, or an Expand of a tensor
+    then combined with it, else what reads it."""
     start = int(node.attrs.get("start", 0))
     if start >= 2:
         return None  # reads spatial dims only
@@ -393,6 +401,9 @@ def _shape_feeds_only_own_resize(node: gs.Node) -> Optional[str]:
             if c.op == "Resize" and len(c.inputs) > 3 and c.inputs[3] is t:
                 if c.inputs[0] is not node.inputs[0]:
                     return _desc(c)
+            elif c.op == "Expand" and len(c.inputs) > 1 and c.inputs[1] is t and \
+                    _meets_source(c, node.inputs[0]):
+                continue
             elif c.op in SHAPE_ARITH_OPS:
                 stack.extend(c.outputs)
             else:
@@ -493,16 +504,41 @@ def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
         block_node(node, rec)
 
 
+def _or_linear_se(fallback: Rule) -> Rule:
+    """``fallback``, unless the node starts or ends a Linear excitation branch
+    (:mod:`.linear_se`): its flatten couples the pooled channels with the gate's, its unflatten
+    does nothing more."""
+    def rule(node: gs.Node, rec: Recorder) -> None:
+        se = linear_se.se_around(node)
+        if se is None:
+            return fallback(node, rec)
+        if node is se.first:
+            x, gate = se.first.inputs[0], se.last.outputs[0]
+            if rec.channels(x) != se.channels or rec.channels(gate) != se.channels:
+                return block_node(node, rec, "excitation branch with unknown channel counts")
+            rec.link(x, 0, gate, 0, se.channels)
+    return rule
+
+
+def rule_expand(node: gs.Node, rec: Recorder) -> None:
+    """Expand that broadcasts the spatial axes of (N, C, 1, 1) keeps channel c at c."""
+    if not node.inputs or not node.outputs or not _has_feature_io(node, rec):
+        return
+    _pass_through(node, rec, node.inputs[0], node.outputs[0])
+
+
 RULES: Dict[str, Rule] = {
     **{op: rule_unary for op in UNARY_OPS},
     **{op: rule_elementwise for op in ELEMENTWISE_OPS},
     **{op: rule_pool for op in POOL_OPS},
-    **{op: rule_axes for op in REDUCE_OPS | {"Squeeze", "Unsqueeze"}},
+    **{op: rule_axes for op in REDUCE_OPS},
+    "Squeeze": _or_linear_se(rule_axes), "Unsqueeze": _or_linear_se(rule_axes),
+    "Flatten": _or_linear_se(block_node), "Expand": rule_expand,
     "BatchNormalization": rule_batchnorm,
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
     "Conv": rule_conv, "Shape": rule_shape, "Pad": rule_pad, "Constant": lambda n, r: None,
-    "Reshape": rule_shuffle, "Transpose": rule_shuffle,
+    "Reshape": _or_linear_se(rule_shuffle), "Transpose": rule_shuffle,
 }
 
 

@@ -157,6 +157,50 @@ def se_stack_graph(opset: int = 13, mean_over: Sequence[int] = (2, 3)) -> onnx.M
     return g.model([X], [g.conv(total, 8, 5, "h")])
 
 
+def linear_se_graph(variant: str = "matmul", opset: int = 13) -> onnx.ModelProto:
+    """a(8) scaled by a squeeze-and-excitation gate written with Linear layers, as YOLO attention
+    add-ons write it: GlobalAveragePool -> flatten to (1, 8) -> Linear 8 -> 4 -> Relu -> Linear
+    4 -> 8 -> Sigmoid -> back to (1, 8, 1, 1) -> a * gate -> h. ``matmul``: Reshape [1, 8], two
+    MatMuls, Reshape [1, 8, 1, 1], Expand to a's Shape (torch's bias-free Linear, ``expand_as``);
+    ``gemm``: Flatten, Gemm with transB and bias, HardSigmoid, Unsqueeze axes 2, 3; ``add``:
+    Squeeze axes 2, 3, MatMul + bias Add, Reshape [1, -1, 1, 1] (the dynamo exporter's Linear)."""
+    g = G(opset)
+    a = g.cbs("x", 3, 8, "a", k=3)
+    pooled = g.node("GlobalAveragePool", [a], "se.pool")
+    w1 = (g.rng.normal(0, 0.5, (8, 4))).astype(np.float32)
+    w2 = (g.rng.normal(0, 0.5, (4, 8))).astype(np.float32)
+
+    def axes(op: str, x: str, name: str) -> str:
+        if opset >= 13:
+            return g.node(op, [x, g.const(name + ".axes", np.array([2, 3], np.int64))], name)
+        return g.node(op, [x], name, axes=[2, 3])
+
+    if variant == "matmul":
+        flat = g.node("Reshape", [pooled, g.const("se.s1", np.array([1, 8], np.int64))], "se.flat")
+        h = g.node("Relu", [g.node("MatMul", [flat, g.const("se.w1", w1)], "se.fc1")], "se.relu")
+        gate = g.node("Sigmoid", [g.node("MatMul", [h, g.const("se.w2", w2)], "se.fc2")], "se.sig")
+        gate = g.node("Reshape", [gate, g.const("se.s2", np.array([1, 8, 1, 1], np.int64))], "se.view")
+        gate = g.node("Expand", [gate, g.node("Shape", [a], "se.shape")], "se.expand")
+    elif variant == "gemm":
+        flat = g.node("Flatten", [pooled], "se.flat", axis=1)
+        b1, b2 = np.full(4, 0.1, np.float32), np.linspace(-1, 1, 8).astype(np.float32)
+        h = g.node("Relu", [g.node("Gemm", [flat, g.const("se.w1", w1.T), g.const("se.b1", b1)], "se.fc1",
+                                   transB=1)], "se.relu")
+        gate = g.node("Gemm", [h, g.const("se.w2", w2.T), g.const("se.b2", b2)], "se.fc2", transB=1)
+        gate = axes("Unsqueeze", g.node("HardSigmoid", [gate], "se.hsig"), "se.view")
+    else:
+        flat = axes("Squeeze", pooled, "se.flat")
+        h = g.node("Add", [g.node("MatMul", [flat, g.const("se.w1", w1)], "se.fc1"),
+                           g.const("se.b1", np.full(4, 0.1, np.float32))], "se.fc1.bias")
+        h = g.node("Relu", [h], "se.relu")
+        gate = g.node("Add", [g.node("MatMul", [h, g.const("se.w2", w2)], "se.fc2"),
+                              g.const("se.b2", np.linspace(-1, 1, 8).astype(np.float32))], "se.fc2.bias")
+        gate = g.node("Sigmoid", [gate], "se.sig")
+        gate = g.node("Reshape", [gate, g.const("se.s2", np.array([1, -1, 1, 1], np.int64))], "se.view")
+    s = g.node("Mul", [a, gate], "se.scale")
+    return g.model([X], [g.conv(s, 8, 5, "h")])
+
+
 def shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
     """Two ShuffleNetV2 stride-1 units on a(8): Split 4 + 4, the second half through 1x1 ->
     depthwise 3x3 -> 1x1, Concat with the first half, then a channel shuffle of 2 groups

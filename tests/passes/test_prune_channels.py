@@ -83,6 +83,9 @@ HAND = {
     "se_stack11": lambda: graphs.se_stack_graph(11),
     "se_stack13": graphs.se_stack_graph,
     "se_stack18": lambda: graphs.se_stack_graph(18),
+    "linear_se_matmul": graphs.linear_se_graph,
+    "linear_se_gemm11": lambda: graphs.linear_se_graph("gemm", 11),
+    "linear_se_add": lambda: graphs.linear_se_graph("add"),
     "shuffle11": lambda: graphs.shuffle_graph(11),
     "shuffle13_minus_one": lambda: graphs.shuffle_graph(13, minus_one=True),
 }
@@ -116,6 +119,35 @@ def test_pruning_through_a_channel_shuffle_is_exact(layer, minus_one):
     else:  # each unit's shuffle holds its first half (what was left of the one before) and its branch
         assert targets[1][1] == per_unit[0] < 8 and targets[0] == [1, 2, per_unit[0] // 2, 8, 8]
         assert targets[3] == [1, per_unit[1], 8, 8] and targets[2][2] == per_unit[1] // 2
+
+
+@pytest.mark.parametrize("variant", ["matmul", "gemm", "add"])
+def test_pruning_through_a_linear_excitation_branch_is_exact(variant):
+    """Half of the scaled Conv's channels go: the first Linear layer loses those input rows, the
+    second those output columns (and bias values), and Reshape targets that name the count take
+    the new one."""
+    model = graphs.linear_se_graph(variant)
+    res = run(model, per_layer={"a": 0.5}, round_to=1, **EXACT)
+    details = res.report.details
+    assert details["layers"]["a"]["out_channels"] == [8, 4]
+    assert_exact(model, res.model, details)
+    nodes = {n.name: n for n in res.model.graph.node}
+    consts = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    src = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    kept = details["layers"]["a"]["kept_out"]
+    w1, w2 = consts[nodes["se.fc1"].input[1]], consts[nodes["se.fc2"].input[1]]
+    assert "se.w1" not in consts and w1.shape == w2.shape == (4, 4)
+    if variant == "gemm":  # transB: weights stored (out, in)
+        assert (w1 == src["se.w1"][:, kept]).all() and (w2 == src["se.w2"][kept]).all()
+        assert (consts[nodes["se.fc2"].input[2]] == src["se.b2"][kept]).all()
+    else:
+        assert (w1 == src["se.w1"][kept]).all() and (w2 == src["se.w2"][:, kept]).all()
+    if variant == "matmul":
+        assert consts[nodes["se.flat"].input[1]].tolist() == [1, 4]
+        assert consts[nodes["se.view"].input[1]].tolist() == [1, 4, 1, 1]
+    if variant == "add":
+        assert consts[nodes["se.view"].input[1]].tolist() == [1, -1, 1, 1]
+        assert (consts[nodes["se.fc2.bias"].input[1]] == src["se.b2"][kept]).all()
 
 
 def with_batch(model: onnx.ModelProto, n: int) -> onnx.ModelProto:
