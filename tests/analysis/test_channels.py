@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from onnxslim_yolo.analysis.channels import analyze_channels
 from onnxslim_yolo.pass_base import UsageError
@@ -109,6 +110,22 @@ def test_channel_shuffle_maps_each_group_position_and_couples_the_groups():
         ("producer", "a", 0), ("producer", "u0.b2", 0), ("producer", "u1.b2", 0), ("producer", "u1.b2", 1)]
     # the rank-5 tensors between the Reshapes are no channel positions of any Conv
     assert not any(t.startswith(("u0.view", "u0.swap")) for g in a.prunable_groups() for t, _ in g.channels)
+
+
+@pytest.mark.parametrize("variant", ["matmul", "gemm", "add"])
+def test_a_linear_excitation_gate_couples_the_pooled_and_the_scaled_channels(variant):
+    a = analyze_channels(graphs.linear_se_graph(variant))
+    g = a.group_of("a.act_out", 3)
+    assert g.prunable and {("se.pool_out", 3), ("se.view_out", 3), ("se.scale_out", 3)} <= g.channels
+    assert [r.node for r in g.producers] == ["a"] and [r.node for r in g.consumers] == ["h"]
+
+
+def test_a_linear_gate_whose_flattened_tensor_has_another_reader_blocks():
+    model = graphs.linear_se_graph("matmul")
+    model.graph.node.append(helper.make_node("Relu", ["se.flat_out"], ["side"], name="side"))
+    model.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, 8]))
+    g = analyze_channels(model).group_of("a.act_out", 0)
+    assert g.reasons == ("consumed by Reshape 'se.flat'", "produced by Reshape 'se.view'")
 
 
 def test_a_transpose_other_than_a_shuffle_blocks():
