@@ -14,7 +14,7 @@ from fixtures.yolov5 import ANCHORS, build_yolov5_v6
 from fixtures.yolov8 import build_yolov8
 from onnxslim_yolo import data, verify
 from onnxslim_yolo.analysis.head import find_head
-from onnxslim_yolo.eval.anchors import anchor_layout, decode_maps, model_anchors, parse_anchors
+from onnxslim_yolo.eval.anchors import anchor_layout, decode_maps, model_anchors, parse_anchors, with_anchors
 from onnxslim_yolo.eval.decode import detect_format, detection_output
 from onnxslim_yolo.eval.dfl import dfl_layout
 from onnxslim_yolo.evaluate import detections
@@ -206,3 +206,14 @@ def test_dfl_layout_only_matches_one_anchor_free_head():
     assert dfl_layout([(1, 64, 8, 8), (1, 4, 8, 8), (1, 32, 8, 8), (1, 64, 4, 4), (1, 4, 4, 4),
                        (1, 32, 4, 4)]) is None  # a third wide map per level (mask coefficients)
     assert dfl_layout([(1, 64, 8, 8), (1, 4, "h", 8), (1, 64, 4, 4), (1, 4, 4, 4)]) is None
+
+
+def test_anchors_that_do_not_fit_fail_up_front_and_unused_ones_are_named(heads, caplog):
+    full, raw4, _ = heads
+    with pytest.raises(UsageError, match="anchors name 3 levels of 2 but the head has 3 levels of 3"):
+        with_anchors(raw4, "[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]")
+    with pytest.raises(UsageError, match="anchors name 2 levels of 3 but the head has 3 levels"):
+        with_anchors(raw4, "[[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]")
+    out = with_anchors(full, json.dumps(ANCHORS))  # a decoded head: stored, not used
+    assert "are not raw anchor maps; the anchors are stored but not used" in caplog.text
+    assert model_anchors(out) is not None and model_anchors(full) is None  # a copy by default

@@ -12,12 +12,15 @@ xy = (2 s - 0.5 + cell) x stride and wh = (2 s)^2 x anchor.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
 from ..pass_base import UsageError
+
+log = logging.getLogger(__name__)
 
 #: YOLOv5's default anchors (w, h pixel pairs per level, finest level first): its P3-P5 models,
 #: and its P6 models (P3-P6)
@@ -62,7 +65,17 @@ def with_anchors(model: onnx.ModelProto, text: Optional[str], copy: bool = True)
     None. The optimized model keeps the metadata, so later runs decode it without the option."""
     if text is None:
         return model
-    value = json.dumps([list(lv) for lv in parse_anchors(text)])
+    from .decode import value_dims  # decode imports this module only inside functions
+
+    anchors = parse_anchors(text)
+    shapes = [value_dims(o) for o in model.graph.output]
+    layout = anchor_layout(shapes, per_cell(anchors)) or anchor_layout(shapes)
+    if layout is None:
+        log.warning("--anchors: the outputs %s are not raw anchor maps; the anchors are stored but not used",
+                    [list(s) for s in shapes])
+    else:
+        _anchors_for(len(shapes), layout[0], anchors)  # a count that does not fit fails now, not later
+    value = json.dumps([list(lv) for lv in anchors])
     if copy:
         model, original = onnx.ModelProto(), model
         model.CopyFrom(original)
