@@ -521,9 +521,16 @@ def _or_linear_se(fallback: Rule) -> Rule:
 
 
 def rule_expand(node: gs.Node, rec: Recorder) -> None:
-    """Expand that broadcasts the spatial axes of (N, C, 1, 1) keeps channel c at c."""
+    """Expand that broadcasts the spatial axes of (N, C, 1, 1) keeps channel c at c, when its
+    target follows the pruned count: a constant (rewritten), or the Shape of a tensor the result
+    is then combined with (``gate.expand_as(x)``). A target computed otherwise blocks."""
     if not node.inputs or not node.outputs or not _has_feature_io(node, rec):
         return
+    target = node.inputs[1] if len(node.inputs) > 1 else None
+    src = ir.producer(target) if target is not None and ir.const_value(target) is None else None
+    if target is None or (ir.const_value(target) is None and
+                          (src is None or src.op != "Shape" or not _meets_source(node, src.inputs[0]))):
+        return block_node(node, rec, "target shape computed")
     _pass_through(node, rec, node.inputs[0], node.outputs[0])
 
 

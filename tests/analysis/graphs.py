@@ -201,6 +201,22 @@ def linear_se_graph(variant: str = "matmul", opset: int = 13) -> onnx.ModelProto
     return g.model([X], [g.conv(s, 8, 5, "h")])
 
 
+def expand_graph(target: str = "const") -> onnx.ModelProto:
+    """a(8) * Expand(GlobalAveragePool(a)) -> h: the target is a constant [1, 8, 8, 8] (``const``)
+    or the Shape of b(8), a tensor the expanded one never meets (``other``; b -> output g)."""
+    g = G()
+    a = g.cbs("x", 3, 8, "a", k=3)
+    pooled = g.node("GlobalAveragePool", [a], "pool")
+    if target == "const":
+        shape = g.const("target", np.array([1, 8, 8, 8], np.int64))
+        outs = []
+    else:
+        b = g.cbs("x", 3, 8, "b")
+        shape, outs = g.node("Shape", [b], "shape_b"), [g.conv(b, 8, 5, "g")]
+    e = g.node("Expand", [pooled, shape], "expand")
+    return g.model([X], [g.conv(g.node("Mul", [a, e], "scale"), 8, 5, "h")] + outs)
+
+
 def shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
     """Two ShuffleNetV2 stride-1 units on a(8): Split 4 + 4, the second half through 1x1 ->
     depthwise 3x3 -> 1x1, Concat with the first half, then a channel shuffle of 2 groups

@@ -128,6 +128,16 @@ def test_a_linear_gate_whose_flattened_tensor_has_another_reader_blocks():
     assert g.reasons == ("consumed by Reshape 'se.flat'", "produced by Reshape 'se.view'")
 
 
+def test_expand_passes_channels_when_its_target_follows_them():
+    g = analyze_channels(graphs.expand_graph("const")).group_of("a.act_out", 0)
+    assert g.prunable and ("expand_out", 0) in g.channels
+    blocked = analyze_channels(graphs.expand_graph("other"))
+    assert blocked.group_of("a.act_out", 0).reasons == ("consumed by Expand 'expand' (target shape computed)",
+                                                        "produced by Expand 'expand' (target shape computed)")
+    assert blocked.group_of("b.act_out", 0).reasons == (
+        "channel count read by Shape 'shape_b' feeding Expand 'expand'",)
+
+
 def test_a_transpose_other_than_a_shuffle_blocks():
     model = graphs.shuffle_graph(13)
     swap = next(n for n in model.graph.node if n.name == "u1.swap")

@@ -83,6 +83,7 @@ HAND = {
     "se_stack11": lambda: graphs.se_stack_graph(11),
     "se_stack13": graphs.se_stack_graph,
     "se_stack18": lambda: graphs.se_stack_graph(18),
+    "expand_const": graphs.expand_graph,
     "linear_se_matmul": graphs.linear_se_graph,
     "linear_se_gemm11": lambda: graphs.linear_se_graph("gemm", 11),
     "linear_se_add": lambda: graphs.linear_se_graph("add"),
