@@ -12,6 +12,7 @@ YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb 
 heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
 opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n with dynamic axes,
 YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
+a YOLOv8n with three Linear squeeze-and-excitation gates (the attention add-on of "improved YOLO" code),
 YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -seg, -depth and
 -sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, a ShuffleNetV2-based YOLO (x0.5 at opset 11, x1.0 at 17; C2f neck,
@@ -99,6 +100,39 @@ for cfg, opset, kw, name in jobs if YOLO else ():
     kw = {"imgsz": 320, "simplify": False, **kw}
     p = cls(cfg).export(format="onnx", opset=opset, **kw)
     shutil.move(p, f"{out}/{name}.onnx")
+# YOLOv8n with squeeze-and-excitation gates after the P3, P4 and SPPF outputs, written with Linear
+# layers as the attention add-ons of "improved YOLO" code write them (view, Linear, view, expand_as)
+if YOLO:
+    import ultralytics.nn.tasks as tasks
+    from torch import nn
+    class SEAttention(nn.Module):
+        def __init__(self, reduction=4):
+            super().__init__()
+            self.reduction, self.fc, self.pool = reduction, None, nn.AdaptiveAvgPool2d(1)
+        def forward(self, x):
+            b, c = x.shape[:2]
+            if self.fc is None:  # built at the first call, when the width is known
+                self.fc = nn.Sequential(nn.Linear(c, c // self.reduction, bias=False), nn.ReLU(),
+                                        nn.Linear(c // self.reduction, c, bias=False), nn.Sigmoid())
+            return x * self.fc(self.pool(x).view(b, c)).view(b, c, 1, 1).expand_as(x)
+    tasks.SEAttention = SEAttention
+    layers = ["[-1, 1, Conv, [64, 3, 2]]", "[-1, 1, Conv, [128, 3, 2]]", "[-1, 3, C2f, [128, True]]",
+              "[-1, 1, Conv, [256, 3, 2]]", "[-1, 6, C2f, [256, True]]", "[-1, 1, SEAttention, []]",
+              "[-1, 1, Conv, [512, 3, 2]]", "[-1, 6, C2f, [512, True]]", "[-1, 1, SEAttention, []]",
+              "[-1, 1, Conv, [1024, 3, 2]]", "[-1, 3, C2f, [1024, True]]", "[-1, 1, SPPF, [1024, 5]]",
+              "[-1, 1, SEAttention, []]"]
+    head = ["[-1, 1, nn.Upsample, [None, 2, nearest]]", "[[-1, 8], 1, Concat, [1]]", "[-1, 3, C2f, [512]]",
+            "[-1, 1, nn.Upsample, [None, 2, nearest]]", "[[-1, 5], 1, Concat, [1]]", "[-1, 3, C2f, [256]]",
+            "[-1, 1, Conv, [256, 3, 2]]", "[[-1, 15], 1, Concat, [1]]", "[-1, 3, C2f, [512]]",
+            "[-1, 1, Conv, [512, 3, 2]]", "[[-1, 12], 1, Concat, [1]]", "[-1, 3, C2f, [1024]]",
+            "[[18, 21, 24], 1, Detect, [nc]]"]
+    with open("yolov8n-se.yaml", "w") as f:
+        f.write("nc: 80\nscales:\n  n: [0.33, 0.25, 1024]\nbackbone:\n" +
+                "".join(f"  - {l}\n" for l in layers) + "head:\n" + "".join(f"  - {l}\n" for l in head))
+    m = YOLO("yolov8n-se.yaml")
+    randomise_bn(m.model)
+    shutil.move(m.export(format="onnx", opset=17, imgsz=320, simplify=False), f"{out}/yolov8n_se.onnx")
+    os.remove("yolov8n-se.yaml")
 try:
     import torchvision
 except ImportError:
