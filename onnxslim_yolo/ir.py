@@ -306,6 +306,16 @@ def subgraph_nodes(node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
                 yield from all_nodes(sub)
 
 
+def node_label(node: onnx.NodeProto, index: Optional[int] = None) -> str:
+    """How messages name a node: its name, or ``Op(first output)`` when it has none (``Op(index)``
+    for a node without outputs)."""
+    if node.name:
+        return node.name
+    if node.output:
+        return f"{node.op_type}({node.output[0]})"
+    return f"{node.op_type}({'' if index is None else index})"
+
+
 def node_graph(model: onnx.ModelProto):
     """networkx DiGraph of node names, an edge from each producer to each consumer."""
     import networkx as nx

@@ -75,8 +75,7 @@ def custom_op_nodes(model: onnx.ModelProto) -> List[str]:
     out = []
     for n in ir.all_nodes(model.graph):
         if n.domain not in ORT_DOMAINS:
-            label = n.name or f"{n.op_type}({n.output[0] if n.output else ''})"
-            out.append(f"node '{label}' is {n.domain}.{n.op_type}, which onnxruntime cannot run")
+            out.append(f"node '{ir.node_label(n)}' is {n.domain}.{n.op_type}, which onnxruntime cannot run")
     return out
 
 

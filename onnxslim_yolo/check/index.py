@@ -40,8 +40,7 @@ class GraphIndex:
     # ------------------------------------------------------------------------------- names
     def label(self, i: int) -> str:
         """The node's name, or ``Op(first output)`` when it has none."""
-        n = self.nodes[i]
-        return n.name or f"{n.op_type}({n.output[0] if n.output else i})"
+        return ir.node_label(self.nodes[i], i)
 
     def opset(self) -> int:
         return ir.opset(self.model)

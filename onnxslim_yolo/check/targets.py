@@ -43,7 +43,7 @@ def _unsupported(idx: GraphIndex, target: str) -> List[str]:
             out.append(f"{idx.label(i)} ({n.op_type} weights are not constant; TensorRT needs them to be)")
         for s in ir.subgraph_nodes(n):  # an If branch may hold a plugin too
             if s.domain not in domains:
-                out.append(f"{s.name or s.op_type} in a subgraph of {idx.label(i)} ({s.domain}.{s.op_type}: "
+                out.append(f"{ir.node_label(s)} in a subgraph of {idx.label(i)} ({s.domain}.{s.op_type}: "
                            f"domain not supported by {target})")
     return out
 
