@@ -4,8 +4,9 @@ Given the kept channel indices of every tensor that loses channels, slice produc
 and biases (output axis), consumer Conv weights (input axis), depthwise Convs (and their group
 count), BatchNormalization parameters, per-channel constants of element-wise ops, and rewrite
 Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize
-'sizes' and the target shapes of a channel shuffle's Reshapes. Concat offsets follow from the
-inputs. Optionally the removed channels' means are folded
+'sizes', the target shapes of a channel shuffle's Reshapes, constant Expand targets, and the
+Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se). Concat offsets
+follow from the inputs. Optionally the removed channels' means are folded
 into the consumer biases first. value_info is dropped and shapes inferred again.
 """
 from __future__ import annotations
