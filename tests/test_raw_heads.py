@@ -15,7 +15,7 @@ from fixtures.yolov8 import build_yolov8
 from onnxslim_yolo import data, verify
 from onnxslim_yolo.analysis.head import find_head
 from onnxslim_yolo.eval.anchors import anchor_layout, decode_maps, model_anchors, parse_anchors, with_anchors
-from onnxslim_yolo.eval.decode import detect_format, detection_output
+from onnxslim_yolo.eval.decode import NotDetections, detect_format, detection_output, raw_maps_format
 from onnxslim_yolo.eval.dfl import dfl_layout
 from onnxslim_yolo.evaluate import detections
 from onnxslim_yolo.pass_base import UsageError
@@ -121,8 +121,8 @@ def test_bad_or_missing_anchors_are_named():
     with pytest.raises(UsageError, match="same number of positive w, h pairs"):
         parse_anchors("[[10, 13, 16, 30], [30, 61]]")
     maps = [np.zeros((1, 27, 8, 8), np.float32), np.zeros((1, 27, 4, 4), np.float32)]
-    with pytest.raises(UsageError, match="raw head maps of 2 levels: no default anchors; name them in "
-                                         "the model's 'anchors' metadata"):
+    with pytest.raises(NotDetections, match="raw head maps of 2 levels, and YOLOv5 has no default anchors "
+                                            "for 2 levels: name them with --anchors"):
         decode_maps(maps, (64, 64))
     with pytest.raises(UsageError, match="anchors name 1 levels of 3 but the head has 2 levels"):
         decode_maps(maps, (64, 64), parse_anchors("[[1, 2, 3, 4, 5, 6]]"))
@@ -217,3 +217,15 @@ def test_anchors_that_do_not_fit_fail_up_front_and_unused_ones_are_named(heads, 
     out = with_anchors(full, json.dumps(ANCHORS))  # a decoded head: stored, not used
     assert "are not raw anchor maps; the anchors are stored but not used" in caplog.text
     assert model_anchors(out) is not None and model_anchors(full) is None  # a copy by default
+
+
+def test_anchor_maps_of_a_level_count_without_anchors_are_not_read_as_detections(heads, tmp_path: Path):
+    """Two of the three maps: YOLOv5 has no default anchors for two levels, so the layout is not
+    taken for detections (the checks skip, naming the reason) until anchors are named."""
+    full, raw4, _ = heads
+    two = _cut(full, [o.name for o in raw4.graph.output][:2], tmp_path, "two")
+    shapes = [tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in two.graph.output]
+    assert anchor_layout(shapes) == (3, 9) and raw_maps_format(two, shapes) is None
+    assert find_head(two).evidence[-1] == "anchors: none known for 2 levels (--anchors names them)"
+    named = with_anchors(two, json.dumps(ANCHORS[:2]))
+    assert raw_maps_format(named, shapes) == "v5" and detect_format(named) == "v5"

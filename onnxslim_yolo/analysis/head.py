@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from .. import ir
 from ..data import ones_objectness
-from ..eval.anchors import anchor_layout, model_anchors, per_cell
+from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
 from ..eval.decode import mask_coefficients
 from ..eval.dfl import dfl_layout
 from ..pass_base import PreconditionError
@@ -258,8 +258,10 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         na, no = maps
         layout = "(1, na*(5+C), h, w)" if len(outputs[0][1]) == 4 else "(1, na, h, w, 5+C)"
         ev.append(f"{len(outputs)} raw head maps {layout}, na={na}, 5+C={no}, no decode in the graph")
-        ev.append("anchors: " + ("the model's 'anchors' metadata" if model_anchors(model) is not None
-                                 else "YOLOv5's defaults (--anchors names others)"))
+        anchors = model_anchors(model)
+        ev.append("anchors: " + ("the model's 'anchors' metadata" if anchors is not None else
+                                 "YOLOv5's defaults (--anchors names others)" if known(len(outputs), None)
+                                 else f"none known for {len(outputs)} levels (--anchors names them)"))
         return "yolov5", f"raw maps {layout}", no - 5, na, ev
     free = dfl_layout([s for _, s in outputs])
     if free is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from ..pass_base import UsageError
+from .decode import NotDetections  # decode imports this module only inside functions
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def with_anchors(model: onnx.ModelProto, text: Optional[str], copy: bool = True)
     None. The optimized model keeps the metadata, so later runs decode it without the option."""
     if text is None:
         return model
-    from .decode import value_dims  # decode imports this module only inside functions
+    from .decode import value_dims
 
     anchors = parse_anchors(text)
     shapes = [value_dims(o) for o in model.graph.output]
@@ -114,11 +115,17 @@ def anchor_layout(shapes: Sequence[Sequence], predictions: int = DEFAULT_PER_CEL
     return na, no
 
 
+def known(levels: int, anchors) -> bool:
+    """Whether raw maps of ``levels`` levels can be decoded: anchors named, or YOLOv5 defaults."""
+    return anchors is not None or levels in DEFAULT_ANCHORS
+
+
 def _anchors_for(levels: int, na: int, anchors) -> np.ndarray:
+    if not known(levels, anchors):
+        raise NotDetections(f"raw head maps of {levels} levels, and YOLOv5 has no default anchors for "
+                            f"{levels} levels: name them with --anchors (or the model's '{ANCHORS_KEY}' "
+                            "metadata)")
     if anchors is None:
-        if levels not in DEFAULT_ANCHORS:
-            raise UsageError(f"raw head maps of {levels} levels: no default anchors; name them in the "
-                             f"model's '{ANCHORS_KEY}' metadata")
         anchors = DEFAULT_ANCHORS[levels]
     a = np.asarray(anchors, np.float32).reshape(len(anchors), -1, 2)
     if a.shape[:2] != (levels, na):
