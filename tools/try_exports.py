@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import List
 
 #: the start of every export script: BatchNorm statistics randomised, as a trained model has them
 RANDOMISE_BN = r'''
@@ -484,6 +485,35 @@ def fetch_nudenet(out: Path) -> None:
             (out / "nudenet_320n.onnx").write_bytes(z.read("nudenet/320n.onnx"))
 
 
+def cut_heads(out: Path, models: List[Path]) -> List[Path]:
+    """Each detector cut at its head Convs, as NPU toolchains cut them for decoding on the host:
+    ``<name>_rawhead.onnx``, kept when the evaluator reads the cut's outputs as raw head maps."""
+    import onnx
+
+    from onnxslim_yolo import ir
+    from onnxslim_yolo.analysis.head import find_head
+    from onnxslim_yolo.eval.decode import raw_maps_format, value_dims
+
+    made = []
+    for m in models:
+        dst = out / f"{m.stem}_rawhead.onnx"
+        try:
+            proto = ir.load(m)
+            consts = {t.name for t in proto.graph.initializer}
+            inputs = [i.name for i in proto.graph.input if i.name not in consts]
+            onnx.utils.extract_model(str(m), str(dst), inputs, list(find_head(proto).last_conv_outputs))
+            cut = onnx.load(str(dst))
+        except Exception as exc:  # noqa: BLE001 -- a family with no head to cut is left out
+            print(f"{m.stem}: no raw-head cut ({type(exc).__name__}: {exc})", file=sys.stderr)
+            dst.unlink(missing_ok=True)
+            continue
+        if raw_maps_format(cut, [value_dims(o) for o in cut.graph.output]) is None:
+            dst.unlink()
+            continue
+        made.append(dst)
+    return made
+
+
 def _dynamic_size(model: Path) -> bool:
     """Whether the image input's height or width is symbolic and no metadata names a size (then
     INT8 and pruning need --input-shape; a symbolic batch alone runs as 1)."""
@@ -533,6 +563,9 @@ def main(argv=None) -> int:
                     help="YOLOv7 source tree (the repository, or the unpacked yolov7detect-1.0.1 sdist with "
                          "the repository's cfg/training folder): also export YOLOv7-tiny (five heads) and "
                          "YOLOv7")
+    ap.add_argument("--raw-heads", action="store_true",
+                    help="also run each detector cut at its head Convs (NAME_rawhead), as NPU toolchains "
+                         "cut them")
     ap.add_argument("--pip-models", action="store_true",
                     help="also fetch the real-weight YOLOv8n detector the nudenet wheel ships (320n.onnx, "
                          "dynamic axes, 18 classes) with pip download")
@@ -562,7 +595,9 @@ def main(argv=None) -> int:
     if args.pip_models and not args.no_export:
         fetch_nudenet(out)
     models = [m for m in sorted(out.glob("*.onnx"))
-              if "." not in m.stem and (not args.only or m.stem in args.only)]
+              if "." not in m.stem and (not args.only or m.stem in args.only) and not m.stem.endswith("_rawhead")]
+    if args.raw_heads:
+        models += cut_heads(out, models)
     rows = [run(m, p, args.calib, out) for m in models
             for p in PIPELINES if p not in LEFT_OUT.get(m.stem, ())]
     print("| model | pipeline | rc | nodes | MACs change | size MB | checks |")
