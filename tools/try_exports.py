@@ -595,7 +595,8 @@ def main(argv=None) -> int:
     if args.pip_models and not args.no_export:
         fetch_nudenet(out)
     models = [m for m in sorted(out.glob("*.onnx"))
-              if "." not in m.stem and (not args.only or m.stem in args.only) and not m.stem.endswith("_rawhead")]
+              if "." not in m.stem and (not args.only or m.stem in args.only)
+              and not m.stem.endswith("_rawhead")]
     if args.raw_heads:
         models += cut_heads(out, models)
     rows = [run(m, p, args.calib, out) for m in models
