@@ -11,7 +11,8 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple,
+                    Union)
 
 import numpy as np
 import onnx
@@ -413,6 +414,27 @@ def const_value(t: gs.Tensor) -> Optional[np.ndarray]:
             if key in p.attrs:
                 return np.asarray(list(p.attrs[key]))
     return None
+
+
+def const_ints(node: gs.Node, index: int, attr: Optional[str] = None) -> Optional[List[int]]:
+    """The ints of attribute ``attr`` (older opsets) or else of the constant input ``index`` (a
+    Reshape's target, Slice bounds, axes); [] when neither is given, None when the input is
+    computed."""
+    if attr is not None and attr in node.attrs:
+        return [int(a) for a in node.attrs[attr]]
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return []
+    v = const_value(node.inputs[index])
+    return None if v is None else [int(a) for a in np.asarray(v).ravel()]
+
+
+def static_dims(t: gs.Tensor, shapes: Optional[Mapping[str, Sequence]] = None) -> Optional[List[int]]:
+    """A tensor's shape when every dim is a number: its own, or from ``shapes`` by name (a graph
+    whose tensors carry no shapes); None otherwise."""
+    s = shapes.get(t.name) if shapes is not None else getattr(t, "shape", None)
+    if s is None or not all(isinstance(d, (int, np.integer)) for d in s):
+        return None
+    return [int(d) for d in s]
 
 
 def graph_output_names(graph: gs.Graph) -> Set[str]:

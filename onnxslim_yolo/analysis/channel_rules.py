@@ -201,24 +201,13 @@ def rule_split(node: gs.Node, rec: Recorder) -> None:
         offset += n
 
 
-def const_ints(node: gs.Node, index: int, attr: Optional[str] = None) -> Optional[List[int]]:
-    """The ints of attribute ``attr`` (older opsets) or else of the constant input ``index``;
-    [] when neither is given, None when the input is computed."""
-    if attr is not None and attr in node.attrs:
-        return [int(a) for a in node.attrs[attr]]
-    if len(node.inputs) <= index or not node.inputs[index].name:
-        return []
-    v = ir.const_value(node.inputs[index])
-    return None if v is None else [int(a) for a in np.asarray(v).ravel()]
-
-
 def _normalized(axes: List[int], rank: int) -> List[int]:
     return [a + rank if a < 0 else a for a in axes]
 
 
 def slice_params(node: gs.Node, rank: int) -> Optional[Dict[int, Tuple[int, int, int]]]:
     """{axis: (start, end, step)} from constant inputs, or None when any bound is computed."""
-    vals = [const_ints(node, i) for i in range(1, 5)]
+    vals = [ir.const_ints(node, i) for i in range(1, 5)]
     if any(v is None for v in vals):
         return None
     starts, ends, axes, steps = vals
@@ -258,7 +247,7 @@ def rule_slice(node: gs.Node, rec: Recorder) -> None:
 def pad_amounts(node: gs.Node, rank: int) -> Optional[Dict[int, Tuple[int, int]]]:
     """{axis: (before, after)} of a Pad, from its ``pads`` attribute (opset < 11) or constant
     ``pads`` and ``axes`` inputs; None when they are computed."""
-    pads, axes = const_ints(node, 1, "pads"), const_ints(node, 3)
+    pads, axes = ir.const_ints(node, 1, "pads"), ir.const_ints(node, 3)
     if pads is None or axes is None:
         return None
     axes = _normalized(axes, rank) if axes else list(range(rank))
@@ -290,7 +279,7 @@ REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Re
 def axes_of(node: gs.Node, rank: int) -> Optional[List[int]]:
     """A Reduce/Squeeze/Unsqueeze node's axes, normalized to ``rank``: the ``axes`` attribute
     (older opsets) or the constant second input; [] when absent, None when computed."""
-    axes = const_ints(node, 1, "axes")
+    axes = ir.const_ints(node, 1, "axes")
     return None if axes is None else _normalized(axes, rank)
 
 
@@ -431,12 +420,6 @@ class Shuffle:
     channels: int
 
 
-def shape_const(node: gs.Node) -> Optional[List[int]]:
-    """A Reshape's constant target shape, None when it is computed."""
-    v = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    return None if v is None else [int(d) for d in np.asarray(v).ravel()]
-
-
 def _only_reader(t: gs.Tensor, op: str) -> Optional[gs.Node]:
     readers = list(t.outputs)
     return readers[0] if len(readers) == 1 and readers[0].op == op else None
@@ -453,16 +436,13 @@ def shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = 
     last = _only_reader(tr.outputs[0], "Reshape") if tr is not None else None
     if last is None or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3, 4] or last.attrs.get("allowzero", 0):
         return None
-    xs, ms, ys = ((shapes.get(t.name) if shapes is not None else getattr(t, "shape", None))
-                  for t in (x, mid, last.outputs[0]))
-    if xs is None or ms is None or ys is None or len(xs) != 4 or len(ms) != 5 or list(ys) != list(xs):
+    xs, ms, ys = (ir.static_dims(t, shapes) for t in (x, mid, last.outputs[0]))
+    if xs is None or ms is None or ys != xs or len(xs) != 4 or len(ms) != 5:
         return None
-    if not all(isinstance(d, (int, np.integer)) for d in list(xs) + list(ms)):
+    g, m = ms[1], ms[2]
+    if [ms[0], g * m, ms[3], ms[4]] != xs:
         return None
-    g, m = int(ms[1]), int(ms[2])
-    if [ms[0], g * m, ms[3], ms[4]] != list(xs):
-        return None
-    first_shape, last_shape = shape_const(node), shape_const(last)
+    first_shape, last_shape = ir.const_ints(node, 1), ir.const_ints(last, 1)
     if first_shape is None or last_shape is None or len(first_shape) != 5 or len(last_shape) != 4:
         return None
     if first_shape[1] != g or first_shape[2] not in (m, -1) or last_shape[1] not in (g * m, -1):
@@ -526,11 +506,12 @@ def rule_expand(node: gs.Node, rec: Recorder) -> None:
     is then combined with (``gate.expand_as(x)``). A target computed otherwise blocks."""
     if not node.inputs or not node.outputs or not _has_feature_io(node, rec):
         return
-    target = node.inputs[1] if len(node.inputs) > 1 else None
-    src = ir.producer(target) if target is not None and ir.const_value(target) is None else None
-    if target is None or (ir.const_value(target) is None and
-                          (src is None or src.op != "Shape" or not _meets_source(node, src.inputs[0]))):
+    if len(node.inputs) < 2 or not node.inputs[1].name:
         return block_node(node, rec, "target shape computed")
+    if ir.const_ints(node, 1) is None:  # computed: follows only a Shape of what it meets
+        src = ir.producer(node.inputs[1])
+        if src is None or src.op != "Shape" or not _meets_source(node, src.inputs[0]):
+            return block_node(node, rec, "target shape computed")
     _pass_through(node, rec, node.inputs[0], node.outputs[0])
 
 

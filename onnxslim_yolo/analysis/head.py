@@ -253,12 +253,12 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
             fam = "yolov5" if "stride" in meta and "names" in meta else "unknown"
             ev.append(f"output {name} (1, {a}, {b}): predictions last-dim 5+C")
             return fam, "(1, N, 5+C) xywh + objectness + class scores", b - 5 - nm, None, ev
-    maps = anchor_layout([s for _, s in outputs], per_cell(model_anchors(model)))
+    anchors = model_anchors(model)
+    maps = anchor_layout([s for _, s in outputs], per_cell(anchors))
     if maps is not None:
         na, no = maps
         layout = "(1, na*(5+C), h, w)" if len(outputs[0][1]) == 4 else "(1, na, h, w, 5+C)"
         ev.append(f"{len(outputs)} raw head maps {layout}, na={na}, 5+C={no}, no decode in the graph")
-        anchors = model_anchors(model)
         ev.append("anchors: " + ("the model's 'anchors' metadata" if anchors is not None else
                                  "YOLOv5's defaults (--anchors names others)" if known(len(outputs), None)
                                  else f"none known for {len(outputs)} levels (--anchors names them)"))

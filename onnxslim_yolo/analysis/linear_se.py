@@ -53,11 +53,6 @@ def fc_axes(node: gs.Node) -> Optional[Tuple[int, int]]:
     return (1, 0) if node.attrs.get("transB", 0) else (0, 1)
 
 
-def _shape(t: gs.Tensor, shapes: Optional[Mapping[str, Sequence[int]]]):
-    s = shapes.get(t.name) if shapes is not None else getattr(t, "shape", None)
-    return None if s is None or not all(isinstance(d, (int, np.integer)) for d in s) else [int(d) for d in s]
-
-
 def _flattens(node: gs.Node, x: Sequence[int], y: Sequence[int]) -> bool:
     """``node`` takes (N, C, 1, 1) to (N, C), with a target it is safe to rewrite."""
     if len(x) != 4 or x[2:] != [1, 1] or list(y) != list(x[:2]):
@@ -82,8 +77,7 @@ def _unflattens(node: gs.Node, x: Sequence[int], y: Sequence[int]) -> bool:
 def _target(node: gs.Node) -> Optional[list]:
     if node.op != "Reshape" or node.attrs.get("allowzero", 0) or len(node.inputs) < 2:
         return None
-    v = ir.const_value(node.inputs[1])
-    return None if v is None else [int(d) for d in np.asarray(v).ravel()]
+    return ir.const_ints(node, 1)
 
 
 def _const_vector(node: gs.Node, n: int) -> bool:
@@ -99,7 +93,7 @@ def se_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = None)
     step of the chain, a weight that is not constant, or a count that does not match."""
     if node.op not in ("Reshape", "Flatten", "Squeeze") or not node.inputs or not node.outputs:
         return None
-    xs, ys = _shape(node.inputs[0], shapes), _shape(node.outputs[0], shapes)
+    xs, ys = ir.static_dims(node.inputs[0], shapes), ir.static_dims(node.outputs[0], shapes)
     if xs is None or ys is None or not _flattens(node, xs, ys):
         return None
     c, t, prev = xs[1], node.outputs[0], node
@@ -116,7 +110,7 @@ def se_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = None)
         elif n.op in GATE_OPS and fcs:
             pass
         elif n.op in ("Reshape", "Unsqueeze") and len(fcs) == 2:
-            ts, us = _shape(t, shapes), _shape(n.outputs[0], shapes)
+            ts, us = ir.static_dims(t, shapes), ir.static_dims(n.outputs[0], shapes)
             fc1, fc2 = fcs
             w1 = ir.const_value(fc1.inputs[1])
             if ts is None or us is None or not _unflattens(n, ts, us) or ts[1] != c or \
