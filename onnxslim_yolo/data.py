@@ -167,8 +167,9 @@ def ones_objectness(model: onnx.ModelProto) -> bool:
     node = idx.nodes[i]
     if not any(_is_ones(idx, t) for t in node.input[1:]):
         return False  # before any shape inference: most models stop here
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
-                       for d in v.type.tensor_type.shape.dim] for v in ir.inferred_values(model)}
+    from .eval.decode import value_dims  # decode does not import data: no cycle
+
+    shapes = {v.name: value_dims(v) for v in ir.inferred_values(model)}
     out_dims = shapes.get(out) or [None]
     if len(out_dims) < 2 or out_dims[-1] is None or attr(node, "axis") not in (-1, len(out_dims) - 1):
         return False

@@ -492,22 +492,21 @@ def cut_heads(out: Path, models: List[Path]) -> List[Path]:
 
     from onnxslim_yolo import ir
     from onnxslim_yolo.analysis.head import find_head
-    from onnxslim_yolo.eval.decode import raw_maps_format, value_dims
+    from onnxslim_yolo.eval.decode import _declared_shapes, raw_maps_format
 
     made = []
     for m in models:
         dst = out / f"{m.stem}_rawhead.onnx"
         try:
             proto = ir.load(m)
-            consts = {t.name for t in proto.graph.initializer}
-            inputs = [i.name for i in proto.graph.input if i.name not in consts]
-            onnx.utils.extract_model(str(m), str(dst), inputs, list(find_head(proto).last_conv_outputs))
+            onnx.utils.extract_model(str(m), str(dst), list(ir.input_shapes(proto)),
+                                     list(find_head(proto).last_conv_outputs))
             cut = onnx.load(str(dst))
         except Exception as exc:  # noqa: BLE001 -- a family with no head to cut is left out
             print(f"{m.stem}: no raw-head cut ({type(exc).__name__}: {exc})", file=sys.stderr)
             dst.unlink(missing_ok=True)
             continue
-        if raw_maps_format(cut, [value_dims(o) for o in cut.graph.output]) is None:
+        if raw_maps_format(cut, _declared_shapes(cut)) is None:
             dst.unlink()
             continue
         made.append(dst)

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from ..pass_base import UsageError
-from .decode import NotDetections  # decode imports this module only inside functions
+# decode imports this module inside its functions only: no cycle
+from .decode import NotDetections, _declared_shapes, level_stride, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,8 @@ def with_anchors(model: onnx.ModelProto, text: Optional[str], copy: bool = True)
     None. The optimized model keeps the metadata, so later runs decode it without the option."""
     if text is None:
         return model
-    from .decode import value_dims
-
     anchors = parse_anchors(text)
-    shapes = [value_dims(o) for o in model.graph.output]
+    shapes = _declared_shapes(model)
     layout = anchor_layout(shapes, per_cell(anchors)) or anchor_layout(shapes)
     if layout is None:
         log.warning("--anchors: the outputs %s are not raw anchor maps; the anchors are stored but not used",
@@ -145,15 +144,12 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     na, no = layout
     maps = sorted(outputs, key=lambda o: -int(o.shape[2]))  # h, in both layouts
     grid_a = _anchors_for(len(maps), na, anchors)
-    done = all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps)
     rows = []
-    for i, m in enumerate(maps):
-        m = np.asarray(m, np.float32)
-        if m.ndim == 4:  # (B, na*no, h, w) -> (B, na, h, w, no)
-            m = m.reshape(m.shape[0], na, no, m.shape[2], m.shape[3]).transpose(0, 1, 3, 4, 2)
-        b, _, h, w, _ = m.shape
-        stride = float(input_hw[0]) / h if input_hw is not None else float(8 * 2 ** i)
-        s = m if done else 1.0 / (1.0 + np.exp(-m))
+    for i, s in enumerate(probabilities([np.asarray(m, np.float32) for m in maps])):
+        if s.ndim == 4:  # (B, na*no, h, w) -> (B, na, h, w, no)
+            s = s.reshape(s.shape[0], na, no, s.shape[2], s.shape[3]).transpose(0, 1, 3, 4, 2)
+        b, _, h, w, _ = s.shape
+        stride = level_stride(input_hw, h, i)
         yv, xv = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
         cell = np.stack([xv, yv], -1)[None, None]
         xy = (s[..., :2] * 2.0 - 0.5 + cell) * stride

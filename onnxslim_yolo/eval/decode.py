@@ -274,6 +274,19 @@ def _decode_obj(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return xywh2xyxy(p[:, :4]), p[:, 5:] * p[:, 4:5]
 
 
+def level_stride(input_hw: Optional[Sequence[int]], h: int, level: int) -> float:
+    """A raw head map's stride: the input height over the map's, else 8, 16, 32, ... by level."""
+    return float(input_hw[0]) / h if input_hw is not None else float(8 * 2 ** level)
+
+
+def probabilities(maps: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Raw head maps through the sigmoid, unless every value of every map already lies in [0, 1]
+    (an export that applies it in the graph)."""
+    if all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps):
+        return list(maps)
+    return [1.0 / (1.0 + np.exp(-m)) for m in maps]
+
+
 def yolox_grid(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> Tuple[np.ndarray, np.ndarray]:
     """(grid xy (N, 2), stride (N, 1)) in YOLOX's anchor order: per stride, row-major (y, x)."""
     grids, expanded = [], []

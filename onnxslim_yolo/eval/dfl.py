@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..pass_base import UsageError
+from .decode import level_stride, probabilities  # decode imports this module inside functions
 
 #: distance bins per side of the heads exported this way: 16 (Ultralytics' reg_max), 17 (reg_max 16
 #: plus one: YOLOv6 3.0's DFL heads, whose decode is the same; PP-YOLOE's too). Other counts are left
@@ -74,21 +75,20 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     if layout is None:
         raise UsageError(f"outputs {[list(o.shape) for o in outputs]} are not raw anchor-free head maps")
     bins, _, levels = layout
-    scored = all(float(outputs[c].min()) >= 0.0 and float(outputs[c].max()) <= 1.0 for _, c in levels)
+    scores = probabilities([np.asarray(outputs[c], np.float32) for _, c in levels])
     proj = np.arange(bins, dtype=np.float32)
     cols = []
-    for i, (bi, ci) in enumerate(levels):
-        box, cls = np.asarray(outputs[bi], np.float32), np.asarray(outputs[ci], np.float32)
+    for i, (bi, _) in enumerate(levels):
+        box = np.asarray(outputs[bi], np.float32)
         b, _, h, w = box.shape
-        stride = float(input_hw[0]) / h if input_hw is not None else float(8 * 2 ** i)
+        stride = level_stride(input_hw, h, i)
         dist = (_softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
         yv, xv = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5,
                              indexing="ij")
         cx, cy = xv.reshape(1, -1), yv.reshape(1, -1)
         x1, y1, x2, y2 = cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]
         xywh = np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1) * stride
-        scores = cls.reshape(b, -1, h * w)
-        cols.append(np.concatenate([xywh, scores if scored else 1.0 / (1.0 + np.exp(-scores))], 1))
+        cols.append(np.concatenate([xywh, scores[i].reshape(b, -1, h * w)], 1))
     return np.concatenate(cols, 2).astype(np.float32, copy=False)
 
 
