@@ -38,10 +38,12 @@ class _Target:
     w: np.ndarray            # original weight (Cout kept, Cin, kh, kw)
     b: np.ndarray
     geo: ConvGeometry
+    tied: int = 1            # output channels come in this many blocks sharing one bias each
 
 
 def _targets(model: onnx.ModelProto, names: Sequence[str], keep: Mapping[str, np.ndarray],
-             shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[List[_Target], Dict[str, str]]:
+             shapes: Mapping[str, Tuple[int, ...]], tied: Mapping[str, int]
+             ) -> Tuple[List[_Target], Dict[str, str]]:
     graph = ir.to_graph(model)
     ir.name_unnamed_nodes(graph)
     by_name = {n.name: n for n in graph.nodes}
@@ -61,7 +63,8 @@ def _targets(model: onnx.ModelProto, names: Sequence[str], keep: Mapping[str, np
         if ky is not None:  # the consumer is also a producer that lost output channels
             w, b = w[ky], b[ky]
         kx = keep.get(x, np.arange(w.shape[1]))
-        out.append(_Target(name, x, kx, w.astype(np.float64), b.astype(np.float64), geo))
+        out.append(_Target(name, x, kx, w.astype(np.float64), b.astype(np.float64), geo,
+                           tied.get(name, 1) ** 2))
     return out, skipped
 
 
@@ -88,6 +91,22 @@ def _solve(ata: np.ndarray, aty: np.ndarray, ridge: float, prior: Optional[np.nd
     reg[-1] = 0.0
     rhs = aty if prior is None else aty + reg[:, None] * prior
     return np.linalg.solve(ata + np.diag(reg), rhs)
+
+
+def _solve_tied(ata: np.ndarray, aty: np.ndarray, ridge: float, prior: np.ndarray, blocks: int) -> np.ndarray:
+    """:func:`_solve` with the bias of output ``t*C + c`` shared by the ``blocks`` outputs of
+    channel c (a ConvTranspose seen as a 1x1 Conv, _prune_lower). With A = X'X + lam I,
+    s = X'1, n rows and r = X'y + lam prior per output, w = A^-1 (r - s b) and the bias equation
+    summed over a channel's outputs give b_c = sum_t (1'y - s'A^-1 r) / (blocks (n - s'A^-1 s))."""
+    f = ata.shape[0] - 1
+    lam = ridge * float(np.trace(ata[:f, :f])) / max(f, 1)
+    a = ata[:f, :f] + lam * np.eye(f)
+    s, n = ata[:f, f], float(ata[f, f])
+    a_r = np.linalg.solve(a, aty[:f] + lam * prior[:f])
+    a_s = np.linalg.solve(a, s)
+    per_channel = (aty[f] - s @ a_r).reshape(blocks, -1).sum(axis=0)
+    b = np.tile(per_channel / (blocks * (n - float(s @ a_s))), blocks)
+    return np.vstack([a_r - np.outer(a_s, b), b[None, :]])
 
 
 def _set_params(model: onnx.ModelProto, node_name: str, w: np.ndarray, b: np.ndarray,
@@ -150,11 +169,12 @@ def _original_side(orig: onnx.ModelProto, targets: List[_Target], feeds: Sequenc
 def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
           keep: Mapping[str, np.ndarray], feeds: Sequence[Feeds], shapes: Mapping[str, Tuple[int, ...]],
           *, ridge: float = 1e-3, samples: int = 8192, sequential: bool = True, seed: int = 0,
-          threads: int = 1, saliency=None, progress: bool = False
+          threads: int = 1, saliency=None, progress: bool = False, tied: Optional[Mapping[str, int]] = None
           ) -> Tuple[onnx.ModelProto, Dict[str, Dict[str, float]], Dict[str, str]]:
     """Refit ``convs`` of ``pruned`` to the original outputs; returns (model, per-Conv relative
-    errors before/after, skipped reasons). Convs that lost no input channel are refit on all."""
-    targets, skipped = _targets(orig, convs, keep, shapes)
+    errors before/after, skipped reasons). Convs that lost no input channel are refit on all.
+    ``tied`` {Conv: block size}: lowered ConvTransposes, refit with one bias per channel."""
+    targets, skipped = _targets(orig, convs, keep, shapes, tied or {})
     if not targets or not feeds:
         return pruned, {}, skipped
     pos, ys, xs = _original_side(orig, targets, feeds, samples, seed, threads, not sequential, saliency)
@@ -197,7 +217,7 @@ def _fit_one(model: onnx.ModelProto, t: _Target, xs: Sequence[np.ndarray], ys: S
         n += len(y)
     w_kept = t.w[:, t.keep].reshape(t.w.shape[0], -1)
     prior = np.concatenate([w_kept.T, t.b[None, :]], axis=0)
-    theta = _solve(ata, aty, ridge, prior)
+    theta = _solve(ata, aty, ridge, prior) if t.tied == 1 else _solve_tied(ata, aty, ridge, prior, t.tied)
 
     def residual(th: np.ndarray) -> float:
         return max(yty - 2.0 * float((th * aty).sum()) + float(np.einsum("fo,fg,go->", th, ata, th)), 0.0)

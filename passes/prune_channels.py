@@ -28,6 +28,10 @@ sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement 
 (auto | detections | agreement); ``saliency`` (sample refit rows near detections); ``max_layer_ratio`` (0.75);
 ``bn_by_var``, ``relative``, ``dead_tol``, ``threads``.
 
+A ConvTranspose whose kernel equals its stride (YOLOv6's and the YOLOv8-seg prototype's 2x
+upsampling) is pruned as the 1x1 Conv and DepthToSpace it equals, and written back
+(``_prune_lower``); other ConvTransposes block.
+
 Must not fire on channels that reach a graph output, a Reshape/Transpose (other than a channel
 shuffle, whose Reshapes take the new count)/Flatten/Gemm/Softmax,
 the Detect decode, a non-depthwise grouped Conv or a protected node: those layers are skipped
@@ -48,7 +52,7 @@ from onnxslim_yolo.analysis import activations, importance as imp, saliency, sen
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, analyze_channels
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 
-from . import _prune_cost, _prune_refit, _prune_report, _prune_rewrite, _prune_select
+from . import _prune_cost, _prune_lower, _prune_refit, _prune_report, _prune_rewrite, _prune_select
 from ._prune_options import NAME, PruneOptions, parse_options
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,8 @@ class PruneChannels(Pass):
         opts = parse_options(ctx.opts(self.name), bool(ctx.calib_inputs))
         graph = ir.to_graph(model)
         ir.name_unnamed_nodes(graph)
-        model = ir.to_model(graph, model)
+        original = model = ir.to_model(graph, model)
+        model, lowered = _prune_lower.lower(model)
         analysis = analyze_channels(model, opts.protect, ctx.input_shapes)
         if not analysis.prunable_groups():
             raise nothing_prunable(analysis)
@@ -99,15 +104,20 @@ class PruneChannels(Pass):
         _prune_report.report_blocked(report, analysis)
         if not sel.removed:
             report.details["notes"] = sel.notes + ["no channel selected"]
-            return PassResult(model, False, report)
+            return PassResult(original, False, report)
         keep = _prune_rewrite.keep_map(analysis, sel.removed)
         means = {t: s.mean for t, s in stats.items()} if (stats and opts.fold_mean) else None
         pruned = _prune_rewrite.apply_keep(model, analysis, keep, means)
         if opts.reconstruct:
             pruned, more = _refit(model, pruned, analysis, sel.removed, keep, feeds, opts, ctx.seed, sal,
-                                  show)
+                                  show, lowered)
             info.update(more)
         _prune_report.fill_report(report, model, pruned, analysis, sel, keep, scores, opts, info)
+        pruned, notes = _prune_lower.raise_back(pruned, lowered)
+        _prune_lower.relabel_layers(report.details["layers"], lowered)
+        report.details["notes"].extend(notes)
+        if lowered:
+            report.details["convtranspose_as_1x1"] = sorted(lowered)
         if opts.kept_json:
             _prune_report.write_json(Path(opts.kept_json), report.details)
         return PassResult(pruned, True, report)
@@ -155,7 +165,8 @@ def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
 
 def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAnalysis, removed: set,
            keep: Dict[str, np.ndarray], feeds: List[Feeds], opts: PruneOptions, seed: int,
-           sal, progress: bool = False) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
+           sal, progress: bool = False, tied: Optional[Dict[str, int]] = None
+           ) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
     """Least-squares refit of the Convs that lost input channels (and, with refit_scope
     'downstream', of every Conv below a pruned one; refit_head 'no' leaves the last Convs)."""
     convs = {r.node for g in analysis.groups if g.gid in removed for r in g.consumers}
@@ -168,5 +179,6 @@ def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAna
     out, errors, skipped = _prune_refit.refit(
         model, pruned, sorted(convs), keep, feeds, analysis.shapes, ridge=opts.refit_ridge,
         samples=opts.refit_samples,
-        sequential=opts.sequential, seed=seed, threads=opts.threads, saliency=sal, progress=progress)
+        sequential=opts.sequential, seed=seed, threads=opts.threads, saliency=sal, progress=progress,
+        tied=tied)
     return out, {"refit": errors, "refit_skipped": skipped}

@@ -515,6 +515,60 @@ def rule_expand(node: gs.Node, rec: Recorder) -> None:
     _pass_through(node, rec, node.inputs[0], node.outputs[0])
 
 
+def rule_depth_space(node: gs.Node, rec: Recorder) -> None:
+    """DepthToSpace / SpaceToDepth of block b: each channel of the shallow side is b*b channels of
+    the deep side, ``t*C + c`` in DCR order (SpaceToDepth, DepthToSpace's default), ``c*b*b + t``
+    in CRD order. Pruning channel c removes all b*b together and keeps the order of the rest."""
+    if not _has_feature_io(node, rec):
+        return
+    x, y = node.inputs[0], node.outputs[0]
+    deep, shallow = (x, y) if node.op == "DepthToSpace" else (y, x)
+    b = int(node.attrs.get("blocksize", 0))
+    cd, cs = rec.channels(deep), rec.channels(shallow)
+    if not cd or not cs or b < 1 or cd != cs * b * b:
+        return block_node(node, rec, "channel counts do not match the block size")
+    mode = node.attrs.get("mode", "DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    for t in range(b * b):
+        if mode == "CRD":
+            for c in range(cs):
+                rec.link(deep, c * b * b + t, shallow, c, 1)
+        else:
+            rec.link(deep, t * cs, shallow, 0, cs)
+
+
+def transpose_refusal(node: gs.Node) -> Optional[str]:
+    """Why a ConvTranspose is not exactly a 1x1 Conv and a DepthToSpace, None when it is: 2-D,
+    constant weight and bias, one group, a square kernel equal to its stride, no padding or
+    dilation, no output shape or padding (each input pixel then owns one output block)."""
+    w = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None:
+        return "its weight is not a constant"
+    if w.ndim != 4:
+        return f"it is {w.ndim - 2}-D (only 2-D is mapped)"
+    if len(node.inputs) > 2 and node.inputs[2].name and ir.const_value(node.inputs[2]) is None:
+        return "its bias is not a constant"
+    a = node.attrs
+    if int(a.get("group", 1)) != 1:
+        return f"it has {int(a.get('group', 1))} groups"
+    k = [int(v) for v in a.get("kernel_shape", w.shape[2:])]
+    s = [int(v) for v in a.get("strides", [1, 1])]
+    if k != s or k != [int(v) for v in w.shape[2:]] or k[0] != k[1]:
+        return (f"its kernel {'x'.join(map(str, k))} is not its square stride {'x'.join(map(str, s))}: "
+                "output blocks overlap or leave gaps")
+    if any(int(v) != 1 for v in a.get("dilations", [])) or any(int(v) for v in a.get("pads", [])) or \
+            any(int(v) for v in a.get("output_padding", [])) or "output_shape" in a:
+        return "it pads, dilates or sets its output shape"
+    return None
+
+
+def rule_conv_transpose(node: gs.Node, rec: Recorder) -> None:
+    """ConvTranspose blocks. prune-channels maps the kernel-equals-stride kind itself, as a 1x1
+    Conv and a DepthToSpace (passes/_prune_lower), so the reason names what stops this one."""
+    block_node(node, rec, transpose_refusal(node)
+               or "prune-channels maps it as a 1x1 Conv and a DepthToSpace, this analysis does not")
+
+
 RULES: Dict[str, Rule] = {
     **{op: rule_unary for op in UNARY_OPS},
     **{op: rule_elementwise for op in ELEMENTWISE_OPS},
@@ -525,6 +579,8 @@ RULES: Dict[str, Rule] = {
     "BatchNormalization": rule_batchnorm,
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
+    "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,
+    "ConvTranspose": rule_conv_transpose,
     "Conv": rule_conv, "Shape": rule_shape, "Pad": rule_pad, "Constant": lambda n, r: None,
     "Reshape": _or_linear_se(rule_shuffle), "Transpose": rule_shuffle,
 }

@@ -4,7 +4,8 @@ Every channel position ``(tensor, index)`` of a feature tensor (float, rank >= 3
 count on axis 1) is a node of a networkx graph; the per-op rules in :mod:`channel_rules` link
 positions that are the same channel (through activations, BN, pooling, Resize, Split/Slice/Concat
 offsets, residual Add/Mul, depthwise Convs, spatial Pads, Reduce/Squeeze/Unsqueeze over axes
-after the channel axis, ShuffleNet's channel shuffle, a fixed permutation, and squeeze-and-excitation
+after the channel axis, ShuffleNet's channel shuffle, a fixed permutation, DepthToSpace and
+SpaceToDepth, which tie a channel to its block of channels, and squeeze-and-excitation
 gates written with Linear layers, :mod:`.linear_se`). A connected
 component is a :class:`ChannelGroup`:
 removing one of its positions means removing all of them. A group is prunable when no position is

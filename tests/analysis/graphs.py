@@ -242,6 +242,28 @@ def shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
     return g.model([X], [g.conv(y, 8, 5, "h")])
 
 
+def conv_transpose_graph(kernel: int = 2, bias: bool = True, opset: int = 13) -> onnx.ModelProto:
+    """YOLOv6's neck upsampling: a(6) 3x3 -> MaxPool 2 -> b(8) -> SiLU -> ConvTranspose ``up``
+    8 -> 6, stride 2 (kernel 2: one output block per pixel; kernel 4, pads 1: overlapping) ->
+    SiLU -> Concat with a -> c(8) 3x3 -> h. Second branch: d(4) -> SpaceToDepth 2 -> e(4) 1x1 ->
+    DepthToSpace 2 (CRD from opset 11, else DCR) -> Concat -> h."""
+    g = G(opset)
+    a = g.cbs("x", 3, 6, "a", k=3)
+    b = g.cbs(g.node("MaxPool", [a], "pool", kernel_shape=[2, 2], strides=[2, 2]), 6, 8, "b")
+    w = (g.rng.normal(0, 1, (8, 6, kernel, kernel)) / np.sqrt(8 * 4)).astype(np.float32)
+    ins = [b, g.const("up.w", w)] + ([g.const("up.b", g.rng.normal(0, 0.1, 6).astype(np.float32))]
+                                     if bias else [])
+    pads = [(kernel - 2) // 2] * 4
+    up = g.silu(g.node("ConvTranspose", ins, "up", kernel_shape=[kernel] * 2, strides=[2, 2], pads=pads),
+                "up.act")
+    c = g.cbs(g.node("Concat", [up, a], "cat", axis=1), 12, 8, "c", k=3)
+    d = g.node("SpaceToDepth", [g.cbs("x", 3, 4, "d")], "s2d", blocksize=2)
+    e = g.cbs(d, 16, 16, "e")
+    mode = {"mode": "CRD"} if opset >= 11 else {}
+    f = g.node("DepthToSpace", [e], "d2s", blocksize=2, **mode)
+    return g.model([X], [g.conv(g.node("Concat", [c, f], "cat2", axis=1), 12, 5, "h")])
+
+
 def blocked_graph() -> onnx.ModelProto:
     """a(4) -> Reshape -> output; b(4) grouped (group=2) -> output."""
     g = G()

@@ -112,6 +112,21 @@ def test_channel_shuffle_maps_each_group_position_and_couples_the_groups():
     assert not any(t.startswith(("u0.view", "u0.swap")) for g in a.prunable_groups() for t, _ in g.channels)
 
 
+@pytest.mark.parametrize("opset", [10, 13])
+def test_depth_to_space_and_space_to_depth_tie_each_channel_to_its_block(opset):
+    """SpaceToDepth 2 turns channel c of d into channels t*4 + c; DepthToSpace 2 takes channels
+    c*4 + t of e in CRD order (opset 13 here), t*4 + c in DCR (opset 10) into channel c."""
+    a = analyze_channels(graphs.conv_transpose_graph(opset=opset))
+    for c in range(4):
+        g = _group(a, "d_out", c)
+        assert {("s2d_out", t * 4 + c) for t in range(4)} <= g.channels
+        assert _roles(g) == [("consumer", "e", t * 4 + c) for t in range(4)] + [("producer", "d", c)]
+        deep = [c * 4 + t if opset >= 11 else t * 4 + c for t in range(4)]
+        g = _group(a, "d2s_out", c)
+        assert g.prunable and {("e_out", i) for i in deep} | {("cat2_out", 8 + c)} <= g.channels
+        assert sorted(r.index for r in g.producers) == sorted(deep)
+
+
 @pytest.mark.parametrize("variant", ["matmul", "gemm", "add"])
 def test_a_linear_excitation_gate_couples_the_pooled_and_the_scaled_channels(variant):
     a = analyze_channels(graphs.linear_se_graph(variant))

@@ -5,6 +5,7 @@ import json
 import re
 from typing import Dict, Optional
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -13,6 +14,7 @@ from fixtures import FAMILIES, build_yolov5_v6
 from onnxslim_yolo import verify
 from onnxslim_yolo.analysis.channels import analyze_channels
 from onnxslim_yolo.pass_base import PassContext, PreconditionError, UsageError
+from onnxslim_yolo.passes import _prune_lower
 from onnxslim_yolo.passes.prune_channels import PruneChannels
 from tests.analysis import graphs
 
@@ -25,13 +27,16 @@ def run(model: onnx.ModelProto, calib: Optional[list] = None, **opts):
 
 def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
     """The original with every removed channel zeroed at its source: producer and depthwise
-    filters and biases, BN beta and mean (BN(0) = 0), per-channel constants (0 + 0 = 0 * 0 = 0)."""
+    filters and biases, BN beta and mean (BN(0) = 0), per-channel constants (0 + 0 = 0 * 0 = 0).
+    A ConvTranspose the pass mapped is zeroed in its exact 1x1 Conv + DepthToSpace form."""
+    model = _prune_lower.lower(model)[0]
     a = analyze_channels(model)
     out = {n.name: n.output[0] for n in model.graph.node}
     gone = set()
     for conv, v in details["layers"].items():
+        tensor = out[conv + _prune_lower.SUFFIX] if v.get("op") == "ConvTranspose" else out[conv]
         for i in set(range(v["out_channels"][0])) - set(v["kept_out"]):
-            gone.add(a.group_of(out[conv], i))
+            gone.add(a.group_of(tensor, i))
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
@@ -89,6 +94,8 @@ HAND = {
     "linear_se_add": lambda: graphs.linear_se_graph("add"),
     "shuffle11": lambda: graphs.shuffle_graph(11),
     "shuffle13_minus_one": lambda: graphs.shuffle_graph(13, minus_one=True),
+    "conv_transpose13_crd": graphs.conv_transpose_graph,
+    "conv_transpose10_dcr_no_bias": lambda: graphs.conv_transpose_graph(bias=False, opset=10),
 }
 
 
@@ -98,6 +105,71 @@ def test_pruned_equals_original_with_removed_channels_zeroed(name):
     res = run(model, ratio=0.3, round_to=1, **EXACT)
     assert res.modified
     assert res.report.details["mac_reduction"] >= 0.3
+    assert_exact(model, res.model, res.report.details)
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_conv_transpose_kernel_equal_stride_prunes_on_both_sides_and_stays_convtranspose(opset):
+    """YOLOv6's upsampling ConvTranspose (kernel 2, stride 2) loses half of its input channels
+    (b's outputs) and half of its output channels; the result is a ConvTranspose again, and
+    equals the original with those channels zeroed."""
+    model = graphs.conv_transpose_graph(opset=opset)
+    res = run(model, per_layer={"b": 0.5, "up": 0.5}, round_to=1, **EXACT)
+    details = res.report.details
+    assert details["layers"]["up"]["out_channels"] == [6, 3]
+    assert details["layers"]["up"]["in_channels"] == [8, 4]
+    assert details["layers"]["up"]["op"] == "ConvTranspose"
+    assert all(0 <= i < 6 for i in details["layers"]["up"]["kept_out"])
+    assert details["convtranspose_as_1x1"] == ["up"]
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("ConvTranspose") == 1 and ops.count("DepthToSpace") == 1  # the fixture's own
+    up = next(n for n in res.model.graph.node if n.op_type == "ConvTranspose")
+    w = numpy_helper.to_array(next(t for t in res.model.graph.initializer if t.name == up.input[1]))
+    assert w.shape == (4, 3, 2, 2)
+    assert_exact(model, res.model, details)
+
+
+def test_conv_transpose_refit_ties_biases_and_is_written_back():
+    """With calibration data the 1x1 form of ``up`` is refit with one bias per output channel,
+    so it goes back to a ConvTranspose; the refit brings the outputs closer than mean folding."""
+    model = graphs.conv_transpose_graph()
+    calib = verify.random_feeds(model, 3, 0)
+    plain = run(model, calib, per_layer={"b": 0.5}, round_to=1, reconstruct=False)
+    res = run(model, calib, per_layer={"b": 0.5}, round_to=1)
+    assert "up" in res.report.details["refit"]
+    assert [n.op_type for n in res.model.graph.node].count("ConvTranspose") == 1
+    assert not [n for n in res.report.details["notes"] if "stays a 1x1 Conv" in n]
+    feeds = verify.random_feeds(model, 2, 5)
+    err = [verify.compare_models(model, m, feeds)[0].max_abs for m in (plain.model, res.model)]
+    assert err[1] < err[0]
+
+
+def test_conv_transpose_tied_solve_matches_a_constrained_least_squares():
+    """_solve_tied against lstsq on the stacked problem with one shared bias column per channel."""
+    from onnxslim_yolo.passes._prune_refit import _solve_tied
+    rng = np.random.default_rng(0)
+    n, f, c, blocks = 200, 5, 3, 4
+    x = rng.normal(1.0, 1.0, (n, f))
+    y = x @ rng.normal(size=(f, blocks * c)) + rng.normal(size=blocks * c) + rng.normal(0, .1, (n, blocks * c))
+    a = np.concatenate([x, np.ones((n, 1))], axis=1)
+    theta = _solve_tied(a.T @ a, a.T @ y, 0.0, np.zeros((f + 1, blocks * c)), blocks)
+    # unknowns: one weight column per output, one bias per channel
+    big = np.zeros((n * blocks * c, f * blocks * c + c))
+    for o in range(blocks * c):
+        big[o * n:(o + 1) * n, o * f:(o + 1) * f] = x
+        big[o * n:(o + 1) * n, f * blocks * c + o % c] = 1.0
+    sol = np.linalg.lstsq(big, y.T.ravel(), rcond=None)[0]
+    assert np.allclose(theta[:-1], sol[:f * blocks * c].reshape(blocks * c, f).T, atol=1e-8)
+    assert np.allclose(theta[-1], np.tile(sol[f * blocks * c:], blocks), atol=1e-8)
+
+
+def test_conv_transpose_with_overlapping_kernel_blocks_naming_why():
+    model = graphs.conv_transpose_graph(kernel=4)
+    reasons = analyze_channels(model).blocked_reasons()
+    assert any("ConvTranspose 'up'" in r and "kernel 4x4 is not its square stride 2x2" in r for r in reasons)
+    res = run(model, ratio=0.2, round_to=1, **EXACT)
+    assert "convtranspose_as_1x1" not in res.report.details
+    assert [n.op_type for n in res.model.graph.node].count("ConvTranspose") == 1
     assert_exact(model, res.model, res.report.details)
 
 
