@@ -5,8 +5,9 @@ and biases (output axis), consumer Conv weights (input axis), depthwise Convs (a
 count), BatchNormalization parameters, per-channel constants of element-wise ops, and rewrite
 Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize
 'sizes', the target shapes of a channel shuffle's Reshapes, constant Expand targets, and the
-Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se). Concat offsets
-follow from the inputs. Optionally the removed channels' means are folded
+Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se), and make up
+for the removed channels after a mean, sum, max or min over the channel axis (CBAM). Concat
+offsets follow from the inputs. Optionally the removed channels' means are folded
 into the consumer biases first. value_info is dropped and shapes inferred again.
 """
 from __future__ import annotations
@@ -181,6 +182,36 @@ class _Rewriter:
             shape[1] = len(k)
             self.set_input(node, 1, shape, node.inputs[1].name + "_pruned")
 
+    def reduce(self, node: gs.Node) -> None:
+        """A mean, sum, max or min over the channel axis alone, of a tensor that lost channels,
+        takes the removed channels as their means (zeros without ``means``): the mean is
+        rescaled and shifted, the sum shifted, the max and min bounded by the removed means."""
+        x, y = node.inputs[0], node.outputs[0]
+        k = self.k(x)
+        shape = self.shapes.get(x.name)
+        if k is None or shape is None or channel_rules.axes_of(node, len(shape)) != [1]:
+            return
+        count = self.counts[x.name]
+        gone = np.setdiff1d(np.arange(count), k)
+        mean = self.means.get(x.name)
+        vals = (np.zeros(len(gone)) if mean is None else np.asarray(mean, np.float64)[gone])
+        dtype = np.float32
+        steps = {"ReduceMean": [("Mul", len(k) / count), ("Add", vals.sum() / count)],
+                 "ReduceSum": [("Add", vals.sum())], "ReduceMax": [("Max", vals.max())],
+                 "ReduceMin": [("Min", vals.min())]}[node.op]
+        steps = [(op, v) for op, v in steps if op in ("Max", "Min") or v != (1.0 if op == "Mul" else 0.0)]
+        src = gs.Variable(self.alloc(y.name + "_kept"), dtype=y.dtype)
+        node.outputs[0] = src
+        for i, (op, v) in enumerate(steps):
+            out = y if i == len(steps) - 1 else gs.Variable(self.alloc(y.name + "_" + op.lower()), dtype=y.dtype)
+            const = gs.Constant(self.alloc(f"{node.name}_{op.lower()}_removed"), np.array(v, dtype))
+            self.graph.nodes.append(gs.Node(op, self.alloc(f"{node.name}_{op}_removed"), inputs=[src, const],
+                                            outputs=[out]))
+            src = out
+        if not steps:
+            node.outputs[0] = y
+        self.touched.add(node.name)
+
     def reshape(self, node: gs.Node) -> None:
         """The two Reshapes of a channel shuffle (channel_rules.Shuffle) take the new count, and so
         do those of a Linear excitation branch."""
@@ -201,7 +232,8 @@ class _Rewriter:
         table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
                  "Slice": self.slice, "Resize": self.resize, "Reshape": self.reshape,
                  "Flatten": self.linear_se, "Squeeze": self.linear_se, "Expand": self.expand,
-                 **{op: self.elementwise for op in channel_rules.ELEMENTWISE_OPS}}
+                 **{op: self.elementwise for op in channel_rules.ELEMENTWISE_OPS},
+                 **{op: self.reduce for op in channel_rules.CHANNEL_REDUCERS}}
         for node in list(self.graph.nodes):
             fn = table.get(node.op)
             if fn is not None:

@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from onnxslim_yolo import ir
-from onnxslim_yolo.analysis import activations, importance as imp, saliency, sensitivity
+from onnxslim_yolo.analysis import activations, channel_rules, importance as imp, saliency, sensitivity
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, analyze_channels
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 
@@ -132,6 +132,9 @@ def _stats(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: List[Feeds]
            opts: PruneOptions) -> Dict[str, activations.ChannelStats]:
     groups = analysis.prunable_groups()
     names = imp.consumer_inputs(groups) + imp.consumer_outputs(groups, imp.conv_outputs(model))
+    # the channel means that a mean or max over the channels (CBAM) takes for removed channels
+    names += [n.input[0] for n in model.graph.node
+              if n.op_type in channel_rules.CHANNEL_REDUCERS and n.input[0] in analysis.channel_counts]
     return activations.channel_stats(model, feeds, names, opts.threads)
 
 

@@ -274,6 +274,9 @@ def rule_pad(node: gs.Node, rec: Recorder) -> None:
 #: reductions: channel c of the output is reduced from channel c alone when axis 1 is kept
 REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2",
                         "ReduceProd", "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"})
+#: reductions over the channel axis alone that read any channel count: CBAM's spatial attention
+#: (mean and max over the channels). The rewrite makes up for removed channels (_prune_rewrite).
+CHANNEL_REDUCERS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"})
 
 
 def axes_of(node: gs.Node, rank: int) -> Optional[List[int]]:
@@ -285,7 +288,9 @@ def axes_of(node: gs.Node, rank: int) -> Optional[List[int]]:
 
 def rule_axes(node: gs.Node, rec: Recorder) -> None:
     """Reduce over, Squeeze or Unsqueeze only axes after the channel axis (SE blocks' spatial
-    mean; BiFPN's torch.stack + sum over a new last axis): channel c stays at axis 1."""
+    mean; BiFPN's torch.stack + sum over a new last axis): channel c stays at axis 1. A mean,
+    sum, max or min over the channel axis alone reads the channels without tying them to
+    anything (CBAM's spatial attention)."""
     if not node.inputs or not node.outputs or not _has_feature_io(node, rec):
         return
     x, y = node.inputs[0], node.outputs[0]
@@ -296,6 +301,8 @@ def rule_axes(node: gs.Node, rec: Recorder) -> None:
         return block_node(node, rec, "axes unknown")
     if not axes and (node.op != "Unsqueeze" and not node.attrs.get("noop_with_empty_axes", 0)):
         return block_node(node, rec, "no axes: every axis")
+    if axes == [1] and node.op in CHANNEL_REDUCERS:
+        return  # reads every channel; its output is no channel of x
     if any(a <= 1 for a in axes):
         return block_node(node, rec, "moves or reduces the channel axis")
     _pass_through(node, rec, x, y)
@@ -466,8 +473,9 @@ def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
     """A channel shuffle is a fixed permutation: input channel a*m + b (m = C/g) is output
     channel b*g + a. Its Reshapes keep g groups of equal size, so channel b of every group goes
     together: the g inputs a*m + b and the g outputs b*g + a are one channel. The tensors between
-    the three nodes have no channel axis and take no part. Any other Reshape or Transpose keeps
-    all its channels."""
+    the three nodes have no channel axis and take no part. A Transpose that keeps the batch and
+    channel axes in place (coordinate attention's ``permute(0, 1, 3, 2)``) passes channels
+    through. Any other Reshape or Transpose keeps all its channels."""
     sh = shuffle_from(node) if node.op == "Reshape" else None
     if sh is not None:
         x, y = sh.first.inputs[0], sh.last.outputs[0]
@@ -480,6 +488,9 @@ def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
                 if a:
                     rec.link(x, b, x, a * m + b, 1)
         return
+    perm = node.attrs.get("perm") if node.op == "Transpose" else None
+    if perm is not None and [int(p) for p in perm[:2]] == [0, 1]:
+        return _pass_through(node, rec, node.inputs[0], node.outputs[0])
     if _shuffle_around(node) is None:
         block_node(node, rec)
 

@@ -264,6 +264,54 @@ def conv_transpose_graph(kernel: int = 2, bias: bool = True, opset: int = 13) ->
     return g.model([X], [g.conv(g.node("Concat", [c, f], "cat2", axis=1), 12, 5, "h")])
 
 
+def coord_attention_graph(opset: int = 13) -> onnx.ModelProto:
+    """Coordinate attention on a(8): means over W (N, 8, 8, 1) and over H, the latter permuted
+    (0, 1, 3, 2) to (N, 8, 8, 1); Concat on H -> m(4) 1x1 -> ReLU -> Split on H -> the W half
+    permuted back; gh(8) and gw(8) 1x1 -> Sigmoid; a * gate_h * gate_w -> h."""
+    g = G(opset)
+    a = g.cbs("x", 3, 8, "a", k=3)
+    if opset >= 18:
+        xh = g.node("ReduceMean", [a, g.const("ax3", np.array([3], np.int64))], "pool_h")
+        xw = g.node("ReduceMean", [a, g.const("ax2", np.array([2], np.int64))], "pool_w")
+    else:
+        xh = g.node("ReduceMean", [a], "pool_h", axes=[3])
+        xw = g.node("ReduceMean", [a], "pool_w", axes=[2])
+    xw = g.node("Transpose", [xw], "perm_w", perm=[0, 1, 3, 2])
+    y = g.node("Relu", [g.conv(g.node("Concat", [xh, xw], "cat", axis=2), 8, 4, "m")], "m.act")
+    parts = g.node("Split", [y, g.const("halves", np.array([8, 8], np.int64))], "split", n_out=2, axis=2)
+    gate_h = g.node("Sigmoid", [g.conv(parts[0], 4, 8, "gh")], "gh.act")
+    tw = g.node("Transpose", [parts[1]], "perm_back", perm=[0, 1, 3, 2])
+    gate_w = g.node("Sigmoid", [g.conv(tw, 4, 8, "gw")], "gw.act")
+    out = g.node("Mul", [g.node("Mul", [a, gate_h], "scale_h"), gate_w], "scale_w")
+    return g.model([X], [g.conv(out, 8, 5, "h")])
+
+
+def cbam_graph(opset: int = 13) -> onnx.ModelProto:
+    """CBAM on a(8): channel attention, a shared 1x1 MLP 8 -> 4 -> 8 (one pair of weights, two
+    pairs of Convs) on the average and the max pool, summed -> Sigmoid -> a * gate = xc; spatial
+    attention, the mean and the max of xc over its channels -> Concat -> s 7x7 (2 -> 1) ->
+    Sigmoid -> xc * gate -> h."""
+    g = G(opset)
+    a = g.cbs("x", 3, 8, "a", k=3)
+    w1 = g.const("mlp1.w", (g.rng.normal(0, 1, (4, 8, 1, 1)) / np.sqrt(8)).astype(np.float32))
+    w2 = g.const("mlp2.w", (g.rng.normal(0, 1, (8, 4, 1, 1)) / 2).astype(np.float32))
+    gates = []
+    for pool in ("GlobalAveragePool", "GlobalMaxPool"):
+        p = g.node(pool, [a], pool)
+        hidden = g.node("Relu", [g.node("Conv", [p, w1], f"{pool}.fc1", kernel_shape=[1, 1])], f"{pool}.relu")
+        gates.append(g.node("Conv", [hidden, w2], f"{pool}.fc2", kernel_shape=[1, 1]))
+    xc = g.node("Mul", [a, g.node("Sigmoid", [g.node("Add", gates, "ca.sum")], "ca.gate")], "ca")
+    stats = []
+    for op in ("ReduceMean", "ReduceMax"):
+        if opset >= 18:
+            stats.append(g.node(op, [xc, g.const(f"{op}.axes", np.array([1], np.int64))], op))
+        else:
+            stats.append(g.node(op, [xc], op, axes=[1]))
+    s = g.conv(g.node("Concat", stats, "sa.cat", axis=1), 2, 1, "s", k=7, bias=False)
+    out = g.node("Mul", [xc, g.node("Sigmoid", [s], "sa.gate")], "sa")
+    return g.model([X], [g.conv(out, 8, 5, "h")])
+
+
 def blocked_graph() -> onnx.ModelProto:
     """a(4) -> Reshape -> output; b(4) grouped (group=2) -> output."""
     g = G()

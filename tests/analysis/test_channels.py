@@ -88,11 +88,15 @@ def test_se_mean_and_stacked_sum_keep_the_channel_axis(opset):
     assert _roles(g) == [("consumer", "h", 3), ("consumer", "se1", 3), ("producer", "a", 3),
                          ("producer", "b", 3), ("producer", "se2", 3)]
     assert len(a.prunable_groups()) == 12
-    # a mean over the channels (CBAM's spatial attention) does couple them: blocked
+    # a mean over the channels alone (CBAM's spatial attention) reads any count: not blocked
+    # (the rewrite rescales it); over the channels and a spatial axis: blocked
     over_c = analyze_channels(graphs.se_stack_graph(opset, mean_over=(1,)))
+    assert _group(over_c, "a_out", 3).prunable and ("se.mean_out", 0) not in _group(over_c, "a_out", 3).channels
+    assert len(over_c.prunable_groups()) == 12
+    over_ch = analyze_channels(graphs.se_stack_graph(opset, mean_over=(1, 2)))
     assert "consumed by ReduceMean 'se.mean' (moves or reduces the channel axis)" in \
-        _group(over_c, "a_out", 3).reasons
-    assert len(over_c.prunable_groups()) == 4
+        _group(over_ch, "a_out", 3).reasons
+    assert len(over_ch.prunable_groups()) == 4
 
 
 def test_channel_shuffle_maps_each_group_position_and_couples_the_groups():
@@ -110,6 +114,21 @@ def test_channel_shuffle_maps_each_group_position_and_couples_the_groups():
         ("producer", "a", 0), ("producer", "u0.b2", 0), ("producer", "u1.b2", 0), ("producer", "u1.b2", 1)]
     # the rank-5 tensors between the Reshapes are no channel positions of any Conv
     assert not any(t.startswith(("u0.view", "u0.swap")) for g in a.prunable_groups() for t, _ in g.channels)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_coordinate_attention_keeps_channels_through_its_spatial_permutes(opset):
+    """Transposes (0, 1, 3, 2), a Concat and a Split on H: channel c of a is channel c of both
+    pooled maps, is read by m, and is produced again by both gates, which scale a's channel c."""
+    a = analyze_channels(graphs.coord_attention_graph(opset))
+    g = _group(a, "a_out", 3)
+    assert g.prunable
+    assert {("perm_w_out", 3), ("cat_out", 3), ("scale_w_out", 3)} <= g.channels
+    assert _roles(g) == [("consumer", "h", 3), ("consumer", "m", 3), ("producer", "a", 3),
+                         ("producer", "gh", 3), ("producer", "gw", 3)]
+    mid = _group(a, "m_out", 1)
+    assert mid.prunable and {("split_out0", 1), ("perm_back_out", 1)} <= mid.channels
+    assert _roles(mid) == [("consumer", "gh", 1), ("consumer", "gw", 1), ("producer", "m", 1)]
 
 
 @pytest.mark.parametrize("opset", [10, 13])

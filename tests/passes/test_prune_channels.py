@@ -41,6 +41,13 @@ def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
     nodes = {n.name: n for n in m.graph.node}
+    for n in m.graph.node:  # a weight shared by two Convs (CBAM's MLP) is zeroed per Conv
+        for i, t in enumerate(n.input):
+            if i and t in inits and sum(t in o.input for o in m.graph.node) > 1:
+                own = numpy_helper.from_array(numpy_helper.to_array(inits[t]), f"{t}@{n.name}")
+                m.graph.initializer.append(own)
+                inits[own.name] = m.graph.initializer[-1]
+                n.input[i] = own.name
 
     def zero(name: str, index: int, axis: int = 0) -> None:
         arr = numpy_helper.to_array(inits[name]).copy()
@@ -94,6 +101,10 @@ HAND = {
     "linear_se_add": lambda: graphs.linear_se_graph("add"),
     "shuffle11": lambda: graphs.shuffle_graph(11),
     "shuffle13_minus_one": lambda: graphs.shuffle_graph(13, minus_one=True),
+    "coord_attention13": graphs.coord_attention_graph,
+    "coord_attention18": lambda: graphs.coord_attention_graph(18),
+    "cbam13": graphs.cbam_graph,
+    "cbam18": lambda: graphs.cbam_graph(18),
     "conv_transpose13_crd": graphs.conv_transpose_graph,
     "conv_transpose10_dcr_no_bias": lambda: graphs.conv_transpose_graph(bias=False, opset=10),
 }
@@ -161,6 +172,34 @@ def test_conv_transpose_tied_solve_matches_a_constrained_least_squares():
     sol = np.linalg.lstsq(big, y.T.ravel(), rcond=None)[0]
     assert np.allclose(theta[:-1], sol[:f * blocks * c].reshape(blocks * c, f).T, atol=1e-8)
     assert np.allclose(theta[-1], np.tile(sol[f * blocks * c:], blocks), atol=1e-8)
+
+
+def _reader_const(model: onnx.ModelProto, op: str, after: str) -> float:
+    """The constant operand of the ``op`` node that reads the output of node ``after``."""
+    outs = {n.name: n.output[0] for n in model.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.op_type == op and outs[after] in n.input)
+    return float(next(inits[t] for t in node.input if t in inits))
+
+
+def test_cbam_mean_and_max_over_channels_make_up_for_removed_channels():
+    """Half of a's channels go. CBAM's spatial attention reads the mean and the max over the
+    channels: the mean is rescaled by 4/8 and the max bounded below by 0, as if the removed
+    channels were zeros (exact), or, with calibration data, by the removed channels' means."""
+    from onnxslim_yolo.analysis.activations import capture
+    model = graphs.cbam_graph()
+    res = run(model, per_layer={"a": 0.5}, round_to=1, **EXACT)
+    assert res.report.details["layers"]["a"]["out_channels"] == [8, 4]
+    assert_exact(model, res.model, res.report.details)
+    assert _reader_const(res.model, "Mul", "ReduceMean") == 0.5
+    assert _reader_const(res.model, "Max", "ReduceMax") == 0.0
+    calib = verify.random_feeds(model, 3, 0)
+    res = run(model, calib, per_layer={"a": 0.5}, round_to=1, reconstruct=False)
+    gone = sorted(set(range(8)) - set(res.report.details["layers"]["a"]["kept_out"]))
+    xc = np.concatenate([v["ca_out"] for v in capture(model, calib, ["ca_out"])])
+    means = xc.mean(axis=(0, 2, 3))[gone]
+    assert _reader_const(res.model, "Max", "ReduceMax") == pytest.approx(means.max(), rel=1e-4)
+    assert _reader_const(res.model, "Add", "ReduceMean_Mul_removed") == pytest.approx(means.sum() / 8, rel=1e-4)
 
 
 def test_conv_transpose_with_overlapping_kernel_blocks_naming_why():
