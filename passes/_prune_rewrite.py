@@ -192,24 +192,24 @@ class _Rewriter:
         if k is None or shape is None or channel_rules.axes_of(node, len(shape)) != [1]:
             return
         count = self.counts[x.name]
-        gone = np.setdiff1d(np.arange(count), k)
         mean = self.means.get(x.name)
-        vals = (np.zeros(len(gone)) if mean is None else np.asarray(mean, np.float64)[gone])
-        dtype = np.float32
-        steps = {"ReduceMean": [("Mul", len(k) / count), ("Add", vals.sum() / count)],
-                 "ReduceSum": [("Add", vals.sum())], "ReduceMax": [("Max", vals.max())],
-                 "ReduceMin": [("Min", vals.min())]}[node.op]
-        steps = [(op, v) for op, v in steps if op in ("Max", "Min") or v != (1.0 if op == "Mul" else 0.0)]
+        gone = np.setdiff1d(np.arange(count), k)
+        vals = np.zeros(len(gone)) if mean is None else np.asarray(mean, np.float64)[gone]
+        shift = [("Add", vals.sum() / count)] if vals.any() else []
+        steps = {"ReduceMean": [("Mul", len(k) / count)] + shift,
+                 "ReduceSum": [("Add", vals.sum())] if vals.any() else [],
+                 "ReduceMax": [("Max", vals.max())], "ReduceMin": [("Min", vals.min())]}[node.op]
+        if not steps:
+            return
         src = gs.Variable(self.alloc(y.name + "_kept"), dtype=y.dtype)
         node.outputs[0] = src
         for i, (op, v) in enumerate(steps):
-            out = y if i == len(steps) - 1 else gs.Variable(self.alloc(y.name + "_" + op.lower()), dtype=y.dtype)
-            const = gs.Constant(self.alloc(f"{node.name}_{op.lower()}_removed"), np.array(v, dtype))
+            last = i == len(steps) - 1
+            out = y if last else gs.Variable(self.alloc(y.name + "_" + op.lower()), dtype=y.dtype)
+            const = gs.Constant(self.alloc(f"{node.name}_{op.lower()}_removed"), np.array(v, np.float32))
             self.graph.nodes.append(gs.Node(op, self.alloc(f"{node.name}_{op}_removed"), inputs=[src, const],
                                             outputs=[out]))
             src = out
-        if not steps:
-            node.outputs[0] = y
         self.touched.add(node.name)
 
     def reshape(self, node: gs.Node) -> None:

@@ -91,7 +91,8 @@ def test_se_mean_and_stacked_sum_keep_the_channel_axis(opset):
     # a mean over the channels alone (CBAM's spatial attention) reads any count: not blocked
     # (the rewrite rescales it); over the channels and a spatial axis: blocked
     over_c = analyze_channels(graphs.se_stack_graph(opset, mean_over=(1,)))
-    assert _group(over_c, "a_out", 3).prunable and ("se.mean_out", 0) not in _group(over_c, "a_out", 3).channels
+    g = _group(over_c, "a_out", 3)
+    assert g.prunable and ("se.mean_out", 0) not in g.channels
     assert len(over_c.prunable_groups()) == 12
     over_ch = analyze_channels(graphs.se_stack_graph(opset, mean_over=(1, 2)))
     assert "consumed by ReduceMean 'se.mean' (moves or reduces the channel axis)" in \

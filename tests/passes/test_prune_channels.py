@@ -161,7 +161,8 @@ def test_conv_transpose_tied_solve_matches_a_constrained_least_squares():
     rng = np.random.default_rng(0)
     n, f, c, blocks = 200, 5, 3, 4
     x = rng.normal(1.0, 1.0, (n, f))
-    y = x @ rng.normal(size=(f, blocks * c)) + rng.normal(size=blocks * c) + rng.normal(0, .1, (n, blocks * c))
+    y = x @ rng.normal(size=(f, blocks * c)) + rng.normal(size=blocks * c)
+    y += rng.normal(0, .1, (n, blocks * c))
     a = np.concatenate([x, np.ones((n, 1))], axis=1)
     theta = _solve_tied(a.T @ a, a.T @ y, 0.0, np.zeros((f + 1, blocks * c)), blocks)
     # unknowns: one weight column per output, one bias per channel
@@ -199,7 +200,8 @@ def test_cbam_mean_and_max_over_channels_make_up_for_removed_channels():
     xc = np.concatenate([v["ca_out"] for v in capture(model, calib, ["ca_out"])])
     means = xc.mean(axis=(0, 2, 3))[gone]
     assert _reader_const(res.model, "Max", "ReduceMax") == pytest.approx(means.max(), rel=1e-4)
-    assert _reader_const(res.model, "Add", "ReduceMean_Mul_removed") == pytest.approx(means.sum() / 8, rel=1e-4)
+    shift = _reader_const(res.model, "Add", "ReduceMean_Mul_removed")
+    assert shift == pytest.approx(means.sum() / 8, rel=1e-4)
 
 
 def test_conv_transpose_with_overlapping_kernel_blocks_naming_why():
