@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple,
                     Union)
@@ -435,6 +436,33 @@ def static_dims(t: gs.Tensor, shapes: Optional[Mapping[str, Sequence]] = None) -
     if s is None or not all(isinstance(d, (int, np.integer)) for d in s):
         return None
     return [int(d) for d in s]
+
+
+@dataclass(frozen=True)
+class ConvAttrs:
+    """Conv / ConvTranspose attributes with the ONNX defaults filled in (spatial rank ``n``)."""
+
+    kernel: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    dilations: Tuple[int, ...]
+    pads: Tuple[int, ...]          # begin..., end... (ONNX order); zeros when auto_pad is set
+    group: int
+    auto_pad: str
+
+
+def conv_attrs(node: gs.Node, weight_shape: Sequence[int]) -> ConvAttrs:
+    n = len(weight_shape) - 2
+    a = node.attrs
+    auto = a.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    return ConvAttrs(
+        kernel=tuple(int(v) for v in a.get("kernel_shape", weight_shape[2:])),
+        strides=tuple(int(v) for v in a.get("strides", [1] * n)),
+        dilations=tuple(int(v) for v in a.get("dilations", [1] * n)),
+        pads=tuple(int(v) for v in a.get("pads", [0] * (2 * n))),
+        group=int(a.get("group", 1)),
+        auto_pad=auto,
+    )
 
 
 def graph_output_names(graph: gs.Graph) -> Set[str]:

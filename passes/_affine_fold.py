@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_yolo import ir
 
-from ._conv_util import conv_attrs, new_const, param, rank, shared, users
+from ._conv_util import new_const, param, rank, shared, users
 
 OUT_KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -60,7 +60,7 @@ def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS) 
         if b is None:
             return why
     if node.op in ("Conv", "ConvTranspose"):
-        at = conv_attrs(node, w.shape)
+        at = ir.conv_attrs(node, w.shape)
         ch = w.shape[0] if node.op == "Conv" else w.shape[1] * at.group
         return Target(node, w, b, ch, at.group)
     if w.ndim != 2:

@@ -1,13 +1,12 @@
 """Helpers shared by the exact rewrites (focus-to-conv, fold-batchnorm, fold-affine).
 
-Conv attribute readers with the ONNX defaults, explicit padding from ``auto_pad``, and the
+Explicit padding from ``auto_pad`` (the attributes themselves: ``ir.conv_attrs``), and the
 checks every fold makes before touching a tensor: is it a constant, is it used elsewhere, is it
 a graph output. Read-only; nothing here mutates a graph.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -28,34 +27,7 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-@dataclass(frozen=True)
-class ConvAttrs:
-    """Conv / ConvTranspose attributes with the ONNX defaults filled in (spatial rank ``n``)."""
-
-    kernel: Tuple[int, ...]
-    strides: Tuple[int, ...]
-    dilations: Tuple[int, ...]
-    pads: Tuple[int, ...]          # begin..., end... (ONNX order); zeros when auto_pad is set
-    group: int
-    auto_pad: str
-
-
-def conv_attrs(node: gs.Node, weight_shape: Sequence[int]) -> ConvAttrs:
-    n = len(weight_shape) - 2
-    a = node.attrs
-    auto = a.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    return ConvAttrs(
-        kernel=tuple(int(v) for v in a.get("kernel_shape", weight_shape[2:])),
-        strides=tuple(int(v) for v in a.get("strides", [1] * n)),
-        dilations=tuple(int(v) for v in a.get("dilations", [1] * n)),
-        pads=tuple(int(v) for v in a.get("pads", [0] * (2 * n))),
-        group=int(a.get("group", 1)),
-        auto_pad=auto,
-    )
-
-
-def explicit_pads(at: ConvAttrs, spatial: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+def explicit_pads(at: ir.ConvAttrs, spatial: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
     """Pads (begin..., end...) with ``auto_pad`` resolved; None when SAME needs unknown dims."""
     if at.auto_pad in ("NOTSET", ""):
         return at.pads
@@ -78,10 +50,8 @@ def explicit_pads(at: ConvAttrs, spatial: Optional[Sequence[int]]) -> Optional[T
 
 def static_shape(t: gs.Tensor) -> Optional[Tuple[int, ...]]:
     """The tensor's shape when every dim is a known positive int, else None."""
-    shp = getattr(t, "shape", None)
-    if shp is None or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in shp):
-        return None
-    return tuple(int(d) for d in shp)
+    dims = ir.static_dims(t)
+    return None if dims is None or any(d <= 0 for d in dims) else tuple(dims)
 
 
 def rank(t: gs.Tensor) -> Optional[int]:

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, UsageError
 
-from ._conv_util import conv_attrs, explicit_pads, new_const, param, sole_consumer, with_shapes
+from ._conv_util import explicit_pads, new_const, param, sole_consumer, with_shapes
 from ._focus_match import FocusMatch, match, private_nodes_problem
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def plan_merge(m: FocusMatch, outputs) -> Union[MergePlan, str]:
     w, why = param(conv.inputs[1], f"Conv '{conv.name}' weight")
     if w is None:
         return why
-    at = conv_attrs(conv, w.shape)
+    at = ir.conv_attrs(conv, w.shape)
     if at.group != 1:
         return f"Conv '{conv.name}' has group={at.group} (phases of one pixel fall in different groups)"
     if w.ndim != 4 or w.shape[1] != len(m.channels):

@@ -27,7 +27,7 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 
 from ._affine_fold import (OUT_KINDS, Target, apply_in, apply_out, bn_affine, fold_in_conv, fold_out,
                            out_target)
-from ._conv_util import conv_attrs, explicit_pads, new_const, param, rank, shared, static_shape, with_shapes
+from ._conv_util import explicit_pads, new_const, param, rank, shared, static_shape, with_shapes
 from ._rounds import run_rounds
 
 STANDALONE = ("mul-add", "depthwise-conv", "keep")
@@ -101,7 +101,7 @@ def plan_in(bn: gs.Node, s: np.ndarray, t: np.ndarray, outputs: Set[str]) -> Uni
         b, why = param(conv.inputs[2], f"Conv '{conv.name}' bias")
         if b is None:
             return why
-    at = conv_attrs(conv, w.shape)
+    at = ir.conv_attrs(conv, w.shape)
     if w.shape[1] * at.group != s.shape[0]:
         return f"Conv '{conv.name}' reads {w.shape[1] * at.group} channels, BN has {s.shape[0]}"
     xs = static_shape(bn.inputs[0])

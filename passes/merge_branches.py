@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult
 
-from ._conv_util import (ConvAttrs, conv_attrs, explicit_pads, float_dtype, new_const, param, rank,
+from ._conv_util import (explicit_pads, float_dtype, new_const, param, rank,
                          sole_consumer, static_shape, with_shapes)
 from ._rounds import run_rounds
 from .fold_affine import per_channel
@@ -48,7 +48,7 @@ class ConvBranch:
     node: gs.Node
     weight: np.ndarray
     bias: Optional[np.ndarray]
-    attrs: ConvAttrs
+    attrs: ir.ConvAttrs
     pads: Tuple[int, ...]
 
     @property
@@ -96,7 +96,7 @@ def conv_branch(t: gs.Tensor, outputs: Set[str]) -> Union[ConvBranch, str, None]
         return f"Conv '{node.name}' weights are not float"
     if w.ndim < 3:
         return f"Conv '{node.name}' weight has rank {w.ndim}"
-    at = conv_attrs(node, w.shape)
+    at = ir.conv_attrs(node, w.shape)
     xs = static_shape(node.inputs[0])
     pads = explicit_pads(at, xs[2:] if xs else None)
     if pads is None:

@@ -559,16 +559,15 @@ def transpose_refusal(node: gs.Node) -> Optional[str]:
         return f"it is {w.ndim - 2}-D (only 2-D is mapped)"
     if len(node.inputs) > 2 and node.inputs[2].name and ir.const_value(node.inputs[2]) is None:
         return "its bias is not a constant"
-    a = node.attrs
-    if int(a.get("group", 1)) != 1:
-        return f"it has {int(a.get('group', 1))} groups"
-    k = [int(v) for v in a.get("kernel_shape", w.shape[2:])]
-    s = [int(v) for v in a.get("strides", [1, 1])]
-    if k != s or k != [int(v) for v in w.shape[2:]] or k[0] != k[1]:
+    at = ir.conv_attrs(node, w.shape)
+    if at.group != 1:
+        return f"it has {at.group} groups"
+    k, s = at.kernel, at.strides
+    if k != s or k != tuple(int(v) for v in w.shape[2:]) or k[0] != k[1]:
         return (f"its kernel {'x'.join(map(str, k))} is not its square stride {'x'.join(map(str, s))}: "
                 "output blocks overlap or leave gaps")
-    if any(int(v) != 1 for v in a.get("dilations", [])) or any(int(v) for v in a.get("pads", [])) or \
-            any(int(v) for v in a.get("output_padding", [])) or "output_shape" in a:
+    if any(d != 1 for d in at.dilations) or any(at.pads) or \
+            any(int(v) for v in node.attrs.get("output_padding", [])) or "output_shape" in node.attrs:
         return "it pads, dilates or sets its output shape"
     return None
 
