@@ -20,7 +20,7 @@ import onnx
 
 from ..pass_base import UsageError
 # decode imports this module inside its functions only: no cycle
-from .decode import NotDetections, _declared_shapes, level_stride, probabilities
+from .decode import NotDetections, _declared_shapes, known_map_dims, level_stride, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ def anchor_layout(shapes: Sequence[Sequence], predictions: int = DEFAULT_PER_CEL
     of one anchor-based head: all (B, na, h, w, 5+C), or all (B, na*(5+C), h, w) with
     ``predictions`` per cell; the same na and 5+C >= 6 on every map, and no two maps of
     one size. None for any other set of outputs."""
-    if len(shapes) < 2 or not all(len(s) == len(shapes[0]) and len(s) in (4, 5) and
-                                  all(isinstance(d, (int, np.integer)) and d > 0 for d in s[1:])
+    if len(shapes) < 2 or not all(len(s) == len(shapes[0]) and len(s) in (4, 5) and known_map_dims(s)
                                   for s in shapes):
         return None
     if len(shapes[0]) == 5:

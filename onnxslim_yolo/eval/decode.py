@@ -274,6 +274,11 @@ def _decode_obj(p: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return xywh2xyxy(p[:, :4]), p[:, 5:] * p[:, 4:5]
 
 
+def known_map_dims(shape: Sequence) -> bool:
+    """Every dim of a raw head map after the batch is a positive number."""
+    return all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:])
+
+
 def level_stride(input_hw: Optional[Sequence[int]], h: int, level: int) -> float:
     """A raw head map's stride: the input height over the map's, else 8, 16, 32, ... by level."""
     return float(input_hw[0]) / h if input_hw is not None else float(8 * 2 ** level)

@@ -15,16 +15,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..pass_base import UsageError
-from .decode import level_stride, probabilities  # decode imports this module inside functions
+from .decode import known_map_dims, level_stride, probabilities  # decode imports this module inside functions
 
 #: distance bins per side of the heads exported this way: 16 (Ultralytics' reg_max), 17 (reg_max 16
 #: plus one: YOLOv6 3.0's DFL heads, whose decode is the same; PP-YOLOE's too). Other counts are left
 #: alone: an anchor-based box map of 9 anchors x 4 (RetinaNet, EfficientDet) is not 9 bins.
 BINS = (16, 17)
-
-
-def _static(s: Sequence) -> bool:
-    return len(s) == 4 and all(isinstance(d, (int, np.integer)) and d > 0 for d in s[1:])
 
 
 def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tuple[int, int]]]]:
@@ -35,7 +31,7 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
     of the two in output order is the box map (Ultralytics' order). None for any other set of
     outputs. Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is
     read as boxes and keypoints."""
-    if len(shapes) < 4 or not all(_static(s) for s in shapes):
+    if len(shapes) < 4 or not all(len(s) == 4 and known_map_dims(s) for s in shapes):
         return None
     by_size: Dict[Tuple[int, int], List[int]] = {}
     for i, s in enumerate(shapes):
