@@ -429,6 +429,18 @@ def const_ints(node: gs.Node, index: int, attr: Optional[str] = None) -> Optiona
     return None if v is None else [int(a) for a in np.asarray(v).ravel()]
 
 
+def reshape_target(node: gs.Node) -> Optional[List[int]]:
+    """A Reshape's constant target shape; None when it is computed or, with ``allowzero`` set,
+    holds a 0 (a dim of size zero rather than a copy of the input's). ``allowzero`` changes
+    nothing else, and PyTorch's dynamo exporter sets it on every Reshape."""
+    if node.op != "Reshape" or len(node.inputs) < 2:
+        return None
+    target = const_ints(node, 1)
+    if target is None or (node.attrs.get("allowzero", 0) and 0 in target):
+        return None
+    return target
+
+
 def static_dims(t: gs.Tensor, shapes: Optional[Mapping[str, Sequence]] = None) -> Optional[List[int]]:
     """A tensor's shape when every dim is a number: its own, or from ``shapes`` by name (a graph
     whose tensors carry no shapes); None otherwise."""

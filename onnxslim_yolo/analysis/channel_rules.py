@@ -417,8 +417,9 @@ def rule_shape(node: gs.Node, rec: Recorder) -> None:
 @dataclass(frozen=True)
 class Shuffle:
     """A channel shuffle: Reshape (N, C, H, W) -> (N, g, C/g, H, W), Transpose [0, 2, 1, 3, 4],
-    Reshape back to (N, C, H, W), as ShuffleNet exports it. Input channel ``a * C/g + b`` becomes
-    output channel ``b * g + a``."""
+    Reshape back to (N, C, H, W), as ShuffleNet exports it; or with the spatial dims merged,
+    (N, g, C/g, H*W) and [0, 2, 1, 3]. Input channel ``a * C/g + b`` becomes output channel
+    ``b * g + a``."""
 
     first: gs.Node
     transpose: gs.Node
@@ -436,21 +437,23 @@ def shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = 
     """The channel shuffle whose first Reshape is ``node``, when the three nodes have constant
     target shapes (an entry of -1 where the count follows from the others), static shapes (the
     tensors' own, or from ``shapes`` by name), and no other reader between them."""
-    if node.op != "Reshape" or node.attrs.get("allowzero", 0):
+    if node.op != "Reshape":
         return None
     x, mid = node.inputs[0], node.outputs[0]
     tr = _only_reader(mid, "Transpose")
     last = _only_reader(tr.outputs[0], "Reshape") if tr is not None else None
-    if last is None or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3, 4] or last.attrs.get("allowzero", 0):
+    if last is None:
         return None
     xs, ms, ys = (ir.static_dims(t, shapes) for t in (x, mid, last.outputs[0]))
-    if xs is None or ms is None or ys != xs or len(xs) != 4 or len(ms) != 5:
+    if xs is None or ms is None or ys != xs or len(xs) != 4 or len(ms) < 4:
+        return None
+    if list(tr.attrs.get("perm", [])) != [0, 2, 1] + list(range(3, len(ms))):
         return None
     g, m = ms[1], ms[2]
-    if [ms[0], g * m, ms[3], ms[4]] != xs:
+    if ms[0] != xs[0] or g * m != xs[1] or int(np.prod(ms[3:])) != xs[2] * xs[3]:
         return None
-    first_shape, last_shape = ir.const_ints(node, 1), ir.const_ints(last, 1)
-    if first_shape is None or last_shape is None or len(first_shape) != 5 or len(last_shape) != 4:
+    first_shape, last_shape = ir.reshape_target(node), ir.reshape_target(last)
+    if first_shape is None or last_shape is None or len(first_shape) != len(ms) or len(last_shape) != 4:
         return None
     if first_shape[1] != g or first_shape[2] not in (m, -1) or last_shape[1] not in (g * m, -1):
         return None

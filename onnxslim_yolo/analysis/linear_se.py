@@ -61,7 +61,7 @@ def _flattens(node: gs.Node, x: Sequence[int], y: Sequence[int]) -> bool:
         return int(node.attrs.get("axis", 1)) == 1
     if node.op == "Squeeze":
         return True  # the shapes show it squeezes the two ones
-    target = _target(node)
+    target = ir.reshape_target(node)
     return target is not None and len(target) == 2 and target[1] in (x[1], -1)
 
 
@@ -70,14 +70,10 @@ def _unflattens(node: gs.Node, x: Sequence[int], y: Sequence[int]) -> bool:
         return False
     if node.op == "Unsqueeze":
         return True
-    target = _target(node)
+    target = ir.reshape_target(node)
     return target is not None and len(target) == 4 and target[1] in (x[1], -1)
 
 
-def _target(node: gs.Node) -> Optional[list]:
-    if node.op != "Reshape" or node.attrs.get("allowzero", 0) or len(node.inputs) < 2:
-        return None
-    return ir.const_ints(node, 1)
 
 
 def _const_vector(node: gs.Node, n: int) -> bool:
@@ -163,7 +159,7 @@ def rewrite(se: LinearSE, keep: np.ndarray, set_input) -> None:
         b = ir.const_value(se.bias2.inputs[i])
         set_input(se.bias2, i, np.take(b, keep, axis=-1), se.bias2.inputs[i].name + "_pruned")
     for node in (se.first, se.last):
-        target = _target(node)
+        target = ir.reshape_target(node)
         if target is not None and target[1] != -1:
             target[1] = len(keep)
             set_input(node, 1, np.array(target, np.int64), node.inputs[1].name + "_pruned")

@@ -163,7 +163,8 @@ def linear_se_graph(variant: str = "matmul", opset: int = 13) -> onnx.ModelProto
     4 -> 8 -> Sigmoid -> back to (1, 8, 1, 1) -> a * gate -> h. ``matmul``: Reshape [1, 8], two
     MatMuls, Reshape [1, 8, 1, 1], Expand to a's Shape (torch's bias-free Linear, ``expand_as``);
     ``gemm``: Flatten, Gemm with transB and bias, HardSigmoid, Unsqueeze axes 2, 3; ``add``:
-    Squeeze axes 2, 3, MatMul + bias Add, Reshape [1, -1, 1, 1] (the dynamo exporter's Linear)."""
+    Squeeze axes 2, 3, MatMul + bias Add, Reshape [1, -1, 1, 1] (the dynamo exporter's Linear;
+    from opset 14 with allowzero=1, as that exporter writes every Reshape)."""
     g = G(opset)
     a = g.cbs("x", 3, 8, "a", k=3)
     pooled = g.node("GlobalAveragePool", [a], "se.pool")
@@ -196,7 +197,8 @@ def linear_se_graph(variant: str = "matmul", opset: int = 13) -> onnx.ModelProto
         gate = g.node("Add", [g.node("MatMul", [h, g.const("se.w2", w2)], "se.fc2"),
                               g.const("se.b2", np.linspace(-1, 1, 8).astype(np.float32))], "se.fc2.bias")
         gate = g.node("Sigmoid", [gate], "se.sig")
-        gate = g.node("Reshape", [gate, g.const("se.s2", np.array([1, -1, 1, 1], np.int64))], "se.view")
+        gate = g.node("Reshape", [gate, g.const("se.s2", np.array([1, -1, 1, 1], np.int64))], "se.view",
+                      **({"allowzero": 1} if opset >= 14 else {}))
     s = g.node("Mul", [a, gate], "se.scale")
     return g.model([X], [g.conv(s, 8, 5, "h")])
 
@@ -217,12 +219,16 @@ def expand_graph(target: str = "const") -> onnx.ModelProto:
     return g.model([X], [g.conv(g.node("Mul", [a, e], "scale"), 8, 5, "h")] + outs)
 
 
-def shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
+def shuffle_graph(opset: int = 13, minus_one: bool = False, merged: bool = False,
+                  allowzero: bool = False) -> onnx.ModelProto:
     """Two ShuffleNetV2 stride-1 units on a(8): Split 4 + 4, the second half through 1x1 ->
     depthwise 3x3 -> 1x1, Concat with the first half, then a channel shuffle of 2 groups
     (Reshape (1, 2, 4, 8, 8) -> Transpose (0, 2, 1, 3, 4) -> Reshape (1, 8, 8, 8), or with -1
-    for the computed counts when ``minus_one``) -> h."""
+    for the computed counts when ``minus_one``) -> h. ``merged``: the shuffle's middle is
+    (1, 2, 4, 64) and its Transpose (0, 2, 1, 3); ``allowzero``: its Reshapes say allowzero=1
+    (opset 14 on), as PyTorch's dynamo exporter writes them."""
     g = G(opset)
+    zero = {"allowzero": 1} if allowzero else {}
     y = g.cbs("x", 3, 8, "a")
     for u in range(2):
         if opset >= 13:
@@ -234,11 +240,11 @@ def shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
         b = g.conv(b, 4, 4, f"u{u}.dw", k=3, group=4)
         b = g.cbs(b, 4, 4, f"u{u}.b2")
         cat = g.node("Concat", [parts[0], b], f"u{u}.cat", axis=1)
-        first = [1, 2, -1 if minus_one else 4, 8, 8]
-        r = g.node("Reshape", [cat, g.const(f"u{u}.s1", np.array(first, np.int64))], f"u{u}.view")
-        t = g.node("Transpose", [r], f"u{u}.swap", perm=[0, 2, 1, 3, 4])
+        first = [1, 2, -1 if minus_one else 4] + ([64] if merged else [8, 8])
+        r = g.node("Reshape", [cat, g.const(f"u{u}.s1", np.array(first, np.int64))], f"u{u}.view", **zero)
+        t = g.node("Transpose", [r], f"u{u}.swap", perm=[0, 2, 1, 3] if merged else [0, 2, 1, 3, 4])
         last = [1, -1 if minus_one else 8, 8, 8]
-        y = g.node("Reshape", [t, g.const(f"u{u}.s2", np.array(last, np.int64))], f"u{u}.shuffle")
+        y = g.node("Reshape", [t, g.const(f"u{u}.s2", np.array(last, np.int64))], f"u{u}.shuffle", **zero)
     return g.model([X], [g.conv(y, 8, 5, "h")])
 
 

@@ -100,10 +100,12 @@ def test_se_mean_and_stacked_sum_keep_the_channel_axis(opset):
     assert len(over_ch.prunable_groups()) == 4
 
 
-def test_channel_shuffle_maps_each_group_position_and_couples_the_groups():
+@pytest.mark.parametrize("opset,merged,allowzero", [(13, False, False), (13, True, False), (14, False, True)])
+def test_channel_shuffle_maps_each_group_position_and_couples_the_groups(opset, merged, allowzero):
     """Shuffle of 2 groups of 4: Concat channel a*4 + b is shuffled channel b*2 + a, and channel
-    b of both halves goes together (the Reshapes keep equal groups)."""
-    a = analyze_channels(graphs.shuffle_graph(13))
+    b of both halves goes together (the Reshapes keep equal groups). The same with H and W
+    merged in the middle (a rank-4 shuffle) and with allowzero=1 on the Reshapes."""
+    a = analyze_channels(graphs.shuffle_graph(opset, merged=merged, allowzero=allowzero))
     for b in range(4):
         g = _group(a, "u0.cat_out", b)
         assert {("u0.cat_out", 4 + b), ("u0.shuffle_out", 2 * b), ("u0.shuffle_out", 2 * b + 1)} <= g.channels
@@ -147,9 +149,9 @@ def test_depth_to_space_and_space_to_depth_tie_each_channel_to_its_block(opset):
         assert sorted(r.index for r in g.producers) == sorted(deep)
 
 
-@pytest.mark.parametrize("variant", ["matmul", "gemm", "add"])
-def test_a_linear_excitation_gate_couples_the_pooled_and_the_scaled_channels(variant):
-    a = analyze_channels(graphs.linear_se_graph(variant))
+@pytest.mark.parametrize("variant,opset", [("matmul", 13), ("gemm", 13), ("add", 13), ("add", 18)])
+def test_a_linear_excitation_gate_couples_the_pooled_and_the_scaled_channels(variant, opset):
+    a = analyze_channels(graphs.linear_se_graph(variant, opset))
     g = a.group_of("a.act_out", 3)
     assert g.prunable and {("se.pool_out", 3), ("se.view_out", 3), ("se.scale_out", 3)} <= g.channels
     assert [r.node for r in g.producers] == ["a"] and [r.node for r in g.consumers] == ["h"]

@@ -99,8 +99,10 @@ HAND = {
     "linear_se_matmul": graphs.linear_se_graph,
     "linear_se_gemm11": lambda: graphs.linear_se_graph("gemm", 11),
     "linear_se_add": lambda: graphs.linear_se_graph("add"),
+    "linear_se_add18_allowzero": lambda: graphs.linear_se_graph("add", 18),
     "shuffle11": lambda: graphs.shuffle_graph(11),
     "shuffle13_minus_one": lambda: graphs.shuffle_graph(13, minus_one=True),
+    "shuffle14_merged_allowzero": lambda: graphs.shuffle_graph(14, merged=True, allowzero=True),
     "coord_attention13": graphs.coord_attention_graph,
     "coord_attention18": lambda: graphs.coord_attention_graph(18),
     "cbam13": graphs.cbam_graph,
@@ -233,6 +235,26 @@ def test_pruning_through_a_channel_shuffle_is_exact(layer, minus_one):
     else:  # each unit's shuffle holds its first half (what was left of the one before) and its branch
         assert targets[1][1] == per_unit[0] < 8 and targets[0] == [1, 2, per_unit[0] // 2, 8, 8]
         assert targets[3] == [1, per_unit[1], 8, 8] and targets[2][2] == per_unit[1] // 2
+
+
+@pytest.mark.parametrize("merged,allowzero", [(True, False), (False, True), (True, True)])
+def test_pruning_through_a_merged_or_allowzero_shuffle_is_exact(merged, allowzero):
+    """The same cut through shuffles whose middle merges H and W (1, 2, 4, 64), or whose Reshapes
+    say allowzero=1: the first Reshape's group size and the last one's count shrink."""
+    model = graphs.shuffle_graph(14, merged=merged, allowzero=allowzero)
+    res = run(model, per_layer={"u0.b2": 0.5}, round_to=1, **EXACT)
+    details = res.report.details
+    assert details["layers"]["u0.b2"]["out_channels"] == [4, 2]
+    assert_exact(model, res.model, details)
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in res.model.graph.initializer}
+    targets = [consts[n.input[1]] for n in res.model.graph.node if n.op_type == "Reshape"]
+    left = {n: v["out_channels"][1] for n, v in details["layers"].items()}
+    n0 = left.get("a", 8) - 4 + 2
+    assert n0 < 8 and targets[0] == [1, 2, n0 // 2] + ([64] if merged else [8, 8])
+    assert targets[1] == [1, n0, 8, 8]
+    reshapes = [n for n in res.model.graph.node if n.op_type == "Reshape"]
+    assert all([a.i for a in n.attribute if a.name == "allowzero"] == ([1] if allowzero else [])
+               for n in reshapes)
 
 
 @pytest.mark.parametrize("variant", ["matmul", "gemm", "add"])
