@@ -275,8 +275,9 @@ def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
 
 #: fold constants, re-infer shapes, fold again: at most this many rounds (each one stops early
 #: once nothing changes). A shape computed from another shape resolves one level per round: in
-#: torchvision's FPN each upsampling to the size of the next level (RetinaNet: 6 rounds).
-FOLD_ROUNDS = 16
+#: torchvision's FPN each upsampling to the size of the next level (RetinaNet: 6 rounds); in a
+#: dynamic-batch ShuffleNet each channel shuffle after the last (ShuffleNetV2 YOLO: 36 rounds).
+FOLD_ROUNDS = 64
 
 
 def holds_subgraph(node: onnx.NodeProto) -> bool:

@@ -7,6 +7,11 @@ What changes in the graph:
 - Identity, Dropout (inference) and Cast to the type the tensor already has are bypassed, and so
   is a chain of Reshape / Squeeze / Unsqueeze / Flatten that ends in the static shape it started
   from (tf2onnx's SE blocks: GlobalAveragePool -> Squeeze -> Reshape back to N x C x 1 x 1);
+- a Reshape whose target is computed from Shape nodes gets a constant target, when every entry
+  is a constant or a copy of the input's own dim at that position, the same named (symbolic)
+  dim: ``x.view(x.size(0), 2, -1, h, w)`` of a dynamic-batch export becomes the target
+  ``[0, 2, -1, h, w]`` (0 copies the dim). Shape inference can follow a constant target and not
+  a computed one, so the shapes after it become known; ShuffleNet's channel shuffles need this;
 - identity arithmetic is bypassed: x + 0, x - 0, x * 1, x / 1 with a constant of zeros or ones
   that does not broadcast x to a larger shape (an untrained learnable affine, as in HGNetV2's
   blocks; onnxruntime drops these too, and a placement that kept them would misjudge what runs);
@@ -19,6 +24,7 @@ that is cheap to compute but costly to store). Graph outputs keep their names.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -37,6 +43,20 @@ DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
              "no-op Cast": "removed_cast", "reshape round trip": "removed_reshape_round_trip",
              "identity arithmetic": "removed_identity_arithmetic"}
+#: ops whose output's first axis is their first variable input's (the batch stays the batch)
+BATCH_KEEPING = frozenset({
+    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "GlobalMaxPool", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Tanh", "Clip", "Elu", "Selu", "Softplus", "Mish", "Gelu", "Erf", "Identity", "Cast", "Add", "Sub",
+    "Mul", "Div", "Pow", "Sqrt", "Exp", "PRelu"})
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A symbolic dim among the values of a computed shape: dim ``index`` of ``tensor``."""
+    tensor: gs.Tensor
+    index: int
+    param: str
 #: binary ops with their neutral constant, and which input positions that constant may take
 NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
 #: ops that only relabel the dims of row-major data: a chain of them back to its first shape is exact
@@ -72,8 +92,11 @@ class Canonicalize(Pass):
                                  should_exclude_node=lambda n: n.op in NEVER_FOLD)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
             removed += bypass_noops(graph, report)
+            targets = constant_reshape_targets(graph)
+            if targets:
+                report.count("reshape_targets_made_constant", targets)
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-            if len(graph.nodes) == n_round:
+            if len(graph.nodes) == n_round and not targets:
                 break
         n_after = len(graph.nodes)
         report.count("nodes_before", n_before)
@@ -94,6 +117,107 @@ def _inferred_graph(model: onnx.ModelProto, report: Optional[PassReport]) -> gs.
         if report is not None:
             report.skip("<graph>", f"shape inference failed: {str(exc).splitlines()[0]}")
     return ir.to_graph(model)
+
+
+def _shape_entries(t: gs.Tensor) -> Optional[list]:
+    """The values of a 1-D int tensor computed from shapes, each an int or a :class:`Dim`:
+    constants, Shape (start, end), Gather of constant indices, Unsqueeze of a scalar, Concat,
+    and Cast. None for anything else or an unnamed dynamic dim."""
+    value = ir.const_value(t)
+    if value is not None:
+        return [int(v) for v in np.asarray(value).ravel()] if value.dtype.kind in "iu" else None
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    if node is None:
+        return None
+    if node.op == "Shape":
+        src = node.inputs[0]
+        if src.shape is None:
+            return None
+        entries: list = []
+        for i, d in enumerate(src.shape):
+            if isinstance(d, int) and d >= 0:
+                entries.append(d)
+            elif isinstance(d, str) and d:
+                entries.append(Dim(src, i, d))
+            else:
+                return None
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", len(entries))
+        return entries[start:end]
+    if node.op in ("Cast", "Unsqueeze"):
+        return _shape_entries(node.inputs[0])  # a scalar and its one-element vector hold one value
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
+        parts = [_shape_entries(i) for i in node.inputs]
+        return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        data, idx = _shape_entries(node.inputs[0]), ir.const_value(node.inputs[1])
+        if data is None or idx is None or not all(-len(data) <= int(i) < len(data) for i in idx.ravel()):
+            return None
+        return [data[int(i)] for i in idx.ravel()]
+    return None
+
+
+def _batch_root(t: gs.Tensor) -> Optional[gs.Tensor]:
+    """The graph input whose first dim ``t``'s first dim is, followed up through ops that keep
+    the first axis (elementwise, Conv, pooling; Concat, Split, Slice not on axis 0; Resize by
+    a scale of 1 on it; Transpose and constant-target Reshapes that leave it in place)."""
+    for _ in range(100000):
+        if not t.inputs:
+            return t
+        node = t.inputs[0]
+        if node.op in ("Concat", "Split") and int(node.attrs.get("axis", 0)) == 0:
+            return None
+        if node.op == "Slice" and 0 in (ir.const_ints(node, 3, "axes") or [0]):
+            return None
+        if node.op == "Transpose" and list(node.attrs.get("perm", [0]))[:1] != [0]:
+            return None
+        if node.op == "Reshape" and (ir.reshape_target(node) or [None])[:1] != [0]:
+            return None
+        if node.op == "Resize":
+            scales = ir.const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+            if scales is None or scales.size == 0 or float(scales.ravel()[0]) != 1.0:
+                return None
+        elif node.op not in BATCH_KEEPING | {"Concat", "Split", "Slice", "Transpose", "Reshape"}:
+            return None
+        if node.op == "Reshape":  # the rank may change, the first axis stays
+            t = node.inputs[0]
+        else:
+            t = next((i for i in node.inputs if isinstance(i, gs.Variable) and i.shape and len(i.shape) ==
+                      len(t.shape or ())), None) if t.shape else None
+        if t is None:
+            return None
+    return None
+
+
+def _same_dim(entry: Dim, data: gs.Tensor, index: int) -> bool:
+    """``entry`` is dim ``index`` of ``data``: the same tensor and axis, the same dim_param, or
+    (the first axis) both lead to the first dim of the same graph input."""
+    dims = data.shape
+    if dims is None or index >= len(dims) or entry.index != index:
+        return False
+    if entry.tensor is data or dims[index] == entry.param:
+        return True
+    return index == 0 and _batch_root(entry.tensor) is not None \
+        and _batch_root(entry.tensor) is _batch_root(data)
+
+
+def constant_reshape_targets(graph: gs.Graph) -> int:
+    """Computed Reshape targets whose entries are constants or copies of the input's dims at the
+    same positions become constants (0 for each copy). Returns how many."""
+    n, alloc = 0, None
+    for node in graph.nodes:
+        if node.op != "Reshape" or node.attrs.get("allowzero", 0) or len(node.inputs) < 2 \
+                or ir.const_value(node.inputs[1]) is not None:
+            continue
+        entries = _shape_entries(node.inputs[1])
+        if entries is None or not any(isinstance(e, Dim) for e in entries):
+            continue  # a target of only numbers is graphsurgeon's to fold
+        if not all(_same_dim(e, node.inputs[0], i) for i, e in enumerate(entries) if isinstance(e, Dim)):
+            continue
+        target = np.array([0 if isinstance(e, Dim) else e for e in entries], np.int64)
+        alloc = alloc or ir.NameAllocator.for_graph(graph)
+        node.inputs[1] = gs.Constant(alloc(f"{node.name}_target"), target)
+        n += 1
+    return n
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:

@@ -16,7 +16,8 @@ a YOLOv8n with three Linear squeeze-and-excitation gates (the attention add-on o
 YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -seg, -depth and
 -sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, a ShuffleNetV2-based YOLO (x0.5 at opset 11, x1.0 at 17; C2f neck,
-YOLOv8 head), the torchvision detectors SSDlite320, Faster R-CNN
+YOLOv8 head; x0.5 also with a dynamic batch, with its shuffle over (N, g, C/g, H*W), and through
+the dynamo exporter when ``onnxscript`` is installed), the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
 EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 21 timm
 backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
@@ -174,6 +175,28 @@ if torchvision and YOLO:
         randomise_bn(m)
         torch.onnx.export(m.eval(), torch.rand(1, 3, 320, 320), f"{out}/shufflenet_yolo_x{width}.onnx",
                           opset_version=opset, input_names=["images"], output_names=["output0"], dynamo=False)
+    # x0.5 as users also export it: a dynamic batch (the shuffles' Reshape targets computed from
+    # Shape), the shuffle written over (N, g, C/g, H*W), and the dynamo exporter (allowzero=1)
+    import torchvision.models.shufflenetv2 as snv2
+    def shuffle_merged(x, groups):
+        b, c, h, w = x.size()
+        return x.view(b, groups, c // groups, h * w).transpose(1, 2).reshape(b, c, h, w)
+    variants = [("dynbatch", snv2.channel_shuffle, dict(dynamo=False, opset_version=13, dynamic_axes={
+        "images": {0: "batch"}, "output0": {0: "batch"}})),
+                ("shuffle4d", shuffle_merged, dict(dynamo=False, opset_version=13))]
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+        variants.append(("dynamo", snv2.channel_shuffle, dict(dynamo=True)))
+    except ImportError:
+        pass
+    for tag, shuffle, kw in variants:
+        torch.manual_seed(0)
+        m = ShuffleYOLO("0_5")
+        randomise_bn(m)
+        snv2.channel_shuffle, original = shuffle, snv2.channel_shuffle
+        torch.onnx.export(m.eval(), (torch.rand(1, 3, 320, 320),), f"{out}/shufflenet_yolo_x0_5_{tag}.onnx",
+                          input_names=["images"], output_names=["output0"], **kw)
+        snv2.channel_shuffle = original
 # a detector outside the YOLO family: SSDlite, its post-processing (per-class TopK, NMS) and an If
 # and two with an FPN whose upsampling sizes are computed (Faster R-CNN adds RoIAlign)
 det = torchvision.models.detection if torchvision else None

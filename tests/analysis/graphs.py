@@ -359,3 +359,42 @@ def fpn_chain_macs(levels: int = 6, c: int = 4, hw: int = 64) -> int:
     """Multiply-adds of :func:`fpn_chain`: the 3x3 stem, the stride-2 1x1 Convs, the 1x1 heads."""
     px = [(hw >> i) ** 2 for i in range(levels + 1)]
     return c * c * 9 * px[0] + c * c * sum(px[1:]) + c * c * sum(px[:levels])
+
+
+def dynamic_shuffle_graph(resize: bool = False, batch_from: str = "own") -> onnx.ModelProto:
+    """A dynamic-batch ShuffleNet as TorchScript exports it: x (batch, 3, 8, 8) -> a(8) -> two units
+    of a 1x1 CBS and a channel shuffle of 2 groups whose Reshape targets are computed from the
+    unit's Shape (Gather 0..3, channels Div 2, Unsqueeze, Concat) -> h. ``resize``: a MaxPool 2 and a
+    Resize by 2 after a, its scales a Concat of two constants (shape inference cannot follow
+    them and names the batch anew, a name that stays after the Concat is folded). ``batch_from``:
+    the second shuffle reads its batch entry from its own input (``own``), from the graph input
+    ``x`` (``x``: the same batch, under another name after the Resize) or from a second input
+    ``y`` (n, 1) (``y``: not to be copied)."""
+    g = G(13)
+    y = g.cbs("x", 3, 8, "a")
+    if resize:
+        y = g.node("MaxPool", [y], "pool", kernel_shape=[2, 2], strides=[2, 2])
+        scales = g.node("Concat", [g.const("up.keep", np.ones(2, np.float32)),
+                                   g.const("up.double", np.full(2, 2, np.float32))], "up.scales", axis=0)
+        y = g.node("Resize", [y, "", scales], "up", mode="nearest")
+    zero, one = g.const("i0", np.array(0, np.int64)), g.const("ax0", np.array([0], np.int64))
+
+    def dim(src: str, i: int, name: str) -> str:
+        shape = g.node("Shape", [src], f"{name}.shape")
+        return g.node("Gather", [shape, zero if i == 0 else g.const(f"{name}.i{i}", np.array(i, np.int64))],
+                      f"{name}.gather{i}", axis=0)
+
+    for u in range(2):
+        c = g.cbs(y, 8, 8, f"u{u}.c")
+        b = dim(batch_from if batch_from != "own" and u == 1 else c, 0, f"u{u}.b")
+        per = g.node("Div", [dim(c, 1, f"u{u}.c1"), g.const(f"u{u}.two", np.array(2, np.int64))], f"u{u}.div")
+        parts = [g.node("Unsqueeze", [v, one], f"u{u}.unsq{k}") for k, v in enumerate(
+            [b, per, dim(c, 2, f"u{u}.h"), dim(c, 3, f"u{u}.w")])]
+        first = g.node("Concat", [parts[0], g.const(f"u{u}.groups", np.array([2], np.int64))] + parts[1:],
+                       f"u{u}.target1", axis=0)
+        t = g.node("Transpose", [g.node("Reshape", [c, first], f"u{u}.view")], f"u{u}.swap", perm=[0, 2, 1, 3, 4])
+        last = g.node("Concat", [g.node("Unsqueeze", [dim(c, k, f"u{u}.d{k}"), one], f"u{u}.back{k}")
+                                 for k in range(4)], f"u{u}.target2", axis=0)
+        y = g.node("Reshape", [t, last], f"u{u}.shuffle")
+    inputs = [("x", ("batch", 3, 8, 8))] + ([("y", ("n", 1))] if batch_from == "y" else [])
+    return g.model(inputs, [g.conv(y, 8, 5, "h")])

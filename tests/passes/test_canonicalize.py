@@ -57,9 +57,14 @@ def test_noops_removed_and_shapes_folded_with_static_input():
     assert d["max_abs"] <= 1e-5 * d["ref_max"]
 
 
-def test_dynamic_batch_keeps_shape_chain_until_shape_given():
+def test_dynamic_batch_stays_dynamic_until_shape_given():
+    """The Shape-driven Reshape of a dynamic batch copies the batch (target [0, -1], not the 1 of
+    any one run); a given input shape fixes the batch, and the chain folds away."""
     dyn = run(noisy_model(batch="N"))
-    assert ops(dyn.model)["Shape"] == 1
+    assert ops(dyn.model)["Shape"] == 0 and _reshape_targets(dyn.model) == [[0, -1]]
+    assert ir.input_shapes(dyn.model)["x"] == ("N", 3, 8, 8)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert _ort(dyn.model, {"x": x}).shape == (2, 4 * 8 * 8)
     fixed = run(noisy_model(batch="N"), input_shapes={"x": (2, 3, 8, 8)})
     assert ops(fixed.model)["Shape"] == 0
     dims = [d.dim_value for d in fixed.model.graph.input[0].type.tensor_type.shape.dim]
@@ -260,3 +265,47 @@ def test_identity_arithmetic_is_bypassed_exactly():
     after = ort.InferenceSession(res.model.SerializeToString()).run(None, {"x": x})
     for b, a in zip(before, after):
         assert b.shape == a.shape and np.array_equal(b, a)
+
+
+def _reshape_targets(model):
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in model.graph.initializer}
+    return [consts.get(n.input[1]) for n in model.graph.node if n.op_type == "Reshape"]
+
+
+def _ort(model, feeds):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("resize,batch_from", [(False, "own"), (False, "x"), (True, "x")])
+def test_computed_reshape_targets_of_a_dynamic_batch_become_constants_copying_the_batch(resize, batch_from):
+    """Each shuffle's two computed targets become [0, 2, 4, 8, 8] and [0, 8, 8, 8] (0 copies the
+    batch), also when the batch is read from the graph input, under another name after a Resize;
+    no Shape is left, the model still takes any batch, and the channel analysis sees through
+    both shuffles."""
+    from onnxslim_yolo.analysis.channels import analyze_channels
+    from tests.analysis import graphs
+    model = graphs.dynamic_shuffle_graph(resize, batch_from)
+    res = run(model)
+    assert _reshape_targets(res.model) == [[0, 2, 4, 8, 8], [0, 8, 8, 8]] * 2
+    assert ops(res.model)["Shape"] == 0 and ops(model)["Shape"] == 16
+    assert res.records[0].report["counts"]["reshape_targets_made_constant"] == 4
+    assert ir.input_shapes(res.model)["x"] == ("batch", 3, 8, 8)
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(_ort(res.model, {"x": x}), _ort(model, {"x": x}))
+    groups = analyze_channels(res.model).prunable_groups()
+    assert {"u0.c", "u1.c"} <= {r.node for g in groups for r in g.producers}
+
+
+def test_a_batch_entry_read_from_another_input_keeps_its_target_computed():
+    """The second shuffle's batch entry is dim 0 of the second input y (n, 1): nothing proves it
+    equals x's batch, so that target stays computed, and so does the next one, whose input shape
+    stays unknown; the first shuffle's two become constants."""
+    from tests.analysis import graphs
+    model = graphs.dynamic_shuffle_graph(batch_from="y")
+    res = run(model)
+    assert _reshape_targets(res.model) == [[0, 2, 4, 8, 8], [0, 8, 8, 8], None, None]
+    assert res.records[0].report["counts"]["reshape_targets_made_constant"] == 2
+    assert ops(res.model)["Shape"] > 0
