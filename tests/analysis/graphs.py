@@ -392,7 +392,8 @@ def dynamic_shuffle_graph(resize: bool = False, batch_from: str = "own") -> onnx
             [b, per, dim(c, 2, f"u{u}.h"), dim(c, 3, f"u{u}.w")])]
         first = g.node("Concat", [parts[0], g.const(f"u{u}.groups", np.array([2], np.int64))] + parts[1:],
                        f"u{u}.target1", axis=0)
-        t = g.node("Transpose", [g.node("Reshape", [c, first], f"u{u}.view")], f"u{u}.swap", perm=[0, 2, 1, 3, 4])
+        view = g.node("Reshape", [c, first], f"u{u}.view")
+        t = g.node("Transpose", [view], f"u{u}.swap", perm=[0, 2, 1, 3, 4])
         last = g.node("Concat", [g.node("Unsqueeze", [dim(c, k, f"u{u}.d{k}"), one], f"u{u}.back{k}")
                                  for k in range(4)], f"u{u}.target2", axis=0)
         y = g.node("Reshape", [t, last], f"u{u}.shuffle")
