@@ -12,7 +12,8 @@ YOLO11n (opset 12), YOLOv10n, YOLO26n, YOLOv5nu, the YOLOv8n segment, pose, obb 
 heads, RT-DETR-L, YOLOv9t, YOLOv6n, YOLOv8n-ghost, -p2 and -p6, YOLOv3-tinyu and YOLO11n-seg at
 opset 11, all at 320x320, then onnxslim-simplified exports (YOLOv8n, YOLO11n with dynamic axes,
 YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv8n at 256x416,
-a YOLOv8n with three Linear squeeze-and-excitation gates (the attention add-on of "improved YOLO" code),
+YOLOv8n with three attention blocks as "improved YOLO" code adds them (squeeze-and-excitation with
+Linear layers, coordinate attention, CBAM),
 YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -seg, -depth and
 -sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, a ShuffleNetV2-based YOLO (x0.5 at opset 11, x1.0 at 17; C2f neck,
@@ -102,8 +103,10 @@ for cfg, opset, kw, name in jobs if YOLO else ():
     kw = {"imgsz": 320, "simplify": False, **kw}
     p = cls(cfg).export(format="onnx", opset=opset, **kw)
     shutil.move(p, f"{out}/{name}.onnx")
-# YOLOv8n with squeeze-and-excitation gates after the P3, P4 and SPPF outputs, written with Linear
-# layers as the attention add-ons of "improved YOLO" code write them (view, Linear, view, expand_as)
+# YOLOv8n with an attention block after the P3, P4 and SPPF outputs, as the add-ons of "improved
+# YOLO" code write them: squeeze-and-excitation with Linear layers (view, Linear, view, expand_as),
+# coordinate attention (pooling along H and W, permute(0, 1, 3, 2)) and CBAM (a channel MLP, then
+# a 7x7 Conv over the mean and max across the channels); each is built at its first call
 if YOLO:
     import ultralytics.nn.tasks as tasks
     from torch import nn
@@ -117,24 +120,54 @@ if YOLO:
                 self.fc = nn.Sequential(nn.Linear(c, c // self.reduction, bias=False), nn.ReLU(),
                                         nn.Linear(c // self.reduction, c, bias=False), nn.Sigmoid())
             return x * self.fc(self.pool(x).view(b, c)).view(b, c, 1, 1).expand_as(x)
-    tasks.SEAttention = SEAttention
-    layers = ["[-1, 1, Conv, [64, 3, 2]]", "[-1, 1, Conv, [128, 3, 2]]", "[-1, 3, C2f, [128, True]]",
-              "[-1, 1, Conv, [256, 3, 2]]", "[-1, 6, C2f, [256, True]]", "[-1, 1, SEAttention, []]",
-              "[-1, 1, Conv, [512, 3, 2]]", "[-1, 6, C2f, [512, True]]", "[-1, 1, SEAttention, []]",
-              "[-1, 1, Conv, [1024, 3, 2]]", "[-1, 3, C2f, [1024, True]]", "[-1, 1, SPPF, [1024, 5]]",
-              "[-1, 1, SEAttention, []]"]
+    class CoordAtt(nn.Module):
+        def __init__(self, reduction=32):
+            super().__init__()
+            self.reduction, self.mix = reduction, None
+        def forward(self, x):
+            n, c, h, w = x.size()
+            if self.mix is None:
+                mid = max(8, c // self.reduction)
+                self.mix = nn.Sequential(nn.Conv2d(c, mid, 1), nn.BatchNorm2d(mid), nn.Hardswish())
+                self.gate_h, self.gate_w = nn.Conv2d(mid, c, 1), nn.Conv2d(mid, c, 1)
+            along_h = nn.functional.adaptive_avg_pool2d(x, (h, 1))
+            along_w = nn.functional.adaptive_avg_pool2d(x, (1, w)).permute(0, 1, 3, 2)
+            y_h, y_w = torch.split(self.mix(torch.cat([along_h, along_w], dim=2)), [h, w], dim=2)
+            return x * self.gate_w(y_w.permute(0, 1, 3, 2)).sigmoid() * self.gate_h(y_h).sigmoid()
+    class CBAM(nn.Module):
+        def __init__(self, reduction=16):
+            super().__init__()
+            self.reduction, self.mlp = reduction, None
+        def forward(self, x):
+            if self.mlp is None:
+                c = x.shape[1]
+                r = max(c // self.reduction, 8)
+                self.mlp = nn.Sequential(nn.Conv2d(c, r, 1, bias=False), nn.ReLU(), nn.Conv2d(r, c, 1, bias=False))
+                self.spatial = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+            pooled = nn.functional.adaptive_avg_pool2d(x, 1), nn.functional.adaptive_max_pool2d(x, 1)
+            x = x * torch.sigmoid(self.mlp(pooled[0]) + self.mlp(pooled[1]))
+            return x * torch.sigmoid(self.spatial(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
     head = ["[-1, 1, nn.Upsample, [None, 2, nearest]]", "[[-1, 8], 1, Concat, [1]]", "[-1, 3, C2f, [512]]",
             "[-1, 1, nn.Upsample, [None, 2, nearest]]", "[[-1, 5], 1, Concat, [1]]", "[-1, 3, C2f, [256]]",
             "[-1, 1, Conv, [256, 3, 2]]", "[[-1, 15], 1, Concat, [1]]", "[-1, 3, C2f, [512]]",
             "[-1, 1, Conv, [512, 3, 2]]", "[[-1, 12], 1, Concat, [1]]", "[-1, 3, C2f, [1024]]",
             "[[18, 21, 24], 1, Detect, [nc]]"]
-    with open("yolov8n-se.yaml", "w") as f:
-        f.write("nc: 80\nscales:\n  n: [0.33, 0.25, 1024]\nbackbone:\n" +
-                "".join(f"  - {l}\n" for l in layers) + "head:\n" + "".join(f"  - {l}\n" for l in head))
-    m = YOLO("yolov8n-se.yaml")
-    randomise_bn(m.model)
-    shutil.move(m.export(format="onnx", opset=17, imgsz=320, simplify=False), f"{out}/yolov8n_se.onnx")
-    os.remove("yolov8n-se.yaml")
+    for block, name in ((SEAttention, "yolov8n_se"), (CoordAtt, "yolov8n_coordatt"), (CBAM, "yolov8n_cbam")):
+        setattr(tasks, block.__name__, block)
+        att = f"[-1, 1, {block.__name__}, []]"
+        layers = ["[-1, 1, Conv, [64, 3, 2]]", "[-1, 1, Conv, [128, 3, 2]]", "[-1, 3, C2f, [128, True]]",
+                  "[-1, 1, Conv, [256, 3, 2]]", "[-1, 6, C2f, [256, True]]", att,
+                  "[-1, 1, Conv, [512, 3, 2]]", "[-1, 6, C2f, [512, True]]", att,
+                  "[-1, 1, Conv, [1024, 3, 2]]", "[-1, 3, C2f, [1024, True]]", "[-1, 1, SPPF, [1024, 5]]", att]
+        cfg = f"{name.replace('_', '-')}.yaml"
+        with open(cfg, "w") as f:
+            f.write("nc: 80\nscales:\n  n: [0.33, 0.25, 1024]\nbackbone:\n" +
+                    "".join(f"  - {l}\n" for l in layers) + "head:\n" + "".join(f"  - {l}\n" for l in head))
+        torch.manual_seed(0)
+        m = YOLO(cfg)
+        randomise_bn(m.model)
+        shutil.move(m.export(format="onnx", opset=17, imgsz=320, simplify=False), f"{out}/{name}.onnx")
+        os.remove(cfg)
 try:
     import torchvision
 except ImportError:
