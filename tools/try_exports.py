@@ -142,11 +142,13 @@ if YOLO:
             if self.mlp is None:
                 c = x.shape[1]
                 r = max(c // self.reduction, 8)
-                self.mlp = nn.Sequential(nn.Conv2d(c, r, 1, bias=False), nn.ReLU(), nn.Conv2d(r, c, 1, bias=False))
+                self.mlp = nn.Sequential(nn.Conv2d(c, r, 1, bias=False), nn.ReLU(),
+                                         nn.Conv2d(r, c, 1, bias=False))
                 self.spatial = nn.Conv2d(2, 1, 7, padding=3, bias=False)
             pooled = nn.functional.adaptive_avg_pool2d(x, 1), nn.functional.adaptive_max_pool2d(x, 1)
             x = x * torch.sigmoid(self.mlp(pooled[0]) + self.mlp(pooled[1]))
-            return x * torch.sigmoid(self.spatial(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
+            across = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+            return x * torch.sigmoid(self.spatial(across))
     head = ["[-1, 1, nn.Upsample, [None, 2, nearest]]", "[[-1, 8], 1, Concat, [1]]", "[-1, 3, C2f, [512]]",
             "[-1, 1, nn.Upsample, [None, 2, nearest]]", "[[-1, 5], 1, Concat, [1]]", "[-1, 3, C2f, [256]]",
             "[-1, 1, Conv, [256, 3, 2]]", "[[-1, 15], 1, Concat, [1]]", "[-1, 3, C2f, [512]]",
@@ -158,7 +160,8 @@ if YOLO:
         layers = ["[-1, 1, Conv, [64, 3, 2]]", "[-1, 1, Conv, [128, 3, 2]]", "[-1, 3, C2f, [128, True]]",
                   "[-1, 1, Conv, [256, 3, 2]]", "[-1, 6, C2f, [256, True]]", att,
                   "[-1, 1, Conv, [512, 3, 2]]", "[-1, 6, C2f, [512, True]]", att,
-                  "[-1, 1, Conv, [1024, 3, 2]]", "[-1, 3, C2f, [1024, True]]", "[-1, 1, SPPF, [1024, 5]]", att]
+                  "[-1, 1, Conv, [1024, 3, 2]]", "[-1, 3, C2f, [1024, True]]", "[-1, 1, SPPF, [1024, 5]]",
+                  att]
         cfg = f"{name.replace('_', '-')}.yaml"
         with open(cfg, "w") as f:
             f.write("nc: 80\nscales:\n  n: [0.33, 0.25, 1024]\nbackbone:\n" +
