@@ -43,6 +43,10 @@ DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
              "no-op Cast": "removed_cast", "reshape round trip": "removed_reshape_round_trip",
              "identity arithmetic": "removed_identity_arithmetic"}
+#: binary ops with their neutral constant, and which input positions that constant may take
+NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
+#: ops that only relabel the dims of row-major data: a chain of them back to its first shape is exact
+RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 #: ops whose output's first axis is their first variable input's (the batch stays the batch)
 BATCH_KEEPING = frozenset({
     "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool",
@@ -57,10 +61,6 @@ class Dim:
     tensor: gs.Tensor
     index: int
     param: str
-#: binary ops with their neutral constant, and which input positions that constant may take
-NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
-#: ops that only relabel the dims of row-major data: a chain of them back to its first shape is exact
-RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 
 
 class Canonicalize(Pass):
@@ -160,7 +160,7 @@ def _batch_root(t: gs.Tensor) -> Optional[gs.Tensor]:
     """The graph input whose first dim ``t``'s first dim is, followed up through ops that keep
     the first axis (elementwise, Conv, pooling; Concat, Split, Slice not on axis 0; Resize by
     a scale of 1 on it; Transpose and constant-target Reshapes that leave it in place)."""
-    for _ in range(100000):
+    while True:  # a graph has no cycles: this ends at a graph input or an op that does not qualify
         if not t.inputs:
             return t
         node = t.inputs[0]
@@ -168,7 +168,7 @@ def _batch_root(t: gs.Tensor) -> Optional[gs.Tensor]:
             return None
         if node.op == "Slice" and 0 in (ir.const_ints(node, 3, "axes") or [0]):
             return None
-        if node.op == "Transpose" and list(node.attrs.get("perm", [0]))[:1] != [0]:
+        if node.op == "Transpose" and list(node.attrs.get("perm", [-1]))[:1] != [0]:  # default: reversed
             return None
         if node.op == "Reshape" and (ir.reshape_target(node) or [None])[:1] != [0]:
             return None
@@ -185,7 +185,6 @@ def _batch_root(t: gs.Tensor) -> Optional[gs.Tensor]:
                       len(t.shape or ())), None) if t.shape else None
         if t is None:
             return None
-    return None
 
 
 def _same_dim(entry: Dim, data: gs.Tensor, index: int) -> bool:
@@ -196,8 +195,10 @@ def _same_dim(entry: Dim, data: gs.Tensor, index: int) -> bool:
         return False
     if entry.tensor is data or dims[index] == entry.param:
         return True
-    return index == 0 and _batch_root(entry.tensor) is not None \
-        and _batch_root(entry.tensor) is _batch_root(data)
+    if index:
+        return False
+    root = _batch_root(entry.tensor)
+    return root is not None and root is _batch_root(data)
 
 
 def constant_reshape_targets(graph: gs.Graph) -> int:

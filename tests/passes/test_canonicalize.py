@@ -309,3 +309,26 @@ def test_a_batch_entry_read_from_another_input_keeps_its_target_computed():
     assert _reshape_targets(res.model) == [[0, 2, 4, 8, 8], [0, 8, 8, 8], None, None]
     assert res.records[0].report["counts"]["reshape_targets_made_constant"] == 2
     assert ops(res.model)["Shape"] > 0
+
+
+def test_the_batch_is_followed_only_through_ops_that_keep_the_first_axis():
+    """A Conv, a Transpose (0, 2, 3, 1) and a Concat on channels keep the batch of x; a Transpose
+    with its default (reversed) order, a Concat on axis 0 and a Flatten do not."""
+    import onnx_graphsurgeon as gs
+    from onnxslim_yolo.passes.canonicalize import _batch_root
+    x = gs.Variable("x", np.float32, ["b", 3, 4, 4])
+    graph = gs.Graph(inputs=[x])
+
+    def op(name, kind, inputs, shape, **attrs):
+        out = gs.Variable(name, np.float32, shape)
+        graph.nodes.append(gs.Node(kind, name, attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    w = gs.Constant("w", np.ones((3, 3, 1, 1), np.float32))
+    c = op("c", "Conv", [x, w], ["b", 3, 4, 4])
+    kept = [op("t", "Transpose", [c], ["b", 4, 4, 3], perm=[0, 2, 3, 1]),
+            op("cat1", "Concat", [c, c], ["b", 6, 4, 4], axis=1)]
+    lost = [op("rev", "Transpose", [c], [4, 4, 3, "b"]), op("cat0", "Concat", [c, c], ["b2", 3, 4, 4], axis=0),
+            op("flat", "Flatten", [c], ["b", 48], axis=1)]
+    assert [_batch_root(t) for t in kept] == [x, x]
+    assert [_batch_root(t) for t in lost] == [None, None, None]
