@@ -328,7 +328,8 @@ def test_the_batch_is_followed_only_through_ops_that_keep_the_first_axis():
     c = op("c", "Conv", [x, w], ["b", 3, 4, 4])
     kept = [op("t", "Transpose", [c], ["b", 4, 4, 3], perm=[0, 2, 3, 1]),
             op("cat1", "Concat", [c, c], ["b", 6, 4, 4], axis=1)]
-    lost = [op("rev", "Transpose", [c], [4, 4, 3, "b"]), op("cat0", "Concat", [c, c], ["b2", 3, 4, 4], axis=0),
+    lost = [op("rev", "Transpose", [c], [4, 4, 3, "b"]),
+            op("cat0", "Concat", [c, c], ["b2", 3, 4, 4], axis=0),
             op("flat", "Flatten", [c], ["b", 48], axis=1)]
     assert [_batch_root(t) for t in kept] == [x, x]
     assert [_batch_root(t) for t in lost] == [None, None, None]
