@@ -246,6 +246,8 @@ def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, An
         return {}
     pixels = ("pixel values 0-255" if preset.scale == 1.0 else "pixels / 255 (0-1)"
               if abs(preset.scale - 1 / 255) < 1e-9 else f"pixels x {preset.scale:.6g}")
+    if preset.mean is not None:
+        pixels += ", minus the ImageNet mean, over its std"
     return {"name": name, "layout": "NHWC" if data.channels_last(model) else "NCHW",
             "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
             "preprocessing": f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, letterbox "

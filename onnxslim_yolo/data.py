@@ -45,6 +45,10 @@ class Preset:
     scale: float
     center: bool
     pad_value: int = 114
+    #: per-channel mean and standard deviation subtracted and divided after the scale (ImageNet
+    #: normalisation), in the preset's channel order; None for none
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
 
 
 PRESETS: Dict[str, Preset] = {
@@ -52,6 +56,9 @@ PRESETS: Dict[str, Preset] = {
     "yolov8": Preset("yolov8", rgb=True, scale=1 / 255, center=True),
     "yolov6": Preset("yolov6", rgb=True, scale=1 / 255, center=True),
     "yolox": Preset("yolox", rgb=False, scale=1.0, center=False),
+    # GFL heads (PP-PicoDet, NanoDet-Plus) are trained on ImageNet-normalised images
+    "imagenet": Preset("imagenet", rgb=True, scale=1 / 255, center=True, mean=(0.485, 0.456, 0.406),
+                       std=(0.229, 0.224, 0.225)),
 }
 
 
@@ -133,6 +140,9 @@ def preprocess(img: np.ndarray, preset: Preset, size: Tuple[int, int],
     chw = np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
     if preset.scale != 1.0:
         chw *= np.float32(preset.scale)
+    if preset.mean is not None and preset.std is not None:
+        chw -= np.asarray(preset.mean, np.float32)[:, None, None]
+        chw /= np.asarray(preset.std, np.float32)[:, None, None]
     return chw, Meta(Path(path) if path else Path(), (int(img.shape[0]), int(img.shape[1])), r, pad)
 
 
@@ -141,11 +151,15 @@ def detect_preset(model: onnx.ModelProto) -> str:
     """The preset name for ``model``: from the exporter (metadata; any ultralytics task is
     preprocessed like its detector), then the output layout, else yolov5. A row per grid point
     is YOLOX's layout, unless the objectness column is a constant 1: YOLOX has an objectness
-    branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`)."""
-    from .eval.decode import detect_format, exporter_family  # decode does not import data: no cycle
+    branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`). A GFL head's
+    rows (PP-PicoDet, NanoDet-Plus: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation."""
+    from .eval.decode import detect_format, exporter_family, value_dims  # decode does not import data
+    from .eval.dfl import gfl_rows
     fmt = exporter_family(model)[0] or detect_format(model)
     if fmt == "yolox" and ones_objectness(model):
         return "yolov6"
+    if fmt == "v8" and gfl_rows([value_dims(o) for o in model.graph.output]):
+        return "imagenet"
     return {"v8": "yolov8", "yolox": "yolox"}.get(fmt, "yolov5")
 
 
@@ -211,7 +225,7 @@ def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
         raise UsageError(f"unknown preprocessing preset '{name}'; choose one of {', '.join(PRESETS)}")
     if PRESETS[name].scale != 1.0 and takes_pixels(model):
         log.info("the model normalises its image input itself: fed pixel values 0-255")
-        return replace(PRESETS[name], scale=1.0)
+        return replace(PRESETS[name], scale=1.0, mean=None, std=None)
     return PRESETS[name]
 
 

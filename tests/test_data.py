@@ -77,6 +77,20 @@ def test_preprocess_presets_channel_order_and_scale():
     assert meta.orig_hw == (8, 8) and meta.ratio == 1.0 and meta.pad == (0, 0)
 
 
+def test_the_imagenet_preset_normalises_each_channel_and_a_pixel_model_gets_pixels():
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[...] = (124, 116, 104)  # about the ImageNet mean in 0-255
+    x, _ = data.preprocess(img, data.PRESETS["imagenet"], (8, 8))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(x[:, 0, 0], (np.array([124, 116, 104]) / 255 - mean) / std, atol=1e-6)
+    assert np.abs(x).max() < 0.01
+    uint8_in = _normalising([("Cast", None)], TensorProto.UINT8, False)
+    fed = data.get_preset("imagenet", uint8_in)
+    assert (fed.scale, fed.mean, fed.std) == (1.0, None, None)
+    x, _ = data.preprocess(img, fed, (8, 8))
+    assert np.array_equal(x[:, 0, 0], [124, 116, 104])
+
+
 def test_presets_table():
     v5, v8, x = data.PRESETS["yolov5"], data.PRESETS["yolov8"], data.PRESETS["yolox"]
     assert (v5.rgb, v5.scale, v5.center, v5.pad_value) == (True, 1 / 255, True, 114)

@@ -229,3 +229,74 @@ def test_anchor_maps_of_a_level_count_without_anchors_are_not_read_as_detections
     assert find_head(two).evidence[-1] == "anchors: none known for 2 levels (--anchors names them)"
     named = with_anchors(two, json.dumps(ANCHORS[:2]))
     assert raw_maps_format(named, shapes) == "v5" and detect_format(named) == "v5"
+
+
+# ------------------------------------------------------ GFL head rows (PP-PicoDet, NanoDet-Plus)
+def _as_rows(maps):
+    """(B, K, h, w) maps as the (B, h*w, K) rows a GFL head exports."""
+    return [m.reshape(m.shape[0], m.shape[1], -1).transpose(0, 2, 1) for m in maps]
+
+
+def _rows_model(raw: onnx.ModelProto) -> onnx.ModelProto:
+    """``raw`` with each map output turned into rows by a Reshape (B, K, h*w) and a Transpose."""
+    m = onnx.ModelProto()
+    m.CopyFrom(raw)
+    shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
+    del m.graph.output[:]
+    for i, (name, (b, k, h, w)) in enumerate(shapes.items()):
+        target = helper.make_tensor(f"rows{i}.shape", onnx.TensorProto.INT64, [3], [b, k, h * w])
+        m.graph.initializer.append(target)
+        m.graph.node.extend([helper.make_node("Reshape", [name, target.name], [f"rows{i}.flat"]),
+                             helper.make_node("Transpose", [f"rows{i}.flat"], [f"rows{i}"], perm=[0, 2, 1])])
+        rows = helper.make_tensor_value_info(f"rows{i}", onnx.TensorProto.FLOAT, [b, h * w, k])
+        m.graph.output.append(rows)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_gfl_rows_decode_like_the_maps_they_hold(v8_heads):
+    """The YOLOv8 fixture's head maps as rows (B, h*w, 4x16) + (B, h*w, C) decode to the graph's
+    own decode; a model with such outputs is read as a GFL head fed ImageNet-normalised images."""
+    full, raw = v8_heads
+    x = np.random.default_rng(0).random((1, 3, *HW), dtype=np.float32)
+    want, rows = _outs(full, x)[0], _as_rows(_outs(raw, x))
+    assert dfl_layout([r.shape for r in rows]) == (16, 4, [(0, 1), (2, 3), (4, 5)])
+    np.testing.assert_allclose(detection_output(rows[::-1], HW), want, rtol=1e-5, atol=1e-4)
+    model = _rows_model(raw)
+    np.testing.assert_allclose(detection_output(_outs(model, x), HW), want, rtol=1e-5, atol=1e-4)
+    assert detect_format(model) == "v8" and data.detect_preset(model) == "imagenet"
+    info = find_head(model)
+    assert (info.family, info.num_classes) == ("gfl", 4) and info.layout.startswith("rows")
+
+
+def test_gfl_rows_of_eight_bins_decode_from_the_cell_centres():
+    """PicoDet's decode, written out: centre ((col, row) + 0.5) * stride, minus / plus the expected
+    distance over 8 bins (softmax) times the stride, per side l, t, r, b."""
+    rng = np.random.default_rng(1)
+    hw, nc = (64, 96), 3
+    sizes = [(8, 12, 8), (4, 6, 16), (2, 3, 32), (1, 2, 64)]
+    boxes = [rng.normal(0, 2, (1, h * w, 32)).astype(np.float32) for h, w, _ in sizes]
+    scores = [rng.random((1, h * w, nc), dtype=np.float32) for h, w, _ in sizes]
+    got = detection_output(scores + boxes, hw)[0]
+    want = []
+    for (h, w, s), box, sc in zip(sizes, boxes, scores):
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        cx, cy = (cols.ravel() + 0.5) * s, (rows.ravel() + 0.5) * s
+        p = np.exp(box[0].reshape(-1, 4, 8))
+        d = (p / p.sum(2, keepdims=True) * np.arange(8)).sum(2) * s
+        x1, y1, x2, y2 = cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]
+        want.append(np.concatenate([np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]), sc[0].T]))
+    np.testing.assert_allclose(got, np.concatenate(want, 1), rtol=1e-5, atol=1e-4)
+    with pytest.raises(NotDetections, match="a head level of 96 rows matches no grid of a 64x64 input"):
+        detection_output(scores + boxes, (64, 64))
+
+
+def test_gfl_row_layout_only_matches_one_head():
+    pico = [(1, 7600, 10), (1, 1900, 10), (1, 475, 10), (1, 130, 10),
+            (1, 7600, 32), (1, 1900, 32), (1, 475, 32), (1, 130, 32)]
+    assert dfl_layout(pico) == (8, 10, [(4, 0), (5, 1), (6, 2), (7, 3)])
+    assert dfl_layout([(1, 64, 32), (1, 64, 32), (1, 16, 32), (1, 16, 32)]) is None  # 32 classes = 4 x 8
+    assert dfl_layout([(1, 64, 32), (1, 64, 5), (1, 32, 32), (1, 32, 5)]) is None  # levels 2x apart
+    assert dfl_layout([(1, 64, 24), (1, 64, 5), (1, 16, 24), (1, 16, 5)]) is None  # 6 bins per side
+    assert dfl_layout([(1, 64, 32), (1, 64, 5), (1, 16, 32), (1, 16, 6)]) is None  # classes differ
+    assert dfl_layout([(1, 64, 4), (1, 64, 5)]) is None  # one level (and a boxes + scores pair)

@@ -24,7 +24,7 @@ from .. import ir
 from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
 from ..eval.decode import mask_coefficients
-from ..eval.dfl import dfl_layout
+from ..eval.dfl import dfl_layout, gfl_rows
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,11 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
     if nm:
         ev.append(f"{nm} mask coefficients per candidate (prototype output)")
     cells = _cells(_image_hw(model), strides or DEFAULT_STRIDES)
+    if gfl_rows([s for _, s in outputs]):
+        bins, nc, levels = dfl_layout([s for _, s in outputs])  # type: ignore[misc]
+        ev.append(f"{len(levels)} levels of head rows (1, h*w, 4x{bins}) + (1, h*w, {nc}), no DFL decode "
+                  "in the graph")
+        return "gfl", "rows (1, h*w, 4*R) + (1, h*w, C)", nc, 1, ev
     rank3 = [(n, s) for n, s in outputs if len(s) == 3 and all(isinstance(d, int) for d in s[1:])]
     if rank3:
         name, (_, a, b) = max(rank3, key=lambda ns: int(ns[1][1]) * int(ns[1][2]))  # type: ignore[index]

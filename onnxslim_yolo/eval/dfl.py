@@ -3,10 +3,13 @@
 NPU toolchains cut Ultralytics' Detect head at its last Convs and decode on the host: per level a
 box map (B, 4*R, h, w) of distance-bin logits (R = 16 bins per side, the DFL ``reg_max``) and a
 class map (B, C, h, w), sometimes a (B, 1, h, w) score sum beside them (Rockchip's export), which
-is ignored. :func:`decode_maps` turns them into the ``v8`` layout, (B, 4+C, N) decoded xywh and
-class scores, as the Detect head does: softmax over each side's bins, their expected value is the
-distance from the cell centre in strides; class logits go through the sigmoid (maps whose values
-all lie in [0, 1] are taken as scores already).
+is ignored. GFL heads (PP-PicoDet, NanoDet-Plus) export the same two per level as rows: (B, h*w,
+4*R) with R = 8 and (B, h*w, C). :func:`decode_maps` turns either into the ``v8`` layout, (B, 4+C,
+N) decoded xywh and class scores, as the Detect head does: softmax over each side's bins, their
+expected value is the distance from the cell centre in strides; class logits go through the
+sigmoid (maps whose values all lie in [0, 1] are taken as scores already). The cell centre is at
+half a stride, as Ultralytics and PicoDet place it (NanoDet-Plus places it at the cell's corner:
+its boxes come out half a stride off, which row-by-row comparisons of two models do not see).
 """
 from __future__ import annotations
 
@@ -15,12 +18,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..pass_base import UsageError
-from .decode import known_map_dims, level_stride, probabilities  # decode imports this module inside functions
+# decode imports this module inside its functions: no import cycle
+from .decode import NotDetections, known_map_dims, level_stride, probabilities
 
 #: distance bins per side of the heads exported this way: 16 (Ultralytics' reg_max), 17 (reg_max 16
 #: plus one: YOLOv6 3.0's DFL heads, whose decode is the same; PP-YOLOE's too). Other counts are left
 #: alone: an anchor-based box map of 9 anchors x 4 (RetinaNet, EfficientDet) is not 9 bins.
 BINS = (16, 17)
+#: bins per side of heads exported as rows (B, h*w, 4R): also 8 (reg_max 7 of PicoDet, NanoDet-Plus)
+ROW_BINS = (8,) + BINS
+#: the strides a row level's grid is searched over (the input size over them, rounded up)
+ROW_STRIDES = (4, 8, 16, 32, 64, 128)
 
 
 def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tuple[int, int]]]]:
@@ -31,6 +39,8 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
     of the two in output order is the box map (Ultralytics' order). None for any other set of
     outputs. Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is
     read as boxes and keypoints."""
+    if len(shapes) >= 4 and all(len(s) == 3 and known_map_dims(s) for s in shapes):
+        return _row_layout(shapes)
     if len(shapes) < 4 or not all(len(s) == 4 and known_map_dims(s) for s in shapes):
         return None
     by_size: Dict[Tuple[int, int], List[int]] = {}
@@ -58,6 +68,53 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
     return bins, nc, levels
 
 
+def _row_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tuple[int, int]]]]:
+    """:func:`dfl_layout` of rows: per row count, one (B, n, 4R) box output (R in
+    :data:`ROW_BINS`) and one (B, n, C) class output; counts falling about 4x from level to
+    level. None when C = 4R too (the two cannot be told apart) or for anything else."""
+    by_rows: Dict[int, List[int]] = {}
+    for i, s in enumerate(shapes):
+        by_rows.setdefault(int(s[1]), []).append(i)
+    counts = sorted(by_rows, reverse=True)
+    if len(counts) < 2 or any(not 3 * b <= a <= 5 * b for a, b in zip(counts, counts[1:])):
+        return None
+    levels, kinds = [], set()
+    for n in counts:
+        pair = by_rows[n]
+        boxes = [i for i in pair if int(shapes[i][2]) % 4 == 0 and int(shapes[i][2]) // 4 in ROW_BINS]
+        if len(pair) != 2 or len(boxes) != 1:
+            return None
+        box = boxes[0]
+        cls = pair[1] if box == pair[0] else pair[0]
+        levels.append((box, cls))
+        kinds.add((int(shapes[box][2]) // 4, int(shapes[cls][2])))
+    if len(kinds) != 1:
+        return None
+    bins, nc = kinds.pop()
+    return bins, nc, levels
+
+
+def gfl_rows(shapes: Sequence[Sequence]) -> bool:
+    """``shapes`` are a GFL head's rows (:func:`dfl_layout` of rank-3 outputs)."""
+    return bool(shapes) and all(len(s) == 3 for s in shapes) and dfl_layout(shapes) is not None
+
+
+def _row_grid(rows: int, level: int, input_hw: Optional[Sequence[int]]) -> Tuple[int, int, float]:
+    """(h, w, stride) of a row level: the stride whose grid over ``input_hw`` has ``rows`` cells,
+    else (without ``input_hw``) a square grid at stride 8, 16, ... by level."""
+    if input_hw is not None:
+        for s in ROW_STRIDES:
+            h, w = -(-int(input_hw[0]) // s), -(-int(input_hw[1]) // s)
+            if h * w == rows:
+                return h, w, float(s)
+        raise NotDetections(f"a head level of {rows} rows matches no grid of a {input_hw[0]}x{input_hw[1]} "
+                            f"input at strides {ROW_STRIDES}")
+    side = int(round(rows ** 0.5))
+    if side * side != rows:
+        raise NotDetections(f"a head level of {rows} rows is no square grid; the input size is needed")
+    return side, side, float(8 * 2 ** level)
+
+
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -76,16 +133,22 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     cols = []
     for i, (bi, _) in enumerate(levels):
         box = np.asarray(outputs[bi], np.float32)
-        b, _, h, w = box.shape
-        stride = level_stride(input_hw, h, i)
+        if box.ndim == 3:  # rows (B, h*w, 4R): as the maps' (B, 4, R, h*w)
+            b = box.shape[0]
+            h, w, stride = _row_grid(box.shape[1], i, input_hw)
+            box = box.reshape(b, h * w, 4, bins).transpose(0, 2, 3, 1)
+        else:
+            b, _, h, w = box.shape
+            stride = level_stride(input_hw, h, i)
         dist = (_softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
         yv, xv = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5,
                              indexing="ij")
         cx, cy = xv.reshape(1, -1), yv.reshape(1, -1)
         x1, y1, x2, y2 = cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]
         xywh = np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], 1) * stride
-        cols.append(np.concatenate([xywh, scores[i].reshape(b, -1, h * w)], 1))
+        cls = scores[i].transpose(0, 2, 1) if scores[i].ndim == 3 else scores[i].reshape(b, -1, h * w)
+        cols.append(np.concatenate([xywh, cls], 1))
     return np.concatenate(cols, 2).astype(np.float32, copy=False)
 
 
-__all__ = ["dfl_layout", "decode_maps"]
+__all__ = ["dfl_layout", "decode_maps", "gfl_rows"]
