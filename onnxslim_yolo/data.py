@@ -59,6 +59,9 @@ PRESETS: Dict[str, Preset] = {
     # GFL heads (PP-PicoDet, NanoDet-Plus) are trained on ImageNet-normalised images
     "imagenet": Preset("imagenet", rgb=True, scale=1 / 255, center=True, mean=(0.485, 0.456, 0.406),
                        std=(0.229, 0.224, 0.225)),
+    # NanoDet-Plus: the same normalisation on BGR images (its mean 103.53, 116.28, 123.675 in 0-255)
+    "nanodet": Preset("nanodet", rgb=False, scale=1 / 255, center=True, mean=(0.406, 0.456, 0.485),
+                      std=(0.225, 0.224, 0.229)),
 }
 
 
@@ -152,7 +155,8 @@ def detect_preset(model: onnx.ModelProto) -> str:
     preprocessed like its detector), then the output layout, else yolov5. A row per grid point
     is YOLOX's layout, unless the objectness column is a constant 1: YOLOX has an objectness
     branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`). A GFL head's
-    rows (PP-PicoDet, NanoDet-Plus: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation."""
+    rows (PP-PicoDet: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation, NanoDet-Plus's one
+    output (``gfl``) the same on BGR images."""
     from .eval.decode import detect_format, exporter_family, value_dims  # decode does not import data
     from .eval.dfl import gfl_rows
     fmt = exporter_family(model)[0] or detect_format(model)
@@ -160,6 +164,8 @@ def detect_preset(model: onnx.ModelProto) -> str:
         return "yolov6"
     if fmt == "v8" and gfl_rows([value_dims(o) for o in model.graph.output]):
         return "imagenet"
+    if fmt == "gfl":
+        return "nanodet"
     return {"v8": "yolov8", "yolox": "yolox"}.get(fmt, "yolov5")
 
 

@@ -401,3 +401,37 @@ def test_yolov5n_with_nms_inside_or_split_outputs_scores_the_same(yolov5n_path: 
         res = score(detections(tail, coco128 / "images", progress=False, limit=32), coco128 / "labels")
         assert res["map"] == pytest.approx(ref["map"], abs=1e-4)
         assert res["n_detections"] == ref["n_detections"]
+
+
+def test_decode_gfl_reads_nanodet_plus_rows():
+    """NanoDet-Plus's one output (1, N, C + 4x8) at 64x96: N = 96 + 24 + 6 + 2 grid points at strides
+    8-64; boxes are the cell's corner minus / plus the expected bin (softmax over 8) times the
+    stride. The format is told by that row count alone, and the preset is NanoDet's."""
+    rng = np.random.default_rng(3)
+    hw, nc = (64, 96), 3
+    levels = [(8, 12, 8), (4, 6, 16), (2, 3, 32), (1, 2, 64)]
+    p = np.concatenate([rng.random((sum(h * w for h, w, _ in levels), nc)),
+                        rng.normal(0, 2, (sum(h * w for h, w, _ in levels), 32))], 1).astype(np.float32)
+    boxes, scores = decode(p[None], "gfl", hw)
+    want, row = [], 0
+    for h, w, s in levels:
+        for y in range(h):
+            for x in range(w):
+                e = np.exp(p[row, nc:].reshape(4, 8).astype(np.float64))
+                d = (e / e.sum(1, keepdims=True) * np.arange(8)).sum(1) * s
+                want.append([x * s - d[0], y * s - d[1], x * s + d[2], y * s + d[3]])
+                row += 1
+    np.testing.assert_allclose(boxes, np.array(want), rtol=1e-5, atol=1e-3)
+    assert np.array_equal(scores, p[:, :nc])
+    model = _declared((1, 3, *hw), (1, p.shape[0], p.shape[1]))
+    assert detect_format(model) == "gfl" and data.detect_preset(model) == "nanodet"
+    assert detect_format(_declared((1, 3, *hw), (1, 126, p.shape[1]))) == "yolox"  # strides 8-32 only
+    with pytest.raises(NotDetections, match="does not fit a 64x64 input"):
+        decode(p[None], "gfl", (64, 64))
+
+
+def _declared(in_shape, out_shape) -> onnx.ModelProto:
+    g = helper.make_graph([helper.make_node("Identity", ["images"], ["output"])], "g",
+                          [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(in_shape))],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])

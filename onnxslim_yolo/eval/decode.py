@@ -14,6 +14,9 @@ Formats:
             models, so only NMS-level comparisons (mAP, agreement) apply, not row-by-row ones.
   ``dets7`` (K, 7) detections after NMS, ``batch x1 y1 x2 y2 class score`` (the YOLOv7
             end-to-end export for onnxruntime); read like ``dets``, one image at a time.
+  ``gfl``   (1, N, C+32) NanoDet-Plus's export: per grid point at strides 8/16/32/64, C class
+            scores (through the sigmoid) and 4 x 8 distance-bin logits (GFL, ``reg_max`` 7);
+            the distances count from the cell's corner (x, y) * stride, as NanoDet-Plus does.
 Raw head maps (per level, before the decode) are decoded by :func:`detection_output`: anchor-based
 ones into ``v5`` rows (:mod:`.anchors`), anchor-free DFL ones into the ``v8`` layout (:mod:`.dfl`).
 """
@@ -30,12 +33,15 @@ from ..pass_base import UsageError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("v5", "v8", "yolox", "xyxy", "dets", "dets7")
+FORMATS = ("v5", "v8", "yolox", "xyxy", "dets", "dets7", "gfl")
 #: formats whose rows are candidates in a fixed order (row i of two models is the same anchor)
-ROW_FORMATS = ("v5", "v8", "yolox", "xyxy")
+ROW_FORMATS = ("v5", "v8", "yolox", "xyxy", "gfl")
 ALIASES = {"yolov5": "v5", "yolov8": "v8", "yolo11": "v8", "yolov11": "v8", "v11": "v8",
            "ultralytics": "v8"}
 STRIDES = (8, 16, 32)
+#: NanoDet-Plus's strides and distance bins per side (``gfl``)
+GFL_STRIDES = (8, 16, 32, 64)
+GFL_BINS = 8
 
 
 class NotDetections(UsageError):
@@ -179,6 +185,8 @@ def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]]) -> Opt
         return "v8" if a > 4 else None
     if b < 6:
         return None
+    if input_hw is not None and b > 4 * GFL_BINS and a == grid_size(input_hw, GFL_STRIDES):
+        return "gfl"
     if input_hw is not None and a == grid_size(input_hw):
         return "yolox"
     if b == 6 and _few_rows(a, input_hw):
@@ -348,6 +356,8 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
         scores = np.zeros((len(d), int(d[:, 5].max()) + 1 if len(d) else 1), np.float32)
         scores[np.arange(len(d)), d[:, 5].astype(np.int64)] = d[:, 4]
         return d[:, :4], scores
+    if fmt == "gfl":
+        return _decode_gfl(p, input_hw)
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format '{fmt}'; choose one of {', '.join(FORMATS)}")
     _check_obj(p)
@@ -362,6 +372,22 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
     p[:, :2] = (p[:, :2] + grid) * stride
     p[:, 2:4] = np.exp(p[:, 2:4]) * stride
     return _decode_obj(p)
+
+
+def _decode_gfl(p: np.ndarray, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """``gfl`` rows: class scores, then 4 x 8 bin logits per side (l, t, r, b); softmax over the
+    bins, the expected bin times the stride is the distance from the cell's corner."""
+    grid, stride = yolox_grid(input_hw, GFL_STRIDES)
+    nc = p.shape[1] - 4 * GFL_BINS
+    if grid.shape[0] != p.shape[0] or nc < 1:
+        raise NotDetections(f"GFL output of {p.shape[0]} rows of {p.shape[1]} values does not fit a "
+                            f"{input_hw[0]}x{input_hw[1]} input at strides {GFL_STRIDES} with "
+                            f"{GFL_BINS} bins")
+    logits = p[:, nc:].reshape(-1, 4, GFL_BINS)
+    e = np.exp(logits - logits.max(2, keepdims=True))
+    dist = (e / e.sum(2, keepdims=True) * np.arange(GFL_BINS, dtype=np.float32)).sum(2) * stride
+    corner = grid * stride
+    return np.concatenate([corner - dist[:, :2], corner + dist[:, 2:]], 1).astype(np.float32), p[:, :nc]
 
 
 def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300) -> np.ndarray:
