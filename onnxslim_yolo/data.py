@@ -56,7 +56,7 @@ PRESETS: Dict[str, Preset] = {
     "yolov8": Preset("yolov8", rgb=True, scale=1 / 255, center=True),
     "yolov6": Preset("yolov6", rgb=True, scale=1 / 255, center=True),
     "yolox": Preset("yolox", rgb=False, scale=1.0, center=False),
-    # GFL heads (PP-PicoDet, NanoDet-Plus) are trained on ImageNet-normalised images
+    # PP-PicoDet is trained on ImageNet-normalised images
     "imagenet": Preset("imagenet", rgb=True, scale=1 / 255, center=True, mean=(0.485, 0.456, 0.406),
                        std=(0.229, 0.224, 0.225)),
     # NanoDet-Plus: the same normalisation on BGR images (its mean 103.53, 116.28, 123.675 in 0-255)

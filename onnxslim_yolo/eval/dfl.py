@@ -3,13 +3,13 @@
 NPU toolchains cut Ultralytics' Detect head at its last Convs and decode on the host: per level a
 box map (B, 4*R, h, w) of distance-bin logits (R = 16 bins per side, the DFL ``reg_max``) and a
 class map (B, C, h, w), sometimes a (B, 1, h, w) score sum beside them (Rockchip's export), which
-is ignored. GFL heads (PP-PicoDet, NanoDet-Plus) export the same two per level as rows: (B, h*w,
-4*R) with R = 8 and (B, h*w, C). :func:`decode_maps` turns either into the ``v8`` layout, (B, 4+C,
-N) decoded xywh and class scores, as the Detect head does: softmax over each side's bins, their
-expected value is the distance from the cell centre in strides; class logits go through the
-sigmoid (maps whose values all lie in [0, 1] are taken as scores already). The cell centre is at
-half a stride, as Ultralytics and PicoDet place it (NanoDet-Plus places it at the cell's corner:
-its boxes come out half a stride off, which row-by-row comparisons of two models do not see).
+is ignored. A GFL head exported level by level (PP-PicoDet through paddle2onnx) writes the same
+two as rows: (B, h*w, 4*R) with R = 8 and (B, h*w, C). :func:`decode_maps` turns either into the
+``v8`` layout, (B, 4+C, N) decoded xywh and class scores, as the Detect head does: softmax over
+each side's bins, their expected value is the distance from the cell centre (half a stride into
+the cell, as Ultralytics and PicoDet place it) in strides; class logits go through the sigmoid
+(maps whose values all lie in [0, 1] are taken as scores already). NanoDet-Plus's single output
+is another format (``gfl`` in :mod:`.decode`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .decode import NotDetections, known_map_dims, level_stride, probabilities
 #: plus one: YOLOv6 3.0's DFL heads, whose decode is the same; PP-YOLOE's too). Other counts are left
 #: alone: an anchor-based box map of 9 anchors x 4 (RetinaNet, EfficientDet) is not 9 bins.
 BINS = (16, 17)
-#: bins per side of heads exported as rows (B, h*w, 4R): also 8 (reg_max 7 of PicoDet, NanoDet-Plus)
+#: bins per side of heads exported as rows (B, h*w, 4R): also 8 (PicoDet's reg_max 7)
 ROW_BINS = (8,) + BINS
 #: the strides a row level's grid is searched over (the input size over them, rounded up)
 ROW_STRIDES = (4, 8, 16, 32, 64, 128)
