@@ -210,8 +210,16 @@ def _levels(last_out: Mapping[str, str], shapes: Mapping[str, Tuple[object, ...]
         return {}
     for node, t in last_out.items():
         s = shapes.get(t, ())
-        if len(s) == 4 and isinstance(s[2], int) and s[2] > 0 and hw[0] % s[2] == 0:
+        if len(s) != 4 or not isinstance(s[2], int) or s[2] <= 0:
+            continue
+        if hw[0] % s[2] == 0:
             levels.setdefault(hw[0] // s[2], []).append(node)
+            continue
+        # an input size the stride does not divide: the map has the cells rounded up (PicoDet's
+        # stride 64 over 800 rows: 13)
+        stride = next((2 ** k for k in range(1, 9) if -(-hw[0] // 2 ** k) == s[2]), None)
+        if stride is not None:
+            levels.setdefault(stride, []).append(node)
     return {k: tuple(v) for k, v in sorted(levels.items())}
 
 

@@ -167,3 +167,14 @@ def test_segmentation_export_mask_coefficients_are_not_classes() -> None:
     outs = sess.run(None, feeds)
     assert outs[0].shape == (1, n, 12)
     np.testing.assert_array_equal(detection_output(outs), outs[0][:, :, :9])
+
+
+def test_head_levels_take_the_stride_whose_grid_rounds_up_to_the_map():
+    """800 rows over maps of 100, 50, 25 and 13 rows: strides 8, 16, 32 divide, 64 rounds up."""
+    from onnxslim_yolo.analysis.head import _levels
+    last = {f"c{i}": f"t{i}" for i in range(5)}
+    shapes = {"t0": (1, 8, 100, 76), "t1": (1, 8, 50, 38), "t2": (1, 8, 25, 19), "t3": (1, 8, 13, 10),
+              "t4": (1, 8, 7, 5)}
+    assert _levels(last, shapes, (800, 608)) == {8: ("c0",), 16: ("c1",), 32: ("c2",), 64: ("c3",),
+                                                 128: ("c4",)}
+    assert _levels({"c": "t"}, {"t": (1, 8, 30, 30)}, (800, 608)) == {}  # no power of two gives 30
