@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import networkx as nx
+import numpy as np
 import onnx
 
 from . import ir, verify
@@ -99,6 +100,7 @@ class PassManager:
         self.ctx = ctx or PassContext()
         self.passes = order_passes(passes)
         self.on_pass = on_pass
+        self._runs_batch2: Optional[bool] = None  # whether the model runs at batch 2 (found once)
 
     def run(self, model: onnx.ModelProto) -> PipelineResult:
         records: List[PassRecord] = []
@@ -148,11 +150,39 @@ class PassManager:
         else:
             feeds = verify.random_feeds(before, self.ctx.verify_samples, self.ctx.seed,
                                         dict(self.ctx.input_shapes)) + real
+        feeds += self._batch2_feeds(before, after, real if p.numerics == Numerics.LOSSY else [])
         diffs = verify.compare_models(before, after, feeds)
         ok, reason = verify.check_contract(diffs, p.numerics.value, p.tolerances(self.ctx))
         if not ok:
             raise VerificationError(f"broke its {p.numerics.value} numerics contract: {reason}")
         return [d.as_dict() for d in diffs]
+
+
+    def _batch2_feeds(self, model: onnx.ModelProto, after: onnx.ModelProto,
+                      real: List[verify.Feeds]) -> List[verify.Feeds]:
+        """One feed at batch 2 when an input's batch is symbolic before and after the pass: a
+        pass must hold at any batch, and the other feeds are batch 1. Two real images stacked
+        when given, else seeded noise. None when a batch is fixed (by the model or by given input
+        shapes), or when the model itself does not run at batch 2 (it declares a dynamic batch it
+        does not have; found once, with a warning)."""
+        if self.ctx.input_shapes or self._runs_batch2 is False:
+            return []
+        shapes = verify.batch_shapes(model, 2)
+        if not shapes or set(verify.batch_shapes(after, 2)) != set(shapes):
+            return []
+        feed = verify.random_feeds(model, 1, self.ctx.seed + 1, shapes)[0]
+        if real:
+            feed = {k: np.concatenate([real[0][k], real[-1][k]]) if k in shapes else real[0][k] for k in feed}
+        if self._runs_batch2 is None:
+            try:
+                verify.run(verify.session(model, optimize=False), feed)
+                self._runs_batch2 = True
+            except VerificationError as exc:
+                log.warning("the model declares a dynamic batch but does not run at batch 2 (%s): passes "
+                            "are verified at batch 1 only", exc)
+                self._runs_batch2 = False
+                return []
+        return [feed]
 
 
 def build_passes(names: Sequence[str], ctx: Optional[PassContext] = None) -> List[Pass]:

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from . import ir
-from .pass_base import SlimError, Tolerances, VerificationError, first_line
+from .pass_base import PreconditionError, SlimError, Tolerances, VerificationError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,22 @@ def random_feeds(model: onnx.ModelProto, n: int, seed: int,
                 feeds[name] = rng.integers(0, 4, size=shp).astype(dt)
         out.append(feeds)
     return out
+
+
+def batch_shapes(model: onnx.ModelProto, batch: int,
+                 shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Dict[str, Tuple[int, ...]]:
+    """The concrete shapes (:func:`ir.static_input_shapes`, ``shapes`` as overrides) of the inputs
+    whose first dim is symbolic, with that dim set to ``batch``; {} when no batch is symbolic or
+    another dim is symbolic and not given."""
+    declared = ir.input_shapes(model)
+    symbolic = [n for n, d in declared.items() if d and not (isinstance(d[0], int) and d[0] > 0)]
+    if not symbolic:
+        return {}
+    try:
+        static = ir.static_input_shapes(model, dict(shapes or {}))
+    except PreconditionError:
+        return {}
+    return {n: (batch, *static[n][1:]) for n in symbolic}
 
 
 #: ops that pick elements by their values (NMS, TopK, NonZero of a score mask): a tiny change of
@@ -299,6 +315,7 @@ def check_runs(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> None:
         run(s, f)
 
 
-__all__ = ["session", "run", "random_feeds", "diff", "compare_models", "check_contract", "OutputDiff",
+__all__ = ["session", "run", "random_feeds", "batch_shapes", "diff", "compare_models", "check_contract",
+           "OutputDiff",
            "selection_frontier", "SELECTION_OPS", "with_outputs",
            "within", "check_runs", "SlimError"]

@@ -166,3 +166,50 @@ def test_plugins_from_entry_points(monkeypatch):
     assert registry.get("scale-weights") is ScaleWeights
     with pytest.raises(UsageError, match="unknown pass 'nope'; known passes: .*canonicalize"):
         registry.get("nope")
+
+
+def _reshape_model(target) -> onnx.ModelProto:
+    """x (N, 3, 4, 4) -> Conv -> Reshape ``target`` -> y: [0, -1] copies the batch; [1, 32] runs
+    only at batch 1 although the input declares N."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(2, 3, 1, 1)).astype(np.float32), "w")
+    t = numpy_helper.from_array(np.array(target, np.int64), "t")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["c"]),
+         onnx.helper.make_node("Reshape", ["c", "t"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, None])], [w, t])
+    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+class PinReshape(Pass):
+    """Writes ``target`` as the Reshape's target: exact at batch 1 for [0, -1], [1, -1], [1, 32]."""
+
+    name = "pin-reshape"
+    numerics = Numerics.EXACT
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def run(self, model, ctx):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        t = next(i for i in m.graph.initializer if i.name == "t")
+        t.CopyFrom(numpy_helper.from_array(np.array(self.target, np.int64), "t"))
+        return PassResult(m, True, PassReport())
+
+
+def test_a_pass_that_holds_only_at_batch_one_fails_on_a_dynamic_batch_model():
+    """[0, -1] -> [1, -1] changes nothing at batch 1; the manager also runs a batch of 2."""
+    with pytest.raises(VerificationError, match=r"output 'y' changed shape \[2, 32\] -> \[1, 64\]"):
+        PassManager([PinReshape([1, -1])]).run(_reshape_model([0, -1]))
+    assert PassManager([PinReshape([0, -1])]).run(_reshape_model([0, -1])).records[0].verification
+    # given input shapes fix the batch: nothing to check at batch 2
+    fixed = PassContext(input_shapes={"x": (1, 3, 4, 4)})
+    PassManager([PinReshape([1, -1])], fixed).run(_reshape_model([0, -1]))
+
+
+def test_a_model_that_declares_a_batch_it_cannot_run_is_verified_at_batch_one(caplog):
+    with caplog.at_level("WARNING"):
+        res = PassManager([PinReshape([1, -1])]).run(_reshape_model([1, 32]))
+    assert res.records[0].modified
+    assert "declares a dynamic batch but does not run at batch 2" in caplog.text
