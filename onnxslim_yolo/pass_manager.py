@@ -157,14 +157,13 @@ class PassManager:
             raise VerificationError(f"broke its {p.numerics.value} numerics contract: {reason}")
         return [d.as_dict() for d in diffs]
 
-
     def _batch2_feeds(self, model: onnx.ModelProto, after: onnx.ModelProto,
                       real: List[verify.Feeds]) -> List[verify.Feeds]:
         """One feed at batch 2 when an input's batch is symbolic before and after the pass: a
         pass must hold at any batch, and the other feeds are batch 1. Two real images stacked
-        when given, else seeded noise. None when a batch is fixed (by the model or by given input
-        shapes), or when the model itself does not run at batch 2 (it declares a dynamic batch it
-        does not have; found once, with a warning)."""
+        when given, else seeded noise. Nothing when a batch is fixed (by the model or by given
+        input shapes), or when the model itself does not run at batch 2 (it declares a dynamic
+        batch it does not have; found once, with a warning)."""
         if self.ctx.input_shapes or self._runs_batch2 is False:
             return []
         shapes = verify.batch_shapes(model, 2)
