@@ -435,3 +435,37 @@ def _declared(in_shape, out_shape) -> onnx.ModelProto:
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(in_shape))],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _four_level_rows(decode_mul: bool) -> onnx.ModelProto:
+    """x (1, 3, 64, 96) -> four Convs at strides 8, 16, 32, 64 (85 channels, the last padded to 2
+    columns) -> flattened, joined and transposed to (1, 128, 85): one row per grid point at strides
+    8-64, as NanoDet-Plus's rows, or, with ``decode_mul``, a decoded P6 head (YOLOv6n6) whose
+    rows are multiplied by a stride-like constant."""
+    rng = np.random.default_rng(0)
+    nodes, inits, flat = [], [], []
+    for i, s in enumerate((8, 16, 32, 64)):
+        inits.append(numpy_helper.from_array(rng.normal(size=(85, 3, s, s)).astype(np.float32), f"w{i}"))
+        pads = [0, 0, 0, 32] if s == 64 else [0, 0, 0, 0]
+        nodes.append(helper.make_node("Conv", ["images", f"w{i}"], [f"c{i}"], strides=[s, s], pads=pads))
+        inits.append(numpy_helper.from_array(np.array([1, 85, -1], np.int64), f"s{i}"))
+        nodes.append(helper.make_node("Reshape", [f"c{i}", f"s{i}"], [f"f{i}"]))
+        flat.append(f"f{i}")
+    nodes += [helper.make_node("Concat", flat, ["cat"], axis=2),
+              helper.make_node("Transpose", ["cat"], ["rows" if decode_mul else "output"], perm=[0, 2, 1])]
+    if decode_mul:
+        inits.append(numpy_helper.from_array(np.full((1, 1, 85), 8.0, np.float32), "k"))
+        nodes.append(helper.make_node("Mul", ["rows", "k"], ["output"]))
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 96])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 128, 85])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_rows_of_a_decoded_head_over_strides_8_to_64_are_not_gfl():
+    """Both models have one row per grid point at strides 8-64: only the one with no decode
+    arithmetic after its Convs is NanoDet-Plus's layout."""
+    from onnxslim_yolo.analysis.head import find_head
+    plain, decoded = _four_level_rows(False), _four_level_rows(True)
+    assert detect_format(plain) == "gfl" and find_head(plain).family == "gfl"
+    assert detect_format(decoded) == "v5" and find_head(decoded).family != "gfl"

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from .. import ir
 from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
-from ..eval.decode import GFL_BINS, GFL_STRIDES, grid_size, mask_coefficients
+from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, grid_size, mask_coefficients
 from ..eval.dfl import dfl_layout, gfl_rows
 from ..pass_base import PreconditionError
 
@@ -249,7 +249,7 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         name, (_, a, b) = max(rank3, key=lambda ns: int(ns[1][1]) * int(ns[1][2]))  # type: ignore[index]
         a, b = int(a), int(b)  # type: ignore[arg-type]
         hw = _image_hw(model)
-        if hw and b > 4 * GFL_BINS and a == grid_size(hw, GFL_STRIDES):
+        if hw and b > 4 * GFL_BINS and a == grid_size(hw, GFL_STRIDES) and not decoded_in_graph(model):
             ev.append(f"output {name} (1, {a}, {b}): {a} = grid cells at strides {GFL_STRIDES}, "
                       f"C + 4x{GFL_BINS} bin logits last")
             return "gfl", "(1, N, C+4*8) class scores + distance-bin logits", b - 4 * GFL_BINS - nm, 1, ev

@@ -174,9 +174,10 @@ def grid_size(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
     return sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in strides)
 
 
-def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]]) -> Optional[str]:
-    """Guess from the output layout: channels-first -> v8; N == grid points -> yolox; 6 values
-    per row and fewer rows than anchors -> dets (after NMS); else v5."""
+def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]], gfl: bool = True) -> Optional[str]:
+    """Guess from the output layout: channels-first -> v8; N == grid points at strides 8-64 and
+    more than 32 values per row -> gfl (unless ``gfl`` is False); N == grid points at 8-32 ->
+    yolox; 6 values per row and fewer rows than anchors -> dets (after NMS); else v5."""
     dims = list(shape)[-2:] if len(shape) >= 2 else []
     if len(dims) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
         return None
@@ -185,7 +186,7 @@ def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]]) -> Opt
         return "v8" if a > 4 else None
     if b < 6:
         return None
-    if input_hw is not None and b > 4 * GFL_BINS and a == grid_size(input_hw, GFL_STRIDES):
+    if gfl and input_hw is not None and b > 4 * GFL_BINS and a == grid_size(input_hw, GFL_STRIDES):
         return "gfl"
     if input_hw is not None and a == grid_size(input_hw):
         return "yolox"
@@ -215,7 +216,33 @@ def _format_from(model: onnx.ModelProto, shape: Sequence,
         # (1, K, 6) is not the (1, 4+C, N) v8 layout, nor a head with fewer rows than anchors
         if (fmt == "v8" and rows > 6) or _few_rows(rows, input_hw):
             return "dets"
-    return fmt or format_from_shape(shape, input_hw)
+    if fmt:
+        return fmt
+    guess = format_from_shape(shape, input_hw)
+    if guess == "gfl" and decoded_in_graph(model):  # a decoded P6 head (YOLOv6n6) has as many rows
+        guess = format_from_shape(shape, input_hw, gfl=False)
+    return guess
+
+
+#: ops of a decode (grid offsets, strides, exp sizes, a DFL projection); a GFL export has none
+#: between its last Convs and its output, only a sigmoid and layout ops
+DECODE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Exp", "Pow", "Softmax", "MatMul"})
+
+
+def decoded_in_graph(model: onnx.ModelProto) -> bool:
+    """Whether the first graph output is computed from its last Convs through decode arithmetic
+    (:data:`DECODE_OPS`): walking up from the output, stopping at Convs and graph inputs."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stack, seen = [model.graph.output[0].name], set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in seen or node.op_type == "Conv":
+            continue
+        seen.add(id(node))
+        if node.op_type in DECODE_OPS:
+            return True
+        stack.extend(node.input)
+    return False
 
 
 def _after_selection(model: onnx.ModelProto) -> bool:
