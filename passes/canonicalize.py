@@ -121,8 +121,8 @@ def _inferred_graph(model: onnx.ModelProto, report: Optional[PassReport]) -> gs.
 
 def _shape_entries(t: gs.Tensor) -> Optional[list]:
     """The values of a 1-D int tensor computed from shapes, each an int or a :class:`Dim`:
-    constants, Shape (start, end), Gather of constant indices, Unsqueeze of a scalar, Concat,
-    and Cast. None for anything else or an unnamed dynamic dim."""
+    constants, Shape (start, end), Gather of constant indices, Slice of constant bounds (step 1),
+    Unsqueeze of a scalar, Concat, and Cast. None for anything else or an unnamed dynamic dim."""
     value = ir.const_value(t)
     if value is not None:
         return [int(v) for v in np.asarray(value).ravel()] if value.dtype.kind in "iu" else None
@@ -148,6 +148,13 @@ def _shape_entries(t: gs.Tensor) -> Optional[list]:
     if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
         parts = [_shape_entries(i) for i in node.inputs]
         return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    if node.op == "Slice":  # x.shape[a:b], as flatten(start_dim=2) reads it
+        data = _shape_entries(node.inputs[0])
+        starts, ends = ir.const_ints(node, 1, "starts"), ir.const_ints(node, 2, "ends")
+        axes, steps = ir.const_ints(node, 3, "axes"), ir.const_ints(node, 4, "steps")
+        if data is None or not starts or not ends or axes not in ([], [0], [-1]) or steps not in ([], [1]):
+            return None
+        return data[starts[0]:ends[0]]
     if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
         data, idx = _shape_entries(node.inputs[0]), ir.const_value(node.inputs[1])
         if data is None or idx is None or not all(-len(data) <= int(i) < len(data) for i in idx.ravel()):

@@ -333,3 +333,28 @@ def test_the_batch_is_followed_only_through_ops_that_keep_the_first_axis():
             op("flat", "Flatten", [c], ["b", 48], axis=1)]
     assert [_batch_root(t) for t in kept] == [x, x]
     assert [_batch_root(t) for t in lost] == [None, None, None]
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_a_flatten_from_dim_two_reads_the_shape_by_slice_and_becomes_constant(opset):
+    """``x.flatten(start_dim=2)`` of a dynamic batch (YOLOX's head): Shape -> Slice [0:2] ->
+    Concat with [-1] -> Reshape becomes the target [0, 4, -1] (Slice bounds as attributes before
+    opset 10, as inputs after)."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 1, 1)).astype(np.float32), "w")
+    consts = [numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    if opset >= 10:
+        consts += [numpy_helper.from_array(np.array([v], np.int64), n)
+                   for n, v in (("s0", 0), ("s1", 2), ("ax", 0))]
+        sl = helper.make_node("Slice", ["s", "s0", "s1", "ax"], ["head"])
+    else:
+        sl = helper.make_node("Slice", ["s"], ["head"], starts=[0], ends=[2], axes=[0])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Shape", ["c"], ["s"]), sl,
+             helper.make_node("Concat", ["head", "minus1"], ["t"], axis=0),
+             helper.make_node("Reshape", ["c", "t"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16])], [w] + consts)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    res = run(model)
+    assert _reshape_targets(res.model) == [[0, 4, -1]] and ops(res.model)["Shape"] == 0
+    x = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
+    assert np.array_equal(_ort(res.model, {"x": x}), _ort(model, {"x": x}))
