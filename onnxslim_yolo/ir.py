@@ -463,11 +463,15 @@ class ConvAttrs:
     auto_pad: str
 
 
+def text(value: Any) -> str:
+    """A string attribute's value as str (onnx and graphsurgeon give bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def conv_attrs(node: gs.Node, weight_shape: Sequence[int]) -> ConvAttrs:
     n = len(weight_shape) - 2
     a = node.attrs
-    auto = a.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = text(a.get("auto_pad", "NOTSET"))
     return ConvAttrs(
         kernel=tuple(int(v) for v in a.get("kernel_shape", weight_shape[2:])),
         strides=tuple(int(v) for v in a.get("strides", [1] * n)),
@@ -476,6 +480,27 @@ def conv_attrs(node: gs.Node, weight_shape: Sequence[int]) -> ConvAttrs:
         group=int(a.get("group", 1)),
         auto_pad=auto,
     )
+
+
+def explicit_pads(at: ConvAttrs, spatial: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+    """Pads (begin..., end...) with ``auto_pad`` resolved; None when SAME needs unknown dims."""
+    if at.auto_pad in ("NOTSET", ""):
+        return at.pads
+    n = len(at.kernel)
+    if at.auto_pad == "VALID":
+        return (0,) * (2 * n)
+    if spatial is None or any(not isinstance(d, (int, np.integer)) or d <= 0 for d in spatial):
+        return None
+    begin: List[int] = []
+    end: List[int] = []
+    for d, k, s, dl in zip((int(v) for v in spatial), at.kernel, at.strides, at.dilations):
+        out = -(-d // s)
+        total = max((out - 1) * s + (k - 1) * dl + 1 - d, 0)
+        small, large = total // 2, total - total // 2
+        # SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning (ONNX spec)
+        begin.append(small if at.auto_pad == "SAME_UPPER" else large)
+        end.append(large if at.auto_pad == "SAME_UPPER" else small)
+    return tuple(begin + end)
 
 
 def graph_output_names(graph: gs.Graph) -> Set[str]:

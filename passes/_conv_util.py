@@ -1,13 +1,13 @@
 """Helpers shared by the exact rewrites (focus-to-conv, fold-batchnorm, fold-affine).
 
-Explicit padding from ``auto_pad`` (the attributes themselves: ``ir.conv_attrs``), and the
-checks every fold makes before touching a tensor: is it a constant, is it used elsewhere, is it
-a graph output. Read-only; nothing here mutates a graph.
+The checks every fold makes before touching a tensor: is it a constant, is it used elsewhere,
+is it a graph output. Read-only; nothing here mutates a graph. Conv attributes and explicit
+padding are in ``ir`` (``conv_attrs``, ``explicit_pads``), which the analysis layer shares.
 """
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -25,27 +25,6 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # shapes are a help for the checks, not a requirement to run
         log.debug("shape inference failed: %s", exc)
         return model
-
-
-def explicit_pads(at: ir.ConvAttrs, spatial: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
-    """Pads (begin..., end...) with ``auto_pad`` resolved; None when SAME needs unknown dims."""
-    if at.auto_pad in ("NOTSET", ""):
-        return at.pads
-    n = len(at.kernel)
-    if at.auto_pad == "VALID":
-        return (0,) * (2 * n)
-    if spatial is None or any(not isinstance(d, int) or d <= 0 for d in spatial):
-        return None
-    begin: List[int] = []
-    end: List[int] = []
-    for d, k, s, dl in zip(spatial, at.kernel, at.strides, at.dilations):
-        out = -(-d // s)
-        total = max((out - 1) * s + (k - 1) * dl + 1 - d, 0)
-        small, large = total // 2, total - total // 2
-        # SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the beginning (ONNX spec)
-        begin.append(small if at.auto_pad == "SAME_UPPER" else large)
-        end.append(large if at.auto_pad == "SAME_UPPER" else small)
-    return tuple(begin + end)
 
 
 def static_shape(t: gs.Tensor) -> Optional[Tuple[int, ...]]:

@@ -51,8 +51,7 @@ def _layer_table(analysis: ChannelAnalysis, keep: Mapping[str, np.ndarray],
 def _pads_zero(node: onnx.NodeProto) -> bool:
     """True when a Conv reads no padding (a constant input channel stays constant everywhere)."""
     a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = ir.text(a.get("auto_pad", b"NOTSET"))
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         return all(k == 1 for k in a.get("kernel_shape", [1])) and all(s == 1 for s in a.get("strides", [1]))
     return not any(a.get("pads", [])) or auto == "VALID"

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, UsageError
 
-from ._conv_util import explicit_pads, new_const, param, sole_consumer, with_shapes
+from ._conv_util import new_const, param, sole_consumer, with_shapes
 from ._focus_match import FocusMatch, match, private_nodes_problem
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def plan_merge(m: FocusMatch, outputs) -> Union[MergePlan, str]:
     if any(d != 1 for d in at.dilations):
         return f"Conv '{conv.name}' has dilations {list(at.dilations)}"
     _, _, h, wd = m.base.shape
-    pads = explicit_pads(at, (h // m.block, wd // m.block))
+    pads = ir.explicit_pads(at, (h // m.block, wd // m.block))
     if pads is None:
         return f"Conv '{conv.name}' auto_pad {at.auto_pad} needs the input size"
     blk = m.block

@@ -27,7 +27,7 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 
 from ._affine_fold import (OUT_KINDS, Target, apply_in, apply_out, bn_affine, fold_in_conv, fold_out,
                            out_target)
-from ._conv_util import explicit_pads, new_const, param, rank, shared, static_shape, with_shapes
+from ._conv_util import new_const, param, rank, shared, static_shape, with_shapes
 from ._rounds import run_rounds
 
 STANDALONE = ("mul-add", "depthwise-conv", "keep")
@@ -105,7 +105,7 @@ def plan_in(bn: gs.Node, s: np.ndarray, t: np.ndarray, outputs: Set[str]) -> Uni
     if w.shape[1] * at.group != s.shape[0]:
         return f"Conv '{conv.name}' reads {w.shape[1] * at.group} channels, BN has {s.shape[0]}"
     xs = static_shape(bn.inputs[0])
-    pads = explicit_pads(at, xs[2:] if xs else None)
+    pads = ir.explicit_pads(at, xs[2:] if xs else None)
     if (pads is None or any(pads)) and np.any(t != 0):
         return (f"BN -> Conv '{conv.name}' not exact: the Conv pads "
                 f"{list(pads) if pads is not None else at.auto_pad} and the BN shift is nonzero")

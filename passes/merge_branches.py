@@ -36,7 +36,7 @@ import onnx_graphsurgeon as gs
 from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult
 
-from ._conv_util import (explicit_pads, float_dtype, new_const, param, rank,
+from ._conv_util import (float_dtype, new_const, param, rank,
                          sole_consumer, static_shape, with_shapes)
 from ._rounds import run_rounds
 from .fold_affine import per_channel
@@ -98,7 +98,7 @@ def conv_branch(t: gs.Tensor, outputs: Set[str]) -> Union[ConvBranch, str, None]
         return f"Conv '{node.name}' weight has rank {w.ndim}"
     at = ir.conv_attrs(node, w.shape)
     xs = static_shape(node.inputs[0])
-    pads = explicit_pads(at, xs[2:] if xs else None)
+    pads = ir.explicit_pads(at, xs[2:] if xs else None)
     if pads is None:
         return f"Conv '{node.name}' pads {at.auto_pad} on an input of unknown size"
     return ConvBranch(node, w, b, at, pads)

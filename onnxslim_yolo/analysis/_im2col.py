@@ -7,6 +7,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .. import ir
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -25,27 +27,11 @@ def geometry(node: gs.Node, weight_shape: Sequence[int], x_shape: Optional[Seque
     """Geometry of a dense 2-D Conv, None for other ranks or unresolvable SAME padding."""
     if len(weight_shape) != 4:
         return None
-    a = node.attrs
-    k = tuple(int(v) for v in a.get("kernel_shape", weight_shape[2:]))
-    s = tuple(int(v) for v in a.get("strides", [1, 1]))
-    d = tuple(int(v) for v in a.get("dilations", [1, 1]))
-    auto = a.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if auto in ("NOTSET", ""):
-        p = tuple(int(v) for v in a.get("pads", [0, 0, 0, 0]))
-    elif auto == "VALID":
-        p = (0, 0, 0, 0)
-    else:
-        if x_shape is None or any(not isinstance(v, (int, np.integer)) for v in x_shape[2:]):
-            return None
-        begin, end = [], []
-        for n, kk, ss, dd in zip(x_shape[2:], k, s, d):
-            total = max((-(-int(n) // ss) - 1) * ss + (kk - 1) * dd + 1 - int(n), 0)
-            small, large = total // 2, total - total // 2
-            begin.append(small if auto == "SAME_UPPER" else large)
-            end.append(large if auto == "SAME_UPPER" else small)
-        p = (begin[0], begin[1], end[0], end[1])
-    return ConvGeometry(k, s, d, p)  # type: ignore[arg-type]
+    at = ir.conv_attrs(node, weight_shape)
+    p = ir.explicit_pads(at, None if x_shape is None else x_shape[2:])
+    if p is None:
+        return None
+    return ConvGeometry(at.kernel, at.strides, at.dilations, p)  # type: ignore[arg-type]
 
 
 def out_hw(g: ConvGeometry, h: int, w: int) -> Tuple[int, int]:

@@ -541,8 +541,7 @@ def rule_depth_space(node: gs.Node, rec: Recorder) -> None:
     cd, cs = rec.channels(deep), rec.channels(shallow)
     if not cd or not cs or b < 1 or cd != cs * b * b:
         return block_node(node, rec, "channel counts do not match the block size")
-    mode = node.attrs.get("mode", "DCR")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = ir.text(node.attrs.get("mode", "DCR"))
     for t in range(b * b):
         if mode == "CRD":
             for c in range(cs):

@@ -197,7 +197,7 @@ def runs_int8(node: gs.Node, ops: AbstractSet[str]) -> bool:
     if node.op not in ops:
         return False
     mode = node.attrs.get("mode", "nearest") if node.op == "Resize" else "nearest"
-    return (mode.decode() if isinstance(mode, bytes) else str(mode)) == "nearest"
+    return ir.text(mode) == "nearest"
 
 
 def _float_io(node: gs.Node) -> Optional[Tuple[List[gs.Tensor], List[gs.Tensor]]]:
