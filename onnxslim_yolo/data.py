@@ -157,12 +157,12 @@ def detect_preset(model: onnx.ModelProto) -> str:
     branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`). A GFL head's
     rows (PP-PicoDet: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation, NanoDet-Plus's one
     output (``gfl``) the same on BGR images."""
-    from .eval.decode import detect_format, exporter_family, value_dims  # decode does not import data
+    from .eval.decode import declared_shapes, detect_format, exporter_family  # decode does not import data
     from .eval.dfl import gfl_rows
     fmt = exporter_family(model)[0] or detect_format(model)
     if fmt == "yolox" and ones_objectness(model):
         return "yolov6"
-    if fmt == "v8" and gfl_rows([value_dims(o) for o in model.graph.output]):
+    if fmt == "v8" and gfl_rows(declared_shapes(model)):
         return "imagenet"
     if fmt == "gfl":
         return "nanodet"

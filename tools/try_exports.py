@@ -599,7 +599,7 @@ def cut_heads(out: Path, models: List[Path]) -> List[Path]:
 
     from onnxslim_yolo import ir
     from onnxslim_yolo.analysis.head import find_head
-    from onnxslim_yolo.eval.decode import _declared_shapes, raw_maps_format
+    from onnxslim_yolo.eval.decode import declared_shapes, raw_maps_format
 
     made = []
     for m in models:
@@ -613,7 +613,7 @@ def cut_heads(out: Path, models: List[Path]) -> List[Path]:
             print(f"{m.stem}: no raw-head cut ({type(exc).__name__}: {exc})", file=sys.stderr)
             dst.unlink(missing_ok=True)
             continue
-        if raw_maps_format(cut, _declared_shapes(cut)) is None:
+        if raw_maps_format(cut, declared_shapes(cut)) is None:
             dst.unlink()
             continue
         made.append(dst)

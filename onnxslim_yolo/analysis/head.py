@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from .. import ir
 from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
-from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, grid_size, mask_coefficients
+from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients
 from ..eval.dfl import dfl_layout, gfl_rows
 from ..pass_base import PreconditionError
 
@@ -238,7 +238,8 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
     nm = mask_coefficients([s for _, s in outputs])
     if nm:
         ev.append(f"{nm} mask coefficients per candidate (prototype output)")
-    cells = _cells(_image_hw(model), strides or DEFAULT_STRIDES)
+    hw = _image_hw(model)
+    cells = _cells(hw, strides or DEFAULT_STRIDES)
     if gfl_rows([s for _, s in outputs]):
         bins, nc, levels = dfl_layout([s for _, s in outputs])  # type: ignore[misc]
         ev.append(f"{len(levels)} levels of head rows (1, h*w, 4x{bins}) + (1, h*w, {nc}), no DFL decode "
@@ -248,8 +249,7 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
     if rank3:
         name, (_, a, b) = max(rank3, key=lambda ns: int(ns[1][1]) * int(ns[1][2]))  # type: ignore[index]
         a, b = int(a), int(b)  # type: ignore[arg-type]
-        hw = _image_hw(model)
-        if hw and b > 4 * GFL_BINS and a == grid_size(hw, GFL_STRIDES) and not decoded_in_graph(model):
+        if gfl_shape(a, b, hw) and not decoded_in_graph(model):
             ev.append(f"output {name} (1, {a}, {b}): {a} = grid cells at strides {GFL_STRIDES}, "
                       f"C + 4x{GFL_BINS} bin logits last")
             return "gfl", "(1, N, C+4*8) class scores + distance-bin logits", b - 4 * GFL_BINS - nm, 1, ev

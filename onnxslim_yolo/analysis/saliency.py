@@ -46,14 +46,14 @@ def detection_watch(model: onnx.ModelProto):
         return [model.graph.output[0].name], fmt, hw
     from .. import verify
     from ..data import model_input
-    from ..eval.decode import _declared_shapes, raw_maps_format, split_layout, value_dims
-    raw = raw_maps_format(model, _declared_shapes(model))
+    from ..eval.decode import declared_shapes, raw_maps_format, split_layout, value_dims
+    raw = raw_maps_format(model, declared_shapes(model))
     if raw is not None:
         try:
             return [o.name for o in model.graph.output], raw, model_input(model)[1][1:]
         except Exception:  # noqa: BLE001 -- dynamic input size: no fixed layout
             return None
-    pair = split_layout(_declared_shapes(model))
+    pair = split_layout(declared_shapes(model))
     if pair is not None:  # boxes + scores outputs
         try:
             hw = model_input(model)[1][1:]

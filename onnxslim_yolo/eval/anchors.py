@@ -20,7 +20,7 @@ import onnx
 
 from ..pass_base import UsageError
 # decode imports this module inside its functions only: no cycle
-from .decode import NotDetections, _declared_shapes, known_map_dims, level_stride, probabilities
+from .decode import NotDetections, declared_shapes, known_map_dims, level_stride, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def with_anchors(model: onnx.ModelProto, text: Optional[str], copy: bool = True)
     if text is None:
         return model
     anchors = parse_anchors(text)
-    shapes = _declared_shapes(model)
+    shapes = declared_shapes(model)
     layout = anchor_layout(shapes, per_cell(anchors)) or anchor_layout(shapes)
     if layout is None:
         log.warning("--anchors: the outputs %s are not raw anchor maps; the anchors are stored but not used",

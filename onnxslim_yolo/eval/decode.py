@@ -165,13 +165,21 @@ def value_dims(vi: onnx.ValueInfoProto) -> Tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
 
 
-def _declared_shapes(model: onnx.ModelProto) -> List[Tuple]:
+def declared_shapes(model: onnx.ModelProto) -> List[Tuple]:
+    """The graph outputs' declared dims (:func:`value_dims`), in output order."""
     return [value_dims(o) for o in model.graph.output]
 
 
 def grid_size(input_hw: Sequence[int], strides: Sequence[int] = STRIDES) -> int:
     """Number of anchor points of an anchor-free head over ``strides``."""
     return sum(math.ceil(input_hw[0] / s) * math.ceil(input_hw[1] / s) for s in strides)
+
+
+def gfl_shape(rows: int, values: int, input_hw: Optional[Sequence[int]]) -> bool:
+    """A (1, rows, values) output has NanoDet-Plus's shape: a row per grid point at strides 8-64
+    and more than the 4 x 8 bin logits per row (:func:`decoded_in_graph` tells it from a decoded
+    P6 head of the same shape)."""
+    return input_hw is not None and values > 4 * GFL_BINS and rows == grid_size(input_hw, GFL_STRIDES)
 
 
 def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]], gfl: bool = True) -> Optional[str]:
@@ -186,7 +194,7 @@ def format_from_shape(shape: Sequence, input_hw: Optional[Sequence[int]], gfl: b
         return "v8" if a > 4 else None
     if b < 6:
         return None
-    if gfl and input_hw is not None and b > 4 * GFL_BINS and a == grid_size(input_hw, GFL_STRIDES):
+    if gfl and gfl_shape(a, b, input_hw):
         return "gfl"
     if input_hw is not None and a == grid_size(input_hw):
         return "yolox"
@@ -201,7 +209,7 @@ def _few_rows(rows: int, input_hw: Optional[Sequence[int]]) -> bool:
 
 
 def _static_output_shape(model: onnx.ModelProto) -> Tuple:
-    return _declared_shapes(model)[0]
+    return declared_shapes(model)[0]
 
 
 def _format_from(model: onnx.ModelProto, shape: Sequence,
@@ -255,9 +263,9 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
                   input_hw: Optional[Sequence[int]] = None) -> str:
     """Output format of ``model``: a boxes + scores pair of outputs is ``xyxy``; else metadata
     first (an ultralytics (1, K, 6) output is ``dets``), then the (given or declared) layout."""
-    if split_layout(_declared_shapes(model)) is not None:
+    if split_layout(declared_shapes(model)) is not None:
         return "xyxy"
-    raw = raw_maps_format(model, _declared_shapes(model)) if output_shape is None else None
+    raw = raw_maps_format(model, declared_shapes(model)) if output_shape is None else None
     if raw is not None:
         return raw
     if input_hw is None:
