@@ -223,7 +223,7 @@ class _Rewriter:
         if k is None:
             return
         for reshape, axis, count in ((sh.first, 2, len(k) // sh.groups), (sh.last, 1, len(k))):
-            target = ir.const_ints(reshape, 1)
+            target = ir.reshape_target(reshape)  # constant: shuffle_from checked it
             if target[axis] != -1:  # -1 follows the new count by itself
                 target[axis] = count
                 self.set_input(reshape, 1, np.array(target, np.int64), reshape.inputs[1].name + "_pruned")

@@ -74,8 +74,6 @@ def _unflattens(node: gs.Node, x: Sequence[int], y: Sequence[int]) -> bool:
     return target is not None and len(target) == 4 and target[1] in (x[1], -1)
 
 
-
-
 def _const_vector(node: gs.Node, n: int) -> bool:
     """An Add of the branch tensor and a constant of ``n`` values (a Linear layer's bias)."""
     vals = [ir.const_value(t) for t in node.inputs]
