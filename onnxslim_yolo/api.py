@@ -80,7 +80,11 @@ def _as_model(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
     return ir.load(model), Path(model)
 
 
-def pipeline_names(opts: OptimizeOptions) -> List[str]:
+def pipeline_names(opts: OptimizeOptions, model: Optional[onnx.ModelProto] = None) -> List[str]:
+    """The passes ``opts`` ask for; with ``model`` given and float16 weights in it, INT8 and pruning
+    get ``upcast-float16`` first, and pruning alone ``restore-float16`` last (unless skipped)."""
+    from .passes.upcast_float16 import float16_tensors, schedule
+
     extra: List[str] = []
     if opts.int8:
         extra.append("insert-qdq")
@@ -88,8 +92,11 @@ def pipeline_names(opts: OptimizeOptions) -> List[str]:
         extra.append("prune-channels")
     if opts.passes:
         names = list(opts.passes) + [e for e in extra if e not in opts.passes]
-        return [n for n in names if n not in set(opts.skip)]
-    return default_pass_names(extra=extra, skip=opts.skip)
+    else:
+        names = default_pass_names(extra=extra, skip=opts.skip)
+    if model is not None:
+        names = schedule(names, lambda: float16_tensors(model) > 0)
+    return [n for n in names if n not in set(opts.skip)]
 
 
 def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence[str],
@@ -152,7 +159,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     if output is not None and src is not None and Path(output).resolve() == src.resolve():
         raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
     _refuse_custom_ops(original, src)
-    names = pipeline_names(opts)
+    names = pipeline_names(opts, original)
     passes = build_passes(names)
     ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
     result = PassManager(passes, ctx).run(original)

@@ -631,8 +631,8 @@ def require_float32_weights(model: onnx.ModelProto) -> None:
                 name = onnx.TensorProto.DataType.Name(dt).lower()
                 raise PreconditionError(
                     f"{n.op_type} '{n.name or n.output[0]}' has {name} weights: this pass works on float32 "
-                    "models; export the model in float32 (e.g. without half=True) and convert to float16 "
-                    "after optimizing")
+                    "models; run the 'upcast-float16' pass first (optimize does so for --int8 and --prune "
+                    "on float16 models) or export the model in float32")
 
 
 def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -> onnx.ModelProto:

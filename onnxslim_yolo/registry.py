@@ -23,7 +23,10 @@ def _builtin() -> Tuple[Type[Pass], ...]:
     from .passes.insert_qdq import InsertQDQ
     from .passes.merge_branches import MergeBranches
     from .passes.prune_channels import PruneChannels
+    from .passes.restore_float16 import RestoreFloat16
+    from .passes.upcast_float16 import UpcastFloat16
     return (
+        UpcastFloat16,
         Canonicalize,
         FocusToConv,
         FoldBatchNorm,
@@ -31,6 +34,7 @@ def _builtin() -> Tuple[Type[Pass], ...]:
         MergeBranches,
         PruneChannels,
         InsertQDQ,
+        RestoreFloat16,
     )
 
 

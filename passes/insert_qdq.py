@@ -55,7 +55,8 @@ class InsertQDQ(Pass):
     name = "insert-qdq"
     numerics = Numerics.LOSSY
     description = "Calibrated INT8 Q/DQ (YOLO decode tail kept float; ort-cpu or tensorrt placement)"
-    after = ("canonicalize", "focus-to-conv", "fold-batchnorm", "fold-affine", "prune-channels")
+    after = ("upcast-float16", "canonicalize", "focus-to-conv", "fold-batchnorm", "fold-affine",
+             "prune-channels")
     min_opset = 13
     default_enabled = False
 

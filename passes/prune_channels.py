@@ -71,7 +71,7 @@ class PruneChannels(Pass):
     name = NAME
     numerics = Numerics.LOSSY
     default_enabled = False
-    after = ("canonicalize", "focus-to-conv")
+    after = ("upcast-float16", "canonicalize", "focus-to-conv")
     description = "structured channel pruning to a multiply-add target (lossy, least-squares recovery)"
 
     def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:

@@ -508,7 +508,7 @@ def test_float16_models_are_refused_naming_the_conv(which):
     ctx = PassContext(options={which: {"ratio": 0.1} if which == "prune-channels" else {}},
                       calib_inputs=[{"images": None}])
     with pytest.raises(PreconditionError, match=rf"Conv '{first}' has float16 weights: this pass works on "
-                                                r"float32 models; export the model in float32"):
+                                                r"float32 models; run the .upcast-float16. pass first"):
         p.requires(model, ctx)
     p.requires(build_yolov5_v6(opset=13), ctx)      # the float32 model passes the same check
 
