@@ -78,6 +78,11 @@ def _upcast_graph(graph: onnx.GraphProto, report: PassReport) -> None:
                 elif a.type == onnx.AttributeProto.INT and a.name in DTYPE_ATTRS and a.i == F16:
                     a.i = F32
                     report.count(f"{node.op_type.lower()}_to_float32")
+        if g is graph:  # an entry for a graph input or output would contradict its float16 Cast
+            io = {v.name for v in [*g.input, *g.output]}
+            keep = [v for v in g.value_info if v.name not in io]
+            del g.value_info[:]
+            g.value_info.extend(keep)
         n = _retype(g.value_info)
         if g is not graph:
             n += _retype(g.input) + _retype(g.output)

@@ -127,6 +127,18 @@ def test_subgraphs_are_upcast_and_a_passed_through_output_is_left_with_a_reason(
         assert y.dtype == np.float16 and np.array_equal(y, x + np.float16(add)) and np.array_equal(x_out, x)
 
 
+def test_value_info_declared_for_the_graph_outputs_does_not_contradict_their_casts():
+    """Simplified exports (onnxslim) declare a value_info for every tensor, the outputs included:
+    such an entry must not be retyped to float32 under the output's float16 Cast."""
+    model = half(fixtures.build_yolov5_v6(opset=13))
+    model = onnx.shape_inference.infer_shapes(model)
+    for o in model.graph.output:
+        model.graph.value_info.append(o)
+    out = PassManager([UpcastFloat16()], PassContext()).run(model).model
+    assert io_types(out) == ([F16], [F16])
+    assert float16_tensors(out) == 0
+
+
 def test_a_float32_model_is_left_alone():
     model = fixtures.build_yolov5_v6(opset=13)
     res = UpcastFloat16().run(model, PassContext())
