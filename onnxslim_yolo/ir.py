@@ -658,28 +658,45 @@ WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormali
                         "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 
 
-def param_count(model: onnx.ModelProto) -> int:
-    """Learned parameters: elements of constant tensors read by weight-bearing ops (Conv, Gemm,
-    MatMul, normalizations), directly or through a DequantizeLinear. Grids, anchors and shape
-    constants of a decode tail are not parameters."""
-    consts: Dict[str, int] = {t.name: int(np.prod(t.dims)) if len(t.dims) else 1
-                              for t in model.graph.initializer}
+def param_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[int, int]]:
+    """Learned parameters: name -> (elements, onnx data type) of each constant tensor read by a
+    weight-bearing op (Conv, Gemm, MatMul, normalizations), directly or through a
+    DequantizeLinear. Grids, anchors and shape constants of a decode tail are not parameters."""
+    consts: Dict[str, Tuple[int, int]] = {t.name: (int(np.prod(t.dims)) if len(t.dims) else 1, t.data_type)
+                                          for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
-                    consts[n.output[0]] = int(np.prod(a.t.dims)) if len(a.t.dims) else 1
+                    consts[n.output[0]] = (int(np.prod(a.t.dims)) if len(a.t.dims) else 1, a.t.data_type)
     dq_source = {n.output[0]: n.input[0] for n in model.graph.node
                  if n.op_type == "DequantizeLinear" and n.input and n.input[0] in consts}
-    counted: Set[str] = set()
+    counted: Dict[str, Tuple[int, int]] = {}
     for n in model.graph.node:
         if n.op_type not in WEIGHT_OPS:
             continue
         for name in n.input:
             src = dq_source.get(name, name)
-            if src in consts and src not in counted:
-                counted.add(src)
-    return sum(consts[c] for c in counted)
+            if src in consts:
+                counted[src] = consts[src]
+    return counted
+
+
+def param_count(model: onnx.ModelProto) -> int:
+    """How many learned parameters (:func:`param_tensors`) the model has."""
+    return sum(n for n, _ in param_tensors(model).values())
+
+
+def param_dtypes(model: onnx.ModelProto) -> Dict[str, int]:
+    """Learned parameters per element type ('float32', 'float16', 'int8', ...), most first."""
+    out: Dict[str, int] = {}
+    for n, dt in param_tensors(model).values():
+        try:
+            key = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt)).name
+        except (KeyError, TypeError, ValueError):   # no numpy type (bfloat16 without ml_dtypes)
+            key = onnx.TensorProto.DataType.Name(dt).lower()
+        out[key] = out.get(key, 0) + n
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def tensor_array(t: onnx.TensorProto) -> np.ndarray:

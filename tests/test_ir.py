@@ -142,6 +142,17 @@ def test_param_count_counts_weights_only():
     assert ir.param_count(m) == 4 * 3 * 3 * 3 + 4
 
 
+def test_param_dtypes_tally_the_parameters_by_element_type():
+    from onnx import numpy_helper
+
+    m = tiny()
+    assert ir.param_dtypes(m) == {"float32": 4 * 3 * 3 * 3 + 4}
+    w = next(t for t in m.graph.initializer if len(t.dims) == 4)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float16), w.name))
+    assert ir.param_dtypes(m) == {"float16": 4 * 3 * 3 * 3, "float32": 4}
+    assert ir.param_count(m) == 4 * 3 * 3 * 3 + 4
+
+
 def test_size_by_parts_matches_bytesize():
     m = build_yolov5_v6(opset=13)
     assert 0 <= m.ByteSize() - ir._size_by_parts(m) < 64

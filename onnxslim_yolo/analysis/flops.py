@@ -31,6 +31,8 @@ class ModelStats:
     inputs: Dict[str, List]
     outputs: Dict[str, List]
     per_node_macs: Dict[str, int] = field(default_factory=dict)
+    #: parameters per element type (ir.param_dtypes)
+    param_dtypes: Dict[str, int] = field(default_factory=dict)
 
     @property
     def flops(self) -> int:
@@ -40,7 +42,8 @@ class ModelStats:
         return {"nodes": self.nodes, "op_counts": self.op_counts, "params": self.params,
                 "macs": self.macs, "flops": self.flops, "flops_convention": "FLOPs = 2 x MACs "
                 "(Conv/ConvTranspose/Gemm/MatMul multiply-adds)", "size_bytes": self.size_bytes,
-                "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs}
+                "opset": self.opset, "inputs": self.inputs, "outputs": self.outputs,
+                "param_dtypes": self.param_dtypes}
 
 
 def _shape_table(model: onnx.ModelProto) -> Dict[str, Tuple[int, ...]]:
@@ -169,4 +172,5 @@ def model_stats(model: onnx.ModelProto,
         outputs={o.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
                           for d in o.type.tensor_type.shape.dim] for o in model.graph.output},
         per_node_macs=per_node,
+        param_dtypes=ir.param_dtypes(model),
     )
