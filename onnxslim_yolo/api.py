@@ -232,11 +232,14 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
         feeds += list(ctx.calib_inputs[:2])
     s["outputs"] = [d.as_dict() for d in verify.compare_models(before, after, feeds)]
     if opts.bench:
+        from .check.runner import engine_for
         from .latency import interleaved_latency
 
+        engine = engine_for(opts.target)
         med = interleaved_latency({"before": before, "after": after}, feeds=feeds[-1],
-                                  runs=opts.bench_runs, threads=opts.threads)
+                                  runs=opts.bench_runs, threads=opts.threads, engine=engine)
         s["latency_ms"] = med
+        s["latency_engine"] = engine
         s["latency_ratio"] = med["after"] / med["before"] if med["before"] else None
         note = slower_note(s["latency_ratio"], opts)
         if note:

@@ -15,6 +15,7 @@ import click
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP
 from .pass_base import SlimError, UsageError
+from .quant.targets import TARGETS
 
 
 def _fail(exc: SlimError) -> None:
@@ -90,7 +91,8 @@ def main(verbose: int) -> None:
 @click.option("--int8", is_flag=True, help="Insert calibrated QDQ INT8 (needs --calib).")
 @click.option("--calib", type=click.Path(), help="Calibration images folder or .npy/.npz of inputs.")
 @click.option("--calib-limit", type=int, help="Use at most N calibration images.")
-@click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True)
+@click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
+              help="Runtime the model is for: INT8 placement rules and the checks (openvino: run in it).")
 @click.option("--method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]),
               default="auto", show_default=True,
               help="Calibration method (auto: per tensor, or the percentile table when it measures better).")

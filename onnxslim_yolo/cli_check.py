@@ -13,6 +13,7 @@ import click
 from .check.result import FAIL, WARN, CheckReport
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP
+from .quant.targets import TARGETS
 
 #: width of the message column in the table (full messages are in the lines below and the JSON)
 MESSAGE_WIDTH = 96
@@ -41,7 +42,8 @@ def render(report: CheckReport) -> str:
 @click.option("--images", type=click.Path(),
               help="Image folder: numerics on real inputs, detection agreement.")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: true mAP and its drop.")
-@click.option("--target", type=click.Choice(["ort-cpu", "tensorrt"]), default="ort-cpu", show_default=True)
+@click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
+              help="Runtime the model is for: INT8 placement rules and the checks (openvino: run in it).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--max-drop", type=float, default=1.0, show_default=True, help="mAP points the model may lose.")
 @click.option("--min-cosine", type=float, default=0.99, show_default=True,

@@ -36,9 +36,10 @@ def _as_model(m: ModelLike) -> onnx.ModelProto:
 class _Runner:
     """A session, its output format and NMS settings for one model."""
 
-    def __init__(self, model: onnx.ModelProto, fmt: Optional[str], threads: int, optimize: bool = True):
+    def __init__(self, model: onnx.ModelProto, fmt: Optional[str], threads: int, optimize: bool = True,
+                 engine: str = "onnxruntime"):
         self.model = model
-        self.sess = verify.session(model, optimize=optimize, threads=threads)
+        self.sess = open_session(model, engine, optimize=optimize, threads=threads)
         self.fmt = normalize_format(fmt) if fmt else None
         self.anchors = model_anchors(model)
 
@@ -52,6 +53,23 @@ class _Runner:
                 log.warning("raw anchor maps decoded with YOLOv5's default anchors; pass --anchors if the "
                             "model was trained with others")
         return out
+
+
+#: runtimes a model can be evaluated and timed in
+ENGINES = ("onnxruntime", "openvino")
+
+
+def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: bool = True,
+                 threads: int = 0):
+    """An onnxruntime CPU session, or for ``engine`` "openvino" an OpenVINO CPU one with the same
+    ``run`` interface."""
+    if engine == "openvino":
+        from .openvino_rt import OpenVinoSession
+
+        return OpenVinoSession(model, threads)
+    if engine != "onnxruntime":
+        raise UsageError(f"unknown runtime '{engine}'; choose one of {', '.join(ENGINES)}")
+    return verify.session(model, optimize=optimize, threads=threads)
 
 
 def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float = 0.001, iou: float = 0.6,
@@ -88,12 +106,13 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
                      max_det: int = 300, fmt: Optional[str] = None,
                      limit: Optional[int] = None, progress: bool = True, threads: int = 0,
                      input_shape: Optional[Sequence[int]] = None,
-                     optimize: bool = True) -> List[List[ImageBoxes]]:
+                     optimize: bool = True, engine: str = "onnxruntime") -> List[List[ImageBoxes]]:
     """Per-model, per-image detections (boxes in original-image pixels) for every image in ``images``.
 
     All models must share the input name and size (an optimized model and its original).
     ``preset`` and ``fmt`` are detected from the first model / each model's output when None.
-    ``optimize`` False runs the sessions without onnxruntime's graph optimizations.
+    ``optimize`` False runs the sessions without onnxruntime's graph optimizations; ``engine``
+    "openvino" runs them in OpenVINO instead (:mod:`.openvino_rt`).
     """
     protos = [_as_model(m) for m in models]
     if not protos:
@@ -106,7 +125,7 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
         raise UsageError(f"model input '{name}' expects {chw[0]} channels; evaluation reads RGB images")
     p = data.get_preset(preset, protos[0])
     dtype = ir.input_dtypes(protos[0]).get(name, np.dtype(np.float32))
-    runners = [_Runner(m, fmt, threads, optimize) for m in protos]
+    runners = [_Runner(m, fmt, threads, optimize, engine) for m in protos]
     hw = chw[1:]
     last = data.channels_last(protos[0])
     batch = data.model_batch(protos[0], input_shape)

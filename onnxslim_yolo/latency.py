@@ -33,16 +33,18 @@ from .pass_base import VerificationError
 def interleaved_latency(models: Mapping[str, onnx.ModelProto], feeds: Optional[Dict[str, np.ndarray]] = None,
                         runs: int = 30, warmup: int = 3, threads: int = 2,
                         input_shapes: Optional[Mapping[str, List[int]]] = None, optimize: bool = True,
-                        repeats: int = 1) -> Dict[str, float]:
+                        repeats: int = 1, engine: str = "onnxruntime") -> Dict[str, float]:
     """Median milliseconds per model over ``repeats`` x ``runs`` rounds; in each round every
-    model runs once, in rotating order. ``optimize=False`` disables graph optimizations."""
-    return latency_runs(models, feeds, runs, warmup, threads, input_shapes, optimize, repeats)["median_ms"]
+    model runs once, in rotating order. ``optimize=False`` disables graph optimizations;
+    ``engine`` "openvino" times the models in OpenVINO's CPU plugin instead."""
+    return latency_runs(models, feeds, runs, warmup, threads, input_shapes, optimize, repeats,
+                        engine)["median_ms"]
 
 
 def latency_runs(models: Mapping[str, onnx.ModelProto], feeds: Optional[Dict[str, np.ndarray]] = None,
                  runs: int = 30, warmup: int = 3, threads: int = 2,
                  input_shapes: Optional[Mapping[str, List[int]]] = None, optimize: bool = True,
-                 repeats: int = 1) -> Dict[str, Any]:
+                 repeats: int = 1, engine: str = "onnxruntime") -> Dict[str, Any]:
     """Like :func:`interleaved_latency`, with the per-repeat medians (``repeat_ms``) as well."""
     if int(runs) < 1:
         raise ValueError(f"latency runs must be at least 1, got {runs}")
@@ -54,7 +56,7 @@ def latency_runs(models: Mapping[str, onnx.ModelProto], feeds: Optional[Dict[str
     with tempfile.TemporaryDirectory(prefix="osy_latency_") as td:
         spec: Dict[str, Any] = {"models": {}, "feeds": str(Path(td) / "feeds.npz"), "runs": int(runs),
                                 "warmup": int(warmup), "threads": int(threads), "optimize": bool(optimize),
-                                "repeats": max(1, int(repeats))}
+                                "repeats": max(1, int(repeats)), "engine": engine}
         for i, (name, m) in enumerate(models.items()):
             path = Path(td) / f"m{i}.onnx"
             ir.save(m, path, external_data=ir.model_size(m) > ir.PROTO_LIMIT)
@@ -73,14 +75,11 @@ def latency_runs(models: Mapping[str, onnx.ModelProto], feeds: Optional[Dict[str
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _measure(spec: Dict[str, Any]) -> Dict[str, Any]:
-    """The worker side: one shared thread pool, sessions alive together, interleaved rounds."""
+def _ort_sessions(spec: Dict[str, Any]) -> Dict[str, Any]:
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state as C
 
     C.set_global_thread_pool_sizes(int(spec["threads"]), 1)
-    with np.load(spec["feeds"]) as z:
-        feeds = {k: z[k] for k in z.files}
     sessions = {}
     for name, path in spec["models"].items():
         so = ort.SessionOptions()
@@ -89,6 +88,23 @@ def _measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if spec["optimize"]
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         sessions[name] = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def _openvino_sessions(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """OpenVINO compiled models with an onnxruntime-like ``run`` (one infer request each)."""
+    from .openvino_rt import OpenVinoSession
+
+    return {name: OpenVinoSession(ir.load(path), int(spec["threads"]))
+            for name, path in spec["models"].items()}
+
+
+def _measure(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The worker side: one shared thread pool (onnxruntime), sessions alive together, interleaved
+    rounds."""
+    with np.load(spec["feeds"]) as z:
+        feeds = {k: z[k] for k in z.files}
+    sessions = (_openvino_sessions if spec.get("engine") == "openvino" else _ort_sessions)(spec)
     names = list(sessions)
     times: Dict[str, List[float]] = {n: [] for n in names}
     repeat_ms: Dict[str, List[float]] = {n: [] for n in names}

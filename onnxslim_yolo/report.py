@@ -56,7 +56,8 @@ def summary_table(summary: Dict[str, Any]) -> str:
     ]
     lat = summary.get("latency_ms")
     if lat:
-        rows.append(["latency (ms, ort cpu)", f"{lat['before']:.2f}", f"{lat['after']:.2f}",
+        where = "openvino cpu" if summary.get("latency_engine") == "openvino" else "ort cpu"
+        rows.append([f"latency (ms, {where})", f"{lat['before']:.2f}", f"{lat['after']:.2f}",
                      f"x{summary['latency_ratio']:.2f}"])
     acc = summary.get("accuracy")
     if acc:

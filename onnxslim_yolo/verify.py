@@ -5,7 +5,7 @@ import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -228,14 +228,16 @@ def diff(name: str, ref: np.ndarray, new: np.ndarray) -> OutputDiff:
 
 
 def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
-                   ref_optimized: bool = False, noise_floor: bool = True) -> List[OutputDiff]:
+                   ref_optimized: bool = False, noise_floor: bool = True,
+                   new_session: Optional[Callable[[onnx.ModelProto], Any]] = None) -> List[OutputDiff]:
     """Run both models on the same feeds; one worst-case diff per output (over all feeds), then
     one for the tensors feeding an NMS or TopK that graph outputs pass through, joined (role
     "candidates").
 
     The reference runs with graph optimizations disabled so that onnxruntime's own rewrites
     cannot hide (or cause) a difference. With ``noise_floor`` the reference also runs optimized,
-    and the largest difference that alone causes is recorded next to each diff.
+    and the largest difference that alone causes is recorded next to each diff. ``new_session``
+    builds the session ``new`` runs in (another runtime: :class:`.openvino_rt.OpenVinoSession`).
     """
     names = [o.name for o in ref.graph.output]
     new_names = [o.name for o in new.graph.output]
@@ -252,9 +254,9 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     n_out = len(names)
     names = names + ([joint] if frontier else [])
 
-    def outputs(model: onnx.ModelProto, optimize: bool) -> List[List[np.ndarray]]:
+    def outputs(model: onnx.ModelProto, optimize: bool, factory=None) -> List[List[np.ndarray]]:
         # one session at a time: a large model's weights are held once by each live session
-        sess = session(model, optimize=optimize)
+        sess = factory(model) if factory else session(model, optimize=optimize)
         outs = [run(sess, f) for f in feeds]
         del sess
         if not frontier:
@@ -265,7 +267,7 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     ref_run = with_outputs(ref, frontier) if frontier else ref
     ref_outs = outputs(ref_run, ref_optimized)
     floors = outputs(ref_run, True) if noise_floor and not ref_optimized else ref_outs
-    new_outs = outputs(with_outputs(new, frontier) if frontier else new, True)
+    new_outs = outputs(with_outputs(new, frontier) if frontier else new, True, new_session)
     worst: Dict[str, OutputDiff] = {}
     for ref_out, new_out, floor in zip(ref_outs, new_outs, floors):
         for name, a, b, c in zip(names, ref_out, new_out, floor):

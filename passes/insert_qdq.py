@@ -54,7 +54,7 @@ class _Clock:
 class InsertQDQ(Pass):
     name = "insert-qdq"
     numerics = Numerics.LOSSY
-    description = "Calibrated INT8 Q/DQ (YOLO decode tail kept float; ort-cpu or tensorrt placement)"
+    description = "Calibrated INT8 Q/DQ (decode tail kept float; ort-cpu, tensorrt or openvino placement)"
     after = ("upcast-float16", "canonicalize", "focus-to-conv", "fold-batchnorm", "fold-affine",
              "prune-channels")
     min_opset = 13

@@ -21,18 +21,24 @@ class Detections:
 
     candidate: list
     reference: Optional[list]
+    #: the runtime both models ran in ("onnxruntime" or "openvino")
+    engine: str = "onnxruntime"
+
+    def where(self) -> str:
+        """' in OpenVINO' when the detections come from OpenVINO, else nothing."""
+        return " in OpenVINO" if self.engine == "openvino" else ""
 
 
 def detect(model: onnx.ModelProto, reference: Optional[onnx.ModelProto], images: str, preset: Optional[str],
            limit: Optional[int], threads: int, input_shape: Optional[Sequence[int]],
-           progress: bool) -> Detections:
-    """Both models' detections (conf 0.001, IoU 0.6, max 300), each image read once."""
+           progress: bool, engine: str = "onnxruntime") -> Detections:
+    """Both models' detections (conf 0.001, IoU 0.6, max 300) in ``engine``, each image read once."""
     from ..evaluate import detections_multi
 
     models: List[onnx.ModelProto] = [model] + ([reference] if reference is not None else [])
     res = detections_multi(models, images, preset=preset, limit=limit, progress=progress, threads=threads,
-                           input_shape=input_shape)
-    return Detections(res[0], res[1] if reference is not None else None)
+                           input_shape=input_shape, engine=engine)
+    return Detections(res[0], res[1] if reference is not None else None, engine)
 
 
 def self_agreement(reference: onnx.ModelProto, dets: Detections, images: str, preset: Optional[str],
@@ -68,7 +74,7 @@ def check_agreement(dets: Detections, min_agreement: float = MIN_AGREEMENT,
     details = {"map": ag["map"], "map50": ag["map50"], "images": len(dets.candidate),
                "reference_conf": AGREEMENT_CONF, "min_agreement": min_agreement}
     text = (f"mAP {ag['map']:.4f} (mAP@0.5 {ag['map50']:.4f}) against the reference's detections "
-            f"(score >= {AGREEMENT_CONF}) on {len(dets.candidate)} images")
+            f"(score >= {AGREEMENT_CONF}) on {len(dets.candidate)} images{dets.where()}")
     if ag["map"] < min_agreement:
         own = noise() if noise is not None else None
         if own is not None and (own < min_agreement or ag["map"] >= min_agreement * own):
@@ -91,12 +97,13 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
     cand = score(dets.candidate, labels)
     if dets.reference is None:
         return passed(name, f"mAP@0.5:0.95 {cand['map']:.4f}, mAP@0.5 {cand['map50']:.4f} on "
-                            f"{cand['n_images']} images (no reference to compare)", candidate=cand)
+                            f"{cand['n_images']} images{dets.where()} (no reference to compare)",
+                      candidate=cand)
     ref = score(dets.reference, labels)
     drop = (ref["map"] - cand["map"]) * 100.0
     details = {"candidate": cand, "reference": ref, "drop_points": drop, "max_drop": max_drop}
     text = (f"mAP@0.5:0.95 {cand['map']:.4f} vs reference {ref['map']:.4f} ({_signed(-drop)} pts; "
-            f"mAP@0.5 {cand['map50']:.4f} vs {ref['map50']:.4f}) on {cand['n_images']} images")
+            f"mAP@0.5 {cand['map50']:.4f} vs {ref['map50']:.4f}) on {cand['n_images']} images{dets.where()}")
     if drop > max_drop:
         return failed(name, f"mAP drop {drop:.2f} pts exceeds --max-drop {max_drop:g}: " + text, **details)
     return passed(name, text, **details)

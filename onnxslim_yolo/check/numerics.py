@@ -10,7 +10,7 @@ import onnx
 
 from .. import ir, verify
 from ..pass_base import SlimError
-from .result import CheckResult, failed, passed, warned
+from .result import CheckResult, failed, passed, skipped, warned
 
 Feeds = Dict[str, np.ndarray]
 #: a candidate this much slower than the reference (median ratio) gets a warning
@@ -136,20 +136,22 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
 
 
 def check_latency(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Feeds, runs: int,
-                  threads: int) -> CheckResult:
-    """Median latency of the candidate over the reference's, runs interleaved in one process."""
+                  threads: int, engine: str = "onnxruntime") -> CheckResult:
+    """Median latency of the candidate over the reference's, runs interleaved in one process, in
+    ``engine`` (onnxruntime or OpenVINO)."""
     from ..latency import interleaved_latency
 
     name = "latency"
     try:
         med = interleaved_latency({"reference": reference, "candidate": model}, feeds=feeds, runs=runs,
-                                  threads=threads)
+                                  threads=threads, engine=engine)
     except SlimError as exc:
         return failed(name, f"cannot time the models: {exc}")
     ratio = med["candidate"] / med["reference"] if med["reference"] > 0 else float("nan")
-    details = {"median_ms": med, "ratio": ratio, "runs": runs, "threads": threads}
+    details = {"median_ms": med, "ratio": ratio, "runs": runs, "threads": threads, "engine": engine}
     text = (f"{med['candidate']:.2f} ms vs reference {med['reference']:.2f} ms (x{ratio:.2f}, median of "
-            f"{runs} interleaved runs, {threads} thread{'s' if threads > 1 else ''})")
+            f"{runs} interleaved runs, {threads} thread{'s' if threads > 1 else ''}"
+            f"{', OpenVINO' if engine == 'openvino' else ''})")
     if ratio > 1.0 + LATENCY_SLACK:
         return warned(name, "slower than the reference: " + text, **details)
     return passed(name, text, **details)
@@ -167,3 +169,62 @@ def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int
     if input_shape:
         shapes = {next(iter(ir.input_shapes(model))): list(input_shape)}
     return verify.random_feeds(model, n, seed, shapes)
+
+
+def _class_scores_diff(model: onnx.ModelProto, feed: Feeds, other) -> Optional[verify.OutputDiff]:
+    """The decoded class scores of ``model`` in onnxruntime against those from session ``other``
+    on one feed, when the outputs are candidate rows (:data:`..eval.decode.ROW_FORMATS`); None
+    otherwise."""
+    from ..data import model_input
+    from ..eval.anchors import model_anchors
+    from ..eval.decode import ROW_FORMATS, decode_rows, detection_output, outputs_format
+
+    try:
+        hw = model_input(model)[1][1:]
+        ref = verify.run(verify.session(model), feed)
+        new = other.run(None, feed)
+        fmt = outputs_format(model, ref, hw)
+        if fmt not in ROW_FORMATS:
+            return None
+        anchors = model_anchors(model)
+        a = decode_rows(detection_output(ref, hw, anchors), fmt, hw)[1]
+        b = decode_rows(detection_output(new, hw, anchors), fmt, hw)[1]
+    except (SlimError, ValueError, IndexError):
+        return None
+    return verify.diff("class scores", a, b)
+
+
+def check_openvino(model: onnx.ModelProto, feeds: Sequence[Feeds], min_cosine: float,
+                   feed_source: str) -> CheckResult:
+    """The model loads and runs in OpenVINO's CPU plugin, and its outputs there match onnxruntime's
+    (optimized) on the same ``feeds``: a runtime can read a Q/DQ graph differently."""
+    from .. import openvino_rt
+
+    name = "runtime.openvino"
+    if not openvino_rt.available():
+        return skipped(name, f"OpenVINO is not installed: {openvino_rt.INSTALL}")
+    sessions: List[openvino_rt.OpenVinoSession] = []
+
+    def open_ov(m: onnx.ModelProto) -> openvino_rt.OpenVinoSession:
+        sessions.append(openvino_rt.OpenVinoSession(m))
+        return sessions[-1]
+
+    try:
+        diffs = verify.compare_models(model, model, feeds, ref_optimized=True, noise_floor=False,
+                                      new_session=open_ov)
+    except SlimError as exc:
+        return failed(name, str(exc))
+    where = f"OpenVINO {openvino_rt.version()} CPU ({sessions[0].precision} inference precision)"
+    scores = _class_scores_diff(model, feeds[0], openvino_rt.OpenVinoSession(model))
+    if scores is not None:   # a decoded output's boxes (pixels) outweigh its scores in one cosine
+        diffs = list(diffs) + [scores]
+    table = [d.as_dict() for d in diffs]
+    text = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, cosine {d.cosine:.6f}" for d in diffs[:2])
+    details = {"outputs": table, "min_cosine": min_cosine, "feeds": f"{len(feeds)} {feed_source}",
+               "runtime": where}
+    low = [d for d in diffs if not d.cosine >= min_cosine and d.role != "selected"]
+    if low:
+        return failed(name, f"runs in {where}, but output '{low[0].name}' differs from onnxruntime's: "
+                            f"cosine {low[0].cosine:.4f} below {min_cosine} ({text})", **details)
+    return passed(name, f"runs in {where}; against onnxruntime {text} ({len(feeds)} {feed_source})",
+                  **details)

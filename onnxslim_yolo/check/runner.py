@@ -133,13 +133,13 @@ def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Option
 
 def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], images: Optional[str],
                      labels: Optional[str], opts: CheckOptions,
-                     shape: Optional[List[int]]) -> List[CheckResult]:
+                     shape: Optional[List[int]], engine: str = "onnxruntime") -> List[CheckResult]:
     if images is None:
         why = "no images (pass --images DIR)"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
     try:
         dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape,
-                               opts.progress)
+                               opts.progress, engine)
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
@@ -147,6 +147,22 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
         ref, dets, images, opts.preset, opts.limit, opts.threads, shape, opts.progress))
     return [_guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement, noise)),
             _guard("accuracy.map_drop", lambda: accuracy.check_map_drop(dets, labels, opts.max_drop))]
+
+
+def engine_for(target: str) -> str:
+    """The runtime the accuracy and latency checks use: OpenVINO for the openvino target when it is
+    installed, else onnxruntime."""
+    from .. import openvino_rt
+
+    return "openvino" if target == "openvino" and openvino_rt.available() else "onnxruntime"
+
+
+def _openvino_check(model: onnx.ModelProto, feed: numerics.Feeds, images: Optional[str], opts: CheckOptions,
+                    shape: Optional[List[int]]) -> CheckResult:
+    src = "images" if images is not None else "seeded random inputs"
+    feeds = numerics.input_feeds(model, images, opts.numeric_samples, opts.seed, opts.preset, shape) \
+        if images is not None else [feed]
+    return _guard("runtime.openvino", lambda: numerics.check_openvino(model, feeds, opts.min_cosine, src))
 
 
 def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], images: Optional[str],
@@ -157,21 +173,26 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     runs = _guard("runtime.runs", lambda: numerics.check_runs(model, feed, opts.threads))
     out = [runs]
     ok = runs.status != FAIL
+    if opts.target == "openvino":
+        out.append(_openvino_check(model, feed, images, opts, shape) if ok
+                   else skipped("runtime.openvino", f"not run: {NOT_RUNNING}"))
+    engine = engine_for(opts.target)
     if ref is not None:
         out += _reference_checks(model, ref, feed if ok else None, opts, images, shape)
-    io_ok = ref is None or out[1].status != FAIL
+    io_ok = ref is None or next(r for r in out if r.name == "reference.io").status != FAIL
     if not ok or not io_ok:
         why = NOT_RUNNING if not ok else IO_DIFFERS
         out += [skipped(n, f"not run: {why}") for n in ("accuracy.agreement", "accuracy.map_drop", "latency")]
         return out
-    out += _accuracy_checks(model, ref, images, labels, opts, shape)
+    out += _accuracy_checks(model, ref, images, labels, opts, shape, engine)
     if ref is None:
         out.append(skipped("latency", "no reference model to compare with"))
     elif not opts.latency:
         out.append(skipped("latency", "disabled (--no-latency)"))
     else:
         out.append(_guard("latency",
-                          lambda: numerics.check_latency(model, ref, feed, opts.latency_runs, opts.threads)))
+                          lambda: numerics.check_latency(model, ref, feed, opts.latency_runs, opts.threads,
+                                                         engine)))
     return out
 
 

@@ -1,9 +1,11 @@
 """What each deployment target accepts: op domains, deprecated and unsupported ops.
 
 ``ort-cpu``: onnxruntime's CPU provider runs the ai.onnx, ai.onnx.ml and com.microsoft domains;
-other domains need a custom-op library. ``tensorrt``: the onnx-tensorrt parser (TensorRT 8.6-10)
-reads only ai.onnx, wants INT8 as QuantizeLinear/DequantizeLinear pairs (no QOperator ops such
-as QLinearConv) and Conv/ConvTranspose weights that are constants.
+other domains need a custom-op library. ``openvino``: OpenVINO's ONNX frontend reads ai.onnx;
+whether it imports every op is found by loading the model in it (``runtime.openvino``).
+``tensorrt``: the onnx-tensorrt parser (TensorRT 8.6-10) reads only ai.onnx, wants INT8 as
+QuantizeLinear/DequantizeLinear pairs (no QOperator ops such as QLinearConv) and Conv/ConvTranspose
+weights that are constants.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from ..verify import ORT_DOMAINS
 from .index import GraphIndex
 from .result import CheckResult, failed, listing, passed, summarize, warned
 
-TARGETS = ("ort-cpu", "tensorrt")
+TARGETS = ("ort-cpu", "tensorrt", "openvino")
 TRT_DOMAINS = frozenset({"", "ai.onnx"})
 #: op -> replacement (deprecated in the ai.onnx domain)
 DEPRECATED = {"Upsample": "Resize", "Scatter": "ScatterElements", "ImageScaler": "Mul + Add",
@@ -31,7 +33,7 @@ TRT_UNSUPPORTED = frozenset({
 
 
 def _unsupported(idx: GraphIndex, target: str) -> List[str]:
-    domains = TRT_DOMAINS if target == "tensorrt" else ORT_DOMAINS
+    domains = ORT_DOMAINS if target == "ort-cpu" else TRT_DOMAINS
     out: List[str] = []
     for i, n in enumerate(idx.nodes):
         if n.domain not in domains:

@@ -1,0 +1,121 @@
+"""The openvino target: INT8 placement for OpenVINO, and checks that run the model in OpenVINO
+(skipped with the install command when OpenVINO is absent)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from fixtures import demo_paths
+from onnxslim_yolo import ir, openvino_rt
+from onnxslim_yolo.api import optimize
+from onnxslim_yolo.check import run_checks
+
+needs_openvino = pytest.mark.skipif(not openvino_rt.available(),
+                                    reason="OpenVINO is not installed (pip install openvino)")
+
+
+@pytest.fixture(scope="module")
+def int8_for_openvino():
+    """The demo model in INT8 for the openvino target, with its original."""
+    model_path, images, _ = demo_paths()
+    original = ir.load(model_path)
+    res = optimize(original, int8=True, calib=images, calib_limit=4, bench=False, check=False,
+                   progress=False, target="openvino", pass_options={"insert-qdq": {"target": "openvino"}})
+    return original, res.model, images
+
+
+def _qtypes(model: onnx.ModelProto) -> Counter:
+    inits = {t.name: t for t in model.graph.initializer}
+    return Counter(onnx.TensorProto.DataType.Name(inits[n.input[2]].data_type)
+                   for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2)
+
+
+def test_openvino_placement_uint8_activations_int8_weights_last_convs_float(int8_for_openvino):
+    original, q, _ = int8_for_openvino
+    assert set(_qtypes(q)) == {"UINT8"}
+    dq_of = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    inits = {t.name: t for t in q.graph.initializer}
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    quantized = [c for c in convs if c.input[1] in dq_of]
+    # int8 per-channel weights, float biases (no int32 bias), and every quantized Conv reads a
+    # dequantized activation
+    for c in quantized:
+        w = dq_of[c.input[1]]
+        assert inits[w.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[w.input[1]].dims) == 1
+        assert c.input[0] in dq_of
+        assert len(c.input) < 3 or c.input[2] not in dq_of
+    # the head's last convs read quantized inputs only when the target quantizes them: not here
+    out_convs = {n.name for n in convs if not any(n.output[0] in m.input for m in q.graph.node
+                                                 if m.op_type == "Conv")}
+    float_convs = {c.name for c in convs} - {c.name for c in quantized}
+    assert float_convs and float_convs <= out_convs | {convs[0].name}
+    assert len(quantized) >= len(convs) - len(out_convs) - 1
+
+
+def test_without_openvino_the_check_skips_with_the_install_command(int8_for_openvino, monkeypatch):
+    original, q, _ = int8_for_openvino
+    monkeypatch.setattr(openvino_rt, "available", lambda: False)
+    rep = run_checks(q, reference=original, target="openvino", latency=False)
+    res = {r.name: r for r in rep.results}
+    assert res["runtime.openvino"].status == "skip"
+    assert "pip install" in res["runtime.openvino"].message and "openvino" in res["runtime.openvino"].message
+    assert res["structure.ops"].status == "pass" and "supported by openvino" in res["structure.ops"].message
+
+
+def test_a_foreign_domain_is_refused_for_openvino(int8_for_openvino):
+    original, _, _ = int8_for_openvino
+    m = onnx.ModelProto()
+    m.CopyFrom(original)
+    m.graph.node[-1].domain = "com.microsoft"
+    m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    rep = run_checks(m, target="openvino", latency=False)
+    ops = next(r for r in rep.results if r.name == "structure.ops")
+    assert ops.status == "fail" and "domain not supported by openvino" in ops.message
+
+
+@needs_openvino
+def test_the_int8_model_runs_in_openvino_and_is_scored_there(int8_for_openvino):
+    original, q, images = int8_for_openvino
+    rep = run_checks(q, reference=original, images=str(images), target="openvino", latency=True,
+                     latency_runs=3)
+    res = {r.name: r for r in rep.results}
+    ov = res["runtime.openvino"]
+    assert ov.status == "pass", ov.message
+    names = [o["name"] for o in ov.details["outputs"]]
+    assert "class scores" in names and all(o["cosine"] >= 0.99 for o in ov.details["outputs"])
+    assert res["accuracy.agreement"].message.endswith("in OpenVINO")
+    lat = res["latency"].details
+    assert lat["engine"] == "openvino" and lat["median_ms"]["candidate"] > 0
+
+
+@needs_openvino
+def test_scores_that_openvino_computes_differently_fail_the_check(int8_for_openvino, monkeypatch):
+    """A model whose boxes agree but whose class scores do not (as a Q/DQ graph OpenVINO misreads:
+    the tensorrt-target yolov5n, cosine 0.03) fails on the decoded class scores, which one cosine
+    over the whole output (boxes in pixels) would hide."""
+    original, q, _ = int8_for_openvino
+    real_run = openvino_rt.OpenVinoSession.run
+
+    def scrambled(self, names, feeds):
+        outs = real_run(self, names, feeds)
+        out = outs[0].copy()
+        out[..., 5:] = np.random.default_rng(0).random(out[..., 5:].shape).astype(out.dtype)
+        return [out] + outs[1:]
+
+    monkeypatch.setattr(openvino_rt.OpenVinoSession, "run", scrambled)
+    rep = run_checks(q, target="openvino", latency=False)
+    ov = next(r for r in rep.results if r.name == "runtime.openvino")
+    assert ov.status == "fail"
+    assert "output 'class scores' differs from onnxruntime's" in ov.message
+
+
+@needs_openvino
+def test_latency_in_openvino(int8_for_openvino):
+    from onnxslim_yolo.latency import interleaved_latency
+
+    original, q, _ = int8_for_openvino
+    med = interleaved_latency({"a": original, "b": q}, runs=3, threads=1, engine="openvino")
+    assert set(med) == {"a", "b"} and all(v > 0 for v in med.values())
