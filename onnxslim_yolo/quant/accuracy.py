@@ -18,8 +18,9 @@ from .. import verify
 from ..pass_base import PassReport
 from . import metrics, mixed
 from .pipeline import Built, Quantizer
-from .sensitivity import (SwitchEvaluator, UnitSensitivity, candidates, rank_units, significant_units,
-                          switch_model, tensor_units)
+from .sensitivity import (SwitchEvaluator, UnitSensitivity, candidates, grouped_candidate, rank_units,
+                          significant_units, switch_model, tensor_units)
+
 
 log = logging.getLogger(__name__)
 Feeds = Dict[str, np.ndarray]
@@ -81,7 +82,7 @@ class Controller:
             feeds = self.q.feeds[: self.o.sensitivity_images]
             self._ev = SwitchEvaluator(sw, self.q.head.last_conv_outputs, feeds, self.o.threads,
                                        output_format(self.q))
-            self._cands = candidates(built.plan, units_of)
+            self._cands = candidates(built.plan, units_of) + grouped_candidate(built.graph, built.plan)
         return self._ev
 
     def _rank(self, built: Built) -> List[UnitSensitivity]:

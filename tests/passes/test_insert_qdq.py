@@ -629,3 +629,54 @@ def test_weight_axes_per_layer_type(per_channel: bool) -> None:
     assert reasons["fc"].startswith("last conv")  # the Gemm feeds the output: the "head"
     verify.check_runs(ort.model, verify.random_feeds(ort.model, 1, 0))
     verify.check_runs(trt.model, verify.random_feeds(trt.model, 1, 0))
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "openvino"])
+def test_sensitivity_sees_the_layers_of_placements_that_quantize_layer_inputs(target):
+    """Under the tensorrt and openvino placements a quantized tensor comes from a float op and is
+    read by INT8 Convs behind its Q/DQ pair: those Convs are its units. Before, such tensors had
+    none, the ranking was empty, and the accuracy guard could restore nothing."""
+    from fixtures import demo_paths
+    from onnxslim_yolo import ir
+    from onnxslim_yolo.api import optimize
+
+    model_path, images, _ = demo_paths()
+    res = optimize(ir.load(model_path), int8=True, calib=images, calib_limit=4, bench=False, check=False,
+                   progress=False, target=target,
+                   pass_options={"insert-qdq": {"target": target, "sensitivity": True, "placement": "all",
+                                                "guard": False}})
+    rep = next(r for r in res.pipeline.records if r.name == "insert-qdq").report
+    ranking = rep["details"]["sensitivity"]["ranking"]
+    dq = {n.output[0] for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
+    int8_convs = {n.name for n in res.model.graph.node if n.op_type == "Conv" and n.input[1] in dq}
+    assert len(int8_convs) == rep["counts"]["int8_layers"] > 10
+    # every INT8 Conv can be restored by some candidate
+    assert int8_convs <= set().union(*(r["nodes"] for r in ranking))
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "openvino", "ort-cpu"])
+def test_every_int8_depthwise_conv_is_one_more_candidate(target):
+    """The depthwise Convs of a YOLOX-style model, restored together, are a candidate of the
+    sensitivity ranking (their per-tensor input loss adds up; one at a time each gains little)."""
+    from onnxslim_yolo import verify
+    from onnxslim_yolo.quant.sensitivity import GROUPED
+
+    model = fixtures.build_yolox(opset=13)
+    from onnxslim_yolo.pass_base import PassContext
+    from onnxslim_yolo.passes.insert_qdq import InsertQDQ
+
+    feeds = verify.random_feeds(model, 4, 0)
+
+    ctx = PassContext(options={"insert-qdq": {"target": target, "sensitivity": True, "placement": "all",
+                                              "guard": False, "progress": False}}, calib_inputs=feeds)
+    res = InsertQDQ().run(model, ctx)
+    ranking = res.report.details["sensitivity"]["ranking"]
+    dq = {n.output[0] for n in res.model.graph.node if n.op_type == "DequantizeLinear"}
+    grouped = {n.name for n in res.model.graph.node if n.op_type == "Conv" and n.input[1] in dq
+               and any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    assert len(grouped) >= 2
+    (cand,) = [r for r in ranking if r["candidate"] == GROUPED]
+    assert grouped <= set(cand["nodes"])
+    plain = InsertQDQ().run(fixtures.build_yolov5_v6(opset=13), PassContext(
+        options=ctx.options, calib_inputs=verify.random_feeds(fixtures.build_yolov5_v6(opset=13), 4, 0)))
+    assert GROUPED not in [r["candidate"] for r in plain.report.details["sensitivity"]["ranking"]]
