@@ -232,8 +232,8 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
         feeds += list(ctx.calib_inputs[:2])
     s["outputs"] = [d.as_dict() for d in verify.compare_models(before, after, feeds)]
     if opts.bench:
-        from .check.runner import engine_for
         from .latency import interleaved_latency
+        from .openvino_rt import engine_for
 
         engine = engine_for(opts.target)
         med = interleaved_latency({"before": before, "after": after}, feeds=feeds[-1],

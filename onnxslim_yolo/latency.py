@@ -1,4 +1,5 @@
-"""Latency in onnxruntime: several models alive in one process, runs interleaved, medians.
+"""Latency in onnxruntime (or OpenVINO): several models alive in one process, runs interleaved,
+medians.
 
 Absolute milliseconds drift a lot on a shared machine; ratios between models measured this way
 are stable, so callers should report ratios to a reference.

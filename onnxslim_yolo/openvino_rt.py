@@ -35,6 +35,12 @@ def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def engine_for(target: str) -> str:
+    """The runtime accuracy and latency are measured in for a deployment ``target``: OpenVINO for
+    the openvino target when it is installed, else onnxruntime."""
+    return "openvino" if target == "openvino" and available() else "onnxruntime"
+
+
 def version() -> Optional[str]:
     if not available():
         return None
@@ -105,4 +111,4 @@ class OpenVinoSession:
         return [by_name[n] for n in names]
 
 
-__all__ = ["OpenVinoSession", "OpenVinoMissing", "available", "version", "INSTALL"]
+__all__ = ["OpenVinoSession", "OpenVinoMissing", "available", "engine_for", "version", "INSTALL"]

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import onnx
 
-from .. import ir, verify
+from .. import ir, openvino_rt, verify
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
 from ..pass_base import SlimError, UsageError
@@ -149,14 +149,6 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
             _guard("accuracy.map_drop", lambda: accuracy.check_map_drop(dets, labels, opts.max_drop))]
 
 
-def engine_for(target: str) -> str:
-    """The runtime the accuracy and latency checks use: OpenVINO for the openvino target when it is
-    installed, else onnxruntime."""
-    from .. import openvino_rt
-
-    return "openvino" if target == "openvino" and openvino_rt.available() else "onnxruntime"
-
-
 def _openvino_check(model: onnx.ModelProto, feed: numerics.Feeds, images: Optional[str], opts: CheckOptions,
                     shape: Optional[List[int]]) -> CheckResult:
     src = "images" if images is not None else "seeded random inputs"
@@ -176,7 +168,7 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     if opts.target == "openvino":
         out.append(_openvino_check(model, feed, images, opts, shape) if ok
                    else skipped("runtime.openvino", f"not run: {NOT_RUNNING}"))
-    engine = engine_for(opts.target)
+    engine = openvino_rt.engine_for(opts.target)
     if ref is not None:
         out += _reference_checks(model, ref, feed if ok else None, opts, images, shape)
     io_ok = ref is None or next(r for r in out if r.name == "reference.io").status != FAIL
