@@ -213,3 +213,24 @@ def test_pruning_a_float16_export_gives_a_float16_model_with_the_same_interface(
     assert ir.model_size(res.model) < 0.6 * ir.model_size(rounded(ir.load(model_path)))
     casts = [n for n in res.model.graph.node if n.op_type == "Cast"]
     assert len(casts) == (2 if keep_io_types else 0)    # the converter's own, around the float32 interface
+
+
+def test_restore_leaves_quantized_models_and_reports_a_failing_converter(monkeypatch):
+    from onnxruntime.transformers import float16 as ort_float16
+
+    from onnxslim_yolo.passes.restore_float16 import RestoreFloat16
+
+    model = fixtures.build_yolov5_v6(opset=13)
+    q = onnx.ModelProto()
+    q.CopyFrom(model)
+    q.graph.node.insert(0, helper.make_node("QuantizeLinear", ["images", "s", "z"], ["images_q"]))
+    res = RestoreFloat16().run(q, PassContext())
+    assert res.modified is False and "the model is quantized" in res.report.skipped[0]["reason"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no float16 kernel for op X\nmore")
+
+    monkeypatch.setattr(ort_float16, "convert_float_to_float16", broken)
+    res = RestoreFloat16().run(model, PassContext())
+    assert res.modified is False and res.model is model
+    assert res.report.skipped[0]["reason"] == "onnxruntime's float16 tool failed: no float16 kernel for op X"
