@@ -33,12 +33,14 @@ from .pass_base import SlimError
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: default).")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="Run the model in onnxruntime or in OpenVINO's CPU plugin.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model: str, images: str, labels: str, preprocess: Optional[str], conf: float, iou: float,
                  max_det: int, fmt: Optional[str], anchors: Optional[str], limit: Optional[int],
-                 input_shape: Optional[str],
-                 threads: int, json_out: Optional[str], quiet: bool) -> None:
+                 input_shape: Optional[str], threads: int, runtime: str, json_out: Optional[str],
+                 quiet: bool) -> None:
     """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions)."""
     from .cli import _shape, write_json  # late: cli imports this module while it loads
     from .evaluate import evaluate
@@ -48,7 +50,7 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
         target = with_anchors(ir.load(model), anchors, copy=False) if anchors else model
         res = evaluate(target, images, labels, preset=preprocess, conf=conf, iou=iou, max_det=max_det,
                        fmt=fmt, limit=limit, progress=not quiet, threads=threads,
-                       input_shape=_shape(input_shape))
+                       input_shape=_shape(input_shape), engine=runtime)
     except SlimError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -56,5 +58,7 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
             ["mAP@0.75", f"{res['map75']:.4f}"], ["images", res["n_images"]],
             ["ground-truth boxes", res["n_ground_truth"]], ["detections", res["n_detections"]]]
     click.echo(table(rows, ["metric", "value"]))
+    if runtime != "onnxruntime":
+        click.echo(f"(the model ran in {runtime})")
     if json_out:
-        write_json(json_out, dict(res, model=model, conf=conf, iou=iou, max_det=max_det))
+        write_json(json_out, dict(res, model=model, conf=conf, iou=iou, max_det=max_det, runtime=runtime))

@@ -159,10 +159,10 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
 def detections(model: ModelLike, images: Union[str, os.PathLike], preset: Optional[str] = None,
                conf: float = 0.001, iou: float = 0.6, max_det: int = 300, fmt: Optional[str] = None,
                limit: Optional[int] = None, progress: bool = True, threads: int = 0,
-               input_shape: Optional[Sequence[int]] = None) -> List[ImageBoxes]:
+               input_shape: Optional[Sequence[int]] = None, engine: str = "onnxruntime") -> List[ImageBoxes]:
     """Per-image detections of one model (see :func:`detections_multi`)."""
     return detections_multi([model], images, preset, conf, iou, max_det, fmt, limit, progress, threads,
-                            input_shape)[0]
+                            input_shape, engine=engine)[0]
 
 
 def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[str, float]:
@@ -175,8 +175,10 @@ def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[s
 def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: Union[str, os.PathLike],
              preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6, max_det: int = 300,
              fmt: Optional[str] = None, limit: Optional[int] = None, progress: bool = True,
-             threads: int = 0, input_shape: Optional[Sequence[int]] = None) -> Dict[str, float]:
-    """pycocotools bbox mAP of a model on an image folder with YOLO labels (or a COCO JSON).
+             threads: int = 0, input_shape: Optional[Sequence[int]] = None,
+             engine: str = "onnxruntime") -> Dict[str, float]:
+    """pycocotools bbox mAP of a model on an image folder with YOLO labels (or a COCO JSON), run
+    in ``engine`` (onnxruntime, or OpenVINO's CPU plugin).
 
     Returns ``map`` (0.5:0.95), ``map50``, ``map75``, ``n_images``, ``n_detections``, ``n_ground_truth``.
     """
@@ -184,7 +186,7 @@ def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: 
     if not lp.exists():
         raise UsageError(f"{lp}: labels not found (expected a YOLO label folder or a COCO .json)")
     dets = detections(model_or_path, images, preset, conf, iou, max_det, fmt, limit, progress, threads,
-                      input_shape)
+                      input_shape, engine)
     res = score(dets, labels)
     log.info("mAP@0.5:0.95 %.4f  mAP@0.5 %.4f  (%d images, %d detections)", res["map"], res["map50"],
              res["n_images"], res["n_detections"])

@@ -381,6 +381,25 @@ def test_eval_cli(dataset, tmp_path: Path):
     assert r.exit_code == 2 and "none: image folder does not exist" in r.output
 
 
+def test_eval_cli_runs_the_model_in_openvino(dataset, tmp_path: Path, monkeypatch):
+    from onnxslim_yolo import openvino_rt
+    from onnxslim_yolo.cli import main
+    from onnxslim_yolo.ir import save
+    images, labels = dataset
+    save(const_model("v5", letterboxed(LABELS, 16), CLASSES), tmp_path / "m.onnx")
+    args = ["eval", str(tmp_path / "m.onnx"), "--images", str(images), "--labels", str(labels), "--quiet",
+            "--runtime", "openvino", "--json", str(tmp_path / "r.json")]
+    if openvino_rt.available():
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert "mAP@0.5:0.95       | 1.0000" in r.output and "(the model ran in openvino)" in r.output
+        assert json.loads((tmp_path / "r.json").read_text())["runtime"] == "openvino"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "openvino" else object())
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "OpenVINO is not installed: pip install" in r.output
+
+
 # ------------------------------------------------------------------------------- real model
 def test_yolov5n_coco128_matches_reference(yolov5n_path: Path, coco128: Path):
     """Reference: pycocotools 0.357 mAP@0.5:0.95, 0.552 mAP@0.5 (shared/README.md)."""
