@@ -13,6 +13,7 @@ from . import ir
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP, with_anchors
 from .eval.decode import FORMATS
+from .openvino_rt import ENGINES
 from .pass_base import SlimError
 
 
@@ -33,7 +34,7 @@ from .pass_base import SlimError
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
 @click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: default).")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+@click.option("--runtime", type=click.Choice(list(ENGINES)), default="onnxruntime",
               show_default=True, help="Run the model in onnxruntime or in OpenVINO's CPU plugin.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -55,10 +55,6 @@ class _Runner:
         return out
 
 
-#: runtimes a model can be evaluated and timed in
-ENGINES = ("onnxruntime", "openvino")
-
-
 def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: bool = True,
                  threads: int = 0):
     """An onnxruntime CPU session, or for ``engine`` "openvino" an OpenVINO CPU one with the same
@@ -68,6 +64,8 @@ def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: 
 
         return OpenVinoSession(model, threads)
     if engine != "onnxruntime":
+        from .openvino_rt import ENGINES
+
         raise UsageError(f"unknown runtime '{engine}'; choose one of {', '.join(ENGINES)}")
     return verify.session(model, optimize=optimize, threads=threads)
 

@@ -23,6 +23,8 @@ from . import ir
 from .pass_base import UsageError, VerificationError, first_line
 
 INSTALL = "pip install 'onnxslim-yolo[openvino]' (or pip install openvino)"
+#: runtimes a model can be evaluated and timed in
+ENGINES = ("onnxruntime", "openvino")
 
 
 class OpenVinoMissing(UsageError):
@@ -111,4 +113,4 @@ class OpenVinoSession:
         return [by_name[n] for n in names]
 
 
-__all__ = ["OpenVinoSession", "OpenVinoMissing", "available", "engine_for", "version", "INSTALL"]
+__all__ = ["OpenVinoSession", "OpenVinoMissing", "available", "engine_for", "version", "ENGINES", "INSTALL"]
