@@ -96,8 +96,7 @@ def _openvino_sessions(spec: Dict[str, Any]) -> Dict[str, Any]:
     """OpenVINO compiled models with an onnxruntime-like ``run`` (one infer request each)."""
     from .openvino_rt import OpenVinoSession
 
-    return {name: OpenVinoSession(ir.load(path), int(spec["threads"]))
-            for name, path in spec["models"].items()}
+    return {name: OpenVinoSession(path, int(spec["threads"])) for name, path in spec["models"].items()}
 
 
 def _measure(spec: Dict[str, Any]) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -59,27 +59,35 @@ def _core():
     return ov.Core()
 
 
+def _compile(core, path: Path, config: Dict[str, str]):
+    try:
+        return core.compile_model(core.read_model(str(path)), "CPU", config)
+    except Exception as exc:
+        raise VerificationError(f"OpenVINO cannot load the model: {first_line(exc)}") from None
+
+
 @dataclass(frozen=True)
 class _Port:
     name: str
 
 
 class OpenVinoSession:
-    """One model compiled for OpenVINO's CPU plugin (``threads`` 0: OpenVINO's default)."""
+    """One model (a ModelProto, or the path of a saved one) compiled for OpenVINO's CPU plugin
+    (``threads`` 0: OpenVINO's default)."""
 
-    def __init__(self, model: onnx.ModelProto, threads: int = 0) -> None:
+    def __init__(self, model: Union[onnx.ModelProto, str, Path], threads: int = 0) -> None:
         core = _core()
         config: Dict[str, str] = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(int(threads))
-        with tempfile.TemporaryDirectory(prefix="osy_ov_") as td:
-            path = Path(td) / "model.onnx"
-            ir.save(model, path, external_data=ir.model_size(model) > ir.PROTO_LIMIT)
-            try:
-                ov_model = core.read_model(str(path))
-                self.compiled = core.compile_model(ov_model, "CPU", config)
-            except Exception as exc:
-                raise VerificationError(f"OpenVINO cannot load the model: {first_line(exc)}") from None
+        if isinstance(model, onnx.ModelProto):
+            with tempfile.TemporaryDirectory(prefix="osy_ov_") as td:
+                path = Path(td) / "model.onnx"
+                ir.save(model, path, external_data=ir.model_size(model) > ir.PROTO_LIMIT)
+                self.compiled = _compile(core, path, config)
+        else:   # a saved file is read as it is; only its graph's names are loaded here
+            self.compiled = _compile(core, Path(model), config)
+            model = onnx.load(str(model), load_external_data=False)
         inits = {t.name for t in model.graph.initializer}
         self._inputs = [_Port(v.name) for v in model.graph.input if v.name not in inits]
         self._outputs = [_Port(v.name) for v in model.graph.output]
