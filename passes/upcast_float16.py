@@ -21,12 +21,13 @@ was trained as).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Set
+from typing import Callable, Iterable, List
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, VerificationError
 
 F16 = onnx.TensorProto.FLOAT16
@@ -91,27 +92,19 @@ def _upcast_graph(graph: onnx.GraphProto, report: PassReport) -> None:
 
 
 def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for g in _graphs(graph):
-        for node in g.node:
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
+    for node in ir.all_nodes(graph):
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
 
 
 def _keep_io(graph: onnx.GraphProto, report: PassReport) -> None:
     """A Cast to float32 behind each float16 graph input and a Cast back to float16 in front of
     each float16 graph output, so the model's interface keeps its types."""
-    taken: Set[str] = {n for g in _graphs(graph) for node in g.node for n in [*node.input, *node.output]}
-    taken |= {v.name for v in [*graph.input, *graph.output]} | {t.name for t in graph.initializer}
-    taken |= {node.name for node in graph.node}
-
-    def fresh(base: str) -> str:
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
+    # names of the subgraphs too: a read renamed in a branch must not meet a name defined there
+    fresh = ir.NameAllocator([*(n for node in ir.all_nodes(graph) for n in [*node.input, *node.output]),
+                              *(v.name for v in [*graph.input, *graph.output]),
+                              *(t.name for t in graph.initializer), *(node.name for node in graph.node)])
 
     inits = {t.name for t in graph.initializer}
     head: List[onnx.NodeProto] = []
