@@ -49,6 +49,11 @@ class UnitSensitivity:
                 "sqnr_gain_db": round(self.sqnr_gain_db, 3)}
 
 
+def unit_of(plan: QuantPlan) -> Dict[str, str]:
+    """Node name -> the name of the unit (:attr:`QuantPlan.units`) holding it."""
+    return {n: u for u, ns in plan.units.items() for n in ns}
+
+
 def _readers(t: gs.Tensor) -> List[gs.Node]:
     """The nodes reading ``t``, through the QuantizeLinear -> DequantizeLinear pair of a quantized
     graph (where the INT8 readers read the DequantizeLinear's output, not ``t``)."""
@@ -68,7 +73,7 @@ def tensor_units(graph: gs.Graph, plan: QuantPlan) -> Dict[str, List[str]]:
     placements (weight-layer inputs quantized, not outputs) also the INT8 units that read it
     through its Q/DQ pair in the quantized ``graph``. Before 2026-12-05 those were missed, so the
     guard and mixed precision had nothing (tensorrt) or only Concats (openvino) to restore."""
-    node_unit = {n: u for u, ns in plan.units.items() for n in ns}
+    node_unit = unit_of(plan)
     int8_readers = set(plan.layers) | set(plan.int8_ops)
     tensors = graph.tensors()
     out: Dict[str, List[str]] = {}
@@ -109,7 +114,7 @@ def grouped_candidate(graph: gs.Graph, plan: QuantPlan) -> List[Tuple[str, Tuple
     while each alone gains little when restored: PP-PicoDet (LCNet, 37 depthwise of 102 Convs)
     under the openvino placement lost output cosine 0.58 all-INT8 and 0.998 with its depthwise
     Convs float, but restoring one candidate at a time kept 97 layers float."""
-    node_unit = {n: u for u, ns in plan.units.items() for n in ns}
+    node_unit = unit_of(plan)
     units = [node_unit[n.name] for n in graph.nodes if n.op == "Conv" and n.name in plan.layers
              and int(n.attrs.get("group", 1)) > 1 and n.name in node_unit]
     units = list(dict.fromkeys(units))
@@ -167,7 +172,7 @@ def switch_model(qgraph: gs.Graph, like: onnx.ModelProto, plan: QuantPlan, rec: 
     for name, (_, dq) in rec.activations.items():
         if name in units_of:
             route(dq, tensors[name], units_of[name])
-    node_unit = {n: u for u, ns in plan.units.items() for n in ns}
+    node_unit = unit_of(plan)
     for node, (w_float, dq) in rec.weights.items():
         if node in node_unit and w_float in tensors:
             route(dq, tensors[w_float], [node_unit[node]])
