@@ -14,11 +14,13 @@ from typing import Dict, List
 import onnx
 
 from .. import ir
+from ..quant.targets import TARGETS as QUANT_TARGETS
 from ..verify import ORT_DOMAINS
 from .index import GraphIndex
 from .result import CheckResult, failed, listing, passed, summarize, warned
 
-TARGETS = ("ort-cpu", "tensorrt", "openvino")
+#: the deployment targets: those insert-qdq places Q/DQ for
+TARGETS = tuple(QUANT_TARGETS)
 TRT_DOMAINS = frozenset({"", "ai.onnx"})
 #: op -> replacement (deprecated in the ai.onnx domain)
 DEPRECATED = {"Upsample": "Resize", "Scatter": "ScatterElements", "ImageScaler": "Mul + Add",
