@@ -112,6 +112,52 @@ def test_scores_that_openvino_computes_differently_fail_the_check(int8_for_openv
     assert "output 'class scores' differs from onnxruntime's" in ov.message
 
 
+def _top_rows(model: onnx.ModelProto, k: int) -> onnx.ModelProto:
+    """``model`` whose (1, N, 5+C) output is cut to its ``k`` rows of highest objectness by a TopK
+    (as RT-DETR-like exports pick their queries): the same rows layout, chosen inside the graph."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0]
+    consts = {"tk_s": [4], "tk_e": [5], "tk_ax": [2], "tk_k": [k], "tk_sq": [0, 2], "tk_uq": [2]}
+    m.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), n) for n, v in consts.items())
+    m.graph.node.extend([
+        helper.make_node("Slice", [out.name, "tk_s", "tk_e", "tk_ax"], ["tk_obj"], name="tk_slice"),
+        helper.make_node("Squeeze", ["tk_obj", "tk_sq"], ["tk_obj1"], name="tk_squeeze"),
+        helper.make_node("TopK", ["tk_obj1", "tk_k"], ["tk_val", "tk_idx"], name="tk_topk"),
+        helper.make_node("Gather", [out.name, "tk_idx"], ["rows"], name="tk_gather", axis=1)])
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, [1, k, dims[2]]))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@needs_openvino
+def test_rows_picked_by_a_topk_may_come_in_another_order(int8_for_openvino, monkeypatch):
+    """Rows a TopK picks can be ordered otherwise by another runtime's rounding. They are judged
+    by the candidates the TopK reads, not row by row (nor by their class scores)."""
+    _, q, _ = int8_for_openvino
+    picked = _top_rows(q, 50)
+    real_run = openvino_rt.OpenVinoSession.run
+
+    def reordered(self, names, feeds):
+        outs = real_run(self, names, feeds)
+        return [outs[0][:, ::-1].copy()] + outs[1:]
+
+    monkeypatch.setattr(openvino_rt.OpenVinoSession, "run", reordered)
+    ov = next(r for r in run_checks(picked, target="openvino", latency=False).results
+              if r.name == "runtime.openvino")
+    assert ov.status == "pass", ov.message
+    roles = {o["name"]: o["role"] for o in ov.details["outputs"]}
+    assert roles["rows"] == "selected" and "candidates" in roles.values() and "class scores" not in roles
+    # the same reordering of an output no TopK chose fails
+    ov = next(r for r in run_checks(q, target="openvino", latency=False).results
+              if r.name == "runtime.openvino")
+    assert ov.status == "fail" and "differs from onnxruntime's" in ov.message
+
+
 @needs_openvino
 def test_latency_in_openvino(int8_for_openvino):
     from onnxslim_yolo.latency import interleaved_latency
