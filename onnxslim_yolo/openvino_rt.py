@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from . import ir
-from .pass_base import UsageError, VerificationError, first_line
+from .pass_base import UsageError, VerificationError
 
 INSTALL = "pip install 'onnxslim-yolo[openvino]' (or pip install openvino)"
 #: runtimes a model can be evaluated and timed in
@@ -29,6 +29,27 @@ ENGINES = ("onnxruntime", "openvino")
 
 class OpenVinoMissing(UsageError):
     """OpenVINO is asked for but not installed."""
+
+
+class OpenVinoError(VerificationError):
+    """OpenVINO refused to compile or run a model; ``text`` is its whole message (the one-line
+    error shows :func:`reason`)."""
+
+    def __init__(self, what: str, exc: BaseException) -> None:
+        self.text = str(exc)
+        super().__init__(f"OpenVINO {what}: {reason(exc)}")
+
+
+def reason(exc: BaseException, limit: int = 400) -> str:
+    """OpenVINO's message on one line: its "Exception from <source file>" lines (a stack of
+    where, not why) dropped, the first and last of the rest kept (the failing transformation
+    and node; the check that failed)."""
+    lines = [ln.strip() for ln in str(exc).splitlines()
+             if ln.strip() and not ln.strip().startswith("Exception from")]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def available() -> bool:
@@ -63,7 +84,7 @@ def _compile(core, path: Path, config: Dict[str, str]):
     try:
         return core.compile_model(core.read_model(str(path)), "CPU", config)
     except Exception as exc:
-        raise VerificationError(f"OpenVINO cannot load the model: {first_line(exc)}") from None
+        raise OpenVinoError("cannot load the model", exc) from None
 
 
 @dataclass(frozen=True)
@@ -108,7 +129,7 @@ class OpenVinoSession:
         try:
             res = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
         except Exception as exc:
-            raise VerificationError(f"OpenVINO failed to run the model: {first_line(exc)}") from None
+            raise OpenVinoError("failed to run the model", exc) from None
         by_name: Dict[str, np.ndarray] = {}
         for port, value in res.items():
             for n in port.get_names():
@@ -121,4 +142,4 @@ class OpenVinoSession:
         return [by_name[n] for n in names]
 
 
-__all__ = ["OpenVinoSession", "OpenVinoMissing", "available", "engine_for", "version", "ENGINES", "INSTALL"]
+__all__ = ["OpenVinoSession", "OpenVinoMissing", "OpenVinoError", "reason", "available", "engine_for", "version", "ENGINES", "INSTALL"]

@@ -96,6 +96,7 @@ class InsertQDQ(Pass):
         check += list(ctx.calib_inputs[: ctx.verify_samples])
         if opts.guard:
             built = clock("guard", ctl.guard, built, check, self.tolerances(ctx).lossy_min_cosine)
+        built = clock("openvino", ctl.fit_openvino, built)
         clock("report", self._report, q, built, report, ctl.quality(built.model, check))
         return PassResult(built.model, True, report)
 

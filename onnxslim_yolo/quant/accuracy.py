@@ -9,6 +9,7 @@ candidates are restored to float until it holds, instead of returning a model th
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,6 +27,19 @@ log = logging.getLogger(__name__)
 Feeds = Dict[str, np.ndarray]
 #: the guard aims this much above the manager's floor (the manager's reference runs unoptimized)
 GUARD_MARGIN = 0.005
+#: reasons of the layers an accuracy or runtime stage restored to float (kept by later re-plans)
+RESTORED = ("sensitive", "mixed", "guard", "openvino")
+#: compiles tried by :meth:`Controller.fit_openvino`
+OPENVINO_TRIES = 32
+
+
+def named_nodes(text: str, names) -> List[str]:
+    """The ``names`` that ``text`` mentions as whole names (not as the start of a longer name)."""
+    found = []
+    for n in names:
+        if n and re.search(rf"(?<![\w/.\-]){re.escape(n)}(?![\w/.\-])", text):
+            found.append(n)
+    return sorted(found)
 
 
 def output_format(q: Quantizer) -> Optional[str]:
@@ -127,8 +141,7 @@ class Controller:
                key: str, why: str) -> Built:
         """Restore the most sensitive candidates until ``loss <= max_drop`` (see ``quant.mixed``)."""
         ranked: List[UnitSensitivity] = []
-        base = {n: w for n, w in built.plan.float_nodes.items()
-                if w.startswith(("sensitive", "mixed", "guard"))}
+        base = self._restored(built)
         variants: Dict[int, Built] = {0: built}
 
         def ranking() -> List[UnitSensitivity]:
@@ -149,6 +162,41 @@ class Controller:
             self.report.skip(key, f"{res.loss:.4g} > {max_drop} even with {len(res.restored)} "
                                   "candidates float")
         return variants[len(res.restored)]
+
+    @staticmethod
+    def _restored(built: Built) -> Dict[str, str]:
+        return {n: w for n, w in built.plan.float_nodes.items() if w.startswith(RESTORED)}
+
+    def fit_openvino(self, built: Built) -> Built:
+        """For the openvino target (with OpenVINO installed): the INT8 model compiles there.
+        OpenVINO's low-precision transformations refuse some quantized patterns (a MatMul
+        reading a Concat of tokens: RT-DETR's encoder output); a layer or INT8 op its message
+        names is kept float and the model rebuilt, up to :data:`OPENVINO_TRIES` compiles."""
+        from .. import openvino_rt
+
+        if self.q.target.name != "openvino" or not openvino_rt.available():
+            return built
+        kept: Dict[str, str] = {}
+        compiles = 0
+        while True:
+            compiles += 1
+            try:
+                openvino_rt.OpenVinoSession(built.model)
+                break
+            except openvino_rt.OpenVinoError as exc:
+                names = named_nodes(exc.text, list(built.plan.layers) + list(built.plan.int8_ops))
+                left = compiles >= OPENVINO_TRIES
+                if not names or left:
+                    why = (f"still fails after {compiles} compiles" if left and names
+                           else "and its message names no quantized node")
+                    log.warning("insert-qdq: the INT8 model does not compile in OpenVINO %s: %s", why, exc)
+                    self.report.skip("openvino", f"the INT8 model does not compile in OpenVINO {why}: {exc}")
+                    break
+                why = f"openvino: its INT8 form does not compile there ({openvino_rt.reason(exc, 160)})"
+                kept.update({n: why for n in names})
+                built = self.q.build(self.q.plan({**self._restored(built), **kept}))
+        self.report.details["openvino"] = {"compiles": compiles, "kept_float": sorted(kept)}
+        return built
 
     def mixed_precision(self, built: Built) -> Built:
         if self.o.max_drop is None:

@@ -165,3 +165,84 @@ def test_latency_in_openvino(int8_for_openvino):
     original, q, _ = int8_for_openvino
     med = interleaved_latency({"a": original, "b": q}, runs=3, threads=1, engine="openvino")
     assert set(med) == {"a", "b"} and all(v > 0 for v in med.values())
+
+
+def _quantized_convs(model: onnx.ModelProto):
+    """Convs with INT8 weights (a float Conv may still read a tensor that INT8 siblings share)."""
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in dq]
+
+
+def test_layers_openvino_cannot_compile_stay_float(monkeypatch):
+    """OpenVINO's low-precision transformations refuse some quantized patterns (RT-DETR's encoder
+    MatMuls). insert-qdq compiles its result there; a layer the message names is kept float and
+    the model rebuilt, until it compiles. A stand-in for OpenVINO refuses two quantized Convs
+    one at a time, named inside a message of several lines as OpenVINO writes them."""
+    from fixtures import FAMILIES
+    from onnxslim_yolo import verify
+    from onnxslim_yolo.pass_base import PassContext
+    from onnxslim_yolo.passes.insert_qdq import InsertQDQ
+
+    model = FAMILIES["yolov5_v6"](opset=13, bn=False)
+    refused: list = []
+    compiled: list = []
+
+    class StandIn:
+        def __init__(self, m, threads=0):
+            quantized = _quantized_convs(m)
+            if not refused:
+                refused.extend(quantized[1:3])
+            bad = [n for n in refused if n in quantized]
+            if bad:
+                raise openvino_rt.OpenVinoError("cannot load the model", RuntimeError(
+                    f"Exception from src/inference/src/cpp/core.cpp:117:\nException from src/x.cpp:54:\n"
+                    f"[MatMulTransformation] END: node: opset1::Convolution {bad[0]} (opset1::Multiply "
+                    f"{bad[0]}_input/DequantizationMultiply) CALLBACK HAS THROWN\n"
+                    f"Input shape dimension equal 2100 cannot be broadcasted (numpy mode) to 1."))
+            compiled.append(quantized)
+
+    monkeypatch.setattr(openvino_rt, "available", lambda: True)
+    monkeypatch.setattr(openvino_rt, "OpenVinoSession", StandIn)
+    opts = {"progress": False, "placement": "all", "guard": False, "target": "openvino"}
+    res = InsertQDQ().run(model, PassContext(options={"insert-qdq": opts},
+                                             calib_inputs=verify.random_feeds(model, 4, 0)))
+    assert len(refused) == 2 and len(compiled) == 1
+    left = _quantized_convs(res.model)
+    assert not set(refused) & set(left) and len(left) == len(compiled[0]) > 0
+    assert res.report.details["openvino"] == {"compiles": 3, "kept_float": sorted(refused)}
+    why = {s["node"]: s["reason"] for s in res.report.skipped}
+    for n in refused:
+        assert why[n].startswith("openvino: its INT8 form does not compile there (OpenVINO cannot load the "
+                                 "model: [MatMulTransformation] END: node: opset1::Convolution")
+        assert "Exception from" not in why[n]
+
+
+def test_an_openvino_refusal_naming_no_quantized_node_is_reported(monkeypatch):
+    from fixtures import FAMILIES
+    from onnxslim_yolo import verify
+    from onnxslim_yolo.pass_base import PassContext
+    from onnxslim_yolo.passes.insert_qdq import InsertQDQ
+
+    model = FAMILIES["yolov5_v6"](opset=13, bn=False)
+
+    def refuse(m, threads=0):
+        raise openvino_rt.OpenVinoError("cannot load the model", RuntimeError("unsupported op Foo in node 'x9'"))
+
+    monkeypatch.setattr(openvino_rt, "available", lambda: True)
+    monkeypatch.setattr(openvino_rt, "OpenVinoSession", refuse)
+    opts = {"progress": False, "placement": "all", "guard": False, "target": "openvino"}
+    res = InsertQDQ().run(model, PassContext(options={"insert-qdq": opts},
+                                             calib_inputs=verify.random_feeds(model, 4, 0)))
+    assert res.report.details["openvino"] == {"compiles": 1, "kept_float": []}
+    why = {s["node"]: s["reason"] for s in res.report.skipped}
+    assert why["openvino"] == ("the INT8 model does not compile in OpenVINO and its message names no "
+                               "quantized node: OpenVINO cannot load the model: unsupported op Foo in node 'x9'")
+    assert _quantized_convs(res.model)
+
+
+def test_openvino_messages_become_one_line():
+    exc = RuntimeError("Exception from a.cpp:1:\nException from b.cpp:2:\nfirst why\n\nmore\nlast check\n")
+    assert openvino_rt.reason(exc) == "first why ... last check"
+    assert openvino_rt.reason(RuntimeError("Exception from a.cpp:1:\nonly")) == "only"
+    assert openvino_rt.reason(RuntimeError("x" * 500), 50) == "x" * 47 + "..."
+    assert openvino_rt.reason(RuntimeError("")) == "RuntimeError"
