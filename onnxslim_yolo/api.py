@@ -16,7 +16,7 @@ import onnx
 from . import ir, verify
 from .analysis.flops import model_stats
 from .eval.anchors import with_anchors
-from .pass_base import Numerics, PassContext, PreconditionError, Tolerances, UsageError
+from .pass_base import Numerics, PassContext, PreconditionError, SlimError, Tolerances, UsageError
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,22 @@ def slower_note(ratio: Optional[float], opts: OptimizeOptions) -> Optional[str]:
     return note
 
 
+def images_fed(model: onnx.ModelProto, preprocess: Optional[str], folders: Sequence[Any]
+               ) -> Optional[Dict[str, str]]:
+    """How image ``folders`` (calibration, evaluation) are fed to ``model``: the preprocessing
+    and what chose it; None when none of ``folders`` is a folder or the model takes no image."""
+    from .data import describe_preset, get_preset, preset_choice
+
+    if not any(p is not None and Path(p).is_dir() for p in folders):
+        return None
+    try:
+        preset = get_preset(preprocess, model)
+        why = "--preprocess" if preprocess else preset_choice(model)[1]
+    except SlimError:
+        return None
+    return {"preprocessing": describe_preset(preset), "chosen_by": why}
+
+
 def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
               opts: OptimizeOptions, checks: Optional[Any] = None) -> Dict[str, Any]:
     """Nodes, params, MACs/FLOPs, size, end-to-end diff, latency and accuracy before and after."""
@@ -244,6 +260,9 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
         note = slower_note(s["latency_ratio"], opts)
         if note:
             s.setdefault("notes", []).append(note)
+    fed = images_fed(before, opts.preprocess, (opts.calib, opts.images))
+    if fed:
+        s["images"] = fed
     drop = checks.get("accuracy.map_drop") if checks is not None else None
     if drop is not None and "candidate" in drop.details:
         s["accuracy"] = {"before": drop.details["reference"], "after": drop.details["candidate"]}

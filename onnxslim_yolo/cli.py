@@ -160,6 +160,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     click.echo(passes_table(data["passes"]))
     click.echo("")
     click.echo(summary_table(result.summary))
+    echo_images_fed(result.summary.get("images"))
     for note in result.summary.get("notes", []):
         click.echo(f"warning: {note}")
     for rec in data["passes"]:
@@ -226,6 +227,14 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
         write_json(json_out, stats)
 
 
+def echo_images_fed(fed: Optional[Dict[str, str]]) -> None:
+    """The line saying how image folders were fed (:func:`.api.images_fed`), if any were."""
+    if fed:
+        why = ("as --preprocess asked" if fed["chosen_by"] == "--preprocess" else
+               f"chosen by {fed['chosen_by']}; --preprocess to change")
+        click.echo(f"images fed as {fed['preprocessing']} ({why})")
+
+
 def _dynamic_size(model: Any) -> Optional[Tuple[int, ...]]:
     """:func:`data.dynamic_input_shape`, None for a model with no single image input."""
     from . import data
@@ -246,14 +255,9 @@ def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, An
         preset = data.get_preset(None, model)
     except SlimError:
         return {}
-    pixels = ("pixel values 0-255" if preset.scale == 1.0 else "pixels / 255 (0-1)"
-              if abs(preset.scale - 1 / 255) < 1e-9 else f"pixels x {preset.scale:.6g}")
-    if preset.mean is not None:
-        pixels += ", minus the ImageNet mean, over its std"
     return {"name": name, "layout": "NHWC" if data.channels_last(model) else "NCHW",
             "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
-            "preprocessing": f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, letterbox "
-                             f"{'centred' if preset.center else 'top-left'}"}
+            "preprocessing": data.describe_preset(preset)}
 
 
 def _head_summary(model: Any) -> Dict[str, Any]:

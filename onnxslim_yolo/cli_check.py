@@ -69,12 +69,21 @@ def check_command(ctx: click.Context, model: str, reference: Optional[str], imag
                   input_shape: Optional[str], threads: int, quiet: bool) -> None:
     """Pre-deployment checks of MODEL, optionally against the original (--reference)."""
     from .check import CheckOptions, run_checks
-    from .cli import _shape, write_json  # late: cli imports this module while it loads
+    from .api import images_fed
+    from .cli import _shape, echo_images_fed, write_json  # late: cli imports this module while it loads
 
     opts = CheckOptions(target=target, max_drop=max_drop, min_cosine=min_cosine, min_agreement=min_agreement,
                         latency=latency, latency_runs=runs, threads=threads, limit=limit, preset=preprocess,
                         input_shape=_shape(input_shape), progress=not quiet, anchors=anchors)
     report = run_checks(model, reference=reference, images=images, labels=labels, options=opts)
+    if images:
+        from . import ir
+        from .pass_base import SlimError
+
+        try:   # a model that does not load fails its checks, which say why
+            echo_images_fed(images_fed(ir.load(model, load_external_data=False), preprocess, (images,)))
+        except SlimError:
+            pass
     click.echo(render(report))
     if json_out:
         write_json(json_out, report.to_dict())

@@ -151,22 +151,41 @@ def preprocess(img: np.ndarray, preset: Preset, size: Tuple[int, int],
 
 # ------------------------------------------------------------------------------------ models
 def detect_preset(model: onnx.ModelProto) -> str:
-    """The preset name for ``model``: from the exporter (metadata; any ultralytics task is
-    preprocessed like its detector), then the output layout, else yolov5. A row per grid point
+    """The preset name for ``model`` (:func:`preset_choice`)."""
+    return preset_choice(model)[0]
+
+
+def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
+    """(preset name, what chose it) for ``model``: the exporter (metadata; any ultralytics task
+    is preprocessed like its detector), then the output layout, else yolov5. A row per grid point
     is YOLOX's layout, unless the objectness column is a constant 1: YOLOX has an objectness
     branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`). A GFL head's
     rows (PP-PicoDet: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation, NanoDet-Plus's one
     output (``gfl``) the same on BGR images."""
     from .eval.decode import declared_shapes, detect_format, exporter_family  # decode does not import data
     from .eval.dfl import gfl_rows
-    fmt = exporter_family(model)[0] or detect_format(model)
+    family = exporter_family(model)[0]
+    fmt = family or detect_format(model)
+    why = ("the exporter named in the model's metadata" if family else
+           f"the output layout, read as {fmt}" if fmt not in (None, "v5")
+           else "the default: nothing in the model names another family")
     if fmt == "yolox" and ones_objectness(model):
-        return "yolov6"
+        return "yolov6", "the output layout: a row per grid point, objectness a constant 1"
     if fmt == "v8" and gfl_rows(declared_shapes(model)):
-        return "imagenet"
+        return "imagenet", "the output layout: GFL distance bins per row"
     if fmt == "gfl":
-        return "nanodet"
-    return {"v8": "yolov8", "yolox": "yolox"}.get(fmt, "yolov5")
+        return "nanodet", why
+    return {"v8": "yolov8", "yolox": "yolox"}.get(fmt, "yolov5"), why
+
+
+def describe_preset(preset: Preset) -> str:
+    """One line on what ``preset`` feeds: colour order, pixel scale, normalisation, letterbox."""
+    pixels = ("pixel values 0-255" if preset.scale == 1.0 else "pixels / 255 (0-1)"
+              if abs(preset.scale - 1 / 255) < 1e-9 else f"pixels x {preset.scale:.6g}")
+    if preset.mean is not None:
+        pixels += ", minus the ImageNet mean, over its std"
+    return (f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, letterbox "
+            f"{'centred' if preset.center else 'top-left'}")
 
 
 #: ops that pass a tensor of ones on as ones (a broadcast, a reshape, a cast)
@@ -503,7 +522,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
 
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
-           "detect_preset", "get_preset", "takes_pixels", "model_input", "channels_last", "full_input_shape",
+           "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input", "channels_last", "full_input_shape",
            "to_layout",
            "model_batch", "groups", "iter_images",
            "iter_inputs", "load_calibration", "ImageFeeds"]

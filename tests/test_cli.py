@@ -319,6 +319,28 @@ def test_optimize_prune_writes_kept_channels_json(model_file: Path, tmp_path: Pa
             assert inits[node.input[1]].dims[0] == len(shrunk[node.name]["kept_out"])
 
 
+@pytest.mark.parametrize("extra, expect", [
+    ([], "images fed as yolov5: RGB, pixels / 255 (0-1), letterbox centred (chosen by the default: "
+         "nothing in the model names another family; --preprocess to change)"),
+    (["--preprocess", "yolox"], "images fed as yolox: BGR, pixel values 0-255, letterbox top-left "
+                                "(as --preprocess asked)")])
+def test_optimize_says_how_images_are_fed(model_file: Path, tmp_path: Path, extra, expect):
+    """A wrong guess of the preprocessing ruins calibration silently (the agreement check only
+    sees it afterwards), so the summary names the preprocessing and what chose it."""
+    from fixtures import demo_paths
+
+    _, images, _ = demo_paths()
+    r = invoke("optimize", model_file, "--calib", images, "--calib-limit", 2, "--no-bench", "--no-check",
+               "--quiet", "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", *extra)
+    assert r.exit_code == 0, r.output
+    assert expect in r.output
+    fed = json.loads((tmp_path / "r.json").read_text())["summary"]["images"]
+    assert expect == f"images fed as {fed['preprocessing']} (" + (
+        "as --preprocess asked)" if extra else f"chosen by {fed['chosen_by']}; --preprocess to change)")
+    r = invoke("optimize", model_file, "--no-bench", "--no-check", "--quiet", "-o", tmp_path / "p.onnx")
+    assert r.exit_code == 0 and "images fed as" not in r.output
+
+
 @pytest.mark.parametrize("pipeline", [[], ["--int8"], ["--prune", "0.2"]])
 def test_optimize_over_the_protobuf_limit(model_file: Path, tmp_path: Path, monkeypatch, pipeline):
     """With the 2 GiB limit lowered below the fixture's size every step takes its large-model path:

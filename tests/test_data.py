@@ -112,6 +112,23 @@ def test_detect_preset(out_shape, meta, expected):
     assert data.detect_preset(declared_model((1, 3, 640, 640), out_shape, meta)) == expected
 
 
+@pytest.mark.parametrize("out_shape, meta, expected", [
+    ((1, 25200, 85), {"stride": "32", "names": "{0: 'person'}"},
+     ("yolov5", "the exporter named in the model's metadata")),
+    ((1, 8400, 85), {}, ("yolox", "the output layout, read as yolox")),
+    ((1, 84, 8400), {}, ("yolov8", "the output layout, read as v8")),
+    (("batch", "n", "c"), {}, ("yolov5", "the default: nothing in the model names another family")),
+])
+def test_preset_choice_says_what_chose_it(out_shape, meta, expected):
+    assert data.preset_choice(declared_model((1, 3, 640, 640), out_shape, meta)) == expected
+
+
+def test_describe_preset():
+    assert data.describe_preset(data.PRESETS["yolox"]) == "yolox: BGR, pixel values 0-255, letterbox top-left"
+    assert data.describe_preset(data.PRESETS["imagenet"]).startswith(
+        "imagenet: RGB, pixels / 255 (0-1), minus the ImageNet mean, over its std, letterbox")
+
+
 def _folded_ones(model: onnx.ModelProto, value: float = 1.0, ones_last: bool = False) -> onnx.ModelProto:
     """``model`` (a YOLOv6-style fixture) with its ConstantOfShape of ones replaced by an
     initializer, as a constant-folding exporter writes it; ``ones_last`` moves that column after

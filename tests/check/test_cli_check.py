@@ -107,3 +107,17 @@ def test_json_report_has_numeric_figures(paths):
     num = by_name["reference.numerics"]["details"]["outputs"][0]
     assert num["name"] == "output" and num["cosine"] > 0.999999 and num["max_abs"] < 1e-4 * num["ref_max"]
     assert by_name["latency"]["details"]["runs"] == 2 and by_name["latency"]["details"]["ratio"] > 0
+
+
+def test_check_says_how_images_are_fed_before_its_verdict(paths):
+    from fixtures import demo_paths
+
+    _, images, _ = demo_paths()
+    r = invoke(paths["good"], "--images", images, "--limit", 2, "--no-latency", "--quiet")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0] == ("images fed as yolov5: RGB, pixels / 255 (0-1), letterbox centred (chosen by the "
+                        "default: nothing in the model names another family; --preprocess to change)")
+    assert lines[-1].startswith("PASS:")
+    r = invoke(paths["good"], "--images", images, "--limit", 2, "--no-latency", "--quiet", "--preprocess", "yolox")
+    assert r.output.splitlines()[0].endswith("(as --preprocess asked)")
