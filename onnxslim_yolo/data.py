@@ -522,7 +522,8 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
 
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
-           "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input", "channels_last", "full_input_shape",
+           "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input",
+           "channels_last", "full_input_shape",
            "to_layout",
            "model_batch", "groups", "iter_images",
            "iter_inputs", "load_calibration", "ImageFeeds"]

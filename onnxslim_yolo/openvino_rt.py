@@ -142,4 +142,5 @@ class OpenVinoSession:
         return [by_name[n] for n in names]
 
 
-__all__ = ["OpenVinoSession", "OpenVinoMissing", "OpenVinoError", "reason", "available", "engine_for", "version", "ENGINES", "INSTALL"]
+__all__ = ["OpenVinoSession", "OpenVinoMissing", "OpenVinoError", "reason", "available", "engine_for",
+           "version", "ENGINES", "INSTALL"]

@@ -119,5 +119,6 @@ def test_check_says_how_images_are_fed_before_its_verdict(paths):
     assert lines[0] == ("images fed as yolov5: RGB, pixels / 255 (0-1), letterbox centred (chosen by the "
                         "default: nothing in the model names another family; --preprocess to change)")
     assert lines[-1].startswith("PASS:")
-    r = invoke(paths["good"], "--images", images, "--limit", 2, "--no-latency", "--quiet", "--preprocess", "yolox")
+    r = invoke(paths["good"], "--images", images, "--limit", 2, "--no-latency", "--quiet",
+               "--preprocess", "yolox")
     assert r.output.splitlines()[0].endswith("(as --preprocess asked)")

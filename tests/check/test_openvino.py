@@ -226,7 +226,8 @@ def test_an_openvino_refusal_naming_no_quantized_node_is_reported(monkeypatch):
     model = FAMILIES["yolov5_v6"](opset=13, bn=False)
 
     def refuse(m, threads=0):
-        raise openvino_rt.OpenVinoError("cannot load the model", RuntimeError("unsupported op Foo in node 'x9'"))
+        raise openvino_rt.OpenVinoError("cannot load the model",
+                                        RuntimeError("unsupported op Foo in node 'x9'"))
 
     monkeypatch.setattr(openvino_rt, "available", lambda: True)
     monkeypatch.setattr(openvino_rt, "OpenVinoSession", refuse)
@@ -236,7 +237,8 @@ def test_an_openvino_refusal_naming_no_quantized_node_is_reported(monkeypatch):
     assert res.report.details["openvino"] == {"compiles": 1, "kept_float": []}
     why = {s["node"]: s["reason"] for s in res.report.skipped}
     assert why["openvino"] == ("the INT8 model does not compile in OpenVINO and its message names no "
-                               "quantized node: OpenVINO cannot load the model: unsupported op Foo in node 'x9'")
+                               "quantized node: OpenVINO cannot load the model: "
+                               "unsupported op Foo in node 'x9'")
     assert _quantized_convs(res.model)
 
 
