@@ -108,6 +108,8 @@ class InsertQDQ(Pass):
         report.count("quantized_tensors", len(plan.activations))
         report.count("float_layers", sum(1 for n in plan.float_nodes if n not in plan.int8_ops))
         report.count("int32_biases", len(b.record.int32_bias))
+        if b.record.constants:
+            report.count("quantized_constants", len(b.record.constants))
         report.count("decode_tail_nodes", len(plan.tail))
         for node, why in plan.float_nodes.items():
             report.skip(node, why)

@@ -71,6 +71,8 @@ class QuantPlan:
     derived: Dict[str, List[str]] = field(default_factory=dict)
     #: weight layers measured slower in INT8 but quantized, since the runtime would anyway
     runtime_quantized: Dict[str, str] = field(default_factory=dict)
+    #: INT8 op -> its float constant operand, quantized with it (Target.quantize_constant_operands)
+    const_operands: Dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> Dict[str, object]:
         return {"target": self.target.name, "int8_layers": len(self.layers),
@@ -182,12 +184,34 @@ def _propagate(graph: gs.Graph, plan: QuantPlan, excluded: Mapping[str, str]) ->
             plan.float_nodes[node.name] = excluded[node.name]
             continue
         io = _float_io(node)
+        const = _const_operand(node) if io is None and t.quantize_constant_operands else None
+        if const is not None:
+            io = ([x for x in node.inputs if x is not const], [o for o in node.outputs if is_float_var(o)])
         if io is None or not all(x.name in avail for x in io[0]):
             continue
         plan.int8_ops.append(node.name)
+        if const is not None:
+            plan.const_operands[node.name] = const.name
         avail.update(o.name for o in io[1])
     _complete_partial(graph, plan, excluded, avail)
     return avail
+
+
+#: ops whose float constant operand can be quantized along (Target.quantize_constant_operands)
+CONST_OPERAND_OPS = ("Add", "Mul")
+
+
+def _const_operand(node: gs.Node) -> Optional[gs.Tensor]:
+    """The float32 constant of an Add or Mul of one float activation and one float32 constant
+    (a bias, a scale) with one float output; None otherwise."""
+    if node.op not in CONST_OPERAND_OPS or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    consts = [x for x in node.inputs if x.name and ir.const_value(x) is not None]
+    acts = [x for x in node.inputs if is_float_var(x)]
+    if len(consts) != 1 or len(acts) != 1 or not is_float_var(node.outputs[0]):
+        return None
+    value = ir.const_value(consts[0])
+    return consts[0] if value.dtype == np.float32 and value.size > 0 else None
 
 
 def runs_int8(node: gs.Node, ops: AbstractSet[str]) -> bool:
@@ -308,6 +332,7 @@ def _demote(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> No
             int8.discard(name)
             plan.float_nodes[name] = "no INT8 reader: a float op after DQ is cheaper than requantizing"
     plan.int8_ops = [n for n in plan.int8_ops if n in int8]
+    plan.const_operands = {n: c for n, c in plan.const_operands.items() if n in int8}
 
 
 def _from_int8_relu(x: gs.Tensor, int8: Set[str]) -> bool:
@@ -374,8 +399,9 @@ def _units(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> Non
             for o in node.outputs:
                 owner[o.name] = node.name
         elif node.name in int8:
-            srcs = {owner.get(x.name) for x in data_inputs(node)}
-            unit = srcs.pop() if len(srcs) == 1 and None not in srcs and len(data_inputs(node)) >= 1 else None
+            ins = [x for x in data_inputs(node) if x.name != plan.const_operands.get(node.name)]
+            srcs = {owner.get(x.name) for x in ins}
+            unit = srcs.pop() if len(srcs) == 1 and None not in srcs and len(ins) >= 1 else None
             if unit is None or by_name[node.name].op == "Concat":
                 unit = node.name
                 plan.units[unit] = []

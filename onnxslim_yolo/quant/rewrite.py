@@ -5,7 +5,9 @@
 - every INT8 layer's weight becomes an int8 constant (symmetric, [-127, 127], one scale per output
   channel along the layer's axis, or one scale when ``per_channel`` is off) read through a DQ;
 - with ``bias_int32``, a bias becomes int32 with scale ``input_scale * weight_scale`` (zero point
-  0), unless a value would overflow int32 (then it stays float, reported).
+  0), unless a value would overflow int32 (then it stays float, reported);
+- the float constant operand of an INT8 Add / Mul (``plan.const_operands``) is quantized per
+  tensor in the activation type and read through a DQ.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from ..analysis.qparams import np_qdtype
+from ..analysis.qparams import np_qdtype, quantize, scale_zero_point
 from .placement import LayerSpec, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class RewriteRecord:
     weights: Dict[str, Tuple[str, str]] = field(default_factory=dict)
     int32_bias: List[str] = field(default_factory=list)
     float_bias: Dict[str, str] = field(default_factory=dict)
+    #: INT8 op -> DQ output of its quantized constant operand
+    constants: Dict[str, str] = field(default_factory=dict)
 
 
 def quantize_weight(w: np.ndarray, axis: int, per_channel: bool,
@@ -139,4 +143,22 @@ def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool 
     for name in plan.activations:
         s, z = qparams[name]
         rec.activations[name] = _qdq(graph, tensors[name], s, z, plan.target.act_qdtype, alloc)
+    for name, const in plan.const_operands.items():
+        rec.constants[name] = _constant(graph, by_name[name], const, plan.target, alloc)
     return rec
+
+
+def _constant(graph: gs.Graph, node: gs.Node, const: str, target, alloc: ir.NameAllocator) -> str:
+    """Quantize ``node``'s constant operand ``const`` per tensor in the activation type (its
+    range widened to 0), read through a DequantizeLinear of its own; the DQ output's name."""
+    i = next(k for k, x in enumerate(node.inputs) if x.name == const)
+    v = ir.const_value(node.inputs[i]).astype(np.float32)
+    scale, zp = scale_zero_point(float(v.min()), float(v.max()), target.act_qdtype, target.act_symmetric)
+    qc = gs.Constant(alloc(const + "_quantized"), quantize(v, scale, zp, target.act_qdtype))
+    sc = _scalar(alloc(const + "_scale"), np.array(scale, np.float32))
+    zc = _scalar(alloc(const + "_zero_point"), np.array(zp, np_qdtype(target.act_qdtype)))
+    out = gs.Variable(alloc(const + "_dequantized"), np.float32, v.shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", alloc(const + "_DequantizeLinear"),
+                               inputs=[qc, sc, zc], outputs=[out]))
+    node.inputs[i] = out
+    return out.name

@@ -54,6 +54,11 @@ class Target:
     residual_add_inputs: bool
     #: decide INT8 vs float per conv by timing both on this machine
     measure: bool
+    #: an Add / Mul with a float constant operand (a Linear layer's bias Add, a LayerScale Mul)
+    #: runs INT8 when its other input and its output are quantized anyway: the constant is
+    #: quantized too (per tensor, the activation type), so onnxruntime fuses QLinearAdd/Mul
+    #: instead of running the op in float between DQ and Q
+    quantize_constant_operands: bool = False
 
 
 ORT_CPU = Target(
@@ -62,7 +67,7 @@ ORT_CPU = Target(
     int8_ops=frozenset({"Sigmoid", "Mul", "Add", "Concat", "LeakyRelu", "Relu", "AveragePool",
                         "GlobalAveragePool"}) | SAME_RANGE_OPS,
     same_range_ops=SAME_RANGE_OPS, shared_concat=True, bias_int32=True, quantize_last_convs=False,
-    quantize_layer_outputs=True, residual_add_inputs=False, measure=True)
+    quantize_layer_outputs=True, residual_add_inputs=False, measure=True, quantize_constant_operands=True)
 
 TENSORRT = Target(
     name="tensorrt", act_qdtype="int8", act_symmetric=True,

@@ -680,3 +680,61 @@ def test_every_int8_depthwise_conv_is_one_more_candidate(target):
     plain = InsertQDQ().run(fixtures.build_yolov5_v6(opset=13), PassContext(
         options=ctx.options, calib_inputs=verify.random_feeds(fixtures.build_yolov5_v6(opset=13), 4, 0)))
     assert GROUPED not in [r["candidate"] for r in plain.report.details["sensitivity"]["ranking"]]
+
+
+def _linear_block(bias_op: str = "Add") -> onnx.ModelProto:
+    """Conv -> tokens -> MatMul -> + bias (or x scale) -> MatMul -> Relu -> Conv: a Linear layer's
+    bias Add (a LayerScale Mul) between two INT8 layers, as transformer blocks export it."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w0", rng.normal(0, 0.3, (16, 3, 3, 3))), ("w1", rng.normal(0, 0.3, (16, 16))),
+        ("c", rng.normal(0.5, 0.4, (16,))), ("w2", rng.normal(0, 0.3, (16, 16))),
+        ("w3", rng.normal(0, 0.3, (8, 16, 1, 1))))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("tok", [1, 16, 64]), ("img", [1, 16, 8, 8]))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
+             helper.make_node("Reshape", ["ar", "tok"], ["t"], name="flat"),
+             helper.make_node("Transpose", ["t"], ["tt"], name="tr", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["tt", "w1"], ["m1"], name="fc1"),
+             helper.make_node(bias_op, ["m1", "c"], ["m1b"], name="bias"),
+             helper.make_node("MatMul", ["m1b", "w2"], ["m2"], name="fc2"),
+             helper.make_node("Relu", ["m2"], ["m2r"], name="relu2"),
+             helper.make_node("Transpose", ["m2r"], ["back"], name="tr2", perm=[0, 2, 1]),
+             helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
+             helper.make_node("Conv", ["im", "w3"], ["y"], name="conv1", kernel_shape=[1, 1])]
+    g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+@pytest.mark.parametrize("bias_op, fused", [("Add", "QLinearAdd"), ("Mul", "QLinearMul")])
+def test_a_constant_operand_between_int8_layers_is_quantized_so_onnxruntime_fuses(bias_op, fused) -> None:
+    """A bias Add (scale Mul) between two INT8 MatMuls ran in float between DQ and Q, since its
+    constant was float (qdq.ort_fusion warned; 31 such Adds in RT-DETR-l). The constant is now
+    quantized per tensor with it, and onnxruntime runs the op as one QLinear kernel."""
+    from onnxslim_yolo.check import run_checks
+
+    model = _linear_block(bias_op)
+    res = InsertQDQ().run(model, ctx(model))
+    g = G(res.model)
+    op = next(n for n in g.ops(bias_op) if n.name == "bias")
+    const_dq = next(g.prod[x] for x in op.input if g.prod.get(x) is not None
+                    and g.prod[x].input[0] in g.inits)
+    assert const_dq.op_type == "DequantizeLinear" and g.inits[const_dq.input[0]].dtype == np.uint8
+    c = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c"))
+    s, z = (float(g.inits[const_dq.input[1]]), int(g.inits[const_dq.input[2]]))
+    back = (g.inits[const_dq.input[0]].astype(np.int32) - z) * s
+    assert np.abs(back - c).max() <= s / 2 + 1e-7
+    assert all(g.prod[x].op_type == "DequantizeLinear" for x in op.input)
+    assert res.report.details["placement"]["int8_ops"] >= 1
+    optimized = verify.optimized_model(res.model)
+    assert fused in [n.op_type for n in optimized.graph.node]
+    fusion = next(r for r in run_checks(res.model, latency=False).results if r.name == "qdq.ort_fusion")
+    assert fusion.status == "pass", fusion.message
+    feeds = verify.random_feeds(model, 4, 1)
+    assert min(d.cosine for d in verify.compare_models(model, res.model, feeds)) > 0.99
