@@ -43,12 +43,14 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
                  input_shape: Optional[str], threads: int, runtime: str, json_out: Optional[str],
                  quiet: bool) -> None:
     """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions)."""
-    from .cli import _shape, write_json  # late: cli imports this module while it loads
+    from .api import images_fed
+    from .cli import _shape, echo_images_fed, write_json  # late: cli imports this module while it loads
     from .evaluate import evaluate
     from .report import table
 
     try:
         target = with_anchors(ir.load(model), anchors, copy=False) if anchors else model
+        fed = images_fed(ir.load(model, load_external_data=False), preprocess, (images,))
         res = evaluate(target, images, labels, preset=preprocess, conf=conf, iou=iou, max_det=max_det,
                        fmt=fmt, limit=limit, progress=not quiet, threads=threads,
                        input_shape=_shape(input_shape), engine=runtime)
@@ -58,8 +60,10 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     rows = [["mAP@0.5:0.95", f"{res['map']:.4f}"], ["mAP@0.5", f"{res['map50']:.4f}"],
             ["mAP@0.75", f"{res['map75']:.4f}"], ["images", res["n_images"]],
             ["ground-truth boxes", res["n_ground_truth"]], ["detections", res["n_detections"]]]
+    echo_images_fed(fed)
     click.echo(table(rows, ["metric", "value"]))
     if runtime != "onnxruntime":
         click.echo(f"(the model ran in {runtime})")
     if json_out:
-        write_json(json_out, dict(res, model=model, conf=conf, iou=iou, max_det=max_det, runtime=runtime))
+        write_json(json_out, dict(res, model=model, conf=conf, iou=iou, max_det=max_det, runtime=runtime,
+                                  images_fed=fed))

@@ -375,7 +375,11 @@ def test_eval_cli(dataset, tmp_path: Path):
                                   str(labels), "--json", str(tmp_path / "r.json"), "--quiet"])
     assert r.exit_code == 0, r.output
     assert "mAP@0.5:0.95       | 1.0000" in r.output
-    assert json.loads((tmp_path / "r.json").read_text())["n_images"] == 3
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["n_images"] == 3
+    assert r.output.splitlines()[0] == f"images fed as {doc['images_fed']['preprocessing']} (chosen by " \
+                                       f"{doc['images_fed']['chosen_by']}; --preprocess to change)"
+    assert doc["images_fed"]["preprocessing"].startswith("yolov5: RGB")
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--images", str(tmp_path / "none"),
                                   "--labels", str(labels)])
     assert r.exit_code == 2 and "none: image folder does not exist" in r.output
