@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..analysis.qparams import np_qdtype, quantize, scale_zero_point
 from .placement import LayerSpec, QuantPlan
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def apply(graph: gs.Graph, plan: QuantPlan, qparams: QParams, per_channel: bool 
     return rec
 
 
-def _constant(graph: gs.Graph, node: gs.Node, const: str, target, alloc: ir.NameAllocator) -> str:
+def _constant(graph: gs.Graph, node: gs.Node, const: str, target: Target, alloc: ir.NameAllocator) -> str:
     """Quantize ``node``'s constant operand ``const`` per tensor in the activation type (its
     range widened to 0), read through a DequantizeLinear of its own; the DQ output's name."""
     i = next(k for k, x in enumerate(node.inputs) if x.name == const)

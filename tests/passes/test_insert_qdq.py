@@ -705,7 +705,8 @@ def _linear_block(bias_op: str = "Add") -> onnx.ModelProto:
              helper.make_node("Transpose", ["m2r"], ["back"], name="tr2", perm=[0, 2, 1]),
              helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
              helper.make_node("Conv", ["im", "w3"], ["y"], name="conv1", kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    g = helper.make_graph(nodes, "linear",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(m, full_check=True)
