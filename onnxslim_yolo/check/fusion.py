@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import onnx
 
 from .. import verify
+from ..quant.targets import resize_runs_int8
 from .index import QDQ_OPS, GraphIndex
 from .qdq_lint import T, _type_name, qdq_nodes, qtype
 from .result import CheckResult, listing, passed, skipped, summarize, warned
@@ -38,10 +39,9 @@ MATMUL_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv",
 
 def _has_int8_path(node: onnx.NodeProto) -> bool:
     """onnxruntime has a QLinear kernel for the op or drops the Q/DQ around it; for a Resize only
-    in nearest mode (an interpolating one stays float between them, onnxruntime 1.32)."""
+    in the modes :func:`..quant.targets.resize_runs_int8` names."""
     if node.op_type == "Resize":
-        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
-        return mode == "nearest"
+        return resize_runs_int8(next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest"))
     return node.op_type in QLINEAR | DROPPED
 
 

@@ -26,7 +26,7 @@ from .. import ir
 from ..analysis.head import HeadInfo
 from ..pass_base import UsageError
 from .act_range import activation_of
-from .targets import Target, weight_axis
+from .targets import Target, resize_runs_int8, weight_axis
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,11 @@ def _const_operand(node: gs.Node) -> Optional[gs.Tensor]:
 
 
 def runs_int8(node: gs.Node, ops: AbstractSet[str]) -> bool:
-    """``node.op`` is one of ``ops``, and not a Resize that interpolates: onnxruntime drops the
-    Q/DQ around a nearest Resize only, so a linear one (YOLO26's depth head) runs in float
-    between them whatever its ranges (measured on onnxruntime 1.32)."""
+    """``node.op`` is one of ``ops``, and not a Resize that interpolates
+    (:func:`.targets.resize_runs_int8`)."""
     if node.op not in ops:
         return False
-    mode = node.attrs.get("mode", "nearest") if node.op == "Resize" else "nearest"
-    return ir.text(mode) == "nearest"
+    return node.op != "Resize" or resize_runs_int8(ir.text(node.attrs.get("mode", "nearest")))
 
 
 def _float_io(node: gs.Node) -> Optional[Tuple[List[gs.Tensor], List[gs.Tensor]]]:

@@ -93,6 +93,13 @@ OPENVINO = Target(
 TARGETS = {t.name: t for t in (ORT_CPU, TENSORRT, OPENVINO)}
 
 
+def resize_runs_int8(mode: str) -> bool:
+    """Whether onnxruntime runs a Resize of this ``mode`` on quantized values: it drops the Q/DQ
+    around a nearest Resize only; an interpolating one (YOLO26's depth head) stays float between
+    them whatever its ranges (measured on onnxruntime 1.32)."""
+    return mode == "nearest"
+
+
 def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise UsageError(f"insert-qdq: unknown target '{name}' (use {', '.join(TARGETS)})")
