@@ -235,7 +235,7 @@ def images_fed(model: onnx.ModelProto, preprocess: Optional[str], folders: Seque
         why = "--preprocess" if preprocess else preset_choice(model)[1]
     except SlimError:
         return None
-    return {"preprocessing": describe_preset(preset), "chosen_by": why}
+    return {"preset": preset.name, "preprocessing": describe_preset(preset), "chosen_by": why}
 
 
 def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
@@ -263,6 +263,13 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
     fed = images_fed(before, opts.preprocess, (opts.calib, opts.images))
     if fed:
         s["images"] = fed
+        if not opts.preprocess:   # a guess: do the images look fed as the model was trained?
+            from .preprobe import preset_advice
+
+            folder = next(p for p in (opts.calib, opts.images) if p is not None and Path(p).is_dir())
+            note = preset_advice(before, folder, fed["preset"])
+            if note:
+                s.setdefault("notes", []).append(note)
     drop = checks.get("accuracy.map_drop") if checks is not None else None
     if drop is not None and "candidate" in drop.details:
         s["accuracy"] = {"before": drop.details["reference"], "after": drop.details["candidate"]}

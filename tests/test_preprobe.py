@@ -1,0 +1,83 @@
+"""The preprocessing probe: detections per image and their agreement with the mirror images'
+detections tell a preset a trained detector was fed as trained from one that feeds it wrongly."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from onnxslim_yolo import ir
+from onnxslim_yolo.preprobe import MAX_DETECTIONS, PresetScore, advice, preset_advice, score_presets
+
+RIGHT = PresetScore(2.75, 0.78)            # yolov5n fed RGB / 255
+SATURATED = PresetScore(100.0, 0.0)        # yolov5n fed pixel values 0-255
+BLACK = PresetScore(0.0, float("nan"))     # a model fed values 255 times too small
+NOISE_THAT_MIRRORS = PresetScore(100.0, 0.8)   # a random-weight ShuffleNet YOLO, any preset
+
+
+def test_scores_that_look_right_or_wrong():
+    assert RIGHT.looks_right and not RIGHT.looks_wrong
+    assert SATURATED.looks_wrong and not SATURATED.looks_right
+    assert BLACK.looks_wrong and not BLACK.looks_right
+    # as many boxes as the probe keeps is saturation, even when they mirror well
+    assert NOISE_THAT_MIRRORS.per_image > MAX_DETECTIONS and NOISE_THAT_MIRRORS.looks_wrong
+    assert not NOISE_THAT_MIRRORS.looks_right
+
+
+def test_advice_names_the_preset_that_looks_right():
+    scores = {"yolox": SATURATED, "yolov5": RIGHT, "imagenet": PresetScore(0.38, 0.9)}
+    msg = advice(scores, "yolox")
+    assert msg == ("the images fed as yolox give 100 detections per image (mirror-image agreement "
+                   "0.00); fed as yolov5 they give 2.75 (0.78), as a trained detector does. If the "
+                   "model was trained that way, rerun with --preprocess yolov5")
+    black = advice({"yolov5": BLACK, "yolox": RIGHT}, "yolov5")
+    assert black is not None and "(no detections to compare)" in black and black.endswith("--preprocess yolox")
+
+
+def test_no_advice_when_the_choice_looks_right_or_nothing_does():
+    assert advice({"yolov5": RIGHT, "yolox": SATURATED}, "yolov5") is None
+    # random weights: every preset looks wrong, so there is nothing to advise
+    assert advice({"yolov5": SATURATED, "yolox": BLACK, "imagenet": NOISE_THAT_MIRRORS}, "yolov5") is None
+    assert advice({"yolov5": RIGHT}, "nanodet") is None
+
+
+def test_a_random_weight_model_gets_no_advice():
+    from fixtures import demo_paths
+
+    model_path, images, _ = demo_paths()
+    model = ir.load(model_path)
+    scores = score_presets(model, images, limit=4)
+    assert set(scores) >= {"yolov5", "yolox"} and "yolov8" not in scores   # one name per feeding
+    assert not any(s.looks_right for s in scores.values())
+    assert preset_advice(model, images, "yolov5", limit=4) is None
+
+
+def test_yolov5n_fed_as_yolox_is_told_to_use_yolov5(yolov5n_path: Path, coco128: Path):
+    model = ir.load(yolov5n_path)
+    images = coco128 / "images"
+    assert preset_advice(model, images, "yolov5") is None
+    msg = preset_advice(model, images, "yolox")
+    assert msg is not None and msg.endswith("rerun with --preprocess yolov5"), msg
+    scores = score_presets(model, images, names=["yolov5", "yolox"])
+    assert scores["yolov5"].looks_right and scores["yolox"].looks_wrong
+    assert scores["yolox"].flip < 0.2 <= 0.4 < scores["yolov5"].flip and not math.isnan(scores["yolov5"].flip)
+
+
+def test_optimize_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path: Path, coco128: Path,
+                                                                    monkeypatch):
+    """yolov5n with its guess forced to yolox (as a YOLOv6 v1 export is guessed): the summary
+    notes say so; a preprocessing the user gives is not second-guessed."""
+    from onnxslim_yolo import data
+    from onnxslim_yolo.api import optimize
+
+    monkeypatch.setattr(data, "preset_choice", lambda m: ("yolox", "the output layout, read as yolox"))
+    monkeypatch.setattr(data, "detect_preset", lambda m: "yolox")
+    model = ir.load(yolov5n_path)
+    images = coco128 / "images"
+    res = optimize(model, calib=images, calib_limit=2, passes=["canonicalize"], bench=False, check=False,
+                   progress=False)
+    assert res.summary["images"]["preset"] == "yolox"
+    notes = [n for n in res.summary.get("notes", []) if "--preprocess" in n]
+    assert notes and notes[0].endswith("rerun with --preprocess yolov5")
+    res = optimize(model, calib=images, calib_limit=2, passes=["canonicalize"], bench=False, check=False,
+                   progress=False, preprocess="yolox")
+    assert not any("--preprocess" in n for n in res.summary.get("notes", []))
