@@ -124,13 +124,14 @@ def advice(scores: Dict[str, PresetScore], chosen: str) -> Optional[str]:
 def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,
                   limit: int = PROBE_IMAGES) -> Optional[str]:
     """:func:`advice` for ``model`` on the first ``limit`` images of the folder ``images``; None
-    when the model's outputs are not detections or the images cannot feed it."""
+    when the model's outputs are not detections, the images cannot feed it, or anything else
+    stops the probe (it only advises)."""
     try:
         scores = score_presets(model, images, limit, [chosen])
         if not scores[chosen].looks_wrong:   # the usual case: one preset scored
             return None
         scores.update(score_presets(model, images, limit, [n for n in _distinct(model) if n != chosen]))
-    except SlimError as exc:
+    except Exception as exc:   # advice only: whatever the probe meets must not fail the run
         log.info("preprocessing probe skipped: %s", exc)
         return None
     log.info("preprocessing probe: %s", {n: (s.per_image, s.flip) for n, s in scores.items()})

@@ -81,3 +81,15 @@ def test_optimize_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path:
     res = optimize(model, calib=images, calib_limit=2, passes=["canonicalize"], bench=False, check=False,
                    progress=False, preprocess="yolox")
     assert not any("--preprocess" in n for n in res.summary.get("notes", []))
+
+
+def test_a_probe_that_fails_gives_no_advice_and_no_error(monkeypatch):
+    from fixtures import demo_paths
+    from onnxslim_yolo import preprobe
+
+    def broken(*a, **k):
+        raise ValueError("decode met an output it cannot read")
+
+    monkeypatch.setattr(preprobe, "score_presets", broken)
+    model_path, images, _ = demo_paths()
+    assert preset_advice(ir.load(model_path), images, "yolov5") is None
