@@ -30,7 +30,8 @@ def test_advice_names_the_preset_that_looks_right():
                    "0.00); fed as yolov5 they give 2.75 (0.78), as a trained detector does. If the "
                    "model was trained that way, rerun with --preprocess yolov5")
     black = advice({"yolov5": BLACK, "yolox": RIGHT}, "yolov5")
-    assert black is not None and "(no detections to compare)" in black and black.endswith("--preprocess yolox")
+    assert black is not None and "(no detections to compare)" in black
+    assert black.endswith("--preprocess yolox")
 
 
 def test_no_advice_when_the_choice_looks_right_or_nothing_does():
