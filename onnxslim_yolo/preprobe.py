@@ -64,17 +64,23 @@ class PresetScore:
 
 
 def _mirror_folder(images: Path, limit: int, out: Path) -> None:
+    """The first ``limit`` images, mirrored left-right, under their own names (the keys the
+    detections are matched by; JPEG at quality 95)."""
     for p in data.list_images(images)[:limit]:
-        Image.fromarray(np.ascontiguousarray(data.read_image(p)[:, ::-1])).save(out / p.name)
+        Image.fromarray(np.ascontiguousarray(data.read_image(p)[:, ::-1])).save(out / p.name, quality=95)
 
 
-def _distinct(model: onnx.ModelProto) -> List[str]:
-    """The first name of every preset that feeds ``model`` differently."""
-    seen: Dict[object, str] = {}
+def _feeding(model: onnx.ModelProto, name: str) -> tuple:
+    p = data.get_preset(name, model)
+    return (p.rgb, p.scale, p.center, p.pad_value, p.mean, p.std)
+
+
+def _distinct(model: onnx.ModelProto, but: Optional[str] = None) -> List[str]:
+    """The first name of every preset that feeds ``model`` differently (from ``but`` too)."""
+    seen: Dict[object, str] = {_feeding(model, but): but} if but else {}
     for name in data.PRESETS:
-        p = data.get_preset(name, model)
-        seen.setdefault((p.rgb, p.scale, p.center, p.pad_value, p.mean, p.std), name)
-    return list(seen.values())
+        seen.setdefault(_feeding(model, name), name)
+    return [n for n in seen.values() if n != but]
 
 
 def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int = PROBE_IMAGES,
@@ -130,7 +136,7 @@ def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,
         scores = score_presets(model, images, limit, [chosen])
         if not scores[chosen].looks_wrong:   # the usual case: one preset scored
             return None
-        scores.update(score_presets(model, images, limit, [n for n in _distinct(model) if n != chosen]))
+        scores.update(score_presets(model, images, limit, _distinct(model, but=chosen)))
     except Exception as exc:   # advice only: whatever the probe meets must not fail the run
         log.info("preprocessing probe skipped: %s", exc)
         return None
