@@ -48,7 +48,8 @@ PROBE_CONF, MIRROR_CONF, PROBE_MAX_DET = 0.25, 0.05, 100
 @dataclass(frozen=True)
 class PresetScore:
     """Detections per image (score >= :data:`PROBE_CONF`) and the agreement of the
-    mirror images' detections, mirrored back, with the images' own (NaN with none to agree on)."""
+    mirror images' detections, mirrored back, with the images' own (NaN with none to agree on,
+    and for a saturated preset, which is not run on the mirror images)."""
 
     per_image: float
     flip: float
@@ -96,12 +97,15 @@ def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int =
         for name in (names if names is not None else _distinct(model)):
             kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET)
             own = detections(model, images, conf=PROBE_CONF, **kw)
+            per_image = float(np.mean([len(d.scores) for d in own]))
+            if per_image > MAX_DETECTIONS:   # saturated: wrong whatever the mirror images say
+                out[name] = PresetScore(round(per_image, 2), float("nan"))
+                continue
             back = []
             for d in detections(model, mirror, conf=MIRROR_CONF, **kw):
                 b = d.boxes.copy()
                 b[:, [0, 2]] = d.hw[1] - b[:, [2, 0]]
                 back.append(ImageBoxes(d.key, d.hw, b, d.classes, d.scores))
-            per_image = float(np.mean([len(d.scores) for d in own]))
             try:
                 flip = float(agreement(back, own)["map"])
             except SlimError:   # nothing detected to agree on
@@ -121,7 +125,8 @@ def advice(scores: Dict[str, PresetScore], chosen: str) -> Optional[str]:
         return None
     name = max(right)[1]
     best = scores[name]
-    flip = "no detections to compare" if math.isnan(mine.flip) else f"mirror-image agreement {mine.flip:.2f}"
+    flip = (f"mirror-image agreement {mine.flip:.2f}" if not math.isnan(mine.flip) else
+            "saturated" if mine.per_image > MAX_DETECTIONS else "no detections to compare")
     return (f"the images fed as {chosen} give {mine.per_image:g} detections per image ({flip}); fed "
             f"as {name} they give {best.per_image:g} ({best.flip:.2f}), as a trained detector does. "
             f"If the model was trained that way, rerun with --preprocess {name}")
@@ -132,11 +137,12 @@ def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,
     """:func:`advice` for ``model`` on the first ``limit`` images of the folder ``images``; None
     when the model's outputs are not detections, the images cannot feed it, or anything else
     stops the probe (it only advises)."""
-    try:
-        scores = score_presets(model, images, limit, [chosen])
-        if not scores[chosen].looks_wrong:   # the usual case: one preset scored
-            return None
-        scores.update(score_presets(model, images, limit, _distinct(model, but=chosen)))
+    try:   # a preset that saturates the model overflows its sigmoids: no numpy warnings for that
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            scores = score_presets(model, images, limit, [chosen])
+            if not scores[chosen].looks_wrong:   # the usual case: one preset scored
+                return None
+            scores.update(score_presets(model, images, limit, _distinct(model, but=chosen)))
     except Exception as exc:   # advice only: whatever the probe meets must not fail the run
         log.info("preprocessing probe skipped: %s", exc)
         return None

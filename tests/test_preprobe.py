@@ -9,7 +9,7 @@ from onnxslim_yolo import ir
 from onnxslim_yolo.preprobe import MAX_DETECTIONS, PresetScore, advice, preset_advice, score_presets
 
 RIGHT = PresetScore(2.75, 0.78)            # yolov5n fed RGB / 255
-SATURATED = PresetScore(100.0, 0.0)        # yolov5n fed pixel values 0-255
+SATURATED = PresetScore(100.0, float("nan"))   # yolov5n fed pixel values 0-255 (mirror agreement 0.00)
 BLACK = PresetScore(0.0, float("nan"))     # a model fed values 255 times too small
 NOISE_THAT_MIRRORS = PresetScore(100.0, 0.8)   # a random-weight ShuffleNet YOLO, any preset
 
@@ -26,9 +26,11 @@ def test_scores_that_look_right_or_wrong():
 def test_advice_names_the_preset_that_looks_right():
     scores = {"yolox": SATURATED, "yolov5": RIGHT, "imagenet": PresetScore(0.38, 0.9)}
     msg = advice(scores, "yolox")
-    assert msg == ("the images fed as yolox give 100 detections per image (mirror-image agreement "
-                   "0.00); fed as yolov5 they give 2.75 (0.78), as a trained detector does. If the "
-                   "model was trained that way, rerun with --preprocess yolov5")
+    assert msg == ("the images fed as yolox give 100 detections per image (saturated); fed as yolov5 "
+                   "they give 2.75 (0.78), as a trained detector does. If the model was trained that "
+                   "way, rerun with --preprocess yolov5")
+    noisy = advice({"yolox": PresetScore(3.0, 0.05), "yolov5": RIGHT}, "yolox")
+    assert noisy is not None and "3 detections per image (mirror-image agreement 0.05)" in noisy
     black = advice({"yolov5": BLACK, "yolox": RIGHT}, "yolov5")
     assert black is not None and "(no detections to compare)" in black
     assert black.endswith("--preprocess yolox")
@@ -60,7 +62,8 @@ def test_yolov5n_fed_as_yolox_is_told_to_use_yolov5(yolov5n_path: Path, coco128:
     assert msg is not None and msg.endswith("rerun with --preprocess yolov5"), msg
     scores = score_presets(model, images, names=["yolov5", "yolox"])
     assert scores["yolov5"].looks_right and scores["yolox"].looks_wrong
-    assert scores["yolox"].flip < 0.2 <= 0.4 < scores["yolov5"].flip and not math.isnan(scores["yolov5"].flip)
+    assert scores["yolox"].per_image == 100 and math.isnan(scores["yolox"].flip)
+    assert scores["yolov5"].flip >= 0.4
 
 
 def test_optimize_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path: Path, coco128: Path,
