@@ -230,9 +230,9 @@ def images_fed(model: onnx.ModelProto, preprocess: Optional[str], folders: Seque
 
     if not any(p is not None and Path(p).is_dir() for p in folders):
         return None
-    try:
-        preset = get_preset(preprocess, model)
-        why = "--preprocess" if preprocess else preset_choice(model)[1]
+    try:   # the guess is made once: get_preset given a name does not guess again
+        name, why = (preprocess, "--preprocess") if preprocess else preset_choice(model)
+        preset = get_preset(name, model)
     except SlimError:
         return None
     return {"preset": preset.name, "preprocessing": describe_preset(preset), "chosen_by": why}

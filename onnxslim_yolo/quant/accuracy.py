@@ -174,7 +174,7 @@ class Controller:
         names is kept float and the model rebuilt, up to :data:`OPENVINO_TRIES` compiles."""
         from .. import openvino_rt
 
-        if self.q.target.name != "openvino" or not openvino_rt.available():
+        if openvino_rt.engine_for(self.q.target.name) != "openvino":
             return built
         kept: Dict[str, str] = {}
         compiles = 0
