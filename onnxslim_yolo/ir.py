@@ -616,6 +616,17 @@ def input_dtypes(model: onnx.ModelProto) -> Dict[str, np.dtype]:
             for vi in model.graph.input if vi.name not in inits}
 
 
+#: ops that mark a model as already quantized (QDQ or QOperator format)
+QUANT_OPS: frozenset = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd",
+                                  "QLinearMul"})
+
+
+def quantized_ops(model: onnx.ModelProto) -> List[str]:
+    """The quantization op types the model's graph holds, sorted (empty for a float model)."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
+
+
 def require_float32_weights(model: onnx.ModelProto) -> None:
     """Raise PreconditionError naming the first Conv/ConvTranspose/Gemm/MatMul whose constant
     weight is not float32 (a float16 export): the passes that calibrate or refit weights work in

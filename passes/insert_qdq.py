@@ -26,14 +26,11 @@ from onnxslim_yolo.quant.pipeline import Built, Quantizer
 
 log = logging.getLogger(__name__)
 
-QUANT_OPS: frozenset = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd",
-                                  "QLinearMul"})
 NO_CALIB = "insert-qdq needs calibration images: pass --calib DIR"
 
 
 def already_quantized(model: onnx.ModelProto) -> Optional[str]:
-    ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANT_OPS})
+    ops = ir.quantized_ops(model)
     return f"model already holds {', '.join(ops)} nodes: quantizing twice would stack errors" if ops else None
 
 

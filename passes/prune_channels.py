@@ -77,6 +77,11 @@ class PruneChannels(Pass):
     def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:
         parse_options(ctx.opts(self.name), bool(ctx.calib_inputs))
         ir.require_float32_weights(model)
+        ops = ir.quantized_ops(model)
+        if ops:
+            raise PreconditionError(
+                f"the model already holds {', '.join(ops)} nodes: its quantization scales were calibrated on "
+                "the unpruned activations; prune the float model, then quantize (--prune R --int8 does both)")
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         opts = parse_options(ctx.opts(self.name), bool(ctx.calib_inputs))

@@ -513,6 +513,31 @@ def test_float16_models_are_refused_naming_the_conv(which):
     p.requires(build_yolov5_v6(opset=13), ctx)      # the float32 model passes the same check
 
 
+def _input_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a QuantizeLinear / DequantizeLinear pair on its image input, as a QDQ model
+    has them."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    x = m.graph.input[0].name
+    for n in m.graph.node:
+        n.input[:] = ["x_dq" if i == x else i for i in n.input]
+    m.graph.initializer.extend([numpy_helper.from_array(np.array(1 / 255, np.float32), "x_scale"),
+                                numpy_helper.from_array(np.array(0, np.uint8), "x_zp")])
+    m.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"]))
+    m.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", [x, "x_scale", "x_zp"], ["x_q"]))
+    return m
+
+
+def test_quantized_models_are_refused_with_the_order_to_use():
+    model = _input_qdq(build_yolov5_v6(opset=13))
+    onnx.checker.check_model(model)
+    ctx = PassContext(options={"prune-channels": {"ratio": 0.1}}, calib_inputs=[{"images": None}])
+    with pytest.raises(PreconditionError, match=r"already holds DequantizeLinear, QuantizeLinear nodes: .*"
+                                                r"prune the float model, then quantize \(--prune R --int8"):
+        PruneChannels().requires(model, ctx)
+    PruneChannels().requires(build_yolov5_v6(opset=13), ctx)
+
+
 @pytest.mark.parametrize("progress", [True, False])
 def test_selection_and_refit_show_progress_bars_when_asked(capsys, progress):
     model = build_yolov5_v6(opset=13)
