@@ -79,6 +79,45 @@ def test_exact_pass_that_changes_numerics_fails_loudly():
         PassManager([ScaleWeights(1.05)], PassContext()).run(small_model())
 
 
+def test_a_float_model_gets_no_quantizer_note():
+    with pytest.raises(VerificationError) as err:
+        PassManager([ScaleWeights(1.05)], PassContext()).run(small_model())
+    assert "already holds" not in str(err.value)
+
+
+class NudgeConstant(Pass):
+    """Moves the constant ``k`` by one float32 ulp: exact in float arithmetic."""
+
+    name = "nudge"
+    numerics = Numerics.EXACT
+
+    def run(self, model, ctx):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        init = next(i for i in m.graph.initializer if i.name == "k")
+        k = np.nextafter(numpy_helper.to_array(init), np.float32(1)).astype(np.float32)
+        init.CopyFrom(numpy_helper.from_array(k, "k"))
+        return PassResult(m, True, PassReport())
+
+
+def test_a_one_ulp_change_before_a_quantizer_fails_with_the_reason():
+    """Q(0.5) rounds to 0 (half to even), Q(0.5 + 1 ulp) to 1: a whole step at the output."""
+    h = onnx.helper
+    inits = [numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "k"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    nodes = [h.make_node("QuantizeLinear", ["k", "s", "z"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             h.make_node("Add", ["x", "d"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    with pytest.raises(VerificationError, match=r"pass 'nudge'.*exact numerics contract: output 'y': max abs "
+                                                r"diff 1 .*already holds QuantizeLinear nodes, where a float "
+                                                r"rounding difference moves a value by a whole step"):
+        PassManager([NudgeConstant()], PassContext()).run(model)
+
+
 def test_error_names_the_passes_that_ran_before():
     first = named("first")
     with pytest.raises(VerificationError, match=r"pass 'scale-weights' \(after first\)"):
