@@ -222,6 +222,21 @@ def slower_note(ratio: Optional[float], opts: OptimizeOptions) -> Optional[str]:
     return note
 
 
+def _preprocessing_note(model: onnx.ModelProto, opts: OptimizeOptions, preset: str,
+                        checks: Optional[Any]) -> Optional[str]:
+    """The advice when the guessed ``preset`` looks wrong: the final checks' verdict when they
+    judged it (``inputs.preprocessing``), else the probe's own."""
+    from .check.result import WARN
+
+    done = checks.get("inputs.preprocessing") if checks is not None else None
+    if done is not None and "verdict" in done.details:
+        return done.message if done.status == WARN else None
+    from .preprobe import preset_advice
+
+    folder = next(p for p in (opts.calib, opts.images) if p is not None and Path(p).is_dir())
+    return preset_advice(model, folder, preset)
+
+
 def images_fed(model: onnx.ModelProto, preprocess: Optional[str], folders: Sequence[Any]
                ) -> Optional[Dict[str, str]]:
     """How image ``folders`` (calibration, evaluation) are fed to ``model``: the preprocessing
@@ -264,10 +279,7 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
     if fed:
         s["images"] = fed
         if not opts.preprocess:   # a guess: do the images look fed as the model was trained?
-            from .preprobe import preset_advice
-
-            folder = next(p for p in (opts.calib, opts.images) if p is not None and Path(p).is_dir())
-            note = preset_advice(before, folder, fed["preset"])
+            note = _preprocessing_note(before, opts, fed["preset"], checks)
             if note:
                 s.setdefault("notes", []).append(note)
     drop = checks.get("accuracy.map_drop") if checks is not None else None

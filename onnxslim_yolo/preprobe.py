@@ -85,9 +85,11 @@ def _distinct(model: onnx.ModelProto, but: Optional[str] = None) -> List[str]:
 
 
 def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int = PROBE_IMAGES,
-                  names: Optional[Sequence[str]] = None) -> Dict[str, PresetScore]:
+                  names: Optional[Sequence[str]] = None, input_shape: Optional[Sequence[int]] = None,
+                  threads: int = 0) -> Dict[str, PresetScore]:
     """Score the presets ``names`` (default: every preset that feeds ``model`` differently) on
-    the first ``limit`` images of ``images`` and their mirror images."""
+    the first ``limit`` images of ``images`` and their mirror images (``input_shape`` for a
+    model with a dynamic size)."""
     from .evaluate import ImageBoxes, agreement, detections
 
     out: Dict[str, PresetScore] = {}
@@ -95,7 +97,8 @@ def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int =
         mirror = Path(td)
         _mirror_folder(Path(images), limit, mirror)
         for name in (names if names is not None else _distinct(model)):
-            kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET)
+            kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET, input_shape=input_shape,
+                      threads=threads)
             own = detections(model, images, conf=PROBE_CONF, **kw)
             per_image = float(np.mean([len(d.scores) for d in own]))
             if per_image > MAX_DETECTIONS:   # saturated: wrong whatever the mirror images say
@@ -114,6 +117,11 @@ def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int =
     return out
 
 
+def _flip(s: PresetScore) -> str:
+    return (f"mirror-image agreement {s.flip:.2f}" if not math.isnan(s.flip) else
+            "saturated" if s.per_image > MAX_DETECTIONS else "no detections to compare")
+
+
 def advice(scores: Dict[str, PresetScore], chosen: str) -> Optional[str]:
     """A warning when ``chosen`` looks wrong and another preset looks right (the one detecting
     most), else None."""
@@ -125,29 +133,65 @@ def advice(scores: Dict[str, PresetScore], chosen: str) -> Optional[str]:
         return None
     name = max(right)[1]
     best = scores[name]
-    flip = (f"mirror-image agreement {mine.flip:.2f}" if not math.isnan(mine.flip) else
-            "saturated" if mine.per_image > MAX_DETECTIONS else "no detections to compare")
-    return (f"the images fed as {chosen} give {mine.per_image:g} detections per image ({flip}); fed "
+    return (f"the images fed as {chosen} give {mine.per_image:g} detections per image ({_flip(mine)}); fed "
             f"as {name} they give {best.per_image:g} ({best.flip:.2f}), as a trained detector does. "
             f"If the model was trained that way, rerun with --preprocess {name}")
 
 
-def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,
-                  limit: int = PROBE_IMAGES) -> Optional[str]:
-    """:func:`advice` for ``model`` on the first ``limit`` images of the folder ``images``; None
-    when the model's outputs are not detections, the images cannot feed it, or anything else
-    stops the probe (it only advises)."""
+@dataclass(frozen=True)
+class Verdict:
+    """What the probe makes of the preset ``chosen``: ``status`` is "right" (it looks as a trained
+    detector fed as trained), "wrong" (it looks wrong and another preset looks right: ``message``
+    is the advice), "unsure" (neither) or "unknown" (it looks wrong and so does every other
+    preset, as with untrained weights, or the probe could not run)."""
+
+    status: str
+    chosen: str
+    message: str
+    scores: Dict[str, PresetScore]
+    images: int = 0   # how many images (and as many mirror images) it ran on
+
+
+def _describe(name: str, s: PresetScore) -> str:
+    return f"fed as {name}: {s.per_image:g} detections per image (score >= {PROBE_CONF:g}), {_flip(s)}"
+
+
+def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: int = PROBE_IMAGES,
+          input_shape: Optional[Sequence[int]] = None, threads: int = 0) -> Verdict:
+    """Score ``chosen`` on the first ``limit`` images of the folder ``images``, and the presets
+    that feed ``model`` differently when it looks wrong. Never raises: whatever stops the probe
+    (outputs that are not detections, images that cannot feed the model) gives "unknown"."""
+    scores: Dict[str, PresetScore] = {}
+    n = 0
     try:   # a preset that saturates the model overflows its sigmoids: no numpy warnings for that
+        n = len(data.list_images(images)[:limit])
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            scores = score_presets(model, images, limit, [chosen])
-            if not scores[chosen].looks_wrong:   # the usual case: one preset scored
-                return None
-            scores.update(score_presets(model, images, limit, _distinct(model, but=chosen)))
+            scores = score_presets(model, images, limit, [chosen], input_shape, threads)
+            mine = scores[chosen]
+            if not mine.looks_wrong:   # the usual case: one preset scored
+                status = "right" if mine.looks_right else "unsure"
+                return Verdict(status, chosen, _describe(chosen, mine), scores, n)
+            scores.update(score_presets(model, images, limit, _distinct(model, but=chosen), input_shape,
+                                        threads))
     except Exception as exc:   # advice only: whatever the probe meets must not fail the run
         log.info("preprocessing probe skipped: %s", exc)
-        return None
-    log.info("preprocessing probe: %s", {n: (s.per_image, s.flip) for n, s in scores.items()})
-    return advice(scores, chosen)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Verdict("unknown", chosen, f"the probe could not run: {first}", scores, n)
+    log.info("preprocessing probe: %s", {k: (s.per_image, s.flip) for k, s in scores.items()})
+    note = advice(scores, chosen)
+    if note:
+        return Verdict("wrong", chosen, note, scores, n)
+    return Verdict("unknown", chosen, f"{_describe(chosen, scores[chosen])}, and no other preprocessing looks "
+                   "right either (untrained weights?)", scores, n)
 
 
-__all__ = ["PresetScore", "score_presets", "advice", "preset_advice", "PROBE_IMAGES"]
+def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,
+                  limit: int = PROBE_IMAGES) -> Optional[str]:
+    """:func:`judge`'s advice when ``chosen`` looks wrong and another preset looks right, else
+    None (also when the model's outputs are not detections, the images cannot feed it, or
+    anything else stops the probe: it only advises)."""
+    v = judge(model, images, chosen, limit)
+    return v.message if v.status == "wrong" else None
+
+
+__all__ = ["PresetScore", "Verdict", "score_presets", "advice", "judge", "preset_advice", "PROBE_IMAGES"]

@@ -109,5 +109,31 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
     return passed(name, text, **details)
 
 
+def check_preprocessing(model: onnx.ModelProto, images: str, preset: Optional[str], limit: Optional[int],
+                        input_shape: Optional[Sequence[int]], threads: int) -> CheckResult:
+    """Whether the images look fed to ``model`` (the reference when there is one: the trained
+    model) as it was trained, when the preprocessing is guessed (:mod:`..preprobe`): detections per
+    image and their agreement with the mirror images'. A warning names a preset that looks right
+    when the guess looks wrong; untrained weights, which look wrong under every preset, skip."""
+    from .. import preprobe
+    from ..data import get_preset
+
+    name = "inputs.preprocessing"
+    if preset:
+        return skipped(name, f"given with --preprocess {preset}")
+    chosen = get_preset(None, model).name
+    n = min(limit or preprobe.PROBE_IMAGES, preprobe.PROBE_IMAGES)
+    v = preprobe.judge(model, images, chosen, n, input_shape, threads)
+    n = v.images
+    details = {"preset": chosen, "verdict": v.status, "images": n,
+               "scores": {k: {"per_image": s.per_image, "mirror_agreement": s.flip} for k, s in v.scores.items()}}
+    if v.status == "wrong":
+        return warned(name, v.message, **details)
+    if v.status == "unknown":
+        return skipped(name, f"cannot tell: {v.message}", **details)
+    tail = "as a trained detector fed as trained" if v.status == "right" else "nothing points to another preset"
+    return passed(name, f"{v.message} on {n} images: {tail}", **details)
+
+
 def _signed(x: float) -> str:
     return f"{x:+.2f}" if round(x, 2) != 0 else "0.00"

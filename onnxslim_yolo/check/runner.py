@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 NOT_RUNNING = "the model does not run in onnxruntime"
 IO_DIFFERS = "its I/O differs from the reference"
+#: the checks that run the models on the user's images
+IMAGE_CHECKS = ("inputs.preprocessing", "accuracy.agreement", "accuracy.map_drop")
 
 
 @dataclass(frozen=True)
@@ -136,16 +138,20 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
                      shape: Optional[List[int]], engine: str = "onnxruntime") -> List[CheckResult]:
     if images is None:
         why = "no images (pass --images DIR)"
-        return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
+        return [skipped(n, why) for n in IMAGE_CHECKS]
     try:
         dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape,
                                opts.progress, engine)
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
-        return [skipped("accuracy.agreement", why), skipped("accuracy.map_drop", why)]
+        return [skipped(n, why) for n in IMAGE_CHECKS]
+    fed = ref if ref is not None else model
+    probe = _guard("inputs.preprocessing", lambda: accuracy.check_preprocessing(
+        fed, images, opts.preset, opts.limit, shape, opts.threads))
     noise = None if ref is None else (lambda: accuracy.self_agreement(
         ref, dets, images, opts.preset, opts.limit, opts.threads, shape, opts.progress))
-    return [_guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement, noise)),
+    return [probe,
+            _guard("accuracy.agreement", lambda: accuracy.check_agreement(dets, opts.min_agreement, noise)),
             _guard("accuracy.map_drop", lambda: accuracy.check_map_drop(dets, labels, opts.max_drop))]
 
 
@@ -174,7 +180,8 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     io_ok = ref is None or next(r for r in out if r.name == "reference.io").status != FAIL
     if not ok or not io_ok:
         why = NOT_RUNNING if not ok else IO_DIFFERS
-        out += [skipped(n, f"not run: {why}") for n in ("accuracy.agreement", "accuracy.map_drop", "latency")]
+        out += [skipped(n, f"not run: {why}")
+                for n in IMAGE_CHECKS + ("latency",)]
         return out
     out += _accuracy_checks(model, ref, images, labels, opts, shape, engine)
     if ref is None:

@@ -247,6 +247,45 @@ def test_accuracy_checks_skip_a_model_whose_output_is_not_detections(images, tmp
     assert st["reference.numerics"] == "pass"
 
 
+def test_preprocessing_check_skips_untrained_weights_and_a_given_preset(yolo, images):
+    """A random-weight fixture looks wrong under every preset: nothing to advise, so the check
+    skips and says why; a preset the user gives is not second-guessed."""
+    rep = run_checks(yolo, reference=yolo, images=str(images), latency=False)
+    r = rep.get("inputs.preprocessing")
+    assert r.status == "skip" and r.details["verdict"] == "unknown" and r.details["images"] == 2
+    assert r.message.startswith("cannot tell: fed as yolov5: ") and "no other preprocessing looks right" in r.message
+    assert set(r.details["scores"]) >= {"yolov5", "yolox"}
+    given = run_checks(yolo, reference=yolo, images=str(images), latency=False, preset="yolox")
+    assert given.get("inputs.preprocessing").status == "skip"
+    assert given.get("inputs.preprocessing").message == "given with --preprocess yolox"
+    assert run_checks(yolo, latency=False).get("inputs.preprocessing").message.startswith("no images")
+    cls = _classifier()
+    assert run_checks(cls, reference=cls, images=str(images), latency=False).get(
+        "inputs.preprocessing").message.startswith("not a detection output")
+
+
+def test_preprocessing_check_on_yolov5n(yolov5n_path, coco128, monkeypatch):
+    """Trained yolov5n: its own preset passes; forced to the YOLOX guess (as a YOLOv6 v1 export
+    is guessed), the check warns and names yolov5, which optimize's summary repeats."""
+    from onnxslim_yolo import data, ir
+    from onnxslim_yolo.api import optimize
+
+    model = ir.load(yolov5n_path)
+    images = str(coco128 / "images")
+    ok = accuracy.check_preprocessing(model, images, None, None, None, 1)
+    assert ok.status == "pass" and ok.details["verdict"] == "right", ok.message
+    assert ok.message.endswith("on 8 images: as a trained detector fed as trained")
+    monkeypatch.setattr(data, "preset_choice", lambda m: ("yolox", "the output layout, read as yolox"))
+    monkeypatch.setattr(data, "detect_preset", lambda m: "yolox")
+    wrong = accuracy.check_preprocessing(model, images, None, 4, None, 1)
+    assert wrong.status == "warn" and wrong.details["images"] == 4
+    assert wrong.message.endswith("rerun with --preprocess yolov5")
+    res = optimize(model, calib=images, calib_limit=2, eval_limit=4, passes=["canonicalize"], bench=False,
+                   progress=False)
+    r = res.checks.get("inputs.preprocessing")
+    assert r.status == "warn" and r.message in res.summary["notes"]
+
+
 def test_labels_without_reference_report_candidate_map(yolo, images, labels):
     rep = run_checks(yolo, images=str(images), labels=str(labels), latency=False)
     r = rep.get("accuracy.map_drop")
