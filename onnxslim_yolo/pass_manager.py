@@ -154,10 +154,11 @@ class PassManager:
         diffs = verify.compare_models(before, after, feeds)
         ok, reason = verify.check_contract(diffs, p.numerics.value, p.tolerances(self.ctx))
         if not ok:
-            rounding = [op for op in ir.quantized_ops(before) if op in ("QuantizeLinear", "DynamicQuantizeLinear")]
+            rounding = [op for op in ir.quantized_ops(before)
+                        if op in ("QuantizeLinear", "DynamicQuantizeLinear")]
             if rounding and p.numerics != Numerics.LOSSY:
-                reason += (f"; the model already holds {', '.join(rounding)} nodes, where a float rounding difference "
-                           "moves a value by a whole step: optimize the float export instead")
+                reason += (f"; the model already holds {', '.join(rounding)} nodes, where a float rounding "
+                           "difference moves a value by a whole step: optimize the float export instead")
             raise VerificationError(f"broke its {p.numerics.value} numerics contract: {reason}")
         return [d.as_dict() for d in diffs]
 

@@ -97,8 +97,8 @@ def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int =
         mirror = Path(td)
         _mirror_folder(Path(images), limit, mirror)
         for name in (names if names is not None else _distinct(model)):
-            kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET, input_shape=input_shape,
-                      threads=threads)
+            kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET,
+                      input_shape=input_shape, threads=threads)
             own = detections(model, images, conf=PROBE_CONF, **kw)
             per_image = float(np.mean([len(d.scores) for d in own]))
             if per_image > MAX_DETECTIONS:   # saturated: wrong whatever the mirror images say
@@ -181,8 +181,8 @@ def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: 
     note = advice(scores, chosen)
     if note:
         return Verdict("wrong", chosen, note, scores, n)
-    return Verdict("unknown", chosen, f"{_describe(chosen, scores[chosen])}, and no other preprocessing looks "
-                   "right either (untrained weights?)", scores, n)
+    return Verdict("unknown", chosen, f"{_describe(chosen, scores[chosen])}, and no other preprocessing "
+                   "looks right either (untrained weights?)", scores, n)
 
 
 def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,

@@ -122,17 +122,17 @@ def check_preprocessing(model: onnx.ModelProto, images: str, preset: Optional[st
     if preset:
         return skipped(name, f"given with --preprocess {preset}")
     chosen = get_preset(None, model).name
-    n = min(limit or preprobe.PROBE_IMAGES, preprobe.PROBE_IMAGES)
-    v = preprobe.judge(model, images, chosen, n, input_shape, threads)
-    n = v.images
-    details = {"preset": chosen, "verdict": v.status, "images": n,
-               "scores": {k: {"per_image": s.per_image, "mirror_agreement": s.flip} for k, s in v.scores.items()}}
+    v = preprobe.judge(model, images, chosen, min(limit or preprobe.PROBE_IMAGES, preprobe.PROBE_IMAGES),
+                       input_shape, threads)
+    scores = {k: {"per_image": s.per_image, "mirror_agreement": s.flip} for k, s in v.scores.items()}
+    details = {"preset": chosen, "verdict": v.status, "images": v.images, "scores": scores}
     if v.status == "wrong":
         return warned(name, v.message, **details)
     if v.status == "unknown":
         return skipped(name, f"cannot tell: {v.message}", **details)
-    tail = "as a trained detector fed as trained" if v.status == "right" else "nothing points to another preset"
-    return passed(name, f"{v.message} on {n} images: {tail}", **details)
+    tail = ("as a trained detector fed as trained" if v.status == "right" else
+            "nothing points to another preset")
+    return passed(name, f"{v.message} on {v.images} images: {tail}", **details)
 
 
 def _signed(x: float) -> str:
