@@ -107,6 +107,10 @@ def _infer_static(model: onnx.ModelProto,
         known = set(_shape_table(inferred))
         outputs = {o for n in inferred.graph.node for o in n.output}
         shaped = list(folded.graph.value_info) + list(folded.graph.output)
+        # a computed tensor folded all the way becomes an initializer (an Expand of a constant to
+        # a shape computed by Where, as YOLOE's text embeddings are): its dims are its shape
+        shaped += [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                   for t in folded.graph.initializer]
         inferred.graph.value_info.extend(vi for vi in shaped if vi.name in outputs and vi.name not in known)
     return inferred
 

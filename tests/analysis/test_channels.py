@@ -290,6 +290,33 @@ def test_macs_count_convs_behind_a_computed_slice_end():
     assert stats.macs == 4096 + 9216
 
 
+def test_macs_count_a_matmul_whose_operand_folds_to_a_constant():
+    """YOLOE's head multiplies features by text embeddings: a constant Expand-ed to a shape a
+    Where computes. Inference leaves the Expand unshaped, and folding turns it into an
+    initializer, whose dims must count (the original was counted 0 and its optimized copy, folded
+    by canonicalize, in full: '+9.7% MACs' for an exact rewrite)."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from onnxslim_yolo.analysis.flops import _infer, _shape_table, model_stats
+
+    inits = [numpy_helper.from_array(np.ones((1, 5, 4), np.float32), "emb"),
+             numpy_helper.from_array(np.array([1, 5, 4], np.int64), "k"),
+             numpy_helper.from_array(np.array([-1, -1, -1], np.int64), "minus"),
+             numpy_helper.from_array(np.ones(3, np.int64), "ones"),
+             numpy_helper.from_array(np.array([1, 4, 64], np.int64), "flat")]
+    nodes = [helper.make_node("Equal", ["k", "minus"], ["eq"], name="eq"),
+             helper.make_node("Where", ["eq", "ones", "k"], ["shape"], name="where"),
+             helper.make_node("Expand", ["emb", "shape"], ["e"], name="expand"),
+             helper.make_node("Reshape", ["x", "flat"], ["f"], name="reshape"),
+             helper.make_node("MatMul", ["e", "f"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "yoloe", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    assert "e" not in _shape_table(_infer(m))            # what plain inference gives
+    assert model_stats(m).per_node_macs == {"mm": 5 * 64 * 4}
+
+
 def test_macs_count_every_level_of_an_fpn_whose_upsampling_sizes_are_computed():
     """Six FPN levels at opset 11, each resolvable only after the one above is folded: folding
     goes on while it makes progress, so every Conv counts."""
