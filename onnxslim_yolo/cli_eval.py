@@ -49,14 +49,19 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     from .report import table
 
     try:
-        target = with_anchors(ir.load(model), anchors, copy=False) if anchors else model
-        fed = images_fed(ir.load(model, load_external_data=False), preprocess, (images,))
+        target = with_anchors(ir.load(model), anchors, copy=False) if anchors else ir.load(model)
+        fed = images_fed(target, preprocess, (images,))
         res = evaluate(target, images, labels, preset=preprocess, conf=conf, iou=iou, max_det=max_det,
                        fmt=fmt, limit=limit, progress=not quiet, threads=threads,
                        input_shape=_shape(input_shape), engine=runtime)
     except SlimError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    probe = None
+    if fed and not preprocess:   # a guess: do the images look fed as the model was trained?
+        from .preprobe import judge
+
+        probe = judge(target, images, fed["preset"], input_shape=_shape(input_shape), threads=threads)
     rows = [["mAP@0.5:0.95", f"{res['map']:.4f}"], ["mAP@0.5", f"{res['map50']:.4f}"],
             ["mAP@0.75", f"{res['map75']:.4f}"], ["images", res["n_images"]],
             ["ground-truth boxes", res["n_ground_truth"]], ["detections", res["n_detections"]]]
@@ -64,6 +69,9 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     click.echo(table(rows, ["metric", "value"]))
     if runtime != "onnxruntime":
         click.echo(f"(the model ran in {runtime})")
+    if probe is not None and probe.status == "wrong":
+        click.echo(f"warning: {probe.message}")
     if json_out:
+        checked = None if probe is None else {"verdict": probe.status, "message": probe.message}
         write_json(json_out, dict(res, model=model, conf=conf, iou=iou, max_det=max_det, runtime=runtime,
-                                  images_fed=fed))
+                                  images_fed=fed, preprocessing_probe=checked))

@@ -380,6 +380,8 @@ def test_eval_cli(dataset, tmp_path: Path):
     assert r.output.splitlines()[0] == f"images fed as {doc['images_fed']['preprocessing']} (chosen by " \
                                        f"{doc['images_fed']['chosen_by']}; --preprocess to change)"
     assert doc["images_fed"]["preprocessing"].startswith("yolov5: RGB")
+    # boxes that do not follow the image do not follow its mirror image either: the guess cannot be told
+    assert doc["preprocessing_probe"]["verdict"] == "unknown" and "warning" not in r.output
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--images", str(tmp_path / "none"),
                                   "--labels", str(labels)])
     assert r.exit_code == 2 and "none: image folder does not exist" in r.output

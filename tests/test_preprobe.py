@@ -97,3 +97,26 @@ def test_a_probe_that_fails_gives_no_advice_and_no_error(monkeypatch):
     monkeypatch.setattr(preprobe, "score_presets", broken)
     model_path, images, _ = demo_paths()
     assert preset_advice(ir.load(model_path), images, "yolov5") is None
+
+
+def test_eval_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path: Path, coco128: Path, monkeypatch,
+                                                               tmp_path: Path):
+    import json
+
+    from click.testing import CliRunner
+
+    from onnxslim_yolo import data
+    from onnxslim_yolo.cli import main
+
+    args = ["eval", str(yolov5n_path), "--images", str(coco128 / "images"), "--labels", str(coco128 / "labels"),
+            "--limit", "8", "--quiet", "--json", str(tmp_path / "r.json")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert json.loads((tmp_path / "r.json").read_text())["preprocessing_probe"]["verdict"] == "right"
+    monkeypatch.setattr(data, "preset_choice", lambda m: ("yolox", "the output layout, read as yolox"))
+    monkeypatch.setattr(data, "detect_preset", lambda m: "yolox")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1].startswith("warning: the images fed as yolox give 100 detections per image")
+    assert r.output.rstrip().endswith("rerun with --preprocess yolov5")
+    assert json.loads((tmp_path / "r.json").read_text())["preprocessing_probe"]["verdict"] == "wrong"
