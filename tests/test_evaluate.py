@@ -200,6 +200,9 @@ def test_detect_format_of_split_and_post_nms_outputs():
     nms = append_nms(base, max_det=20)
     assert detect_format(nms) == "dets" and row_format(nms, (1, 20, 6), (64, 64)) is None
     assert detect_format(append_nms(base, batch_rows=True)) == "dets7"  # (K, 7) YOLOv7 end-to-end rows
+    for layout in ("labels", "end2end"):   # mmdeploy's dets + labels; EfficientNMS's four outputs
+        split_nms = append_nms(base, max_det=20, layout=layout)
+        assert detect_format(split_nms) == "dets" and row_format(split_nms, (1, 20, 5), (64, 64)) is None
     ultra = const_model("v8", np.zeros((0, 4)), [])
     ultra.metadata_props.add(key="task", value="detect")
     assert detect_format(ultra, output_shape=(1, 300, 6)) == "dets"  # nms=True export: not (1, 4+C, N)
@@ -307,7 +310,8 @@ def test_evaluate_constant_model_recovers_labels(dataset, fmt):
     assert 0.0 < res2["map"] < 0.9
 
 
-@pytest.mark.parametrize("tail", ["split", "split_channels_first", "nms", "nms_batch_rows"])
+@pytest.mark.parametrize("tail", ["split", "split_channels_first", "nms", "nms_batch_rows", "nms_labels",
+                                  "nms_end2end"])
 def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
     """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered."""
     images, labels = dataset
@@ -315,7 +319,9 @@ def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
     model = {"split": lambda m: split_boxes_scores(m),
              "split_channels_first": lambda m: split_boxes_scores(m, True),
              "nms": lambda m: append_nms(m, max_det=20),
-             "nms_batch_rows": lambda m: append_nms(m, max_det=20, batch_rows=True)}[tail](base)
+             "nms_batch_rows": lambda m: append_nms(m, max_det=20, batch_rows=True),
+             "nms_labels": lambda m: append_nms(m, max_det=20, layout="labels"),
+             "nms_end2end": lambda m: append_nms(m, max_det=20, layout="end2end")}[tail](base)
     ref, got = (detections(m, images, progress=False, threads=1) for m in (base, model))
     for a, b in zip(ref, got):
         ia, ib = np.argsort(a.classes), np.argsort(b.classes)  # equal scores: any order
@@ -422,7 +428,8 @@ def test_yolov5n_with_nms_inside_or_split_outputs_scores_the_same(yolov5n_path: 
     """The real head behind an ONNX NonMaxSuppression tail, and as boxes + scores outputs."""
     model = onnx.load(str(yolov5n_path))
     ref = score(detections(model, coco128 / "images", progress=False, limit=32), coco128 / "labels")
-    for tail in (append_nms(model), split_boxes_scores(model, channels_first=True)):
+    for tail in (append_nms(model), split_boxes_scores(model, channels_first=True),
+                 append_nms(model, layout="labels"), append_nms(model, layout="end2end")):
         res = score(detections(tail, coco128 / "images", progress=False, limit=32), coco128 / "labels")
         assert res["map"] == pytest.approx(ref["map"], abs=1e-4)
         assert res["n_detections"] == ref["n_detections"]

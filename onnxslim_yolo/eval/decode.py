@@ -101,6 +101,37 @@ def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
     return None
 
 
+def _same_dims(a: Sequence, b: Sequence) -> bool:
+    """Equal dims, a dim that is not a fixed number (None) matching any."""
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
+def nms_layout(shapes: Sequence[Sequence]) -> Optional[str]:
+    """Detections after an NMS inside the model, spread over several outputs: "labels" for
+    mmdeploy's ``dets`` (B, K, 5) ``x1 y1 x2 y2 score`` and ``labels`` (B, K); "end2end" for
+    TensorRT EfficientNMS's four, ``num_dets`` (B, 1), boxes (B, K, 4), scores (B, K) and
+    classes (B, K) (an export that builds them from ONNX ops); None for any other outputs."""
+    ranks = [len(s) for s in shapes]
+    if ranks == [3, 2] and shapes[0][2] == 5 and _same_dims(shapes[0][:2], shapes[1]):
+        return "labels"
+    if ranks == [2, 3, 2, 2] and shapes[0][1] in (1, None) and shapes[1][2] == 4 \
+            and _same_dims(shapes[1][:2], shapes[2]) and _same_dims(shapes[1][:2], shapes[3]):
+        return "end2end"
+    return None
+
+
+def nms_rows(outputs: Sequence[np.ndarray], layout: str) -> np.ndarray:
+    """The outputs of an :func:`nms_layout` as one (B, K, 6) ``x1 y1 x2 y2 score class`` array,
+    the ``dets`` format; rows past an end2end export's ``num_dets`` get score 0 (padding)."""
+    if layout == "labels":
+        dets, labels = outputs
+        return np.concatenate([dets.astype(np.float32), labels[..., None].astype(np.float32)], axis=2)
+    num, boxes, scores, classes = outputs
+    scores = np.where(np.arange(scores.shape[1])[None] < num.reshape(-1, 1), scores, 0)
+    return np.concatenate([boxes.astype(np.float32), scores[..., None].astype(np.float32),
+                           classes[..., None].astype(np.float32)], axis=2)
+
+
 def mask_coefficients(shapes: Sequence[Sequence]) -> int:
     """Mask coefficients per candidate in an instance-segmentation export: two outputs, the
     candidates (rank 3, e.g. YOLOv5-seg's (1, N, 5+C+nm)) and the prototype masks (1, nm, h, w).
@@ -124,6 +155,9 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
         return anchor_maps.decode_maps(outputs, input_hw, anchors)
     if dfl.dfl_layout(shapes) is not None:
         return dfl.decode_maps(outputs, input_hw)
+    nms = nms_layout(shapes)
+    if nms is not None:
+        return nms_rows(outputs, nms)
     split = split_layout(shapes)
     if split is None:
         nm = mask_coefficients(shapes)
@@ -154,6 +188,8 @@ def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
     """:func:`detect_format` from a run's outputs (their real shapes, dynamic axes included)."""
     if split_layout([o.shape for o in outputs]) is not None:
         return "xyxy"
+    if nms_layout([o.shape for o in outputs]) is not None:
+        return "dets"
     raw = raw_maps_format(model, [o.shape for o in outputs])
     if raw is not None:
         return raw
@@ -265,6 +301,8 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
     first (an ultralytics (1, K, 6) output is ``dets``), then the (given or declared) layout."""
     if split_layout(declared_shapes(model)) is not None:
         return "xyxy"
+    if nms_layout(declared_shapes(model)) is not None:
+        return "dets"
     raw = raw_maps_format(model, declared_shapes(model)) if output_shape is None else None
     if raw is not None:
         return raw
