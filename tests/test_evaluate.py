@@ -191,6 +191,43 @@ def test_detect_format_from_layout():
     assert data.detect_preset(m) == "yolov8"  # preprocessed like the detector, not refused
 
 
+def _with_masks(model: onnx.ModelProto, nm: int = 32, rows: bool = False) -> onnx.ModelProto:
+    """``model`` as an ultralytics 'segment' export: ``nm`` mask coefficients after each candidate
+    (after the class rows of a (1, 4+C, N) output, or after each (1, K, 6) row with ``rows``) and a
+    second output of (1, nm, 16, 16) prototype masks."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    const = m.graph.node[0]
+    out = numpy_helper.to_array(const.attribute[0].t)
+    pad = [(0, 0), (0, 0), (0, nm)] if rows else [(0, 0), (0, nm), (0, 0)]
+    out = np.pad(out, pad, constant_values=0.3)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(out, "c"))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape)))
+    m.graph.node.append(helper.make_node("Constant", [], ["protos"], value=numpy_helper.from_array(
+        np.zeros((1, nm, 16, 16), np.float32), "p")))
+    m.graph.output.append(helper.make_tensor_value_info("protos", TensorProto.FLOAT, [1, nm, 16, 16]))
+    m.metadata_props.add(key="task", value="segment")
+    return m
+
+
+def test_segment_exports_are_read_for_their_boxes(dataset):
+    """YOLOv8/11-seg: (1, 4+C+32, N) beside the prototypes; YOLO26-seg: (1, K, 6+32) rows after
+    its own selection. The coefficients are dropped and the boxes scored."""
+    images, labels = dataset
+    seg = _with_masks(const_model("v8", letterboxed(LABELS, 16), CLASSES))
+    assert detect_format(seg) == "v8"
+    assert evaluate(seg, images, labels, progress=False, threads=1)["map"] == pytest.approx(1.0)
+    rows = np.zeros((1, 50, 6), np.float32)   # more rows than values per row, as YOLO26-seg's 300 x 38
+    for k, (b, c) in enumerate(zip(letterboxed(LABELS, 16), CLASSES)):
+        rows[0, k] = [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2, 0.9, c]
+    e2e = const_model("v8", np.zeros((0, 4)), [])
+    e2e.graph.node[0].attribute[0].t.CopyFrom(numpy_helper.from_array(rows, "c"))
+    e2e.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 50, 6]))
+    e2e = _with_masks(e2e, rows=True)
+    assert detect_format(e2e) == "dets"
+    assert evaluate(e2e, images, labels, progress=False, threads=1)["map"] == pytest.approx(1.0)
+
+
 def test_detect_format_of_split_and_post_nms_outputs():
     base = const_model("v5", np.zeros((0, 4)), [])
     for channels_first in (False, True):

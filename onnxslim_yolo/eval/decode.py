@@ -76,8 +76,12 @@ def exporter_family(model: onnx.ModelProto) -> Tuple[Optional[str], str]:
 
 def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
     """The output format the metadata names (see :func:`exporter_family`); ultralytics exports of
-    another task than 'detect' raise: their outputs are not boxes and class scores alone."""
+    another task than 'detect' raise: their outputs are not boxes and class scores alone. A
+    'segment' export is read for its boxes: its mask coefficients are dropped
+    (:func:`mask_coefficients`)."""
     family, task = exporter_family(model)
+    if task == "segment" and mask_coefficients(declared_shapes(model)):
+        return family
     if task != "detect":
         raise NotDetections(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
     return family
@@ -142,6 +146,16 @@ def mask_coefficients(shapes: Sequence[Sequence]) -> int:
     return int(nm) if isinstance(nm, (int, np.integer)) and nm > 0 else 0
 
 
+def boxes_shape(shapes: Sequence[Sequence]) -> Tuple:
+    """The first output's shape as :func:`detection_output` leaves it: without the mask
+    coefficients of a segmentation export (a dim that is not a number leaves it as it is)."""
+    shape = tuple(shapes[0])
+    nm = mask_coefficients(shapes)
+    if not nm or len(shape) != 3 or not all(isinstance(d, (int, np.integer)) for d in shape[1:]):
+        return shape
+    return (shape[0], shape[1], shape[2] - nm) if shape[1] > shape[2] else (shape[0], shape[1] - nm, shape[2])
+
+
 def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None,
                      anchors=None) -> np.ndarray:
     """The one array :func:`decode` reads from a model's outputs: the first output, without the
@@ -193,7 +207,7 @@ def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
     raw = raw_maps_format(model, [o.shape for o in outputs])
     if raw is not None:
         return raw
-    return detect_format(model, output_shape=outputs[0].shape, input_hw=input_hw)
+    return detect_format(model, output_shape=boxes_shape([o.shape for o in outputs]), input_hw=input_hw)
 
 
 def value_dims(vi: onnx.ValueInfoProto) -> Tuple:
@@ -312,7 +326,7 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
             input_hw = model_input(model)[1][1:]
         except UsageError:
             input_hw = None
-    shape = output_shape if output_shape is not None else _static_output_shape(model)
+    shape = output_shape if output_shape is not None else boxes_shape(declared_shapes(model))
     return _format_from(model, shape, input_hw) or "v5"
 
 
