@@ -108,8 +108,8 @@ def test_eval_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path: Pat
     from onnxslim_yolo import data
     from onnxslim_yolo.cli import main
 
-    args = ["eval", str(yolov5n_path), "--images", str(coco128 / "images"), "--labels", str(coco128 / "labels"),
-            "--limit", "8", "--quiet", "--json", str(tmp_path / "r.json")]
+    args = ["eval", str(yolov5n_path), "--images", str(coco128 / "images"), "--labels",
+            str(coco128 / "labels"), "--limit", "8", "--quiet", "--json", str(tmp_path / "r.json")]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "warning" not in r.output, r.output
     assert json.loads((tmp_path / "r.json").read_text())["preprocessing_probe"]["verdict"] == "right"
@@ -117,6 +117,7 @@ def test_eval_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path: Pat
     monkeypatch.setattr(data, "detect_preset", lambda m: "yolox")
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[-1].startswith("warning: the images fed as yolox give 100 detections per image")
+    last = r.output.splitlines()[-1]
+    assert last.startswith("warning: the images fed as yolox give 100 detections per image")
     assert r.output.rstrip().endswith("rerun with --preprocess yolov5")
     assert json.loads((tmp_path / "r.json").read_text())["preprocessing_probe"]["verdict"] == "wrong"
