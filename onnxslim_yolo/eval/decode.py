@@ -162,7 +162,8 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
     trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), for a
     boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), for raw anchor
     maps (:mod:`.anchors`, with ``anchors`` from :func:`.anchors.model_anchors`) their decoded
-    ``v5`` rows, and for raw anchor-free maps (:mod:`.dfl`) their decoded ``v8`` array."""
+    ``v5`` rows, for raw anchor-free maps (:mod:`.dfl`) their decoded ``v8`` array, and for
+    detections after an NMS over several outputs (:func:`nms_layout`) their ``dets`` rows."""
     from . import anchors as anchor_maps, dfl
     shapes = [o.shape for o in outputs]
     if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchors)) is not None:
