@@ -228,6 +228,24 @@ def test_segment_exports_are_read_for_their_boxes(dataset):
     assert evaluate(e2e, images, labels, progress=False, threads=1)["map"] == pytest.approx(1.0)
 
 
+def test_pose_exports_are_read_for_their_boxes(dataset):
+    """An ultralytics 'pose' export: (1, 4+C+51, N), its metadata's kpt_shape [17, 3] naming the
+    keypoint values after the class scores; without kpt_shape it is refused."""
+    images, labels = dataset
+    pose = const_model("v8", letterboxed(LABELS, 16), CLASSES)
+    const = pose.graph.node[0]
+    out = np.pad(numpy_helper.to_array(const.attribute[0].t), [(0, 0), (0, 51), (0, 0)], constant_values=40.0)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(out, "c"))
+    pose.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape)))
+    pose.metadata_props.add(key="task", value="pose")
+    with pytest.raises(NotDetections, match="ultralytics 'pose' export"):
+        detect_format(pose)
+    pose.metadata_props.add(key="kpt_shape", value="[17, 3]")
+    assert detect_format(pose) == "v8"
+    res = evaluate(pose, images, labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 6
+
+
 def test_detect_format_of_split_and_post_nms_outputs():
     base = const_model("v5", np.zeros((0, 4)), [])
     for channels_first in (False, True):

@@ -177,7 +177,7 @@ def _class_scores_diff(model: onnx.ModelProto, feed: Feeds, other) -> Optional[v
     otherwise. ``other`` may return extra outputs after the model's own (ignored)."""
     from ..data import model_input
     from ..eval.anchors import model_anchors
-    from ..eval.decode import ROW_FORMATS, decode_rows, detection_output, outputs_format
+    from ..eval.decode import ROW_FORMATS, decode_rows, detection_output, keypoint_values, outputs_format
 
     try:
         hw = model_input(model)[1][1:]
@@ -187,8 +187,9 @@ def _class_scores_diff(model: onnx.ModelProto, feed: Feeds, other) -> Optional[v
         if fmt not in ROW_FORMATS:
             return None
         anchors = model_anchors(model)
-        a = decode_rows(detection_output(ref, hw, anchors), fmt, hw)[1]
-        b = decode_rows(detection_output(new, hw, anchors), fmt, hw)[1]
+        extra = keypoint_values(model)
+        a = decode_rows(detection_output(ref, hw, anchors, extra), fmt, hw)[1]
+        b = decode_rows(detection_output(new, hw, anchors, extra), fmt, hw)[1]
     except (SlimError, ValueError, IndexError):
         return None
     return verify.diff("class scores", a, b)

@@ -22,6 +22,7 @@ ones into ``v5`` rows (:mod:`.anchors`), anchor-free DFL ones into the ``v8`` la
 """
 from __future__ import annotations
 
+import ast
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -77,14 +78,28 @@ def exporter_family(model: onnx.ModelProto) -> Tuple[Optional[str], str]:
 def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
     """The output format the metadata names (see :func:`exporter_family`); ultralytics exports of
     another task than 'detect' raise: their outputs are not boxes and class scores alone. A
-    'segment' export is read for its boxes: its mask coefficients are dropped
-    (:func:`mask_coefficients`)."""
+    'segment' or 'pose' export is read for its boxes: its mask coefficients or keypoints are
+    dropped (:func:`mask_coefficients`, :func:`keypoint_values`)."""
     family, task = exporter_family(model)
-    if task == "segment" and mask_coefficients(declared_shapes(model)):
+    if (task == "segment" and mask_coefficients(declared_shapes(model))
+            or task == "pose" and keypoint_values(model)):
         return family
     if task != "detect":
         raise NotDetections(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
     return family
+
+
+def keypoint_values(model: onnx.ModelProto) -> int:
+    """Values per candidate after the class scores of an ultralytics 'pose' export: the product of
+    its metadata's ``kpt_shape`` (17 keypoints x (x, y, visibility) = 51); 0 for other models."""
+    if exporter_family(model)[1] != "pose":
+        return 0
+    try:
+        dims = ast.literal_eval(_metadata(model).get("kpt_shape", ""))
+        n = int(np.prod([int(d) for d in dims]))
+    except (ValueError, SyntaxError, TypeError):
+        return 0
+    return n if n > 0 else 0
 
 
 def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
@@ -157,13 +172,15 @@ def boxes_shape(shapes: Sequence[Sequence]) -> Tuple:
 
 
 def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None,
-                     anchors=None) -> np.ndarray:
+                     anchors=None, extra: int = 0) -> np.ndarray:
     """The one array :func:`decode` reads from a model's outputs: the first output, without the
     trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), for a
     boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), for raw anchor
     maps (:mod:`.anchors`, with ``anchors`` from :func:`.anchors.model_anchors`) their decoded
     ``v5`` rows, for raw anchor-free maps (:mod:`.dfl`) their decoded ``v8`` array, and for
-    detections after an NMS over several outputs (:func:`nms_layout`) their ``dets`` rows."""
+    detections after an NMS over several outputs (:func:`nms_layout`) their ``dets`` rows.
+    ``extra`` values after each candidate's class scores are dropped too (a pose export's
+    keypoints, :func:`keypoint_values`)."""
     from . import anchors as anchor_maps, dfl
     shapes = [o.shape for o in outputs]
     if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchors)) is not None:
@@ -175,7 +192,7 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
         return nms_rows(outputs, nms)
     split = split_layout(shapes)
     if split is None:
-        nm = mask_coefficients(shapes)
+        nm = mask_coefficients(shapes) or extra
         out = outputs[0]
         if nm and out.shape[1] > out.shape[2]:  # candidates in rows: (B, N, 5+C+nm)
             return out[:, :, :-nm]
