@@ -92,10 +92,11 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
 def keypoint_values(model: onnx.ModelProto) -> int:
     """Values per candidate after the class scores of an ultralytics 'pose' export: the product of
     its metadata's ``kpt_shape`` (17 keypoints x (x, y, visibility) = 51); 0 for other models."""
-    if exporter_family(model)[1] != "pose":
+    meta = _metadata(model)
+    if meta.get("task") != "pose":   # exporter_family's task: ultralytics writes the key
         return 0
     try:
-        dims = ast.literal_eval(_metadata(model).get("kpt_shape", ""))
+        dims = ast.literal_eval(meta.get("kpt_shape", ""))
         n = int(np.prod([int(d) for d in dims]))
     except (ValueError, SyntaxError, TypeError):
         return 0
