@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 
 from . import data, ir, verify
-from .eval.anchors import anchor_layout, model_anchors
-from .eval.decode import (NotDetections, batch_rows_as_dets, decode, detection_output, final_detections,
-                          keypoint_values, normalize_format, outputs_format, per_image)
+from .eval.anchors import OutputReader, anchor_layout
+from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, normalize_format,
+                          outputs_format, per_image)
 from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
@@ -41,16 +41,15 @@ class _Runner:
         self.model = model
         self.sess = open_session(model, engine, optimize=optimize, threads=threads)
         self.fmt = normalize_format(fmt) if fmt else None
-        self.anchors = model_anchors(model)
-        self.extra = keypoint_values(model)
+        self.read = OutputReader(model)
 
     def __call__(self, feeds: Dict[str, np.ndarray], hw) -> np.ndarray:
         outs = verify.run(self.sess, feeds)
-        out = detection_output(outs, hw, self.anchors, self.extra)
+        out = self.read(outs, hw)
         if self.fmt is None:
             self.fmt = outputs_format(self.model, outs, hw)
             log.info("output format: %s (detected from %s)", self.fmt, list(out.shape))
-            if self.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
+            if self.read.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
                 log.warning("raw anchor maps decoded with YOLOv5's default anchors; pass --anchors if the "
                             "model was trained with others")
         return out

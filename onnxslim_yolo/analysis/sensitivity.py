@@ -19,8 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .. import ir, verify
-from ..eval.anchors import model_anchors
-from ..eval.decode import detection_output, keypoint_values
+from ..eval.anchors import OutputReader
 from ..pass_base import SlimError
 from . import activations
 from .activations import Feeds
@@ -116,19 +115,18 @@ class DetectionMetric:
                  score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
-        self.anchors = model_anchors(model)
-        self.extra = keypoint_values(model)
+        self.read = OutputReader(model)
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         """Decode the references once (a probe compares every candidate with the same ones)."""
-        self._refs = [(r, self._decode(detection_output(r, self.hw, self.anchors, self.extra))) for r in refs]
+        self._refs = [(r, self._decode(self.read(r, self.hw))) for r in refs]
 
     def _decoded_ref(self, ref: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         for r, dec in self._refs:
             if r is ref:
                 return dec
-        return self._decode(detection_output(ref, self.hw, self.anchors, self.extra))
+        return self._decode(self.read(ref, self.hw))
 
     def _decode(self, out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         from ..eval.decode import decode_rows
@@ -136,7 +134,7 @@ class DetectionMetric:
 
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
         rb, rs = self._decoded_ref(ref)
-        nb, ns = self._decode(detection_output(new, self.hw, self.anchors, self.extra))
+        nb, ns = self._decode(self.read(new, self.hw))
         cls = rs.argmax(axis=1)
         top = rs[np.arange(len(rs)), cls]
         rows = np.nonzero(top >= self.conf)[0]
@@ -163,15 +161,13 @@ class AgreementMetric:
         from ..evaluate import AGREEMENT_CONF
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw = fmt, tuple(int(v) for v in hw)
-        self.anchors = model_anchors(model)
-        self.extra = keypoint_values(model)
+        self.read = OutputReader(model)
         self.ref_conf = AGREEMENT_CONF if ref_conf is None else ref_conf
         self.ref_dets: List = []
 
     def _boxes(self, outs: Sequence[List[np.ndarray]]) -> list:
         from ..evaluate import output_boxes
-        return output_boxes([detection_output(o, self.hw, self.anchors, self.extra) for o in outs], self.fmt,
-                            self.hw)
+        return output_boxes([self.read(o, self.hw) for o in outs], self.fmt, self.hw)
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         self.ref_dets = self._boxes(refs)

@@ -176,8 +176,8 @@ def _class_scores_diff(model: onnx.ModelProto, feed: Feeds, other) -> Optional[v
     on one feed, when the outputs are candidate rows (:data:`..eval.decode.ROW_FORMATS`); None
     otherwise. ``other`` may return extra outputs after the model's own (ignored)."""
     from ..data import model_input
-    from ..eval.anchors import model_anchors
-    from ..eval.decode import ROW_FORMATS, decode_rows, detection_output, keypoint_values, outputs_format
+    from ..eval.anchors import OutputReader
+    from ..eval.decode import ROW_FORMATS, decode_rows, outputs_format
 
     try:
         hw = model_input(model)[1][1:]
@@ -186,10 +186,9 @@ def _class_scores_diff(model: onnx.ModelProto, feed: Feeds, other) -> Optional[v
         fmt = outputs_format(model, ref, hw)
         if fmt not in ROW_FORMATS:
             return None
-        anchors = model_anchors(model)
-        extra = keypoint_values(model)
-        a = decode_rows(detection_output(ref, hw, anchors, extra), fmt, hw)[1]
-        b = decode_rows(detection_output(new, hw, anchors, extra), fmt, hw)[1]
+        read = OutputReader(model)
+        a = decode_rows(read(ref, hw), fmt, hw)[1]
+        b = decode_rows(read(new, hw), fmt, hw)[1]
     except (SlimError, ValueError, IndexError):
         return None
     return verify.diff("class scores", a, b)

@@ -41,6 +41,23 @@ ANCHORS_HELP = ("Anchors of a raw anchor-based head (outputs before the decode),
 DEFAULT_PER_CELL = 3
 
 
+class OutputReader:
+    """:func:`.decode.detection_output` with what the model's metadata says about its outputs:
+    the anchors of raw anchor maps (:func:`model_anchors`) and the keypoint values of a pose
+    export (:func:`.decode.keypoint_values`)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from .decode import keypoint_values
+
+        self.anchors = model_anchors(model)
+        self.extra = keypoint_values(model)
+
+    def __call__(self, outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]) -> np.ndarray:
+        from .decode import detection_output
+
+        return detection_output(outputs, input_hw, self.anchors, self.extra)
+
+
 def model_anchors(model: onnx.ModelProto) -> Optional[Tuple[Tuple[float, ...], ...]]:
     """The anchors the model's metadata names (``anchors``), None when it names none. A value
     that is not a list of equal-length lists of pixel pairs is a UsageError."""

@@ -90,19 +90,19 @@ class DetectionError:
 
 
 def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list:
-    from ..eval.anchors import model_anchors
-    from ..eval.decode import detection_output, keypoint_values, outputs_format
+    from ..eval.anchors import OutputReader
+    from ..eval.decode import outputs_format
     from ..evaluate import output_boxes
 
     sess = verify.session(model, threads=threads)
     name = sess.get_inputs()[0].name
     res: list = []
     fmt: Optional[str] = None
-    anchors, extra = model_anchors(model), keypoint_values(model)
+    read = OutputReader(model)
     for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
         hw = tuple(int(d) for d in f[name].shape[2:])
         outs = sess.run(None, f)
-        out = detection_output(outs, hw, anchors, extra)
+        out = read(outs, hw)
         fmt = fmt or outputs_format(model, outs, hw)
         res += output_boxes([out], fmt, hw, start=i)
     return res
