@@ -244,6 +244,16 @@ def test_pose_exports_are_read_for_their_boxes(dataset):
     assert detect_format(pose) == "v8"
     res = evaluate(pose, images, labels, progress=False, threads=1)
     assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 6
+    # an end-to-end pose export (YOLO26-pose): (1, K, 6+51) rows after its own selection are dets
+    rows = np.zeros((1, 60, 6 + 51), np.float32)
+    rows[..., 6:] = 40.0
+    for k, (b, c) in enumerate(zip(letterboxed(LABELS, 16), CLASSES)):
+        rows[0, k, :6] = [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2, 0.9, c]
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(rows, "c"))
+    pose.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 60, 57]))
+    assert detect_format(pose) == "dets"
+    res = evaluate(pose, images, labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 6
 
 
 def test_detect_format_of_split_and_post_nms_outputs():

@@ -162,14 +162,22 @@ def mask_coefficients(shapes: Sequence[Sequence]) -> int:
     return int(nm) if isinstance(nm, (int, np.integer)) and nm > 0 else 0
 
 
-def boxes_shape(shapes: Sequence[Sequence]) -> Tuple:
+def _trailing_axis(shape: Sequence) -> int:
+    """The axis of a (B, N, values) or (B, values, N) candidates output that holds each
+    candidate's values: 2 when candidates are in rows (more of them than values), else 1."""
+    return 2 if shape[1] > shape[2] else 1
+
+
+def boxes_shape(shapes: Sequence[Sequence], extra: int = 0) -> Tuple:
     """The first output's shape as :func:`detection_output` leaves it: without the mask
-    coefficients of a segmentation export (a dim that is not a number leaves it as it is)."""
+    coefficients of a segmentation export or ``extra`` keypoint values (a dim that is not a
+    number leaves it as it is)."""
     shape = tuple(shapes[0])
-    nm = mask_coefficients(shapes)
+    nm = mask_coefficients(shapes) or extra
     if not nm or len(shape) != 3 or not all(isinstance(d, (int, np.integer)) for d in shape[1:]):
         return shape
-    return (shape[0], shape[1], shape[2] - nm) if shape[1] > shape[2] else (shape[0], shape[1] - nm, shape[2])
+    axis = _trailing_axis(shape)
+    return tuple(d - nm if k == axis else d for k, d in enumerate(shape))
 
 
 def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None,
@@ -195,9 +203,10 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
     if split is None:
         nm = mask_coefficients(shapes) or extra
         out = outputs[0]
-        if nm and out.shape[1] > out.shape[2]:  # candidates in rows: (B, N, 5+C+nm)
-            return out[:, :, :-nm]
-        return out[:, :-nm, :] if nm else out  # channels first: (B, 4+C+nm, N)
+        if not nm:
+            return out
+        # candidates in rows (B, N, 5+C+nm), or channels first (B, 4+C+nm, N)
+        return out[:, :, :-nm] if _trailing_axis(out.shape) == 2 else out[:, :-nm, :]
     bi, si, channels_first = split
     scores = outputs[si].transpose(0, 2, 1) if channels_first else outputs[si]
     return np.concatenate([outputs[bi].astype(np.float32, copy=False),
@@ -226,7 +235,8 @@ def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
     raw = raw_maps_format(model, [o.shape for o in outputs])
     if raw is not None:
         return raw
-    return detect_format(model, output_shape=boxes_shape([o.shape for o in outputs]), input_hw=input_hw)
+    shape = boxes_shape([o.shape for o in outputs], keypoint_values(model))
+    return detect_format(model, output_shape=shape, input_hw=input_hw)
 
 
 def value_dims(vi: onnx.ValueInfoProto) -> Tuple:
@@ -345,7 +355,8 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
             input_hw = model_input(model)[1][1:]
         except UsageError:
             input_hw = None
-    shape = output_shape if output_shape is not None else boxes_shape(declared_shapes(model))
+    shape = output_shape if output_shape is not None else boxes_shape(declared_shapes(model),
+                                                                       keypoint_values(model))
     return _format_from(model, shape, input_hw) or "v5"
 
 
