@@ -102,7 +102,9 @@ def _lsq_states(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequen
     per_image = max(1, -(-samples // max(len(feeds), 1)))
     batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
     moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
-    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n], ridge) for n in geoms}
+    # each moment matrix is dropped once its state holds the inverse: on a wide model both
+    # sets at once were twice the memory (yolov5x: 7.6 GB each)
+    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments.pop(n), ridge) for n in geoms}
     conv_params = {n: (params.conv[n][0], params.conv[n][1] if params.conv[n][1] is not None
                        else np.zeros(params.conv[n][0].shape[0], np.float32)) for n in geoms}
     return states, conv_params

@@ -40,6 +40,7 @@ class PruneOptions:
     ridge: float = 1e-3
     refit_samples: int = 262144
     refit_ridge: float = 0.1
+    refit_memory: float = 4.0
     sequential: bool = True
     refit_scope: str = "affected"
     refit_head: str = "yes"
@@ -58,7 +59,7 @@ class PruneOptions:
 
 INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples",
         "threads")
-FLOATS = ("ridge", "refit_ridge", "dead_tol")
+FLOATS = ("ridge", "refit_ridge", "refit_memory", "dead_tol")
 BOOLS = ("sequential", "saliency", "gains", "bn_by_var", "relative")
 KNOWN = set(PruneOptions.__dataclass_fields__) | set(PASSED_THROUGH)
 
@@ -88,6 +89,8 @@ def _typed(opts: Mapping[str, Any]) -> Dict[str, Any]:
             out[k] = float(v)
         except (TypeError, ValueError):
             raise UsageError(f"{NAME}: {k} must be a number, got {v!r}") from None
+    if not out["refit_memory"] > 0:
+        raise UsageError(f"{NAME}: refit_memory must be a positive number of GB, got {out['refit_memory']!r}")
     for k in BOOLS:
         out[k] = bool(opts.get(k, getattr(defaults, k)))
     for k, allowed in CHOICES.items():

@@ -151,14 +151,69 @@ def _rows(t: _Target, budget: int) -> int:
     return int(min(max(ROWS_PER_UNKNOWN * f, 2048), budget))
 
 
+#: fewest rows a memory budget leaves one refit (the floor of :func:`_rows`)
+MIN_ROWS = 2048
+
+
+def row_plan(targets: Sequence[_Target], samples: int, memory: float) -> Tuple[Dict[str, int], Optional[str]]:
+    """Rows per refit Conv, and a note when a memory budget cut them. The original outputs at the
+    sampled rows (float32, rows x output channels per Conv) are kept from the first model run to
+    the Conv's refit; on a wide model (yolov5x: 21 GB at the default rows) that does not fit.
+    Above ``memory`` bytes, every Conv's rows are capped at one common count (the narrow Convs
+    keep theirs), never below ``MIN_ROWS``."""
+    want = {t.node: _rows(t, samples) for t in targets}
+    cout = {t.node: int(t.w.shape[0]) for t in targets}
+
+    def size(cap: int) -> int:
+        return sum(min(r, cap) * cout[n] * 4 for n, r in want.items())
+
+    top = max(want.values(), default=0)
+    if size(top) <= memory:
+        return want, None
+    lo, hi = MIN_ROWS, top
+    while lo < hi:                      # the largest cap that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= memory else (lo, mid - 1)
+    capped = {n: min(r, lo) for n, r in want.items()}
+    cut = sum(r > lo for r in want.values())
+    note = (f"refit: {cut} of {len(want)} Convs fit on {lo} sampled rows instead of up to {top}: their "
+            f"original outputs take {size(lo) / 1e9:.1f} GB instead of {size(top) / 1e9:.1f} "
+            f"(refit_memory {memory / 1e9:.1f} GB)")
+    return capped, note
+
+
+class _Normal:
+    """Normal equations of one refit, accumulated chunk by chunk in float64 (so only the sums are
+    kept, not the sampled input rows)."""
+
+    def __init__(self) -> None:
+        self.ata: Optional[np.ndarray] = None
+        self.aty: Optional[np.ndarray] = None
+        self.yty, self.ysum, self.n = 0.0, None, 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        a = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+        y = y.astype(np.float64)
+        if self.ata is None:
+            self.ata, self.aty = np.zeros((a.shape[1],) * 2), np.zeros((a.shape[1], y.shape[1]))
+            self.ysum = np.zeros(y.shape[1])
+        self.ata += a.T @ a
+        self.aty += a.T @ y
+        self.yty += float((y * y).sum())
+        self.ysum += y.sum(0)
+        self.n += len(y)
+
+
 def _original_side(orig: onnx.ModelProto, targets: List[_Target], feeds: Sequence[Feeds],
-                   samples: int, seed: int, threads: int, want_x: bool, saliency=None):
-    """Sampled positions, original outputs Y (and original kept-channel patches when want_x)."""
+                   rows: Mapping[str, int], seed: int, threads: int,
+                   normals: Optional[Dict[str, _Normal]] = None, saliency=None):
+    """Sampled positions (``rows`` per Conv over all feeds) and the original outputs Y there.
+    With ``normals`` (refits on the original inputs), the original kept-channel patches and Y
+    go straight into each Conv's normal equations and no Y is kept."""
     rng = np.random.default_rng(seed)
     pos: Dict[str, List[np.ndarray]] = {t.node: [] for t in targets}
     ys: Dict[str, List[np.ndarray]] = {t.node: [] for t in targets}
-    xs: Dict[str, List[np.ndarray]] = {t.node: [] for t in targets}
-    per_image = {t.node: max(1, -(-_rows(t, samples) // len(feeds))) for t in targets}
+    per_image = {t.node: max(1, -(-rows[t.node] // len(feeds))) for t in targets}
     for i, vals in enumerate(capture(orig, feeds, [t.x for t in targets], threads)):
         sal = saliency[i] if saliency is not None else None
         for t in targets:
@@ -166,24 +221,37 @@ def _original_side(orig: onnx.ModelProto, targets: List[_Target], feeds: Sequenc
             p = sample_positions(t.geo, x.shape, per_image[t.node], rng, sal)
             full = patches(t.geo, x, p)
             pos[t.node].append(p)
-            ys[t.node].append((full @ t.w.reshape(t.w.shape[0], -1).T + t.b).astype(np.float32))
-            if want_x:
-                xs[t.node].append(patches(t.geo, x[:, t.keep], p).astype(np.float32))
-    return pos, ys, xs
+            y = (full @ t.w.reshape(t.w.shape[0], -1).T + t.b).astype(np.float32)
+            if normals is None:
+                ys[t.node].append(y)
+            else:
+                normals[t.node].add(patches(t.geo, x[:, t.keep], p).astype(np.float32), y)
+    return pos, ys
+
+
+#: bytes of original outputs a refit keeps between the model runs (refit_memory, in GB, times 1e9)
+REFIT_MEMORY = 4e9
 
 
 def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
           keep: Mapping[str, np.ndarray], feeds: Sequence[Feeds], shapes: Mapping[str, Tuple[int, ...]],
           *, ridge: float = 1e-3, samples: int = 8192, sequential: bool = True, seed: int = 0,
-          threads: int = 1, saliency=None, progress: bool = False, tied: Optional[Mapping[str, int]] = None
+          threads: int = 1, saliency=None, progress: bool = False, tied: Optional[Mapping[str, int]] = None,
+          memory: float = REFIT_MEMORY, notes: Optional[List[str]] = None
           ) -> Tuple[onnx.ModelProto, Dict[str, Dict[str, float]], Dict[str, str]]:
     """Refit ``convs`` of ``pruned`` to the original outputs; returns (model, per-Conv relative
     errors before/after, skipped reasons). Convs that lost no input channel are refit on all.
-    ``tied`` {Conv: block size}: lowered ConvTransposes, refit with one bias per channel."""
+    ``tied`` {Conv: block size}: lowered ConvTransposes, refit with one bias per channel.
+    ``memory``: bytes the original outputs kept for the sequential refits may take (row_plan);
+    a note on rows cut for it goes to ``notes``."""
     targets, skipped = _targets(orig, convs, keep, shapes, tied or {})
     if not targets or not feeds:
         return pruned, {}, skipped
-    pos, ys, xs = _original_side(orig, targets, feeds, samples, seed, threads, not sequential, saliency)
+    rows, note = row_plan(targets, samples, memory if sequential else float("inf"))
+    if note and notes is not None:
+        notes.append(note)
+    normals = None if sequential else {t.node: _Normal() for t in targets}
+    pos, ys = _original_side(orig, targets, feeds, rows, seed, threads, normals, saliency)
     out = onnx.ModelProto()
     out.CopyFrom(pruned)
     alloc = ir.NameAllocator.for_graph(out.graph)
@@ -193,42 +261,33 @@ def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
     bar = tqdm(total=len(targets), desc="refitting convs", file=sys.stderr, leave=False, disable=not progress)
     for names in levels:
         if sequential:
-            xs = {n: [] for n in names}
-            for vals in capture(out, feeds, [by_node[n].x for n in names], threads):
+            normals = {n: _Normal() for n in names}
+            for i, vals in enumerate(capture(out, feeds, [by_node[n].x for n in names], threads)):
                 for n in names:
                     t = by_node[n]
-                    xs[n].append(patches(t.geo, vals[t.x], pos[n][len(xs[n])]).astype(np.float32))
+                    normals[n].add(patches(t.geo, vals[t.x], pos[n][i]).astype(np.float32), ys[n][i])
         for n in names:
-            errors[n] = _fit_one(out, by_node[n], xs[n], ys[n], ridge, alloc)
+            errors[n] = _fit_one(out, by_node[n], normals.pop(n), ridge, alloc)
+            ys.pop(n, None)
             bar.update(1)
     bar.close()
     return ir.to_model(ir.to_graph(out), out), errors, skipped
 
 
-def _fit_one(model: onnx.ModelProto, t: _Target, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
-             ridge: float, alloc: ir.NameAllocator) -> Dict[str, float]:
-    """Ridge refit from per-image chunks (normal equations accumulated in float64, so memory
-    holds one chunk). The ridge pulls towards the original weights of the kept channels, not
-    towards zero: with little data the refit stays close to the mean-folded removal."""
-    f = xs[0].shape[1] + 1
-    ata, aty = np.zeros((f, f)), np.zeros((f, ys[0].shape[1]))
-    yty, ysum, n = 0.0, np.zeros(ys[0].shape[1]), 0
-    for x, y in zip(xs, ys):
-        a = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
-        y = y.astype(np.float64)
-        ata += a.T @ a
-        aty += a.T @ y
-        yty += float((y * y).sum())
-        ysum += y.sum(0)
-        n += len(y)
+def _fit_one(model: onnx.ModelProto, t: _Target, eq: _Normal, ridge: float,
+             alloc: ir.NameAllocator) -> Dict[str, float]:
+    """Ridge refit from the accumulated normal equations. The ridge pulls towards the original
+    weights of the kept channels, not towards zero: with little data the refit stays close to
+    the mean-folded removal."""
+    ata, aty = eq.ata, eq.aty
     w_kept = t.w[:, t.keep].reshape(t.w.shape[0], -1)
     prior = np.concatenate([w_kept.T, t.b[None, :]], axis=0)
     theta = _solve(ata, aty, ridge, prior) if t.tied == 1 else _solve_tied(ata, aty, ridge, prior, t.tied)
 
     def residual(th: np.ndarray) -> float:
-        return max(yty - 2.0 * float((th * aty).sum()) + float(np.einsum("fo,fg,go->", th, ata, th)), 0.0)
+        return max(eq.yty - 2.0 * float((th * aty).sum()) + float(np.sum((ata @ th) * th)), 0.0)
 
-    spread = (yty - float((ysum * ysum).sum()) / max(n, 1)) or 1.0
+    spread = (eq.yty - float((eq.ysum * eq.ysum).sum()) / max(eq.n, 1)) or 1.0
     before = float(np.sqrt(residual(prior) / spread))
     after = float(np.sqrt(residual(theta) / spread))
     cout, (kh, kw) = t.w.shape[0], t.geo.kernel

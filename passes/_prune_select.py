@@ -124,14 +124,22 @@ class LSQCost:
         self.states = states
         self.gains = gains
 
-    def _cost(self, g: ChannelGroup, st: Mapping[str, ConsumerLSQ]) -> float:
-        return sum(self.gains.get(r.node, 1.0) * st[r.node].cost(r.index)
-                   for r in g.consumers if r.node in st)
+    def _costs(self, left: Sequence[ChannelGroup], st: Mapping[str, ConsumerLSQ]) -> List[float]:
+        """Gain-weighted cost of each group of ``left`` (one batched solve per consumer Conv)."""
+        wanted: Dict[str, List[int]] = {}
+        for g in left:
+            for r in g.consumers:
+                if r.node in st:
+                    wanted.setdefault(r.node, []).append(r.index)
+        per = {n: dict(zip(idx, st[n].costs(idx).tolist()))
+               for n, idx in ((n, list(dict.fromkeys(i))) for n, i in wanted.items())}
+        return [sum(self.gains.get(r.node, 1.0) * per[r.node][r.index] for r in g.consumers if r.node in st)
+                for g in left]
 
     def take(self, left: List[ChannelGroup], st: Dict[str, ConsumerLSQ]) -> Tuple[ChannelGroup, float]:
         """Remove the cheapest group of ``left`` from ``left`` and from the states ``st`` (refit);
         returns it and the weighted error that added."""
-        best = min(left, key=lambda g: (self._cost(g, st), g.gid))
+        best = min(zip(left, self._costs(left, st)), key=lambda gc: (gc[1], gc[0].gid))[0]
         added = 0.0
         for r in best.consumers:
             if r.node in st:

@@ -20,7 +20,8 @@ Options (``ctx.opts("prune-channels")``, validated in ``_prune_options``): ``rat
 ``fold_mean`` (removed channels' means into consumer biases); ``kept_json`` (path for the kept
 indices per layer); ``calib_images`` (64); ``sens_images`` (8); ``samples`` (8192 rows for the
 cost model's input moments); ``ridge`` (1e-3, cost model); ``refit_samples`` (at most 262144 rows
-per refit, 64 per unknown); ``refit_ridge`` (0.1, relative to the mean input energy, pulling the
+per refit, 64 per unknown); ``refit_memory`` (4.0 GB: the original outputs
+kept for the refits; above it every refit samples fewer rows, with a note); ``refit_ridge`` (0.1, relative to the mean input energy, pulling the
 refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);
 ``refit_scope`` (affected | downstream); ``refit_head`` (yes | no); ``cost`` (auto | measured |
 sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement mAP on
@@ -113,11 +114,14 @@ class PruneChannels(Pass):
         keep = _prune_rewrite.keep_map(analysis, sel.removed)
         means = {t: s.mean for t, s in stats.items()} if (stats and opts.fold_mean) else None
         pruned = _prune_rewrite.apply_keep(model, analysis, keep, means)
+        del cost     # the selection's least-squares states: gigabytes on a wide model
+        refit_notes: List[str] = []
         if opts.reconstruct:
             pruned, more = _refit(model, pruned, analysis, sel.removed, keep, feeds, opts, ctx.seed, sal,
-                                  show, lowered)
+                                  show, lowered, refit_notes)
             info.update(more)
         _prune_report.fill_report(report, model, pruned, analysis, sel, keep, scores, opts, info)
+        report.details["notes"].extend(refit_notes)
         pruned, notes = _prune_lower.raise_back(pruned, lowered)
         _prune_lower.relabel_layers(report.details["layers"], lowered)
         report.details["notes"].extend(notes)
@@ -173,8 +177,8 @@ def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
 
 def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAnalysis, removed: set,
            keep: Dict[str, np.ndarray], feeds: List[Feeds], opts: PruneOptions, seed: int,
-           sal, progress: bool = False, tied: Optional[Dict[str, int]] = None
-           ) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
+           sal, progress: bool = False, tied: Optional[Dict[str, int]] = None,
+           notes: Optional[List[str]] = None) -> Tuple[onnx.ModelProto, Dict[str, Any]]:
     """Least-squares refit of the Convs that lost input channels (and, with refit_scope
     'downstream', of every Conv below a pruned one; refit_head 'no' leaves the last Convs)."""
     convs = {r.node for g in analysis.groups if g.gid in removed for r in g.consumers}
@@ -188,5 +192,5 @@ def _refit(model: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAna
         model, pruned, sorted(convs), keep, feeds, analysis.shapes, ridge=opts.refit_ridge,
         samples=opts.refit_samples,
         sequential=opts.sequential, seed=seed, threads=opts.threads, saliency=sal, progress=progress,
-        tied=tied)
+        tied=tied, memory=opts.refit_memory * 1e9, notes=notes)
     return out, {"refit": errors, "refit_skipped": skipped}

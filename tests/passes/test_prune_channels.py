@@ -345,6 +345,28 @@ def test_activation_criterion_with_least_squares_on_calibration_data(family):
     assert diff.cosine > 0.5
 
 
+def test_refit_memory_caps_the_rows_of_the_widest_refits_only():
+    """Over the budget, the refits sample one common number of rows (the narrow ones keep
+    theirs): the same model as asking for that many rows, and a note says what was cut."""
+    model = FAMILIES["yolov8"](bn=True, img=256)    # P3 has more positions than the capped rows
+    calib = verify.random_feeds(model, 4, 0)
+    common = dict(ratio=0.05, sens_images=1, samples=256)
+    capped = run(model, calib, refit_memory=1e-9, **common)
+    notes = [n for n in capped.report.details["notes"] if n.startswith("refit: ")]
+    assert len(notes) == 1, capped.report.details["notes"]
+    m = re.match(r"refit: (\d+) of (\d+) Convs fit on 2048 sampled rows instead of up to (\d+)", notes[0])
+    assert m and 0 < int(m[1]) < int(m[2]) == len(capped.report.details["refit"]) and int(m[3]) > 2048
+    same = run(model, calib, refit_samples=2048, **common)
+    assert not [n for n in same.report.details["notes"] if n.startswith("refit: ")]
+    a = {t.name: numpy_helper.to_array(t) for t in capped.model.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in same.model.graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    free = {t.name: numpy_helper.to_array(t) for t in run(model, calib, **common).model.graph.initializer}
+    refits = [k for k in a if k.endswith("_w_refit")]
+    assert refits and set(refits) <= free.keys()
+    assert any(not np.array_equal(a[k], free[k]) for k in refits)     # the cap took rows away
+
+
 # ----------------------------------------------------------------------------- options
 def test_round_to_keeps_multiples_of_eight():
     model = build_yolov5_v6(width=16)
@@ -436,6 +458,8 @@ def test_other_bad_options():
         run(graphs.concat_graph(), ratio=0.2, criterion="activation")
     with pytest.raises(UsageError, match="unknown options bogus"):
         run(graphs.concat_graph(), ratio=0.2, bogus=1)
+    with pytest.raises(UsageError, match="refit_memory must be a positive number of GB, got 0.0"):
+        run(graphs.concat_graph(), ratio=0.2, refit_memory=0)
 
 
 def test_registered_and_off_by_default():
