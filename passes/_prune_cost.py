@@ -22,6 +22,7 @@ from onnxslim_yolo.analysis._im2col import ConvGeometry, geometry
 from onnxslim_yolo.analysis.activations import ChannelStats, Feeds
 from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.analysis.importance import Params
+from onnxslim_yolo.pass_base import PreconditionError
 
 from ._prune_select import Layer, LSQCost
 
@@ -47,6 +48,35 @@ def consumer_geometries(model: onnx.ModelProto, analysis: ChannelAnalysis
         if geo is not None:
             out[node.name] = (x, geo)
     return out
+
+
+def available_memory() -> Optional[int]:
+    """Bytes the kernel says a new allocation can take (Linux' MemAvailable), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_state_memory(geoms: Mapping[str, Tuple[str, ConvGeometry]], params: Params,
+                       available: Optional[int] = None) -> int:
+    """Bytes the least-squares states take (a float64 (F+1) x (F+1) matrix per consumer Conv, F
+    its inputs per output: channels x kernel taps); raises PreconditionError naming the widest
+    Conv when that is more than the machine has free (``available``: measured when None)."""
+    sizes = {n: (int(np.prod(params.conv[n][0].shape[1:])) + 1) ** 2 * 8 for n in geoms}
+    need = sum(sizes.values()) + max(sizes.values(), default=0)   # one moment matrix while built
+    free = available_memory() if available is None else available
+    if free is not None and need > free:
+        widest = max(sizes, key=sizes.get)
+        raise PreconditionError(
+            f"prune-channels: the least-squares statistics of {len(sizes)} consumer Convs need "
+            f"{need / 1e9:.1f} GB and {free / 1e9:.1f} GB is free (widest: '{widest}', "
+            f"{sizes[widest] / 1e9:.2f} GB): protect the layers feeding it (--protect) to leave it out")
+    return need
 
 
 def _gain_channels(allowed: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -84,6 +114,7 @@ def lsq_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[
              ) -> Tuple[LSQCost, Dict[str, Any]]:
     """The LSQ cost model and what it measured (gains) for the report."""
     geoms = consumer_geometries(model, analysis)
+    check_state_memory(geoms, params)
     per_image = max(1, -(-samples // max(len(feeds), 1)))
     batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
     moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
@@ -99,6 +130,7 @@ def _lsq_states(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequen
     """Least-squares state and (weight, bias) of every dense consumer Conv, from one run of the
     model over ``feeds`` (``samples`` input rows in all)."""
     geoms = consumer_geometries(model, analysis)
+    check_state_memory(geoms, params)
     per_image = max(1, -(-samples // max(len(feeds), 1)))
     batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
     moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)

@@ -570,3 +570,27 @@ def test_selection_and_refit_show_progress_bars_when_asked(capsys, progress):
     err = capsys.readouterr().err
     assert ("pruning: M multiply-adds removed" in err) == progress
     assert ("refitting convs" in err) == progress
+
+
+def test_statistics_larger_than_free_memory_are_refused_before_they_are_collected(monkeypatch):
+    """The selection's least-squares states are (F+1)^2 float64 per consumer Conv; on a machine
+    without that much free memory the pass stops at once, naming the widest Conv."""
+    from onnxslim_yolo.passes import _prune_cost
+
+    model = FAMILIES["yolov8"](bn=True)
+    calib = verify.random_feeds(model, 2, 0)
+    seen = []
+    real = _prune_cost.check_state_memory
+    monkeypatch.setattr(_prune_cost, "check_state_memory",
+                        lambda g, p, available=None: seen.append(real(g, p, available=10 ** 12)) or seen[-1])
+    run(model, calib, ratio=0.05, sens_images=1, samples=256)
+    need = seen[0]
+    monkeypatch.setattr(_prune_cost, "check_state_memory", real)
+    monkeypatch.setattr(_prune_cost, "available_memory", lambda: need - 1)
+    with pytest.raises(PreconditionError) as e:
+        run(model, calib, ratio=0.05, sens_images=1, samples=256)
+    msg = str(e.value)
+    assert re.match(r"prune-channels: the least-squares statistics of \d+ consumer Convs need 0\.0 GB and "
+                    r"0\.0 GB is free \(widest: '[^']+', 0\.00 GB\): protect the layers feeding it", msg), msg
+    params = {n: (np.zeros((4, 64, 3, 3)), None) for n in ("a", "b")}
+    assert real({"a": None, "b": None}, type("P", (), {"conv": params})(), available=10 ** 9) == 3 * 577 ** 2 * 8
