@@ -256,6 +256,41 @@ def test_pose_exports_are_read_for_their_boxes(dataset):
     assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 6
 
 
+def test_obb_exports_are_scored_on_the_boxes_around_their_rotated_boxes(dataset):
+    """An ultralytics 'obb' export: (1, 4+C+1, N), the angle last. Rotated boxes whose enclosing
+    axis-aligned boxes are the labels' boxes score mAP 1.0; read as plain v8 rows (no angle, the
+    rotated w h) they do not. Candidates in rows (after the export's own selection) are refused."""
+    images, labels = dataset
+    boxes = letterboxed(LABELS, 16)
+    obb = const_model("v8", boxes, CLASSES)
+    const = obb.graph.node[0]
+    out = numpy_helper.to_array(const.attribute[0].t).copy()
+    angles = np.array([0.1, -0.1] * (out.shape[2] // 2) + [0.0] * (out.shape[2] % 2), np.float32)
+    c, s = np.abs(np.cos(angles)), np.abs(np.sin(angles))
+    w, h = out[0, 2].copy(), out[0, 3].copy()      # the wanted enclosing w h: solve for the rotated w h
+    det = c * c - s * s
+    out[0, 2], out[0, 3] = (c * w - s * h) / det, (c * h - s * w) / det
+    assert (out[0, 2:4] >= 0).all()
+    out = np.concatenate([out, angles[None, None]], axis=1)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(out, "c"))
+    obb.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape)))
+    obb.metadata_props.add(key="task", value="obb")
+    assert detect_format(obb) == "v8"
+    res = evaluate(obb, images, labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 6
+    plain = onnx.ModelProto()
+    plain.CopyFrom(obb)
+    del plain.metadata_props[:]
+    plain.metadata_props.add(key="task", value="pose")
+    plain.metadata_props.add(key="kpt_shape", value="[1, 1]")   # the angle dropped, w h kept rotated
+    assert evaluate(plain, images, labels, progress=False, threads=1)["map"] < 0.9
+    rows = np.zeros((1, 50, 7), np.float32)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(rows, "c"))
+    obb.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 50, 7]))
+    with pytest.raises(NotDetections, match="'obb' export with its candidates in rows"):
+        detect_format(obb)
+
+
 def test_detect_format_of_split_and_post_nms_outputs():
     base = const_model("v5", np.zeros((0, 4)), [])
     for channels_first in (False, True):

@@ -43,19 +43,20 @@ DEFAULT_PER_CELL = 3
 
 class OutputReader:
     """:func:`.decode.detection_output` with what the model's metadata says about its outputs:
-    the anchors of raw anchor maps (:func:`model_anchors`) and the keypoint values of a pose
-    export (:func:`.decode.keypoint_values`)."""
+    the anchors of raw anchor maps (:func:`model_anchors`), the keypoint values of a pose
+    export and the angle of an obb export (:func:`.decode.extra_values`)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        from .decode import keypoint_values
+        from .decode import extra_values, rotated_boxes
 
         self.anchors = model_anchors(model)
-        self.extra = keypoint_values(model)
+        self.extra = extra_values(model)
+        self.rotated = rotated_boxes(model)
 
     def __call__(self, outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]) -> np.ndarray:
         from .decode import detection_output
 
-        return detection_output(outputs, input_hw, self.anchors, self.extra)
+        return detection_output(outputs, input_hw, self.anchors, self.extra, self.rotated)
 
 
 def model_anchors(model: onnx.ModelProto) -> Optional[Tuple[Tuple[float, ...], ...]]:

@@ -79,10 +79,17 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
     """The output format the metadata names (see :func:`exporter_family`); ultralytics exports of
     another task than 'detect' raise: their outputs are not boxes and class scores alone. A
     'segment' or 'pose' export is read for its boxes: its mask coefficients or keypoints are
-    dropped (:func:`mask_coefficients`, :func:`keypoint_values`)."""
+    dropped (:func:`mask_coefficients`, :func:`keypoint_values`). An 'obb' export is read for the
+    axis-aligned boxes around its rotated ones (:func:`rotated_boxes`)."""
     family, task = exporter_family(model)
     if (task == "segment" and mask_coefficients(declared_shapes(model))
             or task == "pose" and keypoint_values(model)):
+        return family
+    if task == "obb":
+        shape = declared_shapes(model)[0] if model.graph.output else ()
+        if len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]) and _trailing_axis(shape) == 2:
+            raise NotDetections("model is an ultralytics 'obb' export with its candidates in rows (after "
+                                "its own selection); only (1, 4+C+1, N) rotated-box outputs are read")
         return family
     if task != "detect":
         raise NotDetections(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
@@ -101,6 +108,29 @@ def keypoint_values(model: onnx.ModelProto) -> int:
     except (ValueError, SyntaxError, TypeError):
         return 0
     return n if n > 0 else 0
+
+
+def rotated_boxes(model: onnx.ModelProto) -> bool:
+    """An ultralytics 'obb' export: (1, 4+C+1, N), each candidate's last value the angle (radians)
+    of its rotated box cx cy w h. The evaluator reads the axis-aligned box around each (and the
+    labels' polygons as theirs, :mod:`.metrics`): the mAP of the enclosing boxes, not DOTA's
+    rotated-IoU mAP, enough to tell an optimized model from its original."""
+    return _metadata(model).get("task") == "obb"
+
+
+def extra_values(model: onnx.ModelProto) -> int:
+    """Values after each candidate's class scores: a pose export's keypoints, an obb export's angle."""
+    return keypoint_values(model) or int(rotated_boxes(model))
+
+
+def enclosing_boxes(out: np.ndarray) -> np.ndarray:
+    """(B, 4+C+1, N) rotated candidates (cx cy w h, scores, angle) -> (B, 4+C, N) with each w h
+    that of the axis-aligned box around the rotated one."""
+    c, s = np.abs(np.cos(out[:, -1])), np.abs(np.sin(out[:, -1]))
+    w, h = out[:, 2], out[:, 3]
+    box = out[:, :-1].astype(np.float32, copy=True)
+    box[:, 2], box[:, 3] = w * c + h * s, w * s + h * c
+    return box
 
 
 def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
@@ -181,7 +211,7 @@ def boxes_shape(shapes: Sequence[Sequence], extra: int = 0) -> Tuple:
 
 
 def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None,
-                     anchors=None, extra: int = 0) -> np.ndarray:
+                     anchors=None, extra: int = 0, rotated: bool = False) -> np.ndarray:
     """The one array :func:`decode` reads from a model's outputs: the first output, without the
     trailing mask coefficients of a segmentation export (:func:`mask_coefficients`), for a
     boxes + scores pair (:func:`split_layout`) the two joined into (B, N, 4+C), for raw anchor
@@ -189,7 +219,8 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
     ``v5`` rows, for raw anchor-free maps (:mod:`.dfl`) their decoded ``v8`` array, and for
     detections after an NMS over several outputs (:func:`nms_layout`) their ``dets`` rows.
     ``extra`` values after each candidate's class scores are dropped too (a pose export's
-    keypoints, :func:`keypoint_values`)."""
+    keypoints, :func:`keypoint_values`); with ``rotated`` the one extra value is an obb export's
+    angle, and the boxes become the axis-aligned ones around the rotated boxes (:func:`enclosing_boxes`)."""
     from . import anchors as anchor_maps, dfl
     shapes = [o.shape for o in outputs]
     if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchors)) is not None:
@@ -203,6 +234,11 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
     if split is None:
         nm = mask_coefficients(shapes) or extra
         out = outputs[0]
+        if rotated and out.ndim == 3:
+            if _trailing_axis(out.shape) == 2:
+                raise NotDetections(f"an obb output of shape {tuple(out.shape)} holds its candidates in "
+                                    "rows; only (1, 4+C+1, N) rotated-box outputs are read")
+            return enclosing_boxes(out)
         if not nm:
             return out
         # candidates in rows (B, N, 5+C+nm), or channels first (B, 4+C+nm, N)
@@ -235,7 +271,7 @@ def outputs_format(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
     raw = raw_maps_format(model, [o.shape for o in outputs])
     if raw is not None:
         return raw
-    shape = boxes_shape([o.shape for o in outputs], keypoint_values(model))
+    shape = boxes_shape([o.shape for o in outputs], extra_values(model))
     return detect_format(model, output_shape=shape, input_hw=input_hw)
 
 
@@ -356,7 +392,7 @@ def detect_format(model: onnx.ModelProto, output_shape: Optional[Sequence[int]] 
         except UsageError:
             input_hw = None
     shape = output_shape if output_shape is not None else boxes_shape(declared_shapes(model),
-                                                                       keypoint_values(model))
+                                                                       extra_values(model))
     return _format_from(model, shape, input_hw) or "v5"
 
 
