@@ -22,6 +22,7 @@ from onnxslim_yolo.analysis._im2col import ConvGeometry, geometry
 from onnxslim_yolo.analysis.activations import ChannelStats, Feeds
 from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.analysis.importance import Params
+from onnxslim_yolo.machine import available_memory
 from onnxslim_yolo.pass_base import PreconditionError
 
 from ._prune_select import Layer, LSQCost
@@ -48,18 +49,6 @@ def consumer_geometries(model: onnx.ModelProto, analysis: ChannelAnalysis
         if geo is not None:
             out[node.name] = (x, geo)
     return out
-
-
-def available_memory() -> Optional[int]:
-    """Bytes the kernel says a new allocation can take (Linux' MemAvailable), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def check_state_memory(geoms: Mapping[str, Tuple[str, ConvGeometry]], params: Params,

@@ -23,10 +23,12 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import ir, verify
+from ..machine import available_memory
 
 log = logging.getLogger(__name__)
 
-#: base activations kept per probe, all feeds together; above it the probe runs whole models
+#: base activations always kept per probe, all feeds together; beyond it only while twice that
+#: stays free (Suffixes.limit), else the probe runs whole models
 CACHE_BYTES = 1 << 30
 #: suffix sessions kept (least recently used dropped)
 SESSIONS = 24
@@ -88,12 +90,24 @@ class Suffixes:
 
     # -- the base cache ------------------------------------------------------------------------
 
+    def limit(self) -> int:
+        """Bytes the cache may take: ``cache_bytes``, or more while twice that stays free (the
+        captured tensors already count as taken; the cache they replace is given back)."""
+        free = available_memory()
+        if free is None:
+            return self.cache_bytes
+        held = sum(a.nbytes for v in self.cache for a in v.values())
+        return max(self.cache_bytes, (free + held) // 2)
+
     def store(self, values: Sequence[Mapping[str, np.ndarray]]) -> None:
-        """The base run's captured tensors, one mapping per feed (dropped when over the cap)."""
+        """The base run's captured tensors, one mapping per feed (dropped when over :meth:`limit`:
+        a wide model at 640 pixels has several GB of them on 8 images, and whole-model runs
+        instead of suffix runs made its pruning hours long)."""
         size = sum(a.nbytes for v in values for a in v.values())
-        if size > self.cache_bytes:
+        cap = self.limit()
+        if size > cap:
             log.info("probe: base activations take %.0f MB (cap %.0f MB): whole-model runs", size / 2**20,
-                     self.cache_bytes / 2**20)
+                     cap / 2**20)
             self.usable = False
             self.cache = []
             return

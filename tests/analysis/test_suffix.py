@@ -69,11 +69,20 @@ def test_rebase_moves_the_cache_and_later_changes_start_from_it():
     assert part.measure(base) == pytest.approx(full.measure(base), rel=2e-3)
 
 
-def test_a_cache_over_its_cap_falls_back_to_whole_model_runs():
+def test_a_cache_over_its_cap_falls_back_to_whole_model_runs(monkeypatch):
+    """Over ``cache_bytes`` the cache is kept while twice its size stays free; with less free
+    memory than that the probe runs whole models."""
+    from onnxslim_yolo.analysis import suffix
+
     model = FAMILIES["yolox"](bn=False)
     params, full, part = _probes(model)
     small = sensitivity.RefitProbe(model, params, verify.random_feeds(model, 2, 0), 1)
     small.suffixes.cache_bytes = 1
+    size = sum(a.nbytes for v in small.suffixes.cache for a in v.values())
+    monkeypatch.setattr(suffix, "available_memory", lambda: 2 * size)     # the old cache counts as free
+    small.suffixes.store([dict(v) for v in small.suffixes.cache])
+    assert small.suffixes.ready
+    monkeypatch.setattr(suffix, "available_memory", lambda: size - 2)
     small.suffixes.store(small.suffixes.cache)
     assert not small.suffixes.ready
     p = _perturbed(params, [list(params)[-1]], np.random.default_rng(3))
