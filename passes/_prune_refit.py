@@ -145,31 +145,29 @@ def downstream_convs(model: onnx.ModelProto, sources: Sequence[str]) -> List[str
 ROWS_PER_UNKNOWN = 64
 
 
-def _rows(t: _Target, budget: int) -> int:
-    """Sampled rows for one refit: ``ROWS_PER_UNKNOWN`` per unknown, within [2048, budget]."""
-    f = len(t.keep) * t.geo.kernel[0] * t.geo.kernel[1] + 1
-    return int(min(max(ROWS_PER_UNKNOWN * f, 2048), budget))
-
-
-#: fewest rows a memory budget leaves one refit (the floor of :func:`_rows`)
+#: fewest rows one refit samples (and the fewest a memory budget leaves it)
 MIN_ROWS = 2048
 
 
-def row_plan(targets: Sequence[_Target], samples: int, memory: float) -> Tuple[Dict[str, int], Optional[str]]:
-    """Rows per refit Conv, and a note when a memory budget cut them. The original outputs at the
-    sampled rows (float32, rows x output channels per Conv) are kept from the first model run to
-    the Conv's refit; on a wide model (yolov5x: 21 GB at the default rows) that does not fit.
-    Above ``memory`` bytes, every Conv's rows are capped at one common count (the narrow Convs
-    keep theirs), never below ``MIN_ROWS``."""
-    want = {t.node: _rows(t, samples) for t in targets}
-    cout = {t.node: int(t.w.shape[0]) for t in targets}
+def rows_for(unknowns: int, budget: int) -> int:
+    """Sampled rows for a refit of ``unknowns`` parameters per output (weights and bias):
+    ``ROWS_PER_UNKNOWN`` per unknown, within [MIN_ROWS, budget]."""
+    return int(min(max(ROWS_PER_UNKNOWN * unknowns, MIN_ROWS), budget))
 
+
+def row_plan(want: Mapping[str, int], cout: Mapping[str, int], memory: float
+             ) -> Tuple[Dict[str, int], Optional[str]]:
+    """Rows per refit Conv (``want``: rows asked, ``cout``: output channels), and a note when a
+    memory budget cut them. The original outputs at the sampled rows (float32, rows x output
+    channels per Conv) are kept from the first model run to the Conv's refit; on a wide model
+    (yolov5x: 21 GB at the default rows) that does not fit. Above ``memory`` bytes, every Conv's
+    rows are capped at one common count (the narrow Convs keep theirs), never below ``MIN_ROWS``."""
     def size(cap: int) -> int:
         return sum(min(r, cap) * cout[n] * 4 for n, r in want.items())
 
     top = max(want.values(), default=0)
     if size(top) <= memory:
-        return want, None
+        return dict(want), None
     lo, hi = MIN_ROWS, top
     while lo < hi:                      # the largest cap that fits
         mid = (lo + hi + 1) // 2
@@ -247,7 +245,9 @@ def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
     targets, skipped = _targets(orig, convs, keep, shapes, tied or {})
     if not targets or not feeds:
         return pruned, {}, skipped
-    rows, note = row_plan(targets, samples, memory if sequential else float("inf"))
+    want = {t.node: rows_for(len(t.keep) * t.geo.kernel[0] * t.geo.kernel[1] + 1, samples) for t in targets}
+    rows, note = row_plan(want, {t.node: int(t.w.shape[0]) for t in targets},
+                          memory if sequential else float("inf"))
     if note and notes is not None:
         notes.append(note)
     normals = None if sequential else {t.node: _Normal() for t in targets}

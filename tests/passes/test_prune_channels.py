@@ -345,6 +345,18 @@ def test_activation_criterion_with_least_squares_on_calibration_data(family):
     assert diff.cosine > 0.5
 
 
+def test_row_plan_caps_the_largest_refits_at_the_largest_count_that_fits():
+    from onnxslim_yolo.passes._prune_refit import MIN_ROWS, row_plan
+
+    want, cout = {"a": 10000, "b": 3000, "c": 100000}, {"a": 10, "b": 10, "c": 10}
+    assert row_plan(want, cout, 4 * 10 * 113000) == (want, None)
+    rows, note = row_plan(want, cout, 4 * 10 * (10000 + 3000 + 20000))
+    assert rows == {"a": 10000, "b": 3000, "c": 20000}
+    assert note.startswith("refit: 1 of 3 Convs fit on 20000 sampled rows instead of up to 100000: ")
+    rows, note = row_plan(want, cout, 1)
+    assert rows == {"a": MIN_ROWS, "b": MIN_ROWS, "c": MIN_ROWS} and "take 0.0 GB instead of 0.0" in note
+
+
 def test_refit_memory_caps_the_rows_of_the_widest_refits_only():
     """Over the budget, the refits sample one common number of rows (the narrow ones keep
     theirs): the same model as asking for that many rows, and a note says what was cut."""
