@@ -248,8 +248,10 @@ def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
     want = {t.node: rows_for(len(t.keep) * t.geo.kernel[0] * t.geo.kernel[1] + 1, samples) for t in targets}
     rows, note = row_plan(want, {t.node: int(t.w.shape[0]) for t in targets},
                           memory if sequential else float("inf"))
-    if note and notes is not None:
-        notes.append(note)
+    if note:
+        log.warning("%s", note)
+        if notes is not None:
+            notes.append(note)
     normals = None if sequential else {t.node: _Normal() for t in targets}
     pos, ys = _original_side(orig, targets, feeds, rows, seed, threads, normals, saliency)
     out = onnx.ModelProto()
