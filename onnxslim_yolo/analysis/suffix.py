@@ -32,6 +32,16 @@ log = logging.getLogger(__name__)
 CACHE_BYTES = 1 << 30
 #: suffix sessions kept (least recently used dropped)
 SESSIONS = 24
+#: and at most about this many bytes of them (:func:`_session_bytes`): on a wide model at 640
+#: pixels 24 sessions held several GB
+SESSION_BYTES = 2 << 30
+
+
+def _session_bytes(weights: int, boundary: int) -> int:
+    """What a suffix session is taken to hold: its weights twice (onnxruntime keeps a pre-packed
+    copy of Conv weights) and its boundary inputs four times (a proxy for the activations its
+    memory arena keeps after a run)."""
+    return 2 * weights + 4 * boundary
 
 
 class Suffixes:
@@ -71,6 +81,7 @@ class Suffixes:
         self.capture = sorted(bounds | set(self.watch))
         self.cache: List[Dict[str, np.ndarray]] = []
         self.sessions: "OrderedDict[Tuple[FrozenSet[str], bool], Tuple]" = OrderedDict()
+        self.session_bytes: Dict[Tuple[FrozenSet[str], bool], int] = {}
         self.runs = 0
 
     def _descendants(self, start: Sequence[int]) -> FrozenSet[int]:
@@ -112,7 +123,11 @@ class Suffixes:
             self.cache = []
             return
         self.cache = [dict(v) for v in values]
-        self.sessions.clear()       # their baked parameters were those of the old base
+        self._drop_sessions()       # their baked parameters were those of the old base
+
+    def _drop_sessions(self) -> None:
+        self.sessions.clear()
+        self.session_bytes.clear()
 
     @property
     def ready(self) -> bool:
@@ -148,9 +163,12 @@ class Suffixes:
         sub.functions.extend(self.model.functions)
         entry = (verify.session(sub, optimize=True, threads=self.threads), [i.name for i in inputs], bounds,
                  outputs)
+        weights = sum(t.ByteSize() for t in graph.initializer)
         self.sessions[key] = entry
-        if len(self.sessions) > SESSIONS:
-            self.sessions.popitem(last=False)
+        self.session_bytes[key] = _session_bytes(weights, sum(sample[t].nbytes for t in bounds))
+        while len(self.sessions) > 1 and (len(self.sessions) > SESSIONS
+                                          or sum(self.session_bytes.values()) > SESSION_BYTES):
+            self.session_bytes.pop(self.sessions.popitem(last=False)[0])
         return entry
 
     def _suffix_run(self, k: int, feed: Mapping[str, np.ndarray], changed: FrozenSet[str],
@@ -175,7 +193,7 @@ class Suffixes:
         if changed:
             for k, feed in enumerate(feeds):
                 self.cache[k].update(self._suffix_run(k, feed, changed, True))
-            self.sessions.clear()   # their baked parameters were those of the old base
+            self._drop_sessions()   # their baked parameters were those of the old base
         return [[c[t] for t in self.watch] for c in self.cache]
 
     def covers(self, changed: Optional[Set[str]]) -> bool:

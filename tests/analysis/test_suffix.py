@@ -160,3 +160,26 @@ def test_with_outputs_only_keeps_a_needed_subgraph_node_and_everything_around_it
     kept = verify.with_outputs(model, ["tail_out"], only=True)     # the If is needed: nothing cut
     assert len(kept.graph.node) == len(model.graph.node)
     assert [o.name for o in kept.graph.output] == ["tail_out"]
+
+
+def test_suffix_sessions_are_kept_within_their_byte_budget(monkeypatch):
+    """Over SESSION_BYTES the least recently used suffix sessions go (at least the newest stays);
+    the measures do not change, a dropped session is built again."""
+    from onnxslim_yolo.analysis import suffix
+
+    model = FAMILIES["yolov8"](bn=False)
+    params, full, part = _probes(model)
+    names = list(params)
+    picks = [[names[0]], [names[-1]], [names[0]]]
+    rng = np.random.default_rng(4)
+    changes = [_perturbed(params, p, rng) for p in picks]
+    roomy = [part.measure(c) for c in changes]
+    assert len(part.suffixes.sessions) == 2 and len(part.suffixes.session_bytes) == 2
+    assert all(v > 0 for v in part.suffixes.session_bytes.values())
+    monkeypatch.setattr(suffix, "SESSION_BYTES", 1)
+    part = _probes(model)[2]
+    tight = [part.measure(c) for c in changes]
+    assert len(part.suffixes.sessions) == 1 and len(part.suffixes.session_bytes) == 1
+    part.rebase(changes[1])             # a new base drops the sessions built on the old one
+    assert not part.suffixes.sessions and not part.suffixes.session_bytes
+    assert tight == pytest.approx(roomy, rel=1e-6)
