@@ -28,7 +28,7 @@ from ..machine import available_memory
 log = logging.getLogger(__name__)
 
 #: base activations always kept per probe, all feeds together; beyond it only while twice that
-#: stays free (Suffixes.limit), else the probe runs whole models
+#: stays free beside them (Suffixes.limit), else the probe runs whole models
 CACHE_BYTES = 1 << 30
 #: suffix sessions kept (least recently used dropped)
 SESSIONS = 24
@@ -102,13 +102,13 @@ class Suffixes:
     # -- the base cache ------------------------------------------------------------------------
 
     def limit(self) -> int:
-        """Bytes the cache may take: ``cache_bytes``, or more while twice that stays free (the
-        captured tensors already count as taken; the cache they replace is given back)."""
+        """Bytes the cache may take: ``cache_bytes``, or more while twice that stays free beside
+        it (the captured tensors already count as taken; the cache they replace is given back)."""
         free = available_memory()
         if free is None:
             return self.cache_bytes
         held = sum(a.nbytes for v in self.cache for a in v.values())
-        return max(self.cache_bytes, (free + held) // 2)
+        return max(self.cache_bytes, (free + held) // 3)
 
     def store(self, values: Sequence[Mapping[str, np.ndarray]]) -> None:
         """The base run's captured tensors, one mapping per feed (dropped when over :meth:`limit`:
