@@ -20,9 +20,9 @@ Options (``ctx.opts("prune-channels")``, validated in ``_prune_options``): ``rat
 ``fold_mean`` (removed channels' means into consumer biases); ``kept_json`` (path for the kept
 indices per layer); ``calib_images`` (64); ``sens_images`` (8); ``samples`` (8192 rows for the
 cost model's input moments); ``ridge`` (1e-3, cost model); ``refit_samples`` (at most 262144 rows
-per refit, 64 per unknown); ``refit_memory`` (4.0 GB: the original outputs
-kept for the refits; above it every refit samples fewer rows, with a note); ``refit_ridge`` (0.1, relative to the mean input energy, pulling the
-refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);
+per refit, 64 per unknown); ``refit_memory`` (4.0 GB: the original outputs kept for the
+refits; above it the widest refits sample fewer rows, with a warning); ``refit_ridge`` (0.1,
+relative to the mean input energy, pulling the refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);
 ``refit_scope`` (affected | downstream); ``refit_head`` (yes | no); ``cost`` (auto | measured |
 sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement mAP on
 ``sweep_images`` (64) images, then allocated greedily, reported as ``curves``); ``probe_metric``
