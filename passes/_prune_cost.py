@@ -52,12 +52,13 @@ def consumer_geometries(model: onnx.ModelProto, analysis: ChannelAnalysis
 
 
 def check_state_memory(geoms: Mapping[str, Tuple[str, ConvGeometry]], params: Params,
-                       available: Optional[int] = None) -> int:
+                       available: Optional[int] = None, moments_kept: bool = False) -> int:
     """Bytes the least-squares states take (a float64 (F+1) x (F+1) matrix per consumer Conv, F
-    its inputs per output: channels x kernel taps); raises PreconditionError naming the widest
-    Conv when that is more than the machine has free (``available``: measured when None)."""
+    its inputs per output: channels x kernel taps), and their moment matrices beside them while
+    they are built (all of them with ``moments_kept``, else one); raises PreconditionError naming
+    the widest Conv when that is more than the machine has free (``available``: measured when None)."""
     sizes = {n: (int(np.prod(params.conv[n][0].shape[1:])) + 1) ** 2 * 8 for n in geoms}
-    need = sum(sizes.values()) + max(sizes.values(), default=0)   # one moment matrix while built
+    need = sum(sizes.values()) * (2 if moments_kept else 1) + max(sizes.values(), default=0)
     free = available_memory() if available is None else available
     if free is not None and need > free:
         widest = max(sizes, key=sizes.get)
@@ -103,11 +104,12 @@ def lsq_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[
              ) -> Tuple[LSQCost, Dict[str, Any]]:
     """The LSQ cost model and what it measured (gains) for the report."""
     geoms = consumer_geometries(model, analysis)
-    check_state_memory(geoms, params)
+    check_state_memory(geoms, params, moments_kept=use_gains)     # measure_gains reads the moments
     per_image = max(1, -(-samples // max(len(feeds), 1)))
     batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
     moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
-    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n], ridge) for n in geoms}
+    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n] if use_gains else moments.pop(n), ridge)
+              for n in geoms}
     gains = (measure_gains(model, analysis, geoms, moments, params, stats, feeds[:sens_images], threads, seed)
              if use_gains else {n: 1.0 for n in geoms})
     return LSQCost(states, gains), {"gains": {n: round(v, 4) for n, v in gains.items()}}

@@ -607,3 +607,15 @@ def test_statistics_larger_than_free_memory_are_refused_before_they_are_collecte
     params = {n: (np.zeros((4, 64, 3, 3)), None) for n in ("a", "b")}
     stand_in = type("P", (), {"conv": params})()
     assert real({"a": None, "b": None}, stand_in, available=10 ** 9) == 3 * 577 ** 2 * 8
+    assert real({"a": None, "b": None}, stand_in, available=10 ** 9, moments_kept=True) == 5 * 577 ** 2 * 8
+
+
+@pytest.mark.parametrize("gains", [True, False])
+def test_lsq_cost_with_and_without_gains_prunes_to_the_target(gains):
+    """The lsq cost keeps the moment matrices for its gains only (memory counted for that)."""
+    model = FAMILIES["yolov8"](bn=True)
+    res = run(model, verify.random_feeds(model, 2, 0), ratio=0.1, cost="lsq", gains=gains, sens_images=1,
+              samples=256)
+    d = res.report.details
+    assert d["cost"] == "lsq" and 0.1 <= d["mac_reduction"] < 0.15 and d["refit"]
+    assert any(v != 1.0 for v in d["gains"].values()) == gains     # measured, or all 1 without
