@@ -22,7 +22,8 @@ indices per layer); ``calib_images`` (64); ``sens_images`` (8); ``samples`` (819
 cost model's input moments); ``ridge`` (1e-3, cost model); ``refit_samples`` (at most 262144 rows
 per refit, 64 per unknown); ``refit_memory`` (4.0 GB: the original outputs kept for the
 refits; above it the widest refits sample fewer rows, with a warning); ``refit_ridge`` (0.1,
-relative to the mean input energy, pulling the refit towards the original weights); ``sequential`` (refit on the pruned model's own inputs, level by level);
+relative to the mean input energy, pulling the refit towards the original weights);
+``sequential`` (refit on the pruned model's own inputs, level by level);
 ``refit_scope`` (affected | downstream); ``refit_head`` (yes | no); ``cost`` (auto | measured |
 sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement mAP on
 ``sweep_images`` (64) images, then allocated greedily, reported as ``curves``); ``probe_metric``
