@@ -57,7 +57,7 @@ def check_state_memory(geoms: Mapping[str, Tuple[str, ConvGeometry]], params: Pa
     its inputs per output: channels x kernel taps), and their moment matrices beside them while
     they are built (all of them with ``moments_kept``, else one); raises PreconditionError naming
     the widest Conv when that is more than the machine has free (``available``: measured when None)."""
-    sizes = {n: (int(np.prod(params.conv[n][0].shape[1:])) + 1) ** 2 * 8 for n in geoms}
+    sizes = {n: lsq.state_bytes(int(np.prod(params.conv[n][0].shape[1:]))) for n in geoms}
     need = sum(sizes.values()) * (2 if moments_kept else 1) + max(sizes.values(), default=0)
     free = available_memory() if available is None else available
     if free is not None and need > free:
@@ -103,34 +103,31 @@ def lsq_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[
              sens_images: int, threads: int, seed: int, use_gains: bool = True, saliency=None
              ) -> Tuple[LSQCost, Dict[str, Any]]:
     """The LSQ cost model and what it measured (gains) for the report."""
-    geoms = consumer_geometries(model, analysis)
-    check_state_memory(geoms, params, moments_kept=use_gains)     # measure_gains reads the moments
-    per_image = max(1, -(-samples // max(len(feeds), 1)))
-    batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
-    moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
-    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n] if use_gains else moments.pop(n), ridge)
-              for n in geoms}
+    states, _, geoms, moments = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
+                                            saliency, keep_moments=use_gains)   # measure_gains reads them
     gains = (measure_gains(model, analysis, geoms, moments, params, stats, feeds[:sens_images], threads, seed)
              if use_gains else {n: 1.0 for n in geoms})
     return LSQCost(states, gains), {"gains": {n: round(v, 4) for n, v in gains.items()}}
 
 
 def _lsq_states(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequence[Feeds], params: Params,
-                samples: int, ridge: float, threads: int, seed: int, saliency
-                ) -> Tuple[Dict[str, lsq.ConsumerLSQ], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+                samples: int, ridge: float, threads: int, seed: int, saliency, keep_moments: bool = False
+                ) -> Tuple[Dict[str, lsq.ConsumerLSQ], Dict[str, Tuple[np.ndarray, np.ndarray]],
+                           Dict[str, Tuple[str, ConvGeometry]], Dict[str, lsq.ConvStats]]:
     """Least-squares state and (weight, bias) of every dense consumer Conv, from one run of the
-    model over ``feeds`` (``samples`` input rows in all)."""
+    model over ``feeds`` (``samples`` input rows in all); also the consumers' geometries and, with
+    ``keep_moments``, their moment matrices (else each is dropped once its state holds the
+    inverse: on a wide model both sets at once were twice the memory, yolov5x 7.6 GB each)."""
     geoms = consumer_geometries(model, analysis)
-    check_state_memory(geoms, params)
+    check_state_memory(geoms, params, moments_kept=keep_moments)
     per_image = max(1, -(-samples // max(len(feeds), 1)))
     batches = activations.capture(model, feeds, sorted({x for x, _ in geoms.values()}), threads)
     moments = lsq.collect_moments(geoms, batches, per_image, seed, saliency)
-    # each moment matrix is dropped once its state holds the inverse: on a wide model both
-    # sets at once were twice the memory (yolov5x: 7.6 GB each)
-    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments.pop(n), ridge) for n in geoms}
+    states = {n: lsq.ConsumerLSQ(*params.conv[n], moments[n] if keep_moments else moments.pop(n), ridge)
+              for n in geoms}
     conv_params = {n: (params.conv[n][0], params.conv[n][1] if params.conv[n][1] is not None
                        else np.zeros(params.conv[n][0].shape[0], np.float32)) for n in geoms}
-    return states, conv_params
+    return states, conv_params, geoms, moments
 
 
 class MeasuredCost(LSQCost):
@@ -175,7 +172,7 @@ def measured_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequ
                   params: Params, *, samples: int, ridge: float, sens_images: int, threads: int,
                   seed: int, saliency=None, metric: str = "auto") -> Tuple[MeasuredCost, Dict[str, Any]]:
     """The measured cost model (LSQ units, distortion measured on ``sens_images`` feeds)."""
-    states, conv_params = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
+    states, conv_params, _, _ = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
                                       saliency)
     m = probe_metric(model, feeds[:sens_images], metric, threads)
     probe = sensitivity.RefitProbe(model, conv_params, feeds[:sens_images], threads, metric=m)
@@ -267,7 +264,7 @@ def sweep_cost(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Sequenc
                progress: bool = False) -> Tuple[SweepCost, Dict[str, Any]]:
     """The sweep cost model: per-layer curves measured by agreement mAP on ``sens_images`` feeds
     (``layers``: how many layers the selection has, for the progress bar)."""
-    states, conv_params = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
+    states, conv_params, _, _ = _lsq_states(model, analysis, feeds, params, samples, ridge, threads, seed,
                                       saliency)
     probe_feeds = feeds[:sens_images]
     m = probe_metric(model, probe_feeds, metric, threads)

@@ -155,6 +155,12 @@ def rows_for(unknowns: int, budget: int) -> int:
     return int(min(max(ROWS_PER_UNKNOWN * unknowns, MIN_ROWS), budget))
 
 
+def output_bytes(rows: Mapping[str, int], cout: Mapping[str, int]) -> int:
+    """Bytes of the original outputs kept for refits of ``rows`` sampled rows and ``cout`` output
+    channels per Conv (float32)."""
+    return sum(r * cout[n] * 4 for n, r in rows.items())
+
+
 def row_plan(want: Mapping[str, int], cout: Mapping[str, int], memory: float
              ) -> Tuple[Dict[str, int], Optional[str]]:
     """Rows per refit Conv (``want``: rows asked, ``cout``: output channels), and a note when a
@@ -163,7 +169,7 @@ def row_plan(want: Mapping[str, int], cout: Mapping[str, int], memory: float
     (yolov5x: 21 GB at the default rows) that does not fit. Above ``memory`` bytes, every Conv's
     rows are capped at one common count (the narrow Convs keep theirs), never below ``MIN_ROWS``."""
     def size(cap: int) -> int:
-        return sum(min(r, cap) * cout[n] * 4 for n, r in want.items())
+        return output_bytes({n: min(r, cap) for n, r in want.items()}, cout)
 
     top = max(want.values(), default=0)
     if size(top) <= memory:

@@ -32,6 +32,7 @@ def planned(model_path: str) -> Dict[str, Any]:
     """GB of least-squares statistics and of refit outputs (uncapped and capped) for every dense Conv."""
     import onnx
 
+    from onnxslim_yolo.analysis.lsq import state_bytes
     from onnxslim_yolo.passes import _prune_refit
     from onnxslim_yolo.passes._prune_options import PruneOptions
 
@@ -45,13 +46,13 @@ def planned(model_path: str) -> Dict[str, Any]:
         if w is None or len(w) != 4 or group != 1:
             continue
         f = w[1] * w[2] * w[3]
-        stats += (f + 1) ** 2 * 8
+        stats += state_bytes(f)
         key = node.name or node.output[0]
         rows[key] = _prune_refit.rows_for(f + 1, opts.refit_samples)
         width[key] = w[0]
-    asked = sum(r * width[n] * 4 for n, r in rows.items())
+    asked = _prune_refit.output_bytes(rows, width)
     capped, note = _prune_refit.row_plan(rows, width, opts.refit_memory * 1e9)
-    held = sum(r * width[n] * 4 for n, r in capped.items())
+    held = _prune_refit.output_bytes(capped, width)
     return {"dense_convs": len(rows), "lsq_stats_gb": round(stats / 1e9, 2),
             "refit_outputs_asked_gb": round(asked / 1e9, 2), "refit_outputs_held_gb": round(held / 1e9, 2),
             "refit_note": note}

@@ -34,6 +34,12 @@ class ConvStats:
         return self.geometry.kernel[0] * self.geometry.kernel[1]
 
 
+def state_bytes(features: int) -> int:
+    """Bytes of one Conv's float64 (F+1) x (F+1) matrix (its moments, or its state's inverse),
+    F = ``features`` inputs per output (input channels x kernel taps)."""
+    return (features + 1) ** 2 * 8
+
+
 def collect_moments(geoms: Mapping[str, Tuple[str, ConvGeometry]], batches, per_image: int,
                     seed: int = 0, saliency: Optional[Sequence[np.ndarray]] = None) -> Dict[str, ConvStats]:
     """Accumulate patch second moments; ``geoms`` maps a Conv name to (input tensor, geometry),
