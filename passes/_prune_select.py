@@ -126,13 +126,12 @@ class LSQCost:
 
     def _costs(self, left: Sequence[ChannelGroup], st: Mapping[str, ConsumerLSQ]) -> List[float]:
         """Gain-weighted cost of each group of ``left`` (one batched solve per consumer Conv)."""
-        wanted: Dict[str, List[int]] = {}
+        wanted: Dict[str, Dict[int, None]] = {}       # consumer -> its input channels asked, in order
         for g in left:
             for r in g.consumers:
                 if r.node in st:
-                    wanted.setdefault(r.node, []).append(r.index)
-        per = {n: dict(zip(idx, st[n].costs(idx).tolist()))
-               for n, idx in ((n, list(dict.fromkeys(i))) for n, i in wanted.items())}
+                    wanted.setdefault(r.node, {})[r.index] = None
+        per = {n: dict(zip(idx, st[n].costs(list(idx)).tolist())) for n, idx in wanted.items()}
         return [sum(self.gains.get(r.node, 1.0) * per[r.node][r.index] for r in g.consumers if r.node in st)
                 for g in left]
 
