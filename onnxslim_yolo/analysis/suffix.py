@@ -80,8 +80,8 @@ class Suffixes:
             bounds |= self._boundary(nodes)
         self.capture = sorted(bounds | set(self.watch))
         self.cache: List[Dict[str, np.ndarray]] = []
-        self.sessions: "OrderedDict[Tuple[FrozenSet[str], bool], Tuple]" = OrderedDict()
-        self.session_bytes: Dict[Tuple[FrozenSet[str], bool], int] = {}
+        #: (changed nodes, everything) -> (session entry, its bytes by _session_bytes)
+        self.sessions: "OrderedDict[Tuple[FrozenSet[str], bool], Tuple[Tuple, int]]" = OrderedDict()
         self.runs = 0
 
     def _descendants(self, start: Sequence[int]) -> FrozenSet[int]:
@@ -123,11 +123,11 @@ class Suffixes:
             self.cache = []
             return
         self.cache = [dict(v) for v in values]
-        self._drop_sessions()       # their baked parameters were those of the old base
+        self.sessions.clear()       # their baked parameters were those of the old base
 
-    def _drop_sessions(self) -> None:
-        self.sessions.clear()
-        self.session_bytes.clear()
+    @property
+    def session_bytes(self) -> Dict[Tuple[FrozenSet[str], bool], int]:
+        return {k: size for k, (_, size) in self.sessions.items()}
 
     @property
     def ready(self) -> bool:
@@ -139,7 +139,7 @@ class Suffixes:
         key = (changed, everything)
         if key in self.sessions:
             self.sessions.move_to_end(key)
-            return self.sessions[key]
+            return self.sessions[key][0]
         nodes: FrozenSet[int] = frozenset().union(*(self.below[c] for c in changed))
         order = sorted(nodes)
         made = {t for i in order for t in self.nodes[i].output}
@@ -164,11 +164,10 @@ class Suffixes:
         entry = (verify.session(sub, optimize=True, threads=self.threads), [i.name for i in inputs], bounds,
                  outputs)
         weights = sum(t.ByteSize() for t in graph.initializer)
-        self.sessions[key] = entry
-        self.session_bytes[key] = _session_bytes(weights, sum(sample[t].nbytes for t in bounds))
+        self.sessions[key] = (entry, _session_bytes(weights, sum(sample[t].nbytes for t in bounds)))
         while len(self.sessions) > 1 and (len(self.sessions) > SESSIONS
                                           or sum(self.session_bytes.values()) > SESSION_BYTES):
-            self.session_bytes.pop(self.sessions.popitem(last=False)[0])
+            self.sessions.popitem(last=False)
         return entry
 
     def _suffix_run(self, k: int, feed: Mapping[str, np.ndarray], changed: FrozenSet[str],
@@ -193,7 +192,7 @@ class Suffixes:
         if changed:
             for k, feed in enumerate(feeds):
                 self.cache[k].update(self._suffix_run(k, feed, changed, True))
-            self._drop_sessions()   # their baked parameters were those of the old base
+            self.sessions.clear()   # their baked parameters were those of the old base
         return [[c[t] for t in self.watch] for c in self.cache]
 
     def covers(self, changed: Optional[Set[str]]) -> bool:
