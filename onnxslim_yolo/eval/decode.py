@@ -87,9 +87,8 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
         return family
     if task == "obb":
         shape = declared_shapes(model)[0] if model.graph.output else ()
-        if len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]) and _trailing_axis(shape) == 2:
-            raise NotDetections("model is an ultralytics 'obb' export with its candidates in rows (after "
-                                "its own selection); only (1, 4+C+1, N) rotated-box outputs are read")
+        if len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]):
+            _refuse_obb_rows(shape)
         return family
     if task != "detect":
         raise NotDetections(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
@@ -121,6 +120,15 @@ def rotated_boxes(model: onnx.ModelProto) -> bool:
 def extra_values(model: onnx.ModelProto) -> int:
     """Values after each candidate's class scores: a pose export's keypoints, an obb export's angle."""
     return keypoint_values(model) or int(rotated_boxes(model))
+
+
+def _refuse_obb_rows(shape: Sequence) -> None:
+    """NotDetections for an obb output holding its candidates in rows (after the export's own
+    selection): only (1, 4+C+1, N) rotated-box outputs are read."""
+    if _trailing_axis(shape) == 2:
+        raise NotDetections(f"model is an ultralytics 'obb' export with its candidates in rows (output "
+                            f"{tuple(shape)}, after its own selection); only (1, 4+C+1, N) rotated-box "
+                            "outputs are read")
 
 
 def enclosing_boxes(out: np.ndarray) -> np.ndarray:
@@ -235,9 +243,7 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
         nm = mask_coefficients(shapes) or extra
         out = outputs[0]
         if rotated and out.ndim == 3:
-            if _trailing_axis(out.shape) == 2:
-                raise NotDetections(f"an obb output of shape {tuple(out.shape)} holds its candidates in "
-                                    "rows; only (1, 4+C+1, N) rotated-box outputs are read")
+            _refuse_obb_rows(out.shape)
             return enclosing_boxes(out)
         if not nm:
             return out
