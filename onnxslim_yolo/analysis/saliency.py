@@ -25,12 +25,14 @@ STRIDES = (8, 16, 32)
 
 
 def layout(model: onnx.ModelProto):
-    """(format, input hw) of a single-output YOLO detector, (None, None) otherwise."""
+    """(format, input hw) of a YOLO detector whose candidates are the rows of its outputs: a single
+    output, or a segmentation export's candidates beside its prototype masks (read by
+    :class:`..eval.anchors.OutputReader` without their mask coefficients); (None, None) otherwise."""
     from ..data import model_input
-    from ..eval.decode import _static_output_shape, row_format
+    from ..eval.decode import _static_output_shape, row_format, segment_format
     try:
         hw = model_input(model)[1][1:]
-        fmt = row_format(model, _static_output_shape(model), hw)
+        fmt = row_format(model, _static_output_shape(model), hw) or segment_format(model, hw)
     except Exception:  # unknown layout: uniform sampling
         return None, None
     return (fmt, hw) if fmt else (None, None)
@@ -42,8 +44,8 @@ def detection_watch(model: onnx.ModelProto):
     decoded as ``v5`` or ``v8``), or for a model with NMS inside the boxes (1, N, 4) and scores fed
     into it (both read as ``xyxy``)."""
     fmt, hw = layout(model)
-    if fmt is not None:
-        return [model.graph.output[0].name], fmt, hw
+    if fmt is not None:  # every output: a segmentation export's are read together
+        return [o.name for o in model.graph.output], fmt, hw
     from .. import verify
     from ..data import model_input
     from ..eval.decode import declared_shapes, raw_maps_format, split_layout, value_dims
@@ -99,13 +101,14 @@ def saliency_maps(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int =
     fmt, hw = layout(model)
     if fmt is None:
         return None
+    from ..eval.anchors import OutputReader
     from ..eval.decode import decode
     sess = verify.session(model, optimize=True, threads=threads)
+    read = OutputReader(model)
     maps: List[np.ndarray] = []
     for f in feeds:
-        out = verify.run(sess, f)[0]
         try:
-            _, scores = decode(out, fmt, hw)
+            _, scores = decode(read(verify.run(sess, f), hw), fmt, hw)
         except SlimError as exc:
             log.info("saliency: %s; uniform sampling", exc)
             return None

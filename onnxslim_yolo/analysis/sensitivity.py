@@ -107,15 +107,20 @@ class DetectionMetric:
     of the box with the reference box, plus ``score_weight`` x |log| of the score ratio of the
     reference's top class, averaged with the reference score as weight. 1 - IoU is what costs
     mAP@0.5:0.95 (a box that moves loses the high IoU thresholds). Needs a known YOLO output
-    format (v5, v8, yolox)."""
+    format (v5, v8, yolox). For a segmentation export (candidates and prototype masks watched
+    together) each row also adds the relative change of its mask logits (:func:`mask_change`),
+    so that the prototype branch, which no box depends on, is not measured as free."""
 
     name = "detections"
 
     def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05,
                  score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
+        from ..eval.decode import declared_shapes, mask_coefficients
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
         self.read = OutputReader(model)
+        outputs = [o.name for o in model.graph.output]
+        self.masks = mask_coefficients(declared_shapes(model)) if self.watch == outputs else 0
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
@@ -144,7 +149,28 @@ class DetectionMetric:
         iou = box_iou_rows(rb[rows].astype(np.float64), nb[rows].astype(np.float64))
         s_new = np.maximum(ns[rows, cls[rows]].astype(np.float64), 1e-9)
         err = (1.0 - iou) + self.score_weight * np.abs(np.log(s_new / np.maximum(w, 1e-9)))
+        if self.masks:
+            err = err + mask_change(ref, new, self.masks, rows)
         return float((err * w).sum() / max(w.sum(), 1e-12))
+
+
+def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int, rows: np.ndarray) -> np.ndarray:
+    """Per row of ``rows``: ||L_new - L_ref||^2 / ||L_ref||^2 over the whole prototype map, where
+    a candidate's mask logits L = c P are its ``nm`` mask coefficients c times the prototype masks
+    P (nm, h*w) of a segmentation export's outputs (candidates, prototypes; batch 1). With
+    dc = c_new - c_ref and dP = P_new - P_ref, L_new - L_ref = dc P_new + c_ref dP: quadratic
+    forms in three nm x nm Gram matrices, from differences, so nothing cancels and no (rows, h*w)
+    map is built. The whole map counts, not only the box the mask is cropped to."""
+    from ..eval.decode import mask_coefficient_rows
+    c_ref = mask_coefficient_rows(ref[0], nm)[rows].astype(np.float64)
+    dc = mask_coefficient_rows(new[0], nm)[rows].astype(np.float64) - c_ref
+    p_ref = ref[1][0].reshape(nm, -1)
+    p_new = new[1][0].reshape(nm, -1)
+    dp = p_new - p_ref
+    gram = [(a @ b.T).astype(np.float64) for a, b in ((p_new, p_new), (p_new, dp), (dp, dp), (p_ref, p_ref))]
+    num = ((dc @ gram[0]) * dc).sum(1) + 2 * ((dc @ gram[1]) * c_ref).sum(1) + ((c_ref @ gram[2]) * c_ref).sum(1)
+    den = ((c_ref @ gram[3]) * c_ref).sum(1)
+    return np.maximum(num, 0.0) / np.maximum(den, 1e-12)
 
 
 class AgreementMetric:

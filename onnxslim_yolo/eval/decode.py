@@ -413,6 +413,24 @@ def row_format(model: onnx.ModelProto, shape: Sequence, input_hw: Optional[Seque
     return fmt if fmt in ROW_FORMATS else None
 
 
+def segment_format(model: onnx.ModelProto, input_hw: Optional[Sequence[int]]) -> Optional[str]:
+    """:func:`row_format` of a segmentation export's candidates (its first output beside the
+    prototype masks, read without the mask coefficients, :func:`mask_coefficients`); None for
+    any other set of outputs or an unknown layout."""
+    shapes = declared_shapes(model)
+    if len(model.graph.output) != 2 or not mask_coefficients(shapes):
+        return None
+    fmt = _format_from(model, boxes_shape(shapes), input_hw)
+    return fmt if fmt in ROW_FORMATS else None
+
+
+def mask_coefficient_rows(out: np.ndarray, nm: int) -> np.ndarray:
+    """(N, nm): each candidate's mask coefficients, the last ``nm`` values of a segmentation
+    export's candidates (batch 1; in rows, or channels first as ultralytics writes them)."""
+    a = out[0]
+    return a[:, -nm:] if _trailing_axis(out.shape) == 2 else a[-nm:, :].T
+
+
 # ----------------------------------------------------------------------------------- decoding
 def xywh2xyxy(x: np.ndarray) -> np.ndarray:
     y = np.empty_like(x)

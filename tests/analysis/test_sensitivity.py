@@ -95,3 +95,44 @@ def test_detection_metric_reads_the_candidates_of_an_nms_tail_and_split_outputs(
         moved = [ref[0] + 2.0, ref[1]]  # every box shifted by 2 pixels
         assert metric(ref, moved) > metric(ref, ref) + 0.05
     assert detection_watch(graphs.concat_graph()) is None
+
+
+def test_segment_exports_are_probed_on_their_boxes_and_mask_logits():
+    """A 'segment' export: the probe watches the candidates and the prototypes together, reads
+    the boxes without the mask coefficients, and adds each confident candidate's relative change
+    of mask logits, so a change to the prototypes or the coefficients alone costs what it does."""
+    from fixtures.yolov8 import build_yolov8_seg
+    from onnxslim_yolo.analysis import activations
+    from onnxslim_yolo.analysis.saliency import detection_watch, saliency_maps
+    model = build_yolov8_seg(nm=8)
+    watch, fmt, hw = detection_watch(model)
+    assert watch == ["output0", "output1"] and fmt == "v8" and hw == (64, 64)
+    metric = sensitivity.default_metric(model)
+    assert metric.name == "detections" and metric.masks == 8
+    feeds = verify.random_feeds(model, 1, 0)
+    ref = [list(activations.capture(model, feeds, watch, 1))[0][n] for n in watch]
+    assert metric(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    assert metric(ref, [ref[0], ref[1] * 1.1]) == pytest.approx(0.01, rel=1e-3)  # every logit x1.1
+    coef = ref[0].copy()
+    coef[0, -8:, :] *= 0.9
+    assert metric(ref, [coef, ref[1]]) == pytest.approx(0.01, rel=1e-3)          # every logit x0.9
+    moved = ref[0].copy()
+    moved[0, :2, :] += 2.0                                                       # boxes, not masks
+    assert metric(ref, [moved, ref[1]]) > 0.05
+    maps = saliency_maps(model, feeds)   # from the class scores, not the coefficients after them
+    assert maps is not None and maps[0].shape == (8, 8)
+    assert maps[0].max() == pytest.approx(float(ref[0][0, 4:8].max()))
+
+
+def test_mask_change_equals_the_change_of_the_mask_logit_maps():
+    rng = np.random.default_rng(0)
+    nm, rows = 4, np.array([0, 3, 7])
+    for channels_first in (False, True):
+        ref = [rng.normal(size=(1, 50, 6 + nm)).astype(np.float32), rng.normal(size=(1, nm, 8, 8)).astype(np.float32)]
+        new = [r + 0.01 * rng.normal(size=r.shape).astype(np.float32) for r in ref]
+        coefs = [o[0, :, -nm:] for o in (ref[0], new[0])]
+        if channels_first:
+            ref[0], new[0] = ref[0].transpose(0, 2, 1).copy(), new[0].transpose(0, 2, 1).copy()
+        logits = [c[rows].astype(np.float64) @ p[0].reshape(nm, -1) for c, p in zip(coefs, (ref[1], new[1]))]
+        want = ((logits[1] - logits[0]) ** 2).sum(1) / (logits[0] ** 2).sum(1)
+        np.testing.assert_allclose(sensitivity.mask_change(ref, new, nm, rows), want, rtol=1e-4)

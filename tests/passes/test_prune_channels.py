@@ -345,6 +345,21 @@ def test_activation_criterion_with_least_squares_on_calibration_data(family):
     assert diff.cosine > 0.5
 
 
+@pytest.mark.parametrize("bn", [True, False])
+def test_segment_export_prunes_exactly_and_is_measured_on_boxes_and_masks(bn):
+    """A YOLOv8-seg-style export (candidates with mask coefficients, prototype masks): pruning
+    is exact on the zeroed channels, and with calibration data the probe measures detections
+    (boxes and mask logits), not the head maps."""
+    from fixtures.yolov8 import build_yolov8_seg
+    model = build_yolov8_seg(bn=bn)
+    res = run(model, ratio=0.2, **EXACT)
+    assert res.report.details["mac_reduction"] >= 0.2
+    assert_exact(model, res.model, res.report.details)
+    calib = verify.random_feeds(model, 3, 0)
+    d = run(model, calib, ratio=0.15, sens_images=2, samples=512).report.details
+    assert d["cost"] == "measured" and d["metric"] == "detections" and d["mac_reduction"] >= 0.15
+
+
 def test_row_plan_caps_the_largest_refits_at_the_largest_count_that_fits():
     from onnxslim_yolo.passes._prune_refit import MIN_ROWS, row_plan
 
