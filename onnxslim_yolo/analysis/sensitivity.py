@@ -109,18 +109,20 @@ class DetectionMetric:
     mAP@0.5:0.95 (a box that moves loses the high IoU thresholds). Needs a known YOLO output
     format (v5, v8, yolox). For a segmentation export (candidates and prototype masks watched
     together) each row also adds the relative change of its mask logits (:func:`mask_change`),
-    so that the prototype branch, which no box depends on, is not measured as free."""
+    and for a pose export how far its keypoints move (:func:`keypoint_change`), so that the
+    prototype or keypoint branch, which no box depends on, is not measured as free."""
 
     name = "detections"
 
     def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05,
                  score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
-        from ..eval.decode import declared_shapes, mask_coefficients
+        from ..eval.decode import declared_shapes, keypoint_shape, mask_coefficients
         self.watch = list(watch or [model.graph.output[0].name])
         self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
         self.read = OutputReader(model)
         outputs = [o.name for o in model.graph.output]
         self.masks = mask_coefficients(declared_shapes(model)) if self.watch == outputs else 0
+        self.keypoints = keypoint_shape(model) if self.watch == outputs[:1] else None
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
@@ -151,7 +153,26 @@ class DetectionMetric:
         err = (1.0 - iou) + self.score_weight * np.abs(np.log(s_new / np.maximum(w, 1e-9)))
         if self.masks:
             err = err + mask_change(ref, new, self.masks, rows)
+        if self.keypoints:
+            err = err + keypoint_change(ref[0], new[0], self.keypoints, rows, rb[rows])
         return float((err * w).sum() / max(w.sum(), 1e-12))
+
+
+def keypoint_change(ref: np.ndarray, new: np.ndarray, shape: Tuple[int, int], rows: np.ndarray,
+                    boxes: np.ndarray) -> np.ndarray:
+    """Per row of ``rows`` of a pose export's output (batch 1): twice the mean distance its
+    keypoints (``shape`` = (K, 3) x, y, visibility, or (K, 2)) move, over the square root of the
+    reference box's area (xyxy ``boxes``), plus the mean change of their visibility. A keypoint
+    moved by a fraction d of the box's size costs 2d, about what 1 - IoU charges a box shifted
+    by d of its side."""
+    from ..eval.decode import trailing_values
+    k, v = shape
+    a = trailing_values(ref, k * v)[rows].astype(np.float64).reshape(-1, k, v)
+    b = trailing_values(new, k * v)[rows].astype(np.float64).reshape(-1, k, v)
+    size = np.sqrt(np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1.0))
+    moved = np.sqrt(((b[..., :2] - a[..., :2]) ** 2).sum(-1)).mean(1)
+    seen = np.abs(b[..., 2] - a[..., 2]).mean(1) if v == 3 else 0.0
+    return 2.0 * moved / size + seen
 
 
 def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int, rows: np.ndarray) -> np.ndarray:
@@ -161,9 +182,9 @@ def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int, r
     dc = c_new - c_ref and dP = P_new - P_ref, L_new - L_ref = dc P_new + c_ref dP: quadratic
     forms in three nm x nm Gram matrices, from differences, so nothing cancels and no (rows, h*w)
     map is built. The whole map counts, not only the box the mask is cropped to."""
-    from ..eval.decode import mask_coefficient_rows
-    c_ref = mask_coefficient_rows(ref[0], nm)[rows].astype(np.float64)
-    dc = mask_coefficient_rows(new[0], nm)[rows].astype(np.float64) - c_ref
+    from ..eval.decode import trailing_values
+    c_ref = trailing_values(ref[0], nm)[rows].astype(np.float64)
+    dc = trailing_values(new[0], nm)[rows].astype(np.float64) - c_ref
     p_ref = ref[1][0].reshape(nm, -1)
     p_new = new[1][0].reshape(nm, -1)
     dp = p_new - p_ref

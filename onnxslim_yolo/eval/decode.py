@@ -95,18 +95,30 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
     return family
 
 
+def _kpt_dims(model: onnx.ModelProto) -> Tuple[int, ...]:
+    """The dims of an ultralytics 'pose' export's metadata ``kpt_shape``; () for other models."""
+    meta = _metadata(model)
+    if meta.get("task") != "pose":   # exporter_family's task: ultralytics writes the key
+        return ()
+    try:
+        return tuple(int(d) for d in ast.literal_eval(meta.get("kpt_shape", "")))
+    except (ValueError, SyntaxError, TypeError):
+        return ()
+
+
 def keypoint_values(model: onnx.ModelProto) -> int:
     """Values per candidate after the class scores of an ultralytics 'pose' export: the product of
     its metadata's ``kpt_shape`` (17 keypoints x (x, y, visibility) = 51); 0 for other models."""
-    meta = _metadata(model)
-    if meta.get("task") != "pose":   # exporter_family's task: ultralytics writes the key
-        return 0
-    try:
-        dims = ast.literal_eval(meta.get("kpt_shape", ""))
-        n = int(np.prod([int(d) for d in dims]))
-    except (ValueError, SyntaxError, TypeError):
-        return 0
+    dims = _kpt_dims(model)
+    n = int(np.prod(dims)) if dims else 0
     return n if n > 0 else 0
+
+
+def keypoint_shape(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
+    """(keypoints, values each) of a pose export whose ``kpt_shape`` is (K, 3) (x, y, visibility)
+    or (K, 2); None otherwise."""
+    dims = _kpt_dims(model)
+    return (dims[0], dims[1]) if len(dims) == 2 and dims[0] > 0 and dims[1] in (2, 3) else None
 
 
 def rotated_boxes(model: onnx.ModelProto) -> bool:
@@ -424,11 +436,11 @@ def segment_format(model: onnx.ModelProto, input_hw: Optional[Sequence[int]]) ->
     return fmt if fmt in ROW_FORMATS else None
 
 
-def mask_coefficient_rows(out: np.ndarray, nm: int) -> np.ndarray:
-    """(N, nm): each candidate's mask coefficients, the last ``nm`` values of a segmentation
-    export's candidates (batch 1; in rows, or channels first as ultralytics writes them)."""
+def trailing_values(out: np.ndarray, n: int) -> np.ndarray:
+    """(N, n): the last ``n`` values of each candidate (batch 1; in rows, or channels first as
+    ultralytics writes them): a segmentation export's mask coefficients, a pose export's keypoints."""
     a = out[0]
-    return a[:, -nm:] if _trailing_axis(out.shape) == 2 else a[-nm:, :].T
+    return a[:, -n:] if _trailing_axis(out.shape) == 2 else a[-n:, :].T
 
 
 # ----------------------------------------------------------------------------------- decoding

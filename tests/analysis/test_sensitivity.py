@@ -136,3 +136,27 @@ def test_mask_change_equals_the_change_of_the_mask_logit_maps():
         logits = [c[rows].astype(np.float64) @ p[0].reshape(nm, -1) for c, p in zip(coefs, (ref[1], new[1]))]
         want = ((logits[1] - logits[0]) ** 2).sum(1) / (logits[0] ** 2).sum(1)
         np.testing.assert_allclose(sensitivity.mask_change(ref, new, nm, rows), want, rtol=1e-4)
+
+
+def test_pose_exports_are_probed_on_their_boxes_and_keypoints():
+    """A 'pose' export: a keypoint moved by d pixels costs 2 d / sqrt(box area) (averaged over
+    the K keypoints), a visibility change its size, boxes are read without the keypoints."""
+    from fixtures.yolov8 import build_yolov8_pose
+    from onnxslim_yolo.analysis import activations
+    model = build_yolov8_pose(keypoints=5)
+    metric = sensitivity.default_metric(model)
+    assert metric.name == "detections" and metric.watch == ["output0"] and metric.keypoints == (5, 3)
+    ref = [list(activations.capture(model, verify.random_feeds(model, 1, 0), ["output0"], 1))[0]["output0"]]
+    assert metric(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    rows = np.arange(ref[0].shape[2])
+    boxes = ref[0][0, :4].T.astype(np.float64)                    # cx cy w h
+    xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
+    moved = ref[0].copy()
+    moved[0, -15, :] += 3.0                                       # the first of 5 keypoints, x
+    want = 2 * (3.0 / 5) / np.sqrt(np.maximum(boxes[:, 2] * boxes[:, 3], 1.0))
+    got = sensitivity.keypoint_change(ref[0], moved, (5, 3), rows, xyxy)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    hidden = ref[0].copy()
+    hidden[0, -1, :] += 0.5                                       # the last keypoint's visibility
+    np.testing.assert_allclose(sensitivity.keypoint_change(ref[0], hidden, (5, 3), rows, xyxy), 0.1, rtol=1e-5)
+    assert metric(ref, [moved]) > 0.0

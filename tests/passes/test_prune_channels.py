@@ -345,13 +345,15 @@ def test_activation_criterion_with_least_squares_on_calibration_data(family):
     assert diff.cosine > 0.5
 
 
+@pytest.mark.parametrize("task", ["seg", "pose"])
 @pytest.mark.parametrize("bn", [True, False])
-def test_segment_export_prunes_exactly_and_is_measured_on_boxes_and_masks(bn):
-    """A YOLOv8-seg-style export (candidates with mask coefficients, prototype masks): pruning
-    is exact on the zeroed channels, and with calibration data the probe measures detections
-    (boxes and mask logits), not the head maps."""
-    from fixtures.yolov8 import build_yolov8_seg
-    model = build_yolov8_seg(bn=bn)
+def test_segment_and_pose_exports_prune_exactly_and_are_measured_on_detections(task, bn):
+    """YOLOv8-seg and -pose-style exports (candidates followed by mask coefficients beside
+    prototype masks, or by keypoints): pruning is exact on the zeroed channels, and with
+    calibration data the probe measures detections (with their masks or keypoints), not the
+    head maps."""
+    from fixtures.yolov8 import build_yolov8_pose, build_yolov8_seg
+    model = (build_yolov8_seg if task == "seg" else build_yolov8_pose)(bn=bn)
     res = run(model, ratio=0.2, **EXACT)
     assert res.report.details["mac_reduction"] >= 0.2
     assert_exact(model, res.model, res.report.details)
