@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from .. import verify
+from ..eval.anchors import OutputReader
 from ..pass_base import PassReport
 from . import metrics, mixed
 from .pipeline import Built, Quantizer
@@ -95,7 +96,7 @@ class Controller:
             sw = switch_model(built.graph, self.q.model, built.plan, built.record, units_of)
             feeds = self.q.feeds[: self.o.sensitivity_images]
             self._ev = SwitchEvaluator(sw, self.q.head.last_conv_outputs, feeds, self.o.threads,
-                                       output_format(self.q))
+                                       output_format(self.q), OutputReader(self.q.model))
             self._cands = candidates(built.plan, units_of) + grouped_candidate(built.graph, built.plan)
         return self._ev
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -65,14 +65,17 @@ class DetectionError:
     """Loss between float and candidate outputs, row by row (no NMS: rows correspond), weighted by
     confidence: for every prediction that either model scores >= ``min_conf``, the L1 change of
     its class scores plus its float confidence x (1 - IoU) of the two boxes. It follows what
-    mAP@0.5:0.95 sees (confident boxes and their precision), unlike an error over all logits."""
+    mAP@0.5:0.95 sees (confident boxes and their precision), unlike an error over all logits.
+    ``read`` (an :class:`..eval.anchors.OutputReader` of the model) first takes what is not a box
+    or a class score off each row: a pose export's keypoints, an obb export's angle."""
 
-    def __init__(self, fmt: str, hw: Sequence[int], min_conf: float = 0.05) -> None:
-        self.fmt, self.hw, self.min_conf = fmt, tuple(hw), min_conf
+    def __init__(self, fmt: str, hw: Sequence[int], min_conf: float = 0.05,
+                 read: Optional[Callable] = None) -> None:
+        self.fmt, self.hw, self.min_conf, self.read = fmt, tuple(hw), min_conf, read
 
     def decoded(self, out: np.ndarray) -> tuple:
         from ..eval.decode import decode_rows
-        return decode_rows(out, self.fmt, self.hw)
+        return decode_rows(out if self.read is None else self.read([out], self.hw), self.fmt, self.hw)
 
     def __call__(self, ref: Sequence[tuple], new: Sequence[np.ndarray]) -> float:
         num = den = 0.0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -200,7 +200,7 @@ class SwitchEvaluator:
 
     def __init__(self, model: onnx.ModelProto, head_maps: Sequence[str],
                  feeds: Sequence[Dict[str, np.ndarray]], threads: int = 0,
-                 fmt: Optional[str] = None) -> None:
+                 fmt: Optional[str] = None, read: Optional[Callable] = None) -> None:
         out0 = model.graph.output[0].name
         self.names = None
         self.feeds = list(feeds)
@@ -211,7 +211,7 @@ class SwitchEvaluator:
         ref = self._run(off=None)
         if fmt:
             name = [i.name for i in self.sess.get_inputs() if not i.name.startswith(SWITCH)][0]
-            err = metrics.DetectionError(fmt, self.feeds[0][name].shape[2:])
+            err = metrics.DetectionError(fmt, self.feeds[0][name].shape[2:], read=read)
             self.metric = "decoded detections: confidence-weighted score L1 + box (1 - IoU)"
             self.ref = [err.decoded(r[0]) for r in ref]
             self.loss = lambda outs: err(self.ref, [o[0] for o in outs])

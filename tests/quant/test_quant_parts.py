@@ -192,3 +192,24 @@ def test_derived_ranges_resolve_a_concat_of_a_concat_listed_first():
     assert (table["inner"].rmin, table["inner"].rmax) == (-1.0, 5.0)
     assert (table["outer"].rmin, table["outer"].rmax, table["outer"].method) == (-3.0, 5.0, "derived")
     assert "lost" not in table
+
+
+def test_detection_error_reads_a_pose_export_without_its_keypoints():
+    """The INT8 sensitivity's loss takes a pose export's keypoints off each row first: moving
+    them leaves the boxes and class scores, and the loss, unchanged. Read raw, the keypoints
+    (pixel coordinates) counted as class scores."""
+    from fixtures.yolov8 import build_yolov8_pose
+    from onnxslim_yolo import verify
+    from onnxslim_yolo.eval.anchors import OutputReader
+    from onnxslim_yolo.quant.metrics import DetectionError
+    model = build_yolov8_pose(num_classes=1, keypoints=5)
+    out = verify.session(model).run(None, verify.random_feeds(model, 1, 0)[0])[0]
+    read, raw = DetectionError("v8", (64, 64), read=OutputReader(model)), DetectionError("v8", (64, 64))
+    assert read.decoded(out)[1].shape[1] == 1 and raw.decoded(out)[1].shape[1] == 1 + 15
+    moved = out.copy()
+    moved[0, -15:, :] += 5.0
+    assert read([read.decoded(out)], [moved]) == 0.0
+    assert raw([raw.decoded(out)], [moved]) > 1.0
+    boxes = out.copy()
+    boxes[0, :2, :] += 5.0
+    assert read([read.decoded(out)], [boxes]) > 0.0
