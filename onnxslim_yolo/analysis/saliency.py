@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -29,30 +29,51 @@ def layout(model: onnx.ModelProto):
     output, or a segmentation export's candidates beside its prototype masks (read by
     :class:`..eval.anchors.OutputReader` without their mask coefficients); (None, None) otherwise."""
     from ..data import model_input
-    from ..eval.decode import _static_output_shape, row_format, segment_format
+    from ..eval.decode import boxes_shape, declared_shapes, extra_values, row_format, segment_format
     try:
         hw = model_input(model)[1][1:]
-        fmt = row_format(model, _static_output_shape(model), hw) or segment_format(model, hw)
+        shape = boxes_shape(declared_shapes(model), extra_values(model))  # a pose export's rows as boxes
+        fmt = row_format(model, shape, hw) or segment_format(model, hw)
     except Exception:  # unknown layout: uniform sampling
         return None, None
     return (fmt, hw) if fmt else (None, None)
 
 
-def detection_watch(model: onnx.ModelProto):
-    """(tensors to watch, format, input hw) for row-by-row detection metrics, or None: the single
-    output of a known YOLO layout, a boxes + scores pair of outputs, raw head maps (every output,
-    decoded as ``v5`` or ``v8``), or for a model with NMS inside the boxes (1, N, 4) and scores fed
-    into it (both read as ``xyxy``)."""
+class Watch(NamedTuple):
+    """What a row-by-row detection metric watches: ``tensors`` in this order, the first ``boxes``
+    of them read by the model's OutputReader as ``fmt`` candidates; the indices, among them, of
+    the mask coefficients (the candidates holding them last, or a (1, N, nm) tensor) and the
+    prototype masks of a segmentation model, and of the keypoints (likewise) of a pose model."""
+
+    tensors: List[str]
+    fmt: str
+    hw: Tuple[int, ...]
+    boxes: int = 1
+    coefs: Optional[int] = None
+    protos: Optional[int] = None
+    keypoints: Optional[int] = None
+
+
+def detection_watch(model: onnx.ModelProto) -> Optional[Watch]:
+    """:class:`Watch` for row-by-row detection metrics, or None: the single output of a known YOLO
+    layout (a segmentation export's candidates with its prototypes), a boxes + scores pair of
+    outputs, raw head maps (every output, decoded as ``v5`` or ``v8``), or for a model with a
+    selection inside (NMS, TopK) the boxes (1, N, 4) and scores fed into it (read as ``xyxy``),
+    with the mask coefficients or keypoints fed into it too (:func:`_frontier_extras`)."""
+    from ..eval.decode import keypoint_shape
     fmt, hw = layout(model)
+    outputs = [o.name for o in model.graph.output]
     if fmt is not None:  # every output: a segmentation export's are read together
-        return [o.name for o in model.graph.output], fmt, hw
+        seg = len(outputs) == 2
+        return Watch(outputs, fmt, tuple(hw), len(outputs), 0 if seg else None, 1 if seg else None,
+                     0 if keypoint_shape(model) else None)
     from .. import verify
     from ..data import model_input
     from ..eval.decode import declared_shapes, raw_maps_format, split_layout, value_dims
     raw = raw_maps_format(model, declared_shapes(model))
     if raw is not None:
         try:
-            return [o.name for o in model.graph.output], raw, model_input(model)[1][1:]
+            return Watch(outputs, raw, tuple(model_input(model)[1][1:]), len(outputs))
         except Exception:  # noqa: BLE001 -- dynamic input size: no fixed layout
             return None
     pair = split_layout(declared_shapes(model))
@@ -61,9 +82,9 @@ def detection_watch(model: onnx.ModelProto):
             hw = model_input(model)[1][1:]
         except Exception:  # noqa: BLE001 -- dynamic input size: no fixed layout
             return None
-        return [model.graph.output[pair[0]].name, model.graph.output[pair[1]].name], "xyxy", hw
+        return Watch([outputs[pair[0]], outputs[pair[1]]], "xyxy", tuple(hw), 2)
     frontier, selected = verify.selection_frontier(model)
-    if not frontier or len(selected) != len(model.graph.output):
+    if not frontier:
         return None
     try:
         hw = model_input(model)[1][1:]
@@ -71,11 +92,36 @@ def detection_watch(model: onnx.ModelProto):
     except Exception:  # noqa: BLE001 -- no shapes: no candidate layout
         return None
     shapes = {vi.name: value_dims(vi) for vi in inferred}
+    shapes.update((o.name, value_dims(o)) for o in model.graph.output)
     for a in frontier:
         for b in frontier:
             if a != b and a in shapes and b in shapes and split_layout([shapes[a], shapes[b]]) is not None:
-                return [a, b], "xyxy", hw
+                return _frontier_extras(model, Watch([a, b], "xyxy", tuple(hw), 2), frontier, selected, shapes)
     return None
+
+
+def _frontier_extras(model: onnx.ModelProto, pair: Watch, frontier: Sequence[str], selected: Sequence[str],
+                     shapes: Dict[str, Tuple]) -> Optional[Watch]:
+    """``pair`` (the boxes and scores fed into a selection) with what else the candidates carry
+    into it: a segmentation model's (1, N, nm) mask coefficients, beside the (1, nm, h, w)
+    prototypes it outputs without selecting them; a pose model's (1, N, K x D) keypoints. None
+    when an output that is not selected is anything else (its change would go unmeasured)."""
+    from ..eval.decode import keypoint_shape
+    rows = shapes[pair.tensors[0]][1]
+    rest = [o.name for o in model.graph.output if o.name not in selected]
+
+    def fed(width: int) -> Optional[str]:
+        return next((t for t in frontier if shapes.get(t) == (1, rows, width)), None) if rows else None
+
+    if rest:
+        proto = shapes.get(rest[0], ())
+        coef = fed(proto[1]) if len(rest) == 1 and len(proto) == 4 and proto[1] else None
+        if coef is None:
+            return None
+        return pair._replace(tensors=pair.tensors + [coef, rest[0]], coefs=2, protos=3)
+    kpt = keypoint_shape(model)
+    found = fed(kpt[0] * kpt[1]) if kpt else None
+    return pair._replace(tensors=pair.tensors + [found], keypoints=2) if found else pair
 
 
 def detection_map(scores: np.ndarray, hw: Sequence[int]) -> Optional[np.ndarray]:

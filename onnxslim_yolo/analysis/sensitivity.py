@@ -23,6 +23,7 @@ from ..eval.anchors import OutputReader
 from ..pass_base import SlimError
 from . import activations
 from .activations import Feeds
+from .saliency import Watch
 
 log = logging.getLogger(__name__)
 
@@ -114,34 +115,32 @@ class DetectionMetric:
 
     name = "detections"
 
-    def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int], conf: float = 0.05,
-                 score_weight: float = 0.1, watch: Optional[Sequence[str]] = None) -> None:
-        from ..eval.decode import declared_shapes, keypoint_shape, mask_coefficients
-        self.watch = list(watch or [model.graph.output[0].name])
-        self.fmt, self.hw, self.conf, self.score_weight = fmt, tuple(hw), conf, score_weight
+    def __init__(self, model: onnx.ModelProto, found: "Watch", conf: float = 0.05,
+                 score_weight: float = 0.1) -> None:
+        from ..eval.decode import keypoint_shape
+        self.found, self.watch = found, list(found.tensors)
+        self.fmt, self.hw, self.conf, self.score_weight = found.fmt, tuple(found.hw), conf, score_weight
         self.read = OutputReader(model)
-        outputs = [o.name for o in model.graph.output]
-        self.masks = mask_coefficients(declared_shapes(model)) if self.watch == outputs else 0
-        self.keypoints = keypoint_shape(model) if self.watch == outputs[:1] else None
+        self.keypoints = keypoint_shape(model) if found.keypoints is not None else None
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         """Decode the references once (a probe compares every candidate with the same ones)."""
-        self._refs = [(r, self._decode(self.read(r, self.hw))) for r in refs]
+        self._refs = [(r, self._decode(r)) for r in refs]
 
     def _decoded_ref(self, ref: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         for r, dec in self._refs:
             if r is ref:
                 return dec
-        return self._decode(self.read(ref, self.hw))
+        return self._decode(ref)
 
-    def _decode(self, out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def _decode(self, watched: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         from ..eval.decode import decode_rows
-        return decode_rows(out, self.fmt, self.hw)
+        return decode_rows(self.read(watched[:self.found.boxes], self.hw), self.fmt, self.hw)
 
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
         rb, rs = self._decoded_ref(ref)
-        nb, ns = self._decode(self.read(new, self.hw))
+        nb, ns = self._decode(new)
         cls = rs.argmax(axis=1)
         top = rs[np.arange(len(rs)), cls]
         rows = np.nonzero(top >= self.conf)[0]
@@ -151,10 +150,12 @@ class DetectionMetric:
         iou = box_iou_rows(rb[rows].astype(np.float64), nb[rows].astype(np.float64))
         s_new = np.maximum(ns[rows, cls[rows]].astype(np.float64), 1e-9)
         err = (1.0 - iou) + self.score_weight * np.abs(np.log(s_new / np.maximum(w, 1e-9)))
-        if self.masks:
-            err = err + mask_change(ref, new, self.masks, rows)
+        f = self.found
+        if f.protos is not None:
+            pick = [f.coefs, f.protos]
+            err = err + mask_change([ref[i] for i in pick], [new[i] for i in pick], ref[f.protos].shape[1], rows)
         if self.keypoints:
-            err = err + keypoint_change(ref[0], new[0], self.keypoints, rows, rb[rows])
+            err = err + keypoint_change(ref[f.keypoints], new[f.keypoints], self.keypoints, rows, rb[rows])
         return float((err * w).sum() / max(w.sum(), 1e-12))
 
 
@@ -204,9 +205,11 @@ class AgreementMetric:
     name = "agreement"
 
     def __init__(self, model: onnx.ModelProto, fmt: str, hw: Sequence[int],
-                 ref_conf: Optional[float] = None, watch: Optional[Sequence[str]] = None) -> None:
+                 ref_conf: Optional[float] = None, watch: Optional[Sequence[str]] = None,
+                 boxes: Optional[int] = None) -> None:
         from ..evaluate import AGREEMENT_CONF
         self.watch = list(watch or [model.graph.output[0].name])
+        self.boxes = len(self.watch) if boxes is None else boxes   # watched tensors read for the boxes
         self.fmt, self.hw = fmt, tuple(int(v) for v in hw)
         self.read = OutputReader(model)
         self.ref_conf = AGREEMENT_CONF if ref_conf is None else ref_conf
@@ -214,7 +217,7 @@ class AgreementMetric:
 
     def _boxes(self, outs: Sequence[List[np.ndarray]]) -> list:
         from ..evaluate import output_boxes
-        return output_boxes([self.read(o, self.hw) for o in outs], self.fmt, self.hw)
+        return output_boxes([self.read(o[:self.boxes], self.hw) for o in outs], self.fmt, self.hw)
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         self.ref_dets = self._boxes(refs)
@@ -234,8 +237,7 @@ def default_metric(model: onnx.ModelProto):
     found = detection_watch(model)
     if found is None:
         return HeadMetric(model)
-    watch, fmt, hw = found
-    return DetectionMetric(model, fmt, hw, watch=watch)
+    return DetectionMetric(model, found)
 
 
 def agreement_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int):
@@ -245,8 +247,7 @@ def agreement_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: in
     found = detection_watch(model)
     if found is None:
         return _checked_metric(model, feeds[:1], threads)
-    watch, fmt, hw = found
-    metric = AgreementMetric(model, fmt, hw, watch=watch)
+    metric = AgreementMetric(model, found.fmt, found.hw, watch=found.tensors, boxes=found.boxes)
     try:
         outs = activations.capture(model, feeds, metric.watch, threads)
         metric.prepare([[o[n] for n in metric.watch] for o in outs])

@@ -86,8 +86,9 @@ def test_detection_metric_reads_the_candidates_of_an_nms_tail_and_split_outputs(
     from onnxslim_yolo.analysis.saliency import detection_watch
     base = FAMILIES["yolov5_v6"](bn=False)
     for model in (append_nms(base), split_boxes_scores(base, channels_first=True)):
-        watch, fmt, hw = detection_watch(model)
-        assert fmt == "xyxy" and len(watch) == 2 and hw == (64, 64)
+        found = detection_watch(model)
+        watch = found.tensors
+        assert found.fmt == "xyxy" and len(watch) == 2 and found.hw == (64, 64) and found.boxes == 2
         metric = sensitivity.default_metric(model)
         assert metric.name == "detections" and metric.watch == watch
         out = list(activations.capture(model, verify.random_feeds(model, 1, 0), watch, 1))[0]
@@ -105,10 +106,12 @@ def test_segment_exports_are_probed_on_their_boxes_and_mask_logits():
     from onnxslim_yolo.analysis import activations
     from onnxslim_yolo.analysis.saliency import detection_watch, saliency_maps
     model = build_yolov8_seg(nm=8)
-    watch, fmt, hw = detection_watch(model)
-    assert watch == ["output0", "output1"] and fmt == "v8" and hw == (64, 64)
+    found = detection_watch(model)
+    watch = found.tensors
+    assert watch == ["output0", "output1"] and found.fmt == "v8" and found.hw == (64, 64)
+    assert (found.boxes, found.coefs, found.protos, found.keypoints) == (2, 0, 1, None)
     metric = sensitivity.default_metric(model)
-    assert metric.name == "detections" and metric.masks == 8
+    assert metric.name == "detections" and metric.watch == watch
     feeds = verify.random_feeds(model, 1, 0)
     ref = [list(activations.capture(model, feeds, watch, 1))[0][n] for n in watch]
     assert metric(ref, ref) == pytest.approx(0.0, abs=1e-9)
@@ -160,3 +163,34 @@ def test_pose_exports_are_probed_on_their_boxes_and_keypoints():
     hidden[0, -1, :] += 0.5                                       # the last keypoint's visibility
     np.testing.assert_allclose(sensitivity.keypoint_change(ref[0], hidden, (5, 3), rows, xyxy), 0.1, rtol=1e-5)
     assert metric(ref, [moved]) > 0.0
+
+
+@pytest.mark.parametrize("task", ["seg", "pose"])
+def test_end_to_end_segment_and_pose_exports_are_probed_before_their_selection(task):
+    """YOLO26-style end-to-end exports select their best candidates inside the graph. The probe
+    watches what is fed into the selection (rows that correspond between two models): boxes,
+    scores, and the mask coefficients (with the prototypes beside) or the keypoints."""
+    from fixtures.postprocess import append_topk
+    from fixtures.yolov8 import build_yolov8_pose, build_yolov8_seg
+    from onnxslim_yolo.analysis import activations
+    from onnxslim_yolo.analysis.saliency import detection_watch
+    seg = task == "seg"
+    # 3 classes: with 4, boxes and scores fed into the selection would have the same shape
+    model = append_topk(build_yolov8_seg(num_classes=3, nm=8), 3) if seg else append_topk(build_yolov8_pose(keypoints=5), 1)
+    found = detection_watch(model)
+    assert found.fmt == "xyxy" and found.boxes == 2
+    assert (found.coefs, found.protos, found.keypoints) == ((2, 3, None) if seg else (None, None, 2))
+    metric = sensitivity.default_metric(model)
+    assert metric.name == "detections" and metric.watch == found.tensors
+    out = list(activations.capture(model, verify.random_feeds(model, 1, 0), found.tensors, 1))[0]
+    ref = [out[n] for n in found.tensors]
+    assert ref[2].shape == (1, 84, 8 if seg else 15)
+    assert metric(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    new = list(ref)
+    if seg:
+        new[3] = ref[3] * 1.1                    # every mask logit x1.1
+        assert metric(ref, new) == pytest.approx(0.01, rel=1e-3)
+    else:
+        new[2] = ref[2].copy()
+        new[2][0, :, 0] += 3.0                   # the first keypoint's x, 3 pixels
+        assert metric(ref, new) > 0.0

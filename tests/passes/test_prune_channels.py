@@ -345,15 +345,19 @@ def test_activation_criterion_with_least_squares_on_calibration_data(family):
     assert diff.cosine > 0.5
 
 
-@pytest.mark.parametrize("task", ["seg", "pose"])
+@pytest.mark.parametrize("task", ["seg", "pose", "seg-e2e", "pose-e2e"])
 @pytest.mark.parametrize("bn", [True, False])
 def test_segment_and_pose_exports_prune_exactly_and_are_measured_on_detections(task, bn):
     """YOLOv8-seg and -pose-style exports (candidates followed by mask coefficients beside
-    prototype masks, or by keypoints): pruning is exact on the zeroed channels, and with
-    calibration data the probe measures detections (with their masks or keypoints), not the
-    head maps."""
+    prototype masks, or by keypoints), also ending in a YOLO26-style top-k selection: pruning
+    is exact on the zeroed channels, and with calibration data the probe measures detections
+    (with their masks or keypoints), not the head maps."""
+    from fixtures.postprocess import append_topk
     from fixtures.yolov8 import build_yolov8_pose, build_yolov8_seg
-    model = (build_yolov8_seg if task == "seg" else build_yolov8_pose)(bn=bn)
+    classes = 3 if task.startswith("seg") else 1   # not 4: boxes and scores would look alike
+    model = (build_yolov8_seg if task.startswith("seg") else build_yolov8_pose)(bn=bn, num_classes=classes)
+    if task.endswith("e2e"):
+        model = append_topk(model, classes)
     res = run(model, ratio=0.2, **EXACT)
     assert res.report.details["mac_reduction"] >= 0.2
     assert_exact(model, res.model, res.report.details)
