@@ -96,7 +96,8 @@ def detection_watch(model: onnx.ModelProto) -> Optional[Watch]:
     for a in frontier:
         for b in frontier:
             if a != b and a in shapes and b in shapes and split_layout([shapes[a], shapes[b]]) is not None:
-                return _frontier_extras(model, Watch([a, b], "xyxy", tuple(hw), 2), frontier, selected, shapes)
+                pair = Watch([a, b], "xyxy", tuple(hw), 2)
+                return _frontier_extras(model, pair, frontier, selected, shapes)
     return None
 
 

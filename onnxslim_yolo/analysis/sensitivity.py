@@ -153,7 +153,8 @@ class DetectionMetric:
         f = self.found
         if f.protos is not None:
             pick = [f.coefs, f.protos]
-            err = err + mask_change([ref[i] for i in pick], [new[i] for i in pick], ref[f.protos].shape[1], rows)
+            nm = ref[f.protos].shape[1]
+            err = err + mask_change([ref[i] for i in pick], [new[i] for i in pick], nm, rows)
         if self.keypoints:
             err = err + keypoint_change(ref[f.keypoints], new[f.keypoints], self.keypoints, rows, rb[rows])
         return float((err * w).sum() / max(w.sum(), 1e-12))
@@ -176,7 +177,8 @@ def keypoint_change(ref: np.ndarray, new: np.ndarray, shape: Tuple[int, int], ro
     return 2.0 * moved / size + seen
 
 
-def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int, rows: np.ndarray) -> np.ndarray:
+def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int,
+                rows: np.ndarray) -> np.ndarray:
     """Per row of ``rows``: ||L_new - L_ref||^2 / ||L_ref||^2 over the whole prototype map, where
     a candidate's mask logits L = c P are its ``nm`` mask coefficients c times the prototype masks
     P (nm, h*w) of a segmentation export's outputs (candidates, prototypes; batch 1). With
@@ -190,7 +192,8 @@ def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int, r
     p_new = new[1][0].reshape(nm, -1)
     dp = p_new - p_ref
     gram = [(a @ b.T).astype(np.float64) for a, b in ((p_new, p_new), (p_new, dp), (dp, dp), (p_ref, p_ref))]
-    num = ((dc @ gram[0]) * dc).sum(1) + 2 * ((dc @ gram[1]) * c_ref).sum(1) + ((c_ref @ gram[2]) * c_ref).sum(1)
+    num = (((dc @ gram[0]) * dc).sum(1) + 2 * ((dc @ gram[1]) * c_ref).sum(1)
+           + ((c_ref @ gram[2]) * c_ref).sum(1))
     den = ((c_ref @ gram[3]) * c_ref).sum(1)
     return np.maximum(num, 0.0) / np.maximum(den, 1e-12)
 

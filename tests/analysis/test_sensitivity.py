@@ -131,7 +131,8 @@ def test_mask_change_equals_the_change_of_the_mask_logit_maps():
     rng = np.random.default_rng(0)
     nm, rows = 4, np.array([0, 3, 7])
     for channels_first in (False, True):
-        ref = [rng.normal(size=(1, 50, 6 + nm)).astype(np.float32), rng.normal(size=(1, nm, 8, 8)).astype(np.float32)]
+        ref = [rng.normal(size=(1, 50, 6 + nm)).astype(np.float32),
+               rng.normal(size=(1, nm, 8, 8)).astype(np.float32)]
         new = [r + 0.01 * rng.normal(size=r.shape).astype(np.float32) for r in ref]
         coefs = [o[0, :, -nm:] for o in (ref[0], new[0])]
         if channels_first:
@@ -161,7 +162,8 @@ def test_pose_exports_are_probed_on_their_boxes_and_keypoints():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     hidden = ref[0].copy()
     hidden[0, -1, :] += 0.5                                       # the last keypoint's visibility
-    np.testing.assert_allclose(sensitivity.keypoint_change(ref[0], hidden, (5, 3), rows, xyxy), 0.1, rtol=1e-5)
+    got = sensitivity.keypoint_change(ref[0], hidden, (5, 3), rows, xyxy)
+    np.testing.assert_allclose(got, 0.1, rtol=1e-5)
     assert metric(ref, [moved]) > 0.0
 
 
@@ -176,7 +178,8 @@ def test_end_to_end_segment_and_pose_exports_are_probed_before_their_selection(t
     from onnxslim_yolo.analysis.saliency import detection_watch
     seg = task == "seg"
     # 3 classes: with 4, boxes and scores fed into the selection would have the same shape
-    model = append_topk(build_yolov8_seg(num_classes=3, nm=8), 3) if seg else append_topk(build_yolov8_pose(keypoints=5), 1)
+    model = (append_topk(build_yolov8_seg(num_classes=3, nm=8), 3) if seg
+             else append_topk(build_yolov8_pose(keypoints=5), 1))
     found = detection_watch(model)
     assert found.fmt == "xyxy" and found.boxes == 2
     assert (found.coefs, found.protos, found.keypoints) == ((2, 3, None) if seg else (None, None, 2))
