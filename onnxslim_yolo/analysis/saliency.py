@@ -29,11 +29,10 @@ def layout(model: onnx.ModelProto):
     output, or a segmentation export's candidates beside its prototype masks (read by
     :class:`..eval.anchors.OutputReader` without their mask coefficients); (None, None) otherwise."""
     from ..data import model_input
-    from ..eval.decode import boxes_shape, declared_shapes, extra_values, row_format, segment_format
+    from ..eval.decode import _static_output_shape, row_format, segment_format
     try:
         hw = model_input(model)[1][1:]
-        shape = boxes_shape(declared_shapes(model), extra_values(model))  # a pose export's rows as boxes
-        fmt = row_format(model, shape, hw) or segment_format(model, hw)
+        fmt = row_format(model, _static_output_shape(model), hw) or segment_format(model, hw)
     except Exception:  # unknown layout: uniform sampling
         return None, None
     return (fmt, hw) if fmt else (None, None)

@@ -421,7 +421,8 @@ def row_format(model: onnx.ModelProto, shape: Sequence, input_hw: Optional[Seque
     ultralytics exports of another task."""
     if len(model.graph.output) != 1 or len(shape) != 3:
         return None
-    fmt = _format_from(model, shape, input_hw)
+    # a pose export's rows without their keypoints: (1, 300, 57) after a selection is not v8's (1, 4+C, N)
+    fmt = _format_from(model, boxes_shape([shape], extra_values(model)), input_hw)
     return fmt if fmt in ROW_FORMATS else None
 
 

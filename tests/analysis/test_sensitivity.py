@@ -180,6 +180,8 @@ def test_end_to_end_segment_and_pose_exports_are_probed_before_their_selection(t
     # 3 classes: with 4, boxes and scores fed into the selection would have the same shape
     model = (append_topk(build_yolov8_seg(num_classes=3, nm=8), 3) if seg
              else append_topk(build_yolov8_pose(keypoints=5), 1))
+    from onnxslim_yolo.eval.decode import declared_shapes, row_format
+    assert row_format(model, declared_shapes(model)[0], (64, 64)) is None  # selected rows: no v8 layout
     found = detection_watch(model)
     assert found.fmt == "xyxy" and found.boxes == 2
     assert (found.coefs, found.protos, found.keypoints) == ((2, 3, None) if seg else (None, None, 2))
