@@ -80,6 +80,8 @@ class Suffixes:
             bounds |= self._boundary(nodes)
         self.capture = sorted(bounds | set(self.watch))
         self.cache: List[Dict[str, np.ndarray]] = []
+        #: sources whose suffix boundaries the cache holds (all, unless it was over its limit)
+        self.kept: Set[str] = set(self.below)
         #: (changed nodes, everything) -> (session entry, its bytes by _session_bytes)
         self.sessions: "OrderedDict[Tuple[FrozenSet[str], bool], Tuple[Tuple, int]]" = OrderedDict()
         self.runs = 0
@@ -111,19 +113,42 @@ class Suffixes:
         return max(self.cache_bytes, (free + held) // 3)
 
     def store(self, values: Sequence[Mapping[str, np.ndarray]]) -> None:
-        """The base run's captured tensors, one mapping per feed (dropped when over :meth:`limit`:
-        a wide model at 640 pixels has several GB of them on 8 images, and whole-model runs
-        instead of suffix runs made its pruning hours long)."""
+        """The base run's captured tensors, one mapping per feed. Over :meth:`limit` (a wide model
+        at 640 pixels has several GB of them on 8 images) only the boundaries of the latest
+        sources that fit are kept (:meth:`_fitting`): changes of those still run suffixes, the
+        rest whole models. With none fitting, every change runs the whole model."""
         size = sum(a.nbytes for v in values for a in v.values())
         cap = self.limit()
+        self.kept = set(self.below)
+        keep = set(values[0]) if values else set()
         if size > cap:
-            log.info("probe: base activations take %.0f MB (cap %.0f MB): whole-model runs", size / 2**20,
-                     cap / 2**20)
-            self.usable = False
-            self.cache = []
-            return
-        self.cache = [dict(v) for v in values]
+            self.kept, keep = self._fitting(values, cap)
+            log.info("probe: base activations take %.0f MB (cap %.0f MB): suffix runs for %d of %d "
+                     "sources, whole-model runs for the rest", size / 2**20, cap / 2**20, len(self.kept),
+                     len(self.below))
+            if not self.kept:
+                self.usable = False
+                self.cache = []
+                return
+        self.cache = [{t: a for t, a in v.items() if t in keep} for v in values]
         self.sessions.clear()       # their baked parameters were those of the old base
+
+    def _fitting(self, values: Sequence[Mapping[str, np.ndarray]], cap: int) -> Tuple[Set[str], Set[str]]:
+        """(sources, tensors): the latest sources (by graph position) whose boundary tensors, with
+        the watched ones, fit in ``cap`` bytes over all feeds. A late source's suffix is short,
+        so a suffix run saves it the most over a whole run, and its boundary is usually small."""
+        size = {t: sum(v[t].nbytes for v in values) for t in values[0]}
+        keep = {t for t in self.watch if t in size}
+        total = sum(size[t] for t in keep)
+        kept: Set[str] = set()
+        for s in sorted(self.below, key=lambda s: -self.sources[s]):
+            need = self._boundary(self.below[s]) - keep
+            add = sum(size.get(t, 0) for t in need)
+            if total + add <= cap:
+                keep |= need
+                total += add
+                kept.add(s)
+        return kept, keep
 
     @property
     def session_bytes(self) -> Dict[Tuple[FrozenSet[str], bool], int]:
@@ -154,7 +179,7 @@ class Suffixes:
         inputs += [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(sample[t].dtype),
                                                  list(sample[t].shape)) for t in bounds]
         used = {t for i in order for t in self.nodes[i].input}
-        outputs = [t for t in (self.capture if everything else self.watch) if t in made]
+        outputs = [t for t in (sorted(sample) if everything else self.watch) if t in made]
         graph = helper.make_graph([self.nodes[i] for i in order], "suffix", inputs,
                                   [onnx.ValueInfoProto(name=t) for t in outputs],
                                   [t for t in self.model.graph.initializer if t.name in used] + baked)
@@ -197,4 +222,4 @@ class Suffixes:
 
     def covers(self, changed: Optional[Set[str]]) -> bool:
         """Whether a suffix run can answer for ``changed`` (None: unknown change)."""
-        return self.ready and changed is not None and all(c in self.below for c in changed)
+        return self.ready and changed is not None and all(c in self.kept for c in changed)

@@ -69,26 +69,44 @@ def test_rebase_moves_the_cache_and_later_changes_start_from_it():
     assert part.measure(base) == pytest.approx(full.measure(base), rel=2e-3)
 
 
-def test_a_cache_over_its_cap_falls_back_to_whole_model_runs(monkeypatch):
-    """Over ``cache_bytes`` the cache is kept while twice its size stays free; with less free
-    memory than that the probe runs whole models."""
+def test_a_cache_over_its_cap_keeps_the_latest_boundaries_that_fit(monkeypatch):
+    """Over ``cache_bytes`` the cache is kept while twice its size stays free. With less, it keeps
+    the boundaries of the latest Convs that fit: their changes still run suffixes, earlier ones
+    the whole model, both measuring what whole runs measure. With nothing fitting, every change
+    runs the whole model."""
     from onnxslim_yolo.analysis import suffix
 
     model = FAMILIES["yolox"](bn=False)
     params, full, part = _probes(model)
+    names = list(params)
     small = sensitivity.RefitProbe(model, params, verify.random_feeds(model, 2, 0), 1)
-    small.suffixes.cache_bytes = 1
-    size = sum(a.nbytes for v in small.suffixes.cache for a in v.values())
+    sx = small.suffixes
+    sx.cache_bytes = 1
+    values = [dict(v) for v in sx.cache]
+    size = sum(a.nbytes for v in values for a in v.values())
     monkeypatch.setattr(suffix, "available_memory", lambda: 2 * size)     # the old cache counts as free
-    small.suffixes.store([dict(v) for v in small.suffixes.cache])
-    assert small.suffixes.ready
-    monkeypatch.setattr(suffix, "available_memory", lambda: size - 2)
-    small.suffixes.store(small.suffixes.cache)
-    assert not small.suffixes.ready
-    p = _perturbed(params, [list(params)[-1]], np.random.default_rng(3))
+    sx.store(values)
+    assert sx.ready and sx.kept == set(sx.below)
+    monkeypatch.setattr(suffix, "available_memory", lambda: 0)            # cap: a third of the old cache
+    sx.store(values)
+    held = sum(a.nbytes for v in sx.cache for a in v.values())
+    assert sx.ready and 0 < len(sx.kept) < len(sx.below) and held <= size // 3
+    assert names[-1] in sx.kept and names[0] not in sx.kept
+    rng = np.random.default_rng(3)
+    late, early = _perturbed(params, [names[-1]], rng), _perturbed(params, [names[0]], rng)
+    assert small.measure(late) == pytest.approx(full.measure(late), rel=2e-3)
+    assert sx.runs == 2                                                   # a suffix run per feed
+    assert small.measure(early) == pytest.approx(full.measure(early), rel=1e-6)
+    assert sx.runs == 2                                                   # a whole run
+    assert small.rebase(late) == pytest.approx(full.rebase(late), rel=2e-3)
+    assert set(sx.cache[0]) <= set(values[0]) and sx.runs == 4            # rebased by suffix runs
+    monkeypatch.setattr(suffix.Suffixes, "limit", lambda self: 1)
+    sx.store(values)
+    assert not sx.ready
+    p = _perturbed(params, [names[-1]], rng)
     assert small.measure(p) == pytest.approx(full.measure(p), rel=1e-6)
     assert small.rebase(p) == pytest.approx(full.measure(p), rel=1e-6)
-    assert small.suffixes.runs == 0
+    assert sx.runs == 4
 
 
 def test_capture_runs_only_the_nodes_its_tensors_need():
