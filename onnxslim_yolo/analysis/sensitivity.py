@@ -377,7 +377,7 @@ class RefitProbe:
         self.base = dict(params)
         if self.suffixes is None or not self.suffixes.usable:
             return [self._run(f, params) for f in self.feeds]
-        names = self.suffixes.capture
+        names = self.suffixes.wanted()
         values = [dict(zip(names, verify.run(self.sess, self._feed(f, params), names))) for f in self.feeds]
         self.suffixes.store(values)
         return [[v[t] for t in self.metric.watch] for v in values]

@@ -119,9 +119,9 @@ class Suffixes:
         rest whole models. With none fitting, every change runs the whole model."""
         size = sum(a.nbytes for v in values for a in v.values())
         cap = self.limit()
-        self.kept = set(self.below)
-        keep = set(values[0]) if values else set()
-        if size > cap:
+        have = set(values[0]) if values else set()
+        self.kept, keep = set(self.below), have
+        if size > cap or have != set(self.capture):   # over the limit, or a base run of a part
             self.kept, keep = self._fitting(values, cap)
             log.info("probe: base activations take %.0f MB (cap %.0f MB): suffix runs for %d of %d "
                      "sources, whole-model runs for the rest", size / 2**20, cap / 2**20, len(self.kept),
@@ -143,12 +143,21 @@ class Suffixes:
         kept: Set[str] = set()
         for s in sorted(self.below, key=lambda s: -self.sources[s]):
             need = self._boundary(self.below[s]) - keep
-            add = sum(size.get(t, 0) for t in need)
+            if need - set(size):      # not captured by this base run
+                continue
+            add = sum(size[t] for t in need)
             if total + add <= cap:
                 keep |= need
                 total += add
                 kept.add(s)
         return kept, keep
+
+    def wanted(self) -> List[str]:
+        """What a base run captures: every boundary tensor, or once the cache held only part of
+        them, that part (capturing all of them at once is what did not fit)."""
+        if self.cache and self.kept != set(self.below):
+            return sorted(self.cache[0])
+        return self.capture
 
     @property
     def session_bytes(self) -> Dict[Tuple[FrozenSet[str], bool], int]:

@@ -100,13 +100,21 @@ def test_a_cache_over_its_cap_keeps_the_latest_boundaries_that_fit(monkeypatch):
     assert sx.runs == 2                                                   # a whole run
     assert small.rebase(late) == pytest.approx(full.rebase(late), rel=2e-3)
     assert set(sx.cache[0]) <= set(values[0]) and sx.runs == 4            # rebased by suffix runs
+    part_of = set(sx.cache[0])
+    assert sx.wanted() == sorted(part_of)         # a base run captures the part held, not all
+    both = {**late, **early}
+    assert small.rebase(both) == pytest.approx(full.rebase(both), rel=2e-3)   # whole base runs
+    assert sx.runs == 4 and set(sx.cache[0]) <= part_of and names[-1] in sx.kept   # (the cap shrank)
+    later = {**both, **_perturbed(params, [names[-1]], rng)}     # the last Conv changed from the base
+    assert small.measure(later) == pytest.approx(full.measure(later), rel=2e-3)
+    assert sx.runs == 6
     monkeypatch.setattr(suffix.Suffixes, "limit", lambda self: 1)
     sx.store(values)
     assert not sx.ready
     p = _perturbed(params, [names[-1]], rng)
     assert small.measure(p) == pytest.approx(full.measure(p), rel=1e-6)
     assert small.rebase(p) == pytest.approx(full.measure(p), rel=1e-6)
-    assert sx.runs == 4
+    assert sx.runs == 6
 
 
 def test_capture_runs_only_the_nodes_its_tensors_need():
