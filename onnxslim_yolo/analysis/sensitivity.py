@@ -23,7 +23,7 @@ from ..eval.anchors import OutputReader
 from ..pass_base import SlimError
 from . import activations
 from .activations import Feeds
-from .saliency import Watch
+from .saliency import Watch, detection_watch
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class DetectionMetric:
 
     name = "detections"
 
-    def __init__(self, model: onnx.ModelProto, found: "Watch", conf: float = 0.05,
+    def __init__(self, model: onnx.ModelProto, found: Watch, conf: float = 0.05,
                  score_weight: float = 0.1) -> None:
         from ..eval.decode import keypoint_shape
         self.found, self.watch = found, list(found.tensors)
@@ -236,7 +236,6 @@ class AgreementMetric:
 
 def default_metric(model: onnx.ModelProto):
     """Detection-level metric when the output is a known YOLO layout, else the head metric."""
-    from .saliency import detection_watch
     found = detection_watch(model)
     if found is None:
         return HeadMetric(model)
@@ -246,7 +245,6 @@ def default_metric(model: onnx.ModelProto):
 def agreement_metric(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int):
     """AgreementMetric for a known YOLO layout whose reference detects something on ``feeds``;
     else the checked default metric (detections or head maps)."""
-    from .saliency import detection_watch
     found = detection_watch(model)
     if found is None:
         return _checked_metric(model, feeds[:1], threads)
