@@ -42,9 +42,11 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
                  max_det: int, fmt: Optional[str], anchors: Optional[str], limit: Optional[int],
                  input_shape: Optional[str], threads: int, runtime: str, json_out: Optional[str],
                  quiet: bool) -> None:
-    """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions)."""
+    """pycocotools bbox mAP@0.5:0.95 and mAP@0.5 of MODEL (ultralytics val conventions); of its masks
+    or keypoints too for a segmentation or pose export whose labels give polygons or keypoints."""
     from .api import images_fed
     from .cli import _shape, echo_images_fed, write_json  # late: cli imports this module while it loads
+    from .eval.metrics import MAP_KINDS
     from .evaluate import evaluate
     from .report import table
 
@@ -63,8 +65,13 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
 
         probe = judge(target, images, fed["preset"], input_shape=_shape(input_shape), threads=threads)
     rows = [["mAP@0.5:0.95", f"{res['map']:.4f}"], ["mAP@0.5", f"{res['map50']:.4f}"],
-            ["mAP@0.75", f"{res['map75']:.4f}"], ["images", res["n_images"]],
-            ["ground-truth boxes", res["n_ground_truth"]], ["detections", res["n_detections"]]]
+            ["mAP@0.75", f"{res['map75']:.4f}"]]
+    for prefix, what in MAP_KINDS[1:]:
+        if prefix + "map" in res:
+            rows += [[f"{what} mAP@0.5:0.95", f"{res[prefix + 'map']:.4f}"],
+                     [f"{what} mAP@0.5", f"{res[prefix + 'map50']:.4f}"]]
+    rows += [["images", res["n_images"]], ["ground-truth boxes", res["n_ground_truth"]],
+             ["detections", res["n_detections"]]]
     echo_images_fed(fed)
     click.echo(table(rows, ["metric", "value"]))
     if runtime != "onnxruntime":

@@ -3,6 +3,8 @@
 One onnxruntime session per model; each image is read and preprocessed once, however many
 models are run on it (:func:`detections_multi`). Conventions follow ultralytics ``val`` scored
 with pycocotools: conf 0.001, IoU 0.6, multi-label class-aware NMS, at most 300 detections.
+Segmentation and pose exports are scored on their masks and keypoints too, when the labels give
+polygons or keypoints (:mod:`.eval.instances`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from . import data, ir, verify
 from .eval.anchors import OutputReader, anchor_layout
 from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, normalize_format,
                           outputs_format, per_image)
-from .eval.metrics import ImageBoxes, coco_map, load_ground_truth
+from .eval.instances import InstanceReader, attach
+from .eval.metrics import MAP_KINDS, ImageBoxes, coco_map, has_kind, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
 
@@ -42,8 +45,10 @@ class _Runner:
         self.sess = open_session(model, engine, optimize=optimize, threads=threads)
         self.fmt = normalize_format(fmt) if fmt else None
         self.read = OutputReader(model)
+        self.instances = InstanceReader(model)
 
-    def __call__(self, feeds: Dict[str, np.ndarray], hw) -> np.ndarray:
+    def __call__(self, feeds: Dict[str, np.ndarray], hw) -> Tuple[np.ndarray, List[np.ndarray]]:
+        """(the detection output :class:`OutputReader` reads, the raw outputs)."""
         outs = verify.run(self.sess, feeds)
         out = self.read(outs, hw)
         if self.fmt is None:
@@ -52,7 +57,7 @@ class _Runner:
             if self.read.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
                 log.warning("raw anchor maps decoded with YOLOv5's default anchors; pass --anchors if the "
                             "model was trained with others")
-        return out
+        return out, outs
 
 
 def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: bool = True,
@@ -71,13 +76,16 @@ def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: 
 
 
 def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float = 0.001, iou: float = 0.6,
-                   max_det: int = 300) -> np.ndarray:
+                   max_det: int = 300, with_rows: bool = False):
     """(M, 6) detections ``x1 y1 x2 y2 score class`` in input pixels from one image's raw output
-    (decode, then NMS, with evaluation's settings by default; a ``dets`` output ran NMS inside)."""
+    (decode, then NMS, with evaluation's settings by default; a ``dets`` output ran NMS inside).
+    With ``with_rows`` also (M,) the candidate row of ``output`` each came from."""
     if fmt in ("dets", "dets7"):
-        return final_detections(batch_rows_as_dets(output) if fmt == "dets7" else output, conf, max_det)
-    boxes, scores = decode(output, fmt, hw, conf)
-    return non_max_suppression(boxes, scores, conf, iou, max_det)
+        return final_detections(batch_rows_as_dets(output) if fmt == "dets7" else output, conf, max_det,
+                                with_rows)
+    # rows are only numbered when none is dropped before NMS (the objectness pre-filter)
+    boxes, scores = decode(output, fmt, hw, None if with_rows else conf)
+    return non_max_suppression(boxes, scores, conf, iou, max_det, with_rows=with_rows)
 
 
 def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray) -> ImageBoxes:
@@ -104,13 +112,15 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
                      max_det: int = 300, fmt: Optional[str] = None,
                      limit: Optional[int] = None, progress: bool = True, threads: int = 0,
                      input_shape: Optional[Sequence[int]] = None,
-                     optimize: bool = True, engine: str = "onnxruntime") -> List[List[ImageBoxes]]:
+                     optimize: bool = True, engine: str = "onnxruntime",
+                     instances: bool = False) -> List[List[ImageBoxes]]:
     """Per-model, per-image detections (boxes in original-image pixels) for every image in ``images``.
 
     All models must share the input name and size (an optimized model and its original).
     ``preset`` and ``fmt`` are detected from the first model / each model's output when None.
     ``optimize`` False runs the sessions without onnxruntime's graph optimizations; ``engine``
-    "openvino" runs them in OpenVINO instead (:mod:`.openvino_rt`).
+    "openvino" runs them in OpenVINO instead (:mod:`.openvino_rt`). With ``instances`` the
+    detections of a segmentation or pose export carry their masks or keypoints.
     """
     protos = [_as_model(m) for m in models]
     if not protos:
@@ -134,14 +144,17 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
         stacked = np.stack([x for x, _ in data.groups(pending, batch)[0]])
         feeds = {name: data.to_layout(stacked, last).astype(dtype, copy=False)}
         for run, res in zip(runners, results):
-            out = run(feeds, hw)
+            out, raw = run(feeds, hw)
             outs = per_image(out)
             if len(outs) != batch:
                 raise NotDetections(f"output of shape {list(out.shape)} does not hold the {batch} images fed")
-            for o, (_, meta) in zip(outs, pending):
-                d = raw_detections(o, run.fmt, hw, conf, iou, max_det)
+            for b, (o, (_, meta)) in enumerate(zip(outs, pending)):
+                parts = run.instances.parts(raw, b) if instances else None
+                d, rows = raw_detections(o, run.fmt, hw, conf, iou, max_det, with_rows=True) \
+                    if parts is not None else (raw_detections(o, run.fmt, hw, conf, iou, max_det), None)
                 d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
-                res.append(_image_boxes(meta.path.name, meta.orig_hw, d))
+                found = _image_boxes(meta.path.name, meta.orig_hw, d)
+                res.append(found if parts is None else attach(found, parts, rows, hw, meta.ratio, meta.pad))
 
     pending: List[Tuple[np.ndarray, data.Meta]] = []
     for item in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):
@@ -157,17 +170,30 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
 def detections(model: ModelLike, images: Union[str, os.PathLike], preset: Optional[str] = None,
                conf: float = 0.001, iou: float = 0.6, max_det: int = 300, fmt: Optional[str] = None,
                limit: Optional[int] = None, progress: bool = True, threads: int = 0,
-               input_shape: Optional[Sequence[int]] = None, engine: str = "onnxruntime") -> List[ImageBoxes]:
+               input_shape: Optional[Sequence[int]] = None, engine: str = "onnxruntime",
+               instances: bool = False) -> List[ImageBoxes]:
     """Per-image detections of one model (see :func:`detections_multi`)."""
     return detections_multi([model], images, preset, conf, iou, max_det, fmt, limit, progress, threads,
-                            input_shape, engine=engine)[0]
+                            input_shape, engine=engine, instances=instances)[0]
+
+
+#: result keys of the mask and keypoint mAPs (``mask_map``, ``pose_map50``, ...) by pycocotools kind
+KIND_PREFIX = {"segm": MAP_KINDS[1][0], "keypoints": MAP_KINDS[2][0]}
 
 
 def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[str, float]:
-    """COCO mAP of detections against a YOLO label folder or a COCO JSON."""
+    """COCO mAP of detections against a YOLO label folder or a COCO JSON: of the boxes (``map``,
+    ``map50``, ``map75``), and when the detections carry masks or keypoints and the labels give
+    polygons or keypoints, of those too (``mask_map``, ... ``pose_map``, ...)."""
     n_classes = 1 + max((int(d.classes.max()) for d in dets if len(d)), default=0)
-    gt = load_ground_truth(labels, [(d.key, d.hw) for d in dets], n_classes)
-    return coco_map(gt, dets)
+    kpts = next((d.keypoints.shape[1] for d in dets if d.keypoints is not None), 0)
+    gt = load_ground_truth(labels, [(d.key, d.hw) for d in dets], n_classes, kpts)
+    res = coco_map(gt, dets)
+    for kind, prefix in KIND_PREFIX.items():
+        if has_kind(gt, dets, kind):
+            part = coco_map(gt, dets, kind)
+            res.update({prefix + k: part[k] for k in ("map", "map50", "map75")})
+    return res
 
 
 def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: Union[str, os.PathLike],
@@ -178,16 +204,21 @@ def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: 
     """pycocotools bbox mAP of a model on an image folder with YOLO labels (or a COCO JSON), run
     in ``engine`` (onnxruntime, or OpenVINO's CPU plugin).
 
-    Returns ``map`` (0.5:0.95), ``map50``, ``map75``, ``n_images``, ``n_detections``, ``n_ground_truth``.
+    Returns ``map`` (0.5:0.95), ``map50``, ``map75``, ``n_images``, ``n_detections``, ``n_ground_truth``;
+    for a segmentation or pose export with polygon or keypoint labels also ``mask_map`` ... or
+    ``pose_map`` ... (:func:`score`).
     """
     lp = Path(labels)
     if not lp.exists():
         raise UsageError(f"{lp}: labels not found (expected a YOLO label folder or a COCO .json)")
     dets = detections(model_or_path, images, preset, conf, iou, max_det, fmt, limit, progress, threads,
-                      input_shape, engine)
+                      input_shape, engine, instances=True)
     res = score(dets, labels)
     log.info("mAP@0.5:0.95 %.4f  mAP@0.5 %.4f  (%d images, %d detections)", res["map"], res["map50"],
              res["n_images"], res["n_detections"])
+    for prefix in KIND_PREFIX.values():
+        if prefix + "map" in res:
+            log.info("%smAP@0.5:0.95 %.4f  mAP@0.5 %.4f", prefix, res[prefix + "map"], res[prefix + "map50"])
     return res
 
 
@@ -205,4 +236,4 @@ def agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
 
 
 __all__ = ["evaluate", "detections", "detections_multi", "score", "agreement", "ImageBoxes",
-           "AGREEMENT_CONF"]
+           "AGREEMENT_CONF", "MAP_KINDS"]

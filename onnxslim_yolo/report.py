@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
+from .eval.metrics import MAP_KINDS
+
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
@@ -61,9 +63,12 @@ def summary_table(summary: Dict[str, Any]) -> str:
                      f"x{summary['latency_ratio']:.2f}"])
     acc = summary.get("accuracy")
     if acc:
-        for key, label in (("map", "mAP@0.5:0.95"), ("map50", "mAP@0.5")):
-            vb, va = acc["before"].get(key), acc["after"].get(key)
-            rows.append([label, f"{vb:.4f}", f"{va:.4f}", f"{(va - vb) * 100:+.2f} pts"])
+        for prefix, what in MAP_KINDS:
+            for key, label in (("map", "mAP@0.5:0.95"), ("map50", "mAP@0.5")):
+                vb, va = acc["before"].get(prefix + key), acc["after"].get(prefix + key)
+                if vb is not None and va is not None:
+                    name = f"{what} {label}" if prefix else label
+                    rows.append([name, f"{vb:.4f}", f"{va:.4f}", f"{(va - vb) * 100:+.2f} pts"])
     out = table(rows, ["", "before", "after", "change"])
     diffs = summary.get("outputs") or []
     if diffs:

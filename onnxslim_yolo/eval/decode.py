@@ -580,16 +580,20 @@ def _decode_gfl(p: np.ndarray, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.
     return np.concatenate([corner - dist[:, :2], corner + dist[:, 2:]], 1).astype(np.float32), p[:, :nc]
 
 
-def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300) -> np.ndarray:
+def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300, with_rows: bool = False):
     """(M, 6) ``x1 y1 x2 y2 score class`` of a ``dets`` output (NMS already ran in the model):
-    rows scoring > ``conf``, best first, at most ``max_det``. Padding rows (score 0) drop out."""
+    rows scoring > ``conf``, best first, at most ``max_det``. Padding rows (score 0) drop out.
+    With ``with_rows`` also (M,) the row of the output each came from."""
     p = _squeeze(output)
     if p.shape[1] != 6:
         raise NotDetections(f"detection rows have {p.shape[1]} values; expected x1 y1 x2 y2 score class")
-    p = p[p[:, 4] > conf]
+    rows = np.nonzero(p[:, 4] > conf)[0]
+    p = p[rows]
     if (p[:, 5] < 0).any() or not np.all(np.isfinite(p)):
         raise NotDetections("detection rows hold a negative class or non-finite values")
-    return p[np.argsort(-p[:, 4], kind="stable")[:max_det]].astype(np.float32)
+    order = np.argsort(-p[:, 4], kind="stable")[:max_det]
+    dets = p[order].astype(np.float32)
+    return (dets, rows[order].astype(np.int64)) if with_rows else dets
 
 
 def batch_rows_as_dets(output: np.ndarray) -> np.ndarray:

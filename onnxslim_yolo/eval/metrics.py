@@ -1,9 +1,13 @@
-"""Ground truth loading (YOLO label folders, COCO JSON) and pycocotools bbox mAP.
+"""Ground truth loading (YOLO label folders, COCO JSON) and pycocotools mAP.
 
 COCO conventions used (as ultralytics does when it scores with pycocotools): category ids are
 the model's class ids, boxes are top-left ``x y w h`` in original-image pixels, ground-truth
 ``area = w * h`` and ``iscrowd = 0``, every evaluated image is in ``imgIds`` (detections on an
 image without labels are false positives).
+
+Besides boxes, :func:`coco_map` scores masks (``segm``: a label's polygon against a detection's
+mask) and keypoints (``keypoints``: OKS, with COCO's 17 per-keypoint sigmas for 17 keypoints and
+1/K each otherwise, a label's area taken as 0.53 x its box's, as ultralytics does).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -25,7 +29,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ImageBoxes:
     """Boxes of one image: ``boxes`` xyxy (N, 4) in original pixels, ``classes`` (N,), ``scores``
-    (N,) for detections (``None`` for ground truth). ``key`` is the image file name."""
+    (N,) for detections (``None`` for ground truth). ``key`` is the image file name.
+    ``segments`` (one COCO ``segmentation`` per box: a list of pixel polygons or an RLE, None for a
+    box without one) and ``keypoints`` (N, K, 3) x y visibility in pixels are there when labels or
+    a model give them."""
 
     key: str
     hw: Tuple[int, int]
@@ -34,6 +41,8 @@ class ImageBoxes:
     scores: Optional[np.ndarray] = None
     #: ground truth only: COCO crowd regions (detections inside them are neither TP nor FP)
     crowd: Optional[np.ndarray] = None
+    segments: Optional[List[Any]] = None
+    keypoints: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -41,62 +50,117 @@ class ImageBoxes:
     def above(self, conf: float) -> "ImageBoxes":
         """The boxes scoring at least ``conf``, as ground truth (no scores)."""
         m = self.scores >= conf if self.scores is not None else np.ones(len(self), bool)
-        return ImageBoxes(self.key, self.hw, self.boxes[m], self.classes[m], None)
+        segs = None if self.segments is None else [s for s, k in zip(self.segments, m) if k]
+        kpts = None if self.keypoints is None else self.keypoints[m]
+        return ImageBoxes(self.key, self.hw, self.boxes[m], self.classes[m], None, None, segs, kpts)
 
 
-def _parse_label_line(line: str, where: str) -> Tuple[int, List[float]]:
+@dataclass(frozen=True)
+class Label:
+    """One YOLO label line, normalized: class, box cx cy w h, and the polygon (x y pairs) or the
+    keypoints (K, 2 or 3) it gave."""
+
+    cls: int
+    box: Tuple[float, float, float, float]
+    polygon: Optional[np.ndarray] = None
+    keypoints: Optional[np.ndarray] = None
+
+
+def _parse_label_line(line: str, where: str, keypoints: int = 0) -> Label:
+    """A box line ``class cx cy w h``, a segment ``class x1 y1 x2 y2 ...`` (its box is the polygon's
+    bounding box), or a pose line ``class cx cy w h`` then K keypoints of ``x y`` or ``x y v``.
+    ``keypoints`` is K for a pose model (a line of 4 + 2K values is then a pose line, not a
+    polygon); any line of 4 + 3K values (an odd count: no polygon has one) is read as a pose line."""
     parts = line.split()
     try:
         cls = int(float(parts[0]))
         vals = [float(v) for v in parts[1:]]
     except ValueError:
         raise UsageError(f"{where}: not a YOLO label line 'class cx cy w h': {line.strip()[:60]!r}") from None
-    if len(vals) == 4:
-        return cls, vals
-    if len(vals) >= 6 and len(vals) % 2 == 0:  # polygon segment: its bounding box
-        xs, ys = vals[0::2], vals[1::2]
-        x1, x2, y1, y2 = min(xs), max(xs), min(ys), max(ys)
-        return cls, [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
-    raise UsageError(f"{where}: expected 'class cx cy w h' (5 values), got {len(vals) + 1}")
+    n = len(vals)
+    if n == 4:
+        return Label(cls, tuple(vals))
+    rest = n - 4
+    dims = next((d for d in (3, 2) if keypoints and rest == keypoints * d), 0)
+    if not dims and n > 4 and n % 2 and rest % 3 == 0:
+        dims = 3
+    if dims:
+        if keypoints and rest != keypoints * dims:
+            raise UsageError(f"{where}: {rest // dims} keypoints but the model predicts {keypoints}")
+        return Label(cls, tuple(vals[:4]), keypoints=np.asarray(vals[4:], np.float64).reshape(-1, dims))
+    if n >= 6 and n % 2 == 0:  # polygon segment: its bounding box
+        xy = np.asarray(vals, np.float64).reshape(-1, 2)
+        (x1, y1), (x2, y2) = xy.min(0), xy.max(0)
+        return Label(cls, ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), polygon=xy)
+    raise UsageError(f"{where}: expected 'class cx cy w h' (5 values), a polygon 'class x1 y1 x2 y2 x3 y3 "
+                     f"...' or 'class cx cy w h' and keypoints; got {n + 1} values")
+
+
+def _pixel_keypoints(k: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+    """(K, 2 or 3) normalized keypoints -> (K, 3) pixels; without visibilities a keypoint at
+    (0, 0), the way YOLO pose labels write a missing one, is not visible (0) and the others are (2)."""
+    H, W = hw
+    out = np.zeros((len(k), 3), np.float64)
+    out[:, 0], out[:, 1] = k[:, 0] * W, k[:, 1] * H
+    out[:, 2] = k[:, 2] if k.shape[1] == 3 else np.where((k[:, 0] > 0) | (k[:, 1] > 0), 2.0, 0.0)
+    return out
+
+
+def read_labels(path: Path, hw: Tuple[int, int], keypoints: int = 0) -> ImageBoxes:
+    """One YOLO label file as ground truth in pixels (a missing file means no objects), keyed by
+    its name; polygons become ``segments``, and when every line has ``keypoints`` (K > 0) keypoints,
+    they become ``keypoints`` (N, K, 3)."""
+    H, W = hw
+    labels = []
+    if path.exists():
+        labels = [_parse_label_line(line, f"{path}:{n}", keypoints)
+                  for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    boxes = np.asarray([[(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H]
+                        for cx, cy, w, h in (lab.box for lab in labels)], np.float64).reshape(-1, 4)
+    classes = np.asarray([lab.cls for lab in labels], np.int64)
+    segs = None
+    if any(lab.polygon is not None for lab in labels):
+        segs = [None if lab.polygon is None else [(lab.polygon * [W, H]).ravel().tolist()] for lab in labels]
+    kpts = None
+    if keypoints and labels and all(lab.keypoints is not None for lab in labels):
+        kpts = np.stack([_pixel_keypoints(lab.keypoints, hw) for lab in labels])
+    elif keypoints and not labels:
+        kpts = np.zeros((0, keypoints, 3), np.float64)
+    return ImageBoxes(path.name, hw, boxes, classes, segments=segs, keypoints=kpts)
 
 
 def read_yolo_labels(path: Path, hw: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """(boxes xyxy in pixels, classes) from one YOLO label file; a missing file means no objects."""
-    if not path.exists():
-        return np.zeros((0, 4), np.float64), np.zeros((0,), np.int64)
-    rows, classes = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        c, (cx, cy, w, h) = _parse_label_line(line, f"{path}:{n}")
-        H, W = hw
-        rows.append([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H])
-        classes.append(c)
-    return np.asarray(rows, np.float64).reshape(-1, 4), np.asarray(classes, np.int64)
+    g = read_labels(path, hw)
+    return g.boxes, g.classes
 
 
 ImageList = Sequence[Tuple[str, Tuple[int, int]]]
 
 
-def load_yolo_labels(folder: Union[str, Path], images: ImageList) -> List[ImageBoxes]:
-    """Ground truth for ``images`` (file name, (h, w)) from ``folder/<stem>.txt``."""
+def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int = 0) -> List[ImageBoxes]:
+    """Ground truth for ``images`` (file name, (h, w)) from ``folder/<stem>.txt`` (``keypoints``:
+    K of a pose model, :func:`read_labels`)."""
     p = Path(folder)
     if not p.is_dir():
         raise UsageError(f"{p}: label folder does not exist")
     out = []
     for key, hw in images:
-        boxes, classes = read_yolo_labels(p / (Path(key).stem + ".txt"), hw)
-        out.append(ImageBoxes(key, hw, boxes, classes))
+        g = read_labels(p / (Path(key).stem + ".txt"), hw, keypoints)
+        out.append(ImageBoxes(key, hw, g.boxes, g.classes, segments=g.segments, keypoints=g.keypoints))
     if not any(len(g) for g in out):
         raise UsageError(f"{p}: no labels found for the {len(images)} images (expected <image stem>.txt)")
     return out
 
 
-def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int) -> List[ImageBoxes]:
-    """Ground truth from a COCO instances JSON, images matched by file name.
+def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
+                   keypoints: int = 0) -> List[ImageBoxes]:
+    """Ground truth from a COCO instances (or person keypoints) JSON, images matched by file name.
 
     Category ids map to class indices: identity when they are 0..C-1, otherwise the i-th
-    category by id is class i (the COCO 91 -> 80 mapping of YOLO models).
+    category by id is class i (the COCO 91 -> 80 mapping of YOLO models). Annotations'
+    ``segmentation`` become ``segments``; with ``keypoints`` (K of a pose model) their
+    ``keypoints`` of K x 3 values become ``keypoints``.
     """
     p = Path(path)
     try:
@@ -120,7 +184,12 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int) ->
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
         classes = np.asarray([to_cls[int(a["category_id"])] for a in rows], np.int64)
         crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in rows], bool)
-        out.append(ImageBoxes(key, hw, boxes, classes, crowd=crowd if crowd.any() else None))
+        segs = [a.get("segmentation") or None for a in rows]
+        kpts = None
+        if keypoints and all(len(a.get("keypoints") or ()) == 3 * keypoints for a in rows):
+            kpts = np.asarray([a["keypoints"] for a in rows], np.float64).reshape(-1, keypoints, 3)
+        out.append(ImageBoxes(key, hw, boxes, classes, crowd=crowd if crowd.any() else None,
+                              segments=segs if any(x is not None for x in segs) else None, keypoints=kpts))
     if missing == len(images):
         raise UsageError(f"{p}: none of the {len(images)} images is listed in the JSON")
     if missing:
@@ -131,43 +200,101 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int) ->
     return out
 
 
-def load_ground_truth(labels: Union[str, Path], images: ImageList, n_classes: int) -> List[ImageBoxes]:
-    """A YOLO label folder, or a ``.json`` COCO instances file."""
+def load_ground_truth(labels: Union[str, Path], images: ImageList, n_classes: int,
+                      keypoints: int = 0) -> List[ImageBoxes]:
+    """A YOLO label folder, or a ``.json`` COCO instances file (``keypoints``: K of a pose model)."""
     p = Path(labels)
     if p.suffix.lower() == ".json":
         if not p.is_file():
             raise UsageError(f"{p}: no such label file")
-        return load_coco_json(p, images, n_classes)
-    return load_yolo_labels(p, images)
+        return load_coco_json(p, images, n_classes, keypoints)
+    return load_yolo_labels(p, images, keypoints)
 
 
-def _coco_dicts(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes]) -> Tuple[dict, list]:
+#: COCO's per-keypoint OKS sigmas of its 17 person keypoints
+COCO_KPT_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87,
+                            .89, .89]) / 10.0
+#: a keypoint label's object area: this fraction of its box (ultralytics' OKS does the same)
+KPT_AREA = 0.53
+KINDS = ("bbox", "segm", "keypoints")
+#: (result key prefix, what is scored) of each mAP evaluation may report, boxes first: ``map``,
+#: ``mask_map``, ``pose_map`` (and their ``map50``, ``map75``)
+MAP_KINDS = (("", "box"), ("mask_", "mask"), ("pose_", "keypoint"))
+
+
+def _polygon_area(seg: Any, box: np.ndarray) -> float:
+    """Area of a COCO segmentation given as pixel polygons (shoelace); the box's for an RLE."""
+    if not isinstance(seg, list):
+        return float((box[2] - box[0]) * (box[3] - box[1]))
+    total = 0.0
+    for poly in seg:
+        xy = np.asarray(poly, np.float64).reshape(-1, 2)
+        total += 0.5 * abs(float(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1))))
+    return total
+
+
+def _gt_ann(kind: str, g: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
+    w, h = float(b[2] - b[0]), float(b[3] - b[1])
+    ann: Dict[str, Any] = {"bbox": [float(b[0]), float(b[1]), w, h], "area": w * h}
+    if kind == "segm":
+        seg = g.segments[i] if g.segments is not None else None
+        if seg is None:   # a box-only label: its rectangle
+            seg = [[float(b[0]), float(b[1]), float(b[2]), float(b[1]), float(b[2]), float(b[3]),
+                    float(b[0]), float(b[3])]]
+        ann.update(segmentation=seg, area=_polygon_area(seg, b))
+    elif kind == "keypoints":
+        k = g.keypoints[i] if g.keypoints is not None else None
+        ann.update(keypoints=[] if k is None else [float(v) for v in k.ravel()],
+                   num_keypoints=0 if k is None else int((k[:, 2] > 0).sum()), area=w * h * KPT_AREA)
+    return ann
+
+
+def _dt_ann(kind: str, d: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
+    if kind == "segm":
+        return {"segmentation": d.segments[i]}
+    if kind == "keypoints":
+        return {"keypoints": [float(v) for v in d.keypoints[i].ravel()]}
+    return {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+
+
+def _coco_dicts(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox") -> Tuple[dict, list]:
     images, anns, res, cats = [], [], [], set()
     for img_id, (g, d) in enumerate(zip(gt, dt)):
         images.append({"id": img_id, "file_name": g.key, "height": g.hw[0], "width": g.hw[1]})
         crowd = g.crowd if g.crowd is not None else np.zeros(len(g), bool)
-        for b, c, k in zip(g.boxes, g.classes, crowd):
-            w, h = float(b[2] - b[0]), float(b[3] - b[1])
+        for i, (b, c, k) in enumerate(zip(g.boxes, g.classes, crowd)):
             # pycocotools treats annotation id 0 as "unmatched": ids start at 1
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(c), "iscrowd": int(k),
-                         "bbox": [float(b[0]), float(b[1]), w, h], "area": w * h})
+            anns.append(dict(_gt_ann(kind, g, i, b), id=len(anns) + 1, image_id=img_id, category_id=int(c),
+                             iscrowd=int(k)))
             cats.add(int(c))
-        for b, c, s in zip(d.boxes, d.classes, d.scores):
-            res.append({"image_id": img_id, "category_id": int(c), "score": float(s),
-                        "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+        for i, (b, c, s) in enumerate(zip(d.boxes, d.classes, d.scores)):
+            res.append(dict(_dt_ann(kind, d, i, b), image_id=img_id, category_id=int(c), score=float(s)))
     gt_dict = {"info": {}, "licenses": [], "images": images, "annotations": anns,
                "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
     return gt_dict, res
 
 
-def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes]) -> Dict[str, float]:
-    """pycocotools bbox mAP of detections ``dt`` against ``gt`` (same images, same order)."""
+def has_kind(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str) -> bool:
+    """Whether ``kind`` can be scored: the detections carry masks (``segm``) or keypoints
+    (``keypoints``), and some label gives a polygon or keypoints. Boxes always can."""
+    if kind == "segm":
+        return all(d.segments is not None for d in dt) and any(g.segments is not None for g in gt)
+    if kind == "keypoints":
+        return all(d.keypoints is not None for d in dt) and any(g.keypoints is not None for g in gt)
+    return True
+
+
+def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox") -> Dict[str, float]:
+    """pycocotools mAP of detections ``dt`` against ``gt`` (same images, same order): of their boxes
+    (``bbox``), masks (``segm``) or keypoints (``keypoints``, OKS)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    if kind not in KINDS:
+        raise UsageError(f"unknown mAP kind '{kind}'; choose one of {', '.join(KINDS)}")
     if [g.key for g in gt] != [d.key for d in dt]:
         raise UsageError("ground truth and detections cover different images")
-    gt_dict, res = _coco_dicts(gt, dt)
+    gt_dict, res = _coco_dicts(gt, dt, kind)
     stats = {"map": 0.0, "map50": 0.0, "map75": 0.0, "n_images": len(gt),
              "n_detections": len(res), "n_ground_truth": len(gt_dict["annotations"])}
     if not res or not gt_dict["annotations"]:
@@ -177,8 +304,11 @@ def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes]) -> Dict[str, fl
         coco_gt = COCO()
         coco_gt.dataset = gt_dict
         coco_gt.createIndex()
-        ev = COCOeval(coco_gt, coco_gt.loadRes(res), "bbox")
+        ev = COCOeval(coco_gt, coco_gt.loadRes(res), kind)
         ev.params.imgIds = list(range(len(gt)))
+        if kind == "keypoints":
+            k = len(res[0]["keypoints"]) // 3
+            ev.params.kpt_oks_sigmas = COCO_KPT_SIGMAS if k == len(COCO_KPT_SIGMAS) else np.full(k, 1.0 / k)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

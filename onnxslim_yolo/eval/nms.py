@@ -56,8 +56,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[in
 
 def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.001, iou: float = 0.6,
                         max_det: int = 300, multi_label: bool = True, agnostic: bool = False,
-                        max_nms: int = MAX_NMS, max_wh: float = MAX_WH) -> np.ndarray:
-    """(M, 6) detections ``x1 y1 x2 y2 score class`` from xyxy ``boxes`` (N, 4) and ``scores`` (N, C)."""
+                        max_nms: int = MAX_NMS, max_wh: float = MAX_WH, with_rows: bool = False):
+    """(M, 6) detections ``x1 y1 x2 y2 score class`` from xyxy ``boxes`` (N, 4) and ``scores`` (N, C);
+    with ``with_rows`` also (M,) the candidate (row of ``boxes``) each came from."""
     if multi_label:
         i, j = np.nonzero(scores > conf)
         s = scores[i, j]
@@ -67,14 +68,16 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.0
         i = np.nonzero(s > conf)[0]
         j, s = j[i], s[i]
     if i.size == 0:
-        return np.zeros((0, 6), dtype=np.float32)
+        empty = np.zeros((0, 6), dtype=np.float32)
+        return (empty, np.zeros(0, np.int64)) if with_rows else empty
     if i.size > max_nms:
         top = np.argsort(-s, kind="stable")[:max_nms]
         i, j, s = i[top], j[top], s[top]
     b = boxes[i].astype(np.float64)
     offset = 0.0 if agnostic else j[:, None].astype(np.float64) * max_wh
     k = nms(b + offset, s, iou, max_det)
-    return np.concatenate([b[k], s[k, None], j[k, None]], axis=1).astype(np.float32)
+    dets = np.concatenate([b[k], s[k, None], j[k, None]], axis=1).astype(np.float32)
+    return (dets, i[k].astype(np.int64)) if with_rows else dets
 
 
 def scale_boxes(dets: np.ndarray, ratio: float, pad, orig_hw) -> np.ndarray:

@@ -1,0 +1,126 @@
+"""Masks and keypoints of segmentation and pose exports, attached to their detections.
+
+A segmentation export writes each candidate's mask coefficients after its class scores (or after
+its ``x1 y1 x2 y2 score class`` row, end to end) and a second output of prototype masks
+(1, nm, h, w), usually at a quarter of the input size. A detection's mask is, as ultralytics
+computes it for pycocotools: sigmoid(coefficients @ prototypes), resized bilinearly to the
+original image (the letterbox undone), kept inside the detection's box, read at 0.5. A pose
+export writes K keypoints (x y, or x y visibility) in input pixels after the class scores, as
+its metadata's ``kpt_shape`` says; they are mapped back to the original image as boxes are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from .decode import keypoint_shape, mask_coefficients, trailing_values
+from .metrics import ImageBoxes
+
+#: masks encoded per call of pycocotools' encoder (each is the whole image, uint8)
+_ENCODE_CHUNK = 32
+
+
+@dataclass
+class Parts:
+    """One image's instance data, row by row like the candidates :func:`.decode.detection_output`
+    reads: ``coefs`` (N, nm) with ``protos`` (nm, h, w), or ``keypoints`` (N, K, D)."""
+
+    coefs: Optional[np.ndarray] = None
+    protos: Optional[np.ndarray] = None
+    keypoints: Optional[np.ndarray] = None
+
+
+class InstanceReader:
+    """What a model's outputs hold besides boxes: masks (two outputs, candidates and prototypes,
+    :func:`.decode.mask_coefficients`) or keypoints (a pose export's ``kpt_shape``)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.kpt = keypoint_shape(model)
+
+    def parts(self, outputs: Sequence[np.ndarray], b: int) -> Optional[Parts]:
+        """Image ``b``'s :class:`Parts` of a run's ``outputs``; None for a model with neither."""
+        nm = mask_coefficients([o.shape for o in outputs])
+        cand = outputs[0][b:b + 1] if outputs and outputs[0].ndim == 3 else None
+        if nm and cand is not None:
+            return Parts(coefs=trailing_values(cand, nm).astype(np.float32),
+                         protos=np.asarray(outputs[1][b], np.float32))
+        if self.kpt is not None and cand is not None:
+            k, d = self.kpt
+            return Parts(keypoints=trailing_values(cand, k * d).reshape(-1, k, d).astype(np.float64))
+        return None
+
+
+def _bilinear(n_out: int, scale: float, offset: float, n_src: int) -> np.ndarray:
+    """(n_out, n_src) weights of a bilinear resize (pixel centres, edges clamped: torch's
+    ``align_corners=False``) where output pixel j samples source position (j + 0.5) * scale + offset - 0.5."""
+    x = np.clip((np.arange(n_out) + 0.5) * scale + offset - 0.5, 0, n_src - 1)
+    x0 = np.floor(x).astype(np.int64)
+    x1 = np.minimum(x0 + 1, n_src - 1)
+    frac = x - x0
+    w = np.zeros((n_out, n_src), np.float32)
+    rows = np.arange(n_out)
+    np.add.at(w, (rows, x0), 1 - frac)
+    np.add.at(w, (rows, x1), frac)
+    return w
+
+
+def _span(weights: np.ndarray) -> Tuple[int, int]:
+    """The source columns ``weights`` rows touch: [first, last + 1)."""
+    used = np.nonzero(weights.any(0))[0]
+    return (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+
+
+def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw: Sequence[int],
+              orig_hw: Sequence[int], ratio: float, pad: Sequence[int]) -> List[Any]:
+    """pycocotools RLEs of the detections' masks in the original image: ``coefs`` (M, nm),
+    ``protos`` (nm, h, w) over the letterboxed input of ``input_hw``, ``boxes`` (M, 4) xyxy in
+    original pixels; ``ratio`` and ``pad`` (left, top) as the letterbox made them."""
+    from pycocotools import mask as mask_utils
+
+    nm, ph, pw = protos.shape
+    H, W = int(orig_hw[0]), int(orig_hw[1])
+    sy, sx = ph / float(input_hw[0]), pw / float(input_hw[1])
+    wy = _bilinear(H, ratio * sy, pad[1] * sy, ph)
+    wx = _bilinear(W, ratio * sx, pad[0] * sx, pw)
+    rles: List[Any] = []
+    for start in range(0, len(boxes), _ENCODE_CHUNK):
+        chunk = boxes[start:start + _ENCODE_CHUNK]
+        full = np.zeros((H, W, len(chunk)), np.uint8, order="F")
+        for n, (x1, y1, x2, y2) in enumerate(chunk):
+            # ultralytics' crop: pixel (r, c) stays when x1 <= c < x2 and y1 <= r < y2
+            r0, r1 = int(np.clip(np.ceil(y1), 0, H)), int(np.clip(np.ceil(y2), 0, H))
+            c0, c1 = int(np.clip(np.ceil(x1), 0, W)), int(np.clip(np.ceil(x2), 0, W))
+            if r1 <= r0 or c1 <= c0:
+                continue
+            ry, rx = wy[r0:r1], wx[c0:c1]
+            (a, b), (e, f) = _span(ry), _span(rx)
+            logits = np.tensordot(coefs[start + n], protos[:, a:b, e:f], axes=1)
+            prob = 0.5 + 0.5 * np.tanh(0.5 * logits)   # the sigmoid, without exp's overflow
+            full[r0:r1, c0:c1, n] = (ry[:, a:b] @ prob @ rx[:, e:f].T) > 0.5
+        rles.extend(mask_utils.encode(full))
+    return rles
+
+
+def image_keypoints(kpts: np.ndarray, ratio: float, pad: Sequence[int]) -> np.ndarray:
+    """(M, K, 2 or 3) keypoints in input pixels -> (M, K, 3) in original pixels (visibility 1
+    when the model gives none; pycocotools reads only the labels' visibilities)."""
+    out = np.ones(kpts.shape[:2] + (3,), np.float64)
+    out[..., 0] = (kpts[..., 0] - pad[0]) / ratio
+    out[..., 1] = (kpts[..., 1] - pad[1]) / ratio
+    if kpts.shape[2] == 3:
+        out[..., 2] = kpts[..., 2]
+    return out
+
+
+def attach(boxes: ImageBoxes, parts: Parts, rows: np.ndarray, input_hw: Sequence[int], ratio: float,
+           pad: Sequence[int]) -> ImageBoxes:
+    """``boxes`` (detections in original pixels, from candidates ``rows``) with their masks or
+    keypoints."""
+    if parts.coefs is not None:
+        segs = mask_rles(parts.coefs[rows], parts.protos, boxes.boxes, input_hw, boxes.hw, ratio, pad)
+        return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, segments=segs)
+    kpts = image_keypoints(parts.keypoints[rows], ratio, pad)
+    return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, keypoints=kpts)

@@ -1,0 +1,227 @@
+"""Masks and keypoints: labels that give them, their pycocotools mAP, and segmentation and pose
+exports scored on them end to end (through the constant models of test_evaluate)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from onnxslim_yolo.check.accuracy import Detections, check_map_drop
+from onnxslim_yolo.eval.instances import _bilinear, image_keypoints
+from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, load_ground_truth, read_labels
+from onnxslim_yolo.evaluate import detections, evaluate
+from onnxslim_yolo.pass_base import UsageError
+from tests.test_evaluate import CLASSES, IMG_HW, LABELS, _with_masks, const_model, letterboxed
+
+H, W = IMG_HW
+K = 17
+# a 40x80 image letterboxed to 64x64: ratio 0.8, pad (left 0, top 16); prototypes at 16x16
+RATIO, PAD_TOP, PROTO = 0.8, 16, 4
+
+
+def _corners(cx: float, cy: float, w: float, h: float) -> str:
+    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    return f"{x1} {y1} {x2} {y1} {x2} {y2} {x1} {y2}"
+
+
+def _images(tmp_path: Path, lines) -> tuple:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+        (labels / f"im{i}.txt").write_text("\n".join(lines) + "\n")
+    return images, labels
+
+
+# ------------------------------------------------------------------------------------ labels
+def test_label_lines_keep_polygons_and_keypoints(tmp_path: Path):
+    f = tmp_path / "a.txt"
+    kp3 = " ".join(f"{0.1 + 0.01 * k} 0.5 {k % 3}" for k in range(K))
+    kp2 = " ".join(f"{0.1 + 0.01 * k} 0.5" for k in range(K - 1)) + " 0 0"
+    f.write_text(f"1 0.25 0.5 0.2 0.4 {kp3}\n")
+    g = read_labels(f, IMG_HW)   # 4 + 51 values (odd): a pose line even when no model asks for one
+    assert g.boxes.tolist() == [pytest.approx([12, 12, 28, 28])] and g.keypoints is None
+    g = read_labels(f, IMG_HW, keypoints=K)
+    assert g.keypoints.shape == (1, K, 3)
+    assert g.keypoints[0, 3].tolist() == pytest.approx([0.13 * W, 0.5 * H, 0])
+    f.write_text(f"0 0.25 0.5 0.2 0.4 {kp2}\n")   # x y only: 4 + 34 values
+    g = read_labels(f, IMG_HW, keypoints=K)
+    assert g.boxes.tolist() == [pytest.approx([12, 12, 28, 28])]
+    assert g.keypoints[0, :, 2].tolist() == [2.0] * (K - 1) + [0.0]   # (0, 0) is a missing keypoint
+    # the same 38 values for a model without keypoints are a 19-point polygon (its bounding box)
+    assert read_labels(f, IMG_HW).segments is not None
+    with pytest.raises(UsageError, match=r"a.txt:1: 17 keypoints but the model predicts 5"):
+        f.write_text(f"0 0.25 0.5 0.2 0.4 {kp3}\n")
+        read_labels(f, IMG_HW, keypoints=5)
+    f.write_text(f"3 {_corners(0.2, 0.3, 0.2, 0.4)}\n1 0.5 0.5 0.2 0.2\n")
+    g = read_labels(f, IMG_HW)
+    assert g.boxes[0].tolist() == pytest.approx([8, 4, 24, 20])
+    assert g.segments[0] == [pytest.approx([8, 4, 24, 4, 24, 20, 8, 20])] and g.segments[1] is None
+
+
+def test_coco_json_segmentation_and_keypoints(tmp_path: Path):
+    import json
+
+    kp = np.zeros((K, 3))
+    kp[:, 0], kp[:, 1], kp[:, 2] = np.linspace(12, 28, K), 20, 2
+    j = {"images": [{"id": 1, "file_name": "im0.png", "height": H, "width": W}],
+         "categories": [{"id": 0, "name": "a"}],
+         "annotations": [{"id": 1, "image_id": 1, "category_id": 0, "bbox": [12, 12, 16, 16], "iscrowd": 0,
+                          "segmentation": [[12, 12, 28, 12, 28, 28, 12, 28]],
+                          "keypoints": kp.ravel().tolist()}]}
+    (tmp_path / "gt.json").write_text(json.dumps(j))
+    gt = load_ground_truth(tmp_path / "gt.json", [("im0.png", IMG_HW)], 1, keypoints=K)
+    assert gt[0].segments == [[[12, 12, 28, 12, 28, 28, 12, 28]]]
+    assert np.array_equal(gt[0].keypoints[0], kp)
+
+
+# ------------------------------------------------------------------------------- scoring
+def _rle(polygon, hw=IMG_HW):
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.merge(mask_utils.frPyObjects([polygon], *hw))
+
+
+def test_mask_map_is_one_for_the_labels_own_masks_and_falls_with_overlap():
+    boxes = np.array([[12, 12, 28, 28], [48, 4, 72, 20]], np.float64)
+    polys = [[float(v) for v in (x1, y1, x2, y1, x2, y2, x1, y2)] for x1, y1, x2, y2 in boxes]
+    gt = [ImageBoxes("im0.png", IMG_HW, boxes, np.array([1, 0]), segments=[[p] for p in polys])]
+
+    def dets(masks):
+        return [ImageBoxes("im0.png", IMG_HW, boxes, np.array([1, 0]), np.array([0.9, 0.8]), segments=masks)]
+
+    assert coco_map(gt, dets([_rle(p) for p in polys]), "segm")["map"] == pytest.approx(1.0)
+    # each mask cut to its left 60%: IoU about 0.6, so only the lowest IoU thresholds match
+    cut = [_rle([b[0], b[1], b[0] + 0.6 * (b[2] - b[0]), b[1], b[0] + 0.6 * (b[2] - b[0]), b[3], b[0], b[3]])
+           for b in boxes]
+    res = coco_map(gt, dets(cut), "segm")
+    assert res["map50"] == pytest.approx(1.0) and 0.05 < res["map"] < 0.4
+    # the boxes themselves are exact: bbox mAP 1 whatever the masks
+    assert coco_map(gt, dets(cut))["map"] == pytest.approx(1.0)
+
+
+def test_keypoint_map_is_oks():
+    boxes = np.array([[10, 5, 50, 35]], np.float64)
+    kp = np.zeros((1, K, 3))
+    kp[0, :, 0], kp[0, :, 1], kp[0, :, 2] = np.linspace(12, 48, K), 20, 2
+    gt = [ImageBoxes("im0.png", IMG_HW, boxes, np.array([0]), keypoints=kp)]
+
+    def at(shift):
+        d = kp.copy()
+        d[..., 0] += shift
+        return [ImageBoxes("im0.png", IMG_HW, boxes, np.array([0]), np.array([0.9]), keypoints=d)]
+
+    assert coco_map(gt, at(0.0), "keypoints")["map"] == pytest.approx(1.0)
+    # OKS of a shift s: mean over keypoints of exp(-s^2 / (2 * area * (2 sigma)^2)), area 0.53 * 40 * 30
+    area = 0.53 * 40 * 30
+    from onnxslim_yolo.eval.metrics import COCO_KPT_SIGMAS
+    oks = lambda s: float(np.mean(np.exp(-s ** 2 / (2 * area * (2 * COCO_KPT_SIGMAS) ** 2))))  # noqa: E731
+    s = 2.0
+    res = coco_map(gt, at(s), "keypoints")
+    thresholds = np.linspace(0.5, 0.95, 10)
+    assert res["map"] == pytest.approx(float(np.mean(thresholds < oks(s))), abs=1e-6)
+    assert coco_map(gt, at(30.0), "keypoints")["map"] == 0.0
+
+
+# ------------------------------------------------------------------------------ end to end
+def _seg_model(region: Optional[tuple], value: float = 10.0) -> onnx.ModelProto:
+    """The v8 constant model as a segment export whose every candidate's mask is the prototype
+    sum: ``value`` inside ``region`` (x1, y1, x2, y2 in 64x64 input pixels), -value elsewhere
+    (everywhere with None)."""
+    m = _with_masks(const_model("v8", letterboxed(LABELS, PAD_TOP), CLASSES), nm=2)
+    protos = np.full((1, 2, 16, 16), -value if region is not None else value, np.float32)
+    if region is not None:
+        x1, y1, x2, y2 = (int(v) // PROTO for v in region)
+        protos[:, :, y1:y2, x1:x2] = value
+    for n in m.graph.node:
+        if n.output[0] == "protos":
+            n.attribute[0].t.CopyFrom(numpy_helper.from_array(protos, "p"))
+    return m
+
+
+def test_segment_export_masks_are_scored_where_the_letterbox_put_them(tmp_path: Path):
+    lines = [f"{c} {_corners(cx, cy, w, h)}" for c, cx, cy, w, h in LABELS]
+    images, labels = _images(tmp_path, lines)
+    # masks over the whole input: each detection's mask is its box
+    full = evaluate(_seg_model(None), images, labels, progress=False, threads=1)
+    assert full["map"] == pytest.approx(1.0) and full["mask_map50"] == pytest.approx(1.0)
+    assert full["mask_map"] > 0.8
+    # masks only where the first label (class 1) lies in the letterboxed input: class 0 scores 0
+    cx, cy, w, h = LABELS[0][1:]
+    x1, y1 = (cx - w / 2) * W * RATIO, (cy - h / 2) * H * RATIO + PAD_TOP
+    x2, y2 = (cx + w / 2) * W * RATIO, (cy + h / 2) * H * RATIO + PAD_TOP
+    one = evaluate(_seg_model((x1, y1, x2, y2)), images, labels, progress=False, threads=1)
+    assert one["mask_map50"] == pytest.approx(0.5) and one["map"] == pytest.approx(1.0)
+    # the same region without the letterbox's top pad misses it (masks mapped back through the pad)
+    off = evaluate(_seg_model((x1, y1 - PAD_TOP, x2, y2 - PAD_TOP)), images, labels, progress=False, threads=1)
+    assert off["mask_map50"] == pytest.approx(0.0)
+    dets = detections(_seg_model(None), images, progress=False, threads=1, instances=True)
+    assert len(dets[0].segments) == len(dets[0]) == 2
+    assert detections(_seg_model(None), images, progress=False, threads=1)[0].segments is None
+    # box labels only: no mask mAP
+    box_images, box_labels = _images(tmp_path / "boxes", [" ".join(map(str, lab)) for lab in LABELS])
+    assert "mask_map" not in evaluate(_seg_model(None), box_images, box_labels, progress=False, threads=1)
+
+
+def _pose_model(kp: np.ndarray, shift: float = 0.0) -> onnx.ModelProto:
+    """The v8 constant model as a pose export (kpt_shape [17, 3]): candidate j's keypoints are
+    ``kp[j]`` (normalized in the original image) placed in the letterboxed input, moved ``shift``
+    input pixels right."""
+    pose = const_model("v8", letterboxed(LABELS, PAD_TOP), CLASSES)
+    const = pose.graph.node[0]
+    out = np.pad(numpy_helper.to_array(const.attribute[0].t), [(0, 0), (0, 3 * K), (0, 0)]).copy()
+    for j, k in enumerate(kp):
+        xy = k * [W, H] * RATIO + [shift, PAD_TOP]
+        out[0, 6::3, j], out[0, 7::3, j], out[0, 8::3, j] = xy[:, 0], xy[:, 1], 0.9
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(out, "c"))
+    pose.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape)))
+    pose.metadata_props.add(key="task", value="pose")
+    pose.metadata_props.add(key="kpt_shape", value=f"[{K}, 3]")
+    return pose
+
+
+def test_pose_export_keypoints_are_scored(tmp_path: Path):
+    kp = np.random.default_rng(1).uniform(0.05, 0.95, (len(LABELS), K, 2))
+    lines = [f"{c} {cx} {cy} {w} {h} " + " ".join(f"{x} {y} 2" for x, y in k)
+             for (c, cx, cy, w, h), k in zip(LABELS, kp)]
+    images, labels = _images(tmp_path, lines)
+    exact = evaluate(_pose_model(kp), images, labels, progress=False, threads=1)
+    assert exact["map"] == pytest.approx(1.0) and exact["pose_map"] == pytest.approx(1.0)
+    moved = evaluate(_pose_model(kp, shift=8.0), images, labels, progress=False, threads=1)
+    assert moved["map"] == pytest.approx(1.0) and moved["pose_map"] == 0.0
+    # the check fails on the keypoints' drop while the boxes are unchanged
+    ref, cand = (detections(m, images, progress=False, threads=1, instances=True)
+                 for m in (_pose_model(kp), _pose_model(kp, shift=8.0)))
+    res = check_map_drop(Detections(cand, ref), str(labels), max_drop=1.0)
+    assert res.status == "fail" and res.message.startswith("keypoint mAP drop 100.00 pts exceeds")
+    assert res.details["drop_points"] == pytest.approx(0.0)
+    assert check_map_drop(Detections(ref, ref), str(labels), max_drop=1.0).status == "pass"
+
+
+def test_eval_cli_prints_mask_map(tmp_path: Path):
+    from onnxslim_yolo.cli import main
+
+    lines = [f"{c} {_corners(cx, cy, w, h)}" for c, cx, cy, w, h in LABELS]
+    images, labels = _images(tmp_path, lines)
+    path = tmp_path / "seg.onnx"
+    onnx.save(_seg_model(None), str(path))
+    res = CliRunner().invoke(main, ["eval", str(path), "--images", str(images), "--labels", str(labels),
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "mask mAP@0.5" in res.output and "mask mAP@0.5:0.95" in res.output
+
+
+def test_masks_and_keypoints_map_back_through_the_letterbox():
+    # bilinear weights: each row sums to 1; a 2x upsample of [0, 1] reads 0, 0.25, 0.75, 1
+    w = _bilinear(4, 0.5, 0.0, 2)
+    assert np.allclose(w.sum(1), 1) and np.allclose(w @ np.array([0.0, 1.0]), [0, 0.25, 0.75, 1])
+    k = image_keypoints(np.array([[[16.0, 32.0]]]), RATIO, (0, PAD_TOP))
+    assert k.tolist() == [[[20.0, 20.0, 1.0]]]
