@@ -222,17 +222,41 @@ def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: 
     return res
 
 
+def _as_truth(d: ImageBoxes, conf: float) -> ImageBoxes:
+    """A model's detections scoring >= ``conf`` as ground truth; its keypoints whose visibility
+    score is at least 0.5 are the visible ones."""
+    g = d.above(conf)
+    if g.keypoints is None:
+        return g
+    k = g.keypoints.copy()
+    k[..., 2] = np.where(k[..., 2] >= 0.5, 2.0, 0.0)
+    return ImageBoxes(g.key, g.hw, g.boxes, g.classes, segments=g.segments, keypoints=k)
+
+
 def agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
-              ref_conf: float = AGREEMENT_CONF) -> Dict[str, float]:
+              ref_conf: float = AGREEMENT_CONF, kind: str = "bbox") -> Dict[str, float]:
     """mAP of a candidate's detections using the reference's detections scoring >= ``ref_conf``
-    as ground truth (1.0 when the candidate reproduces them). Both cover the same images."""
+    as ground truth (1.0 when the candidate reproduces them). Both cover the same images.
+    ``kind`` ``segm`` or ``keypoints`` scores their masks or keypoints instead of their boxes
+    (detections carrying them, :func:`detections_multi` with ``instances``)."""
     if [d.key for d in cand_dets] != [d.key for d in ref_dets]:
         raise UsageError("candidate and reference detections cover different images")
-    gt = [d.above(ref_conf) for d in ref_dets]
+    gt = [_as_truth(d, ref_conf) for d in ref_dets]
     if not any(len(g) for g in gt):
         raise PreconditionError(f"the reference model has no detection scoring >= {ref_conf} on "
                                 f"{len(gt)} images: detection agreement is undefined")
-    return coco_map(gt, cand_dets)
+    return coco_map(gt, cand_dets, kind)
+
+
+def instance_agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
+                       ref_conf: float = AGREEMENT_CONF) -> Dict[str, Dict[str, float]]:
+    """:func:`agreement` of the masks and of the keypoints, by what (``mask``, ``keypoint``), for
+    those both models' detections carry; empty for plain detectors."""
+    out = {}
+    for kind, prefix in KIND_PREFIX.items():
+        if has_kind(ref_dets, cand_dets, kind):
+            out[dict(MAP_KINDS)[prefix]] = agreement(cand_dets, ref_dets, ref_conf, kind)
+    return out
 
 
 __all__ = ["evaluate", "detections", "detections_multi", "score", "agreement", "ImageBoxes",

@@ -161,7 +161,8 @@ def test_segment_export_masks_are_scored_where_the_letterbox_put_them(tmp_path: 
     one = evaluate(_seg_model((x1, y1, x2, y2)), images, labels, progress=False, threads=1)
     assert one["mask_map50"] == pytest.approx(0.5) and one["map"] == pytest.approx(1.0)
     # the same region without the letterbox's top pad misses it (masks mapped back through the pad)
-    off = evaluate(_seg_model((x1, y1 - PAD_TOP, x2, y2 - PAD_TOP)), images, labels, progress=False, threads=1)
+    off = evaluate(_seg_model((x1, y1 - PAD_TOP, x2, y2 - PAD_TOP)), images, labels, progress=False,
+                   threads=1)
     assert off["mask_map50"] == pytest.approx(0.0)
     dets = detections(_seg_model(None), images, progress=False, threads=1, instances=True)
     assert len(dets[0].segments) == len(dets[0]) == 2
@@ -225,3 +226,31 @@ def test_masks_and_keypoints_map_back_through_the_letterbox():
     assert np.allclose(w.sum(1), 1) and np.allclose(w @ np.array([0.0, 1.0]), [0, 0.25, 0.75, 1])
     k = image_keypoints(np.array([[[16.0, 32.0]]]), RATIO, (0, PAD_TOP))
     assert k.tolist() == [[[20.0, 20.0, 1.0]]]
+
+
+def test_agreement_compares_keypoints_and_masks_with_the_reference(tmp_path: Path):
+    from onnxslim_yolo.check.accuracy import check_agreement
+    from onnxslim_yolo.evaluate import instance_agreement
+
+    kp = np.random.default_rng(2).uniform(0.05, 0.95, (len(LABELS), K, 2))
+    images, _ = _images(tmp_path, [" ".join(map(str, lab)) for lab in LABELS])   # labels not read
+    ref, moved = (detections(m, images, progress=False, threads=1, instances=True)
+                  for m in (_pose_model(kp), _pose_model(kp, shift=8.0)))
+    assert instance_agreement(ref, ref)["keypoint"]["map"] == pytest.approx(1.0)
+    assert instance_agreement(moved, ref)["keypoint"]["map"] == 0.0
+    assert check_agreement(Detections(ref, ref)).status == "pass"
+    res = check_agreement(Detections(moved, ref))
+    assert res.status == "fail" and res.message.startswith("keypoint agreement 0.0000 below 0.5: mAP 1.0000")
+    # a reference whose keypoints move against themselves (float rounding) only warns
+    noisy = check_agreement(Detections(moved, ref), noise=lambda: {"box": 1.0, "keypoint": 0.0})
+    assert noisy.status == "warn" and noisy.details["keypoint_self_agreement"] == 0.0
+    # masks: the candidate's masks everywhere against the reference's masks on one object
+    cx, cy, w, h = LABELS[0][1:]
+    region = ((cx - w / 2) * W * RATIO, (cy - h / 2) * H * RATIO + PAD_TOP,
+              (cx + w / 2) * W * RATIO, (cy + h / 2) * H * RATIO + PAD_TOP)
+    full, one = (detections(m, images, progress=False, threads=1, instances=True)
+                 for m in (_seg_model(None), _seg_model(region)))
+    assert instance_agreement(full, full)["mask"]["map"] == pytest.approx(1.0)
+    # the reference's second object has an empty mask, which nothing can match
+    assert instance_agreement(full, one)["mask"]["map50"] == pytest.approx(0.5)
+    assert "keypoint" not in instance_agreement(full, one)

@@ -3,7 +3,7 @@ true mAP drop against labels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import onnx
 
@@ -43,50 +43,70 @@ def detect(model: onnx.ModelProto, reference: Optional[onnx.ModelProto], images:
     return Detections(res[0], res[1] if reference is not None else None, engine)
 
 
+def _carries_instances(found: list) -> bool:
+    return any(d.segments is not None or d.keypoints is not None for d in found)
+
+
 def self_agreement(reference: onnx.ModelProto, dets: Detections, images: str, preset: Optional[str],
                    limit: Optional[int], threads: int, input_shape: Optional[Sequence[int]],
-                   progress: bool) -> float:
+                   progress: bool) -> Dict[str, float]:
     """Agreement of the reference run without onnxruntime's graph optimizations with its own
-    (optimized) detections: near 1 for a stable model. Far below 1 when the detections hinge on
+    (optimized) detections, by what is compared (``box``, and ``mask`` or ``keypoint`` when the
+    detections carry them): near 1 for a stable model. Far below 1 when the detections hinge on
     float rounding (TopK or argmax over near ties, as in a DETR decoder with untrained weights)."""
-    from ..evaluate import agreement, detections_multi
+    from ..evaluate import agreement, detections_multi, instance_agreement
 
     plain = detections_multi([reference], images, preset=preset, limit=limit, progress=progress,
-                             threads=threads, input_shape=input_shape, optimize=False)[0]
-    return agreement(plain, dets.reference)["map"]
+                             threads=threads, input_shape=input_shape, optimize=False,
+                             instances=_carries_instances(dets.reference))[0]
+    out = {"box": agreement(plain, dets.reference)["map"]}
+    out.update({what: r["map"] for what, r in instance_agreement(plain, dets.reference).items()})
+    return out
 
 
 def check_agreement(dets: Detections, min_agreement: float = MIN_AGREEMENT,
-                    noise: Optional[Callable[[], float]] = None) -> CheckResult:
-    """mAP of the candidate's detections with the reference's confident detections as ground truth.
-    Below the floor, ``noise`` (the reference's :func:`self_agreement`, computed only then) turns
-    the failure into a warning when the reference misses the floor against itself too, or when the
-    candidate still reaches the floor's share of the reference's own agreement (the floor scaled
-    to what the reference itself can score: a random-weight darknet YOLOv3-tiny agreed 0.50 with
-    itself and its INT8 copy 0.45, 90% of that)."""
-    from ..evaluate import AGREEMENT_CONF, agreement
+                    noise: Optional[Callable[[], Dict[str, float]]] = None) -> CheckResult:
+    """mAP of the candidate's detections with the reference's confident detections as ground truth,
+    of their boxes and, for segmentation and pose exports whose detections carry them, of their
+    masks or keypoints; each must reach the floor. Below it, ``noise`` (the reference's
+    :func:`self_agreement`, computed only then) turns the failure into a warning when the
+    reference misses the floor against itself too, or when the candidate still reaches the floor's
+    share of the reference's own agreement (the floor scaled to what the reference itself can
+    score: a random-weight darknet YOLOv3-tiny agreed 0.50 with itself and its INT8 copy 0.45, 90%
+    of that)."""
+    from ..evaluate import AGREEMENT_CONF, agreement, instance_agreement
 
     name = "accuracy.agreement"
     if dets.reference is None:
         return skipped(name, "no reference model")
     try:
         ag = agreement(dets.candidate, dets.reference)
+        kinds = instance_agreement(dets.candidate, dets.reference)
     except SlimError as exc:
         return skipped(name, str(exc))
+    scores = dict({"box": ag["map"]}, **{what: r["map"] for what, r in kinds.items()})
     details = {"map": ag["map"], "map50": ag["map50"], "images": len(dets.candidate),
                "reference_conf": AGREEMENT_CONF, "min_agreement": min_agreement}
+    details.update({f"{what}_map": r["map"] for what, r in kinds.items()})
     text = (f"mAP {ag['map']:.4f} (mAP@0.5 {ag['map50']:.4f}) against the reference's detections "
             f"(score >= {AGREEMENT_CONF}) on {len(dets.candidate)} images{dets.where()}")
-    if ag["map"] < min_agreement:
-        own = noise() if noise is not None else None
-        if own is not None and (own < min_agreement or ag["map"] >= min_agreement * own):
-            return warned(name, f"agreement {ag['map']:.4f} below {min_agreement:g}, but the reference "
-                                f"scores {own:.4f} against itself with onnxruntime's optimizations off: "
-                                "its detections hinge on float rounding, so agreement cannot judge this "
-                                "model; " + text, self_agreement=own, **details)
-        return failed(name, f"agreement {ag['map']:.4f} below {min_agreement:g}: " + text,
-                      **({} if own is None else {"self_agreement": own}), **details)
-    return passed(name, text, **details)
+    text += "".join(f"; {what} mAP {r['map']:.4f} (mAP@0.5 {r['map50']:.4f})" for what, r in kinds.items())
+    low = [what for what, v in scores.items() if v < min_agreement]
+    if not low:
+        return passed(name, text, **details)
+    own = noise() if noise is not None else None
+    if own is not None:
+        details["self_agreement"] = own["box"]
+        details.update({f"{what}_self_agreement": v for what, v in own.items() if what != "box"})
+    said = "; ".join(("agreement" if what == "box" else f"{what} agreement") +
+                     f" {scores[what]:.4f} below {min_agreement:g}" for what in low)
+    if own is not None and all(w in own and (own[w] < min_agreement or scores[w] >= min_agreement * own[w])
+                               for w in low):
+        itself = ", ".join(f"{own[w]:.4f}" + ("" if w == "box" else f" ({w}s)") for w in low)
+        return warned(name, f"{said}, but the reference scores {itself} against itself with onnxruntime's "
+                            "optimizations off: its detections hinge on float rounding, so agreement "
+                            "cannot judge this model; " + text, **details)
+    return failed(name, f"{said}: " + text, **details)
 
 
 def _kind_drops(ref: dict, cand: dict) -> List[Tuple[str, float, str]]:
@@ -127,7 +147,8 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
     worst = max([("box", drop)] + [(what, d) for what, d, _ in kinds], key=lambda x: x[1])
     if worst[1] > max_drop:
         what = "mAP" if worst[0] == "box" else f"{worst[0]} mAP"
-        return failed(name, f"{what} drop {worst[1]:.2f} pts exceeds --max-drop {max_drop:g}: " + text, **details)
+        return failed(name, f"{what} drop {worst[1]:.2f} pts exceeds --max-drop {max_drop:g}: " + text,
+                      **details)
     return passed(name, text, **details)
 
 

@@ -203,7 +203,7 @@ def test_agreement_below_the_floor_only_warns_when_the_reference_fails_it_agains
     calls = []
 
     def noise(value):
-        return lambda: calls.append(value) or value
+        return lambda: calls.append(value) or {"box": value}
 
     unstable = accuracy.check_agreement(dets, 0.5, noise(0.02))
     assert unstable.status == "warn" and unstable.details["self_agreement"] == 0.02
@@ -220,10 +220,10 @@ def test_agreement_below_the_floor_warns_when_it_reaches_that_share_of_the_refer
     a = accuracy.check_agreement(dets, 0.0).details["map"]
     assert 0.0 < a < 1.0
     floor = (a + a ** 0.5) / 2  # a < floor and floor * floor <= a, so a / floor is at least the floor
-    near = accuracy.check_agreement(dets, floor, lambda: a / floor)
+    near = accuracy.check_agreement(dets, floor, lambda: {"box": a / floor})
     assert near.status == "warn" and near.details["self_agreement"] == pytest.approx(a / floor)
-    assert accuracy.check_agreement(dets, floor, lambda: 1.0).status == "fail"
-    assert accuracy.check_agreement(dets, floor, lambda: min(1.0, 1.01 * a / floor)).status == "fail"
+    assert accuracy.check_agreement(dets, floor, lambda: {"box": 1.0}).status == "fail"
+    assert accuracy.check_agreement(dets, floor, lambda: {"box": min(1.0, 1.01 * a / floor)}).status == "fail"
 
 
 def _classifier() -> onnx.ModelProto:
