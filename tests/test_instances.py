@@ -254,3 +254,12 @@ def test_agreement_compares_keypoints_and_masks_with_the_reference(tmp_path: Pat
     # the reference's second object has an empty mask, which nothing can match
     assert instance_agreement(full, one)["mask"]["map50"] == pytest.approx(0.5)
     assert "keypoint" not in instance_agreement(full, one)
+
+
+def test_a_pose_model_on_box_labels_gets_no_keypoint_map(tmp_path: Path):
+    """Box-only labels (and an image without labels) give no keypoint mAP, not a zero."""
+    kp = np.random.default_rng(3).uniform(0.05, 0.95, (len(LABELS), K, 2))
+    images, labels = _images(tmp_path, [" ".join(map(str, lab)) for lab in LABELS])
+    (labels / "im1.txt").unlink()
+    res = evaluate(_pose_model(kp), images, labels, progress=False, threads=1)
+    assert "pose_map" not in res and res["n_ground_truth"] == 2

@@ -280,7 +280,7 @@ def has_kind(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str) -> b
     if kind == "segm":
         return all(d.segments is not None for d in dt) and any(g.segments is not None for g in gt)
     if kind == "keypoints":
-        return all(d.keypoints is not None for d in dt) and any(g.keypoints is not None for g in gt)
+        return all(d.keypoints is not None for d in dt) and any(g.keypoints is not None and len(g) for g in gt)
     return True
 
 
