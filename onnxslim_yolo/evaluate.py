@@ -76,16 +76,17 @@ def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: 
 
 
 def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float = 0.001, iou: float = 0.6,
-                   max_det: int = 300, with_rows: bool = False):
+                   max_det: int = 300, with_rows: bool = False, rotated: Optional[np.ndarray] = None):
     """(M, 6) detections ``x1 y1 x2 y2 score class`` in input pixels from one image's raw output
     (decode, then NMS, with evaluation's settings by default; a ``dets`` output ran NMS inside).
-    With ``with_rows`` also (M,) the candidate row of ``output`` each came from."""
+    With ``with_rows`` also (M,) the candidate row of ``output`` each came from; ``rotated`` (N, 5)
+    are an obb export's rotated candidates, which NMS then measures overlap on."""
     if fmt in ("dets", "dets7"):
         return final_detections(batch_rows_as_dets(output) if fmt == "dets7" else output, conf, max_det,
                                 with_rows)
     # rows are only numbered when none is dropped before NMS (the objectness pre-filter)
     boxes, scores = decode(output, fmt, hw, None if with_rows else conf)
-    return non_max_suppression(boxes, scores, conf, iou, max_det, with_rows=with_rows)
+    return non_max_suppression(boxes, scores, conf, iou, max_det, with_rows=with_rows, rotated=rotated)
 
 
 def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray) -> ImageBoxes:
@@ -149,8 +150,9 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
             if len(outs) != batch:
                 raise NotDetections(f"output of shape {list(out.shape)} does not hold the {batch} images fed")
             for b, (o, (_, meta)) in enumerate(zip(outs, pending)):
-                parts = run.instances.parts(raw, b) if instances else None
-                d, rows = raw_detections(o, run.fmt, hw, conf, iou, max_det, with_rows=True) \
+                parts = run.instances.parts(raw, b, instances)
+                d, rows = raw_detections(o, run.fmt, hw, conf, iou, max_det, with_rows=True,
+                                         rotated=parts.rotated) \
                     if parts is not None else (raw_detections(o, run.fmt, hw, conf, iou, max_det), None)
                 d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
                 found = _image_boxes(meta.path.name, meta.orig_hw, d)
@@ -177,14 +179,16 @@ def detections(model: ModelLike, images: Union[str, os.PathLike], preset: Option
                             input_shape, engine=engine, instances=instances)[0]
 
 
-#: result keys of the mask and keypoint mAPs (``mask_map``, ``pose_map50``, ...) by pycocotools kind
-KIND_PREFIX = {"segm": MAP_KINDS[1][0], "keypoints": MAP_KINDS[2][0]}
+#: result keys of the mask, keypoint and rotated-box mAPs (``mask_map``, ``pose_map50``, ``obb_map``,
+#: ...) by pycocotools kind
+KIND_PREFIX = {"segm": MAP_KINDS[1][0], "keypoints": MAP_KINDS[2][0], "obb": MAP_KINDS[3][0]}
 
 
 def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[str, float]:
     """COCO mAP of detections against a YOLO label folder or a COCO JSON: of the boxes (``map``,
     ``map50``, ``map75``), and when the detections carry masks or keypoints and the labels give
-    polygons or keypoints, of those too (``mask_map``, ... ``pose_map``, ...)."""
+    polygons or keypoints, of those too (``mask_map``, ... ``pose_map``, ...); an obb export's
+    rotated boxes against the labels' polygons (``obb_map``, ...)."""
     n_classes = 1 + max((int(d.classes.max()) for d in dets if len(d)), default=0)
     kpts = next((d.keypoints.shape[1] for d in dets if d.keypoints is not None), 0)
     gt = load_ground_truth(labels, [(d.key, d.hw) for d in dets], n_classes, kpts)
@@ -205,8 +209,8 @@ def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: 
     in ``engine`` (onnxruntime, or OpenVINO's CPU plugin).
 
     Returns ``map`` (0.5:0.95), ``map50``, ``map75``, ``n_images``, ``n_detections``, ``n_ground_truth``;
-    for a segmentation or pose export with polygon or keypoint labels also ``mask_map`` ... or
-    ``pose_map`` ... (:func:`score`).
+    for a segmentation, pose or obb export with polygon or keypoint labels also ``mask_map`` ...,
+    ``pose_map`` ... or ``obb_map`` ... (:func:`score`).
     """
     lp = Path(labels)
     if not lp.exists():

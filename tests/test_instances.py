@@ -203,7 +203,7 @@ def test_pose_export_keypoints_are_scored(tmp_path: Path):
                  for m in (_pose_model(kp), _pose_model(kp, shift=8.0)))
     res = check_map_drop(Detections(cand, ref), str(labels), max_drop=1.0)
     assert res.status == "fail" and res.message.startswith("keypoint mAP drop 100.00 pts exceeds")
-    assert res.details["drop_points"] == pytest.approx(0.0)
+    assert res.details["drop_points"] == pytest.approx(0.0) and res.details["pose_drop_points"] == 100.0
     assert check_map_drop(Detections(ref, ref), str(labels), max_drop=1.0).status == "pass"
 
 
@@ -241,9 +241,10 @@ def test_agreement_compares_keypoints_and_masks_with_the_reference(tmp_path: Pat
     assert check_agreement(Detections(ref, ref)).status == "pass"
     res = check_agreement(Detections(moved, ref))
     assert res.status == "fail" and res.message.startswith("keypoint agreement 0.0000 below 0.5: mAP 1.0000")
+    assert res.details["pose_map"] == 0.0 and res.details["map"] == pytest.approx(1.0)
     # a reference whose keypoints move against themselves (float rounding) only warns
     noisy = check_agreement(Detections(moved, ref), noise=lambda: {"box": 1.0, "keypoint": 0.0})
-    assert noisy.status == "warn" and noisy.details["keypoint_self_agreement"] == 0.0
+    assert noisy.status == "warn" and noisy.details["pose_self_agreement"] == 0.0
     # masks: the candidate's masks everywhere against the reference's masks on one object
     cx, cy, w, h = LABELS[0][1:]
     region = ((cx - w / 2) * W * RATIO, (cy - h / 2) * H * RATIO + PAD_TOP,
@@ -263,3 +264,68 @@ def test_a_pose_model_on_box_labels_gets_no_keypoint_map(tmp_path: Path):
     (labels / "im1.txt").unlink()
     res = evaluate(_pose_model(kp), images, labels, progress=False, threads=1)
     assert "pose_map" not in res and res["n_ground_truth"] == 2
+
+
+# --------------------------------------------------------------------------- rotated boxes
+def _corners_of(r) -> np.ndarray:
+    cx, cy, w, h, a = r
+    u, v = np.array([np.cos(a), np.sin(a)]), np.array([-np.sin(a), np.cos(a)])
+    signs = ((-1, -1), (1, -1), (1, 1), (-1, 1))
+    return np.array([[cx, cy] + sx * w / 2 * u + sy * h / 2 * v for sx, sy in signs])
+
+
+OBJECTS = np.array([[20.0, 20.0, 30.0, 6.0, 0.4], [60.0, 20.0, 24.0, 8.0, -0.3]])   # original pixels
+
+
+def _obb_model(rotated: np.ndarray) -> onnx.ModelProto:
+    """The v8 constant model as an obb export whose candidates are ``rotated`` (original pixels,
+    placed in the letterboxed input), classes as LABELS."""
+    r = rotated.copy()
+    r[:, :4] *= RATIO
+    r[:, 1] += PAD_TOP
+    m = const_model("v8", r[:, :4], CLASSES)
+    const = m.graph.node[0]
+    out = numpy_helper.to_array(const.attribute[0].t).copy()
+    angles = np.zeros((1, 1, out.shape[2]), np.float32)
+    angles[0, 0, :len(r)] = r[:, 4]
+    out = np.concatenate([out, angles], axis=1)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(out, "c"))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape)))
+    m.metadata_props.add(key="task", value="obb")
+    return m
+
+
+def test_obb_export_is_scored_on_its_rotated_boxes(tmp_path: Path):
+    lines = [f"{c} " + " ".join(f"{x / W} {y / H}" for x, y in _corners_of(r))
+             for c, r in zip(CLASSES, OBJECTS)]
+    images, labels = _images(tmp_path, lines)   # DOTA-style polygons, as ultralytics writes them
+    exact = evaluate(_obb_model(OBJECTS), images, labels, progress=False, threads=1)
+    assert exact["map"] == pytest.approx(1.0) and exact["obb_map"] == pytest.approx(1.0)
+    # mirrored angles: the same boxes around them, so the axis-aligned mAP cannot tell
+    mirrored = OBJECTS * [1, 1, 1, 1, -1]
+    res = evaluate(_obb_model(mirrored), images, labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["obb_map"] < 0.2
+    dets = detections(_obb_model(OBJECTS), images, progress=False, threads=1)
+    got = dets[0].rotated[np.argsort(dets[0].classes)[::-1]]   # class 1 first, as OBJECTS
+    assert np.allclose(got, OBJECTS, atol=1e-3)
+    # the agreement check compares the rotated boxes with the reference's too
+    from onnxslim_yolo.evaluate import instance_agreement
+
+    flipped = detections(_obb_model(mirrored), images, progress=False, threads=1)
+    assert instance_agreement(dets, dets)["rotated box"]["map"] == pytest.approx(1.0)
+    assert instance_agreement(flipped, dets)["rotated box"]["map"] < 0.2
+
+
+def test_obb_nms_suppresses_on_rotated_overlap():
+    """Two thin parallel diagonal boxes: their axis-aligned boxes overlap (IoU 0.77), the boxes
+    themselves do not, so both stay; a copy of the first moved by a pixel is suppressed."""
+    from onnxslim_yolo.eval.nms import non_max_suppression
+
+    r = np.array([[50, 50, 80, 4, np.pi / 4], [54, 46, 80, 4, np.pi / 4], [51, 50, 80, 4, np.pi / 4]])
+    c, s = np.abs(np.cos(r[:, 4])), np.abs(np.sin(r[:, 4]))
+    w, h = r[:, 2] * c + r[:, 3] * s, r[:, 2] * s + r[:, 3] * c
+    boxes = np.stack([r[:, 0] - w / 2, r[:, 1] - h / 2, r[:, 0] + w / 2, r[:, 1] + h / 2], 1)
+    scores = np.array([[0.9], [0.8], [0.7]])
+    assert len(non_max_suppression(boxes, scores, iou=0.6)) == 1
+    d, rows = non_max_suppression(boxes, scores, iou=0.6, with_rows=True, rotated=r)
+    assert rows.tolist() == [0, 1]

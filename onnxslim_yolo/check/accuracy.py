@@ -14,6 +14,8 @@ from .result import CheckResult, failed, passed, skipped, warned
 #: agreement floor (mAP of the candidate scored on the reference's confident detections). INT8
 #: yolov5n with a float decode tail scores 0.86-0.90 on coco128, a quantized decode tail 0.0
 MIN_AGREEMENT = 0.5
+#: the result-key prefix of each thing compared (``mask`` -> ``mask_``: ``mask_map``, ...)
+PREFIX = {what: prefix for prefix, what in MAP_KINDS}
 
 
 @dataclass
@@ -87,7 +89,7 @@ def check_agreement(dets: Detections, min_agreement: float = MIN_AGREEMENT,
     scores = dict({"box": ag["map"]}, **{what: r["map"] for what, r in kinds.items()})
     details = {"map": ag["map"], "map50": ag["map50"], "images": len(dets.candidate),
                "reference_conf": AGREEMENT_CONF, "min_agreement": min_agreement}
-    details.update({f"{what}_map": r["map"] for what, r in kinds.items()})
+    details.update({f"{PREFIX[what]}map": r["map"] for what, r in kinds.items()})
     text = (f"mAP {ag['map']:.4f} (mAP@0.5 {ag['map50']:.4f}) against the reference's detections "
             f"(score >= {AGREEMENT_CONF}) on {len(dets.candidate)} images{dets.where()}")
     text += "".join(f"; {what} mAP {r['map']:.4f} (mAP@0.5 {r['map50']:.4f})" for what, r in kinds.items())
@@ -97,7 +99,7 @@ def check_agreement(dets: Detections, min_agreement: float = MIN_AGREEMENT,
     own = noise() if noise is not None else None
     if own is not None:
         details["self_agreement"] = own["box"]
-        details.update({f"{what}_self_agreement": v for what, v in own.items() if what != "box"})
+        details.update({f"{PREFIX[what]}self_agreement": v for what, v in own.items() if what != "box"})
     said = "; ".join(("agreement" if what == "box" else f"{what} agreement") +
                      f" {scores[what]:.4f} below {min_agreement:g}" for what in low)
     if own is not None and all(w in own and (own[w] < min_agreement or scores[w] >= min_agreement * own[w])
@@ -140,7 +142,7 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
     drop = (ref["map"] - cand["map"]) * 100.0
     kinds = _kind_drops(ref, cand)
     details = {"candidate": cand, "reference": ref, "drop_points": drop, "max_drop": max_drop}
-    details.update({f"{what}_drop_points": d for what, d, _ in kinds})
+    details.update({f"{PREFIX[what]}drop_points": d for what, d, _ in kinds})
     text = (f"mAP@0.5:0.95 {cand['map']:.4f} vs reference {ref['map']:.4f} ({_signed(-drop)} pts; "
             f"mAP@0.5 {cand['map50']:.4f} vs {ref['map50']:.4f}) on {cand['n_images']} images{dets.where()}")
     text += "".join(f"; {t}" for _, _, t in kinds)

@@ -1,4 +1,5 @@
-"""Masks and keypoints of segmentation and pose exports, attached to their detections.
+"""Masks, keypoints and rotated boxes of segmentation, pose and obb exports, attached to their
+detections.
 
 A segmentation export writes each candidate's mask coefficients after its class scores (or after
 its ``x1 y1 x2 y2 score class`` row, end to end) and a second output of prototype masks
@@ -6,7 +7,9 @@ its ``x1 y1 x2 y2 score class`` row, end to end) and a second output of prototyp
 computes it for pycocotools: sigmoid(coefficients @ prototypes), resized bilinearly to the
 original image (the letterbox undone), kept inside the detection's box, read at 0.5. A pose
 export writes K keypoints (x y, or x y visibility) in input pixels after the class scores, as
-its metadata's ``kpt_shape`` says; they are mapped back to the original image as boxes are.
+its metadata's ``kpt_shape`` says; they are mapped back to the original image as boxes are. An
+obb export writes each candidate's rotated box, cx cy w h in input pixels with its angle last;
+those are what its NMS suppresses on and what its rotated-box mAP scores.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .decode import keypoint_shape, mask_coefficients, trailing_values
+from .decode import _trailing_axis, keypoint_shape, mask_coefficients, rotated_boxes, trailing_values
 from .metrics import ImageBoxes
 
 #: masks encoded per call of pycocotools' encoder (each is the whole image, uint8)
@@ -26,24 +29,34 @@ _ENCODE_CHUNK = 32
 @dataclass
 class Parts:
     """One image's instance data, row by row like the candidates :func:`.decode.detection_output`
-    reads: ``coefs`` (N, nm) with ``protos`` (nm, h, w), or ``keypoints`` (N, K, D)."""
+    reads: ``coefs`` (N, nm) with ``protos`` (nm, h, w), ``keypoints`` (N, K, D), or ``rotated``
+    (N, 5) cx cy w h angle in input pixels."""
 
     coefs: Optional[np.ndarray] = None
     protos: Optional[np.ndarray] = None
     keypoints: Optional[np.ndarray] = None
+    rotated: Optional[np.ndarray] = None
 
 
 class InstanceReader:
     """What a model's outputs hold besides boxes: masks (two outputs, candidates and prototypes,
-    :func:`.decode.mask_coefficients`) or keypoints (a pose export's ``kpt_shape``)."""
+    :func:`.decode.mask_coefficients`), keypoints (a pose export's ``kpt_shape``) or rotated
+    boxes (an obb export, :func:`.decode.rotated_boxes`)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.kpt = keypoint_shape(model)
+        self.rotated = rotated_boxes(model)
 
-    def parts(self, outputs: Sequence[np.ndarray], b: int) -> Optional[Parts]:
-        """Image ``b``'s :class:`Parts` of a run's ``outputs``; None for a model with neither."""
-        nm = mask_coefficients([o.shape for o in outputs])
+    def parts(self, outputs: Sequence[np.ndarray], b: int, instances: bool = True) -> Optional[Parts]:
+        """Image ``b``'s :class:`Parts` of a run's ``outputs``; None for a model with none. Without
+        ``instances`` only an obb export's rotated boxes (which its NMS needs) are read."""
         cand = outputs[0][b:b + 1] if outputs and outputs[0].ndim == 3 else None
+        if self.rotated and cand is not None and _trailing_axis(cand.shape) == 1:
+            a = cand[0]   # (4 + C + 1, N): cx cy w h, class scores, angle
+            return Parts(rotated=np.concatenate([a[:4].T, a[-1:].T], 1).astype(np.float64))
+        if not instances:
+            return None
+        nm = mask_coefficients([o.shape for o in outputs])
         if nm and cand is not None:
             return Parts(coefs=trailing_values(cand, nm).astype(np.float32),
                          protos=np.asarray(outputs[1][b], np.float32))
@@ -115,10 +128,21 @@ def image_keypoints(kpts: np.ndarray, ratio: float, pad: Sequence[int]) -> np.nd
     return out
 
 
+def image_rotated(r: np.ndarray, ratio: float, pad: Sequence[int]) -> np.ndarray:
+    """(M, 5) rotated boxes cx cy w h angle in input pixels -> in original pixels."""
+    out = r.astype(np.float64, copy=True)
+    out[:, 0], out[:, 1] = (r[:, 0] - pad[0]) / ratio, (r[:, 1] - pad[1]) / ratio
+    out[:, 2:4] = r[:, 2:4] / ratio
+    return out
+
+
 def attach(boxes: ImageBoxes, parts: Parts, rows: np.ndarray, input_hw: Sequence[int], ratio: float,
            pad: Sequence[int]) -> ImageBoxes:
-    """``boxes`` (detections in original pixels, from candidates ``rows``) with their masks or
-    keypoints."""
+    """``boxes`` (detections in original pixels, from candidates ``rows``) with their masks,
+    keypoints or rotated boxes."""
+    if parts.rotated is not None:
+        rot = image_rotated(parts.rotated[rows], ratio, pad)
+        return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, rotated=rot)
     if parts.coefs is not None:
         segs = mask_rles(parts.coefs[rows], parts.protos, boxes.boxes, input_hw, boxes.hw, ratio, pad)
         return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, segments=segs)

@@ -6,8 +6,10 @@ the model's class ids, boxes are top-left ``x y w h`` in original-image pixels, 
 image without labels are false positives).
 
 Besides boxes, :func:`coco_map` scores masks (``segm``: a label's polygon against a detection's
-mask) and keypoints (``keypoints``: OKS, with COCO's 17 per-keypoint sigmas for 17 keypoints and
-1/K each otherwise, a label's area taken as 0.53 x its box's, as ultralytics does).
+mask), keypoints (``keypoints``: OKS, with COCO's 17 per-keypoint sigmas for 17 keypoints and
+1/K each otherwise, a label's area taken as 0.53 x its box's, as ultralytics does) and rotated
+boxes (``obb``: matched by probabilistic IoU, :func:`probiou`, as ultralytics' OBB validation
+matches them; a label's rotated box is its polygon's minimum-area rectangle).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class ImageBoxes:
     crowd: Optional[np.ndarray] = None
     segments: Optional[List[Any]] = None
     keypoints: Optional[np.ndarray] = None
+    #: (N, 5) rotated boxes cx cy w h angle (radians) in pixels, of an obb export's detections
+    rotated: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -52,7 +56,8 @@ class ImageBoxes:
         m = self.scores >= conf if self.scores is not None else np.ones(len(self), bool)
         segs = None if self.segments is None else [s for s, k in zip(self.segments, m) if k]
         kpts = None if self.keypoints is None else self.keypoints[m]
-        return ImageBoxes(self.key, self.hw, self.boxes[m], self.classes[m], None, None, segs, kpts)
+        rot = None if self.rotated is None else self.rotated[m]
+        return ImageBoxes(self.key, self.hw, self.boxes[m], self.classes[m], None, None, segs, kpts, rot)
 
 
 @dataclass(frozen=True)
@@ -216,10 +221,10 @@ COCO_KPT_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .6
                             .89, .89]) / 10.0
 #: a keypoint label's object area: this fraction of its box (ultralytics' OKS does the same)
 KPT_AREA = 0.53
-KINDS = ("bbox", "segm", "keypoints")
+KINDS = ("bbox", "segm", "keypoints", "obb")
 #: (result key prefix, what is scored) of each mAP evaluation may report, boxes first: ``map``,
 #: ``mask_map``, ``pose_map`` (and their ``map50``, ``map75``)
-MAP_KINDS = (("", "box"), ("mask_", "mask"), ("pose_", "keypoint"))
+MAP_KINDS = (("", "box"), ("mask_", "mask"), ("pose_", "keypoint"), ("obb_", "rotated box"))
 
 
 def _polygon_area(seg: Any, box: np.ndarray) -> float:
@@ -229,8 +234,72 @@ def _polygon_area(seg: Any, box: np.ndarray) -> float:
     total = 0.0
     for poly in seg:
         xy = np.asarray(poly, np.float64).reshape(-1, 2)
-        total += 0.5 * abs(float(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1))))
+        x, y = xy[:, 0], xy[:, 1]
+        total += 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
     return total
+
+
+def _covariance(r: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, c) of the covariance [[a, c], [c, b]] of the uniform distribution over each rotated
+    box cx cy w h angle of ``r`` (N, 5)."""
+    w2, h2 = r[:, 2] ** 2 / 12.0, r[:, 3] ** 2 / 12.0
+    cos, sin = np.cos(r[:, 4]), np.sin(r[:, 4])
+    return w2 * cos ** 2 + h2 * sin ** 2, w2 * sin ** 2 + h2 * cos ** 2, (w2 - h2) * cos * sin
+
+
+def probiou(r1: np.ndarray, r2: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """(N, M) probabilistic IoU of rotated boxes (cx cy w h angle, (N, 5) and (M, 5)): one minus
+    the Hellinger distance between the boxes' Gaussians (Llerena et al. 2021), as ultralytics
+    matches and suppresses oriented boxes."""
+    r1, r2 = np.asarray(r1, np.float64).reshape(-1, 5), np.asarray(r2, np.float64).reshape(-1, 5)
+    a1, b1, c1 = (v[:, None] for v in _covariance(r1))
+    a2, b2, c2 = (v[None] for v in _covariance(r2))
+    dx = r1[:, None, 0] - r2[None, :, 0]
+    dy = r1[:, None, 1] - r2[None, :, 1]
+    a, b, c = a1 + a2, b1 + b2, c1 + c2
+    det = a * b - c ** 2
+    t1 = (a * dy ** 2 + b * dx ** 2) / (det + eps) * 0.25
+    t2 = (c * -dx * dy) / (det + eps) * 0.5
+    own = np.sqrt(np.clip(a1 * b1 - c1 ** 2, 0, None) * np.clip(a2 * b2 - c2 ** 2, 0, None))
+    t3 = 0.5 * np.log(det / (4 * own + eps) + eps)
+    bd = np.clip(t1 + t2 + t3, eps, 100.0)
+    return 1.0 - np.sqrt(1.0 - np.exp(-bd) + eps)
+
+
+def min_area_rect(points: np.ndarray) -> np.ndarray:
+    """cx cy w h angle of the smallest rectangle around ``points`` (K, 2): the rectangle has a side
+    along an edge of their convex hull, so each edge direction is tried (a DOTA label's four
+    corners give their own rectangle)."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    best = None
+    for k in range(len(pts)):
+        e = pts[(k + 1) % len(pts)] - pts[k]
+        n = float(np.hypot(*e))
+        if n == 0:
+            continue
+        u = e / n
+        v = np.array([-u[1], u[0]])
+        pu, pv = pts @ u, pts @ v
+        area = (pu.max() - pu.min()) * (pv.max() - pv.min())
+        if best is None or area < best[0] - 1e-9:
+            mid_u, mid_v = (pu.max() + pu.min()) / 2, (pv.max() + pv.min()) / 2
+            c = mid_u * u + mid_v * v
+            angle = float(np.arctan2(u[1], u[0]))
+            best = (area, [c[0], c[1], pu.max() - pu.min(), pv.max() - pv.min(), angle])
+    if best is None:   # every point the same
+        return np.array([pts[0, 0], pts[0, 1], 0.0, 0.0, 0.0])
+    return np.asarray(best[1], np.float64)
+
+
+def _label_rotated(g: ImageBoxes, i: int, b: np.ndarray) -> List[float]:
+    """A ground-truth object's rotated box: given, else its polygon's minimum-area rectangle, else
+    its axis-aligned box."""
+    if g.rotated is not None:
+        return [float(v) for v in g.rotated[i]]
+    seg = g.segments[i] if g.segments is not None else None
+    if isinstance(seg, list) and seg:
+        return min_area_rect(np.concatenate([np.asarray(p, np.float64) for p in seg])).tolist()
+    return [float((b[0] + b[2]) / 2), float((b[1] + b[3]) / 2), float(b[2] - b[0]), float(b[3] - b[1]), 0.0]
 
 
 def _gt_ann(kind: str, g: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
@@ -246,6 +315,8 @@ def _gt_ann(kind: str, g: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
         k = g.keypoints[i] if g.keypoints is not None else None
         ann.update(keypoints=[] if k is None else [float(v) for v in k.ravel()],
                    num_keypoints=0 if k is None else int((k[:, 2] > 0).sum()), area=w * h * KPT_AREA)
+    elif kind == "obb":
+        ann["rbox"] = _label_rotated(g, i, b)
     return ann
 
 
@@ -254,6 +325,9 @@ def _dt_ann(kind: str, d: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
         return {"segmentation": d.segments[i]}
     if kind == "keypoints":
         return {"keypoints": [float(v) for v in d.keypoints[i].ravel()]}
+    if kind == "obb":
+        return {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                "rbox": [float(v) for v in d.rotated[i]]}
     return {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
 
 
@@ -280,13 +354,33 @@ def has_kind(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str) -> b
     if kind == "segm":
         return all(d.segments is not None for d in dt) and any(g.segments is not None for g in gt)
     if kind == "keypoints":
-        return all(d.keypoints is not None for d in dt) and any(g.keypoints is not None and len(g) for g in gt)
+        return all(d.keypoints is not None for d in dt) and \
+            any(g.keypoints is not None and len(g) for g in gt)
+    if kind == "obb":
+        return all(d.rotated is not None for d in dt) and any(
+            (g.segments is not None or g.rotated is not None) and len(g) for g in gt)
     return True
+
+
+def _rotated_eval(coco_gt, coco_dt):
+    """pycocotools' bbox evaluation with each pair's IoU the :func:`probiou` of their ``rbox``."""
+    from pycocotools.cocoeval import COCOeval
+
+    class RotatedEval(COCOeval):
+        def computeIoU(self, imgId, catId):   # noqa: N802 (pycocotools' name)
+            p = self.params
+            gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
+            if not gt or not dt:
+                return []
+            dt = [dt[i] for i in np.argsort([-d["score"] for d in dt], kind="mergesort")][:p.maxDets[-1]]
+            return probiou(np.array([d["rbox"] for d in dt]), np.array([g["rbox"] for g in gt]))
+
+    return RotatedEval(coco_gt, coco_dt, "bbox")
 
 
 def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox") -> Dict[str, float]:
     """pycocotools mAP of detections ``dt`` against ``gt`` (same images, same order): of their boxes
-    (``bbox``), masks (``segm``) or keypoints (``keypoints``, OKS)."""
+    (``bbox``), masks (``segm``), keypoints (``keypoints``, OKS) or rotated boxes (``obb``)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -304,7 +398,8 @@ def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bb
         coco_gt = COCO()
         coco_gt.dataset = gt_dict
         coco_gt.createIndex()
-        ev = COCOeval(coco_gt, coco_gt.loadRes(res), kind)
+        ev = _rotated_eval(coco_gt, coco_gt.loadRes(res)) if kind == "obb" else \
+            COCOeval(coco_gt, coco_gt.loadRes(res), kind)
         ev.params.imgIds = list(range(len(gt)))
         if kind == "keypoints":
             k = len(res[0]["keypoints"]) // 3

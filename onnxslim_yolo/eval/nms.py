@@ -54,11 +54,33 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[in
     return order[np.asarray(keep, dtype=np.int64)]
 
 
+def nms_rotated(rboxes: np.ndarray, scores: np.ndarray, iou: float,
+                max_keep: Optional[int] = None) -> np.ndarray:
+    """:func:`nms` of rotated boxes (N, 5) cx cy w h angle, overlap measured by probabilistic IoU
+    (:func:`.metrics.probiou`, as ultralytics suppresses oriented boxes; greedy here, where
+    ultralytics' Fast-NMS also lets suppressed boxes suppress)."""
+    from .metrics import probiou
+
+    order = np.argsort(-scores, kind="stable")
+    r = rboxes[order].astype(np.float64)
+    limit = len(order) if max_keep is None else max_keep
+    idx = np.arange(len(order))
+    keep = []
+    while idx.size and len(keep) < limit:
+        i, rest = idx[0], idx[1:]
+        keep.append(i)
+        idx = rest[~(probiou(r[i:i + 1], r[rest])[0] > iou)]
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
 def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.001, iou: float = 0.6,
                         max_det: int = 300, multi_label: bool = True, agnostic: bool = False,
-                        max_nms: int = MAX_NMS, max_wh: float = MAX_WH, with_rows: bool = False):
+                        max_nms: int = MAX_NMS, max_wh: float = MAX_WH, with_rows: bool = False,
+                        rotated: Optional[np.ndarray] = None):
     """(M, 6) detections ``x1 y1 x2 y2 score class`` from xyxy ``boxes`` (N, 4) and ``scores`` (N, C);
-    with ``with_rows`` also (M,) the candidate (row of ``boxes``) each came from."""
+    with ``with_rows`` also (M,) the candidate (row of ``boxes``) each came from. With ``rotated``
+    (N, 5) cx cy w h angle, the candidates' rotated boxes, those are what overlap is measured on
+    (:func:`nms_rotated`)."""
     if multi_label:
         i, j = np.nonzero(scores > conf)
         s = scores[i, j]
@@ -75,7 +97,12 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.0
         i, j, s = i[top], j[top], s[top]
     b = boxes[i].astype(np.float64)
     offset = 0.0 if agnostic else j[:, None].astype(np.float64) * max_wh
-    k = nms(b + offset, s, iou, max_det)
+    if rotated is not None:
+        r = rotated[i].astype(np.float64)
+        r[:, :2] += offset
+        k = nms_rotated(r, s, iou, max_det)
+    else:
+        k = nms(b + offset, s, iou, max_det)
     dets = np.concatenate([b[k], s[k, None], j[k, None]], axis=1).astype(np.float32)
     return (dets, i[k].astype(np.int64)) if with_rows else dets
 
