@@ -259,7 +259,8 @@ def test_pose_exports_are_read_for_their_boxes(dataset):
 def test_obb_exports_are_scored_on_the_boxes_around_their_rotated_boxes(dataset):
     """An ultralytics 'obb' export: (1, 4+C+1, N), the angle last. Rotated boxes whose enclosing
     axis-aligned boxes are the labels' boxes score mAP 1.0; read as plain v8 rows (no angle, the
-    rotated w h) they do not. Candidates in rows (after the export's own selection) are refused."""
+    rotated w h) they do not. Candidates in rows (end to end, after the export's own selection)
+    are read as such rows."""
     images, labels = dataset
     boxes = letterboxed(LABELS, 16)
     obb = const_model("v8", boxes, CLASSES)
@@ -284,11 +285,14 @@ def test_obb_exports_are_scored_on_the_boxes_around_their_rotated_boxes(dataset)
     plain.metadata_props.add(key="task", value="pose")
     plain.metadata_props.add(key="kpt_shape", value="[1, 1]")   # the angle dropped, w h kept rotated
     assert evaluate(plain, images, labels, progress=False, threads=1)["map"] < 0.9
+    # end to end (YOLO26-obb): (1, K, 7) rows cx cy w h score class angle after its own selection
     rows = np.zeros((1, 50, 7), np.float32)
+    rows[0, :2] = np.concatenate([out[0, :4, :2].T, [[0.9, 1], [0.9, 0]], out[0, -1:, :2].T], 1)
     const.attribute[0].t.CopyFrom(numpy_helper.from_array(rows, "c"))
     obb.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 50, 7]))
-    with pytest.raises(NotDetections, match="'obb' export with its candidates in rows"):
-        detect_format(obb)
+    assert detect_format(obb) == "dets"
+    res = evaluate(obb, images, labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 6
 
 
 def test_detect_format_of_split_and_post_nms_outputs():

@@ -314,6 +314,17 @@ def test_obb_export_is_scored_on_its_rotated_boxes(tmp_path: Path):
     flipped = detections(_obb_model(mirrored), images, progress=False, threads=1)
     assert instance_agreement(dets, dets)["rotated box"]["map"] == pytest.approx(1.0)
     assert instance_agreement(flipped, dets)["rotated box"]["map"] < 0.2
+    # end to end (YOLO26-obb): (1, K, 7) rows cx cy w h score class angle
+    for angles, want in ((OBJECTS[:, 4], 1.0), (-OBJECTS[:, 4], 0.0)):
+        e2e = _obb_model(OBJECTS)
+        rows = np.zeros((1, 30, 7), np.float32)
+        r = OBJECTS[:, :4] * RATIO + [0, PAD_TOP, 0, 0]
+        rows[0, :2] = np.concatenate([r, [[0.9], [0.9]], np.array(CLASSES)[:, None], angles[:, None]], 1)
+        e2e.graph.node[0].attribute[0].t.CopyFrom(numpy_helper.from_array(rows, "c"))
+        e2e.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 30, 7]))
+        res = evaluate(e2e, images, labels, progress=False, threads=1)
+        assert res["map"] == pytest.approx(1.0) and res["n_detections"] == 4
+        assert res["obb_map"] == pytest.approx(want) if want else res["obb_map"] < 0.2
 
 
 def test_obb_nms_suppresses_on_rotated_overlap():

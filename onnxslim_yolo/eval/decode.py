@@ -83,12 +83,7 @@ def format_from_metadata(model: onnx.ModelProto) -> Optional[str]:
     axis-aligned boxes around its rotated ones (:func:`rotated_boxes`)."""
     family, task = exporter_family(model)
     if (task == "segment" and mask_coefficients(declared_shapes(model))
-            or task == "pose" and keypoint_values(model)):
-        return family
-    if task == "obb":
-        shape = declared_shapes(model)[0] if model.graph.output else ()
-        if len(shape) == 3 and all(isinstance(d, int) for d in shape[1:]):
-            _refuse_obb_rows(shape)
+            or task == "pose" and keypoint_values(model) or task == "obb"):
         return family
     if task != "detect":
         raise NotDetections(f"model is an ultralytics '{task}' export; only 'detect' models are evaluated")
@@ -123,9 +118,10 @@ def keypoint_shape(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
 
 def rotated_boxes(model: onnx.ModelProto) -> bool:
     """An ultralytics 'obb' export: (1, 4+C+1, N), each candidate's last value the angle (radians)
-    of its rotated box cx cy w h. The evaluator reads the axis-aligned box around each (and the
-    labels' polygons as theirs, :mod:`.metrics`): the mAP of the enclosing boxes, not DOTA's
-    rotated-IoU mAP, enough to tell an optimized model from its original."""
+    of its rotated box cx cy w h, or end to end (1, K, 7) rows ``cx cy w h score class angle``
+    after its own selection. The evaluator reads the axis-aligned box around each (and the labels'
+    polygons as theirs, :mod:`.metrics`) for ``map``, and the rotated boxes for ``obb_map``
+    (:mod:`.instances`)."""
     return _metadata(model).get("task") == "obb"
 
 
@@ -134,23 +130,21 @@ def extra_values(model: onnx.ModelProto) -> int:
     return keypoint_values(model) or int(rotated_boxes(model))
 
 
-def _refuse_obb_rows(shape: Sequence) -> None:
-    """NotDetections for an obb output holding its candidates in rows (after the export's own
-    selection): only (1, 4+C+1, N) rotated-box outputs are read."""
-    if _trailing_axis(shape) == 2:
-        raise NotDetections(f"model is an ultralytics 'obb' export with its candidates in rows (output "
-                            f"{tuple(shape)}, after its own selection); only (1, 4+C+1, N) rotated-box "
-                            "outputs are read")
-
-
 def enclosing_boxes(out: np.ndarray) -> np.ndarray:
     """(B, 4+C+1, N) rotated candidates (cx cy w h, scores, angle) -> (B, 4+C, N) with each w h
-    that of the axis-aligned box around the rotated one."""
-    c, s = np.abs(np.cos(out[:, -1])), np.abs(np.sin(out[:, -1]))
-    w, h = out[:, 2], out[:, 3]
-    box = out[:, :-1].astype(np.float32, copy=True)
+    that of the axis-aligned box around the rotated one; end-to-end rows (B, K, 7) ``cx cy w h
+    score class angle`` -> ``dets`` rows (B, K, 6) ``x1 y1 x2 y2 score class`` of those boxes."""
+    rows = _trailing_axis(out.shape) == 2
+    a = out.transpose(0, 2, 1) if rows else out   # (B, values, N)
+    c, s = np.abs(np.cos(a[:, -1])), np.abs(np.sin(a[:, -1]))
+    w, h = a[:, 2], a[:, 3]
+    box = a[:, :-1].astype(np.float32, copy=True)
     box[:, 2], box[:, 3] = w * c + h * s, w * s + h * c
-    return box
+    if not rows:
+        return box
+    half = box[:, 2:4] / 2
+    box[:, 0:2], box[:, 2:4] = box[:, 0:2] - half, box[:, 0:2] + half
+    return box.transpose(0, 2, 1)
 
 
 def split_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, bool]]:
@@ -255,7 +249,6 @@ def detection_output(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[
         nm = mask_coefficients(shapes) or extra
         out = outputs[0]
         if rotated and out.ndim == 3:
-            _refuse_obb_rows(out.shape)
             return enclosing_boxes(out)
         if not nm:
             return out

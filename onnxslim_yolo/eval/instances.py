@@ -51,9 +51,10 @@ class InstanceReader:
         """Image ``b``'s :class:`Parts` of a run's ``outputs``; None for a model with none. Without
         ``instances`` only an obb export's rotated boxes (which its NMS needs) are read."""
         cand = outputs[0][b:b + 1] if outputs and outputs[0].ndim == 3 else None
-        if self.rotated and cand is not None and _trailing_axis(cand.shape) == 1:
-            a = cand[0]   # (4 + C + 1, N): cx cy w h, class scores, angle
-            return Parts(rotated=np.concatenate([a[:4].T, a[-1:].T], 1).astype(np.float64))
+        if self.rotated and cand is not None:
+            # (4 + C + 1, N): cx cy w h, class scores, angle; or end-to-end rows cx cy w h score class angle
+            a = cand[0] if _trailing_axis(cand.shape) == 2 else cand[0].T
+            return Parts(rotated=np.concatenate([a[:, :4], a[:, -1:]], 1).astype(np.float64))
         if not instances:
             return None
         nm = mask_coefficients([o.shape for o in outputs])
