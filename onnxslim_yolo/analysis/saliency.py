@@ -42,7 +42,8 @@ class Watch(NamedTuple):
     """What a row-by-row detection metric watches: ``tensors`` in this order, the first ``boxes``
     of them read by the model's OutputReader as ``fmt`` candidates; the indices, among them, of
     the mask coefficients (the candidates holding them last, or a (1, N, nm) tensor) and the
-    prototype masks of a segmentation model, and of the keypoints (likewise) of a pose model."""
+    prototype masks of a segmentation model, of the keypoints (likewise) of a pose model, and of
+    the (1, N, 1) angles fed into an end-to-end obb model's selection (its boxes then cx cy w h)."""
 
     tensors: List[str]
     fmt: str
@@ -51,6 +52,7 @@ class Watch(NamedTuple):
     coefs: Optional[int] = None
     protos: Optional[int] = None
     keypoints: Optional[int] = None
+    angles: Optional[int] = None
 
 
 def detection_watch(model: onnx.ModelProto) -> Optional[Watch]:
@@ -104,9 +106,10 @@ def _frontier_extras(model: onnx.ModelProto, pair: Watch, frontier: Sequence[str
                      shapes: Dict[str, Tuple]) -> Optional[Watch]:
     """``pair`` (the boxes and scores fed into a selection) with what else the candidates carry
     into it: a segmentation model's (1, N, nm) mask coefficients, beside the (1, nm, h, w)
-    prototypes it outputs without selecting them; a pose model's (1, N, K x D) keypoints. None
-    when an output that is not selected is anything else (its change would go unmeasured)."""
-    from ..eval.decode import keypoint_shape
+    prototypes it outputs without selecting them; a pose model's (1, N, K x D) keypoints; an obb
+    model's (1, N, 1) angles. None when an output that is not selected is anything else, or an
+    obb model's angles are not found (their change would go unmeasured)."""
+    from ..eval.decode import keypoint_shape, rotated_boxes
     rows = shapes[pair.tensors[0]][1]
     rest = [o.name for o in model.graph.output if o.name not in selected]
 
@@ -119,6 +122,9 @@ def _frontier_extras(model: onnx.ModelProto, pair: Watch, frontier: Sequence[str
         if coef is None:
             return None
         return pair._replace(tensors=pair.tensors + [coef, rest[0]], coefs=2, protos=3)
+    if rotated_boxes(model):
+        angle = fed(1)
+        return pair._replace(tensors=pair.tensors + [angle], angles=2) if angle else None
     kpt = keypoint_shape(model)
     found = fed(kpt[0] * kpt[1]) if kpt else None
     return pair._replace(tensors=pair.tensors + [found], keypoints=2) if found else pair

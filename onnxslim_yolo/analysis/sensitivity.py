@@ -111,7 +111,9 @@ class DetectionMetric:
     format (v5, v8, yolox). For a segmentation export (candidates and prototype masks watched
     together) each row also adds the relative change of its mask logits (:func:`mask_change`),
     and for a pose export how far its keypoints move (:func:`keypoint_change`), so that the
-    prototype or keypoint branch, which no box depends on, is not measured as free."""
+    prototype or keypoint branch, which no box depends on, is not measured as free. An obb
+    export's rotated boxes are compared by probabilistic IoU instead of its boxes' enclosing ones,
+    so that its angle branch counts fully."""
 
     name = "detections"
 
@@ -122,6 +124,7 @@ class DetectionMetric:
         self.fmt, self.hw, self.conf, self.score_weight = found.fmt, tuple(found.hw), conf, score_weight
         self.read = OutputReader(model)
         self.keypoints = keypoint_shape(model) if found.keypoints is not None else None
+        self.rotated = self.read.rotated
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
@@ -138,6 +141,17 @@ class DetectionMetric:
         from ..eval.decode import decode_rows
         return decode_rows(self.read(watched[:self.found.boxes], self.hw), self.fmt, self.hw)
 
+    def _rotated(self, watched: List[np.ndarray]) -> np.ndarray:
+        """(N, 5) cx cy w h angle of the watched candidates of an obb export: its output, or the
+        boxes and angles fed into its selection (end to end)."""
+        from ..eval.decode import split_layout
+        from ..eval.instances import rotated_candidates
+        if self.found.angles is None:
+            return rotated_candidates(watched[0])
+        boxes = split_layout([w.shape for w in watched[:2]])[0]   # which of the pair holds the boxes
+        return np.concatenate([watched[boxes].reshape(-1, 4), watched[self.found.angles].reshape(-1, 1)],
+                              1).astype(np.float64)
+
     def __call__(self, ref: List[np.ndarray], new: List[np.ndarray]) -> float:
         rb, rs = self._decoded_ref(ref)
         nb, ns = self._decode(new)
@@ -147,7 +161,11 @@ class DetectionMetric:
         if not len(rows):
             rows = np.argsort(-top)[:10]
         w = top[rows].astype(np.float64)
-        iou = box_iou_rows(rb[rows].astype(np.float64), nb[rows].astype(np.float64))
+        if self.rotated:
+            from ..eval.metrics import probiou_pairs
+            iou = probiou_pairs(self._rotated(ref)[rows], self._rotated(new)[rows], eps=1e-12)
+        else:
+            iou = box_iou_rows(rb[rows].astype(np.float64), nb[rows].astype(np.float64))
         s_new = np.maximum(ns[rows, cls[rows]].astype(np.float64), 1e-9)
         err = (1.0 - iou) + self.score_weight * np.abs(np.log(s_new / np.maximum(w, 1e-9)))
         f = self.found

@@ -52,9 +52,7 @@ class InstanceReader:
         ``instances`` only an obb export's rotated boxes (which its NMS needs) are read."""
         cand = outputs[0][b:b + 1] if outputs and outputs[0].ndim == 3 else None
         if self.rotated and cand is not None:
-            # (4 + C + 1, N): cx cy w h, class scores, angle; or end-to-end rows cx cy w h score class angle
-            a = cand[0] if _trailing_axis(cand.shape) == 2 else cand[0].T
-            return Parts(rotated=np.concatenate([a[:, :4], a[:, -1:]], 1).astype(np.float64))
+            return Parts(rotated=rotated_candidates(cand))
         if not instances:
             return None
         nm = mask_coefficients([o.shape for o in outputs])
@@ -65,6 +63,14 @@ class InstanceReader:
             k, d = self.kpt
             return Parts(keypoints=trailing_values(cand, k * d).reshape(-1, k, d).astype(np.float64))
         return None
+
+
+def rotated_candidates(output: np.ndarray) -> np.ndarray:
+    """(B * N, 5) cx cy w h angle of every candidate of an obb export's output, image after image
+    (the order :func:`.decode.decode_rows` gives rows): (B, 4+C+1, N) candidates, cx cy w h, class
+    scores, angle; or end-to-end (B, K, 7) rows cx cy w h score class angle."""
+    a = output if _trailing_axis(output.shape) == 2 else output.transpose(0, 2, 1)
+    return np.concatenate([a[..., :4], a[..., -1:]], -1).reshape(-1, 5).astype(np.float64)
 
 
 def _bilinear(n_out: int, scale: float, offset: float, n_src: int) -> np.ndarray:

@@ -241,21 +241,20 @@ def _polygon_area(seg: Any, box: np.ndarray) -> float:
 
 def _covariance(r: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, c) of the covariance [[a, c], [c, b]] of the uniform distribution over each rotated
-    box cx cy w h angle of ``r`` (N, 5)."""
-    w2, h2 = r[:, 2] ** 2 / 12.0, r[:, 3] ** 2 / 12.0
-    cos, sin = np.cos(r[:, 4]), np.sin(r[:, 4])
+    box cx cy w h angle of ``r`` (..., 5)."""
+    w2, h2 = r[..., 2] ** 2 / 12.0, r[..., 3] ** 2 / 12.0
+    cos, sin = np.cos(r[..., 4]), np.sin(r[..., 4])
     return w2 * cos ** 2 + h2 * sin ** 2, w2 * sin ** 2 + h2 * cos ** 2, (w2 - h2) * cos * sin
 
 
-def probiou(r1: np.ndarray, r2: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    """(N, M) probabilistic IoU of rotated boxes (cx cy w h angle, (N, 5) and (M, 5)): one minus
+def probiou_pairs(r1: np.ndarray, r2: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """Probabilistic IoU of rotated boxes (cx cy w h angle in the last axis), broadcast: one minus
     the Hellinger distance between the boxes' Gaussians (Llerena et al. 2021), as ultralytics
     matches and suppresses oriented boxes."""
-    r1, r2 = np.asarray(r1, np.float64).reshape(-1, 5), np.asarray(r2, np.float64).reshape(-1, 5)
-    a1, b1, c1 = (v[:, None] for v in _covariance(r1))
-    a2, b2, c2 = (v[None] for v in _covariance(r2))
-    dx = r1[:, None, 0] - r2[None, :, 0]
-    dy = r1[:, None, 1] - r2[None, :, 1]
+    r1, r2 = np.asarray(r1, np.float64), np.asarray(r2, np.float64)
+    a1, b1, c1 = _covariance(r1)
+    a2, b2, c2 = _covariance(r2)
+    dx, dy = r1[..., 0] - r2[..., 0], r1[..., 1] - r2[..., 1]
     a, b, c = a1 + a2, b1 + b2, c1 + c2
     det = a * b - c ** 2
     t1 = (a * dy ** 2 + b * dx ** 2) / (det + eps) * 0.25
@@ -264,6 +263,12 @@ def probiou(r1: np.ndarray, r2: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     t3 = 0.5 * np.log(det / (4 * own + eps) + eps)
     bd = np.clip(t1 + t2 + t3, eps, 100.0)
     return 1.0 - np.sqrt(1.0 - np.exp(-bd) + eps)
+
+
+def probiou(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """(N, M) :func:`probiou_pairs` of every rotated box of ``r1`` (N, 5) with every one of ``r2`` (M, 5)."""
+    r1, r2 = np.asarray(r1, np.float64).reshape(-1, 5), np.asarray(r2, np.float64).reshape(-1, 5)
+    return probiou_pairs(r1[:, None], r2[None])
 
 
 def min_area_rect(points: np.ndarray) -> np.ndarray:

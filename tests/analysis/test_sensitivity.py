@@ -199,3 +199,39 @@ def test_end_to_end_segment_and_pose_exports_are_probed_before_their_selection(t
         new[2] = ref[2].copy()
         new[2][0, :, 0] += 3.0                   # the first keypoint's x, 3 pixels
         assert metric(ref, new) > 0.0
+
+
+@pytest.mark.parametrize("end_to_end", [False, True])
+def test_obb_exports_are_probed_on_their_rotated_boxes(end_to_end):
+    """An 'obb' export's candidates are compared by probabilistic IoU of their rotated boxes:
+    mirrored angles, which leave the boxes around them as they were, cost; turning every box by
+    pi (the same box) costs nothing. End to end (YOLO26-obb) the probe watches the boxes (cx cy w
+    h) and the (1, N, 1) angles fed into the selection."""
+    from fixtures.postprocess import append_topk
+    from fixtures.yolov8 import build_yolov8_obb
+    from onnxslim_yolo.analysis import activations
+    from onnxslim_yolo.analysis.saliency import detection_watch
+    model = build_yolov8_obb(num_classes=3)
+    if end_to_end:
+        model = append_topk(model, 3, corners=False)
+    found = detection_watch(model)
+    assert found.angles == (2 if end_to_end else None)
+    metric = sensitivity.default_metric(model)
+    assert metric.name == "detections" and metric.watch == found.tensors
+    out = list(activations.capture(model, verify.random_feeds(model, 1, 0), found.tensors, 1))[0]
+    ref = [out[n] for n in found.tensors]
+    assert metric(ref, ref) == pytest.approx(0.0, abs=1e-5)
+
+    def turned(f):
+        new = [r.copy() for r in ref]
+        if end_to_end:
+            new[2] = f(new[2])
+        else:
+            new[0][:, -1] = f(new[0][:, -1])
+        return new
+
+    assert metric(ref, turned(lambda a: a + np.pi)) == pytest.approx(0.0, abs=1e-5)
+    mirrored = turned(lambda a: -a)
+    assert metric(ref, mirrored) > 0.01
+    if not end_to_end:   # what an IoU of the boxes around them would have measured: nothing
+        np.testing.assert_allclose(metric._decode(mirrored)[0], metric._decode(ref)[0], atol=1e-4)

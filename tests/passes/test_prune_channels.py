@@ -345,19 +345,21 @@ def test_activation_criterion_with_least_squares_on_calibration_data(family):
     assert diff.cosine > 0.5
 
 
-@pytest.mark.parametrize("task", ["seg", "pose", "seg-e2e", "pose-e2e"])
+@pytest.mark.parametrize("task", ["seg", "pose", "obb", "seg-e2e", "pose-e2e", "obb-e2e"])
 @pytest.mark.parametrize("bn", [True, False])
-def test_segment_and_pose_exports_prune_exactly_and_are_measured_on_detections(task, bn):
-    """YOLOv8-seg and -pose-style exports (candidates followed by mask coefficients beside
-    prototype masks, or by keypoints), also ending in a YOLO26-style top-k selection: pruning
-    is exact on the zeroed channels, and with calibration data the probe measures detections
-    (with their masks or keypoints), not the head maps."""
+def test_segment_pose_and_obb_exports_prune_exactly_and_are_measured_on_detections(task, bn):
+    """YOLOv8-seg, -pose and -obb-style exports (candidates followed by mask coefficients beside
+    prototype masks, by keypoints, or by an angle), also ending in a YOLO26-style top-k
+    selection: pruning is exact on the zeroed channels, and with calibration data the probe
+    measures detections (with their masks, keypoints or rotated boxes), not the head maps."""
     from fixtures.postprocess import append_topk
-    from fixtures.yolov8 import build_yolov8_pose, build_yolov8_seg
-    classes = 3 if task.startswith("seg") else 1   # not 4: boxes and scores would look alike
-    model = (build_yolov8_seg if task.startswith("seg") else build_yolov8_pose)(bn=bn, num_classes=classes)
+    from fixtures.yolov8 import build_yolov8_obb, build_yolov8_pose, build_yolov8_seg
+    kind = task.split("-")[0]
+    classes = 1 if kind == "pose" else 3   # not 4: boxes and scores would look alike
+    model = {"seg": build_yolov8_seg, "pose": build_yolov8_pose, "obb": build_yolov8_obb}[kind](
+        bn=bn, num_classes=classes)
     if task.endswith("e2e"):
-        model = append_topk(model, classes)
+        model = append_topk(model, classes, corners=kind != "obb")
     res = run(model, ratio=0.2, **EXACT)
     assert res.report.details["mac_reduction"] >= 0.2
     assert_exact(model, res.model, res.report.details)
