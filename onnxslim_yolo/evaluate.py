@@ -4,7 +4,7 @@ One onnxruntime session per model; each image is read and preprocessed once, how
 models are run on it (:func:`detections_multi`). Conventions follow ultralytics ``val`` scored
 with pycocotools: conf 0.001, IoU 0.6, multi-label class-aware NMS, at most 300 detections.
 Segmentation and pose exports are scored on their masks and keypoints too, when the labels give
-polygons or keypoints (:mod:`.eval.instances`).
+polygons or keypoints, and obb exports on their rotated boxes (:mod:`.eval.instances`).
 """
 from __future__ import annotations
 
@@ -121,7 +121,8 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
     ``preset`` and ``fmt`` are detected from the first model / each model's output when None.
     ``optimize`` False runs the sessions without onnxruntime's graph optimizations; ``engine``
     "openvino" runs them in OpenVINO instead (:mod:`.openvino_rt`). With ``instances`` the
-    detections of a segmentation or pose export carry their masks or keypoints.
+    detections of a segmentation or pose export carry their masks or keypoints; an obb export's
+    always carry their rotated boxes (its NMS runs on them).
     """
     protos = [_as_model(m) for m in models]
     if not protos:
