@@ -340,3 +340,16 @@ def test_obb_nms_suppresses_on_rotated_overlap():
     assert len(non_max_suppression(boxes, scores, iou=0.6)) == 1
     d, rows = non_max_suppression(boxes, scores, iou=0.6, with_rows=True, rotated=r)
     assert rows.tolist() == [0, 1]
+
+
+def test_summary_table_shows_mask_keypoint_and_rotated_box_map_before_and_after():
+    from onnxslim_yolo.report import summary_table
+
+    stats = {"nodes": 10, "params": 100, "macs": 1000, "flops": 2000, "size_bytes": 4000}
+    before = {"map": 0.5, "map50": 0.7, "mask_map": 0.4, "mask_map50": 0.6}
+    after = {"map": 0.49, "map50": 0.69, "mask_map": 0.35, "mask_map50": 0.55}
+    out = summary_table({"before": stats, "after": stats, "accuracy": {"before": before, "after": after}})
+    rows = {line.split("|")[0].strip(): line for line in out.splitlines()}
+    assert "mask mAP@0.5:0.95" in rows and "-5.00 pts" in rows["mask mAP@0.5:0.95"]
+    assert "mAP@0.5:0.95" in rows and "-1.00 pts" in rows["mAP@0.5:0.95"]
+    assert not any(k.startswith(("keypoint", "rotated")) for k in rows)
