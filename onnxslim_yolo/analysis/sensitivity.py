@@ -163,7 +163,8 @@ class DetectionMetric:
         w = top[rows].astype(np.float64)
         if self.rotated:
             from ..eval.metrics import probiou_pairs
-            iou = probiou_pairs(self._rotated(ref)[rows], self._rotated(new)[rows], eps=1e-12)
+            a, b = self._rotated(ref)[rows], self._rotated(new)[rows]
+            iou = probiou_pairs(a, b, eps=1e-12) / probiou_pairs(a, a, eps=1e-12)   # 1 when unmoved
         else:
             iou = box_iou_rows(rb[rows].astype(np.float64), nb[rows].astype(np.float64))
         s_new = np.maximum(ns[rows, cls[rows]].astype(np.float64), 1e-9)

@@ -220,7 +220,7 @@ def test_obb_exports_are_probed_on_their_rotated_boxes(end_to_end):
     assert metric.name == "detections" and metric.watch == found.tensors
     out = list(activations.capture(model, verify.random_feeds(model, 1, 0), found.tensors, 1))[0]
     ref = [out[n] for n in found.tensors]
-    assert metric(ref, ref) == pytest.approx(0.0, abs=1e-5)
+    assert metric(ref, ref) == pytest.approx(0.0, abs=1e-12)
 
     def turned(f):
         new = [r.copy() for r in ref]
@@ -230,7 +230,7 @@ def test_obb_exports_are_probed_on_their_rotated_boxes(end_to_end):
             new[0][:, -1] = f(new[0][:, -1])
         return new
 
-    assert metric(ref, turned(lambda a: a + np.pi)) == pytest.approx(0.0, abs=1e-5)
+    assert metric(ref, turned(lambda a: a + np.pi)) == pytest.approx(0.0, abs=1e-6)
     mirrored = turned(lambda a: -a)
     assert metric(ref, mirrored) > 0.01
     if not end_to_end:   # what an IoU of the boxes around them would have measured: nothing
