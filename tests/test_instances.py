@@ -353,3 +353,15 @@ def test_summary_table_shows_mask_keypoint_and_rotated_box_map_before_and_after(
     assert "mask mAP@0.5:0.95" in rows and "-5.00 pts" in rows["mask mAP@0.5:0.95"]
     assert "mAP@0.5:0.95" in rows and "-1.00 pts" in rows["mAP@0.5:0.95"]
     assert not any(k.startswith(("keypoint", "rotated")) for k in rows)
+
+
+def test_mixed_precision_loss_with_labels_is_the_worst_of_box_and_keypoint_map_drops(tmp_path: Path):
+    from onnxslim_yolo.quant.metrics import DetectionLoss
+
+    kp = np.random.default_rng(4).uniform(0.05, 0.95, (len(LABELS), K, 2))
+    lines = [f"{c} {cx} {cy} {w} {h} " + " ".join(f"{x} {y} 2" for x, y in k)
+             for (c, cx, cy, w, h), k in zip(LABELS, kp)]
+    images, labels = _images(tmp_path, lines)
+    loss = DetectionLoss(_pose_model(kp), [], str(labels), str(images), threads=1)
+    assert loss(_pose_model(kp)) == pytest.approx(0.0)
+    assert loss(_pose_model(kp, shift=8.0)) == pytest.approx(100.0)   # boxes exact, keypoints all lost

@@ -3,8 +3,9 @@
 - :func:`output_quality`: per graph output and per head map (the last convs' raw outputs, where
   box and score logits are still separate from the decode), mean and worst cosine and SQNR;
 - :func:`detection_loss`: the accuracy loss in mAP points used by mixed precision: with labels,
-  the true mAP drop on the labelled images; without, 100 x (1 - detection agreement), the mAP of
-  the candidate's detections scored against the float model's confident detections.
+  the true mAP drop on the labelled images (the worst of the box, mask, keypoint and rotated-box
+  mAPs the model and labels give); without, 100 x (1 - detection agreement), the mAP of the
+  candidate's detections scored against the float model's confident detections.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class DetectionLoss:
                 from ..pass_base import UsageError
                 raise UsageError("insert-qdq: option 'labels' needs option 'images' "
                                  "(the labelled image folder)")
-            self.ref_map = evaluate(ref, images, labels, progress=progress, threads=threads)["map"]
+            self.ref_maps = evaluate(ref, images, labels, progress=progress, threads=threads)
             self.kind = "true mAP drop (points)"
         else:
             self.ref_boxes = _boxes(ref, feeds, threads)
@@ -132,9 +133,14 @@ class DetectionLoss:
 
     def __call__(self, model: onnx.ModelProto) -> float:
         if self.labels:
+            from ..eval.metrics import MAP_KINDS
             from ..evaluate import evaluate
-            m = evaluate(model, self.images, self.labels, progress=self.progress, threads=self.threads)["map"]
-            return round(100.0 * (self.ref_map - m), 4)
+            m = evaluate(model, self.images, self.labels, progress=self.progress, threads=self.threads)
+            # the worst of the box mAP and, for a segmentation, pose or obb model, its mask,
+            # keypoint or rotated-box mAP
+            drops = [self.ref_maps[p + "map"] - m[p + "map"] for p, _ in MAP_KINDS
+                     if p + "map" in m and p + "map" in self.ref_maps]
+            return round(100.0 * max(drops), 4)
         from ..evaluate import agreement
         cand = _boxes(model, self.feeds, self.threads)
         return round(100.0 * (1.0 - agreement(cand, self.ref_boxes)["map"]), 4)
