@@ -4,8 +4,9 @@ detections.
 A segmentation export writes each candidate's mask coefficients after its class scores (or after
 its ``x1 y1 x2 y2 score class`` row, end to end) and a second output of prototype masks
 (1, nm, h, w), usually at a quarter of the input size. A detection's mask is, as ultralytics
-computes it for pycocotools: sigmoid(coefficients @ prototypes), resized bilinearly to the
-original image (the letterbox undone), kept inside the detection's box, read at 0.5. A pose
+computes it for pycocotools: coefficients @ prototypes, the logits resized bilinearly to the
+original image (the letterbox undone), kept inside the detection's box, read at 0 (a sigmoid
+of 0.5). A pose
 export writes K keypoints (x y, or x y visibility) in input pixels after the class scores, as
 its metadata's ``kpt_shape`` says; they are mapped back to the original image as boxes are. An
 obb export writes each candidate's rotated box, cx cy w h in input pixels with its angle last;
@@ -118,8 +119,8 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
             ry, rx = wy[r0:r1], wx[c0:c1]
             (a, b), (e, f) = _span(ry), _span(rx)
             logits = np.tensordot(coefs[start + n], protos[:, a:b, e:f], axes=1)
-            prob = 0.5 + 0.5 * np.tanh(0.5 * logits)   # the sigmoid, without exp's overflow
-            full[r0:r1, c0:c1, n] = (ry[:, a:b] @ prob @ rx[:, e:f].T) > 0.5
+            # ultralytics resizes the logits and keeps those above 0 (a sigmoid above 0.5)
+            full[r0:r1, c0:c1, n] = (ry[:, a:b] @ logits @ rx[:, e:f].T) > 0.0
         rles.extend(mask_utils.encode(full))
     return rles
 
