@@ -365,3 +365,25 @@ def test_mixed_precision_loss_with_labels_is_the_worst_of_box_and_keypoint_map_d
     loss = DetectionLoss(_pose_model(kp), [], str(labels), str(images), threads=1)
     assert loss(_pose_model(kp)) == pytest.approx(0.0)
     assert loss(_pose_model(kp, shift=8.0)) == pytest.approx(100.0)   # boxes exact, keypoints all lost
+
+
+def test_end_to_end_segment_export_masks_follow_their_rows(tmp_path: Path):
+    """YOLO26-seg: (1, K, 6+nm) rows after its own selection beside the prototypes; each row's
+    coefficients make its mask. Row 0 (class 1) gets coefficients that switch its mask on, row 1
+    (class 0) ones that switch it off."""
+    lines = [f"{c} {_corners(cx, cy, w, h)}" for c, cx, cy, w, h in LABELS]
+    images, labels = _images(tmp_path, lines)
+    nm = 2
+    rows = np.zeros((1, 20, 6 + nm), np.float32)
+    for k, (b, c) in enumerate(zip(letterboxed(LABELS, PAD_TOP), CLASSES)):
+        rows[0, k, :6] = [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2, 0.9, c]
+    rows[0, 0, 6:], rows[0, 1, 6:] = [1.0, 0.0], [-1.0, 0.0]
+    m = const_model("v8", np.zeros((0, 4)), [])
+    m.graph.node[0].attribute[0].t.CopyFrom(numpy_helper.from_array(rows, "c"))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, list(rows.shape)))
+    m.graph.node.append(helper.make_node("Constant", [], ["protos"], value=numpy_helper.from_array(
+        np.full((1, nm, 16, 16), 10.0, np.float32), "p")))
+    m.graph.output.append(helper.make_tensor_value_info("protos", TensorProto.FLOAT, [1, nm, 16, 16]))
+    m.metadata_props.add(key="task", value="segment")
+    res = evaluate(m, images, labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["mask_map50"] == pytest.approx(0.5)
