@@ -23,8 +23,8 @@ import onnx
 from .decode import _trailing_axis, keypoint_shape, mask_coefficients, rotated_boxes, trailing_values
 from .metrics import ImageBoxes
 
-#: masks encoded per call of pycocotools' encoder (each is the whole image, uint8)
-_ENCODE_CHUNK = 32
+#: bytes of whole-image uint8 masks built per call of pycocotools' encoder (a 4000x3000 image: 5 at a time)
+_ENCODE_BYTES = 64_000_000
 
 
 @dataclass
@@ -107,8 +107,9 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
     wy = _bilinear(H, ratio * sy, pad[1] * sy, ph)
     wx = _bilinear(W, ratio * sx, pad[0] * sx, pw)
     rles: List[Any] = []
-    for start in range(0, len(boxes), _ENCODE_CHUNK):
-        chunk = boxes[start:start + _ENCODE_CHUNK]
+    step = max(1, min(32, _ENCODE_BYTES // max(H * W, 1)))
+    for start in range(0, len(boxes), step):
+        chunk = boxes[start:start + step]
         full = np.zeros((H, W, len(chunk)), np.uint8, order="F")
         for n, (x1, y1, x2, y2) in enumerate(chunk):
             # ultralytics' crop: pixel (r, c) stays when x1 <= c < x2 and y1 <= r < y2
