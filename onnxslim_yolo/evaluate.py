@@ -8,6 +8,7 @@ polygons or keypoints, and obb exports on their rotated boxes (:mod:`.eval.insta
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -235,7 +236,7 @@ def _as_truth(d: ImageBoxes, conf: float) -> ImageBoxes:
         return g
     k = g.keypoints.copy()
     k[..., 2] = np.where(k[..., 2] >= 0.5, 2.0, 0.0)
-    return ImageBoxes(g.key, g.hw, g.boxes, g.classes, segments=g.segments, keypoints=k)
+    return dataclasses.replace(g, keypoints=k)
 
 
 def agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
