@@ -14,7 +14,7 @@ those are what its NMS suppresses on and what its rotated-box mAP scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -150,10 +150,8 @@ def attach(boxes: ImageBoxes, parts: Parts, rows: np.ndarray, input_hw: Sequence
     """``boxes`` (detections in original pixels, from candidates ``rows``) with their masks,
     keypoints or rotated boxes."""
     if parts.rotated is not None:
-        rot = image_rotated(parts.rotated[rows], ratio, pad)
-        return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, rotated=rot)
+        return replace(boxes, rotated=image_rotated(parts.rotated[rows], ratio, pad))
     if parts.coefs is not None:
-        segs = mask_rles(parts.coefs[rows], parts.protos, boxes.boxes, input_hw, boxes.hw, ratio, pad)
-        return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, segments=segs)
-    kpts = image_keypoints(parts.keypoints[rows], ratio, pad)
-    return ImageBoxes(boxes.key, boxes.hw, boxes.boxes, boxes.classes, boxes.scores, keypoints=kpts)
+        return replace(boxes, segments=mask_rles(parts.coefs[rows], parts.protos, boxes.boxes, input_hw,
+                                                 boxes.hw, ratio, pad))
+    return replace(boxes, keypoints=image_keypoints(parts.keypoints[rows], ratio, pad))
