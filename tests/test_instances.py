@@ -1,5 +1,6 @@
-"""Masks and keypoints: labels that give them, their pycocotools mAP, and segmentation and pose
-exports scored on them end to end (through the constant models of test_evaluate)."""
+"""Masks, keypoints and rotated boxes: labels that give them, their pycocotools mAP, and
+segmentation, pose and obb exports scored and checked on them end to end (through the constant
+models of test_evaluate)."""
 from __future__ import annotations
 
 from pathlib import Path
