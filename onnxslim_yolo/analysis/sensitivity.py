@@ -126,6 +126,7 @@ class DetectionMetric:
         self.keypoints = keypoint_shape(model) if found.keypoints is not None else None
         self.rotated = self.read.rotated
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
+        self._grams: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
 
     def prepare(self, refs: Sequence[List[np.ndarray]]) -> None:
         """Decode the references once (a probe compares every candidate with the same ones)."""
@@ -140,6 +141,14 @@ class DetectionMetric:
     def _decode(self, watched: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         from ..eval.decode import decode_rows
         return decode_rows(self.read(watched[:self.found.boxes], self.hw), self.fmt, self.hw)
+
+    def _gram(self, protos: np.ndarray, nm: int) -> np.ndarray:
+        """The reference prototypes' Gram, computed once per reference (kept with it, so that an
+        id is never reused while cached)."""
+        hit = self._grams.get(id(protos))
+        if hit is None or hit[0] is not protos:
+            hit = self._grams[id(protos)] = (protos, reference_gram(protos, nm))
+        return hit[1]
 
     def _rotated(self, watched: List[np.ndarray]) -> np.ndarray:
         """(N, 5) cx cy w h angle of the watched candidates of an obb export: its output, or the
@@ -173,7 +182,8 @@ class DetectionMetric:
         if f.protos is not None:
             pick = [f.coefs, f.protos]
             nm = ref[f.protos].shape[1]
-            err = err + mask_change([ref[i] for i in pick], [new[i] for i in pick], nm, rows)
+            err = err + mask_change([ref[i] for i in pick], [new[i] for i in pick], nm, rows,
+                                    self._gram(ref[f.protos], nm))
         if self.keypoints:
             err = err + keypoint_change(ref[f.keypoints], new[f.keypoints], self.keypoints, rows, rb[rows])
         return float((err * w).sum() / max(w.sum(), 1e-12))
@@ -197,24 +207,33 @@ def keypoint_change(ref: np.ndarray, new: np.ndarray, shape: Tuple[int, int], ro
 
 
 def mask_change(ref: Sequence[np.ndarray], new: Sequence[np.ndarray], nm: int,
-                rows: np.ndarray) -> np.ndarray:
+                rows: np.ndarray, ref_gram: Optional[np.ndarray] = None) -> np.ndarray:
     """Per row of ``rows``: ||L_new - L_ref||^2 / ||L_ref||^2 over the whole prototype map, where
     a candidate's mask logits L = c P are its ``nm`` mask coefficients c times the prototype masks
     P (nm, h*w) of a segmentation export's outputs (candidates, prototypes; batch 1). With
     dc = c_new - c_ref and dP = P_new - P_ref, L_new - L_ref = dc P_new + c_ref dP: quadratic
     forms in three nm x nm Gram matrices, from differences, so nothing cancels and no (rows, h*w)
-    map is built. The whole map counts, not only the box the mask is cropped to."""
+    map is built; the three come from one product of [P_new; dP] with itself. ``ref_gram`` is
+    P_ref P_ref^T when the caller keeps it (the reference is the same for every candidate). The
+    whole map counts, not only the box the mask is cropped to."""
     from ..eval.decode import trailing_values
     c_ref = trailing_values(ref[0], nm)[rows].astype(np.float64)
     dc = trailing_values(new[0], nm)[rows].astype(np.float64) - c_ref
     p_ref = ref[1][0].reshape(nm, -1)
     p_new = new[1][0].reshape(nm, -1)
-    dp = p_new - p_ref
-    gram = [(a @ b.T).astype(np.float64) for a, b in ((p_new, p_new), (p_new, dp), (dp, dp), (p_ref, p_ref))]
-    num = (((dc @ gram[0]) * dc).sum(1) + 2 * ((dc @ gram[1]) * c_ref).sum(1)
-           + ((c_ref @ gram[2]) * c_ref).sum(1))
-    den = ((c_ref @ gram[3]) * c_ref).sum(1)
+    both = np.concatenate([p_new, p_new - p_ref])
+    g = (both @ both.T).astype(np.float64)        # [[Pn Pn', Pn dP'], [dP Pn', dP dP']]
+    g_rr = ref_gram if ref_gram is not None else reference_gram(ref[1], nm)
+    num = (((dc @ g[:nm, :nm]) * dc).sum(1) + 2 * ((dc @ g[:nm, nm:]) * c_ref).sum(1)
+           + ((c_ref @ g[nm:, nm:]) * c_ref).sum(1))
+    den = ((c_ref @ g_rr) * c_ref).sum(1)
     return np.maximum(num, 0.0) / np.maximum(den, 1e-12)
+
+
+def reference_gram(protos: np.ndarray, nm: int) -> np.ndarray:
+    """P P^T (float64) of a (1, nm, h, w) prototype output, the denominator's Gram of :func:`mask_change`."""
+    p = protos[0].reshape(nm, -1)
+    return (p @ p.T).astype(np.float64)
 
 
 class AgreementMetric:
