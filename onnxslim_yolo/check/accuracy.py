@@ -46,6 +46,7 @@ def detect(model: onnx.ModelProto, reference: Optional[onnx.ModelProto], images:
 
 
 def _carries_instances(found: list) -> bool:
+    """Whether detections carry masks or keypoints (an obb export's rotated boxes come always)."""
     return any(d.segments is not None or d.keypoints is not None for d in found)
 
 
@@ -104,7 +105,7 @@ def check_agreement(dets: Detections, min_agreement: float = MIN_AGREEMENT,
                      f" {scores[what]:.4f} below {min_agreement:g}" for what in low)
     if own is not None and all(w in own and (own[w] < min_agreement or scores[w] >= min_agreement * own[w])
                                for w in low):
-        itself = ", ".join(f"{own[w]:.4f}" + ("" if w == "box" else f" ({w}s)") for w in low)
+        itself = ", ".join(f"{own[w]:.4f}" + ("" if w == "box" else f" ({w})") for w in low)
         return warned(name, f"{said}, but the reference scores {itself} against itself with onnxruntime's "
                             "optimizations off: its detections hinge on float rounding, so agreement "
                             "cannot judge this model; " + text, **details)
