@@ -141,7 +141,7 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
         return [skipped(n, why) for n in IMAGE_CHECKS]
     try:
         dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape,
-                               opts.progress, engine, instances=True)
+                               opts.progress, engine, instances=ref is not None or labels is not None)
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         return [skipped(n, why) for n in IMAGE_CHECKS]
