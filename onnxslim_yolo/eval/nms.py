@@ -7,7 +7,7 @@ IoU > iou (torchvision.ops.nms), then the ``max_det`` best.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,17 +28,13 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[int] = None) -> np.ndarray:
-    """Indices kept by greedy NMS, best score first (torchvision.ops.nms semantics: a box is
-    suppressed by a kept, better-scoring box when their IoU > ``iou``).
-
-    Stops after ``max_keep`` boxes: later boxes never suppress earlier ones, so the first
-    ``max_keep`` kept are the same as with a full run.
-    """
-    order = np.argsort(-scores, kind="stable")
-    b = boxes[order].astype(np.float64)
-    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    areas = (x2 - x1) * (y2 - y1)
+def _greedy(order: np.ndarray, overlap: Callable[[int, np.ndarray], np.ndarray], iou: float,
+            max_keep: Optional[int]) -> np.ndarray:
+    """Indices kept by greedy suppression of candidates in ``order`` (best score first):
+    ``overlap(i, rest)`` gives the overlap of the i-th of them with the ``rest`` (positions in
+    ``order``), and each kept one suppresses those above ``iou``. Stops after ``max_keep``: later
+    candidates never suppress earlier ones, so the first ``max_keep`` kept are the same as with a
+    full run."""
     limit = len(order) if max_keep is None else max_keep
     idx = np.arange(len(order))
     keep = []
@@ -46,31 +42,37 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[in
         while idx.size and len(keep) < limit:
             i, rest = idx[0], idx[1:]
             keep.append(i)
-            w = np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest])
-            h = np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest])
-            inter = np.clip(w, 0, None) * np.clip(h, 0, None)
-            overlap = inter / (areas[i] + areas[rest] - inter)
-            idx = rest[~(overlap > iou)]  # NaN (two empty boxes) does not suppress, as in torchvision
+            idx = rest[~(overlap(i, rest) > iou)]  # NaN (two empty boxes) does not suppress, as torchvision
     return order[np.asarray(keep, dtype=np.int64)]
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[int] = None) -> np.ndarray:
+    """Indices kept by greedy NMS, best score first (torchvision.ops.nms semantics: a box is
+    suppressed by a kept, better-scoring box when their IoU > ``iou``), at most ``max_keep``."""
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order].astype(np.float64)
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+
+    def iou_of(i: int, rest: np.ndarray) -> np.ndarray:
+        w = np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest])
+        h = np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest])
+        inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+        return inter / (areas[i] + areas[rest] - inter)
+
+    return _greedy(order, iou_of, iou, max_keep)
 
 
 def nms_rotated(rboxes: np.ndarray, scores: np.ndarray, iou: float,
                 max_keep: Optional[int] = None) -> np.ndarray:
     """:func:`nms` of rotated boxes (N, 5) cx cy w h angle, overlap measured by probabilistic IoU
-    (:func:`.metrics.probiou`, as ultralytics suppresses oriented boxes; greedy here, where
+    (:func:`.metrics.probiou_pairs`, as ultralytics suppresses oriented boxes; greedy here, where
     ultralytics' Fast-NMS also lets suppressed boxes suppress)."""
-    from .metrics import probiou
+    from .metrics import probiou_pairs
 
     order = np.argsort(-scores, kind="stable")
     r = rboxes[order].astype(np.float64)
-    limit = len(order) if max_keep is None else max_keep
-    idx = np.arange(len(order))
-    keep = []
-    while idx.size and len(keep) < limit:
-        i, rest = idx[0], idx[1:]
-        keep.append(i)
-        idx = rest[~(probiou(r[i:i + 1], r[rest])[0] > iou)]
-    return order[np.asarray(keep, dtype=np.int64)]
+    return _greedy(order, lambda i, rest: probiou_pairs(r[i], r[rest]), iou, max_keep)
 
 
 def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.001, iou: float = 0.6,
