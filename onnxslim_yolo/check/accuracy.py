@@ -3,11 +3,11 @@ true mAP drop against labels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import onnx
 
-from ..eval.metrics import MAP_KINDS
+from ..eval.metrics import MAP_KINDS, map_drops
 from ..pass_base import SlimError
 from .result import CheckResult, failed, passed, skipped, warned
 
@@ -112,17 +112,6 @@ def check_agreement(dets: Detections, min_agreement: float = MIN_AGREEMENT,
     return failed(name, f"{said}: " + text, **details)
 
 
-def _kind_drops(ref: dict, cand: dict) -> List[Tuple[str, float, str]]:
-    """(what, drop in points, text) of the mask and keypoint mAPs both results hold."""
-    out = []
-    for prefix, what in MAP_KINDS[1:]:
-        if prefix + "map" in ref and prefix + "map" in cand:
-            drop = (ref[prefix + "map"] - cand[prefix + "map"]) * 100.0
-            out.append((what, drop, f"{what} mAP@0.5:0.95 {cand[prefix + 'map']:.4f} vs "
-                                    f"{ref[prefix + 'map']:.4f} ({_signed(-drop)} pts)"))
-    return out
-
-
 def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> CheckResult:
     """True mAP@0.5:0.95 of both models against labels; fails when the drop exceeds ``max_drop``
     points, of the boxes or (segmentation and pose exports whose labels give them) of the masks or
@@ -140,14 +129,17 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
                             f"{cand['n_images']} images{dets.where()} (no reference to compare)",
                       candidate=cand)
     ref = score(dets.reference, labels)
-    drop = (ref["map"] - cand["map"]) * 100.0
-    kinds = _kind_drops(ref, cand)
+    drops = map_drops(ref, cand)
+    drop = drops["box"]
     details = {"candidate": cand, "reference": ref, "drop_points": drop, "max_drop": max_drop}
-    details.update({f"{PREFIX[what]}drop_points": d for what, d, _ in kinds})
+    details.update({f"{PREFIX[what]}drop_points": d for what, d in drops.items() if what != "box"})
     text = (f"mAP@0.5:0.95 {cand['map']:.4f} vs reference {ref['map']:.4f} ({_signed(-drop)} pts; "
             f"mAP@0.5 {cand['map50']:.4f} vs {ref['map50']:.4f}) on {cand['n_images']} images{dets.where()}")
-    text += "".join(f"; {t}" for _, _, t in kinds)
-    worst = max([("box", drop)] + [(what, d) for what, d, _ in kinds], key=lambda x: x[1])
+    for what, d in drops.items():
+        if what != "box":
+            key = PREFIX[what] + "map"
+            text += f"; {what} mAP@0.5:0.95 {cand[key]:.4f} vs {ref[key]:.4f} ({_signed(-d)} pts)"
+    worst = max(drops.items(), key=lambda x: x[1])
     if worst[1] > max_drop:
         what = "mAP" if worst[0] == "box" else f"{worst[0]} mAP"
         return failed(name, f"{what} drop {worst[1]:.2f} pts exceeds --max-drop {max_drop:g}: " + text,

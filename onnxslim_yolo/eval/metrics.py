@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -225,6 +225,13 @@ KINDS = ("bbox", "segm", "keypoints", "obb")
 #: (result key prefix, what is scored) of each mAP evaluation may report, boxes first: ``map``,
 #: ``mask_map``, ``pose_map`` (and their ``map50``, ``map75``)
 MAP_KINDS = (("", "box"), ("mask_", "mask"), ("pose_", "keypoint"), ("obb_", "rotated box"))
+
+
+def map_drops(ref: Mapping[str, float], cand: Mapping[str, float]) -> Dict[str, float]:
+    """mAP@0.5:0.95 points lost from ``ref`` to ``cand`` (results of evaluation's ``score``), by
+    what both score (``box``, and ``mask``, ``keypoint`` or ``rotated box``; :data:`MAP_KINDS`)."""
+    return {what: (ref[p + "map"] - cand[p + "map"]) * 100.0 for p, what in MAP_KINDS
+            if p + "map" in ref and p + "map" in cand}
 
 
 def _polygon_area(seg: Any, box: np.ndarray) -> float:

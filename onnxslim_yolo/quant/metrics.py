@@ -133,14 +133,12 @@ class DetectionLoss:
 
     def __call__(self, model: onnx.ModelProto) -> float:
         if self.labels:
-            from ..eval.metrics import MAP_KINDS
+            from ..eval.metrics import map_drops
             from ..evaluate import evaluate
             m = evaluate(model, self.images, self.labels, progress=self.progress, threads=self.threads)
             # the worst of the box mAP and, for a segmentation, pose or obb model, its mask,
             # keypoint or rotated-box mAP
-            drops = [self.ref_maps[p + "map"] - m[p + "map"] for p, _ in MAP_KINDS
-                     if p + "map" in m and p + "map" in self.ref_maps]
-            return round(100.0 * max(drops), 4)
+            return round(max(map_drops(self.ref_maps, m).values()), 4)
         from ..evaluate import agreement
         cand = _boxes(model, self.feeds, self.threads)
         return round(100.0 * (1.0 - agreement(cand, self.ref_boxes)["map"]), 4)
