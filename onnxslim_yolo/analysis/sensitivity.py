@@ -124,7 +124,6 @@ class DetectionMetric:
         self.fmt, self.hw, self.conf, self.score_weight = found.fmt, tuple(found.hw), conf, score_weight
         self.read = OutputReader(model)
         self.keypoints = keypoint_shape(model) if found.keypoints is not None else None
-        self.rotated = self.read.rotated
         self._refs: List[Tuple[List[np.ndarray], Tuple[np.ndarray, np.ndarray]]] = []
         self._grams: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
 
@@ -170,7 +169,7 @@ class DetectionMetric:
         if not len(rows):
             rows = np.argsort(-top)[:10]
         w = top[rows].astype(np.float64)
-        if self.rotated:
+        if self.read.rotated:
             from ..eval.metrics import probiou_pairs
             a, b = self._rotated(ref)[rows], self._rotated(new)[rows]
             iou = probiou_pairs(a, b, eps=1e-12) / probiou_pairs(a, a, eps=1e-12)   # 1 when unmoved

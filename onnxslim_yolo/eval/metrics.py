@@ -17,7 +17,7 @@ import contextlib
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -151,8 +151,7 @@ def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int
         raise UsageError(f"{p}: label folder does not exist")
     out = []
     for key, hw in images:
-        g = read_labels(p / (Path(key).stem + ".txt"), hw, keypoints)
-        out.append(ImageBoxes(key, hw, g.boxes, g.classes, segments=g.segments, keypoints=g.keypoints))
+        out.append(replace(read_labels(p / (Path(key).stem + ".txt"), hw, keypoints), key=key))
     if not any(len(g) for g in out):
         raise UsageError(f"{p}: no labels found for the {len(images)} images (expected <image stem>.txt)")
     return out
@@ -337,10 +336,10 @@ def _dt_ann(kind: str, d: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
         return {"segmentation": d.segments[i]}
     if kind == "keypoints":
         return {"keypoints": [float(v) for v in d.keypoints[i].ravel()]}
+    ann: Dict[str, Any] = {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
     if kind == "obb":
-        return {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                "rbox": [float(v) for v in d.rotated[i]]}
-    return {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+        ann["rbox"] = [float(v) for v in d.rotated[i]]
+    return ann
 
 
 def _coco_dicts(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox") -> Tuple[dict, list]:
