@@ -243,8 +243,8 @@ def agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
               ref_conf: float = AGREEMENT_CONF, kind: str = "bbox") -> Dict[str, float]:
     """mAP of a candidate's detections using the reference's detections scoring >= ``ref_conf``
     as ground truth (1.0 when the candidate reproduces them). Both cover the same images.
-    ``kind`` ``segm`` or ``keypoints`` scores their masks or keypoints instead of their boxes
-    (detections carrying them, :func:`detections_multi` with ``instances``)."""
+    ``kind`` ``segm``, ``keypoints`` or ``obb`` scores their masks, keypoints or rotated boxes
+    instead of their boxes (detections carrying them, :func:`detections_multi`)."""
     if [d.key for d in cand_dets] != [d.key for d in ref_dets]:
         raise UsageError("candidate and reference detections cover different images")
     gt = [_as_truth(d, ref_conf) for d in ref_dets]
@@ -256,8 +256,9 @@ def agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
 
 def instance_agreement(cand_dets: Sequence[ImageBoxes], ref_dets: Sequence[ImageBoxes],
                        ref_conf: float = AGREEMENT_CONF) -> Dict[str, Dict[str, float]]:
-    """:func:`agreement` of the masks and of the keypoints, by what (``mask``, ``keypoint``), for
-    those both models' detections carry; empty for plain detectors."""
+    """:func:`agreement` of the masks, keypoints and rotated boxes, by what (``mask``,
+    ``keypoint``, ``rotated box``), for those both models' detections carry; empty for plain
+    detectors."""
     out = {}
     for kind, prefix in KIND_PREFIX.items():
         if has_kind(ref_dets, cand_dets, kind):
