@@ -22,7 +22,7 @@ from .eval.anchors import OutputReader, anchor_layout
 from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, normalize_format,
                           outputs_format, per_image)
 from .eval.instances import InstanceReader, attach
-from .eval.metrics import MAP_KINDS, ImageBoxes, coco_map, has_kind, load_ground_truth
+from .eval.metrics import MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
 
@@ -218,7 +218,7 @@ def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: 
     if not lp.exists():
         raise UsageError(f"{lp}: labels not found (expected a YOLO label folder or a COCO .json)")
     dets = detections(model_or_path, images, preset, conf, iou, max_det, fmt, limit, progress, threads,
-                      input_shape, engine, instances=True)
+                      input_shape, engine, instances=labels_have_shapes(lp))
     res = score(dets, labels)
     log.info("mAP@0.5:0.95 %.4f  mAP@0.5 %.4f  (%d images, %d detections)", res["map"], res["map50"],
              res["n_images"], res["n_detections"])

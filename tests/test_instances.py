@@ -14,8 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnxslim_yolo.check.accuracy import Detections, check_map_drop
+from onnxslim_yolo.eval import instances
 from onnxslim_yolo.eval.instances import _bilinear, image_keypoints
-from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, load_ground_truth, read_labels
+from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, labels_have_shapes, load_ground_truth, read_labels
 from onnxslim_yolo.evaluate import detections, evaluate
 from onnxslim_yolo.pass_base import UsageError
 from tests.test_evaluate import CLASSES, IMG_HW, LABELS, _with_masks, const_model, letterboxed
@@ -171,6 +172,26 @@ def test_segment_export_masks_are_scored_where_the_letterbox_put_them(tmp_path: 
     # box labels only: no mask mAP
     box_images, box_labels = _images(tmp_path / "boxes", [" ".join(map(str, lab)) for lab in LABELS])
     assert "mask_map" not in evaluate(_seg_model(None), box_images, box_labels, progress=False, threads=1)
+
+
+def test_masks_are_computed_only_when_the_labels_give_shapes(tmp_path: Path, monkeypatch):
+    box_images, box_labels = _images(tmp_path / "boxes", [" ".join(map(str, lab)) for lab in LABELS])
+    poly_images, poly_labels = _images(tmp_path / "polys",
+                                       [f"{c} {_corners(cx, cy, w, h)}" for c, cx, cy, w, h in LABELS])
+    assert not labels_have_shapes(box_labels) and labels_have_shapes(poly_labels)
+    js = tmp_path / "a.json"
+    js.write_text('{"images": [], "annotations": [{"bbox": [0, 0, 1, 1]}], "categories": []}')
+    assert not labels_have_shapes(js)
+    js.write_text('{"images": [], "annotations": [{"segmentation": [[0, 0, 1, 0, 1, 1]]}]}')
+    assert labels_have_shapes(js)
+    calls = []
+    real = instances.mask_rles
+    monkeypatch.setattr(instances, "mask_rles", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = evaluate(_seg_model(None), box_images, box_labels, progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and calls == []
+    assert evaluate(_seg_model(None), poly_images, poly_labels, progress=False, threads=1)["mask_map50"] == \
+        pytest.approx(1.0)
+    assert len(calls) == 2     # one per image
 
 
 def _pose_model(kp: np.ndarray, shift: float = 0.0) -> onnx.ModelProto:

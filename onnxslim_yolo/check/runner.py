@@ -17,6 +17,7 @@ import onnx
 from .. import ir, openvino_rt, verify
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
+from ..eval.metrics import labels_have_shapes
 from ..pass_base import SlimError, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
 from .index import GraphIndex
@@ -141,7 +142,8 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
         return [skipped(n, why) for n in IMAGE_CHECKS]
     try:
         dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape,
-                               opts.progress, engine, instances=ref is not None or labels is not None)
+                               opts.progress, engine,
+                               instances=ref is not None or (labels is not None and labels_have_shapes(labels)))
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         return [skipped(n, why) for n in IMAGE_CHECKS]

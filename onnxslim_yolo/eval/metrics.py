@@ -215,6 +215,29 @@ def load_ground_truth(labels: Union[str, Path], images: ImageList, n_classes: in
     return load_yolo_labels(p, images, keypoints)
 
 
+def labels_have_shapes(labels: Union[str, Path]) -> bool:
+    """Whether labels can give more than boxes (polygons or keypoints): a YOLO label line with
+    more than 5 values, or a COCO JSON naming ``segmentation`` or ``keypoints``. Scoring masks
+    costs about 0.1 s per image, so evaluation computes them only when this holds."""
+    p = Path(labels)
+    if p.suffix.lower() == ".json":
+        try:
+            text = p.read_bytes()
+        except OSError:
+            return True                 # load_ground_truth reports it
+        return b'"segmentation"' in text or b'"keypoints"' in text
+    if not p.is_dir():
+        return True
+    for f in p.glob("*.txt"):
+        try:
+            lines = f.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue                    # read_labels reports it
+        if any(len(line.split()) > 5 for line in lines):
+            return True
+    return False
+
+
 #: COCO's per-keypoint OKS sigmas of its 17 person keypoints
 COCO_KPT_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87,
                             .89, .89]) / 10.0
