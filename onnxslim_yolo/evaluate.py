@@ -60,6 +60,22 @@ class _Runner:
                             "model was trained with others")
         return out, outs
 
+    def image(self, out: np.ndarray, raw: Sequence[np.ndarray], b: int, hw: Sequence[int], key: str,
+              orig_hw: Sequence[int], ratio: float, pad: Sequence[float], instances: bool,
+              conf: float = 0.001, iou: float = 0.6, max_det: int = 300) -> ImageBoxes:
+        """Image ``b``'s detections in its original pixels, from its detection output ``out`` and
+        the run's ``raw`` outputs (masks, keypoints or rotated boxes attached as in
+        :func:`detections_multi`)."""
+        parts = self.instances.parts(raw, b, instances)
+        if parts is None:
+            d, rows = raw_detections(out, self.fmt, hw, conf, iou, max_det), None
+        else:
+            d, rows = raw_detections(out, self.fmt, hw, conf, iou, max_det, with_rows=True,
+                                     rotated=parts.rotated)
+        d[:, :4] = scale_boxes(d[:, :4], ratio, pad, orig_hw)
+        found = _image_boxes(key, orig_hw, d)
+        return found if parts is None else attach(found, parts, rows, hw, ratio, pad)
+
 
 def open_session(model: onnx.ModelProto, engine: str = "onnxruntime", optimize: bool = True,
                  threads: int = 0):
@@ -96,16 +112,20 @@ def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray) -> ImageBoxes:
                       d[:, 4].astype(np.float64))
 
 
-def output_boxes(outputs: Sequence[np.ndarray], fmt: str, hw: Sequence[int],
-                 start: int = 0) -> List[ImageBoxes]:
-    """Detections (evaluation's settings, input pixels) of each image in raw outputs, one output
-    per feed; a feed holding a batch of images gives one entry per image, keyed 'feed.image'
-    (feeds counted from ``start``)."""
-    res = []
-    for i, out in enumerate(outputs, start):
+def feed_detections(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]], threads: int = 0,
+                    instances: bool = False) -> List[ImageBoxes]:
+    """Detections (evaluation's settings, input pixels) of ``model`` on preprocessed ``feeds``, one
+    entry per image, keyed 'feed.image' (a feed may hold a batch); with ``instances`` a
+    segmentation or pose export's carry their masks or keypoints, and an obb export's always carry
+    their rotated boxes (as :func:`detections_multi`)."""
+    run = _Runner(model, None, threads)
+    name = run.sess.get_inputs()[0].name
+    res: List[ImageBoxes] = []
+    for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
+        hw = tuple(int(d) for d in f[name].shape[2:])
+        out, raw = run(f, hw)
         for b, o in enumerate(per_image(out)):
-            d = raw_detections(o, fmt, hw)
-            res.append(_image_boxes(f"{i}.{b}", tuple(hw), d))
+            res.append(run.image(o, raw, b, hw, f"{i}.{b}", hw, 1.0, (0, 0), instances))
     return res
 
 
@@ -152,13 +172,8 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
             if len(outs) != batch:
                 raise NotDetections(f"output of shape {list(out.shape)} does not hold the {batch} images fed")
             for b, (o, (_, meta)) in enumerate(zip(outs, pending)):
-                parts = run.instances.parts(raw, b, instances)
-                d, rows = raw_detections(o, run.fmt, hw, conf, iou, max_det, with_rows=True,
-                                         rotated=parts.rotated) \
-                    if parts is not None else (raw_detections(o, run.fmt, hw, conf, iou, max_det), None)
-                d[:, :4] = scale_boxes(d[:, :4], meta.ratio, meta.pad, meta.orig_hw)
-                found = _image_boxes(meta.path.name, meta.orig_hw, d)
-                res.append(found if parts is None else attach(found, parts, rows, hw, meta.ratio, meta.pad))
+                res.append(run.image(o, raw, b, hw, meta.path.name, meta.orig_hw, meta.ratio, meta.pad,
+                                     instances, conf, iou, max_det))
 
     pending: List[Tuple[np.ndarray, data.Meta]] = []
     for item in data.iter_images(images, p, hw, limit, progress, desc="evaluate"):

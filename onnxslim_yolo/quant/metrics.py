@@ -5,7 +5,8 @@
 - :func:`detection_loss`: the accuracy loss in mAP points used by mixed precision: with labels,
   the true mAP drop on the labelled images (the worst of the box, mask, keypoint and rotated-box
   mAPs the model and labels give); without, 100 x (1 - detection agreement), the mAP of the
-  candidate's detections scored against the float model's confident detections.
+  candidate's detections scored against the float model's confident detections (the worst of
+  the boxes' and the masks', keypoints' or rotated boxes' agreement the model gives).
 """
 from __future__ import annotations
 
@@ -93,25 +94,6 @@ class DetectionError:
         return num / den if den > 0 else 0.0
 
 
-def _boxes(model: onnx.ModelProto, feeds: Sequence[Feeds], threads: int) -> list:
-    from ..eval.anchors import OutputReader
-    from ..eval.decode import outputs_format
-    from ..evaluate import output_boxes
-
-    sess = verify.session(model, threads=threads)
-    name = sess.get_inputs()[0].name
-    res: list = []
-    fmt: Optional[str] = None
-    read = OutputReader(model)
-    for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
-        hw = tuple(int(d) for d in f[name].shape[2:])
-        outs = sess.run(None, f)
-        out = read(outs, hw)
-        fmt = fmt or outputs_format(model, outs, hw)
-        res += output_boxes([out], fmt, hw, start=i)
-    return res
-
-
 class DetectionLoss:
     """Callable model -> loss in mAP points, against a float reference computed once."""
 
@@ -128,7 +110,8 @@ class DetectionLoss:
             self.ref_maps = evaluate(ref, images, labels, progress=progress, threads=threads)
             self.kind = "true mAP drop (points)"
         else:
-            self.ref_boxes = _boxes(ref, feeds, threads)
+            from ..evaluate import feed_detections
+            self.ref_boxes = feed_detections(ref, feeds, threads, instances=True)
             self.kind = "100 x (1 - detection agreement with the float model)"
 
     def __call__(self, model: onnx.ModelProto) -> float:
@@ -139,6 +122,10 @@ class DetectionLoss:
             # the worst of the box mAP and, for a segmentation, pose or obb model, its mask,
             # keypoint or rotated-box mAP
             return round(max(map_drops(self.ref_maps, m).values()), 4)
-        from ..evaluate import agreement
-        cand = _boxes(model, self.feeds, self.threads)
-        return round(100.0 * (1.0 - agreement(cand, self.ref_boxes)["map"]), 4)
+        from ..evaluate import agreement, feed_detections, instance_agreement
+        cand = feed_detections(model, self.feeds, self.threads, instances=True)
+        # the worst of the boxes' agreement and, for a segmentation, pose or obb model, that of
+        # its masks, keypoints or rotated boxes
+        worst = min([agreement(cand, self.ref_boxes)["map"]] +
+                    [r["map"] for r in instance_agreement(cand, self.ref_boxes).values()])
+        return round(100.0 * (1.0 - worst), 4)
