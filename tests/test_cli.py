@@ -435,3 +435,21 @@ def test_a_model_normalising_its_input_is_fed_pixel_values(how: str):
     outs = [[verify.run(verify.session(m, threads=1), f)[0] for f in fs] for m, fs in zip((f32, px), feeds)]
     for a, b in zip(*outs):
         assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
+
+
+def test_feed_detections_read_a_channels_last_feed_in_its_layout():
+    """Mixed precision's label-free loss runs the model on preprocessed feeds: an NHWC feed's size
+    is its axes 1-2 (before, axes 2-3 read as 640 x 3 and the boxes came out clipped to 3 px)."""
+    from fixtures import demo_paths
+    from fixtures.layout import channels_last_input
+    from onnxslim_yolo import data
+    from onnxslim_yolo.evaluate import feed_detections
+
+    model_path, images, _ = demo_paths()
+    nchw = ir.load(model_path)
+    name, (_, h, w) = data.model_input(nchw)
+    x = next(iter(data.iter_images(images, data.get_preset(None, nchw), (h, w), 1, False)))[0][None]
+    ref = feed_detections(nchw, [{name: x}], threads=1)
+    got = feed_detections(channels_last_input(nchw), [{name: x.transpose(0, 2, 3, 1).copy()}], threads=1)
+    assert len(ref[0]) > 0 and got[0].hw == ref[0].hw == (h, w)
+    assert np.allclose(got[0].boxes, ref[0].boxes, atol=1e-3)
