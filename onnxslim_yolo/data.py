@@ -320,6 +320,13 @@ def channels_last(model: onnx.ModelProto) -> bool:
     return len(shapes) == 1 and _channels_last(next(iter(shapes.values())))
 
 
+def feed_hw(feed: np.ndarray) -> Tuple[int, int]:
+    """(H, W) of a rank-4 image feed, NCHW or NHWC (:func:`_channels_last`, read off the feed's own
+    shape, so that it holds for a model with more inputs than the image too)."""
+    s = feed.shape
+    return (int(s[1]), int(s[2])) if _channels_last(s) else (int(s[2]), int(s[3]))
+
+
 def model_input(model: onnx.ModelProto,
                 input_shape: Optional[Sequence[int]] = None) -> Tuple[str, Tuple[int, int, int]]:
     """(name, (C, H, W)) of the single image input, NCHW or NHWC (:func:`channels_last`).

@@ -120,10 +120,9 @@ def feed_detections(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray
     their rotated boxes (as :func:`detections_multi`)."""
     run = _Runner(model, None, threads)
     name = run.sess.get_inputs()[0].name
-    spatial = slice(1, 3) if data.channels_last(model) else slice(2, 4)
     res: List[ImageBoxes] = []
     for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
-        hw = tuple(int(d) for d in f[name].shape[spatial])
+        hw = data.feed_hw(f[name])
         out, raw = run(f, hw)
         for b, o in enumerate(per_image(out)):
             res.append(run.image(o, raw, b, hw, f"{i}.{b}", hw, 1.0, (0, 0), instances))

@@ -285,6 +285,7 @@ def test_a_channels_last_input_is_fed_transposed_images(tmp_path: Path):
     assert data.model_input(nhwc) == data.model_input(nchw) == ("images", (3, 8, 8))
     assert data.full_input_shape(nhwc, (3, 8, 8)) == (1, 8, 8, 3)
     assert data.full_input_shape(nchw, (3, 8, 8)) == (1, 3, 8, 8)
+    assert data.feed_hw(np.zeros((2, 6, 8, 3))) == data.feed_hw(np.zeros((2, 3, 6, 8))) == (6, 8)
     ref = data.load_calibration(tmp_path, nchw, progress=False)
     for got in (data.load_calibration(tmp_path, nhwc, progress=False),
                 list(data.iter_inputs(tmp_path, nhwc, progress=False))):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .. import verify
+from .. import data, verify
 from ..eval.anchors import OutputReader
 from ..pass_base import PassReport
 from . import metrics, mixed
@@ -51,13 +51,8 @@ def output_format(q: Quantizer) -> Optional[str]:
     if q.head.family == "unknown":
         return None
     shape = dict(q.head.outputs).get(q.model.graph.output[0].name, ())
-    hw = None
-    for vi in q.model.graph.input:
-        d = [x.dim_value for x in vi.type.tensor_type.shape.dim]
-        if len(d) == 4:
-            hw = d[2:]
     try:
-        return row_format(q.model, shape, hw)
+        return row_format(q.model, shape, data.model_input(q.model)[1][1:])
     except Exception:  # unknown layout: fall back to the head maps
         return None
 

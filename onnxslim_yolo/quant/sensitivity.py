@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import ir, verify
+from .. import data, ir, verify
 from ..analysis.activations import with_outputs
 from . import metrics
 from .placement import QuantPlan
@@ -211,7 +211,7 @@ class SwitchEvaluator:
         ref = self._run(off=None)
         if fmt:
             name = [i.name for i in self.sess.get_inputs() if not i.name.startswith(SWITCH)][0]
-            err = metrics.DetectionError(fmt, self.feeds[0][name].shape[2:], read=read)
+            err = metrics.DetectionError(fmt, data.feed_hw(self.feeds[0][name]), read=read)
             self.metric = "decoded detections: confidence-weighted score L1 + box (1 - IoU)"
             self.ref = [err.decoded(r[0]) for r in ref]
             self.loss = lambda outs: err(self.ref, [o[0] for o in outs])
