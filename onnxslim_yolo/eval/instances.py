@@ -74,24 +74,23 @@ def rotated_candidates(output: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., :4], a[..., -1:]], -1).reshape(-1, 5).astype(np.float64)
 
 
-def _bilinear(n_out: int, scale: float, offset: float, n_src: int) -> np.ndarray:
-    """(n_out, n_src) weights of a bilinear resize (pixel centres, edges clamped: torch's
-    ``align_corners=False``) where output pixel j samples source position (j + 0.5) * scale + offset - 0.5."""
+def _samples(n_out: int, scale: float, offset: float, n_src: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear resize taps (pixel centres, edges clamped: torch's ``align_corners=False``): output
+    pixel j samples source position (j + 0.5) * scale + offset - 0.5, that is ``(1 - frac[j])`` of
+    source ``lo[j]`` plus ``frac[j]`` of source ``hi[j]``; returns (lo, hi, frac)."""
     x = np.clip((np.arange(n_out) + 0.5) * scale + offset - 0.5, 0, n_src - 1)
-    x0 = np.floor(x).astype(np.int64)
-    x1 = np.minimum(x0 + 1, n_src - 1)
-    frac = x - x0
+    lo = np.floor(x).astype(np.int64)
+    return lo, np.minimum(lo + 1, n_src - 1), (x - lo).astype(np.float32)
+
+
+def _bilinear(n_out: int, scale: float, offset: float, n_src: int) -> np.ndarray:
+    """(n_out, n_src) weights of the resize :func:`_samples` describes."""
+    lo, hi, frac = _samples(n_out, scale, offset, n_src)
     w = np.zeros((n_out, n_src), np.float32)
     rows = np.arange(n_out)
-    np.add.at(w, (rows, x0), 1 - frac)
-    np.add.at(w, (rows, x1), frac)
+    np.add.at(w, (rows, lo), 1 - frac)
+    np.add.at(w, (rows, hi), frac)
     return w
-
-
-def _span(weights: np.ndarray) -> Tuple[int, int]:
-    """The source columns ``weights`` rows touch: [first, last + 1)."""
-    used = np.nonzero(weights.any(0))[0]
-    return (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
 
 
 def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw: Sequence[int],
@@ -104,8 +103,8 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
     nm, ph, pw = protos.shape
     H, W = int(orig_hw[0]), int(orig_hw[1])
     sy, sx = ph / float(input_hw[0]), pw / float(input_hw[1])
-    wy = _bilinear(H, ratio * sy, pad[1] * sy, ph)
-    wx = _bilinear(W, ratio * sx, pad[0] * sx, pw)
+    ylo, yhi, fy = _samples(H, ratio * sy, pad[1] * sy, ph)
+    xlo, xhi, fx = _samples(W, ratio * sx, pad[0] * sx, pw)
     rles: List[Any] = []
     step = max(1, min(32, _ENCODE_BYTES // max(H * W, 1)))
     for start in range(0, len(boxes), step):
@@ -117,11 +116,15 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
             c0, c1 = int(np.clip(np.ceil(x1), 0, W)), int(np.clip(np.ceil(x2), 0, W))
             if r1 <= r0 or c1 <= c0:
                 continue
-            ry, rx = wy[r0:r1], wx[c0:c1]
-            (a, b), (e, f) = _span(ry), _span(rx)
+            # the prototype cells the box's pixels sample (taps grow with the pixel index)
+            a, b, e, f = ylo[r0], yhi[r1 - 1] + 1, xlo[c0], xhi[c1 - 1] + 1
             logits = np.tensordot(coefs[start + n], protos[:, a:b, e:f], axes=1)
-            # ultralytics resizes the logits and keeps those above 0 (a sigmoid above 0.5)
-            full[r0:r1, c0:c1, n] = (ry[:, a:b] @ logits @ rx[:, e:f].T) > 0.0
+            # ultralytics resizes the logits and keeps those above 0 (a sigmoid above 0.5):
+            # the rows, then the columns, each pixel from its two taps
+            wy = fy[r0:r1, None]
+            rows = logits[ylo[r0:r1] - a] * (1 - wy) + logits[yhi[r0:r1] - a] * wy
+            wx = fx[c0:c1]
+            full[r0:r1, c0:c1, n] = (rows[:, xlo[c0:c1] - e] * (1 - wx) + rows[:, xhi[c0:c1] - e] * wx) > 0.0
         rles.extend(mask_utils.encode(full))
     return rles
 
