@@ -110,6 +110,29 @@ def test_mask_map_is_one_for_the_labels_own_masks_and_falls_with_overlap():
     assert coco_map(gt, dets(cut))["map"] == pytest.approx(1.0)
 
 
+def test_empty_masks_agree_with_empty_masks_by_their_boxes():
+    """A model's confident detection may have an empty mask; as agreement's ground truth it must
+    still be matched by the same empty mask (a mask IoU of two empty masks is 0), at its box."""
+    from pycocotools import mask as mask_utils
+    from onnxslim_yolo.evaluate import agreement
+
+    boxes = np.array([[12, 12, 28, 28], [48, 4, 72, 20]], np.float64)
+    empty = mask_utils.encode(np.zeros((H, W, 1), np.uint8, order="F"))[0]
+    full = _rle([12, 12, 28, 12, 28, 28, 12, 28])
+
+    def dets(b, masks):
+        return [ImageBoxes("im0.png", IMG_HW, b, np.array([1, 1]), np.array([0.9, 0.8]), segments=masks)]
+
+    ref = dets(boxes, [full, empty])
+    assert agreement(ref, ref, kind="segm")["map"] == pytest.approx(1.0)
+    # the empty mask's box elsewhere: no match (without the boxes any empty mask would do)
+    moved = dets(boxes + [[0, 0, 0, 0], [-40, 10, -40, 10]], [full, empty])
+    assert agreement(moved, ref, kind="segm")["map"] == pytest.approx(0.5, abs=0.01)
+    # an empty mask against a real one still has IoU 0: the first detection is a false positive
+    # ahead of the second's match (recall 0.5 at precision 0.5)
+    assert agreement(dets(boxes, [empty, empty]), ref, kind="segm")["map"] == pytest.approx(0.25, abs=0.01)
+
+
 def test_keypoint_map_is_oks():
     boxes = np.array([[10, 5, 50, 35]], np.float64)
     kp = np.zeros((1, K, 3))
