@@ -46,8 +46,9 @@ def render(report: CheckReport) -> str:
               help="Runtime the model is for: INT8 placement rules and the checks (openvino: run in it).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
 @click.option("--max-drop", type=float, default=1.0, show_default=True, help="mAP points the model may lose.")
-@click.option("--min-cosine", type=float, default=0.99, show_default=True,
-              help="Per-output cosine floor against the reference.")
+@click.option("--min-cosine", type=float,
+              help="Per-output cosine floor against the reference [default: 0.99; 0.9 for a quantized "
+                   "model against a float one, or a pruned one, as optimize checks its own output].")
 @click.option("--min-agreement", type=float, default=0.5, show_default=True,
               help="Floor of the mAP of the model's detections against the reference's.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
@@ -64,7 +65,7 @@ def render(report: CheckReport) -> str:
 @click.pass_context
 def check_command(ctx: click.Context, model: str, reference: Optional[str], images: Optional[str],
                   labels: Optional[str], target: str, json_out: Optional[str], max_drop: float,
-                  min_cosine: float, min_agreement: float, latency: bool, runs: int, limit: Optional[int],
+                  min_cosine: Optional[float], min_agreement: float, latency: bool, runs: int, limit: Optional[int],
                   preprocess: Optional[str], anchors: Optional[str],
                   input_shape: Optional[str], threads: int, quiet: bool) -> None:
     """Pre-deployment checks of MODEL, optionally against the original (--reference)."""

@@ -116,8 +116,9 @@ def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional
 
 
 def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Sequence[Feeds],
-                   min_cosine: float, feed_source: str) -> CheckResult:
-    """Per-output worst max abs diff, cosine and SQNR over ``feeds``; fails below ``min_cosine``."""
+                   min_cosine: float, feed_source: str, floor_why: Optional[str] = None) -> CheckResult:
+    """Per-output worst max abs diff, cosine and SQNR over ``feeds``; fails below ``min_cosine``
+    (``floor_why``: why that floor, named in a failure)."""
     name = "reference.numerics"
     try:
         diffs = verify.compare_models(reference, model, feeds, noise_floor=False)
@@ -127,12 +128,16 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
     text = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, cosine {d.cosine:.6f}, SQNR {d.sqnr_db:.1f} dB"
                      for d in diffs[:2])
     details = {"outputs": table, "min_cosine": min_cosine, "feeds": f"{len(feeds)} {feed_source}"}
+    if floor_why:
+        details["min_cosine_for"] = floor_why
     low = [d for d in diffs if not d.cosine >= min_cosine and d.role != "selected"]
     if low:
-        return failed(name, f"cosine {low[0].cosine:.4f} of output '{low[0].name}' below {min_cosine} "
+        floor = f"{min_cosine}, the floor for {floor_why}" if floor_why else f"{min_cosine}"
+        return failed(name, f"cosine {low[0].cosine:.4f} of output '{low[0].name}' below {floor} "
                             f"({text})",
                       **details)
-    return passed(name, text + f" ({len(feeds)} {feed_source})", **details)
+    floor = f"; floor {min_cosine}: {floor_why}" if floor_why else ""
+    return passed(name, text + f" ({len(feeds)} {feed_source}{floor})", **details)
 
 
 def check_latency(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Feeds, runs: int,

@@ -18,7 +18,7 @@ from .. import ir, openvino_rt, verify
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
 from ..eval.metrics import labels_have_shapes
-from ..pass_base import SlimError, UsageError
+from ..pass_base import SlimError, Tolerances, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
 from .index import GraphIndex
 from .result import FAIL, CheckReport, CheckResult, failed, skipped
@@ -37,7 +37,7 @@ class CheckOptions:
 
     target: str = "ort-cpu"
     max_drop: float = 1.0              # mAP points the candidate may lose against the reference
-    min_cosine: float = 0.99           # per-output cosine floor against the reference
+    min_cosine: Optional[float] = None  # per-output cosine floor against the reference (None: by kind)
     min_agreement: float = accuracy.MIN_AGREEMENT
     latency: bool = True
     latency_runs: int = 20
@@ -56,7 +56,7 @@ class CheckOptions:
             raise UsageError(f"unknown target '{self.target}'; choose one of {', '.join(targets.TARGETS)}")
         if self.max_drop < 0:
             raise UsageError(f"--max-drop {self.max_drop}: must be >= 0 (mAP points)")
-        if not -1.0 <= self.min_cosine <= 1.0:
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise UsageError(f"--min-cosine {self.min_cosine}: must be within [-1, 1]")
         if self.limit is not None and self.limit <= 0:
             raise UsageError(f"--limit {self.limit}: must be a positive number of images")
@@ -120,6 +120,28 @@ def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[in
     return None if shape is None else list(shape)
 
 
+#: default cosine floor of reference.numerics; a lossy copy (:func:`lossy_copy`) gets the pass
+#: manager's floor for lossy passes, as optimize's own checks of its INT8 and pruned output do
+MIN_COSINE = 0.99
+
+
+def lossy_copy(model: onnx.ModelProto, ref: onnx.ModelProto) -> Optional[str]:
+    """Why ``model`` is a lossy copy of ``ref`` (quantized against a float reference, or with
+    Convs of fewer output channels than the same-named ones there: pruned), else None."""
+    if ir.quantized_ops(model) and not ir.quantized_ops(ref):
+        return "a quantized model against a float reference"
+    def couts(m: onnx.ModelProto) -> Dict[str, int]:
+        dims = {t.name: list(t.dims) for t in m.graph.initializer}
+        return {n.name: dims[n.input[1]][0] for n in m.graph.node
+                if n.op_type == "Conv" and n.name and len(n.input) > 1 and dims.get(n.input[1])}
+
+    theirs = couts(ref)
+    narrower = [n for n, c in couts(model).items() if c < theirs.get(n, c)]
+    if narrower:
+        return f"a pruned model ({len(narrower)} Convs with fewer output channels than the reference's)"
+    return None
+
+
 def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Optional[numerics.Feeds],
                       opts: CheckOptions, images: Optional[str],
                       shape: Optional[List[int]]) -> List[CheckResult]:
@@ -129,8 +151,12 @@ def _reference_checks(model: onnx.ModelProto, ref: onnx.ModelProto, feed: Option
         return [io, skipped("reference.numerics", f"not compared: {why}")]
     src = "images" if images is not None else "seeded random inputs"
     feeds = numerics.input_feeds(model, images, opts.numeric_samples, opts.seed, opts.preset, shape)
+    floor, why = opts.min_cosine, None
+    if floor is None:
+        why = lossy_copy(model, ref)
+        floor = Tolerances().lossy_min_cosine if why else MIN_COSINE
     num = _guard("reference.numerics",
-                 lambda: numerics.check_numerics(model, ref, feeds, opts.min_cosine, src))
+                 lambda: numerics.check_numerics(model, ref, feeds, floor, src, why))
     return [io, num]
 
 
@@ -162,7 +188,8 @@ def _openvino_check(model: onnx.ModelProto, feed: numerics.Feeds, images: Option
     src = "images" if images is not None else "seeded random inputs"
     feeds = numerics.input_feeds(model, images, opts.numeric_samples, opts.seed, opts.preset, shape) \
         if images is not None else [feed]
-    return _guard("runtime.openvino", lambda: numerics.check_openvino(model, feeds, opts.min_cosine, src))
+    floor = MIN_COSINE if opts.min_cosine is None else opts.min_cosine   # the same model in two runtimes
+    return _guard("runtime.openvino", lambda: numerics.check_openvino(model, feeds, floor, src))
 
 
 def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], images: Optional[str],

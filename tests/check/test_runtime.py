@@ -15,7 +15,7 @@ from onnxslim_yolo import verify
 from onnxslim_yolo.check import accuracy, numerics, run_checks
 from onnxslim_yolo.pass_base import UsageError
 
-from .models import copy, quantize_convs
+from .models import copy, insert_qdq, quantize_convs
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +235,43 @@ def _classifier() -> onnx.ModelProto:
     g = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("images", T.FLOAT, [1, 3, 32, 32])],
                           [helper.make_tensor_value_info("logits", T.FLOAT, [1, 10])], [w])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _convs(widths) -> onnx.ModelProto:
+    """Image -> Conv 1x1 (3 -> widths[0]) -> Conv 1x1 (-> widths[1]) -> (1, widths[1], 8, 8)."""
+    ws = [numpy_helper.from_array(np.full((c, cin, 1, 1), 0.1, np.float32), f"w{i}")
+          for i, (cin, c) in enumerate(zip((3,) + tuple(widths[:-1]), widths))]
+    nodes = [helper.make_node("Conv", ["images", "w0"], ["a"], name="conv0"),
+             helper.make_node("Conv", ["a", "w1"], ["out"], name="conv1")]
+    g = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("images", T.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("out", T.FLOAT, [1, widths[-1], 8, 8])], ws)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_numerics_floor_is_the_lossy_one_for_a_quantized_or_pruned_copy():
+    """`check` of an INT8 or pruned model against its float original uses the floor optimize's own
+    checks use for lossy passes (0.9), and says so; any other pair 0.99; --min-cosine overrides."""
+    from onnxslim_yolo.check.runner import lossy_copy
+
+    classifier = _classifier()
+    skewed = copy(classifier)   # logits 1 : 1.5 alternating against equal ones: cosine 0.980
+    skewed.graph.initializer[0].CopyFrom(numpy_helper.from_array(
+        (np.full((10, 3, 1, 1), 0.1) * (1 + 0.5 * (np.arange(10) % 2))[:, None, None, None]).astype(np.float32),
+        "w"))
+    num = run_checks(skewed, reference=classifier, latency=False).get("reference.numerics")
+    assert num.status == "fail" and num.details["min_cosine"] == 0.99
+    assert num.message.startswith("cosine 0.98") and "below 0.99 (" in num.message
+    quantized = insert_qdq(skewed, "c", scale=0.01, zp=0)
+    assert lossy_copy(quantized, classifier) == "a quantized model against a float reference"
+    num = run_checks(quantized, reference=classifier, latency=False).get("reference.numerics")
+    assert num.status == "pass" and num.details["min_cosine"] == 0.9
+    assert num.details["min_cosine_for"] == "a quantized model against a float reference"
+    assert num.message.endswith("(2 seeded random inputs; floor 0.9: a quantized model against a float reference)")
+    num = run_checks(quantized, reference=classifier, latency=False, min_cosine=0.99).get("reference.numerics")
+    assert num.status == "fail" and "below 0.99 (" in num.message
+    assert lossy_copy(quantized, quantized) is None and lossy_copy(classifier, quantized) is None
+    assert lossy_copy(_convs((4, 6)), _convs((8, 6))).startswith("a pruned model (1 Convs")
+    assert lossy_copy(_convs((8, 6)), _convs((8, 6))) is None
 
 
 def test_accuracy_checks_skip_a_model_whose_output_is_not_detections(images, tmp_path):
