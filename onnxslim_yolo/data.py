@@ -399,6 +399,11 @@ def _progress(it, total: Optional[int], desc: str, progress: bool):
                 disable=not (progress and sys.stderr.isatty()))
 
 
+def image_stems(folder: PathLike, limit: Optional[int] = None) -> List[str]:
+    """File stems of the images :func:`iter_images` reads (the first ``limit`` by name)."""
+    return [f.stem for f in list_images(folder)[:limit or None]]
+
+
 def iter_images(folder: PathLike, preset: Preset, size: Tuple[int, int], limit: Optional[int] = None,
                 progress: bool = True, desc: str = "images") -> Iterator[Tuple[np.ndarray, Meta]]:
     """(CHW float32, Meta) for each image in ``folder`` (first ``limit`` by name)."""

@@ -233,7 +233,7 @@ def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: 
     if not lp.exists():
         raise UsageError(f"{lp}: labels not found (expected a YOLO label folder or a COCO .json)")
     dets = detections(model_or_path, images, preset, conf, iou, max_det, fmt, limit, progress, threads,
-                      input_shape, engine, instances=labels_have_shapes(lp))
+                      input_shape, engine, instances=labels_have_shapes(lp, data.image_stems(images, limit)))
     res = score(dets, labels)
     log.info("mAP@0.5:0.95 %.4f  mAP@0.5 %.4f  (%d images, %d detections)", res["map"], res["map50"],
              res["n_images"], res["n_detections"])

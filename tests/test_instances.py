@@ -202,6 +202,7 @@ def test_masks_are_computed_only_when_the_labels_give_shapes(tmp_path: Path, mon
     poly_images, poly_labels = _images(tmp_path / "polys",
                                        [f"{c} {_corners(cx, cy, w, h)}" for c, cx, cy, w, h in LABELS])
     assert not labels_have_shapes(box_labels) and labels_have_shapes(poly_labels)
+    assert labels_have_shapes(poly_labels, ["im0"]) and not labels_have_shapes(poly_labels, ["other"])
     js = tmp_path / "a.json"
     js.write_text('{"images": [], "annotations": [{"bbox": [0, 0, 1, 1]}], "categories": []}')
     assert not labels_have_shapes(js)

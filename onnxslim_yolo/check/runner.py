@@ -17,6 +17,7 @@ import onnx
 from .. import ir, openvino_rt, verify
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
+from ..data import image_stems
 from ..eval.metrics import labels_have_shapes
 from ..pass_base import SlimError, Tolerances, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
@@ -169,7 +170,8 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
     try:
         dets = accuracy.detect(model, ref, images, opts.preset, opts.limit, opts.threads, shape,
                                opts.progress, engine,
-                               instances=ref is not None or (labels is not None and labels_have_shapes(labels)))
+                               instances=ref is not None or (labels is not None and labels_have_shapes(
+                                   labels, image_stems(images, opts.limit))))
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         return [skipped(n, why) for n in IMAGE_CHECKS]

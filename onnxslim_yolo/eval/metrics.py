@@ -215,10 +215,11 @@ def load_ground_truth(labels: Union[str, Path], images: ImageList, n_classes: in
     return load_yolo_labels(p, images, keypoints)
 
 
-def labels_have_shapes(labels: Union[str, Path]) -> bool:
+def labels_have_shapes(labels: Union[str, Path], stems: Optional[Sequence[str]] = None) -> bool:
     """Whether labels can give more than boxes (polygons or keypoints): a YOLO label line with
-    more than 5 values, or a COCO JSON naming ``segmentation`` or ``keypoints``. Scoring masks
-    costs about 0.1 s per image, so evaluation computes them only when this holds."""
+    more than 5 values (in the label files of the image ``stems`` when given, else in any), or a
+    COCO JSON naming ``segmentation`` or ``keypoints``. Masks cost time to compute (about as much
+    as the model's run on yolov5n-seg), so evaluation computes them only when this holds."""
     p = Path(labels)
     if p.suffix.lower() == ".json":
         try:
@@ -228,7 +229,7 @@ def labels_have_shapes(labels: Union[str, Path]) -> bool:
         return b'"segmentation"' in text or b'"keypoints"' in text
     if not p.is_dir():
         return True
-    for f in p.glob("*.txt"):
+    for f in (p / f"{stem}.txt" for stem in stems) if stems is not None else p.glob("*.txt"):
         try:
             lines = f.read_text().splitlines()
         except (OSError, UnicodeDecodeError):
