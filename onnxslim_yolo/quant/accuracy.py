@@ -17,7 +17,7 @@ import onnx
 
 from .. import data, verify
 from ..eval.anchors import OutputReader
-from ..pass_base import PassReport
+from ..pass_base import PassReport, UsageError
 from . import metrics, mixed
 from .pipeline import Built, Quantizer
 from .sensitivity import (SwitchEvaluator, UnitSensitivity, candidates, grouped_candidate, rank_units,
@@ -52,7 +52,11 @@ def output_format(q: Quantizer) -> Optional[str]:
         return None
     shape = dict(q.head.outputs).get(q.model.graph.output[0].name, ())
     try:
-        return row_format(q.model, shape, data.model_input(q.model)[1][1:])
+        hw: Optional[Sequence[int]] = data.model_input(q.model)[1][1:]
+    except UsageError:   # not one image input: formats that need no input size still decode
+        hw = None
+    try:
+        return row_format(q.model, shape, hw)
     except Exception:  # unknown layout: fall back to the head maps
         return None
 
