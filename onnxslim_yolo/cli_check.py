@@ -65,7 +65,8 @@ def render(report: CheckReport) -> str:
 @click.pass_context
 def check_command(ctx: click.Context, model: str, reference: Optional[str], images: Optional[str],
                   labels: Optional[str], target: str, json_out: Optional[str], max_drop: float,
-                  min_cosine: Optional[float], min_agreement: float, latency: bool, runs: int, limit: Optional[int],
+                  min_cosine: Optional[float], min_agreement: float, latency: bool, runs: int,
+                  limit: Optional[int],
                   preprocess: Optional[str], anchors: Optional[str],
                   input_shape: Optional[str], threads: int, quiet: bool) -> None:
     """Pre-deployment checks of MODEL, optionally against the original (--reference)."""

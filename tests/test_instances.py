@@ -16,7 +16,8 @@ from PIL import Image
 from onnxslim_yolo.check.accuracy import Detections, check_map_drop
 from onnxslim_yolo.eval import instances
 from onnxslim_yolo.eval.instances import _bilinear, image_keypoints
-from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, labels_have_shapes, load_ground_truth, read_labels
+from onnxslim_yolo.eval.metrics import (ImageBoxes, coco_map, labels_have_shapes, load_ground_truth,
+                                        read_labels)
 from onnxslim_yolo.evaluate import detections, evaluate
 from onnxslim_yolo.pass_base import UsageError
 from tests.test_evaluate import CLASSES, IMG_HW, LABELS, _with_masks, const_model, letterboxed

@@ -74,7 +74,8 @@ def rotated_candidates(output: np.ndarray) -> np.ndarray:
     return np.concatenate([a[..., :4], a[..., -1:]], -1).reshape(-1, 5).astype(np.float64)
 
 
-def _samples(n_out: int, scale: float, offset: float, n_src: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _samples(n_out: int, scale: float, offset: float,
+             n_src: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear resize taps (pixel centres, edges clamped: torch's ``align_corners=False``): output
     pixel j samples source position (j + 0.5) * scale + offset - 0.5, that is ``(1 - frac[j])`` of
     source ``lo[j]`` plus ``frac[j]`` of source ``hi[j]``; returns (lo, hi, frac)."""

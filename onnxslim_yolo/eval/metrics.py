@@ -429,7 +429,8 @@ def _segm_eval(coco_gt, coco_dt):
             if len(ious) == 0:
                 return ious
             gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
-            dt = [dt[i] for i in np.argsort([-d["score"] for d in dt], kind="mergesort")][:self.params.maxDets[-1]]
+            order = np.argsort([-d["score"] for d in dt], kind="mergesort")   # as pycocotools orders
+            dt = [dt[i] for i in order][:self.params.maxDets[-1]]
             g_empty = mask_utils.area([g["segmentation"] for g in gt]) == 0
             d_empty = mask_utils.area([d["segmentation"] for d in dt]) == 0
             if g_empty.any() and d_empty.any():

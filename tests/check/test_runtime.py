@@ -256,8 +256,8 @@ def test_numerics_floor_is_the_lossy_one_for_a_quantized_or_pruned_copy():
     classifier = _classifier()
     skewed = copy(classifier)   # logits 1 : 1.5 alternating against equal ones: cosine 0.980
     skewed.graph.initializer[0].CopyFrom(numpy_helper.from_array(
-        (np.full((10, 3, 1, 1), 0.1) * (1 + 0.5 * (np.arange(10) % 2))[:, None, None, None]).astype(np.float32),
-        "w"))
+        (np.full((10, 3, 1, 1), 0.1) * (1 + 0.5 * (np.arange(10) % 2))[:, None, None, None])
+        .astype(np.float32), "w"))
     num = run_checks(skewed, reference=classifier, latency=False).get("reference.numerics")
     assert num.status == "fail" and num.details["min_cosine"] == 0.99
     assert num.message.startswith("cosine 0.98") and "below 0.99 (" in num.message
@@ -266,8 +266,10 @@ def test_numerics_floor_is_the_lossy_one_for_a_quantized_or_pruned_copy():
     num = run_checks(quantized, reference=classifier, latency=False).get("reference.numerics")
     assert num.status == "pass" and num.details["min_cosine"] == 0.9
     assert num.details["min_cosine_for"] == "a quantized model against a float reference"
-    assert num.message.endswith("(2 seeded random inputs; floor 0.9: a quantized model against a float reference)")
-    num = run_checks(quantized, reference=classifier, latency=False, min_cosine=0.99).get("reference.numerics")
+    assert num.message.endswith(
+        "(2 seeded random inputs; floor 0.9: a quantized model against a float reference)")
+    num = run_checks(quantized, reference=classifier, latency=False,
+                     min_cosine=0.99).get("reference.numerics")
     assert num.status == "fail" and "below 0.99 (" in num.message
     assert lossy_copy(quantized, quantized) is None and lossy_copy(classifier, quantized) is None
     assert lossy_copy(_convs((4, 6)), _convs((8, 6))).startswith("a pruned model (1 Convs")
