@@ -158,6 +158,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     original = with_anchors(original, opts.anchors, copy=src is None)
     if output is not None and src is not None and Path(output).resolve() == src.resolve():
         raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
+    if output is not None:
+        ir.ensure_writable(output, "optimized model")
     _refuse_custom_ops(original, src)
     names = pipeline_names(opts, original)
     passes = build_passes(names)

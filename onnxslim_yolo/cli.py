@@ -129,6 +129,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
              input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
              no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""
+    from . import ir
     from .api import OptimizeOptions, optimize as run_optimize
     from .report import passes_table, summary_table
 
@@ -155,6 +156,9 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         input_shape=_shape(input_shape), pass_options={"insert-qdq": qdq, "prune-channels": prune_opts},
         verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet,
         check=not no_check, max_drop=max_drop, target=target)
+    for path, what in ((report, "report"), (kept_json, "kept-channel JSON")):
+        if path:
+            ir.ensure_writable(path, what)
     result = run_optimize(model, output=out, options=opts)
     data = result.to_dict()
     click.echo(passes_table(data["passes"]))

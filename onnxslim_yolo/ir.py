@@ -243,12 +243,31 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
     return out
 
 
+def ensure_writable(path: PathLike, what: str = "output") -> None:
+    """Raise UsageError, naming ``path`` and the reason, unless a file can be written there: its
+    folder exists (or can be made) and takes a new file. Checked before a long run, not after."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; give a file name for the {what}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write the {what} there ({exc.strerror or exc})") from None
+
+
 @contextmanager
 def replacing(out: Path) -> Iterator[str]:
     """A temp file path beside ``out``, renamed onto ``out`` when the block succeeds and removed
-    when it fails: what ``out`` held stays whole until the new content is complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
+    when it fails: what ``out`` held stays whole until the new content is complete. A folder that
+    cannot take the file is a UsageError naming it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
+    except OSError as exc:
+        raise UsageError(f"{out}: cannot write there ({exc.strerror or exc})") from None
     os.close(fd)
     try:
         yield tmp

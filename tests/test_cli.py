@@ -121,6 +121,9 @@ def _no_outputs(folder: Path, keep: set) -> bool:
                           r"and axis 2 is fixed at 64; only its symbolic dims can be set"),
     ("no-weights-file", 2, r"error: .*ext.onnx: its weights are stored in 'ext.onnx.data' beside it "
                            r"\(external data\), and that file is missing"),
+    # checked before the pipeline runs, not after it (a traceback at the end before 2026-12-06)
+    ("unwritable-output", 2, r"error: .*afile/o.onnx: cannot write the optimized model there \("),
+    ("unwritable-report", 2, r"error: .*afile/r.json: cannot write the report there \("),
 ])
 def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file: Path, case, code, message):
     args = ["optimize"]
@@ -176,6 +179,10 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
         onnx.save(ir.load(model_file), target, save_as_external_data=True, location="ext.onnx.data",
                   size_threshold=0)
         (tmp_path / "ext.onnx.data").unlink()
+    elif case.startswith("unwritable"):   # a file where the output's folder should be
+        (tmp_path / "afile").write_text("")
+        extra += ["-o", tmp_path / "afile" / "o.onnx"] if case.endswith("output") else \
+            ["-o", tmp_path / "o.onnx", "--report", tmp_path / "afile" / "r.json"]
     keep = {p.name for p in tmp_path.iterdir()}
     snapshot = model_file.read_bytes()
     r = CliRunner().invoke(main, args + [str(target)] + [str(e) for e in extra])

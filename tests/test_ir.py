@@ -50,6 +50,20 @@ def test_save_is_atomic_and_protects_input(tmp_path: Path):
     assert out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["out.onnx"]
 
 
+def test_an_unwritable_output_is_a_one_line_usage_error(tmp_path: Path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UsageError, match=r"afile/x.onnx: cannot write the report there \(") as e:
+        ir.ensure_writable(tmp_path / "afile" / "x.onnx", "report")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match=r": is a folder; give a file name for the output"):
+        ir.ensure_writable(tmp_path)
+    with pytest.raises(UsageError, match=r"afile/x.onnx: cannot write there \("):
+        ir.save(tiny(), tmp_path / "afile" / "x.onnx")
+    ir.ensure_writable(tmp_path / "new" / "x.onnx")     # a folder it can make is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "new"]
+    assert not any((tmp_path / "new").iterdir())
+
+
 def test_written_files_get_the_umask_mode_and_failures_leave_nothing(tmp_path: Path):
     old = os.umask(0o022)
     try:
