@@ -101,6 +101,28 @@ def test_optimize_warns_when_the_result_runs_slower(model_file: Path, tmp_path: 
         assert len(warnings) == 1 and re.search(expect, warnings[0]), warnings
 
 
+@pytest.mark.parametrize("command", ["check", "eval"])
+def test_an_unwritable_json_path_is_refused_before_the_work(tmp_path: Path, model_file: Path, monkeypatch,
+                                                          command):
+    from onnxslim_yolo import check, evaluate
+
+    def never(*a, **k):
+        raise AssertionError("ran before the JSON path was checked")
+
+    monkeypatch.setattr(check, "run_checks", never)
+    monkeypatch.setattr(evaluate, "evaluate", never)
+    (tmp_path / "afile").write_text("")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    extra = ["--images", images, "--labels", labels] if command == "eval" else []
+    r = CliRunner().invoke(main, [command, str(model_file), "--json", str(tmp_path / "afile" / "o.json")] +
+                           [str(e) for e in extra])
+    assert r.exit_code == 2, r.output
+    assert re.search(r"^error: .*afile/o.json: cannot write the JSON (report|figures) there \(", r.output,
+                     re.M), r.output
+
+
 def _no_outputs(folder: Path, keep: set) -> bool:
     return {p.name for p in folder.iterdir()} == keep
 
