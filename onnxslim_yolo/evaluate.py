@@ -112,6 +112,20 @@ def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray) -> ImageBoxes:
                       d[:, 4].astype(np.float64))
 
 
+def output_boxes(outputs: Sequence[np.ndarray], fmt: str, hw: Sequence[int],
+                 start: int = 0) -> List[ImageBoxes]:
+    """Detections (evaluation's settings, input pixels) of each image in detection outputs, one
+    output per feed; a feed holding a batch of images gives one entry per image, keyed
+    'feed.image' (feeds counted from ``start``). For outputs already run (the pruning probe's
+    agreement metric); :func:`feed_detections` runs a model."""
+    res = []
+    for i, out in enumerate(outputs, start):
+        for b, o in enumerate(per_image(out)):
+            d = raw_detections(o, fmt, hw)
+            res.append(_image_boxes(f"{i}.{b}", tuple(hw), d))
+    return res
+
+
 def feed_detections(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]], threads: int = 0,
                     instances: bool = False) -> List[ImageBoxes]:
     """Detections (evaluation's settings, input pixels) of ``model`` on preprocessed ``feeds``, one
