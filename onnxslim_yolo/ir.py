@@ -249,13 +249,19 @@ def ensure_writable(path: PathLike, what: str = "output") -> None:
     out = Path(path)
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; give a file name for the {what}")
+    os.unlink(_temp_beside(out, f" the {what}"))
+
+
+def _temp_beside(out: Path, what: str = "") -> str:
+    """A new empty temp file in ``out``'s folder (made if missing); a UsageError naming ``out``
+    when the folder cannot take it."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
-        os.close(fd)
-        os.unlink(tmp)
     except OSError as exc:
-        raise UsageError(f"{out}: cannot write the {what} there ({exc.strerror or exc})") from None
+        raise UsageError(f"{out}: cannot write{what} there ({exc.strerror or exc})") from None
+    os.close(fd)
+    return tmp
 
 
 @contextmanager
@@ -263,12 +269,7 @@ def replacing(out: Path) -> Iterator[str]:
     """A temp file path beside ``out``, renamed onto ``out`` when the block succeeds and removed
     when it fails: what ``out`` held stays whole until the new content is complete. A folder that
     cannot take the file is a UsageError naming it."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
-    except OSError as exc:
-        raise UsageError(f"{out}: cannot write there ({exc.strerror or exc})") from None
-    os.close(fd)
+    tmp = _temp_beside(out)
     try:
         yield tmp
         # mkstemp makes the file private (0600); the result gets the mode a plain open() would
