@@ -16,7 +16,8 @@ import onnx
 from . import ir, verify
 from .analysis.flops import model_stats
 from .eval.anchors import with_anchors
-from .pass_base import Numerics, PassContext, PreconditionError, SlimError, Tolerances, UsageError
+from .pass_base import (Numerics, PassContext, PreconditionError, SlimError, Tolerances, UsageError,
+                        naming_file)
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,10 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     _refuse_custom_ops(original, src)
     names = pipeline_names(opts, original)
     passes = build_passes(names)
-    ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
+    try:
+        ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
+    except SlimError as exc:   # the model's inputs do not suit the calibration data: name the file
+        raise naming_file(exc, src) from None
     result = PassManager(passes, ctx).run(original)
     checks = run_final_checks(original, result, opts) if opts.check else None
     summary = summarize(original, result.model, ctx, opts, checks)

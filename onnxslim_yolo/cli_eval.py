@@ -14,7 +14,7 @@ from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP, with_anchors
 from .eval.decode import FORMATS
 from .openvino_rt import ENGINES
-from .pass_base import SlimError
+from .pass_base import SlimError, naming_file
 
 
 @click.command(name="eval")
@@ -59,7 +59,7 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
                        fmt=fmt, limit=limit, progress=not quiet, threads=threads,
                        input_shape=_shape(input_shape), engine=runtime)
     except SlimError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {naming_file(exc, model)}", err=True)
         sys.exit(exc.exit_code)
     probe = None
     if fed and not preprocess:   # a guess: do the images look fed as the model was trained?

@@ -5,10 +5,11 @@ manager, not the pass, proves the numerics contract the pass declares.
 """
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -35,6 +36,18 @@ class PreconditionError(SlimError):
     """A pass (or the pipeline) refuses this model; the message names node and reason."""
 
     exit_code = 3
+
+
+def naming_file(exc: SlimError, path: Optional[Union[str, Path]]) -> SlimError:
+    """``exc`` with ``path`` (the model file) in front of its message, unless the message already
+    starts with a file or folder that exists (calibration images, labels), an option (``--...``),
+    or names ``path``: one line naming the file and the reason, as every error should."""
+    msg = str(exc)
+    if path is None or msg.startswith("--") or str(path) in msg or Path(msg.split(": ", 1)[0]).exists():
+        return exc
+    out = copy.copy(exc)
+    out.args = (f"{path}: {msg}",) + exc.args[1:]
+    return out
 
 
 class VerificationError(SlimError):

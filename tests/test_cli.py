@@ -123,6 +123,38 @@ def test_an_unwritable_json_path_is_refused_before_the_work(tmp_path: Path, mode
                      re.M), r.output
 
 
+@pytest.mark.parametrize("command", ["optimize", "eval", "check"])
+def test_a_model_with_two_inputs_is_named_in_the_error(tmp_path: Path, model_file: Path, command):
+    """A model-level problem found while feeding images names the model file: one line, the file
+    and the reason (it named only the inputs before)."""
+    from fixtures import demo_paths
+
+    m = ir.load(model_file)
+    m.graph.input.append(onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1]))
+    two = tmp_path / "two.onnx"
+    ir.save(m, two)
+    images = demo_paths()[1]
+    extra = {"optimize": ["-o", tmp_path / "o.onnx", "--int8", "--calib", images, "--no-bench"],
+             "eval": ["--images", images, "--labels", images],
+             "check": ["--images", images, "--no-latency"]}[command]
+    r = CliRunner().invoke(main, [command, str(two)] + [str(e) for e in extra])
+    assert r.exit_code == 2, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: {two}: expected a model with one image input, found 2: ['images', 'scale']"]
+
+
+def test_naming_file_leaves_messages_that_name_their_own_file(tmp_path: Path):
+    from onnxslim_yolo.pass_base import PreconditionError, UsageError, naming_file
+
+    e = naming_file(PreconditionError("no prunable channels"), "m.onnx")
+    assert str(e) == "m.onnx: no prunable channels" and e.exit_code == 3 and isinstance(e, PreconditionError)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for msg in (f"{folder}: no images found", "--int8 needs calibration images", "m.onnx: bad"):
+        assert str(naming_file(UsageError(msg), "m.onnx")) == msg
+    assert str(naming_file(UsageError("x"), None)) == "x"
+
+
 def _no_outputs(folder: Path, keep: set) -> bool:
     return {p.name for p in folder.iterdir()} == keep
 
