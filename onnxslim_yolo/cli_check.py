@@ -73,11 +73,11 @@ def check_command(ctx: click.Context, model: str, reference: Optional[str], imag
     from .check import CheckOptions, run_checks
     from .api import images_fed
     from .cli import _shape, echo_images_fed, write_json  # late: cli imports this module while it loads
-    from .ir import ensure_writable
+    from . import ir
     from .pass_base import SlimError, naming_file
 
     if json_out:
-        ensure_writable(json_out, "JSON report")   # before the checks run, not after
+        ir.ensure_writable(json_out, "JSON report")   # before the checks run, not after
     opts = CheckOptions(target=target, max_drop=max_drop, min_cosine=min_cosine, min_agreement=min_agreement,
                         latency=latency, latency_runs=runs, threads=threads, limit=limit, preset=preprocess,
                         input_shape=_shape(input_shape), progress=not quiet, anchors=anchors)
@@ -86,8 +86,6 @@ def check_command(ctx: click.Context, model: str, reference: Optional[str], imag
     except SlimError as exc:
         raise naming_file(exc, model) from None
     if images:
-        from . import ir
-
         try:   # a model that does not load fails its checks, which say why
             echo_images_fed(images_fed(ir.load(model, load_external_data=False), preprocess, (images,)))
         except SlimError:

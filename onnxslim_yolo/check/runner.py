@@ -131,6 +131,7 @@ def lossy_copy(model: onnx.ModelProto, ref: onnx.ModelProto) -> Optional[str]:
     Convs of fewer output channels than the same-named ones there: pruned), else None."""
     if ir.quantized_ops(model) and not ir.quantized_ops(ref):
         return "a quantized model against a float reference"
+
     def couts(m: onnx.ModelProto) -> Dict[str, int]:
         dims = {t.name: list(t.dims) for t in m.graph.initializer}
         return {n.name: dims[n.input[1]][0] for n in m.graph.node

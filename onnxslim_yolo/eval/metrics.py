@@ -356,12 +356,12 @@ def _gt_ann(kind: str, g: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
 
 
 def _dt_ann(kind: str, d: ImageBoxes, i: int, b: np.ndarray) -> Dict[str, Any]:
+    xywh = [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
     if kind == "segm":   # "box": the detection's own box (:func:`_segm_eval`)
-        return {"segmentation": d.segments[i],
-                "box": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+        return {"segmentation": d.segments[i], "box": xywh}
     if kind == "keypoints":
         return {"keypoints": [float(v) for v in d.keypoints[i].ravel()]}
-    ann: Dict[str, Any] = {"bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+    ann: Dict[str, Any] = {"bbox": xywh}
     if kind == "obb":
         ann["rbox"] = [float(v) for v in d.rotated[i]]
     return ann
