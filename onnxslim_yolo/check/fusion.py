@@ -106,13 +106,31 @@ def _serves_neighbours(idx: GraphIndex, i: int, dqs: List[int]) -> bool:
         and all(_read_as_int8(idx, idx.nodes[q].output[0]) for q in _q_consumers(idx, i))
 
 
+def _float_origin(idx: GraphIndex, tensor: str, depth: int = 8) -> Optional[str]:
+    """The op a float tensor comes from, followed back through single-input ops that have an INT8
+    path but read a float tensor themselves (so would need a Q of their own): YOLO-World's gate
+    Unsqueeze(Sigmoid(Div(...))) comes from the Div. None for a graph input."""
+    for _ in range(depth):
+        p = idx.producer.get(tensor)
+        if p is None:
+            return None
+        n = idx.nodes[p]
+        data = [t for t in n.input if t and not idx.is_const(t)]
+        if n.op_type not in QLINEAR | DROPPED or len(data) != 1 \
+                or idx.producer_op(data[0]) in (None, "DequantizeLinear"):
+            return n.op_type
+        tensor = data[0]
+    return idx.producer_op(tensor)
+
+
 def _float_from_kernel_less(idx: GraphIndex, i: int) -> bool:
-    """A QLinear-capable op whose every float data input comes from an op with no quantized kernel
-    (Mish's Mul reads DQ(x) and Tanh(Softplus(DQ(x)))): to run INT8 it needs a Q on each such
-    input, one conversion for the DQ it saves, so the float op loses nothing."""
+    """A QLinear-capable op whose every float data input comes from an op with no quantized kernel,
+    directly (Mish's Mul reads DQ(x) and Tanh(Softplus(DQ(x)))) or through ops that would each need
+    a Q of their own (:func:`_float_origin`): to run INT8 it needs a Q on each such input, one
+    conversion for the DQ it saves, so the float op loses nothing."""
     floats = [t for t in idx.nodes[i].input
               if t and not idx.is_const(t) and idx.producer_op(t) != "DequantizeLinear"]
-    ops = [idx.producer_op(t) for t in floats]
+    ops = [_float_origin(idx, t) for t in floats]
     return bool(ops) and all(op is not None and op not in QLINEAR | DROPPED | QDQ_OPS for op in ops)
 
 

@@ -49,6 +49,8 @@ class LayerSpec:
     weight_index: int
     axis: int
     bias: Optional[str] = None
+    #: False: one weight scale whatever the pipeline's per-channel option (a batched MatMul weight)
+    per_channel: bool = True
 
 
 @dataclass
@@ -131,7 +133,11 @@ def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]
         b = _const(node.inputs[2])
         if b is not None and b.ndim == 1 and b.shape[0] == w.shape[axis]:
             bias = node.inputs[2].name
-    return LayerSpec(node.name, node.op, act.name, node.inputs[w_idx].name, w_idx, axis, bias), ""
+    # onnxruntime fuses DQ -> MatMul -> Q into QLinearMatMul with a per-column scale only for a 2-D
+    # weight; a batched one (YOLO-World's text embeddings, [1, heads, d, classes]) with a scale per
+    # column ran as DQ + float MatMul + Q (measured, onnxruntime 1.32), so it gets one scale
+    per_channel = not (node.op == "MatMul" and w.ndim > 2)
+    return LayerSpec(node.name, node.op, act.name, node.inputs[w_idx].name, w_idx, axis, bias, per_channel), ""
 
 
 # ------------------------------------------------------------------------------------- planning

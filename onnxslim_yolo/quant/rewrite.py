@@ -85,6 +85,7 @@ def _qdq(graph: gs.Graph, t: gs.Variable, scale: float, zp: int, qdtype: str,
 def _weight(graph: gs.Graph, node: gs.Node, spec: LayerSpec, per_channel: bool,
             alloc: ir.NameAllocator, qmax: int = 127) -> Tuple[np.ndarray, str]:
     w = ir.const_value(node.inputs[spec.weight_index]).astype(np.float32)
+    per_channel = per_channel and spec.per_channel
     q, scale = quantize_weight(w, spec.axis, per_channel, qmax)
     base = spec.weight
     qc = gs.Constant(alloc(base + "_quantized"), q)

@@ -358,7 +358,9 @@ def test_a_float_add_costs_nothing_when_its_conversions_serve_int8_neighbours():
 def test_mish_mul_is_not_reported_its_float_input_has_no_quantized_kernel():
     """Mish (x * Tanh(Softplus(x)), YOLOv4's activation) after an INT8 Conv: Softplus and Tanh run in
     float on DQ(y) anyway, and an INT8 Mul would need a Q on the Tanh output for the DQ it saves.
-    SiLU's Mul with a float Sigmoid (which has a QLinear kernel) is still reported."""
+    SiLU's Mul with a float Sigmoid (which has a QLinear kernel) is still reported. A gate
+    Sigmoid(Div(y)), as in YOLO-World's attention, comes from the Div: the Sigmoid would need a Q
+    of its own to run INT8, so the Mul is not reported either."""
     def act(first: str) -> onnx.ModelProto:
         m = qdq_conv("uint8")
         sig = node(m, "head/Sigmoid")
@@ -366,12 +368,18 @@ def test_mish_mul_is_not_reported_its_float_input_has_no_quantized_kernel():
             sig.op_type, sig.name, sig.output[0] = "Softplus", "act/Softplus", "sp"
             m.graph.node.append(helper.make_node("Tanh", ["sp"], ["th"], name="act/Tanh"))
             gate = "th"
+        elif first == "Div":
+            m.graph.initializer.append(numpy_helper.from_array(np.float32(2.0), "two"))
+            m.graph.node.append(helper.make_node("Div", [sig.input[0], "two"], ["dv"], name="act/Div"))
+            sig.input[0], sig.name, sig.output[0], gate = "dv", "act/Sigmoid", "sg", "sg"
         else:
             sig.name, sig.output[0], gate = "act/Sigmoid", "sg", "sg"
         m.graph.node.append(helper.make_node("Mul", ["y_dq", gate], ["out"], name="act/Mul"))
         return insert_qdq(m, "out", 0.05, 128)
     mish = fusion.check_ort_fusion(GraphIndex(act("Softplus")), "ort-cpu")
     assert mish.status == "pass", mish.details
+    gated = fusion.check_ort_fusion(GraphIndex(act("Div")), "ort-cpu")
+    assert gated.status == "pass" and gated.details["source"] == "onnxruntime optimized graph", gated.details
     silu = fusion.check_ort_fusion(GraphIndex(act("Sigmoid")), "ort-cpu")
     unfused = silu.details["unfused"]
     assert any(u.startswith("act/Mul: input 'sg' is float (from Sigmoid)") for u in unfused), silu.details

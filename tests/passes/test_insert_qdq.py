@@ -739,3 +739,46 @@ def test_a_constant_operand_between_int8_layers_is_quantized_so_onnxruntime_fuse
     assert fusion.status == "pass", fusion.message
     feeds = verify.random_feeds(model, 4, 1)
     assert min(d.cosine for d in verify.compare_models(model, res.model, feeds)) > 0.99
+
+
+def test_a_batched_matmul_weight_gets_one_scale_so_onnxruntime_fuses() -> None:
+    """YOLO-World's attention multiplies by constant text embeddings of shape [1, heads, d,
+    classes]. With a scale per column onnxruntime ran that MatMul as DQ + float MatMul + Q
+    (qdq.ort_fusion warned); a batched weight now gets one scale and runs as QLinearMatMul."""
+    from onnx import TensorProto, helper
+
+    from onnxslim_yolo.check import run_checks
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.3, (1, 2, 8, 16)) * np.array([1, 8])[None, :, None, None]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w0", rng.normal(0, 0.3, (16, 3, 3, 3))), ("w1", w1), ("w2", rng.normal(0, 0.3, (8, 32, 1, 1))))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("heads", [1, 2, 8, 64]), ("img", [1, 32, 8, 8]))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
+             helper.make_node("Reshape", ["ar", "heads"], ["h"], name="split_heads"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="tr", perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["ht", "w1"], ["m"], name="attn"),
+             helper.make_node("Relu", ["m"], ["mr"], name="relu1"),
+             helper.make_node("Transpose", ["mr"], ["back"], name="tr2", perm=[0, 1, 3, 2]),
+             helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
+             helper.make_node("Conv", ["im", "w2"], ["y"], name="conv1", kernel_shape=[1, 1])]
+    g = helper.make_graph(nodes, "batched", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+
+    res = InsertQDQ().run(model, ctx(model))
+    g = G(res.model)
+    attn = next(n for n in g.ops("MatMul") if n.name == "attn")
+    w_dq = g.prod[attn.input[1]]
+    assert w_dq.op_type == "DequantizeLinear" and g.inits[w_dq.input[0]].shape == (1, 2, 8, 16)
+    assert g.inits[w_dq.input[1]].size == 1
+    conv_dq = g.prod[next(n for n in g.ops("Conv") if n.name == "conv0").input[1]]
+    assert g.inits[conv_dq.input[1]].shape == (16,)  # 2-D and Conv weights stay per channel
+    assert "QLinearMatMul" in [n.op_type for n in verify.optimized_model(res.model).graph.node]
+    fusion = next(r for r in run_checks(res.model, latency=False).results if r.name == "qdq.ort_fusion")
+    assert fusion.status == "pass", fusion.message
+    feeds = verify.random_feeds(model, 4, 1)
+    assert min(d.cosine for d in verify.compare_models(model, res.model, feeds)) > 0.99
