@@ -106,16 +106,16 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
     ``exact_only`` pipeline keeps the dynamic dims and verifies at the size in the model's
     metadata (else 640); a lossy one runs at the metadata size, fixed as if it were given as
     ``input_shape``, and is refused when the metadata names none."""
+    from .data import full_input_shape, image_inputs, metadata_imgsz, model_input
+
     shapes: Dict[str, Tuple[int, ...]] = {}
     fix = True
     if opts.input_shape:
-        (name,) = list(ir.input_shapes(model))[:1] or [""]
+        (name,) = list(image_inputs(model))[:1] or [""]
         shapes = {name: tuple(int(d) for d in opts.input_shape)}
     try:
         ir.static_input_shapes(model, dict(shapes))
     except PreconditionError:
-        from .data import full_input_shape, metadata_imgsz, model_input
-
         if not exact_only and metadata_imgsz(model) is None:
             raise
         name, chw = model_input(model)

@@ -203,14 +203,14 @@ def list_passes() -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> None:
     """Op counts, parameters, MACs/FLOPs, opset, inputs/outputs, YOLO family and head."""
-    from . import ir
+    from . import data, ir
     from .analysis.flops import model_stats
     from .report import stats_table, table
 
     m = ir.load(model)
     shp = _shape(input_shape)
     at = None if shp else _dynamic_size(m)
-    shapes = {next(iter(ir.input_shapes(m))): shp or at} if shp or at else {}
+    shapes = {next(iter(data.image_inputs(m))): shp or at} if shp or at else {}
     stats = model_stats(m, shapes).to_dict()
     if at:
         stats["macs_at"] = list(at)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -314,9 +314,39 @@ def _channels_last(dims: Sequence) -> bool:
     return len(dims) == 4 and dims[3] == 3 and dims[1] != 3
 
 
+#: inputs PaddleDetection's exports take beside the image, each (N, 2): ``scale_factor``, the
+#: resized over the original size (y, x), which its post-processing divides the boxes by, and
+#: ``im_shape``, the resized image's height and width. Calibration, evaluation and the checks feed
+#: 1 and the input's own size, so the boxes stay in input pixels, where the evaluator reads them.
+AUX_INPUTS = ("scale_factor", "im_shape")
+
+
+def aux_inputs(model: onnx.ModelProto) -> Dict[str, np.dtype]:
+    """The :data:`AUX_INPUTS` a model takes (by name, of shape (N, 2)) and their dtypes."""
+    dtypes = ir.input_dtypes(model)
+    return {name: dtypes[name] for name, dims in ir.input_shapes(model).items()
+            if name in AUX_INPUTS and len(dims) == 2 and dims[1] == 2}
+
+
+def image_inputs(model: onnx.ModelProto) -> Dict[str, Tuple]:
+    """Graph inputs (with their dims) other than the :func:`aux_inputs`."""
+    aux = aux_inputs(model)
+    return {name: dims for name, dims in ir.input_shapes(model).items() if name not in aux}
+
+
+def add_aux(feed: Feeds, image: str, aux: Optional[Mapping[str, np.dtype]]) -> Feeds:
+    """``feed`` with the :func:`aux_inputs` added for its image: scale factor 1, the image's size."""
+    x = feed[image]
+    hw = np.array(feed_hw(x), np.float64)
+    for name, dtype in (aux or {}).items():
+        value = np.ones(2) if name == "scale_factor" else hw
+        feed[name] = np.tile(value, (x.shape[0], 1)).astype(dtype)
+    return feed
+
+
 def channels_last(model: onnx.ModelProto) -> bool:
     """Whether the single image input is channels-last (NHWC): feeds are then transposed."""
-    shapes = ir.input_shapes(model)
+    shapes = image_inputs(model)
     return len(shapes) == 1 and _channels_last(next(iter(shapes.values())))
 
 
@@ -329,11 +359,14 @@ def feed_hw(feed: np.ndarray) -> Tuple[int, int]:
 
 def model_input(model: onnx.ModelProto,
                 input_shape: Optional[Sequence[int]] = None) -> Tuple[str, Tuple[int, int, int]]:
-    """(name, (C, H, W)) of the single image input, NCHW or NHWC (:func:`channels_last`).
-    ``input_shape`` is (H, W) or the full input shape in the model's layout."""
-    shapes = ir.input_shapes(model)
+    """(name, (C, H, W)) of the single image input, NCHW or NHWC (:func:`channels_last`), beside
+    which only :func:`aux_inputs` may be. ``input_shape`` is (H, W) or the full input shape in the
+    model's layout."""
+    shapes = image_inputs(model)
     if len(shapes) != 1:
-        raise UsageError(f"expected a model with one image input, found {len(shapes)}: {list(shapes)}")
+        aux = " or ".join(f"{n} (N, 2)" for n in AUX_INPUTS)
+        raise UsageError(f"expected a model with one image input (beside it only {aux}), found "
+                         f"{len(shapes)}: {list(shapes)}")
     name, dims = next(iter(shapes.items()))
     if len(dims) != 4:
         raise UsageError(f"input '{name}' has rank {len(dims)} {list(dims)}; expected NCHW or NHWC")
@@ -378,7 +411,7 @@ def model_batch(model: onnx.ModelProto, input_shape: Optional[Sequence[int]] = N
     (an export with a static batch of 4 takes 4 images at once), else 1."""
     if input_shape is not None and len(input_shape) == 4:
         return max(int(input_shape[0]), 1)
-    dims = next(iter(ir.input_shapes(model).values()), ())
+    dims = next(iter(image_inputs(model).values()), ())
     n = dims[0] if len(dims) else 1
     return int(n) if isinstance(n, (int, np.integer)) and n > 1 else 1
 
@@ -436,8 +469,10 @@ def _array_batches(path: Path) -> List[np.ndarray]:
 
 
 def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dtype,
-                 limit: Optional[int], progress: bool, batch: int = 1, last: bool = False) -> Iterator[Feeds]:
-    """Feeds from an array file whose tensors are in the model's layout (NHWC when ``last``)."""
+                 limit: Optional[int], progress: bool, batch: int = 1, last: bool = False,
+                 aux: Optional[Mapping[str, np.dtype]] = None) -> Iterator[Feeds]:
+    """Feeds from an array file whose tensors are in the model's layout (NHWC when ``last``), with
+    the model's ``aux`` inputs (:func:`add_aux`)."""
     batches = _array_batches(path)
     for a in batches:
         c, hw = (a.shape[3], a.shape[1:3]) if last else (a.shape[1], a.shape[2:])
@@ -450,7 +485,7 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
     samples = [a[i:i + 1] for a in batches for i in range(a.shape[0])]
     samples = samples[:limit] if limit else samples
     for g in _progress(groups(samples, batch), -(-len(samples) // batch), "tensors", progress):
-        yield {name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}
+        yield add_aux({name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}, name, aux)
 
 
 def _require_rgb(src: Path, name: str, chw: Tuple[int, int, int]) -> None:
@@ -477,12 +512,13 @@ def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] 
         if not src.is_file():
             raise UsageError(f"{src}: no such file")
         yield from _iter_arrays(src, name, chw, dtype, limit, progress, model_batch(model, input_shape),
-                                channels_last(model))
+                                channels_last(model), aux_inputs(model))
         return
     _require_rgb(src, name, chw)
     p = get_preset(preset, model)
     files = list_images(src)[:limit] if limit else list_images(src)
-    feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape), channels_last(model))
+    feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape), channels_last(model),
+                       aux_inputs(model))
     for i in _progress(range(len(feeds)), len(feeds), "images", progress):
         yield feeds[i]
 
@@ -496,10 +532,11 @@ class ImageFeeds(SequenceABC):
     """
 
     def __init__(self, files: Sequence[Path], name: str, preset: Preset, size: Tuple[int, int],
-                 dtype: np.dtype, batch: int = 1, last: bool = False) -> None:
+                 dtype: np.dtype, batch: int = 1, last: bool = False,
+                 aux: Optional[Mapping[str, np.dtype]] = None) -> None:
         self.files, self.name, self.preset, self.size, self.dtype = list(files), name, preset, size, dtype
         self.groups = groups(self.files, batch)
-        self.last = last
+        self.last, self.aux = last, dict(aux or {})
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -508,7 +545,8 @@ class ImageFeeds(SequenceABC):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         xs = [preprocess(read_image(f), self.preset, self.size, f)[0] for f in self.groups[i]]
-        return {self.name: to_layout(np.stack(xs), self.last).astype(self.dtype, copy=False)}
+        return add_aux({self.name: to_layout(np.stack(xs), self.last).astype(self.dtype, copy=False)},
+                       self.name, self.aux)
 
 
 def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
@@ -527,7 +565,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
             read_image(f)
         feeds = ImageFeeds(files, name, get_preset(preset, model), chw[1:],
                            ir.input_dtypes(model).get(name, np.dtype(np.float32)),
-                           model_batch(model, input_shape), channels_last(model))
+                           model_batch(model, input_shape), channels_last(model), aux_inputs(model))
     if not len(feeds):
         raise UsageError(f"{source}: no calibration samples")
     return feeds
@@ -535,7 +573,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
            "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input",
-           "channels_last", "full_input_shape",
+           "channels_last", "AUX_INPUTS", "aux_inputs", "image_inputs", "add_aux", "full_input_shape",
            "to_layout",
            "model_batch", "groups", "iter_images",
            "iter_inputs", "load_calibration", "ImageFeeds"]

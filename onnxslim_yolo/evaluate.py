@@ -174,12 +174,13 @@ def detections_multi(models: Sequence[ModelLike], images: Union[str, os.PathLike
     hw = chw[1:]
     last = data.channels_last(protos[0])
     batch = data.model_batch(protos[0], input_shape)
+    aux = data.aux_inputs(protos[0])
     results: List[List[ImageBoxes]] = [[] for _ in protos]
 
     def run_batch(pending: List[Tuple[np.ndarray, data.Meta]]) -> None:
         """One feed of ``batch`` images (the last feed filled up); each real image's boxes kept."""
         stacked = np.stack([x for x, _ in data.groups(pending, batch)[0]])
-        feeds = {name: data.to_layout(stacked, last).astype(dtype, copy=False)}
+        feeds = data.add_aux({name: data.to_layout(stacked, last).astype(dtype, copy=False)}, name, aux)
         for run, res in zip(runners, results):
             out, raw = run(feeds, hw)
             outs = per_image(out)

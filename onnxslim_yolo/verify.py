@@ -90,10 +90,15 @@ def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Optional[Sequence[str
 
 def random_feeds(model: onnx.ModelProto, n: int, seed: int,
                  shapes: Optional[Mapping[str, Sequence[int]]] = None) -> List[Feeds]:
-    """``n`` seeded inputs: images-like floats in [0, 1) for float inputs, small ints otherwise."""
+    """``n`` seeded inputs: images-like floats in [0, 1) for float inputs, small ints otherwise;
+    PaddleDetection's scale factor and image size as calibration feeds them (:func:`data.add_aux`)."""
+    from . import data
+
     rng = np.random.default_rng(seed)
     static = ir.static_input_shapes(model, dict(shapes or {}))
     dtypes = ir.input_dtypes(model)
+    aux = data.aux_inputs(model)
+    images = [name for name in static if name not in aux]
     out: List[Feeds] = []
     for _ in range(n):
         feeds: Feeds = {}
@@ -103,6 +108,8 @@ def random_feeds(model: onnx.ModelProto, n: int, seed: int,
                 feeds[name] = rng.random(shp, dtype=np.float32).astype(dt)
             else:
                 feeds[name] = rng.integers(0, 4, size=shp).astype(dt)
+        if aux and len(images) == 1 and len(static[images[0]]) == 4:
+            data.add_aux(feeds, images[0], aux)
         out.append(feeds)
     return out
 

@@ -140,7 +140,33 @@ def test_a_model_with_two_inputs_is_named_in_the_error(tmp_path: Path, model_fil
     r = CliRunner().invoke(main, [command, str(two)] + [str(e) for e in extra])
     assert r.exit_code == 2, r.output
     errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: {two}: expected a model with one image input, found 2: ['images', 'scale']"]
+    assert errors == [f"error: {two}: expected a model with one image input (beside it only scale_factor "
+                      "(N, 2) or im_shape (N, 2)), found 2: ['images', 'scale']"]
+
+
+def test_a_paddle_export_with_scale_factor_and_im_shape_is_optimized_and_checked(tmp_path: Path,
+                                                                               model_file: Path):
+    """PaddleDetection exports take im_shape (before the image) and scale_factor beside it, each
+    (N, 2); they were refused as a second image input. Calibration, evaluation and the checks now
+    feed the image's size and 1, and the INT8 model keeps all three inputs."""
+    from fixtures import demo_paths
+    from fixtures.postprocess import split_boxes_scores
+
+    paddle = tmp_path / "paddle.onnx"
+    ir.save(split_boxes_scores(ir.load(model_file), True, ("im_shape", "scale_factor")), paddle)
+    images = demo_paths()[1]
+    out, report = tmp_path / "paddle.int8.onnx", tmp_path / "r.json"
+    r = invoke("optimize", paddle, "-o", out, "--int8", "--calib", images, "--labels", demo_paths()[2],
+               "--no-bench", "--quiet", "--report", report)
+    assert r.exit_code == 0, r.output
+    got = ir.load(out)
+    assert [i.name for i in got.graph.input] == ["im_shape", "images", "scale_factor"]
+    assert any(n.op_type == "QuantizeLinear" for n in got.graph.node)
+    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]["checks"]}
+    assert checks["reference.numerics"]["status"] == "pass"
+    assert checks["accuracy.agreement"]["status"] in ("pass", "skip"), checks["accuracy.agreement"]
+    e = invoke("eval", out, "--images", images, "--labels", demo_paths()[2])
+    assert e.exit_code == 0 and "mAP@0.5:0.95" in e.output, e.output
 
 
 def test_naming_file_leaves_messages_that_name_their_own_file(tmp_path: Path):

@@ -414,14 +414,17 @@ def test_evaluate_constant_model_recovers_labels(dataset, fmt):
     assert 0.0 < res2["map"] < 0.9
 
 
-@pytest.mark.parametrize("tail", ["split", "split_channels_first", "nms", "nms_batch_rows", "nms_labels",
-                                  "nms_end2end"])
+@pytest.mark.parametrize("tail", ["split", "split_channels_first", "split_paddle", "nms", "nms_batch_rows",
+                                  "nms_labels", "nms_end2end"])
 def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
-    """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered."""
+    """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered.
+    PaddleDetection's im_shape (listed before the image) and scale_factor inputs are fed the
+    image's size and 1."""
     images, labels = dataset
     base = const_model("v5", letterboxed(LABELS, 16), CLASSES)
     model = {"split": lambda m: split_boxes_scores(m),
              "split_channels_first": lambda m: split_boxes_scores(m, True),
+             "split_paddle": lambda m: split_boxes_scores(m, True, ("im_shape", "scale_factor")),
              "nms": lambda m: append_nms(m, max_det=20),
              "nms_batch_rows": lambda m: append_nms(m, max_det=20, batch_rows=True),
              "nms_labels": lambda m: append_nms(m, max_det=20, layout="labels"),
