@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from .. import ir
 from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
-from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients
+from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients, split_layout
 from ..eval.dfl import dfl_layout, gfl_rows
 from ..pass_base import PreconditionError
 
@@ -245,6 +245,15 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         ev.append(f"{len(levels)} levels of head rows (1, h*w, 4x{bins}) + (1, h*w, {nc}), no DFL decode "
                   "in the graph")
         return "gfl", "rows (1, h*w, 4*R) + (1, h*w, C)", nc, 1, ev
+    pair = split_layout([s for _, s in outputs])
+    if pair is not None:  # PP-YOLOE, YOLO-NAS, DAMO-YOLO: one (1, C, N) output is not v8's (1, 4+C, N)
+        bi, si, first = pair
+        scores = outputs[si][1]
+        nc = scores[1] if first else scores[2]
+        what = "(1, C, N)" if first else "(1, N, C)"
+        ev.append(f"outputs {outputs[bi][0]} (1, N, 4) boxes and {outputs[si][0]} {what} class scores")
+        return ("boxes+scores", f"boxes (1, N, 4) x1 y1 x2 y2 + class scores {what}",
+                int(nc) if isinstance(nc, (int, np.integer)) else None, 1, ev)
     rank3 = [(n, s) for n, s in outputs if len(s) == 3 and all(isinstance(d, int) for d in s[1:])]
     if rank3:
         name, (_, a, b) = max(rank3, key=lambda ns: int(ns[1][1]) * int(ns[1][2]))  # type: ignore[index]

@@ -84,6 +84,20 @@ def test_yolox_decoded_tail_has_grid_arithmetic() -> None:
     assert {"Exp", "Add", "Mul", "Sigmoid", "Concat"} <= tail_ops
 
 
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_boxes_and_scores_outputs_are_named_as_such(channels_first) -> None:
+    """PP-YOLOE's boxes (1, N, 4) + scores (1, C, N): the scores alone were taken for YOLOv8's
+    (1, 4+C, N) rows (C - 4 classes)."""
+    from fixtures.postprocess import split_boxes_scores
+
+    base = fixtures.build_yolov5_v6()
+    model = split_boxes_scores(base, channels_first, ("scale_factor",))
+    info = find_head(model)
+    assert (info.family, info.num_classes) == ("boxes+scores", find_head(base).num_classes)
+    assert info.layout.endswith("(1, C, N)" if channels_first else "(1, N, C)")
+    assert set(info.last_convs) == set(find_head(base).last_convs)
+
+
 def test_to_dict_is_json_ready() -> None:
     import json
 
