@@ -304,8 +304,8 @@ def test_detect_format_of_split_and_post_nms_outputs():
     nms = append_nms(base, max_det=20)
     assert detect_format(nms) == "dets" and row_format(nms, (1, 20, 6), (64, 64)) is None
     assert detect_format(append_nms(base, batch_rows=True)) == "dets7"  # (K, 7) YOLOv7 end-to-end rows
-    for layout in ("labels", "end2end"):   # mmdeploy's dets + labels; EfficientNMS's four outputs
-        split_nms = append_nms(base, max_det=20, layout=layout)
+    for layout in ("labels", "end2end", "paddle"):   # mmdeploy's dets + labels; EfficientNMS's four
+        split_nms = append_nms(base, max_det=20, layout=layout)   # outputs; (K, 6) rows + counts
         assert detect_format(split_nms) == "dets" and row_format(split_nms, (1, 20, 5), (64, 64)) is None
     ultra = const_model("v8", np.zeros((0, 4)), [])
     ultra.metadata_props.add(key="task", value="detect")
@@ -415,7 +415,7 @@ def test_evaluate_constant_model_recovers_labels(dataset, fmt):
 
 
 @pytest.mark.parametrize("tail", ["split", "split_channels_first", "split_paddle", "nms", "nms_batch_rows",
-                                  "nms_labels", "nms_end2end"])
+                                  "nms_labels", "nms_end2end", "nms_paddle"])
 def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
     """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered.
     PaddleDetection's im_shape (listed before the image) and scale_factor inputs are fed the
@@ -428,7 +428,8 @@ def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
              "nms": lambda m: append_nms(m, max_det=20),
              "nms_batch_rows": lambda m: append_nms(m, max_det=20, batch_rows=True),
              "nms_labels": lambda m: append_nms(m, max_det=20, layout="labels"),
-             "nms_end2end": lambda m: append_nms(m, max_det=20, layout="end2end")}[tail](base)
+             "nms_end2end": lambda m: append_nms(m, max_det=20, layout="end2end"),
+             "nms_paddle": lambda m: append_nms(m, max_det=20, layout="paddle")}[tail](base)
     ref, got = (detections(m, images, progress=False, threads=1) for m in (base, model))
     for a, b in zip(ref, got):
         ia, ib = np.argsort(a.classes), np.argsort(b.classes)  # equal scores: any order
@@ -608,3 +609,18 @@ def test_rows_of_a_decoded_head_over_strides_8_to_64_are_not_gfl():
     plain, decoded = _four_level_rows(False), _four_level_rows(True)
     assert detect_format(plain) == "gfl" and find_head(plain).family == "gfl"
     assert detect_format(decoded) == "v5" and find_head(decoded).family != "gfl"
+
+
+def test_paddle_nms_rows_are_split_per_image_by_their_counts():
+    """PaddleDetection's MultiClassNMS writes every image's ``class score x1 y1 x2 y2`` rows in turn
+    and a count per image; a class -1 row (no detection) scores 0."""
+    from onnxslim_yolo.eval.decode import nms_layout, nms_rows
+
+    rows = np.array([[3, 0.9, 1, 2, 3, 4], [0, 0.5, 5, 6, 7, 8], [-1, 0.0, 0, 0, 0, 0]], np.float32)
+    counts = np.array([2, 1], np.int32)
+    assert nms_layout([rows.shape, counts.shape]) == "paddle"
+    assert nms_layout([(3, 6), (1, 1)]) is None
+    got = nms_rows([rows, counts], "paddle")
+    assert got.shape == (2, 2, 6)
+    assert got[0].tolist() == [[1, 2, 3, 4, pytest.approx(0.9), 3], [5, 6, 7, 8, 0.5, 0]]
+    assert got[1, :, 4].tolist() == [0, 0]

@@ -174,10 +174,14 @@ def nms_layout(shapes: Sequence[Sequence]) -> Optional[str]:
     """Detections after an NMS inside the model, spread over several outputs: "labels" for
     mmdeploy's ``dets`` (B, K, 5) ``x1 y1 x2 y2 score`` and ``labels`` (B, K); "end2end" for
     TensorRT EfficientNMS's four, ``num_dets`` (B, 1), boxes (B, K, 4), scores (B, K) and
-    classes (B, K) (an export that builds them from ONNX ops); None for any other outputs."""
+    classes (B, K) (an export that builds them from ONNX ops); "paddle" for PaddleDetection's
+    MultiClassNMS through paddle2onnx, (K, 6) ``class score x1 y1 x2 y2`` rows of every image in
+    turn and the count per image (B,); None for any other outputs."""
     ranks = [len(s) for s in shapes]
     if ranks == [3, 2] and shapes[0][2] == 5 and _same_dims(shapes[0][:2], shapes[1]):
         return "labels"
+    if ranks == [2, 1] and shapes[0][1] == 6:
+        return "paddle"
     if ranks == [2, 3, 2, 2] and shapes[0][1] in (1, None) and shapes[1][2] == 4 \
             and _same_dims(shapes[1][:2], shapes[2]) and _same_dims(shapes[1][:2], shapes[3]):
         return "end2end"
@@ -190,6 +194,14 @@ def nms_rows(outputs: Sequence[np.ndarray], layout: str) -> np.ndarray:
     if layout == "labels":
         dets, labels = outputs
         return np.concatenate([dets.astype(np.float32), labels[..., None].astype(np.float32)], axis=2)
+    if layout == "paddle":
+        rows, counts = outputs[0].astype(np.float32), outputs[1].reshape(-1).astype(np.int64)
+        out = np.zeros((len(counts), max(int(counts.max(initial=0)), 1), 6), np.float32)
+        for b, (start, n) in enumerate(zip(np.cumsum(counts) - counts, counts)):
+            r = rows[start:start + n]
+            out[b, :len(r)] = np.concatenate([r[:, 2:6], r[:, 1:2], r[:, :1]], axis=1)
+        out[..., 4] = np.where(out[..., 5] < 0, 0, out[..., 4])  # a class -1 row: no detection
+        return out
     num, boxes, scores, classes = outputs
     scores = np.where(np.arange(scores.shape[1])[None] < num.reshape(-1, 1), scores, 0)
     return np.concatenate([boxes.astype(np.float32), scores[..., None].astype(np.float32),
