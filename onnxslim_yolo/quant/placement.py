@@ -137,7 +137,8 @@ def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]
     # weight; a batched one (YOLO-World's text embeddings, [1, heads, d, classes]) with a scale per
     # column ran as DQ + float MatMul + Q (measured, onnxruntime 1.32), so it gets one scale
     per_channel = not (node.op == "MatMul" and w.ndim > 2)
-    return LayerSpec(node.name, node.op, act.name, node.inputs[w_idx].name, w_idx, axis, bias, per_channel), ""
+    return LayerSpec(node.name, node.op, act.name, node.inputs[w_idx].name, w_idx, axis, bias,
+                     per_channel), ""
 
 
 # ------------------------------------------------------------------------------------- planning

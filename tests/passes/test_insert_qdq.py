@@ -764,7 +764,8 @@ def test_a_batched_matmul_weight_gets_one_scale_so_onnxruntime_fuses() -> None:
              helper.make_node("Transpose", ["mr"], ["back"], name="tr2", perm=[0, 1, 3, 2]),
              helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
              helper.make_node("Conv", ["im", "w2"], ["y"], name="conv1", kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "batched", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    g = helper.make_graph(nodes, "batched",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
