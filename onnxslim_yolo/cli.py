@@ -259,9 +259,13 @@ def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, An
         preset = data.get_preset(None, model)
     except SlimError:
         return {}
-    return {"name": name, "layout": "NHWC" if data.channels_last(model) else "NCHW",
-            "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
-            "preprocessing": data.describe_preset(preset)}
+    out = {"name": name, "layout": "NHWC" if data.channels_last(model) else "NCHW",
+           "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
+           "preprocessing": data.describe_preset(preset)}
+    aux = data.aux_inputs(model)
+    if aux:  # PaddleDetection's: what data.add_aux feeds
+        out["also fed"] = ", ".join(f"{n} = {[1, 1] if n == 'scale_factor' else list(chw[1:])}" for n in aux)
+    return out
 
 
 def _head_summary(model: Any) -> Dict[str, Any]:

@@ -167,6 +167,10 @@ def test_a_paddle_export_with_scale_factor_and_im_shape_is_optimized_and_checked
     assert checks["accuracy.agreement"]["status"] in ("pass", "skip"), checks["accuracy.agreement"]
     e = invoke("eval", out, "--images", images, "--labels", demo_paths()[2])
     assert e.exit_code == 0 and "mAP@0.5:0.95" in e.output, e.output
+    i = invoke("inspect", paddle, "--json", tmp_path / "i.json")
+    fed = json.loads((tmp_path / "i.json").read_text())["input"]
+    assert i.exit_code == 0 and fed["name"] == "images", i.output
+    assert fed["also fed"] == f"im_shape = {fed['size (h, w)']}, scale_factor = [1, 1]"
 
 
 def test_naming_file_leaves_messages_that_name_their_own_file(tmp_path: Path):
