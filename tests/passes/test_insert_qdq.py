@@ -685,7 +685,7 @@ def test_every_int8_depthwise_conv_is_one_more_candidate(target):
 def _linear_block(bias_op: str = "Add") -> onnx.ModelProto:
     """Conv -> tokens -> MatMul -> + bias (or x scale) -> MatMul -> Relu -> Conv: a Linear layer's
     bias Add (a LayerScale Mul) between two INT8 layers, as transformer blocks export it."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
@@ -705,8 +705,14 @@ def _linear_block(bias_op: str = "Add") -> onnx.ModelProto:
              helper.make_node("Transpose", ["m2r"], ["back"], name="tr2", perm=[0, 2, 1]),
              helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
              helper.make_node("Conv", ["im", "w3"], ["y"], name="conv1", kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "linear",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    return _image_model(nodes, inits, "linear")
+
+
+def _image_model(nodes: list, inits: list, name: str) -> onnx.ModelProto:
+    """A checked opset-13 model of ``nodes`` from x (1, 3, 8, 8) to y (1, 8, 8, 8)."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(m, full_check=True)
@@ -745,7 +751,7 @@ def test_a_batched_matmul_weight_gets_one_scale_so_onnxruntime_fuses() -> None:
     """YOLO-World's attention multiplies by constant text embeddings of shape [1, heads, d,
     classes]. With a scale per column onnxruntime ran that MatMul as DQ + float MatMul + Q
     (qdq.ort_fusion warned); a batched weight now gets one scale and runs as QLinearMatMul."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from onnxslim_yolo.check import run_checks
 
@@ -764,12 +770,7 @@ def test_a_batched_matmul_weight_gets_one_scale_so_onnxruntime_fuses() -> None:
              helper.make_node("Transpose", ["mr"], ["back"], name="tr2", perm=[0, 1, 3, 2]),
              helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
              helper.make_node("Conv", ["im", "w2"], ["y"], name="conv1", kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "batched",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.checker.check_model(model, full_check=True)
-
+    model = _image_model(nodes, inits, "batched")
     res = InsertQDQ().run(model, ctx(model))
     g = G(res.model)
     attn = next(n for n in g.ops("MatMul") if n.name == "attn")
