@@ -252,3 +252,35 @@ def test_a_model_that_declares_a_batch_it_cannot_run_is_verified_at_batch_one(ca
         res = PassManager([PinReshape([1, -1])]).run(_reshape_model([1, 32]))
     assert res.records[0].modified
     assert "declares a dynamic batch but does not run at batch 2" in caplog.text
+
+
+def _masked_output_model() -> onnx.ModelProto:
+    """small_model whose output is inf where a constant mask says so, as RT-DETR's encoder marks
+    invalid anchors: the same inf before and after any rewrite of the Convs."""
+    m = small_model()
+    out = m.graph.output[0]
+    mask = np.zeros((1, 4, 16, 16), bool)
+    mask[0, 1, :4] = True
+    m.graph.initializer.extend([numpy_helper.from_array(mask, "invalid"),
+                                numpy_helper.from_array(np.array(np.inf, np.float32), "inf")])
+    m.graph.node.append(onnx.helper.make_node("Where", ["invalid", "inf", out.name], ["masked"], name="mask"))
+    out.name = "masked"
+    return m
+
+
+def test_outputs_with_the_same_infinities_are_compared_on_their_finite_values():
+    """RT-DETR (PaddleDetection, random weights) failed fold-batchnorm's exact contract with 'max abs
+    diff nan': its candidates hold inf at invalid anchors in both models. Equal non-finite values at
+    the same places are now left out of the comparison; a value that turns non-finite still fails."""
+    from onnxslim_yolo import verify
+
+    res = PassManager([ScaleWeights(1.0 + 1e-7)], PassContext()).run(_masked_output_model())
+    d = res.records[0].verification[0]
+    assert d["cosine"] > 0.999999 and 0 < d["max_abs"] < 1e-4 and np.isfinite(d["ref_max"])
+    with pytest.raises(VerificationError, match=r"max abs diff 0\.\d+ exceeds exact bound"):
+        PassManager([ScaleWeights(1.05)], PassContext()).run(_masked_output_model())
+    a = np.array([1.0, np.inf, np.nan, 2.0])
+    assert verify.diff("o", a, a + [0.5, 0, 0, 0]).max_abs == 0.5
+    assert verify.diff("o", a, np.array([1.0, 3.0, np.nan, 2.0])).max_abs == np.inf
+    assert verify.diff("o", a, np.array([1.0, -np.inf, np.nan, 2.0])).max_abs == np.inf
+    assert verify.max_abs_diff(a, a) == 0.0 and verify.max_abs_diff(a, a[::-1]) == np.inf
