@@ -213,3 +213,22 @@ def test_detection_error_reads_a_pose_export_without_its_keypoints():
     boxes = out.copy()
     boxes[0, :2, :] += 5.0
     assert read([read.decoded(out)], [boxes]) > 0.0
+
+
+def test_output_quality_reads_the_finite_values_of_outputs_with_the_same_infinities():
+    """The INT8 guard's quality of an output holding inf at the same places in both models (RT-DETR's
+    masked anchors) was NaN (a RuntimeWarning from its own SQNR); both figures now come from
+    verify.diff over the finite values."""
+    from onnx import numpy_helper
+
+    from onnxslim_yolo import verify
+    from onnxslim_yolo.quant.metrics import output_quality
+    from tests.test_pass_manager import _masked_output_model
+
+    ref = _masked_output_model()
+    new = onnx.ModelProto()
+    new.CopyFrom(ref)
+    w = next(i for i in new.graph.initializer if i.name == new.graph.node[0].input[1])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.01), w.name))
+    q = output_quality(ref, new, verify.random_feeds(ref, 2, 0))["masked"]
+    assert 0.99 < q["cosine_min"] < 1.0 and 20 < q["sqnr_db_min"] < 80
