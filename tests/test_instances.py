@@ -15,7 +15,7 @@ from PIL import Image
 
 from onnxslim_yolo.check.accuracy import Detections, check_map_drop
 from onnxslim_yolo.eval import instances
-from onnxslim_yolo.eval.instances import _bilinear, image_keypoints
+from onnxslim_yolo.eval.instances import _samples, image_keypoints
 from onnxslim_yolo.eval.metrics import (ImageBoxes, coco_map, labels_have_shapes, load_ground_truth,
                                         read_labels)
 from onnxslim_yolo.evaluate import detections, evaluate
@@ -269,7 +269,10 @@ def test_eval_cli_prints_mask_map(tmp_path: Path):
 
 def test_masks_and_keypoints_map_back_through_the_letterbox():
     # bilinear weights: each row sums to 1; a 2x upsample of [0, 1] reads 0, 0.25, 0.75, 1
-    w = _bilinear(4, 0.5, 0.0, 2)
+    lo, hi, frac = _samples(4, 0.5, 0.0, 2)
+    w = np.zeros((4, 2))
+    np.add.at(w, (np.arange(4), lo), 1 - frac)
+    np.add.at(w, (np.arange(4), hi), frac)
     assert np.allclose(w.sum(1), 1) and np.allclose(w @ np.array([0.0, 1.0]), [0, 0.25, 0.75, 1])
     k = image_keypoints(np.array([[[16.0, 32.0]]]), RATIO, (0, PAD_TOP))
     assert k.tolist() == [[[20.0, 20.0, 1.0]]]

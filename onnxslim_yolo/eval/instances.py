@@ -84,16 +84,6 @@ def _samples(n_out: int, scale: float, offset: float,
     return lo, np.minimum(lo + 1, n_src - 1), (x - lo).astype(np.float32)
 
 
-def _bilinear(n_out: int, scale: float, offset: float, n_src: int) -> np.ndarray:
-    """(n_out, n_src) weights of the resize :func:`_samples` describes."""
-    lo, hi, frac = _samples(n_out, scale, offset, n_src)
-    w = np.zeros((n_out, n_src), np.float32)
-    rows = np.arange(n_out)
-    np.add.at(w, (rows, lo), 1 - frac)
-    np.add.at(w, (rows, hi), frac)
-    return w
-
-
 def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw: Sequence[int],
               orig_hw: Sequence[int], ratio: float, pad: Sequence[int]) -> List[Any]:
     """pycocotools RLEs of the detections' masks in the original image: ``coefs`` (M, nm),
