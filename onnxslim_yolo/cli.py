@@ -263,8 +263,8 @@ def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, An
            "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
            "preprocessing": data.describe_preset(preset)}
     aux = data.aux_inputs(model)
-    if aux:  # PaddleDetection's: what data.add_aux feeds
-        out["also fed"] = ", ".join(f"{n} = {[1, 1] if n == 'scale_factor' else list(chw[1:])}" for n in aux)
+    if aux:  # PaddleDetection's
+        out["also fed"] = ", ".join(f"{n} = {data.aux_value(n, chw[1:])}" for n in aux)
     return out
 
 

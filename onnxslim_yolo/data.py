@@ -334,13 +334,18 @@ def image_inputs(model: onnx.ModelProto) -> Dict[str, Tuple]:
     return {name: dims for name, dims in ir.input_shapes(model).items() if name not in aux}
 
 
+def aux_value(name: str, hw: Sequence[int]) -> List[int]:
+    """What :func:`add_aux` feeds the :data:`AUX_INPUTS` ``name`` for an image of size ``hw``:
+    scale factor 1 (y, x), or that size (h, w)."""
+    return [1, 1] if name == "scale_factor" else [int(hw[0]), int(hw[1])]
+
+
 def add_aux(feed: Feeds, image: str, aux: Optional[Mapping[str, np.dtype]]) -> Feeds:
-    """``feed`` with the :func:`aux_inputs` added for its image: scale factor 1, the image's size."""
+    """``feed`` with the :func:`aux_inputs` added for its image (:func:`aux_value`)."""
     x = feed[image]
-    hw = np.array(feed_hw(x), np.float64)
+    hw = feed_hw(x)
     for name, dtype in (aux or {}).items():
-        value = np.ones(2) if name == "scale_factor" else hw
-        feed[name] = np.tile(value, (x.shape[0], 1)).astype(dtype)
+        feed[name] = np.tile(np.asarray(aux_value(name, hw), dtype), (x.shape[0], 1))
     return feed
 
 
@@ -573,7 +578,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
            "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input",
-           "channels_last", "AUX_INPUTS", "aux_inputs", "image_inputs", "add_aux", "full_input_shape",
+           "channels_last", "AUX_INPUTS", "aux_inputs", "image_inputs", "aux_value", "add_aux", "full_input_shape",
            "to_layout",
            "model_batch", "groups", "iter_images",
            "iter_inputs", "load_calibration", "ImageFeeds"]
