@@ -229,6 +229,12 @@ def _finite_pairs(a: np.ndarray, b: np.ndarray) -> Optional[Tuple[np.ndarray, np
     return a[fa], b[fb]
 
 
+def _finite_abs_max(a: np.ndarray) -> float:
+    """Largest absolute finite value of ``a`` (0 when it has none): a reference's magnitude."""
+    finite = a[np.isfinite(a)]
+    return float(np.abs(finite).max()) if finite.size else 0.0
+
+
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     """Largest absolute difference of two arrays of one shape over their finite values; inf when
     their non-finite values differ (:func:`_finite_pairs`)."""
@@ -245,9 +251,7 @@ def diff(name: str, ref: np.ndarray, new: np.ndarray) -> OutputDiff:
     b = new.astype(np.float64).ravel()
     pair = _finite_pairs(a, b)
     if pair is None:
-        finite = a[np.isfinite(a)]
-        return OutputDiff(name, float("inf"), float(np.abs(finite).max()) if finite.size else 0.0, -1.0,
-                          float("-inf"))
+        return OutputDiff(name, float("inf"), _finite_abs_max(a), -1.0, float("-inf"))
     a, b = pair
     if a.size == 0:
         return OutputDiff(name, 0.0, 0.0, 1.0, float("inf"))
@@ -304,9 +308,7 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     for ref_out, new_out, floor in zip(ref_outs, new_outs, floors):
         for name, a, b, c in zip(names, ref_out, new_out, floor):
             if role[name] == "selected" and a.shape != b.shape:  # NMS kept another number of rows
-                finite = a[np.isfinite(a)]
-                d = OutputDiff(name, float("inf"), float(np.abs(finite).max()) if finite.size else 0.0, 0.0,
-                               float("-inf"))
+                d = OutputDiff(name, float("inf"), _finite_abs_max(a), 0.0, float("-inf"))
             else:
                 d = diff(name, a, b)
             # onnxruntime's own rewrites can change what the selection keeps

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import onnx
 
 from .. import ir, openvino_rt, verify
+from ..data import image_stems
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
-from ..data import image_stems
 from ..eval.metrics import labels_have_shapes
 from ..pass_base import SlimError, Tolerances, UsageError
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
