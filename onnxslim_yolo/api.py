@@ -16,6 +16,7 @@ import onnx
 from . import ir, verify
 from .analysis.flops import model_stats
 from .eval.anchors import with_anchors
+from .eval.decode import NotDetections
 from .pass_base import (Numerics, PassContext, PreconditionError, SlimError, Tolerances, UsageError,
                         naming_file)
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
@@ -168,6 +169,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
     except SlimError as exc:   # the model's inputs do not suit the calibration data: name the file
         raise naming_file(exc, src) from None
+    if opts.labels is not None and _eval_images(opts) is not None:
+        _require_detections(original, src, ctx.input_shapes)
     result = PassManager(passes, ctx).run(original)
     checks = run_final_checks(original, result, opts) if opts.check else None
     summary = summarize(original, result.model, ctx, opts, checks)
@@ -185,6 +188,18 @@ def _refuse_custom_ops(model: onnx.ModelProto, src: Optional[Path]) -> None:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise PreconditionError(f"{src or 'model'}: {foreign[0]}{more}; export the model without it "
                                 "(e.g. without the TensorRT NMS plugin)")
+
+
+def _require_detections(model: onnx.ModelProto, src: Optional[Path], shapes: Dict[str, Sequence[int]]) -> None:
+    """``--labels`` asks for the accuracy before and after: outputs this tool cannot read as
+    detections are refused before any pass runs, not after them all (one run on a seeded input)."""
+    from .evaluate import feed_detections
+
+    try:
+        feed_detections(model, verify.random_feeds(model, 1, 0, shapes))
+    except NotDetections as exc:
+        raise UsageError(f"{src or 'model'}: --labels needs detections, and the outputs are none this tool "
+                         f"decodes ({exc}); without --labels the model is optimized unscored") from None
 
 
 def _eval_images(opts: OptimizeOptions) -> Optional[str]:

@@ -208,6 +208,9 @@ def _no_outputs(folder: Path, keep: set) -> bool:
     # checked before the pipeline runs, not after it (a traceback at the end before 2026-12-06)
     ("unwritable-output", 2, r"error: .*afile/o.onnx: cannot write the optimized model there \("),
     ("unwritable-report", 2, r"error: .*afile/r.json: cannot write the report there \("),
+    # --labels on outputs that are no detections: refused before the passes (it failed after them)
+    ("labels-not-detections", 2, r"error: .*maps.onnx: --labels needs detections, and the outputs are none "
+                                 r"this tool decodes \(output of shape \[1, 5, 8, 8\]; expected"),
 ])
 def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file: Path, case, code, message):
     args = ["optimize"]
@@ -263,6 +266,16 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
         onnx.save(ir.load(model_file), target, save_as_external_data=True, location="ext.onnx.data",
                   size_threshold=0)
         (tmp_path / "ext.onnx.data").unlink()
+    elif case == "labels-not-detections":  # one map of 5 channels: no layout reads it
+        w = onnx.numpy_helper.from_array(np.full((5, 3, 8, 8), 0.01, np.float32), "w")
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Conv", ["images", "w"], ["maps"], strides=[8, 8])], "maps",
+            [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 64, 64])],
+            [onnx.helper.make_tensor_value_info("maps", onnx.TensorProto.FLOAT, [1, 5, 8, 8])], [w])
+        target = tmp_path / "maps.onnx"
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), target)
+        _, images, labels = fixtures.demo_paths()
+        extra += ["--calib", images, "--labels", labels, "--calib-limit", "2", "-o", tmp_path / "o.onnx"]
     elif case.startswith("unwritable"):   # a file where the output's folder should be
         (tmp_path / "afile").write_text("")
         extra += ["-o", tmp_path / "afile" / "o.onnx"] if case.endswith("output") else \

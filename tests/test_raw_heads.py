@@ -199,7 +199,11 @@ def test_dfl_layout_only_matches_one_anchor_free_head():
     assert dfl_layout([(1, 64, 8, 8), (1, 1, 8, 8), (1, 64, 4, 4), (1, 1, 4, 4)])[1] == 1  # one class
     assert dfl_layout(two[:2]) is None  # one level
     assert dfl_layout([(1, 64, 8, 8), (1, 4, 8, 8), (1, 64, 4, 4), (1, 5, 4, 4)]) is None  # classes differ
-    assert dfl_layout([(1, 6, 8, 8), (1, 4, 8, 8), (1, 6, 4, 4), (1, 4, 4, 4)]) is None  # no 4R box map
+    assert dfl_layout([(1, 6, 8, 8), (1, 5, 8, 8), (1, 6, 4, 4), (1, 5, 4, 4)]) is None  # no 4R box map
+    # a plain box map of 4 distances (RTMDet), only with nothing beside the two maps
+    assert dfl_layout([(1, 6, 8, 8), (1, 4, 8, 8), (1, 6, 4, 4), (1, 4, 4, 4)]) == (1, 6, [(1, 0), (3, 2)])
+    assert dfl_layout([(1, 4, 8, 8), (1, 1, 8, 8), (1, 6, 8, 8), (1, 4, 4, 4), (1, 1, 4, 4),
+                       (1, 6, 4, 4)]) is None  # YOLOX's box, objectness and class maps (or FCOS's)
     # EfficientDet / RetinaNet: 9 anchors x 4 box values and 9 x C class scores per level
     assert dfl_layout([(1, 36, 8, 8), (1, 810, 8, 8), (1, 36, 4, 4), (1, 810, 4, 4)]) is None
     assert dfl_layout([(1, 68, 8, 8), (1, 80, 8, 8), (1, 68, 4, 4), (1, 80, 4, 4)])[:2] == (17, 80)
@@ -229,6 +233,57 @@ def test_anchor_maps_of_a_level_count_without_anchors_are_not_read_as_detections
     assert find_head(two).evidence[-1] == "anchors: none known for 2 levels (--anchors names them)"
     named = with_anchors(two, json.dumps(ANCHORS[:2]))
     assert raw_maps_format(named, shapes) == "v5" and detect_format(named) == "v5"
+
+
+# ------------------------------------------------------------- RTMDet's distance maps (mmdet)
+def test_rtmdet_distance_maps_decode_from_the_cell_corners():
+    """mmdet's RTMDet cut at its head: per level a (B, 4, h, w) map of the distances to the box's
+    sides, in pixels, from the cell's corner point (mmdet's points at offset 0), beside the class
+    logits; mmdet writes the class maps first."""
+    box8, box16 = np.zeros((1, 4, 8, 8), np.float32), np.zeros((1, 4, 4, 4), np.float32)
+    cls8, cls16 = np.full((1, 3, 8, 8), -20, np.float32), np.full((1, 3, 4, 4), -20, np.float32)
+    box8[0, :, 1, 2] = (3, 4, 5, 6)      # row 1, column 2 at stride 8: point (16, 8)
+    cls8[0, 2, 1, 2] = 20.0
+    box16[0, :, 3, 0] = (1, 2, 30, 8)    # row 3, column 0 at stride 16: point (0, 48)
+    got = detection_output([cls8, cls16, box8, box16], HW)[0]
+    assert got.shape == (4 + 3, 64 + 16)
+    np.testing.assert_allclose(got[:4, 1 * 8 + 2], [17, 9, 8, 10])  # x1 y1 x2 y2 = 13 4 21 14
+    np.testing.assert_allclose(got[:4, 64 + 3 * 4], [14.5, 51, 31, 10])  # -1 46 30 56
+    assert got[4 + 2, 10] > 0.999 and got[4:, :10].max() < 1e-8  # class logits through the sigmoid
+
+
+def rtmdet_model(num_classes: int = 3) -> onnx.ModelProto:
+    """Two levels of an RTMDet-style head on a 64x64 input: class logits (1, C, h, w) and box
+    distances ReLU(conv) x stride (1, 4, h, w), class maps first."""
+    rng = np.random.default_rng(3)
+    nodes, inits, cls, box = [], [], [], []
+    for s in (8, 16):
+        h = HW[0] // s
+        inits += [onnx.numpy_helper.from_array(rng.normal(0, 0.1, (c, 3, s, s)).astype(np.float32), f"{k}{s}")
+                  for k, c in (("wc", num_classes), ("wb", 4))]
+        inits.append(onnx.numpy_helper.from_array(np.array(float(s), np.float32), f"s{s}"))
+        nodes += [helper.make_node("Conv", ["images", f"wc{s}"], [f"cls{s}"], strides=[s, s]),
+                  helper.make_node("Conv", ["images", f"wb{s}"], [f"d{s}"], strides=[s, s]),
+                  helper.make_node("Relu", [f"d{s}"], [f"r{s}"]),
+                  helper.make_node("Mul", [f"r{s}", f"s{s}"], [f"box{s}"])]
+        cls.append(helper.make_tensor_value_info(f"cls{s}", onnx.TensorProto.FLOAT, [1, num_classes, h, h]))
+        box.append(helper.make_tensor_value_info(f"box{s}", onnx.TensorProto.FLOAT, [1, 4, h, h]))
+    graph = helper.make_graph(nodes, "rtmdet", [helper.make_tensor_value_info(
+        "images", onnx.TensorProto.FLOAT, [1, 3, *HW])], cls + box, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_rtmdet_maps_are_read_by_the_head_analysis_presets_and_evaluator(tmp_path: Path):
+    model = rtmdet_model()
+    info = find_head(model)
+    assert (info.family, info.num_classes) == ("rtmdet", 3) and "distances" in info.layout
+    assert detect_format(model) == "v8"
+    assert data.preset_choice(model) == ("mmdet", "the output layout: RTMDet's box distance maps")
+    mm = data.PRESETS["mmdet"]  # NanoDet's BGR normalisation (mmdet's mean 103.53, ... in 0-255), padded
+    assert (mm.rgb, mm.center, mm.mean) == (False, False, data.PRESETS["nanodet"].mean)
+    dets = detections(model, _images(tmp_path / "im"), progress=False)
+    assert len(dets) == 2 and all(d.boxes.shape[1] == 4 for d in dets)
+    assert max(len(d.boxes) for d in dets) > 0
 
 
 # ------------------------------------------------------ GFL head rows (PP-PicoDet, NanoDet-Plus)

@@ -24,7 +24,7 @@ from .. import ir
 from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
 from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients, split_layout
-from ..eval.dfl import dfl_layout, gfl_rows
+from ..eval.dfl import DISTANCES, dfl_layout, gfl_rows
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,10 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
     free = dfl_layout([s for _, s in outputs])
     if free is not None:
         bins, nc, levels = free
+        if bins == DISTANCES:
+            ev.append(f"{len(levels)} levels of raw head maps (1, 4, h, w) + (1, {nc}, h, w), no decode in "
+                      "the graph: box distances in pixels")
+            return "rtmdet", "raw maps (1, 4, h, w) distances + (1, C, h, w)", nc, 1, ev
         ev.append(f"{len(levels)} levels of raw head maps (1, 4x{bins}, h, w) + (1, {nc}, h, w), no DFL "
                   "decode in the graph")
         return "yolov8", "raw maps (1, 4*R, h, w) + (1, C, h, w)", nc, 1, ev

@@ -10,6 +10,13 @@ each side's bins, their expected value is the distance from the cell centre (hal
 the cell, as Ultralytics and PicoDet place it) in strides; class logits go through the sigmoid
 (maps whose values all lie in [0, 1] are taken as scores already). NanoDet-Plus's single output
 is another format (``gfl`` in :mod:`.decode`).
+
+mmdet's RTMDet head cut the same way (mmdeploy's partition for NPUs) writes a plain box map
+(B, 4, h, w) beside each class map: the distances to the box's sides, already in pixels (the head
+multiplies them by the stride), from the cell's corner point (mmdet's point generator with offset
+0 for RTMDet). Such a map is read only when a level has exactly the two maps: with a third, one
+channel wide, the cut may be YOLOX's (box offsets, objectness, classes) or FCOS's (centreness),
+which decode otherwise.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from .decode import NotDetections, known_map_dims, level_stride, probabilities
 BINS = (16, 17)
 #: bins per side of heads exported as rows (B, h*w, 4R): also 8 (PicoDet's reg_max 7)
 ROW_BINS = (8,) + BINS
+#: "bins" of a plain box map (B, 4, h, w): distances in pixels, not bin logits (RTMDet)
+DISTANCES = 1
 #: the strides a row level's grid is searched over (the input size over them, rounded up)
 ROW_STRIDES = (4, 8, 16, 32, 64, 128)
 
@@ -35,9 +44,10 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
     """(bins per side R, classes C, [(box output, class output) per level, finest first]) when
     ``shapes`` are the rank-4 maps of 2 or more levels of one anchor-free head: per spatial size,
     one (B, 4R, h, w) box map (R in :data:`BINS`) and one (B, C, h, w) class map, and at most one
-    (B, 1, h, w) score sum after them; the same R and C on every level. When C = 4R too, the first
-    of the two in output order is the box map (Ultralytics' order). None for any other set of
-    outputs. Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is
+    (B, 1, h, w) score sum after them; or, with no third map, a plain (B, 4, h, w) box map
+    (R = :data:`DISTANCES`) and the class map; the same R and C on every level. When C = 4R too,
+    the first of the two in output order is the box map (Ultralytics' order). None for any other
+    set of outputs. Shapes alone cannot tell a pose head's one-class map from a score sum: such a cut is
     read as boxes and keypoints."""
     if len(shapes) >= 4 and all(len(s) == 3 and known_map_dims(s) for s in shapes):
         return _row_layout(shapes)
@@ -57,6 +67,8 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
         if len(maps) != 2:
             return None
         box = next((i for i in maps if int(shapes[i][1]) % 4 == 0 and int(shapes[i][1]) // 4 in BINS), None)
+        if box is None and len(by_size[size]) == 2:  # no third map: plain distances (RTMDet)
+            box = next((i for i in maps if int(shapes[i][1]) == 4 * DISTANCES), None)
         if box is None:
             return None
         cls = maps[1] if box == maps[0] else maps[0]
@@ -130,6 +142,7 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     bins, _, levels = layout
     scores = probabilities([np.asarray(outputs[c], np.float32) for _, c in levels])
     proj = np.arange(bins, dtype=np.float32)
+    offset = 0.0 if bins == DISTANCES else 0.5  # RTMDet's points at the cells' corners
     cols = []
     for i, (bi, _) in enumerate(levels):
         box = np.asarray(outputs[bi], np.float32)
@@ -140,8 +153,11 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
         else:
             b, _, h, w = box.shape
             stride = level_stride(input_hw, h, i)
-        dist = (_softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
-        yv, xv = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5,
+        if bins == DISTANCES:  # pixels: in strides like the bins' expected values
+            dist = box.reshape(b, 4, h * w) / stride
+        else:
+            dist = (_softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
+        yv, xv = np.meshgrid(np.arange(h, dtype=np.float32) + offset, np.arange(w, dtype=np.float32) + offset,
                              indexing="ij")
         cx, cy = xv.reshape(1, -1), yv.reshape(1, -1)
         x1, y1, x2, y2 = cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]
