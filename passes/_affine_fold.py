@@ -29,6 +29,8 @@ class Target:
     bias: Optional[np.ndarray]
     channels: int
     group: int = 1
+    #: other node inputs reading the same weight: the fold gives this op its own copy
+    sharing: int = 0
 
 
 def bn_affine(scale: np.ndarray, shift: np.ndarray, mean: np.ndarray, var: np.ndarray,
@@ -38,8 +40,11 @@ def bn_affine(scale: np.ndarray, shift: np.ndarray, mean: np.ndarray, var: np.nd
     return s, shift.astype(np.float64) - mean.astype(np.float64) * s
 
 
-def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS) -> Union[Target, str]:
-    """``node`` as a fold target for the affine op ``via`` reading its output, or a reason."""
+def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS,
+               copy_shared: bool = False) -> Union[Target, str]:
+    """``node`` as a fold target for the affine op ``via`` reading its output, or a reason. A
+    weight other nodes read too is refused, unless ``copy_shared``: the fold writes new weights
+    for ``node`` alone either way (:func:`apply_out`), so the others keep the shared one."""
     if node.op not in kinds:
         return f"{node.op} '{node.name}' has no weights to fold into"
     y = node.outputs[0]
@@ -51,9 +56,10 @@ def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS) 
     w, why = param(node.inputs[widx] if len(node.inputs) > widx else None, f"{node.op} '{node.name}' weight")
     if w is None:
         return why
-    if shared(node.inputs[widx]):
+    sharing = users(node.inputs[widx]) - 1 if shared(node.inputs[widx]) else 0
+    if sharing and not copy_shared:
         return (f"{node.op} '{node.name}' weight '{node.inputs[widx].name}' is shared with "
-                f"{users(node.inputs[widx]) - 1} other node input(s)")
+                f"{sharing} other node input(s)")
     b = None
     if len(node.inputs) > 2 and node.inputs[2].name:
         b, why = param(node.inputs[2], f"{node.op} '{node.name}' bias")
@@ -62,7 +68,7 @@ def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS) 
     if node.op in ("Conv", "ConvTranspose"):
         at = ir.conv_attrs(node, w.shape)
         ch = w.shape[0] if node.op == "Conv" else w.shape[1] * at.group
-        return Target(node, w, b, ch, at.group)
+        return Target(node, w, b, ch, at.group, sharing)
     if w.ndim != 2:
         return f"{node.op} '{node.name}' weight has rank {w.ndim}, not 2"
     if node.op == "MatMul":
@@ -70,9 +76,9 @@ def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS) 
         if r != 2:
             return (f"MatMul '{node.name}' output rank {r if r is not None else 'unknown'}: "
                     "the channel axis 1 is not its last axis")
-        return Target(node, w, None, w.shape[1])
+        return Target(node, w, None, w.shape[1], sharing=sharing)
     ch = w.shape[0] if int(node.attrs.get("transB", 0)) else w.shape[1]
-    return Target(node, w, b, ch)
+    return Target(node, w, b, ch, sharing=sharing)
 
 
 def fold_out(tg: Target, s: np.ndarray, t: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

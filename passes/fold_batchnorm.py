@@ -9,9 +9,15 @@ What changes in the graph, per BatchNormalization (BN = per-channel ``s * x + t`
 - otherwise (standalone): option ``standalone`` = ``mul-add`` (default: per-channel Mul + Add),
   ``depthwise-conv`` (a 1x1 depthwise Conv, rank >= 3) or ``keep``.
 
+A weight op whose weight other nodes read too (RTMDet's head shares each Conv across the levels,
+each level with its own BN; the dynamo exporter leaves those BNs unfolded) gets its own folded
+copy, as onnxruntime does when it loads the model; option ``shared_weights`` = ``keep`` refuses
+such folds instead. The report counts the copies (``weights_copied``).
+
 Must not fire (reason in the report): training mode (``training_mode=1`` or running statistics
-used), parameters that are not constants, weights shared with other nodes, a producer output read
-by more than the BN, BN parameters that are not per-channel, ranks the fold cannot prove.
+used), parameters that are not constants, weights shared with other nodes under
+``shared_weights=keep`` (and always for a BN before a Conv), a producer output read by more than
+the BN, BN parameters that are not per-channel, ranks the fold cannot prove.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from ._conv_util import new_const, param, rank, shared, static_shape, with_shape
 from ._rounds import run_rounds
 
 STANDALONE = ("mul-add", "depthwise-conv", "keep")
+SHARED = ("copy", "keep")
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,8 @@ def plan_in(bn: gs.Node, s: np.ndarray, t: np.ndarray, outputs: Set[str]) -> Uni
     return FoldIn(bn, conv, w2, b2)
 
 
-def plan_bn(bn: gs.Node, outputs: Set[str], claimed: Set[int], mode: str) -> Union[Plan, str]:
+def plan_bn(bn: gs.Node, outputs: Set[str], claimed: Set[int], mode: str,
+            copy_shared: bool = True) -> Union[Plan, str]:
     st = bn_params(bn, outputs)
     if isinstance(st, str):
         return st
@@ -122,7 +130,7 @@ def plan_bn(bn: gs.Node, outputs: Set[str], claimed: Set[int], mode: str) -> Uni
     if prod is not None and prod.op in OUT_KINDS:
         if id(prod) in claimed:
             return DEFER
-        tg = out_target(prod, bn, outputs)
+        tg = out_target(prod, bn, outputs, copy_shared=copy_shared)
         if isinstance(tg, str):
             return tg
         if tg.channels != s.shape[0]:
@@ -173,14 +181,14 @@ def apply(p: Plan, graph: gs.Graph, alloc: ir.NameAllocator) -> str:
     return f"standalone_{p.mode.replace('-', '_')}"
 
 
-def one_round(graph: gs.Graph, mode: str) -> Tuple[List[Plan], Dict[str, str]]:
+def one_round(graph: gs.Graph, mode: str, copy_shared: bool = True) -> Tuple[List[Plan], Dict[str, str]]:
     """All non-conflicting plans of one round (each weight op claimed once) and the refusals."""
     outputs = ir.graph_output_names(graph)
     plans: List[Plan] = []
     refused: Dict[str, str] = {}
     claimed: Set[int] = set()
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and n.inputs]:
-        p = plan_bn(bn, outputs, claimed, mode)
+        p = plan_bn(bn, outputs, claimed, mode, copy_shared)
         if p == DEFER:
             continue
         if isinstance(p, str):
@@ -207,15 +215,21 @@ class FoldBatchNorm(Pass):
         if mode not in STANDALONE:
             raise UsageError(f"fold-batchnorm: unknown standalone mode '{mode}' "
                              f"(choose {', '.join(STANDALONE)})")
+        sharing = ctx.opt(self.name, "shared_weights", "copy")
+        if sharing not in SHARED:
+            raise UsageError(f"fold-batchnorm: unknown shared_weights mode '{sharing}' "
+                             f"(choose {', '.join(SHARED)})")
         report = PassReport()
         graph = ir.to_graph(with_shapes(model))
         alloc = ir.NameAllocator.for_graph(graph)
 
         def fold(p: Plan) -> None:
             report.count(apply(p, graph, alloc))
+            if isinstance(p, FoldOut) and p.target.sharing:
+                report.count("weights_copied")
             if isinstance(p, Standalone) and p.note:
                 report.details.setdefault("standalone_notes", {})[p.bn.name] = p.note
 
         # a Conv between two BNs takes one fold per round
-        return run_rounds(model, graph, report, lambda g: one_round(g, mode), fold, "folded",
-                          "fold-batchnorm: %d BatchNormalization node(s) removed")
+        return run_rounds(model, graph, report, lambda g: one_round(g, mode, sharing == "copy"), fold,
+                          "folded", "fold-batchnorm: %d BatchNormalization node(s) removed")

@@ -231,8 +231,24 @@ def matmul_rank3():
     return matmul_bn(rank3=True)
 
 
+def test_a_shared_weight_gets_a_folded_copy_per_conv():
+    """RTMDet's head: one Conv weight read at every level, each level with its own BN (the dynamo
+    exporter leaves them unfolded). Each Conv gets its own folded weight; the shared one goes."""
+    m = shared_weights()
+    res = run(m)
+    assert ops(res.model) == {"Conv": 2}
+    assert res.report.counts == {"into_conv": 2, "weights_copied": 2, "folded": 2}
+    weights = [n.input[1] for n in res.model.graph.node]
+    assert len(set(weights)) == 2 and "w" not in {t.name for t in res.model.graph.initializer}
+    assert_exact(m, res.model)
+    kept = run(m, shared_weights="keep")  # as before 2026-12-06: refused, named
+    assert not kept.modified and len(kept.report.skipped) == 2
+    assert all("weight 'w' is shared with 1 other node input(s)" in s["reason"] for s in kept.report.skipped)
+    with pytest.raises(UsageError, match="unknown shared_weights mode 'share'"):
+        run(m, shared_weights="share")
+
+
 REFUSALS = [
-    (shared_weights, "weight 'w' is shared with 1 other node input(s)", 2),
     (params_as_inputs, "BatchNormalization var 'bn.var' is not a constant (a graph input)", 1),
     (training_mode, "training-mode BatchNormalization (training_mode=1)", 1),
     (running_stats_used, "running statistics output 'mean_out' is used", 1),
