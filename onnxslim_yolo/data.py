@@ -62,6 +62,8 @@ PRESETS: Dict[str, Preset] = {
     # NanoDet-Plus: the same normalisation on BGR images (its mean 103.53, 116.28, 123.675 in 0-255)
     "nanodet": Preset("nanodet", rgb=False, scale=1 / 255, center=True, mean=(0.406, 0.456, 0.485),
                       std=(0.225, 0.224, 0.229)),
+    # FastestDet: OpenCV's BGR images over 255 (it stretches them to the input size; letterboxed here)
+    "fastestdet": Preset("fastestdet", rgb=False, scale=1 / 255, center=True),
     # mmdet's RTMDet: the same, padded at the bottom and right (its Pad after a kept-ratio Resize)
     "mmdet": Preset("mmdet", rgb=False, scale=1 / 255, center=False, mean=(0.406, 0.456, 0.485),
                     std=(0.225, 0.224, 0.229)),
@@ -165,9 +167,10 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
     branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`). A GFL head's
     rows (PP-PicoDet: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation, NanoDet-Plus's one
     output (``gfl``) the same on BGR images, RTMDet's raw maps (box distances in pixels) mmdet's
-    (the same, padded at the bottom and right)."""
+    (the same, padded at the bottom and right), FastestDet's map BGR over 255."""
     from .eval.decode import declared_shapes, detect_format, exporter_family  # decode does not import data
     from .eval.dfl import DISTANCES, dfl_layout, gfl_rows
+    from .eval.fastest import fastestdet_map
     family = exporter_family(model)[0]
     fmt = family or detect_format(model)
     why = ("the exporter named in the model's metadata" if family else
@@ -177,6 +180,8 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
         return "yolov6", "the output layout: a row per grid point, objectness a constant 1"
     if fmt == "v8" and gfl_rows(declared_shapes(model)):
         return "imagenet", "the output layout: GFL distance bins per row"
+    if fmt == "v8" and fastestdet_map(model):
+        return "fastestdet", "the output layout: FastestDet's map"
     if fmt == "v8" and (dfl_layout(declared_shapes(model)) or (0,))[0] == DISTANCES:
         return "mmdet", "the output layout: RTMDet's box distance maps"
     if fmt == "gfl":
@@ -584,7 +589,6 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
 
 __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox", "preprocess",
            "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input",
-           "channels_last", "AUX_INPUTS", "aux_inputs", "image_inputs", "aux_value", "add_aux", "full_input_shape",
-           "to_layout",
-           "model_batch", "groups", "iter_images",
-           "iter_inputs", "load_calibration", "ImageFeeds"]
+           "channels_last", "AUX_INPUTS", "aux_inputs", "image_inputs", "aux_value", "add_aux",
+           "full_input_shape", "to_layout", "model_batch", "groups", "iter_images", "iter_inputs",
+           "load_calibration", "ImageFeeds"]

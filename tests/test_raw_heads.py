@@ -286,6 +286,61 @@ def test_rtmdet_maps_are_read_by_the_head_analysis_presets_and_evaluator(tmp_pat
     assert max(len(d.boxes) for d in dets) > 0
 
 
+# ------------------------------------------------------------------ FastestDet's one head map
+def fastestdet_model(opset: int = 13, num_classes: int = 3, softmax: bool = True) -> onnx.ModelProto:
+    """FastestDet's head on a 64x64 input at stride 16: Concat(Sigmoid(obj), box, Softmax(cls)) on
+    the channel axis; at opset 11 the channel softmax is Transpose, Softmax(axis 3), Transpose."""
+    rng = np.random.default_rng(4)
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 0.2, (c, 3, 16, 16)).astype(np.float32), k)
+             for k, c in (("wo", 1), ("wr", 4), ("wc", num_classes))]
+    nodes = [helper.make_node("Conv", ["images", k], [k + "_y"], strides=[16, 16])
+             for k in ("wo", "wr", "wc")]
+    nodes.append(helper.make_node("Sigmoid", ["wo_y"], ["obj"]))
+    if not softmax:
+        nodes.append(helper.make_node("Sigmoid", ["wc_y"], ["cls"]))
+    elif opset >= 13:
+        nodes.append(helper.make_node("Softmax", ["wc_y"], ["cls"], axis=1))
+    else:
+        nodes += [helper.make_node("Transpose", ["wc_y"], ["t"], perm=[0, 2, 3, 1]),
+                  helper.make_node("Softmax", ["t"], ["s"], axis=3),
+                  helper.make_node("Transpose", ["s"], ["cls"], perm=[0, 3, 1, 2])]
+    nodes.append(helper.make_node("Concat", ["obj", "wr_y", "cls"], ["output"], axis=1))
+    graph = helper.make_graph(nodes, "fastestdet", [helper.make_tensor_value_info(
+        "images", onnx.TensorProto.FLOAT, [1, 3, *HW])], [helper.make_tensor_value_info(
+            "output", onnx.TensorProto.FLOAT, [1, 5 + num_classes, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_fastestdet_map_decodes_as_its_own_code_does():
+    """Cell (gx 1, gy 2) of a 4x4 map over a 64x64 input: centre ((tanh(v0) + 1) / 4, (tanh(v1) +
+    2) / 4), size (sigmoid(v2), sigmoid(v3)) of the input; scores objectness^0.6 x p^0.4."""
+    from onnxslim_yolo.eval.fastest import decode_map
+    p = np.zeros((1, 8, 4, 4), np.float32)
+    p[0, :, 2, 1] = [0.5, np.arctanh(0.5), np.arctanh(-0.25), 0.0, np.log(3.0), 0.2, 0.3, 0.5]
+    got = decode_map(p, HW)[0]
+    assert got.shape == (4 + 3, 16)
+    np.testing.assert_allclose(got[:4, 2 * 4 + 1], [(0.5 + 1) / 4 * 64, (-0.25 + 2) / 4 * 64, 32, 48],
+                               rtol=1e-5)
+    np.testing.assert_allclose(got[4:, 9], 0.5 ** 0.6 * np.array([0.2, 0.3, 0.5]) ** 0.4, rtol=1e-5)
+    assert np.all(got[4:, :9] == 0)  # no objectness elsewhere
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_fastestdet_is_recognised_by_its_graph(opset, tmp_path: Path):
+    from onnxslim_yolo.eval.fastest import fastestdet_map
+    model = fastestdet_model(opset)
+    assert fastestdet_map(model) and not fastestdet_map(fastestdet_model(opset, softmax=False))
+    info = find_head(model)
+    assert (info.family, info.num_classes) == ("fastestdet", 3)
+    assert detect_format(model) == "v8" and data.detect_preset(model) == "fastestdet"
+    assert not data.PRESETS["fastestdet"].rgb
+    dets = detections(model, _images(tmp_path / "im"), progress=False)
+    assert len(dets) == 2 and max(len(d.boxes) for d in dets) > 0
+    assert all(d.boxes.max() <= 64 and d.boxes.min() >= 0 for d in dets)  # within the 64x48 images
+    # one map of 8 channels with no such graph is read as no known layout
+    assert raw_maps_format(fastestdet_model(opset, softmax=False), [(1, 8, 4, 4)]) is None
+
+
 # ------------------------------------------------------ GFL head rows (PP-PicoDet, NanoDet-Plus)
 def _as_rows(maps):
     """(B, K, h, w) maps as the (B, h*w, K) rows a GFL head exports."""

@@ -25,6 +25,7 @@ from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
 from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients, split_layout
 from ..eval.dfl import DISTANCES, dfl_layout, gfl_rows
+from ..eval.fastest import fastestdet_map
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,12 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         ev.append(f"{nm} mask coefficients per candidate (prototype output)")
     hw = _image_hw(model)
     cells = _cells(hw, strides or DEFAULT_STRIDES)
+    if fastestdet_map(model):
+        ch = outputs[0][1][1]
+        ev.append(f"output {outputs[0][0]} is a Concat of a Sigmoid, a 4-channel box map and a Softmax "
+                  "(FastestDet's head)")
+        return ("fastestdet", "(1, 1+4+C, H, W) objectness, box values, class probabilities",
+                int(ch) - 5 if isinstance(ch, (int, np.integer)) else None, 1, ev)
     if gfl_rows([s for _, s in outputs]):
         bins, nc, levels = dfl_layout([s for _, s in outputs])  # type: ignore[misc]
         ev.append(f"{len(levels)} levels of head rows (1, h*w, 4x{bins}) + (1, h*w, {nc}), no DFL decode "

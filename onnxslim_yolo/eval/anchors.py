@@ -44,18 +44,24 @@ DEFAULT_PER_CELL = 3
 class OutputReader:
     """:func:`.decode.detection_output` with what the model's metadata says about its outputs:
     the anchors of raw anchor maps (:func:`model_anchors`), the keypoint values of a pose
-    export and the angle of an obb export (:func:`.decode.extra_values`)."""
+    export and the angle of an obb export (:func:`.decode.extra_values`); FastestDet's one map,
+    which only the graph tells apart (:func:`.fastest.fastestdet_map`), is decoded here."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         from .decode import extra_values, rotated_boxes
+        from .fastest import fastestdet_map
 
         self.anchors = model_anchors(model)
         self.extra = extra_values(model)
         self.rotated = rotated_boxes(model)
+        self.fastest = fastestdet_map(model)
 
     def __call__(self, outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]) -> np.ndarray:
         from .decode import detection_output
+        from .fastest import decode_map
 
+        if self.fastest and len(outputs) == 1 and outputs[0].ndim == 4:
+            return decode_map(outputs[0], input_hw)
         return detection_output(outputs, input_hw, self.anchors, self.extra, self.rotated)
 
 
