@@ -170,7 +170,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     except SlimError as exc:   # the model's inputs do not suit the calibration data: name the file
         raise naming_file(exc, src) from None
     if opts.labels is not None and _eval_images(opts) is not None:
-        _require_detections(original, src, ctx.input_shapes)
+        _require_detections(original, src, ctx)
     result = PassManager(passes, ctx).run(original)
     checks = run_final_checks(original, result, opts) if opts.check else None
     summary = summarize(original, result.model, ctx, opts, checks)
@@ -190,13 +190,15 @@ def _refuse_custom_ops(model: onnx.ModelProto, src: Optional[Path]) -> None:
                                 "(e.g. without the TensorRT NMS plugin)")
 
 
-def _require_detections(model: onnx.ModelProto, src: Optional[Path], shapes: Dict[str, Sequence[int]]) -> None:
+def _require_detections(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext) -> None:
     """``--labels`` asks for the accuracy before and after: outputs this tool cannot read as
-    detections are refused before any pass runs, not after them all (one run on a seeded input)."""
+    detections are refused before any pass runs, not after them all (one run on the first
+    calibration feed, else a seeded input)."""
     from .evaluate import feed_detections
 
+    feeds = ctx.calib_inputs[:1] if ctx.calib_inputs else verify.random_feeds(model, 1, 0, ctx.input_shapes)
     try:
-        feed_detections(model, verify.random_feeds(model, 1, 0, shapes))
+        feed_detections(model, feeds)
     except NotDetections as exc:
         raise UsageError(f"{src or 'model'}: --labels needs detections, and the outputs are none this tool "
                          f"decodes ({exc}); without --labels the model is optimized unscored") from None

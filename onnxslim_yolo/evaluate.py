@@ -133,7 +133,7 @@ def feed_detections(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray
     segmentation or pose export's carry their masks or keypoints, and an obb export's always carry
     their rotated boxes (as :func:`detections_multi`)."""
     run = _Runner(model, None, threads)
-    name = run.sess.get_inputs()[0].name
+    name = next(iter(data.image_inputs(model)))  # not a Paddle scale_factor beside it
     res: List[ImageBoxes] = []
     for i, f in enumerate(feeds):  # one output at a time: 64 of them would hold 0.5 GB
         hw = data.feed_hw(f[name])
