@@ -62,7 +62,8 @@ PRESETS: Dict[str, Preset] = {
     # NanoDet-Plus: the same normalisation on BGR images (its mean 103.53, 116.28, 123.675 in 0-255)
     "nanodet": Preset("nanodet", rgb=False, scale=1 / 255, center=True, mean=(0.406, 0.456, 0.485),
                       std=(0.225, 0.224, 0.229)),
-    # FastestDet: OpenCV's BGR images over 255 (it stretches them to the input size; letterboxed here)
+    # FastestDet, YOLO-FastestV2: OpenCV's BGR images over 255 (they stretch them to the input size;
+    # letterboxed here)
     "fastestdet": Preset("fastestdet", rgb=False, scale=1 / 255, center=True),
     # mmdet's RTMDet: the same, padded at the bottom and right (its Pad after a kept-ratio Resize)
     "mmdet": Preset("mmdet", rgb=False, scale=1 / 255, center=False, mean=(0.406, 0.456, 0.485),
@@ -167,10 +168,10 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
     branch, meituan YOLOv6 fills the column with ones (:func:`ones_objectness`). A GFL head's
     rows (PP-PicoDet: :func:`.eval.dfl.gfl_rows`) get ImageNet normalisation, NanoDet-Plus's one
     output (``gfl``) the same on BGR images, RTMDet's raw maps (box distances in pixels) mmdet's
-    (the same, padded at the bottom and right), FastestDet's map BGR over 255."""
+    (the same, padded at the bottom and right), FastestDet's and YOLO-FastestV2's maps BGR over 255."""
     from .eval.decode import declared_shapes, detect_format, exporter_family  # decode does not import data
     from .eval.dfl import DISTANCES, dfl_layout, gfl_rows
-    from .eval.fastest import fastestdet_map
+    from .eval.fastest import fastestdet_map, fastestv2_maps, v2_raw_layout
     family = exporter_family(model)[0]
     fmt = family or detect_format(model)
     why = ("the exporter named in the model's metadata" if family else
@@ -182,6 +183,8 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
         return "imagenet", "the output layout: GFL distance bins per row"
     if fmt == "v8" and fastestdet_map(model):
         return "fastestdet", "the output layout: FastestDet's map"
+    if fmt == "v5" and (fastestv2_maps(model) or v2_raw_layout(declared_shapes(model)) is not None):
+        return "fastestdet", "the output layout: YOLO-FastestV2's maps"
     if fmt == "v8" and (dfl_layout(declared_shapes(model)) or (0,))[0] == DISTANCES:
         return "mmdet", "the output layout: RTMDet's box distance maps"
     if fmt == "gfl":

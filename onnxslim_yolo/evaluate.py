@@ -21,6 +21,7 @@ from . import data, ir, verify
 from .eval.anchors import OutputReader, anchor_layout
 from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, normalize_format,
                           outputs_format, per_image)
+from .eval.fastest import v2_raw_layout
 from .eval.instances import InstanceReader, attach
 from .eval.metrics import MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
@@ -58,6 +59,10 @@ class _Runner:
             if self.read.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
                 log.warning("raw anchor maps decoded with YOLOv5's default anchors; pass --anchors if the "
                             "model was trained with others")
+            elif self.read.anchors is None and (self.read.fastest_v2
+                                                or v2_raw_layout([o.shape for o in outs]) is not None):
+                log.warning("YOLO-FastestV2 maps decoded with its COCO anchors; pass --anchors if the model "
+                            "was trained with others")
         return out, outs
 
     def image(self, out: np.ndarray, raw: Sequence[np.ndarray], b: int, hw: Sequence[int], key: str,

@@ -14,7 +14,8 @@ from fixtures.yolov5 import ANCHORS, build_yolov5_v6
 from fixtures.yolov8 import build_yolov8
 from onnxslim_yolo import data, verify
 from onnxslim_yolo.analysis.head import find_head
-from onnxslim_yolo.eval.anchors import anchor_layout, decode_maps, model_anchors, parse_anchors, with_anchors
+from onnxslim_yolo.eval.anchors import (OutputReader, anchor_layout, decode_maps, model_anchors,
+                                        parse_anchors, with_anchors)
 from onnxslim_yolo.eval.decode import NotDetections, detect_format, detection_output, raw_maps_format
 from onnxslim_yolo.eval.dfl import dfl_layout
 from onnxslim_yolo.evaluate import detections
@@ -339,6 +340,78 @@ def test_fastestdet_is_recognised_by_its_graph(opset, tmp_path: Path):
     assert all(d.boxes.max() <= 64 and d.boxes.min() >= 0 for d in dets)  # within the 64x48 images
     # one map of 8 channels with no such graph is read as no known layout
     assert raw_maps_format(fastestdet_model(opset, softmax=False), [(1, 8, 4, 4)]) is None
+
+
+# -------------------------------------------------------------- YOLO-FastestV2's anchor maps
+def fastestv2_model(raw: bool = False, num_classes: int = 3, na: int = 3) -> onnx.ModelProto:
+    """YOLO-FastestV2's head on a 64x64 input at strides 16 and 32: per level Transpose(Concat(
+    Sigmoid(box), Sigmoid(objectness), Softmax(classes))) to (1, h, w, 5na + C); with ``raw`` the
+    three logit maps per level instead (its export without the post-processing)."""
+    rng = np.random.default_rng(5)
+    nodes, inits, outs = [], [], []
+    for s in (16, 32):
+        h = HW[0] // s
+        parts = (("box", 4 * na), ("obj", na), ("cls", num_classes))
+        for k, c in parts:
+            inits.append(onnx.numpy_helper.from_array(rng.normal(0, 0.05, (c, 3, s, s)).astype(np.float32),
+                                                      f"w{k}{s}"))
+            nodes.append(helper.make_node("Conv", ["images", f"w{k}{s}"], [f"{k}{s}"], strides=[s, s]))
+        if raw:
+            outs += [helper.make_tensor_value_info(f"{k}{s}", onnx.TensorProto.FLOAT, [1, c, h, h])
+                     for k, c in parts]
+            continue
+        nodes += [helper.make_node("Sigmoid", [f"box{s}"], [f"sb{s}"]),
+                  helper.make_node("Sigmoid", [f"obj{s}"], [f"so{s}"]),
+                  helper.make_node("Softmax", [f"cls{s}"], [f"sc{s}"], axis=1),
+                  helper.make_node("Concat", [f"sb{s}", f"so{s}", f"sc{s}"], [f"cat{s}"], axis=1),
+                  helper.make_node("Transpose", [f"cat{s}"], [f"out{s}"], perm=[0, 2, 3, 1])]
+        outs.append(helper.make_tensor_value_info(f"out{s}", onnx.TensorProto.FLOAT,
+                                                  [1, h, h, 5 * na + num_classes]))
+    graph = helper.make_graph(nodes, "fastestv2", [helper.make_tensor_value_info(
+        "images", onnx.TensorProto.FLOAT, [1, 3, *HW])], outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_fastestv2_maps_decode_as_yolov5_with_its_anchors():
+    """Anchor 1 of cell (column 2, row 1) at stride 16: xy = (2s - 0.5 + cell) x 16, wh = (2s)^2 x
+    anchor (YOLO-FastestV2's COCO anchors, 37.88 x 51.48); rows keep objectness and the cell's
+    class probabilities, which YOLOv5's decode multiplies."""
+    from onnxslim_yolo.eval.fastest import V2_ANCHORS
+    m = fastestv2_model()
+    f16, f32 = np.full((1, 4, 4, 18), 0.25, np.float32), np.full((1, 2, 2, 18), 0.25, np.float32)
+    f16[0, 1, 2, 4:8] = [0.5, 0.75, 0.5, 1.0]
+    f16[0, 1, 2, 12:15] = [0.1, 0.9, 0.2]  # objectness of anchors 0-2
+    f16[0, 1, 2, 15:] = [0.1, 0.6, 0.3]
+    got = OutputReader(m)([f16, f32], HW)[0]
+    assert got.shape == (3 * 16 + 3 * 4, 8)
+    row = got[1 * 16 + 1 * 4 + 2]  # anchor-major rows, as YOLOv5's maps
+    np.testing.assert_allclose(row, [(0.5 + 2) * 16, (1.0 + 1) * 16, V2_ANCHORS[0][2], 4 * V2_ANCHORS[0][3],
+                                     0.9, 0.1, 0.6, 0.3], rtol=1e-6)
+
+
+def test_fastestv2_export_and_raw_maps_read_alike(tmp_path: Path):
+    from onnxslim_yolo.eval.fastest import V2_ANCHORS, fastestv2_maps, v2_raw_layout
+    export, raw = fastestv2_model(), fastestv2_model(raw=True)  # 3 classes, 3 anchors: the order decides
+    assert fastestv2_maps(export) == 3 and fastestv2_maps(raw) is None
+    x = np.random.default_rng(0).random((1, 3, *HW), dtype=np.float32)
+    want, got = OutputReader(export)(_outs(export, x), HW), OutputReader(raw)(_outs(raw, x), HW)
+    assert want.shape == (1, 60, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for m in (export, raw):
+        info = find_head(m)
+        assert (info.family, info.num_classes, info.anchors_per_cell) == ("yolo-fastestv2", 3, 3)
+        assert detect_format(m) == "v5" and data.detect_preset(m) == "fastestdet"
+    dets = detections(export, _images(tmp_path / "im"), progress=False)
+    assert len(dets) == 2 and max(len(d.boxes) for d in dets) > 0
+    # YOLOX's three maps per level (4, 1, C) and FCOS's (4, C, 1) are not read so
+    assert v2_raw_layout([(1, 4, 8, 8), (1, 1, 8, 8), (1, 3, 8, 8), (1, 4, 4, 4), (1, 1, 4, 4),
+                          (1, 3, 4, 4)]) is None
+    # --anchors must fit 2 levels of 3; ones that fit are used: twice the anchors, twice the sizes
+    with pytest.raises(UsageError, match="anchors name 3 levels of 3 but the head has 2 levels of 3"):
+        with_anchors(export, json.dumps(ANCHORS))
+    doubled = with_anchors(raw, json.dumps([[2 * v for v in lv] for lv in V2_ANCHORS]))
+    np.testing.assert_allclose(OutputReader(doubled)(_outs(raw, x), HW)[..., 2:4], 2 * want[..., 2:4],
+                               rtol=1e-5)
 
 
 # ------------------------------------------------------ GFL head rows (PP-PicoDet, NanoDet-Plus)

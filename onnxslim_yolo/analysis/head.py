@@ -25,7 +25,7 @@ from ..data import ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
 from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients, split_layout
 from ..eval.dfl import DISTANCES, dfl_layout, gfl_rows
-from ..eval.fastest import fastestdet_map
+from ..eval.fastest import fastestdet_map, fastestv2_maps, v2_raw_layout
 from ..pass_base import PreconditionError
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,22 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
                   "(FastestDet's head)")
         return ("fastestdet", "(1, 1+4+C, H, W) objectness, box values, class probabilities",
                 int(ch) - 5 if isinstance(ch, (int, np.integer)) else None, 1, ev)
+    v2, raw = fastestv2_maps(model), v2_raw_layout([s for _, s in outputs])
+    if v2 or raw is not None:
+        if v2:
+            nc = outputs[0][1][3]
+            nc = int(nc) - 5 * v2 if isinstance(nc, (int, np.integer)) else None
+            layout = f"(1, h, w, 5x{v2}+C) box values and objectness per anchor, class probabilities"
+            ev.append(f"{len(outputs)} outputs (1, h, w, 5x{v2}+C): a channels-last Concat of Sigmoids and a "
+                      "Softmax (YOLO-FastestV2's head)")
+        else:
+            v2, nc = raw[0], int(outputs[raw[1][0][2]][1][1])
+            layout = f"raw maps (1, 4x{v2}, h, w) + (1, {v2}, h, w) + (1, C, h, w)"
+            ev.append(f"{len(raw[1])} levels of raw maps (1, 4x{v2}, h, w) + (1, {v2}, h, w) + (1, {nc}, h, w), "
+                      "no sigmoid or softmax in the graph (YOLO-FastestV2's head)")
+        ev.append("anchors: " + ("the model's 'anchors' metadata" if model_anchors(model) is not None
+                                 else "YOLO-FastestV2's COCO ones (--anchors names others)"))
+        return "yolo-fastestv2", layout, nc, v2, ev
     if gfl_rows([s for _, s in outputs]):
         bins, nc, levels = dfl_layout([s for _, s in outputs])  # type: ignore[misc]
         ev.append(f"{len(levels)} levels of head rows (1, h*w, 4x{bins}) + (1, h*w, {nc}), no DFL decode "

@@ -44,24 +44,31 @@ DEFAULT_PER_CELL = 3
 class OutputReader:
     """:func:`.decode.detection_output` with what the model's metadata says about its outputs:
     the anchors of raw anchor maps (:func:`model_anchors`), the keypoint values of a pose
-    export and the angle of an obb export (:func:`.decode.extra_values`); FastestDet's one map,
-    which only the graph tells apart (:func:`.fastest.fastestdet_map`), is decoded here."""
+    export and the angle of an obb export (:func:`.decode.extra_values`); the maps of FastestDet
+    and YOLO-FastestV2, which only the graph tells apart (:mod:`.fastest`), are decoded here."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         from .decode import extra_values, rotated_boxes
-        from .fastest import fastestdet_map
+        from .fastest import fastestdet_map, fastestv2_maps
 
         self.anchors = model_anchors(model)
         self.extra = extra_values(model)
         self.rotated = rotated_boxes(model)
         self.fastest = fastestdet_map(model)
+        self.fastest_v2 = fastestv2_maps(model)
 
     def __call__(self, outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]) -> np.ndarray:
         from .decode import detection_output
-        from .fastest import decode_map
+        from .fastest import decode_map, v2_anchor_maps, v2_anchors, v2_from_raw, v2_raw_layout
 
         if self.fastest and len(outputs) == 1 and outputs[0].ndim == 4:
             return decode_map(outputs[0], input_hw)
+        if self.fastest_v2 and all(o.ndim == 4 for o in outputs):
+            return decode_maps(v2_anchor_maps(outputs, self.fastest_v2), input_hw, v2_anchors(self.anchors))
+        raw = v2_raw_layout([o.shape for o in outputs])
+        if raw is not None:
+            maps = v2_anchor_maps(v2_from_raw(outputs, raw[1]), raw[0])
+            return decode_maps(maps, input_hw, v2_anchors(self.anchors))
         return detection_output(outputs, input_hw, self.anchors, self.extra, self.rotated)
 
 
@@ -91,14 +98,20 @@ def with_anchors(model: onnx.ModelProto, text: Optional[str], copy: bool = True)
     None. The optimized model keeps the metadata, so later runs decode it without the option."""
     if text is None:
         return model
+    from .fastest import fastestv2_maps, v2_raw_layout
+
     anchors = parse_anchors(text)
     shapes = declared_shapes(model)
-    layout = anchor_layout(shapes, per_cell(anchors)) or anchor_layout(shapes)
+    raw_v2, levels = v2_raw_layout(shapes), len(shapes)
+    v2 = fastestv2_maps(model) or (raw_v2[0] if raw_v2 else None)
+    if raw_v2:
+        levels = len(raw_v2[1])  # three maps a level
+    layout = (v2, 0) if v2 else anchor_layout(shapes, per_cell(anchors)) or anchor_layout(shapes)
     if layout is None:
         log.warning("--anchors: the outputs %s are not raw anchor maps; the anchors are stored but not used",
                     [list(s) for s in shapes])
     else:
-        _anchors_for(len(shapes), layout[0], anchors)  # a count that does not fit fails now, not later
+        _anchors_for(levels, layout[0], anchors)  # a count that does not fit fails now, not later
     value = json.dumps([list(lv) for lv in anchors])
     if copy:
         model, original = onnx.ModelProto(), model
