@@ -49,6 +49,9 @@ class Preset:
     #: normalisation), in the preset's channel order; None for none
     mean: Optional[Tuple[float, float, float]] = None
     std: Optional[Tuple[float, float, float]] = None
+    #: resized to the input size without keeping the aspect ratio (no padding), as PaddleDetection,
+    #: FastestDet and YOLO-FastestV2 feed their models
+    stretch: bool = False
 
 
 PRESETS: Dict[str, Preset] = {
@@ -62,13 +65,26 @@ PRESETS: Dict[str, Preset] = {
     # NanoDet-Plus: the same normalisation on BGR images (its mean 103.53, 116.28, 123.675 in 0-255)
     "nanodet": Preset("nanodet", rgb=False, scale=1 / 255, center=True, mean=(0.406, 0.456, 0.485),
                       std=(0.225, 0.224, 0.229)),
-    # FastestDet, YOLO-FastestV2: OpenCV's BGR images over 255 (they stretch them to the input size;
-    # letterboxed here)
-    "fastestdet": Preset("fastestdet", rgb=False, scale=1 / 255, center=True),
+    # FastestDet, YOLO-FastestV2: OpenCV's BGR images over 255, stretched to the input size
+    "fastestdet": Preset("fastestdet", rgb=False, scale=1 / 255, center=True, stretch=True),
+    # PaddleDetection's detectors stretch their images too: PP-YOLOE+ and RT-DETR over 255, PP-YOLOE
+    # (v1), PP-YOLO and PicoDet ImageNet-normalised
+    "paddle": Preset("paddle", rgb=True, scale=1 / 255, center=True, stretch=True),
+    "paddle-imagenet": Preset("paddle-imagenet", rgb=True, scale=1 / 255, center=True,
+                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), stretch=True),
     # mmdet's RTMDet: the same, padded at the bottom and right (its Pad after a kept-ratio Resize)
     "mmdet": Preset("mmdet", rgb=False, scale=1 / 255, center=False, mean=(0.406, 0.456, 0.485),
                     std=(0.225, 0.224, 0.229)),
 }
+
+
+#: input pixels per original pixel: one ratio for both axes (letterbox) or (x, y) (stretched)
+Ratio = Union[float, Tuple[float, float]]
+
+
+def ratio_xy(ratio: Ratio) -> Tuple[float, float]:
+    """(x, y) of a :data:`Ratio`."""
+    return (float(ratio[0]), float(ratio[1])) if isinstance(ratio, tuple) else (float(ratio), float(ratio))
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,7 @@ class Meta:
 
     path: Path
     orig_hw: Tuple[int, int]
-    ratio: float
+    ratio: Ratio  # input pixels per original pixel: one for both axes, or (x, y) when stretched
     pad: Tuple[int, int]  # (left, top) in input pixels
 
 
@@ -117,15 +133,19 @@ def read_image(path: PathLike) -> np.ndarray:
 
 
 def letterbox(img: np.ndarray, size: Tuple[int, int], center: bool = True,
-              pad_value: int = 114) -> Tuple[np.ndarray, float, Tuple[int, int]]:
+              pad_value: int = 114, stretch: bool = False) -> Tuple[np.ndarray, Ratio, Tuple[int, int]]:
     """Resize keeping the aspect ratio, then pad to ``size`` = (h, w).
 
     Returns ``(out, ratio, (pad_left, pad_top))``. Ultralytics rules: ``ratio = min(h/H, w/W)``,
     unpadded size ``round(W*ratio), round(H*ratio)``; when centred the padding is split with
     ``round(d - 0.1)`` before and ``round(d + 0.1)`` after; otherwise all padding goes right/bottom.
+    With ``stretch`` the image is resized to ``size`` as it is, ratio (w/W, h/H), no padding.
     """
     h, w = int(size[0]), int(size[1])
     H, W = img.shape[:2]
+    if stretch:
+        out = img if (W, H) == (w, h) else np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+        return out, (w / W, h / H), (0, 0)
     r = min(h / H, w / W)
     nw, nh = int(round(W * r)), int(round(H * r))
     if (nw, nh) != (W, H):
@@ -143,7 +163,7 @@ def letterbox(img: np.ndarray, size: Tuple[int, int], center: bool = True,
 def preprocess(img: np.ndarray, preset: Preset, size: Tuple[int, int],
                path: Optional[Path] = None) -> Tuple[np.ndarray, Meta]:
     """RGB HxWx3 uint8 -> CHW float32 per ``preset``, plus the :class:`Meta` to undo it."""
-    out, r, pad = letterbox(img, size, preset.center, preset.pad_value)
+    out, r, pad = letterbox(img, size, preset.center, preset.pad_value, preset.stretch)
     if not preset.rgb:
         out = out[:, :, ::-1]
     chw = np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32)
@@ -179,6 +199,10 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
            else "the default: nothing in the model names another family")
     if fmt == "yolox" and ones_objectness(model):
         return "yolov6", "the output layout: a row per grid point, objectness a constant 1"
+    if aux_inputs(model):  # PaddleDetection: stretched; GFL rows are PicoDet's, ImageNet-normalised
+        if fmt == "v8" and gfl_rows(declared_shapes(model)):
+            return "paddle-imagenet", "PaddleDetection's scale_factor input and GFL distance bins per row"
+        return "paddle", "PaddleDetection's scale_factor input"
     if fmt == "v8" and gfl_rows(declared_shapes(model)):
         return "imagenet", "the output layout: GFL distance bins per row"
     if fmt == "v8" and fastestdet_map(model):
@@ -198,8 +222,8 @@ def describe_preset(preset: Preset) -> str:
               if abs(preset.scale - 1 / 255) < 1e-9 else f"pixels x {preset.scale:.6g}")
     if preset.mean is not None:
         pixels += ", minus the ImageNet mean, over its std"
-    return (f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, letterbox "
-            f"{'centred' if preset.center else 'top-left'}")
+    fit = "stretched to the input" if preset.stretch else f"letterbox {'centred' if preset.center else 'top-left'}"
+    return f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, {fit}"
 
 
 #: ops that pass a tensor of ones on as ones (a broadcast, a reshape, a cast)

@@ -66,7 +66,7 @@ class _Runner:
         return out, outs
 
     def image(self, out: np.ndarray, raw: Sequence[np.ndarray], b: int, hw: Sequence[int], key: str,
-              orig_hw: Sequence[int], ratio: float, pad: Sequence[float], instances: bool,
+              orig_hw: Sequence[int], ratio: data.Ratio, pad: Sequence[float], instances: bool,
               conf: float = 0.001, iou: float = 0.6, max_det: int = 300) -> ImageBoxes:
         """Image ``b``'s detections in its original pixels, from its detection output ``out`` and
         the run's ``raw`` outputs (masks, keypoints or rotated boxes attached as in

@@ -155,14 +155,17 @@ def test_a_paddle_export_with_scale_factor_and_im_shape_is_optimized_and_checked
     paddle = tmp_path / "paddle.onnx"
     ir.save(split_boxes_scores(ir.load(model_file), True, ("im_shape", "scale_factor")), paddle)
     images = demo_paths()[1]
-    out, report = tmp_path / "paddle.int8.onnx", tmp_path / "r.json"
-    r = invoke("optimize", paddle, "-o", out, "--int8", "--calib", images, "--labels", demo_paths()[2],
-               "--no-bench", "--quiet", "--report", report)
-    assert r.exit_code == 0, r.output
+    out = tmp_path / "paddle.int8.onnx"
+    # the fixture is a YOLOv5 model: fed as one (a Paddle export is stretched by default, test_evaluate).
+    # Every Conv INT8: placed by measured speed, the INT8 guard of this random-weight model (output
+    # cosine about 0.81) can restore every layer, and no Q would be left to check
+    from onnxslim_yolo import optimize
+    res = optimize(paddle, out, int8=True, calib=images, labels=demo_paths()[2], preprocess="yolov5",
+                   bench=False, progress=False, pass_options={"insert-qdq": {"placement": "all"}})
     got = ir.load(out)
     assert [i.name for i in got.graph.input] == ["im_shape", "images", "scale_factor"]
     assert any(n.op_type == "QuantizeLinear" for n in got.graph.node)
-    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]["checks"]}
+    checks = {c["name"]: c for c in res.to_dict()["checks"]["checks"]}
     assert checks["reference.numerics"]["status"] == "pass"
     assert checks["accuracy.agreement"]["status"] in ("pass", "skip"), checks["accuracy.agreement"]
     e = invoke("eval", out, "--images", images, "--labels", demo_paths()[2])

@@ -430,12 +430,30 @@ def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
              "nms_labels": lambda m: append_nms(m, max_det=20, layout="labels"),
              "nms_end2end": lambda m: append_nms(m, max_det=20, layout="end2end"),
              "nms_paddle": lambda m: append_nms(m, max_det=20, layout="paddle")}[tail](base)
-    ref, got = (detections(m, images, progress=False, threads=1) for m in (base, model))
+    # the letterbox these boxes are placed for (a Paddle export is stretched by default, below)
+    ref, got = (detections(m, images, preset="yolov5", progress=False, threads=1) for m in (base, model))
     for a, b in zip(ref, got):
         ia, ib = np.argsort(a.classes), np.argsort(b.classes)  # equal scores: any order
         assert len(a) == len(b) == 2 and np.allclose(b.boxes[ib], a.boxes[ia], atol=1e-4)
         assert np.allclose(b.scores[ib], a.scores[ia]) and b.classes[ib].tolist() == a.classes[ia].tolist()
+    assert evaluate(model, images, labels, preset="yolov5", progress=False,
+                    threads=1)["map"] == pytest.approx(1.0)
+
+
+def test_a_paddle_export_is_fed_stretched_images(dataset):
+    """PaddleDetection resizes without keeping the aspect ratio: boxes placed for the 40x80 images
+    stretched to 64x64 (x 0.8, y 1.6) map back onto the labels; letterboxed, they do not."""
+    images, labels = dataset
+    H, W = IMG_HW
+    stretched = np.array([[cx * W * 0.8, cy * H * 1.6, w * W * 0.8, h * H * 1.6]
+                          for _, cx, cy, w, h in LABELS], np.float32)
+    model = split_boxes_scores(const_model("v5", stretched, CLASSES), True, ("im_shape", "scale_factor"))
+    assert data.preset_choice(model) == ("paddle", "PaddleDetection's scale_factor input")
+    assert "stretched to the input" in data.describe_preset(data.PRESETS["paddle"])
     assert evaluate(model, images, labels, progress=False, threads=1)["map"] == pytest.approx(1.0)
+    assert evaluate(model, images, labels, preset="yolov5", progress=False, threads=1)["map"] < 0.5
+    out, ratio, pad = data.letterbox(np.zeros((40, 80, 3), np.uint8), (64, 64), stretch=True)
+    assert out.shape == (64, 64, 3) and ratio == (0.8, 1.6) and pad == (0, 0)
 
 
 def test_detections_are_in_original_pixels_and_score_uses_labels(dataset):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from onnxslim_yolo.check.accuracy import Detections, check_map_drop
 from onnxslim_yolo.eval import instances
-from onnxslim_yolo.eval.instances import _samples, image_keypoints
+from onnxslim_yolo.eval.instances import _samples, image_keypoints, image_rotated
 from onnxslim_yolo.eval.metrics import (ImageBoxes, coco_map, labels_have_shapes, load_ground_truth,
                                         read_labels)
 from onnxslim_yolo.evaluate import detections, evaluate
@@ -276,6 +276,22 @@ def test_masks_and_keypoints_map_back_through_the_letterbox():
     assert np.allclose(w.sum(1), 1) and np.allclose(w @ np.array([0.0, 1.0]), [0, 0.25, 0.75, 1])
     k = image_keypoints(np.array([[[16.0, 32.0]]]), RATIO, (0, PAD_TOP))
     assert k.tolist() == [[[20.0, 20.0, 1.0]]]
+    # stretched (PaddleDetection, FastestDet): a ratio per axis, no padding
+    assert image_keypoints(np.array([[[16.0, 32.0]]]), (0.8, 1.6), (0, 0)).tolist() == [[[20.0, 20.0, 1.0]]]
+
+
+def test_rotated_boxes_map_back_through_a_stretch():
+    """A box along the x axis keeps its angle and scales by the x ratio; one at 90 degrees by
+    the y ratio; at 45 degrees under a 2:1 stretch its sides run along (1, 2) and (-1, 2)
+    directions, of lengths sqrt(5)/sqrt(2) times the sides."""
+    r = np.array([[40.0, 40.0, 20.0, 10.0, 0.0], [40.0, 40.0, 20.0, 10.0, np.pi / 2],
+                  [40.0, 40.0, 20.0, 20.0, np.pi / 4]])
+    out = image_rotated(r, (2.0, 1.0), (0, 0))
+    np.testing.assert_allclose(out[0], [20, 40, 10, 10, 0], atol=1e-9)
+    np.testing.assert_allclose(out[1], [20, 40, 20, 5, np.pi / 2], atol=1e-9)
+    np.testing.assert_allclose(out[2, 2:4], [20 * np.sqrt(5 / 8)] * 2, atol=1e-9)
+    assert out[2, 4] == pytest.approx(np.arctan2(1, 0.5))
+    np.testing.assert_allclose(image_rotated(r, 2.0, (4, 0))[:, :4], (r[:, :4] - [4, 0, 0, 0]) / 2)
 
 
 def test_agreement_compares_keypoints_and_masks_with_the_reference(tmp_path: Path):

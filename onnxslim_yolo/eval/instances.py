@@ -20,6 +20,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from ..data import Ratio, ratio_xy
 from .decode import _trailing_axis, keypoint_shape, mask_coefficients, rotated_boxes, trailing_values
 from .metrics import ImageBoxes
 
@@ -85,7 +86,7 @@ def _samples(n_out: int, scale: float, offset: float,
 
 
 def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw: Sequence[int],
-              orig_hw: Sequence[int], ratio: float, pad: Sequence[int]) -> List[Any]:
+              orig_hw: Sequence[int], ratio: Ratio, pad: Sequence[int]) -> List[Any]:
     """pycocotools RLEs of the detections' masks in the original image: ``coefs`` (M, nm),
     ``protos`` (nm, h, w) over the letterboxed input of ``input_hw``, ``boxes`` (M, 4) xyxy in
     original pixels; ``ratio`` and ``pad`` (left, top) as the letterbox made them."""
@@ -94,8 +95,9 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
     nm, ph, pw = protos.shape
     H, W = int(orig_hw[0]), int(orig_hw[1])
     sy, sx = ph / float(input_hw[0]), pw / float(input_hw[1])
-    ylo, yhi, fy = _samples(H, ratio * sy, pad[1] * sy, ph)
-    xlo, xhi, fx = _samples(W, ratio * sx, pad[0] * sx, pw)
+    rx, ry = ratio_xy(ratio)
+    ylo, yhi, fy = _samples(H, ry * sy, pad[1] * sy, ph)
+    xlo, xhi, fx = _samples(W, rx * sx, pad[0] * sx, pw)
     rles: List[Any] = []
     step = max(1, min(32, _ENCODE_BYTES // max(H * W, 1)))
     for start in range(0, len(boxes), step):
@@ -120,26 +122,35 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
     return rles
 
 
-def image_keypoints(kpts: np.ndarray, ratio: float, pad: Sequence[int]) -> np.ndarray:
+def image_keypoints(kpts: np.ndarray, ratio: Ratio, pad: Sequence[int]) -> np.ndarray:
     """(M, K, 2 or 3) keypoints in input pixels -> (M, K, 3) in original pixels (visibility 1
     when the model gives none; pycocotools reads only the labels' visibilities)."""
+    rx, ry = ratio_xy(ratio)
     out = np.ones(kpts.shape[:2] + (3,), np.float64)
-    out[..., 0] = (kpts[..., 0] - pad[0]) / ratio
-    out[..., 1] = (kpts[..., 1] - pad[1]) / ratio
+    out[..., 0] = (kpts[..., 0] - pad[0]) / rx
+    out[..., 1] = (kpts[..., 1] - pad[1]) / ry
     if kpts.shape[2] == 3:
         out[..., 2] = kpts[..., 2]
     return out
 
 
-def image_rotated(r: np.ndarray, ratio: float, pad: Sequence[int]) -> np.ndarray:
-    """(M, 5) rotated boxes cx cy w h angle in input pixels -> in original pixels."""
+def image_rotated(r: np.ndarray, ratio: Ratio, pad: Sequence[int]) -> np.ndarray:
+    """(M, 5) rotated boxes cx cy w h angle in input pixels -> in original pixels. Stretched
+    inputs ((x, y) ratios) scale each side by the ratio along its own direction, and the angle
+    as the stretch turns it (a rectangle stretched along neither of its sides is a parallelogram:
+    its sides keep their lengths, approximately)."""
+    rx, ry = ratio_xy(ratio)
     out = r.astype(np.float64, copy=True)
-    out[:, 0], out[:, 1] = (r[:, 0] - pad[0]) / ratio, (r[:, 1] - pad[1]) / ratio
-    out[:, 2:4] = r[:, 2:4] / ratio
+    out[:, 0], out[:, 1] = (r[:, 0] - pad[0]) / rx, (r[:, 1] - pad[1]) / ry
+    c, s = np.cos(r[:, 4]), np.sin(r[:, 4])
+    out[:, 2] = r[:, 2] * np.hypot(c / rx, s / ry)  # the w side runs along the angle
+    out[:, 3] = r[:, 3] * np.hypot(s / rx, c / ry)
+    if rx != ry:
+        out[:, 4] = np.arctan2(s / ry, c / rx)
     return out
 
 
-def attach(boxes: ImageBoxes, parts: Parts, rows: np.ndarray, input_hw: Sequence[int], ratio: float,
+def attach(boxes: ImageBoxes, parts: Parts, rows: np.ndarray, input_hw: Sequence[int], ratio: Ratio,
            pad: Sequence[int]) -> ImageBoxes:
     """``boxes`` (detections in original pixels, from candidates ``rows``) with their masks,
     keypoints or rotated boxes."""

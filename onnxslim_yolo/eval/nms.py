@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..data import Ratio, ratio_xy
+
 MAX_WH = 7680
 MAX_NMS = 30000
 
@@ -109,11 +111,13 @@ def non_max_suppression(boxes: np.ndarray, scores: np.ndarray, conf: float = 0.0
     return (dets, i[k].astype(np.int64)) if with_rows else dets
 
 
-def scale_boxes(dets: np.ndarray, ratio: float, pad, orig_hw) -> np.ndarray:
-    """Map xyxy boxes from letterboxed input pixels back to the original image, clipped to it."""
+def scale_boxes(dets: np.ndarray, ratio: Ratio, pad, orig_hw) -> np.ndarray:
+    """Map xyxy boxes from letterboxed (or stretched: ``ratio`` (x, y)) input pixels back to the
+    original image, clipped to it."""
+    rx, ry = ratio_xy(ratio)
     out = dets.copy()
-    out[:, [0, 2]] = (out[:, [0, 2]] - pad[0]) / ratio
-    out[:, [1, 3]] = (out[:, [1, 3]] - pad[1]) / ratio
+    out[:, [0, 2]] = (out[:, [0, 2]] - pad[0]) / rx
+    out[:, [1, 3]] = (out[:, [1, 3]] - pad[1]) / ry
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, orig_hw[1])
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, orig_hw[0])
     return out
