@@ -222,7 +222,8 @@ def describe_preset(preset: Preset) -> str:
               if abs(preset.scale - 1 / 255) < 1e-9 else f"pixels x {preset.scale:.6g}")
     if preset.mean is not None:
         pixels += ", minus the ImageNet mean, over its std"
-    fit = "stretched to the input" if preset.stretch else f"letterbox {'centred' if preset.center else 'top-left'}"
+    fit = ("stretched to the input" if preset.stretch
+           else f"letterbox {'centred' if preset.center else 'top-left'}")
     return f"{preset.name}: {'RGB' if preset.rgb else 'BGR'}, {pixels}, {fit}"
 
 
