@@ -73,7 +73,8 @@ def _mirror_folder(images: Path, limit: int, out: Path) -> None:
 
 def _feeding(model: onnx.ModelProto, name: str) -> tuple:
     p = data.get_preset(name, model)
-    return (p.rgb, p.scale, p.center, p.pad_value, p.mean, p.std)
+    fit = ("stretch",) if p.stretch else (p.center, p.pad_value)  # a stretch pads nothing
+    return (p.rgb, p.scale, p.mean, p.std) + fit
 
 
 def _distinct(model: onnx.ModelProto, but: Optional[str] = None) -> List[str]:
