@@ -53,12 +53,9 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
         return _row_layout(shapes)
     if len(shapes) < 4 or not all(len(s) == 4 and known_map_dims(s) for s in shapes):
         return None
-    by_size: Dict[Tuple[int, int], List[int]] = {}
-    for i, s in enumerate(shapes):
-        by_size.setdefault((int(s[2]), int(s[3])), []).append(i)
     levels, kinds = [], set()
-    for size in sorted(by_size, key=lambda hw: -hw[0] * hw[1]):
-        maps = list(by_size[size])
+    for group in maps_by_size(shapes):
+        maps = list(group)
         if len(maps) == 3:  # a score-sum map beside them: the last one-channel map
             ones = [i for i in maps if int(shapes[i][1]) == 1]
             if not ones:
@@ -67,7 +64,7 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
         if len(maps) != 2:
             return None
         box = next((i for i in maps if int(shapes[i][1]) % 4 == 0 and int(shapes[i][1]) // 4 in BINS), None)
-        if box is None and len(by_size[size]) == 2:  # no third map: plain distances (RTMDet)
+        if box is None and len(group) == 2:  # no third map: plain distances (RTMDet)
             box = next((i for i in maps if int(shapes[i][1]) == 4 * DISTANCES), None)
         if box is None:
             return None
@@ -78,6 +75,14 @@ def dfl_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tupl
         return None
     bins, nc = kinds.pop()
     return bins, nc, levels
+
+
+def maps_by_size(shapes: Sequence[Sequence]) -> List[List[int]]:
+    """The indices of rank-4 maps (B, C, h, w) grouped by spatial size, the largest size first."""
+    by_size: Dict[Tuple[int, int], List[int]] = {}
+    for i, s in enumerate(shapes):
+        by_size.setdefault((int(s[2]), int(s[3])), []).append(i)
+    return [by_size[hw] for hw in sorted(by_size, key=lambda hw: -hw[0] * hw[1])]
 
 
 def _row_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, int, List[Tuple[int, int]]]]:

@@ -25,6 +25,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from .decode import known_map_dims
+from .dfl import maps_by_size
+
 #: exponents of objectness and class probability in FastestDet's score
 OBJ_POWER, CLS_POWER = 0.6, 0.4
 #: YOLO-FastestV2's COCO anchors (its data/coco.data), w h pairs per level, finest first
@@ -110,15 +113,10 @@ def v2_raw_layout(shapes: Sequence[Sequence]) -> Optional[Tuple[int, List[Tuple[
     maps of 4na, na and C channels, na >= 2 (one channel each would be a YOLOX or FCOS cut), the
     same on 2 or more levels; with C = na the objectness map is the first in output order, as
     the model writes them. None otherwise."""
-    if len(shapes) < 6 or len(shapes) % 3 or not all(len(s) == 4 and all(isinstance(d, (int, np.integer))
-                                                                       for d in s[1:]) for s in shapes):
+    if len(shapes) < 6 or len(shapes) % 3 or not all(len(s) == 4 and known_map_dims(s) for s in shapes):
         return None
-    by_size: Dict[Tuple[int, int], List[int]] = {}
-    for i, s in enumerate(shapes):
-        by_size.setdefault((int(s[2]), int(s[3])), []).append(i)
     levels, kinds = [], set()
-    for size in sorted(by_size, key=lambda hw: -hw[0] * hw[1]):
-        maps = by_size[size]
+    for maps in maps_by_size(shapes):
         ch = {i: int(shapes[i][1]) for i in maps}
         pairs = [(b, o) for b in maps for o in maps if b != o and ch[o] >= 2 and ch[b] == 4 * ch[o]]
         if len(maps) != 3 or not pairs or len({b for b, _ in pairs}) != 1:
