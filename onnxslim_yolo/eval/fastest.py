@@ -63,12 +63,10 @@ def fastestdet_map(model: onnx.ModelProto) -> bool:
     Sigmoid (objectness), one more input (the box values) and a Softmax (class probabilities)."""
     if len(model.graph.output) != 1:
         return False
-    out = model.graph.output[0]
-    if len(out.type.tensor_type.shape.dim) != 4:
-        return False
-    prod = _producers(model)
+    out, prod = model.graph.output[0], _producers(model)
     cat = _branches(prod, out.name)
-    return cat is not None and _from(prod, cat.input[0], "Sigmoid") and _from(prod, cat.input[2], "Softmax")
+    return cat is not None and len(out.type.tensor_type.shape.dim) == 4 \
+        and _from(prod, cat.input[0], "Sigmoid") and _from(prod, cat.input[2], "Softmax")
 
 
 def fastestv2_maps(model: onnx.ModelProto) -> Optional[int]:

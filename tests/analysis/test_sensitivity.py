@@ -14,12 +14,14 @@ HW = (64, 64)
 
 
 class _Model:
-    """Just enough of a ModelProto for the metric: one named graph output, no metadata."""
+    """Just enough of a ModelProto for the metric: one named graph output, no metadata, no nodes
+    (the output reader looks for FastestDet's Concat before the output)."""
 
     metadata_props: list = []
 
     class graph:  # noqa: N801
         output = [type("O", (), {"name": "out"})()]
+        node: list = []
 
 
 def v5_output(boxes, cls, n_rows=40, n_classes=3, seed=0) -> np.ndarray:
