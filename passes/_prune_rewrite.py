@@ -213,16 +213,19 @@ class _Rewriter:
         self.touched.add(node.name)
 
     def reshape(self, node: gs.Node) -> None:
-        """The two Reshapes of a channel shuffle (channel_rules.Shuffle) take the new count, and so
-        do those of a Linear excitation branch."""
+        """The two Reshapes of a channel shuffle (channel_rules.Shuffle, SplitShuffle) take the new
+        count, and so do those of a Linear excitation branch."""
         self.linear_se(node)
+        split = channel_rules.split_shuffle_from(node, self.shapes)
         sh = channel_rules.shuffle_from(node, self.shapes)  # this graph's tensors carry no shapes
-        if sh is None:
-            return
-        k = self.k(sh.first.inputs[0])
+        k = self.k(node.inputs[0]) if split is not None or sh is not None else None
         if k is None:
             return
-        for reshape, axis, count in ((sh.first, 2, len(k) // sh.groups), (sh.last, 1, len(k))):
+        if split is not None:  # (N*C/2, 2, H*W) and (2, N, C/2, H, W)
+            changes = ((split.first, 0, split.batch * len(k) // 2), (split.last, 2, len(k) // 2))
+        else:
+            changes = ((sh.first, 2, len(k) // sh.groups), (sh.last, 1, len(k)))
+        for reshape, axis, count in changes:
             target = ir.reshape_target(reshape)  # constant: shuffle_from checked it
             if target[axis] != -1:  # -1 follows the new count by itself
                 target[axis] = count

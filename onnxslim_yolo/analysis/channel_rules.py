@@ -460,6 +460,84 @@ def shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = 
     return Shuffle(node, tr, last, g, g * m)
 
 
+@dataclass(frozen=True)
+class SplitShuffle:
+    """ShuffleNetV2's shuffle and split as Megvii's code writes it (FastestDet, YOLO-FastestV2):
+    Reshape (N, C, H, W) -> (N*C/2, 2, H*W), Transpose [1, 0, 2], Reshape -> (2, N, C/2, H, W),
+    then Gather 0 and Gather 1 on axis 0, the even channels and the odd ones: input channel
+    2k + j is channel k of output j."""
+
+    first: gs.Node
+    transpose: gs.Node
+    last: gs.Node
+    gathers: Tuple[gs.Node, gs.Node]  # index 0, index 1
+    batch: int
+    channels: int
+
+
+def split_shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = None
+                       ) -> Optional[SplitShuffle]:
+    """The split shuffle whose first Reshape is ``node``: constant targets, static shapes (the
+    tensors' own, or from ``shapes`` by name), one reader between the nodes, and the last
+    Reshape read by exactly two Gathers on axis 0 of the scalar indices 0 and 1."""
+    if node.op != "Reshape":
+        return None
+    tr = _only_reader(node.outputs[0], "Transpose")
+    last = _only_reader(tr.outputs[0], "Reshape") if tr is not None else None
+    if last is None or [int(p) for p in tr.attrs.get("perm", [])] != [1, 0, 2]:
+        return None
+    xs, ms, ls = (ir.static_dims(t, shapes) for t in (node.inputs[0], node.outputs[0], last.outputs[0]))
+    if xs is None or len(xs) != 4 or xs[1] % 2:
+        return None
+    n, c, h, w = xs
+    if ms != [n * c // 2, 2, h * w] or ls != [2, n, c // 2, h, w]:
+        return None
+    if ir.reshape_target(node) is None or ir.reshape_target(last) is None:
+        return None
+    readers, by_index = list(last.outputs[0].outputs), {}
+    for r in readers:
+        idx = ir.const_value(r.inputs[1]) if r.op == "Gather" and len(r.inputs) > 1 else None
+        if idx is None or idx.ndim != 0 or int(r.attrs.get("axis", 0)) != 0 or not -2 <= int(idx) <= 1:
+            return None
+        by_index[int(idx) % 2] = r
+    if len(readers) != 2 or set(by_index) != {0, 1}:
+        return None
+    return SplitShuffle(node, tr, last, (by_index[0], by_index[1]), n, c)
+
+
+def _split_shuffle_around(node: gs.Node) -> Optional[SplitShuffle]:
+    """The split shuffle ``node`` (its Transpose, last Reshape or a Gather) belongs to."""
+    chain = [node]
+    for _ in range({"Transpose": 1, "Reshape": 2, "Gather": 3}.get(node.op, 0)):
+        p = ir.producer(chain[-1].inputs[0])
+        if p is None:
+            return None
+        chain.append(p)
+    sh = split_shuffle_from(chain[-1]) if len(chain) > 1 else None
+    return sh if sh is not None and node in (sh.transpose, sh.last) + sh.gathers else None
+
+
+def rule_split_shuffle(sh: SplitShuffle, rec: Recorder) -> None:
+    """Input channel 2k + j is channel k of output j; the pair 2k, 2k + 1 is one channel, since
+    the two outputs keep equal counts."""
+    x, outs = sh.first.inputs[0], [g.outputs[0] for g in sh.gathers]
+    half = sh.channels // 2
+    if rec.channels(x) != sh.channels or any(rec.channels(o) != half for o in outs):
+        for t in [x] + outs:
+            rec.block(t, f"channel split shuffle at {_desc(sh.first)} with unknown channel counts")
+        return
+    for k in range(half):
+        for j, o in enumerate(outs):
+            rec.link(x, 2 * k + j, o, k, 1)
+        rec.link(x, 2 * k, x, 2 * k + 1, 1)
+
+
+def rule_gather(node: gs.Node, rec: Recorder) -> None:
+    """A Gather of a split shuffle (mapped at its first Reshape) takes no part; any other blocks."""
+    if _split_shuffle_around(node) is None:
+        block_node(node, rec)
+
+
 def _shuffle_around(node: gs.Node) -> Optional[Shuffle]:
     """The shuffle ``node`` (a Transpose or the last Reshape) is the middle or the end of."""
     first = None
@@ -474,11 +552,14 @@ def _shuffle_around(node: gs.Node) -> Optional[Shuffle]:
 
 def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
     """A channel shuffle is a fixed permutation: input channel a*m + b (m = C/g) is output
-    channel b*g + a. Its Reshapes keep g groups of equal size, so channel b of every group goes
+    channel b*g + a (a split shuffle: :func:`rule_split_shuffle`). Its Reshapes keep g groups of equal size, so channel b of every group goes
     together: the g inputs a*m + b and the g outputs b*g + a are one channel. The tensors between
     the three nodes have no channel axis and take no part. A Transpose that keeps the batch and
     channel axes in place (coordinate attention's ``permute(0, 1, 3, 2)``) passes channels
     through. Any other Reshape or Transpose keeps all its channels."""
+    split = split_shuffle_from(node) if node.op == "Reshape" else None
+    if split is not None:
+        return rule_split_shuffle(split, rec)
     sh = shuffle_from(node) if node.op == "Reshape" else None
     if sh is not None:
         x, y = sh.first.inputs[0], sh.last.outputs[0]
@@ -494,7 +575,7 @@ def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
     perm = node.attrs.get("perm") if node.op == "Transpose" else None
     if perm is not None and [int(p) for p in perm[:2]] == [0, 1]:
         return _pass_through(node, rec, node.inputs[0], node.outputs[0])
-    if _shuffle_around(node) is None:
+    if _shuffle_around(node) is None and _split_shuffle_around(node) is None:
         block_node(node, rec)
 
 
@@ -594,7 +675,7 @@ RULES: Dict[str, Rule] = {
     "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,
     "ConvTranspose": rule_conv_transpose,
     "Conv": rule_conv, "Shape": rule_shape, "Pad": rule_pad, "Constant": lambda n, r: None,
-    "Reshape": _or_linear_se(rule_shuffle), "Transpose": rule_shuffle,
+    "Reshape": _or_linear_se(rule_shuffle), "Transpose": rule_shuffle, "Gather": rule_gather,
 }
 
 

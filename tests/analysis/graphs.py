@@ -248,6 +248,27 @@ def shuffle_graph(opset: int = 13, minus_one: bool = False, merged: bool = False
     return g.model([X], [g.conv(y, 8, 5, "h")])
 
 
+def split_shuffle_graph(opset: int = 13, minus_one: bool = False) -> onnx.ModelProto:
+    """Two ShuffleNetV2 stride-1 units on a(8) as Megvii's code writes them (FastestDet,
+    YOLO-FastestV2): Reshape (8/2, 2, 64) -> Transpose (1, 0, 2) -> Reshape (2, 1, 4, 8, 8) ->
+    Gather 0 (the even channels, passed on) and Gather 1 (the odd ones, through 1x1 -> depthwise
+    3x3 -> 1x1), Concat -> h. With ``minus_one`` the last Reshape's batch is -1, as exported."""
+    g = G(opset)
+    y = g.cbs("x", 3, 8, "a")
+    for u in range(2):
+        r = g.node("Reshape", [y, g.const(f"u{u}.s1", np.array([4, 2, 64], np.int64))], f"u{u}.view")
+        t = g.node("Transpose", [r], f"u{u}.swap", perm=[1, 0, 2])
+        last = g.node("Reshape", [t, g.const(f"u{u}.s2", np.array([2, -1 if minus_one else 1, 4, 8, 8],
+                                                                   np.int64))], f"u{u}.split")
+        even = g.node("Gather", [last, g.const(f"u{u}.i0", np.array(0, np.int64))], f"u{u}.even", axis=0)
+        odd = g.node("Gather", [last, g.const(f"u{u}.i1", np.array(1, np.int64))], f"u{u}.odd", axis=0)
+        b = g.cbs(odd, 4, 4, f"u{u}.b1")
+        b = g.conv(b, 4, 4, f"u{u}.dw", k=3, group=4)
+        b = g.cbs(b, 4, 4, f"u{u}.b2")
+        y = g.node("Concat", [even, b], f"u{u}.cat", axis=1)
+    return g.model([X], [g.conv(y, 8, 5, "h")])
+
+
 def conv_transpose_graph(kernel: int = 2, bias: bool = True, opset: int = 13) -> onnx.ModelProto:
     """YOLOv6's neck upsampling: a(6) 3x3 -> MaxPool 2 -> b(8) -> SiLU -> ConvTranspose ``up``
     8 -> 6, stride 2 (kernel 2: one output block per pixel; kernel 4, pads 1: overlapping) ->

@@ -119,6 +119,26 @@ def test_channel_shuffle_maps_each_group_position_and_couples_the_groups(opset, 
     assert not any(t.startswith(("u0.view", "u0.swap")) for g in a.prunable_groups() for t, _ in g.channels)
 
 
+@pytest.mark.parametrize("minus_one", [False, True])
+def test_split_shuffle_maps_even_channels_to_one_output_and_odd_ones_to_the_other(minus_one):
+    """Megvii's ShuffleNetV2 split (FastestDet, YOLO-FastestV2): stem channel 2k is channel k of
+    the Gather 0 output, 2k + 1 channel k of the Gather 1 output, and the pair is one channel.
+    Before, the Reshape blocked every channel of the stem and of both units."""
+    a = analyze_channels(graphs.split_shuffle_graph(minus_one=minus_one))
+    for k in range(4):
+        g = _group(a, "a_out", 2 * k)
+        assert {("a_out", 2 * k + 1), ("u0.even_out", k), ("u0.odd_out", k)} <= g.channels
+        assert g.prunable
+    # channel k of the first unit's branch is concatenated after the 4 passed on (channel 4 + k),
+    # and reaches the second unit's Gather 0 or 1 as channel (4 + k) // 2
+    g = _group(a, "u0.b2_out", 1)
+    assert {("u0.cat_out", 5), ("u1.odd_out", 2), ("u0.cat_out", 4)} <= g.channels
+    assert g.prunable and len(a.prunable_groups()) > 8
+    # the rank-3 and rank-5 tensors between the Reshapes are no channel positions of any Conv
+    assert not any(t.startswith(("u0.view", "u0.swap", "u0.split_out")) for g in a.prunable_groups()
+                   for t, _ in g.channels)
+
+
 @pytest.mark.parametrize("opset", [13, 18])
 def test_coordinate_attention_keeps_channels_through_its_spatial_permutes(opset):
     """Transposes (0, 1, 3, 2), a Concat and a Split on H: channel c of a is channel c of both

@@ -103,6 +103,8 @@ HAND = {
     "shuffle11": lambda: graphs.shuffle_graph(11),
     "shuffle13_minus_one": lambda: graphs.shuffle_graph(13, minus_one=True),
     "shuffle14_merged_allowzero": lambda: graphs.shuffle_graph(14, merged=True, allowzero=True),
+    "split_shuffle13": graphs.split_shuffle_graph,
+    "split_shuffle11_minus_one": lambda: graphs.split_shuffle_graph(11, minus_one=True),
     "coord_attention13": graphs.coord_attention_graph,
     "coord_attention18": lambda: graphs.coord_attention_graph(18),
     "cbam13": graphs.cbam_graph,
@@ -235,6 +237,20 @@ def test_pruning_through_a_channel_shuffle_is_exact(layer, minus_one):
     else:  # each unit's shuffle holds its first half (what was left of the one before) and its branch
         assert targets[1][1] == per_unit[0] < 8 and targets[0] == [1, 2, per_unit[0] // 2, 8, 8]
         assert targets[3] == [1, per_unit[1], 8, 8] and targets[2][2] == per_unit[1] // 2
+
+
+@pytest.mark.parametrize("minus_one", [False, True])
+def test_pruning_through_a_split_shuffle_is_exact(minus_one):
+    """Half of the first unit's branch goes: the second unit's split shuffle reads 6 channels,
+    so its Reshapes become (3, 2, 64) and (2, 1, 3, 8, 8) and each of its Gathers gives 3."""
+    model = graphs.split_shuffle_graph(minus_one=minus_one)
+    res = run(model, per_layer={"u0.b2": 0.5}, round_to=1, **EXACT)
+    details = res.report.details
+    assert details["layers"]["u0.b2"]["out_channels"] == [4, 2]
+    assert_exact(model, res.model, details)
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in res.model.graph.initializer}
+    targets = [consts[n.input[1]] for n in res.model.graph.node if n.op_type == "Reshape"]
+    assert targets[2:] == [[3, 2, 64], [2, -1 if minus_one else 1, 3, 8, 8]]
 
 
 @pytest.mark.parametrize("merged,allowzero", [(True, False), (False, True), (True, True)])
