@@ -552,11 +552,12 @@ def _shuffle_around(node: gs.Node) -> Optional[Shuffle]:
 
 def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
     """A channel shuffle is a fixed permutation: input channel a*m + b (m = C/g) is output
-    channel b*g + a (a split shuffle: :func:`rule_split_shuffle`). Its Reshapes keep g groups of equal size, so channel b of every group goes
+    channel b*g + a. Its Reshapes keep g groups of equal size, so channel b of every group goes
     together: the g inputs a*m + b and the g outputs b*g + a are one channel. The tensors between
-    the three nodes have no channel axis and take no part. A Transpose that keeps the batch and
-    channel axes in place (coordinate attention's ``permute(0, 1, 3, 2)``) passes channels
-    through. Any other Reshape or Transpose keeps all its channels."""
+    the three nodes have no channel axis and take no part. A split shuffle is mapped by
+    :func:`rule_split_shuffle`. A Transpose that keeps the batch and channel axes in place
+    (coordinate attention's ``permute(0, 1, 3, 2)``) passes channels through. Any other Reshape
+    or Transpose keeps all its channels."""
     split = split_shuffle_from(node) if node.op == "Reshape" else None
     if split is not None:
         return rule_split_shuffle(split, rec)
