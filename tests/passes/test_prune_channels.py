@@ -239,17 +239,21 @@ def test_pruning_through_a_channel_shuffle_is_exact(layer, minus_one):
         assert targets[3] == [1, per_unit[1], 8, 8] and targets[2][2] == per_unit[1] // 2
 
 
+def _half_of_the_first_branch(model):
+    """Half of u0.b2's output channels pruned (exact mode): the result, checked to equal the
+    original with those channels zeroed, and the Reshape targets after it."""
+    res = run(model, per_layer={"u0.b2": 0.5}, round_to=1, **EXACT)
+    assert res.report.details["layers"]["u0.b2"]["out_channels"] == [4, 2]
+    assert_exact(model, res.model, res.report.details)
+    consts = {t.name: numpy_helper.to_array(t).tolist() for t in res.model.graph.initializer}
+    return res, [consts[n.input[1]] for n in res.model.graph.node if n.op_type == "Reshape"]
+
+
 @pytest.mark.parametrize("minus_one", [False, True])
 def test_pruning_through_a_split_shuffle_is_exact(minus_one):
     """Half of the first unit's branch goes: the second unit's split shuffle reads 6 channels,
     so its Reshapes become (3, 2, 64) and (2, 1, 3, 8, 8) and each of its Gathers gives 3."""
-    model = graphs.split_shuffle_graph(minus_one=minus_one)
-    res = run(model, per_layer={"u0.b2": 0.5}, round_to=1, **EXACT)
-    details = res.report.details
-    assert details["layers"]["u0.b2"]["out_channels"] == [4, 2]
-    assert_exact(model, res.model, details)
-    consts = {t.name: numpy_helper.to_array(t).tolist() for t in res.model.graph.initializer}
-    targets = [consts[n.input[1]] for n in res.model.graph.node if n.op_type == "Reshape"]
+    _, targets = _half_of_the_first_branch(graphs.split_shuffle_graph(minus_one=minus_one))
     assert targets[2:] == [[3, 2, 64], [2, -1 if minus_one else 1, 3, 8, 8]]
 
 
@@ -257,14 +261,8 @@ def test_pruning_through_a_split_shuffle_is_exact(minus_one):
 def test_pruning_through_a_merged_or_allowzero_shuffle_is_exact(merged, allowzero):
     """The same cut through shuffles whose middle merges H and W (1, 2, 4, 64), or whose Reshapes
     say allowzero=1: the first Reshape's group size and the last one's count shrink."""
-    model = graphs.shuffle_graph(14, merged=merged, allowzero=allowzero)
-    res = run(model, per_layer={"u0.b2": 0.5}, round_to=1, **EXACT)
-    details = res.report.details
-    assert details["layers"]["u0.b2"]["out_channels"] == [4, 2]
-    assert_exact(model, res.model, details)
-    consts = {t.name: numpy_helper.to_array(t).tolist() for t in res.model.graph.initializer}
-    targets = [consts[n.input[1]] for n in res.model.graph.node if n.op_type == "Reshape"]
-    left = {n: v["out_channels"][1] for n, v in details["layers"].items()}
+    res, targets = _half_of_the_first_branch(graphs.shuffle_graph(14, merged=merged, allowzero=allowzero))
+    left = {n: v["out_channels"][1] for n, v in res.report.details["layers"].items()}
     n0 = left.get("a", 8) - 4 + 2
     assert n0 < 8 and targets[0] == [1, 2, n0 // 2] + ([64] if merged else [8, 8])
     assert targets[1] == [1, n0, 8, 8]
