@@ -258,8 +258,8 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         else:
             v2, nc = raw[0], int(outputs[raw[1][0][2]][1][1])
             layout = f"raw maps (1, 4x{v2}, h, w) + (1, {v2}, h, w) + (1, C, h, w)"
-            ev.append(f"{len(raw[1])} levels of raw maps (1, 4x{v2}, h, w) + (1, {v2}, h, w) + (1, {nc}, h, w), "
-                      "no sigmoid or softmax in the graph (YOLO-FastestV2's head)")
+            ev.append(f"{len(raw[1])} levels of raw maps (1, 4x{v2}, h, w) + (1, {v2}, h, w) + "
+                      f"(1, {nc}, h, w), no sigmoid or softmax in the graph (YOLO-FastestV2's head)")
         ev.append("anchors: " + ("the model's 'anchors' metadata" if model_anchors(model) is not None
                                  else "YOLO-FastestV2's COCO ones (--anchors names others)"))
         return "yolo-fastestv2", layout, nc, v2, ev
