@@ -38,6 +38,11 @@ def _as_model(m: ModelLike) -> onnx.ModelProto:
     return m if isinstance(m, onnx.ModelProto) else ir.load(m)
 
 
+#: default-anchor warnings given in this process, with the outputs they were about (each once: an
+#: optimize run evaluates the model and its rewrites many times)
+_ANCHOR_WARNINGS: set = set()
+
+
 class _Runner:
     """A session, its output format and NMS settings for one model."""
 
@@ -56,13 +61,16 @@ class _Runner:
         if self.fmt is None:
             self.fmt = outputs_format(self.model, outs, hw)
             log.info("output format: %s (detected from %s)", self.fmt, list(out.shape))
+            whose = None
             if self.read.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
-                log.warning("raw anchor maps decoded with YOLOv5's default anchors; pass --anchors if the "
-                            "model was trained with others")
+                whose = "raw anchor maps decoded with YOLOv5's default anchors"
             elif self.read.anchors is None and (self.read.fastest_v2
                                                 or v2_raw_layout([o.shape for o in outs]) is not None):
-                log.warning("YOLO-FastestV2 maps decoded with its COCO anchors; pass --anchors if the model "
-                            "was trained with others")
+                whose = "YOLO-FastestV2 maps decoded with its COCO anchors"
+            key = (whose, tuple(o.name for o in self.model.graph.output))
+            if whose is not None and key not in _ANCHOR_WARNINGS:  # once: every run opens a session
+                _ANCHOR_WARNINGS.add(key)
+                log.warning("%s; pass --anchors if the model was trained with others", whose)
         return out, outs
 
     def image(self, out: np.ndarray, raw: Sequence[np.ndarray], b: int, hw: Sequence[int], key: str,

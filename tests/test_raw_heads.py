@@ -12,7 +12,7 @@ from PIL import Image
 
 from fixtures.yolov5 import ANCHORS, build_yolov5_v6
 from fixtures.yolov8 import build_yolov8
-from onnxslim_yolo import data, verify
+from onnxslim_yolo import data, evaluate, verify
 from onnxslim_yolo.analysis.head import find_head
 from onnxslim_yolo.eval.anchors import (OutputReader, anchor_layout, decode_maps, model_anchors,
                                         parse_anchors, with_anchors)
@@ -86,8 +86,12 @@ def test_the_evaluator_and_head_analysis_read_raw_maps(heads, tmp_path: Path, ca
     for raw in (raw4, raw5):
         assert detect_format(raw) == "v5" and data.detect_preset(raw) == "yolov5"
         caplog.clear()
+        evaluate._ANCHOR_WARNINGS.clear()  # warned once per process: an earlier test may have
         got = detections(raw, images, progress=False, threads=1)
         assert "decoded with YOLOv5's default anchors" in caplog.text
+        caplog.clear()
+        detections(raw, images, progress=False, threads=1)
+        assert "default anchors" not in caplog.text  # not again
         for a, b in zip(ref, got):
             assert len(a) == len(b) > 0
             np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-3)
@@ -403,6 +407,16 @@ def test_fastestv2_export_and_raw_maps_read_alike(tmp_path: Path):
         assert detect_format(m) == "v5" and data.detect_preset(m) == "fastestdet"
     dets = detections(export, _images(tmp_path / "im"), progress=False)
     assert len(dets) == 2 and max(len(d.boxes) for d in dets) > 0
+    # an INT8 model's objectness Conv reads its weight through a DequantizeLinear
+    q = onnx.ModelProto()
+    q.CopyFrom(export)
+    for s in (16, 32):
+        w = next(t for t in q.graph.initializer if t.name == f"wobj{s}")
+        w.name = f"wobj{s}_q"
+        q.graph.node.insert(0, helper.make_node("DequantizeLinear", [w.name, f"sc{s}"], [f"wobj{s}"]))
+        q.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.01, np.float32), f"sc{s}"))
+        w.CopyFrom(onnx.numpy_helper.from_array(np.ones(tuple(w.dims), np.int8), w.name))
+    assert fastestv2_maps(q) == 3
     # YOLOX's three maps per level (4, 1, C) and FCOS's (4, C, 1) are not read so
     assert v2_raw_layout([(1, 4, 8, 8), (1, 1, 8, 8), (1, 3, 8, 8), (1, 4, 4, 4), (1, 1, 4, 4),
                           (1, 3, 4, 4)]) is None

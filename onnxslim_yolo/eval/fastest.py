@@ -72,7 +72,8 @@ def fastestdet_map(model: onnx.ModelProto) -> bool:
 def fastestv2_maps(model: onnx.ModelProto) -> Optional[int]:
     """Predictions per cell (na) when every output of the model is YOLO-FastestV2's: a Transpose
     to channels-last of a Concat of a Sigmoid (box values), a Sigmoid (objectness) and a Softmax;
-    na is the objectness Conv's output channel count. None otherwise."""
+    na is the objectness Conv's output channel count (its weight an initializer, or one through a
+    DequantizeLinear). None otherwise."""
     prod = _producers(model)
     counts = set()
     for out in model.graph.output:
@@ -83,9 +84,14 @@ def fastestv2_maps(model: onnx.ModelProto) -> Optional[int]:
                 or not _from(prod, cat.input[1], "Sigmoid") or not _from(prod, cat.input[2], "Softmax"):
             return None
         conv = prod.get(prod[cat.input[1]].input[0])
-        w = next((i for i in model.graph.initializer if conv is not None and len(conv.input) > 1
-                  and i.name == conv.input[1]), None)
-        if conv is None or conv.op_type != "Conv" or w is None:
+        if conv is None or conv.op_type != "Conv" or len(conv.input) < 2:
+            return None
+        weight = conv.input[1]
+        dq = prod.get(weight)  # an INT8 model's weight comes dequantized
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            weight = dq.input[0]
+        w = next((i for i in model.graph.initializer if i.name == weight), None)
+        if w is None:
             return None
         counts.add(int(w.dims[0]))
     return counts.pop() if len(counts) == 1 and len(model.graph.output) >= 2 else None
