@@ -191,7 +191,7 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
     (the same, padded at the bottom and right), FastestDet's and YOLO-FastestV2's maps BGR over 255."""
     from .eval.decode import declared_shapes, detect_format, exporter_family  # decode does not import data
     from .eval.dfl import DISTANCES, dfl_layout, gfl_rows
-    from .eval.fastest import fastestdet_map, fastestv2_maps, v2_raw_layout
+    from .eval.fastest import head_kind
     family = exporter_family(model)[0]
     fmt = family or detect_format(model)
     why = ("the exporter named in the model's metadata" if family else
@@ -205,10 +205,10 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
         return "paddle", "PaddleDetection's scale_factor input"
     if fmt == "v8" and gfl_rows(declared_shapes(model)):
         return "imagenet", "the output layout: GFL distance bins per row"
-    if fmt == "v8" and fastestdet_map(model):
-        return "fastestdet", "the output layout: FastestDet's map"
-    if fmt == "v5" and (fastestv2_maps(model) or v2_raw_layout(declared_shapes(model)) is not None):
-        return "fastestdet", "the output layout: YOLO-FastestV2's maps"
+    fastest = head_kind(model)
+    if (fastest, fmt) in (("fastestdet", "v8"), ("yolo-fastestv2", "v5")):
+        return "fastestdet", ("the output layout: FastestDet's map" if fastest == "fastestdet"
+                              else "the output layout: YOLO-FastestV2's maps")
     if fmt == "v8" and (dfl_layout(declared_shapes(model)) or (0,))[0] == DISTANCES:
         return "mmdet", "the output layout: RTMDet's box distance maps"
     if fmt == "gfl":

@@ -21,7 +21,7 @@ from . import data, ir, verify
 from .eval.anchors import OutputReader, anchor_layout
 from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, normalize_format,
                           outputs_format, per_image)
-from .eval.fastest import v2_raw_layout
+from .eval.fastest import head_kind
 from .eval.instances import InstanceReader, attach
 from .eval.metrics import MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth
 from .eval.nms import non_max_suppression, scale_boxes
@@ -64,8 +64,8 @@ class _Runner:
             whose = None
             if self.read.anchors is None and anchor_layout([o.shape for o in outs]) is not None:
                 whose = "raw anchor maps decoded with YOLOv5's default anchors"
-            elif self.read.anchors is None and (self.read.fastest_v2
-                                                or v2_raw_layout([o.shape for o in outs]) is not None):
+            elif self.read.anchors is None \
+                    and head_kind(self.model, [o.shape for o in outs]) == "yolo-fastestv2":
                 whose = "YOLO-FastestV2 maps decoded with its COCO anchors"
             key = (whose, tuple(o.name for o in self.model.graph.output))
             if whose is not None and key not in _ANCHOR_WARNINGS:  # once: every run opens a session

@@ -279,11 +279,10 @@ def raw_maps_format(model: onnx.ModelProto, shapes: Sequence[Sequence]) -> Optio
     the shapes are not raw head maps, or are anchor maps of a level count with no anchors to
     decode them (those raise NotDetections in :func:`detection_output`)."""
     from . import anchors as anchor_maps, dfl
-    from .fastest import fastestdet_map, fastestv2_maps, v2_raw_layout
-    if len(shapes) == 1 and len(shapes[0]) == 4 and fastestdet_map(model):
-        return "v8"
-    if (all(len(s) == 4 for s in shapes) and fastestv2_maps(model)) or v2_raw_layout(shapes) is not None:
-        return "v5"
+    from .fastest import head_kind
+    kind = head_kind(model, shapes)
+    if kind is not None:
+        return {"fastestdet": "v8", "yolo-fastestv2": "v5"}[kind]
     anchors = anchor_maps.model_anchors(model)
     if anchor_maps.anchor_layout(shapes, anchor_maps.per_cell(anchors)) is not None:
         return "v5" if anchor_maps.known(len(shapes), anchors) else None

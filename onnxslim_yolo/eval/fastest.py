@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .decode import known_map_dims
+from .decode import declared_shapes, known_map_dims
 from .dfl import maps_by_size
 
 #: exponents of objectness and class probability in FastestDet's score
@@ -97,6 +97,18 @@ def fastestv2_maps(model: onnx.ModelProto) -> Optional[int]:
     return counts.pop() if len(counts) == 1 and len(model.graph.output) >= 2 else None
 
 
+def head_kind(model: onnx.ModelProto, shapes: Optional[Sequence[Sequence]] = None) -> Optional[str]:
+    """"fastestdet" or "yolo-fastestv2" when the model's outputs, of these ``shapes`` (the declared
+    ones by default), are one of these heads (:func:`fastestdet_map`, :func:`fastestv2_maps`,
+    :func:`v2_raw_layout`); None otherwise."""
+    shapes = declared_shapes(model) if shapes is None else shapes
+    if len(shapes) == 1 and len(shapes[0]) == 4 and fastestdet_map(model):
+        return "fastestdet"
+    if (all(len(s) == 4 for s in shapes) and fastestv2_maps(model)) or v2_raw_layout(shapes) is not None:
+        return "yolo-fastestv2"
+    return None
+
+
 def v2_anchor_maps(outputs: Sequence[np.ndarray], na: int) -> List[np.ndarray]:
     """YOLO-FastestV2's (B, H, W, 4na + na + C) maps as YOLOv5's (B, na, H, W, 5+C): each anchor's
     box values and objectness, the cell's class probabilities repeated for each anchor."""
@@ -166,5 +178,5 @@ def decode_map(out: np.ndarray, input_hw: Optional[Sequence[int]]) -> np.ndarray
     return np.concatenate([xywh, obj ** OBJ_POWER * cls ** CLS_POWER], 1).astype(np.float32, copy=False)
 
 
-__all__ = ["V2_ANCHORS", "fastestdet_map", "decode_map", "fastestv2_maps", "v2_anchor_maps", "v2_anchors",
-           "v2_from_raw", "v2_raw_layout"]
+__all__ = ["V2_ANCHORS", "fastestdet_map", "decode_map", "fastestv2_maps", "head_kind", "v2_anchor_maps",
+           "v2_anchors", "v2_from_raw", "v2_raw_layout"]
