@@ -170,6 +170,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     for rec in data["passes"]:
         for s in rec["report"]["skipped"][:10]:
             click.echo(f"skipped in {rec['name']}: {s['node']}: {s['reason']}")
+        for note in rec["report"]["details"].get("notes", [])[:10]:
+            click.echo(f"note from {rec['name']}: {note}")
     if report:
         write_json(report, data)
     click.echo(f"\nwrote {result.output}")

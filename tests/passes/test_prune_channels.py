@@ -430,6 +430,21 @@ def test_round_to_keeps_multiples_of_eight():
     assert any(v["out_channels"][1] % 8 for v in res1.report.details["layers"].values())
 
 
+def test_a_target_every_unit_overshoots_is_not_taken_and_the_note_says_why():
+    g = graphs.G()
+    s = g.silu(g.conv("x", 3, 16, "a"), "a.act")
+    model = g.model([graphs.X], [g.conv(s, 16, 2, "h")])
+    res = run(model, ratio=0.1, **EXACT)         # 8 of 16 channels would remove about half
+    assert not res.modified
+    note = res.report.details["notes"][0]
+    assert re.fullmatch(r"target not reached: 0\.0% of 10\.0% fewer multiply-adds \(every unit left "
+                        r"removes (\d+\.\d)% or more, further from the target than stopping; "
+                        r"--round-to smaller for finer units\)", note), note
+    assert float(re.search(r"removes (\d+\.\d)%", note).group(1)) >= 20.0
+    res1 = run(model, ratio=0.1, round_to=1, **EXACT)
+    assert 0.05 <= res1.report.details["mac_reduction"] <= 0.15
+
+
 def test_kept_json_lists_kept_indices_per_layer(tmp_path):
     path = tmp_path / "kept.json"
     res = run(graphs.concat_graph(), ratio=0.3, round_to=1, kept_json=str(path), **EXACT)

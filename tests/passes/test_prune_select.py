@@ -37,10 +37,20 @@ def test_of_equal_cost_lumps_the_one_saving_least_is_taken():
 
 
 def test_of_lumps_the_cheaper_one_wins_whatever_it_saves():
-    wide, narrow = _layer(("wide",), 1000), _layer(("narrow",), 10)
+    wide, narrow = _layer(("wide",), 15), _layer(("narrow",), 10)
     cost = _Cost({("wide",): 0.5, ("narrow",): 1.0})
+    # 70 MACs still to remove: 120 and 80 are both lumps, and both end nearer the target than 0
+    best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=70)
+    assert best is not None and best[1] == 0 and best[2] == 120
+
+
+def test_a_lump_twice_the_remainder_or_more_is_never_taken():
+    wide, narrow = _layer(("wide",), 1000), _layer(("narrow",), 10)
+    cost = _Cost({("wide",): 0.0, ("narrow",): 1.0})
+    # 50 MACs to go: the wide unit (8000) would overshoot by far more than stopping falls short
     best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=50)
-    assert best is not None and best[1] == 0 and best[2] == 8000
+    assert best is not None and best[1] == 1 and best[2] == 80
+    assert _best([wide, narrow], set(), cost, _Macs(), {}, remaining=40) is None   # 80 = 2 x 40
 
 
 def test_a_unit_under_half_the_remainder_beats_any_lump():
