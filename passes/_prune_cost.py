@@ -202,6 +202,7 @@ class SweepCost(LSQCost):
         self.levels = tuple(levels)
         self.base_d = probe.measure({})
         self.curves: Dict[Any, Tuple[List[Any], np.ndarray, np.ndarray]] = {}
+        self.labels: Dict[Any, str] = {}
         #: one tick per layer measured (``layers``: how many there are, for the bar's total)
         self.bar = tqdm(total=layers, desc="sensitivity sweep: layers", file=sys.stderr, leave=False,
                         disable=not progress)
@@ -228,17 +229,18 @@ class SweepCost(LSQCost):
         xs = np.array([0] + depths, dtype=np.float64)
         ys = np.maximum.accumulate(np.maximum(np.array(costs), 0.0))
         self.curves[layer.key] = (order, xs, ys)
+        self.labels[layer.key] = layer.label
         self.bar.update(1)
         if self.bar.total is not None and self.bar.n >= self.bar.total:
             self.bar.close()
-        first = layer.key[0][0] if layer.key[0] else "?"
+        first = layer.label
         log.info("sweep: layer %d measured (%s): %s", len(self.curves), first,
                  " ".join(f"{int(x)}:{y:.3f}" for x, y in zip(xs[1:], ys[1:])))
         return self.curves[layer.key]
 
     def curve_report(self) -> Dict[str, List[List[float]]]:
-        """First producer of each measured layer -> [[channels removed, cost], ...]."""
-        return {(key[0][0] if key[0] else "?"): [[int(x), round(float(y), 5)] for x, y in zip(xs, ys)]
+        """First producer (or channel Gather) of each measured layer -> [[channels removed, cost], ...]."""
+        return {self.labels[key]: [[int(x), round(float(y), 5)] for x, y in zip(xs, ys)]
                 for key, (_, xs, ys) in self.curves.items()}
 
     def unit(self, layer: Layer, size: int) -> Tuple[List[Any], float]:

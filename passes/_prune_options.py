@@ -48,6 +48,7 @@ class PruneOptions:
     probe_metric: str = "auto"
     saliency: bool = True
     gains: bool = True
+    readers: bool = False
     max_layer_ratio: float = 0.75
     bn_by_var: bool = False
     relative: bool = True
@@ -60,7 +61,7 @@ class PruneOptions:
 INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples",
         "threads")
 FLOATS = ("ridge", "refit_ridge", "refit_memory", "dead_tol")
-BOOLS = ("sequential", "saliency", "gains", "bn_by_var", "relative")
+BOOLS = ("sequential", "saliency", "gains", "readers", "bn_by_var", "relative")
 KNOWN = set(PruneOptions.__dataclass_fields__) | set(PASSED_THROUGH)
 
 

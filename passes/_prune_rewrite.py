@@ -4,8 +4,9 @@ Given the kept channel indices of every tensor that loses channels, slice produc
 and biases (output axis), consumer Conv weights (input axis), depthwise Convs (and their group
 count), BatchNormalization parameters, per-channel constants of element-wise ops, and rewrite
 Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize
-'sizes', the target shapes of a channel shuffle's Reshapes, constant Expand targets, and the
-Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se), and make up
+'sizes', the indices of a channel Gather, the target shapes of a channel shuffle's Reshapes,
+constant Expand targets, and the Linear layers and Reshapes of a squeeze-and-excitation gate
+(analysis.linear_se), and make up
 for the removed channels after a mean, sum, max or min over the channel axis (CBAM). Concat
 offsets follow from the inputs. Optionally the removed channels' means are folded
 into the consumer biases first. value_info is dropped and shapes inferred again.
@@ -231,8 +232,23 @@ class _Rewriter:
                 target[axis] = count
                 self.set_input(reshape, 1, np.array(target, np.int64), reshape.inputs[1].name + "_pruned")
 
+    def gather(self, node: gs.Node) -> None:
+        """A channel Gather (analysis: a one-way reader) keeps the indices of its kept outputs,
+        renumbered into its input's kept channels."""
+        x, y = node.inputs[0], node.outputs[0]
+        kx, ky = self.k(x), self.k(y)
+        idx = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if (kx is None and ky is None) or idx is None or idx.ndim != 1 or self.axis(node, x) != 1:
+            return
+        src = [int(i) % self.counts[x.name] for i in (idx if ky is None else idx[ky])]
+        new = np.searchsorted(kx, src) if kx is not None else np.array(src)
+        if kx is not None and not np.array_equal(kx[np.minimum(new, len(kx) - 1)], src):
+            raise PreconditionError(f"prune-channels: Gather '{node.name}' reads a removed channel")
+        self.set_input(node, 1, np.asarray(new, np.int64), node.inputs[1].name + "_pruned")
+
     def run(self) -> None:
         table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
+                 "Gather": self.gather,
                  "Slice": self.slice, "Resize": self.resize, "Reshape": self.reshape,
                  "Flatten": self.linear_se, "Squeeze": self.linear_se, "Expand": self.expand,
                  **{op: self.elementwise for op in channel_rules.ELEMENTWISE_OPS},

@@ -21,7 +21,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from tqdm import tqdm
 
-from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo
+from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo, Role
 from onnxslim_yolo.analysis.lsq import ConsumerLSQ
 
 
@@ -47,12 +47,15 @@ def allowed_counts(n: int, round_to: int, min_channels: int) -> List[int]:
 
 
 class _Macs:
-    """Current (cout, cin per group) of every Conv; exact MACs of a removal."""
+    """Current (cout, cin per group) of every Conv; exact MACs of a removal. A weight slot is
+    counted once: a Gather's output channel and the input channel it reads share their
+    consumer's slot (analysis.channels), and either may take it first."""
 
     def __init__(self, convs: Mapping[str, ConvInfo]) -> None:
         self.info = dict(convs)
         self.cout = {n: c.weight_shape[0] for n, c in convs.items()}
         self.cin = {n: c.weight_shape[1] for n, c in convs.items()}
+        self.done: Set[Role] = set()
 
     def _macs(self, n: str, cout: int, cin: int) -> int:
         c = self.info[n]
@@ -60,13 +63,14 @@ class _Macs:
 
     def _deltas(self, groups: Sequence[ChannelGroup]) -> Dict[str, List[int]]:
         d: Dict[str, List[int]] = {}
-        for g in groups:
-            for r in g.roles:
-                if r.node not in self.info or r.kind not in ("producer", "depthwise", "consumer"):
-                    continue
-                e = d.setdefault(r.node, [0, 0])
-                e[1 if r.kind == "consumer" else 0] += 1
+        for r in self._slots(groups):
+            e = d.setdefault(r.node, [0, 0])
+            e[1 if r.kind == "consumer" else 0] += 1
         return d
+
+    def _slots(self, groups: Sequence[ChannelGroup]) -> Set[Role]:
+        return {r for g in groups for r in g.roles if r.node in self.info and r not in self.done
+                and r.kind in ("producer", "depthwise", "consumer")}
 
     def saved(self, groups: Sequence[ChannelGroup]) -> int:
         total = 0
@@ -80,6 +84,7 @@ class _Macs:
         for n, (dout, din) in self._deltas(groups).items():
             self.cout[n] -= dout
             self.cin[n] -= din
+        self.done |= self._slots(groups)
         return s
 
 
@@ -94,6 +99,15 @@ class Layer:
     @property
     def kept(self) -> int:
         return len(self.remaining)
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The producers naming the layer, else the channel Gathers (a reader's own inputs)."""
+        return self.key[0] or tuple(sorted({r.node for g in self.groups for r in g.of_kind("gather")}))
+
+    @property
+    def label(self) -> str:
+        return self.names[0] if self.names else "?"
 
     def next_size(self) -> Optional[int]:
         nxt = [k for k in self.counts if k < self.kept and k >= self.floor]
@@ -131,9 +145,10 @@ class LSQCost:
             for r in g.consumers:
                 if r.node in st:
                     wanted.setdefault(r.node, {})[r.index] = None
-        per = {n: dict(zip(idx, st[n].costs(list(idx)).tolist())) for n, idx in wanted.items()}
-        return [sum(self.gains.get(r.node, 1.0) * per[r.node][r.index] for r in g.consumers if r.node in st)
-                for g in left]
+        per = {n: dict(zip(live, st[n].costs(live).tolist())) if live else {}
+               for n, live in ((n, [i for i in idx if st[n].row[i] >= 0]) for n, idx in wanted.items())}
+        return [sum(self.gains.get(r.node, 1.0) * per[r.node].get(r.index, 0.0) for r in g.consumers
+                    if r.node in st) for g in left]
 
     def take(self, left: List[ChannelGroup], st: Dict[str, ConsumerLSQ]) -> Tuple[ChannelGroup, float]:
         """Remove the cheapest group of ``left`` from ``left`` and from the states ``st`` (refit);
@@ -141,7 +156,7 @@ class LSQCost:
         best = min(zip(left, self._costs(left, st)), key=lambda gc: (gc[1], gc[0].gid))[0]
         added = 0.0
         for r in best.consumers:
-            if r.node in st:
+            if r.node in st and st[r.node].row[r.index] >= 0:   # a shared slot may be gone already
                 added += self.gains.get(r.node, 1.0) * st[r.node].remove(r.index)
         left.remove(best)
         return best, added
@@ -166,7 +181,7 @@ class LSQCost:
     def commit(self, layer: Layer, unit: Sequence[ChannelGroup]) -> None:
         for g in unit:
             for r in g.consumers:
-                if r.node in self.states:
+                if r.node in self.states and self.states[r.node].row[r.index] >= 0:
                     self.states[r.node].remove(r.index)
 
     def touches(self, a: Layer, b: Layer) -> bool:
@@ -184,15 +199,23 @@ def make_layers(analysis: ChannelAnalysis, round_to: int, min_channels: int,
 
 
 def _matches(layer: Layer, pattern: str) -> bool:
-    return any(fnmatch.fnmatchcase(n, pattern) or n == pattern for n in layer.key[0])
+    return any(fnmatch.fnmatchcase(n, pattern) or n == pattern for n in layer.names)
 
 
-def _remove(layer: Layer, unit: Sequence[ChannelGroup], model, macs: _Macs, sel: Selection) -> int:
+def _remove(layer: Layer, unit: Sequence[ChannelGroup], model, macs: _Macs, sel: Selection,
+            layers: Sequence[Layer] = ()) -> int:
+    """Remove ``unit`` from ``layer``; from the other ``layers`` too, any group whose channels
+    are now all gone (a Gather's output channels go with the input channels they read)."""
     model.commit(layer, unit)
     ids = {g.gid for g in unit}
     layer.remaining = [g for g in layer.remaining if g.gid not in ids]
     sel.removed.update(ids)
     sel.order.extend(g.gid for g in unit)
+    if any(r.kind == "gather" for g in unit for r in g.roles):
+        gone = {p for g in unit for p in g.channels}
+        for other in layers:
+            if other is not layer:
+                other.remaining = [g for g in other.remaining if not g.channels <= gone]
     return macs.apply(unit)
 
 
@@ -210,7 +233,7 @@ def _per_layer(layers: List[Layer], per_layer: Mapping[str, float], model, macs:
             kept = min([n] + layer.counts, key=lambda k: (abs(k - n * (1.0 - frac)), -k))
             if kept < n:
                 unit, _ = model.unit(layer, n - kept)
-                saved += _remove(layer, unit, model, macs, sel)
+                saved += _remove(layer, unit, model, macs, sel, layers)
             fixed.add(i)
     return fixed, saved
 
@@ -227,17 +250,22 @@ BIG_UNIT = 0.01
 LUMP_SHARE = 0.5
 
 
+#: a last unit may overshoot the target by this share of it even when stopping would end nearer
+OVERSHOOT = 0.1
+
+
 def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
           cache: Dict[int, Tuple[List[ChannelGroup], float, bool]],
-          remaining: int) -> Optional[Tuple[float, int, int]]:
+          remaining: int, slack: int = 0) -> Optional[Tuple[float, int, int]]:
     """(cost per MAC, layer index, MACs saved) of the cheapest next unit, filling the cache;
     units over ``LUMP_SHARE`` of ``remaining`` only when there is no other, and then the one of
     least total cost (it nearly finishes the target: per-MAC cheapness would overshoot it), of
     equal costs the one saving least (random-weight exports measure every unit at 0.0: the first
     lump found, half of a wide neck Conv, took YOLOv8n-p2 at 10% to 13.2% fewer multiply-adds).
-    A lump saving twice ``remaining`` or more would end further from the target than stopping
-    does, and is never returned (LCNet-0.5 at 10%: 0.4% short, the cheapest lump took 2.8%, so
-    the model lost 12.4%); None then, as when no unit is left."""
+    A lump that overshoots the target by ``remaining`` or more (it ends further from the target
+    than stopping does) and by more than ``slack`` is never returned (LCNet-0.5 at 10%: 0.4%
+    short, the cheapest lump took 2.8%, so the model lost 12.4%); None then, as when no unit is
+    left."""
     best: Optional[Tuple[float, int, int]] = None
     lump: Optional[Tuple[float, int, int]] = None
     for i, layer in enumerate(layers):
@@ -252,7 +280,7 @@ def _best(layers: List[Layer], fixed: Set[int], model, macs: _Macs,
             continue
         cand = (cache[i][1] / gain, i, gain)
         if gain > LUMP_SHARE * remaining:
-            if gain >= 2 * remaining:
+            if gain - remaining >= remaining and gain - remaining > slack:
                 continue
             if lump is None or (cache[i][1], gain) < (cache[lump[1]][1], lump[2]):
                 lump = cand
@@ -279,11 +307,11 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}]")
     bar.update(round(min(saved, target) / 1e6, 1))
     while saved < target:
-        best = _best(layers, fixed, model, macs, cache, target - saved)
+        best = _best(layers, fixed, model, macs, cache, target - saved, int(OVERSHOOT * target))
         if best is None:
             left = [g for g in (macs.saved(cache[j][0]) for j in cache if layers[j].next_size()) if g > 0]
-            why = (f"every unit left removes {min(left) / before:.1%} or more, further from the target "
-                   f"than stopping; --round-to smaller for finer units" if left
+            why = (f"every unit left removes {min(left) / before:.1%} or more, too far past the target; "
+                   f"--round-to smaller for finer units" if left
                    else "no prunable channels left")
             sel.notes.append(f"target not reached: {saved / before:.1%} of {ratio:.1%} fewer "
                              f"multiply-adds ({why})")
@@ -294,10 +322,10 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
             for j in ([i] if not cache[i][2] and best[2] < BIG_UNIT * before else stale):
                 cache[j] = (*model.unit(layers[j], layers[j].next_size() or 0), True)
             continue
-        gain = _remove(layers[i], cache[i][0], model, macs, sel)
+        gain = _remove(layers[i], cache[i][0], model, macs, sel, layers)
         saved += gain
         bar.update(round(min(saved, target) / 1e6, 1) - bar.n)
-        sel.steps.append({"layer": layers[i].key[0][0] if layers[i].key[0] else "?",
+        sel.steps.append({"layer": layers[i].label,
                           "removed": len(cache[i][0]), "cost": round(float(cache[i][1]), 6),
                           "macs_saved": gain, "reduction": round(saved / before, 4)})
         del cache[i]

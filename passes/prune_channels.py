@@ -27,7 +27,9 @@ relative to the mean input energy, pulling the refit towards the original weight
 ``refit_scope`` (affected | downstream); ``refit_head`` (yes | no); ``cost`` (auto | measured |
 sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement mAP on
 ``sweep_images`` (64) images, then allocated greedily, reported as ``curves``); ``probe_metric``
-(auto | detections | agreement); ``saliency`` (sample refit rows near detections); ``max_layer_ratio`` (0.75);
+(auto | detections | agreement); ``saliency`` (sample refit rows near detections); ``readers`` (off; on,
+with the measured, sweep or lsq cost, a Conv whose input other nodes read too may drop input
+channels alone, through a channel Gather, ``_prune_readers``: no better on yolov5n); ``max_layer_ratio`` (0.75);
 ``bn_by_var``, ``relative``, ``dead_tol``, ``threads``.
 
 A ConvTranspose whose kernel equals its stride (YOLOv6's and the YOLOv8-seg prototype's 2x
@@ -54,7 +56,7 @@ from onnxslim_yolo.analysis import activations, channel_rules, importance as imp
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, analyze_channels
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 
-from . import _prune_cost, _prune_lower, _prune_refit, _prune_report, _prune_rewrite, _prune_select
+from . import _prune_cost, _prune_lower, _prune_readers, _prune_refit, _prune_report, _prune_rewrite, _prune_select
 from ._prune_options import NAME, PruneOptions, parse_options
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,10 @@ class PruneChannels(Pass):
         ir.name_unnamed_nodes(graph)
         original = model = ir.to_model(graph, model)
         model, lowered = _prune_lower.lower(model)
-        analysis = analyze_channels(model, opts.protect, ctx.input_shapes)
+        readers: set = set()
+        if opts.readers and opts.criterion == "activation" and opts.cost != "score" and ctx.calib_inputs:
+            model, readers = _prune_readers.insert(model)
+        analysis = analyze_channels(model, opts.protect, ctx.input_shapes, readers=bool(readers))
         if not analysis.prunable_groups():
             raise nothing_prunable(analysis)
         feeds = activations.calib_batches(ctx.calib_inputs, opts.calib_images) if ctx.calib_inputs else []
@@ -123,6 +128,9 @@ class PruneChannels(Pass):
             info.update(more)
         _prune_report.fill_report(report, model, pruned, analysis, sel, keep, scores, opts, info)
         report.details["notes"].extend(refit_notes)
+        pruned, kept_readers = _prune_readers.drop_identity(pruned, readers)
+        if kept_readers:
+            report.details["reader_gathers"] = kept_readers
         pruned, notes = _prune_lower.raise_back(pruned, lowered)
         _prune_lower.relabel_layers(report.details["layers"], lowered)
         report.details["notes"].extend(notes)

@@ -41,6 +41,7 @@ class Recorder(Protocol):
     def block(self, t: gs.Tensor, reason: str, start: int = 0, n: Optional[int] = None) -> None: ...
     def role(self, t: gs.Tensor, kind: str, node: gs.Node, n: Optional[int] = None,
              offset: int = 0) -> None: ...
+    def reader(self, x: gs.Tensor, indices: Sequence[int], y: gs.Tensor, node: gs.Node) -> None: ...
 
 
 Rule = Callable[[gs.Node, Recorder], None]
@@ -533,9 +534,20 @@ def rule_split_shuffle(sh: SplitShuffle, rec: Recorder) -> None:
 
 
 def rule_gather(node: gs.Node, rec: Recorder) -> None:
-    """A Gather of a split shuffle (mapped at its first Reshape) takes no part; any other blocks."""
-    if _split_shuffle_around(node) is None:
-        block_node(node, rec)
+    """A Gather of a split shuffle (mapped at its first Reshape) takes no part. A Gather on the
+    channel axis by constant indices reads channel ``indices[j]`` as its channel j: removing that
+    input channel removes output channel j, but output channel j alone may go without it (the
+    index is dropped), so the link is one way (:meth:`Recorder.reader`). Any other blocks."""
+    if _split_shuffle_around(node) is not None:
+        return
+    x, y = node.inputs[0], node.outputs[0]
+    idx = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    cx = rec.channels(x) if isinstance(x, gs.Variable) else None
+    if (idx is not None and idx.ndim == 1 and cx and _axis(node, x) == 1 and rec.channels(y) == len(idx)
+            and np.all((idx >= -cx) & (idx < cx))):
+        rec.reader(x, [int(i) % cx for i in idx], y, node)
+        return
+    block_node(node, rec)
 
 
 def _shuffle_around(node: gs.Node) -> Optional[Shuffle]:

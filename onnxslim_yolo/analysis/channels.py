@@ -140,11 +140,14 @@ class ChannelAnalysis:
 class _Builder:
     """Implements channel_rules.Recorder on a networkx graph of channel positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, readers: bool = False) -> None:
+        self.gather_readers = readers
         self.g = nx.Graph()
         self.counts: Dict[str, int] = {}
         self.blocks: Dict[str, List[Tuple[int, int, str]]] = defaultdict(list)
         self.roles: Dict[str, List[Tuple[str, str, int, int]]] = defaultdict(list)
+        #: one-way links of channel Gathers: (input, its channel for each output channel, output)
+        self.readers: List[Tuple[str, List[int], str]] = []
 
     def channels(self, t: gs.Tensor) -> Optional[int]:
         if not isinstance(t, gs.Variable) or not t.name:
@@ -175,6 +178,15 @@ class _Builder:
         c = self.channels(t)
         if c:
             self.roles[t.name].append((kind, node.name, offset, c if n is None else n))
+
+
+    def reader(self, x: gs.Tensor, indices: Sequence[int], y: gs.Tensor, node: gs.Node) -> None:
+        if not self.gather_readers:   # off: importance scores know no Gather-only group
+            channel_rules.block_node(node, self)
+            return
+        self.channels(x), self.channels(y)
+        self.readers.append((x.name, list(indices), y.name))
+        self.role(y, "gather", node)
 
 
 def _conv_infos(graph: gs.Graph) -> Dict[str, ConvInfo]:
@@ -241,9 +253,9 @@ def _group_macs(roles: Sequence[Role], convs: Mapping[str, ConvInfo]) -> int:
 
 def _assemble(b: _Builder, convs: Mapping[str, ConvInfo]) -> List[ChannelGroup]:
     comps = sorted((sorted(c) for c in nx.connected_components(b.g)), key=lambda c: c[0])
-    groups: List[ChannelGroup] = []
+    parts: List[Tuple[Set[Position], Set[Role], Set[str]]] = []
     for comp in comps:
-        roles: List[Role] = []
+        roles: Set[Role] = set()
         reasons: Set[str] = set()
         for t, i in comp:
             for start, n, why in b.blocks.get(t, ()):
@@ -251,25 +263,45 @@ def _assemble(b: _Builder, convs: Mapping[str, ConvInfo]) -> List[ChannelGroup]:
                     reasons.add(why)
             for kind, node, off, n in b.roles.get(t, ()):
                 if off <= i < off + n:
-                    roles.append(Role(kind, node, t, i - off))
-        if not reasons and not any(r.kind == "producer" for r in roles):
+                    roles.add(Role(kind, node, t, i - off))
+        if not reasons and not any(r.kind in ("producer", "gather") for r in roles):
             reasons.add("no Conv produces these channels")
-        groups.append(ChannelGroup(len(groups), frozenset(comp), tuple(sorted(
-            roles, key=lambda r: (r.kind, r.node, r.index))), _group_macs(roles, convs),
-            tuple(sorted(reasons))))
-    return groups
+        parts.append((set(comp), roles, reasons))
+    _close_readers(b, parts)
+    return [ChannelGroup(gid, frozenset(chans), tuple(sorted(roles, key=lambda r: (r.kind, r.node, r.index))),
+                         _group_macs(list(roles), convs), tuple(sorted(reasons)))
+            for gid, (chans, roles, reasons) in enumerate(parts)]
+
+
+def _close_readers(b: _Builder, parts: List[Tuple[Set[Position], Set[Role], Set[str]]]) -> None:
+    """Removing a channel a Gather reads removes the Gather's output channels that read it: the
+    input's group takes in their positions, roles and reasons (through chains of Gathers too).
+    The output's own group stays as it is: it may go alone."""
+    where = {pos: k for k, (chans, _, _) in enumerate(parts) for pos in chans}
+    edges = {(where[(x, c)], where[(y, j)]) for x, idx, y in b.readers for j, c in enumerate(idx)}
+    changed = True
+    while changed:
+        changed = False
+        for a, z in edges:
+            if a == z:
+                continue
+            for mine, theirs in zip(parts[a], parts[z]):
+                if not theirs <= mine:
+                    mine |= theirs
+                    changed = True
 
 
 def analyze_channels(model: onnx.ModelProto, protect: Sequence[str] = (),
                      input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                     protect_head: bool = True) -> ChannelAnalysis:
-    """Channel groups of ``model`` (unnamed nodes are named as ir.name_unnamed_nodes does)."""
+                     protect_head: bool = True, readers: bool = False) -> ChannelAnalysis:
+    """Channel groups of ``model`` (unnamed nodes are named as ir.name_unnamed_nodes does);
+    ``readers``: channel Gathers are one-way readers (channel_rules.rule_gather), else they block."""
     inferred = _infer_static(model, input_shapes)
     graph = ir.to_graph(inferred)
     ir.name_unnamed_nodes(graph)
     protected = resolve_protect(graph, protect)
     head = [n for n in (_head_convs(model) if protect_head else []) if n not in protected]
-    b = _Builder()
+    b = _Builder(readers)
     for node in graph.nodes:
         channel_rules.rule_for(node.op)(node, b)
     for t in graph.inputs:

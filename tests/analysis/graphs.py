@@ -420,3 +420,12 @@ def dynamic_shuffle_graph(resize: bool = False, batch_from: str = "own") -> onnx
         y = g.node("Reshape", [t, last], f"u{u}.shuffle")
     inputs = [("x", ("batch", 3, 8, 8))] + ([("y", ("n", 1))] if batch_from == "y" else [])
     return g.model(inputs, [g.conv(y, 8, 5, "h")])
+
+
+def gather_graph() -> onnx.ModelProto:
+    """a (3 -> 6) feeds b directly, and c through a Gather of its channels 4, 0 and 5."""
+    g = G()
+    s = g.silu(g.conv("x", 3, 6, "a"), "a.act")
+    picked = g.node("Gather", [s, g.const("idx", np.array([4, 0, 5], np.int64))], "pick", axis=1)
+    cat = g.node("Concat", [g.conv(s, 6, 2, "b"), g.conv(picked, 3, 2, "c")], "cat", axis=1)
+    return g.model([X], [g.conv(cat, 4, 2, "h")])

@@ -347,3 +347,20 @@ def test_macs_count_every_level_of_an_fpn_whose_upsampling_sizes_are_computed():
     stats = model_stats(m)
     assert len(stats.per_node_macs) == 6 + 7
     assert stats.macs == graphs.fpn_chain_macs()
+
+
+def test_a_channel_gather_is_a_one_way_reader_when_asked_and_blocks_otherwise():
+    model = graphs.gather_graph()
+    a = analyze_channels(model, readers=True)
+    s, picked = "a.act_out", "pick_out"
+    for j, c in enumerate([4, 0, 5]):
+        src, out = a.group_of(s, c), next(g for g in a.groups if (picked, j) in g.channels and
+                                          (s, c) not in g.channels)
+        assert (picked, j) in src.channels and src.prunable and out.prunable
+        assert {(r.kind, r.node, r.index) for r in out.roles} == {("gather", "pick", j), ("consumer", "c", j)}
+        assert ("consumer", "c", j) in {(r.kind, r.node, r.index) for r in src.roles}
+    for c in (1, 2, 3):   # channels the Gather does not read: no part of c
+        assert not any(r.node == "c" for r in a.group_of(s, c).roles)
+    off = analyze_channels(model)
+    assert all(not off.group_of(s, c).prunable for c in range(6))
+    assert any("Gather 'pick'" in r for r in off.group_of(s, 0).reasons)

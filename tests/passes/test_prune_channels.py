@@ -119,8 +119,14 @@ def test_pruned_equals_original_with_removed_channels_zeroed(name):
     model = HAND[name]()
     res = run(model, ratio=0.3, round_to=1, **EXACT)
     assert res.modified
-    assert res.report.details["mac_reduction"] >= 0.3
-    assert_exact(model, res.model, res.report.details)
+    d = res.report.details
+    # the target, or short of it where every unit left would overshoot it further (tiny graphs)
+    if d["mac_reduction"] < 0.3:
+        m = re.match(r"target not reached: ([\d.]+)% of 30\.0% .*every unit left removes ([\d.]+)%",
+                     d["notes"][0])
+        assert m and abs(float(m.group(1)) - 100 * d["mac_reduction"]) < 0.2, d["notes"]
+        assert float(m.group(2)) + 0.1 >= 2 * (30.0 - float(m.group(1))), d["notes"]
+    assert_exact(model, res.model, d)
 
 
 @pytest.mark.parametrize("opset", [10, 13])
@@ -438,7 +444,7 @@ def test_a_target_every_unit_overshoots_is_not_taken_and_the_note_says_why():
     assert not res.modified
     note = res.report.details["notes"][0]
     assert re.fullmatch(r"target not reached: 0\.0% of 10\.0% fewer multiply-adds \(every unit left "
-                        r"removes (\d+\.\d)% or more, further from the target than stopping; "
+                        r"removes (\d+\.\d)% or more, too far past the target; "
                         r"--round-to smaller for finer units\)", note), note
     assert float(re.search(r"removes (\d+\.\d)%", note).group(1)) >= 20.0
     res1 = run(model, ratio=0.1, round_to=1, **EXACT)
@@ -471,6 +477,90 @@ def test_bn_criterion_needs_batchnorm():
     assert res.report.details["criterion"] == "bn"
     with pytest.raises(PreconditionError, match="criterion 'bn' needs BatchNormalization nodes"):
         run(FAMILIES["yolov5_v6"](bn=False), ratio=0.1, criterion="bn")
+
+
+def _shared_input_graph() -> onnx.ModelProto:
+    """a (3 -> 16) feeds both b (3x3) and c (1x1); their Concat feeds the head Conv h."""
+    g = graphs.G()
+    s = g.cbs("x", 3, 16, "a", k=3)
+    cat = g.node("Concat", [g.cbs(s, 16, 16, "b", k=3), g.cbs(s, 16, 16, "c")], "cat", axis=1)
+    return g.model([graphs.X], [g.conv(cat, 32, 4, "h")])
+
+
+def _inputs_zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
+    """The original with every Conv's removed inputs and outputs zeroed in its own weights (the
+    activations here map 0 to 0, so a removed channel reads as 0 wherever it went)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        v = details["layers"].get(n.name)
+        if v is None:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]]).copy()
+        b = numpy_helper.to_array(inits[n.input[2]]).copy()
+        w[:, sorted(set(range(w.shape[1])) - set(v["kept_in"]))] = 0
+        gone = sorted(set(range(w.shape[0])) - set(v["kept_out"]))
+        w[gone], b[gone] = 0, 0
+        inits[n.input[1]].CopyFrom(numpy_helper.from_array(w, n.input[1]))
+        inits[n.input[2]].CopyFrom(numpy_helper.from_array(b, n.input[2]))
+    return m
+
+
+def _gathers(model: onnx.ModelProto) -> Dict[str, np.ndarray]:
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: consts[n.input[1]] for n in model.graph.node if n.op_type == "Gather"}
+
+
+@pytest.mark.parametrize("per_layer", [{"b__reader": 0.5}, {"a": 0.5}, {"a": 0.25, "b__reader": 0.5}])
+def test_readers_drop_a_shared_inputs_channels_at_one_reader_exactly(per_layer):
+    model = _shared_input_graph()
+    calib = verify.random_feeds(model, 4, 0)
+    res = run(model, calib, per_layer=per_layer, readers=True, cost="lsq", round_to=1, **EXACT)
+    d = res.report.details
+    onnx.checker.check_model(res.model, full_check=True)
+    gathers = _gathers(res.model)
+    kept_a = d["layers"].get("a", {}).get("kept_out", list(range(16)))
+    if "b__reader" in per_layer:       # b reads a subset of a's kept channels, renumbered
+        assert list(gathers) == ["b__reader"] and d["reader_gathers"] == ["b__reader"]
+        assert len(gathers["b__reader"]) == len(d["layers"]["b"]["kept_in"]) < len(kept_a)
+        assert [kept_a[i] for i in gathers["b__reader"]] == d["layers"]["b"]["kept_in"]
+        assert "c" not in d["layers"] or d["layers"]["c"]["kept_in"] == kept_a
+    else:                               # every reader reads all that is left: no Gather stays
+        assert gathers == {} and "reader_gathers" not in d
+        assert d["layers"]["b"]["kept_in"] == d["layers"]["c"]["kept_in"] == kept_a
+    ref = _inputs_zeroed(model, d)
+    for diff in verify.compare_models(ref, res.model, verify.random_feeds(model, 2, 3)):
+        assert diff.max_abs <= 1e-4 * max(1.0, diff.ref_max), diff
+
+
+def test_a_models_own_channel_gather_follows_the_channels_it_reads():
+    model = graphs.gather_graph()
+    calib = verify.random_feeds(model, 4, 0)
+    res = run(model, calib, per_layer={"a": 0.5}, readers=True, cost="lsq", round_to=1, **EXACT)
+    d = res.report.details
+    kept_a = d["layers"]["a"]["kept_out"]
+    left = [c for c in (4, 0, 5) if c in kept_a]
+    assert len(kept_a) < 6 and len(left) < 3 and [kept_a[i] for i in _gathers(res.model)["pick"]] == left
+    assert d["layers"]["c"]["in_channels"] == [3, len(left)]
+    ref = _inputs_zeroed(model, d)
+    for diff in verify.compare_models(ref, res.model, verify.random_feeds(model, 2, 3)):
+        assert diff.max_abs <= 1e-4 * max(1.0, diff.ref_max), diff
+
+
+def test_readers_count_a_shared_weight_slot_once_and_are_off_by_default():
+    model = _shared_input_graph()
+    calib = verify.random_feeds(model, 4, 0)
+    res = run(model, calib, ratio=0.3, readers=True, cost="lsq", round_to=1, protect=["a"], **EXACT)
+    d = res.report.details
+    # a's channels are protected: what b and c lose, they lose at their own readers
+    assert "a" not in d["layers"] and d["reader_gathers"]
+    assert abs(d["steps"][-1]["reduction"] - d["mac_reduction"]) < 1e-3
+    assert d["mac_reduction"] >= 0.3
+    off = run(model, calib, ratio=0.3, cost="lsq", round_to=1, protect=["a"], **EXACT)
+    assert _gathers(off.model) == {} and "reader_gathers" not in off.report.details
+    assert all(v["kept_in"] == list(range(v["in_channels"][0])) for k, v in off.report.details["layers"].items()
+               if k in ("b", "c"))
 
 
 def test_dead_channel_is_removed_exactly():

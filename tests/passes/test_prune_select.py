@@ -51,6 +51,9 @@ def test_a_lump_twice_the_remainder_or_more_is_never_taken():
     best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=50)
     assert best is not None and best[1] == 1 and best[2] == 80
     assert _best([wide, narrow], set(), cost, _Macs(), {}, remaining=40) is None   # 80 = 2 x 40
+    # unless the overshoot is within the slack allowed past the target
+    best = _best([wide, narrow], set(), cost, _Macs(), {}, remaining=40, slack=40)
+    assert best is not None and best[1] == 1 and best[2] == 80
 
 
 def test_a_unit_under_half_the_remainder_beats_any_lump():
