@@ -78,6 +78,13 @@ def _shared_dq(idx: GraphIndex, dq: int, reader: int) -> bool:
     return bool(others) or len(idx.consumer_nodes(q_out)) > 1
 
 
+def _from_int8_kernel(idx: GraphIndex, dq: int) -> bool:
+    """Whether a DequantizeLinear reads a tensor an INT8 kernel wrote (a QLinear op's output in
+    onnxruntime's optimized graph), not one quantized from a float op."""
+    p = idx.producer.get(idx.nodes[dq].input[0])
+    return p is not None and idx.nodes[p].op_type.startswith("QLinear")
+
+
 def _read_as_int8(idx: GraphIndex, quantized: str) -> bool:
     """Whether a quantized tensor has a reader other than a DequantizeLinear (in onnxruntime's
     optimized graph, a fused QLinear op)."""
@@ -134,13 +141,23 @@ def _float_from_kernel_less(idx: GraphIndex, i: int) -> bool:
     return bool(ops) and all(op is not None and op not in QLINEAR | DROPPED | QDQ_OPS for op in ops)
 
 
+def _between_int8(idx: GraphIndex, i: int, dqs: List[int]) -> bool:
+    """An op with no quantized kernel between INT8 kernels: each dequantized input is written by
+    an INT8 kernel (or quantized for another reader too) and each Q it feeds is read in INT8. It
+    has to run in float, and its conversions are those of its INT8 neighbours: RT-DETR's residual
+    Add and LayerNorm, fused into a float SkipLayerNormalization between two QLinearMatMuls."""
+    return all(_from_int8_kernel(idx, d) or _shared_dq(idx, d, i) for d in dqs) \
+        and all(_read_as_int8(idx, idx.nodes[q].output[0]) for q in _q_consumers(idx, i))
+
+
 def unfused_groups(idx: GraphIndex) -> List[int]:
     """Float ops that read a dequantized activation and are requantized, or Conv-like ops that
     read one with dequantized weights (dequantized for nothing). Left out, since they lose
     nothing: a float Conv with float weights that reads a tensor quantized for another reader;
     an op with no quantized kernel at all (ConvTranspose, say) whose dequantized inputs all are
     quantized for other readers too (onnxruntime itself dequantizes such an op's weights, in its
-    WeightBiasQuantization step, though it has no kernel to fuse them into); an op that
+    WeightBiasQuantization step, though it has no kernel to fuse them into), or that sits between
+    INT8 kernels (:func:`_between_int8`); an op that
     :func:`_serves_neighbours`; and one whose float inputs come from ops with no quantized
     kernel (:func:`_float_from_kernel_less`)."""
     out = []
@@ -150,7 +167,7 @@ def unfused_groups(idx: GraphIndex) -> List[int]:
         dqs = _act_dq_inputs(idx, i)
         if not dqs or not (_q_consumers(idx, i) or (n.op_type in MATMUL_LIKE and _dq_weights(idx, i))):
             continue
-        if not _has_int8_path(n) and all(_shared_dq(idx, d, i) for d in dqs):
+        if not _has_int8_path(n) and (all(_shared_dq(idx, d, i) for d in dqs) or _between_int8(idx, i, dqs)):
             continue
         if n.op_type in QLINEAR and n.op_type not in MATMUL_LIKE and (
                 _serves_neighbours(idx, i, dqs) or _float_from_kernel_less(idx, i)):

@@ -784,3 +784,62 @@ def test_a_batched_matmul_weight_gets_one_scale_so_onnxruntime_fuses() -> None:
     assert fusion.status == "pass", fusion.message
     feeds = verify.random_feeds(model, 4, 1)
     assert min(d.cosine for d in verify.compare_models(model, res.model, feeds)) > 0.99
+
+
+def _postnorm_block() -> onnx.ModelProto:
+    """Conv -> tokens -> LayerNorm(x + Linear(x)) -> Linear -> Relu -> Conv -> Relu -> Conv (opset 17)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w0", rng.normal(0, 0.3, (16, 3, 3, 3))), ("w1", rng.normal(0, 0.3, (16, 16))),
+        ("c", rng.normal(0, 0.1, (16,))), ("gamma", rng.uniform(0.5, 1.5, (16,))),
+        ("beta", rng.normal(0, 0.1, (16,))), ("w2", rng.normal(0, 0.3, (16, 16))),
+        ("w3", rng.normal(0, 0.3, (16, 16, 3, 3))), ("w4", rng.normal(0, 0.3, (8, 16, 1, 1))))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), n)
+              for n, v in (("tok", [1, 16, 64]), ("img", [1, 16, 8, 8]))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
+             helper.make_node("Reshape", ["ar", "tok"], ["t"], name="flat"),
+             helper.make_node("Transpose", ["t"], ["tt"], name="tr", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["tt", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["m1", "c"], ["m1b"], name="bias"),
+             helper.make_node("Add", ["tt", "m1b"], ["res"], name="residual"),
+             helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "w2"], ["m2"], name="fc2"),
+             helper.make_node("Relu", ["m2"], ["m2r"], name="relu2"),
+             helper.make_node("Transpose", ["m2r"], ["back"], name="tr2", perm=[0, 2, 1]),
+             helper.make_node("Reshape", ["back", "img"], ["im"], name="unflat"),
+             helper.make_node("Conv", ["im", "w3"], ["b"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["b"], ["br"], name="relu3"),
+             helper.make_node("Conv", ["br", "w4"], ["y"], name="conv2", kernel_shape=[1, 1])]
+    g = helper.make_graph(nodes, "postnorm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_float_layernorm_between_int8_matmuls_is_not_taken_for_a_wasted_conversion() -> None:
+    """A post-norm block, LayerNorm(x + Linear(x)) -> Linear, as RT-DETR's encoder exports it.
+    LayerNorm has no quantized kernel, so onnxruntime runs the residual Add and the LayerNorm as
+    one float SkipLayerNormalization between the two QLinearMatMuls: the DQ before it and the Q
+    after it are the price of those INT8 MatMuls, not conversions for nothing. qdq.ort_fusion
+    warned on it (7 such groups in RT-DETR-R18); it passes now."""
+    from onnxslim_yolo.check import run_checks
+    from onnxslim_yolo.check.index import GraphIndex
+
+    model = _postnorm_block()
+    res = InsertQDQ().run(model, ctx(model))
+    opt = GraphIndex(verify.optimized_model(res.model, optimize="extended"))
+    skip = next(i for i, n in enumerate(opt.nodes) if n.op_type == "SkipLayerNormalization")
+    sources = {opt.producer_op(opt.nodes[opt.producer[t]].input[0]) for t in opt.nodes[skip].input
+               if opt.producer_op(t) == "DequantizeLinear"}
+    assert "QLinearMatMul" in sources                                   # fc1, INT8, feeds it
+    readers = [opt.nodes[c].op_type for o in opt.nodes[skip].output for c in opt.consumer_nodes(o)]
+    assert readers == ["QuantizeLinear"]
+    assert [n.op_type for n in opt.nodes].count("QLinearMatMul") == 2
+    fusion = next(r for r in run_checks(res.model, latency=False).results if r.name == "qdq.ort_fusion")
+    assert fusion.status == "pass", fusion.message
+    feeds = verify.random_feeds(model, 4, 1)
+    assert min(d.cosine for d in verify.compare_models(model, res.model, feeds)) > 0.99
