@@ -78,11 +78,23 @@ def _shared_dq(idx: GraphIndex, dq: int, reader: int) -> bool:
     return bool(others) or len(idx.consumer_nodes(q_out)) > 1
 
 
-def _from_int8_kernel(idx: GraphIndex, dq: int) -> bool:
+def _from_int8_kernel(idx: GraphIndex, dq: int, depth: int = 8) -> bool:
     """Whether a DequantizeLinear reads a tensor an INT8 kernel wrote (a QLinear op's output in
-    onnxruntime's optimized graph), not one quantized from a float op."""
-    p = idx.producer.get(idx.nodes[dq].input[0])
-    return p is not None and idx.nodes[p].op_type.startswith("QLinear")
+    onnxruntime's optimized graph), or one quantized for other readers too, perhaps moved by
+    Transposes, Reshapes ... on the quantized data; not one quantized from a float op for it."""
+    tensor = idx.nodes[dq].input[0]
+    for _ in range(depth):
+        p = idx.producer.get(tensor)
+        if p is None:
+            return False
+        n = idx.nodes[p]
+        if n.op_type.startswith("QLinear") or (n.op_type == "QuantizeLinear"
+                                               and len(idx.consumer_nodes(n.output[0])) > 1):
+            return True
+        if n.op_type not in DROPPED or not n.input:
+            return False
+        tensor = n.input[0]
+    return False
 
 
 def _read_as_int8(idx: GraphIndex, quantized: str) -> bool:
