@@ -682,6 +682,16 @@ def test_every_int8_depthwise_conv_is_one_more_candidate(target):
     assert GROUPED not in [r["candidate"] for r in plain.report.details["sensitivity"]["ranking"]]
 
 
+def _token_stem() -> list:
+    """Conv (w0) -> Relu -> Reshape (tok) -> Transpose: x (1, 3, 8, 8) as 64 tokens 'tt' of 16."""
+    from onnx import helper
+
+    return [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
+            helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
+            helper.make_node("Reshape", ["ar", "tok"], ["t"], name="flat"),
+            helper.make_node("Transpose", ["t"], ["tt"], name="tr", perm=[0, 2, 1])]
+
+
 def _linear_block(bias_op: str = "Add") -> onnx.ModelProto:
     """Conv -> tokens -> MatMul -> + bias (or x scale) -> MatMul -> Relu -> Conv: a Linear layer's
     bias Add (a LayerScale Mul) between two INT8 layers, as transformer blocks export it."""
@@ -694,10 +704,7 @@ def _linear_block(bias_op: str = "Add") -> onnx.ModelProto:
         ("w3", rng.normal(0, 0.3, (8, 16, 1, 1))))]
     inits += [numpy_helper.from_array(np.array(v, np.int64), n)
               for n, v in (("tok", [1, 16, 64]), ("img", [1, 16, 8, 8]))]
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
-             helper.make_node("Reshape", ["ar", "tok"], ["t"], name="flat"),
-             helper.make_node("Transpose", ["t"], ["tt"], name="tr", perm=[0, 2, 1]),
+    nodes = _token_stem() + [
              helper.make_node("MatMul", ["tt", "w1"], ["m1"], name="fc1"),
              helper.make_node(bias_op, ["m1", "c"], ["m1b"], name="bias"),
              helper.make_node("MatMul", ["m1b", "w2"], ["m2"], name="fc2"),
@@ -798,10 +805,7 @@ def _postnorm_block() -> onnx.ModelProto:
         ("w3", rng.normal(0, 0.3, (16, 16, 3, 3))), ("w4", rng.normal(0, 0.3, (8, 16, 1, 1))))]
     inits += [numpy_helper.from_array(np.array(v, np.int64), n)
               for n, v in (("tok", [1, 16, 64]), ("img", [1, 16, 8, 8]))]
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4),
-             helper.make_node("Relu", ["a"], ["ar"], name="relu0"),
-             helper.make_node("Reshape", ["ar", "tok"], ["t"], name="flat"),
-             helper.make_node("Transpose", ["t"], ["tt"], name="tr", perm=[0, 2, 1]),
+    nodes = _token_stem() + [
              helper.make_node("MatMul", ["tt", "w1"], ["m1"], name="fc1"),
              helper.make_node("Add", ["m1", "c"], ["m1b"], name="bias"),
              helper.make_node("Add", ["tt", "m1b"], ["res"], name="residual"),
