@@ -15,6 +15,10 @@ dense 2-D Conv whose input has other readers. The channel analysis reads such a 
 and go anyway when the channel they read goes. The selection weighs these units against the
 others by the same measured cost. :func:`drop_identity` removes the Gathers that still read
 every channel in order afterwards, so a model keeps only those that select.
+
+Off by default (option ``readers``): on yolov5n at 10% fewer multiply-adds it scored 0.315
+against 0.317 without. The 8 probe images rate some readers (the P3 C3 block's 1x1 Convs)
+among the cheapest units, which the full evaluation above shows they are not.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_yolo import ir
+from onnxslim_yolo.analysis.sensitivity import last_convs
 
 SUFFIX = "__reader"
 
@@ -40,8 +45,6 @@ def insert(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Set[str]]:
     graph output; returns it and the names of the Gathers. ``model`` itself when there is none.
     The head's last Convs get none: on yolov5n, the P3 Detect Conv reading 32 of its 64 inputs
     lost 4.6 mAP points, while the 8 probe images measured it among the cheapest units."""
-    from onnxslim_yolo.analysis.sensitivity import last_convs
-
     head = set(last_convs(model))
     inferred = ir.infer_shapes(model)
     graph = ir.to_graph(inferred)

@@ -179,7 +179,6 @@ class _Builder:
         if c:
             self.roles[t.name].append((kind, node.name, offset, c if n is None else n))
 
-
     def reader(self, x: gs.Tensor, indices: Sequence[int], y: gs.Tensor, node: gs.Node) -> None:
         if not self.gather_readers:   # off: importance scores know no Gather-only group
             channel_rules.block_node(node, self)
