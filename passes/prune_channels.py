@@ -29,7 +29,8 @@ sweep | lsq | score; sweep: each layer's cost curve measured alone by agreement 
 ``sweep_images`` (64) images, then allocated greedily, reported as ``curves``); ``probe_metric``
 (auto | detections | agreement); ``saliency`` (sample refit rows near detections); ``readers`` (off; on,
 with the measured, sweep or lsq cost, a Conv whose input other nodes read too may drop input
-channels alone, through a channel Gather, ``_prune_readers``: no better on yolov5n); ``max_layer_ratio`` (0.75);
+channels alone, through a channel Gather, ``_prune_readers``: no better on yolov5n);
+``max_layer_ratio`` (0.75);
 ``bn_by_var``, ``relative``, ``dead_tol``, ``threads``.
 
 A ConvTranspose whose kernel equals its stride (YOLOv6's and the YOLOv8-seg prototype's 2x
@@ -56,7 +57,8 @@ from onnxslim_yolo.analysis import activations, channel_rules, importance as imp
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, analyze_channels
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 
-from . import _prune_cost, _prune_lower, _prune_readers, _prune_refit, _prune_report, _prune_rewrite, _prune_select
+from . import (_prune_cost, _prune_lower, _prune_readers, _prune_refit, _prune_report, _prune_rewrite,
+               _prune_select)
 from ._prune_options import NAME, PruneOptions, parse_options
 
 log = logging.getLogger(__name__)

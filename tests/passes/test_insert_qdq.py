@@ -817,8 +817,9 @@ def _postnorm_block() -> onnx.ModelProto:
              helper.make_node("Conv", ["im", "w3"], ["b"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
              helper.make_node("Relu", ["b"], ["br"], name="relu3"),
              helper.make_node("Conv", ["br", "w4"], ["y"], name="conv2", kernel_shape=[1, 1])]
-    g = helper.make_graph(nodes, "postnorm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])
+    g = helper.make_graph(nodes, "postnorm", [x], [y], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
