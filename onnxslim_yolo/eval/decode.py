@@ -492,6 +492,11 @@ def level_stride(input_hw: Optional[Sequence[int]], h: int, level: int) -> float
     return float(input_hw[0]) / h if input_hw is not None else float(8 * 2 ** level)
 
 
+def softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 def probabilities(maps: Sequence[np.ndarray]) -> List[np.ndarray]:
     """Raw head maps through the sigmoid, unless every value of every map already lies in [0, 1]
     (an export that applies it in the graph)."""
@@ -583,9 +588,8 @@ def _decode_gfl(p: np.ndarray, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.
         raise NotDetections(f"GFL output of {p.shape[0]} rows of {p.shape[1]} values does not fit a "
                             f"{input_hw[0]}x{input_hw[1]} input at strides {GFL_STRIDES} with "
                             f"{GFL_BINS} bins")
-    logits = p[:, nc:].reshape(-1, 4, GFL_BINS)
-    e = np.exp(logits - logits.max(2, keepdims=True))
-    dist = (e / e.sum(2, keepdims=True) * np.arange(GFL_BINS, dtype=np.float32)).sum(2) * stride
+    bins = softmax(p[:, nc:].reshape(-1, 4, GFL_BINS), 2)
+    dist = (bins * np.arange(GFL_BINS, dtype=np.float32)).sum(2) * stride
     corner = grid * stride
     return np.concatenate([corner - dist[:, :2], corner + dist[:, 2:]], 1).astype(np.float32), p[:, :nc]
 

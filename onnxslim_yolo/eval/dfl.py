@@ -26,7 +26,7 @@ import numpy as np
 
 from ..pass_base import UsageError
 # decode imports this module inside its functions: no import cycle
-from .decode import NotDetections, known_map_dims, level_stride, probabilities
+from .decode import NotDetections, known_map_dims, level_stride, probabilities, softmax
 
 #: distance bins per side of the heads exported this way: 16 (Ultralytics' reg_max), 17 (reg_max 16
 #: plus one: YOLOv6 3.0's DFL heads, whose decode is the same; PP-YOLOE's too). Other counts are left
@@ -132,11 +132,6 @@ def _row_grid(rows: int, level: int, input_hw: Optional[Sequence[int]]) -> Tuple
     return side, side, float(8 * 2 ** level)
 
 
-def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]] = None) -> np.ndarray:
     """The ``v8`` array (B, 4+C, N) of raw anchor-free maps (:func:`dfl_layout`), finest level
     first. A level's stride is the input height over its height (8, 16, 32, ... without
@@ -161,7 +156,7 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
         if bins == DISTANCES:  # pixels: in strides like the bins' expected values
             dist = box.reshape(b, 4, h * w) / stride
         else:
-            dist = (_softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
+            dist = (softmax(box.reshape(b, 4, bins, h * w), 2) * proj[None, None, :, None]).sum(2)
         yv, xv = np.meshgrid(np.arange(h, dtype=np.float32) + offset, np.arange(w, dtype=np.float32) + offset,
                              indexing="ij")
         cx, cy = xv.reshape(1, -1), yv.reshape(1, -1)

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .decode import declared_shapes, known_map_dims
+from .decode import declared_shapes, known_map_dims, softmax
 from .dfl import maps_by_size
 
 #: exponents of objectness and class probability in FastestDet's score
@@ -148,10 +148,9 @@ def v2_from_raw(outputs: Sequence[np.ndarray], levels: Sequence[Tuple[int, int, 
     """The raw maps of :func:`v2_raw_layout` as the export's (B, H, W, 4na + na + C) maps."""
     out = []
     for box, obj, cls in levels:
-        c = np.asarray(outputs[cls], np.float32)
-        e = np.exp(c - c.max(1, keepdims=True))
         parts = [1.0 / (1.0 + np.exp(-np.asarray(outputs[box], np.float32))),
-                 1.0 / (1.0 + np.exp(-np.asarray(outputs[obj], np.float32))), e / e.sum(1, keepdims=True)]
+                 1.0 / (1.0 + np.exp(-np.asarray(outputs[obj], np.float32))),
+                 softmax(np.asarray(outputs[cls], np.float32), 1)]
         out.append(np.concatenate(parts, 1).transpose(0, 2, 3, 1))
     return out
 
