@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim_yolo import ir
 
-from ._conv_util import new_const, param, rank, shared, users
+from ._conv_util import new_const, param, rank, users
 
 OUT_KINDS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -56,7 +56,7 @@ def out_target(node: gs.Node, via: gs.Node, outputs: Set[str], kinds=OUT_KINDS,
     w, why = param(node.inputs[widx] if len(node.inputs) > widx else None, f"{node.op} '{node.name}' weight")
     if w is None:
         return why
-    sharing = users(node.inputs[widx]) - 1 if shared(node.inputs[widx]) else 0
+    sharing = users(node.inputs[widx]) - 1   # node reads it once itself
     if sharing and not copy_shared:
         return (f"{node.op} '{node.name}' weight '{node.inputs[widx].name}' is shared with "
                 f"{sharing} other node input(s)")
