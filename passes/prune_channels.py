@@ -96,7 +96,7 @@ class PruneChannels(Pass):
         original = model = ir.to_model(graph, model)
         model, lowered = _prune_lower.lower(model)
         readers: set = set()
-        if opts.readers and opts.criterion == "activation" and opts.cost != "score" and ctx.calib_inputs:
+        if opts.readers and _cost_kind(opts, bool(ctx.calib_inputs)) != "score":
             model, readers = _prune_readers.insert(model)
         analysis = analyze_channels(model, opts.protect, ctx.input_shapes, readers=bool(readers))
         if not analysis.prunable_groups():
@@ -158,14 +158,19 @@ def _stats(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: List[Feeds]
     return activations.channel_stats(model, feeds, names, opts.threads)
 
 
+def _cost_kind(opts: PruneOptions, calibrated: bool) -> str:
+    """The cost model the selection uses: ``cost`` (auto: measured with a refit, else score) with
+    the activation criterion and calibration data; the static scores otherwise."""
+    cost = opts.cost if opts.cost != "auto" else ("measured" if opts.reconstruct else "score")
+    return cost if opts.criterion == "activation" and calibrated else "score"
+
+
 def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
                 stats: Optional[Dict[str, activations.ChannelStats]], scores: imp.Importance,
                 feeds: List[Feeds], opts: PruneOptions, seed: int, sal) -> Tuple[Any, Dict[str, Any]]:
     """Measured or LSQ costs with the activation criterion and calibration data, else the scores."""
-    cost = opts.cost
-    if cost == "auto":
-        cost = "measured" if opts.reconstruct else "score"
-    if opts.criterion != "activation" or not stats or cost == "score":
+    cost = _cost_kind(opts, bool(stats))
+    if cost == "score":
         return _prune_select.ScoreCost(scores.scores), {"cost": "score"}
     params = imp.read_params(model)
     common = dict(samples=opts.samples, ridge=opts.ridge, sens_images=opts.sens_images,

@@ -559,6 +559,9 @@ def test_readers_count_a_shared_weight_slot_once_and_are_off_by_default():
     assert d["mac_reduction"] >= 0.3
     off = run(model, calib, ratio=0.3, cost="lsq", round_to=1, protect=["a"], **EXACT)
     assert _gathers(off.model) == {} and "reader_gathers" not in off.report.details
+    # nor with the static scores (cost auto without a refit), which no reader-only group fits
+    scored = run(model, calib, ratio=0.3, readers=True, round_to=1, protect=["a"], **EXACT)
+    assert scored.report.details["cost"] == "score" and _gathers(scored.model) == {}
     layers = off.report.details["layers"]
     assert all(v["kept_in"] == list(range(v["in_channels"][0])) for k, v in layers.items() if k in ("b", "c"))
 
