@@ -56,6 +56,12 @@ def assert_idempotent(p, model: onnx.ModelProto, ctx: Optional[PassContext] = No
     return again
 
 
+def assert_refused(res: PassResult, model: onnx.ModelProto, reason: str) -> None:
+    """The pass left ``model`` as it was and skipped exactly one pattern, for ``reason``."""
+    assert not res.modified and res.model is model
+    assert len(res.report.skipped) == 1 and reason in res.report.skipped[0]["reason"], res.report.skipped
+
+
 def make_model(nodes: Sequence[onnx.NodeProto], inputs: Dict[str, Sequence], outputs_: Sequence[str],
                inits: Dict[str, np.ndarray], opset: int = 13) -> onnx.ModelProto:
     """A model from nodes; graph inputs ``{name: shape}``, float32; output shapes inferred."""

@@ -16,7 +16,7 @@ from onnxslim_yolo import ir
 from onnxslim_yolo.pass_base import PassContext, UsageError
 from onnxslim_yolo.pass_manager import PassManager
 from onnxslim_yolo.passes.focus_to_conv import FocusToConv, merged_weight
-from tests.passes.exact_helpers import assert_exact, assert_idempotent, ops, valid
+from tests.passes.exact_helpers import assert_exact, assert_idempotent, assert_refused, ops, valid
 
 YOLOX_ORDER = ((0, 0), (0, 1), (1, 0), (1, 1))
 S2D = PassContext(options={"focus-to-conv": {"mode": "space-to-depth-conv"}})
@@ -147,9 +147,7 @@ REFUSALS = [
 @pytest.mark.parametrize("make, reason", REFUSALS, ids=[r for _, r in REFUSALS])
 def test_refusals_name_the_reason(make, reason):
     m = make()
-    res = run(m)
-    assert not res.modified and res.model is m
-    assert len(res.report.skipped) == 1 and reason in res.report.skipped[0]["reason"], res.report.skipped
+    assert_refused(run(m), m, reason)
 
 
 def test_odd_size_still_rewritten_in_phase_conv_mode_is_refused():

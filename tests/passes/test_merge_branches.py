@@ -14,7 +14,7 @@ from onnxslim_yolo.analysis.flops import model_stats
 from onnxslim_yolo.pass_base import PassContext
 from onnxslim_yolo.passes.fold_batchnorm import FoldBatchNorm
 from onnxslim_yolo.passes.merge_branches import MergeBranches
-from tests.passes.exact_helpers import assert_exact, assert_idempotent, make_model, ops, valid
+from tests.passes.exact_helpers import assert_exact, assert_idempotent, assert_refused, make_model, ops, valid
 
 C = 8
 X = (1, C, 9, 10)
@@ -195,9 +195,7 @@ REFUSALS = [
 @pytest.mark.parametrize("make, reason", REFUSALS, ids=[r for _, r in REFUSALS])
 def test_refusals_name_the_reason(make, reason):
     m = make()
-    res = run(m)
-    assert not res.modified and res.model is m
-    assert len(res.report.skipped) == 1 and reason in res.report.skipped[0]["reason"], res.report.skipped
+    assert_refused(run(m), m, reason)
 
 
 def test_real_yolov5n_has_no_branches_to_merge(yolov5n_path):
