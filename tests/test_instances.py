@@ -408,6 +408,42 @@ def test_obb_nms_suppresses_on_rotated_overlap():
     assert rows.tolist() == [0, 1]
 
 
+def test_obb_nms_lets_a_suppressed_box_suppress_as_ultralytics_fast_nms():
+    """A chain of three boxes, each moved 12 pixels along its length from the one before: the
+    second overlaps the first and the third, the third not the first. Greedy NMS would keep the
+    third (its only suppressor is gone); Fast-NMS, as ultralytics validates obb models, does not."""
+    from onnxslim_yolo.eval.metrics import probiou
+    from onnxslim_yolo.eval.nms import nms_rotated
+
+    r = np.array([[50, 50, 40, 10, 0.0], [62, 50, 40, 10, 0.0], [74, 50, 40, 10, 0.0]])
+    ov = probiou(r, r)
+    assert ov[0, 1] > 0.5 and ov[1, 2] > 0.5 and ov[0, 2] < 0.5
+    assert nms_rotated(r, np.array([0.9, 0.8, 0.7]), 0.5).tolist() == [0]
+    assert nms_rotated(r, np.array([0.7, 0.8, 0.9]), 0.5).tolist() == [2]
+
+
+@pytest.mark.parametrize("n, span, iou", [(300, 200, 0.3), (700, 300, 0.7), (1, 10, 0.5), (0, 10, 0.5)])
+def test_obb_nms_equals_fast_nms_by_the_full_overlap_matrix(n, span, iou):
+    """Against Fast-NMS written out: the (N, N) overlaps of the boxes in score order, a box dropped
+    when any earlier one overlaps it by more than ``iou``. Over several column blocks (FAST_COLS),
+    and cut at ``max_keep`` the first ones of the full run."""
+    from onnxslim_yolo.eval.metrics import probiou
+    from onnxslim_yolo.eval.nms import FAST_COLS, nms_rotated
+
+    rng = np.random.default_rng(n)
+    r = np.concatenate([rng.uniform(0, span, (n, 2)), rng.uniform(5, 80, (n, 2)),
+                        rng.uniform(-1, 2, (n, 1))], 1)
+    s = rng.random(n)
+    order = np.argsort(-s, kind="stable")
+    ov = np.triu(probiou(r[order], r[order]), 1)
+    want = order[~(ov > iou).any(0)]
+    got = nms_rotated(r, s, iou)
+    assert got.tolist() == want.tolist()
+    assert nms_rotated(r, s, iou, max_keep=50).tolist() == want[:50].tolist()
+    if n >= 300:
+        assert n > 2 * FAST_COLS and 0 < len(want) < n
+
+
 def test_summary_table_shows_mask_keypoint_and_rotated_box_map_before_and_after():
     from onnxslim_yolo.report import summary_table
 
