@@ -278,6 +278,11 @@ def test_masks_and_keypoints_map_back_through_the_letterbox():
     assert k.tolist() == [[[20.0, 20.0, 1.0]]]
     # stretched (PaddleDetection, FastestDet): a ratio per axis, no padding
     assert image_keypoints(np.array([[[16.0, 32.0]]]), (0.8, 1.6), (0, 0)).tolist() == [[[20.0, 20.0, 1.0]]]
+    # a keypoint predicted in the padding or past the edge lands on the image's border, as
+    # ultralytics' scale_coords clips it; inside the image nothing moves
+    pts = np.array([[[-8.0, 8.0, 0.9], [16.0, 32.0, 0.8], [90.0, 70.0, 0.7]]])
+    k = image_keypoints(pts, RATIO, (0, PAD_TOP), (40, 60))
+    assert k.tolist() == [[[0.0, 0.0, 0.9], [20.0, 20.0, 0.8], [60.0, 40.0, 0.7]]]
 
 
 def test_rotated_boxes_map_back_through_a_stretch():

@@ -122,13 +122,18 @@ def mask_rles(coefs: np.ndarray, protos: np.ndarray, boxes: np.ndarray, input_hw
     return rles
 
 
-def image_keypoints(kpts: np.ndarray, ratio: Ratio, pad: Sequence[int]) -> np.ndarray:
+def image_keypoints(kpts: np.ndarray, ratio: Ratio, pad: Sequence[int],
+                    orig_hw: Optional[Sequence[int]] = None) -> np.ndarray:
     """(M, K, 2 or 3) keypoints in input pixels -> (M, K, 3) in original pixels (visibility 1
-    when the model gives none; pycocotools reads only the labels' visibilities)."""
+    when the model gives none; pycocotools reads only the labels' visibilities), inside the
+    original image ``orig_hw`` when given, as ultralytics' ``scale_coords`` clips them."""
     rx, ry = ratio_xy(ratio)
     out = np.ones(kpts.shape[:2] + (3,), np.float64)
     out[..., 0] = (kpts[..., 0] - pad[0]) / rx
     out[..., 1] = (kpts[..., 1] - pad[1]) / ry
+    if orig_hw is not None:
+        out[..., 0] = np.clip(out[..., 0], 0, orig_hw[1])
+        out[..., 1] = np.clip(out[..., 1], 0, orig_hw[0])
     if kpts.shape[2] == 3:
         out[..., 2] = kpts[..., 2]
     return out
@@ -159,4 +164,4 @@ def attach(boxes: ImageBoxes, parts: Parts, rows: np.ndarray, input_hw: Sequence
     if parts.coefs is not None:
         return replace(boxes, segments=mask_rles(parts.coefs[rows], parts.protos, boxes.boxes, input_hw,
                                                  boxes.hw, ratio, pad))
-    return replace(boxes, keypoints=image_keypoints(parts.keypoints[rows], ratio, pad))
+    return replace(boxes, keypoints=image_keypoints(parts.keypoints[rows], ratio, pad, boxes.hw))
