@@ -82,6 +82,21 @@ def _as_model(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
     return ir.load(model), Path(model)
 
 
+def run_files(opts: OptimizeOptions, src: Optional[ir.PathLike], output: Optional[ir.PathLike],
+              report: Optional[ir.PathLike] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(outputs, inputs) of an optimize run by role, for :func:`.ir.claim_outputs`: the model
+    written, the report, the kept-channel JSON and a calibration table still to be saved;
+    the input model, the labels, the calibration data and images, and a calibration table to load."""
+    table = opts.pass_options.get("insert-qdq", {}).get("calib_table")
+    kept = opts.pass_options.get("prune-channels", {}).get("kept_json")
+    table_in = bool(table) and Path(table).exists()
+    outputs = {"optimized model": output, "report": report, "kept-channel JSON": kept,
+               "calibration table": None if table_in else table}
+    inputs = {"input model": src, "calibration table": table if table_in else None, "labels": opts.labels,
+              "calibration data": opts.calib, "evaluation images": opts.images}
+    return outputs, inputs
+
+
 def pipeline_names(opts: OptimizeOptions, model: Optional[onnx.ModelProto] = None) -> List[str]:
     """The passes ``opts`` ask for; with ``model`` given and float16 weights in it, INT8 and pruning
     get ``upcast-float16`` first, and pruning alone ``restore-float16`` last (unless skipped)."""
@@ -158,10 +173,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     opts = options or OptimizeOptions(**kwargs)
     original, src = _as_model(model)
     original = with_anchors(original, opts.anchors, copy=src is None)
-    if output is not None and src is not None and Path(output).resolve() == src.resolve():
-        raise UsageError(f"{output}: refusing to overwrite the input model; choose another -o")
-    if output is not None:
-        ir.ensure_writable(output, "optimized model")
+    ir.claim_outputs(*run_files(opts, src, output))
     _refuse_custom_ops(original, src)
     names = pipeline_names(opts, original)
     passes = build_passes(names)

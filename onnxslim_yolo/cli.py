@@ -130,7 +130,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
              no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""
     from . import ir
-    from .api import OptimizeOptions, optimize as run_optimize
+    from .api import OptimizeOptions, optimize as run_optimize, run_files
     from .report import passes_table, summary_table
 
     if int8 and not calib:
@@ -156,9 +156,7 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         input_shape=_shape(input_shape), pass_options={"insert-qdq": qdq, "prune-channels": prune_opts},
         verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet,
         check=not no_check, max_drop=max_drop, target=target)
-    for path, what in ((report, "report"), (kept_json, "kept-channel JSON")):
-        if path:
-            ir.ensure_writable(path, what)
+    ir.claim_outputs(*run_files(opts, src, out, report))
     result = run_optimize(model, output=out, options=opts)
     data = result.to_dict()
     click.echo(passes_table(data["passes"]))
@@ -209,6 +207,7 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
     from .analysis.flops import model_stats
     from .report import stats_table, table
 
+    ir.claim_outputs({"JSON figures": json_out}, {"model": model})
     m = ir.load(model)
     shp = _shape(input_shape)
     at = None if shp else _dynamic_size(m)

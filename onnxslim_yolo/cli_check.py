@@ -76,8 +76,9 @@ def check_command(ctx: click.Context, model: str, reference: Optional[str], imag
     from . import ir
     from .pass_base import SlimError, naming_file
 
-    if json_out:
-        ir.ensure_writable(json_out, "JSON report")   # before the checks run, not after
+    # before the checks run, not after
+    ir.claim_outputs({"JSON report": json_out},
+                     {"model": model, "reference model": reference, "labels": labels})
     opts = CheckOptions(target=target, max_drop=max_drop, min_cosine=min_cosine, min_agreement=min_agreement,
                         latency=latency, latency_runs=runs, threads=threads, limit=limit, preset=preprocess,
                         input_shape=_shape(input_shape), progress=not quiet, anchors=anchors)

@@ -50,8 +50,8 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     from .evaluate import evaluate
     from .report import table
 
-    if json_out:
-        ir.ensure_writable(json_out, "JSON figures")   # before the evaluation runs, not after
+    # before the evaluation runs, not after
+    ir.claim_outputs({"JSON figures": json_out}, {"model": model, "labels": labels})
     try:
         target = with_anchors(ir.load(model), anchors, copy=False) if anchors else ir.load(model)
         fed = images_fed(target, preprocess, (images,))

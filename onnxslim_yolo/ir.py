@@ -220,11 +220,8 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
     used when the model would not fit in one protobuf (or when asked).
     """
     out = Path(path)
-    for q in protect:
-        if Path(q).exists() and out.exists() and os.path.samefile(out, q):
-            raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
-        if Path(q).resolve() == out.resolve():
-            raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
+    if any(same_file(out, q) for q in protect):
+        raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
     if external_data is None:
         external_data = model_size(model) > PROTO_LIMIT
     with replacing(out) as tmp:
@@ -245,11 +242,49 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
 
 def ensure_writable(path: PathLike, what: str = "output") -> None:
     """Raise UsageError, naming ``path`` and the reason, unless a file can be written there: its
-    folder exists (or can be made) and takes a new file. Checked before a long run, not after."""
+    folder exists (or can be made) and takes a new file. Checked before a long run, not after;
+    folders made for the check are removed again (the write makes them), so a run that fails
+    later leaves none behind."""
     out = Path(path)
     if out.is_dir():
         raise UsageError(f"{out}: is a folder; give a file name for the {what}")
-    os.unlink(_temp_beside(out, f" the {what}"))
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]   # deepest first
+    try:
+        os.unlink(_temp_beside(out, f" the {what}"))
+    finally:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file: the same inode when both exist (links too), else the
+    same resolved path."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def claim_outputs(outputs: Mapping[str, Optional[PathLike]],
+                  inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> None:
+    """Check, before a run, that each output (``{what: path}``, None skipped) can be written and
+    would overwrite neither an input (``{what: path}``: the model, a reference, a labels JSON)
+    nor another output of the same run; a UsageError naming the path and both roles if not."""
+    outs = [(what, Path(p)) for what, p in outputs.items() if p]
+    ins = [(what, Path(p)) for what, p in (inputs or {}).items() if p]
+    for i, (what, out) in enumerate(outs):
+        for other, q in ins:
+            if same_file(out, q):
+                raise UsageError(f"{out}: refusing to overwrite the {other} with the {what}; "
+                                 "choose another path")
+        for other, q in outs[:i]:
+            if same_file(out, q):
+                raise UsageError(f"{out}: given for both the {other} and the {what}; choose another path")
+    for what, out in outs:
+        ensure_writable(out, what)
 
 
 def _temp_beside(out: Path, what: str = "") -> str:

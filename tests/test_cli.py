@@ -101,6 +101,44 @@ def test_optimize_warns_when_the_result_runs_slower(model_file: Path, tmp_path: 
         assert len(warnings) == 1 and re.search(expect, warnings[0]), warnings
 
 
+@pytest.mark.parametrize("args, message", [
+    # every JSON or table a command writes is kept off its inputs and its other outputs: each of
+    # these overwrote the model (or wrote the report where the model was to go) with exit 0
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--report", "{m}"],
+     "{m}: refusing to overwrite the input model with the report"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--report", "{t}/link.onnx"],
+     "{t}/link.onnx: refusing to overwrite the input model with the report"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--report", "{t}/o.onnx"],
+     "{t}/o.onnx: given for both the optimized model and the report"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--prune", "0.1", "--kept-json", "{m}"],
+     "{m}: refusing to overwrite the input model with the kept-channel JSON"),
+    (["optimize", "{m}", "-o", "{t}/n.onnx", "--int8", "--calib", "{t}/images",
+      "--calib-table", "{t}/n.onnx"],
+     "{t}/n.onnx: given for both the optimized model and the calibration table"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--int8", "--calib", "{t}/images",
+      "--calib-table", "{t}/o.onnx"],
+     "{t}/o.onnx: refusing to overwrite the calibration table with the optimized model"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--labels", "{t}/gt.json", "--report", "{t}/gt.json"],
+     "{t}/gt.json: refusing to overwrite the labels with the report"),
+    (["inspect", "{m}", "--json", "{m}"], "{m}: refusing to overwrite the model with the JSON figures"),
+    (["check", "{t}/o.onnx", "--reference", "{m}", "--json", "{m}"],
+     "{m}: refusing to overwrite the reference model with the JSON report"),
+    (["eval", "{m}", "--images", "{t}/images", "--labels", "{t}/gt.json", "--json", "{t}/gt.json"],
+     "{t}/gt.json: refusing to overwrite the labels with the JSON figures"),
+])
+def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file: Path, args, message):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "gt.json").write_text("{}")
+    (tmp_path / "link.onnx").hardlink_to(model_file)
+    ir.save(onnx.load(str(model_file)), tmp_path / "o.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    fill = {"m": model_file, "t": tmp_path}
+    r = CliRunner().invoke(main, [a.format(**fill) for a in args])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines() == [f"error: {message.format(**fill)}; choose another path"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("command", ["check", "eval"])
 def test_an_unwritable_json_path_is_refused_before_the_work(tmp_path: Path, model_file: Path, monkeypatch,
                                                           command):

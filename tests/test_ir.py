@@ -59,7 +59,11 @@ def test_an_unwritable_output_is_a_one_line_usage_error(tmp_path: Path):
         ir.ensure_writable(tmp_path)
     with pytest.raises(UsageError, match=r"afile/x.onnx: cannot write there \("):
         ir.save(tiny(), tmp_path / "afile" / "x.onnx")
-    ir.ensure_writable(tmp_path / "new" / "x.onnx")     # a folder it can make is fine
+    # folders it can make are fine, and are not left behind for a run that fails later
+    ir.ensure_writable(tmp_path / "new" / "sub" / "x.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    (tmp_path / "new").mkdir()
+    ir.ensure_writable(tmp_path / "new" / "sub" / "x.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "new"]
     assert not any((tmp_path / "new").iterdir())
 
