@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 a check failed, 2 usage / bad input, 3 refused precondition,
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,13 +25,24 @@ def _fail(exc: SlimError) -> None:
 
 
 class SlimGroup(click.Group):
-    """Turns the library's typed errors into one-line messages and exit codes."""
+    """Turns the library's typed errors, and click's own for a bad option or argument, into
+    one-line messages and exit codes (click would print its usage lines first)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SlimError as exc:
             _fail(exc)
+        except click.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{cmd} --help')", err=True)
+            sys.exit(exc.exit_code)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (``timeout``, ``kill``) ends the run as an exception does, so a file being
+    written is removed, not left half written beside its target."""
+    raise SystemExit(128 + signum)
 
 
 def _csv(value: Optional[str]) -> List[str]:
@@ -74,6 +86,8 @@ def _json_default(o: Any) -> Any:
 def main(verbose: int) -> None:
     """onnxslim-yolo: make YOLO-family ONNX detectors smaller and faster."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     import onnxruntime as ort
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import logging
 import sys
+import zipfile
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -496,7 +497,7 @@ def _array_batches(path: Path) -> List[np.ndarray]:
                 arrays = [z[k] for k in z.files]
         else:
             arrays = [np.load(path, allow_pickle=False)]
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:   # a .npz that is no zip: BadZipFile
         raise UsageError(f"{path}: cannot read array file ({type(exc).__name__})") from None
     if not arrays:
         raise UsageError(f"{path}: contains no arrays")
@@ -508,6 +509,8 @@ def _array_batches(path: Path) -> List[np.ndarray]:
             raise UsageError(f"{path}: array of shape {list(a.shape)}; expected NCHW or CHW tensors")
         if not np.issubdtype(a.dtype, np.number):
             raise UsageError(f"{path}: array of dtype {a.dtype}; expected numbers")
+        if not np.isfinite(a).all():
+            raise UsageError(f"{path}: holds NaN or infinite values; calibration needs real inputs")
         out.append(a)
     return out
 

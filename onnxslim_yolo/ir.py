@@ -303,7 +303,7 @@ def _temp_beside(out: Path, what: str = "") -> str:
 def replacing(out: Path) -> Iterator[str]:
     """A temp file path beside ``out``, renamed onto ``out`` when the block succeeds and removed
     when it fails: what ``out`` held stays whole until the new content is complete. A folder that
-    cannot take the file is a UsageError naming it."""
+    cannot take the file, or a write that fails (a full disk), is a UsageError naming it."""
     tmp = _temp_beside(out)
     try:
         yield tmp
@@ -312,9 +312,11 @@ def replacing(out: Path) -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):   # a full disk, a file size limit: what ``out`` held stays
+            raise UsageError(f"{out}: cannot write it ({exc.strerror or exc})") from None
         raise
 
 

@@ -139,6 +139,47 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (["optimize", "{t}"],
+     r"Invalid value for 'MODEL': File '{t}' is a directory\. \(see 'main optimize --help'\)"),
+    (["optimize", "{m}", "--prune", "abc"], r"Invalid value for '--prune': 'abc' is not a valid float"),
+    (["optimize", "{m}", "--nope"], r"No such option '--nope'"),
+    (["inspect", "{m}", "--json", "{t}"], r"Invalid value for '--json': File '{t}' is a directory"),
+    (["nope"], r"No such command 'nope'\. \(see 'main --help'\)"),
+])
+def test_a_bad_option_or_argument_is_one_line_too(tmp_path: Path, model_file: Path, args, message):
+    """click printed its usage and a hint first (four lines); now one line, as every error."""
+    fill = {"m": model_file, "t": tmp_path}
+    r = CliRunner().invoke(main, [a.format(**fill) for a in args])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and re.match("error: " + message.format(**fill), lines[0]), r.output
+
+
+def test_sigterm_while_writing_removes_the_partial_file(tmp_path: Path, model_file: Path):
+    """``timeout`` sends SIGTERM: the file being written was left as ``.NAME.*.tmp`` beside its target."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, time
+from contextlib import contextmanager
+from onnxslim_yolo import cli, ir
+real = ir.replacing
+@contextmanager
+def killed_while_writing(out):
+    with real(out) as tmp:
+        yield tmp
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+ir.replacing = killed_while_writing
+cli.main(["inspect", {str(model_file)!r}, "--json", {str(tmp_path / "s.json")!r}], prog_name="onnxslim-yolo")
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 128 + 15, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.onnx"]
+
+
 @pytest.mark.parametrize("command", ["check", "eval"])
 def test_an_unwritable_json_path_is_refused_before_the_work(tmp_path: Path, model_file: Path, monkeypatch,
                                                           command):

@@ -385,3 +385,19 @@ def test_takes_pixels_reads_the_normalisation_in_the_graph(ops, elem_type, extra
     assert data.takes_pixels(model) is expected
     scale = data.get_preset("yolov5", model).scale
     assert scale == (1.0 if expected else data.PRESETS["yolov5"].scale)
+
+
+def test_array_files_that_are_no_arrays_or_hold_nan_are_one_line_errors(tmp_path: Path):
+    """A .npz that is no zip raised BadZipFile; an all-NaN .npy calibrated a model with no INT8
+    layer at all, exit 0."""
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04" + b"x" * 100)   # a zip's signature, then nothing of one
+    with pytest.raises(UsageError, match=r"junk.npz: cannot read array file \(BadZipFile\)"):
+        data._array_batches(junk)
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((2, 3, 8, 8), np.nan, np.float32))
+    with pytest.raises(UsageError, match=r"nan.npy: holds NaN or infinite values"):
+        data._array_batches(nan)
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, a=np.zeros((2, 3, 8, 8), np.float32), b=np.ones((3, 8, 8), np.uint8))
+    assert [a.shape for a in data._array_batches(ok)] == [(2, 3, 8, 8), (1, 3, 8, 8)]

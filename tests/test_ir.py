@@ -83,6 +83,22 @@ def test_written_files_get_the_umask_mode_and_failures_leave_nothing(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
 
 
+def test_a_failed_write_is_a_one_line_error_and_the_old_file_stays(tmp_path: Path, monkeypatch):
+    """A full disk or a file size limit (OSError from the writer) raised a traceback."""
+    out = ir.save(tiny(), tmp_path / "m.onnx")
+    before = out.read_bytes()
+
+    def too_large(model, path, *a, **k):
+        Path(path).write_bytes(b"part")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(onnx, "save_model", too_large)
+    with pytest.raises(UsageError, match=r"m.onnx: cannot write it \(File too large\)$") as e:
+        ir.save(tiny(opset=11), out)
+    assert "\n" not in str(e.value)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_external_data_gets_the_umask_mode_and_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch):
     old = os.umask(0o022)
     try:
@@ -97,7 +113,7 @@ def test_external_data_gets_the_umask_mode_and_a_failed_write_leaves_nothing(tmp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(onnx, "save_model", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match=r"e.onnx: cannot write it \(No space left on device\)"):
         ir.save(build_yolov5_v6(opset=13, width=16), tmp_path / "e.onnx", external_data=True)
     monkeypatch.setattr(onnx, "save_model", real_save)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -72,9 +72,7 @@ class CalibrationTable(Mapping[str, RangeEntry]):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "calibration table") -> "CalibrationTable":
-        if d.get("format") != TABLE_FORMAT:
-            raise UsageError(f"{source}: not a calibration table (format {d.get('format')!r}, "
-                             f"expected {TABLE_FORMAT!r})")
+        _check_format(d, source, "a calibration table", TABLE_FORMAT)
         try:
             entries = {k: RangeEntry(rmin=float(v["rmin"]), rmax=float(v["rmax"]), method=str(v["method"]),
                                      errors={m: float(e) for m, e in v.get("errors", {}).items()},
@@ -90,6 +88,13 @@ class CalibrationTable(Mapping[str, RangeEntry]):
     @classmethod
     def from_json(cls, path: PathLike) -> "CalibrationTable":
         return cls.from_dict(read_json(path), str(path))
+
+
+def _check_format(d: Any, source: str, what: str, fmt: str) -> None:
+    """A UsageError naming ``source`` unless ``d`` (read from JSON) is an object of format ``fmt``."""
+    found = f"format {d.get('format')!r}" if isinstance(d, Mapping) else f"a JSON {type(d).__name__}"
+    if not isinstance(d, Mapping) or d.get("format") != fmt:
+        raise UsageError(f"{source}: not {what} ({found}, expected format {fmt!r})")
 
 
 @dataclass
@@ -118,9 +123,7 @@ class CalibrationStats(Mapping[str, TensorStats]):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "calibration statistics") -> "CalibrationStats":
-        if d.get("format") != STATS_FORMAT:
-            raise UsageError(f"{source}: not calibration statistics (format {d.get('format')!r}, "
-                             f"expected {STATS_FORMAT!r})")
+        _check_format(d, source, "calibration statistics", STATS_FORMAT)
         try:
             tensors = {k: TensorStats.from_dict(k, v) for k, v in d["tensors"].items()}
             return cls(tensors, int(d["samples"]), int(d["bins"]), dict(d.get("skipped", {})),

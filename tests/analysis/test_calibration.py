@@ -276,6 +276,11 @@ def test_json_errors(tmp_path: Path):
     bad.write_text(json.dumps({"format": "something else"}))
     with pytest.raises(UsageError, match="not a calibration table"):
         CalibrationTable.from_json(bad)
+    bad.write_text("[1, 2, 3]")   # valid JSON of another shape: an AttributeError traceback before
+    kinds = ((CalibrationTable, "a calibration table"), (CalibrationStats, "calibration statistics"))
+    for cls, what in kinds:
+        with pytest.raises(UsageError, match=rf"bad.json: not {what} \(a JSON list, expected format"):
+            cls.from_json(bad)
 
 
 def test_force_same_range_unions_groups():
