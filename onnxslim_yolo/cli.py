@@ -104,7 +104,7 @@ def main(verbose: int) -> None:
 @click.option("--skip", multiple=True, help="Pass to leave out (repeatable).")
 @click.option("--int8", is_flag=True, help="Insert calibrated QDQ INT8 (needs --calib).")
 @click.option("--calib", type=click.Path(), help="Calibration images folder or .npy/.npz of inputs.")
-@click.option("--calib-limit", type=int, help="Use at most N calibration images.")
+@click.option("--calib-limit", type=click.IntRange(min=1), help="Use at most N calibration images.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
               help="Runtime the model is for: INT8 placement rules and the checks (openvino: run in it).")
 @click.option("--method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]),
@@ -133,7 +133,8 @@ def main(verbose: int) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the numeric verification of each pass.")
 @click.option("--no-bench", is_flag=True, help="Skip the latency measurement in the summary.")
 @click.option("--no-check", is_flag=True, help="Skip the pre-deployment checks on the result.")
-@click.option("--threads", type=int, default=2, show_default=True, help="onnxruntime threads for latency.")
+@click.option("--threads", type=click.IntRange(min=0), default=2, show_default=True,
+              help="onnxruntime threads for latency.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
              calib: Optional[str], calib_limit: Optional[int], target: str, method: str, weight_bits: str,

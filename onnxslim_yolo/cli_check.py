@@ -55,12 +55,14 @@ def render(report: CheckReport) -> str:
               help="Time the model against the reference.")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Interleaved latency runs per model.")
-@click.option("--limit", type=int, help="Use the first N images (by name) for the detection checks.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Use the first N images (by name) for the detection checks.")
 @click.option("--preprocess", type=click.Choice(list(PRESETS)), help="Preprocessing preset.")
 @click.option("--anchors", help=ANCHORS_HELP)
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
-@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def check_command(ctx: click.Context, model: str, reference: Optional[str], images: Optional[str],

@@ -24,16 +24,19 @@ from .pass_base import SlimError, naming_file
               help="YOLO labels folder (class cx cy w h per line, <image stem>.txt) or COCO instances .json.")
 @click.option("--preprocess", type=click.Choice(list(PRESETS)),
               help="Preprocessing preset (default: detected from the model).")
-@click.option("--conf", type=float, default=0.001, show_default=True, help="Score threshold.")
-@click.option("--iou", type=float, default=0.6, show_default=True, help="NMS IoU threshold.")
-@click.option("--max-det", type=int, default=300, show_default=True, help="Detections kept per image.")
+@click.option("--conf", type=click.FloatRange(0, 1), default=0.001, show_default=True,
+              help="Score threshold.")
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.6, show_default=True, help="NMS IoU threshold.")
+@click.option("--max-det", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Detections kept per image.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Output layout (default: detected from metadata and output shape).")
 @click.option("--anchors", help=ANCHORS_HELP)
-@click.option("--limit", type=int, help="Evaluate the first N images (by name).")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N images (by name).")
 @click.option("--input-shape", help="Static input shape N,C,H,W (N,H,W,C for a channels-last input) "
                                     "for models with dynamic size.")
-@click.option("--threads", type=int, default=0, show_default=True, help="onnxruntime threads (0: default).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="onnxruntime threads (0: default).")
 @click.option("--runtime", type=click.Choice(list(ENGINES)), default="onnxruntime",
               show_default=True, help="Run the model in onnxruntime or in OpenVINO's CPU plugin.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")

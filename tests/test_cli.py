@@ -146,6 +146,15 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     (["optimize", "{m}", "--nope"], r"No such option '--nope'"),
     (["inspect", "{m}", "--json", "{t}"], r"Invalid value for '--json': File '{t}' is a directory"),
     (["nope"], r"No such command 'nope'\. \(see 'main --help'\)"),
+    # values that ran before: --limit -1 evaluated all images but the last, --conf 2 found nothing
+    (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--limit", "-1"],
+     r"Invalid value for '--limit': -1 is not in the range x>=1"),
+    (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--conf", "2"],
+     r"Invalid value for '--conf': 2.0 is not in the range 0<=x<=1"),
+    (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--max-det", "0"],
+     r"Invalid value for '--max-det': 0 is not in the range x>=1"),
+    (["optimize", "{m}", "--int8", "--calib", "{t}", "--calib-limit", "0"],
+     r"Invalid value for '--calib-limit': 0 is not in the range x>=1"),
 ])
 def test_a_bad_option_or_argument_is_one_line_too(tmp_path: Path, model_file: Path, args, message):
     """click printed its usage and a hint first (four lines); now one line, as every error."""

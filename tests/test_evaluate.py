@@ -341,6 +341,29 @@ def test_read_yolo_labels_to_pixels_and_errors(tmp_path: Path):
         read_yolo_labels(f, IMG_HW)
 
 
+@pytest.mark.parametrize("line, message", [
+    # each was read without a word before: a negative box, NaN, a class of 4.7 (read as 4), pixels
+    ("45 -0.5 0.5 0.2 -0.3", r"value -0.5 is not a coordinate normalised to 0-1"),
+    ("0 nan 0.5 0.2 0.2", r"value nan is not a coordinate normalised to 0-1"),
+    ("0 0.1 0.1 0.3 0.1 0.3 1.5 0.1 0.5", r"value 1.5 is not a coordinate normalised to 0-1"),
+    ("0 320 240 50 80", r"value 320 is not a coordinate normalised to 0-1 \(YOLO labels divide by"),
+    ("4.7 0.5 0.5 0.2 0.2", r"class '4.7' is not a class index \(a whole number >= 0\)"),
+    ("-1 0.5 0.5 0.2 0.2", r"class '-1' is not a class index"),
+])
+def test_label_values_outside_0_1_or_a_fractional_class_are_refused(tmp_path: Path, line, message):
+    f = tmp_path / "a.txt"
+    f.write_text("1 0.25 0.5 0.2 0.4\n" + line + "\n")
+    with pytest.raises(UsageError, match=r"a.txt:2: " + message):
+        read_yolo_labels(f, IMG_HW)
+
+
+def test_label_values_a_rounding_past_0_1_are_kept(tmp_path: Path):
+    f = tmp_path / "a.txt"
+    f.write_text("2.0 1.0004 0.5 0.2 0.4\n0 0.5 -0.0004 0.2 0.2\n")
+    boxes, classes = read_yolo_labels(f, IMG_HW)
+    assert classes.tolist() == [2, 0] and len(boxes) == 2
+
+
 def test_coco_json_ground_truth_maps_category_ids(tmp_path: Path):
     j = {"images": [{"id": 7, "file_name": "sub/im0.png", "height": 40, "width": 80}],
          "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}],

@@ -71,6 +71,21 @@ class Label:
     keypoints: Optional[np.ndarray] = None
 
 
+#: how far past 0-1 a YOLO label's normalised value may lie (rounding in converters) before it
+#: is refused; ultralytics drops such an image's labels as corrupt, with a warning
+COORD_SLACK = 1e-3
+
+
+def _normalised(values: List[float], where: str) -> List[float]:
+    """``values`` when each is a coordinate normalised to 0-1 (within COORD_SLACK); a UsageError
+    naming ``where`` and the first that is not (NaN included)."""
+    bad = next((v for v in values if not -COORD_SLACK <= v <= 1 + COORD_SLACK), None)
+    if bad is not None:
+        raise UsageError(f"{where}: value {bad:g} is not a coordinate normalised to 0-1 "
+                         f"(YOLO labels divide by the image's width and height)")
+    return values
+
+
 def _parse_label_line(line: str, where: str, keypoints: int = 0) -> Label:
     """A box line ``class cx cy w h``, a segment ``class x1 y1 x2 y2 ...`` (its box is the polygon's
     bounding box), or a pose line ``class cx cy w h`` then K keypoints of ``x y`` or ``x y v``.
@@ -78,13 +93,16 @@ def _parse_label_line(line: str, where: str, keypoints: int = 0) -> Label:
     polygon); any line of 4 + 3K values (an odd count: no polygon has one) is read as a pose line."""
     parts = line.split()
     try:
-        cls = int(float(parts[0]))
+        cls_value = float(parts[0])
         vals = [float(v) for v in parts[1:]]
     except ValueError:
         raise UsageError(f"{where}: not a YOLO label line 'class cx cy w h': {line.strip()[:60]!r}") from None
+    if not cls_value.is_integer() or cls_value < 0:
+        raise UsageError(f"{where}: class {parts[0]!r} is not a class index (a whole number >= 0)")
+    cls = int(cls_value)
     n = len(vals)
     if n == 4:
-        return Label(cls, tuple(vals))
+        return Label(cls, tuple(_normalised(vals, where)))
     rest = n - 4
     dims = next((d for d in (3, 2) if keypoints and rest == keypoints * d), 0)
     if not dims and n > 4 and n % 2 and rest % 3 == 0:
@@ -92,9 +110,11 @@ def _parse_label_line(line: str, where: str, keypoints: int = 0) -> Label:
     if dims:
         if keypoints and rest != keypoints * dims:
             raise UsageError(f"{where}: {rest // dims} keypoints but the model predicts {keypoints}")
-        return Label(cls, tuple(vals[:4]), keypoints=np.asarray(vals[4:], np.float64).reshape(-1, dims))
+        kpts = np.asarray(vals[4:], np.float64).reshape(-1, dims)
+        _normalised(vals[:4] + kpts[:, :2].ravel().tolist(), where)   # not the visibilities
+        return Label(cls, tuple(vals[:4]), keypoints=kpts)
     if n >= 6 and n % 2 == 0:  # polygon segment: its bounding box
-        xy = np.asarray(vals, np.float64).reshape(-1, 2)
+        xy = np.asarray(_normalised(vals, where), np.float64).reshape(-1, 2)
         (x1, y1), (x2, y2) = xy.min(0), xy.max(0)
         return Label(cls, ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), polygon=xy)
     raise UsageError(f"{where}: expected 'class cx cy w h' (5 values), a polygon 'class x1 y1 x2 y2 x3 y3 "
