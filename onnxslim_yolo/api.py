@@ -174,7 +174,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     original, src = _as_model(model)
     original = with_anchors(original, opts.anchors, copy=src is None)
     ir.claim_outputs(*run_files(opts, src, output))
-    _refuse_custom_ops(original, src)
+    _refuse_unrunnable(original, src)
     names = pipeline_names(opts, original)
     passes = build_passes(names)
     try:
@@ -192,14 +192,26 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     return OptimizeResult(result.model, result, summary, out_path, checks)
 
 
-def _refuse_custom_ops(model: onnx.ModelProto, src: Optional[Path]) -> None:
-    """Every pass is verified in onnxruntime: a node it has no kernel for (a TensorRT NMS plugin
-    from an end-to-end export) is refused up front, named, rather than failing the first pass."""
+def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
+    """Every pass is verified in onnxruntime: a graph it cannot run is refused up front, with the
+    node named, rather than failing the first pass with onnxruntime's or the checker's words (cut
+    short at an unnamed node): no outputs, a node reading a tensor nothing defines, a node it has
+    no kernel for (a TensorRT NMS plugin from an end-to-end export, an op no ONNX opset has)."""
+    g = model.graph
+    if not g.output:
+        raise UsageError(f"{src or 'model'}: the graph has no outputs; nothing to optimize or check")
+    known = {i.name for i in g.input} | {t.name for t in g.initializer}
+    known |= {o for n in g.node for o in n.output}
+    for n in g.node:
+        missing = next((t for t in n.input if t and t not in known), None)
+        if missing is not None:
+            raise UsageError(f"{src or 'model'}: node '{ir.node_label(n)}' reads '{missing}', which is no "
+                             "graph input, initializer or node output")
     foreign = verify.custom_op_nodes(model)
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise PreconditionError(f"{src or 'model'}: {foreign[0]}{more}; export the model without it "
-                                "(e.g. without the TensorRT NMS plugin)")
+        hint = " (e.g. without the TensorRT NMS plugin)" if "onnxruntime cannot run" in foreign[0] else ""
+        raise PreconditionError(f"{src or 'model'}: {foreign[0]}{more}; export the model without it{hint}")
 
 
 def _require_detections(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext) -> None:

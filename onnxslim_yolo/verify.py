@@ -70,13 +70,27 @@ ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 def custom_op_nodes(model: onnx.ModelProto) -> List[str]:
     """The nodes, in the main graph or a subgraph (an If branch), that onnxruntime cannot run
     without a custom-op library (a TensorRT plugin such as EfficientNMS_TRT), each as
-    "node 'NAME' is DOMAIN.OP, which onnxruntime cannot run"; an unnamed node is named by its
-    op and first output."""
+    "node 'NAME' is DOMAIN.OP, which onnxruntime cannot run", and those of the ONNX domain whose
+    op the model's opset does not define ("... is OP, which is no ONNX operator at opset N"); an
+    unnamed node is named by its op and first output."""
+    opset = ir.opset(model)
     out = []
     for n in ir.all_nodes(model.graph):
         if n.domain not in ORT_DOMAINS:
             out.append(f"node '{ir.node_label(n)}' is {n.domain}.{n.op_type}, which onnxruntime cannot run")
+        elif n.domain in ("", "ai.onnx") and not _onnx_op(n.op_type, opset):
+            out.append(f"node '{ir.node_label(n)}' is {n.op_type}, which is no ONNX operator at "
+                       f"opset {opset}")
     return out
+
+
+def _onnx_op(op_type: str, opset: int) -> bool:
+    """Whether the ONNX domain defines ``op_type`` at ``opset`` (or before it)."""
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    return True
 
 
 def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Optional[Sequence[str]] = None

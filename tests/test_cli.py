@@ -299,6 +299,12 @@ def _no_outputs(folder: Path, keep: set) -> bool:
     # checked before the pipeline runs, not after it (a traceback at the end before 2026-12-06)
     ("unwritable-output", 2, r"error: .*afile/o.onnx: cannot write the optimized model there \("),
     ("unwritable-report", 2, r"error: .*afile/r.json: cannot write the report there \("),
+    # graphs onnxruntime cannot run: the checker's or onnxruntime's words before, no file, no node
+    ("unknown-op", 3, r"error: .*unknown_op.onnx: node 'act' is FooBarOp, which is no ONNX operator at "
+                      r"opset 13; export the model without it$"),
+    ("no-outputs", 2, r"error: .*no_outputs.onnx: the graph has no outputs"),
+    ("undefined-input", 2, r"error: .*undefined.onnx: node 'Conv\(.*\)' reads 'images', which is no graph "
+                           r"input, initializer or node output"),
     # --labels on outputs that are no detections: refused before the passes (it failed after them)
     ("labels-not-detections", 2, r"error: .*maps.onnx: --labels needs detections, and the outputs are none "
                                  r"this tool decodes \(output of shape \[1, 5, 8, 8\]; expected"),
@@ -367,6 +373,19 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
         onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), target)
         _, images, labels = fixtures.demo_paths()
         extra += ["--calib", images, "--labels", labels, "--calib-limit", "2", "-o", tmp_path / "o.onnx"]
+    elif case in ("unknown-op", "no-outputs", "undefined-input"):
+        m = ir.load(model_file)
+        if case == "unknown-op":
+            n = next(n for n in m.graph.node if n.op_type in ("Sigmoid", "Relu", "Mul"))
+            n.op_type, n.name = "FooBarOp", "act"
+        elif case == "no-outputs":
+            del m.graph.output[:]
+        else:   # the image input taken out, its readers left (the first one unnamed)
+            del m.graph.input[0]
+            next(n for n in m.graph.node if "images" in n.input).name = ""
+        target = tmp_path / {"unknown-op": "unknown_op.onnx", "no-outputs": "no_outputs.onnx",
+                             "undefined-input": "undefined.onnx"}[case]
+        onnx.save(m, target)
     elif case.startswith("unwritable"):   # a file where the output's folder should be
         (tmp_path / "afile").write_text("")
         extra += ["-o", tmp_path / "afile" / "o.onnx"] if case.endswith("output") else \
