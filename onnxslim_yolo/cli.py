@@ -218,19 +218,26 @@ def list_passes() -> None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON.")
 def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> None:
     """Op counts, parameters, MACs/FLOPs, opset, inputs/outputs, YOLO family and head."""
-    from . import data, ir
+    from . import data, ir, verify
     from .analysis.flops import model_stats
     from .report import stats_table, table
 
     ir.claim_outputs({"JSON figures": json_out}, {"model": model})
     m = ir.load(model)
     shp = _shape(input_shape)
+    if shp:   # as optimize takes it: only dims the model leaves symbolic (it was ignored, or gave 0 MACs)
+        ir.static_input_shapes(m, {next(iter(data.image_inputs(m))): shp})
     at = None if shp else _dynamic_size(m)
     shapes = {next(iter(data.image_inputs(m))): shp or at} if shp or at else {}
     stats = model_stats(m, shapes).to_dict()
     if at:
         stats["macs_at"] = list(at)
     click.echo(stats_table(stats))
+    foreign = verify.custom_op_nodes(m)
+    if foreign:   # shape inference stops at such a node: the convs after it are not counted
+        stats["unknown_ops"] = foreign
+        click.echo(f"warning: {foreign[0]}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; "
+                   "shapes after it are unknown, so MACs may be under-counted")
     click.echo("")
     click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
     feed = _input_summary(m, shp)

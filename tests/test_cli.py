@@ -29,6 +29,29 @@ def invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_inspect_checks_input_shape_and_warns_on_unknown_ops(model_file: Path, tmp_path: Path):
+    """A static model's --input-shape was ignored (MACs at its own size), one contradicting a fixed
+    dim gave 0 MACs; a node of an unknown op cut shape inference short, and the MACs after it
+    went uncounted without a word."""
+    r = CliRunner().invoke(main, ["inspect", str(model_file), "--input-shape", "1,3,32,32"])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: --input-shape [1, 3, 32, 32]: input 'images' is [1, 3, 64, 64], and axis 2 is fixed at 64; "
+        "only its symbolic dims can be set"], r.output
+    m = ir.load(model_file)
+    n = next(n for n in m.graph.node if n.op_type == "Sigmoid")
+    n.op_type, n.name = "FooBarOp", "act"
+    onnx.save(m, tmp_path / "u.onnx")
+    r = invoke("inspect", tmp_path / "u.onnx", "--json", tmp_path / "u.json")
+    assert r.exit_code == 0, r.output
+    assert "warning: node 'act' is FooBarOp, which is no ONNX operator at opset 13; shapes after it are " \
+           "unknown, so MACs may be under-counted" in r.output
+    assert invoke("inspect", model_file, "--json", tmp_path / "s.json").exit_code == 0
+    full = json.loads((tmp_path / "s.json").read_text())
+    got = json.loads((tmp_path / "u.json").read_text())
+    assert got["unknown_ops"] == ["node 'act' is FooBarOp, which is no ONNX operator at opset 13"]
+    assert "unknown_ops" not in full and got["macs"] < full["macs"]
+
+
 def test_passes_lists_names_and_contracts():
     r = invoke("passes")
     assert r.exit_code == 0
