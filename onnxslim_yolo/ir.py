@@ -294,7 +294,9 @@ def _temp_beside(out: Path, what: str = "") -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent))
     except OSError as exc:
-        raise UsageError(f"{out}: cannot write{what} there ({exc.strerror or exc})") from None
+        file = next((d for d in out.parents if d.exists() and not d.is_dir()), None)
+        why = f"{file} is a file, not a folder" if file is not None else exc.strerror or exc
+        raise UsageError(f"{out}: cannot write{what} there ({why})") from None
     os.close(fd)
     return tmp
 
