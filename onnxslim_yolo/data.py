@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import ir
 from .pass_base import PreconditionError, UsageError
@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+#: what an image folder is read for (ultralytics' IMG_FORMATS that Pillow decodes without plugins)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".mpo")
+#: EXIF's Orientation tag: 2-8 ask for the image to be turned or mirrored before it is shown
+EXIF_ORIENTATION = 0x0112
 ARRAY_SUFFIXES = (".npy", ".npz")
 #: spatial size used when the model input has symbolic height/width and nothing else says
 DEFAULT_SIZE = 640
@@ -99,35 +102,58 @@ class Meta:
 
 
 # ------------------------------------------------------------------------------------ images
+def _is_image(f: Path) -> bool:
+    """An image file by its suffix; macOS's ``._NAME`` resource forks, copied beside the images
+    they describe, are none."""
+    return f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("._") and f.is_file()
+
+
 def list_images(folder: PathLike) -> List[Path]:
-    """The images (jpg/jpeg/png/bmp) directly inside ``folder``, sorted by name."""
+    """The images (``IMAGE_SUFFIXES``) directly inside ``folder``, sorted by name. Images in its
+    sub-folders are not read (their labels would be looked for in the one labels folder): a
+    warning counts them, and the error for a folder without images of its own names them."""
     p = Path(folder)
     if not p.exists():
         raise UsageError(f"{p}: image folder does not exist")
     if not p.is_dir():
         raise UsageError(f"{p}: not a folder (expected a folder of images)")
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in p.iterdir() if _is_image(f))
+    nested = sum(1 for d in p.iterdir() if d.is_dir() for f in d.rglob("*") if _is_image(f))
     if not files:
-        raise UsageError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        more = f"; {nested} are in its sub-folders, which are not read: pass one of them" if nested else ""
+        raise UsageError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}){more}")
+    if nested:
+        log.warning("%s: %d images in its sub-folders are not read (only the %d beside them)", p, nested,
+                    len(files))
     return files
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """HxWx3 uint8 RGB. Grayscale, palette and RGBA images are converted to RGB (alpha dropped).
-
-    EXIF orientation is ignored (the image is used as stored), as COCO evaluation expects.
-    """
+    """HxWx3 uint8 RGB, as ultralytics reads it with OpenCV: turned as its EXIF orientation says
+    (a phone photo is labelled as it is shown; since 2026-12-06, it was used as stored), 16-bit
+    images scaled to 8 bits (Pillow clipped them: all white), grayscale, palette and RGBA images
+    converted to RGB (alpha dropped)."""
     p = Path(path)
     try:
         with Image.open(p) as im:
+            if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+                im = ImageOps.exif_transpose(im)
             im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):   # 16-bit grayscale: the high byte
+                im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+            elif im.mode == "F":
+                raise UsageError(f"{p}: a 32-bit float image; expected 8 or 16 bits per channel")
             if im.mode != "RGB":
                 im = im.convert("RGB")
             arr = np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise UsageError(f"{p}: no such image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UsageError(f"{p}: cannot decode image ({type(exc).__name__})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        empty = p.is_file() and p.stat().st_size == 0
+        said = (str(exc).splitlines() or [""])[0][:100]
+        why = ("an empty file" if empty else type(exc).__name__ if isinstance(exc, UnidentifiedImageError)
+               or not said else f"{type(exc).__name__}: {said}")
+        raise UsageError(f"{p}: cannot decode image ({why})") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise UsageError(f"{p}: decoded to shape {list(arr.shape)}, expected HxWx3")
     return arr

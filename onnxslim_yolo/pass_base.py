@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -43,7 +44,8 @@ def naming_file(exc: SlimError, path: Optional[Union[str, Path]]) -> SlimError:
     starts with a file or folder that exists (calibration images, labels), an option (``--...``),
     or names ``path``: one line naming the file and the reason, as every error should."""
     msg = str(exc)
-    if path is None or msg.startswith("--") or str(path) in msg or Path(msg.split(": ", 1)[0]).exists():
+    named = re.sub(r":\d+$", "", msg.split(": ", 1)[0])   # a labels file's "FILE:LINE" too
+    if path is None or msg.startswith("--") or str(path) in msg or Path(named).exists():
         return exc
     out = copy.copy(exc)
     out.args = (f"{path}: {msg}",) + exc.args[1:]

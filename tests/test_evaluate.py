@@ -357,6 +357,20 @@ def test_label_values_outside_0_1_or_a_fractional_class_are_refused(tmp_path: Pa
         read_yolo_labels(f, IMG_HW)
 
 
+def test_label_files_with_a_byte_order_mark_are_read_and_their_errors_not_renamed(tmp_path: Path):
+    """A UTF-8 byte-order mark (Windows editors) made the first class '\\ufeff23'; and an error
+    naming a label file and line was put behind the model's path, as if it were the model's."""
+    from onnxslim_yolo.pass_base import naming_file
+
+    f = tmp_path / "a.txt"
+    f.write_bytes("\ufeff23 0.5 0.5 0.2 0.4\n".encode("utf-8"))
+    boxes, classes = read_yolo_labels(f, IMG_HW)
+    assert classes.tolist() == [23]
+    err = UsageError(f"{f}:2: class '4.7' is not a class index (a whole number >= 0)")
+    assert str(naming_file(err, "model.onnx")) == str(err)
+    assert str(naming_file(UsageError("no detections"), "model.onnx")) == "model.onnx: no detections"
+
+
 def test_label_values_a_rounding_past_0_1_are_kept(tmp_path: Path):
     f = tmp_path / "a.txt"
     f.write_text("2.0 1.0004 0.5 0.2 0.4\n0 0.5 -0.0004 0.2 0.2\n")

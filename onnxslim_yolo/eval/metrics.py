@@ -138,8 +138,12 @@ def read_labels(path: Path, hw: Tuple[int, int], keypoints: int = 0) -> ImageBox
     H, W = hw
     labels = []
     if path.exists():
+        try:   # utf-8-sig: a byte-order mark, as Windows editors write one, is no part of the class
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path}: cannot read the label file ({type(exc).__name__})") from None
         labels = [_parse_label_line(line, f"{path}:{n}", keypoints)
-                  for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+                  for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     boxes = np.asarray([[(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H]
                         for cx, cy, w, h in (lab.box for lab in labels)], np.float64).reshape(-1, 4)
     classes = np.asarray([lab.cls for lab in labels], np.int64)
@@ -251,7 +255,7 @@ def labels_have_shapes(labels: Union[str, Path], stems: Optional[Sequence[str]] 
         return True
     for f in (p / f"{stem}.txt" for stem in stems) if stems is not None else p.glob("*.txt"):
         try:
-            lines = f.read_text().splitlines()
+            lines = f.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError):
             continue                    # read_labels reports it
         if any(len(line.split()) > 5 for line in lines):
