@@ -55,6 +55,13 @@ class OptimizeOptions:
     max_drop: Optional[float] = None            # mAP points the checks allow (None: not enforced)
     target: str = "ort-cpu"
 
+    def __post_init__(self) -> None:
+        # a comma-separated string, as the CLI takes it, not a sequence of its letters
+        if isinstance(self.passes, str):
+            self.passes = [n.strip() for n in self.passes.split(",") if n.strip()]
+        if isinstance(self.skip, str):
+            self.skip = [n.strip() for n in self.skip.split(",") if n.strip()]
+
 
 @dataclass
 class OptimizeResult:
@@ -170,7 +177,10 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
 
     Keyword arguments are fields of :class:`OptimizeOptions`.
     """
-    opts = options or OptimizeOptions(**kwargs)
+    try:
+        opts = options or OptimizeOptions(**kwargs)
+    except TypeError as exc:   # an unknown keyword: name it, as every other bad input
+        raise UsageError(f"optimize: {exc} (the fields of OptimizeOptions are the options)") from None
     original, src = _as_model(model)
     original = with_anchors(original, opts.anchors, copy=src is None)
     ir.claim_outputs(*run_files(opts, src, output))

@@ -200,14 +200,14 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
 @main.command(name="passes")
 def list_passes() -> None:
     """List the available passes, their numerics contracts and their order."""
-    from .pass_manager import order_passes
-    from .registry import all_passes
+    from .pass_manager import after_names, order_passes
+    from .registry import all_passes, joins_default
     from .report import table
 
     table_ = all_passes()
     ordered = order_passes([cls() for cls in table_.values()])
-    rows = [[p.name, p.numerics.value, "yes" if p.default_enabled else "opt-in",
-             ",".join(p.after) or "-", p.description] for p in ordered]
+    rows = [[p.name, p.numerics.value, "yes" if joins_default(type(p)) else "opt-in",
+             ",".join(after_names(p)) or "-", p.description] for p in ordered]
     click.echo(table(rows, ["pass", "contract", "default", "after", "what it does"]))
 
 

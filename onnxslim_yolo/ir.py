@@ -220,6 +220,8 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
     used when the model would not fit in one protobuf (or when asked).
     """
     out = Path(path)
+    if isinstance(protect, (str, os.PathLike)):   # one path, not its letters
+        protect = [protect]
     if any(same_file(out, q) for q in protect):
         raise UsageError(f"{out}: refusing to overwrite the input model; choose another -o")
     if external_data is None:

@@ -6,19 +6,20 @@ the model before the pass in onnxruntime (reference with graph optimizations dis
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import networkx as nx
 import numpy as np
 import onnx
 
 from . import ir, verify
-from .pass_base import (Numerics, Pass, PassContext, PassResult, PreconditionError, SlimError, UsageError,
-                        VerificationError)
+from .pass_base import (Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError, SlimError,
+                        UsageError, VerificationError, first_line)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def order_passes(passes: Sequence[Pass]) -> List[Pass]:
     """
     by_name: Dict[str, Pass] = {}
     for p in passes:
+        _check_pass(p)
         if p.name in by_name:
             raise UsageError(f"pass '{p.name}' scheduled twice")
         by_name[p.name] = p
@@ -64,7 +66,7 @@ def order_passes(passes: Sequence[Pass]) -> List[Pass]:
     position = {p.name: i for i, p in enumerate(passes)}
     g.add_nodes_from(position)
     for p in passes:
-        for dep in p.after:
+        for dep in after_names(p):
             if dep in by_name:
                 g.add_edge(dep, p.name)
     try:
@@ -73,6 +75,44 @@ def order_passes(passes: Sequence[Pass]) -> List[Pass]:
         cycle = " -> ".join(e[0] for e in nx.find_cycle(g))
         raise UsageError(f"pass ordering has a cycle: {cycle}") from None
     return [by_name[n] for n in names]
+
+
+def _check_pass(p: Any) -> None:
+    """A UsageError unless ``p`` is a Pass instance with a name and a Numerics contract (a class,
+    or a contract given as a string, failed later with an AttributeError)."""
+    if isinstance(p, type) and issubclass(p, Pass):
+        raise UsageError(f"got the pass class {p.__name__}, not an instance: pass {p.__name__}()")
+    if not isinstance(p, Pass):
+        raise UsageError(f"got {type(p).__name__} where a Pass instance belongs")
+    if not isinstance(p.name, str) or not p.name:
+        raise UsageError(f"{type(p).__name__}: a pass needs a name (a non-empty string)")
+    if not isinstance(p.numerics, Numerics):
+        raise UsageError(f"pass '{p.name}': numerics must be one of "
+                         f"{', '.join('Numerics.' + n.name for n in Numerics)}, got {p.numerics!r}")
+
+
+def after_names(p: Pass) -> Tuple[str, ...]:
+    """``p.after`` as names: a single name given as a string is one name, not its letters."""
+    return (p.after,) if isinstance(p.after, str) else tuple(p.after)
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """A digest of what a pass may change (nodes, initializers, inputs, outputs, opsets), read
+    without serializing the whole model (one over 2 GB cannot be): to catch a pass that edits
+    the model it was given instead of returning a new one."""
+    h = hashlib.blake2b(digest_size=16)
+    g = model.graph
+    for part in (g.node, g.input, g.output, model.opset_import):
+        for item in part:
+            h.update(item.SerializeToString())
+    for t in g.initializer:
+        h.update(t.name.encode())
+        h.update(bytes(str((list(t.dims), t.data_type)), "ascii"))
+        if t.HasField("raw_data"):
+            h.update(t.raw_data)
+        else:
+            h.update(t.SerializeToString())
+    return h.hexdigest()
 
 
 def canonical_export(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -88,8 +128,9 @@ def validate(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return ir.check_model(model, infer=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()
-        raise VerificationError(f"model is invalid: {first[0] if first else type(exc).__name__}") from None
+        # one line, but whole: the checker names the node on the lines after "... of node:"
+        said = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+        raise VerificationError(f"model is invalid: {said[:400] or type(exc).__name__}") from None
 
 
 class PassManager:
@@ -103,6 +144,9 @@ class PassManager:
         self._runs_batch2: Optional[bool] = None  # whether the model runs at batch 2 (found once)
 
     def run(self, model: onnx.ModelProto) -> PipelineResult:
+        if not isinstance(model, onnx.ModelProto):
+            hint = " (load a path with onnxslim_yolo.load)" if isinstance(model, (str, Path)) else ""
+            raise UsageError(f"PassManager.run takes an onnx.ModelProto, got {type(model).__name__}{hint}")
         records: List[PassRecord] = []
         for index, p in enumerate(self.passes):
             if self.on_pass:
@@ -124,11 +168,25 @@ class PassManager:
             model = ir.ensure_opset(model, p.min_opset)
             upgraded = p.min_opset
         p.requires(model, self.ctx)
+        given = fingerprint(model)
         t0 = time.perf_counter()
-        result = p.run(model, self.ctx)
+        try:
+            result = p.run(model, self.ctx)
+        except (SlimError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:   # a bug (a third-party pass's?): one line naming it; -vv: the traceback
+            log.debug("pass '%s' raised", p.name, exc_info=True)
+            raise VerificationError(f"raised {type(exc).__name__}: {first_line(exc)}") from None
+        seconds = time.perf_counter() - t0
+        if fingerprint(model) != given:
+            raise VerificationError("changed the model it was given (a pass returns a new model and leaves "
+                                    "its input as it was: copy it first); the result cannot be verified")
         if not isinstance(result, PassResult):
             raise VerificationError("returned no PassResult")
-        seconds = time.perf_counter() - t0
+        if not isinstance(result.model, onnx.ModelProto) or not isinstance(result.report, PassReport):
+            raise VerificationError(f"returned a PassResult whose model is a {type(result.model).__name__} "
+                                    f"and report a {type(result.report).__name__} (expected onnx.ModelProto "
+                                    "and PassReport)")
         new = result.model
         diffs: List[Dict[str, float]] = []
         if result.modified or upgraded:
@@ -204,7 +262,7 @@ def default_pass_names(extra: Sequence[str] = (), skip: Sequence[str] = ()) -> L
     for n in list(extra) + list(skip):
         if n not in table:
             raise UsageError(f"unknown pass '{n}'; known passes: {', '.join(sorted(table))}")
-    names = [n for n, cls in table.items() if cls.default_enabled or n in extra]
+    names = [n for n, cls in table.items() if registry.joins_default(cls) or n in extra]
     return [n for n in names if n not in set(skip)]
 
 

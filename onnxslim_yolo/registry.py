@@ -77,6 +77,16 @@ def all_passes() -> Dict[str, Type[Pass]]:
     return table
 
 
+def joins_default(cls: Type[Pass]) -> bool:
+    """Whether ``cls`` runs in ``optimize`` unasked: a built-in by its ``default_enabled``; a
+    plugin only when its own class says ``default_enabled = True`` (it inherits True from Pass,
+    and an installed package should not change every run without saying so)."""
+    if cls in builtin_passes():
+        return bool(cls.default_enabled)
+    said = any("default_enabled" in vars(k) for k in cls.__mro__ if k is not Pass)
+    return said and bool(cls.default_enabled)
+
+
 def get(name: str) -> Type[Pass]:
     table = all_passes()
     if name not in table:

@@ -690,3 +690,18 @@ def test_feed_detections_read_a_channels_last_feed_in_its_layout():
     got = feed_detections(channels_last_input(nchw), [{name: x.transpose(0, 2, 3, 1).copy()}], threads=1)
     assert len(ref[0]) > 0 and got[0].hw == ref[0].hw == (h, w)
     assert np.allclose(got[0].boxes, ref[0].boxes, atol=1e-3)
+
+
+def test_api_options_take_a_comma_separated_string_and_name_an_unknown_keyword(model_file: Path):
+    """A string of pass names was read as a sequence of letters ("unknown pass 'c'"), and an
+    unknown keyword raised a bare TypeError."""
+    import onnxslim_yolo as osy
+    from onnxslim_yolo.api import OptimizeOptions
+    from onnxslim_yolo.pass_base import UsageError
+
+    opts = OptimizeOptions(passes="canonicalize, fold-batchnorm", skip="merge-branches")
+    assert opts.passes == ["canonicalize", "fold-batchnorm"] and opts.skip == ["merge-branches"]
+    res = osy.optimize(str(model_file), passes="canonicalize", bench=False, check=False)
+    assert [r.name for r in res.pipeline.records] == ["canonicalize"]
+    with pytest.raises(UsageError, match=r"optimize: .*'bogus'"):
+        osy.optimize(str(model_file), bogus=1)

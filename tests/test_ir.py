@@ -48,6 +48,9 @@ def test_save_is_atomic_and_protects_input(tmp_path: Path):
     assert src.read_bytes() == before
     out = ir.save(tiny(), tmp_path / "sub" / "out.onnx", protect=[src])
     assert out.exists() and sorted(p.name for p in out.parent.iterdir()) == ["out.onnx"]
+    with pytest.raises(UsageError, match="refusing to overwrite the input model"):   # one path, not a list
+        ir.save(tiny(opset=11), src, protect=str(src))
+    assert src.read_bytes() == before
 
 
 def test_an_unwritable_output_is_a_one_line_usage_error(tmp_path: Path):

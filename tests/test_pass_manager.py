@@ -187,6 +187,65 @@ def test_pass_producing_invalid_model_is_caught():
         PassManager([bad], PassContext()).run(small_model())
 
 
+def _pass(name: str, run, **attrs) -> Pass:
+    return type(name.title().replace("-", ""), (Pass,), {"name": name, "run": run, **attrs})()
+
+
+def test_a_pass_that_edits_the_model_it_was_given_fails_loudly():
+    """It was verified against itself (before and after the same object), so a change of 1.0 to a
+    weight passed as exact and reached the written file."""
+    def run(self, m, c):
+        w = next(i for i in m.graph.initializer if i.name == m.graph.node[0].input[1])
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + np.float32(1.0), w.name))
+        return PassResult(m, True)
+    for modified in (True, False):
+        bad = _pass("in-place", lambda self, m, c, r=run, f=modified: PassResult(r(self, m, c).model, f))
+        with pytest.raises(VerificationError, match=r"^pass 'in-place': changed the model it was given "
+                                                    r"\(a pass returns a new model"):
+            PassManager([bad], PassContext()).run(small_model())
+
+
+def test_a_pass_that_raises_is_named_in_one_line():
+    def boom(self, m, c):
+        raise KeyError("oops")
+    with pytest.raises(VerificationError, match=r"^pass 'boom' \(after noop\): raised KeyError: 'oops'$"):
+        PassManager([named("noop"), _pass("boom", boom)], PassContext()).run(small_model())
+    cases = ((PassResult(None, True), "model is a NoneType and report a PassReport"),
+             (PassResult(small_model(), False, {"a": 1}), "model is a ModelProto and report a dict"))
+    for result, what in cases:
+        bad = _pass("odd", lambda self, m, c, r=result: r)
+        with pytest.raises(VerificationError, match=f"pass 'odd': returned a PassResult whose {what}"):
+            PassManager([bad], PassContext()).run(small_model())
+
+
+def test_passes_are_checked_when_scheduled():
+    with pytest.raises(UsageError, match=r"got the pass class ScaleWeights, not an instance: "
+                                         r"pass ScaleWeights\(\)"):
+        PassManager([ScaleWeights], PassContext())
+    with pytest.raises(UsageError, match=r"pass 'loose': numerics must be one of Numerics.EXACT, "
+                                         r".*got 'exact'"):
+        PassManager([_pass("loose", lambda self, m, c: PassResult(m, False), numerics="exact")])
+    with pytest.raises(UsageError, match=r"got str where a Pass instance belongs"):
+        PassManager(["canonicalize"])
+    with pytest.raises(UsageError, match=r"PassManager.run takes an onnx.ModelProto, got str \(load a path"):
+        PassManager([named("noop")]).run("model.onnx")
+    # one name given as a string is that name, not its letters (it was ignored: the pass ran first)
+    a, b = named("a"), _pass("b", lambda self, m, c: PassResult(m, False), after="a")
+    assert [p.name for p in order_passes([b, a])] == ["a", "b"]
+
+
+def test_an_invalid_model_message_names_the_node():
+    def run(self, m, c):
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        out.graph.node[1].input[0] = "does_not_exist"
+        out.graph.node[1].name = "the_reader"
+        return PassResult(out, True)
+    with pytest.raises(VerificationError, match=r"pass 'dangling': model is invalid: .*the_reader") as e:
+        PassManager([_pass("dangling", run)], PassContext()).run(small_model())
+    assert "\n" not in str(e.value)
+
+
 def test_min_opset_upgrades_model():
     p = type("Needs13", (Pass,), {"name": "needs-13", "min_opset": 13,
                                   "run": lambda self, m, c: PassResult(m, False)})()
@@ -203,6 +262,14 @@ def test_dump_dir_receives_each_modified_model(tmp_path: Path):
 def test_plugins_from_entry_points(monkeypatch):
     monkeypatch.setattr(registry, "plugin_passes", lambda: [ScaleWeights])
     assert registry.get("scale-weights") is ScaleWeights
+    # an installed plugin joins the default pipeline only when its class says so
+    from onnxslim_yolo.pass_manager import default_pass_names
+    assert "scale-weights" not in default_pass_names()
+    assert "scale-weights" in default_pass_names(["scale-weights"])
+    eager = type("Eager", (ScaleWeights,), {"name": "eager", "default_enabled": True})
+    monkeypatch.setattr(registry, "plugin_passes", lambda: [ScaleWeights, eager])
+    assert "eager" in default_pass_names() and "scale-weights" not in default_pass_names()
+    assert "canonicalize" in default_pass_names() and "insert-qdq" not in default_pass_names()
     with pytest.raises(UsageError, match="unknown pass 'nope'; known passes: .*canonicalize"):
         registry.get("nope")
 
