@@ -65,10 +65,17 @@ def order_passes(passes: Sequence[Pass]) -> List[Pass]:
     g = nx.DiGraph()
     position = {p.name: i for i, p in enumerate(passes)}
     g.add_nodes_from(position)
+    known: Optional[set] = None
     for p in passes:
         for dep in after_names(p):
             if dep in by_name:
                 g.add_edge(dep, p.name)
+                continue
+            if known is None:   # not scheduled is fine (skipped); no such pass is a misspelling
+                from . import registry
+                known = set(registry.all_passes())
+            if dep not in known:
+                log.warning("pass '%s' runs after '%s', which is no known pass: ignored", p.name, dep)
     try:
         names = list(nx.lexicographical_topological_sort(g, key=lambda n: position[n]))
     except nx.NetworkXUnfeasible:

@@ -53,8 +53,14 @@ def named(name: str, after=(), base=Pass):
 def test_order_honours_after_and_keeps_given_order():
     a, b, c = named("a"), named("b", after=["c"]), named("c")
     assert [p.name for p in order_passes([a, b, c])] == ["a", "c", "b"]
-    # "after" naming a pass that is not scheduled is ignored
-    assert [p.name for p in order_passes([named("x", after=["missing"]), a])] == ["x", "a"]
+    # "after" naming a pass that is not scheduled is ignored; one that does not exist, with a warning
+    assert [p.name for p in order_passes([named("x", after=["fold-batchnorm"]), a])] == ["x", "a"]
+
+
+def test_after_naming_no_known_pass_warns(caplog):
+    with caplog.at_level("WARNING"):
+        order_passes([named("x", after=["fold-batchnrom"])])
+    assert "pass 'x' runs after 'fold-batchnrom', which is no known pass: ignored" in caplog.text
 
 
 def test_order_cycle_is_a_usage_error():
