@@ -122,10 +122,15 @@ def list_images(folder: PathLike) -> List[Path]:
     if not files:
         more = f"; {nested} are in its sub-folders, which are not read: pass one of them" if nested else ""
         raise UsageError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}){more}")
-    if nested:
+    if nested and p.resolve() not in _WARNED:   # once per folder: a run lists it several times
+        _WARNED.add(p.resolve())
         log.warning("%s: %d images in its sub-folders are not read (only the %d beside them)", p, nested,
                     len(files))
     return files
+
+
+#: folders whose sub-folder images were warned about
+_WARNED: set = set()
 
 
 def read_image(path: PathLike) -> np.ndarray:
