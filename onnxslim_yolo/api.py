@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -184,6 +185,10 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     original, src = _as_model(model)
     original = with_anchors(original, opts.anchors, copy=src is None)
     ir.claim_outputs(*run_files(opts, src, output))
+    if opts.dump_dir and src is not None and ir.same_file(src.parent, opts.dump_dir) and \
+            re.fullmatch(r"\d\d_.+\.onnx", src.name):   # a dump is NN_PASS.onnx: it could be the input
+        raise UsageError(f"{opts.dump_dir}: --dump-dir holds the input model {src.name}, which a dump "
+                         "could overwrite; choose another folder")
     _refuse_unrunnable(original, src)
     names = pipeline_names(opts, original)
     passes = build_passes(names)
@@ -211,7 +216,7 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
     if not g.output:
         raise UsageError(f"{src or 'model'}: the graph has no outputs; nothing to optimize or check")
     known = {i.name for i in g.input} | {t.name for t in g.initializer}
-    known |= {o for n in g.node for o in n.output}
+    known |= {t.values.name for t in g.sparse_initializer} | {o for n in g.node for o in n.output}
     for n in g.node:
         missing = next((t for t in n.input if t and t not in known), None)
         if missing is not None:

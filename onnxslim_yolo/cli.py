@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,9 +25,34 @@ def _fail(exc: SlimError) -> None:
     sys.exit(exc.exit_code)
 
 
+def _usage_error(exc: click.UsageError, path: str) -> None:
+    cmd = exc.ctx.command_path if exc.ctx is not None else path
+    click.echo(f"error: {exc.format_message()} (see '{cmd} --help')", err=True)
+    sys.exit(exc.exit_code)
+
+
 class SlimGroup(click.Group):
     """Turns the library's typed errors, and click's own for a bad option or argument, into
-    one-line messages and exit codes (click would print its usage lines first)."""
+    one-line messages and exit codes (click would print its usage lines first); a run started
+    on the main thread ends on SIGTERM as on an error (:func:`_terminated`)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return super().main(*args, **kwargs)
+        old = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            return super().main(*args, **kwargs)
+        finally:   # an application running the CLI in-process keeps its own handling afterwards
+            signal.signal(signal.SIGTERM, old)
+
+    def make_context(self, info_name: Optional[str], args: List[str], parent: Optional[click.Context] = None,
+                     **extra: Any) -> click.Context:
+        try:   # the group's own options (-v, --version) and the command's name
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            _usage_error(exc, info_name or "onnxslim-yolo")
+            raise   # not reached: _usage_error exits
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -34,9 +60,7 @@ class SlimGroup(click.Group):
         except SlimError as exc:
             _fail(exc)
         except click.UsageError as exc:
-            cmd = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            click.echo(f"error: {exc.format_message()} (see '{cmd} --help')", err=True)
-            sys.exit(exc.exit_code)
+            _usage_error(exc, ctx.command_path)
 
 
 def _terminated(signum: int, frame: Any) -> None:
@@ -86,8 +110,6 @@ def _json_default(o: Any) -> Any:
 def main(verbose: int) -> None:
     """onnxslim-yolo: make YOLO-family ONNX detectors smaller and faster."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     import onnxruntime as ort
 

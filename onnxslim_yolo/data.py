@@ -144,8 +144,10 @@ def read_image(path: PathLike) -> np.ndarray:
             if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
                 im = ImageOps.exif_transpose(im)
             im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):   # 16-bit grayscale: the high byte
-                im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+            if im.mode.startswith("I"):   # 16-bit grayscale (I;16*, or I past 255): the high byte
+                v = np.asarray(im).astype(np.int64)
+                wide = im.mode != "I" or v.max(initial=0) > 255
+                im = Image.fromarray(((v >> 8) if wide else v).clip(0, 255).astype(np.uint8))
             elif im.mode == "F":
                 raise UsageError(f"{p}: a 32-bit float image; expected 8 or 16 bits per channel")
             if im.mode != "RGB":

@@ -265,9 +265,12 @@ def same_file(a: PathLike, b: PathLike) -> bool:
     """Whether two paths name one file: the same inode when both exist (links too), else the
     same resolved path."""
     a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):   # a symlink loop: compare the paths as written
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def claim_outputs(outputs: Mapping[str, Optional[PathLike]],

@@ -387,12 +387,21 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
 
 
 def _worse(d: OutputDiff, w: OutputDiff, noise: float, role: str) -> OutputDiff:
-    """The worst of two feeds' diffs of one output, value by value (per attribute index too, when
-    both have the same attribute axis and noise for it)."""
-    parts = (d.slice_err, w.slice_err, d.slice_ref, w.slice_ref, d.slice_noise, w.slice_noise)
-    same = all(p is not None for p in parts) and len({len(p) for p in parts if p is not None}) == 1
-    per = [tuple(map(max, x, y)) if same else None for x, y in
-           ((d.slice_err, w.slice_err), (d.slice_ref, w.slice_ref), (d.slice_noise, w.slice_noise))]
+    """The worst of two feeds' diffs of one output, value by value; per attribute index too when
+    both have that axis alike, else the per-index figures of the one that has them (a feed without
+    them, with masked infinities say, must not drop another feed's failing index)."""
+    def merged(x: Slices, y: Slices) -> Slices:
+        if x is not None and y is not None:
+            return tuple(map(max, x, y)) if len(x) == len(y) else None
+        return x if x is not None else y
+
+    mine, theirs = (d.slice_err, d.slice_ref), (w.slice_err, w.slice_ref)
+    if None in mine or None in theirs or len(d.slice_err or ()) != len(w.slice_err or ()):
+        keep = d if None not in mine else w   # at most one side's figures
+        per: List[Slices] = [keep.slice_err, keep.slice_ref, keep.slice_noise]
+    else:
+        per = [merged(d.slice_err, w.slice_err), merged(d.slice_ref, w.slice_ref),
+               merged(d.slice_noise, w.slice_noise) if d.slice_noise and w.slice_noise else None]
     return OutputDiff(d.name, max(d.max_abs, w.max_abs), max(d.ref_max, w.ref_max), min(d.cosine, w.cosine),
                       min(d.sqnr_db, w.sqnr_db), max(noise, w.noise_floor), role, *per)
 

@@ -169,6 +169,7 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     (["optimize", "{m}", "--nope"], r"No such option '--nope'"),
     (["inspect", "{m}", "--json", "{t}"], r"Invalid value for '--json': File '{t}' is a directory"),
     (["nope"], r"No such command 'nope'\. \(see 'main --help'\)"),
+    (["--nope", "passes"], r"No such option '--nope'\. \(see 'main --help'\)"),   # the group's own
     # values that ran before: --limit -1 evaluated all images but the last, --conf 2 found nothing
     (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--limit", "-1"],
      r"Invalid value for '--limit': -1 is not in the range x>=1"),
@@ -186,6 +187,22 @@ def test_a_bad_option_or_argument_is_one_line_too(tmp_path: Path, model_file: Pa
     assert r.exit_code == 2, r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and re.match("error: " + message.format(**fill), lines[0]), r.output
+
+
+def test_the_sigterm_handler_lives_only_as_long_as_a_run_on_the_main_thread(model_file: Path):
+    """It was installed for good: pytest (or an application running the CLI in-process) then
+    ignored SIGTERM, and a run on another thread failed (signal only works in main thread)."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert invoke("inspect", model_file).exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+    codes: list = []
+    t = threading.Thread(target=lambda: codes.append(CliRunner().invoke(main, ["passes"]).exit_code))
+    t.start()
+    t.join()
+    assert codes == [0]
 
 
 def test_sigterm_while_writing_removes_the_partial_file(tmp_path: Path, model_file: Path):
@@ -705,3 +722,32 @@ def test_api_options_take_a_comma_separated_string_and_name_an_unknown_keyword(m
     assert [r.name for r in res.pipeline.records] == ["canonicalize"]
     with pytest.raises(UsageError, match=r"optimize: .*'bogus'"):
         osy.optimize(str(model_file), bogus=1)
+
+
+def test_a_dump_folder_holding_the_input_model_is_refused(tmp_path: Path, model_file: Path):
+    """Optimizing a dump (NN_PASS.onnx) with --dump-dir its own folder overwrote it."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    src = dump / "02_fold-batchnorm.onnx"
+    src.write_bytes(model_file.read_bytes())
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "o.onnx"),
+                                  "--dump-dir", str(dump)])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"error: {dump}: --dump-dir holds the input model 02_fold-batchnorm.onnx, which a dump could "
+        "overwrite; choose another folder"], r.output
+    assert src.read_bytes() == model_file.read_bytes()
+
+
+def test_a_sparse_initializer_is_a_defined_tensor():
+    """A node reading a sparse initializer was refused as reading a tensor nothing defines."""
+    from onnx import TensorProto, helper
+
+    from onnxslim_yolo.api import _refuse_unrunnable
+
+    values = helper.make_tensor("w", TensorProto.FLOAT, [1], [2.0])
+    sparse = helper.make_sparse_tensor(values, helper.make_tensor("w_idx", TensorProto.INT64, [1], [0]), [4])
+    g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                          sparse_initializer=[sparse])
+    _refuse_unrunnable(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), None)

@@ -251,6 +251,9 @@ def test_read_image_scales_16_bit_images_to_8_bits(tmp_path: Path):
     img = data.read_image(tmp_path / "g16.png")
     assert img.shape == (1, 4, 3) and img[0, :, 0].tolist() == [0, 1, 128, 255]
     assert (img == img[..., :1]).all()
+    # a 32-bit integer image within 0-255 keeps its values (only wider ones are 16-bit data)
+    Image.fromarray(np.array([[0, 7, 200, 255]], np.int32), "I").save(tmp_path / "i32.tif")
+    assert data.read_image(tmp_path / "i32.tif")[0, :, 0].tolist() == [0, 7, 200, 255]
 
 
 def test_image_folders_read_webp_and_tiff_and_say_what_they_leave(tmp_path: Path, caplog):

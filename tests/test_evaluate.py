@@ -378,6 +378,15 @@ def test_label_values_a_rounding_past_0_1_are_kept(tmp_path: Path):
     assert classes.tolist() == [2, 0] and len(boxes) == 2
 
 
+def test_a_coco_json_with_a_byte_order_mark_is_read(tmp_path: Path):
+    j = {"images": [{"id": 1, "file_name": "im0.png", "height": 40, "width": 80}],
+         "categories": [{"id": 1, "name": "a"}],
+         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 0}]}
+    (tmp_path / "gt.json").write_bytes(("\ufeff" + json.dumps(j)).encode("utf-8"))
+    (gt,) = load_ground_truth(tmp_path / "gt.json", [("im0.png", IMG_HW)], 1)
+    assert gt.boxes.tolist() == [[1, 2, 4, 6]]
+
+
 def test_coco_json_ground_truth_maps_category_ids(tmp_path: Path):
     j = {"images": [{"id": 7, "file_name": "sub/im0.png", "height": 40, "width": 80}],
          "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}],

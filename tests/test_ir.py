@@ -246,3 +246,10 @@ def test_check_model_returns_the_strictly_inferred_model_only_when_asked(monkeyp
     bad.graph.node[0].input[0] = "missing_tensor"
     with pytest.raises(onnx.checker.ValidationError, match="missing_tensor"):
         ir.check_model(bad)
+
+
+def test_same_file_survives_a_symlink_loop(tmp_path: Path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert ir.same_file(tmp_path / "a", tmp_path / "a") and not ir.same_file(tmp_path / "a", tmp_path / "b")
+    ir.claim_outputs({"report": tmp_path / "r.json"}, {"model": tmp_path / "a"})   # a traceback before

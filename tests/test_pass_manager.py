@@ -290,6 +290,19 @@ def test_the_exact_bound_scales_with_each_column_not_the_whole_output():
     assert d["ref_max"] * Tolerances().exact_rtol > 0.05 > d["max_abs"]   # the old bound: 0.05 within it
 
 
+def test_a_feed_without_per_column_figures_keeps_another_feeds_failing_column():
+    """Merging two feeds dropped both feeds' per-column figures when one had none (masked
+    infinities), and a score column moved by 0.05 passed again."""
+    from onnxslim_yolo.verify import OutputDiff, _worse, check_contract
+
+    bad = OutputDiff("out", 0.05, 600.0, 1.0, 60.0, 1e-4, "output", (1e-3, 0.05), (600.0, 1.0), (1e-4, 1e-6))
+    plain = OutputDiff("out", 1e-3, 600.0, 1.0, 60.0, 1e-4)
+    for merged in (_worse(bad, plain, 1e-4, "output"), _worse(plain, bad, 1e-4, "output")):
+        ok, why = check_contract([merged], "exact", Tolerances())
+        assert not ok and "at index 1 of its attribute axis" in why, why
+    assert check_contract([_worse(plain, plain, 1e-4, "output")], "exact", Tolerances())[0]
+
+
 def test_min_opset_upgrades_model():
     p = type("Needs13", (Pass,), {"name": "needs-13", "min_opset": 13,
                                   "run": lambda self, m, c: PassResult(m, False)})()

@@ -192,7 +192,7 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
     """
     p = Path(path)
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(p.read_text(encoding="utf-8-sig"))
         cat_ids = sorted(int(c["id"]) for c in d["categories"])
         by_name = {Path(im["file_name"]).name: int(im["id"]) for im in d["images"]}
         anns = d["annotations"]
