@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import networkx as nx
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from . import ir, verify
 from .pass_base import (Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError, SlimError,
@@ -106,20 +107,39 @@ def after_names(p: Pass) -> Tuple[str, ...]:
 def fingerprint(model: onnx.ModelProto) -> str:
     """A digest of what a pass may change (nodes, initializers, inputs, outputs, opsets), read
     without serializing the whole model (one over 2 GB cannot be): to catch a pass that edits
-    the model it was given instead of returning a new one."""
+    the model it was given instead of returning a new one. It reads values, not their protobuf
+    encoding: graphsurgeon, importing a model, sets a Constant's empty tensor name explicitly,
+    which changes the bytes but not the model."""
     h = hashlib.blake2b(digest_size=16)
     g = model.graph
-    for part in (g.node, g.input, g.output, model.opset_import):
-        for item in part:
-            h.update(item.SerializeToString())
+    for n in ir.all_nodes(g):
+        h.update("\0".join([n.op_type, n.domain, n.name, *n.input, "->", *n.output]).encode())
+        for a in n.attribute:
+            h.update(f"{a.name}:{a.type}".encode())
+            if a.type == onnx.AttributeProto.TENSOR:
+                _tensor_digest(h, a.t)
+            elif a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):   # their nodes above
+                h.update(a.SerializeToString())
+    for vi in list(g.input) + list(g.output):
+        dims = [d.dim_param or str(d.dim_value) for d in vi.type.tensor_type.shape.dim]
+        h.update(f"{vi.name}:{vi.type.tensor_type.elem_type}:{dims}".encode())
+    h.update(str(sorted((i.domain, i.version) for i in model.opset_import)).encode())
     for t in g.initializer:
-        h.update(t.name.encode())
-        h.update(bytes(str((list(t.dims), t.data_type)), "ascii"))
-        if t.HasField("raw_data"):
-            h.update(t.raw_data)
-        else:
-            h.update(t.SerializeToString())
+        _tensor_digest(h, t)
     return h.hexdigest()
+
+
+def _tensor_digest(h: Any, t: onnx.TensorProto) -> None:
+    h.update(f"{t.name}:{list(t.dims)}:{t.data_type}".encode())
+    if t.HasField("raw_data"):
+        h.update(t.raw_data)
+    elif t.data_location == onnx.TensorProto.EXTERNAL:
+        h.update(str([(e.key, e.value) for e in t.external_data]).encode())
+    else:
+        try:
+            h.update(numpy_helper.to_array(t).tobytes())
+        except Exception:   # a dtype numpy cannot hold: its fields as they are
+            h.update(t.SerializeToString())
 
 
 def canonical_export(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -211,6 +211,27 @@ def test_a_pass_that_edits_the_model_it_was_given_fails_loudly():
             PassManager([bad], PassContext()).run(small_model())
 
 
+def test_the_fingerprint_reads_values_not_their_encoding():
+    """Importing a model into graphsurgeon sets a Constant's empty tensor name explicitly: the
+    bytes change, the model does not. The first fingerprint hashed the bytes, and insert-qdq on
+    PP-PicoDet and a YOLOv8n-seg failed as if it had edited its input."""
+    from onnxslim_yolo import ir
+    from onnxslim_yolo.pass_manager import fingerprint
+
+    b = GraphBuilder(opset=13, seed=1, const_nodes=True)
+    x = b.input("images", (1, 3, 16, 16))
+    model = b.make_model([x], [b.mul(b.conv(x, 4, k=1), b.const(np.array([2.0], np.float32)))])
+    const = next(n for n in model.graph.node if n.op_type == "Constant")
+    const.attribute[0].t.ClearField("name")
+    before, encoded = fingerprint(model), model.SerializeToString()
+    ir.to_model(ir.to_graph(model), model)
+    const.attribute[0].t.name = ""   # what graphsurgeon did: set, and so encoded, but empty
+    assert model.SerializeToString() != encoded and fingerprint(model) == before
+    value = numpy_helper.to_array(const.attribute[0].t)
+    const.attribute[0].t.CopyFrom(numpy_helper.from_array(value + np.ones_like(value)))
+    assert fingerprint(model) != before
+
+
 def test_a_pass_that_raises_is_named_in_one_line():
     def boom(self, m, c):
         raise KeyError("oops")
