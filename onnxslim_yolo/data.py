@@ -118,19 +118,21 @@ def list_images(folder: PathLike) -> List[Path]:
     if not p.is_dir():
         raise UsageError(f"{p}: not a folder (expected a folder of images)")
     files = sorted(f for f in p.iterdir() if _is_image(f))
+    if files and p.resolve() in _LOOKED:   # once per folder: a run lists it several times
+        return files
     nested = sum(1 for d in p.iterdir() if d.is_dir() for f in d.rglob("*") if _is_image(f))
     if not files:
         more = f"; {nested} are in its sub-folders, which are not read: pass one of them" if nested else ""
         raise UsageError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}){more}")
-    if nested and p.resolve() not in _WARNED:   # once per folder: a run lists it several times
-        _WARNED.add(p.resolve())
+    _LOOKED.add(p.resolve())
+    if nested:
         log.warning("%s: %d images in its sub-folders are not read (only the %d beside them)", p, nested,
                     len(files))
     return files
 
 
-#: folders whose sub-folder images were warned about
-_WARNED: set = set()
+#: folders whose sub-folders were searched for images (and warned about when they held some)
+_LOOKED: set = set()
 
 
 def read_image(path: PathLike) -> np.ndarray:
