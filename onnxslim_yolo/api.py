@@ -222,11 +222,10 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
         if missing is not None:
             raise UsageError(f"{src or 'model'}: node '{ir.node_label(n)}' reads '{missing}', which is no "
                              "graph input, initializer or node output")
-    foreign = verify.custom_op_nodes(model)
+    foreign = verify.custom_op_summary(verify.custom_op_nodes(model))
     if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        hint = " (e.g. without the TensorRT NMS plugin)" if "onnxruntime cannot run" in foreign[0] else ""
-        raise PreconditionError(f"{src or 'model'}: {foreign[0]}{more}; export the model without it{hint}")
+        hint = " (e.g. without the TensorRT NMS plugin)" if "onnxruntime cannot run" in foreign else ""
+        raise PreconditionError(f"{src or 'model'}: {foreign}; export the model without it{hint}")
 
 
 def _require_detections(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext) -> None:

@@ -258,8 +258,8 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
     foreign = verify.custom_op_nodes(m)
     if foreign:   # shape inference stops at such a node: the convs after it are not counted
         stats["unknown_ops"] = foreign
-        click.echo(f"warning: {foreign[0]}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; "
-                   "shapes after it are unknown, so MACs may be under-counted")
+        click.echo(f"warning: {verify.custom_op_summary(foreign)}; shapes after it are unknown, "
+                   "so MACs may be under-counted")
     click.echo("")
     click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
     feed = _input_summary(m, shp)

@@ -84,6 +84,12 @@ def custom_op_nodes(model: onnx.ModelProto) -> List[str]:
     return out
 
 
+def custom_op_summary(foreign: Sequence[str]) -> str:
+    """The first of :func:`custom_op_nodes`' list and how many more there are; "" when it is empty."""
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    return f"{foreign[0]}{more}" if foreign else ""
+
+
 def _onnx_op(op_type: str, opset: int) -> bool:
     """Whether the ONNX domain defines ``op_type`` at ``opset`` (or before it)."""
     try:
@@ -375,11 +381,12 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
                 d = OutputDiff(name, float("inf"), _finite_abs_max(a), 0.0, float("-inf"))
             else:
                 d = diff(name, a, b)
-            # onnxruntime's own rewrites can change what the selection keeps
-            nf = max_abs_diff(a, c) if a.shape == c.shape else float("inf")
+            # the reference against itself optimized, once: the runtime's own noise, in all and per
+            # attribute index (its rewrites can also change what the selection keeps)
+            noise = diff(name, a, c) if a.shape == c.shape else None
+            nf = noise.max_abs if noise is not None else float("inf")
             if d.slice_err is not None:
-                floor = diff(name, a, c) if a.shape == c.shape else None
-                d = replace(d, slice_noise=floor.slice_err if floor is not None else None)
+                d = replace(d, slice_noise=noise.slice_err if noise is not None else None)
             w = worst.get(name)
             worst[name] = (replace(d, noise_floor=nf, role=role[name]) if w is None else
                            _worse(d, w, nf, role[name]))
@@ -390,18 +397,13 @@ def _worse(d: OutputDiff, w: OutputDiff, noise: float, role: str) -> OutputDiff:
     """The worst of two feeds' diffs of one output, value by value; per attribute index too when
     both have that axis alike, else the per-index figures of the one that has them (a feed without
     them, with masked infinities say, must not drop another feed's failing index)."""
-    def merged(x: Slices, y: Slices) -> Slices:
-        if x is not None and y is not None:
-            return tuple(map(max, x, y)) if len(x) == len(y) else None
-        return x if x is not None else y
-
     mine, theirs = (d.slice_err, d.slice_ref), (w.slice_err, w.slice_ref)
     if None in mine or None in theirs or len(d.slice_err or ()) != len(w.slice_err or ()):
         keep = d if None not in mine else w   # at most one side's figures
         per: List[Slices] = [keep.slice_err, keep.slice_ref, keep.slice_noise]
-    else:
-        per = [merged(d.slice_err, w.slice_err), merged(d.slice_ref, w.slice_ref),
-               merged(d.slice_noise, w.slice_noise) if d.slice_noise and w.slice_noise else None]
+    else:   # one attribute axis, so the noise (of the same shape) has its length too
+        per = [tuple(map(max, x, y)) if x is not None and y is not None else None for x, y in
+               ((d.slice_err, w.slice_err), (d.slice_ref, w.slice_ref), (d.slice_noise, w.slice_noise))]
     return OutputDiff(d.name, max(d.max_abs, w.max_abs), max(d.ref_max, w.ref_max), min(d.cosine, w.cosine),
                       min(d.sqnr_db, w.sqnr_db), max(noise, w.noise_floor), role, *per)
 
