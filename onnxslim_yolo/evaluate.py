@@ -19,11 +19,12 @@ import onnx
 
 from . import data, ir, verify
 from .eval.anchors import OutputReader, anchor_layout
-from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, normalize_format,
-                          outputs_format, per_image)
+from .eval.decode import (NotDetections, batch_rows_as_dets, decode, final_detections, named_classes,
+                          normalize_format, outputs_format, per_image, score_columns)
 from .eval.fastest import head_kind
 from .eval.instances import InstanceReader, attach
-from .eval.metrics import MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth
+from .eval.metrics import (MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth,
+                           without_unknown_classes)
 from .eval.nms import non_max_suppression, scale_boxes
 from .pass_base import PreconditionError, UsageError
 
@@ -53,6 +54,7 @@ class _Runner:
         self.fmt = normalize_format(fmt) if fmt else None
         self.read = OutputReader(model)
         self.instances = InstanceReader(model)
+        self.n_classes: Optional[int] = None
 
     def __call__(self, feeds: Dict[str, np.ndarray], hw) -> Tuple[np.ndarray, List[np.ndarray]]:
         """(the detection output :class:`OutputReader` reads, the raw outputs)."""
@@ -86,7 +88,9 @@ class _Runner:
             d, rows = raw_detections(out, self.fmt, hw, conf, iou, max_det, with_rows=True,
                                      rotated=parts.rotated)
         d[:, :4] = scale_boxes(d[:, :4], ratio, pad, orig_hw)
-        found = _image_boxes(key, orig_hw, d)
+        if self.n_classes is None:
+            self.n_classes = score_columns(out, self.fmt) or named_classes(self.model)
+        found = _image_boxes(key, orig_hw, d, self.n_classes)
         return found if parts is None else attach(found, parts, rows, hw, ratio, pad)
 
 
@@ -119,10 +123,10 @@ def raw_detections(output: np.ndarray, fmt: str, hw: Sequence[int], conf: float 
     return non_max_suppression(boxes, scores, conf, iou, max_det, with_rows=with_rows, rotated=rotated)
 
 
-def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray) -> ImageBoxes:
-    """ImageBoxes from (M, 6) ``x1 y1 x2 y2 score class`` rows."""
+def _image_boxes(key: str, hw: Sequence[int], d: np.ndarray, n_classes: Optional[int] = None) -> ImageBoxes:
+    """ImageBoxes from (M, 6) ``x1 y1 x2 y2 score class`` rows (of a model scoring ``n_classes``)."""
     return ImageBoxes(key, tuple(hw), d[:, :4].astype(np.float64), d[:, 5].astype(np.int64),
-                      d[:, 4].astype(np.float64))
+                      d[:, 4].astype(np.float64), n_classes=n_classes)
 
 
 def output_boxes(outputs: Sequence[np.ndarray], fmt: str, hw: Sequence[int],
@@ -234,9 +238,12 @@ def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[s
     ``map50``, ``map75``), and when the detections carry masks or keypoints and the labels give
     polygons or keypoints, of those too (``mask_map``, ... ``pose_map``, ...); an obb export's
     rotated boxes against the labels' polygons (``obb_map``, ...)."""
-    n_classes = 1 + max((int(d.classes.max()) for d in dets if len(d)), default=0)
+    known = next((d.n_classes for d in dets if d.n_classes), None)
+    n_classes = known or 1 + max((int(d.classes.max()) for d in dets if len(d)), default=0)
     kpts = next((d.keypoints.shape[1] for d in dets if d.keypoints is not None), 0)
     gt = load_ground_truth(labels, [(d.key, d.hw) for d in dets], n_classes, kpts)
+    if known:
+        gt, dets = without_unknown_classes(gt, dets, known, labels)
     res = coco_map(gt, dets)
     for kind, prefix in KIND_PREFIX.items():
         if has_kind(gt, dets, kind):

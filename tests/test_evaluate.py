@@ -512,6 +512,29 @@ def test_detections_are_in_original_pixels_and_score_uses_labels(dataset):
     assert agreement(dets, dets)["map"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("fmt", ["v5", "v8", "nms"])
+def test_images_labelled_with_classes_the_model_cannot_predict_are_left_out(dataset, fmt, caplog):
+    """A 2-class model, one image labelled with class 5 too: as ultralytics' val drops such an image
+    as corrupt, the other two score 1.0, with a warning naming the image; every image so: an error.
+    A post-NMS output does not say how many classes it scores: its metadata's names do."""
+    images, labels = dataset
+    model = const_model("v8" if fmt == "v8" else "v5", letterboxed(LABELS, 16), CLASSES)
+    if fmt == "nms":
+        model = append_nms(model, max_det=20)
+        onnx.helper.set_model_props(model, {"names": "{0: 'a', 1: 'b'}"})
+    with (labels / "im1.txt").open("a") as f:
+        f.write("5 0.5 0.5 0.1 0.1\n")
+    caplog.set_level("WARNING")
+    res = evaluate(model, images, labels, preset="yolov5", progress=False, threads=1)
+    assert res["map"] == pytest.approx(1.0) and res["n_images"] == 2 and res["n_ground_truth"] == 4
+    warned = [r.getMessage() for r in caplog.records if "cannot predict" in r.getMessage()]
+    assert len(warned) == 1 and "1 of 3 images" in warned[0] and "scores 2 classes; im1.png has class 5" in warned[0]
+    for i in (0, 2):
+        (labels / f"im{i}.txt").write_text("7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(UsageError, match="every image has label classes the model cannot predict"):
+        evaluate(model, images, labels, preset="yolov5", progress=False, threads=1)
+
+
 def test_a_static_batch_model_is_evaluated_image_by_image(dataset):
     """Batch 2 over 3 images: two runs, the filler's boxes dropped, each image's boxes as with batch 1."""
     images, labels = dataset

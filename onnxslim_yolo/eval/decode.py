@@ -528,6 +528,27 @@ def per_image(output: np.ndarray) -> List[np.ndarray]:
     return [output]
 
 
+def score_columns(output: np.ndarray, fmt: str) -> Optional[int]:
+    """How many classes one image's detection output scores (its class-score columns, as
+    :func:`decode` reads them); None for a ``dets`` output, whose rows name one class each."""
+    if fmt in ("dets", "dets7"):
+        return None
+    p = _squeeze(output)
+    n = int(p.shape[0]) - 4 if fmt == "v8" else int(p.shape[1]) - {"xyxy": 4, "gfl": 4 * GFL_BINS}.get(fmt, 5)
+    return n if n > 0 else None
+
+
+def named_classes(model: onnx.ModelProto) -> Optional[int]:
+    """How many classes the metadata's ``names`` lists (ultralytics and YOLOv5 exports write a
+    dict or list of them); None when it names none or cannot be read."""
+    raw = _metadata(model).get("names")
+    try:
+        names = ast.literal_eval(raw) if raw else None
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return len(names) if isinstance(names, (dict, list, tuple)) and names else None
+
+
 def decode_rows(output: np.ndarray, fmt: str, input_hw: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`decode` of every image of a batch, rows concatenated in batch order (for row-by-row
     comparisons of two models' outputs). Refuses ``dets``, whose rows do not correspond."""

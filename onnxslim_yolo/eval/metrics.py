@@ -47,6 +47,8 @@ class ImageBoxes:
     keypoints: Optional[np.ndarray] = None
     #: (N, 5) rotated boxes cx cy w h angle (radians) in pixels, of an obb export's detections
     rotated: Optional[np.ndarray] = None
+    #: detections only: how many classes the model scores (None when its output does not say)
+    n_classes: Optional[int] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -226,6 +228,35 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
     if len(cat_ids) != n_classes:
         log.warning("%s: %d categories but the model predicts %d classes", p, len(cat_ids), n_classes)
     return out
+
+
+#: (labels, class count) pairs already warned about in this process (a run scores many models)
+_UNKNOWN_WARNED: set = set()
+
+
+def without_unknown_classes(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], n_classes: int,
+                            labels: Union[str, Path]) -> Tuple[List[ImageBoxes], List[ImageBoxes]]:
+    """``gt`` and ``dt`` without the images whose labels hold a class the model cannot predict
+    (``n_classes`` or above): ultralytics' val drops such an image as corrupt, where scoring it
+    would count an AP of 0 for a class no model could find. Warns once per labels and class count,
+    naming an image; a UsageError when no image is left."""
+    bad = [i for i, g in enumerate(gt) if len(g) and int(g.classes.max()) >= n_classes]
+    if not bad:
+        return list(gt), list(dt)
+    first = gt[bad[0]]
+    if len(bad) == len(gt):
+        raise UsageError(f"{labels}: every image has label classes the model cannot predict (it scores "
+                         f"{n_classes} classes; {first.key} has class {int(first.classes.max())}); "
+                         "are these the model's labels?")
+    key = (str(labels), n_classes)
+    if key not in _UNKNOWN_WARNED:
+        _UNKNOWN_WARNED.add(key)
+        log.warning("%s: %d of %d images have label classes the model cannot predict (it scores %d "
+                    "classes; %s has class %d); they are left out of the mAP, as ultralytics' val "
+                    "leaves them out", labels, len(bad), len(gt), n_classes, first.key,
+                    int(first.classes.max()))
+    drop = set(bad)
+    return ([g for i, g in enumerate(gt) if i not in drop], [d for i, d in enumerate(dt) if i not in drop])
 
 
 def load_ground_truth(labels: Union[str, Path], images: ImageList, n_classes: int,
