@@ -56,9 +56,8 @@ def load(path: PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     return model
 
 
-def _require_external_files(model: onnx.ModelProto, path: Path) -> None:
-    """Each external-data file the model names exists beside it (PyTorch's dynamo exporter writes
-    the weights to ``model.onnx.data``; a model copied without it cannot load)."""
+def _external_locations(model: onnx.ModelProto) -> Iterator[str]:
+    """The external-data file name of each tensor stored outside the proto (subgraphs included)."""
     def tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from graph.initializer
         for n in graph.node:
@@ -71,10 +70,29 @@ def _require_external_files(model: onnx.ModelProto, path: Path) -> None:
 
     for t in tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), "")
-            if not (path.parent / loc).is_file():
-                raise ModelLoadError(f"{path}: its weights are stored in '{loc}' beside it (external data), "
-                                     "and that file is missing: copy it next to the model")
+            yield next((e.value for e in t.external_data if e.key == "location"), "")
+
+
+def _require_external_files(model: onnx.ModelProto, path: Path) -> None:
+    """Each external-data file the model names exists beside it (PyTorch's dynamo exporter writes
+    the weights to ``model.onnx.data``; a model copied without it cannot load)."""
+    for loc in _external_locations(model):
+        if not (path.parent / loc).is_file():
+            raise ModelLoadError(f"{path}: its weights are stored in '{loc}' beside it (external data), "
+                                 "and that file is missing: copy it next to the model")
+
+
+def external_files(path: PathLike) -> List[Path]:
+    """The external-data files an ``.onnx`` file keeps its weights in (none for another file, or
+    one that does not read as a model: loading it reports that)."""
+    p = Path(path)
+    if p.suffix.lower() != ".onnx" or not p.is_file():
+        return []
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:   # noqa: BLE001 - not a model: ``load`` says why, later
+        return []
+    return sorted({p.parent / loc for loc in _external_locations(model) if loc})
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -276,15 +294,21 @@ def same_file(a: PathLike, b: PathLike) -> bool:
 def claim_outputs(outputs: Mapping[str, Optional[PathLike]],
                   inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> None:
     """Check, before a run, that each output (``{what: path}``, None skipped) can be written and
-    would overwrite neither an input (``{what: path}``: the model, a reference, a labels JSON)
-    nor another output of the same run; a UsageError naming the path and both roles if not."""
+    would overwrite neither an input (``{what: path}``: the model, a reference, a labels JSON;
+    a model's external-data files too) nor another output of the same run; a UsageError naming
+    the path and both roles if not."""
     outs = [(what, Path(p)) for what, p in outputs.items() if p]
     ins = [(what, Path(p)) for what, p in (inputs or {}).items() if p]
+    ins += [(f"{what}'s external data", f) for what, q in ins for f in external_files(q)]
     for i, (what, out) in enumerate(outs):
-        for other, q in ins:
-            if same_file(out, q):
-                raise UsageError(f"{out}: refusing to overwrite the {other} with the {what}; "
-                                 "choose another path")
+        # a model over 2 GB is written with its weights in <name>.data beside it (:func:`save`)
+        data = [(f"{what}'s external data", out.parent / (out.name + ".data"))] \
+            if out.suffix.lower() == ".onnx" else []
+        for mine, path in [(what, out), *data]:
+            for other, q in ins:
+                if same_file(path, q):
+                    raise UsageError(f"{path}: refusing to overwrite the {other} with the {mine}; "
+                                     "choose another path")
         for other, q in outs[:i]:
             if same_file(out, q):
                 raise UsageError(f"{out}: given for both the {other} and the {what}; choose another path")

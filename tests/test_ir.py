@@ -253,3 +253,24 @@ def test_same_file_survives_a_symlink_loop(tmp_path: Path):
     (tmp_path / "b").symlink_to(tmp_path / "a")
     assert ir.same_file(tmp_path / "a", tmp_path / "a") and not ir.same_file(tmp_path / "a", tmp_path / "b")
     ir.claim_outputs({"report": tmp_path / "r.json"}, {"model": tmp_path / "a"})   # a traceback before
+
+
+def test_outputs_are_kept_off_a_models_external_data(tmp_path: Path):
+    """A model's weights in another file are part of it: no output may land on that file, and an
+    output model's own <name>.data (written over 2 GB) may not land on an input."""
+    src = tmp_path / "m.onnx"
+    b = GraphBuilder(opset=13, seed=3)
+    x = b.input("images", (1, 3, 8, 8))
+    ir.save(b.make_model([x], [b.conv(x, 64, k=3, act="silu")]), src, external_data=True)  # 7 KB of weights
+    assert ir.external_files(src) == [tmp_path / "m.onnx.data"]
+    assert ir.external_files(tmp_path / "m.onnx.data") == [] and ir.external_files(tmp_path / "no.onnx") == []
+    weights = (tmp_path / "m.onnx.data").read_bytes()
+    with pytest.raises(UsageError, match=r"m\.onnx\.data: refusing to overwrite the input model's external "
+                                         r"data with the report; choose another path"):
+        ir.claim_outputs({"report": tmp_path / "m.onnx.data"}, {"input model": src})
+    with pytest.raises(UsageError, match=r"m\.onnx\.data: refusing to overwrite the labels with the "
+                                         r"optimized model's external data"):
+        ir.claim_outputs({"optimized model": tmp_path / "m.onnx"}, {"input model": tmp_path / "other.onnx",
+                                                                     "labels": tmp_path / "m.onnx.data"})
+    ir.claim_outputs({"optimized model": tmp_path / "out.onnx"}, {"input model": src})
+    assert (tmp_path / "m.onnx.data").read_bytes() == weights
