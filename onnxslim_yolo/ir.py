@@ -299,7 +299,9 @@ def claim_outputs(outputs: Mapping[str, Optional[PathLike]],
     the path and both roles if not."""
     outs = [(what, Path(p)) for what, p in outputs.items() if p]
     ins = [(what, Path(p)) for what, p in (inputs or {}).items() if p]
-    ins += [(f"{what}'s external data", f) for what, q in ins for f in external_files(q)]
+    # only an existing file can hold a model's weights (reading the model to know costs a parse)
+    if any(p.exists() for _, out in outs for p in (out, out.parent / (out.name + ".data"))):
+        ins += [(f"{what}'s external data", f) for what, q in ins for f in external_files(q)]
     for i, (what, out) in enumerate(outs):
         # a model over 2 GB is written with its weights in <name>.data beside it (:func:`save`)
         data = [(f"{what}'s external data", out.parent / (out.name + ".data"))] \
