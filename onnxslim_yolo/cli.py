@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from .cli_types import Number
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP
 from .pass_base import SlimError, UsageError
@@ -136,7 +137,7 @@ def main(verbose: int) -> None:
               help="INT8 weight range: auto uses 7 bits on x86 CPUs without VNNI (ort-cpu kernels saturate).")
 @click.option("--calib-table", type=click.Path(),
               help="Load the calibration table from (or save it to) JSON.")
-@click.option("--max-drop", type=float, help="Mixed precision: keep sensitive nodes float until the "
+@click.option("--max-drop", type=Number(min=0), help="Mixed precision: keep sensitive nodes float until the "
               "measured mAP loss (points) is within this.")
 @click.option("--prune", type=float, help="Channel pruning: target fraction of multiply-adds removed.")
 @click.option("--round-to", type=int, default=8, show_default=True,

@@ -11,6 +11,7 @@ from typing import Optional
 import click
 
 from .check.result import FAIL, WARN, CheckReport
+from .cli_types import Number
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP
 from .quant.targets import TARGETS
@@ -39,17 +40,17 @@ def render(report: CheckReport) -> str:
 @click.command(name="check")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--reference", type=click.Path(dir_okay=False), help="The original model to compare against.")
-@click.option("--images", type=click.Path(),
+@click.option("--images", type=click.Path(exists=True),
               help="Image folder: numerics on real inputs, detection agreement.")
-@click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: true mAP and its drop.")
+@click.option("--labels", type=click.Path(exists=True), help="YOLO labels folder or COCO json: true mAP and its drop.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
               help="Runtime the model is for: INT8 placement rules and the checks (openvino: run in it).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
-@click.option("--max-drop", type=float, default=1.0, show_default=True, help="mAP points the model may lose.")
-@click.option("--min-cosine", type=float,
+@click.option("--max-drop", type=Number(min=0), default=1.0, show_default=True, help="mAP points the model may lose.")
+@click.option("--min-cosine", type=Number(-1, 1),
               help="Per-output cosine floor against the reference [default: 0.99; 0.9 for a quantized "
                    "model against a float one, or a pruned one, as optimize checks its own output].")
-@click.option("--min-agreement", type=float, default=0.5, show_default=True,
+@click.option("--min-agreement", type=Number(0, 1), default=0.5, show_default=True,
               help="Floor of the mAP of the model's detections against the reference's.")
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time the model against the reference.")
@@ -80,7 +81,7 @@ def check_command(ctx: click.Context, model: str, reference: Optional[str], imag
 
     # before the checks run, not after
     ir.claim_outputs({"JSON report": json_out},
-                     {"model": model, "reference model": reference, "labels": labels})
+                     {"model": model, "reference model": reference, "labels": labels, "images": images})
     opts = CheckOptions(target=target, max_drop=max_drop, min_cosine=min_cosine, min_agreement=min_agreement,
                         latency=latency, latency_runs=runs, threads=threads, limit=limit, preset=preprocess,
                         input_shape=_shape(input_shape), progress=not quiet, anchors=anchors)

@@ -13,6 +13,7 @@ from . import ir
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP, with_anchors
 from .eval.decode import FORMATS
+from .cli_types import Number
 from .openvino_rt import ENGINES
 from .pass_base import SlimError, naming_file
 
@@ -24,9 +25,9 @@ from .pass_base import SlimError, naming_file
               help="YOLO labels folder (class cx cy w h per line, <image stem>.txt) or COCO instances .json.")
 @click.option("--preprocess", type=click.Choice(list(PRESETS)),
               help="Preprocessing preset (default: detected from the model).")
-@click.option("--conf", type=click.FloatRange(0, 1), default=0.001, show_default=True,
+@click.option("--conf", type=Number(0, 1), default=0.001, show_default=True,
               help="Score threshold.")
-@click.option("--iou", type=click.FloatRange(0, 1), default=0.6, show_default=True, help="NMS IoU threshold.")
+@click.option("--iou", type=Number(0, 1), default=0.6, show_default=True, help="NMS IoU threshold.")
 @click.option("--max-det", type=click.IntRange(min=1), default=300, show_default=True,
               help="Detections kept per image.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
@@ -54,7 +55,7 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     from .report import table
 
     # before the evaluation runs, not after
-    ir.claim_outputs({"JSON figures": json_out}, {"model": model, "labels": labels})
+    ir.claim_outputs({"JSON figures": json_out}, {"model": model, "labels": labels, "images": images})
     try:
         target = with_anchors(ir.load(model), anchors, copy=False) if anchors else ir.load(model)
         fed = images_fed(target, preprocess, (images,))

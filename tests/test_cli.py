@@ -179,6 +179,18 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
      r"Invalid value for '--max-det': 0 is not in the range x>=1"),
     (["optimize", "{m}", "--int8", "--calib", "{t}", "--calib-limit", "0"],
      r"Invalid value for '--calib-limit': 0 is not in the range x>=1"),
+    # NaN passed click's ranges and then every check: --max-drop nan let a 57-point drop pass
+    (["check", "{m}", "--max-drop", "nan"], r"Invalid value for '--max-drop': 'nan' is not a number"),
+    (["check", "{m}", "--min-agreement", "1.5"],
+     r"Invalid value for '--min-agreement': 1.5 is not in the range 0<=x<=1"),
+    (["check", "{m}", "--min-agreement", "nan"], r"Invalid value for '--min-agreement': 'nan' is not a number"),
+    (["check", "{m}", "--min-cosine", "nan"], r"Invalid value for '--min-cosine': 'nan' is not a number"),
+    (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--iou", "nan"],
+     r"Invalid value for '--iou': 'nan' is not a number"),
+    (["optimize", "{m}", "--int8", "--calib", "{t}", "--max-drop", "nan"],
+     r"Invalid value for '--max-drop': 'nan' is not a number"),
+    # a missing folder was put behind the model's path, as if the model were at fault
+    (["check", "{m}", "--images", "{t}/nope"], r"Invalid value for '--images': Path '{t}/nope' does not exist"),
 ])
 def test_a_bad_option_or_argument_is_one_line_too(tmp_path: Path, model_file: Path, args, message):
     """click printed its usage and a hint first (four lines); now one line, as every error."""

@@ -316,6 +316,10 @@ def test_agreement_compares_keypoints_and_masks_with_the_reference(tmp_path: Pat
     # a reference whose keypoints move against themselves (float rounding) only warns
     noisy = check_agreement(Detections(moved, ref), noise=lambda: {"box": 1.0, "keypoint": 0.0})
     assert noisy.status == "warn" and noisy.details["pose_self_agreement"] == 0.0
+    # a reference below the floor against itself (0.3) excuses no more than its share: 0.0 fails
+    # (it warned before, as any floor above the reference's own agreement did)
+    shaky = check_agreement(Detections(moved, ref), noise=lambda: {"box": 1.0, "keypoint": 0.3})
+    assert shaky.status == "fail" and shaky.details["pose_self_agreement"] == 0.3
     # masks: the candidate's masks everywhere against the reference's masks on one object
     cx, cy, w, h = LABELS[0][1:]
     region = ((cx - w / 2) * W * RATIO, (cy - h / 2) * H * RATIO + PAD_TOP,

@@ -55,8 +55,10 @@ class CheckOptions:
     def validate(self) -> None:
         if self.target not in targets.TARGETS:
             raise UsageError(f"unknown target '{self.target}'; choose one of {', '.join(targets.TARGETS)}")
-        if self.max_drop < 0:
+        if not self.max_drop >= 0:   # NaN too: it passed every drop
             raise UsageError(f"--max-drop {self.max_drop}: must be >= 0 (mAP points)")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement {self.min_agreement}: must be within [0, 1] (an mAP)")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise UsageError(f"--min-cosine {self.min_cosine}: must be within [-1, 1]")
         if self.limit is not None and self.limit <= 0:

@@ -356,3 +356,8 @@ def test_run_checks_usage_errors(yolo, images, tmp_path):
         run_checks(yolo, images=str(tmp_path / "nope"))
     with pytest.raises(UsageError, match="max-drop"):
         run_checks(yolo, max_drop=-1)
+    with pytest.raises(UsageError, match=r"--max-drop nan: must be >= 0"):   # NaN passed every drop
+        run_checks(yolo, max_drop=float("nan"))
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(UsageError, match=r"--min-agreement .*: must be within \[0, 1\]"):
+            run_checks(yolo, min_agreement=bad)
