@@ -291,6 +291,16 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _read_from_folder(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is a file an input ``folder`` is read for: directly inside it, named as an
+    image, a YOLO label or a calibration array (an output there replaced one, or is read as one
+    by the next run)."""
+    from .data import IMAGE_SUFFIXES
+
+    return path.suffix.lower() in IMAGE_SUFFIXES + (".txt", ".npy", ".npz") and folder.is_dir() \
+        and same_file(path.parent, folder)
+
+
 def claim_outputs(outputs: Mapping[str, Optional[PathLike]],
                   inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> None:
     """Check, before a run, that each output (``{what: path}``, None skipped) can be written and
@@ -311,6 +321,9 @@ def claim_outputs(outputs: Mapping[str, Optional[PathLike]],
                 if same_file(path, q):
                     raise UsageError(f"{path}: refusing to overwrite the {other} with the {mine}; "
                                      "choose another path")
+                if _read_from_folder(path, q):
+                    raise UsageError(f"{path}: refusing to write the {mine} among the {other} (a folder "
+                                     "read for such files); choose another path")
         for other, q in outs[:i]:
             if same_file(out, q):
                 raise UsageError(f"{out}: given for both the {other} and the {what}; choose another path")

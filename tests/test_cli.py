@@ -148,18 +148,30 @@ def test_optimize_warns_when_the_result_runs_slower(model_file: Path, tmp_path: 
      "{m}: refusing to overwrite the reference model with the JSON report"),
     (["eval", "{m}", "--images", "{t}/images", "--labels", "{t}/gt.json", "--json", "{t}/gt.json"],
      "{t}/gt.json: refusing to overwrite the labels with the JSON figures"),
+    # a file inside an input folder: check --json replaced a label file (or an image), exit 0
+    (["check", "{m}", "--images", "{t}/images", "--labels", "{t}/labels", "--json", "{t}/labels/a.txt"],
+     "{t}/labels/a.txt: refusing to write the JSON report among the labels (a folder read for such files)"),
+    (["check", "{m}", "--images", "{t}/images", "--json", "{t}/images/a.jpg"],
+     "{t}/images/a.jpg: refusing to write the JSON report among the images (a folder read for such files)"),
+    (["eval", "{m}", "--images", "{t}/images", "--labels", "{t}/labels", "--json", "{t}/labels/b.txt"],
+     "{t}/labels/b.txt: refusing to write the JSON figures among the labels (a folder read for such files)"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--int8", "--calib", "{t}/images", "--report", "{t}/images/a.jpg"],
+     "{t}/images/a.jpg: refusing to write the report among the calibration data (a folder read for such files)"),
 ])
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file: Path, args, message):
     (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not read")
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
     (tmp_path / "gt.json").write_text("{}")
     (tmp_path / "link.onnx").hardlink_to(model_file)
     ir.save(onnx.load(str(model_file)), tmp_path / "o.onnx")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     fill = {"m": model_file, "t": tmp_path}
     r = CliRunner().invoke(main, [a.format(**fill) for a in args])
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [f"error: {message.format(**fill)}; choose another path"]
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("args, message", [
