@@ -136,8 +136,29 @@ def test_numerics_below_cosine_floor_fails_and_floor_is_settable(yolo):
     other = fixtures.build_yolov5_v6(opset=13, seed=1)  # same graph, other weights
     r = numerics.check_numerics(other, yolo, [feed(yolo)], 0.99, "seeded random inputs")
     assert r.status == "fail" and "below 0.99" in r.message and "SQNR" in r.message
-    cos = r.details["outputs"][0]["cosine"]
+    cos = min(o["cosine"] for o in r.details["outputs"])
     assert numerics.check_numerics(other, yolo, [feed(yolo)], cos - 1e-3, "x").status == "pass"
+
+
+def test_numerics_compare_the_decoded_class_scores_too(yolo):
+    """Box pixels outweigh scores in one cosine over a decoded output: a head with two classes
+    swapped kept the whole output's cosine above the floor and passed. Its class scores, decoded
+    as the evaluator reads them, are a row of their own."""
+    m = copy(yolo)
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        n.output[:] = [o + "_raw" if o == out else o for o in n.output]
+    cols = np.arange(m.graph.output[0].type.tensor_type.shape.dim[2].dim_value)
+    cols[[5, 6]] = cols[[6, 5]]
+    m.graph.initializer.append(numpy_helper.from_array(cols, "cols"))
+    m.graph.node.append(helper.make_node("Gather", [out + "_raw", "cols"], [out], axis=2, name="swap"))
+    feeds = numerics.input_feeds(yolo, None, 2, 0, None, None)
+    r = numerics.check_numerics(m, yolo, feeds, 0.99, "seeded random inputs")
+    rows = {o["name"]: o for o in r.details["outputs"]}
+    assert rows[out]["cosine"] > 0.99 and rows["class scores"]["cosine"] < 0.9
+    assert r.status == "fail" and r.message.startswith("cosine") and "of output 'class scores' below 0.99" in r.message
+    same = numerics.check_numerics(yolo, yolo, feeds, 0.99, "seeded random inputs")
+    assert same.status == "pass" and [o["name"] for o in same.details["outputs"]] == [out, "class scores"]
 
 
 def test_latency_reports_medians_and_ratio(yolo):
