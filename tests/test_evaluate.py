@@ -565,6 +565,26 @@ def test_evaluate_errors(dataset, tmp_path: Path):
         evaluate(model, images, tmp_path / "empty", progress=False)
     with pytest.raises(UsageError, match="unknown output format 'v9'"):
         evaluate(model, images, labels, fmt="v9", progress=False)
+    # a label file given for the folder said "label folder does not exist"
+    with pytest.raises(UsageError, match=r"im0\.txt: a file; expected a folder of YOLO labels"):
+        evaluate(model, images, labels / "im0.txt", progress=False)
+
+
+def test_labels_missing_for_most_images_are_warned_about(dataset, caplog):
+    """Images without a label file show no object (ultralytics' backgrounds); when most have none,
+    the labels are likely not the images' (labels for 2 of 8 images scored silently)."""
+    images, labels = dataset
+    model = const_model("v5", letterboxed(LABELS, 16), CLASSES)
+    caplog.set_level("WARNING")
+    evaluate(model, images, labels, progress=False)
+    (labels / "im1.txt").unlink()
+    evaluate(model, images, labels, progress=False)   # 1 of 3: a background image, no warning
+    assert not [r for r in caplog.records if "no label file" in r.getMessage()]
+    (labels / "im2.txt").unlink()
+    res = evaluate(model, images, labels, progress=False)
+    warned = [r.getMessage() for r in caplog.records if "no label file" in r.getMessage()]
+    assert len(warned) == 1 and "2 of 3 images have no label file (im1.png first)" in warned[0]
+    assert res["n_ground_truth"] == 2 and res["map"] < 1.0
 
 
 def test_eval_cli(dataset, tmp_path: Path):

@@ -173,6 +173,8 @@ def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int
     """Ground truth for ``images`` (file name, (h, w)) from ``folder/<stem>.txt`` (``keypoints``:
     K of a pose model, :func:`read_labels`)."""
     p = Path(folder)
+    if p.is_file():
+        raise UsageError(f"{p}: a file; expected a folder of YOLO labels (<image stem>.txt) or a COCO .json")
     if not p.is_dir():
         raise UsageError(f"{p}: label folder does not exist")
     out = []
@@ -180,7 +182,16 @@ def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int
         out.append(replace(read_labels(p / (Path(key).stem + ".txt"), hw, keypoints), key=key))
     if not any(len(g) for g in out):
         raise UsageError(f"{p}: no labels found for the {len(images)} images (expected <image stem>.txt)")
+    missing = [key for key, _ in images if not (p / (Path(key).stem + ".txt")).exists()]
+    if 2 * len(missing) > len(images) and (p.resolve(), len(missing)) not in _MISSING_WARNED:
+        _MISSING_WARNED.add((p.resolve(), len(missing)))   # once: a run scores several models
+        log.warning("%s: %d of %d images have no label file (%s first), scored as showing no object; "
+                    "are these the images' labels?", p, len(missing), len(images), missing[0])
     return out
+
+
+#: (label folder, images without a label file) already warned about in this process
+_MISSING_WARNED: set = set()
 
 
 def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
