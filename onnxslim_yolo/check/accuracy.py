@@ -14,6 +14,9 @@ from .result import CheckResult, failed, passed, skipped, warned
 #: agreement floor (mAP of the candidate scored on the reference's confident detections). INT8
 #: yolov5n with a float decode tail scores 0.86-0.90 on coco128, a quantized decode tail 0.0
 MIN_AGREEMENT = 0.5
+#: a reference mAP below this says the labels, the preprocessing or the weights are not what the
+#: drop assumes (a yolov5n fed as YOLOX scores 0.0000 on coco128)
+NOTHING_MEASURED = 0.001
 #: the result-key prefix of each thing compared (``mask`` -> ``mask_``: ``mask_map``, ...)
 PREFIX = {what: prefix for prefix, what in MAP_KINDS}
 
@@ -143,6 +146,10 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
         what = "mAP" if worst[0] == "box" else f"{worst[0]} mAP"
         return failed(name, f"{what} drop {worst[1]:.2f} pts exceeds --max-drop {max_drop:g}: " + text,
                       **details)
+    if ref["map"] < NOTHING_MEASURED:
+        return warned(name, f"the reference scores mAP {ref['map']:.4f} on these labels, so the drop "
+                            "measures nothing (images fed otherwise than trained, labels of other "
+                            "classes, or untrained weights?): " + text, **details)
     return passed(name, text, **details)
 
 

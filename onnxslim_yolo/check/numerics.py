@@ -65,10 +65,12 @@ def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
                    feeds: Optional[Feeds]) -> Tuple[List[str], Dict[str, List[str]]]:
     """Human-readable I/O differences (names, order, dtypes, declared and run-time shapes), and per
     kind ("inputs", "outputs") the ones that only fix dims the reference leaves symbolic
-    (``[1, 3, 640, 640]`` for ``['batch', 3, 'h', 'w']``, as ``--input-shape`` does)."""
+    (``[1, 3, 640, 640]`` for ``['batch', 3, 'h', 'w']``, as ``--input-shape`` does); under "freed"
+    those that only leave symbolic dims the reference fixes (a dynamic-batch export of a static
+    model), compared at the reference's shape."""
     a, b = _io(model), _io(reference)
     diffs: List[str] = []
-    fixed: Dict[str, List[str]] = {"inputs": [], "outputs": []}
+    fixed: Dict[str, List[str]] = {"inputs": [], "outputs": [], "freed": []}
     for kind in ("inputs", "outputs"):
         if list(a[kind]) != list(b[kind]):
             diffs.append(f"{kind} {list(a[kind])} != reference {list(b[kind])}")
@@ -80,6 +82,8 @@ def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
             ref = f"reference {b[kind][n][0]} {b[kind][n][1]}"
             if _specializes(a[kind][n], b[kind][n]):
                 fixed[kind].append(f"{text} (the {ref})")
+            elif _specializes(b[kind][n], a[kind][n]):
+                fixed["freed"].append(f"{text} (the {ref})")
             else:
                 diffs.append(f"{text} != {ref}")
     if not diffs and feeds is not None:
@@ -104,6 +108,11 @@ def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional
                       differences=diffs)
     io = _io(model)
     fixed = by_kind["inputs"] + by_kind["outputs"]
+    freed = by_kind["freed"]
+    if freed:
+        return warned(name, f"symbolic dims the reference fixes: {freed[0]}" + (
+            f" (+{len(freed) - 1} more)" if len(freed) > 1 else "") + "; compared at the reference's shape",
+                      freed=freed, fixed=fixed, **io)
     if fixed:
         text = f"fixed dims the reference leaves symbolic: {fixed[0]}" + (
             f" (+{len(fixed) - 1} more)" if len(fixed) > 1 else "")

@@ -116,6 +116,18 @@ def test_io_fixed_input_dims_pass_when_the_shape_was_given_else_warn(yolo):
     assert silent.status == "warn" and "runs at that size only" in silent.message
 
 
+def test_a_dynamic_model_against_its_static_reference_warns_and_is_compared(yolo, images):
+    """A dynamic-batch (and dynamic-size) export of a static model failed reference.io, and every
+    comparison was skipped (the reverse only warned); now it warns and runs at the reference's shape."""
+    dyn = _symbolic(_symbolic(yolo, "input", 0, "batch"), "input", 3, "width")
+    io = numerics.check_io(dyn, yolo, None)
+    assert io.status == "warn" and io.message.startswith("symbolic dims the reference fixes: input 'images'")
+    rep = run_checks(dyn, reference=yolo, images=str(images), latency=False)
+    st = {r.name: r.status for r in rep.results}
+    assert st["reference.io"] == "warn" and st["reference.numerics"] == "pass"
+    assert st["accuracy.agreement"] == "pass" and rep.get("accuracy.agreement").details["map"] > 0.9
+
+
 def test_io_output_dims_resolved_by_inference_pass_and_real_differences_fail(yolo):
     ref = _symbolic(yolo, "output", 1, "anchors")
     r = numerics.check_io(yolo, ref, None)
@@ -347,6 +359,19 @@ def test_preprocessing_check_on_yolov5n(yolov5n_path, coco128, monkeypatch):
     assert r.status == "warn" and r.message in res.summary["notes"]
 
 
+def test_a_reference_scoring_nothing_on_the_labels_warns(yolo, images, tmp_path):
+    """A drop of 0.00 between two mAPs of 0.0000 passed: the labels (here: objects where neither
+    model sees one) or the preprocessing measure nothing."""
+    far = tmp_path / "far"
+    far.mkdir()
+    for f in images.iterdir():
+        (far / (f.stem + ".txt")).write_text("0 0.01 0.01 0.005 0.005\n")
+    dets = accuracy.detect(yolo, yolo, str(images), None, None, 1, None, False)
+    r = accuracy.check_map_drop(dets, str(far), max_drop=1.0)
+    assert r.details["reference"]["map"] < accuracy.NOTHING_MEASURED and r.details["drop_points"] == 0.0
+    assert r.status == "warn" and r.message.startswith("the reference scores mAP 0.0000 on these labels")
+
+
 def test_labels_without_reference_report_candidate_map(yolo, images, labels):
     rep = run_checks(yolo, images=str(images), labels=str(labels), latency=False)
     r = rep.get("accuracy.map_drop")
@@ -382,3 +407,18 @@ def test_run_checks_usage_errors(yolo, images, tmp_path):
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(UsageError, match=r"--min-agreement .*: must be within \[0, 1\]"):
             run_checks(yolo, min_agreement=bad)
+
+
+def test_a_reference_that_is_the_models_own_file_warns(yolo, tmp_path):
+    """check X --reference X (a link too) passed every comparison in silence: a CI script's slip."""
+    path = tmp_path / "m.onnx"
+    onnx.save(yolo, str(path))
+    (tmp_path / "link.onnx").symlink_to(path)
+    for ref in (path, tmp_path / "link.onnx"):
+        rep = run_checks(str(path), reference=str(ref), latency=False)
+        io = rep.get("reference.io")
+        assert io.status == "warn" and io.message.startswith("the reference is the model's own file")
+        assert rep.ok and rep.get("reference.numerics").status == "pass"
+    other = tmp_path / "copy.onnx"
+    onnx.save(yolo, str(other))
+    assert run_checks(str(path), reference=str(other), latency=False).get("reference.io").status == "pass"
