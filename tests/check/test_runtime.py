@@ -422,3 +422,9 @@ def test_a_reference_that_is_the_models_own_file_warns(yolo, tmp_path):
     other = tmp_path / "copy.onnx"
     onnx.save(yolo, str(other))
     assert run_checks(str(path), reference=str(other), latency=False).get("reference.io").status == "pass"
+
+
+def test_a_cosine_just_below_its_floor_is_shown_below_it():
+    """0.999974 against a floor of 1 read 'cosine 1.0000 below 1.0'."""
+    assert numerics.below(0.999974, 1.0) == "0.99997" and numerics.below(0.98765, 0.99) == "0.9877"
+    assert numerics.below(0.9999999999, 1.0) == "1.00000000"   # 8 decimals at most
