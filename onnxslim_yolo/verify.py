@@ -99,11 +99,27 @@ def _onnx_op(op_type: str, opset: int) -> bool:
     return True
 
 
+#: onnxruntime's names of the float input types, and their numpy types
+_FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def fit_feeds(sess: Any, feeds: Feeds) -> Feeds:
+    """``feeds`` with each float array in the float type the session's input declares: a float16
+    model and its float32 original (or a model with a float32 interface) run on one feed."""
+    out = dict(feeds)
+    for i in sess.get_inputs() if hasattr(sess, "get_inputs") else ():
+        want, v = _FLOAT_INPUTS.get(getattr(i, "type", None)), out.get(i.name)
+        if want is not None and isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.dtype != want:
+            out[i.name] = v.astype(want)
+    return out
+
+
 def run(sess: ort.InferenceSession, feeds: Feeds, outputs: Optional[Sequence[str]] = None
         ) -> List[np.ndarray]:
-    """Run ``sess`` (all outputs, or the named ``outputs`` in that order)."""
+    """Run ``sess`` (all outputs, or the named ``outputs`` in that order), each float feed in the
+    float type its input declares (:func:`fit_feeds`)."""
     try:
-        return sess.run(None if outputs is None else list(outputs), feeds)
+        return sess.run(None if outputs is None else list(outputs), fit_feeds(sess, feeds))
     except Exception as exc:
         raise VerificationError(f"onnxruntime failed to run the model: {first_line(exc)}") from None
 

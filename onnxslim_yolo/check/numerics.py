@@ -13,6 +13,8 @@ from ..pass_base import SlimError
 from .result import CheckResult, failed, passed, skipped, warned
 
 Feeds = Dict[str, np.ndarray]
+#: float element types one model may have where the other has another (fed in its own, compared)
+FLOAT_TYPES = {"float", "float16", "double"}
 #: a candidate this much slower than the reference (median ratio) gets a warning
 LATENCY_SLACK = 0.10
 
@@ -52,7 +54,8 @@ def _io(model: onnx.ModelProto) -> Dict[str, Dict[str, object]]:
 
     def desc(vi: onnx.ValueInfoProto) -> object:
         tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim] \
+            if tt.HasField("shape") else None   # no shape declared (not a scalar's []): any shape
         return [onnx.TensorProto.DataType.Name(tt.elem_type).lower(), dims]
     return {"inputs": {vi.name: desc(vi) for vi in model.graph.input if vi.name not in inits},
             "outputs": {vi.name: desc(vi) for vi in model.graph.output}}
@@ -76,20 +79,27 @@ def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
     kind ("inputs", "outputs") the ones that only fix dims the reference leaves symbolic
     (``[1, 3, 640, 640]`` for ``['batch', 3, 'h', 'w']``, as ``--input-shape`` does); under "freed"
     those that only leave symbolic dims the reference fixes (a dynamic-batch export of a static
-    model), compared at the reference's shape."""
+    model), compared at the reference's shape, and under "retyped" another float type (a float16
+    export of a float32 model: each model is fed and read in its own, :func:`.verify.fit_feeds`).
+    A side that declares no shape matches any; the run-time shapes are compared after."""
     a, b = _io(model), _io(reference)
     diffs: List[str] = []
-    fixed: Dict[str, List[str]] = {"inputs": [], "outputs": [], "freed": []}
+    fixed: Dict[str, List[str]] = {"inputs": [], "outputs": [], "freed": [], "retyped": []}
     for kind in ("inputs", "outputs"):
         if list(a[kind]) != list(b[kind]):
             diffs.append(f"{kind} {list(a[kind])} != reference {list(b[kind])}")
             continue
         for n in a[kind]:
-            if a[kind][n] == b[kind][n]:
+            (gt, gd), (wt, wd) = a[kind][n], b[kind][n]
+            if a[kind][n] == b[kind][n] or (gt == wt and None in (gd, wd)):
                 continue
-            text = f"{kind[:-1]} '{n}' {a[kind][n][0]} {a[kind][n][1]}"
-            ref = f"reference {b[kind][n][0]} {b[kind][n][1]}"
-            if _specializes(a[kind][n], b[kind][n]):
+            text = f"{kind[:-1]} '{n}' {gt} {gd if gd is not None else 'of any shape'}"
+            ref = f"reference {wt} {wd if wd is not None else 'of any shape'}"
+            if gt != wt and {gt, wt} <= FLOAT_TYPES and (gd == wd or None in (gd, wd)):
+                fixed["retyped"].append(f"{text} (the {ref})")
+            elif None in (gd, wd):
+                diffs.append(f"{text} != {ref}")
+            elif _specializes(a[kind][n], b[kind][n]):
                 fixed[kind].append(f"{text} (the {ref})")
             elif _specializes(b[kind][n], a[kind][n]):
                 fixed["freed"].append(f"{text} (the {ref})")
@@ -117,11 +127,15 @@ def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional
                       differences=diffs)
     io = _io(model)
     fixed = by_kind["inputs"] + by_kind["outputs"]
-    freed = by_kind["freed"]
-    if freed:
-        return warned(name, f"symbolic dims the reference fixes: {freed[0]}" + (
-            f" (+{len(freed) - 1} more)" if len(freed) > 1 else "") + "; compared at the reference's shape",
-                      freed=freed, fixed=fixed, **io)
+    freed, retyped = by_kind["freed"], by_kind["retyped"]
+    if freed or retyped:
+        said = [f"symbolic dims the reference fixes: {freed[0]}" + (
+            f" (+{len(freed) - 1} more)" if len(freed) > 1 else "") + "; compared at the reference's shape"] \
+            if freed else []
+        said += [f"another float type: {retyped[0]}" + (f" (+{len(retyped) - 1} more)" if len(retyped) > 1
+                                                        else "") + "; each model fed and read in its own"] \
+            if retyped else []
+        return warned(name, "; ".join(said), freed=freed, retyped=retyped, fixed=fixed, **io)
     if fixed:
         text = f"fixed dims the reference leaves symbolic: {fixed[0]}" + (
             f" (+{len(fixed) - 1} more)" if len(fixed) > 1 else "")
@@ -217,7 +231,7 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds], other,
         sess, read = verify.session(model, optimize=optimize), OutputReader(model)
         for feed in feeds:
             ref = verify.run(sess, feed)
-            new = other.run(None, feed)[:len(ref)]
+            new = verify.run(other, feed)[:len(ref)]
             fmt = outputs_format(model, ref, hw)
             if fmt not in ROW_FORMATS:
                 return None

@@ -128,6 +128,50 @@ def test_a_dynamic_model_against_its_static_reference_warns_and_is_compared(yolo
     assert st["accuracy.agreement"] == "pass" and rep.get("accuracy.agreement").details["map"] > 0.9
 
 
+def _float16_interface(model):
+    """The model behind a float16 input and output (as a float16 export with its I/O types kept
+    float16 is fed and read)."""
+    m = copy(model)
+    x, y = m.graph.input[0], m.graph.output[0]
+    for n in m.graph.node:
+        n.input[:] = [x.name + "_f32" if t == x.name else t for t in n.input]
+        n.output[:] = [y.name + "_f32" if t == y.name else t for t in n.output]
+    m.graph.node.insert(0, helper.make_node("Cast", [x.name], [x.name + "_f32"], to=T.FLOAT, name="in_cast"))
+    m.graph.node.append(helper.make_node("Cast", [y.name + "_f32"], [y.name], to=T.FLOAT16, name="out_cast"))
+    x.type.tensor_type.elem_type = y.type.tensor_type.elem_type = T.FLOAT16
+    return m
+
+
+def test_a_float16_interface_against_its_float_reference_is_compared(yolo, images, labels):
+    """reference.io failed on 'float16 != reference float', and every comparison was skipped: each
+    model is now fed and read in its own float type, with a warning."""
+    half = _float16_interface(yolo)
+    io = numerics.check_io(half, yolo, None)
+    assert io.status == "warn" and io.message.startswith("another float type: input 'images' float16")
+    assert len(io.details["retyped"]) == 2   # the input and the output
+    rep = run_checks(half, reference=yolo, images=str(images), labels=str(labels), latency=True, latency_runs=2)
+    st = {r.name: r.status for r in rep.results}
+    assert st["reference.numerics"] == "pass" and st["accuracy.agreement"] == "pass", rep.results
+    assert st["accuracy.map_drop"] == "pass" and st["latency"] in ("pass", "warn") and rep.ok
+    assert rep.get("accuracy.map_drop").details["drop_points"] < 1.0
+
+
+def test_an_output_declared_without_a_shape_matches_any(yolo):
+    """No shape declared is not a scalar's []: an extra output so declared failed reference.io."""
+    ref = copy(yolo)
+    ref.graph.output.append(helper.make_tensor_value_info(ref.graph.node[0].output[0], T.FLOAT, None))
+    cand = copy(ref)
+    onnx.shape_inference.infer_shapes(cand)
+    cand.graph.output[1].CopyFrom(helper.make_tensor_value_info(ref.graph.node[0].output[0], T.FLOAT,
+                                                                [1, 8, 32, 32]))
+    assert numerics.check_io(cand, ref, feed(yolo)).status == "pass"
+    assert numerics.check_io(ref, cand, feed(yolo)).status == "pass"
+    scalar = copy(ref)
+    scalar.graph.output[1].type.tensor_type.shape.SetInParent()   # declared: a scalar
+    bad = numerics.check_io(scalar, cand, None)
+    assert bad.status == "fail" and "[] != reference float [1, 8, 32, 32]" in bad.message
+
+
 def test_io_output_dims_resolved_by_inference_pass_and_real_differences_fail(yolo):
     ref = _symbolic(yolo, "output", 1, "anchors")
     r = numerics.check_io(yolo, ref, None)
