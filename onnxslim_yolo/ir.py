@@ -469,8 +469,23 @@ def ensure_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 
 
 # ---------------------------------------------------------------------------- graphsurgeon
+#: a Constant node's scalar and list attributes, and the type ONNX gives their tensor
+_CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    """``model`` in graphsurgeon, each Constant written with ``value_float(s)`` or ``value_int(s)``
+    given its ``value`` tensor: graphsurgeon reads such an attribute as a Python number, and its
+    constant folding then made a float64 tensor of a float (a Concat of it and a float32 tensor
+    failed the checker)."""
+    graph = gs.import_onnx(model)
+    for node in graph.nodes:
+        key = next((k for k in _CONSTANT_ATTRS if k in node.attrs), None) if node.op == "Constant" else None
+        if key is not None:
+            value = np.asarray(node.attrs.pop(key), dtype=_CONSTANT_ATTRS[key])
+            node.attrs["value"] = gs.Constant(node.outputs[0].name + "_value", value)
+    return graph
 
 
 def to_model(graph: gs.Graph, like: onnx.ModelProto, cleanup: bool = True) -> onnx.ModelProto:
@@ -479,6 +494,9 @@ def to_model(graph: gs.Graph, like: onnx.ModelProto, cleanup: bool = True) -> on
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = like.ir_version
+    inputs = {i.name for i in out.graph.input}
+    if out.ir_version < 4 and any(t.name not in inputs for t in out.graph.initializer):
+        out.ir_version = 4   # IR 3 lists every initializer as a graph input; graphsurgeon does not
     del out.opset_import[:]
     out.opset_import.extend(like.opset_import)
     # graphsurgeon may bump the default opset to graph.opset; keep the model's own
@@ -512,12 +530,9 @@ def const_value(t: gs.Tensor) -> Optional[np.ndarray]:
         a = p.attrs.get("value")
         if isinstance(a, gs.Constant):
             return np.asarray(a.values)
-        for key in ("value_float", "value_int"):
+        for key, dtype in _CONSTANT_ATTRS.items():   # a graph not read by to_graph
             if key in p.attrs:
-                return np.asarray(p.attrs[key])
-        for key in ("value_floats", "value_ints"):
-            if key in p.attrs:
-                return np.asarray(list(p.attrs[key]))
+                return np.asarray(p.attrs[key], dtype=dtype)
     return None
 
 

@@ -358,3 +358,40 @@ def test_a_flatten_from_dim_two_reads_the_shape_by_slice_and_becomes_constant(op
     assert _reshape_targets(res.model) == [[0, 4, -1]] and ops(res.model)["Shape"] == 0
     x = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
     assert np.array_equal(_ort(res.model, {"x": x}), _ort(model, {"x": x}))
+
+
+@pytest.mark.parametrize("attr, value, dtype", [("value_float", 40.0, np.float32),
+                                                ("value_floats", [40.0], np.float32),
+                                                ("value_int", 3, np.int64)])
+def test_constants_written_as_scalar_attributes_keep_their_onnx_type(attr, value, dtype):
+    """A Constant with value_float (valid ONNX, run by onnxruntime) was folded as float64: the Concat
+    of it and a float32 tensor failed the checker, and canonicalize failed (exit 4)."""
+    is_float = dtype == np.float32
+    nodes = [helper.make_node("Constant", [], ["k"], **{attr: value}),
+             helper.make_node("Reshape", ["k", "one"], ["k1"]),
+             helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT if is_float else TensorProto.INT64),
+             helper.make_node("Concat", ["xc", "k1"], ["y"], axis=0)]
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    out_type = TensorProto.FLOAT if is_float else TensorProto.INT64
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", out_type, [3])], [one])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    res = run(model)
+    folded = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    k = next(v for v in folded.values() if v.size == 1)
+    assert k.dtype == dtype and float(k.ravel()[0]) == float(np.ravel(value)[0])
+    assert ir.const_value(ir.to_graph(model).nodes[0].outputs[0]).dtype == dtype
+
+
+def test_an_ir3_model_listing_its_initializers_as_inputs_stays_valid():
+    """IR 3 wants every initializer among the graph inputs; graphsurgeon drops them there, and the
+    result kept IR 3: 'model.0.conv.weight in initializer but not in graph input' (exit 4)."""
+    m = fixtures.build_yolov5_v6(opset=11)
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    res = run(m)
+    assert res.model.ir_version == 4
+    onnx.checker.check_model(res.model)
