@@ -18,8 +18,8 @@ from . import ir, verify
 from .analysis.flops import model_stats
 from .eval.anchors import with_anchors
 from .eval.decode import NotDetections
-from .pass_base import (Numerics, PassContext, PreconditionError, SlimError, Tolerances, UsageError,
-                        naming_file)
+from .pass_base import (ModelLoadError, Numerics, PassContext, PreconditionError, SlimError, Tolerances,
+                        UsageError, VerificationError, naming_file)
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,8 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
     """Every pass is verified in onnxruntime: a graph it cannot run is refused up front, with the
     node named, rather than failing the first pass with onnxruntime's or the checker's words (cut
     short at an unnamed node): no outputs, a node reading a tensor nothing defines, a node it has
-    no kernel for (a TensorRT NMS plugin from an end-to-end export, an op no ONNX opset has)."""
+    no kernel for (a TensorRT NMS plugin from an end-to-end export, an op no ONNX opset has), and
+    any other graph onnxruntime will not load."""
     g = model.graph
     if not g.output:
         raise UsageError(f"{src or 'model'}: the graph has no outputs; nothing to optimize or check")
@@ -226,6 +227,10 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
     if foreign:
         hint = " (e.g. without the TensorRT NMS plugin)" if "onnxruntime cannot run" in foreign else ""
         raise PreconditionError(f"{src or 'model'}: {foreign}; export the model without it{hint}")
+    try:   # duplicate node names, an IR version too new, stale value_info: onnxruntime says which
+        verify.session(model, optimize=False, threads=1)
+    except VerificationError as exc:   # before graphsurgeon reads it (it printed 23,706 lines for one)
+        raise ModelLoadError(f"{src or 'model'}: {exc}; the input model must load in onnxruntime") from None
 
 
 def _require_detections(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext) -> None:

@@ -261,6 +261,16 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
         stats["unknown_ops"] = foreign
         click.echo(f"warning: {verify.custom_op_summary(foreign)}; shapes after it are unknown, "
                    "so MACs may be under-counted")
+    else:
+        try:   # figures of a graph onnxruntime refuses (duplicate node names, stale shapes) mislead
+            verify.session(m, optimize=False, threads=1)
+        except SlimError as exc:
+            stats["loads_in_onnxruntime"] = False
+            click.echo(f"warning: {exc}; optimize and check refuse it")
+    weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    if stats["macs"] == 0 and any(n.op_type in weighted for n in m.graph.node):
+        click.echo("warning: shape inference gave no shapes for the Convs and MatMuls, so their MACs are "
+                   "unknown (counted 0)")
     click.echo("")
     click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
     feed = _input_summary(m, shp)

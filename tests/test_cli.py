@@ -775,3 +775,27 @@ def test_a_sparse_initializer_is_a_defined_tensor():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
                           sparse_initializer=[sparse])
     _refuse_unrunnable(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), None)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("duplicate_names", "two nodes with same node name"),
+    ("ir_too_new", "Unsupported model IR version"),
+])
+def test_a_model_onnxruntime_will_not_load_is_refused_up_front(tmp_path: Path, breakage, message):
+    """It reached the first pass and failed there (exit 4, a pass blamed), after graphsurgeon printed
+    23,706 lines for a yolov5n whose nodes shared one name; inspect gave its figures without a word."""
+    m = fixtures.build_yolov5_v6(opset=13)
+    if breakage == "duplicate_names":
+        for n in m.graph.node:
+            n.name = "node"
+    else:
+        m.ir_version = onnx.IR_VERSION + 2
+    src = tmp_path / "bad.onnx"
+    onnx.save(m, str(src))
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--no-bench"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"error: {src}: onnxruntime cannot load the model") and message in lines[0]
+    assert lines[0].endswith("the input model must load in onnxruntime") and not (tmp_path / "out.onnx").exists()
+    r = CliRunner().invoke(main, ["inspect", str(src)])
+    assert r.exit_code == 0 and "warning: onnxruntime cannot load the model" in r.output
