@@ -6,7 +6,9 @@ What changes in the graph:
   including Shape -> Gather -> Unsqueeze -> Concat chains once the input shape is static;
 - Identity, Dropout (inference) and Cast to the type the tensor already has are bypassed, and so
   is a chain of Reshape / Squeeze / Unsqueeze / Flatten that ends in the static shape it started
-  from (tf2onnx's SE blocks: GlobalAveragePool -> Squeeze -> Reshape back to N x C x 1 x 1);
+  from (tf2onnx's SE blocks: GlobalAveragePool -> Squeeze -> Reshape back to N x C x 1 x 1),
+  and a Cast back to the type a Cast widened from (float32 -> float64 -> float32: every value
+  survives the round trip; a BatchNormalization behind one could not be folded);
 - a Reshape whose target is computed from Shape nodes gets a constant target, when every entry
   is a constant or a copy of the input's own dim at that position, the same named (symbolic)
   dim: ``x.view(x.size(0), 2, -1, h, w)`` of a dynamic-batch export becomes the target
@@ -42,7 +44,8 @@ NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLi
 DEFAULT_MAX_FOLD_BYTES = 16 * 2 ** 20
 NOOP_KEYS = {"Identity": "removed_identity", "Dropout (inference)": "removed_dropout",
              "no-op Cast": "removed_cast", "reshape round trip": "removed_reshape_round_trip",
-             "identity arithmetic": "removed_identity_arithmetic"}
+             "identity arithmetic": "removed_identity_arithmetic",
+             "cast round trip": "removed_cast_round_trip"}
 #: binary ops with their neutral constant, and which input positions that constant may take
 NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div": (1.0, (1,))}
 #: ops that only relabel the dims of row-major data: a chain of them back to its first shape is exact
@@ -304,7 +307,25 @@ def _is_noop(node: gs.Node) -> Optional[str]:
                 return None
             if np.dtype(src) == np.dtype(to_np):
                 return "no-op Cast"
+            if cast_round_trip_source(node) is not None:
+                return "cast round trip"
     return None
+
+
+def cast_round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
+    """The input of the Cast before ``node`` (a Cast) when that Cast widened it without loss (within
+    floats, or within integers: ``np.can_cast`` safe) and ``node`` casts back to its type; else None."""
+    first = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
+    if first is None or first.op != "Cast" or not first.inputs or first.inputs[0].dtype is None:
+        return None
+    try:
+        orig = np.dtype(first.inputs[0].dtype)
+        mid = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(first.attrs["to"])))
+        back = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+    except Exception:   # noqa: BLE001 - a type numpy has no match for (bfloat16, strings)
+        return None
+    same_kind = (orig.kind == "f") == (mid.kind == "f") and orig.kind in "fiu" and mid.kind in "fiu"
+    return first.inputs[0] if back == orig and same_kind and np.can_cast(orig, mid, "safe") else None
 
 
 def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
@@ -321,6 +342,8 @@ def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
             src = round_trip_source(node)
         elif kind == "identity arithmetic":
             src = identity_operand(node)
+        elif kind == "cast round trip":
+            src = cast_round_trip_source(node)
         if dst.name in outputs:
             if src.name in outputs or isinstance(src, gs.Constant) or not src.inputs or src in graph.inputs:
                 report.skip(node.name, f"{kind} writes a graph output from a graph input or constant")
