@@ -196,6 +196,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
     except SlimError as exc:   # the model's inputs do not suit the calibration data: name the file
         raise naming_file(exc, src) from None
+    if opts.input_shape:
+        _require_runs_at(original, src, ctx, opts.input_shape)
     if opts.labels is not None and _eval_images(opts) is not None:
         _require_detections(original, src, ctx)
     result = PassManager(passes, ctx).run(original)
@@ -231,6 +233,18 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
         verify.session(model, optimize=False, threads=1)
     except VerificationError as exc:   # before graphsurgeon reads it (it printed 23,706 lines for one)
         raise ModelLoadError(f"{src or 'model'}: {exc}; the input model must load in onnxruntime") from None
+
+
+def _require_runs_at(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext, shape: Sequence[int]) -> None:
+    """A dynamic export may hold its export size in constants (a Concat of two grids): at another
+    ``--input-shape`` it does not run, and the first pass failed on it (exit 4, blamed)."""
+    try:
+        verify.run(verify.session(model, optimize=False, threads=1),
+                   verify.random_feeds(model, 1, 0, ctx.input_shapes)[0])
+    except VerificationError as exc:
+        size = ",".join(str(d) for d in shape)
+        raise UsageError(f"{src or 'model'}: does not run at --input-shape {size} ({exc}); its export size "
+                         "may be fixed inside the graph: export it at that size") from None
 
 
 def _require_detections(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext) -> None:

@@ -33,7 +33,7 @@ def session(model: onnx.ModelProto, *, optimize: Union[bool, str] = True, thread
     writes the graph onnxruntime runs to that path."""
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[optimize]
-    so.log_severity_level = 3
+    so.log_severity_level = 4   # fatal only: a failed run raises, said in one line by the caller
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

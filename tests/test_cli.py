@@ -799,3 +799,25 @@ def test_a_model_onnxruntime_will_not_load_is_refused_up_front(tmp_path: Path, b
     assert lines[0].endswith("the input model must load in onnxruntime") and not (tmp_path / "out.onnx").exists()
     r = CliRunner().invoke(main, ["inspect", str(src)])
     assert r.exit_code == 0 and "warning: onnxruntime cannot load the model" in r.output
+
+
+def test_an_input_shape_the_model_cannot_run_at_is_refused_up_front(tmp_path: Path):
+    """A dynamic export whose grids hold its export size (a Concat of two levels) failed the first
+    pass at another --input-shape (exit 4, canonicalize blamed, onnxruntime's log line first)."""
+    m = fixtures.build_yolov5_v6(opset=13)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    for i, name in ((2, "h"), (3, "w")):
+        dims[i].dim_param = name
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.shape.dim[1].dim_param = "rows"
+    src = tmp_path / "dyn.onnx"
+    onnx.save(m, str(src))
+    ok = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "a.onnx"), "--no-bench",
+                                   "--input-shape", "1,3,64,64"])
+    assert ok.exit_code == 0, ok.output
+    r = CliRunner().invoke(main, ["optimize", str(src), "-o", str(tmp_path / "b.onnx"), "--no-bench",
+                                  "--input-shape", "1,3,96,96"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0].startswith(f"error: {src}: does not run at --input-shape 1,3,96,96 (onnxruntime failed")
