@@ -163,6 +163,11 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
     text = "; ".join(f"{d.name}: max abs {d.max_abs:.3g}, cosine {d.cosine:.6f}, SQNR {d.sqnr_db:.1f} dB"
                      for d in diffs[:2])
     details = {"outputs": table, "min_cosine": min_cosine, "feeds": f"{len(feeds)} {feed_source}"}
+    if any(not np.isfinite(d.max_abs) for d in diffs):   # whose NaN: a broken reference is no yardstick
+        bad = _non_finite(reference, feeds)
+        if bad:
+            return failed(name, f"the reference's outputs are not finite ({bad}) on {len(feeds)} "
+                                f"{feed_source}: it cannot serve as a reference", **details)
     if floor_why:
         details["min_cosine_for"] = floor_why
     low = [d for d in diffs if not d.cosine >= min_cosine and d.role != "selected"]
@@ -174,6 +179,19 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
                       **details)
     floor = f"; floor {min_cosine}: {floor_why}" if floor_why else ""
     return passed(name, text + f" ({len(feeds)} {feed_source}{floor})", **details)
+
+
+def _non_finite(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> str:
+    """'NAME (N NaN/Inf), ...' of the outputs of ``model`` (optimizations off) that are not finite on
+    ``feeds``; empty when all are."""
+    sess = verify.session(model, optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    bad: Dict[str, int] = {}
+    for f in feeds:
+        for n, o in zip(names, verify.run(sess, f)):
+            if np.issubdtype(o.dtype, np.floating) and not np.all(np.isfinite(o)):
+                bad[n] = bad.get(n, 0) + int(o.size - np.count_nonzero(np.isfinite(o)))
+    return ", ".join(f"{k} {v} NaN/Inf" for k, v in bad.items())
 
 
 def check_latency(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Feeds, runs: int,

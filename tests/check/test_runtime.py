@@ -472,3 +472,17 @@ def test_a_cosine_just_below_its_floor_is_shown_below_it():
     """0.999974 against a floor of 1 read 'cosine 1.0000 below 1.0'."""
     assert numerics.below(0.999974, 1.0) == "0.99997" and numerics.below(0.98765, 0.99) == "0.9877"
     assert numerics.below(0.9999999999, 1.0) == "1.00000000"   # 8 decimals at most
+
+
+def test_a_reference_with_non_finite_outputs_is_named_as_the_culprit(yolo):
+    """A reference whose weights hold a NaN failed numerics as 'cosine -1.0000 ... below 0.99',
+    which reads as the candidate's fault."""
+    broken = copy(yolo)
+    conv = next(n for n in broken.graph.node if n.op_type == "Conv")
+    w = next(t for t in broken.graph.initializer if t.name == conv.input[1])
+    arr = numpy_helper.to_array(w).copy()
+    arr.flat[0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    r = numerics.check_numerics(yolo, broken, [feed(yolo)], 0.99, "seeded random inputs")
+    assert r.status == "fail" and r.message.startswith("the reference's outputs are not finite (output ")
+    assert "it cannot serve as a reference" in r.message
