@@ -235,7 +235,8 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
         raise ModelLoadError(f"{src or 'model'}: {exc}; the input model must load in onnxruntime") from None
 
 
-def _require_runs_at(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext, shape: Sequence[int]) -> None:
+def _require_runs_at(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext,
+                     shape: Sequence[int]) -> None:
     """A dynamic export may hold its export size in constants (a Concat of two grids): at another
     ``--input-shape`` it does not run, and the first pass failed on it (exit 4, blamed)."""
     try:

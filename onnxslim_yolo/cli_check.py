@@ -42,11 +42,13 @@ def render(report: CheckReport) -> str:
 @click.option("--reference", type=click.Path(dir_okay=False), help="The original model to compare against.")
 @click.option("--images", type=click.Path(exists=True),
               help="Image folder: numerics on real inputs, detection agreement.")
-@click.option("--labels", type=click.Path(exists=True), help="YOLO labels folder or COCO json: true mAP and its drop.")
+@click.option("--labels", type=click.Path(exists=True),
+              help="YOLO labels folder or COCO json: true mAP and its drop.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default="ort-cpu", show_default=True,
               help="Runtime the model is for: INT8 placement rules and the checks (openvino: run in it).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report as JSON.")
-@click.option("--max-drop", type=Number(min=0), default=1.0, show_default=True, help="mAP points the model may lose.")
+@click.option("--max-drop", type=Number(min=0), default=1.0, show_default=True,
+              help="mAP points the model may lose.")
 @click.option("--min-cosine", type=Number(-1, 1),
               help="Per-output cosine floor against the reference [default: 0.99; 0.9 for a quantized "
                    "model against a float one, or a pruned one, as optimize checks its own output].")

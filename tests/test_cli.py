@@ -155,8 +155,10 @@ def test_optimize_warns_when_the_result_runs_slower(model_file: Path, tmp_path: 
      "{t}/images/a.jpg: refusing to write the JSON report among the images (a folder read for such files)"),
     (["eval", "{m}", "--images", "{t}/images", "--labels", "{t}/labels", "--json", "{t}/labels/b.txt"],
      "{t}/labels/b.txt: refusing to write the JSON figures among the labels (a folder read for such files)"),
-    (["optimize", "{m}", "-o", "{t}/o.onnx", "--int8", "--calib", "{t}/images", "--report", "{t}/images/a.jpg"],
-     "{t}/images/a.jpg: refusing to write the report among the calibration data (a folder read for such files)"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--int8", "--calib", "{t}/images",
+      "--report", "{t}/images/a.jpg"],
+     "{t}/images/a.jpg: refusing to write the report among the calibration data "
+     "(a folder read for such files)"),
 ])
 def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file: Path, args, message):
     (tmp_path / "images").mkdir()
@@ -195,14 +197,16 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     (["check", "{m}", "--max-drop", "nan"], r"Invalid value for '--max-drop': 'nan' is not a number"),
     (["check", "{m}", "--min-agreement", "1.5"],
      r"Invalid value for '--min-agreement': 1.5 is not in the range 0<=x<=1"),
-    (["check", "{m}", "--min-agreement", "nan"], r"Invalid value for '--min-agreement': 'nan' is not a number"),
+    (["check", "{m}", "--min-agreement", "nan"],
+     r"Invalid value for '--min-agreement': 'nan' is not a number"),
     (["check", "{m}", "--min-cosine", "nan"], r"Invalid value for '--min-cosine': 'nan' is not a number"),
     (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--iou", "nan"],
      r"Invalid value for '--iou': 'nan' is not a number"),
     (["optimize", "{m}", "--int8", "--calib", "{t}", "--max-drop", "nan"],
      r"Invalid value for '--max-drop': 'nan' is not a number"),
     # a missing folder was put behind the model's path, as if the model were at fault
-    (["check", "{m}", "--images", "{t}/nope"], r"Invalid value for '--images': Path '{t}/nope' does not exist"),
+    (["check", "{m}", "--images", "{t}/nope"],
+     r"Invalid value for '--images': Path '{t}/nope' does not exist"),
 ])
 def test_a_bad_option_or_argument_is_one_line_too(tmp_path: Path, model_file: Path, args, message):
     """click printed its usage and a hint first (four lines); now one line, as every error."""
@@ -796,7 +800,8 @@ def test_a_model_onnxruntime_will_not_load_is_refused_up_front(tmp_path: Path, b
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert lines[0].startswith(f"error: {src}: onnxruntime cannot load the model") and message in lines[0]
-    assert lines[0].endswith("the input model must load in onnxruntime") and not (tmp_path / "out.onnx").exists()
+    assert lines[0].endswith("the input model must load in onnxruntime")
+    assert not (tmp_path / "out.onnx").exists()
     r = CliRunner().invoke(main, ["inspect", str(src)])
     assert r.exit_code == 0 and "warning: onnxruntime cannot load the model" in r.output
 

@@ -264,8 +264,8 @@ def run_checks(model: ModelLike, reference: Optional[ModelLike] = None, images: 
                                None if labels is None else str(labels), opts)
     if not isinstance(model, onnx.ModelProto) and isinstance(reference, (str, os.PathLike)) \
             and ir.same_file(model, reference):   # an easy slip in a CI script: every comparison passes
-        results = [warned(r.name, f"the reference is the model's own file ({reference}): every "
-                                  f"comparison with it passes; {r.message}", **r.details) if r.name == "reference.io" else r
+        same = f"the reference is the model's own file ({reference}): every comparison with it passes"
+        results = [warned(r.name, f"{same}; {r.message}", **r.details) if r.name == "reference.io" else r
                    for r in results]
     settings = {k: v for k, v in asdict(opts).items() if k not in ("extra", "progress")}
     settings.update(images=None if images is None else str(images),

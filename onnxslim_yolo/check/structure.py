@@ -204,7 +204,8 @@ def check_dangling_inputs(idx: GraphIndex) -> CheckResult:
     """Node inputs and graph outputs that nothing produces."""
     name = "structure.dangling_inputs"
     known = set(idx.inputs) | set(idx.inits) | set(idx.producer)
-    known |= {vi.name for vi in idx.model.graph.input} | {t.values.name for t in idx.model.graph.sparse_initializer}
+    g = idx.model.graph
+    known |= {vi.name for vi in g.input} | {t.values.name for t in g.sparse_initializer}
     dangling = [f"{idx.label(i)} input '{t}'" for i, n in enumerate(idx.nodes) for t in n.input
                 if t and t not in known]
     dangling += [f"graph output '{o}'" for o in idx.outputs if o not in known]

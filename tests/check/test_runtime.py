@@ -149,7 +149,8 @@ def test_a_float16_interface_against_its_float_reference_is_compared(yolo, image
     io = numerics.check_io(half, yolo, None)
     assert io.status == "warn" and io.message.startswith("another float type: input 'images' float16")
     assert len(io.details["retyped"]) == 2   # the input and the output
-    rep = run_checks(half, reference=yolo, images=str(images), labels=str(labels), latency=True, latency_runs=2)
+    rep = run_checks(half, reference=yolo, images=str(images), labels=str(labels), latency=True,
+                     latency_runs=2)
     st = {r.name: r.status for r in rep.results}
     assert st["reference.numerics"] == "pass" and st["accuracy.agreement"] == "pass", rep.results
     assert st["accuracy.map_drop"] == "pass" and st["latency"] in ("pass", "warn") and rep.ok
@@ -212,7 +213,8 @@ def test_numerics_compare_the_decoded_class_scores_too(yolo):
     r = numerics.check_numerics(m, yolo, feeds, 0.99, "seeded random inputs")
     rows = {o["name"]: o for o in r.details["outputs"]}
     assert rows[out]["cosine"] > 0.99 and rows["class scores"]["cosine"] < 0.9
-    assert r.status == "fail" and r.message.startswith("cosine") and "of output 'class scores' below 0.99" in r.message
+    assert r.status == "fail" and r.message.startswith("cosine")
+    assert "of output 'class scores' below 0.99" in r.message
     same = numerics.check_numerics(yolo, yolo, feeds, 0.99, "seeded random inputs")
     assert same.status == "pass" and [o["name"] for o in same.details["outputs"]] == [out, "class scores"]
 
