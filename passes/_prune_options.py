@@ -76,6 +76,13 @@ def _ratio(value: Any, what: str, allow_zero: bool = False) -> float:
     return r
 
 
+def _bool(value: Any, what: str) -> bool:
+    """True or False (numpy's too); anything else is a UsageError ("false" read as True before)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise UsageError(f"{NAME}: {what} must be true or false, got {value!r}")
+
+
 def _typed(opts: Mapping[str, Any]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     defaults = PruneOptions(None, {})
@@ -90,10 +97,12 @@ def _typed(opts: Mapping[str, Any]) -> Dict[str, Any]:
             out[k] = float(v)
         except (TypeError, ValueError):
             raise UsageError(f"{NAME}: {k} must be a number, got {v!r}") from None
+        if not out[k] >= 0 or out[k] == float("inf"):   # NaN too: a NaN ridge broke the refit (exit 4)
+            raise UsageError(f"{NAME}: {k} must be a finite number >= 0, got {v!r}")
     if not out["refit_memory"] > 0:
         raise UsageError(f"{NAME}: refit_memory must be a positive number of GB, got {out['refit_memory']!r}")
     for k in BOOLS:
-        out[k] = bool(opts.get(k, getattr(defaults, k)))
+        out[k] = _bool(opts.get(k, getattr(defaults, k)), k)
     for k, allowed in CHOICES.items():
         v = str(opts.get(k, getattr(defaults, k)))
         if v not in allowed:
@@ -118,13 +127,14 @@ def parse_options(opts: Mapping[str, Any], has_calib: bool) -> PruneOptions:
         raise UsageError(f"{NAME}: unknown criterion '{criterion}'; choose one of {', '.join(CRITERIA)}")
     if criterion == "activation" and not has_calib:
         raise UsageError(f"{NAME}: criterion 'activation' needs calibration images (--calib)")
-    reconstruct = bool(opts.get("reconstruct", has_calib))
+    reconstruct = _bool(opts.get("reconstruct", has_calib), "reconstruct")
     if reconstruct and not has_calib:
         raise UsageError(f"{NAME}: reconstruct needs calibration images (--calib)")
     protect = opts.get("protect") or ()
     protect = (protect,) if isinstance(protect, str) else tuple(str(p) for p in protect)
     return PruneOptions(
         ratio=ratio, per_layer=per_layer, protect=protect, criterion=criterion, reconstruct=reconstruct,
-        fold_mean=bool(opts.get("fold_mean", has_calib)) and has_calib, kept_json=opts.get("kept_json"),
+        fold_mean=_bool(opts.get("fold_mean", has_calib), "fold_mean") and has_calib,
+        kept_json=opts.get("kept_json"),
         max_layer_ratio=_ratio(opts.get("max_layer_ratio", 0.75), "max_layer_ratio"),
-        progress=None if opts.get("progress") is None else bool(opts["progress"]), **_typed(opts))
+        progress=None if opts.get("progress") is None else _bool(opts["progress"], "progress"), **_typed(opts))

@@ -617,6 +617,14 @@ def test_other_bad_options():
         run(graphs.concat_graph(), ratio=0.2, bogus=1)
     with pytest.raises(UsageError, match="refit_memory must be a positive number of GB, got 0.0"):
         run(graphs.concat_graph(), ratio=0.2, refit_memory=0)
+    # a NaN ridge broke the refit (exit 4, 'cosine -1.0000'); a negative one ran (cosine 0.62);
+    # "false" read as True, and reconstruct "no" said it needed calibration images
+    for k, v in (("refit_ridge", float("nan")), ("ridge", -1.0), ("dead_tol", float("inf"))):
+        with pytest.raises(UsageError, match=f"{k} must be a finite number >= 0, got"):
+            run(graphs.concat_graph(), ratio=0.2, **{k: v})
+    for k in ("sequential", "reconstruct", "readers"):
+        with pytest.raises(UsageError, match=f"{k} must be true or false, got 'false'"):
+            run(graphs.concat_graph(), ratio=0.2, **{k: "false"})
 
 
 def test_registered_and_off_by_default():
