@@ -158,6 +158,8 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
         calib = load_calibration(opts.calib, model, preset=opts.preprocess, limit=opts.calib_limit,
                                  input_shape=opts.input_shape, progress=opts.progress)
     options: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in opts.pass_options.items()}
+    # written by optimize beside the model it describes, not by the pass before its contract is proven
+    options.get("prune-channels", {}).pop("kept_json", None)
     if opts.prune is not None:
         options.setdefault("prune-channels", {})["ratio"] = opts.prune
     if not opts.progress:  # --quiet reaches the passes' own bars too
@@ -206,7 +208,20 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     out_path = None
     if output is not None:
         out_path = ir.save(result.model, output, protect=[src] if src else [])
+    _write_kept_channels(opts, result)
     return OptimizeResult(result.model, result, summary, out_path, checks)
+
+
+def _write_kept_channels(opts: OptimizeOptions, result: PipelineResult) -> None:
+    """The kept channels of the pruned model written (``--kept-json``): only once the pipeline
+    has passed its contracts, beside the model it describes. The pass wrote them before its
+    contract was checked, so a failed run (no model written) replaced a good pair's JSON."""
+    from .passes import _prune_report
+
+    path = opts.pass_options.get("prune-channels", {}).get("kept_json")
+    rec = next((r for r in result.records if r.name == "prune-channels" and r.modified), None)
+    if path and rec is not None:
+        _prune_report.write_json(Path(path), rec.report["details"])
 
 
 def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:

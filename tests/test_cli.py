@@ -599,6 +599,13 @@ def test_optimize_prune_writes_kept_channels_json(model_file: Path, tmp_path: Pa
     for node in pruned.graph.node:
         if node.name in shrunk:
             assert inits[node.input[1]].dims[0] == len(shrunk[node.name]["kept_out"])
+    # a run that fails its contract writes no model, and so no JSON: the pass wrote it first, and
+    # the pair on disk no longer matched (filter L1 without calibration breaks the lossy floor here)
+    before = kept.read_bytes()
+    r = invoke("optimize", model_file, "--prune", "0.5", "--round-to", "1", "--no-bench", "--quiet",
+               "--kept-json", kept, "-o", tmp_path / "failed.onnx")
+    assert r.exit_code == 4 and "below the lossy floor" in r.output, r.output
+    assert kept.read_bytes() == before and not (tmp_path / "failed.onnx").exists()
 
 
 @pytest.mark.parametrize("extra, expect", [
