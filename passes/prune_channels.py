@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -102,6 +102,10 @@ class PruneChannels(Pass):
         if not analysis.prunable_groups():
             raise nothing_prunable(analysis)
         feeds = activations.calib_batches(ctx.calib_inputs, opts.calib_images) if ctx.calib_inputs else []
+        samples = sum(int(next(iter(f.values())).shape[0]) for f in feeds if f)
+        warn = _data_warning(ctx.opts(self.name), samples, opts)
+        if warn:
+            log.warning("%s", warn)
         stats = _stats(model, analysis, feeds, opts) if feeds else None
         scores = imp.compute_importance(analysis, model, opts.criterion, stats, bn_by_var=opts.bn_by_var,
                                         relative=opts.relative, dead_tol=opts.dead_tol)
@@ -141,6 +145,18 @@ class PruneChannels(Pass):
         if opts.kept_json:
             _prune_report.write_json(Path(opts.kept_json), report.details)
         return PassResult(pruned, True, report)
+
+
+def _data_warning(given: Mapping[str, Any], samples: int, opts: PruneOptions) -> Optional[str]:
+    """What to say when the data leaves the pruning blind: no calibration at all (filter L1, no
+    refit: yolov5n loses every mAP point at 10%), or fewer images than the probe set."""
+    if not samples and "criterion" not in given:
+        return (f"{NAME}: no calibration images, so channels are chosen by filter L1 and nothing is refit; "
+                "expect most of the accuracy to go (yolov5n at 10%: mAP 0.357 -> 0.000); pass --calib IMAGES")
+    if 0 < samples < opts.sens_images:
+        return (f"{NAME}: {samples} calibration image(s), fewer than the {opts.sens_images} the channel "
+                "choice probes: the choice and the refit rest on little data")
+    return None
 
 
 def _show(opts: PruneOptions) -> bool:
