@@ -110,10 +110,17 @@ def pipeline_names(opts: OptimizeOptions, model: Optional[onnx.ModelProto] = Non
     get ``upcast-float16`` first, and pruning alone ``restore-float16`` last (unless skipped)."""
     from .passes.upcast_float16 import float16_tensors, schedule
 
+    from .registry import all_passes
+
+    unknown = sorted(set(opts.pass_options) - set(all_passes()))
+    if unknown:   # a misspelled pass name ("prune_channels") was ignored
+        raise UsageError(f"pass_options name no pass {', '.join(repr(u) for u in unknown)}; the passes are "
+                         f"{', '.join(sorted(all_passes()))}")
     extra: List[str] = []
     if opts.int8:
         extra.append("insert-qdq")
-    if opts.prune is not None:
+    # per-layer ratios ask for pruning as a ratio does (they were ignored without prune= or passes=)
+    if opts.prune is not None or opts.pass_options.get("prune-channels", {}).get("per_layer"):
         extra.append("prune-channels")
     if opts.passes:
         names = list(opts.passes) + [e for e in extra if e not in opts.passes]
@@ -357,7 +364,8 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
     s = {"before": model_stats(before, shapes).to_dict(), "after": model_stats(after, shapes).to_dict()}
     # real inputs when there are some: on noise a pruned model looked far off (0.85, where the pass
     # and the checks, on the calibration data, said 0.99)
-    feeds = list(ctx.calib_inputs[:2]) if ctx.calib_inputs else verify.random_feeds(before, 2, ctx.seed, shapes)
+    feeds = list(ctx.calib_inputs[:2]) if ctx.calib_inputs else \
+        verify.random_feeds(before, 2, ctx.seed, shapes)
     s["outputs"] = [d.as_dict() for d in verify.compare_models(before, after, feeds)]
     if opts.bench:
         from .latency import interleaved_latency

@@ -183,6 +183,11 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         qdq["calib_table"] = calib_table
     if max_drop is not None:
         qdq["max_drop"] = max_drop
+    pruning = prune is not None or "prune-channels" in _csv(passes)
+    unused = [flag for flag, given in (("--kept-json", kept_json), ("--protect", protect),
+                                       ("--round-to", round_to != 8)) if given]
+    if unused and not pruning:   # they were ignored, with exit 0
+        raise UsageError(f"{', '.join(unused)} only apply to pruning: add --prune RATIO")
     prune_opts: Dict[str, Any] = {"round_to": round_to}
     if protect:
         prune_opts["protect"] = list(protect)

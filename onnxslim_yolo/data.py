@@ -123,6 +123,8 @@ def list_images(folder: PathLike) -> List[Path]:
     nested = sum(1 for d in p.iterdir() if d.is_dir() for f in d.rglob("*") if _is_image(f))
     if not files:
         more = f"; {nested} are in its sub-folders, which are not read: pass one of them" if nested else ""
+        if not nested and any(f.suffix.lower() in ARRAY_SUFFIXES for f in p.iterdir()):
+            more = "; input arrays are read from one .npy or .npz file, not a folder of them"
         raise UsageError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}){more}")
     _LOOKED.add(p.resolve())
     if nested:

@@ -205,6 +205,9 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     (["optimize", "{m}", "--int8", "--calib", "{t}", "--max-drop", "nan"],
      r"Invalid value for '--max-drop': 'nan' is not a number"),
     # a missing folder was put behind the model's path, as if the model were at fault
+    # pruning options without pruning were ignored, with exit 0
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--kept-json", "{t}/k.json", "--round-to", "4"],
+     r"--kept-json, --round-to only apply to pruning: add --prune RATIO"),
     (["check", "{m}", "--images", "{t}/nope"],
      r"Invalid value for '--images': Path '{t}/nope' does not exist"),
 ])
@@ -853,3 +856,19 @@ def test_calibration_arrays_are_what_optimize_checks_the_result_on(model_file: P
     doc = json.loads(report.read_text())
     num = next(c for c in doc["checks"]["checks"] if c["name"] == "reference.numerics")
     assert num["details"]["feeds"] == "2 calibration arrays"
+
+
+def test_pass_options_name_real_passes_and_per_layer_ratios_prune(model_file: Path):
+    """A misspelled pass in pass_options was ignored; per-layer ratios without prune= never ran."""
+    from onnxslim_yolo.api import optimize
+    from onnxslim_yolo.pass_base import UsageError
+
+    with pytest.raises(UsageError, match=r"pass_options name no pass 'prune_channels'; the passes are .*"
+                                         r"prune-channels"):
+        optimize(str(model_file), pass_options={"prune_channels": {"round_to": 1}}, bench=False, check=False)
+    _, images, _ = fixtures.demo_paths()
+    per_layer = {"per_layer": {"model.2/m.0/cv1/Conv": 0.5}, "round_to": 1}
+    res = optimize(str(model_file), pass_options={"prune-channels": per_layer}, calib=str(images),
+                   bench=False, check=False, progress=False)
+    rec = next(r for r in res.pipeline.records if r.name == "prune-channels")
+    assert rec.modified and res.summary["after"]["macs"] < res.summary["before"]["macs"]

@@ -207,6 +207,12 @@ def test_list_images_errors_name_the_folder(tmp_path: Path):
         data.list_images(tmp_path / "missing")
     with pytest.raises(UsageError, match="no images found"):
         data.list_images(tmp_path)
+    arrays = tmp_path / "arrays"
+    arrays.mkdir()
+    np.save(arrays / "a.npy", np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(UsageError, match=r"no images found .*; input arrays are read from one \.npy or "
+                                         r"\.npz file"):
+        data.list_images(arrays)
     f = tmp_path / "x.jpg"
     f.write_bytes(b"x")
     with pytest.raises(UsageError, match="not a folder"):

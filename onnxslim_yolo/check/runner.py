@@ -248,7 +248,8 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     if ref is None:
         out.append(skipped("latency", "no reference model to compare with"))
     elif not opts.latency:
-        out.append(skipped("latency", "disabled (--no-latency)"))
+        out.append(skipped("latency", "not timed here (check --no-latency; optimize times both models in its "
+                                      "summary)"))
     else:
         out.append(_guard("latency",
                           lambda: numerics.check_latency(model, ref, feed, opts.latency_runs, opts.threads,
