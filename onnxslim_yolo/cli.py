@@ -141,7 +141,7 @@ def main(verbose: int) -> None:
               "measured mAP loss (points) is within this.")
 @click.option("--prune", type=float, help="Channel pruning: target fraction of multiply-adds removed.")
 @click.option("--round-to", type=int, default=8, show_default=True,
-              help="Pruned channel counts multiple of N.")
+              help="Pruned channel counts multiple of N (a layer no wider than N is kept whole).")
 @click.option("--protect", multiple=True, help="Node name or pattern never pruned (repeatable).")
 @click.option("--kept-json", type=click.Path(dir_okay=False),
               help="Pruning: write the kept channel indices per layer here (to fine-tune the same shape).")

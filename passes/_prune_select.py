@@ -37,9 +37,11 @@ class Selection:
 
 
 def allowed_counts(n: int, round_to: int, min_channels: int) -> List[int]:
-    """Kept-channel counts a layer of ``n`` channels may shrink to, largest first (n excluded)."""
+    """Kept-channel counts a layer of ``n`` channels may shrink to, largest first (n excluded):
+    multiples of ``round_to``, so none for a layer no wider than it (kept whole: it had any count,
+    so --round-to 32 left 13, 27 and 31 channels)."""
     floor = max(1, min_channels)
-    if round_to > 1 and n > round_to:
+    if round_to > 1:
         floor = max(floor, round_to)
         first = (n - 1) // round_to * round_to
         return [k for k in range(first, floor - 1, -round_to) if k >= floor]

@@ -354,7 +354,7 @@ def test_fixture_families_prune_exactly_before_and_after_bn_folding(family, bn):
 def test_activation_criterion_with_least_squares_on_calibration_data(family):
     model = FAMILIES[family](bn=family == "yolov8")
     calib = verify.random_feeds(model, 3, 0)
-    res = run(model, calib, ratio=0.15, sens_images=2, samples=512)
+    res = run(model, calib, ratio=0.15, sens_images=2, samples=512, round_to=1)   # 8-wide layers
     d = res.report.details
     onnx.checker.check_model(res.model, full_check=True)
     assert d["criterion"] == "activation" and d["cost"] == "measured" and d["reconstruct"]
@@ -380,11 +380,11 @@ def test_segment_pose_and_obb_exports_prune_exactly_and_are_measured_on_detectio
         bn=bn, num_classes=classes)
     if task.endswith("e2e"):
         model = append_topk(model, classes, corners=kind != "obb")
-    res = run(model, ratio=0.2, **EXACT)
+    res = run(model, ratio=0.2, round_to=1, **EXACT)
     assert res.report.details["mac_reduction"] >= 0.2
     assert_exact(model, res.model, res.report.details)
     calib = verify.random_feeds(model, 3, 0)
-    d = run(model, calib, ratio=0.15, sens_images=2, samples=512).report.details
+    d = run(model, calib, ratio=0.15, sens_images=2, samples=512, round_to=1).report.details
     assert d["cost"] == "measured" and d["metric"] == "detections" and d["mac_reduction"] >= 0.15
 
 
@@ -405,7 +405,7 @@ def test_refit_memory_caps_the_rows_of_the_widest_refits_only():
     theirs): the same model as asking for that many rows, and a note says what was cut."""
     model = FAMILIES["yolov8"](bn=True, img=256)    # P3 has more positions than the capped rows
     calib = verify.random_feeds(model, 4, 0)
-    common = dict(ratio=0.05, sens_images=1, samples=256)
+    common = dict(ratio=0.05, sens_images=1, samples=256, round_to=1)
     capped = run(model, calib, refit_memory=1e-9, **common)
     notes = [n for n in capped.report.details["notes"] if n.startswith("refit: ")]
     assert len(notes) == 1, capped.report.details["notes"]
@@ -658,7 +658,7 @@ def test_yolov5n_pruned_by_l1_equals_the_zeroed_original(which, yolov5n_path, yo
 def test_sweep_cost_measures_non_decreasing_per_layer_curves(capsys):
     model = FAMILIES["yolov8"](bn=True)
     calib = verify.random_feeds(model, 3, 0)
-    res = run(model, calib, ratio=0.15, cost="sweep", sweep_images=2, samples=512, progress=True)
+    res = run(model, calib, ratio=0.15, cost="sweep", sweep_images=2, samples=512, progress=True, round_to=1)
     d = res.report.details
     bar = re.search(r"sensitivity sweep: layers:\s+0%.*?\| 0/(\d+) ", capsys.readouterr().err)
     assert bar and int(bar.group(1)) >= len(d["curves"]) > 0    # total: the layers that can shrink
@@ -769,7 +769,7 @@ def test_lsq_cost_with_and_without_gains_prunes_to_the_target(gains):
     """The lsq cost keeps the moment matrices for its gains only (memory counted for that)."""
     model = FAMILIES["yolov8"](bn=True)
     res = run(model, verify.random_feeds(model, 2, 0), ratio=0.1, cost="lsq", gains=gains, sens_images=1,
-              samples=256)
+              round_to=1, samples=256)
     d = res.report.details
     assert d["cost"] == "lsq" and 0.1 <= d["mac_reduction"] < 0.15 and d["refit"]
     assert any(v != 1.0 for v in d["gains"].values()) == gains     # measured, or all 1 without
