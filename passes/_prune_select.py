@@ -233,6 +233,10 @@ def _per_layer(layers: List[Layer], per_layer: Mapping[str, float], model, macs:
             layer = layers[i]
             n = len(layer.groups)
             kept = min([n] + layer.counts, key=lambda k: (abs(k - n * (1.0 - frac)), -k))
+            asked = n * (1.0 - frac)
+            if abs(kept - asked) >= 1.0:   # a ratio of 0.9 kept 8 of 32 without a word
+                sel.notes.append(f"per-layer '{pattern}': {layer.label} keeps {kept} of {n} channels, the "
+                                 f"allowed count nearest the {asked:.1f} asked (--round-to, min_channels)")
             if kept < n:
                 unit, _ = model.unit(layer, n - kept)
                 saved += _remove(layer, unit, model, macs, sel, layers)

@@ -788,3 +788,17 @@ def test_pruning_blind_or_on_few_images_warns(caplog):
     assert not [r for r in caplog.records if "calibration" in r.getMessage()]
     run(model, verify.random_feeds(model, 3, 0), ratio=0.2, round_to=1)
     assert any("3 calibration image(s), fewer than the 8" in r.getMessage() for r in caplog.records)
+
+
+def test_a_per_layer_ratio_that_rounding_moves_says_so():
+    """b (6 channels) asked to lose half keeps 3 at round_to 1, as asked; asked to lose 90% at
+    round_to 4 it keeps 4, the only multiple of 4 below 6: the count kept differs from the 0.6
+    asked, and a note says so (a ratio of 0.9 kept 8 of 32 in silence)."""
+    model = graphs.concat_graph()
+    fine = run(model, per_layer={"b": 0.5}, round_to=1, **EXACT).report.details
+    assert fine["layers"]["b"]["out_channels"] == [6, 3]
+    assert not [n for n in fine["notes"] if n.startswith("per-layer")]
+    coarse = run(model, per_layer={"b": 0.9}, round_to=4, **EXACT).report.details
+    assert coarse["layers"]["b"]["out_channels"] == [6, 4]
+    assert "per-layer 'b': b keeps 4 of 6 channels, the allowed count nearest the 0.6 asked" in \
+        " ".join(coarse["notes"])
