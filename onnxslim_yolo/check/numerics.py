@@ -3,7 +3,7 @@ stay close to the reference's (max abs, cosine, SQNR), and its latency against t
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -91,17 +91,20 @@ def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
             continue
         for n in a[kind]:
             (gt, gd), (wt, wd) = a[kind][n], b[kind][n]
-            if a[kind][n] == b[kind][n] or (gt == wt and None in (gd, wd)):
+            if a[kind][n] == b[kind][n]:
                 continue
             text = f"{kind[:-1]} '{n}' {gt} {gd if gd is not None else 'of any shape'}"
             ref = f"reference {wt} {wd if wd is not None else 'of any shape'}"
-            if gt != wt and {gt, wt} <= FLOAT_TYPES and (gd == wd or None in (gd, wd)):
-                fixed["retyped"].append(f"{text} (the {ref})")
-            elif None in (gd, wd):
+            if gt != wt and not {gt, wt} <= FLOAT_TYPES:
                 diffs.append(f"{text} != {ref}")
-            elif _specializes(a[kind][n], b[kind][n]):
+                continue
+            if gt != wt:   # a float16 export of a float32 model, its dims compared as well below
+                fixed["retyped"].append(f"{text} (the {ref})")
+            if gd == wd or None in (gd, wd):
+                continue
+            if _specializes((wt, gd), (wt, wd)):
                 fixed[kind].append(f"{text} (the {ref})")
-            elif _specializes(b[kind][n], a[kind][n]):
+            elif _specializes((wt, wd), (wt, gd)):
                 fixed["freed"].append(f"{text} (the {ref})")
             else:
                 diffs.append(f"{text} != {ref}")
@@ -112,33 +115,36 @@ def io_differences(model: onnx.ModelProto, reference: onnx.ModelProto,
     return diffs, fixed
 
 
+def _first(items: Sequence[str], n: int = 1) -> str:
+    """The first ``n`` items joined, and how many more there are."""
+    return "; ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
 def check_io(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Optional[Feeds],
              shape_given: bool = False) -> CheckResult:
     """Names, types and shapes equal the reference's. Dims the reference leaves symbolic and the
     model fixes pass when the user fixed the input shape (``shape_given``) or only outputs have
-    them (shape inference resolved them); fixed input dims warn."""
+    them (shape inference resolved them); fixed input dims warn. Dims the model leaves symbolic
+    where the reference fixes them, and another float type (float16 for float32), warn: the
+    comparisons run at the reference's shape, each model fed and read in its own type."""
     name = "reference.io"
     try:
         diffs, by_kind = io_differences(model, reference, feeds)
     except SlimError as exc:
         return failed(name, f"cannot compare run-time shapes: {exc}")
     if diffs:
-        return failed(name, "; ".join(diffs[:2]) + (f" (+{len(diffs) - 2} more)" if len(diffs) > 2 else ""),
-                      differences=diffs)
+        return failed(name, _first(diffs, 2), differences=diffs)
     io = _io(model)
     fixed = by_kind["inputs"] + by_kind["outputs"]
     freed, retyped = by_kind["freed"], by_kind["retyped"]
     if freed or retyped:
-        said = [f"symbolic dims the reference fixes: {freed[0]}" + (
-            f" (+{len(freed) - 1} more)" if len(freed) > 1 else "") + "; compared at the reference's shape"] \
+        said = [f"symbolic dims the reference fixes: {_first(freed)}; compared at the reference's shape"] \
             if freed else []
-        said += [f"another float type: {retyped[0]}" + (f" (+{len(retyped) - 1} more)" if len(retyped) > 1
-                                                        else "") + "; each model fed and read in its own"] \
+        said += [f"another float type: {_first(retyped)}; each model fed and read in its own"] \
             if retyped else []
         return warned(name, "; ".join(said), freed=freed, retyped=retyped, fixed=fixed, **io)
     if fixed:
-        text = f"fixed dims the reference leaves symbolic: {fixed[0]}" + (
-            f" (+{len(fixed) - 1} more)" if len(fixed) > 1 else "")
+        text = f"fixed dims the reference leaves symbolic: {_first(fixed)}"
         if shape_given:
             return passed(name, f"as the input shape given, {text}", fixed=fixed, **io)
         if by_kind["inputs"]:
@@ -155,7 +161,7 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
     try:
         diffs = verify.compare_models(reference, model, feeds, noise_floor=False)
         if not any(d.role == "selected" for d in diffs):   # rows after an NMS: compared as candidates
-            scores = class_scores_diff(reference, feeds, verify.session(model), optimize=False)
+            scores = class_scores_diff(reference, feeds, lambda: verify.session(model), optimize=False)
             diffs += [scores] if scores is not None else []
     except SlimError as exc:
         return failed(name, str(exc))
@@ -230,34 +236,40 @@ def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int
     return verify.random_feeds(model, n, seed, shapes)
 
 
-def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds], other,
+def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds], other: Callable[[], Any],
                       optimize: bool = True) -> Optional[verify.OutputDiff]:
     """The decoded class scores of ``model`` in onnxruntime (``optimize``: with its graph
-    optimizations) against those from session ``other`` (the same outputs, read as ``model``'s),
-    the feed with the lowest cosine, when the outputs are candidate rows
-    (:data:`..eval.decode.ROW_FORMATS`); None otherwise. ``other`` may return extra outputs after
-    the model's own (ignored). A decoded output's box pixels (up to the input size) outweigh its
-    scores (0-1) in one cosine: a head whose objectness is gone, or whose classes are swapped,
-    kept a cosine of 1.0000 over the whole output."""
-    from ..data import model_input
+    optimizations) against those from the session ``other()`` makes (the same outputs, read as
+    ``model``'s), the feed with the lowest cosine, when the outputs are candidate rows
+    (:data:`..eval.decode.ROW_FORMATS`); None otherwise. ``other``'s session may return extra
+    outputs after the model's own (ignored); it is made once ``model``'s is gone, so that one
+    large model's weights are held at a time. A decoded output's box pixels (up to the input size)
+    outweigh its scores (0-1) in one cosine: a head whose objectness is gone, or whose classes
+    are swapped, kept a cosine of 1.0000 over the whole output."""
+    from ..data import feed_hw, model_input
     from ..eval.anchors import OutputReader
     from ..eval.decode import ROW_FORMATS, decode_rows, outputs_format
 
     worst: Optional[verify.OutputDiff] = None
     try:
-        hw = model_input(model)[1][1:]
-        sess, read = verify.session(model, optimize=optimize), OutputReader(model)
-        for feed in feeds:
-            ref = verify.run(sess, feed)
-            new = verify.run(other, feed)[:len(ref)]
-            fmt = outputs_format(model, ref, hw)
-            if fmt not in ROW_FORMATS:
-                return None
-            d = verify.diff("class scores", decode_rows(read(ref, hw), fmt, hw)[1],
-                            decode_rows(read(new, hw), fmt, hw)[1])
+        name, read = model_input(model)[0], OutputReader(model)
+        sizes = [feed_hw(f[name]) for f in feeds]   # each feed's own size (a dynamic model's too)
+        sess = verify.session(model, optimize=optimize)
+        outs = [verify.run(sess, f) for f in feeds]
+        del sess
+        fmt = outputs_format(model, outs[0], sizes[0])
+        if fmt not in ROW_FORMATS:
+            return None
+        refs = [decode_rows(read(o, hw), fmt, hw)[1] for o, hw in zip(outs, sizes)]
+        n_out = len(outs[0])
+        del outs
+        session = other()
+        for feed, hw, a in zip(feeds, sizes, refs):
+            new = decode_rows(read(verify.run(session, feed)[:n_out], hw), fmt, hw)[1]
+            d = verify.diff("class scores", a, new)
             if worst is None or not d.cosine >= worst.cosine:
                 worst = d
-    except (SlimError, ValueError, IndexError):
+    except (SlimError, ValueError, IndexError, KeyError):
         return None
     return worst
 
@@ -285,7 +297,7 @@ def check_openvino(model: onnx.ModelProto, feeds: Sequence[Feeds], min_cosine: f
     where = f"OpenVINO {openvino_rt.version()} CPU ({sessions[0].precision} inference precision)"
     # rows picked by a TopK / NMS may come in another order: their candidates were compared instead
     selected = any(d.role == "selected" for d in diffs)
-    scores = None if selected else class_scores_diff(model, feeds, sessions[0])
+    scores = None if selected else class_scores_diff(model, feeds, lambda: sessions[0])
     if scores is not None:
         diffs = list(diffs) + [scores]
     table = [d.as_dict() for d in diffs]
