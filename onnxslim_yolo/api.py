@@ -198,7 +198,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
             re.fullmatch(r"\d\d_.+\.onnx", src.name):   # a dump is NN_PASS.onnx: it could be the input
         raise UsageError(f"{opts.dump_dir}: --dump-dir holds the input model {src.name}, which a dump "
                          "could overwrite; choose another folder")
-    _refuse_unrunnable(original, src)
+    loaded = _refuse_unrunnable(original, src)
     names = pipeline_names(opts, original)
     passes = build_passes(names)
     try:
@@ -206,7 +206,9 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     except SlimError as exc:   # the model's inputs do not suit the calibration data: name the file
         raise naming_file(exc, src) from None
     if opts.input_shape:
-        _require_runs_at(original, src, ctx, opts.input_shape)
+        _require_runs_at(loaded or verify.session(original, optimize=False, threads=1), src, ctx, original,
+                         opts.input_shape)
+    del loaded
     if opts.labels is not None and _eval_images(opts) is not None:
         _require_detections(original, src, ctx)
     result = PassManager(passes, ctx).run(original)
@@ -231,12 +233,13 @@ def _write_kept_channels(opts: OptimizeOptions, result: PipelineResult) -> None:
         _prune_report.write_json(Path(path), rec.report["details"])
 
 
-def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
+def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> Optional[Any]:
     """Every pass is verified in onnxruntime: a graph it cannot run is refused up front, with the
     node named, rather than failing the first pass with onnxruntime's or the checker's words (cut
     short at an unnamed node): no outputs, a node reading a tensor nothing defines, a node it has
     no kernel for (a TensorRT NMS plugin from an end-to-end export, an op no ONNX opset has), and
-    any other graph onnxruntime will not load."""
+    any other graph onnxruntime will not load. Returns the session that proved it loads (None for
+    a model over 2 GB, not loaded here: that writes it to a temporary file again)."""
     g = model.graph
     if not g.output:
         raise UsageError(f"{src or 'model'}: the graph has no outputs; nothing to optimize or check")
@@ -251,19 +254,21 @@ def _refuse_unrunnable(model: onnx.ModelProto, src: Optional[Path]) -> None:
     if foreign:
         hint = " (e.g. without the TensorRT NMS plugin)" if "onnxruntime cannot run" in foreign else ""
         raise PreconditionError(f"{src or 'model'}: {foreign}; export the model without it{hint}")
+    if ir.model_size(model) > ir.PROTO_LIMIT:
+        return None
     try:   # duplicate node names, an IR version too new, stale value_info: onnxruntime says which
-        verify.session(model, optimize=False, threads=1)
+        return verify.session(model, optimize=False, threads=1)
     except VerificationError as exc:   # before graphsurgeon reads it (it printed 23,706 lines for one)
         raise ModelLoadError(f"{src or 'model'}: {exc}; the input model must load in onnxruntime") from None
 
 
-def _require_runs_at(model: onnx.ModelProto, src: Optional[Path], ctx: PassContext,
+def _require_runs_at(sess: Any, src: Optional[Path], ctx: PassContext, model: onnx.ModelProto,
                      shape: Sequence[int]) -> None:
     """A dynamic export may hold its export size in constants (a Concat of two grids): at another
-    ``--input-shape`` it does not run, and the first pass failed on it (exit 4, blamed)."""
+    ``--input-shape`` it does not run, and the first pass failed on it (exit 4, blamed). ``sess``
+    runs ``model``."""
     try:
-        verify.run(verify.session(model, optimize=False, threads=1),
-                   verify.random_feeds(model, 1, 0, ctx.input_shapes)[0])
+        verify.run(sess, verify.random_feeds(model, 1, 0, ctx.input_shapes)[0])
     except VerificationError as exc:
         size = ",".join(str(d) for d in shape)
         raise UsageError(f"{src or 'model'}: does not run at --input-shape {size} ({exc}); its export size "

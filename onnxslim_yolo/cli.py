@@ -266,8 +266,11 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
         stats["unknown_ops"] = foreign
         click.echo(f"warning: {verify.custom_op_summary(foreign)}; shapes after it are unknown, "
                    "so MACs may be under-counted")
-    else:
-        try:   # figures of a graph onnxruntime refuses (duplicate node names, stale shapes) mislead
+    # figures of a graph onnxruntime refuses (duplicate node names, stale shapes) mislead; one over
+    # 2 GB is not loaded here (that writes it to a temporary file again): None
+    stats["loads_in_onnxruntime"] = None if ir.model_size(m) > ir.PROTO_LIMIT else not foreign
+    if stats["loads_in_onnxruntime"]:
+        try:
             verify.session(m, optimize=False, threads=1)
         except SlimError as exc:
             stats["loads_in_onnxruntime"] = False

@@ -5,6 +5,7 @@ export, opset upgrade, unique names, and small edit helpers shared by passes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -88,11 +89,18 @@ def external_files(path: PathLike) -> List[Path]:
     p = Path(path)
     if p.suffix.lower() != ".onnx" or not p.is_file():
         return []
+    st = p.stat()   # optimize claims its outputs twice (the CLI, then the API): one parse
+    return [p.parent / loc for loc in _external_names(str(p.resolve()), st.st_mtime_ns, st.st_size)]
+
+
+@functools.lru_cache(maxsize=8)
+def _external_names(path: str, mtime_ns: int, size: int) -> Tuple[str, ...]:
+    """The external-data file names of one version of a model file (its time and size name it)."""
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = onnx.load(path, load_external_data=False)
     except Exception:   # noqa: BLE001 - not a model: ``load`` says why, later
-        return []
-    return sorted({p.parent / loc for loc in _external_locations(model) if loc})
+        return ()
+    return tuple(sorted({loc for loc in _external_locations(model) if loc}))
 
 
 def model_size(model: onnx.ModelProto) -> int:

@@ -812,8 +812,9 @@ def test_a_model_onnxruntime_will_not_load_is_refused_up_front(tmp_path: Path, b
     assert lines[0].startswith(f"error: {src}: onnxruntime cannot load the model") and message in lines[0]
     assert lines[0].endswith("the input model must load in onnxruntime")
     assert not (tmp_path / "out.onnx").exists()
-    r = CliRunner().invoke(main, ["inspect", str(src)])
+    r = CliRunner().invoke(main, ["inspect", str(src), "--json", str(tmp_path / "i.json")])
     assert r.exit_code == 0 and "warning: onnxruntime cannot load the model" in r.output
+    assert json.loads((tmp_path / "i.json").read_text())["loads_in_onnxruntime"] is False
 
 
 def test_an_input_shape_the_model_cannot_run_at_is_refused_up_front(tmp_path: Path):

@@ -1,6 +1,7 @@
 """IR boundary: loading errors, atomic saves, external data, names, shapes, opset upgrade."""
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
@@ -264,7 +265,6 @@ def test_outputs_are_kept_off_a_models_external_data(tmp_path: Path):
     ir.save(b.make_model([x], [b.conv(x, 64, k=3, act="silu")]), src, external_data=True)  # 7 KB of weights
     assert ir.external_files(src) == [tmp_path / "m.onnx.data"]
     assert ir.external_files(tmp_path / "m.onnx.data") == [] and ir.external_files(tmp_path / "no.onnx") == []
-    weights = (tmp_path / "m.onnx.data").read_bytes()
     with pytest.raises(UsageError, match=r"m\.onnx\.data: refusing to overwrite the input model's external "
                                          r"data with the report; choose another path"):
         ir.claim_outputs({"report": tmp_path / "m.onnx.data"}, {"input model": src})
@@ -272,5 +272,21 @@ def test_outputs_are_kept_off_a_models_external_data(tmp_path: Path):
                                          r"optimized model's external data"):
         ir.claim_outputs({"optimized model": tmp_path / "m.onnx"}, {"input model": tmp_path / "other.onnx",
                                                                      "labels": tmp_path / "m.onnx.data"})
-    ir.claim_outputs({"optimized model": tmp_path / "out.onnx"}, {"input model": src})
-    assert (tmp_path / "m.onnx.data").read_bytes() == weights
+    ir.claim_outputs({"optimized model": tmp_path / "out.onnx"}, {"input model": src})   # no error
+
+
+def test_claim_outputs_reads_the_model_only_when_an_output_path_exists(tmp_path: Path, monkeypatch):
+    """A new output path cannot be a model's weights file: the model is not parsed for nothing;
+    over an existing output (a rerun) it is read, once however often outputs are claimed."""
+    src = tmp_path / "m.onnx"
+    ir.save(tiny(), src)
+    calls = []
+    real = ir._external_names.__wrapped__
+    monkeypatch.setattr(ir, "_external_names", functools.lru_cache(maxsize=8)(
+        lambda *a: calls.append(a) or real(*a)))
+    ir.claim_outputs({"optimized model": tmp_path / "new.onnx"}, {"input model": src})
+    assert calls == []
+    (tmp_path / "old.onnx").write_bytes(b"")
+    for _ in range(2):
+        ir.claim_outputs({"optimized model": tmp_path / "old.onnx"}, {"input model": src})
+    assert len(calls) == 1
