@@ -54,7 +54,9 @@ class _Runner:
         self.fmt = normalize_format(fmt) if fmt else None
         self.read = OutputReader(model)
         self.instances = InstanceReader(model)
+        #: how many classes the output scores (None: it does not say); read at the first image
         self.n_classes: Optional[int] = None
+        self._classes_read = False
 
     def __call__(self, feeds: Dict[str, np.ndarray], hw) -> Tuple[np.ndarray, List[np.ndarray]]:
         """(the detection output :class:`OutputReader` reads, the raw outputs)."""
@@ -88,8 +90,9 @@ class _Runner:
             d, rows = raw_detections(out, self.fmt, hw, conf, iou, max_det, with_rows=True,
                                      rotated=parts.rotated)
         d[:, :4] = scale_boxes(d[:, :4], ratio, pad, orig_hw)
-        if self.n_classes is None:
+        if not self._classes_read:
             self.n_classes = score_columns(out, self.fmt) or named_classes(self.model)
+            self._classes_read = True
         found = _image_boxes(key, orig_hw, d, self.n_classes)
         return found if parts is None else attach(found, parts, rows, hw, ratio, pad)
 

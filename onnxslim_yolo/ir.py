@@ -478,7 +478,7 @@ def ensure_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 
 # ---------------------------------------------------------------------------- graphsurgeon
 #: a Constant node's scalar and list attributes, and the type ONNX gives their tensor
-_CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
                    "value_ints": np.int64}
 
 
@@ -489,9 +489,9 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     failed the checker)."""
     graph = gs.import_onnx(model)
     for node in graph.nodes:
-        key = next((k for k in _CONSTANT_ATTRS if k in node.attrs), None) if node.op == "Constant" else None
+        key = next((k for k in CONSTANT_ATTRS if k in node.attrs), None) if node.op == "Constant" else None
         if key is not None:
-            value = np.asarray(node.attrs.pop(key), dtype=_CONSTANT_ATTRS[key])
+            value = np.asarray(node.attrs.pop(key), dtype=CONSTANT_ATTRS[key])
             node.attrs["value"] = gs.Constant(node.outputs[0].name + "_value", value)
     return graph
 
@@ -538,7 +538,7 @@ def const_value(t: gs.Tensor) -> Optional[np.ndarray]:
         a = p.attrs.get("value")
         if isinstance(a, gs.Constant):
             return np.asarray(a.values)
-        for key, dtype in _CONSTANT_ATTRS.items():   # a graph not read by to_graph
+        for key, dtype in CONSTANT_ATTRS.items():   # a graph not read by to_graph
             if key in p.attrs:
                 return np.asarray(p.attrs[key], dtype=dtype)
     return None

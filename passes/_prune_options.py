@@ -61,6 +61,8 @@ class PruneOptions:
 INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples",
         "threads")
 FLOATS = ("ridge", "refit_ridge", "refit_memory", "dead_tol")
+#: the floats that must be finite and >= 0 (refit_memory is > 0, and may be inf: no cap)
+FINITE = ("ridge", "refit_ridge", "dead_tol")
 BOOLS = ("sequential", "saliency", "gains", "readers", "bn_by_var", "relative")
 KNOWN = set(PruneOptions.__dataclass_fields__) | set(PASSED_THROUGH)
 
@@ -97,7 +99,7 @@ def _typed(opts: Mapping[str, Any]) -> Dict[str, Any]:
             out[k] = float(v)
         except (TypeError, ValueError):
             raise UsageError(f"{NAME}: {k} must be a number, got {v!r}") from None
-        if not out[k] >= 0 or out[k] == float("inf"):   # NaN too: a NaN ridge broke the refit (exit 4)
+        if k in FINITE and (not out[k] >= 0 or out[k] == float("inf")):   # a NaN ridge broke the refit
             raise UsageError(f"{NAME}: {k} must be a finite number >= 0, got {v!r}")
     if not out["refit_memory"] > 0:
         raise UsageError(f"{NAME}: refit_memory must be a positive number of GB, got {out['refit_memory']!r}")

@@ -81,10 +81,8 @@ class GraphIndex:
         for a in self.nodes[i].attribute:
             if a.name == "value":
                 return numpy_helper.to_array(a.t)
-            if a.name in ("value_float", "value_floats"):   # float32 and int64, as ONNX types them
-                return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.float32)
-            if a.name in ("value_int", "value_ints"):
-                return np.asarray(onnx.helper.get_attribute_value(a), dtype=np.int64)
+            if a.name in ir.CONSTANT_ATTRS:   # float32 and int64, as ONNX types them
+                return np.asarray(onnx.helper.get_attribute_value(a), dtype=ir.CONSTANT_ATTRS[a.name])
         return None
 
     def const_proto(self, tensor: str) -> Optional[onnx.TensorProto]:

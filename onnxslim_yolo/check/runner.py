@@ -213,8 +213,12 @@ def _numeric_source(images: Optional[str], opts: CheckOptions) -> Tuple[Optional
 def _reference_size(model: onnx.ModelProto, ref: onnx.ModelProto) -> Optional[List[int]]:
     """The reference's static input shape when the model's input leaves those dims symbolic (a
     dynamic-batch export of a static model runs at the reference's size), else None."""
-    mine = next(iter(ir.input_shapes(model).values()), ())
-    theirs = next(iter(ir.input_shapes(ref).values()), ())
+    from ..data import image_inputs
+
+    try:   # the image input, not a Paddle im_shape listed before it
+        mine, theirs = (ir.input_shapes(m).get(next(iter(image_inputs(m))), ()) for m in (model, ref))
+    except (SlimError, StopIteration):
+        return None
     if len(mine) != len(theirs) or not all(isinstance(d, int) and d > 0 for d in theirs):
         return None
     if all(m == t or not isinstance(m, int) or m <= 0 for m, t in zip(mine, theirs)):
