@@ -139,4 +139,5 @@ def parse_options(opts: Mapping[str, Any], has_calib: bool) -> PruneOptions:
         fold_mean=_bool(opts.get("fold_mean", has_calib), "fold_mean") and has_calib,
         kept_json=opts.get("kept_json"),
         max_layer_ratio=_ratio(opts.get("max_layer_ratio", 0.75), "max_layer_ratio"),
-        progress=None if opts.get("progress") is None else _bool(opts["progress"], "progress"), **_typed(opts))
+        progress=None if opts.get("progress") is None else _bool(opts["progress"], "progress"),
+        **_typed(opts))

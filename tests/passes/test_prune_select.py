@@ -69,6 +69,7 @@ def test_channel_counts_are_multiples_of_round_to_or_the_layer_is_kept_whole():
     from onnxslim_yolo.passes._prune_select import allowed_counts
 
     assert allowed_counts(40, 8, 1) == [32, 24, 16, 8]
-    assert allowed_counts(16, 32, 1) == [] and allowed_counts(8, 8, 1) == [] and allowed_counts(32, 32, 1) == []
+    assert allowed_counts(16, 32, 1) == [] and allowed_counts(8, 8, 1) == []
+    assert allowed_counts(32, 32, 1) == []
     assert allowed_counts(64, 32, 1) == [32] and allowed_counts(48, 16, 20) == [32]
     assert allowed_counts(5, 1, 2) == [4, 3, 2]   # round_to 1: any count down to min_channels
