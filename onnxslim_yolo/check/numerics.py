@@ -222,6 +222,16 @@ def check_latency(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Fee
     return passed(name, text, **details)
 
 
+def image_input(model: onnx.ModelProto) -> str:
+    """The image input's name (not a Paddle im_shape listed before it), else the first input's."""
+    from ..data import image_inputs
+
+    try:
+        return next(iter(image_inputs(model)))
+    except (SlimError, StopIteration):
+        return next(iter(ir.input_shapes(model)), "")
+
+
 def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int, preset: Optional[str],
                 input_shape: Optional[Sequence[int]]) -> List[Feeds]:
     """``n`` real preprocessed images when ``images`` is given, else ``n`` seeded random inputs."""
@@ -232,7 +242,7 @@ def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int
                                 progress=False)
     shapes = {}
     if input_shape:
-        shapes = {next(iter(ir.input_shapes(model))): list(input_shape)}
+        shapes = {image_input(model): list(input_shape)}
     return verify.random_feeds(model, n, seed, shapes)
 
 

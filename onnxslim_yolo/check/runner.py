@@ -118,7 +118,7 @@ def _input_shape(model: onnx.ModelProto, opts: CheckOptions) -> Optional[List[in
     metadata/640."""
     if opts.input_shape:
         shape = [int(d) for d in opts.input_shape]
-        ir.static_input_shapes(model, {next(iter(ir.input_shapes(model)), ""): shape})  # agrees with it
+        ir.static_input_shapes(model, {numerics.image_input(model): shape})  # agrees with it
         return shape
     from ..data import dynamic_input_shape
 
@@ -213,12 +213,7 @@ def _numeric_source(images: Optional[str], opts: CheckOptions) -> Tuple[Optional
 def _reference_size(model: onnx.ModelProto, ref: onnx.ModelProto) -> Optional[List[int]]:
     """The reference's static input shape when the model's input leaves those dims symbolic (a
     dynamic-batch export of a static model runs at the reference's size), else None."""
-    from ..data import image_inputs
-
-    try:   # the image input, not a Paddle im_shape listed before it
-        mine, theirs = (ir.input_shapes(m).get(next(iter(image_inputs(m))), ()) for m in (model, ref))
-    except (SlimError, StopIteration):
-        return None
+    mine, theirs = (ir.input_shapes(m).get(numerics.image_input(m), ()) for m in (model, ref))
     if len(mine) != len(theirs) or not all(isinstance(d, int) and d > 0 for d in theirs):
         return None
     if all(m == t or not isinstance(m, int) or m <= 0 for m, t in zip(mine, theirs)):
@@ -231,7 +226,7 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     shape = _input_shape(model, opts)
     if ref is not None and not opts.input_shape:
         shape = _reference_size(model, ref) or shape
-    shapes = {next(iter(ir.input_shapes(model))): shape} if shape else {}
+    shapes = {numerics.image_input(model): shape} if shape else {}
     feed = verify.random_feeds(model, 1, opts.seed, shapes)[0]
     runs = _guard("runtime.runs", lambda: numerics.check_runs(model, feed, opts.threads))
     out = [runs]
