@@ -26,7 +26,7 @@ from .eval.instances import InstanceReader, attach
 from .eval.metrics import (MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth,
                            without_unknown_classes)
 from .eval.nms import non_max_suppression, scale_boxes
-from .pass_base import PreconditionError, UsageError
+from .pass_base import PreconditionError, UsageError, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,6 @@ AGREEMENT_CONF = 0.25
 
 def _as_model(m: ModelLike) -> onnx.ModelProto:
     return m if isinstance(m, onnx.ModelProto) else ir.load(m)
-
-
-#: default-anchor warnings given in this process, with the outputs they were about (each once: an
-#: optimize run evaluates the model and its rewrites many times)
-_ANCHOR_WARNINGS: set = set()
 
 
 class _Runner:
@@ -71,10 +66,9 @@ class _Runner:
             elif self.read.anchors is None \
                     and head_kind(self.model, [o.shape for o in outs]) == "yolo-fastestv2":
                 whose = "YOLO-FastestV2 maps decoded with its COCO anchors"
-            key = (whose, tuple(o.name for o in self.model.graph.output))
-            if whose is not None and key not in _ANCHOR_WARNINGS:  # once: every run opens a session
-                _ANCHOR_WARNINGS.add(key)
-                log.warning("%s; pass --anchors if the model was trained with others", whose)
+            if whose is not None:   # once: every run opens a session
+                warn_once(log, ("anchors", whose, tuple(o.name for o in self.model.graph.output)),
+                          "%s; pass --anchors if the model was trained with others", whose)
         return out, outs
 
     def image(self, out: np.ndarray, raw: Sequence[np.ndarray], b: int, hw: Sequence[int], key: str,

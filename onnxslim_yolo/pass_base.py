@@ -58,6 +58,18 @@ class VerificationError(SlimError):
     exit_code = 4
 
 
+#: the keys :func:`warn_once` has warned about in this process
+WARNED: set = set()
+
+
+def warn_once(logger: Any, key: Any, msg: str, *args: Any) -> None:
+    """``logger.warning(msg, *args)`` the first time ``key`` comes in this process: a run opens
+    sessions, lists folders and scores models many times, and one warning says it."""
+    if key not in WARNED:
+        WARNED.add(key)
+        logger.warning(msg, *args)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty), for
     one-line errors."""

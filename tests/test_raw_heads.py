@@ -12,7 +12,7 @@ from PIL import Image
 
 from fixtures.yolov5 import ANCHORS, build_yolov5_v6
 from fixtures.yolov8 import build_yolov8
-from onnxslim_yolo import data, evaluate, verify
+from onnxslim_yolo import data, pass_base, verify
 from onnxslim_yolo.analysis.head import find_head
 from onnxslim_yolo.eval.anchors import (OutputReader, anchor_layout, decode_maps, model_anchors,
                                         parse_anchors, with_anchors)
@@ -86,7 +86,7 @@ def test_the_evaluator_and_head_analysis_read_raw_maps(heads, tmp_path: Path, ca
     for raw in (raw4, raw5):
         assert detect_format(raw) == "v5" and data.detect_preset(raw) == "yolov5"
         caplog.clear()
-        evaluate._ANCHOR_WARNINGS.clear()  # warned once per process: an earlier test may have
+        pass_base.WARNED.clear()  # warned once per process: an earlier test may have
         got = detections(raw, images, progress=False, threads=1)
         assert "decoded with YOLOv5's default anchors" in caplog.text
         caplog.clear()

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..pass_base import UsageError
+from ..pass_base import UsageError, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +183,11 @@ def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int
     if not any(len(g) for g in out):
         raise UsageError(f"{p}: no labels found for the {len(images)} images (expected <image stem>.txt)")
     missing = [key for key, _ in images if not (p / (Path(key).stem + ".txt")).exists()]
-    if 2 * len(missing) > len(images) and (p.resolve(), len(missing)) not in _MISSING_WARNED:
-        _MISSING_WARNED.add((p.resolve(), len(missing)))   # once: a run scores several models
-        log.warning("%s: %d of %d images have no label file (%s first), scored as showing no object; "
-                    "are these the images' labels?", p, len(missing), len(images), missing[0])
+    if 2 * len(missing) > len(images):   # once: a run scores several models
+        warn_once(log, ("no label files", p.resolve(), len(missing)),
+                  "%s: %d of %d images have no label file (%s first), scored as showing no object; "
+                  "are these the images' labels?", p, len(missing), len(images), missing[0])
     return out
-
-
-#: (label folder, images without a label file) already warned about in this process
-_MISSING_WARNED: set = set()
 
 
 def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
@@ -241,10 +237,6 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
     return out
 
 
-#: (labels, class count) pairs already warned about in this process (a run scores many models)
-_UNKNOWN_WARNED: set = set()
-
-
 def without_unknown_classes(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], n_classes: int,
                             labels: Union[str, Path]) -> Tuple[List[ImageBoxes], List[ImageBoxes]]:
     """``gt`` and ``dt`` without the images whose labels hold a class the model cannot predict
@@ -259,13 +251,10 @@ def without_unknown_classes(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], 
         raise UsageError(f"{labels}: every image has label classes the model cannot predict (it scores "
                          f"{n_classes} classes; {first.key} has class {int(first.classes.max())}); "
                          "are these the model's labels?")
-    key = (str(labels), n_classes)
-    if key not in _UNKNOWN_WARNED:
-        _UNKNOWN_WARNED.add(key)
-        log.warning("%s: %d of %d images have label classes the model cannot predict (it scores %d "
-                    "classes; %s has class %d); they are left out of the mAP, as ultralytics' val "
-                    "leaves them out", labels, len(bad), len(gt), n_classes, first.key,
-                    int(first.classes.max()))
+    warn_once(log, ("unknown classes", str(labels), n_classes),   # once: a run scores several models
+              "%s: %d of %d images have label classes the model cannot predict (it scores %d classes; "
+              "%s has class %d); they are left out of the mAP, as ultralytics' val leaves them out",
+              labels, len(bad), len(gt), n_classes, first.key, int(first.classes.max()))
     drop = set(bad)
     return ([g for i, g in enumerate(gt) if i not in drop], [d for i, d in enumerate(dt) if i not in drop])
 
