@@ -303,9 +303,9 @@ def _read_from_folder(path: Path, folder: Path) -> bool:
     """Whether ``path`` is a file an input ``folder`` is read for: directly inside it, named as an
     image, a YOLO label or a calibration array (an output there replaced one, or is read as one
     by the next run)."""
-    from .data import IMAGE_SUFFIXES
+    from .data import ARRAY_SUFFIXES, IMAGE_SUFFIXES
 
-    return path.suffix.lower() in IMAGE_SUFFIXES + (".txt", ".npy", ".npz") and folder.is_dir() \
+    return path.suffix.lower() in IMAGE_SUFFIXES + ARRAY_SUFFIXES + (".txt",) and folder.is_dir() \
         and same_file(path.parent, folder)
 
 
