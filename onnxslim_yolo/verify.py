@@ -351,7 +351,8 @@ def diff(name: str, ref: np.ndarray, new: np.ndarray) -> OutputDiff:
 
 def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
                    ref_optimized: bool = False, noise_floor: bool = True,
-                   new_session: Optional[Callable[[onnx.ModelProto], Any]] = None) -> List[OutputDiff]:
+                   new_session: Optional[Callable[[onnx.ModelProto], Any]] = None,
+                   keep: Optional[Dict[str, List[List[np.ndarray]]]] = None) -> List[OutputDiff]:
     """Run both models on the same feeds; one worst-case diff per output (over all feeds), then
     one for the tensors feeding an NMS or TopK that graph outputs pass through, joined (role
     "candidates").
@@ -360,6 +361,8 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     cannot hide (or cause) a difference. With ``noise_floor`` the reference also runs optimized,
     and the largest difference that alone causes is recorded next to each diff. ``new_session``
     builds the session ``new`` runs in (another runtime: :class:`.openvino_rt.OpenVinoSession`).
+    ``keep``, a dict, receives each model's graph outputs per feed ("reference", "new"), for a
+    caller that reads them further (the decoded class scores) without running the models again.
     """
     names = [o.name for o in ref.graph.output]
     new_names = [o.name for o in new.graph.output]
@@ -390,6 +393,9 @@ def compare_models(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     ref_outs = outputs(ref_run, ref_optimized)
     floors = outputs(ref_run, True) if noise_floor and not ref_optimized else ref_outs
     new_outs = outputs(with_outputs(new, frontier) if frontier else new, True, new_session)
+    if keep is not None:
+        keep["reference"] = [o[:n_out] for o in ref_outs]
+        keep["new"] = [o[:n_out] for o in new_outs]
     worst: Dict[str, OutputDiff] = {}
     for ref_out, new_out, floor in zip(ref_outs, new_outs, floors):
         for name, a, b, c in zip(names, ref_out, new_out, floor):

@@ -3,7 +3,7 @@ stay close to the reference's (max abs, cosine, SQNR), and its latency against t
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -159,10 +159,12 @@ def check_numerics(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: Se
     (``floor_why``: why that floor, named in a failure)."""
     name = "reference.numerics"
     try:
-        diffs = verify.compare_models(reference, model, feeds, noise_floor=False)
+        kept: Dict[str, List[List[np.ndarray]]] = {}
+        diffs = verify.compare_models(reference, model, feeds, noise_floor=False, keep=kept)
         if not any(d.role == "selected" for d in diffs):   # rows after an NMS: compared as candidates
-            scores = class_scores_diff(reference, feeds, lambda: verify.session(model), optimize=False)
+            scores = class_scores_diff(reference, feeds, kept)
             diffs += [scores] if scores is not None else []
+        del kept
     except SlimError as exc:
         return failed(name, str(exc))
     table = [d.as_dict() for d in diffs]
@@ -246,16 +248,14 @@ def input_feeds(model: onnx.ModelProto, images: Optional[str], n: int, seed: int
     return verify.random_feeds(model, n, seed, shapes)
 
 
-def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds], other: Callable[[], Any],
-                      optimize: bool = True) -> Optional[verify.OutputDiff]:
-    """The decoded class scores of ``model`` in onnxruntime (``optimize``: with its graph
-    optimizations) against those from the session ``other()`` makes (the same outputs, read as
-    ``model``'s), the feed with the lowest cosine, when the outputs are candidate rows
-    (:data:`..eval.decode.ROW_FORMATS`); None otherwise. ``other``'s session may return extra
-    outputs after the model's own (ignored); it is made once ``model``'s is gone, so that one
-    large model's weights are held at a time. A decoded output's box pixels (up to the input size)
-    outweigh its scores (0-1) in one cosine: a head whose objectness is gone, or whose classes
-    are swapped, kept a cosine of 1.0000 over the whole output."""
+def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds],
+                      outputs: Mapping[str, Sequence[Sequence[np.ndarray]]]) -> Optional[verify.OutputDiff]:
+    """The decoded class scores of two runs of ``model``'s outputs on ``feeds`` (``outputs``:
+    "reference" and "new", graph outputs per feed, as :func:`.verify.compare_models` keeps them,
+    both read as ``model``'s), the feed with the lowest cosine, when the outputs are candidate rows
+    (:data:`..eval.decode.ROW_FORMATS`); None otherwise. A decoded output's box pixels (up to the
+    input size) outweigh its scores (0-1) in one cosine: a head whose objectness is gone, or whose
+    classes are swapped, kept a cosine of 1.0000 over the whole output."""
     from ..data import feed_hw, model_input
     from ..eval.anchors import OutputReader
     from ..eval.decode import ROW_FORMATS, decode_rows, outputs_format
@@ -264,19 +264,13 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds], other: Cal
     try:
         name, read = model_input(model)[0], OutputReader(model)
         sizes = [feed_hw(f[name]) for f in feeds]   # each feed's own size (a dynamic model's too)
-        sess = verify.session(model, optimize=optimize)
-        outs = [verify.run(sess, f) for f in feeds]
-        del sess
-        fmt = outputs_format(model, outs[0], sizes[0])
+        refs, news = outputs["reference"], outputs["new"]
+        fmt = outputs_format(model, list(refs[0]), sizes[0])
         if fmt not in ROW_FORMATS:
             return None
-        refs = [decode_rows(read(o, hw), fmt, hw)[1] for o, hw in zip(outs, sizes)]
-        n_out = len(outs[0])
-        del outs
-        session = other()
-        for feed, hw, a in zip(feeds, sizes, refs):
-            new = decode_rows(read(verify.run(session, feed)[:n_out], hw), fmt, hw)[1]
-            d = verify.diff("class scores", a, new)
+        for hw, a, b in zip(sizes, refs, news):
+            d = verify.diff("class scores", decode_rows(read(list(a), hw), fmt, hw)[1],
+                            decode_rows(read(list(b), hw), fmt, hw)[1])
             if worst is None or not d.cosine >= worst.cosine:
                 worst = d
     except (SlimError, ValueError, IndexError, KeyError):
@@ -299,15 +293,17 @@ def check_openvino(model: onnx.ModelProto, feeds: Sequence[Feeds], min_cosine: f
         sessions.append(openvino_rt.OpenVinoSession(m))
         return sessions[-1]
 
+    kept: Dict[str, List[List[np.ndarray]]] = {}
     try:
         diffs = verify.compare_models(model, model, feeds, ref_optimized=True, noise_floor=False,
-                                      new_session=open_ov)
+                                      new_session=open_ov, keep=kept)
     except SlimError as exc:
         return failed(name, str(exc))
     where = f"OpenVINO {openvino_rt.version()} CPU ({sessions[0].precision} inference precision)"
     # rows picked by a TopK / NMS may come in another order: their candidates were compared instead
     selected = any(d.role == "selected" for d in diffs)
-    scores = None if selected else class_scores_diff(model, feeds, lambda: sessions[0])
+    scores = None if selected else class_scores_diff(model, feeds, kept)
+    del kept
     if scores is not None:
         diffs = list(diffs) + [scores]
     table = [d.as_dict() for d in diffs]

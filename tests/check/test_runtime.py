@@ -225,6 +225,21 @@ def test_numerics_compare_the_decoded_class_scores_too(yolo):
     assert same.status == "pass" and [o["name"] for o in same.details["outputs"]] == [out, "class scores"]
 
 
+def test_numerics_runs_each_model_once_per_feed(yolo, monkeypatch):
+    """The class-score row reads the outputs the output comparison already has: each model runs
+    once per feed, in one session each (it ran both models a second time, in two more sessions)."""
+    from onnxslim_yolo import verify
+
+    opened, runs = [], []
+    real_session, real_run = verify.session, verify.run
+    monkeypatch.setattr(verify, "session", lambda m, **kw: opened.append(kw) or real_session(m, **kw))
+    monkeypatch.setattr(verify, "run", lambda s, f: runs.append(1) or real_run(s, f))
+    feeds = numerics.input_feeds(yolo, None, 3, 0, None, None)
+    r = numerics.check_numerics(yolo, yolo, feeds, 0.99, "seeded random inputs")
+    assert [o["name"] for o in r.details["outputs"]][-1] == "class scores"
+    assert len(opened) == 2 and len(runs) == 2 * len(feeds) == 6
+
+
 def test_latency_reports_medians_and_ratio(yolo):
     r = numerics.check_latency(yolo, yolo, feed(yolo), runs=3, threads=1)
     assert r.status in ("pass", "warn")  # same model: the ratio is noise around 1
