@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .. import ir
-from ..data import ones_objectness
+from ..data import channels_last, ones_objectness
 from ..eval.anchors import anchor_layout, known, model_anchors, per_cell
 from ..eval.decode import GFL_BINS, GFL_STRIDES, decoded_in_graph, gfl_shape, mask_coefficients, split_layout
 from ..eval.dfl import DISTANCES, dfl_layout, gfl_rows
@@ -175,12 +175,14 @@ def _shapes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, Tuple[obj
 
 def _image_hw(model: onnx.ModelProto) -> Optional[Tuple[int, int]]:
     inits = {t.name for t in model.graph.initializer}
+    last = channels_last(model)   # tf2onnx's N x H x W x C
     for vi in model.graph.input:
         if vi.name in inits:
             continue
         d = _dims(vi)
-        if len(d) == 4 and isinstance(d[2], int) and isinstance(d[3], int) and d[2] > 0 and d[3] > 0:
-            return int(d[2]), int(d[3])
+        hw = d[1:3] if last else d[2:4]
+        if len(d) == 4 and all(isinstance(v, int) and v > 0 for v in hw):
+            return int(hw[0]), int(hw[1])
     return None
 
 

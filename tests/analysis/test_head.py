@@ -192,3 +192,15 @@ def test_head_levels_take_the_stride_whose_grid_rounds_up_to_the_map():
     assert _levels(last, shapes, (800, 608)) == {8: ("c0",), 16: ("c1",), 32: ("c2",), 64: ("c3",),
                                                  128: ("c4",)}
     assert _levels({"c": "t"}, {"t": (1, 8, 30, 30)}, (800, 608)) == {}  # no power of two gives 30
+
+
+def test_a_channels_last_input_reads_the_same_head():
+    """tf2onnx's N x H x W x C input in front of a YOLOv5 model: its image size was read off
+    dims 2-3 (W and C), so no grid matched and the head's family was 'unknown', which sends the
+    INT8 quality measures to the head maps instead of the decoded rows."""
+    from fixtures.layout import channels_last_input
+
+    nchw = fixtures.build_yolov5_v6(opset=13)
+    ref, got = find_head(nchw), find_head(channels_last_input(nchw))
+    assert ref.family == got.family == "yolov5" and got.strides == ref.strides == (8, 16, 32)
+    assert got.layout == ref.layout and got.last_convs == ref.last_convs
