@@ -377,7 +377,25 @@ def _collect(graph: gs.Graph, plan: QuantPlan, by_name: Dict[str, gs.Node]) -> N
         act = activation_of(tensors[name])
         if act:
             plan.act_after[name] = act
-    plan.graph_inputs = [i.name for i in graph.inputs if i.name in plan.activations]
+    plan.graph_inputs = [n for n in input_copies(graph) if n in plan.activations]
+
+
+def input_copies(graph: gs.Graph) -> List[str]:
+    """The graph inputs and the tensors that only rearrange or select their values (VALUE_PRESERVING
+    ops fed by them alone: a channels-last image's Transpose), in the order found: their values
+    are the input's own (pixels), so they take its exact min/max range too."""
+    found = [i.name for i in graph.inputs]
+    seen, grew = set(found), True
+    while grew:   # a fixpoint: graphsurgeon's node order need not be topological
+        grew = False
+        for node in graph.nodes:
+            ins = data_inputs(node)
+            if node.op in VALUE_PRESERVING and ins and all(x.name in seen for x in ins):
+                new = [o.name for o in node.outputs if o.name not in seen]
+                found += new
+                seen.update(new)
+                grew = grew or bool(new)
+    return found
 
 
 def _residual_adds(graph: gs.Graph, plan: QuantPlan) -> None:

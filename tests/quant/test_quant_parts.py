@@ -84,6 +84,21 @@ def test_placement_rules_ort_and_tensorrt() -> None:
     assert adds and all(any(x in trt.activations for x in n.input) for n in adds)
 
 
+def test_a_channels_last_image_keeps_its_exact_range_behind_the_transpose() -> None:
+    """tf2onnx's N x H x W x C input reaches the first Conv through a Transpose. The image's exact
+    min/max range (pixels: a clipped range only loses) was given to the graph input alone, so
+    behind the Transpose the range was searched like any activation's, and the whole INT8
+    table could differ from the same model's with an NCHW input."""
+    from fixtures.layout import channels_last_input
+
+    model = onnx.shape_inference.infer_shapes(channels_last_input(fixtures.build_yolov5_v6(opset=13)))
+    plan = make_plan(ir.to_graph(model), find_head(model), ORT_CPU)
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    transpose = next(n for n in model.graph.node if n.op_type == "Transpose")
+    assert transpose.input[0] == model.graph.input[0].name and first.input[0] == transpose.output[0]
+    assert plan.graph_inputs == [transpose.output[0]] and transpose.output[0] in plan.activations
+
+
 def test_conv_unit_models_run_and_time() -> None:
     keys = [cost.ConvKey(8, 16, (16, 16), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, "silu"),
             cost.ConvKey(8, 8, (16, 16), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 8, "none")]
