@@ -119,6 +119,12 @@ def main(verbose: int) -> None:
     ort.set_default_logger_severity(2 if verbose >= 2 else 3)
 
 
+def _given(param: str) -> bool:
+    """Whether the user gave the current command's option ``param`` (not its default)."""
+    source = click.get_current_context().get_parameter_source(param)
+    return source not in (None, click.core.ParameterSource.DEFAULT)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -185,9 +191,10 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         qdq["max_drop"] = max_drop
     pruning = prune is not None or "prune-channels" in _csv(passes)
     unused = [flag for flag, given in (("--kept-json", kept_json), ("--protect", protect),
-                                       ("--round-to", round_to != 8)) if given]
+                                       ("--round-to", _given("round_to"))) if given]
     if unused and not pruning:   # they were ignored, with exit 0
-        raise UsageError(f"{', '.join(unused)} only apply to pruning: add --prune RATIO")
+        verb = "apply" if len(unused) > 1 else "applies"
+        raise UsageError(f"{', '.join(unused)} only {verb} to pruning: add --prune RATIO")
     prune_opts: Dict[str, Any] = {"round_to": round_to}
     if protect:
         prune_opts["protect"] = list(protect)

@@ -208,6 +208,9 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     # pruning options without pruning were ignored, with exit 0
     (["optimize", "{m}", "-o", "{t}/o.onnx", "--kept-json", "{t}/k.json", "--round-to", "4"],
      r"--kept-json, --round-to only apply to pruning: add --prune RATIO"),
+    # the default's own value, given, was told from the default by comparing with 8
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--round-to", "8"],
+     r"--round-to only applies to pruning: add --prune RATIO"),
     (["check", "{m}", "--images", "{t}/nope"],
      r"Invalid value for '--images': Path '{t}/nope' does not exist"),
 ])
