@@ -177,6 +177,10 @@ def test_x86_without_vnni_saturates_and_gets_7_bit_weights(monkeypatch) -> None:
     assert "no VNNI" in targets.weight_range(ORT_CPU, None, AVX2_ONLY)[1]
     assert targets.weight_range(ORT_CPU, None, VNNI)[0] is False
     assert targets.weight_range(TENSORRT, None, AVX2_ONLY)[0] is False  # TensorRT sums in 32 bits
+    # OpenVINO's CPU plugin saturates as onnxruntime does (yolov5n's class scores at cosine 0.77)
+    ov = targets.weight_range(targets.OPENVINO, None, AVX2_ONLY)
+    assert ov[0] is True and "OpenVINO's CPU u8 x s8 kernels" in ov[1]
+    assert targets.weight_range(targets.OPENVINO, None, VNNI)[0] is False
     assert targets.weight_range(ORT_CPU, False, AVX2_ONLY) == (False,
                                                                "8-bit weights (set by option reduce_range)")
     monkeypatch.setattr(targets.platform, "machine", lambda: "aarch64")
