@@ -126,6 +126,10 @@ def pipeline_names(opts: OptimizeOptions, model: Optional[onnx.ModelProto] = Non
         names = list(opts.passes) + [e for e in extra if e not in opts.passes]
     else:
         names = default_pass_names(extra=extra, skip=opts.skip)
+    skipped = [e for e in extra if e in set(opts.skip)]
+    if skipped:   # the run wrote a float (or unpruned) model, with exit 0
+        asks = "int8" if skipped[0] == "insert-qdq" else "prune"
+        raise UsageError(f"skip removes {skipped[0]}, which {asks} asks for: drop one of the two")
     if model is not None:
         names = schedule(names, lambda: float16_tensors(model) > 0)
     return [n for n in names if n not in set(opts.skip)]
@@ -167,6 +171,11 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
     options: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in opts.pass_options.items()}
     # written by optimize beside the model it describes, not by the pass before its contract is proven
     options.get("prune-channels", {}).pop("kept_json", None)
+    if "insert-qdq" in names:   # target= and max_drop= quantize for that runtime, within that drop
+        qdq = options.setdefault("insert-qdq", {})
+        qdq.setdefault("target", opts.target)
+        if opts.max_drop is not None:
+            qdq.setdefault("max_drop", opts.max_drop)
     if opts.prune is not None:
         options.setdefault("prune-channels", {})["ratio"] = opts.prune
     if not opts.progress:  # --quiet reaches the passes' own bars too
@@ -198,8 +207,9 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
             re.fullmatch(r"\d\d_.+\.onnx", src.name):   # a dump is NN_PASS.onnx: it could be the input
         raise UsageError(f"{opts.dump_dir}: --dump-dir holds the input model {src.name}, which a dump "
                          "could overwrite; choose another folder")
-    loaded = _refuse_unrunnable(original, src)
     names = pipeline_names(opts, original)
+    _refuse_options(opts, names)
+    loaded = _refuse_unrunnable(original, src)
     passes = build_passes(names)
     try:
         ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
@@ -219,6 +229,31 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         out_path = ir.save(result.model, output, protect=[src] if src else [])
     _write_kept_channels(opts, result)
     return OptimizeResult(result.model, result, summary, out_path, checks)
+
+
+def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:
+    """Options that cannot work, refused before any work: the Python API's counterparts of the
+    CLI's own checks (int8 without calibration data, a target no rule set is written for, an image
+    limit below 1), and an INT8 target or drop that contradicts the pass's own options."""
+    from .quant.targets import TARGETS
+
+    if opts.target not in TARGETS:
+        raise UsageError(f"target '{opts.target}' is none of {', '.join(TARGETS)}")
+    for key in ("calib_limit", "eval_limit"):
+        value = getattr(opts, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{key} must be a whole number of images >= 1, got {value!r}")
+    if "insert-qdq" not in names:
+        return
+    if opts.calib is None:
+        raise UsageError("insert-qdq needs calibration images: pass calib= (--calib DIR): a folder of images "
+                         "or a .npy/.npz of inputs")
+    qdq = opts.pass_options.get("insert-qdq", {})
+    for key, value in (("target", opts.target), ("max_drop", opts.max_drop)):
+        if qdq.get(key) is not None and value is not None and qdq[key] != value \
+                and not (key == "target" and value == "ort-cpu"):   # the target left at its default
+            raise UsageError(f"pass_options['insert-qdq']['{key}'] {qdq[key]!r} contradicts {key}={value!r}: "
+                             f"give {key}= alone")
 
 
 def _write_kept_channels(opts: OptimizeOptions, result: PipelineResult) -> None:

@@ -183,19 +183,21 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     src = Path(model)
     stem = src.name[:-5] if src.name.endswith(".onnx") else src.name
     out = Path(output) if output else src.with_name(stem + ".opt.onnx")
-    qdq: Dict[str, Any] = {"target": target, "method": method}
+    qdq: Dict[str, Any] = {"method": method}   # optimize adds --target and --max-drop
     if weight_bits != "auto":
         qdq["reduce_range"] = weight_bits == "7"
     if calib_table:
         qdq["calib_table"] = calib_table
-    if max_drop is not None:
-        qdq["max_drop"] = max_drop
-    pruning = prune is not None or "prune-channels" in _csv(passes)
-    unused = [flag for flag, given in (("--kept-json", kept_json), ("--protect", protect),
-                                       ("--round-to", _given("round_to"))) if given]
-    if unused and not pruning:   # they were ignored, with exit 0
-        verb = "apply" if len(unused) > 1 else "applies"
-        raise UsageError(f"{', '.join(unused)} only {verb} to pruning: add --prune RATIO")
+    # options of a pass the run does not include were ignored, with exit 0
+    for runs, flags, add in ((prune is not None or "prune-channels" in _csv(passes),
+                              ("--kept-json", "--protect", "--round-to"), "--prune RATIO"),
+                             (int8 or "insert-qdq" in _csv(passes),
+                              ("--method", "--weight-bits", "--calib-table"), "--int8")):
+        unused = [f for f in flags if _given(f[2:].replace("-", "_"))]
+        if unused and not runs:
+            verb = "apply" if len(unused) > 1 else "applies"
+            what = "pruning" if add.startswith("--prune") else "INT8"
+            raise UsageError(f"{', '.join(unused)} only {verb} to {what}: add {add}")
     prune_opts: Dict[str, Any] = {"round_to": round_to}
     if protect:
         prune_opts["protect"] = list(protect)

@@ -211,6 +211,13 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     # the default's own value, given, was told from the default by comparing with 8
     (["optimize", "{m}", "-o", "{t}/o.onnx", "--round-to", "8"],
      r"--round-to only applies to pruning: add --prune RATIO"),
+    # INT8 options without INT8 were ignored, with exit 0 (the table was never written)
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--method", "entropy", "--calib-table", "{t}/t.json"],
+     r"--method, --calib-table only apply to INT8: add --int8"),
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--weight-bits", "auto"], r"--weight-bits only applies to INT8"),
+    # a skip removing the pass asked for wrote a float model, with exit 0
+    (["optimize", "{m}", "-o", "{t}/o.onnx", "--int8", "--calib", "{t}", "--skip", "insert-qdq"],
+     r"skip removes insert-qdq, which int8 asks for: drop one of the two"),
     (["check", "{m}", "--images", "{t}/nope"],
      r"Invalid value for '--images': Path '{t}/nope' does not exist"),
 ])
@@ -883,3 +890,31 @@ def test_pass_options_name_real_passes_and_per_layer_ratios_prune(model_file: Pa
                    bench=False, check=False, progress=False)
     rec = next(r for r in res.pipeline.records if r.name == "prune-channels")
     assert rec.modified and res.summary["after"]["macs"] < res.summary["before"]["macs"]
+
+
+def test_the_api_quantizes_for_its_target_within_its_drop_and_refuses_what_cannot_work(model_file: Path):
+    """optimize(target=, max_drop=) reached only the checks: the model was quantized for onnxruntime
+    whatever the target, and mixed precision never ran. Bad values ran too (calib_limit=-3 left the
+    last 3 images out), or failed after the exact passes (int8 without calib)."""
+    from onnxslim_yolo.api import optimize
+    from onnxslim_yolo.pass_base import UsageError
+
+    _, images, labels = fixtures.demo_paths()
+    base = dict(int8=True, calib=str(images), bench=False, check=False, progress=False, calib_limit=4)
+    trt = optimize(str(model_file), target="tensorrt", **base)
+    zero_points = [t for t in trt.model.graph.initializer if t.name.endswith("zero_point")]
+    assert zero_points and all(t.data_type == onnx.TensorProto.INT8 for t in zero_points)
+    rec = next(r for r in trt.pipeline.records if r.name == "insert-qdq")
+    assert rec.report["details"]["target"] == "tensorrt"
+    mixed = optimize(str(model_file), labels=str(labels), max_drop=50.0, **base)
+    rec = next(r for r in mixed.pipeline.records if r.name == "insert-qdq")
+    assert rec.report["details"]["mixed_precision"]["max"] == 50.0
+    for kwargs, message in (
+            (dict(base, target="bogus"), r"target 'bogus' is none of ort-cpu, tensorrt, openvino"),
+            (dict(base, calib_limit=-3), r"calib_limit must be a whole number of images >= 1, got -3"),
+            (dict(base, calib=None), r"insert-qdq needs calibration images: pass calib="),
+            (dict(base, target="tensorrt", pass_options={"insert-qdq": {"target": "openvino"}}),
+             r"pass_options\['insert-qdq'\]\['target'\] 'openvino' contradicts target='tensorrt'"),
+            (dict(base, skip=["insert-qdq"]), r"skip removes insert-qdq, which int8 asks for")):
+        with pytest.raises(UsageError, match=message):
+            optimize(str(model_file), **kwargs)
