@@ -297,13 +297,14 @@ class ShiftColumns(Pass):
 
 def test_the_exact_bound_scales_with_each_column_not_the_whole_output():
     """Box columns hold pixels, score columns 0-1: scaled by the output's largest value (here a
-    box coordinate), the bound let an exact pass move every score by 0.05 (on yolov5n: by 0.069)."""
+    box coordinate), the bound let an exact pass move every score by 0.05 (on yolov5n: by 0.069).
+    The diff reads 0.0501 on an AVX2 machine (the shift plus the runtime's rounding)."""
     from fixtures import build_yolov5_v6
 
     model = build_yolov5_v6(opset=13)
     with pytest.raises(VerificationError, match=r"pass 'shift-columns': broke its exact numerics "
                                                 r"contract: output 'output' at index [4-8] of its "
-                                                r"attribute axis: max abs diff 0\.05 exceeds exact bound"):
+                                                r"attribute axis: max abs diff 0\.05\d* exceeds exact bound"):
         PassManager([ShiftColumns(0.05, slice(4, None))], PassContext()).run(model)
     # a float rounding's worth on every column, boxes included, still passes
     res = PassManager([ShiftColumns(2e-6, slice(None))], PassContext()).run(model)
