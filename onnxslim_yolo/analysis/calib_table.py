@@ -78,9 +78,14 @@ class CalibrationTable(Mapping[str, RangeEntry]):
                                      errors={m: float(e) for m, e in v.get("errors", {}).items()},
                                      shared=v.get("shared"))
                        for k, v in d["tensors"].items()}
-            return cls(entries, str(d["qdtype"]), bool(d["symmetric"]), dict(d.get("meta", {})))
+            table = cls(entries, str(d["qdtype"]), bool(d["symmetric"]), dict(d.get("meta", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"{source}: malformed calibration table ({type(exc).__name__}: {exc})") from None
+        for k, e in entries.items():   # NaN wrote scale 1, inf wrote scale inf, an inverted range ran
+            if not (np.isfinite(e.rmin) and np.isfinite(e.rmax) and e.rmin <= e.rmax):
+                raise UsageError(f"{source}: tensor '{k}' has range [{e.rmin}, {e.rmax}]; a range must be "
+                                 "finite, its minimum at most its maximum")
+        return table
 
     def to_json(self, path: PathLike) -> Path:
         return write_json_atomic(path, self.to_dict())

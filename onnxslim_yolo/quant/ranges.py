@@ -24,6 +24,8 @@ from .placement import QuantPlan
 log = logging.getLogger(__name__)
 
 QParams = Dict[str, Tuple[float, int]]
+#: the table's meta key for the fingerprint of the float model its ranges were calibrated on
+MODEL_KEY = "model_fingerprint"
 
 
 def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method: str, percentile: float,
@@ -34,11 +36,18 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
     exists, else calibrated on ``feeds`` (and saved to ``table_path`` with ``meta`` when given and
     there are no alternatives to choose from). ``also``: methods whose tables, from the same
     statistics, come back as alternatives (none when the table is loaded)."""
+    from ..pass_manager import fingerprint
+
     t = plan.target
     tensors = [n for n in plan.activations if n not in plan.fixed and n not in plan.derived]
     info: Dict[str, object] = {}
+    if table_path:   # a table records the model it ranges, to be refused for another one
+        meta = {**meta, MODEL_KEY: fingerprint(model)}
     if table_path and Path(table_path).exists():
         table = CalibrationTable.from_json(table_path)
+        if table.meta.get(MODEL_KEY, meta[MODEL_KEY]) != meta[MODEL_KEY]:
+            raise UsageError(f"{table_path}: calibration table was made for another model (its weights or "
+                             "graph differ from this one's after the exact passes): delete it to recalibrate")
         if table.qdtype != t.act_qdtype or table.symmetric != t.act_symmetric:
             raise UsageError(f"{table_path}: calibration table is for {table.qdtype}"
                              f"{' symmetric' if table.symmetric else ''}, target {t.name} needs "

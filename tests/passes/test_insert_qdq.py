@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Dict, List
@@ -420,6 +421,28 @@ def test_calibration_table_saved_then_loaded(tmp_path) -> None:
     assert scales(first.model) == scales(again.model)
     with pytest.raises(UsageError, match="target tensorrt needs int8"):
         InsertQDQ().run(model, ctx(model, calib_table=str(path), target="tensorrt"))
+
+
+def test_a_calibration_table_for_another_model_or_with_broken_ranges_is_refused(tmp_path) -> None:
+    """A table saved for one model loaded silently for another with the same tensor names (other
+    weights: class-score cosine 0.001 on yolov5n), and a hand-edited range ran: NaN wrote scale 1,
+    inf wrote scale inf, an inverted range quantized."""
+    model = fixtures.build_yolov5_v6(bn=False)
+    path = tmp_path / "calib.json"
+    InsertQDQ().run(model, ctx(model, calib_table=str(path)))
+    other = fixtures.build_yolov5_v6(bn=False, seed=1)   # same graph and names, other weights
+    assert {t.name for t in other.graph.initializer} == {t.name for t in model.graph.initializer}
+    with pytest.raises(UsageError, match=r"calib.json: calibration table was made for another model"):
+        InsertQDQ().run(other, ctx(other, calib_table=str(path)))
+    assert InsertQDQ().run(model, ctx(model, calib_table=str(path))).modified   # its own model loads it
+    saved = json.loads(path.read_text())
+    name = next(iter(saved["tensors"]))
+    for rmin, rmax in (("nan", 1.0), (0.0, "inf"), (5.0, 1.0)):
+        bad = dict(saved, tensors={**saved["tensors"], name: {**saved["tensors"][name], "rmin": rmin, "rmax": rmax}})
+        path.write_text(json.dumps(bad))
+        with pytest.raises(UsageError, match=rf"calib.json: tensor '{re.escape(name)}' has range \[.*\]; a "
+                                             "range must be finite, its minimum at most its maximum"):
+            InsertQDQ().run(model, ctx(model, calib_table=str(path)))
 
 
 def _scales(m: onnx.ModelProto) -> Dict[str, float]:
