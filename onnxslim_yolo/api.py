@@ -184,7 +184,7 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
     if opts.labels is not None:
         for n in ("insert-qdq", "prune-channels"):
             options.setdefault(n, {}).setdefault("labels", str(opts.labels))
-            options.setdefault(n, {}).setdefault("images", str(opts.images or opts.calib))
+            options.setdefault(n, {}).setdefault("images", _eval_images(opts))
     return PassContext(options=options, calib_inputs=calib, tolerances=opts.tolerances, seed=opts.seed,
                        dump_dir=Path(opts.dump_dir) if opts.dump_dir else None, input_shapes=shapes,
                        fix_input_shapes=fix, verify=opts.verify)
@@ -219,7 +219,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         _require_runs_at(loaded or verify.session(original, optimize=False, threads=1), src, ctx, original,
                          opts.input_shape)
     del loaded
-    if opts.labels is not None and _eval_images(opts) is not None:
+    if opts.labels is not None:
         _require_detections(original, src, ctx)
     result = PassManager(passes, ctx).run(original)
     checks = run_final_checks(original, result, opts) if opts.check else None
@@ -243,6 +243,10 @@ def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:
         value = getattr(opts, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise UsageError(f"{key} must be a whole number of images >= 1, got {value!r}")
+    if opts.labels is not None and _eval_images(opts) is None:   # it failed after all the work
+        raise UsageError("--labels needs images to score: pass --images DIR (images=)" +
+                         (f"; --calib {Path(str(opts.calib)).name} holds arrays, not named images"
+                          if opts.calib is not None else ""))
     if "insert-qdq" not in names:
         return
     if opts.calib is None:
@@ -433,9 +437,7 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
     elif opts.labels is not None:
         from .evaluate import evaluate
 
-        images = opts.images or opts.calib
-        if images is None:
-            raise UsageError("--labels needs --images (or --calib) to know which images to score")
+        images = _eval_images(opts)   # refused up front when there are none
         acc = {}
         for key, m in (("before", before), ("after", after)):
             acc[key] = evaluate(m, images, opts.labels, preset=opts.preprocess, limit=opts.eval_limit,
