@@ -145,7 +145,8 @@ def _given(param: str) -> bool:
 @click.option("--calib-table", type=click.Path(),
               help="Load the calibration table from (or save it to) JSON.")
 @click.option("--max-drop", type=Number(min=0), help="Mixed precision: keep sensitive nodes float until the "
-              "measured mAP loss (points) is within this.")
+              "measured mAP loss (points, with --labels; else 100 x (1 - agreement with the float model)) "
+              "is within this.")
 @click.option("--prune", type=float, help="Channel pruning: target fraction of multiply-adds removed.")
 @click.option("--round-to", type=int, default=8, show_default=True,
               help="Pruned channel counts multiple of N (a layer no wider than N is kept whole).")

@@ -204,6 +204,10 @@ class Controller:
         o = self.o
         loss = metrics.DetectionLoss(self.q.model, self.q.feeds[: o.mixed_images], o.labels, o.images,
                                      o.threads)
+        if not o.labels:   # the help says mAP points: say what is measured instead
+            log.warning("insert-qdq: max_drop %s without labels is measured as %s on %d calibration images, "
+                        "not in mAP points (--labels DIR for those)", o.max_drop, loss.kind,
+                        len(self.q.feeds[: o.mixed_images]))
         out = self.search(built, loss, float(o.max_drop), "mixed_precision",
                           "mixed precision: {unit} restored to meet max_drop")
         self.report.details["mixed_precision"]["loss"] = loss.kind

@@ -536,9 +536,13 @@ def test_measured_placement_reports_timings() -> None:
     assert set(res.report.details["int8_layers"]).isdisjoint(slower)
 
 
-def test_sensitivity_and_mixed_precision() -> None:
+def test_sensitivity_and_mixed_precision(caplog) -> None:
     model = fixtures.build_yolov8(bn=False)
-    res = InsertQDQ().run(model, ctx(model, sensitivity=True, max_drop=1e9, mixed_images=2))
+    with caplog.at_level("WARNING"):
+        res = InsertQDQ().run(model, ctx(model, sensitivity=True, max_drop=1e9, mixed_images=2))
+    # without labels the drop is not in mAP points, as the option's help says: the log says so
+    assert "max_drop 1000000000.0 without labels is measured as 100 x (1 - detection agreement with the " \
+           "float model) on 2 calibration images, not in mAP points" in caplog.text
     sens = res.report.details["sensitivity"]
     gains = [r["sqnr_gain_db"] for r in sens["ranking"]]
     assert gains == sorted(gains, reverse=True) and len(gains) >= res.report.counts["int8_layers"]
