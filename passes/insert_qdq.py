@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 import onnx
 
 from onnxslim_yolo import ir, verify
+from onnxslim_yolo.analysis.head import WEIGHT_OPS
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 from onnxslim_yolo.quant import ranges, rewrite
 from onnxslim_yolo.quant.accuracy import Controller
@@ -103,7 +104,11 @@ class InsertQDQ(Pass):
         report.count("int8_layers", len(plan.layers))
         report.count("int8_ops", len(plan.int8_ops))
         report.count("quantized_tensors", len(plan.activations))
-        report.count("float_layers", sum(1 for n in plan.float_nodes if n not in plan.int8_ops))
+        ops = {n.name: n.op_type for n in q.model.graph.node}
+        kept = [n for n in plan.float_nodes if n not in plan.int8_ops]
+        layers = sum(1 for n in kept if ops.get(n) in WEIGHT_OPS)   # Sigmoid and Mul are no layers
+        report.count("float_layers", layers)
+        report.count("float_ops", len(kept) - layers)
         report.count("int32_biases", len(b.record.int32_bias))
         if b.record.constants:
             report.count("quantized_constants", len(b.record.constants))

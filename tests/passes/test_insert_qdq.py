@@ -875,3 +875,19 @@ def test_a_float_layernorm_between_int8_matmuls_is_not_taken_for_a_wasted_conver
     assert fusion.status == "pass", fusion.message
     feeds = verify.random_feeds(model, 4, 1)
     assert min(d.cosine for d in verify.compare_models(model, res.model, feeds)) > 0.99
+
+
+@pytest.mark.parametrize("family", sorted(fixtures.FAMILIES))
+def test_float_layers_counts_the_weight_layers_left_float(family: str) -> None:
+    """float_layers counted every node kept float (Sigmoid, Mul: 6 'layers' where 4 Convs were
+    float on yolov5n); it counts weight layers now, the other ops apart."""
+    _, res = quantized(family)
+    m = res.model
+    prod = {o: n for n in m.graph.node for o in n.output}
+    tail = set(res.report.details["head"]["tail_nodes"])
+    float_layers = [n.name for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                    and n.name not in tail and getattr(prod.get(n.input[1]), "op_type", "") != "DequantizeLinear"]
+    counts = res.report.counts
+    assert float_layers and counts["float_layers"] == len(float_layers)
+    assert counts["float_ops"] == sum(1 for n in res.report.skipped if n["node"] not in float_layers
+                                      and not n["reason"].startswith("bias kept float"))
