@@ -253,24 +253,20 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds],
     """The decoded class scores of two runs of ``model``'s outputs on ``feeds`` (``outputs``:
     "reference" and "new", graph outputs per feed, as :func:`.verify.compare_models` keeps them,
     both read as ``model``'s), the feed with the lowest cosine, when the outputs are candidate rows
-    (:data:`..eval.decode.ROW_FORMATS`); None otherwise. A decoded output's box pixels (up to the
-    input size) outweigh its scores (0-1) in one cosine: a head whose objectness is gone, or whose
-    classes are swapped, kept a cosine of 1.0000 over the whole output."""
+    (:func:`..eval.anchors.class_scores_reader`); None otherwise."""
     from ..data import feed_hw, model_input
-    from ..eval.anchors import OutputReader
-    from ..eval.decode import ROW_FORMATS, decode_rows, outputs_format
+    from ..eval.anchors import class_scores_reader
 
     worst: Optional[verify.OutputDiff] = None
     try:
-        name, read = model_input(model)[0], OutputReader(model)
+        name = model_input(model)[0]
         sizes = [feed_hw(f[name]) for f in feeds]   # each feed's own size (a dynamic model's too)
         refs, news = outputs["reference"], outputs["new"]
-        fmt = outputs_format(model, list(refs[0]), sizes[0])
-        if fmt not in ROW_FORMATS:
+        scores = class_scores_reader(model, refs[0], sizes[0])
+        if scores is None:
             return None
         for hw, a, b in zip(sizes, refs, news):
-            d = verify.diff("class scores", decode_rows(read(list(a), hw), fmt, hw)[1],
-                            decode_rows(read(list(b), hw), fmt, hw)[1])
+            d = verify.diff("class scores", scores(a, hw), scores(b, hw))
             if worst is None or not d.cosine >= worst.cosine:
                 worst = d
     except (SlimError, ValueError, IndexError, KeyError):

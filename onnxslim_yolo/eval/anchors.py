@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -70,6 +70,24 @@ class OutputReader:
             maps = v2_anchor_maps(v2_from_raw(outputs, raw[1]), raw[0])
             return decode_maps(maps, input_hw, v2_anchors(self.anchors))
         return detection_output(outputs, input_hw, self.anchors, self.extra, self.rotated)
+
+
+ScoresOf = Callable[[Sequence[np.ndarray], Sequence[int]], np.ndarray]
+
+
+def class_scores_reader(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
+                        input_hw: Sequence[int]) -> Optional[ScoresOf]:
+    """``(graph outputs, input (h, w)) -> decoded class scores`` of ``model``, when ``outputs`` (one
+    run's, at ``input_hw``) are candidate rows (:data:`.decode.ROW_FORMATS`); None otherwise. A
+    decoded output's box pixels (up to the input size) outweigh its scores (0-1) in one cosine, so
+    the scores are compared on their own: a head with swapped classes kept a cosine of 1.0000."""
+    from .decode import ROW_FORMATS, decode_rows, outputs_format
+
+    read = OutputReader(model)
+    fmt = outputs_format(model, list(outputs), input_hw)
+    if fmt not in ROW_FORMATS:
+        return None
+    return lambda outs, hw: decode_rows(read(list(outs), hw), fmt, hw)[1]
 
 
 def model_anchors(model: onnx.ModelProto) -> Optional[Tuple[Tuple[float, ...], ...]]:
@@ -194,5 +212,5 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     return np.concatenate(rows, 1).astype(np.float32, copy=False)
 
 
-__all__ = ["ANCHORS_KEY", "DEFAULT_ANCHORS", "anchor_layout", "decode_maps", "model_anchors", "parse_anchors",
-           "per_cell", "with_anchors"]
+__all__ = ["ANCHORS_KEY", "DEFAULT_ANCHORS", "anchor_layout", "class_scores_reader", "decode_maps",
+           "model_anchors", "parse_anchors", "per_cell", "with_anchors"]

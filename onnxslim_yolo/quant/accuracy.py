@@ -218,19 +218,21 @@ class Controller:
         if id(model) not in self._quality:
             extra = list(self.q.head.last_conv_outputs) + self.frontier
             self._quality[id(model)] = metrics.output_quality(self.q.model, model, feeds, extra,
-                                                              self.o.threads)
+                                                              self.o.threads, class_scores=True)
         return self._quality[id(model)]
 
     def guard(self, built: Built, feeds: Sequence[Feeds], floor: float) -> Built:
-        """Keep the worst output cosine on ``feeds`` at or above ``floor`` (+ a margin)."""
+        """Keep the worst output cosine on ``feeds`` at or above ``floor`` (+ a margin), the
+        decoded class scores' included, as the final checks hold them to the same floor."""
         target = floor + GUARD_MARGIN
         # outputs after an NMS/TopK are judged by what is fed into it, each tensor on its own
         # (stricter than the manager, which joins them)
         outs = [o.name for o in self.q.model.graph.output if o.name not in self.selected] + self.frontier
+        outs += [metrics.CLASS_SCORES] if not self.selected else []
 
         def worst(m: onnx.ModelProto) -> float:
             qual = self.quality(m, feeds)
-            return min(qual[n]["cosine_min"] for n in outs)
+            return min(qual[n]["cosine_min"] for n in outs if n in qual)
 
         cos = worst(built.model)
         if cos >= target or not built.plan.units:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .. import verify
+from ..pass_base import SlimError
 from ..analysis.activations import with_outputs
 
 log = logging.getLogger(__name__)
@@ -24,16 +25,29 @@ log = logging.getLogger(__name__)
 Feeds = Dict[str, np.ndarray]
 
 
+#: the decoded class scores' entry in :func:`output_quality`, and their row in the checks
+CLASS_SCORES = "class scores"
+
+
 def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
-                   extra: Sequence[str] = (), threads: int = 0) -> Dict[str, Dict[str, float]]:
-    """``{output: {cosine_mean, cosine_min, sqnr_db_mean, sqnr_db_min}}`` over ``feeds``."""
+                   extra: Sequence[str] = (), threads: int = 0,
+                   class_scores: bool = False) -> Dict[str, Dict[str, float]]:
+    """``{output: {cosine_mean, cosine_min, sqnr_db_mean, sqnr_db_min}}`` over ``feeds``; with
+    ``class_scores``, and outputs that are candidate rows, also ``"class scores"`` decoded (as the
+    final checks compare them: box pixels outweigh the scores in a cosine over the whole output)."""
+    from ..data import feed_hw, model_input
+    from ..eval.anchors import ScoresOf, class_scores_reader
+
+    n_out = len(ref.graph.output)
     outs = [o.name for o in ref.graph.output] + [n for n in extra]
     rs = verify.session(with_outputs(ref, extra), threads=threads)
     ns = verify.session(with_outputs(new, extra), threads=threads)
     cos: Dict[str, List[float]] = {n: [] for n in outs}
     sq: Dict[str, List[float]] = {n: [] for n in outs}
+    scores: Optional[ScoresOf] = None   # read off the first feed's outputs
     for f in feeds:
-        for name, a, b in zip(outs, rs.run(outs, f), ns.run(outs, f)):
+        ra, na = rs.run(outs, f), ns.run(outs, f)
+        for name, a, b in zip(outs, ra, na):
             if a.shape != b.shape:  # an output after NMS kept another number of rows
                 cos[name].append(0.0)
                 sq[name].append(float("-inf"))
@@ -41,11 +55,24 @@ def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
             d = verify.diff(name, a, b)
             cos[name].append(d.cosine)
             sq[name].append(d.sqnr_db)  # over the finite values, as the cosine (verify.diff)
+        if class_scores:
+            try:
+                hw = feed_hw(f[model_input(ref)[0]])
+                scores = scores or class_scores_reader(ref, ra[:n_out], hw)
+                if scores is None:   # no candidate rows: nothing to decode
+                    class_scores = False
+                    continue
+                d = verify.diff(CLASS_SCORES, scores(ra[:n_out], hw), scores(na[:n_out], hw))
+            except (SlimError, ValueError, IndexError, KeyError):   # outputs it cannot decode
+                class_scores = False
+                continue
+            cos.setdefault(CLASS_SCORES, []).append(d.cosine)
+            sq.setdefault(CLASS_SCORES, []).append(d.sqnr_db)
     return {n: {"cosine_mean": round(float(np.mean(cos[n])), 6),
                 "cosine_min": round(float(np.min(cos[n])), 6),
                 "sqnr_db_mean": round(float(np.mean(sq[n])), 2),
                 "sqnr_db_min": round(float(np.min(sq[n])), 2)}
-            for n in outs if cos[n]}
+            for n in cos if cos[n]}
 
 
 def _row_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

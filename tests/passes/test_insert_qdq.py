@@ -569,6 +569,38 @@ def test_guard_keeps_the_manager_floor() -> None:
     assert res.report.counts["int8_layers"] >= 1
 
 
+def test_the_guard_holds_the_decoded_class_scores_to_the_floor_too(monkeypatch) -> None:
+    """The final checks compare the decoded class scores on their own (box pixels outweigh them in
+    a cosine over the whole output). The guard watched whole outputs only: yolov5n with --method
+    entropy passed it (cosine 0.9995) and failed the checks (class scores 0.838, exit 1). Here a
+    stand-in measurement puts the class scores below the floor while more than half of the Convs
+    are INT8; the guard restores layers until they are not."""
+    from onnxslim_yolo.quant import metrics
+
+    model = fixtures.build_yolov5_v6(bn=False)
+    convs = sum(n.op_type == "Conv" for n in model.graph.node)
+    real = metrics.output_quality
+
+    def int8_convs(m: onnx.ModelProto) -> int:
+        dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return sum(n.op_type == "Conv" and n.input[1] in dq for n in m.graph.node)
+
+    def stand_in(ref, new, feeds, extra=(), threads=0, class_scores=False):
+        # every output and head map well above the floor; the class scores below it, as measured
+        q = {k: dict(v, cosine_min=0.999) for k, v in real(ref, new, feeds, extra, threads, class_scores).items()}
+        if class_scores:
+            low = int8_convs(new) > convs // 2
+            q[metrics.CLASS_SCORES] = dict(q[metrics.CLASS_SCORES], cosine_min=0.5 if low else 0.95)
+        return q
+
+    monkeypatch.setattr(metrics, "output_quality", stand_in)
+    res = InsertQDQ().run(model, ctx(model, guard=True))
+    guard = res.report.details["guard"]
+    assert guard["cosine_before"] == 0.5 and guard["met"] and guard["restored"]
+    assert 0 < int8_convs(res.model) <= convs // 2
+    assert res.report.details["quality"]["outputs"][metrics.CLASS_SCORES]["cosine_min"] == 0.95
+
+
 def test_guard_judges_an_nms_output_by_its_candidates() -> None:
     """With NMS inside the graph, the kept rows reorder under INT8 noise: judged by them (cosine far
     below the floor) the guard would restore every layer. It measures the boxes and scores fed to
