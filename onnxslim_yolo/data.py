@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import ir
-from .pass_base import PreconditionError, UsageError
+from .pass_base import PreconditionError, UsageError, warn_once
 
 if TYPE_CHECKING:
     from .check.index import GraphIndex
@@ -554,10 +554,14 @@ def _array_batches(path: Path) -> List[np.ndarray]:
 
 def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dtype,
                  limit: Optional[int], progress: bool, batch: int = 1, last: bool = False,
-                 aux: Optional[Mapping[str, np.dtype]] = None) -> Iterator[Feeds]:
+                 aux: Optional[Mapping[str, np.dtype]] = None, expected: Optional[Preset] = None
+                 ) -> Iterator[Feeds]:
     """Feeds from an array file whose tensors are in the model's layout (NHWC when ``last``), with
-    the model's ``aux`` inputs (:func:`add_aux`)."""
+    the model's ``aux`` inputs (:func:`add_aux`); a warning when their values do not look like
+    what the ``expected`` preprocessing gives."""
     batches = _array_batches(path)
+    if expected is not None:
+        _warn_array_range(path, batches, expected)
     for a in batches:
         c, hw = (a.shape[3], a.shape[1:3]) if last else (a.shape[1], a.shape[2:])
         if c != chw[0]:
@@ -570,6 +574,28 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
     samples = samples[:limit] if limit else samples
     for g in _progress(groups(samples, batch), -(-len(samples) // batch), "tensors", progress):
         yield add_aux({name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}, name, aux)
+
+
+def preset_range(p: Preset) -> Tuple[float, float]:
+    """The smallest and largest value ``p`` gives a pixel (0 to 255 through its scale, mean, std)."""
+    ends = np.array([0.0, 255.0]) * p.scale
+    if p.mean is not None and p.std is not None:
+        ends = (ends[:, None] - np.asarray(p.mean)) / np.asarray(p.std)
+    return float(np.min(ends)), float(np.max(ends))
+
+
+def _warn_array_range(src: Path, values: Sequence[np.ndarray], p: Preset) -> None:
+    """A warning when an array file's values span far more or far less than the model's
+    preprocessing ``p`` gives images (arrays of pixels 0-255 for a model fed pixels / 255 were
+    taken as they were: the INT8 model passed its own check and detected nothing on real images)."""
+    lo, hi = preset_range(p)
+    got_lo, got_hi = min(float(a.min()) for a in values), max(float(a.max()) for a in values)
+    span, got = hi - lo, got_hi - got_lo
+    if got > 8 * span or 0 < got < span / 16:   # ImageNet-normalised arrays (span 4.7) for 0-1 pass
+        warn_once(log, ("array range", str(src)),
+                  "%s: values span %.4g to %.4g, where the model's preprocessing (%s) gives images %.4g to "
+                  "%.4g: are these tensors preprocessed as the model expects?", src, got_lo, got_hi,
+                  describe_preset(p), lo, hi)
 
 
 def _require_rgb(src: Path, name: str, chw: Tuple[int, int, int]) -> None:
@@ -595,8 +621,12 @@ def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] 
     if src.suffix.lower() in ARRAY_SUFFIXES:
         if not src.is_file():
             raise UsageError(f"{src}: no such file")
+        try:
+            expected: Optional[Preset] = get_preset(preset, model)
+        except UsageError:   # no preprocessing known: the arrays are taken as they are
+            expected = None
         yield from _iter_arrays(src, name, chw, dtype, limit, progress, model_batch(model, input_shape),
-                                channels_last(model), aux_inputs(model))
+                                channels_last(model), aux_inputs(model), expected)
         return
     _require_rgb(src, name, chw)
     p = get_preset(preset, model)

@@ -465,3 +465,25 @@ def test_array_files_that_are_no_arrays_or_hold_nan_are_one_line_errors(tmp_path
     ok = tmp_path / "ok.npz"
     np.savez(ok, a=np.zeros((2, 3, 8, 8), np.float32), b=np.ones((3, 8, 8), np.uint8))
     assert [a.shape for a in data._array_batches(ok)] == [(2, 3, 8, 8), (1, 3, 8, 8)]
+
+
+@pytest.mark.parametrize("scale, warned", [(255.0, True), (1.0, False), (1 / 255, True)])
+def test_array_values_unlike_the_models_preprocessing_are_warned_about(tmp_path: Path, caplog, scale: float,
+                                                                       warned: bool):
+    """Arrays of pixels 0-255 for a model fed pixels / 255 were taken as they were: the INT8
+    model passed its own check and detected nothing on real images. Arrays 0-1 pass; 0-1/255 and
+    0-255 warn, naming what the model's preprocessing gives."""
+    from onnxslim_yolo.pass_base import WARNED
+
+    model = fixtures.build_yolov5_v6(opset=13)
+    path = tmp_path / f"x{scale:g}.npy"
+    np.save(path, (np.random.default_rng(0).random((2, 3, 64, 64)) * scale).astype(np.float32))
+    WARNED.clear()
+    with caplog.at_level("WARNING"):
+        feeds = list(data.iter_inputs(path, model, progress=False))
+    assert len(feeds) == 2
+    said = [r.getMessage() for r in caplog.records if "are these tensors preprocessed" in r.getMessage()]
+    assert bool(said) is warned
+    if warned:
+        assert said[0].startswith(f"{path}: values span ") and "pixels / 255 (0-1)" in said[0]
+        assert said[0].endswith("gives images 0 to 1: are these tensors preprocessed as the model expects?")
