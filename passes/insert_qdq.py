@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import onnx
@@ -26,6 +27,8 @@ from onnxslim_yolo.quant.options import QdqOptions
 from onnxslim_yolo.quant.pipeline import Built, Quantizer
 
 log = logging.getLogger(__name__)
+#: fewer calibration images than this get a warning (the calibration choice measures on 8)
+FEW_IMAGES = 8
 
 NO_CALIB = "insert-qdq needs calibration images: pass --calib DIR"
 
@@ -74,6 +77,10 @@ class InsertQDQ(Pass):
         if not ctx.calib_inputs:
             raise PreconditionError(NO_CALIB)
         model = ir.ensure_opset(model, self.min_opset)
+        images = sum(int(next(iter(f.values())).shape[0]) for f in ctx.calib_inputs if f)
+        if images < FEW_IMAGES and not (opts.calib_table and Path(opts.calib_table).exists()):
+            log.warning("%s: %d calibration image(s): ranges from so few are noisy, and the calibration "
+                        "choice measures on %d (the default reads 64)", self.name, images, FEW_IMAGES)
         clock = _Clock(report)
         q = Quantizer(model, opts, ctx.calib_inputs)
         report.details["seconds"].update(q.seconds)

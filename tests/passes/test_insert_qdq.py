@@ -923,3 +923,14 @@ def test_float_layers_counts_the_weight_layers_left_float(family: str) -> None:
     assert float_layers and counts["float_layers"] == len(float_layers)
     assert counts["float_ops"] == sum(1 for n in res.report.skipped if n["node"] not in float_layers
                                       and not n["reason"].startswith("bias kept float"))
+
+
+def test_calibrating_on_few_images_is_warned_about(caplog) -> None:
+    """--calib-limit 1 calibrated on one image without a word (pruning warns below its 8 probes)."""
+    model = fixtures.build_yolov5_v6(bn=False)
+    for n, warned in ((2, True), (8, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            InsertQDQ().run(model, ctx(model, n=n))
+        said = "insert-qdq: 2 calibration image(s): ranges from so few are noisy" in caplog.text
+        assert said is warned and ("calibration image(s)" in caplog.text) is warned
