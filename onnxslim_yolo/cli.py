@@ -140,8 +140,8 @@ def _given(param: str) -> bool:
               default="auto", show_default=True,
               help="Calibration method (auto: per tensor, or the percentile table when it measures better).")
 @click.option("--weight-bits", type=click.Choice(["auto", "7", "8"]), default="auto", show_default=True,
-              help="INT8 weight range: auto uses 7 bits on x86 CPUs without VNNI (the CPU kernels of onnxruntime "
-                   "and OpenVINO saturate).")
+              help="INT8 weight range: auto uses 7 bits on x86 CPUs without VNNI (the CPU kernels of "
+                   "onnxruntime and OpenVINO saturate).")
 @click.option("--calib-table", type=click.Path(),
               help="Load the calibration table from (or save it to) JSON.")
 @click.option("--max-drop", type=Number(min=0), help="Mixed precision: keep sensitive nodes float until the "

@@ -924,11 +924,12 @@ def test_labels_with_calibration_arrays_and_no_images_are_refused_before_any_wor
                                                                                    model_file: Path):
     """--calib X.npy --labels DIR: arrays hold no image names to score; it failed after INT8 (41 s
     on yolov5n) with 'X.npy: not a folder'."""
-    _, images, labels = fixtures.demo_paths()
+    labels = fixtures.demo_paths()[2]
     arrays = tmp_path / "x.npy"
     np.save(arrays, np.zeros((2, 3, 64, 64), np.float32))
-    r = invoke("optimize", model_file, "-o", tmp_path / "o.onnx", "--int8", "--calib", arrays, "--labels", labels)
+    r = invoke("optimize", model_file, "-o", tmp_path / "o.onnx", "--int8", "--calib", arrays,
+               "--labels", labels)
     assert r.exit_code == 2 and not (tmp_path / "o.onnx").exists(), r.output
-    assert "error: --labels needs images to score: pass --images DIR (images=); --calib x.npy holds arrays, " \
-           "not named images" in r.output
+    assert "error: --labels needs images to score: pass --images DIR (images=); --calib x.npy holds " \
+           "arrays, not named images" in r.output
     assert "insert-qdq" not in r.output   # no pass ran

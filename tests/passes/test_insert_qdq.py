@@ -438,7 +438,8 @@ def test_a_calibration_table_for_another_model_or_with_broken_ranges_is_refused(
     saved = json.loads(path.read_text())
     name = next(iter(saved["tensors"]))
     for rmin, rmax in (("nan", 1.0), (0.0, "inf"), (5.0, 1.0)):
-        bad = dict(saved, tensors={**saved["tensors"], name: {**saved["tensors"][name], "rmin": rmin, "rmax": rmax}})
+        entry = {**saved["tensors"][name], "rmin": rmin, "rmax": rmax}
+        bad = dict(saved, tensors={**saved["tensors"], name: entry})
         path.write_text(json.dumps(bad))
         with pytest.raises(UsageError, match=rf"calib.json: tensor '{re.escape(name)}' has range \[.*\]; a "
                                              "range must be finite, its minimum at most its maximum"):
@@ -587,7 +588,8 @@ def test_the_guard_holds_the_decoded_class_scores_to_the_floor_too(monkeypatch) 
 
     def stand_in(ref, new, feeds, extra=(), threads=0, class_scores=False):
         # every output and head map well above the floor; the class scores below it, as measured
-        q = {k: dict(v, cosine_min=0.999) for k, v in real(ref, new, feeds, extra, threads, class_scores).items()}
+        measured = real(ref, new, feeds, extra, threads, class_scores)
+        q = {k: dict(v, cosine_min=0.999) for k, v in measured.items()}
         if class_scores:
             low = int8_convs(new) > convs // 2
             q[metrics.CLASS_SCORES] = dict(q[metrics.CLASS_SCORES], cosine_min=0.5 if low else 0.95)
@@ -917,8 +919,9 @@ def test_float_layers_counts_the_weight_layers_left_float(family: str) -> None:
     m = res.model
     prod = {o: n for n in m.graph.node for o in n.output}
     tail = set(res.report.details["head"]["tail_nodes"])
-    float_layers = [n.name for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-                    and n.name not in tail and getattr(prod.get(n.input[1]), "op_type", "") != "DequantizeLinear"]
+    weights = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    float_layers = [n.name for n in m.graph.node if n.op_type in weights and n.name not in tail
+                    and getattr(prod.get(n.input[1]), "op_type", "") != "DequantizeLinear"]
     counts = res.report.counts
     assert float_layers and counts["float_layers"] == len(float_layers)
     assert counts["float_ops"] == sum(1 for n in res.report.skipped if n["node"] not in float_layers
