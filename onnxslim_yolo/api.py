@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,8 @@ def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:
         raise UsageError(f"target '{opts.target}' is none of {', '.join(TARGETS)}")
     for key in ("calib_limit", "eval_limit"):
         value = getattr(opts, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                  or value < 1):
             raise UsageError(f"{key} must be a whole number of images >= 1, got {value!r}")
     if opts.labels is not None and _eval_images(opts) is None:   # it failed after all the work
         raise UsageError("--labels needs images to score: pass --images DIR (images=)" +

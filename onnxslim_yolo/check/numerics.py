@@ -255,7 +255,7 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds],
     both read as ``model``'s), the feed with the lowest cosine, when the outputs are candidate rows
     (:func:`..eval.anchors.class_scores_reader`); None otherwise."""
     from ..data import feed_hw, model_input
-    from ..eval.anchors import class_scores_reader
+    from ..eval.anchors import CLASS_SCORES, class_scores_reader
 
     worst: Optional[verify.OutputDiff] = None
     try:
@@ -266,7 +266,7 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds],
         if scores is None:
             return None
         for hw, a, b in zip(sizes, refs, news):
-            d = verify.diff("class scores", scores(a, hw), scores(b, hw))
+            d = verify.diff(CLASS_SCORES, scores(a, hw), scores(b, hw))
             if worst is None or not d.cosine >= worst.cosine:
                 worst = d
     except (SlimError, ValueError, IndexError, KeyError):

@@ -73,6 +73,8 @@ class OutputReader:
 
 
 ScoresOf = Callable[[Sequence[np.ndarray], Sequence[int]], np.ndarray]
+#: the name the decoded class scores are compared under (the checks' row, the INT8 quality's entry)
+CLASS_SCORES = "class scores"
 
 
 def class_scores_reader(model: onnx.ModelProto, outputs: Sequence[np.ndarray],
@@ -212,5 +214,5 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     return np.concatenate(rows, 1).astype(np.float32, copy=False)
 
 
-__all__ = ["ANCHORS_KEY", "DEFAULT_ANCHORS", "anchor_layout", "class_scores_reader", "decode_maps",
+__all__ = ["ANCHORS_KEY", "CLASS_SCORES", "DEFAULT_ANCHORS", "anchor_layout", "class_scores_reader", "decode_maps",
            "model_anchors", "parse_anchors", "per_cell", "with_anchors"]

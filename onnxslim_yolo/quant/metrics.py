@@ -17,16 +17,13 @@ import numpy as np
 import onnx
 
 from .. import verify
-from ..pass_base import SlimError
 from ..analysis.activations import with_outputs
+from ..eval.anchors import CLASS_SCORES
+from ..pass_base import SlimError
 
 log = logging.getLogger(__name__)
 
 Feeds = Dict[str, np.ndarray]
-
-
-#: the decoded class scores' entry in :func:`output_quality`, and their row in the checks
-CLASS_SCORES = "class scores"
 
 
 def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[Feeds],
