@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 QParams = Dict[str, Tuple[float, int]]
 #: the table's meta key for the fingerprint of the float model its ranges were calibrated on
 MODEL_KEY = "model_fingerprint"
+#: ... and for the calibration method asked for when it was made
+METHOD_KEY = "method"
 
 
 def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method: str, percentile: float,
@@ -42,12 +44,16 @@ def base_table(model: onnx.ModelProto, plan: QuantPlan, feeds: Sequence, method:
     tensors = [n for n in plan.activations if n not in plan.fixed and n not in plan.derived]
     info: Dict[str, object] = {}
     if table_path:   # a table records the model it ranges, to be refused for another one
-        meta = {**meta, MODEL_KEY: fingerprint(model)}
+        meta = {**meta, MODEL_KEY: fingerprint(model), METHOD_KEY: method}
     if table_path and Path(table_path).exists():
         table = CalibrationTable.from_json(table_path)
         if table.meta.get(MODEL_KEY, meta[MODEL_KEY]) != meta[MODEL_KEY]:
             raise UsageError(f"{table_path}: calibration table was made for another model (its weights or "
                              "graph differ from this one's after the exact passes): delete it to recalibrate")
+        if table.meta.get(METHOD_KEY, method) != method:   # the table's ranges win, silently before
+            log.warning("%s: ranges loaded from the table, calibrated with method %s; method %s is not "
+                        "applied (delete the table to recalibrate)", table_path, table.meta[METHOD_KEY],
+                        method)
         if table.qdtype != t.act_qdtype or table.symmetric != t.act_symmetric:
             raise UsageError(f"{table_path}: calibration table is for {table.qdtype}"
                              f"{' symmetric' if table.symmetric else ''}, target {t.name} needs "

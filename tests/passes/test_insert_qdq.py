@@ -423,7 +423,7 @@ def test_calibration_table_saved_then_loaded(tmp_path) -> None:
         InsertQDQ().run(model, ctx(model, calib_table=str(path), target="tensorrt"))
 
 
-def test_a_calibration_table_for_another_model_or_with_broken_ranges_is_refused(tmp_path) -> None:
+def test_a_calibration_table_for_another_model_or_with_broken_ranges_is_refused(tmp_path, caplog) -> None:
     """A table saved for one model loaded silently for another with the same tensor names (other
     weights: class-score cosine 0.001 on yolov5n), and a hand-edited range ran: NaN wrote scale 1,
     inf wrote scale inf, an inverted range quantized."""
@@ -435,6 +435,11 @@ def test_a_calibration_table_for_another_model_or_with_broken_ranges_is_refused(
     with pytest.raises(UsageError, match=r"calib.json: calibration table was made for another model"):
         InsertQDQ().run(other, ctx(other, calib_table=str(path)))
     assert InsertQDQ().run(model, ctx(model, calib_table=str(path))).modified   # its own model loads it
+    # another method asked of a saved table: the table's ranges are used, and that is said
+    with caplog.at_level("WARNING"):
+        InsertQDQ().run(model, ctx(model, calib_table=str(path), method="minmax"))
+    assert "ranges loaded from the table, calibrated with method auto; method minmax is not applied" \
+        in caplog.text
     saved = json.loads(path.read_text())
     name = next(iter(saved["tensors"]))
     for rmin, rmax in (("nan", 1.0), (0.0, "inf"), (5.0, 1.0)):
