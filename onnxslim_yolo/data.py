@@ -576,7 +576,7 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
         yield add_aux({name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}, name, aux)
 
 
-def preset_range(p: Preset) -> Tuple[float, float]:
+def _preset_range(p: Preset) -> Tuple[float, float]:
     """The smallest and largest value ``p`` gives a pixel (0 to 255 through its scale, mean, std)."""
     ends = np.array([0.0, 255.0]) * p.scale
     if p.mean is not None and p.std is not None:
@@ -588,7 +588,7 @@ def _warn_array_range(src: Path, values: Sequence[np.ndarray], p: Preset) -> Non
     """A warning when an array file's values span far more or far less than the model's
     preprocessing ``p`` gives images (arrays of pixels 0-255 for a model fed pixels / 255 were
     taken as they were: the INT8 model passed its own check and detected nothing on real images)."""
-    lo, hi = preset_range(p)
+    lo, hi = _preset_range(p)
     got_lo, got_hi = min(float(a.min()) for a in values), max(float(a.max()) for a in values)
     span, got = hi - lo, got_hi - got_lo
     if got > 8 * span or 0 < got < span / 16:   # ImageNet-normalised arrays (span 4.7) for 0-1 pass

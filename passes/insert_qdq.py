@@ -27,7 +27,7 @@ from onnxslim_yolo.quant.options import QdqOptions
 from onnxslim_yolo.quant.pipeline import Built, Quantizer
 
 log = logging.getLogger(__name__)
-#: fewer calibration images than this get a warning (the calibration choice measures on 8)
+#: fewer calibration images than this get a warning
 FEW_IMAGES = 8
 
 NO_CALIB = "insert-qdq needs calibration images: pass --calib DIR"
@@ -79,8 +79,8 @@ class InsertQDQ(Pass):
         model = ir.ensure_opset(model, self.min_opset)
         images = sum(int(next(iter(f.values())).shape[0]) for f in ctx.calib_inputs if f)
         if images < FEW_IMAGES and not (opts.calib_table and Path(opts.calib_table).exists()):
-            log.warning("%s: %d calibration image(s): ranges from so few are noisy, and the calibration "
-                        "choice measures on %d (the default reads 64)", self.name, images, FEW_IMAGES)
+            log.warning("%s: %d calibration image(s): ranges from fewer than %d are noisy (the default "
+                        "reads 64)", self.name, images, FEW_IMAGES)
         clock = _Clock(report)
         q = Quantizer(model, opts, ctx.calib_inputs)
         report.details["seconds"].update(q.seconds)

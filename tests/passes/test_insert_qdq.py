@@ -940,5 +940,5 @@ def test_calibrating_on_few_images_is_warned_about(caplog) -> None:
         caplog.clear()
         with caplog.at_level("WARNING"):
             InsertQDQ().run(model, ctx(model, n=n))
-        said = "insert-qdq: 2 calibration image(s): ranges from so few are noisy" in caplog.text
+        said = "insert-qdq: 2 calibration image(s): ranges from fewer than 8 are noisy" in caplog.text
         assert said is warned and ("calibration image(s)" in caplog.text) is warned
