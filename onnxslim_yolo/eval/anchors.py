@@ -214,5 +214,5 @@ def decode_maps(outputs: Sequence[np.ndarray], input_hw: Optional[Sequence[int]]
     return np.concatenate(rows, 1).astype(np.float32, copy=False)
 
 
-__all__ = ["ANCHORS_KEY", "CLASS_SCORES", "DEFAULT_ANCHORS", "anchor_layout", "class_scores_reader", "decode_maps",
-           "model_anchors", "parse_anchors", "per_cell", "with_anchors"]
+__all__ = ["ANCHORS_KEY", "CLASS_SCORES", "DEFAULT_ANCHORS", "anchor_layout", "class_scores_reader",
+           "decode_maps", "model_anchors", "parse_anchors", "per_cell", "with_anchors"]
