@@ -663,6 +663,14 @@ class ImageFeeds(SequenceABC):
                        self.name, self.aux)
 
 
+def sample_count(feeds: Sequence[Feeds]) -> int:
+    """How many images ``feeds`` hold (each feed's batch); an :class:`ImageFeeds` is counted by its
+    files, without reading them."""
+    if isinstance(feeds, ImageFeeds):
+        return len(feeds.files)
+    return sum(int(next(iter(f.values())).shape[0]) for f in feeds if f)
+
+
 def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[str] = None,
                      limit: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
                      progress: bool = True) -> Sequence[Feeds]:
@@ -689,4 +697,4 @@ __all__ = ["Preset", "PRESETS", "Meta", "list_images", "read_image", "letterbox"
            "detect_preset", "preset_choice", "describe_preset", "get_preset", "takes_pixels", "model_input",
            "channels_last", "AUX_INPUTS", "aux_inputs", "image_inputs", "aux_value", "add_aux",
            "full_input_shape", "to_layout", "model_batch", "groups", "iter_images", "iter_inputs",
-           "load_calibration", "ImageFeeds"]
+           "load_calibration", "ImageFeeds", "sample_count"]

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 import onnx
 
 from onnxslim_yolo import ir, verify
+from onnxslim_yolo.data import sample_count
 from onnxslim_yolo.analysis.head import WEIGHT_OPS
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 from onnxslim_yolo.quant import ranges, rewrite
@@ -77,7 +78,7 @@ class InsertQDQ(Pass):
         if not ctx.calib_inputs:
             raise PreconditionError(NO_CALIB)
         model = ir.ensure_opset(model, self.min_opset)
-        images = sum(int(next(iter(f.values())).shape[0]) for f in ctx.calib_inputs if f)
+        images = sample_count(ctx.calib_inputs)   # an image folder's files, not decoded to count them
         if images < FEW_IMAGES and not (opts.calib_table and Path(opts.calib_table).exists()):
             log.warning("%s: %d calibration image(s): ranges from fewer than %d are noisy (the default "
                         "reads 64)", self.name, images, FEW_IMAGES)

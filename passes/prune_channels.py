@@ -55,6 +55,7 @@ import onnx
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis import activations, channel_rules, importance as imp, saliency, sensitivity
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, analyze_channels
+from onnxslim_yolo.data import sample_count
 from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError
 
 from . import (_prune_cost, _prune_lower, _prune_readers, _prune_refit, _prune_report, _prune_rewrite,
@@ -102,7 +103,7 @@ class PruneChannels(Pass):
         if not analysis.prunable_groups():
             raise nothing_prunable(analysis)
         feeds = activations.calib_batches(ctx.calib_inputs, opts.calib_images) if ctx.calib_inputs else []
-        samples = sum(int(next(iter(f.values())).shape[0]) for f in feeds if f)
+        samples = sample_count(feeds)
         warn = _data_warning(ctx.opts(self.name), samples, opts)
         if warn:
             log.warning("%s", warn)

@@ -487,3 +487,15 @@ def test_array_values_unlike_the_models_preprocessing_are_warned_about(tmp_path:
     if warned:
         assert said[0].startswith(f"{path}: values span ") and "pixels / 255 (0-1)" in said[0]
         assert said[0].endswith("gives images 0 to 1: are these tensors preprocessed as the model expects?")
+
+
+def test_sample_count_reads_no_image(monkeypatch):
+    """The passes count their calibration images to warn about few: an image folder's feeds were
+    decoded one by one to count them."""
+    model_path, images, _ = fixtures.demo_paths()
+    model = onnx.load(str(model_path))
+    feeds = data.load_calibration(images, model, progress=False)
+    listed = list(feeds)
+    monkeypatch.setattr(data, "read_image", lambda *a: pytest.fail("an image was decoded to count it"))
+    assert data.sample_count(feeds) == len(feeds.files) == data.sample_count(listed) > 0
+    assert data.sample_count([{"x": np.zeros((2, 3, 4, 4))}, {"x": np.zeros((3, 3, 4, 4))}]) == 5
