@@ -190,14 +190,13 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
     if calib_table:
         qdq["calib_table"] = calib_table
     # options of a pass the run does not include were ignored, with exit 0
-    for runs, flags, add in ((prune is not None or "prune-channels" in _csv(passes),
-                              ("--kept-json", "--protect", "--round-to"), "--prune RATIO"),
-                             (int8 or "insert-qdq" in _csv(passes),
-                              ("--method", "--weight-bits", "--calib-table"), "--int8")):
+    for runs, flags, what, add in ((prune is not None or "prune-channels" in _csv(passes),
+                                    ("--kept-json", "--protect", "--round-to"), "pruning", "--prune RATIO"),
+                                   (int8 or "insert-qdq" in _csv(passes),
+                                    ("--method", "--weight-bits", "--calib-table"), "INT8", "--int8")):
         unused = [f for f in flags if _given(f[2:].replace("-", "_"))]
         if unused and not runs:
             verb = "apply" if len(unused) > 1 else "applies"
-            what = "pruning" if add.startswith("--prune") else "INT8"
             raise UsageError(f"{', '.join(unused)} only {verb} to {what}: add {add}")
     prune_opts: Dict[str, Any] = {"round_to": round_to}
     if protect:

@@ -479,7 +479,7 @@ def ensure_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------- graphsurgeon
 #: a Constant node's scalar and list attributes, and the type ONNX gives their tensor
 CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
-                   "value_ints": np.int64}
+                  "value_ints": np.int64}
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

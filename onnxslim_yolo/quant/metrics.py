@@ -42,6 +42,12 @@ def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
     cos: Dict[str, List[float]] = {n: [] for n in outs}
     sq: Dict[str, List[float]] = {n: [] for n in outs}
     scores: Optional[ScoresOf] = None   # read off the first feed's outputs
+    image = None
+    if class_scores:
+        try:
+            image = model_input(ref)[0]
+        except (SlimError, ValueError, IndexError, KeyError):   # no one image input to size the rows
+            class_scores = False
     for f in feeds:
         ra, na = rs.run(outs, f), ns.run(outs, f)
         for name, a, b in zip(outs, ra, na):
@@ -54,7 +60,7 @@ def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
             sq[name].append(d.sqnr_db)  # over the finite values, as the cosine (verify.diff)
         if class_scores:
             try:
-                hw = feed_hw(f[model_input(ref)[0]])
+                hw = feed_hw(f[image])
                 scores = scores or class_scores_reader(ref, ra[:n_out], hw)
                 if scores is None:   # no candidate rows: nothing to decode
                     class_scores = False
