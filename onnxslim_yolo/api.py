@@ -55,9 +55,15 @@ class OptimizeOptions:
     progress: bool = True
     check: bool = True                          # run the pre-deployment checks on the result
     max_drop: Optional[float] = None            # mAP points the checks allow (None: not enforced)
-    target: str = "ort-cpu"
+    target: Optional[str] = None                # INT8 rules and checks (None: the pass option's, else ort-cpu)
+    _target_given: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        # target= left out takes pass_options["insert-qdq"]["target"], so the checks and the latency
+        # run for the runtime the model was quantized for; given, it must agree (_refuse_options)
+        self._target_given = self.target is not None
+        if self.target is None:
+            self.target = (self.pass_options.get("insert-qdq") or {}).get("target") or "ort-cpu"
         # a comma-separated string, as the CLI takes it, not a sequence of its letters
         if isinstance(self.passes, str):
             self.passes = [n.strip() for n in self.passes.split(",") if n.strip()]
@@ -257,7 +263,7 @@ def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:
     qdq = opts.pass_options.get("insert-qdq", {})
     for key, value in (("target", opts.target), ("max_drop", opts.max_drop)):
         if qdq.get(key) is not None and value is not None and qdq[key] != value \
-                and not (key == "target" and value == "ort-cpu"):   # the target left at its default
+                and not (key == "target" and not opts._target_given):
             raise UsageError(f"pass_options['insert-qdq']['{key}'] {qdq[key]!r} contradicts {key}={value!r}: "
                              f"give {key}= alone")
 

@@ -915,9 +915,25 @@ def test_the_api_quantizes_for_its_target_within_its_drop_and_refuses_what_canno
             (dict(base, calib=None), r"insert-qdq needs calibration images: pass calib="),
             (dict(base, target="tensorrt", pass_options={"insert-qdq": {"target": "openvino"}}),
              r"pass_options\['insert-qdq'\]\['target'\] 'openvino' contradicts target='tensorrt'"),
+            (dict(base, target="ort-cpu", pass_options={"insert-qdq": {"target": "openvino"}}),
+             r"pass_options\['insert-qdq'\]\['target'\] 'openvino' contradicts target='ort-cpu'"),
             (dict(base, skip=["insert-qdq"]), r"skip removes insert-qdq, which int8 asks for")):
         with pytest.raises(UsageError, match=message):
             optimize(str(model_file), **kwargs)
+
+
+def test_the_api_checks_and_times_for_the_target_a_pass_option_quantized_for(model_file: Path):
+    """pass_options={"insert-qdq": {"target": "tensorrt"}} without target= quantized for TensorRT,
+    but the checks judged the model by onnxruntime-CPU's rules: target= defaulted to ort-cpu, and
+    a default could not be told from an ort-cpu asked for (which contradicts the pass option)."""
+    from onnxslim_yolo.api import OptimizeOptions, optimize
+
+    _, images, _ = fixtures.demo_paths()
+    res = optimize(str(model_file), int8=True, calib=str(images), calib_limit=2, bench=False,
+                   progress=False, pass_options={"insert-qdq": {"target": "tensorrt"}})
+    rec = next(r for r in res.pipeline.records if r.name == "insert-qdq")
+    assert rec.report["details"]["target"] == "tensorrt" and res.checks.target == "tensorrt"
+    assert OptimizeOptions().target == "ort-cpu"
 
 
 def test_labels_with_calibration_arrays_and_no_images_are_refused_before_any_work(tmp_path: Path,
