@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".mpo")
 #: EXIF's Orientation tag: 2-8 ask for the image to be turned or mirrored before it is shown
 EXIF_ORIENTATION = 0x0112
+#: the pixel count above which an image is refused (Pillow's own limit, 89 Mpx, refused 14000x14000
+#: aerial tiles): OpenCV's, which ultralytics reads with
+MAX_PIXELS = 1 << 30
 ARRAY_SUFFIXES = (".npy", ".npz")
 #: spatial size used when the model input has symbolic height/width and nothing else says
 DEFAULT_SIZE = 640
@@ -137,15 +140,27 @@ def list_images(folder: PathLike) -> List[Path]:
 _LOOKED: set = set()
 
 
+def _orientation(im: "Image.Image", path: Path) -> int:
+    """The EXIF orientation of ``im``; 1 (as stored) when its EXIF block cannot be read: the
+    pixels are fine, and OpenCV, which ultralytics reads with, ignores a broken block too."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception as exc:   # Pillow raises SyntaxError, ValueError, struct.error, ...
+        warn_once(log, ("exif", str(path)), "%s: EXIF block unreadable (%s); the image is used as stored",
+                  path, type(exc).__name__)
+        return 1
+
+
 def read_image(path: PathLike) -> np.ndarray:
     """HxWx3 uint8 RGB, as ultralytics reads it with OpenCV: turned as its EXIF orientation says
     (a phone photo is labelled as it is shown; since 2026-12-06, it was used as stored), 16-bit
     images scaled to 8 bits (Pillow clipped them: all white), grayscale, palette and RGBA images
     converted to RGB (alpha dropped)."""
     p = Path(path)
+    bomb, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS   # an aerial tile, not a bomb
     try:
         with Image.open(p) as im:
-            if im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+            if _orientation(im, p) in range(2, 9):
                 im = ImageOps.exif_transpose(im)
             im.load()
             if im.mode.startswith("I"):   # 16-bit grayscale (I;16*, or I past 255): the high byte
@@ -161,10 +176,12 @@ def read_image(path: PathLike) -> np.ndarray:
         raise UsageError(f"{p}: no such image") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         empty = p.is_file() and p.stat().st_size == 0
-        said = (str(exc).splitlines() or [""])[0][:100]
+        said = (str(exc).splitlines() or [""])[0]
         why = ("an empty file" if empty else type(exc).__name__ if isinstance(exc, UnidentifiedImageError)
                or not said else f"{type(exc).__name__}: {said}")
         raise UsageError(f"{p}: cannot decode image ({why})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise UsageError(f"{p}: decoded to shape {list(arr.shape)}, expected HxWx3")
     return arr
@@ -185,7 +202,7 @@ def letterbox(img: np.ndarray, size: Tuple[int, int], center: bool = True,
         out = img if (W, H) == (w, h) else np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
         return out, (w / W, h / H), (0, 0)
     r = min(h / H, w / W)
-    nw, nh = int(round(W * r)), int(round(H * r))
+    nw, nh = max(1, int(round(W * r))), max(1, int(round(H * r)))   # a 2000x1 sliver keeps a row
     if (nw, nh) != (W, H):
         img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
     dw, dh = (w - nw) / 2, (h - nh) / 2

@@ -249,6 +249,46 @@ def test_read_image_turns_by_exif_orientation_as_opencv_does(tmp_path: Path):
     assert data.read_image(tmp_path / "plain.jpg").shape == (20, 40, 3)
 
 
+def test_read_image_uses_a_jpeg_with_a_broken_exif_block_as_stored(tmp_path: Path, caplog):
+    """An APP1 'Exif' block that is not TIFF data stopped the run ('cannot decode image
+    (SyntaxError: not a TIFF file)'), though the pixels decode and OpenCV ignores such a block."""
+    import struct
+
+    arr = np.zeros((6, 10, 3), np.uint8)
+    arr[:, :5] = 200
+    # with a dpi, as a camera writes it (without, Pillow reads the EXIF at open for one and hides the error)
+    Image.fromarray(arr).save(tmp_path / "ok.jpg", quality=100, dpi=(72, 72))
+    raw = (tmp_path / "ok.jpg").read_bytes()
+    payload = b"Exif\x00\x00" + bytes(range(7, 71))
+    bad = tmp_path / "bad_exif.jpg"
+    bad.write_bytes(raw[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + raw[2:])
+    with caplog.at_level("WARNING"):
+        img = data.read_image(bad)
+    assert img.shape == (6, 10, 3) and np.array_equal(img, data.read_image(tmp_path / "ok.jpg"))
+    assert "bad_exif.jpg: EXIF block unreadable" in caplog.text
+
+
+def test_read_image_takes_images_past_pillows_pixel_limit_and_restores_it(tmp_path: Path, monkeypatch):
+    """A 14000x14000 aerial tile was refused as a 'DecompressionBombError' (Pillow's 89 Mpx), its
+    reason cut at 100 characters; OpenCV, which ultralytics reads with, allows 2**30 pixels."""
+    write_image(tmp_path / "tile.png", 40, 40)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # Pillow's limit, scaled down: 1600 is over twice it
+    assert data.read_image(tmp_path / "tile.png").shape == (40, 40, 3)
+    assert Image.MAX_IMAGE_PIXELS == 100   # the caller's Pillow setting is left as it was
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)
+    with pytest.raises(UsageError) as err:
+        data.read_image(tmp_path / "tile.png")
+    assert str(err.value).endswith("DOS attack.)")   # the reason whole, not cut at 100 characters
+
+
+def test_letterbox_keeps_a_row_of_a_sliver_image():
+    """A 2000x1 image at 640 rounded its height to 0 rows: 'height and width must be > 0', a
+    traceback in eval and check."""
+    out, r, pad = data.letterbox(np.full((1, 2000, 3), 9, np.uint8), (640, 640))
+    assert out.shape == (640, 640, 3) and r == pytest.approx(0.32)
+    assert (out[:, :, 0] == 9).sum(axis=0).tolist() == [1] * 640 and pad == (0, 319)
+
+
 def test_read_image_scales_16_bit_images_to_8_bits(tmp_path: Path):
     """Pillow's RGB conversion clipped 16-bit values: every pixel read 255 (mAP 0.0, calibration
     on white images), where OpenCV keeps the high byte."""
@@ -287,7 +327,7 @@ def test_read_image_errors_say_why_in_one_line(tmp_path: Path, monkeypatch):
     with pytest.raises(UsageError, match=r"empty.jpg: cannot decode image \(an empty file\)$"):
         data.read_image(tmp_path / "empty.jpg")
     write_image(tmp_path / "big.png", 40, 40)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # 1600 pixels: over twice the limit
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)   # 1600 pixels: over twice the limit
     with pytest.raises(UsageError, match=r"big.png: cannot decode image \(DecompressionBombError: "):
         data.read_image(tmp_path / "big.png")   # a traceback before
 
