@@ -407,6 +407,41 @@ def test_coco_json_ground_truth_maps_category_ids(tmp_path: Path):
         load_ground_truth(tmp_path / "gt.json", [("x.png", IMG_HW)], 2)
 
 
+def _coco(tmp_path: Path, categories, annotations) -> Path:
+    j = {"images": [{"id": 1, "file_name": "im0.png", "height": 40, "width": 80}],
+         "categories": [{"id": c, "name": n} for c, n in categories],
+         "annotations": [{"id": i, "image_id": 1, "category_id": c, "bbox": [1, 2, 3, 4], "iscrowd": 0}
+                         for i, c in enumerate(annotations)]}
+    (tmp_path / "gt.json").write_text(json.dumps(j))
+    return tmp_path / "gt.json"
+
+
+def test_a_coco_json_listing_only_the_categories_it_uses_keeps_their_classes(tmp_path: Path, caplog):
+    """Categories listed only as far as they occur were renumbered by rank: 0-based ids (0, 16, 17)
+    became classes 0, 1, 2 (coco128 subset: mAP 0.574 -> 0.064, with only a warning)."""
+    im = [("im0.png", IMG_HW)]
+    (gt,) = load_ground_truth(_coco(tmp_path, [(0, "a"), (16, "b"), (17, "c")], [17, 0, 16]), im, 80)
+    assert gt.classes.tolist() == [17, 0, 16]
+    # COCO's own ids (1-based, with gaps) of a subset: by COCO's names for a COCO-trained model
+    (gt,) = load_ground_truth(_coco(tmp_path, [(1, "person"), (18, "dog"), (90, "toothbrush")],
+                                    [90, 1, 18]), im, 80)
+    assert gt.classes.tolist() == [79, 0, 16]
+    # every category, 1-based: by rank, as before
+    (gt,) = load_ground_truth(_coco(tmp_path, [(i + 1, f"k{i}") for i in range(3)], [3, 1]), im, 3)
+    assert gt.classes.tolist() == [2, 0]
+    with pytest.raises(UsageError, match=r"gt.json: 2 categories \(ids 3, 9\) for a model of 80 classes: "
+                                         r"which class each is cannot be told"):
+        load_ground_truth(_coco(tmp_path, [(3, "x"), (9, "y")], [3]), im, 80)
+    # annotations of unlisted categories are counted; none usable is refused, not scored 0.0
+    with caplog.at_level("WARNING"):
+        (gt,) = load_ground_truth(_coco(tmp_path, [(0, "a")], [0, 5, 5]), im, 80)
+    assert len(gt) == 1 and "2 of 3 annotations have a category_id not in 'categories'" in caplog.text
+    with pytest.raises(UsageError, match=r"no annotations for the 1 images \(of 2 in the JSON, 2 with an "):
+        load_ground_truth(_coco(tmp_path, [(0, "a")], [5, 5]), im, 80)
+    with pytest.raises(UsageError, match=r"no annotations for the 1 images \(of 0 in the JSON"):
+        load_ground_truth(_coco(tmp_path, [(0, "a")], []), im, 80)
+
+
 def _gt(n: int = 2) -> List[ImageBoxes]:
     boxes = np.array([[12, 12, 28, 28], [48, 4, 72, 20]], np.float64)
     return [ImageBoxes(f"im{i}.png", IMG_HW, boxes, np.array([1, 0])) for i in range(n)]

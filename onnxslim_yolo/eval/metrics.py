@@ -190,25 +190,57 @@ def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int
     return out
 
 
+#: the 80 COCO category names, in the order of the classes of COCO-trained YOLO models
+COCO80 = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
+    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+
+
+def _category_classes(categories: Sequence[dict], n_classes: int, path: Path) -> Dict[int, int]:
+    """Category id -> class index. 0-based ids below ``n_classes`` are the classes themselves
+    (all of them, or the subset a converter lists); COCO's category names map to a COCO-trained
+    model's classes (COCO's ids 1..90 with gaps, all 80 or a subset); as many categories as the
+    model has classes map by rank (ids 1..C). Anything else is ambiguous and refused: scoring it
+    by rank put a subset's classes on the wrong ones (mAP 0.57 -> 0.06, with only a warning)."""
+    ids = sorted(int(c["id"]) for c in categories)
+    if ids and ids[0] == 0 and ids[-1] < max(n_classes, len(ids)):
+        return {c: c for c in ids}
+    names = {int(c["id"]): str(c.get("name", "")).strip().lower() for c in categories}
+    coco = {n: i for i, n in enumerate(COCO80)}
+    if ids and n_classes == len(COCO80) and all(n in coco for n in names.values()):
+        return {c: coco[n] for c, n in names.items()}
+    if len(ids) >= n_classes:
+        return {c: i for i, c in enumerate(ids)}
+    shown = ", ".join(map(str, ids[:6])) + (", ..." if len(ids) > 6 else "")
+    raise UsageError(f"{path}: {len(ids)} categories (ids {shown}) for a model of {n_classes} classes: "
+                     "which class each is cannot be told; give 0-based ids (the model's class indices), "
+                     f"COCO's category names, or all {n_classes} categories")
+
+
 def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
                    keypoints: int = 0) -> List[ImageBoxes]:
     """Ground truth from a COCO instances (or person keypoints) JSON, images matched by file name.
 
-    Category ids map to class indices: identity when they are 0..C-1, otherwise the i-th
-    category by id is class i (the COCO 91 -> 80 mapping of YOLO models). Annotations'
+    Category ids map to class indices as :func:`_category_classes` says. Annotations'
     ``segmentation`` become ``segments``; with ``keypoints`` (K of a pose model) their
     ``keypoints`` of K x 3 values become ``keypoints``.
     """
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8-sig"))
-        cat_ids = sorted(int(c["id"]) for c in d["categories"])
+        categories = list(d["categories"])
+        to_cls = _category_classes(categories, n_classes, p)
         by_name = {Path(im["file_name"]).name: int(im["id"]) for im in d["images"]}
         anns = d["annotations"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{p}: not a COCO instances JSON ({type(exc).__name__}: {exc})") from None
-    to_cls = {c: c for c in cat_ids} if cat_ids == list(range(len(cat_ids))) else \
-        {c: i for i, c in enumerate(cat_ids)}
     per_img: Dict[int, List[dict]] = {}
     for a in anns:
         per_img.setdefault(int(a["image_id"]), []).append(a)
@@ -229,11 +261,18 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
                               segments=segs if any(x is not None for x in segs) else None, keypoints=kpts))
     if missing == len(images):
         raise UsageError(f"{p}: none of the {len(images)} images is listed in the JSON")
+    unlisted = sum(int(a["category_id"]) not in to_cls for a in anns)
+    if unlisted:
+        log.warning("%s: %d of %d annotations have a category_id not in 'categories' (left out)",
+                    p, unlisted, len(anns))
+    if not any(len(g) for g in out):
+        raise UsageError(f"{p}: no annotations for the {len(images)} images (of {len(anns)} in the JSON, "
+                         f"{unlisted} with an unlisted category)")
     if missing:
         log.warning("%s: %d of %d images are not in the JSON (treated as having no objects)",
                     p, missing, len(images))
-    if len(cat_ids) != n_classes:
-        log.warning("%s: %d categories but the model predicts %d classes", p, len(cat_ids), n_classes)
+    if len(categories) > n_classes:
+        log.warning("%s: %d categories but the model predicts %d classes", p, len(categories), n_classes)
     return out
 
 
