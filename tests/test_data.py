@@ -195,6 +195,20 @@ def test_model_input_dynamic_size_uses_override_then_metadata_then_640():
     assert data.model_input(m) == ("images", (3, 480, 512))
 
 
+
+def test_model_input_refuses_an_input_shape_against_a_fixed_dim():
+    """eval --input-shape 1,3,320,320 on a model fixed at 640 reached onnxruntime: exit 4 (a pass
+    broke its contract, though eval runs none) with its message cut off; check refused it."""
+    m = declared_model((1, 3, 64, 64), (1, 84, 42))
+    assert data.model_input(m, (1, 3, 64, 64)) == ("images", (3, 64, 64))
+    for shape, axis, fixed in (((1, 3, 32, 32), 2, 64), ((32, 64), 2, 64), ((2, 3, 64, 64), 0, 1)):
+        with pytest.raises(UsageError, match=rf"input 'images' is \[1, 3, 64, 64\], and axis {axis} is "
+                                             rf"fixed at {fixed}; only its symbolic dims can be set"):
+            data.model_input(m, shape)
+    nhwc = declared_model(("n", 64, 64, 3), (1, 84, 42))
+    assert data.model_input(nhwc, (4, 64, 64, 3)) == ("images", (3, 64, 64))   # the batch is symbolic
+    with pytest.raises(UsageError, match="axis 1 is fixed at 64"):
+        data.model_input(nhwc, (1, 32, 64, 3))
 # ------------------------------------------------------------------------------------ images
 def test_list_images_sorted_and_filtered(tmp_path: Path):
     for n in ("b.png", "a.JPG", "c.bmp", "notes.txt"):
