@@ -371,6 +371,19 @@ def test_label_files_with_a_byte_order_mark_are_read_and_their_errors_not_rename
     assert str(naming_file(UsageError("no detections"), "model.onnx")) == "model.onnx: no detections"
 
 
+def test_duplicate_label_lines_count_once_as_ultralytics_counts_them(tmp_path: Path, caplog):
+    """Each copy of a line was one more object: a detection matches one, the others counted as
+    missed (coco128 subset: mAP 0.574 -> 0.533, no warning)."""
+    f = tmp_path / "dup.txt"
+    f.write_text("1 0.5 0.5 0.2 0.2\n1 0.50 0.5 0.2 0.2\n2 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n")
+    with caplog.at_level("WARNING"):
+        boxes, classes = read_yolo_labels(f, IMG_HW)
+    assert classes.tolist() == [1, 2] and len(boxes) == 2
+    assert "dup.txt: 2 duplicate label lines left out" in caplog.text
+    gt = [ImageBoxes("dup.png", IMG_HW, boxes, classes)]
+    assert coco_map(gt, [ImageBoxes("dup.png", IMG_HW, boxes, classes, np.array([0.9, 0.8]))])["map"] == pytest.approx(1.0)
+
+
 def test_label_values_a_rounding_past_0_1_are_kept(tmp_path: Path):
     f = tmp_path / "a.txt"
     f.write_text("2.0 1.0004 0.5 0.2 0.4\n0 0.5 -0.0004 0.2 0.2\n")

@@ -144,8 +144,18 @@ def read_labels(path: Path, hw: Tuple[int, int], keypoints: int = 0) -> ImageBox
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path}: cannot read the label file ({type(exc).__name__})") from None
-        labels = [_parse_label_line(line, f"{path}:{n}", keypoints)
-                  for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        labels = [_parse_label_line(line, f"{path}:{n}", keypoints) for n, line in lines]
+        unique, seen = [], set()
+        for lab, (_, line) in zip(labels, lines):
+            values = tuple(map(float, line.split()))
+            if values not in seen:
+                seen.add(values)
+                unique.append(lab)
+        if len(unique) < len(labels):   # each copy would be an object no detection can match twice
+            warn_once(log, ("duplicate labels", str(path)), "%s: %d duplicate label lines left out, as "
+                      "ultralytics leaves them out", path, len(labels) - len(unique))
+            labels = unique
     boxes = np.asarray([[(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H]
                         for cx, cy, w, h in (lab.box for lab in labels)], np.float64).reshape(-1, 4)
     classes = np.asarray([lab.cls for lab in labels], np.int64)
