@@ -3,7 +3,7 @@ true mAP drop against labels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import onnx
 
@@ -118,19 +118,28 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
     """True mAP@0.5:0.95 of both models against labels; fails when the drop exceeds ``max_drop``
     points, of the boxes or (segmentation and pose exports whose labels give them) of the masks or
     keypoints."""
+    from ..eval.metrics import label_notes
     from ..evaluate import score
 
     name = "accuracy.map_drop"
     if labels is None:
         return skipped(name, "no labels (pass --labels DIR for the true mAP)")
-    cand = score(dets.candidate, labels)
-    if dets.reference is None:
+    with label_notes() as notes:
+        cand = score(dets.candidate, labels)
+        ref = score(dets.reference, labels) if dets.reference is not None else None
+
+    def told(text: str, **details: Any) -> CheckResult:
+        """A pass, or a warning when the labels gave one (most images without a label file, ...)."""
+        if not notes:
+            return passed(name, text, **details)
+        more = f" (and {len(notes) - 1} more label warnings)" if len(notes) > 1 else ""
+        return warned(name, f"{notes[0]}{more}: {text}", label_warnings=list(notes), **details)
+
+    if ref is None:
         more = "".join(f", {what} mAP@0.5:0.95 {cand[prefix + 'map']:.4f}" for prefix, what in MAP_KINDS[1:]
                        if prefix + "map" in cand)
-        return passed(name, f"mAP@0.5:0.95 {cand['map']:.4f}, mAP@0.5 {cand['map50']:.4f}{more} on "
-                            f"{cand['n_images']} images{dets.where()} (no reference to compare)",
-                      candidate=cand)
-    ref = score(dets.reference, labels)
+        return told(f"mAP@0.5:0.95 {cand['map']:.4f}, mAP@0.5 {cand['map50']:.4f}{more} on "
+                    f"{cand['n_images']} images{dets.where()} (no reference to compare)", candidate=cand)
     drops = map_drops(ref, cand)
     drop = drops["box"]
     details = {"candidate": cand, "reference": ref, "drop_points": drop, "max_drop": max_drop}
@@ -150,7 +159,7 @@ def check_map_drop(dets: Detections, labels: Optional[str], max_drop: float) -> 
         return warned(name, f"the reference scores mAP {ref['map']:.4f} on these labels, so the drop "
                             "measures nothing (images fed otherwise than trained, labels of other "
                             "classes, or untrained weights?): " + text, **details)
-    return passed(name, text, **details)
+    return told(text, **details)
 
 
 def check_preprocessing(model: onnx.ModelProto, images: str, preset: Optional[str], limit: Optional[int],

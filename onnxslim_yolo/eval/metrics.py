@@ -19,13 +19,40 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..pass_base import UsageError, warn_once
 
 log = logging.getLogger(__name__)
+
+#: the label notes being collected (:func:`label_notes`), innermost last
+_NOTES: List[List[str]] = []
+
+
+@contextlib.contextmanager
+def label_notes() -> Iterator[List[str]]:
+    """The label warnings given inside, as one-line notes: the checks make them a warning of their
+    own (a log line alone left ``accuracy.map_drop`` passing and the JSON report silent)."""
+    notes: List[str] = []
+    _NOTES.append(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.remove(notes)
+
+
+def _label_warning(key: Any, msg: str, *args: Any) -> None:
+    """``log.warning`` (once per ``key`` in this process unless it is None), and a note in every
+    :func:`label_notes` collecting, even when the log line was given before."""
+    for notes in _NOTES:
+        if msg % args not in notes:
+            notes.append(msg % args)
+    if key is None:
+        log.warning(msg, *args)
+    else:
+        warn_once(log, key, msg, *args)
 
 
 @dataclass(frozen=True)
@@ -153,7 +180,7 @@ def read_labels(path: Path, hw: Tuple[int, int], keypoints: int = 0) -> ImageBox
                 seen.add(values)
                 unique.append(lab)
         if len(unique) < len(labels):   # each copy would be an object no detection can match twice
-            warn_once(log, ("duplicate labels", str(path)), "%s: %d duplicate label lines left out, as "
+            _label_warning(("duplicate labels", str(path)), "%s: %d duplicate label lines left out, as "
                       "ultralytics leaves them out", path, len(labels) - len(unique))
             labels = unique
     boxes = np.asarray([[(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H]
@@ -194,9 +221,9 @@ def load_yolo_labels(folder: Union[str, Path], images: ImageList, keypoints: int
         raise UsageError(f"{p}: no labels found for the {len(images)} images (expected <image stem>.txt)")
     missing = [key for key, _ in images if not (p / (Path(key).stem + ".txt")).exists()]
     if 2 * len(missing) > len(images):   # once: a run scores several models
-        warn_once(log, ("no label files", p.resolve(), len(missing)),
-                  "%s: %d of %d images have no label file (%s first), scored as showing no object; "
-                  "are these the images' labels?", p, len(missing), len(images), missing[0])
+        _label_warning(("no label files", p.resolve(), len(missing)),
+                       "%s: %d of %d images have no label file (%s first), scored as showing no object; "
+                       "are these the images' labels?", p, len(missing), len(images), missing[0])
     return out
 
 
@@ -273,16 +300,17 @@ def load_coco_json(path: Union[str, Path], images: ImageList, n_classes: int,
         raise UsageError(f"{p}: none of the {len(images)} images is listed in the JSON")
     unlisted = sum(int(a["category_id"]) not in to_cls for a in anns)
     if unlisted:
-        log.warning("%s: %d of %d annotations have a category_id not in 'categories' (left out)",
-                    p, unlisted, len(anns))
+        _label_warning(None, "%s: %d of %d annotations have a category_id not in 'categories' (left out)",
+                       p, unlisted, len(anns))
     if not any(len(g) for g in out):
         raise UsageError(f"{p}: no annotations for the {len(images)} images (of {len(anns)} in the JSON, "
                          f"{unlisted} with an unlisted category)")
     if missing:
-        log.warning("%s: %d of %d images are not in the JSON (treated as having no objects)",
-                    p, missing, len(images))
+        _label_warning(None, "%s: %d of %d images are not in the JSON (treated as having no objects)",
+                       p, missing, len(images))
     if len(categories) > n_classes:
-        log.warning("%s: %d categories but the model predicts %d classes", p, len(categories), n_classes)
+        _label_warning(None, "%s: %d categories but the model predicts %d classes", p, len(categories),
+                       n_classes)
     return out
 
 
@@ -300,10 +328,10 @@ def without_unknown_classes(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], 
         raise UsageError(f"{labels}: every image has label classes the model cannot predict (it scores "
                          f"{n_classes} classes; {first.key} has class {int(first.classes.max())}); "
                          "are these the model's labels?")
-    warn_once(log, ("unknown classes", str(labels), n_classes),   # once: a run scores several models
-              "%s: %d of %d images have label classes the model cannot predict (it scores %d classes; "
-              "%s has class %d); they are left out of the mAP, as ultralytics' val leaves them out",
-              labels, len(bad), len(gt), n_classes, first.key, int(first.classes.max()))
+    _label_warning(("unknown classes", str(labels), n_classes),   # once: a run scores several models
+                   "%s: %d of %d images have label classes the model cannot predict (it scores %d classes; "
+                   "%s has class %d); they are left out of the mAP, as ultralytics' val leaves them out",
+                   labels, len(bad), len(gt), n_classes, first.key, int(first.classes.max()))
     drop = set(bad)
     return ([g for i, g in enumerate(gt) if i not in drop], [d for i, d in enumerate(dt) if i not in drop])
 

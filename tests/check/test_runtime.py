@@ -263,6 +263,7 @@ def write_labels(dets, folder: Path, conf: float = 0.25) -> Path:
         h, w = d.hw
         rows = [f"{c} {(b[0] + b[2]) / 2 / w:.6f} {(b[1] + b[3]) / 2 / h:.6f} {(b[2] - b[0]) / w:.6f} "
                 f"{(b[3] - b[1]) / h:.6f}" for b, c, s in zip(d.boxes, d.classes, d.scores) if s >= conf]
+        rows = list(dict.fromkeys(rows))   # boxes clipped to the image can print alike: one label each
         (folder / (Path(d.key).stem + ".txt")).write_text("\n".join(rows[:20]) + "\n")
     return folder
 
@@ -380,10 +381,15 @@ def test_accuracy_checks_skip_a_model_whose_output_is_not_detections(images, tmp
     m = _classifier()
     rep = run_checks(m, reference=m, images=str(images), labels=str(tmp_path), latency=False)
     st = statuses(rep)
-    assert st["accuracy.agreement"] == st["accuracy.map_drop"] == "skip"
+    assert st["accuracy.agreement"] == "skip"
     why = next(r.message for r in rep.results if r.name == "accuracy.agreement")
     assert why.startswith("not a detection output: output of shape [1, 10]")
     assert st["reference.numerics"] == "pass"
+    # the mAP asked for with --labels is a warning, not a skip a CI gate lets through (it was)
+    assert rep.get("accuracy.map_drop").status == "warn"
+    assert rep.get("accuracy.map_drop").message.startswith(
+        "--labels given, but its mAP cannot be measured: not a detection output: output of shape [1, 10]")
+    assert statuses(run_checks(m, reference=m, images=str(images), latency=False))["accuracy.map_drop"] == "skip"
 
 
 def test_preprocessing_check_skips_untrained_weights_and_a_given_preset(yolo, images):
@@ -437,6 +443,23 @@ def test_a_reference_scoring_nothing_on_the_labels_warns(yolo, images, tmp_path)
     r = accuracy.check_map_drop(dets, str(far), max_drop=1.0)
     assert r.details["reference"]["map"] < accuracy.NOTHING_MEASURED and r.details["drop_points"] == 0.0
     assert r.status == "warn" and r.message.startswith("the reference scores mAP 0.0000 on these labels")
+
+
+def test_label_warnings_make_the_map_check_a_warning(yolo, images, labels, tmp_path):
+    """Label problems (here a duplicated line) were log lines only: the check passed, and the table,
+    the verdict and the JSON report said nothing of them."""
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    for f in labels.iterdir():
+        text = f.read_text()
+        (dup / f.name).write_text(text + text.splitlines()[0] + "\n" if f.stem == "im0" else text)
+    dets = accuracy.detect(yolo, yolo, str(images), None, None, 1, None, False)
+    for _ in range(2):   # the second time too, when the log line is not repeated
+        r = accuracy.check_map_drop(dets, str(dup), max_drop=1.0)
+        assert r.status == "warn" and r.details["drop_points"] == pytest.approx(0.0)
+        assert r.message.startswith(f"{dup / 'im0.txt'}: 1 duplicate label lines left out")
+        assert r.details["label_warnings"] == [r.message.split(": mAP@0.5:0.95")[0]]
+    assert accuracy.check_map_drop(dets, str(labels), max_drop=1.0).status == "pass"
 
 
 def test_labels_without_reference_report_candidate_map(yolo, images, labels):
