@@ -41,11 +41,15 @@ class PreconditionError(SlimError):
 
 def naming_file(exc: SlimError, path: Optional[Union[str, Path]]) -> SlimError:
     """``exc`` with ``path`` (the model file) in front of its message, unless the message already
-    starts with a file or folder that exists (calibration images, labels), an option (``--...``),
-    or names ``path``: one line naming the file and the reason, as every error should."""
+    starts with a file or folder that exists (calibration images, labels) or that it says is not
+    there, an option (``--...``), or names ``path``: one line naming the file and the reason, as
+    every error should."""
     msg = str(exc)
-    named = re.sub(r":\d+$", "", msg.split(": ", 1)[0])   # a labels file's "FILE:LINE" too
-    if path is None or msg.startswith("--") or str(path) in msg or Path(named).exists():
+    head, _, rest = msg.partition(": ")
+    named = re.sub(r":\d+$", "", head)   # a labels file's "FILE:LINE" too
+    # or a path that is not there: "IMAGES: image folder does not exist" is no fault of the model
+    gone = bool(re.match(r"(no such |.*\b(does not exist|not found)\b)", rest)) and " " not in named
+    if path is None or msg.startswith("--") or str(path) in msg or gone or Path(named).exists():
         return exc
     out = copy.copy(exc)
     out.args = (f"{path}: {msg}",) + exc.args[1:]

@@ -357,6 +357,12 @@ def test_naming_file_leaves_messages_that_name_their_own_file(tmp_path: Path):
     for msg in (f"{folder}: no images found", "--int8 needs calibration images", "m.onnx: bad"):
         assert str(naming_file(UsageError(msg), "m.onnx")) == msg
     assert str(naming_file(UsageError("x"), None)) == "x"
+    # a path the message says is not there is the user's option, not the model (it was prefixed)
+    for msg in ("/no/such/dir: image folder does not exist", "/x/ref.onnx: reference model not found",
+                "labels.json: no such label file"):
+        assert str(naming_file(UsageError(msg), "m.onnx")) == msg
+    assert str(naming_file(UsageError("output 'y' not found"), "m.onnx")) == "m.onnx: output 'y' not found"
+    assert str(naming_file(UsageError("node 'a': input not found"), "m.onnx")).startswith("m.onnx: node")
 
 
 def _no_outputs(folder: Path, keep: set) -> bool:
