@@ -157,13 +157,16 @@ def _describe(name: str, s: PresetScore) -> str:
     return f"fed as {name}: {s.per_image:g} detections per image (score >= {PROBE_CONF:g}), {_flip(s)}"
 
 
-def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: int = PROBE_IMAGES,
+def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: Optional[int] = None,
           input_shape: Optional[Sequence[int]] = None, threads: int = 0) -> Verdict:
-    """Score ``chosen`` on the first ``limit`` images of the folder ``images``, and the presets
-    that feed ``model`` differently when it looks wrong. Never raises: whatever stops the probe
-    (outputs that are not detections, images that cannot feed the model) gives "unknown"."""
+    """Score ``chosen`` on the first :data:`PROBE_IMAGES` images of the folder ``images`` (fewer
+    when the run's own ``limit`` is lower: eval --limit 2 probed 8, an image it left out could
+    spoil the verdict), and the presets that feed ``model`` differently when it looks wrong. Never
+    raises: whatever stops the probe (outputs that are not detections, images that cannot feed the
+    model) gives "unknown"."""
     scores: Dict[str, PresetScore] = {}
     n = 0
+    limit = min(limit or PROBE_IMAGES, PROBE_IMAGES)
     try:   # a preset that saturates the model overflows its sigmoids: no numpy warnings for that
         n = len(data.list_images(images)[:limit])
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -187,7 +190,7 @@ def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: 
 
 
 def preset_advice(model: onnx.ModelProto, images: Union[str, Path], chosen: str,
-                  limit: int = PROBE_IMAGES) -> Optional[str]:
+                  limit: Optional[int] = None) -> Optional[str]:
     """:func:`judge`'s advice when ``chosen`` looks wrong and another preset looks right, else
     None (also when the model's outputs are not detections, the images cannot feed it, or
     anything else stops the probe: it only advises)."""

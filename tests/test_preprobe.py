@@ -121,3 +121,29 @@ def test_eval_warns_when_the_guessed_preprocessing_looks_wrong(yolov5n_path: Pat
     assert last.startswith("warning: the images fed as yolox give 100 detections per image")
     assert r.output.rstrip().endswith("rerun with --preprocess yolov5")
     assert json.loads((tmp_path / "r.json").read_text())["preprocessing_probe"]["verdict"] == "wrong"
+
+
+def test_the_probe_reads_no_image_past_the_runs_own_limit(tmp_path: Path):
+    """eval --limit 2 probed the first 8 images: one it had left out (here unreadable) turned the
+    verdict saved in --json into 'the probe could not run'."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fixtures import demo_paths
+    from onnxslim_yolo.cli import main
+    from onnxslim_yolo.preprobe import judge
+
+    model_path, images, labels = demo_paths()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in sorted(images.iterdir())[:2]:
+        shutil.copy(f, folder / f.name)
+    (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")   # third by name
+    r = CliRunner().invoke(main, ["eval", str(model_path), "--images", str(folder), "--labels", str(labels),
+                                  "--limit", "2", "--quiet", "--json", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    probe = json.loads((tmp_path / "e.json").read_text())["preprocessing_probe"]
+    assert not probe["message"].startswith("the probe could not run"), probe
+    assert judge(ir.load(model_path), folder, "yolov5").message.startswith("the probe could not run: ")

@@ -175,8 +175,7 @@ def check_preprocessing(model: onnx.ModelProto, images: str, preset: Optional[st
     if preset:
         return skipped(name, f"given with --preprocess {preset}")
     chosen = get_preset(None, model).name
-    v = preprobe.judge(model, images, chosen, min(limit or preprobe.PROBE_IMAGES, preprobe.PROBE_IMAGES),
-                       input_shape, threads)
+    v = preprobe.judge(model, images, chosen, limit, input_shape, threads)
     scores = {k: {"per_image": s.per_image, "mirror_agreement": s.flip} for k, s in v.scores.items()}
     details = {"preset": chosen, "verdict": v.status, "images": v.images, "scores": scores}
     if v.status == "wrong":
