@@ -221,6 +221,16 @@ def running_stats_used():
     return m
 
 
+def statistics_outputs_listed():
+    """Below opset 14 a BN that lists its statistics outputs runs in training mode in onnxruntime
+    (the batch's statistics), read or not: folded as inference, its output moved by 4 on values
+    near 5 (silently with --no-verify)."""
+    m = conv_bn(opset=13)
+    bn_node = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+    bn_node.output.extend(["m_out", "v_out"])
+    return m
+
+
 def conv_output_is_graph_output():
     m = conv_bn()
     m.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
@@ -252,6 +262,7 @@ REFUSALS = [
     (params_as_inputs, "BatchNormalization var 'bn.var' is not a constant (a graph input)", 1),
     (training_mode, "training-mode BatchNormalization (training_mode=1)", 1),
     (running_stats_used, "running statistics output 'mean_out' is used", 1),
+    (statistics_outputs_listed, "training-mode BatchNormalization: it lists the statistics output 'm_out'", 1),
     (lambda: conv_bn(tap=True), "Conv 'conv' output also feeds 1 other consumer(s)", 1),
     (conv_output_is_graph_output, "Conv 'conv' output is a graph output", 1),
     (matmul_rank3, "MatMul 'matmul' output rank 3: the channel axis 1 is not its last axis", 1),
