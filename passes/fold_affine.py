@@ -41,7 +41,7 @@ class Plan:
 
 def per_channel(c: np.ndarray, channels: int, out_rank: Optional[int]) -> Union[np.ndarray, str]:
     """The constant as a (channels,) vector when it broadcasts per output channel, else a reason."""
-    if c.size == 1:
+    if c.size == 1 and (c.ndim <= 1 or (out_rank is not None and c.ndim <= out_rank)):
         return np.full(channels, float(c.reshape(-1)[0]))
     if out_rank is None:
         return f"constant of shape {list(c.shape)} against an output of unknown rank"

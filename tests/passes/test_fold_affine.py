@@ -106,6 +106,9 @@ REFUSALS = [
      "constant of shape [1, 1, 7, 8] is not per-channel"),
     (lambda: conv_then([("Add", vec((C,)), False)]), "constant of shape [6] does not broadcast per channel"),
     (lambda: conv_then([("Mul", vec((2, 1, C, 1, 1)), False)]), "does not broadcast per channel on rank 4"),
+    # one value, but of rank 5: it raises the output's rank (folded as a scalar: an invalid graph)
+    (lambda: conv_then([("Mul", np.full((1, 1, 1, 1, 1), 1.5), False)]),
+     "constant of shape [1, 1, 1, 1, 1] does not broadcast per channel on rank 4"),
     (operand_as_input, "Mul 'mul0' operand 'c0' is not a constant (a graph input)"),
     (lambda: conv_then(MUL, shared=True), "weight 'w' is shared with 1 other"),
     (lambda: conv_then(MUL, tap=True), "output also feeds 1 other consumer(s)"),
