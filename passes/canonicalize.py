@@ -191,10 +191,26 @@ def _batch_root(t: gs.Tensor) -> Optional[gs.Tensor]:
         if node.op == "Reshape":  # the rank may change, the first axis stays
             t = node.inputs[0]
         else:
-            t = next((i for i in node.inputs if isinstance(i, gs.Variable) and i.shape and len(i.shape) ==
-                      len(t.shape or ())), None) if t.shape else None
+            t = _batch_input(node, t)
         if t is None:
             return None
+
+
+def _batch_input(node: gs.Node, t: gs.Tensor) -> Optional[gs.Tensor]:
+    """The input of ``node`` whose first dim ``t``'s first dim is: its one variable input of
+    ``t``'s rank, or of several (a broadcasting Add) those not of batch 1, when they agree on it;
+    None when that cannot be told. Following the first one took a batch-1 operand's batch for the
+    other's (N), and a Reshape target became 0 (a copy of 1): wrong at batch 2."""
+    if not t.shape:
+        return None
+    same = [i for i in node.inputs if isinstance(i, gs.Variable) and i.shape and len(i.shape) == len(t.shape)]
+    if len(same) > 1:
+        batched = [i for i in same if i.shape[0] != 1]
+        same = batched or same
+        first = {str(i.shape[0]) for i in same}
+        if len(first) != 1 or not isinstance(same[0].shape[0], (int, str)) or same[0].shape[0] in ("", -1):
+            return None
+    return same[0] if same else None
 
 
 def _same_dim(entry: Dim, data: gs.Tensor, index: int) -> bool:

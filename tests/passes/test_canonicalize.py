@@ -333,6 +333,14 @@ def test_the_batch_is_followed_only_through_ops_that_keep_the_first_axis():
             op("flat", "Flatten", [c], ["b", 48], axis=1)]
     assert [_batch_root(t) for t in kept] == [x, x]
     assert [_batch_root(t) for t in lost] == [None, None, None]
+    # a broadcasting Add of a batch-1 input: the batch is x's, not the first operand's (it was z's,
+    # and a Reshape target "dim 0 of the sum" became 0, a copy of a batch-1 tensor's: wrong at batch 2)
+    z = gs.Variable("z", np.float32, [1, 3, 4, 4])
+    y = gs.Variable("y", np.float32, ["other", 3, 4, 4])
+    graph.inputs += [z, y]
+    assert _batch_root(op("zx", "Add", [z, c], ["b", 3, 4, 4])) is x
+    assert _batch_root(op("zz", "Relu", [z], [1, 3, 4, 4])) is z
+    assert _batch_root(op("xy", "Add", [c, y], [None, 3, 4, 4])) is None   # two batches: not told
 
 
 @pytest.mark.parametrize("opset", [9, 13])
