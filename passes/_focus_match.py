@@ -56,6 +56,16 @@ class FocusMatch:
 Match = Union[FocusMatch, str, None]  # a match, a refusal reason, or not a Focus at all
 
 
+def _batched_shape(t: gs.Tensor) -> Optional[Tuple[int, ...]]:
+    """The tensor's shape when every dim but the batch is a known positive int, the batch then
+    :data:`_UNKNOWN` when it is not one: a phase keeps the whole batch, whatever it is (a dynamic
+    batch was refused as 'unknown H/W')."""
+    dims = getattr(t, "shape", None)
+    if not dims or any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
+        return None
+    return (dims[0] if isinstance(dims[0], int) and dims[0] > 0 else _UNKNOWN, *dims[1:])
+
+
 # ------------------------------------------------------------------------------ Slice algebra
 def slice_params(node: gs.Node, rank: int) -> Optional[List[Tuple[int, int, int, int]]]:
     """``[(axis, start, end, step)]`` of a Slice with constant parameters, else None."""
@@ -108,7 +118,7 @@ def _slice_chain(t: gs.Tensor) -> Tuple[gs.Tensor, List[gs.Node]]:
 
 
 def _select(base: gs.Tensor, chain: Sequence[gs.Node], rank: int) -> Optional[List[Prog]]:
-    dims = static_shape(base) or (_UNKNOWN,) * rank
+    dims = _batched_shape(base) or (_UNKNOWN,) * rank
     if len(dims) != rank:
         return None
     progs: List[Prog] = [(0, 1, d) for d in dims]
@@ -138,10 +148,10 @@ def _phase_4d(t: gs.Tensor) -> Optional[Phase]:
     if hb != wb or hb < 2:
         return None  # not a stride-B spatial phase: some other use of Slice
     block = hb
-    shape = static_shape(base)
+    shape = _batched_shape(base)
     nodes = tuple(chain)
     if shape is None:
-        return Phase(base, block, ha, wa, nodes, f"input '{base.name}' has unknown H/W")
+        return Phase(base, block, ha, wa, nodes, f"input '{base.name}' has unknown channels or H/W")
     n, c, h, w = shape
     if h % block or w % block:
         return Phase(base, block, ha, wa, nodes,
@@ -220,7 +230,7 @@ def match_concat(node: gs.Node) -> Match:
     offsets = [(p.a, p.b) for p in phases]  # type: ignore[union-attr]
     if len(phases) != block * block or len(set(offsets)) != block * block:
         return f"the Concat holds phases {offsets}, not each of the {block * block} once"
-    c = static_shape(base)[1]  # type: ignore[index]
+    c = _batched_shape(base)[1]  # type: ignore[index]
     channels = tuple((ci, a, b) for a, b in offsets for ci in range(c))
     unique = {id(n): n for p in phases for n in p.nodes}  # type: ignore[union-attr]
     nodes = tuple(unique.values())
@@ -231,9 +241,9 @@ def match_concat(node: gs.Node) -> Match:
 def match_space_to_depth(node: gs.Node) -> Match:
     blk = int(node.attrs.get("blocksize", 0))
     x = node.inputs[0]
-    shape = static_shape(x)
+    shape = _batched_shape(x)
     if shape is None or len(shape) != 4:
-        return f"input '{x.name}' has unknown H/W"
+        return f"input '{x.name}' has unknown channels or H/W"
     n, c, h, w = shape
     if blk < 2 or h % blk or w % blk:
         return f"input '{x.name}' H/W {h}x{w} not divisible by blocksize {blk}"

@@ -110,6 +110,18 @@ def test_through_the_pass_manager():
     assert rec.verification[0]["max_abs"] <= 1e-5 * rec.verification[0]["ref_max"]
 
 
+@pytest.mark.parametrize("enc", [e for e in ENCODINGS if e not in ("pixel_unshuffle", "slice_attr")])
+def test_a_dynamic_batch_with_a_fixed_image_size_is_merged(enc):
+    """Only H and W must be known: a dynamic batch was refused as 'unknown H/W' (the Slices keep
+    the whole batch). The manager verifies the merge at batch 1 and 2. (The 6-D views of opset 9
+    and pixel unshuffle reshape to a batch of their own, and still need it static.)"""
+    m = build_focus(enc, opset=opset_of(enc, 13))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    out = PassManager([FocusToConv()], PassContext()).run(m)
+    assert out.records[0].modified and ops(out.model) == {"Conv": 1}
+    assert ir.input_shapes(out.model)["images"][0] == "N"
+
+
 def test_unknown_mode_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown mode 'fast'"):
         run(build_focus(), PassContext(options={"focus-to-conv": {"mode": "fast"}}))
@@ -133,7 +145,7 @@ def duplicate_phase(m: onnx.ModelProto) -> onnx.ModelProto:
 REFUSALS = [
     (lambda: build_focus(img=(33, 32)), "H/W 33x32 not divisible by 2 (odd size)"),
     (lambda: build_focus(img=(32, 31)), "H/W 32x31 not divisible by 2 (odd size)"),
-    (lambda: build_focus(dynamic=True), "has unknown H/W"),
+    (lambda: build_focus(dynamic=True), "has unknown channels or H/W"),
     (lambda: build_focus(dilation=2), "has dilations [2, 2]"),
     (lambda: build_focus(groups=2), "has group=2"),
     (lambda: build_focus(tap="concat"), "feeds 2 consumers, not only a Conv"),
