@@ -75,6 +75,11 @@ class Canonicalize(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         report = PassReport()
+        inits = {t.name for t in model.graph.initializer}
+        frozen = [vi.name for vi in model.graph.input if vi.name in inits]
+        if frozen:   # older exporters list weights as inputs; graphsurgeon, like onnxruntime's tools, drops them
+            report.count("initializer_inputs_frozen", len(frozen))
+            report.details["initializer_inputs_frozen"] = frozen[:20]
         shapes = dict(ctx.input_shapes) if ctx.fix_input_shapes else {}
         if shapes:
             model = ir.fix_input_shapes(model, shapes)

@@ -432,3 +432,20 @@ def test_a_cast_round_trip_is_removed_only_when_lossless(start, mid, back, remov
     casts = (0 if start == TensorProto.FLOAT else 2) + (0 if removed else 2)
     assert c == Counter({"Conv": 1, "Abs": 1, "Cast": casts}), c
     assert res.records[0].report["counts"].get("removed_cast_round_trip", 0) == int(removed)
+
+
+def test_initializers_listed_as_inputs_are_reported_as_frozen():
+    """An initializer also listed as a graph input (overridable in onnxruntime) becomes a constant
+    and leaves the interface: the report names it (it was dropped unsaid)."""
+    from onnx import TensorProto, numpy_helper
+
+    g = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
+                           helper.make_tensor_value_info("s", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                          [numpy_helper.from_array(np.array([2.0], np.float32), "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    res = Canonicalize().run(m, PassContext())
+    assert [i.name for i in res.model.graph.input] == ["x"] and res.modified
+    assert res.report.counts["initializer_inputs_frozen"] == 1
+    assert res.report.details["initializer_inputs_frozen"] == ["s"]
