@@ -496,6 +496,16 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def is_topological(graph: onnx.GraphProto) -> bool:
+    """Whether every node of ``graph`` comes after the producers of its inputs."""
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        if any(i not in known for i in node.input):
+            return False
+        known.update(node.output)
+    return True
+
+
 def to_model(graph: gs.Graph, like: onnx.ModelProto, cleanup: bool = True) -> onnx.ModelProto:
     """Export a graph, keeping the original model's metadata, opsets and producer."""
     if cleanup:

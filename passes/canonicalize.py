@@ -83,6 +83,8 @@ class Canonicalize(Pass):
         shapes = dict(ctx.input_shapes) if ctx.fix_input_shapes else {}
         if shapes:
             model = ir.fix_input_shapes(model, shapes)
+        if not ir.is_topological(model.graph):   # onnx's inference reads the nodes in order
+            model = ir.to_model(ir.to_graph(model).toposort(), like=model, cleanup=False)
         graph = _inferred_graph(model, report)
         n_before = len(graph.nodes)
         named = ir.name_unnamed_nodes(graph)
