@@ -105,7 +105,8 @@ def after_names(p: Pass) -> Tuple[str, ...]:
 
 
 def fingerprint(model: onnx.ModelProto) -> str:
-    """A digest of what a pass may change (nodes, initializers, inputs, outputs, opsets), read
+    """A digest of what a pass may change (nodes, initializers, inputs, outputs, opsets; those of
+    subgraphs, model-local functions, metadata and the IR version too), read
     without serializing the whole model (one over 2 GB cannot be): to catch a pass that edits
     the model it was given instead of returning a new one. It reads values, not their protobuf
     encoding: graphsurgeon, importing a model, sets a Constant's empty tensor name explicitly,
@@ -120,12 +121,20 @@ def fingerprint(model: onnx.ModelProto) -> str:
                 _tensor_digest(h, a.t)
             elif a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):   # their nodes above
                 h.update(a.SerializeToString())
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                h.update(str([v.name for v in list(sub.input) + list(sub.output)]).encode())
+                for t in sub.initializer:   # a branch's own constants
+                    _tensor_digest(h, t)
     for vi in list(g.input) + list(g.output):
         dims = [d.dim_param or str(d.dim_value) for d in vi.type.tensor_type.shape.dim]
         h.update(f"{vi.name}:{vi.type.tensor_type.elem_type}:{dims}".encode())
     h.update(str(sorted((i.domain, i.version) for i in model.opset_import)).encode())
     for t in g.initializer:
         _tensor_digest(h, t)
+    h.update(f"ir {model.ir_version}".encode())
+    h.update(str([(p.key, p.value) for p in model.metadata_props]).encode())
+    for f in model.functions:   # model-local functions are small: their bytes
+        h.update(f.SerializeToString())
     return h.hexdigest()
 
 
@@ -194,16 +203,10 @@ class PassManager:
         if p.min_opset and ir.opset(model) < p.min_opset:
             model = ir.ensure_opset(model, p.min_opset)
             upgraded = p.min_opset
-        p.requires(model, self.ctx)
+        _guarded(p, "requires", lambda: p.requires(model, self.ctx))
         given = fingerprint(model)
         t0 = time.perf_counter()
-        try:
-            result = p.run(model, self.ctx)
-        except (SlimError, KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:   # a bug (a third-party pass's?): one line naming it; -vv: the traceback
-            log.debug("pass '%s' raised", p.name, exc_info=True)
-            raise VerificationError(f"raised {type(exc).__name__}: {first_line(exc)}") from None
+        result = _guarded(p, "", lambda: p.run(model, self.ctx))
         seconds = time.perf_counter() - t0
         if fingerprint(model) != given:
             raise VerificationError("changed the model it was given (a pass returns a new model and leaves "
@@ -217,8 +220,8 @@ class PassManager:
         new = result.model
         diffs: List[Dict[str, float]] = []
         if result.modified or upgraded:
-            new = validate(canonical_export(new))
-            p.ensures(new, self.ctx)
+            new = validate(_guarded(p, "its result's export", lambda: canonical_export(new)))
+            _guarded(p, "ensures", lambda: p.ensures(new, self.ctx))
             if self.ctx.verify:
                 diffs = self._verify(p, model, new)
         log.info("%s: modified=%s in %.2fs", p.name, result.modified, seconds)
@@ -237,7 +240,8 @@ class PassManager:
                                         dict(self.ctx.input_shapes)) + real
         feeds += self._batch2_feeds(before, after, real if p.numerics == Numerics.LOSSY else [])
         diffs = verify.compare_models(before, after, feeds)
-        ok, reason = verify.check_contract(diffs, p.numerics.value, p.tolerances(self.ctx))
+        tolerances = _guarded(p, "tolerances", lambda: p.tolerances(self.ctx))
+        ok, reason = verify.check_contract(diffs, p.numerics.value, tolerances)
         if not ok:
             rounding = [op for op in ir.quantized_ops(before)
                         if op in ("QuantizeLinear", "DynamicQuantizeLinear")]
@@ -272,6 +276,21 @@ class PassManager:
                 self._runs_batch2 = False
                 return []
         return [feed]
+
+
+def _guarded(p: Pass, what: str, call: Callable[[], Any]) -> Any:
+    """``call()`` (a pass's ``run``, or ``what``: its ``requires``, ``ensures``, ...), with what
+    it raises, bar the project's own errors, as one line naming the pass (``-vv``: the
+    traceback). A third-party pass's bug in ``requires`` was a traceback, and its ``sys.exit(0)``
+    ended the run with exit code 0 and no output."""
+    try:
+        return call()
+    except (SlimError, KeyboardInterrupt, MemoryError):
+        raise
+    except BaseException as exc:   # SystemExit too: a pass does not end the run
+        log.debug("pass '%s' raised", p.name, exc_info=True)
+        where = f" in {what}" if what else ""
+        raise VerificationError(f"raised {type(exc).__name__}{where}: {first_line(exc)}") from None
 
 
 def build_passes(names: Sequence[str], ctx: Optional[PassContext] = None) -> List[Pass]:

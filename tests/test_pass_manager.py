@@ -286,6 +286,69 @@ def test_a_pass_that_raises_is_named_in_one_line():
             PassManager([bad], PassContext()).run(small_model())
 
 
+def test_what_a_pass_raises_outside_run_or_a_sys_exit_is_named_in_one_line():
+    """requires() or ensures() raising, a result graph with a cycle (graphsurgeon raised in the
+    export) were tracebacks, exit 1; a pass calling sys.exit(0) ended the run with exit 0 and no
+    output."""
+    import copy
+    import sys
+
+    from onnx import helper
+
+    def copied(self, m, c):
+        return PassResult(copy.deepcopy(m), True)
+
+    def cycle(self, m, c):
+        out = copy.deepcopy(m)
+        first = out.graph.node[0].output[0]
+        out.graph.node.append(helper.make_node("Add", [first, "loop2"], ["loop3"], name="p_add"))
+        out.graph.node.append(helper.make_node("Identity", ["loop3"], ["loop2"], name="p_id"))
+        out.graph.output.append(helper.make_tensor_value_info("loop3", onnx.TensorProto.FLOAT, None))
+        return PassResult(out, True)
+
+    def needs(self, m, c):
+        raise KeyError("needs foo")
+
+    def post(self, m, c):
+        assert False, "postcondition failed"
+
+    cases = ((_pass("req", copied, requires=needs), r"^pass 'req': raised KeyError in requires: 'needs foo'$"),
+             (_pass("ens", copied, ensures=post), r"^pass 'ens': raised AssertionError in ensures: postcondition"),
+             (_pass("cyc", cycle), r"^pass 'cyc': raised \w+ in its result's export: .*[Cc]ycle"),
+             (_pass("quit", lambda self, m, c: sys.exit(0)), r"^pass 'quit': raised SystemExit: 0$"))
+    for bad, message in cases:
+        with pytest.raises(VerificationError, match=message):
+            PassManager([bad], PassContext()).run(small_model())
+
+
+def test_an_edit_of_a_branch_a_function_or_the_metadata_of_the_given_model_is_caught():
+    """The fingerprint read the top-level graph only: a pass that changed an If branch's constant,
+    a model-local function or the metadata of the model it was given passed as exact."""
+    from onnxslim_yolo.pass_manager import fingerprint
+
+    m = small_model()
+    m.metadata_props.add(key="imgsz", value="[16, 16]")
+    before = fingerprint(m)
+    m.metadata_props[0].value = "[32, 32]"
+    assert fingerprint(m) != before
+    from onnx import TensorProto, helper
+
+    branch = helper.make_graph([helper.make_node("Identity", ["k"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])],
+                               [numpy_helper.from_array(np.ones(1, np.float32), "k")])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, functions=[helper.make_function("f", "F", ["a"], ["b"], [
+        helper.make_node("Relu", ["a"], ["b"])], [helper.make_opsetid("", 13)])])
+    before = fingerprint(m)
+    m.graph.node[0].attribute[0].g.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros(1, np.float32), "k"))
+    assert fingerprint(m) != before
+    before = fingerprint(m)
+    m.functions[0].node[0].op_type = "Sigmoid"
+    assert fingerprint(m) != before
+
+
 def test_passes_are_checked_when_scheduled():
     with pytest.raises(UsageError, match=r"got the pass class ScaleWeights, not an instance: "
                                          r"pass ScaleWeights\(\)"):
