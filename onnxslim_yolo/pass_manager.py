@@ -220,6 +220,8 @@ class PassManager:
         new = result.model
         diffs: List[Dict[str, float]] = []
         if result.modified or upgraded:
+            if p.numerics != Numerics.LOSSY:
+                _same_interface(model, new, fixing=bool(self.ctx.input_shapes))
             new = validate(_guarded(p, "its result's export", lambda: canonical_export(new)))
             _guarded(p, "ensures", lambda: p.ensures(new, self.ctx))
             if self.ctx.verify:
@@ -276,6 +278,34 @@ class PassManager:
                 self._runs_batch2 = False
                 return []
         return [feed]
+
+
+def _same_interface(before: onnx.ModelProto, after: onnx.ModelProto, fixing: bool) -> None:
+    """Raise when an exact or tolerance pass changed what a caller feeds and reads: an input's or
+    output's element type, or (unless given input shapes are being fixed) a symbolic input dim
+    made fixed. The comparison reads values as float64 and feeds the types the new model asks for,
+    so a float64 output, a float64 input (the caller's float32 feed then fails) and a dynamic batch
+    fixed at 1 passed as exact."""
+    def types(vis: Sequence[onnx.ValueInfoProto]) -> Dict[str, int]:
+        return {vi.name: vi.type.tensor_type.elem_type for vi in vis}
+
+    inits = {t.name for t in after.graph.initializer} | {t.name for t in before.graph.initializer}
+    for kind, old, new in (("input", types([i for i in before.graph.input if i.name not in inits]),
+                            types([i for i in after.graph.input if i.name not in inits])),
+                           ("output", types(before.graph.output), types(after.graph.output))):
+        for name, t in old.items():
+            if name in new and new[name] != t:
+                raise VerificationError(f"changed the type of {kind} '{name}' from "
+                                        f"{onnx.TensorProto.DataType.Name(t)} to "
+                                        f"{onnx.TensorProto.DataType.Name(new[name])}")
+    if fixing:
+        return
+    now = ir.input_shapes(after)
+    for name, dims in ir.input_shapes(before).items():
+        for axis, (d, e) in enumerate(zip(dims, now.get(name, dims))):
+            if not isinstance(d, int) and isinstance(e, int):
+                raise VerificationError(f"fixed axis {axis} of input '{name}' ({d or '?'}) at {e}: a symbolic "
+                                        "dim stays symbolic through an exact pass")
 
 
 def _guarded(p: Pass, what: str, call: Callable[[], Any]) -> Any:

@@ -349,6 +349,47 @@ def test_an_edit_of_a_branch_a_function_or_the_metadata_of_the_given_model_is_ca
     assert fingerprint(m) != before
 
 
+def test_an_exact_pass_that_changes_the_interface_fails():
+    """An output made float64, an input made float64 (a caller's float32 feed then fails) and a
+    dynamic batch fixed at 1 passed as exact: values are compared as float64, feeds take the
+    types the new model asks for, and the batch-2 feed was dropped when the batch was fixed."""
+    import copy
+
+    def retyped(kind):
+        def run(self, m, c):
+            out = copy.deepcopy(m)
+            vi = (out.graph.output if kind == "output" else out.graph.input)[0]
+            node = next(n for n in out.graph.node if vi.name in (n.output if kind == "output" else n.input))
+            cast = onnx.helper.make_node("Cast", [vi.name], [vi.name + "_64"], to=onnx.TensorProto.DOUBLE)
+            if kind == "output":
+                node.output[list(node.output).index(vi.name)] = vi.name + "_pre"
+                out.graph.node.append(onnx.helper.make_node("Cast", [vi.name + "_pre"], [vi.name],
+                                                            to=onnx.TensorProto.DOUBLE))
+            else:
+                cast = onnx.helper.make_node("Cast", [vi.name], [vi.name + "_32"], to=onnx.TensorProto.FLOAT)
+                node.input[list(node.input).index(vi.name)] = vi.name + "_32"
+                out.graph.node.insert(0, cast)
+            vi.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+            return PassResult(out, True)
+        return run
+
+    def fixed(self, m, c):
+        out = copy.deepcopy(m)
+        out.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+        return PassResult(out, True)
+
+    for kind in ("output", "input"):
+        with pytest.raises(VerificationError, match=rf"pass 'retype': changed the type of {kind} '[^']+' "
+                                                    r"from FLOAT to DOUBLE"):
+            PassManager([_pass("retype", retyped(kind))], PassContext()).run(small_model())
+    dynamic = small_model()
+    dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with pytest.raises(VerificationError, match=r"pass 'fix': fixed axis 0 of input 'images' \(N\) at 1"):
+        PassManager([_pass("fix", fixed)], PassContext()).run(dynamic)
+    # given input shapes are fixed on purpose, and a lossy pass may fix the size it calibrated at
+    PassManager([_pass("fix", fixed)], PassContext(input_shapes={"images": (1, 3, 16, 16)})).run(dynamic)
+
+
 def test_passes_are_checked_when_scheduled():
     with pytest.raises(UsageError, match=r"got the pass class ScaleWeights, not an instance: "
                                          r"pass ScaleWeights\(\)"):
