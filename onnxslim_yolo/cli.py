@@ -243,7 +243,12 @@ def list_passes() -> None:
     from .report import table
 
     table_ = all_passes()
-    ordered = order_passes([cls() for cls in table_.values()])
+    made = [cls() for cls in table_.values()]
+    try:
+        ordered = order_passes(made)
+    except UsageError as exc:   # plugins whose "after" go round: list them as found, and say so
+        click.echo(f"warning: {exc}; listed unordered", err=True)
+        ordered = made
     rows = [[p.name, p.numerics.value, "yes" if joins_default(type(p)) else "opt-in",
              ",".join(after_names(p)) or "-", p.description] for p in ordered]
     click.echo(table(rows, ["pass", "contract", "default", "after", "what it does"]))

@@ -498,6 +498,41 @@ def test_plugins_from_entry_points(monkeypatch):
         registry.get("nope")
 
 
+def test_plugins_that_cannot_serve_or_clash_are_left_out_with_a_warning(monkeypatch, caplog):
+    """A plugin named 5, with numerics "exact", or whose __init__ takes an argument broke
+    `onnxslim-yolo passes` (and every unknown-pass message) for all passes; of two plugins of one
+    name, the one found first won, the other 'shadowed a built-in'."""
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    def ep(name, cls, dist):
+        return SimpleNamespace(name=name, load=lambda: cls, dist=SimpleNamespace(name=dist))
+
+    def needs_arg(self, x):
+        pass
+
+    twin = type("Twin", (ScaleWeights,), {"name": "twin"})
+    other_twin = type("OtherTwin", (ScaleWeights,), {"name": "twin"})
+    found = [ep("good", ScaleWeights, "pkg-a"), ep("num", type("N", (ScaleWeights,), {"name": 5}), "pkg-b"),
+             ep("str", type("S", (ScaleWeights,), {"name": "s", "numerics": "exact"}), "pkg-c"),
+             ep("arg", type("A", (Pass,), {"name": "a", "__init__": needs_arg}), "pkg-d"),
+             ep("t1", twin, "pkg-e"), ep("t2", other_twin, "pkg-f"), ep("cls", object, "pkg-g")]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: found)
+    registry.plugin_passes.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert registry.plugin_passes() == [ScaleWeights]
+            registry.plugin_passes()   # read once: warned once
+    finally:
+        registry.plugin_passes.cache_clear()
+    for text in ("num (package pkg-b) ignored: its name 5 is not a non-empty string",
+                 "str (package pkg-c) ignored: its numerics 'exact' is not a Numerics member",
+                 "arg (package pkg-d) ignored: it cannot be made without arguments (TypeError",
+                 "pass plugins of packages pkg-e, pkg-f all name themselves 'twin': all ignored",
+                 "cls (package pkg-g) ignored: not a Pass subclass"):
+        assert caplog.text.count(text) == 1, text
+
+
 def _reshape_model(target) -> onnx.ModelProto:
     """x (N, 3, 4, 4) -> Conv -> Reshape ``target`` -> y: [0, -1] copies the batch; [1, 32] runs
     only at batch 1 although the input declares N."""
