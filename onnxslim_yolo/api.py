@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +56,13 @@ class OptimizeOptions:
     progress: bool = True
     check: bool = True                          # run the pre-deployment checks on the result
     max_drop: Optional[float] = None            # mAP points the checks allow (None: not enforced)
-    target: Optional[str] = None                # INT8 rules and checks (None: the pass option's, else ort-cpu)
+    target: Optional[str] = None                # INT8 rules, checks (None: the pass option's, else ort-cpu)
     _target_given: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # target= left out takes pass_options["insert-qdq"]["target"], so the checks and the latency
         # run for the runtime the model was quantized for; given, it must agree (_refuse_options)
+        self._check_types()
         self._target_given = self.target is not None
         if self.target is None:
             self.target = (self.pass_options.get("insert-qdq") or {}).get("target") or "ort-cpu"
@@ -69,6 +71,45 @@ class OptimizeOptions:
             self.passes = [n.strip() for n in self.passes.split(",") if n.strip()]
         if isinstance(self.skip, str):
             self.skip = [n.strip() for n in self.skip.split(",") if n.strip()]
+
+    def _check_types(self) -> None:
+        """A UsageError naming the field for a value of the wrong kind (a traceback inside the
+        pipeline before, or a pass blamed); ``input_shape`` as the CLI writes it, "1,3,640,640",
+        and ``tolerances`` as a dict are read as meant."""
+        if isinstance(self.input_shape, str):
+            try:
+                self.input_shape = [int(d) for d in self.input_shape.split(",")]
+            except ValueError:
+                raise UsageError(f"input_shape {self.input_shape!r}: expected numbers like 1,3,640,640") from None
+        if isinstance(self.tolerances, dict):
+            try:
+                self.tolerances = Tolerances(**self.tolerances)
+            except TypeError as exc:
+                raise UsageError(f"tolerances: {exc}") from None
+        for kind, names in ((bool, FLAG_FIELDS), (int, INT_FIELDS), (float, NUMBER_FIELDS)):
+            for name in names:
+                v = getattr(self, name)
+                number = (int, float) if kind is float else int
+                if not (isinstance(v, bool) if kind is bool else
+                        v is None or (isinstance(v, number) and not isinstance(v, bool))):
+                    what = "True or False" if kind is bool else "a number" if kind is float else "a whole number"
+                    raise UsageError(f"{name}={v!r}: expected {what}")
+        if self.input_shape is not None and not all(isinstance(d, int) and d > 0 for d in self.input_shape):
+            raise UsageError(f"input_shape {list(self.input_shape)}: expected positive whole numbers")
+        if not isinstance(self.tolerances, Tolerances):
+            raise UsageError(f"tolerances={self.tolerances!r}: expected a Tolerances (or a dict of its fields)")
+        if not isinstance(self.pass_options, dict) or \
+                not all(isinstance(v, dict) for v in self.pass_options.values()):
+            raise UsageError(f"pass_options={self.pass_options!r}: expected {{pass name: {{option: value}}}}")
+        if self.bench_runs < 1 or self.threads < 0:
+            raise UsageError(f"bench_runs={self.bench_runs}, threads={self.threads}: bench_runs must be at "
+                             "least 1 and threads at least 0 (0: onnxruntime's own choice)")
+
+
+#: OptimizeOptions fields by the kind of value they take (checked when the options are made)
+FLAG_FIELDS = ("int8", "verify", "bench", "progress", "check")
+INT_FIELDS = ("calib_limit", "eval_limit", "bench_runs", "threads", "seed")
+NUMBER_FIELDS = ("prune", "max_drop")
 
 
 @dataclass
@@ -94,6 +135,9 @@ class OptimizeResult:
 def _as_model(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
     if isinstance(model, onnx.ModelProto):
         return model, None
+    if not isinstance(model, (str, os.PathLike)):
+        hint = " (the file's bytes: onnx.load_from_string them first)" if isinstance(model, bytes) else ""
+        raise UsageError(f"optimize takes a model path or an onnx.ModelProto, got {type(model).__name__}{hint}")
     return ir.load(model), Path(model)
 
 
@@ -203,6 +247,9 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
 
     Keyword arguments are fields of :class:`OptimizeOptions`.
     """
+    if options is not None and kwargs:   # the keywords were ignored without a word
+        raise UsageError(f"optimize: give options= or keyword options, not both (got options= and "
+                         f"{', '.join(sorted(kwargs))})")
     try:
         opts = options or OptimizeOptions(**kwargs)
     except TypeError as exc:   # an unknown keyword: name it, as every other bad input

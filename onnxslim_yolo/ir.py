@@ -245,6 +245,8 @@ def save(model: onnx.ModelProto, path: PathLike, *, protect: Iterable[PathLike] 
     ``protect`` lists paths that must never be overwritten (the input model). External data is
     used when the model would not fit in one protobuf (or when asked).
     """
+    if not isinstance(model, onnx.ModelProto):
+        raise UsageError(f"save takes an onnx.ModelProto, got {type(model).__name__}")
     out = Path(path)
     if isinstance(protect, (str, os.PathLike)):   # one path, not its letters
         protect = [protect]

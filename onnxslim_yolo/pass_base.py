@@ -189,6 +189,9 @@ class Pass:
     min_opset: ClassVar[int] = 0
     #: True when the pass is part of ``optimize`` without being asked for.
     default_enabled: ClassVar[bool] = True
+    #: the keys of ``ctx.options[name]`` the pass reads: the manager refuses others before any
+    #: pass runs (a misspelt option was ignored). None: not declared, nothing checked.
+    option_names: ClassVar[Optional[Tuple[str, ...]]] = None
 
     def requires(self, model: onnx.ModelProto, ctx: PassContext) -> None:  # pragma: no cover
         return None

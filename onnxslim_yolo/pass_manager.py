@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import networkx as nx
 import numpy as np
@@ -174,8 +174,14 @@ class PassManager:
 
     def __init__(self, passes: Sequence[Pass], ctx: Optional[PassContext] = None,
                  on_pass: Optional[Callable[[str], None]] = None) -> None:
+        if isinstance(passes, Pass):   # one pass, not a list of them
+            raise UsageError(f"PassManager takes a list of passes, got the pass {passes!r}: PassManager([...])")
+        if ctx is not None and not isinstance(ctx, PassContext):
+            raise UsageError(f"PassManager's context is a PassContext, got {type(ctx).__name__}: "
+                             "PassContext(options=..., seed=...)")
         self.ctx = ctx or PassContext()
         self.passes = order_passes(passes)
+        _check_options(self.passes, self.ctx.options)
         self.on_pass = on_pass
         self._runs_batch2: Optional[bool] = None  # whether the model runs at batch 2 (found once)
 
@@ -278,6 +284,27 @@ class PassManager:
                 self._runs_batch2 = False
                 return []
         return [feed]
+
+
+def _check_options(passes: Sequence[Pass], options: Mapping[str, Any]) -> None:
+    """Refuse, before any pass runs, an option a scheduled pass does not read (when it declares
+    :attr:`~.pass_base.Pass.option_names`) and options for no known pass: a misspelt option of an
+    exact pass was ignored, and insert-qdq's own check came after the exact passes had run."""
+    from . import registry
+
+    for p in passes:
+        given = options.get(p.name) or {}
+        if p.option_names is None or not isinstance(given, Mapping):
+            continue
+        unknown = sorted(set(given) - set(p.option_names))
+        if unknown:
+            known = f"known: {', '.join(p.option_names)}" if p.option_names else "it takes none"
+            raise UsageError(f"{p.name}: unknown option '{unknown[0]}' ({known})")
+    scheduled = {p.name for p in passes}
+    stray = sorted(n for n in options if n not in scheduled and n not in registry.all_passes())
+    if stray:
+        raise UsageError(f"options for '{stray[0]}', which is no known pass; known passes: "
+                         f"{', '.join(sorted(registry.all_passes()))}")
 
 
 def _same_interface(before: onnx.ModelProto, after: onnx.ModelProto, fixing: bool) -> None:

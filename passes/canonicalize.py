@@ -34,7 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_yolo import ir
-from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult
+from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, PassResult, UsageError
 
 from ._conv_util import static_shape
 
@@ -70,6 +70,7 @@ class Canonicalize(Pass):
     """Constant folding and cleanup that leaves the numerics untouched."""
 
     name = "canonicalize"
+    option_names = ("max_fold_bytes",)
     numerics = Numerics.EXACT
     description = "fold constants and static shapes, drop Identity / no-op Cast / Dropout / x*1, x+0"
 
@@ -91,7 +92,9 @@ class Canonicalize(Pass):
         if named:
             report.count("nodes_named", named)
         removed = bypass_noops(graph, report)
-        max_bytes = int(ctx.opt(self.name, "max_fold_bytes", DEFAULT_MAX_FOLD_BYTES))
+        max_bytes = ctx.opt(self.name, "max_fold_bytes", DEFAULT_MAX_FOLD_BYTES)
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+            raise UsageError(f"canonicalize: max_fold_bytes={max_bytes!r}: expected a whole number of bytes")
         for rnd in range(ir.FOLD_ROUNDS):
             # a fold can make a shape known that the next round folds (a Reshape whose target
             # came from a Shape chain, then a Shape of what it feeds): infer again and go on

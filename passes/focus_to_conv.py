@@ -130,6 +130,7 @@ class FocusToConv(Pass):
     """Focus stem (phases + KxK Conv) -> one (B*K)x(B*K) Conv with stride B*S; exact."""
 
     name = "focus-to-conv"
+    option_names = ("mode",)
     numerics = Numerics.EXACT
     after = ("canonicalize",)
     description = "rewrite the Focus stem (Slice/Concat or SpaceToDepth + Conv) as one Conv"

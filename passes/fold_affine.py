@@ -108,6 +108,7 @@ class FoldAffine(Pass):
     """Constant per-channel Mul/Add/Sub/Div after a Conv folded into its weights; exact."""
 
     name = "fold-affine"
+    option_names = ()
     numerics = Numerics.EXACT
     after = ("canonicalize", "fold-batchnorm")
     description = "fold per-channel constant Mul/Add after a Conv into the Conv"

@@ -208,6 +208,7 @@ class FoldBatchNorm(Pass):
     """Inference BatchNormalization folded into Conv / ConvTranspose / Gemm / MatMul; exact."""
 
     name = "fold-batchnorm"
+    option_names = ("standalone", "shared_weights")
     numerics = Numerics.EXACT
     after = ("canonicalize",)
     description = "fold BatchNormalization into neighbouring Conv/Gemm weights"

@@ -55,6 +55,7 @@ class _Clock:
 
 class InsertQDQ(Pass):
     name = "insert-qdq"
+    option_names = QdqOptions.option_names()
     numerics = Numerics.LOSSY
     description = "Calibrated INT8 Q/DQ (decode tail kept float; ort-cpu, tensorrt or openvino placement)"
     after = ("upcast-float16", "canonicalize", "focus-to-conv", "fold-batchnorm", "fold-affine",

@@ -295,6 +295,7 @@ class MergeBranches(Pass):
     """Parallel Conv branches over one input summed by an Add merged into one Conv; exact."""
 
     name = "merge-branches"
+    option_names = ()
     numerics = Numerics.EXACT
     after = ("canonicalize", "fold-batchnorm", "fold-affine")
     description = "merge Conv branches summed by Add (RepVGG-style blocks) into one Conv"

@@ -60,7 +60,7 @@ from onnxslim_yolo.pass_base import Numerics, Pass, PassContext, PassReport, Pas
 
 from . import (_prune_cost, _prune_lower, _prune_readers, _prune_refit, _prune_report, _prune_rewrite,
                _prune_select)
-from ._prune_options import NAME, PruneOptions, parse_options
+from ._prune_options import KNOWN, NAME, PruneOptions, parse_options
 
 log = logging.getLogger(__name__)
 Feeds = Dict[str, np.ndarray]
@@ -76,6 +76,7 @@ class PruneChannels(Pass):
     """Remove the least costly Conv output channels until ``ratio`` of the MACs are gone."""
 
     name = NAME
+    option_names = tuple(sorted(KNOWN))
     numerics = Numerics.LOSSY
     default_enabled = False
     after = ("upcast-float16", "canonicalize", "focus-to-conv")

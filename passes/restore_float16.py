@@ -33,6 +33,7 @@ class RestoreFloat16(Pass):
     """float32 weights and arithmetic back to float16; graph inputs and outputs keep their types."""
 
     name = "restore-float16"
+    option_names = ()
     numerics = Numerics.TOLERANCE
     default_enabled = False
     after = ("upcast-float16", "canonicalize", "focus-to-conv", "fold-batchnorm", "fold-affine",

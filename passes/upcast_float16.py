@@ -150,6 +150,7 @@ class UpcastFloat16(Pass):
     """float16 weights and arithmetic to float32; graph inputs and outputs keep float16."""
 
     name = "upcast-float16"
+    option_names = ()
     numerics = Numerics.TOLERANCE
     default_enabled = False
     description = "float16 weights and arithmetic to float32 (inputs and outputs keep their types)"

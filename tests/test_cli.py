@@ -942,6 +942,36 @@ def test_the_api_checks_and_times_for_the_target_a_pass_option_quantized_for(mod
     assert OptimizeOptions().target == "ort-cpu"
 
 
+def test_the_api_names_a_value_of_the_wrong_kind_and_an_option_no_pass_reads(model_file: Path):
+    """Wrong kinds were tracebacks inside the pipeline (input_shape="1,3,32,32": int(','); seed="x";
+    bench_runs=0 after the whole pipeline) or blamed a pass (exit 4); options= with keywords ran
+    without the keywords; a misspelt option of an exact pass, or for a misspelt pass, was ignored."""
+    from onnxslim_yolo.api import OptimizeOptions, optimize
+    from onnxslim_yolo.pass_base import Tolerances, UsageError
+
+    fast = dict(bench=False, check=False, progress=False)
+    for kwargs, message in (
+            (dict(int8="no"), r"^int8='no': expected True or False$"),
+            (dict(prune="0.1"), r"^prune='0.1': expected a number$"),
+            (dict(seed="x"), r"^seed='x': expected a whole number$"),
+            (dict(input_shape="1,3,a,32"), r"^input_shape '1,3,a,32': expected numbers like 1,3,640,640$"),
+            (dict(tolerances={"exact": 1}), r"^tolerances: .*unexpected keyword argument 'exact'"),
+            (dict(pass_options={"fold-batchnorm": "keep"}), r"^pass_options=.*expected \{pass name: "),
+            (dict(bench_runs=0), r"^bench_runs=0, threads=2: bench_runs must be at least 1"),
+            (dict(pass_options={"fold-batchnorm": {"shared_weight": "keep"}}),
+             r"fold-batchnorm: unknown option 'shared_weight' \(known: standalone, shared_weights\)$"),
+            (dict(pass_options={"merge-branches": {"x": 1}}), r"merge-branches: unknown option 'x' \(it takes none\)"),
+            (dict(pass_options={"fold-batchnrom": {}}), r"^pass_options name no pass 'fold-batchnrom'"),
+            (dict(options=OptimizeOptions(**fast), int8=True),
+             r"^optimize: give options= or keyword options, not both \(got options= and int8\)$")):
+        with pytest.raises(UsageError, match=message):
+            optimize(str(model_file), **(kwargs if "options" in kwargs else dict(fast, **kwargs)))
+    with pytest.raises(UsageError, match=r"^optimize takes a model path or an onnx.ModelProto, got bytes"):
+        optimize(model_file.read_bytes(), **fast)
+    opts = OptimizeOptions(input_shape="1,3,32,32", tolerances={"exact_rtol": 1e-3})
+    assert opts.input_shape == [1, 3, 32, 32] and opts.tolerances == Tolerances(exact_rtol=1e-3)
+
+
 def test_labels_with_calibration_arrays_and_no_images_are_refused_before_any_work(tmp_path: Path,
                                                                                    model_file: Path):
     """--calib X.npy --labels DIR: arrays hold no image names to score; it failed after INT8 (41 s

@@ -399,6 +399,15 @@ def test_passes_are_checked_when_scheduled():
         PassManager([_pass("loose", lambda self, m, c: PassResult(m, False), numerics="exact")])
     with pytest.raises(UsageError, match=r"got str where a Pass instance belongs"):
         PassManager(["canonicalize"])
+    with pytest.raises(UsageError, match=r"PassManager takes a list of passes, got the pass <noop noop"):
+        PassManager(named("noop"))   # a TypeError before
+    with pytest.raises(UsageError, match=r"PassManager's context is a PassContext, got dict"):
+        PassManager([named("noop")], {"seed": 1})   # canonicalize was blamed (AttributeError), exit 4
+    with pytest.raises(UsageError, match=r"^options for 'fold-batchnrom', which is no known pass"):
+        PassManager([named("noop")], PassContext(options={"fold-batchnrom": {}}))
+    with pytest.raises(UsageError, match=r"^save takes an onnx.ModelProto, got str$"):
+        from onnxslim_yolo import ir
+        ir.save("model", "x.onnx")
     with pytest.raises(UsageError, match=r"PassManager.run takes an onnx.ModelProto, got str \(load a path"):
         PassManager([named("noop")]).run("model.onnx")
     # one name given as a string is that name, not its letters (it was ignored: the pass ran first)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 from ..analysis.calibration import METHODS
 from ..pass_base import UsageError
@@ -59,8 +59,12 @@ class QdqOptions:
     progress: Optional[bool] = None
 
     @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        return tuple(sorted(f.name for f in fields(cls)))
+
+    @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> "QdqOptions":
-        known = {f.name for f in fields(cls)}
+        known = set(cls.option_names())
         unknown = sorted(set(raw) - known)
         if unknown:
             raise UsageError(f"insert-qdq: unknown option '{unknown[0]}' (known: {', '.join(sorted(known))})")
