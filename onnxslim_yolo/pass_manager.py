@@ -189,6 +189,11 @@ class PassManager:
         if not isinstance(model, onnx.ModelProto):
             hint = " (load a path with onnxslim_yolo.load)" if isinstance(model, (str, Path)) else ""
             raise UsageError(f"PassManager.run takes an onnx.ModelProto, got {type(model).__name__}{hint}")
+        unloaded = next((t.name for t in model.graph.initializer
+                         if t.data_location == onnx.TensorProto.EXTERNAL), None)
+        if unloaded is not None:   # it worked from the model's own folder only, and a pass was blamed
+            raise UsageError(f"initializer '{unloaded}' holds its data in an external file not loaded: load "
+                             "the model with onnxslim_yolo.load (or onnx.load's load_external_data=True)")
         records: List[PassRecord] = []
         for index, p in enumerate(self.passes):
             if self.on_pass:
@@ -224,6 +229,9 @@ class PassManager:
                                     f"and report a {type(result.report).__name__} (expected onnx.ModelProto "
                                     "and PassReport)")
         new = result.model
+        if not result.modified and new is not model and fingerprint(new) != given:
+            log.warning("pass '%s' returned a changed model but modified=False: its change is dropped (a pass "
+                        "that changes the model says so)", p.name)
         diffs: List[Dict[str, float]] = []
         if result.modified or upgraded:
             if p.numerics != Numerics.LOSSY:

@@ -390,6 +390,30 @@ def test_an_exact_pass_that_changes_the_interface_fails():
     PassManager([_pass("fix", fixed)], PassContext(input_shapes={"images": (1, 3, 16, 16)})).run(dynamic)
 
 
+def test_a_model_whose_external_data_was_not_loaded_is_refused(tmp_path: Path):
+    """Loaded with load_external_data=False, it ran from its own folder only, elsewhere a pass was
+    blamed ('raised ValidationError', exit 4)."""
+    from onnxslim_yolo import ir
+
+    b = GraphBuilder(opset=13, seed=0)
+    x = b.input("images", (1, 3, 16, 16))
+    ir.save(b.make_model([x], [b.conv(x, 64, k=3)]), tmp_path / "m.onnx", external_data=True)  # 6.9 kB
+    lazy = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    with pytest.raises(UsageError, match=r"^initializer '.+' holds its data in an external file not loaded"):
+        PassManager([named("noop")]).run(lazy)
+    assert PassManager([named("noop")]).run(ir.load(tmp_path / "m.onnx")).records[0].modified is False
+
+
+def test_a_changed_model_returned_as_unmodified_is_warned_about(caplog):
+    """Its change was dropped without a word (the report said 'changed: no')."""
+    changed = small_model()
+    changed.graph.node[0].name = "renamed"
+    with caplog.at_level("WARNING"):
+        res = PassManager([_pass("quiet", lambda self, m, c: PassResult(changed, False))]).run(small_model())
+    assert res.model.graph.node[0].name != "renamed"
+    assert "pass 'quiet' returned a changed model but modified=False: its change is dropped" in caplog.text
+
+
 def test_passes_are_checked_when_scheduled():
     with pytest.raises(UsageError, match=r"got the pass class ScaleWeights, not an instance: "
                                          r"pass ScaleWeights\(\)"):
