@@ -10,7 +10,7 @@ import logging
 import numbers
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +20,7 @@ from . import ir, verify
 from .analysis.flops import model_stats
 from .eval.anchors import with_anchors
 from .eval.decode import NotDetections
-from .pass_base import (ModelLoadError, Numerics, PassContext, PreconditionError, SlimError, Tolerances,
+from .pass_base import (ModelLoadError, Numerics, Pass, PassContext, PreconditionError, SlimError, Tolerances,
                         UsageError, VerificationError, naming_file)
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
@@ -163,7 +163,7 @@ def pipeline_names(opts: OptimizeOptions, model: Optional[onnx.ModelProto] = Non
 
     from .registry import all_passes
 
-    unknown = sorted(set(opts.pass_options) - set(all_passes()))
+    unknown = sorted(set(opts.pass_options) - set(all_passes()) - set(opts.passes or ()))
     if unknown:   # a misspelled pass name ("prune_channels") was ignored
         raise UsageError(f"pass_options name no pass {', '.join(repr(u) for u in unknown)}; the passes are "
                          f"{', '.join(sorted(all_passes()))}")
@@ -254,6 +254,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         opts = options or OptimizeOptions(**kwargs)
     except TypeError as exc:   # an unknown keyword: name it, as every other bad input
         raise UsageError(f"optimize: {exc} (the fields of OptimizeOptions are the options)") from None
+    opts, own = _own_passes(opts)
     original, src = _as_model(model)
     original = with_anchors(original, opts.anchors, copy=src is None)
     ir.claim_outputs(*run_files(opts, src, output))
@@ -264,7 +265,7 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
     names = pipeline_names(opts, original)
     _refuse_options(opts, names)
     loaded = _refuse_unrunnable(original, src)
-    passes = build_passes(names)
+    passes = [own[n] if n in own else build_passes([n])[0] for n in names]
     try:
         ctx = build_context(original, opts, names, all(p.numerics == Numerics.EXACT for p in passes))
     except SlimError as exc:   # the model's inputs do not suit the calibration data: name the file
@@ -283,6 +284,26 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
         out_path = ir.save(result.model, output, protect=[src] if src else [])
     _write_kept_channels(opts, result)
     return OptimizeResult(result.model, result, summary, out_path, checks)
+
+
+def _own_passes(opts: OptimizeOptions) -> Tuple[OptimizeOptions, Dict[str, Pass]]:
+    """``opts`` with the pass instances in ``passes`` given by name, and those instances by name:
+    a pass written in the caller's code runs in ``optimize`` (its calibration, checks and
+    summary) without being installed as a plugin. A built-in's name is refused."""
+    from .registry import builtin_passes
+
+    own: Dict[str, Pass] = {}
+    for p in opts.passes or ():
+        if isinstance(p, type) and issubclass(p, Pass):
+            raise UsageError(f"passes: got the pass class {p.__name__}, not an instance: {p.__name__}()")
+        if isinstance(p, Pass):
+            if p.name in {c.name for c in builtin_passes()} or p.name in own:
+                raise UsageError(f"passes: a pass instance named '{p.name}', which is taken")
+            own[p.name] = p
+    if not own:
+        return opts, own
+    names = [p.name if isinstance(p, Pass) else p for p in opts.passes]   # type: ignore[union-attr]
+    return replace(opts, passes=names, pass_options=dict(opts.pass_options)), own
 
 
 def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:

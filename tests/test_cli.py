@@ -972,6 +972,33 @@ def test_the_api_names_a_value_of_the_wrong_kind_and_an_option_no_pass_reads(mod
     assert opts.input_shape == [1, 3, 32, 32] and opts.tolerances == Tolerances(exact_rtol=1e-3)
 
 
+def test_a_pass_instance_written_in_code_runs_in_optimize(model_file: Path):
+    """passes= took names only: a pass defined in the caller's code lost optimize's calibration,
+    checks and summary unless installed as a plugin."""
+    from onnxslim_yolo.api import optimize
+    from onnxslim_yolo.pass_base import Numerics, Pass, PassReport, PassResult, UsageError
+
+    class Tag(Pass):
+        name = "tag-model"
+        numerics = Numerics.EXACT
+
+        def run(self, model, ctx):
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+            out.metadata_props.add(key="tagged", value=str(ctx.opt(self.name, "value", "yes")))
+            return PassResult(out, True, PassReport())
+
+    res = optimize(str(model_file), passes=["canonicalize", Tag()], bench=False, progress=False,
+                   pass_options={"tag-model": {"value": "42"}})
+    assert [r.name for r in res.pipeline.records] == ["canonicalize", "tag-model"]
+    assert {p.key: p.value for p in res.model.metadata_props}["tagged"] == "42" and res.ok
+    with pytest.raises(UsageError, match=r"got the pass class Tag, not an instance: Tag\(\)"):
+        optimize(str(model_file), passes=[Tag], bench=False, check=False)
+    clash = type("Clash", (Tag,), {"name": "canonicalize"})
+    with pytest.raises(UsageError, match=r"a pass instance named 'canonicalize', which is taken"):
+        optimize(str(model_file), passes=[clash()], bench=False, check=False)
+
+
 def test_labels_with_calibration_arrays_and_no_images_are_refused_before_any_work(tmp_path: Path,
                                                                                    model_file: Path):
     """--calib X.npy --labels DIR: arrays hold no image names to score; it failed after INT8 (41 s
