@@ -153,12 +153,17 @@ class PassReport:
     counts: Dict[str, int] = field(default_factory=dict)
     skipped: List[Dict[str, str]] = field(default_factory=list)
     details: Dict[str, Any] = field(default_factory=dict)
+    _said: set = field(default_factory=set, repr=False, compare=False)
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
     def skip(self, node: str, reason: str) -> None:
-        self.skipped.append({"node": node, "reason": reason})
+        """One entry per node and reason: a pass that looks again (canonicalize's fold rounds)
+        listed the same refusal once a round."""
+        if (node, reason) not in self._said:
+            self._said.add((node, reason))
+            self.skipped.append({"node": node, "reason": reason})
 
     def to_dict(self) -> Dict[str, Any]:
         return {"counts": dict(self.counts), "skipped": list(self.skipped), "details": self.details}

@@ -372,7 +372,8 @@ def bypass_noops(graph: gs.Graph, report: PassReport) -> int:
             src = cast_round_trip_source(node)
         if dst.name in outputs:
             if src.name in outputs or isinstance(src, gs.Constant) or not src.inputs or src in graph.inputs:
-                report.skip(node.name, f"{kind} writes a graph output from a graph input or constant")
+                what = "another graph output" if src.name in outputs else "a graph input or constant"
+                report.skip(node.name, f"{kind} writes a graph output from {what}")
                 continue
             # keep the public output name: the producer now writes it directly
             prod = src.inputs[0]
