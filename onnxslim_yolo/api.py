@@ -80,7 +80,8 @@ class OptimizeOptions:
             try:
                 self.input_shape = [int(d) for d in self.input_shape.split(",")]
             except ValueError:
-                raise UsageError(f"input_shape {self.input_shape!r}: expected numbers like 1,3,640,640") from None
+                raise UsageError(f"input_shape {self.input_shape!r}: expected numbers like "
+                                 "1,3,640,640") from None
         if isinstance(self.tolerances, dict):
             try:
                 self.tolerances = Tolerances(**self.tolerances)
@@ -92,12 +93,14 @@ class OptimizeOptions:
                 number = (int, float) if kind is float else int
                 if not (isinstance(v, bool) if kind is bool else
                         v is None or (isinstance(v, number) and not isinstance(v, bool))):
-                    what = "True or False" if kind is bool else "a number" if kind is float else "a whole number"
+                    what = ("True or False" if kind is bool else "a number" if kind is float
+                            else "a whole number")
                     raise UsageError(f"{name}={v!r}: expected {what}")
         if self.input_shape is not None and not all(isinstance(d, int) and d > 0 for d in self.input_shape):
             raise UsageError(f"input_shape {list(self.input_shape)}: expected positive whole numbers")
         if not isinstance(self.tolerances, Tolerances):
-            raise UsageError(f"tolerances={self.tolerances!r}: expected a Tolerances (or a dict of its fields)")
+            raise UsageError(f"tolerances={self.tolerances!r}: expected a Tolerances (or a dict of its "
+                             "fields)")
         if not isinstance(self.pass_options, dict) or \
                 not all(isinstance(v, dict) for v in self.pass_options.values()):
             raise UsageError(f"pass_options={self.pass_options!r}: expected {{pass name: {{option: value}}}}")
@@ -137,7 +140,8 @@ def _as_model(model: ModelLike) -> Tuple[onnx.ModelProto, Optional[Path]]:
         return model, None
     if not isinstance(model, (str, os.PathLike)):
         hint = " (the file's bytes: onnx.load_from_string them first)" if isinstance(model, bytes) else ""
-        raise UsageError(f"optimize takes a model path or an onnx.ModelProto, got {type(model).__name__}{hint}")
+        raise UsageError(f"optimize takes a model path or an onnx.ModelProto, got "
+                         f"{type(model).__name__}{hint}")
     return ir.load(model), Path(model)
 
 

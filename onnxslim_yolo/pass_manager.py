@@ -175,7 +175,8 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass], ctx: Optional[PassContext] = None,
                  on_pass: Optional[Callable[[str], None]] = None) -> None:
         if isinstance(passes, Pass):   # one pass, not a list of them
-            raise UsageError(f"PassManager takes a list of passes, got the pass {passes!r}: PassManager([...])")
+            raise UsageError(f"PassManager takes a list of passes, got the pass {passes!r}: "
+                             "PassManager([...])")
         if ctx is not None and not isinstance(ctx, PassContext):
             raise UsageError(f"PassManager's context is a PassContext, got {type(ctx).__name__}: "
                              "PassContext(options=..., seed=...)")
@@ -230,8 +231,8 @@ class PassManager:
                                     "and PassReport)")
         new = result.model
         if not result.modified and new is not model and fingerprint(new) != given:
-            log.warning("pass '%s' returned a changed model but modified=False: its change is dropped (a pass "
-                        "that changes the model says so)", p.name)
+            log.warning("pass '%s' returned a changed model but modified=False: its change is dropped "
+                        "(a pass that changes the model says so)", p.name)
         diffs: List[Dict[str, float]] = []
         if result.modified or upgraded:
             if p.numerics != Numerics.LOSSY:
@@ -339,8 +340,8 @@ def _same_interface(before: onnx.ModelProto, after: onnx.ModelProto, fixing: boo
     for name, dims in ir.input_shapes(before).items():
         for axis, (d, e) in enumerate(zip(dims, now.get(name, dims))):
             if not isinstance(d, int) and isinstance(e, int):
-                raise VerificationError(f"fixed axis {axis} of input '{name}' ({d or '?'}) at {e}: a symbolic "
-                                        "dim stays symbolic through an exact pass")
+                raise VerificationError(f"fixed axis {axis} of input '{name}' ({d or '?'}) at {e}: a "
+                                        "symbolic dim stays symbolic through an exact pass")
 
 
 def _guarded(p: Pass, what: str, call: Callable[[], Any]) -> Any:

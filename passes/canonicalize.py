@@ -78,7 +78,7 @@ class Canonicalize(Pass):
         report = PassReport()
         inits = {t.name for t in model.graph.initializer}
         frozen = [vi.name for vi in model.graph.input if vi.name in inits]
-        if frozen:   # older exporters list weights as inputs; graphsurgeon, like onnxruntime's tools, drops them
+        if frozen:   # older exporters list weights as inputs; graphsurgeon drops them (as onnxruntime's tool)
             report.count("initializer_inputs_frozen", len(frozen))
             report.details["initializer_inputs_frozen"] = frozen[:20]
         shapes = dict(ctx.input_shapes) if ctx.fix_input_shapes else {}

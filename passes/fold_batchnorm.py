@@ -77,7 +77,7 @@ def bn_params(bn: gs.Node, outputs: Set[str]) -> Union[Tuple[np.ndarray, np.ndar
     for extra in bn.outputs[1:]:
         if extra.name and (extra.outputs or extra.name in outputs):
             return f"training-mode BatchNormalization: running statistics output '{extra.name}' is used"
-        if extra.name:   # below opset 14 the outputs alone make it one: onnxruntime uses the batch's statistics
+        if extra.name:   # below opset 14 the outputs alone make it one: onnxruntime uses the batch's stats
             return f"training-mode BatchNormalization: it lists the statistics output '{extra.name}'"
     if int(bn.attrs.get("spatial", 1)) != 1:
         return "BatchNormalization with spatial=0 (per-activation statistics)"

@@ -960,7 +960,8 @@ def test_the_api_names_a_value_of_the_wrong_kind_and_an_option_no_pass_reads(mod
             (dict(bench_runs=0), r"^bench_runs=0, threads=2: bench_runs must be at least 1"),
             (dict(pass_options={"fold-batchnorm": {"shared_weight": "keep"}}),
              r"fold-batchnorm: unknown option 'shared_weight' \(known: standalone, shared_weights\)$"),
-            (dict(pass_options={"merge-branches": {"x": 1}}), r"merge-branches: unknown option 'x' \(it takes none\)"),
+            (dict(pass_options={"merge-branches": {"x": 1}}),
+             r"merge-branches: unknown option 'x' \(it takes none\)"),
             (dict(pass_options={"fold-batchnrom": {}}), r"^pass_options name no pass 'fold-batchnrom'"),
             (dict(options=OptimizeOptions(**fast), int8=True),
              r"^optimize: give options= or keyword options, not both \(got options= and int8\)$")):

@@ -381,7 +381,8 @@ def test_duplicate_label_lines_count_once_as_ultralytics_counts_them(tmp_path: P
     assert classes.tolist() == [1, 2] and len(boxes) == 2
     assert "dup.txt: 2 duplicate label lines left out" in caplog.text
     gt = [ImageBoxes("dup.png", IMG_HW, boxes, classes)]
-    assert coco_map(gt, [ImageBoxes("dup.png", IMG_HW, boxes, classes, np.array([0.9, 0.8]))])["map"] == pytest.approx(1.0)
+    dets = [ImageBoxes("dup.png", IMG_HW, boxes, classes, np.array([0.9, 0.8]))]
+    assert coco_map(gt, dets)["map"] == pytest.approx(1.0)
 
 
 def test_label_values_a_rounding_past_0_1_are_kept(tmp_path: Path):

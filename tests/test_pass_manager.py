@@ -312,8 +312,10 @@ def test_what_a_pass_raises_outside_run_or_a_sys_exit_is_named_in_one_line():
     def post(self, m, c):
         assert False, "postcondition failed"
 
-    cases = ((_pass("req", copied, requires=needs), r"^pass 'req': raised KeyError in requires: 'needs foo'$"),
-             (_pass("ens", copied, ensures=post), r"^pass 'ens': raised AssertionError in ensures: postcondition"),
+    cases = ((_pass("req", copied, requires=needs),
+              r"^pass 'req': raised KeyError in requires: 'needs foo'$"),
+             (_pass("ens", copied, ensures=post),
+              r"^pass 'ens': raised AssertionError in ensures: postcondition"),
              (_pass("cyc", cycle), r"^pass 'cyc': raised \w+ in its result's export: .*[Cc]ycle"),
              (_pass("quit", lambda self, m, c: sys.exit(0)), r"^pass 'quit': raised SystemExit: 0$"))
     for bad, message in cases:
@@ -342,7 +344,8 @@ def test_an_edit_of_a_branch_a_function_or_the_metadata_of_the_given_model_is_ca
     m = helper.make_model(g, functions=[helper.make_function("f", "F", ["a"], ["b"], [
         helper.make_node("Relu", ["a"], ["b"])], [helper.make_opsetid("", 13)])])
     before = fingerprint(m)
-    m.graph.node[0].attribute[0].g.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros(1, np.float32), "k"))
+    zeros = numpy_helper.from_array(np.zeros(1, np.float32), "k")
+    m.graph.node[0].attribute[0].g.initializer[0].CopyFrom(zeros)
     assert fingerprint(m) != before
     before = fingerprint(m)
     m.functions[0].node[0].op_type = "Sigmoid"

@@ -464,15 +464,17 @@ def test_nodes_out_of_order_are_sorted_before_shape_inference():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     assert not ir.is_topological(m.graph)
     res = run(m)
-    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"] and ir.is_topological(res.model.graph)
+    assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"]
+    assert ir.is_topological(res.model.graph)
     onnx.checker.check_model(res.model, full_check=True)
 
 
 def test_a_refusal_seen_again_in_another_fold_round_is_listed_once():
     """An Identity from one graph output to another was refused once per fold round (3 identical
     entries), 'from a graph input or constant'."""
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"])],
-                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]),
+                           helper.make_node("Identity", ["a"], ["b"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
                           [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3]),
                            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
