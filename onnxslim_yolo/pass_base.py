@@ -5,7 +5,6 @@ manager, not the pass, proves the numerics contract the pass declares.
 """
 from __future__ import annotations
 
-import copy
 import enum
 import re
 from dataclasses import dataclass, field
@@ -51,7 +50,8 @@ def naming_file(exc: SlimError, path: Optional[Union[str, Path]]) -> SlimError:
     gone = bool(re.match(r"(no such |.*\b(does not exist|not found)\b)", rest)) and " " not in named
     if path is None or msg.startswith("--") or str(path) in msg or gone or Path(named).exists():
         return exc
-    out = copy.copy(exc)
+    out = type(exc).__new__(type(exc))   # not copy.copy: it calls __init__ again, which an
+    out.__dict__.update(exc.__dict__)     # error taking other arguments (OpenVinoError) refused
     out.args = (f"{path}: {msg}",) + exc.args[1:]
     return out
 

@@ -363,6 +363,9 @@ def test_naming_file_leaves_messages_that_name_their_own_file(tmp_path: Path):
         assert str(naming_file(UsageError(msg), "m.onnx")) == msg
     assert str(naming_file(UsageError("output 'y' not found"), "m.onnx")) == "m.onnx: output 'y' not found"
     assert str(naming_file(UsageError("node 'a': input not found"), "m.onnx")).startswith("m.onnx: node")
+    from onnxslim_yolo.openvino_rt import OpenVinoError   # its __init__ takes two arguments: copy.copy failed
+    named = naming_file(OpenVinoError("cannot load the model", RuntimeError("no")), "m.onnx")
+    assert isinstance(named, OpenVinoError) and str(named) == "m.onnx: OpenVINO cannot load the model: no"
 
 
 def _no_outputs(folder: Path, keep: set) -> bool:

@@ -19,7 +19,7 @@ from ..data import image_stems
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
 from ..eval.metrics import labels_have_shapes
-from ..pass_base import SlimError, Tolerances, UsageError
+from ..pass_base import SlimError, Tolerances, UsageError, VerificationError, first_line
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
 from .index import GraphIndex
 from .result import FAIL, CheckReport, CheckResult, failed, skipped, warned
@@ -178,6 +178,8 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
                                opts.progress, engine,
                                instances=ref is not None or (labels is not None and labels_have_shapes(
                                    labels, image_stems(images, opts.limit))))
+    except VerificationError as exc:   # the runtime failed on the images: those checks fail, the rest stand
+        return [failed(n, f"the models did not run on the images: {first_line(exc)}") for n in IMAGE_CHECKS]
     except NotDetections as exc:
         why = f"not a detection output: {exc}"
         if labels is None:
@@ -242,8 +244,10 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     if ref is not None:
         out += _reference_checks(model, ref, feed if ok else None, opts, images, shape)
     io_ok = ref is None or next(r for r in out if r.name == "reference.io").status != FAIL
-    if not ok or not io_ok:
-        why = NOT_RUNNING if not ok else IO_DIFFERS
+    # the image checks and the timing run in the target's runtime: not when it cannot run the model
+    in_target = engine == "onnxruntime" or next(r for r in out if r.name == "runtime.openvino").status != FAIL
+    if not ok or not io_ok or not in_target:
+        why = NOT_RUNNING if not ok else IO_DIFFERS if not io_ok else "OpenVINO does not run the model"
         out += [skipped(n, f"not run: {why}")
                 for n in IMAGE_CHECKS + ("latency",)]
         return out

@@ -159,6 +159,23 @@ def test_rows_picked_by_a_topk_may_come_in_another_order(int8_for_openvino, monk
 
 
 @needs_openvino
+def test_a_model_openvino_cannot_load_fails_once_and_skips_the_image_checks(int8_for_openvino, monkeypatch):
+    """With --images, the image checks ran in OpenVINO after runtime.openvino had failed: the load
+    error came out as a traceback (naming_file could not copy an OpenVinoError), no report."""
+    original, q, images = int8_for_openvino
+
+    def refuse(self, *a, **k):
+        raise openvino_rt.OpenVinoError("cannot load the model", RuntimeError("Conversion is failed for: X"))
+
+    monkeypatch.setattr(openvino_rt.OpenVinoSession, "__init__", refuse)
+    rep = run_checks(q, reference=original, images=str(images), target="openvino", latency=True)
+    res = {r.name: r for r in rep.results}
+    assert res["runtime.openvino"].status == "fail" and not rep.ok
+    for name in ("inputs.preprocessing", "accuracy.agreement", "accuracy.map_drop", "latency"):
+        assert res[name].status == "skip" and res[name].message == "not run: OpenVINO does not run the model"
+
+
+@needs_openvino
 def test_latency_in_openvino(int8_for_openvino):
     from onnxslim_yolo.latency import interleaved_latency
 
