@@ -533,3 +533,21 @@ def test_a_reference_with_non_finite_outputs_is_named_as_the_culprit(yolo):
     r = numerics.check_numerics(yolo, broken, [feed(yolo)], 0.99, "seeded random inputs")
     assert r.status == "fail" and r.message.startswith("the reference's outputs are not finite (output ")
     assert "it cannot serve as a reference" in r.message
+
+
+def test_a_declared_dynamic_batch_that_fails_at_batch_2_is_a_warning():
+    """check ran batch 1 only: a dynamic-batch export whose Reshape holds the export's batch passed
+    as if it ran at any batch (optimize tests batch 2)."""
+    def model(target):
+        w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+        t = numpy_helper.from_array(np.array(target, np.int64), "t")
+        g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]),
+                               helper.make_node("Reshape", ["c", "t"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", T.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [None, None])], [w, t])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+    runs = run_checks(model([1, 32]), latency=False).get("runtime.runs")
+    assert runs.status == "warn" and "declares a dynamic batch and fails at batch 2: " in runs.message
+    runs = run_checks(model([0, -1]), latency=False).get("runtime.runs")
+    assert runs.status == "pass" and runs.message.endswith("runs at batch 2 too (its batch is dynamic)")
