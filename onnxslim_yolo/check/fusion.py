@@ -15,11 +15,12 @@ so an S8 Conv whose output feeds SiLU (Sigmoid and Mul) stays float. Verified wi
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import onnx
 
 from .. import verify
+from ..pass_base import first_line
 from ..quant.targets import resize_runs_int8
 from .index import QDQ_OPS, GraphIndex
 from .qdq_lint import T, _type_name, qdq_nodes, qtype
@@ -219,13 +220,13 @@ def reason(idx: GraphIndex, i: int) -> str:
     return "onnxruntime did not fuse this DQ -> op -> Q group (parameters or shapes)"
 
 
-def ort_optimized(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
-    """The model as onnxruntime's CPU provider rewrites it at the EXTENDED level (None if it fails)."""
+def ort_optimized(model: onnx.ModelProto) -> Union[onnx.ModelProto, str]:
+    """The model as onnxruntime's CPU provider rewrites it at the EXTENDED level, else why not."""
     try:
         return verify.optimized_model(model, optimize="extended")
     except Exception as exc:  # reported by the runtime check
         log.info("onnxruntime could not optimize the model: %s", exc)
-        return None
+        return first_line(exc)
 
 
 def quantized_by_runtime(idx: GraphIndex, opt: onnx.ModelProto) -> List[str]:
@@ -247,14 +248,12 @@ def check_ort_fusion(idx: GraphIndex, target: str) -> CheckResult:
     if not qdq_nodes(idx):
         return skipped(name, "no QuantizeLinear/DequantizeLinear nodes")
     opt = ort_optimized(idx.model)
+    if isinstance(opt, str):   # what it would fuse is moot: the model does not load (runtime.runs says why)
+        return skipped(name, f"onnxruntime cannot load the model: {opt}")
     by_name: Dict[str, int] = {n.name: i for i, n in enumerate(idx.nodes) if n.name}
-    requantized: List[str] = []
-    if opt is None:
-        names, source = [idx.label(i) for i in unfused_groups(idx)], "rules (onnxruntime could not optimize)"
-    else:
-        oidx = GraphIndex(opt)
-        names, source = [oidx.label(i) for i in unfused_groups(oidx)], "onnxruntime optimized graph"
-        requantized = quantized_by_runtime(idx, opt)
+    oidx = GraphIndex(opt)
+    names, source = [oidx.label(i) for i in unfused_groups(oidx)], "onnxruntime optimized graph"
+    requantized = quantized_by_runtime(idx, opt)
     found = [f"{nm}: {reason(idx, by_name[nm]) if nm in by_name else 'left in float by onnxruntime'}"
              for nm in names]
     quantized = sum(1 for i, n in enumerate(idx.nodes) if n.op_type not in QDQ_OPS and _act_dq_inputs(idx, i))

@@ -404,3 +404,12 @@ def test_uint8_activations_times_full_range_int8_weights_warn_on_a_cpu_that_satu
     monkeypatch.setattr(targets, "x86_int8_saturates", lambda: True)
     r = qdq_rules.check_target_rules(GraphIndex(seven), "ort-cpu")
     assert r.status == "pass" and "saturating" not in r.details
+
+
+def test_fusion_is_not_judged_on_a_model_onnxruntime_cannot_load():
+    """It warned of '238 INT8 groups onnxruntime did not fuse' on a model onnxruntime does not load
+    (runtime.runs says why)."""
+    m = qdq_conv()
+    next(n for n in m.graph.node if n.op_type == "Sigmoid").op_type = "NoSuchOp"
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
+    assert r.status == "skip" and r.message.startswith("onnxruntime cannot load the model: ")

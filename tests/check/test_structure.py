@@ -214,3 +214,13 @@ def test_minus_inf_pad_value_is_a_bound_not_a_bad_weight():
     for m in (_same_maxpool(-np.inf, extra_reader=True), _same_maxpool(np.nan)):
         r = structure.check_weights_finite(GraphIndex(m))
         assert r.status == "fail" and "pad_value (1 values)" in r.message
+
+
+def test_the_checker_message_keeps_the_node_it_names_on_a_later_line():
+    """onnx names the node on the lines after its first: the message stopped at 'of node:'."""
+    m = qdq_conv()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([nodes[-1]] + nodes[:-1])   # the Sigmoid first: not topologically sorted
+    r = structure.check_onnx_checker(m)
+    assert r.status == "fail" and "head/Sigmoid" in r.message and "\n" not in r.message
