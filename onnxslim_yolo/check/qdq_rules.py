@@ -54,6 +54,10 @@ def check_per_channel(idx: GraphIndex) -> CheckResult:
         return r
     convs = [i for i, n in enumerate(idx.nodes) if n.op_type in WEIGHT_AXIS]
     quantized = [i for i in convs if _weight_dq(idx, i) is not None]
+    qlinear = sum(n.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger") for n in idx.nodes)
+    if not quantized and qlinear:   # "0 quantized Conv weights" read as if none were quantized
+        return skipped(name, f"{qlinear} weight layers in QOperator form (QLinearConv, ...): their weight "
+                             "scales are not read here")
     bad = [e for e in (_axis_error(idx, i) for i in quantized) if e]
     if bad:
         return failed(name, f"{len(bad)} wrong per-channel weight quantizations: {summarize(bad, 1)}",

@@ -413,3 +413,13 @@ def test_fusion_is_not_judged_on_a_model_onnxruntime_cannot_load():
     next(n for n in m.graph.node if n.op_type == "Sigmoid").op_type = "NoSuchOp"
     r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
     assert r.status == "skip" and r.message.startswith("onnxruntime cannot load the model: ")
+
+
+def test_per_channel_skips_weights_in_qoperator_form():
+    """onnxruntime's QOperator output (60 per-channel QLinearConvs) passed as '0 quantized Conv
+    weights (0 per-channel) have the right axis', as if none were quantized."""
+    m = qdq_conv()
+    conv = next(n for n in m.graph.node if n.op_type == "Conv")
+    conv.op_type = "QLinearConv"   # read, not run: the check only counts
+    r = qdq_rules.check_per_channel(GraphIndex(m))
+    assert r.status == "skip" and r.message.startswith("1 weight layers in QOperator form")
