@@ -17,7 +17,7 @@ import click
 from .cli_types import Number
 from .data import PRESETS
 from .eval.anchors import ANCHORS_HELP
-from .pass_base import SlimError, UsageError
+from .pass_base import SlimError, Terminated, UsageError
 from .quant.targets import TARGETS
 
 
@@ -67,7 +67,7 @@ class SlimGroup(click.Group):
 def _terminated(signum: int, frame: Any) -> None:
     """SIGTERM (``timeout``, ``kill``) ends the run as an exception does, so a file being
     written is removed, not left half written beside its target."""
-    raise SystemExit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 def _csv(value: Optional[str]) -> List[str]:

@@ -56,6 +56,11 @@ def naming_file(exc: SlimError, path: Optional[Union[str, Path]]) -> SlimError:
     return out
 
 
+class Terminated(SystemExit):
+    """A signal ended the run (SIGTERM: exit code 128 + its number). What turns a pass's errors,
+    its ``sys.exit()`` included, into one line lets it through."""
+
+
 class VerificationError(SlimError):
     """A pass changed the numerics beyond its declared contract, or broke the model."""
 

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from . import ir, verify
 from .pass_base import (Numerics, Pass, PassContext, PassReport, PassResult, PreconditionError, SlimError,
-                        UsageError, VerificationError, first_line)
+                        Terminated, UsageError, VerificationError, first_line)
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +351,9 @@ def _guarded(p: Pass, what: str, call: Callable[[], Any]) -> Any:
     ended the run with exit code 0 and no output."""
     try:
         return call()
-    except (SlimError, KeyboardInterrupt, MemoryError):
+    except (SlimError, KeyboardInterrupt, MemoryError, Terminated):
         raise
-    except BaseException as exc:   # SystemExit too: a pass does not end the run
+    except BaseException as exc:   # a pass's own SystemExit too: a pass does not end the run
         log.debug("pass '%s' raised", p.name, exc_info=True)
         where = f" in {what}" if what else ""
         raise VerificationError(f"raised {type(exc).__name__}{where}: {first_line(exc)}") from None

@@ -270,6 +270,28 @@ cli.main(["inspect", {str(model_file)!r}, "--json", {str(tmp_path / "s.json")!r}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["det.onnx"]
 
 
+def test_sigterm_while_a_pass_runs_exits_143(tmp_path: Path, model_file: Path):
+    """The manager turned what a pass raises, SystemExit included, into one line: SIGTERM during a
+    pass ended with exit 4 ('raised SystemExit: 143'), read as a broken contract."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal, time
+from onnxslim_yolo import cli
+from onnxslim_yolo.passes.fold_affine import FoldAffine
+def killed(self, model, ctx):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+FoldAffine.run = killed
+cli.main(["optimize", {str(model_file)!r}, "-o", {str(tmp_path / "o.onnx")!r}, "--no-bench", "--no-check"],
+         prog_name="onnxslim-yolo")
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + 15 and "raised" not in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.onnx"]
+
+
 @pytest.mark.parametrize("command", ["check", "eval"])
 def test_an_unwritable_json_path_is_refused_before_the_work(tmp_path: Path, model_file: Path, monkeypatch,
                                                           command):
