@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -378,12 +379,32 @@ def replacing(out: Path) -> Iterator[str]:
 
 def write_json(path: PathLike, payload: Any, indent: Optional[int] = None,
                default: Optional[Callable[[Any], Any]] = None) -> Path:
-    """Write JSON atomically: a temp file beside ``path``, then rename (compact without ``indent``)."""
+    """Write JSON atomically: a temp file beside ``path``, then rename (compact without ``indent``).
+    A number that is not finite (an unenforced limit, an SQNR of identical outputs) is written as
+    null: Python wrote ``Infinity``, which is no JSON, and strict parsers refused every report."""
     out = Path(path)
     with replacing(out) as tmp, open(tmp, "w") as f:
-        json.dump(payload, f, indent=indent, default=default,
+        json.dump(_finite(payload, default), f, indent=indent, default=default, allow_nan=False,
                   separators=None if indent is not None else (",", ":"))
     return out
+
+
+def _finite(o: Any, default: Optional[Callable[[Any], Any]]) -> Any:
+    """``o`` with every non-finite float made None, through dicts, lists and what ``default``
+    turns other objects into (numpy scalars and arrays)."""
+    if isinstance(o, dict):
+        return {k: _finite(v, default) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v, default) for v in o]
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (bool, int, str)) or default is None:
+        return o
+    try:
+        plain = default(o)
+    except TypeError:   # json.dump says what cannot be written
+        return o
+    return o if plain is o else _finite(plain, default)
 
 
 #: fold constants, re-infer shapes, fold again: at most this many rounds (each one stops early

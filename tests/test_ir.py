@@ -290,3 +290,20 @@ def test_claim_outputs_reads_the_model_only_when_an_output_path_exists(tmp_path:
     for _ in range(2):
         ir.claim_outputs({"optimized model": tmp_path / "old.onnx"}, {"input model": src})
     assert len(calls) == 1
+
+
+def test_json_is_written_strictly_with_non_finite_numbers_as_null(tmp_path):
+    """optimize's report held "max_drop": Infinity (no --max-drop), which is no JSON: strict parsers
+    (Node's JSON.parse) refused every report."""
+    import json
+
+    from onnxslim_yolo.cli import _json_default
+
+    payload = {"max_drop": float("inf"), "sqnr": [1.0, float("nan")], "f32": np.float32("inf"),
+               "arr": np.array([1.5, -np.inf]), "n": np.int64(3), "ok": True, "none": None}
+    ir.write_json(tmp_path / "r.json", payload, indent=2, default=_json_default)
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data == {"max_drop": None, "sqnr": [1.0, None], "f32": None, "arr": [1.5, None], "n": 3,
+                    "ok": True, "none": None}
