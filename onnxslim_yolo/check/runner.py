@@ -37,7 +37,7 @@ class CheckOptions:
     """Thresholds and run settings (the CLI maps its flags onto these)."""
 
     target: str = "ort-cpu"
-    max_drop: float = 1.0              # mAP points the candidate may lose against the reference
+    max_drop: float = accuracy.DEFAULT_MAX_DROP   # mAP points the candidate may lose against the reference
     min_cosine: Optional[float] = None  # per-output cosine floor against the reference (None: by kind)
     min_agreement: float = accuracy.MIN_AGREEMENT
     latency: bool = True
