@@ -78,7 +78,7 @@ class InsertQDQ(Pass):
             return PassResult(model, False, report)
         if not ctx.calib_inputs:
             raise PreconditionError(NO_CALIB)
-        model = ir.ensure_opset(model, self.min_opset)
+        given, model = model, ir.ensure_opset(model, self.min_opset)
         images = sample_count(ctx.calib_inputs)   # an image folder's files, not decoded to count them
         if images < FEW_IMAGES and not (opts.calib_table and Path(opts.calib_table).exists()):
             log.warning("%s: %d calibration image(s): ranges from fewer than %d are noisy (the default "
@@ -105,6 +105,10 @@ class InsertQDQ(Pass):
             built = clock("guard", ctl.guard, built, check, self.tolerances(ctx).lossy_min_cosine)
         built = clock("openvino", ctl.fit_openvino, built)
         clock("report", self._report, q, built, report, ctl.quality(built.model, check))
+        if not ir.quantized_ops(built.model):   # the guard (or the placement) put every layer back
+            report.skip(model.graph.name or "model", "no layer stays INT8: each one cost more accuracy "
+                                                     "or time than allowed, so the model is left float")
+            return PassResult(given, False, report)
         return PassResult(built.model, True, report)
 
     # ---------------------------------------------------------------------------------- report

@@ -1025,6 +1025,18 @@ def test_a_pass_instance_written_in_code_runs_in_optimize(model_file: Path):
         optimize(str(model_file), passes=[clash()], bench=False, check=False)
 
 
+def test_int8_that_keeps_no_layer_int8_warns_in_the_summary(model_file: Path):
+    """--int8 that kept no INT8 layer exited 0 with a float model and 'changed: yes'."""
+    from onnxslim_yolo import ir
+    from onnxslim_yolo.api import optimize
+
+    _, images, _ = fixtures.demo_paths()
+    res = optimize(str(model_file), int8=True, calib=str(images), calib_limit=2, bench=False, check=False,
+                   progress=False, pass_options={"insert-qdq": {"min_speedup": 1000.0}})
+    assert not ir.quantized_ops(res.model)
+    assert any(n.startswith("--int8 left every layer float") for n in res.summary["notes"])
+
+
 def test_labels_with_calibration_arrays_and_no_images_are_refused_before_any_work(tmp_path: Path,
                                                                                    model_file: Path):
     """--calib X.npy --labels DIR: arrays hold no image names to score; it failed after INT8 (41 s

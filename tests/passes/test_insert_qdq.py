@@ -93,6 +93,21 @@ def test_already_quantized_model_is_left_unchanged() -> None:
     assert "already holds" in again.report.skipped[0]["reason"]
 
 
+def test_a_run_that_keeps_no_layer_int8_says_so_and_leaves_the_model(monkeypatch) -> None:
+    """When the guard restored every layer, the pass returned the float model as changed
+    ('int8_layers=0'), optimize exited 0 and only a log line said so (half the demo's runs)."""
+    from dataclasses import replace
+
+    from onnxslim_yolo.quant.accuracy import Controller
+
+    monkeypatch.setattr(Controller, "guard",
+                        lambda self, built, feeds, floor: replace(built, model=self.q.model))
+    model = fixtures.FAMILIES["yolov5_v6"](bn=False)
+    res = InsertQDQ().run(model, ctx(model, guard=True))
+    assert res.modified is False and res.model is model
+    assert res.report.skipped[-1]["reason"].startswith("no layer stays INT8")
+
+
 # ------------------------------------------------------------------------------- structure
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ort_cpu_structure(family: str) -> None:
