@@ -327,6 +327,14 @@ def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:
         raise UsageError("--labels needs images to score: pass --images DIR (images=)" +
                          (f"; --calib {Path(str(opts.calib)).name} holds arrays, not named images"
                           if opts.calib is not None else ""))
+    if "prune-channels" in names:   # its options read before any work (a bad ratio failed after the others)
+        from .passes._prune_options import parse_options
+
+        given = dict(opts.pass_options.get("prune-channels", {}))
+        given.pop("kept_json", None)
+        if opts.prune is not None:
+            given["ratio"] = opts.prune
+        parse_options(given, opts.calib is not None)
     if "insert-qdq" not in names:
         return
     if opts.calib is None:

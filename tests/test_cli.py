@@ -1037,6 +1037,23 @@ def test_int8_that_keeps_no_layer_int8_warns_in_the_summary(model_file: Path):
     assert any(n.startswith("--int8 left every layer float") for n in res.summary["notes"])
 
 
+def test_a_bad_pruning_option_is_refused_before_any_pass_runs(model_file: Path, monkeypatch):
+    """--prune 1.5, --prune nan, --round-to 0 were refused by the pass, after the calibration images
+    had loaded and every exact pass had run and been verified."""
+    from onnxslim_yolo.api import optimize
+    from onnxslim_yolo.pass_base import UsageError
+    from onnxslim_yolo.pass_manager import PassManager
+
+    monkeypatch.setattr(PassManager, "run", lambda self, m: pytest.fail("a pass ran"))
+    _, images, _ = fixtures.demo_paths()
+    for kwargs, message in ((dict(prune=1.5), r"^prune-channels: ratio 1.5 is outside \(0, 0.9\]"),
+                            (dict(prune=float("nan")), r"^prune-channels: ratio nan is outside"),
+                            (dict(prune=0.1, pass_options={"prune-channels": {"round_to": 0}}),
+                             r"^prune-channels: round_to")):
+        with pytest.raises(UsageError, match=message):
+            optimize(str(model_file), calib=str(images), bench=False, progress=False, **kwargs)
+
+
 def test_labels_with_calibration_arrays_and_no_images_are_refused_before_any_work(tmp_path: Path,
                                                                                    model_file: Path):
     """--calib X.npy --labels DIR: arrays hold no image names to score; it failed after INT8 (41 s
