@@ -498,7 +498,9 @@ def summarize(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext,
     # and the checks, on the calibration data, said 0.99)
     feeds = list(ctx.calib_inputs[:2]) if ctx.calib_inputs else \
         verify.random_feeds(before, 2, ctx.seed, shapes)
-    s["outputs"] = [d.as_dict() for d in verify.compare_models(before, after, feeds)]
+    # both run as deployed (onnxruntime's optimizations on): the reference unoptimized showed a
+    # difference of 0.04 for a model the passes left byte for byte as it was
+    s["outputs"] = [d.as_dict() for d in verify.compare_models(before, after, feeds, ref_optimized=True)]
     if opts.int8 and not ir.quantized_ops(after):   # the table said "changed: yes, int8_layers=0", exit 0
         s.setdefault("notes", []).append("--int8 left every layer float: no layer kept the accuracy (or "
                                          "the speed) INT8 must keep here; see insert-qdq's skipped entries")
