@@ -299,8 +299,8 @@ def test_moved_boxes_fail_agreement_and_map_drop(yolo, images, labels):
     # optimize without --max-drop enforces none: past check's default it warns (a PASS that could
     # not fail said nothing of it), within it the message says no limit was asked for
     free = accuracy.check_map_drop(dets, str(labels), max_drop=float("inf"))
-    assert free.status == "warn" and free.message.startswith(f"drop {free.details['drop_points']:.2f} pts, "
-                                                             "over check's default --max-drop 1; not enforced")
+    said = f"drop {free.details['drop_points']:.2f} pts, over check's default --max-drop 1; not enforced"
+    assert free.status == "warn" and free.message.startswith(said)
     same = accuracy.detect(yolo, yolo, str(images), None, None, 1, None, False)
     kept = accuracy.check_map_drop(same, str(labels), max_drop=float("inf"))
     assert kept.status == "pass" and kept.message.endswith("(no --max-drop: not enforced)")
