@@ -90,13 +90,14 @@ class OptimizeOptions:
         for kind, names in ((bool, FLAG_FIELDS), (int, INT_FIELDS), (float, NUMBER_FIELDS)):
             for name in names:
                 v = getattr(self, name)
-                number = (int, float) if kind is float else int
+                number = numbers.Real if kind is float else numbers.Integral   # numpy's too
                 if not (isinstance(v, bool) if kind is bool else
                         v is None or (isinstance(v, number) and not isinstance(v, bool))):
                     what = ("True or False" if kind is bool else "a number" if kind is float
                             else "a whole number")
                     raise UsageError(f"{name}={v!r}: expected {what}")
-        if self.input_shape is not None and not all(isinstance(d, int) and d > 0 for d in self.input_shape):
+        if self.input_shape is not None and not all(isinstance(d, numbers.Integral) and d > 0
+                                                    for d in self.input_shape):
             raise UsageError(f"input_shape {list(self.input_shape)}: expected positive whole numbers")
         if not isinstance(self.tolerances, Tolerances):
             raise UsageError(f"tolerances={self.tolerances!r}: expected a Tolerances (or a dict of its "
