@@ -475,12 +475,11 @@ def model_input(model: onnx.ModelProto,
     if input_shape is not None:
         given = tuple(int(x) for x in input_shape)
         hw = given[1:3] if last and len(given) == 4 else given[-2:]
-        pairs = list(enumerate(zip(dims, given))) if len(given) == len(dims) else \
-            list(zip((1, 2) if last else (2, 3), zip(hw_dims, hw)))
-        for axis, (d, want) in pairs:   # eval ran into onnxruntime's error, exit 4
-            if isinstance(d, int) and d > 0 and d != want:
-                raise UsageError(f"--input-shape {list(given)}: input '{name}' is {list(dims)}, and axis "
-                                 f"{axis} is fixed at {d}; only its symbolic dims can be set")
+        full = list(given) if len(given) == len(dims) else [d if isinstance(d, int) and d > 0 else 1
+                                                            for d in dims]
+        at = 1 if last else 2
+        full[at:at + 2] = hw
+        ir.overridden(name, dims, tuple(full))   # agrees with every fixed dim (eval ran into onnxruntime)
     elif all(isinstance(d, int) and d > 0 for d in hw_dims):
         hw = (int(hw_dims[0]), int(hw_dims[1]))
     else:

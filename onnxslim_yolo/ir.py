@@ -743,7 +743,7 @@ def static_input_shapes(model: onnx.ModelProto,
         if given is None and len(overrides) == 1 and len(declared) == 1:
             given = next(iter(overrides.values()))
         if given is not None:
-            res[name] = _overridden(name, dims, tuple(int(d) for d in given))
+            res[name] = overridden(name, dims, tuple(int(d) for d in given))
             continue
         concrete: List[int] = []
         for i, d in enumerate(dims):
@@ -758,7 +758,7 @@ def static_input_shapes(model: onnx.ModelProto,
     return res
 
 
-def _overridden(name: str, dims: Sequence, given: Tuple[int, ...]) -> Tuple[int, ...]:
+def overridden(name: str, dims: Sequence, given: Tuple[int, ...]) -> Tuple[int, ...]:
     """``given`` for input ``name`` when it agrees with every dim the model fixes."""
     if len(given) != len(dims):
         raise UsageError(f"--input-shape {list(given)}: input '{name}' has rank {len(dims)} {list(dims)}")
