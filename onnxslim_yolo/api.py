@@ -105,6 +105,10 @@ class OptimizeOptions:
         if not isinstance(self.pass_options, dict) or \
                 not all(isinstance(v, dict) for v in self.pass_options.values()):
             raise UsageError(f"pass_options={self.pass_options!r}: expected {{pass name: {{option: value}}}}")
+        for key in ("calib_limit", "eval_limit"):   # their kind is checked above
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UsageError(f"{key} must be a whole number of images >= 1, got {value!r}")
         if self.bench_runs < 1 or self.threads < 0:
             raise UsageError(f"bench_runs={self.bench_runs}, threads={self.threads}: bench_runs must be at "
                              "least 1 and threads at least 0 (0: onnxruntime's own choice)")
@@ -313,17 +317,13 @@ def _own_passes(opts: OptimizeOptions) -> Tuple[OptimizeOptions, Dict[str, Pass]
 
 def _refuse_options(opts: OptimizeOptions, names: Sequence[str]) -> None:
     """Options that cannot work, refused before any work: the Python API's counterparts of the
-    CLI's own checks (int8 without calibration data, a target no rule set is written for, an image
-    limit below 1), and an INT8 target or drop that contradicts the pass's own options."""
+    CLI's own checks (int8 without calibration data, a target no rule set is written for; an image
+    limit below 1 is refused when the options are made), and an INT8 target or drop that
+    contradicts the pass's own options."""
     from .quant.targets import TARGETS
 
     if opts.target not in TARGETS:
         raise UsageError(f"target '{opts.target}' is none of {', '.join(TARGETS)}")
-    for key in ("calib_limit", "eval_limit"):
-        value = getattr(opts, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                                  or value < 1):
-            raise UsageError(f"{key} must be a whole number of images >= 1, got {value!r}")
     if opts.labels is not None and _eval_images(opts) is None:   # it failed after all the work
         raise UsageError("--labels needs images to score: pass --images DIR (images=)" +
                          (f"; --calib {Path(str(opts.calib)).name} holds arrays, not named images"
