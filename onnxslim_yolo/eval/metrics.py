@@ -181,7 +181,7 @@ def read_labels(path: Path, hw: Tuple[int, int], keypoints: int = 0) -> ImageBox
                 unique.append(lab)
         if len(unique) < len(labels):   # each copy would be an object no detection can match twice
             _label_warning(("duplicate labels", str(path)), "%s: %d duplicate label lines left out, as "
-                      "ultralytics leaves them out", path, len(labels) - len(unique))
+                           "ultralytics leaves them out", path, len(labels) - len(unique))
             labels = unique
     boxes = np.asarray([[(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H]
                         for cx, cy, w, h in (lab.box for lab in labels)], np.float64).reshape(-1, 4)
