@@ -994,7 +994,8 @@ def test_the_api_names_a_value_of_the_wrong_kind_and_an_option_no_pass_reads(mod
             optimize(str(model_file), **(kwargs if "options" in kwargs else dict(fast, **kwargs)))
     with pytest.raises(UsageError, match=r"^optimize takes a model path or an onnx.ModelProto, got bytes"):
         optimize(model_file.read_bytes(), **fast)
-    assert OptimizeOptions(calib_limit=np.int64(4), prune=np.float32(0.1)).calib_limit == 4   # numpy's numbers
+    # numpy's numbers are numbers
+    assert OptimizeOptions(calib_limit=np.int64(4), prune=np.float32(0.1)).calib_limit == 4
     opts = OptimizeOptions(input_shape="1,3,32,32", tolerances={"exact_rtol": 1e-3})
     assert opts.input_shape == [1, 3, 32, 32] and opts.tolerances == Tolerances(exact_rtol=1e-3)
 
