@@ -581,7 +581,10 @@ def test_images_labelled_with_classes_the_model_cannot_predict_are_left_out(data
     assert "scores 2 classes; im1.png has class 5" in warned[0]
     for i in (0, 2):
         (labels / f"im{i}.txt").write_text("7 0.5 0.5 0.1 0.1\n")
-    with pytest.raises(UsageError, match="every image has label classes the model cannot predict"):
+    with pytest.raises(UsageError, match="every image with objects has label classes the model cannot"):
+        evaluate(model, images, labels, preset="yolov5", progress=False, threads=1)
+    (labels / "im0.txt").write_text("")   # an image with no object left: still nothing to score
+    with pytest.raises(UsageError, match="every image with objects has label classes the model cannot"):
         evaluate(model, images, labels, preset="yolov5", progress=False, threads=1)
 
 

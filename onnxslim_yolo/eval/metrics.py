@@ -324,8 +324,8 @@ def without_unknown_classes(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], 
     if not bad:
         return list(gt), list(dt)
     first = gt[bad[0]]
-    if len(bad) == len(gt):
-        raise UsageError(f"{labels}: every image has label classes the model cannot predict (it scores "
+    if len(bad) == sum(1 for g in gt if len(g)):   # the images left hold no object to score
+        raise UsageError(f"{labels}: every image with objects has label classes the model cannot predict (it scores "
                          f"{n_classes} classes; {first.key} has class {int(first.classes.max())}); "
                          "are these the model's labels?")
     _label_warning(("unknown classes", str(labels), n_classes),   # once: a run scores several models
