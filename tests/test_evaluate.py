@@ -304,6 +304,10 @@ def test_detect_format_of_split_and_post_nms_outputs():
     nms = append_nms(base, max_det=20)
     assert detect_format(nms) == "dets" and row_format(nms, (1, 20, 6), (64, 64)) is None
     assert detect_format(append_nms(base, batch_rows=True)) == "dets7"  # (K, 7) YOLOv7 end-to-end rows
+    assert detect_format(append_nms(base, batch_rows=True, layout="batched")) == "dets7"   # (1, K, 7)
+    assert detect_format(append_nms(base, layout="flat")) == "dets"   # (K, 6): not v5 rows of 1 class
+    boxes, scores = decode(np.array([[1, 2, 3, 4, 0.9, 2]], np.float32), "dets", (64, 64))  # one row
+    assert boxes.tolist() == [[1, 2, 3, 4]] and scores.shape == (1, 3) and scores[0, 2] == np.float32(0.9)
     for layout in ("labels", "end2end", "paddle"):   # mmdeploy's dets + labels; EfficientNMS's four
         split_nms = append_nms(base, max_det=20, layout=layout)   # outputs; (K, 6) rows + counts
         assert detect_format(split_nms) == "dets" and row_format(split_nms, (1, 20, 5), (64, 64)) is None
@@ -510,7 +514,8 @@ def test_evaluate_constant_model_recovers_labels(dataset, fmt):
 
 
 @pytest.mark.parametrize("tail", ["split", "split_channels_first", "split_paddle", "nms", "nms_batch_rows",
-                                  "nms_labels", "nms_end2end", "nms_paddle"])
+                                  "nms_labels", "nms_end2end", "nms_paddle", "nms_flat", "nms_class_first",
+                                  "nms_batch_rows_batched"])
 def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
     """Boxes + scores as two outputs, and NMS inside the graph: the v5 head's boxes, recovered.
     PaddleDetection's im_shape (listed before the image) and scale_factor inputs are fed the
@@ -524,7 +529,13 @@ def test_split_and_post_nms_outputs_give_the_same_detections(dataset, tail):
              "nms_batch_rows": lambda m: append_nms(m, max_det=20, batch_rows=True),
              "nms_labels": lambda m: append_nms(m, max_det=20, layout="labels"),
              "nms_end2end": lambda m: append_nms(m, max_det=20, layout="end2end"),
-             "nms_paddle": lambda m: append_nms(m, max_det=20, layout="paddle")}[tail](base)
+             "nms_paddle": lambda m: append_nms(m, max_det=20, layout="paddle"),
+             # hand-written: (K, 6) with no batch axis (read as v5 rows, mAP 0), the class before
+             # the score, (1, K, 7)
+             "nms_flat": lambda m: append_nms(m, max_det=20, layout="flat"),
+             "nms_class_first": lambda m: append_nms(m, max_det=20, layout="class_first"),
+             "nms_batch_rows_batched": lambda m: append_nms(m, max_det=20, batch_rows=True,
+                                                            layout="batched")}[tail](base)
     # the letterbox these boxes are placed for (a Paddle export is stretched by default, below)
     ref, got = (detections(m, images, preset="yolov5", progress=False, threads=1) for m in (base, model))
     for a, b in zip(ref, got):

@@ -156,11 +156,13 @@ def _dims(vi: onnx.ValueInfoProto) -> Tuple[object, ...]:
 
 
 def _shapes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, Tuple[object, ...]]:
-    """Static shapes of ``names`` (graph outputs and value_info first; shape inference if needed)."""
+    """Static shapes of ``names`` (graph outputs and value_info first; shape inference for the
+    others, and for the dims they declare as names: an output declared (batch, anchors, 85) is
+    (1, 25200, 85) once the input's size is fixed)."""
     g = model.graph
     known = {vi.name: _dims(vi) for vi in list(g.value_info) + list(g.output) + list(g.input)
              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
-    if all(n in known for n in names):
+    if all(n in known and all(isinstance(d, int) for d in known[n]) for n in names):
         return known
     try:
         inferred = ir.inferred_values(model, strict_mode=False)
@@ -169,7 +171,11 @@ def _shapes(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, Tuple[obj
         return known
     for vi in inferred:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            known.setdefault(vi.name, _dims(vi))
+            dims, old = _dims(vi), known.get(vi.name)
+            if old is None:
+                known[vi.name] = dims
+            elif len(old) == len(dims):
+                known[vi.name] = tuple(o if isinstance(o, int) else d for o, d in zip(old, dims))
     return known
 
 
@@ -279,7 +285,13 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         ev.append(f"outputs {outputs[bi][0]} (1, N, 4) boxes and {outputs[si][0]} {what} class scores")
         return ("boxes+scores", f"boxes (1, N, 4) x1 y1 x2 y2 + class scores {what}",
                 int(nc) if isinstance(nc, (int, np.integer)) else None, 1, ev)
-    rank3 = [(n, s) for n, s in outputs if len(s) == 3 and all(isinstance(d, int) for d in s[1:])]
+    after = _after_nms(model, outputs)
+    if after is not None:
+        ev.append(after[1])
+        return after[0], after[2], None, None, ev
+    # a (N, 5+C) output is a (1, N, 5+C) one without its batch axis
+    rank3 = [(n, s if len(s) == 3 else (1, *s)) for n, s in outputs
+             if len(s) in (2, 3) and all(isinstance(d, int) for d in s[-2:])]
     if rank3:
         name, (_, a, b) = max(rank3, key=lambda ns: int(ns[1][1]) * int(ns[1][2]))  # type: ignore[index]
         a, b = int(a), int(b)  # type: ignore[arg-type]
@@ -334,6 +346,28 @@ def guess_family(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[obje
         ev.append("ultralytics metadata")
         return "yolov8", "unknown layout", None, None, ev
     return "unknown", "unknown layout", None, None, ev
+
+
+def _after_nms(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[object, ...]]]
+               ) -> Optional[Tuple[str, str, str]]:
+    """(family, evidence, layout) of detections after an NMS inside the graph, as the evaluator
+    reads them (:func:`..eval.decode.nms_layout`, or one output of 6 or 7 values per row computed
+    after a selection op); None otherwise. The family is the exporter's, when its metadata names it."""
+    from ..eval.decode import exporter_family, nms_layout, rotated_boxes
+    from ..verify import selection_frontier
+    family = {"v5": "yolov5", "v8": "yolov8", "yolox": "yolox"}.get(exporter_family(model)[0] or "", "unknown")
+    several = nms_layout([s for _, s in outputs])
+    if several is not None:
+        return family, f"{len(outputs)} outputs of detections after NMS ({several})", \
+            "detections after NMS in several outputs"
+    name, shape = outputs[0] if outputs else ("", ())
+    if len(shape) not in (2, 3) or shape[-1] not in (6, 7) or rotated_boxes(model) \
+            or name not in selection_frontier(model)[1]:
+        return None
+    rows = "batch x1 y1 x2 y2 class score" if shape[-1] == 7 else "x1 y1 x2 y2 score class"
+    dims = f"({'1, ' if len(shape) == 3 else ''}K, {shape[-1]})"
+    return family, f"output {name} {list(shape)} is computed after an NMS, TopK or NonZero", \
+        f"{dims} {rows} rows after NMS"
 
 
 def find_head(model: onnx.ModelProto) -> HeadInfo:

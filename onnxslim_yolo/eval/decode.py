@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from ..pass_base import UsageError
+from ..pass_base import UsageError, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +358,13 @@ def _static_output_shape(model: onnx.ModelProto) -> Tuple:
 def _format_from(model: onnx.ModelProto, shape: Sequence,
                  input_hw: Optional[Sequence[int]]) -> Optional[str]:
     fmt = format_from_metadata(model)
-    if len(shape) == 2 and shape[-1] == 7 and _after_selection(model):
-        return "dets7"
+    if len(shape) == 2 and shape[-1] in (6, 7) and _after_selection(model):
+        return "dets7" if shape[-1] == 7 else "dets"   # (K, 7) with the image index, (K, 6) without
     if len(shape) == 3 and shape[-1] == 6 and _after_selection(model):
         return "dets"  # (1, K, 6) computed from an NMS / TopK inside the model
+    if len(shape) == 3 and shape[0] in (1, None) and shape[-1] == 7 and not rotated_boxes(model) \
+            and _after_selection(model):
+        return "dets7"  # (1, K, 7): the (K, 7) rows given a batch axis (an obb export's are its own)
     if fmt and len(shape) == 3 and shape[-1] == 6 and isinstance(shape[-2], (int, np.integer)):
         rows = int(shape[-2])
         # (1, K, 6) is not the (1, 4+C, N) v8 layout, nor a head with fewer rows than anchors
@@ -567,6 +570,11 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
     """
     if fmt == "dets7":
         output, fmt = batch_rows_as_dets(output), "dets"
+    if fmt == "dets":
+        d = final_detections(output, conf or 0.0)
+        scores = np.zeros((len(d), int(d[:, 5].max()) + 1 if len(d) else 1), np.float32)
+        scores[np.arange(len(d)), d[:, 5].astype(np.int64)] = d[:, 4]
+        return d[:, :4], scores
     p = _squeeze(output)
     if fmt == "v8":
         if p.shape[0] < 5:
@@ -577,11 +585,6 @@ def decode(output: np.ndarray, fmt: str, input_hw: Sequence[int],
         if p.shape[1] < 5:
             raise NotDetections(f"xyxy output rows have {p.shape[1]} values; expected 4 box + class scores")
         return p[:, :4], p[:, 4:]
-    if fmt == "dets":
-        d = final_detections(p, conf or 0.0)
-        scores = np.zeros((len(d), int(d[:, 5].max()) + 1 if len(d) else 1), np.float32)
-        scores[np.arange(len(d)), d[:, 5].astype(np.int64)] = d[:, 4]
-        return d[:, :4], scores
     if fmt == "gfl":
         return _decode_gfl(p, input_hw)
     if fmt not in FORMATS:
@@ -619,9 +622,10 @@ def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300
     """(M, 6) ``x1 y1 x2 y2 score class`` of a ``dets`` output (NMS already ran in the model):
     rows scoring > ``conf``, best first, at most ``max_det``. Padding rows (score 0) drop out.
     With ``with_rows`` also (M,) the row of the output each came from."""
-    p = _squeeze(output)
+    p = _detection_rows(output)
     if p.shape[1] != 6:
         raise NotDetections(f"detection rows have {p.shape[1]} values; expected x1 y1 x2 y2 score class")
+    p = _score_before_class(p)
     rows = np.nonzero(p[:, 4] > conf)[0]
     p = p[rows]
     if (p[:, 5] < 0).any() or not np.all(np.isfinite(p)):
@@ -631,9 +635,40 @@ def final_detections(output: np.ndarray, conf: float = 0.001, max_det: int = 300
     return (dets, rows[order].astype(np.int64)) if with_rows else dets
 
 
+def _detection_rows(output: np.ndarray) -> np.ndarray:
+    """One image's detections after NMS as (K, values): a (1, K, values) output without its batch
+    axis, a (K, values) one as it is (a single detection is one row, not a batch)."""
+    p = np.asarray(output)
+    if p.ndim == 3:
+        if p.shape[0] != 1:
+            raise UsageError(f"output batch is {p.shape[0]}; evaluation runs one image at a time")
+        p = p[0]
+    if p.ndim != 2:
+        raise NotDetections(f"output of shape {list(p.shape)}; expected (1, K, 6) or (K, 6) detections")
+    return p.astype(np.float32, copy=False)
+
+
+def _whole(v: np.ndarray) -> bool:
+    return bool(np.all(np.abs(v - np.round(v)) < 1e-4))
+
+
+def _score_before_class(p: np.ndarray) -> np.ndarray:
+    """(K, 6) ``x1 y1 x2 y2 score class`` rows, whichever of the last two columns an export wrote
+    first: exporters differ (ultralytics puts the score first, YOLOv7's end-to-end export the
+    class), and the class column holds whole numbers where the scores do not (warned once)."""
+    if len(p) and not _whole(p[:, 5]) and _whole(p[:, 4]) and float(p[:, 4].min()) >= 0:
+        warn_once(log, "dets class first", "the detection rows hold whole numbers where the score "
+                  "was expected and fractions where the class was: the two columns are read swapped")
+        return p[:, [0, 1, 2, 3, 5, 4]]
+    return p
+
+
 def batch_rows_as_dets(output: np.ndarray) -> np.ndarray:
-    """A ``dets7`` output's rows of image 0 as a (1, K, 6) ``dets`` array."""
+    """A ``dets7`` output's rows of image 0 as a (1, K, 6) ``dets`` array; (1, K, 7) rows are read
+    without their batch axis."""
     p = np.asarray(output, np.float32)
+    if p.ndim == 3 and p.shape[0] == 1:
+        p = p[0]
     if p.ndim != 2 or p.shape[1] != 7:
         raise NotDetections(f"output of shape {list(p.shape)}; expected (K, 7) batch x1 y1 x2 y2 class score")
     if (p[:, 0] > 0).any():

@@ -98,6 +98,45 @@ def test_boxes_and_scores_outputs_are_named_as_such(channels_first) -> None:
     assert set(info.last_convs) == set(find_head(base).last_convs)
 
 
+@pytest.mark.parametrize("layout, batch_rows, want", [
+    ("rows", False, "(1, K, 6) x1 y1 x2 y2 score class"), ("flat", False, "(K, 6) x1 y1 x2 y2 score class"),
+    ("rows", True, "(K, 7) batch x1 y1 x2 y2 class score"),
+    ("batched", True, "(1, K, 7) batch x1 y1 x2 y2 class score"),
+    ("labels", False, "detections after NMS in several outputs")])
+def test_detections_after_nms_are_named_as_such(layout, batch_rows, want) -> None:
+    """An NMS in the graph: `inspect` said "unknown layout", and (1, K, 6) rows were 5+C ones."""
+    from fixtures.postprocess import append_nms
+
+    base = fixtures.build_yolov5_v6()
+    info = find_head(append_nms(base, max_det=20, layout=layout, batch_rows=batch_rows))
+    assert info.layout.startswith(want) and info.num_classes is None
+    assert info.family == "unknown" and set(info.last_convs) == set(find_head(base).last_convs)
+    onnx.helper.set_model_props(base, {"stride": "[8, 16, 32]", "names": "{0: 'a'}"})   # YOLOv5's
+    assert find_head(append_nms(base, layout=layout, batch_rows=batch_rows)).family == "yolov5"
+
+
+def test_outputs_without_batch_axis_and_with_symbolic_dims_are_read() -> None:
+    """(N, 5+C) rows squeezed of their batch, and an output declared (batch, anchors, 5+C) that
+    shape inference fixes: both were "unknown layout"."""
+    base = fixtures.build_yolov5_v6(opset=13)
+    want = find_head(base)
+    squeezed = onnx.ModelProto()
+    squeezed.CopyFrom(base)
+    out = squeezed.graph.output[0]
+    squeezed.graph.node.append(helper.make_node("Squeeze", ["sq_in", "sq_axes"], [out.name]))
+    for n in squeezed.graph.node[:-1]:
+        n.output[:] = ["sq_in" if o == out.name else o for o in n.output]
+    squeezed.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "sq_axes"))
+    del out.type.tensor_type.shape.dim[0]
+    symbolic = onnx.ModelProto()
+    symbolic.CopyFrom(base)
+    for d, name in zip(symbolic.graph.output[0].type.tensor_type.shape.dim, ("batch", "anchors")):
+        d.dim_param = name
+    for m in (squeezed, symbolic):
+        info = find_head(m)
+        assert (info.family, info.layout, info.num_classes) == (want.family, want.layout, want.num_classes)
+
+
 def test_to_dict_is_json_ready() -> None:
     import json
 
