@@ -117,6 +117,11 @@ def main(verbose: int) -> None:
     # onnxruntime's own graph-optimizer warnings (e.g. "can't constant fold Floor" on float16
     # models) go to its default logger, which session options do not reach; -vv shows them
     ort.set_default_logger_severity(2 if verbose >= 2 else 3)
+    # so do graphsurgeon's ("[W] Could not convert: BFLOAT16 to a corresponding NumPy type"): the
+    # passes handle what it warns of, or refuse it with a reason of their own
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.WARNING if verbose >= 2 else G_LOGGER.ERROR
 
 
 def _given(param: str) -> bool:

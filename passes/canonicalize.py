@@ -327,11 +327,11 @@ def _is_noop(node: gs.Node) -> Optional[str]:
         src = node.inputs[0].dtype
         to = node.attrs.get("to")
         if src is not None and to is not None:
-            try:
-                to_np = onnx.helper.tensor_dtype_to_np_dtype(int(to))
-            except Exception:
+            try:   # graphsurgeon gives a type numpy has no match for (bfloat16) as its ONNX number
+                same = np.dtype(src) == np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(to)))
+            except Exception:   # noqa: BLE001
                 return None
-            if np.dtype(src) == np.dtype(to_np):
+            if same:
                 return "no-op Cast"
             if cast_round_trip_source(node) is not None:
                 return "cast round trip"

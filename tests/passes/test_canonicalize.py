@@ -480,3 +480,16 @@ def test_a_refusal_seen_again_in_another_fold_round_is_listed_once():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     skipped = Canonicalize().run(m, PassContext()).report.skipped
     assert [s["reason"] for s in skipped] == ["Identity writes a graph output from another graph output"]
+
+
+def test_a_bfloat16_round_trip_is_kept_and_the_pass_runs():
+    """graphsurgeon gives a bfloat16 tensor's type as its ONNX number, which numpy cannot read:
+    canonicalize raised a TypeError (exit 4) on any model with a bfloat16 Cast."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Cast", ["c"], ["b"], to=TensorProto.BFLOAT16, name="to_bf16"),
+             helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT, name="back")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    res = run(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    assert ops(res.model) == Counter({"Conv": 1, "Cast": 2})   # a rounding: kept
