@@ -62,6 +62,12 @@ class SlimGroup(click.Group):
             _fail(exc)
         except click.UsageError as exc:
             _usage_error(exc, ctx.command_path)
+        except Terminated as exc:   # files being written were removed on the way out (ir.replacing)
+            click.echo("error: terminated by SIGTERM; nothing more was written", err=True)
+            raise exc
+        except KeyboardInterrupt:   # click prints "Aborted!" and exits 1, the code of a failed check
+            click.echo("error: interrupted (Ctrl-C); nothing more was written", err=True)
+            sys.exit(128 + signal.SIGINT)
 
 
 def _terminated(signum: int, frame: Any) -> None:
