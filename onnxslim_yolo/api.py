@@ -271,6 +271,8 @@ def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
             re.fullmatch(r"\d\d_.+\.onnx", src.name):   # a dump is NN_PASS.onnx: it could be the input
         raise UsageError(f"{opts.dump_dir}: --dump-dir holds the input model {src.name}, which a dump "
                          "could overwrite; choose another folder")
+    if opts.dump_dir:   # refused when the first pass's model was dumped, after its work
+        ir.ensure_writable(Path(opts.dump_dir) / "00_dump.onnx", "model dumps (--dump-dir)")
     names = pipeline_names(opts, original)
     _refuse_options(opts, names)
     loaded = _refuse_unrunnable(original, src)

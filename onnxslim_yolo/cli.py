@@ -192,6 +192,9 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
 
     if int8 and not calib:
         raise UsageError("--int8 needs calibration images: pass --calib DIR")
+    for what, given in (("MODEL", model), ("-o/--output", output)):
+        if given is not None and not given.strip():   # Path("") is ".": a traceback, or the default
+            raise UsageError(f"{what}: empty path; give a file name")
     src = Path(model)
     stem = src.name[:-5] if src.name.endswith(".onnx") else src.name
     out = Path(output) if output else src.with_name(stem + ".opt.onnx")

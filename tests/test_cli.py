@@ -843,6 +843,26 @@ def test_a_dump_folder_holding_the_input_model_is_refused(tmp_path: Path, model_
     assert src.read_bytes() == model_file.read_bytes()
 
 
+def test_an_unwritable_dump_folder_and_empty_paths_are_refused_before_the_work(tmp_path: Path, model_file: Path,
+                                                                              monkeypatch):
+    """A dump folder that takes no file was refused once the first pass's model was dumped; an
+    empty MODEL gave a traceback, and an empty -o wrote MODEL.opt.onnx."""
+    from onnxslim_yolo import api
+
+    def never(*a, **k):
+        raise AssertionError("the run started")
+    monkeypatch.setattr(api, "build_context", never)
+    (tmp_path / "afile").write_text("")
+    r = CliRunner().invoke(main, ["optimize", str(model_file), "-o", str(tmp_path / "o.onnx"),
+                                  "--dump-dir", str(tmp_path / "afile" / "dump")])
+    assert r.exit_code == 2 and re.fullmatch(r"error: .*afile/dump/00_dump.onnx: cannot write the model dumps "
+                                             r"\(--dump-dir\) there \(.*\)", r.output.strip()), r.output
+    for args, what in ((["optimize", ""], "MODEL"), (["optimize", str(model_file), "-o", " "], "-o/--output")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and r.output.strip() == f"error: {what}: empty path; give a file name", r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "det.onnx"]
+
+
 def test_a_sparse_initializer_is_a_defined_tensor():
     """A node reading a sparse initializer was refused as reading a tensor nothing defines."""
     from onnx import TensorProto, helper
