@@ -254,7 +254,9 @@ def preset_choice(model: onnx.ModelProto) -> Tuple[str, str]:
            else "the default: nothing in the model names another family")
     if fmt == "yolox" and ones_objectness(model):
         return "yolov6", "the output layout: a row per grid point, objectness a constant 1"
-    if aux_inputs(model):  # PaddleDetection: stretched; GFL rows are PicoDet's, ImageNet-normalised
+    # PaddleDetection: stretched; GFL rows are PicoDet's, ImageNet-normalised. A model whose
+    # metadata names its exporter is that exporter's, whatever inputs were added to it
+    if aux_inputs(model) and not family:
         if fmt == "v8" and gfl_rows(declared_shapes(model)):
             return "paddle-imagenet", "PaddleDetection's scale_factor input and GFL distance bins per row"
         return "paddle", "PaddleDetection's scale_factor input"

@@ -560,6 +560,12 @@ def test_a_paddle_export_is_fed_stretched_images(dataset):
     assert evaluate(model, images, labels, preset="yolov5", progress=False, threads=1)["map"] < 0.5
     out, ratio, pad = data.letterbox(np.zeros((40, 80, 3), np.uint8), (64, 64), stretch=True)
     assert out.shape == (64, 64, 3) and ratio == (0.8, 1.6) and pad == (0, 0)
+    # a YOLOv5 export given a scale_factor input by hand is still YOLOv5's (was stretched: 0.3223
+    # for 0.3571 on yolov5n)
+    v5 = split_boxes_scores(const_model("v5", letterboxed(LABELS, 16), CLASSES), True, ("scale_factor",))
+    onnx.helper.set_model_props(v5, {"stride": "[8, 16, 32]", "names": "{0: 'a', 1: 'b'}"})
+    assert data.preset_choice(v5) == ("yolov5", "the exporter named in the model's metadata")
+    assert evaluate(v5, images, labels, progress=False, threads=1)["map"] == pytest.approx(1.0)
 
 
 def test_detections_are_in_original_pixels_and_score_uses_labels(dataset):
