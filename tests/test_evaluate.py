@@ -16,7 +16,7 @@ from PIL import Image
 from onnxslim_yolo import data
 from fixtures.postprocess import append_nms, split_boxes_scores
 from onnxslim_yolo.eval.decode import (NotDetections, decode, decode_rows, detect_format, grid_size,
-                                       row_format, yolox_grid)
+                                       row_format, xywh2xyxy, yolox_grid)
 from onnxslim_yolo.eval.metrics import ImageBoxes, coco_map, load_ground_truth, read_yolo_labels
 from onnxslim_yolo.eval.nms import nms, non_max_suppression, scale_boxes
 from onnxslim_yolo.evaluate import agreement, detections, evaluate, score
@@ -319,6 +319,29 @@ def test_detect_format_of_split_and_post_nms_outputs():
     assert detect_format(one_class) == "v5"
     with pytest.raises(NotDetections, match="rows do not correspond"):
         decode_rows(np.zeros((1, 20, 6), np.float32), "dets", (64, 64))
+
+
+def test_corner_boxes_are_told_from_centre_size_ones_by_their_values(caplog):
+    """An export that turned its 5+C rows' boxes into corners scored 0.003 (read as cx cy w h), and
+    a boxes + scores pair left in cx cy w h 0.000 (read as corners); below 200 candidates, or
+    over rows of one point (padding), the layout decides."""
+    rng = np.random.default_rng(0)
+    n = 300
+    xywh = np.concatenate([rng.uniform(0, 640, (n, 2)), rng.uniform(4, 120, (n, 2))], 1).astype(np.float32)
+    want = xywh2xyxy(xywh)
+    rest = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    caplog.set_level("WARNING")
+    for fmt, cols in (("v5", rest), ("xyxy", rest[:, 1:])):
+        for boxes in (xywh, want):
+            got, _ = decode(np.concatenate([boxes, cols], 1)[None], fmt, (640, 640))
+            assert np.allclose(got, want, atol=1e-3), (fmt, boxes is want)
+    got, _ = decode(np.concatenate([want, rest], 1).T[None], "v8", (640, 640))   # (1, 4+C, N)
+    assert np.allclose(got, want, atol=1e-3)
+    assert sum("candidate boxes have x2 >= x1" in r.getMessage() for r in caplog.records) == 3
+    few = np.concatenate([want[:150], rest[:150]], 1)[None]
+    assert np.allclose(decode(few, "v5", (640, 640))[0], xywh2xyxy(want[:150]))   # too few to tell
+    padded = np.concatenate([np.concatenate([want[:150], rest[:150]], 1), np.zeros((200, 7), np.float32)])
+    assert np.allclose(decode(padded[None], "v5", (640, 640))[0][:150], xywh2xyxy(want[:150]))
 
 
 def test_decode_refuses_outputs_that_are_not_detections():
