@@ -553,3 +553,66 @@ def test_sample_count_reads_no_image(monkeypatch):
     monkeypatch.setattr(data, "read_image", lambda *a: pytest.fail("an image was decoded to count it"))
     assert data.sample_count(feeds) == len(feeds.files) == data.sample_count(listed) > 0
     assert data.sample_count([{"x": np.zeros((2, 3, 4, 4))}, {"x": np.zeros((3, 3, 4, 4))}]) == 5
+
+
+def _flipping(kind: str, channels_last: bool = False) -> onnx.ModelProto:
+    """The yolov5 fixture behind a wrapper that reverses the image input's channels (``kind``),
+    as a deployment wrapper for BGR frames does; NHWC uint8 through Cast and Transpose first."""
+    from onnx import numpy_helper
+
+    net = fixtures.build_yolov5_v6(opset=13)
+    first = net.graph.input[0].name
+    for n in net.graph.node:
+        n.input[:] = ["net_in" if i == first else i for i in n.input]
+    c = lambda name, v: net.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))  # noqa: E731
+    x, nodes = "frame", []
+    if channels_last:
+        nodes += [helper.make_node("Cast", [x], ["cast"], to=TensorProto.FLOAT),
+                  helper.make_node("Transpose", ["cast"], ["nchw"], perm=[0, 3, 1, 2])]
+        x = "nchw"
+    if kind == "gather":
+        c("order", np.array([2, 1, 0], np.int64))
+        nodes.append(helper.make_node("Gather", [x, "order"], ["flipped"], axis=1))
+    elif kind == "slice":
+        for name, v in (("st", [-1]), ("en", [-2 ** 63]), ("ax", [1]), ("sp", [-1])):
+            c(name, np.array(v, np.int64))
+        nodes.append(helper.make_node("Slice", [x, "st", "en", "ax", "sp"], ["flipped"]))
+    elif kind == "split":
+        nodes += [helper.make_node("Split", [x], ["r", "g", "b"], axis=1),
+                  helper.make_node("Concat", ["b", "g", "r"], ["flipped"], axis=1)]
+    else:   # "same": a Gather that keeps the order
+        c("order", np.array([0, 1, 2], np.int64))
+        nodes.append(helper.make_node("Gather", [x, "order"], ["flipped"], axis=1))
+    c("k", np.float32(255.0 if channels_last else 1.0))
+    nodes.append(helper.make_node("Div", ["flipped", "k"], ["net_in"]))
+    dims = list(data.image_inputs(net)[first])
+    shape = [dims[0], dims[2], dims[3], 3] if channels_last else dims
+    elem = TensorProto.UINT8 if channels_last else TensorProto.FLOAT
+    g = net.graph
+    nodes += list(g.node)
+    del g.node[:], g.input[:]
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info("frame", elem, shape))
+    onnx.checker.check_model(net)
+    return net
+
+
+@pytest.mark.parametrize("kind, channels_last, flips", [
+    ("gather", False, True), ("slice", False, True), ("split", False, True), ("gather", True, True),
+    ("slice", True, True), ("same", False, False)])
+def test_a_channel_reversal_in_the_graph_swaps_the_colour_order_fed(tmp_path: Path, kind, channels_last, flips):
+    """A wrapper taking BGR frames for an RGB network was fed RGB: the network saw its channels
+    reversed (yolov5n 0.3107 for 0.3571). Fed BGR, the wrapper gives the network's own outputs."""
+    from onnxslim_yolo.evaluate import detections
+
+    model = _flipping(kind, channels_last)
+    assert data.flips_channels(model) is flips
+    preset = data.get_preset("yolov5", model)
+    assert preset.rgb is not flips and "BGR" in data.describe_preset(preset) if flips else preset.rgb
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    plain, wrapped = (detections(m, tmp_path, preset="yolov5", progress=False, threads=1)[0]
+                      for m in (fixtures.build_yolov5_v6(opset=13), model))
+    if flips:
+        assert len(plain) > 0 and np.allclose(wrapped.boxes, plain.boxes, atol=1e-3)
+        assert np.allclose(wrapped.scores, plain.scores, atol=1e-4)
