@@ -134,8 +134,8 @@ def infer_shapes(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
     inferred without its weights (see :func:`_infer_light`); the inferred value_info and outputs
     are then put on a copy of the original."""
     if model_size(model) <= PROTO_LIMIT:
-        return onnx.shape_inference.infer_shapes(model, **kwargs)
-    inferred = _infer_light(model, **kwargs)
+        return _with_contrib_types(model, onnx.shape_inference.infer_shapes(model, **kwargs), kwargs)
+    inferred = _with_contrib_types(model, _infer_light(model, **kwargs), kwargs)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.value_info[:]
@@ -150,10 +150,52 @@ def inferred_values(model: onnx.ModelProto, **kwargs: Any) -> List[onnx.ValueInf
     :func:`infer_shapes`), for callers that read only types and shapes: over 2 GiB this makes no
     copy of the weights."""
     if model_size(model) <= PROTO_LIMIT:
-        g = onnx.shape_inference.infer_shapes(model, **kwargs).graph
+        g = _with_contrib_types(model, onnx.shape_inference.infer_shapes(model, **kwargs), kwargs).graph
     else:
-        g = _infer_light(model, **kwargs).graph
+        g = _with_contrib_types(model, _infer_light(model, **kwargs), kwargs).graph
     return list(g.value_info) + list(g.output)
+
+
+#: the domain of onnxruntime's own ops (its optimizer's fusions: QuickGelu, FusedConv, ...)
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def _with_contrib_types(model: onnx.ModelProto, inferred: onnx.ModelProto,
+                        kwargs: Mapping[str, Any]) -> onnx.ModelProto:
+    """``inferred`` with the types and shapes onnx's inference leaves out after onnxruntime's own
+    ops (a model saved by onnxruntime's optimizer holds ``com.microsoft`` QuickGelu and FusedConv:
+    onnx's inference stops at them, so every Conv after the first had no shape and no type, its
+    MACs counted 0 and its input taken for no float activation), from onnxruntime's symbolic shape
+    inference, which reads those ops. Best effort: ``inferred`` as it was when that fails too.
+    Not under ``strict_mode``, which asks for onnx's verdict alone."""
+    if kwargs.get("strict_mode") or not any(n.domain == CONTRIB_DOMAIN for n in all_nodes(model.graph)):
+        return inferred
+    g = inferred.graph
+    known = {vi.name for vi in list(g.value_info) + list(g.output)
+             if vi.type.tensor_type.elem_type and vi.type.tensor_type.HasField("shape")}
+    missing = {o for n in model.graph.node for o in n.output if o and o not in known}
+    if not missing:
+        return inferred
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        extra = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
+    except Exception as exc:   # noqa: BLE001 -- it raises what it meets; the types stay unknown
+        log.debug("onnxruntime's symbolic shape inference failed too: %s", exc)
+        return inferred
+    found = {vi.name: vi for vi in list(extra.graph.value_info) + list(extra.graph.output)
+             if vi.name in missing and vi.type.tensor_type.elem_type}
+    if not found:
+        return inferred
+    out = onnx.ModelProto()
+    out.CopyFrom(inferred)
+    outputs = {o.name: i for i, o in enumerate(out.graph.output)}
+    for name, vi in found.items():
+        if name in outputs:
+            out.graph.output[outputs[name]].CopyFrom(vi)
+        else:
+            out.graph.value_info.append(vi)
+    return out
 
 
 def _infer_light(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:

@@ -277,12 +277,22 @@ def round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
         src = cur.inputs[0]
         if not isinstance(src, gs.Variable):
             return None
-        if static_shape(src) == want and src.dtype is not None and out.dtype is not None \
-                and np.dtype(src.dtype) == np.dtype(out.dtype):
+        if static_shape(src) == want and _same_type(src.dtype, out.dtype):
             return src
         if len(src.inputs) != 1 or src.inputs[0].op not in RESHAPES:
             return None
         cur = src.inputs[0]
+
+
+def _same_type(a: object, b: object) -> bool:
+    """Two graphsurgeon tensor types are known and equal; one numpy has no match for (bfloat16)
+    graphsurgeon gives as its ONNX number, equal only to the same number."""
+    if a is None or b is None:
+        return False
+    try:
+        return np.dtype(a) == np.dtype(b)
+    except TypeError:
+        return a == b
 
 
 def identity_operand(node: gs.Node) -> Optional[gs.Tensor]:
@@ -302,8 +312,7 @@ def identity_operand(node: gs.Node) -> Optional[gs.Tensor]:
         if value.dtype.kind not in "fiu" or not np.all(value == neutral):
             continue
         shape = static_shape(x)
-        if shape is None or shape != static_shape(out) or x.dtype is None or out.dtype is None \
-                or np.dtype(x.dtype) != np.dtype(out.dtype):
+        if shape is None or shape != static_shape(out) or not _same_type(x.dtype, out.dtype):
             continue
         return x
     return None

@@ -100,8 +100,12 @@ def data_inputs(node: gs.Node) -> List[gs.Tensor]:
 
 
 def is_float_var(t: gs.Tensor) -> bool:
-    return isinstance(t, gs.Variable) and ir.const_value(t) is None and t.dtype is not None \
-        and np.dtype(t.dtype) == np.float32
+    if not isinstance(t, gs.Variable) or ir.const_value(t) is not None or t.dtype is None:
+        return False
+    try:   # graphsurgeon gives a type numpy has no match for (bfloat16) as its ONNX number
+        return np.dtype(t.dtype) == np.float32
+    except TypeError:
+        return False
 
 
 def _const(t: gs.Tensor) -> Optional[np.ndarray]:
@@ -126,7 +130,9 @@ def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]
     if w is None or w.dtype != np.float32 or w.ndim < 2:
         return None, f"{node.op} weights are not float32 matrices"
     if not is_float_var(act):
-        return None, f"{node.op} input '{act.name}' is not a float32 activation"
+        what = ("has no type shape inference could give it" if isinstance(act, gs.Variable) and act.dtype is None
+                else "is not a float32 activation")
+        return None, f"{node.op} input '{act.name}' {what}"
     axis = weight_axis(node.op, int(node.attrs.get("transB", 0)), w.ndim)
     bias = None
     if node.op in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
