@@ -179,9 +179,17 @@ def runtime_quantizes_float_convs() -> bool:
     return any(n.op_type == "QLinearConv" for n in verify.optimized_model(_unit_model(key, False)).graph.node)
 
 
+#: timing rounds of a key whose first round keeps it float (:func:`measure`)
+RECHECK_ROUNDS = 3
+
+
 def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,
-            progress: bool = False) -> Dict[ConvKey, ConvCost]:
-    """Time every key's INT8 and float unit; about ``budget_ms`` of runs per key (at least 5)."""
+            progress: bool = False, min_speedup: Optional[float] = None) -> Dict[ConvKey, ConvCost]:
+    """Time every key's INT8 and float unit; about ``budget_ms`` of runs per key (at least 5).
+    A key whose INT8 unit measures less than ``min_speedup`` times faster is timed in
+    :data:`RECHECK_ROUNDS` rounds in all, and the round of median speed-up decides: other work on
+    the CPU slows one unit of a round, and one round swung a conv from 2.7x to 0.7x, so two runs
+    of one command kept different convs float (54 against 56 INT8 layers, 1.4 points of mAP)."""
     from tqdm import tqdm
 
     out: Dict[ConvKey, ConvCost] = {}
@@ -190,9 +198,12 @@ def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,
         feed = {"x": np.random.default_rng(1).integers(0, 256, (1, key.cin) + key.hw).astype(np.uint8)}
         first = _time(sessions, feed, 1)
         runs = int(np.clip(budget_ms / max(sum(first), 1e-3), 5, 50))
-        t8, tf = _time(sessions, feed, runs)
-        out[key] = ConvCost(round(t8, 4), round(tf, 4))
-        log.debug("conv %s: int8 %.3f ms, float %.3f ms", asdict(key), t8, tf)
+        rounds = [ConvCost(*(round(t, 4) for t in _time(sessions, feed, runs)))]
+        while min_speedup is not None and len(rounds) < RECHECK_ROUNDS and rounds[0].speedup < min_speedup:
+            rounds.append(ConvCost(*(round(t, 4) for t in _time(sessions, feed, runs))))
+        out[key] = sorted(rounds, key=lambda c: c.speedup)[len(rounds) // 2]
+        log.debug("conv %s: int8 %.3f ms, float %.3f ms (%d rounds)", asdict(key), out[key].int8_ms,
+                  out[key].float_ms, len(rounds))
     return out
 
 

@@ -108,7 +108,7 @@ class Quantizer:
         skip = set(self.head.tail_nodes) | set(self.head.last_convs)
         keys = {n.name: cost.conv_key(n) for n in graph.nodes if n.op == "Conv" and n.name not in skip}
         measured = cost.measure([k for k in keys.values() if k is not None], threads=self.opts.tune_threads,
-                                progress=self.opts.progress)
+                                progress=self.opts.progress, min_speedup=self.opts.min_speedup)
         self.costs = {n: measured[k] for n, k in keys.items() if k is not None}
         for k, c in measured.items():
             self.timings.append({"conv": f"{k.cin}->{k.cout} k{'x'.join(map(str, k.kernel))} "

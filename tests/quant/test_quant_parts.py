@@ -112,6 +112,25 @@ def test_conv_unit_models_run_and_time() -> None:
     assert cost.slower_in_int8(None, 1.05) is None
 
 
+def test_a_conv_timed_slower_in_int8_is_timed_again_and_the_median_round_decides(monkeypatch) -> None:
+    """One round under load swung a conv from 2.7x to 0.7x: two runs of one command kept different
+    convs float. A round below the bar is followed by two more; a round above it stands alone."""
+    key = cost.ConvKey(8, 8, (8, 8), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, "silu")
+    rounds = {"loaded": [[1.0, 1.0], [2.0, 1.4], [1.0, 2.5], [1.0, 2.4]],   # 1st: timing run
+              "steady": [[1.0, 1.0], [1.0, 2.5]],
+              "slow": [[1.0, 1.0], [2.0, 1.0], [2.0, 1.1], [2.1, 1.0]]}
+    for name, times in rounds.items():
+        left = list(times)
+        monkeypatch.setattr(cost, "_time", lambda sessions, feed, runs: left.pop(0))
+        got = cost.measure([key], budget_ms=5, min_speedup=1.05)[key]
+        assert left == [], name
+        assert (cost.slower_in_int8(got, 1.05) is None) is (name != "slow")
+        assert (name, got) in {("loaded", cost.ConvCost(1.0, 2.4)), ("steady", cost.ConvCost(1.0, 2.5)),
+                               ("slow", cost.ConvCost(2.0, 1.0))}
+    left = [[1.0, 1.0], [2.0, 1.0]]
+    assert cost.measure([key], budget_ms=5)[key] == cost.ConvCost(2.0, 1.0) and left == []   # no bar: once
+
+
 class FakeEvaluator:
     """Loss = sum of planted unit noises (additive), so gains are known exactly."""
 
