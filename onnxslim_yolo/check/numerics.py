@@ -47,16 +47,50 @@ def check_runs(model: onnx.ModelProto, feeds: Feeds, threads: int = 1) -> CheckR
                             + ", ".join(f"{k} ({v} NaN/Inf)" for k, v in bad.items()), shapes=shapes)
     text = (f"runs in onnxruntime CPU ({ms:.1f} ms first run); outputs finite: "
             + ", ".join(f"{k} {v}" for k, v in shapes.items()))
-    # a declared dynamic batch, run at 2 (a Reshape holding the export's batch passed unseen)
+    # a declared dynamic batch, run at 2 (a Reshape holding the export's batch passed unseen), and
+    # a declared dynamic image size at another one (grids or a Reshape holding the export's size
+    # passed unseen: an export declaring any size failed at 320x480)
+    fails: List[str] = []
     batch2 = verify.batch_shapes(model, 2, {k: v.shape for k, v in feeds.items()})
-    if batch2:
+    other = _other_size(model, feeds)
+    for at, what, size in ((batch2, "batch", "batch 2"),
+                           (other and other[0], "image size", other and "x".join(map(str, other[1])))):
+        if not at:
+            continue
         try:
-            verify.run(sess, verify.random_feeds(model, 1, 0, batch2)[0])   # every input, batch 2
+            verify.run(sess, verify.random_feeds(model, 1, 0, at)[0])   # every input at that shape
         except SlimError as exc:
-            return warned(name, f"{text}; but the model declares a dynamic batch and fails at batch 2: "
-                                f"{first_line(exc)}", shapes=shapes)
-        text += "; runs at batch 2 too (its batch is dynamic)"
+            fails.append(f"declares a dynamic {what} and fails at {size}: {first_line(exc)}")
+            continue
+        text += f"; runs at {size} too (its {what} is dynamic)"
+    if fails:
+        return warned(name, f"{text}; but the model {'; and it '.join(fails)}", shapes=shapes)
     return passed(name, text, shapes=shapes)
+
+
+def _other_size(model: onnx.ModelProto, feeds: Feeds
+                ) -> Optional[Tuple[Dict[str, Tuple[int, ...]], Tuple[int, int]]]:
+    """(input shapes, (h, w)) of a run at another image size than ``feeds``' when the one image
+    input declares its height or width symbolic: each such side 64 pixels larger (a multiple of
+    any YOLO stride up to 64), the other inputs as fed; None otherwise."""
+    from .. import data
+
+    images = data.image_inputs(model)
+    if len(images) != 1:
+        return None
+    image, dims = next(iter(images.items()))
+    if image not in feeds or len(dims) != 4 or feeds[image].ndim != 4:
+        return None
+    axes = (1, 2) if data._channels_last(dims) else (2, 3)
+    shape = list(feeds[image].shape)
+    if all(isinstance(dims[a], int) and dims[a] > 0 for a in axes):
+        return None
+    for a in axes:
+        if not (isinstance(dims[a], int) and dims[a] > 0):
+            shape[a] += 64
+    shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+    shapes[image] = tuple(shape)
+    return shapes, (shape[axes[0]], shape[axes[1]])
 
 
 def _io(model: onnx.ModelProto) -> Dict[str, Dict[str, object]]:
