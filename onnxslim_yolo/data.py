@@ -349,7 +349,8 @@ def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
         log.info("the model normalises its image input itself: fed pixel values 0-255")
         preset = replace(preset, scale=1.0, mean=None, std=None)
     if flips_channels(model):
-        log.info("the model reverses its input's colour channels itself: fed %s", "BGR" if preset.rgb else "RGB")
+        log.info("the model reverses its input's colour channels itself: fed %s",
+                 "BGR" if preset.rgb else "RGB")
         preset = replace(preset, rgb=not preset.rgb)
     return preset
 

@@ -843,8 +843,8 @@ def test_a_dump_folder_holding_the_input_model_is_refused(tmp_path: Path, model_
     assert src.read_bytes() == model_file.read_bytes()
 
 
-def test_an_unwritable_dump_folder_and_empty_paths_are_refused_before_the_work(tmp_path: Path, model_file: Path,
-                                                                              monkeypatch):
+def test_an_unwritable_dump_folder_and_empty_paths_are_refused_before_the_work(tmp_path: Path,
+                                                                              model_file: Path, monkeypatch):
     """A dump folder that takes no file was refused once the first pass's model was dumped; an
     empty MODEL gave a traceback, and an empty -o wrote MODEL.opt.onnx."""
     from onnxslim_yolo import api
@@ -855,11 +855,13 @@ def test_an_unwritable_dump_folder_and_empty_paths_are_refused_before_the_work(t
     (tmp_path / "afile").write_text("")
     r = CliRunner().invoke(main, ["optimize", str(model_file), "-o", str(tmp_path / "o.onnx"),
                                   "--dump-dir", str(tmp_path / "afile" / "dump")])
-    assert r.exit_code == 2 and re.fullmatch(r"error: .*afile/dump/00_dump.onnx: cannot write the model dumps "
-                                             r"\(--dump-dir\) there \(.*\)", r.output.strip()), r.output
-    for args, what in ((["optimize", ""], "MODEL"), (["optimize", str(model_file), "-o", " "], "-o/--output")):
+    want = r"error: .*afile/dump/00_dump.onnx: cannot write the model dumps \(--dump-dir\) there \(.*\)"
+    assert r.exit_code == 2 and re.fullmatch(want, r.output.strip()), r.output
+    for args, what in ((["optimize", ""], "MODEL"),
+                       (["optimize", str(model_file), "-o", " "], "-o/--output")):
         r = CliRunner().invoke(main, args)
-        assert r.exit_code == 2 and r.output.strip() == f"error: {what}: empty path; give a file name", r.output
+        assert r.exit_code == 2, r.output
+        assert r.output.strip() == f"error: {what}: empty path; give a file name", r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "det.onnx"]
 
 

@@ -564,7 +564,8 @@ def _flipping(kind: str, channels_last: bool = False) -> onnx.ModelProto:
     first = net.graph.input[0].name
     for n in net.graph.node:
         n.input[:] = ["net_in" if i == first else i for i in n.input]
-    c = lambda name, v: net.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))  # noqa: E731
+    def c(name, v):
+        net.graph.initializer.append(numpy_helper.from_array(np.asarray(v), name))
     x, nodes = "frame", []
     if channels_last:
         nodes += [helper.make_node("Cast", [x], ["cast"], to=TensorProto.FLOAT),
@@ -600,7 +601,8 @@ def _flipping(kind: str, channels_last: bool = False) -> onnx.ModelProto:
 @pytest.mark.parametrize("kind, channels_last, flips", [
     ("gather", False, True), ("slice", False, True), ("split", False, True), ("gather", True, True),
     ("slice", True, True), ("same", False, False)])
-def test_a_channel_reversal_in_the_graph_swaps_the_colour_order_fed(tmp_path: Path, kind, channels_last, flips):
+def test_a_channel_reversal_in_the_graph_swaps_the_colour_order_fed(tmp_path: Path, kind, channels_last,
+                                                                    flips):
     """A wrapper taking BGR frames for an RGB network was fed RGB: the network saw its channels
     reversed (yolov5n 0.3107 for 0.3571). Fed BGR, the wrapper gives the network's own outputs."""
     from onnxslim_yolo.evaluate import detections

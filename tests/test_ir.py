@@ -317,9 +317,9 @@ def _gelu_between_convs() -> onnx.ModelProto:
     nodes = [onnx.helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
              onnx.helper.make_node("QuickGelu", ["a"], ["s"], domain="com.microsoft", alpha=1.0, name="act"),
              onnx.helper.make_node("Conv", ["s", "w2"], ["y"], name="c2")]
-    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                                  [1, 3, 16, 16])],
-                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w1, w2])
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    g = onnx.helper.make_graph(nodes, "g", [x], [y], [w1, w2])
     return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13),
                                                     onnx.helper.make_opsetid("com.microsoft", 1)])
 

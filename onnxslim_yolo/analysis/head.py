@@ -355,7 +355,8 @@ def _after_nms(model: onnx.ModelProto, outputs: Sequence[Tuple[str, Tuple[object
     after a selection op); None otherwise. The family is the exporter's, when its metadata names it."""
     from ..eval.decode import exporter_family, nms_layout, rotated_boxes
     from ..verify import selection_frontier
-    family = {"v5": "yolov5", "v8": "yolov8", "yolox": "yolox"}.get(exporter_family(model)[0] or "", "unknown")
+    named = exporter_family(model)[0] or ""
+    family = {"v5": "yolov5", "v8": "yolov8", "yolox": "yolox"}.get(named, "unknown")
     several = nms_layout([s for _, s in outputs])
     if several is not None:
         return family, f"{len(outputs)} outputs of detections after NMS ({several})", \

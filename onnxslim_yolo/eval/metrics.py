@@ -325,9 +325,9 @@ def without_unknown_classes(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], 
         return list(gt), list(dt)
     first = gt[bad[0]]
     if len(bad) == sum(1 for g in gt if len(g)):   # the images left hold no object to score
-        raise UsageError(f"{labels}: every image with objects has label classes the model cannot predict (it scores "
-                         f"{n_classes} classes; {first.key} has class {int(first.classes.max())}); "
-                         "are these the model's labels?")
+        raise UsageError(f"{labels}: every image with objects has label classes the model cannot predict "
+                         f"(it scores {n_classes} classes; {first.key} has class "
+                         f"{int(first.classes.max())}); are these the model's labels?")
     _label_warning(("unknown classes", str(labels), n_classes),   # once: a run scores several models
                    "%s: %d of %d images have label classes the model cannot predict (it scores %d classes; "
                    "%s has class %d); they are left out of the mAP, as ultralytics' val leaves them out",

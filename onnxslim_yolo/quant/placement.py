@@ -130,8 +130,8 @@ def layer_spec(node: gs.Node, target: Target) -> Tuple[Optional[LayerSpec], str]
     if w is None or w.dtype != np.float32 or w.ndim < 2:
         return None, f"{node.op} weights are not float32 matrices"
     if not is_float_var(act):
-        what = ("has no type shape inference could give it" if isinstance(act, gs.Variable) and act.dtype is None
-                else "is not a float32 activation")
+        untyped = isinstance(act, gs.Variable) and act.dtype is None
+        what = "has no type shape inference could give it" if untyped else "is not a float32 activation"
         return None, f"{node.op} input '{act.name}' {what}"
     axis = weight_axis(node.op, int(node.attrs.get("transB", 0)), w.ndim)
     bias = None
