@@ -81,7 +81,7 @@ def _other_size(model: onnx.ModelProto, feeds: Feeds
     image, dims = next(iter(images.items()))
     if image not in feeds or len(dims) != 4 or feeds[image].ndim != 4:
         return None
-    axes = (1, 2) if data._channels_last(dims) else (2, 3)
+    axes = (1, 2) if data.channels_last(model) else (2, 3)
     shape = list(feeds[image].shape)
     if all(isinstance(dims[a], int) and dims[a] > 0 for a in axes):
         return None

@@ -493,10 +493,10 @@ def _corners(boxes: np.ndarray, fmt: str) -> bool:
     """Whether a head's candidate boxes are x1 y1 x2 y2 corners, where ``fmt`` says cx cy w h (v5,
     v8) or the other way round (xyxy). Corners always hold x2 >= x1 and y2 >= y1; centre-size
     boxes hold w >= cx and h >= cy only for boxes reaching the top-left corner (about 1.5% of
-    yolov5n's 25200 candidates). So, over at least :data:`ORDER_ROWS` candidates, every one in
-    order reads as corners and fewer than 90% as centre-size boxes (rows of one point, padding,
-    aside); else what ``fmt`` says
-    (warned once when the values overrule it: an export that converted its boxes scored 0.003)."""
+    yolov5n's 25200 candidates). So, over at least :data:`ORDER_ROWS` candidates (rows of one
+    point, padding, aside), every one in order reads as corners and fewer than 90% as centre-size
+    boxes; else what ``fmt`` says (warned once when the values overrule it: an export that
+    converted its boxes scored 0.003)."""
     xyxy = fmt == "xyxy"
     boxes = boxes[(boxes[:, 2] != boxes[:, 0]) | (boxes[:, 3] != boxes[:, 1])]   # padding rows say nothing
     if len(boxes) < ORDER_ROWS:
