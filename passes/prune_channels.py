@@ -151,13 +151,18 @@ class PruneChannels(Pass):
 
 def _data_warning(given: Mapping[str, Any], samples: int, opts: PruneOptions) -> Optional[str]:
     """What to say when the data leaves the pruning blind: no calibration at all (filter L1, no
-    refit: yolov5n loses every mAP point at 10%), or fewer images than the probe set."""
+    refit: yolov5n loses every mAP point at 10%), fewer images than the probe set, or under half
+    the images the refit reads by default."""
     if not samples and "criterion" not in given:
         return (f"{NAME}: no calibration images, so channels are chosen by filter L1 and nothing is refit; "
                 "expect most of the accuracy to go (yolov5n at 10%: mAP 0.357 -> 0.000); pass --calib IMAGES")
     if 0 < samples < opts.sens_images:
         return (f"{NAME}: {samples} calibration image(s), fewer than the {opts.sens_images} the channel "
                 "choice probes: the choice and the refit rest on little data")
+    if 0 < samples < opts.calib_images // 2:
+        return (f"{NAME}: {samples} calibration images, under half the {opts.calib_images} the refit "
+                "reads by default: expect a larger loss (yolov5n at 10%: -7.1 mAP points on 16 images, "
+                "-3.4 on 64)")
     return None
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import List, Sequence
 
@@ -337,7 +338,10 @@ def test_corner_boxes_are_told_from_centre_size_ones_by_their_values(caplog):
             assert np.allclose(got, want, atol=1e-3), (fmt, boxes is want)
     got, _ = decode(np.concatenate([want, rest], 1).T[None], "v8", (640, 640))   # (1, 4+C, N)
     assert np.allclose(got, want, atol=1e-3)
-    assert sum("candidate boxes have x2 >= x1" in r.getMessage() for r in caplog.records) == 3
+    said = [r.getMessage() for r in caplog.records if "candidate boxes have" in r.getMessage()]
+    assert len(said) == 3 and sum("as corners always do" in m for m in said) == 2, said
+    assert any(re.match(r"\d+\.\d% of the 300 candidate boxes have x2 < x1 or y2 < y1, which corners never",
+                        m) for m in said), said
     few = np.concatenate([want[:150], rest[:150]], 1)[None]
     assert np.allclose(decode(few, "v5", (640, 640))[0], xywh2xyxy(want[:150]))   # too few to tell
     padded = np.concatenate([np.concatenate([want[:150], rest[:150]], 1), np.zeros((200, 7), np.float32)])

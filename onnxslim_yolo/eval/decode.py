@@ -503,10 +503,14 @@ def _corners(boxes: np.ndarray, fmt: str) -> bool:
         return xyxy
     ordered = float(np.mean((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])))
     found = ordered >= 0.999 if not xyxy else ordered >= 0.9
-    if found != xyxy:
+    if found and not xyxy:
         warn_once(log, ("box order", fmt, found), "%.1f%% of the %d candidate boxes have x2 >= x1 and "
-                  "y2 >= y1: read as %s, not %s as the layout says", 100 * ordered, len(boxes),
-                  "x1 y1 x2 y2" if found else "cx cy w h", "cx cy w h" if found else "x1 y1 x2 y2")
+                  "y2 >= y1, as corners always do and centre-size boxes seldom: read as x1 y1 x2 y2, not "
+                  "cx cy w h as the layout says", 100 * ordered, len(boxes))
+    elif xyxy and not found:
+        warn_once(log, ("box order", fmt, found), "%.1f%% of the %d candidate boxes have x2 < x1 or y2 < y1, "
+                  "which corners never have: read as cx cy w h, not x1 y1 x2 y2 as the layout says",
+                  100 * (1 - ordered), len(boxes))
     return found
 
 
