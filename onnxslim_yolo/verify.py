@@ -262,6 +262,13 @@ class OutputDiff:
     #: last place of each layer's output, which float32's bound (1e-4 relative) does not allow
     eps: float = 0.0
 
+    @property
+    def rows_differ(self) -> bool:
+        """A graph output after NMS/TopK that holds another number of rows than the reference's
+        (the selection kept what the scores allowed): not compared value by value, its cosine 0
+        and max abs inf are placeholders; the candidates fed to the selection are compared."""
+        return self.role == "selected" and self.cosine == 0.0 and not np.isfinite(self.max_abs)
+
     def as_dict(self) -> Dict[str, float]:
         d = asdict(self)
         for k in ("slice_err", "slice_ref", "slice_noise"):

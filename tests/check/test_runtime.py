@@ -607,3 +607,25 @@ def test_a_declared_dynamic_image_size_that_fails_at_another_size_is_a_warning()
     both = numerics.check_runs(model([1, 128], ["N", 3, "H", 8]), x)   # fails at batch 2 and at 72x8
     assert both.status == "warn" and "fails at batch 2: " in both.message
     assert "; and it declares a dynamic image size and fails at 72x8: " in both.message
+
+
+def test_an_nms_output_of_another_row_count_is_said_so_not_shown_as_inf(yolo, monkeypatch):
+    """An INT8 model whose NMS kept 20 rows where the float one kept 15 showed 'max abs inf, cosine
+    0.000000, SQNR -inf dB' beside PASS, in the check and in optimize's summary."""
+    from onnxslim_yolo.report import summary_table
+
+    counted = verify.OutputDiff("dets", float("inf"), 600.0, 0.0, float("-inf"), role="selected")
+    fed = verify.OutputDiff("scores", 0.01, 1.0, 0.9999, 45.0, role="candidates")
+    assert counted.rows_differ and not fed.rows_differ
+    assert not verify.OutputDiff("dets", 1.0, 600.0, 0.0, 3.0, role="selected").rows_differ
+    monkeypatch.setattr(verify, "compare_models", lambda *a, **k: [counted, fed])
+    r = numerics.check_numerics(yolo, yolo, [feed(yolo)], 0.99, "seeded random inputs")
+    assert r.message.startswith("dets: another row count than the reference's (what the NMS kept), so "
+                                "judged on the candidates fed to it; scores: max abs 0.01"), r.message
+    as_json = dict(counted.as_dict(), max_abs=None, sqnr_db=None)   # strict JSON writes inf as null
+    side = {"nodes": 1, "params": 1, "macs": 1, "flops": 2, "size_bytes": 1}
+    text = summary_table({"before": side, "after": side, "outputs": [as_json, fed.as_dict()]})
+    rows = {line.split("|")[0].strip(): [c.strip() for c in line.split("|")[1:]]
+            for line in text.splitlines()}
+    assert rows["dets (after NMS/TopK)"] == ["other row count", "-", "-"], text
+    assert rows["scores (into NMS/TopK)"][1] == "0.9999", text
