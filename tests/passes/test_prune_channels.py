@@ -794,6 +794,10 @@ def test_pruning_blind_or_on_few_images_warns(caplog):
     caplog.clear()
     run(model, verify.random_feeds(model, 16, 0), ratio=0.2, round_to=1, calib_images=16)   # asked for
     assert not [r for r in caplog.records if "calibration" in r.getMessage()]
+    run(model, verify.random_feeds(model, 16, 0), ratio=0.2, round_to=1, calib_images=40)   # not the default
+    said = [r.getMessage() for r in caplog.records]
+    assert any("16 calibration images, under half the 40 asked for (calib_images)" in m
+               for m in said), said
 
 
 def test_a_per_layer_ratio_that_rounding_moves_says_so():
