@@ -345,10 +345,13 @@ def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
     if name not in PRESETS:
         raise UsageError(f"unknown preprocessing preset '{name}'; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    if preset.scale != 1.0 and takes_pixels(model):
+    from .check.index import GraphIndex  # check imports data's callers: import when used
+
+    idx = GraphIndex(model)   # one index for both questions below
+    if preset.scale != 1.0 and takes_pixels(model, idx):
         log.info("the model normalises its image input itself: fed pixel values 0-255")
         preset = replace(preset, scale=1.0, mean=None, std=None)
-    if flips_channels(model):
+    if flips_channels(model, idx):
         log.info("the model reverses its input's colour channels itself: fed %s",
                  "BGR" if preset.rgb else "RGB")
         preset = replace(preset, rgb=not preset.rgb)
@@ -359,14 +362,14 @@ def get_preset(name: Optional[str], model: onnx.ModelProto) -> Preset:
 _LAYOUT_OPS = frozenset({"Transpose", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
 
 
-def takes_pixels(model: onnx.ModelProto) -> bool:
+def takes_pixels(model: onnx.ModelProto, idx: Optional["GraphIndex"] = None) -> bool:
     """Whether the single image input takes pixel values 0-255: an integer tensor (uint8), or a
     graph whose first arithmetic on the input (past layout ops and Casts) divides it by 50 or more,
     multiplies it by 0.02 or less, or subtracts a mean in pixel units (Keras' Rescaling and
-    Normalization layers, end-to-end exports)."""
+    Normalization layers, end-to-end exports). ``idx``: the model's GraphIndex, when built."""
     from .check.index import GraphIndex  # check imports data's callers: import when used
 
-    idx = GraphIndex(model)
+    idx = GraphIndex(model) if idx is None else idx
     if len(idx.inputs) != 1:
         return False
     name = idx.inputs[0]
@@ -399,17 +402,17 @@ def takes_pixels(model: onnx.ModelProto) -> bool:
 _PER_CHANNEL_OPS = frozenset({"Cast", "Identity", "Div", "Mul", "Sub", "Add"})
 
 
-def flips_channels(model: onnx.ModelProto) -> bool:
+def flips_channels(model: onnx.ModelProto, idx: Optional["GraphIndex"] = None) -> bool:
     """Whether the single image input's colour channels are reversed in the graph before anything
     mixes them (a deployment wrapper taking BGR frames for an RGB network, or the other way): a
     Gather of channels [2, 1, 0], a Slice of step -1 over the channel axis, or a Split into the
     three channels joined again in reverse order, reached through layout ops (Transpose moves
     the channel axis) and per-channel arithmetic. The preset's colour order is then swapped
     (:func:`get_preset`): fed as the network expects, it would see its channels reversed (yolov5n
-    behind such a wrapper scored 0.3107 for 0.3571)."""
+    behind such a wrapper scored 0.3107 for 0.3571). ``idx``: the model's GraphIndex, when built."""
     from .check.index import GraphIndex, attr  # check imports data's callers: import when used
 
-    idx = GraphIndex(model)
+    idx = GraphIndex(model) if idx is None else idx
     shapes = image_inputs(model)
     if len(shapes) != 1:
         return False
