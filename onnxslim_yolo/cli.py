@@ -311,7 +311,11 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
     click.echo("")
     click.echo(table([[k, v] for k, v in stats["op_counts"].items()], ["op", "count"]))
     feed = _input_summary(m, shp)
-    if feed:
+    if "error" in feed:   # said here, not only when --calib or --images meet it
+        stats["input_error"] = feed["error"]
+        click.echo(f"warning: {feed['error']}; images cannot feed it (optimize --calib, eval, check --images "
+                   "refuse it)")
+    elif feed:
         stats["input"] = feed
         click.echo("")
         click.echo(table([[k, v] for k, v in feed.items()], ["image input (as fed by --calib/--images)", ""]))
@@ -344,14 +348,15 @@ def _dynamic_size(model: Any) -> Optional[Tuple[int, ...]]:
 
 def _input_summary(model: Any, input_shape: Optional[List[int]]) -> Dict[str, Any]:
     """What calibration, evaluation and the checks feed the image input: layout, dtype, and the
-    detected preprocessing (``--preprocess`` overrides it); empty when images cannot feed it."""
+    detected preprocessing (``--preprocess`` overrides it); ``{"error": why}`` when images cannot
+    feed it."""
     from . import data, ir
 
     try:
         name, chw = data.model_input(model, input_shape)
         preset = data.get_preset(None, model)
-    except SlimError:
-        return {}
+    except SlimError as exc:
+        return {"error": str(exc)}
     out = {"name": name, "layout": "NHWC" if data.channels_last(model) else "NCHW",
            "dtype": str(ir.input_dtypes(model).get(name)), "size (h, w)": list(chw[1:]),
            "preprocessing": data.describe_preset(preset)}

@@ -345,6 +345,25 @@ def test_a_model_with_two_inputs_is_named_in_the_error(tmp_path: Path, model_fil
                       "(N, 2) or im_shape (N, 2)), found 2: ['images', 'scale']"]
 
 
+def test_inspect_says_images_cannot_feed_a_model_with_two_inputs(tmp_path: Path, model_file: Path):
+    """inspect showed such a model without a word, while optimize --calib, eval and check --images
+    refuse it: the reason is a warning and the JSON's input_error."""
+    m = ir.load(model_file)
+    m.graph.input.append(onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1]))
+    two = tmp_path / "two.onnx"
+    ir.save(m, two)
+    r = invoke("inspect", two, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    why = "expected a model with one image input (beside it only scale_factor (N, 2) or im_shape (N, 2)), " \
+          "found 2: ['images', 'scale']"
+    assert f"warning: {why}; images cannot feed it" in r.output
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert figures["input_error"] == why and "input" not in figures
+    r = invoke("inspect", model_file, "--json", tmp_path / "one.json")
+    assert "images cannot feed it" not in r.output
+    assert "input_error" not in json.loads((tmp_path / "one.json").read_text())
+
+
 def test_a_paddle_export_with_scale_factor_and_im_shape_is_optimized_and_checked(tmp_path: Path,
                                                                                model_file: Path):
     """PaddleDetection exports take im_shape (before the image) and scale_factor beside it, each
