@@ -184,7 +184,7 @@ class PassManager:
         self.passes = order_passes(passes)
         _check_options(self.passes, self.ctx.options)
         self.on_pass = on_pass
-        self._runs_batch2: Optional[bool] = None  # whether the model runs at batch 2 (found once)
+        self._runs_batch2: Optional[bool] = None  # whether the model runs at batch 2 (found once a run)
 
     def run(self, model: onnx.ModelProto) -> PipelineResult:
         if not isinstance(model, onnx.ModelProto):
@@ -195,6 +195,7 @@ class PassManager:
         if unloaded is not None:   # it worked from the model's own folder only, and a pass was blamed
             raise UsageError(f"initializer '{unloaded}' holds its data in an external file not loaded: load "
                              "the model with onnxslim_yolo.load (or onnx.load's load_external_data=True)")
+        self._runs_batch2 = None   # a property of the model: a manager is run on several
         records: List[PassRecord] = []
         for index, p in enumerate(self.passes):
             if self.on_pass:

@@ -616,6 +616,19 @@ def test_a_model_that_declares_a_batch_it_cannot_run_is_verified_at_batch_one(ca
     assert "declares a dynamic batch but does not run at batch 2" in caplog.text
 
 
+def test_a_reused_manager_finds_each_models_batch_anew():
+    """Whether the model runs at batch 2 was found once per manager: after a model that does not,
+    the next one was verified at batch 1 only, and a pass that holds only there passed as exact."""
+    pm = PassManager([PinReshape([1, -1])])
+    pm.run(_reshape_model([1, 32]))
+    with pytest.raises(VerificationError, match=r"output 'y' changed shape \[2, 32\] -> \[1, 64\]"):
+        pm.run(_reshape_model([0, -1]))
+    # and after a model that runs at batch 2, one that does not failed an exact pass (exit 4)
+    pm = PassManager([ScaleWeights(1.0 + 1e-7)])
+    pm.run(_reshape_model([0, -1]))
+    assert pm.run(_reshape_model([1, 32])).records[0].modified
+
+
 def _masked_output_model() -> onnx.ModelProto:
     """small_model whose output is inf where a constant mask says so, as RT-DETR's encoder marks
     invalid anchors: the same inf before and after any rewrite of the Convs."""
