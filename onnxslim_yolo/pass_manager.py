@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +197,8 @@ class PassManager:
             raise UsageError(f"initializer '{unloaded}' holds its data in an external file not loaded: load "
                              "the model with onnxslim_yolo.load (or onnx.load's load_external_data=True)")
         self._runs_batch2 = None   # a property of the model: a manager is run on several
+        if self.ctx.dump_dir is not None:
+            _remove_earlier_dumps(Path(self.ctx.dump_dir), [p.name for p in self.passes])
         records: List[PassRecord] = []
         for index, p in enumerate(self.passes):
             if self.on_pass:
@@ -294,6 +297,24 @@ class PassManager:
                 self._runs_batch2 = False
                 return []
         return [feed]
+
+
+def _remove_earlier_dumps(folder: Path, scheduled: Sequence[str]) -> None:
+    """Remove the dumps (``NN_PASS.onnx`` of a known or scheduled pass, with its ``.data``) an
+    earlier run left in ``folder``: a run dumps only the passes that changed its model, so a
+    second run into the same folder left the first one's files beside its own, unsaid (a model
+    with no BatchNorm showed a 02_fold-batchnorm.onnx, another model's)."""
+    from . import registry
+
+    names = set(registry.all_passes()) | set(scheduled)
+    if not folder.is_dir():
+        return
+    old = [f for f in folder.iterdir() if f.is_file() and
+           (m := re.fullmatch(r"\d{2,}_(.+)\.onnx(\.data)?", f.name)) and m.group(1) in names]
+    for f in old:
+        f.unlink()
+    if old:
+        log.info("removed %d model dump(s) of an earlier run from %s", len(old), folder)
 
 
 def _check_options(passes: Sequence[Pass], options: Mapping[str, Any]) -> None:

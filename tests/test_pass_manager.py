@@ -519,6 +519,19 @@ def test_dump_dir_receives_each_modified_model(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01_scale-weights.onnx"]
 
 
+def test_dump_dir_keeps_no_dump_of_an_earlier_run(tmp_path: Path):
+    """A second run into the same folder left the first run's dumps of passes that did not change
+    its own model beside its own; files that are no dump of a known pass stay."""
+    for name in ("02_fold-batchnorm.onnx", "02_fold-batchnorm.onnx.data", "07_scale-weights.onnx",
+                 "01_mine.onnx", "notes.txt"):
+        (tmp_path / name).write_bytes(b"earlier")
+    ctx = PassContext(dump_dir=tmp_path)
+    PassManager([named("noop"), ScaleWeights(1.0 + 1e-7)], ctx).run(small_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_mine.onnx", "01_scale-weights.onnx", "notes.txt"]
+    PassManager([ScaleWeights(1.0)], ctx).run(small_model())   # changes nothing: dumps nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_mine.onnx", "notes.txt"]
+
+
 def test_plugins_from_entry_points(monkeypatch):
     monkeypatch.setattr(registry, "plugin_passes", lambda: [ScaleWeights])
     assert registry.get("scale-weights") is ScaleWeights
