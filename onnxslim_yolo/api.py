@@ -21,7 +21,7 @@ from .analysis.flops import model_stats
 from .eval.anchors import with_anchors
 from .eval.decode import NotDetections
 from .pass_base import (ModelLoadError, Numerics, Pass, PassContext, PreconditionError, SlimError, Tolerances,
-                        UsageError, VerificationError, naming_file)
+                        UsageError, VerificationError, naming_file, one_run)
 from .pass_manager import PassManager, PipelineResult, build_passes, default_pass_names
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,7 @@ def build_context(model: onnx.ModelProto, opts: OptimizeOptions, names: Sequence
                        fix_input_shapes=fix, verify=opts.verify)
 
 
+@one_run
 def optimize(model: ModelLike, output: Optional[Union[str, Path]] = None,
              options: Optional[OptimizeOptions] = None, **kwargs: Any) -> OptimizeResult:
     """Run the pipeline on a model (path or ModelProto); write ``output`` atomically if given.

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import ir
-from .pass_base import PreconditionError, UsageError, warn_once
+from .pass_base import WARNED, PreconditionError, UsageError, warn_once
 
 if TYPE_CHECKING:
     from .check.index import GraphIndex
@@ -121,7 +121,7 @@ def list_images(folder: PathLike) -> List[Path]:
     if not p.is_dir():
         raise UsageError(f"{p}: not a folder (expected a folder of images)")
     files = sorted(f for f in p.iterdir() if _is_image(f))
-    if files and p.resolve() in _LOOKED:   # once per folder: a run lists it several times
+    if files and ("looked", p.resolve()) in WARNED:   # once per folder: a run lists it several times
         return files
     nested = sum(1 for d in p.iterdir() if d.is_dir() for f in d.rglob("*") if _is_image(f))
     if not files:
@@ -129,15 +129,11 @@ def list_images(folder: PathLike) -> List[Path]:
         if not nested and any(f.suffix.lower() in ARRAY_SUFFIXES for f in p.iterdir()):
             more = "; input arrays are read from one .npy or .npz file, not a folder of them"
         raise UsageError(f"{p}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}){more}")
-    _LOOKED.add(p.resolve())
+    WARNED.add(("looked", p.resolve()))
     if nested:
         log.warning("%s: %d images in its sub-folders are not read (only the %d beside them)", p, nested,
                     len(files))
     return files
-
-
-#: folders whose sub-folders were searched for images (and warned about when they held some)
-_LOOKED: set = set()
 
 
 def _orientation(im: "Image.Image", path: Path) -> int:

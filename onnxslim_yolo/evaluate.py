@@ -26,7 +26,7 @@ from .eval.instances import InstanceReader, attach
 from .eval.metrics import (MAP_KINDS, ImageBoxes, coco_map, has_kind, labels_have_shapes, load_ground_truth,
                            without_unknown_classes)
 from .eval.nms import non_max_suppression, scale_boxes
-from .pass_base import PreconditionError, UsageError, warn_once
+from .pass_base import PreconditionError, UsageError, one_run, warn_once
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ def score(dets: Sequence[ImageBoxes], labels: Union[str, os.PathLike]) -> Dict[s
     return res
 
 
+@one_run
 def evaluate(model_or_path: ModelLike, images: Union[str, os.PathLike], labels: Union[str, os.PathLike],
              preset: Optional[str] = None, conf: float = 0.001, iou: float = 0.6, max_det: int = 300,
              fmt: Optional[str] = None, limit: Optional[int] = None, progress: bool = True,

@@ -6,6 +6,7 @@ manager, not the pass, proves the numerics contract the pass declares.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,16 +68,34 @@ class VerificationError(SlimError):
     exit_code = 4
 
 
-#: the keys :func:`warn_once` has warned about in this process
+#: the keys :func:`warn_once` has warned about in this run (:func:`one_run`)
 WARNED: set = set()
+_RUNS = [0]   # depth of one_run calls: optimize runs the checks and evaluate inside its own run
 
 
 def warn_once(logger: Any, key: Any, msg: str, *args: Any) -> None:
-    """``logger.warning(msg, *args)`` the first time ``key`` comes in this process: a run opens
+    """``logger.warning(msg, *args)`` the first time ``key`` comes in this run: a run opens
     sessions, lists folders and scores models many times, and one warning says it."""
     if key not in WARNED:
         WARNED.add(key)
         logger.warning(msg, *args)
+
+
+def one_run(fn: Any) -> Any:
+    """Make ``fn`` (optimize, evaluate, run_checks) one run for :func:`warn_once`, a call inside
+    another run part of that one. The keys were kept for the process: a script that optimized two
+    models was not told the second one's problem (a box order, sub-folder images) when the first
+    had the same."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not _RUNS[0]:
+            WARNED.clear()
+        _RUNS[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _RUNS[0] -= 1
+    return run
 
 
 def first_line(exc: BaseException) -> str:

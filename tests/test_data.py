@@ -336,6 +336,25 @@ def test_image_folders_read_webp_and_tiff_and_say_what_they_leave(tmp_path: Path
         data.list_images(only)
 
 
+
+def test_each_run_says_what_its_folders_leave_out(tmp_path: Path, caplog):
+    """The warning was given once per process: a script that evaluated two models on one folder
+    (or optimized, or checked) was told of its sub-folder images in the first run only."""
+    from onnxslim_yolo.evaluate import evaluate
+
+    model, images, labels = fixtures.demo_paths()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in sorted(images.iterdir())[:2]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "more").mkdir()
+    write_image(folder / "more" / "e.png", 6, 8)
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            evaluate(model, folder, labels, progress=False, threads=1)
+    assert caplog.text.count("1 images in its sub-folders are not read (only the 2 beside them)") == 2
+
+
 def test_read_image_errors_say_why_in_one_line(tmp_path: Path, monkeypatch):
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(UsageError, match=r"empty.jpg: cannot decode image \(an empty file\)$"):

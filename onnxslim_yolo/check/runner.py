@@ -19,7 +19,7 @@ from ..data import image_stems
 from ..eval.anchors import with_anchors
 from ..eval.decode import NotDetections
 from ..eval.metrics import labels_have_shapes
-from ..pass_base import SlimError, Tolerances, UsageError, VerificationError, first_line
+from ..pass_base import SlimError, Tolerances, UsageError, VerificationError, first_line, one_run
 from . import accuracy, fusion, numerics, qdq_lint, qdq_rules, structure, targets
 from .index import GraphIndex
 from .result import FAIL, CheckReport, CheckResult, failed, skipped, warned
@@ -264,6 +264,7 @@ def _runtime_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], imag
     return out
 
 
+@one_run
 def run_checks(model: ModelLike, reference: Optional[ModelLike] = None, images: Optional[str] = None,
                labels: Optional[str] = None, target: str = "ort-cpu", options: Optional[CheckOptions] = None,
                **kwargs: Any) -> CheckReport:
