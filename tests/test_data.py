@@ -336,7 +336,6 @@ def test_image_folders_read_webp_and_tiff_and_say_what_they_leave(tmp_path: Path
         data.list_images(only)
 
 
-
 def test_each_run_says_what_its_folders_leave_out(tmp_path: Path, caplog):
     """The warning was given once per process: a script that evaluated two models on one folder
     (or optimized, or checked) was told of its sub-folder images in the first run only."""
