@@ -16,9 +16,11 @@ from .index import QDQ_OPS, GraphIndex, attr
 from .result import CheckResult, failed, listing, passed, skipped, summarize
 
 T = onnx.TensorProto
+#: TensorProto.INT4 and UINT4 by value: onnx names them from 1.16 on (the files store data_type as an int)
+INT4, UINT4 = 22, 21
 QRANGE = {T.INT8: (-128, 127), T.UINT8: (0, 255), T.INT16: (-32768, 32767), T.UINT16: (0, 65535),
-          T.INT32: (-2 ** 31, 2 ** 31 - 1), T.INT4: (-8, 7), T.UINT4: (0, 15)}
-_INT32_STORED = (T.INT8, T.UINT8, T.INT16, T.UINT16, T.INT4, T.UINT4)
+          T.INT32: (-2 ** 31, 2 ** 31 - 1), INT4: (-8, 7), UINT4: (0, 15)}
+_INT32_STORED = (T.INT8, T.UINT8, T.INT16, T.UINT16, INT4, UINT4)
 #: quantized-operator consumers a Q may feed instead of a DQ (QOperator format)
 Q_CONSUMERS = frozenset({"DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
                          "QLinearSigmoid", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
@@ -47,7 +49,12 @@ def qtype(idx: GraphIndex, i: int) -> Optional[int]:
 
 
 def _type_name(t: Optional[int]) -> str:
-    return "unknown" if t is None else T.DataType.Name(t).lower()
+    if t is None:
+        return "unknown"
+    try:
+        return T.DataType.Name(t).lower()
+    except ValueError:  # a type this onnx does not name yet (INT4 before 1.16, ...)
+        return {INT4: "int4", UINT4: "uint4"}.get(t, f"data type {t}")
 
 
 def _skip_if_none(name: str, idx: GraphIndex) -> Optional[CheckResult]:

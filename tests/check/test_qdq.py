@@ -106,6 +106,24 @@ def test_zero_point_out_of_range_fails():
     assert r.status == "fail" and "200" in r.message and "[-128, 127]" in r.message
 
 
+def test_4bit_types_are_named_on_every_onnx():
+    """INT4/UINT4 are read by value: onnx names them in TensorProto only from 1.16 on (1.14 is supported)."""
+    assert (qdq_lint.INT4, qdq_lint.UINT4) == (getattr(T, "INT4", 22), getattr(T, "UINT4", 21))
+    assert qdq_lint._type_name(qdq_lint.INT4) == "int4" and qdq_lint._type_name(qdq_lint.UINT4) == "uint4"
+
+
+@pytest.mark.skipif(not hasattr(T, "INT4"), reason="onnx < 1.16 cannot read 4-bit tensors")
+def test_int4_zero_point_out_of_range_fails():
+    m = qdq_conv("int8")
+    zp = next(t for t in m.graph.initializer if t.name == "x_zp")
+    zp.ClearField("raw_data")
+    del zp.int32_data[:]
+    zp.data_type = T.INT4
+    zp.int32_data.append(9)
+    r = run("qdq.zero_points", m)
+    assert r.status == "fail" and "9" in r.message and "[-8, 7]" in r.message
+
+
 def test_zero_point_count_must_match_scales():
     r = run("qdq.zero_points", set_init(qdq_conv(), "w_zp", np.zeros(4, np.int8)))
     assert r.status == "fail" and "4 zero points for 8 scales" in r.message
