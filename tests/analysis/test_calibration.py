@@ -220,10 +220,13 @@ def test_scale_zero_point_against_numpy(lo, hi, kind):
 def test_scale_zero_point_equals_onnxruntime(lo, hi, symmetric):
     from onnxruntime.quantization.quant_utils import compute_scale_zp
     qdtype, (qmin, qmax) = ("int8", (-127, 127)) if symmetric else ("uint8", (0, 255))
-    dt = np.int8 if symmetric else np.uint8
-    z_ref, s_ref = compute_scale_zp(np.array(lo, np.float32), np.array(hi, np.float32),
-                                    np.array(qmin, dt), np.array(qmax, dt), symmetric)
-    s, z = scale_zero_point(float(np.float32(lo)), float(np.float32(hi)), qdtype, symmetric)
+    lo, hi = float(np.float32(lo)), float(np.float32(hi))
+    # float32 values held in float64, int32 bounds: onnxruntime 1.16 to 1.20 subtract in the inputs' dtype
+    # (rmax - rmin in float32 is 1 ulp off the float64 we and recent releases use; 1.16's int8 qmax - qmin
+    # overflows, which gave scale 1.0)
+    z_ref, s_ref = compute_scale_zp(np.array(lo), np.array(hi), np.array(qmin, np.int32),
+                                    np.array(qmax, np.int32), symmetric)
+    s, z = scale_zero_point(lo, hi, qdtype, symmetric)
     assert s == np.float32(s_ref) and z == int(z_ref)
 
 
