@@ -10,7 +10,8 @@ spinning for a while, waiting for more work, and on a small machine they take a 
 session being timed: interleaved runs then measure that contention (seen here: 94 ms per run
 instead of the 43 ms the same model takes alone). A shared pool has no idle spinners, keeps
 spinning on inside a run as in deployment, and a fresh process keeps the allocations of earlier
-work (calibration, evaluation) out of the measurement.
+work (calibration, evaluation) out of the measurement. onnxruntime makes a shared pool from
+Python only from 1.23 on; before, each session has its own pool with spinning turned off.
 """
 from __future__ import annotations
 
@@ -77,14 +78,22 @@ def latency_runs(models: Mapping[str, onnx.ModelProto], feeds: Optional[Dict[str
 
 
 def _ort_sessions(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Sessions on one shared pool; onnxruntime < 1.23 cannot make one from Python, so each session
+    there has its own pool whose threads do not spin (idle, they take no core from the timed one)."""
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state as C
 
-    C.set_global_thread_pool_sizes(int(spec["threads"]), 1)
+    shared = hasattr(C, "set_global_thread_pool_sizes")
+    if shared:
+        C.set_global_thread_pool_sizes(int(spec["threads"]), 1)
     sessions = {}
     for name, path in spec["models"].items():
         so = ort.SessionOptions()
-        so.use_per_session_threads = False
+        if shared:
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = int(spec["threads"])
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if spec["optimize"]
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)

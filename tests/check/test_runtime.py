@@ -255,6 +255,23 @@ def test_latency_refuses_zero_runs_before_starting_a_worker(yolo):
         latency_runs({"m": yolo}, runs=0)
 
 
+def test_latency_sessions_without_a_shared_pool(yolo, tmp_path: Path, monkeypatch):
+    """onnxruntime < 1.23 has no set_global_thread_pool_sizes (the worker failed there): per-session
+    pools of the asked size, spinning off."""
+    from onnxruntime.capi import _pybind_state as C
+
+    from onnxslim_yolo import latency
+
+    monkeypatch.delattr(C, "set_global_thread_pool_sizes", raising=False)
+    onnx.save(yolo, tmp_path / "m.onnx")
+    spec = {"models": {"m": str(tmp_path / "m.onnx")}, "threads": 2, "optimize": True}
+    sess = latency._ort_sessions(spec)["m"]
+    so = sess.get_session_options()
+    assert getattr(so, "use_per_session_threads", True) and so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert np.isfinite(sess.run(None, feed(yolo))[0]).all()
+
+
 # ------------------------------------------------------------------------------------ accuracy
 def write_labels(dets, folder: Path, conf: float = 0.25) -> Path:
     """YOLO labels made from a model's confident detections (so that model scores high)."""
