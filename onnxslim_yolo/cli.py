@@ -165,6 +165,8 @@ def _given(param: str) -> bool:
 @click.option("--kept-json", type=click.Path(dir_okay=False),
               help="Pruning: write the kept channel indices per layer here (to fine-tune the same shape).")
 @click.option("--images", type=click.Path(), help="Evaluation images (default: --calib).")
+@click.option("--eval-limit", type=click.IntRange(min=1),
+              help="Check and score the result on the first N images (by name) of --images (default: all).")
 @click.option("--labels", type=click.Path(), help="YOLO labels folder or COCO json: accuracy before/after.")
 @click.option("--preprocess", type=click.Choice(list(PRESETS)), help="Preprocessing preset.")
 @click.option("--anchors", help=ANCHORS_HELP)
@@ -181,10 +183,11 @@ def _given(param: str) -> bool:
 def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Sequence[str], int8: bool,
              calib: Optional[str], calib_limit: Optional[int], target: str, method: str, weight_bits: str,
              calib_table: Optional[str], max_drop: Optional[float], prune: Optional[float], round_to: int,
-             protect: Sequence[str], kept_json: Optional[str], images: Optional[str], labels: Optional[str],
-             preprocess: Optional[str], anchors: Optional[str],
-             input_shape: Optional[str], report: Optional[str], dump_dir: Optional[str], no_verify: bool,
-             no_bench: bool, no_check: bool, threads: int, quiet: bool) -> None:
+             protect: Sequence[str], kept_json: Optional[str], images: Optional[str],
+             eval_limit: Optional[int], labels: Optional[str], preprocess: Optional[str],
+             anchors: Optional[str], input_shape: Optional[str], report: Optional[str],
+             dump_dir: Optional[str], no_verify: bool, no_bench: bool, no_check: bool, threads: int,
+             quiet: bool) -> None:
     """Run the optimization pipeline on MODEL and print a before/after summary."""
     from . import ir
     from .api import OptimizeOptions, optimize as run_optimize, run_files
@@ -219,7 +222,8 @@ def optimize(model: str, output: Optional[str], passes: Optional[str], skip: Seq
         prune_opts["kept_json"] = kept_json
     opts = OptimizeOptions(
         passes=_csv(passes) or None, skip=list(skip), int8=int8, prune=prune, calib=calib,
-        calib_limit=calib_limit, images=images, labels=labels, preprocess=preprocess, anchors=anchors,
+        calib_limit=calib_limit, images=images, eval_limit=eval_limit, labels=labels, preprocess=preprocess,
+        anchors=anchors,
         input_shape=_shape(input_shape), pass_options={"insert-qdq": qdq, "prune-channels": prune_opts},
         verify=not no_verify, dump_dir=dump_dir, bench=not no_bench, threads=threads, progress=not quiet,
         check=not no_check, max_drop=max_drop, target=target)
