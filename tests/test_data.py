@@ -279,7 +279,12 @@ def test_read_image_uses_a_jpeg_with_a_broken_exif_block_as_stored(tmp_path: Pat
     with caplog.at_level("WARNING"):
         img = data.read_image(bad)
     assert img.shape == (6, 10, 3) and np.array_equal(img, data.read_image(tmp_path / "ok.jpg"))
-    assert "bad_exif.jpg: EXIF block unreadable" in caplog.text
+    try:   # Pillow 9.0 reads such a block as empty, without an error to warn about
+        Image.open(bad).getexif()
+        unreadable = False
+    except Exception:
+        unreadable = True
+    assert ("bad_exif.jpg: EXIF block unreadable" in caplog.text) == unreadable
 
 
 def test_read_image_takes_images_past_pillows_pixel_limit_and_restores_it(tmp_path: Path, monkeypatch):
