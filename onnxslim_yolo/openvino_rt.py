@@ -126,8 +126,10 @@ class OpenVinoSession:
         return list(self._outputs)
 
     def run(self, output_names: Optional[Sequence[str]], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+        # OpenVINO 2024.0 drops an input the graph never reads and refuses a feed for it by name
+        known = {n for port in self.compiled.inputs for n in port.get_names()}
         try:
-            res = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            res = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items() if k in known})
         except Exception as exc:
             raise OpenVinoError("failed to run the model", exc) from None
         by_name: Dict[str, np.ndarray] = {}
