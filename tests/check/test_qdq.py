@@ -260,10 +260,13 @@ def test_a_resize_between_dq_and_q_of_one_range_fuses_only_in_nearest_mode(mode:
     r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
     if mode == "nearest":
         assert r.status == "pass", r.message
-    else:
-        assert r.status == "warn"
-        assert r.details["unfused"] == ["up: no quantized kernel for an interpolating Resize in "
-                                        "onnxruntime CPU"]
+    else:   # onnxruntime 1.21-1.24 drops them around a linear Resize too: then it is not reported
+        opt = fusion.ort_optimized(m)
+        dq_out = {o for n in opt.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        in_float = any(n.op_type == "Resize" and n.input[0] in dq_out for n in opt.graph.node)
+        assert r.status == ("warn" if in_float else "pass"), r.message
+        assert r.details["unfused"] == (["up: no quantized kernel for an interpolating Resize in "
+                                         "onnxruntime CPU"] if in_float else [])
 
 
 def test_fusion_reason_for_a_float_constant_operand():
