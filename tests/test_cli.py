@@ -180,10 +180,11 @@ def test_outputs_never_overwrite_inputs_or_each_other(tmp_path: Path, model_file
     (["optimize", "{t}"],
      r"Invalid value for 'MODEL': File '{t}' is a directory\. \(see 'main optimize --help'\)"),
     (["optimize", "{m}", "--prune", "abc"], r"Invalid value for '--prune': 'abc' is not a valid float"),
-    (["optimize", "{m}", "--nope"], r"No such option '--nope'"),
+    # click 8.0 and 8.1 word it "No such option: --nope"
+    (["optimize", "{m}", "--nope"], r"No such option(: | ')--nope"),
     (["inspect", "{m}", "--json", "{t}"], r"Invalid value for '--json': File '{t}' is a directory"),
     (["nope"], r"No such command 'nope'\. \(see 'main --help'\)"),
-    (["--nope", "passes"], r"No such option '--nope'\. \(see 'main --help'\)"),   # the group's own
+    (["--nope", "passes"], r"No such option(: | ')--nope'?\.? \(see 'main --help'\)"),   # the group's own
     # values that ran before: --limit -1 evaluated all images but the last, --conf 2 found nothing
     (["eval", "{m}", "--images", "{t}", "--labels", "{t}", "--limit", "-1"],
      r"Invalid value for '--limit': -1 is not in the range x>=1"),
