@@ -99,7 +99,7 @@ def test_yolov5_focus_fixture_stem_merged(opset):
     assert before["Slice"] - after["Slice"] >= 4 and before["Concat"] - after["Concat"] == 1
     assert after["Conv"] == before["Conv"]
     valid(res.model)
-    assert_exact(m, res.model, rtol=2e-5)
+    assert_exact(m, res.model, rtol=3e-5)   # Conv summation order: 1.2e-5 on onnxruntime 1.32, 2.2e-5 on 1.22
 
 
 def test_through_the_pass_manager():
