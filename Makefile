@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine (Python 3.9+ with venv):
+# Two commands do all set-up on a fresh machine (Python 3.10+ with venv):
 #   make demo   installs into .venv and optimizes the bundled demo model, printing the summary
 #   make test   installs into .venv (with test extras) and runs the test suite
 PYTHON ?= python3
