@@ -899,13 +899,22 @@ def param_count(model: onnx.ModelProto) -> int:
     return sum(n for n, _ in param_tensors(model).values())
 
 
+def np_dtype(onnx_type: int) -> np.dtype:
+    """numpy's dtype for an ONNX type number; TypeError for one numpy has no exact match for: onnx
+    1.16 gives bfloat16 as float32 (canonicalize dropped a Cast to bfloat16, a rounding, as a no-op)."""
+    dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
+    if onnx.helper.np_dtype_to_tensor_dtype(dt) != onnx_type:
+        raise TypeError(f"ONNX type {onnx_type} has no numpy dtype")
+    return dt
+
+
 def param_dtypes(model: onnx.ModelProto) -> Dict[str, int]:
     """Learned parameters per element type ('float32', 'float16', 'int8', ...), most first."""
     out: Dict[str, int] = {}
     for n, dt in param_tensors(model).values():
         try:
-            key = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt)).name
-        except (KeyError, TypeError, ValueError):   # no numpy type (bfloat16 without ml_dtypes)
+            key = np_dtype(dt).name
+        except (KeyError, TypeError, ValueError):   # no numpy type (bfloat16 without ml_dtypes, onnx 1.16)
             key = onnx.TensorProto.DataType.Name(dt).lower()
         out[key] = out.get(key, 0) + n
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -337,7 +337,7 @@ def _is_noop(node: gs.Node) -> Optional[str]:
         to = node.attrs.get("to")
         if src is not None and to is not None:
             try:   # graphsurgeon gives a type numpy has no match for (bfloat16) as its ONNX number
-                same = np.dtype(src) == _np_dtype(int(to))
+                same = np.dtype(src) == ir.np_dtype(int(to))
             except Exception:   # noqa: BLE001
                 return None
             if same:
@@ -345,15 +345,6 @@ def _is_noop(node: gs.Node) -> Optional[str]:
             if cast_round_trip_source(node) is not None:
                 return "cast round trip"
     return None
-
-
-def _np_dtype(onnx_type: int) -> np.dtype:
-    """numpy's dtype for an ONNX type number; TypeError for one numpy has no exact match for: onnx
-    1.16 gives bfloat16 as float32, and a Cast to bfloat16 (a rounding) was dropped as a no-op."""
-    dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
-    if onnx.helper.np_dtype_to_tensor_dtype(dt) != onnx_type:
-        raise TypeError(f"ONNX type {onnx_type} has no numpy dtype")
-    return dt
 
 
 def cast_round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
@@ -364,8 +355,8 @@ def cast_round_trip_source(node: gs.Node) -> Optional[gs.Tensor]:
         return None
     try:
         orig = np.dtype(first.inputs[0].dtype)
-        mid = _np_dtype(int(first.attrs["to"]))
-        back = _np_dtype(int(node.attrs["to"]))
+        mid = ir.np_dtype(int(first.attrs["to"]))
+        back = ir.np_dtype(int(node.attrs["to"]))
     except Exception:   # noqa: BLE001 - a type numpy has no match for (bfloat16, strings)
         return None
     same_kind = (orig.kind == "f") == (mid.kind == "f") and orig.kind in "fiu" and mid.kind in "fiu"
