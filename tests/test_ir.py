@@ -190,6 +190,9 @@ def test_param_dtypes_tally_the_parameters_by_element_type():
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float16), w.name))
     assert ir.param_dtypes(m) == {"float16": 4 * 3 * 3 * 3, "float32": 4}
     assert ir.param_count(m) == 4 * 3 * 3 * 3 + 4
+    # bfloat16 by its own name on every onnx (1.16 maps it to numpy's float32)
+    w.CopyFrom(onnx.helper.make_tensor(w.name, onnx.TensorProto.BFLOAT16, list(w.dims), [0] * 108))
+    assert ir.param_dtypes(m) == {"bfloat16": 4 * 3 * 3 * 3, "float32": 4}
 
 
 def test_size_by_parts_matches_bytesize():
