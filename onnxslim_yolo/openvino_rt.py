@@ -112,6 +112,8 @@ class OpenVinoSession:
         inits = {t.name for t in model.graph.initializer}
         self._inputs = [_Port(v.name) for v in model.graph.input if v.name not in inits]
         self._outputs = [_Port(v.name) for v in model.graph.output]
+        # OpenVINO 2024.0 drops an input the graph never reads and refuses a feed for it by name
+        self._kept = {n for port in self.compiled.inputs for n in port.get_names()}
         self.request = self.compiled.create_infer_request()
         try:   # bf16 on CPUs with bf16 units (OpenVINO's default there), else f32
             hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
@@ -126,10 +128,9 @@ class OpenVinoSession:
         return list(self._outputs)
 
     def run(self, output_names: Optional[Sequence[str]], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
-        # OpenVINO 2024.0 drops an input the graph never reads and refuses a feed for it by name
-        known = {n for port in self.compiled.inputs for n in port.get_names()}
         try:
-            res = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items() if k in known})
+            res = self.request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()
+                                      if k in self._kept})
         except Exception as exc:
             raise OpenVinoError("failed to run the model", exc) from None
         by_name: Dict[str, np.ndarray] = {}
