@@ -265,3 +265,19 @@ def test_openvino_messages_become_one_line():
     assert openvino_rt.reason(RuntimeError("Exception from a.cpp:1:\nonly")) == "only"
     assert openvino_rt.reason(RuntimeError("x" * 500), 50) == "x" * 47 + "..."
     assert openvino_rt.reason(RuntimeError("")) == "RuntimeError"
+
+
+@needs_openvino
+def test_a_model_with_an_input_it_never_reads_runs_with_every_feed_given():
+    """OpenVINO 2024.0 drops an input the graph never reads and refused the feed named for it
+    (`eval --runtime openvino` exited 4 there); the session feeds the inputs the compiled model kept."""
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4]),
+                          h.make_tensor_value_info("unused", onnx.TensorProto.FLOAT, [1, 2])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 4, 4])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    x = np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 3, 4, 4)
+    session = openvino_rt.OpenVinoSession(model)
+    (y,) = session.run(None, {"x": x, "unused": np.ones((1, 2), np.float32)})
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
