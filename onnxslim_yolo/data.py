@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import sys
 import zipfile
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, replace
@@ -613,9 +612,8 @@ def groups(items: Sequence, n: int) -> List[list]:
 
 # ---------------------------------------------------------------------------------- iterators
 def _progress(it, total: Optional[int], desc: str, progress: bool):
-    from tqdm import tqdm
-    return tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False,
-                disable=not (progress and sys.stderr.isatty()))
+    from .progress import bar
+    return bar(it, total=total, desc=desc, enabled=progress)
 
 
 def image_stems(folder: PathLike, limit: Optional[int] = None) -> List[str]:

@@ -9,12 +9,10 @@ channels is mean-replaced, divided by the relative error that causes at the cons
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from tqdm import tqdm
 
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis import activations, lsq, sensitivity
@@ -24,6 +22,7 @@ from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.analysis.importance import Params
 from onnxslim_yolo.machine import available_memory
 from onnxslim_yolo.pass_base import PreconditionError
+from onnxslim_yolo.progress import bar as progress_bar
 
 from ._prune_select import Layer, LSQCost
 
@@ -204,8 +203,7 @@ class SweepCost(LSQCost):
         self.curves: Dict[Any, Tuple[List[Any], np.ndarray, np.ndarray]] = {}
         self.labels: Dict[Any, str] = {}
         #: one tick per layer measured (``layers``: how many there are, for the bar's total)
-        self.bar = tqdm(total=layers, desc="sensitivity sweep: layers", file=sys.stderr, leave=False,
-                        disable=not progress)
+        self.bar = progress_bar(total=layers, desc="sensitivity sweep: layers", enabled=progress)
 
     def _depths(self, layer: Layer) -> List[int]:
         n = len(layer.groups)

@@ -12,7 +12,6 @@ group, never consumers); their names are returned as skipped.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -20,11 +19,11 @@ import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tqdm import tqdm
 
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis._im2col import ConvGeometry, geometry, patches, sample_positions
 from onnxslim_yolo.analysis.activations import Feeds, capture
+from onnxslim_yolo.progress import bar as progress_bar
 
 
 log = logging.getLogger(__name__)
@@ -266,7 +265,7 @@ def refit(orig: onnx.ModelProto, pruned: onnx.ModelProto, convs: Sequence[str],
     errors: Dict[str, Dict[str, float]] = {}
     by_node = {t.node: t for t in targets}
     levels = _levels(out, [t.node for t in targets]) if sequential else [[t.node for t in targets]]
-    bar = tqdm(total=len(targets), desc="refitting convs", file=sys.stderr, leave=False, disable=not progress)
+    bar = progress_bar(total=len(targets), desc="refitting convs", enabled=progress)
     for names in levels:
         if sequential:
             normals = {n: _Normal() for n in names}

@@ -15,14 +15,13 @@ a layer's count first. Costs come from a cost model:
 from __future__ import annotations
 
 import fnmatch
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from tqdm import tqdm
 
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo, Role
 from onnxslim_yolo.analysis.lsq import ConsumerLSQ
+from onnxslim_yolo.progress import bar as progress_bar
 
 
 @dataclass
@@ -308,9 +307,8 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
     target = int(round((ratio or 0.0) * before))
     lazy = bool(getattr(model, "lazy", False))
     cache: Dict[int, Tuple[List[ChannelGroup], float, bool]] = {}   # unit, cost, fresh
-    bar = tqdm(total=round(target / 1e6, 1), desc="pruning: M multiply-adds removed", file=sys.stderr,
-               leave=False, disable=not progress or target <= 0,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}]")
+    bar = progress_bar(total=round(target / 1e6, 1), desc="pruning: M multiply-adds removed",
+                       enabled=progress and target > 0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}]")
     bar.update(round(min(saved, target) / 1e6, 1))
     while saved < target:
         best = _best(layers, fixed, model, macs, cache, target - saved, int(OVERSHOOT * target))

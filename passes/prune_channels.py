@@ -45,7 +45,6 @@ with the reason. A model with nothing prunable raises PreconditionError.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -168,8 +167,8 @@ def _data_warning(given: Mapping[str, Any], samples: int, opts: PruneOptions) ->
 
 
 def _show(opts: PruneOptions) -> bool:
-    """Progress bars: the option, else when stderr is a terminal."""
-    return sys.stderr.isatty() if opts.progress is None else opts.progress
+    """Progress: the option, else on (a bar on a terminal, a line now and then elsewhere)."""
+    return True if opts.progress is None else opts.progress
 
 
 def _stats(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: List[Feeds],

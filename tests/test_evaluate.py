@@ -705,6 +705,23 @@ def test_eval_cli(dataset, tmp_path: Path):
     assert r.exit_code == 2 and "none: image folder does not exist" in r.output
 
 
+def test_eval_cli_shows_progress_in_a_log(dataset, tmp_path: Path, monkeypatch):
+    """Off a terminal (CI) the evaluation prints plain progress lines now and then; --quiet none."""
+    from onnxslim_yolo import progress
+    from onnxslim_yolo.cli import main
+    from onnxslim_yolo.ir import save
+    images, labels = dataset
+    save(const_model("v5", letterboxed(LABELS, 16), CLASSES), tmp_path / "m.onnx")
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    args = ["eval", str(tmp_path / "m.onnx"), "--images", str(images), "--labels", str(labels)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    shown = [line for line in r.output.splitlines() if line.startswith("evaluate:")]
+    assert shown and "3/3" in shown[-1] and "\r" not in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--quiet"])
+    assert r.exit_code == 0 and "evaluate:" not in r.output, r.output
+
+
 def test_eval_cli_runs_the_model_in_openvino(dataset, tmp_path: Path, monkeypatch):
     from onnxslim_yolo import openvino_rt
     from onnxslim_yolo.cli import main

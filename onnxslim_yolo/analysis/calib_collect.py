@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from onnx import numpy_helper
 
 from .. import verify
 from ..pass_base import UsageError, VerificationError, first_line
+from ..progress import bar
 from .calib_table import CalibrationStats
 from .histogram import StreamingHistogram, TensorStats, _Scratch, samples_per_update
 
@@ -181,8 +181,6 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Dict
     less, leaving a core to binning every value. Non-float tensors are reported in ``skipped``;
     unknown names and empty or malformed feeds raise UsageError.
     """
-    from tqdm import tqdm
-
     if bins < 16:
         raise UsageError(f"calibration: bins must be at least 16, got {bins}")
     names = list(dict.fromkeys(tensors))
@@ -200,8 +198,7 @@ def collect(model: onnx.ModelProto, tensors: Sequence[str], feeds: Iterable[Dict
     reducer = _Reducer(stats, skipped, per_feed)
     samples, run_seconds = 0, 0.0
     try:
-        for feed in tqdm(feeds, total=total, desc="calibration", unit="feed", file=sys.stderr,
-                         disable=not progress, leave=False):
+        for feed in bar(feeds, total=total, desc="calibration", unit="feed", enabled=progress):
             run_feed = _check_feed(feed, plan.inputs, samples)
             slot = reducer.acquire()
             # a copy: a feed generator may refill its array while the reducer still reads it

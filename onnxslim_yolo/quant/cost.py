@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import verify
+from ..progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +191,8 @@ def measure(keys: Sequence[ConvKey], threads: int = 1, budget_ms: float = 15.0,
     :data:`RECHECK_ROUNDS` rounds in all, and the round of median speed-up decides: other work on
     the CPU slows one unit of a round, and one round swung a conv from 2.7x to 0.7x, so two runs
     of one command kept different convs float (54 against 56 INT8 layers, 1.4 points of mAP)."""
-    from tqdm import tqdm
-
     out: Dict[ConvKey, ConvCost] = {}
-    for key in tqdm(list(dict.fromkeys(keys)), desc="timing convs", disable=not progress, leave=False):
+    for key in bar(list(dict.fromkeys(keys)), desc="timing convs", enabled=progress):
         sessions = [unit_session(key, i8, threads) for i8 in (True, False)]
         feed = {"x": np.random.default_rng(1).integers(0, 256, (1, key.cin) + key.hw).astype(np.uint8)}
         first = _time(sessions, feed, 1)

@@ -1,7 +1,6 @@
 """Options of the insert-qdq pass (``ctx.opts("insert-qdq")``), validated once."""
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, List, Mapping, Optional, Tuple
 
@@ -72,7 +71,7 @@ class QdqOptions:
         if isinstance(kw.get("exclude"), str):
             kw["exclude"] = [p for p in kw["exclude"].split(",") if p]
         if kw.get("progress") is None:
-            kw["progress"] = sys.stderr.isatty()
+            kw["progress"] = True   # a bar on a terminal, else a line now and then (progress.bar)
         o = cls(**kw)
         o.validate()
         return o

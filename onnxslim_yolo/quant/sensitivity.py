@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 
 from .. import data, ir, verify
 from ..analysis.activations import with_outputs
+from ..progress import bar
 from . import metrics
 from .placement import QuantPlan
 from .rewrite import RewriteRecord
@@ -253,10 +254,8 @@ def _nodes(units: Sequence[str], nodes: Dict[str, List[str]]) -> tuple:
 def rank_units(ev: SwitchEvaluator, cands: Sequence[Candidate], nodes: Dict[str, List[str]],
                progress: bool = False) -> List[UnitSensitivity]:
     """Exact ranking: every candidate restored alone; most sensitive first."""
-    from tqdm import tqdm
-
     res = [UnitSensitivity(name, units, _nodes(units, nodes), ev.gain(units))
-           for name, units in tqdm(list(cands), desc="sensitivity", disable=not progress, leave=False)]
+           for name, units in bar(list(cands), desc="sensitivity", enabled=progress)]
     res.sort(key=lambda r: -r.sqnr_gain_db)
     log.info("sensitivity: all-INT8 head SQNR %.2f dB; most sensitive %s", ev.base,
              [(r.unit, round(r.sqnr_gain_db, 2)) for r in res[:5]])

@@ -418,8 +418,11 @@ def test_collect_on_yolov5n(yolov5n_path: Path):
     assert not math.isnan(choose_ranges(stats, "auto")[convs[0]].rmax)
 
 
-def test_collect_dynamic_shapes_and_progress_bar(capsys):
-    """Feeds of changing spatial size (new output buffers per shape); the bar goes to stderr."""
+def test_collect_dynamic_shapes_and_progress_bar(capsys, monkeypatch):
+    """Feeds of changing spatial size (new output buffers per shape); progress goes to stderr (off a
+    terminal as lines, here from the start)."""
+    from onnxslim_yolo import progress as shown
+    monkeypatch.setattr(shown, "LINE_EVERY", 0.0)
     model = conv_model()
     dims = model.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_param, dims[3].dim_param = "h", "w"

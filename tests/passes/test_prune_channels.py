@@ -655,7 +655,9 @@ def test_yolov5n_pruned_by_l1_equals_the_zeroed_original(which, yolov5n_path, yo
     assert_exact(model, res.model, d)
 
 
-def test_sweep_cost_measures_non_decreasing_per_layer_curves(capsys):
+def test_sweep_cost_measures_non_decreasing_per_layer_curves(capsys, monkeypatch):
+    from onnxslim_yolo import progress as shown
+    monkeypatch.setattr(shown, "LINE_EVERY", 0.0)   # off a terminal: progress lines from the start
     model = FAMILIES["yolov8"](bn=True)
     calib = verify.random_feeds(model, 3, 0)
     res = run(model, calib, ratio=0.15, cost="sweep", sweep_images=2, samples=512, progress=True, round_to=1)
