@@ -69,7 +69,8 @@ def eval_command(model: str, images: str, labels: str, preprocess: Optional[str]
     if fed and not preprocess:   # a guess: do the images look fed as the model was trained?
         from .preprobe import judge
 
-        probe = judge(target, images, fed["preset"], limit, input_shape=_shape(input_shape), threads=threads)
+        probe = judge(target, images, fed["preset"], limit, input_shape=_shape(input_shape), threads=threads,
+                      progress=not quiet)
     rows = [["mAP@0.5:0.95", f"{res['map']:.4f}"], ["mAP@0.5", f"{res['map50']:.4f}"],
             ["mAP@0.75", f"{res['map75']:.4f}"]]
     for prefix, what in MAP_KINDS[1:]:

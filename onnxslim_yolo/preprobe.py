@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,17 +88,22 @@ def _distinct(model: onnx.ModelProto, but: Optional[str] = None) -> List[str]:
 
 def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int = PROBE_IMAGES,
                   names: Optional[Sequence[str]] = None, input_shape: Optional[Sequence[int]] = None,
-                  threads: int = 0) -> Dict[str, PresetScore]:
+                  threads: int = 0, progress: bool = False) -> Dict[str, PresetScore]:
     """Score the presets ``names`` (default: every preset that feeds ``model`` differently) on
     the first ``limit`` images of ``images`` and their mirror images (``input_shape`` for a
-    model with a dynamic size)."""
+    model with a dynamic size). ``progress``: a bar over the presets on a terminal (each is up to
+    2 x ``limit`` runs of the model: minutes for a large one)."""
+    from tqdm import tqdm
+
     from .evaluate import ImageBoxes, agreement, detections
 
     out: Dict[str, PresetScore] = {}
     with tempfile.TemporaryDirectory(prefix="osy_probe_") as td:
         mirror = Path(td)
         _mirror_folder(Path(images), limit, mirror)
-        for name in (names if names is not None else _distinct(model)):
+        todo = list(names if names is not None else _distinct(model))
+        for name in tqdm(todo, desc="preprocessing probe: presets", file=sys.stderr, leave=False,
+                         disable=not (progress and sys.stderr.isatty())):
             kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET,
                       input_shape=input_shape, threads=threads)
             own = detections(model, images, conf=PROBE_CONF, **kw)
@@ -158,7 +164,7 @@ def _describe(name: str, s: PresetScore) -> str:
 
 
 def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: Optional[int] = None,
-          input_shape: Optional[Sequence[int]] = None, threads: int = 0) -> Verdict:
+          input_shape: Optional[Sequence[int]] = None, threads: int = 0, progress: bool = False) -> Verdict:
     """Score ``chosen`` on the first :data:`PROBE_IMAGES` images of the folder ``images`` (fewer
     when the run's own ``limit`` is lower: eval --limit 2 probed 8, an image it left out could
     spoil the verdict), and the presets that feed ``model`` differently when it looks wrong. Never
@@ -170,13 +176,13 @@ def judge(model: onnx.ModelProto, images: Union[str, Path], chosen: str, limit: 
     try:   # a preset that saturates the model overflows its sigmoids: no numpy warnings for that
         n = len(data.list_images(images)[:limit])
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            scores = score_presets(model, images, limit, [chosen], input_shape, threads)
+            scores = score_presets(model, images, limit, [chosen], input_shape, threads, progress)
             mine = scores[chosen]
             if not mine.looks_wrong:   # the usual case: one preset scored
                 status = "right" if mine.looks_right else "unsure"
                 return Verdict(status, chosen, _describe(chosen, mine), scores, n)
             scores.update(score_presets(model, images, limit, _distinct(model, but=chosen), input_shape,
-                                        threads))
+                                        threads, progress))
     except Exception as exc:   # advice only: whatever the probe meets must not fail the run
         log.info("preprocessing probe skipped: %s", exc)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

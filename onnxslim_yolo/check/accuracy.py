@@ -175,7 +175,8 @@ DEFAULT_MAX_DROP = 1.0
 
 
 def check_preprocessing(model: onnx.ModelProto, images: str, preset: Optional[str], limit: Optional[int],
-                        input_shape: Optional[Sequence[int]], threads: int) -> CheckResult:
+                        input_shape: Optional[Sequence[int]], threads: int,
+                        progress: bool = False) -> CheckResult:
     """Whether the images look fed to ``model`` (the reference when there is one: the trained
     model) as it was trained, when the preprocessing is guessed (:mod:`..preprobe`): detections per
     image and their agreement with the mirror images'. A warning names a preset that looks right
@@ -187,7 +188,7 @@ def check_preprocessing(model: onnx.ModelProto, images: str, preset: Optional[st
     if preset:
         return skipped(name, f"given with --preprocess {preset}")
     chosen = get_preset(None, model).name
-    v = preprobe.judge(model, images, chosen, limit, input_shape, threads)
+    v = preprobe.judge(model, images, chosen, limit, input_shape, threads, progress)
     scores = {k: {"per_image": s.per_image, "mirror_agreement": s.flip} for k, s in v.scores.items()}
     details = {"preset": chosen, "verdict": v.status, "images": v.images, "scores": scores}
     if v.status == "wrong":

@@ -189,7 +189,7 @@ def _accuracy_checks(model: onnx.ModelProto, ref: Optional[onnx.ModelProto], ima
             [warned(IMAGE_CHECKS[-1], f"--labels given, but its mAP cannot be measured: {why}")]
     fed = ref if ref is not None else model
     probe = _guard("inputs.preprocessing", lambda: accuracy.check_preprocessing(
-        fed, images, opts.preset, opts.limit, shape, opts.threads))
+        fed, images, opts.preset, opts.limit, shape, opts.threads, opts.progress))
     noise = None if ref is None else (lambda: accuracy.self_agreement(
         ref, dets, images, opts.preset, opts.limit, opts.threads, shape, opts.progress))
     return [probe,
