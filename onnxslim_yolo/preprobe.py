@@ -108,7 +108,9 @@ def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int =
                       input_shape=input_shape, threads=threads)
             own = detections(model, images, conf=PROBE_CONF, **kw)
             per_image = float(np.mean([len(d.scores) for d in own]))
-            if per_image > MAX_DETECTIONS:   # saturated: wrong whatever the mirror images say
+            # saturated: wrong whatever the mirror images say; nothing detected: nothing for them to
+            # agree with (the agreement is undefined), so the mirror images are not run either
+            if per_image > MAX_DETECTIONS or per_image == 0:
                 out[name] = PresetScore(round(per_image, 2), float("nan"))
                 continue
             back = []

@@ -162,3 +162,26 @@ def test_the_probe_shows_its_progress_on_a_terminal(monkeypatch, capsys):
     assert "preprocessing probe: presets" in capsys.readouterr().err
     score_presets(model, images, limit=2, names=["yolov5"])
     assert "preprocessing probe" not in capsys.readouterr().err
+
+
+def test_a_preset_that_detects_nothing_is_not_run_on_the_mirror_images(monkeypatch):
+    """With no detection to agree with, the mirror images' agreement is undefined whatever they
+    give: running them doubled the probe of a random-weight yolov8l at 640 (eval --limit 16: 11
+    min, 16 of its model runs the evaluation's own)."""
+    import numpy as np
+
+    from fixtures import demo_paths
+    from onnxslim_yolo import evaluate
+
+    model_path, images, _ = demo_paths()
+    runs = []
+
+    def nothing(model, folder, **kw):
+        runs.append(kw["preset"])
+        return [evaluate.ImageBoxes(f"{i}.jpg", (8, 8), np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+                for i in range(kw["limit"])]
+
+    monkeypatch.setattr(evaluate, "detections", nothing)
+    scores = score_presets(ir.load(model_path), images, limit=2, names=["yolov5", "yolox"])
+    assert runs == ["yolov5", "yolox"]
+    assert all(s.per_image == 0 and math.isnan(s.flip) and s.looks_wrong for s in scores.values())
