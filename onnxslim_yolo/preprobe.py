@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,19 +90,17 @@ def score_presets(model: onnx.ModelProto, images: Union[str, Path], limit: int =
                   threads: int = 0, progress: bool = False) -> Dict[str, PresetScore]:
     """Score the presets ``names`` (default: every preset that feeds ``model`` differently) on
     the first ``limit`` images of ``images`` and their mirror images (``input_shape`` for a
-    model with a dynamic size). ``progress``: a bar over the presets on a terminal (each is up to
+    model with a dynamic size). ``progress``: shown over the presets (:mod:`.progress`; each is up to
     2 x ``limit`` runs of the model: minutes for a large one)."""
-    from tqdm import tqdm
-
     from .evaluate import ImageBoxes, agreement, detections
+    from .progress import bar
 
     out: Dict[str, PresetScore] = {}
     with tempfile.TemporaryDirectory(prefix="osy_probe_") as td:
         mirror = Path(td)
         _mirror_folder(Path(images), limit, mirror)
         todo = list(names if names is not None else _distinct(model))
-        for name in tqdm(todo, desc="preprocessing probe: presets", file=sys.stderr, leave=False,
-                         disable=not (progress and sys.stderr.isatty())):
+        for name in bar(todo, desc="preprocessing probe: presets", enabled=progress):
             kw = dict(preset=name, limit=limit, progress=False, max_det=PROBE_MAX_DET,
                       input_shape=input_shape, threads=threads)
             own = detections(model, images, conf=PROBE_CONF, **kw)
