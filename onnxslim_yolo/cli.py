@@ -280,7 +280,7 @@ def list_passes() -> None:
 def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> None:
     """Op counts, parameters, MACs/FLOPs, opset, inputs/outputs, YOLO family and head."""
     from . import data, ir, verify
-    from .analysis.flops import model_stats
+    from .analysis.flops import infer_static, model_stats
     from .report import stats_table, table
 
     ir.claim_outputs({"JSON figures": json_out}, {"model": model})
@@ -323,7 +323,9 @@ def inspect(model: str, input_shape: Optional[str], json_out: Optional[str]) -> 
         stats["input"] = feed
         click.echo("")
         click.echo(table([[k, v] for k, v in feed.items()], ["image input (as fed by --calib/--images)", ""]))
-    head = _head_summary(m)
+    # a dynamic export's head is read at the size its MACs are counted at: its output dims, computed
+    # from the input's by Shape ops, were symbolic there, so the layout read "unknown" (no strides)
+    head = _head_summary(infer_static(m, shapes) if shapes else m)
     if head:
         stats["head"] = head
         click.echo("")

@@ -602,6 +602,29 @@ def test_int8_of_a_dynamic_size_runs_at_the_metadata_size(model_file: Path, tmp_
     assert f"at input {static} (the input size is dynamic)" in r.output
 
 
+def test_inspect_reads_the_head_of_a_dynamic_size_export_at_the_size_it_counts(tmp_path: Path):
+    """Ultralytics' ``dynamic=True`` export declares its output (batch, 84, anchors), computed from
+    the input's size: inspect counted MACs at the metadata's size but read the head on the symbolic
+    graph (a YOLO11n: "unknown layout", strides [], no classes; here strides [])."""
+    m = fixtures.build_yolov8(opset=13)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    static = [d.dim_value for d in dims]
+    for i, name in ((2, "height"), (3, "width")):
+        dims[i].dim_param = name
+    m.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "anchors"
+    onnx.helper.set_model_props(m, {"imgsz": str(static[2:])})
+    src = tmp_path / "dyn.onnx"
+    onnx.save(m, src)
+    ir.save(fixtures.build_yolov8(opset=13), tmp_path / "v8.onnx")
+    fixed = json.loads(_inspect_json(tmp_path / "v8.onnx", tmp_path).read_text())["head"]
+    for extra in ([], ["--input-shape", ",".join(map(str, static))]):
+        r = invoke("inspect", src, *extra, "--json", tmp_path / "s.json")
+        assert r.exit_code == 0, r.output
+        head = json.loads((tmp_path / "s.json").read_text())["head"]
+        assert head["strides"] == fixed["strides"] == [8, 16, 32]
+        assert head["layout"] == fixed["layout"] and head["num_classes"] == fixed["num_classes"]
+
+
 def _inspect_json(model: Path, tmp_path: Path) -> Path:
     path = tmp_path / "static.json"
     assert invoke("inspect", model, "--json", path).exit_code == 0

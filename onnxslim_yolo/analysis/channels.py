@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from .. import ir
 from ..pass_base import UsageError
 from . import channel_rules
-from .flops import _infer_static, _shape_table, node_macs
+from .flops import _shape_table, infer_static, node_macs
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def analyze_channels(model: onnx.ModelProto, protect: Sequence[str] = (),
                      protect_head: bool = True, readers: bool = False) -> ChannelAnalysis:
     """Channel groups of ``model`` (unnamed nodes are named as ir.name_unnamed_nodes does);
     ``readers``: channel Gathers are one-way readers (channel_rules.rule_gather), else they block."""
-    inferred = _infer_static(model, input_shapes)
+    inferred = infer_static(model, input_shapes)
     graph = ir.to_graph(inferred)
     ir.name_unnamed_nodes(graph)
     protected = resolve_protect(graph, protect)

@@ -77,7 +77,7 @@ def _unshaped_outputs(m: onnx.ModelProto) -> bool:
                if n.op_type in CONV_OPS + MATMUL_OPS + ("ConvTranspose", "Gemm"))
 
 
-def _infer_static(model: onnx.ModelProto,
+def infer_static(model: onnx.ModelProto,
                   input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> onnx.ModelProto:
     """The model (same nodes) with shapes inferred from static inputs. Shapes that stay unknown
     behind a Shape -> Gather -> Div -> ... chain (torch.chunk's Slice ends, views by computed
@@ -155,7 +155,7 @@ def node_macs(node: onnx.NodeProto, shapes: Mapping[str, Tuple[int, ...]]) -> in
 def model_stats(model: onnx.ModelProto,
                 input_shapes: Optional[Mapping[str, Sequence[int]]] = None) -> ModelStats:
     """Counts for ``inspect`` and the summary table."""
-    inferred = _infer_static(model, input_shapes)
+    inferred = infer_static(model, input_shapes)
     shapes = _shape_table(inferred)
     per_node: Dict[str, int] = {}
     total = 0
