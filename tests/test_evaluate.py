@@ -525,6 +525,24 @@ def test_agreement():
         agreement(ref, none)
 
 
+def test_agreement_scores_a_copy_of_a_crowded_reference_as_one():
+    """pycocotools scores the best 100 detections of a class in an image: a copy reproducing a
+    reference with 150 confident detections of one class per image (a shelf, a crowd; max_det 300)
+    agreed 0.67 with it, not 1.0 (a random-weight YOLO12n with 120: 0.81). The true mAP keeps
+    COCO's 100."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 600, (150, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, 30, (150, 2))], axis=1)
+    classes = np.zeros(150, int)
+    ref = [ImageBoxes(f"im{i}.png", (640, 640), boxes, classes, np.linspace(0.9, 0.3, 150)) for i in range(2)]
+    res = agreement(ref, ref)
+    assert res["n_ground_truth"] == 300
+    assert res["map"] == pytest.approx(1.0) and res["map50"] == pytest.approx(1.0)
+    truth = [ImageBoxes(d.key, d.hw, d.boxes, d.classes) for d in ref]
+    true = coco_map(truth, ref)
+    assert true["map"] == pytest.approx(true["map50"]) and true["map"] < 0.8
+
+
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("fmt", ["v5", "v8", "yolox"])
 def test_evaluate_constant_model_recovers_labels(dataset, fmt):

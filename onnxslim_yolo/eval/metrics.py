@@ -576,9 +576,11 @@ def _segm_eval(coco_gt, coco_dt):
     return SegmEval(coco_gt, coco_dt, "segm")
 
 
-def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox") -> Dict[str, float]:
+def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox",
+             max_dets: int = 100) -> Dict[str, float]:
     """pycocotools mAP of detections ``dt`` against ``gt`` (same images, same order): of their boxes
-    (``bbox``), masks (``segm``), keypoints (``keypoints``, OKS) or rotated boxes (``obb``)."""
+    (``bbox``), masks (``segm``), keypoints (``keypoints``, OKS) or rotated boxes (``obb``), scoring
+    the ``max_dets`` best detections of each image (COCO's 100; keypoints always COCO's 20)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -599,6 +601,8 @@ def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bb
         make = {"obb": _rotated_eval, "segm": _segm_eval}.get(kind)
         ev = make(coco_gt, coco_gt.loadRes(res)) if make else COCOeval(coco_gt, coco_gt.loadRes(res), kind)
         ev.params.imgIds = list(range(len(gt)))
+        if kind != "keypoints" and max_dets > ev.params.maxDets[-1]:   # its summary reads maxDets[2]
+            ev.params.maxDets = [*ev.params.maxDets[:-1], int(max_dets)]
         if kind == "keypoints":
             k = len(res[0]["keypoints"]) // 3
             ev.params.kpt_oks_sigmas = COCO_KPT_SIGMAS if k == len(COCO_KPT_SIGMAS) else np.full(k, 1.0 / k)
@@ -607,5 +611,13 @@ def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bb
         ev.summarize()
     log.debug("pycocotools:\n%s", buf.getvalue())
     s = [max(float(v), 0.0) for v in ev.stats]
+    if kind != "keypoints" and ev.params.maxDets[-1] != 100:   # its summary reads mAP@0.5:0.95 at 100
+        s[0] = _mean_precision(ev.eval["precision"][:, :, :, 0, -1])
     stats.update({"map": s[0], "map50": s[1], "map75": s[2]})
     return stats
+
+
+def _mean_precision(p: np.ndarray) -> float:
+    """pycocotools' mean of the precisions it computed (-1 where a class has no ground truth)."""
+    p = p[p > -1]
+    return float(np.mean(p)) if p.size else 0.0
