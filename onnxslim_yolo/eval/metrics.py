@@ -577,10 +577,11 @@ def _segm_eval(coco_gt, coco_dt):
 
 
 def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bbox",
-             max_dets: int = 100) -> Dict[str, float]:
+             max_dets: Optional[int] = None) -> Dict[str, float]:
     """pycocotools mAP of detections ``dt`` against ``gt`` (same images, same order): of their boxes
     (``bbox``), masks (``segm``), keypoints (``keypoints``, OKS) or rotated boxes (``obb``), scoring
-    the ``max_dets`` best detections of each image (COCO's 100; keypoints always COCO's 20)."""
+    the best detections of a class in each image: ``max_dets`` when more than COCO's (100, and 20
+    for keypoints), else COCO's."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -601,7 +602,8 @@ def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bb
         make = {"obb": _rotated_eval, "segm": _segm_eval}.get(kind)
         ev = make(coco_gt, coco_gt.loadRes(res)) if make else COCOeval(coco_gt, coco_gt.loadRes(res), kind)
         ev.params.imgIds = list(range(len(gt)))
-        if kind != "keypoints" and max_dets > ev.params.maxDets[-1]:   # its summary reads maxDets[2]
+        raised = max_dets is not None and max_dets > ev.params.maxDets[-1]
+        if raised:
             ev.params.maxDets = [*ev.params.maxDets[:-1], int(max_dets)]
         if kind == "keypoints":
             k = len(res[0]["keypoints"]) // 3
@@ -611,8 +613,9 @@ def coco_map(gt: Sequence[ImageBoxes], dt: Sequence[ImageBoxes], kind: str = "bb
         ev.summarize()
     log.debug("pycocotools:\n%s", buf.getvalue())
     s = [max(float(v), 0.0) for v in ev.stats]
-    if kind != "keypoints" and ev.params.maxDets[-1] != 100:   # its summary reads mAP@0.5:0.95 at 100
-        s[0] = _mean_precision(ev.eval["precision"][:, :, :, 0, -1])
+    if raised:   # its summary reads COCO's maxDets: from the precisions (IoU .5:.95, .5, .75; all areas)
+        prec = ev.eval["precision"][:, :, :, 0, -1]
+        s[:3] = [_mean_precision(prec), _mean_precision(prec[0]), _mean_precision(prec[5])]
     stats.update({"map": s[0], "map50": s[1], "map75": s[2]})
     return stats
 
