@@ -225,6 +225,22 @@ def test_numerics_compare_the_decoded_class_scores_too(yolo):
     assert same.status == "pass" and [o["name"] for o in same.details["outputs"]] == [out, "class scores"]
 
 
+def test_class_scores_too_low_to_detect_anything_are_not_compared(yolo):
+    """An unchanged random-weight YOLO12n failed reference.numerics (exit 1 after exact passes): on
+    an image whose class scores all read below 1e-7, onnxruntime's optimized Sigmoid gave 0 where
+    the plain one gave 9e-8, a cosine of 0.77. Scores under the evaluation's conf in both runs
+    detect nothing either way and are left out; above it they are still compared."""
+    feeds = numerics.input_feeds(yolo, None, 1, 0, None, None)
+    out = verify.run(verify.session(yolo), feeds[0])[0]
+    ref, new = out.copy(), out.copy()
+    ref[..., 4:] = 3e-4   # objectness x class: 9e-8
+    new[..., 4:] = np.where(np.random.default_rng(0).random(new[..., 4:].shape) < 0.5, 0.0, 3e-4)
+    assert numerics.class_scores_diff(yolo, feeds, {"reference": [[ref]], "new": [[new]]}) is None
+    ref[..., 4:], new[..., 4:] = 0.5, np.where(new[..., 4:] > 0, 0.5, 0.0)
+    d = numerics.class_scores_diff(yolo, feeds, {"reference": [[ref]], "new": [[new]]})
+    assert d is not None and d.cosine < 0.9
+
+
 def test_numerics_runs_each_model_once_per_feed(yolo, monkeypatch):
     """The class-score row reads the outputs the output comparison already has: each model runs
     once per feed, in one session each (it ran both models a second time, in two more sessions)."""
