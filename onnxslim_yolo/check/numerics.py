@@ -17,11 +17,6 @@ Feeds = Dict[str, np.ndarray]
 FLOAT_TYPES = {"float", "float16", "double"}
 #: a candidate this much slower than the reference (median ratio) gets a warning
 LATENCY_SLACK = 0.10
-#: class scores that stay below this in both runs (the evaluation's conf) detect nothing either way;
-#: near 0 their cosine measures float noise: an unchanged random-weight YOLO12n scored 0.77 on an
-#: image whose scores all read below 1e-7 (onnxruntime's optimized Sigmoid gave 0 where the plain
-#: one gave 9e-8), and exact passes failed reference.numerics
-SCORE_FLOOR = 1e-3
 
 
 def below(value: float, floor: float) -> str:
@@ -322,9 +317,9 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds],
     "reference" and "new", graph outputs per feed, as :func:`.verify.compare_models` keeps them,
     both read as ``model``'s), the feed with the lowest cosine, when the outputs are candidate rows
     (:func:`..eval.anchors.class_scores_reader`); None otherwise, or when every feed's scores stay
-    below :data:`SCORE_FLOOR` in both runs."""
+    below :data:`..eval.anchors.SCORE_FLOOR` in both runs."""
     from ..data import feed_hw, model_input
-    from ..eval.anchors import CLASS_SCORES, class_scores_reader
+    from ..eval.anchors import CLASS_SCORES, class_scores_reader, scores_detect
 
     worst: Optional[verify.OutputDiff] = None
     try:
@@ -336,7 +331,7 @@ def class_scores_diff(model: onnx.ModelProto, feeds: Sequence[Feeds],
             return None
         for hw, a, b in zip(sizes, refs, news):
             sa, sb = scores(a, hw), scores(b, hw)
-            if max(np.max(sa, initial=0.0), np.max(sb, initial=0.0)) < SCORE_FLOOR:
+            if not scores_detect(sa, sb):   # near 0 their cosine is float noise
                 continue
             d = verify.diff(CLASS_SCORES, sa, sb)
             if worst is None or not d.cosine >= worst.cosine:

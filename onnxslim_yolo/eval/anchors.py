@@ -75,6 +75,16 @@ class OutputReader:
 ScoresOf = Callable[[Sequence[np.ndarray], Sequence[int]], np.ndarray]
 #: the name the decoded class scores are compared under (the checks' row, the INT8 quality's entry)
 CLASS_SCORES = "class scores"
+#: class scores that stay below this in both runs compared (the evaluation's conf) detect nothing
+#: either way; near 0 their cosine measures float noise: an unchanged random-weight YOLO12n scored
+#: 0.77 on an image whose scores all read below 1e-7 (onnxruntime's optimized Sigmoid gave 0 where
+#: the plain one gave 9e-8), and its INT8 copy 0.30, so the guard put every layer back in float
+SCORE_FLOOR = 1e-3
+
+
+def scores_detect(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether either of two runs' class scores reaches :data:`SCORE_FLOOR` (worth comparing)."""
+    return max(np.max(a, initial=0.0), np.max(b, initial=0.0)) >= SCORE_FLOOR
 
 
 def class_scores_reader(model: onnx.ModelProto, outputs: Sequence[np.ndarray],

@@ -31,9 +31,10 @@ def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
                    class_scores: bool = False) -> Dict[str, Dict[str, float]]:
     """``{output: {cosine_mean, cosine_min, sqnr_db_mean, sqnr_db_min}}`` over ``feeds``; with
     ``class_scores``, and outputs that are candidate rows, also ``"class scores"`` decoded (as the
-    final checks compare them: box pixels outweigh the scores in a cosine over the whole output)."""
+    final checks compare them: box pixels outweigh the scores in a cosine over the whole output),
+    on the feeds where they reach :data:`..eval.anchors.SCORE_FLOOR`."""
     from ..data import feed_hw, model_input
-    from ..eval.anchors import ScoresOf, class_scores_reader
+    from ..eval.anchors import ScoresOf, class_scores_reader, scores_detect
 
     n_out = len(ref.graph.output)
     outs = [o.name for o in ref.graph.output] + [n for n in extra]
@@ -65,9 +66,12 @@ def output_quality(ref: onnx.ModelProto, new: onnx.ModelProto, feeds: Sequence[F
                 if scores is None:   # no candidate rows: nothing to decode
                     class_scores = False
                     continue
-                d = verify.diff(CLASS_SCORES, scores(ra[:n_out], hw), scores(na[:n_out], hw))
+                sa, sb = scores(ra[:n_out], hw), scores(na[:n_out], hw)
+                d = verify.diff(CLASS_SCORES, sa, sb)
             except (SlimError, ValueError, IndexError, KeyError):   # outputs it cannot decode
                 class_scores = False
+                continue
+            if not scores_detect(sa, sb):   # near 0 their cosine is float noise
                 continue
             cos.setdefault(CLASS_SCORES, []).append(d.cosine)
             sq.setdefault(CLASS_SCORES, []).append(d.sqnr_db)

@@ -270,3 +270,37 @@ def test_output_quality_reads_the_finite_values_of_outputs_with_the_same_infinit
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.01), w.name))
     q = output_quality(ref, new, verify.random_feeds(ref, 2, 0))["masked"]
     assert 0.99 < q["cosine_min"] < 1.0 and 20 < q["sqnr_db_min"] < 80
+
+
+def _scaled_columns(model: onnx.ModelProto, factors) -> onnx.ModelProto:
+    """``model`` with its (1, N, 5+C) output's columns multiplied by ``factors``."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    out = m.graph.output[0].name
+    for n in m.graph.node:
+        n.output[:] = [o + "_raw" if o == out else o for o in n.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.array(factors, np.float32), "factors"))
+    m.graph.node.append(helper.make_node("Mul", [out + "_raw", "factors"], [out], name="scale"))
+    return m
+
+
+def test_guard_quality_leaves_out_class_scores_too_low_to_detect_anything():
+    """The INT8 guard holds the decoded class scores to the floor as the final checks do; scores
+    below the evaluation's conf in both models detect nothing, and near 0 their cosine is float
+    noise (an unchanged YOLO12n's read 0.77 at 9e-8), so such feeds are left out as the checks
+    leave them out; scores that can detect are still measured."""
+    from onnxslim_yolo.check.numerics import input_feeds
+    from onnxslim_yolo.eval.anchors import CLASS_SCORES
+    from onnxslim_yolo.quant.metrics import output_quality
+
+    yolo = fixtures.build_yolov5_v6(opset=13)
+    feeds = input_feeds(yolo, None, 2, 0, None, None)
+    keep = [1.0] * 4 + [1e-2] * 5   # objectness x class below 1e-4
+    drop = [1.0] * 4 + [1e-2, 1e-2, 0.0, 1e-2, 0.0]
+    q = output_quality(_scaled_columns(yolo, keep), _scaled_columns(yolo, drop), feeds, class_scores=True)
+    assert CLASS_SCORES not in q
+    keep, drop = [1.0] * 9, [1.0] * 6 + [0.0, 1.0, 0.0]
+    q = output_quality(_scaled_columns(yolo, keep), _scaled_columns(yolo, drop), feeds, class_scores=True)
+    assert q[CLASS_SCORES]["cosine_min"] < 0.9
