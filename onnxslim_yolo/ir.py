@@ -609,12 +609,28 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     constant folding then made a float64 tensor of a float (a Concat of it and a float32 tensor
     failed the checker)."""
     graph = gs.import_onnx(model)
+    _keep_declared_dim_names(model, graph)
     for node in graph.nodes:
         key = next((k for k in CONSTANT_ATTRS if k in node.attrs), None) if node.op == "Constant" else None
         if key is not None:
             value = np.asarray(node.attrs.pop(key), dtype=CONSTANT_ATTRS[key])
             node.attrs["value"] = gs.Constant(node.outputs[0].name + "_value", value)
     return graph
+
+
+def _keep_declared_dim_names(model: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Graph outputs keep the dim names they declare where graphsurgeon took another symbol from
+    value_info: an onnxslim-simplified dynamic YOLO11n lists output0 there as (batch, 84, <a size
+    expression>) beside its declared (batch, 84, anchors), and every pass's output declared the
+    expression, so reference.io failed on the exact pipeline. A static dim inferred is kept."""
+    declared = {vi.name: [d.dim_param if d.HasField("dim_param") else None
+                          for d in vi.type.tensor_type.shape.dim]
+                for vi in model.graph.output if vi.type.HasField("tensor_type")}
+    for t in graph.outputs:
+        names, shape = declared.get(t.name), t.shape
+        if not names or shape is None or len(shape) != len(names):
+            continue
+        t.shape = [n if n and isinstance(d, str) else d for n, d in zip(names, shape)]
 
 
 def is_topological(graph: onnx.GraphProto) -> bool:

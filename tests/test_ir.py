@@ -370,3 +370,41 @@ def test_shapes_after_onnxruntimes_own_ops_come_from_its_inference():
     assert [d.dim_value for d in types["y"].type.tensor_type.shape.dim] == [1, 4, 16, 16]
     assert types["y"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert model_stats(m).macs == 16 * 16 * (8 * 3 * 9 + 4 * 8)
+
+
+def test_graph_outputs_keep_the_dim_names_they_declare(tmp_path: Path):
+    """An onnxslim-simplified dynamic YOLO11n lists output0 in value_info as (batch, 84, <a size
+    expression>) beside its declared (batch, 84, anchors): graphsurgeon took the expression, every
+    pass's output declared it, and reference.io failed the exact pipeline (exit 1). A static dim
+    inferred for a declared name is still taken."""
+    import fixtures
+    from onnxslim_yolo import optimize
+
+    m = fixtures.build_yolov8(opset=13)
+    for i, name in ((2, "height"), (3, "width")):
+        m.graph.input[0].type.tensor_type.shape.dim[i].dim_param = name
+    onnx.helper.set_model_props(m, {"imgsz": "[64, 64]"})   # the fixture's Reshapes hold its size
+    out = m.graph.output[0]
+    out.type.tensor_type.shape.dim[2].dim_param = "anchors"
+    listed = onnx.ValueInfoProto()
+    listed.CopyFrom(out)
+    listed.type.tensor_type.shape.dim[2].dim_param = "((height - 1)//8 + 1)*((width - 1)//8 + 1) + ..."
+    m.graph.value_info.append(listed)
+
+    def dims(model):
+        return [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+
+    assert dims(ir.to_model(ir.to_graph(m), like=m)) == [1, 8, "anchors"]
+    plain = onnx.ModelProto()
+    plain.CopyFrom(m)
+    del plain.graph.value_info[:]
+    got = []
+    for name, model in (("listed", m), ("plain", plain)):   # the pipeline declares what it would without
+        onnx.save(model, tmp_path / f"{name}.onnx")
+        res = optimize(str(tmp_path / f"{name}.onnx"), output=str(tmp_path / f"{name}.o.onnx"), check=False,
+                       bench=False, progress=False)
+        got.append(dims(ir.load(res.output)))
+    assert got[0] == got[1] and "..." not in str(got[0])
+    listed.type.tensor_type.shape.dim[2].dim_value = 84
+    m.graph.value_info[-1].CopyFrom(listed)
+    assert dims(ir.to_model(ir.to_graph(m), like=m)) == [1, 8, 84]
