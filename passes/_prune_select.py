@@ -308,7 +308,8 @@ def select(analysis: ChannelAnalysis, model, ratio: Optional[float], per_layer: 
     lazy = bool(getattr(model, "lazy", False))
     cache: Dict[int, Tuple[List[ChannelGroup], float, bool]] = {}   # unit, cost, fresh
     bar = progress_bar(total=round(target / 1e6, 1), desc="pruning: M multiply-adds removed",
-                       enabled=progress and target > 0, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}]")
+                       enabled=progress and target > 0,
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} [{elapsed}]")
     bar.update(round(min(saved, target) / 1e6, 1))
     while saved < target:
         best = _best(layers, fixed, model, macs, cache, target - saved, int(OVERSHOOT * target))
