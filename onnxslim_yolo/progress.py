@@ -42,5 +42,6 @@ def bar(iterable: Optional[Iterable[Any]] = None, *, total: Optional[float] = No
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, file=sys.stderr, **kw)
     kw.setdefault("ascii", True)   # a log may not be read as UTF-8
+    # maxinterval too: tqdm's monitor thread redraws a bar not drawn for that long (10 s by default)
     return tqdm(iterable, total=total, desc=desc, file=_Lines(), delay=LINE_EVERY, mininterval=LINE_EVERY,
-                ncols=80, **kw)
+                maxinterval=max(LINE_EVERY, 10.0), ncols=80, **kw)
