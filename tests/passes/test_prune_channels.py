@@ -730,7 +730,9 @@ def test_quantized_models_are_refused_with_the_order_to_use():
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_selection_and_refit_show_progress_bars_when_asked(capsys, progress):
+def test_selection_and_refit_show_progress_bars_when_asked(capsys, monkeypatch, progress):
+    from onnxslim_yolo import progress as shown
+    monkeypatch.setattr(shown, "LINE_EVERY", 0.0)   # off a terminal: progress lines from the start
     model = build_yolov5_v6(opset=13)
     res = run(model, verify.random_feeds(model, 3, 0), ratio=0.2, progress=progress)
     assert res.report.details["mac_reduction"] >= 0.2
