@@ -147,6 +147,7 @@ class MeasuredCost(LSQCost):
     def unit(self, layer: Layer, size: int):
         st = {n: self.states[n].copy() for n in self._consumers(layer)}
         unit, _ = self._run(layer, size, st)
+        self.remember(layer, unit, st)
         params = dict(self.base)
         params.update({n: lsq.full_weights(st[n], self.shapes[n]) for n in st})
         return unit, self.probe.measure(params) - self.base_d
