@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import ir
 from .pass_base import WARNED, PreconditionError, UsageError, warn_once
+from .progress import bar
 
 if TYPE_CHECKING:
     from .check.index import GraphIndex
@@ -611,11 +612,6 @@ def groups(items: Sequence, n: int) -> List[list]:
 
 
 # ---------------------------------------------------------------------------------- iterators
-def _progress(it, total: Optional[int], desc: str, progress: bool):
-    from .progress import bar
-    return bar(it, total=total, desc=desc, enabled=progress)
-
-
 def image_stems(folder: PathLike, limit: Optional[int] = None) -> List[str]:
     """File stems of the images :func:`iter_images` reads (the first ``limit`` by name)."""
     return [f.stem for f in list_images(folder)[:limit or None]]
@@ -625,7 +621,7 @@ def iter_images(folder: PathLike, preset: Preset, size: Tuple[int, int], limit: 
                 progress: bool = True, desc: str = "images") -> Iterator[Tuple[np.ndarray, Meta]]:
     """(CHW float32, Meta) for each image in ``folder`` (first ``limit`` by name)."""
     files = list_images(folder)[:limit] if limit else list_images(folder)
-    for f in _progress(files, len(files), desc, progress):
+    for f in bar(files, total=len(files), desc=desc, enabled=progress):
         yield preprocess(read_image(f), preset, size, f)
 
 
@@ -674,7 +670,7 @@ def _iter_arrays(path: Path, name: str, chw: Tuple[int, int, int], dtype: np.dty
                              f"expects {chw[1]}x{chw[2]}")
     samples = [a[i:i + 1] for a in batches for i in range(a.shape[0])]
     samples = samples[:limit] if limit else samples
-    for g in _progress(groups(samples, batch), -(-len(samples) // batch), "tensors", progress):
+    for g in bar(groups(samples, batch), total=-(-len(samples) // batch), desc="tensors", enabled=progress):
         yield add_aux({name: np.ascontiguousarray(np.concatenate(g), dtype=dtype)}, name, aux)
 
 
@@ -735,7 +731,7 @@ def iter_inputs(source: PathLike, model: onnx.ModelProto, preset: Optional[str] 
     files = list_images(src)[:limit] if limit else list_images(src)
     feeds = ImageFeeds(files, name, p, chw[1:], dtype, model_batch(model, input_shape), channels_last(model),
                        aux_inputs(model))
-    for i in _progress(range(len(feeds)), len(feeds), "images", progress):
+    for i in bar(range(len(feeds)), total=len(feeds), desc="images", enabled=progress):
         yield feeds[i]
 
 
@@ -785,7 +781,7 @@ def load_calibration(source: PathLike, model: onnx.ModelProto, preset: Optional[
         name, chw = model_input(model, input_shape)
         _require_rgb(src, name, chw)
         files = list_images(src)[:limit] if limit else list_images(src)
-        for f in _progress(files, len(files), "checking images", progress):
+        for f in bar(files, total=len(files), desc="checking images", enabled=progress):
             read_image(f)
         feeds = ImageFeeds(files, name, get_preset(preset, model), chw[1:],
                            ir.input_dtypes(model).get(name, np.dtype(np.float32)),

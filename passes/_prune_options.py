@@ -54,8 +54,8 @@ class PruneOptions:
     relative: bool = True
     dead_tol: float = 1e-4
     threads: int = 1
-    #: progress bars for the selection and the refit; None: when stderr is a terminal
-    progress: Optional[bool] = None
+    #: progress of the selection and the refit (a bar on a terminal, else a line now and then)
+    progress: bool = True
 
 
 INTS = ("round_to", "min_channels", "calib_images", "sens_images", "sweep_images", "samples", "refit_samples",
@@ -139,5 +139,5 @@ def parse_options(opts: Mapping[str, Any], has_calib: bool) -> PruneOptions:
         fold_mean=_bool(opts.get("fold_mean", has_calib), "fold_mean") and has_calib,
         kept_json=opts.get("kept_json"),
         max_layer_ratio=_ratio(opts.get("max_layer_ratio", 0.75), "max_layer_ratio"),
-        progress=None if opts.get("progress") is None else _bool(opts["progress"], "progress"),
+        progress=True if opts.get("progress") is None else _bool(opts["progress"], "progress"),
         **_typed(opts))

@@ -112,9 +112,8 @@ class PruneChannels(Pass):
                                         relative=opts.relative, dead_tol=opts.dead_tol)
         sal = saliency.saliency_maps(model, feeds, opts.threads) if (feeds and opts.saliency) else None
         cost, info = _cost_model(model, analysis, stats, scores, feeds, opts, ctx.seed, sal)
-        show = _show(opts)
         sel = _prune_select.select(analysis, cost, opts.ratio, opts.per_layer, opts.round_to,
-                                   opts.min_channels, opts.max_layer_ratio, progress=show)
+                                   opts.min_channels, opts.max_layer_ratio, progress=opts.progress)
         if isinstance(cost, (_prune_cost.MeasuredCost, _prune_cost.SweepCost)):
             info["probe_runs"] = cost.probe.runs
         if isinstance(cost, _prune_cost.SweepCost):
@@ -131,7 +130,7 @@ class PruneChannels(Pass):
         refit_notes: List[str] = []
         if opts.reconstruct:
             pruned, more = _refit(model, pruned, analysis, sel.removed, keep, feeds, opts, ctx.seed, sal,
-                                  show, lowered, refit_notes)
+                                  opts.progress, lowered, refit_notes)
             info.update(more)
         _prune_report.fill_report(report, model, pruned, analysis, sel, keep, scores, opts, info)
         report.details["notes"].extend(refit_notes)
@@ -164,11 +163,6 @@ def _data_warning(given: Mapping[str, Any], samples: int, opts: PruneOptions) ->
                 f"{asked}: expect a larger loss (yolov5n at 10%: -7.1 mAP points on 16 images, "
                 "-3.4 on 64)")
     return None
-
-
-def _show(opts: PruneOptions) -> bool:
-    """Progress: the option, else on (a bar on a terminal, a line now and then elsewhere)."""
-    return True if opts.progress is None else opts.progress
 
 
 def _stats(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: List[Feeds],
@@ -207,7 +201,7 @@ def _cost_model(model: onnx.ModelProto, analysis: ChannelAnalysis,
         n_layers = sum(layer.next_size() is not None for layer in _prune_select.make_layers(
             analysis, opts.round_to, opts.min_channels, opts.max_layer_ratio))
         model_cost, info = _prune_cost.sweep_cost(model, analysis, feeds, params, layers=n_layers,
-                                                  progress=_show(opts), **common)
+                                                  progress=opts.progress, **common)
     else:
         model_cost, info = _prune_cost.lsq_cost(model, analysis, feeds, stats, params,
                                                 use_gains=opts.gains, **common)

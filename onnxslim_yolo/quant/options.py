@@ -54,8 +54,8 @@ class QdqOptions:
     #: restore sensitive layers to float when the output cosine falls below the manager's floor
     guard: bool = True
     threads: int = 0
-    #: progress bars; None: only when stderr is a terminal
-    progress: Optional[bool] = None
+    #: progress (a bar on a terminal, else a line now and then: :mod:`onnxslim_yolo.progress`)
+    progress: bool = True
 
     @classmethod
     def option_names(cls) -> Tuple[str, ...]:
@@ -70,8 +70,8 @@ class QdqOptions:
         kw = dict(raw)
         if isinstance(kw.get("exclude"), str):
             kw["exclude"] = [p for p in kw["exclude"].split(",") if p]
-        if kw.get("progress") is None:
-            kw["progress"] = True   # a bar on a terminal, else a line now and then (progress.bar)
+        if kw.get("progress") is None:   # given as None: the default
+            kw.pop("progress", None)
         o = cls(**kw)
         o.validate()
         return o
