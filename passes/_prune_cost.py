@@ -145,9 +145,7 @@ class MeasuredCost(LSQCost):
         self.base_d = 0.0
 
     def unit(self, layer: Layer, size: int):
-        st = {n: self.states[n].copy() for n in self._consumers(layer)}
-        unit, _ = self._run(layer, size, st)
-        self.remember(layer, unit, st)
+        unit, _, st = self._build(layer, size)
         params = dict(self.base)
         params.update({n: lsq.full_weights(st[n], self.shapes[n]) for n in st})
         return unit, self.probe.measure(params) - self.base_d

@@ -18,7 +18,6 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo, Role
 from onnxslim_yolo.analysis.lsq import ConsumerLSQ
 from onnxslim_yolo.progress import bar as progress_bar
@@ -182,15 +181,16 @@ class LSQCost:
         return {n for n in layer.key[1] if n in self.states}
 
     def unit(self, layer: Layer, size: int) -> Tuple[List[ChannelGroup], float]:
-        st = {n: self.states[n].copy() for n in self._consumers(layer)}
-        unit, total = self._run(layer, size, st)
-        self.remember(layer, unit, st)
+        unit, total, _ = self._build(layer, size)
         return unit, total
 
-    def remember(self, layer: Layer, unit: List[ChannelGroup], st: Dict[str, ConsumerLSQ]) -> None:
-        """Keep ``st`` (the consumers' states after ``unit``, built from the current states) for
-        :meth:`commit`; only the latest unit's, one layer's states."""
+    def _build(self, layer: Layer, size: int) -> Tuple[List[ChannelGroup], float, Dict[str, ConsumerLSQ]]:
+        """The next unit of ``layer``, its cost, and its consumers' states after it (built on copies
+        of the current states), kept for :meth:`commit`: only the latest unit's, one layer's."""
+        st = {n: self.states[n].copy() for n in self._consumers(layer)}
+        unit, total = self._run(layer, size, st)
         self.last = (layer, unit, self.commits, st)
+        return unit, total, st
 
     def commit(self, layer: Layer, unit: Sequence[ChannelGroup]) -> None:
         last, self.last = self.last, None
