@@ -48,3 +48,21 @@ def test_bar_redraws_in_place_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stderr", term)
     _run()
     assert "\rcalibration:" in term.getvalue()
+
+
+def test_monitor_redraw_is_not_followed_by_a_second_line(monkeypatch, capsys):
+    """tqdm's monitor thread redraws a bar whose updates are slow without marking it drawn; the
+    update after it drew again at once: two lines a moment apart in a log."""
+    import time
+
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.2)
+    b = progress.bar(total=10, desc="pruning")
+    b.update(1)                 # within the delay: nothing
+    time.sleep(0.25)
+    b.refresh()                 # what the monitor does once maxinterval passed
+    b.update(1)                 # last drawn (for tqdm) long ago: draws again
+    time.sleep(0.25)
+    b.update(2)                 # a whole interval later (past tqdm's dynamic miniters): a line
+    b.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("|")[-1].split()[0] for line in lines] == ["1/10", "4/10"], lines
