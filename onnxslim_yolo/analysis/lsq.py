@@ -64,7 +64,17 @@ def collect_moments(geoms: Mapping[str, Tuple[str, ConvGeometry]], batches, per_
 
 
 class ConsumerLSQ:
-    """Kept input channels, current refit weights and inverse moments of one consumer Conv."""
+    """Kept input channels, current refit weights and inverse moments of one consumer Conv.
+
+    The inverse moments ``p`` stay full size and are never written in place: a copy shares them.
+    A removal's rank update is kept as a pair of (F+1) x taps factors and folded into a new ``p``
+    only after :data:`PENDING` of them; the rows a removal reads and the diagonal blocks the costs
+    read are corrected for the pending ones. So a unit built on a copy and dropped (most of a
+    greedy selection's) costs no pass over the matrix: each removal used to update and copy all
+    of it, up to 5185 x 5185 on a YOLOv8m. Removed features keep their places, with zero weights."""
+
+    #: removals kept as factors before they are folded into ``p``
+    PENDING = 32
 
     def __init__(self, w: np.ndarray, b: Optional[np.ndarray], stats: ConvStats, ridge: float = 1e-3,
                  out_keep: Optional[np.ndarray] = None) -> None:
@@ -79,12 +89,19 @@ class ConsumerLSQ:
         s = s + np.diag(np.r_[np.full(f, lam), 0.0])
         mu = s[:, -1]
         self.var_y = _quadratic(theta, s - np.outer(mu, mu)) or 1.0
-        self.taps = stats.taps
+        self.taps = t = stats.taps
         self.theta = theta
-        self.p = np.linalg.inv(s)
-        self.p = (self.p + self.p.T) / 2
-        #: original input channel -> first row of its block in the current matrices (-1: removed)
-        self.row = np.arange(stats.cin) * self.taps
+        p = np.linalg.inv(s)
+        self.p = (p + p.T) / 2
+        #: original input channel -> first row of its block in the matrices (-1: removed)
+        self.row = np.arange(stats.cin) * t
+        #: each channel's diagonal block of the current inverse moments, (cin, taps, taps)
+        c = np.arange(stats.cin)
+        self.diag = self.p[:f, :f].reshape(stats.cin, t, stats.cin, t)[c, :, c, :]
+        #: features of removed channels (their rows and columns of the current inverse are zero)
+        self.gone = np.zeros(f + 1, bool)
+        #: rank updates not folded into ``p`` yet: (u, g), the current inverse is p - sum g u^T
+        self.pending: list = []
         self.error = 0.0
 
     def _block(self, c: int) -> np.ndarray:
@@ -102,42 +119,53 @@ class ConsumerLSQ:
         every remaining channel of a layer at each step)."""
         q = np.stack([self._block(c) for c in cs])                  # (n, taps)
         tq = np.ascontiguousarray(self.theta[:, q].transpose(1, 2, 0))  # (n, taps, cout)
-        sol = np.linalg.solve(self.p[q[:, :, None], q[:, None, :]], tq)
+        sol = np.linalg.solve(self.diag[np.asarray(cs)], tq)
         return (tq * sol).reshape(len(cs), -1).sum(axis=1) / self.var_y
+
+    def _rows(self, q: np.ndarray) -> np.ndarray:
+        """Rows ``q`` of the current inverse moments, zero at removed features."""
+        out = self.p[q]
+        for u, g in self.pending:
+            out -= g[q] @ u.T
+        out[:, self.gone] = 0.0
+        return out
 
     def remove(self, c: int) -> float:
         """Remove channel ``c`` and refit; returns the added relative error."""
         q = self._block(c)
-        pqq = self.p[np.ix_(q, q)]
+        pq = self._rows(q)
+        inv = np.linalg.inv(pq[:, q])
         tq = self.theta[:, q]
-        pq = self.p[q]
-        inv = np.linalg.inv(pqq)
         added = float(np.sum(tq.T * (inv @ tq.T))) / self.var_y
-        self.theta = self.theta - (tq @ inv) @ pq
-        self.p -= pq.T @ inv @ pq       # in place: a new matrix per removal took as long again
-        self.theta = np.delete(self.theta, slice(q[0], q[-1] + 1), axis=1)
-        self.p = _without_block(self.p, int(q[0]), self.taps)
-        self.row[self.row > self.row[c]] -= self.taps
+        self.theta -= (tq @ inv) @ pq
+        self.theta[:, q] = 0.0
+        u = pq.T
+        g = u @ inv
+        n, t = len(self.row), self.taps
+        self.diag -= np.matmul(g[:n * t].reshape(n, t, t), u[:n * t].reshape(n, t, t).transpose(0, 2, 1))
+        self.gone[q] = True
         self.row[c] = -1
         self.error += added
+        self.pending.append((u, g))
+        if len(self.pending) >= self.PENDING:
+            self._fold()
         return added
 
+    def _fold(self) -> None:
+        """A new ``p`` with the pending updates applied (copies may share the old one)."""
+        us, gs = zip(*self.pending)
+        new = np.concatenate(gs, axis=1) @ np.concatenate(us, axis=1).T
+        np.subtract(self.p, new, out=new)
+        self.p, self.pending = new, []
+
     def copy(self) -> "ConsumerLSQ":
+        """Another state to remove channels from; ``p`` and the pending factors, never written in
+        place, are shared."""
         new = object.__new__(ConsumerLSQ)
-        new.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v)
+        new.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) and k != "p" else v)
                              for k, v in self.__dict__.items()})
+        new.pending = list(self.pending)
         return new
-
-
-def _without_block(m: np.ndarray, r: int, t: int) -> np.ndarray:
-    """Square ``m`` without rows and columns r .. r+t-1, copied by four slices: the same values as
-    ``m[np.ix_(keep, keep)]`` at a third of the time (a gather by index arrays, plus a new matrix
-    for the rank update before it, took half of YOLOv8s' selection)."""
-    k = m.shape[0] - t
-    out = np.empty((k, k), m.dtype)
-    out[:r, :r], out[:r, r:] = m[:r, :r], m[:r, r + t:]
-    out[r:, :r], out[r:, r:] = m[r + t:, :r], m[r + t:, r + t:]
-    return out
 
 
 def relative_errors(lsq: Mapping[str, ConsumerLSQ], names: Sequence[str]) -> Dict[str, float]:
@@ -167,9 +195,5 @@ def _quadratic(theta: np.ndarray, m: np.ndarray) -> float:
 def full_weights(state: ConsumerLSQ, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """The state's refit as full Conv parameters: (W of ``shape`` with zeros in removed input
     channels, bias)."""
-    cout, cin = int(shape[0]), int(shape[1])
-    w = np.zeros((cout, cin, state.taps), np.float64)
-    kept = np.nonzero(state.row >= 0)[0]
-    body = state.theta[:, :-1].reshape(cout, len(kept), state.taps)
-    w[:, kept] = body
+    w = np.where(state.gone[:-1], 0.0, state.theta[:, :-1])
     return w.reshape(tuple(int(d) for d in shape)).astype(np.float32), state.theta[:, -1].astype(np.float32)

@@ -18,26 +18,62 @@ def _state(cin: int = 12, cout: int = 5, k: int = 3, seed: int = 0) -> lsq.Consu
     return lsq.ConsumerLSQ(w, rng.standard_normal(cout).astype(np.float32), stats, 1e-3)
 
 
-def _reference_remove(st: lsq.ConsumerLSQ, c: int) -> None:
-    """ConsumerLSQ.remove as first written (index gathers): the values must not change."""
-    q = np.arange(st.row[c], st.row[c] + st.taps)
-    pqq, tq, pq = st.p[np.ix_(q, q)], st.theta[:, q], st.p[q]
-    inv = np.linalg.inv(pqq)
-    st.theta = st.theta - (tq @ inv) @ pq
-    st.p = st.p - pq.T @ inv @ pq
-    keep = np.setdiff1d(np.arange(st.p.shape[0]), q)
-    st.theta, st.p = st.theta[:, keep], st.p[np.ix_(keep, keep)]
-    st.row[st.row > st.row[c]] -= st.taps
-    st.row[c] = -1
+class _Reference:
+    """ConsumerLSQ's removal as first written (index gathers on matrices that shrink)."""
+
+    def __init__(self, st: lsq.ConsumerLSQ) -> None:
+        self.p, self.theta, self.taps = st.p.copy(), st.theta.copy(), st.taps
+        self.row, self.var_y, self.error = st.row.copy(), st.var_y, 0.0
+
+    def remove(self, c: int) -> None:
+        q = np.arange(self.row[c], self.row[c] + self.taps)
+        pqq, tq, pq = self.p[np.ix_(q, q)], self.theta[:, q], self.p[q]
+        inv = np.linalg.inv(pqq)
+        self.error += float(np.sum(tq.T * (inv @ tq.T))) / self.var_y
+        self.theta = self.theta - (tq @ inv) @ pq
+        self.p = self.p - pq.T @ inv @ pq
+        keep = np.setdiff1d(np.arange(self.p.shape[0]), q)
+        self.theta, self.p = self.theta[:, keep], self.p[np.ix_(keep, keep)]
+        self.row[self.row > self.row[c]] -= self.taps
+        self.row[c] = -1
+
+    def cost(self, c: int) -> float:
+        q = np.arange(self.row[c], self.row[c] + self.taps)
+        tq = self.theta[:, q]
+        return float(np.sum(tq.T * np.linalg.solve(self.p[np.ix_(q, q)], tq.T))) / self.var_y
 
 
-def test_remove_keeps_the_values_of_the_index_gather_bit_for_bit():
-    a, b = _state(), _state()
-    for c in (3, 0, 11, 5):
+def test_deferred_removals_match_the_shrinking_matrices(monkeypatch):
+    """Removals kept as rank-``taps`` factors (folded every PENDING) give the costs, errors and
+    refit weights of updating and shrinking the whole matrix at each removal, and a copy made
+    between removals is not disturbed by later removals on the original."""
+    monkeypatch.setattr(lsq.ConsumerLSQ, "PENDING", 3)
+    a = _state(cin=16)
+    ref = _Reference(a)
+    order = (3, 0, 11, 5, 9, 1, 14, 7)
+    for i, c in enumerate(order):
+        live = [k for k in range(16) if ref.row[k] >= 0]
+        assert np.allclose(a.costs(live), [ref.cost(k) for k in live], rtol=1e-9, atol=1e-12)
         a.remove(c)
-        _reference_remove(b, c)
-        assert np.array_equal(a.p, b.p) and np.array_equal(a.theta, b.theta)
-        assert np.array_equal(a.row, b.row)
+        ref.remove(c)
+        if i == 3:
+            snap, snap_ref = a.copy(), _Reference.__new__(_Reference)
+            snap_ref.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v)
+                                      for k, v in ref.__dict__.items()})
+        assert abs(a.error - ref.error) <= 1e-9 * max(1.0, ref.error)
+    assert len(a.pending) == len(order) % 3 and a.p.shape == (16 * 9 + 1,) * 2
+    kept = np.nonzero(a.row >= 0)[0]
+    w, b = lsq.full_weights(a, (5, 16, 3, 3))
+    assert np.all(w[:, np.setdiff1d(np.arange(16), kept)] == 0)
+    body = ref.theta[:, :-1].reshape(5, len(kept), 3, 3)
+    assert np.allclose(w[:, kept], body, rtol=1e-5, atol=1e-5) and np.allclose(b, ref.theta[:, -1], atol=1e-5)
+    # the copy taken after four removals goes on as the reference did from there
+    for c in (2, 4):
+        snap.remove(c)
+        snap_ref.remove(c)
+    assert abs(snap.error - snap_ref.error) <= 1e-9 * max(1.0, snap_ref.error)
+    live = [k for k in range(16) if snap_ref.row[k] >= 0]
+    assert np.allclose(snap.costs(live), [snap_ref.cost(k) for k in live], rtol=1e-9, atol=1e-12)
 
 
 def _layer(consumer: str, n: int = 12) -> Layer:
