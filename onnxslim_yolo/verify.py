@@ -270,9 +270,12 @@ class OutputDiff:
         return self.role == "selected" and self.cosine == 0.0 and not np.isfinite(self.max_abs)
 
     def as_dict(self) -> Dict[str, float]:
+        """The fields a report shows, and ``rows_differ`` (which a report cannot tell from a
+        JSON copy, where inf is written as null)."""
         d = asdict(self)
         for k in ("slice_err", "slice_ref", "slice_noise"):
             del d[k]
+        d["rows_differ"] = self.rows_differ
         return d
 
 
