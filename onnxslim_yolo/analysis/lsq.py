@@ -194,6 +194,6 @@ def _quadratic(theta: np.ndarray, m: np.ndarray) -> float:
 
 def full_weights(state: ConsumerLSQ, shape: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """The state's refit as full Conv parameters: (W of ``shape`` with zeros in removed input
-    channels, bias)."""
-    w = np.where(state.gone[:-1], 0.0, state.theta[:, :-1])
+    channels, as :meth:`ConsumerLSQ.remove` leaves them, bias)."""
+    w = state.theta[:, :-1]
     return w.reshape(tuple(int(d) for d in shape)).astype(np.float32), state.theta[:, -1].astype(np.float32)
