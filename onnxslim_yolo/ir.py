@@ -575,6 +575,17 @@ def serialize_for_runtime(model: onnx.ModelProto, tmpdir: PathLike) -> Union[byt
 
 
 # ---------------------------------------------------------------------------------- opset
+def lowest_ir_version(opsets: Sequence[onnx.OperatorSetIdProto]) -> int:
+    """The lowest IR version a model importing ``opsets`` can carry (onnx's newest for an opset it
+    does not know). For models built here to run in onnxruntime: ``helper.make_model`` stamps the
+    installed onnx's own IR version (14 with onnx 1.23), which older onnxruntime refuses to load
+    (1.23, the last with Python 3.10 wheels, reads up to IR 11)."""
+    try:
+        return int(onnx.helper.find_min_ir_version_for(list(opsets)))
+    except ValueError:   # an opset newer than this onnx knows
+        return int(onnx.IR_VERSION)
+
+
 def opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in DEFAULT_DOMAINS:

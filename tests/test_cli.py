@@ -514,7 +514,8 @@ def test_bad_input_one_line_error_and_nothing_written(tmp_path: Path, model_file
             [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 3, 64, 64])],
             [onnx.helper.make_tensor_value_info("maps", onnx.TensorProto.FLOAT, [1, 5, 8, 8])], [w])
         target = tmp_path / "maps.onnx"
-        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), target)
+        opsets = [onnx.helper.make_opsetid("", 13)]
+        onnx.save(onnx.helper.make_model_gen_version(graph, opset_imports=opsets), target)
         _, images, labels = fixtures.demo_paths()
         extra += ["--calib", images, "--labels", labels, "--calib-limit", "2", "-o", tmp_path / "o.onnx"]
     elif case in ("unknown-op", "no-outputs", "undefined-input"):
@@ -906,7 +907,7 @@ def test_a_sparse_initializer_is_a_defined_tensor():
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
                           sparse_initializer=[sparse])
-    _refuse_unrunnable(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), None)
+    _refuse_unrunnable(helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)]), None)
 
 
 @pytest.mark.parametrize("breakage, message", [

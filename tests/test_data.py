@@ -21,7 +21,7 @@ def declared_model(in_shape: Sequence, out_shape: Sequence, meta: Optional[Dict[
     g = helper.make_graph([helper.make_node("Identity", [in_name], ["output"])], "g",
                           [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, list(in_shape))],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     for k, v in (meta or {}).items():
         m.metadata_props.add(key=k, value=v)
     return m
@@ -506,7 +506,7 @@ def _normalising(ops: Sequence, elem_type: int = TensorProto.FLOAT,
         outs.append(helper.make_tensor_value_info("copy", elem_type, None))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", elem_type, [1, 3, 8, 8])],
                           outs, inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 @pytest.mark.parametrize("ops, elem_type, extra, expected", [

@@ -59,7 +59,7 @@ def const_model(fmt: str, cxcywh: np.ndarray, classes: Sequence[int], n_classes:
     g = helper.make_graph([node], "const", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
                                                                           [1, 3, SIZE, SIZE])],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out.shape))])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 @pytest.fixture()
@@ -813,7 +813,7 @@ def _declared(in_shape, out_shape) -> onnx.ModelProto:
     g = helper.make_graph([helper.make_node("Identity", ["images"], ["output"])], "g",
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT, list(in_shape))],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(out_shape))])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _four_level_rows(decode_mul: bool) -> onnx.ModelProto:
@@ -838,7 +838,7 @@ def _four_level_rows(decode_mul: bool) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "g",
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 96])],
                           [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 128, 85])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_rows_of_a_decoded_head_over_strides_8_to_64_are_not_gfl():

@@ -354,8 +354,8 @@ def _gelu_between_convs() -> onnx.ModelProto:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 16])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
     g = onnx.helper.make_graph(nodes, "g", [x], [y], [w1, w2])
-    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13),
-                                                    onnx.helper.make_opsetid("com.microsoft", 1)])
+    opsets = [onnx.helper.make_opsetid("", 13), onnx.helper.make_opsetid("com.microsoft", 1)]
+    return onnx.helper.make_model(g, opset_imports=opsets, ir_version=7)
 
 
 def test_shapes_after_onnxruntimes_own_ops_come_from_its_inference():

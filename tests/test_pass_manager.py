@@ -97,7 +97,7 @@ def _float16_conv_div() -> onnx.ModelProto:
          helper.make_node("Div", ["c", "k"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 16, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 16, 16])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def test_an_exact_fold_of_a_float16_model_passes_within_its_last_place():
@@ -158,7 +158,7 @@ def test_a_one_ulp_change_before_a_quantizer_fails_with_the_reason():
              h.make_node("Add", ["x", "d"], ["y"])]
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
                          [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], inits)
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model = h.make_model_gen_version(graph, opset_imports=[h.make_opsetid("", 13)])
     with pytest.raises(VerificationError, match=r"pass 'nudge'.*exact numerics contract: output 'y': max abs "
                                                 r"diff 1 .*already holds QuantizeLinear nodes, where a float "
                                                 r"rounding difference moves a value by a whole step"):
@@ -593,7 +593,7 @@ def _reshape_model(target) -> onnx.ModelProto:
          onnx.helper.make_node("Reshape", ["c", "t"], ["y"])],
         "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, None])], [w, t])
-    return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    return onnx.helper.make_model_gen_version(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
 
 
 class PinReshape(Pass):

@@ -275,7 +275,7 @@ def rtmdet_model(num_classes: int = 3) -> onnx.ModelProto:
         box.append(helper.make_tensor_value_info(f"box{s}", onnx.TensorProto.FLOAT, [1, 4, h, h]))
     graph = helper.make_graph(nodes, "rtmdet", [helper.make_tensor_value_info(
         "images", onnx.TensorProto.FLOAT, [1, 3, *HW])], cls + box, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_rtmdet_maps_are_read_by_the_head_analysis_presets_and_evaluator(tmp_path: Path):
@@ -313,7 +313,7 @@ def fastestdet_model(opset: int = 13, num_classes: int = 3, softmax: bool = True
     graph = helper.make_graph(nodes, "fastestdet", [helper.make_tensor_value_info(
         "images", onnx.TensorProto.FLOAT, [1, 3, *HW])], [helper.make_tensor_value_info(
             "output", onnx.TensorProto.FLOAT, [1, 5 + num_classes, 4, 4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_fastestdet_map_decodes_as_its_own_code_does():
@@ -373,7 +373,7 @@ def fastestv2_model(raw: bool = False, num_classes: int = 3, na: int = 3) -> onn
                                                   [1, h, h, 5 * na + num_classes]))
     graph = helper.make_graph(nodes, "fastestv2", [helper.make_tensor_value_info(
         "images", onnx.TensorProto.FLOAT, [1, 3, *HW])], outs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_fastestv2_maps_decode_as_yolov5_with_its_anchors():

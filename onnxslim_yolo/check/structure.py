@@ -100,7 +100,8 @@ def runtime_loads_opset(version: int) -> bool:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(version))])
+    opsets = [helper.make_opsetid("", int(version))]
+    probe = helper.make_model(graph, opset_imports=opsets, ir_version=ir.lowest_ir_version(opsets))
     try:
         session(probe, optimize=False)
     except VerificationError:

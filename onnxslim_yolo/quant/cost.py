@@ -27,7 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from .. import verify
+from .. import ir, verify
 from ..progress import bar
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def _unit_model(key: ConvKey, int8: bool, seed: int = 0) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.UINT8, (1, key.cin) + key.hw)
     g = helper.make_graph(nodes, "conv_unit", [x],
                           [helper.make_tensor_value_info(out, TensorProto.UINT8, (1, key.cout) + ohw)], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    opsets = [helper.make_opsetid("", 13)]
+    return helper.make_model(g, opset_imports=opsets, ir_version=ir.lowest_ir_version(opsets))
 
 
 def _time(sessions: Sequence, feed: Dict[str, np.ndarray], runs: int) -> List[float]:

@@ -48,7 +48,7 @@ class G:
         outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * r)
                 for o, r in zip(outputs, ranks)]
         g = helper.make_graph(self.nodes, "g", ins, outs, self.inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+        m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", self.opset)])
         m.ir_version = 8
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
         for o in m.graph.output:  # declare the inferred output shapes (the checker wants one)

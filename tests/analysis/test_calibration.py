@@ -242,7 +242,7 @@ def test_quantize_matches_onnxruntime_quantize_linear():
              helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.size])],
             [numpy_helper.from_array(np.array(s, np.float32), "s"),
              numpy_helper.from_array(np.array(z, np.uint8 if elem == TensorProto.UINT8 else np.int8), "z")])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         q, y = sess.run(None, {"x": x})
         np.testing.assert_array_equal(quantize(x, s, z, qdtype), q)
@@ -320,7 +320,7 @@ def conv_model(hw: int = 16, c: int = 8) -> onnx.ModelProto:
                           [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, hw, hw])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, hw, hw]),
                            helper.make_tensor_value_info("shape", TensorProto.INT64, [4])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def feeds(n: int, hw: int = 16, seed: int = 0) -> Iterator[Dict[str, np.ndarray]]:

@@ -303,7 +303,7 @@ def test_macs_count_convs_behind_a_computed_slice_end():
              helper.make_node("Conv", ["h", "w2"], ["z"], name="c2", pads=[1, 1, 1, 1])]
     g = helper.make_graph(nodes, "chunk", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 8, 8])],
                           [helper.make_tensor_value_info("z", T.FLOAT, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     assert "z" not in _shape_table(_infer(m))            # what plain inference gives
     stats = model_stats(m)
     assert stats.per_node_macs == {"c1": 8 * 8 * 8 * 8, "c2": 4 * 8 * 8 * 4 * 9}
@@ -332,7 +332,7 @@ def test_macs_count_a_matmul_whose_operand_folds_to_a_constant():
              helper.make_node("MatMul", ["e", "f"], ["y"], name="mm")]
     g = helper.make_graph(nodes, "yoloe", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
                           [helper.make_tensor_value_info("y", T.FLOAT, None)], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     assert "e" not in _shape_table(_infer(m))            # what plain inference gives
     assert model_stats(m).per_node_macs == {"mm": 5 * 64 * 4}
 

@@ -159,7 +159,7 @@ def test_graph_without_weights_is_refused() -> None:
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])
     g = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"], name="s")], "g", [x], [y])
     with pytest.raises(PreconditionError, match="no Conv/MatMul with weights"):
-        find_head(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+        find_head(helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)]))
 
 
 def test_matmul_between_activations_is_not_a_layer() -> None:
@@ -172,7 +172,7 @@ def test_matmul_between_activations_is_not_a_layer() -> None:
     shape = numpy_helper.from_array(np.array([1, 4, 64], np.int64), "shape")
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])], [w, shape])
-    info = find_head(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    info = find_head(helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)]))
     assert info.last_convs == ("conv",)
     assert info.tail_nodes == ("reshape", "t", "mm")
     assert info.family == "unknown"

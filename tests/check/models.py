@@ -54,7 +54,7 @@ def qdq_conv(act: str = "uint8", opset: int = 13, w_axis: int = 0, tail_qdq: boo
                   helper.make_node("DequantizeLinear", ["s_q", "s_scale", "s_zp"], ["out"], name="s_DQ")]
     graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
                               [helper.make_tensor_value_info("out", T.FLOAT, [1, cout, 8, 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7
     return model
 

@@ -256,7 +256,7 @@ def test_a_resize_between_dq_and_q_of_one_range_fuses_only_in_nearest_mode(mode:
              helper.make_node("DequantizeLinear", ["rq", "s", "z"], ["y"], name="dq_out")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
                           [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 16, 16])], [s, z, scales])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
     if mode == "nearest":
         assert r.status == "pass", r.message
@@ -281,8 +281,8 @@ def test_fusion_reason_for_a_float_constant_operand():
              helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["y"], name="dq_out")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 49, 16])],
                           [helper.make_tensor_value_info("y", T.FLOAT, [1, 49, 16])], [s, z, bias])
-    r = fusion.check_ort_fusion(GraphIndex(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])),
-                                "ort-cpu")
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
+    r = fusion.check_ort_fusion(GraphIndex(m), "ort-cpu")
     assert r.status == "warn"
     assert r.details["unfused"] == ["linear/Add: constant input 'bias' is float, not dequantized"]
 

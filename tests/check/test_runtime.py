@@ -63,7 +63,7 @@ def test_runs_fails_on_non_finite_output():
     g = helper.make_graph([helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Log", ["n"], ["y"])], "g",
                           [helper.make_tensor_value_info("x", T.FLOAT, [1, 8])],
                           [helper.make_tensor_value_info("y", T.FLOAT, [1, 8])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 7
     r = numerics.check_runs(m, {"x": np.linspace(0.1, 0.9, 8, dtype=np.float32)[None]})
     assert r.status == "fail" and "y (8 NaN/Inf)" in r.message
@@ -376,7 +376,7 @@ def _classifier() -> onnx.ModelProto:
              helper.make_node("Flatten", ["p"], ["logits"], name="flat")]
     g = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("images", T.FLOAT, [1, 3, 32, 32])],
                           [helper.make_tensor_value_info("logits", T.FLOAT, [1, 10])], [w])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def _convs(widths) -> onnx.ModelProto:
@@ -387,7 +387,7 @@ def _convs(widths) -> onnx.ModelProto:
              helper.make_node("Conv", ["a", "w1"], ["out"], name="conv1")]
     g = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("images", T.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("out", T.FLOAT, [1, widths[-1], 8, 8])], ws)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_numerics_floor_is_the_lossy_one_for_a_quantized_or_pruned_copy():
@@ -586,7 +586,7 @@ def test_a_declared_dynamic_batch_that_fails_at_batch_2_is_a_warning():
                                helper.make_node("Reshape", ["c", "t"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", T.FLOAT, ["N", 3, 4, 4])],
                               [helper.make_tensor_value_info("y", T.FLOAT, [None, None])], [w, t])
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+        return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
 
     runs = run_checks(model([1, 32]), latency=False).get("runtime.runs")
     assert runs.status == "warn" and "declares a dynamic batch and fails at batch 2: " in runs.message
@@ -603,7 +603,7 @@ def _counted(threshold: float) -> onnx.ModelProto:
         [helper.make_tensor_value_info("idx", T.INT64, [2, "n"]),
          helper.make_tensor_value_info("y", T.FLOAT, [1, 8])],
         [numpy_helper.from_array(np.array(threshold, np.float32), "t")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_io_rows_counted_after_a_selection_may_differ_at_run_time():
@@ -629,7 +629,7 @@ def test_a_declared_dynamic_image_size_that_fails_at_another_size_is_a_warning()
                                helper.make_node("Reshape", ["c", "t"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", T.FLOAT, dims)],
                               [helper.make_tensor_value_info("y", T.FLOAT, [None, None])], [w, t])
-        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+        return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
 
     x = {"x": np.ones((1, 3, 8, 8), np.float32)}
     runs = numerics.check_runs(model([1, 128], [1, 3, "H", "W"]), x)

@@ -72,7 +72,7 @@ def make_model(nodes: Sequence[onnx.NodeProto], inputs: Dict[str, Sequence], out
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in inputs.items()],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs_],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
     inferred = onnx.shape_inference.infer_shapes(m)
     known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     for out in m.graph.output:

@@ -43,7 +43,7 @@ def noisy_model(opset: int = 13, batch="N") -> onnx.ModelProto:
              numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_noops_removed_and_shapes_folded_with_static_input():
@@ -80,7 +80,7 @@ def test_a_given_shape_replaces_stale_symbolic_shapes_when_nothing_folds():
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "h", "w"])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])], [w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     for _ in range(3):
         m.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT,
                                                                 ["N", 4, "floor(h)", "floor(w)"]))
@@ -100,7 +100,7 @@ def test_quantize_dequantize_never_folded():
              numpy_helper.from_array(np.array(0, np.int8), "z")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     out = run(m).model
     assert ops(out)["DequantizeLinear"] == 1
     assert any(i.data_type == TensorProto.INT8 for i in out.graph.initializer)
@@ -157,7 +157,7 @@ def _two_step_shape_chain() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["a", "b", "c", "d"])
     g = helper.make_graph(nodes, "chain", [x], [out], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def test_shape_chains_that_depend_on_each_other_fold_in_rounds():
@@ -205,7 +205,7 @@ def se_squeezed(batch=1, opset: int = 13) -> onnx.ModelProto:
     g = helper.make_graph(nodes, "se", [x],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 8, 8]),
                            helper.make_tensor_value_info("flat", TensorProto.FLOAT, [batch, 8])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_a_squeeze_reshape_round_trip_is_bypassed_exactly():
@@ -247,7 +247,7 @@ def affine_chain() -> onnx.ModelProto:
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "wide", "shift", "flip")]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
     g = helper.make_graph(nodes, "affine", [x], outs, inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_identity_arithmetic_is_bypassed_exactly():
@@ -361,7 +361,7 @@ def test_a_flatten_from_dim_two_reads_the_shape_by_slice_and_becomes_constant(op
              helper.make_node("Reshape", ["c", "t"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16])], [w] + consts)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", opset)])
     res = run(model)
     assert _reshape_targets(res.model) == [[0, 4, -1]] and ops(res.model)["Shape"] == 0
     x = np.random.default_rng(1).normal(size=(3, 3, 4, 4)).astype(np.float32)
@@ -383,7 +383,7 @@ def test_constants_written_as_scalar_attributes_keep_their_onnx_type(attr, value
     out_type = TensorProto.FLOAT if is_float else TensorProto.INT64
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                           [helper.make_tensor_value_info("y", out_type, [3])], [one])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
     res = run(model)
     folded = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
@@ -426,7 +426,7 @@ def test_a_cast_round_trip_is_removed_only_when_lossless(start, mid, back, remov
              helper.make_node("Abs", ["y"], ["z"], name="abs")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", start, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("z", back, [1, 4, 8, 8])], [w])
-    res = run(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    res = run(helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)]))
     c = ops(res.model)
     # "in" and "to_start" are no-op Casts for a float32 start; the pair goes when lossless
     casts = (0 if start == TensorProto.FLOAT else 2) + (0 if removed else 2)
@@ -444,7 +444,7 @@ def test_initializers_listed_as_inputs_are_reported_as_frozen():
                            helper.make_tensor_value_info("s", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
                           [numpy_helper.from_array(np.array([2.0], np.float32), "s")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     res = Canonicalize().run(m, PassContext())
     assert [i.name for i in res.model.graph.input] == ["x"] and res.modified
     assert res.report.counts["initializer_inputs_frozen"] == 1
@@ -461,7 +461,7 @@ def test_nodes_out_of_order_are_sorted_before_shape_inference():
     g = helper.make_graph([helper.make_node("Relu", ["c"], ["y"]),
                            helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [y], [w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     assert not ir.is_topological(m.graph)
     res = run(m)
     assert [n.op_type for n in res.model.graph.node] == ["Conv", "Relu"]
@@ -477,7 +477,7 @@ def test_a_refusal_seen_again_in_another_fold_round_is_listed_once():
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
                           [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3]),
                            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
     skipped = Canonicalize().run(m, PassContext()).report.skipped
     assert [s["reason"] for s in skipped] == ["Identity writes a graph output from another graph output"]
 
@@ -491,5 +491,5 @@ def test_a_bfloat16_round_trip_is_kept_and_the_pass_runs():
              helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT, name="back")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
-    res = run(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    res = run(helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)]))
     assert ops(res.model) == Counter({"Conv": 1, "Cast": 2})   # a rounding: kept

@@ -690,7 +690,7 @@ def _layers_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
     g = helper.make_graph(nodes, "layers", [x], [y], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -802,7 +802,7 @@ def _image_model(nodes: list, inits: list, name: str) -> onnx.ModelProto:
 
     g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(m, full_check=True)
     return m
 
@@ -901,7 +901,7 @@ def _postnorm_block() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])
     g = helper.make_graph(nodes, "postnorm", [x], [y], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
 

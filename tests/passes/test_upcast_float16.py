@@ -108,7 +108,7 @@ def _if_model() -> onnx.ModelProto:
                                               helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", F16, [2, 3]),
                                helper.make_tensor_value_info("x", F16, [2, 3])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def test_subgraphs_are_upcast_and_a_passed_through_output_is_left_with_a_reason():
