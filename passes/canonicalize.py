@@ -118,7 +118,9 @@ class Canonicalize(Pass):
         out = ir.to_model(graph, like=model, cleanup=False)
         del out.graph.value_info[:]
         modified = n_after != n_before or named > 0 or bool(shapes) or not _same_graph(model, out)
-        return PassResult(out, modified, report)
+        # unmodified, the model goes back as it came: the export may still differ in what no
+        # reader sees (initializers in the order their nodes use them)
+        return PassResult(out if modified else model, modified, report)
 
 
 def _inferred_graph(model: onnx.ModelProto, report: Optional[PassReport]) -> gs.Graph:

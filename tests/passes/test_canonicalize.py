@@ -356,7 +356,7 @@ def test_a_flatten_from_dim_two_reads_the_shape_by_slice_and_becomes_constant(op
         sl = helper.make_node("Slice", ["s", "s0", "s1", "ax"], ["head"])
     else:
         sl = helper.make_node("Slice", ["s"], ["head"], starts=[0], ends=[2], axes=[0])
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Shape", ["c"], ["s"]), sl,
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Shape", ["c"], ["s"]), sl,
              helper.make_node("Concat", ["head", "minus1"], ["t"], axis=0),
              helper.make_node("Reshape", ["c", "t"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
@@ -493,3 +493,24 @@ def test_a_bfloat16_round_trip_is_kept_and_the_pass_runs():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
     res = run(helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)]))
     assert ops(res.model) == Counter({"Conv": 1, "Cast": 2})   # a rounding: kept
+
+
+def test_a_model_with_nothing_to_do_comes_back_as_given_without_a_warning(caplog):
+    """graphsurgeon writes initializers in the order their nodes use them; a model listing them
+    otherwise (a Resize's scales before its roi) is not changed by that, so the pass says
+    unmodified and returns the model it was given, and the manager has nothing to warn about."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Resize", ["c", "roi", "scales"], ["y"], name="up", mode="nearest")]
+    inits = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model_gen_version(g, opset_imports=[helper.make_opsetid("", 13)])
+    res = Canonicalize().run(model, PassContext())
+    assert res.modified is False and res.model is model
+    with caplog.at_level("WARNING"):
+        out = run(model)
+    assert not out.records[0].modified
+    assert [t.name for t in out.model.graph.initializer] == ["w", "scales", "roi"]
+    assert not [r for r in caplog.records if "modified=False" in r.getMessage()]
