@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from onnxslim_yolo import ir
 from onnxslim_yolo.analysis._im2col import ConvGeometry, geometry, patches, sample_positions
 from onnxslim_yolo.analysis.activations import Feeds, capture
+from onnxslim_yolo.analysis.lsq import ridge_lambda
 from onnxslim_yolo.progress import bar as progress_bar
 
 
@@ -82,16 +83,10 @@ def _levels(model: onnx.ModelProto, names: Sequence[str]) -> List[List[str]]:
     return out
 
 
-def _ridge_lambda(ata: np.ndarray, ridge: float) -> float:
-    """The ridge penalty: ``ridge`` times the mean input energy (the bias row and column excluded)."""
-    f = ata.shape[0] - 1
-    return ridge * float(np.trace(ata[:f, :f])) / max(f, 1)
-
-
 def _solve(ata: np.ndarray, aty: np.ndarray, ridge: float, prior: Optional[np.ndarray] = None) -> np.ndarray:
     """Ridge solution of the normal equations; with ``prior`` the penalty is on the distance to it."""
     f = ata.shape[0] - 1
-    lam = _ridge_lambda(ata, ridge)
+    lam = ridge_lambda(ata, ridge)
     reg = np.full(f + 1, lam)
     reg[-1] = 0.0
     rhs = aty if prior is None else aty + reg[:, None] * prior
@@ -104,7 +99,7 @@ def _solve_tied(ata: np.ndarray, aty: np.ndarray, ridge: float, prior: np.ndarra
     s = X'1, n rows and r = X'y + lam prior per output, w = A^-1 (r - s b) and the bias equation
     summed over a channel's outputs give b_c = sum_t (1'y - s'A^-1 r) / (blocks (n - s'A^-1 s))."""
     f = ata.shape[0] - 1
-    lam = _ridge_lambda(ata, ridge)
+    lam = ridge_lambda(ata, ridge)
     a = ata[:f, :f] + lam * np.eye(f)
     s, n = ata[:f, f], float(ata[f, f])
     a_r = np.linalg.solve(a, aty[:f] + lam * prior[:f])

@@ -63,6 +63,20 @@ def collect_moments(geoms: Mapping[str, Tuple[str, ConvGeometry]], batches, per_
     return out
 
 
+#: the least penalty, relative to the input energy: with ``ridge`` 0 the system stays solvable
+MIN_RIDGE = 1e-12
+
+
+def ridge_lambda(moment: np.ndarray, ridge: float) -> float:
+    """The ridge penalty for the (F+1) x (F+1) input moments of a Conv (bias row and column last):
+    ``ridge`` times the mean input energy on the diagonal. An input that is zero on every sampled
+    row (a ReLU branch dead on the calibration images) counts as energy 1, so the system stays
+    solvable and the penalty holds its weights where it pulls them."""
+    f = moment.shape[0] - 1
+    trace = float(np.trace(moment[:f, :f]))
+    return max(ridge, MIN_RIDGE) * (trace if trace > 0 else max(f, 1)) / max(f, 1)
+
+
 class ConsumerLSQ:
     """Kept input channels, current refit weights and inverse moments of one consumer Conv.
 
@@ -85,8 +99,7 @@ class ConsumerLSQ:
             theta = theta[out_keep]
         s = stats.moment / max(stats.count, 1)
         f = s.shape[0] - 1
-        lam = ridge * float(np.trace(s[:f, :f])) / max(f, 1)
-        s = s + np.diag(np.r_[np.full(f, lam), 0.0])
+        s = s + np.diag(np.r_[np.full(f, ridge_lambda(s, ridge)), 0.0])
         mu = s[:, -1]
         self.var_y = _quadratic(theta, s - np.outer(mu, mu)) or 1.0
         self.taps = t = stats.taps

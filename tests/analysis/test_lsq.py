@@ -104,3 +104,14 @@ def test_committing_the_last_unit_reuses_its_refit_states(monkeypatch):
     calls.clear()
     two.commit(c_layer, first)
     assert calls == [g.gid for g in first]
+
+
+def test_the_ridge_scales_with_the_input_energy_and_an_input_with_none_counts_as_one():
+    moment = np.diag([2.0, 4.0, 1.0])       # two features of energy 2 and 4; the bias last
+    assert lsq.ridge_lambda(moment, 0.1) == 0.1 * 6.0 / 2
+    assert lsq.ridge_lambda(np.diag([0.0, 0.0, 1.0]), 0.1) == 0.1
+    assert lsq.ridge_lambda(moment, 0.0) == lsq.MIN_RIDGE * 3.0
+    zero = np.zeros((3, 3))
+    zero[-1, -1] = 1.0
+    s = zero + np.diag(np.r_[np.full(2, lsq.ridge_lambda(zero, 1e-3)), 0.0])
+    assert np.isfinite(np.linalg.inv(s)).all()
