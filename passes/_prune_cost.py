@@ -220,7 +220,10 @@ class SweepCost(LSQCost):
         left, order, costs = list(layer.groups), [], [0.0]
         for depth in depths:
             while len(order) < depth:
-                order.append(self.take(left, st)[0])
+                took = self.take_from(layer, left, st)
+                if took is None:
+                    break
+                order.append(took[0])
             params = {n: lsq.full_weights(st[n], self.shapes[n]) for n in st}
             costs.append(self.probe.measure(params) - self.base_d)
         xs = np.array([0] + depths, dtype=np.float64)
@@ -246,7 +249,7 @@ class SweepCost(LSQCost):
         unit = order[done:done + size]
         if len(unit) < size:        # past the measured depths: the least-squares order goes on
             rest = [g for g in layer.remaining if g not in unit]
-            unit += rest[:size - len(unit)]
+            unit += layer.first_removable(rest, size - len(unit))
         cost = float(np.interp(done + size, xs, ys) - np.interp(done, xs, ys))
         return unit, cost
 

@@ -15,8 +15,9 @@ a layer's count first. Costs come from a cost model:
 from __future__ import annotations
 
 import fnmatch
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
 from onnxslim_yolo.analysis.channels import ChannelAnalysis, ChannelGroup, ClusterKey, ConvInfo, Role
 from onnxslim_yolo.analysis.lsq import ConsumerLSQ
@@ -93,8 +94,11 @@ class Layer:
     key: ClusterKey
     groups: List[ChannelGroup]
     counts: List[int]                   # allowed kept counts, largest first
-    floor: int                          # never keep fewer (max_layer_ratio)
+    floor: int                          # never keep fewer (max_layer_ratio, one per part)
     remaining: List[ChannelGroup] = field(default_factory=list)
+    #: the groups of each tensor that holds some of the layer's channels but not all (a Split or
+    #: Slice output): one of each stays, so that no tensor is left with no channels
+    parts: List[FrozenSet[int]] = field(default_factory=list)
 
     @property
     def kept(self) -> int:
@@ -113,6 +117,35 @@ class Layer:
         nxt = [k for k in self.counts if k < self.kept and k >= self.floor]
         return self.kept - nxt[0] if nxt else None
 
+    def removable(self, left: Sequence[ChannelGroup]) -> List[ChannelGroup]:
+        """The groups of ``left`` (those still in, as a unit is built) that may go next: not the
+        last one of a part. A new list."""
+        if not self.parts:
+            return list(left)
+        ids = {g.gid for g in left}
+        last = {i for p in self.parts if len(p & ids) == 1 for i in p & ids}
+        return [g for g in left if g.gid not in last]
+
+    def first_removable(self, ordered: Sequence[ChannelGroup], size: int) -> List[ChannelGroup]:
+        """Up to ``size`` groups of ``ordered`` taken in order, each one :meth:`removable` then."""
+        left, unit = list(ordered), []
+        while len(unit) < size:
+            ok = self.removable(left)
+            if not ok:
+                break
+            unit.append(ok[0])
+            left.remove(ok[0])
+        return unit
+
+
+def layer_parts(groups: Sequence[ChannelGroup]) -> List[FrozenSet[int]]:
+    """For :attr:`Layer.parts`: the group ids of each tensor holding some but not all of ``groups``."""
+    by_tensor: Dict[str, Set[int]] = defaultdict(set)
+    for g in groups:
+        for tensor, _ in g.channels:
+            by_tensor[tensor].add(g.gid)
+    return sorted({frozenset(ids) for ids in by_tensor.values() if len(ids) < len(groups)}, key=sorted)
+
 
 class ScoreCost:
     """Static scores: the unit is the ``size`` lowest-scored remaining groups."""
@@ -121,7 +154,8 @@ class ScoreCost:
         self.scores = scores
 
     def unit(self, layer: Layer, size: int) -> Tuple[List[ChannelGroup], float]:
-        order = sorted(layer.remaining, key=lambda g: (self.scores.get(g.gid, 0.0), g.gid))[:size]
+        order = layer.first_removable(sorted(layer.remaining, key=lambda g: (self.scores.get(g.gid, 0.0), g.gid)),
+                                      size)
         return order, sum(self.scores.get(g.gid, 0.0) for g in order)
 
     def commit(self, layer: Layer, unit: Sequence[ChannelGroup]) -> None:
@@ -167,14 +201,27 @@ class LSQCost:
         left.remove(best)
         return best, added
 
+    def take_from(self, layer: Layer, left: List[ChannelGroup], st: Dict[str, ConsumerLSQ]
+                  ) -> Optional[Tuple[ChannelGroup, float]]:
+        """:meth:`take` among the groups of ``left`` that ``layer`` lets go (:meth:`Layer.removable`);
+        None when it lets none go."""
+        ok = layer.removable(left)
+        if not ok:
+            return None
+        best, added = self.take(ok, st)
+        left.remove(best)
+        return best, added
+
     def _run(self, layer: Layer, size: int, st: Dict[str, ConsumerLSQ]) -> Tuple[List[ChannelGroup], float]:
         left = list(layer.remaining)
         unit: List[ChannelGroup] = []
         total = 0.0
         for _ in range(size):
-            best, added = self.take(left, st)
-            unit.append(best)
-            total += added
+            took = self.take_from(layer, left, st)
+            if took is None:
+                break
+            unit.append(took[0])
+            total += took[1]
         return unit, total
 
     def _consumers(self, layer: Layer) -> Set[str]:
@@ -211,9 +258,9 @@ def make_layers(analysis: ChannelAnalysis, round_to: int, min_channels: int,
                 max_layer_ratio: float) -> List[Layer]:
     out = []
     for key, groups in sorted(analysis.clusters().items()):
-        n = len(groups)
+        n, parts = len(groups), layer_parts(groups)
         out.append(Layer(key, list(groups), allowed_counts(n, round_to, min_channels),
-                         int(-(-n * (1 - max_layer_ratio) // 1)), list(groups)))
+                         max(int(-(-n * (1 - max_layer_ratio) // 1)), len(parts)), list(groups), parts))
     return out
 
 

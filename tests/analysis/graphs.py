@@ -89,6 +89,23 @@ def split_graph(opset: int = 13, sizes: Tuple[int, int] = (3, 5),
     return g.model([X], [g.conv(g.node("Concat", [b, c], "cat", axis=1), 8, 5, "h")])
 
 
+def split_rejoin_graph(quiet_first: bool = True) -> onnx.ModelProto:
+    """a(8) -> Split (3, 5); the first part through an AveragePool, Concat with the second -> c ->
+    h: both parts are one layer (same producer and consumer). With ``quiet_first`` the three
+    channels of the first part have the smallest filters (the first a filter-L1 choice takes)."""
+    g = G()
+    a = g.cbs("x", 3, 8, "a")
+    if quiet_first:
+        w = next(t for t in g.inits if t.name == "a.w")
+        arr = numpy_helper.to_array(w).copy()
+        arr[:3] *= 1e-3
+        w.CopyFrom(numpy_helper.from_array(arr, "a.w"))
+    parts = g.node("Split", [a, g.const("sizes", np.array([3, 5], np.int64))], "split", n_out=2, axis=1)
+    pooled = g.node("AveragePool", [parts[0]], "pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    c = g.cbs(g.node("Concat", [pooled, parts[1]], "cat", axis=1), 8, 6, "c", k=3)
+    return g.model([X], [g.conv(c, 6, 5, "h")])
+
+
 def residual_graph() -> onnx.ModelProto:
     """a(8) -> SiLU -> b(8) 3x3 -> SiLU; Add(a, b) -> c; dw(8) depthwise -> d."""
     g = G()

@@ -340,6 +340,24 @@ def test_split_and_depthwise_attributes_follow_the_kept_channels():
     assert group == res.report.details["layers"]["dw"]["out_channels"][1] < 8
 
 
+@pytest.mark.parametrize("cost", ["score", "lsq"])
+def test_a_split_part_keeps_a_channel_even_when_its_channels_cost_least(cost):
+    """The three channels of the Split's first part cost least to remove (tiny filters); taking
+    four of a's eight left that part with no channels, a zero-size tensor onnxruntime's
+    optimizer refused ("invalid channel count"). Every part keeps one now."""
+    model = graphs.split_rejoin_graph()
+    opts = dict(per_layer={"a": 0.5}, round_to=1, fold_mean=False, reconstruct=False)
+    if cost == "lsq":
+        opts.update(criterion="activation", cost="lsq")
+    res = run(model, verify.random_feeds(model, 4, 0) if cost == "lsq" else None, **opts)
+    split = next(n for n in res.model.graph.node if n.op_type == "Split")
+    sizes = numpy_helper.to_array(next(t for t in res.model.graph.initializer if t.name == split.input[1]))
+    kept = res.report.details["layers"]["a"]["kept_out"]
+    assert len(kept) == 4 and len(set(kept) & {0, 1, 2}) == 1 and sizes.tolist() == [1, 3], (kept, sizes)
+    verify.session(res.model, optimize=True)
+    assert_exact(model, res.model, res.report.details)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("bn", [True, False])
 def test_fixture_families_prune_exactly_before_and_after_bn_folding(family, bn):
@@ -816,3 +834,20 @@ def test_a_per_layer_ratio_that_rounding_moves_says_so():
     assert coarse["layers"]["b"]["out_channels"] == [6, 4]
     assert "per-layer 'b': b keeps 4 of 6 channels, the allowed count nearest the 0.6 asked" in \
         " ".join(coarse["notes"])
+
+
+def test_a_branch_dead_on_every_calibration_image_is_pruned_and_refit_without_a_singular_solve():
+    """A ReLU whose input is negative on every image leaves its consumer's input moments zero: the
+    least-squares penalty scaled by that energy was zero too, and the selection stopped on
+    'Singular matrix' (numpy's LinAlgError). Now the penalty counts such an input as energy 1."""
+    g = graphs.G()
+    a = g.conv("x", 3, 4, "a")
+    g.inits[-1].CopyFrom(numpy_helper.from_array(np.full(4, -100.0, np.float32), "a.b"))
+    b = g.cbs(g.node("Relu", [a], "a.relu"), 4, 8, "b", k=3)
+    model = g.model([graphs.X], [g.conv(b, 8, 5, "h")])
+    calib = verify.random_feeds(model, 4, 0)
+    for cost in ("lsq", "measured"):
+        res = run(model, calib, ratio=0.3, round_to=1, criterion="activation", cost=cost, reconstruct=True)
+        assert res.modified and res.report.details["mac_reduction"] > 0.2, cost
+        onnx.checker.check_model(res.model, full_check=True)
+        assert np.all(np.isfinite(verify.run(verify.session(res.model), calib[0])[0])), cost
