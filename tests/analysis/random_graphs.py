@@ -15,7 +15,8 @@ from tests.analysis.graphs import G
 #: the opsets drawn from: Split sizes as an attribute (11), as an input (13), num_outputs allowed (18)
 OPSETS = (11, 13, 17, 18)
 BLOCKS = ("cbs", "cbs", "down", "dw", "group2", "residual", "gate", "se", "concat", "concat",
-          "split", "slice", "maxpool", "avgpool", "up", "pad", "sppf")
+          "split", "slice", "maxpool", "avgpool", "up", "pad", "sppf", "affine", "repvgg", "deconv",
+          "mish", "spatial", "shared", "s2d")
 
 
 class _Builder:
@@ -57,7 +58,7 @@ class _Builder:
         return x
 
     def conv(self, x: str, cout: int, k: int = 1, stride: int = 1, group: int = 1,
-             bn: bool = False) -> str:
+             bn: bool = False, act: bool = True) -> str:
         """Conv (+ BatchNorm) + activation; returns the new live tensor."""
         c, h = self.take(x)
         g, name = self.g, self.name("conv")
@@ -73,7 +74,7 @@ class _Builder:
             names = [g.const(f"{name}.bn{i}", v.astype(np.float32)) for i, v in enumerate(p)]
             y = g.node("BatchNormalization", [y] + names, name + ".bn", epsilon=1e-3)
         h2 = (h + 2 * (k // 2) - k) // stride + 1
-        return self.add(self.act(y, name + ".act"), cout, h2)
+        return self.add(self.act(y, name + ".act") if act else y, cout, h2)
 
     def cbs(self, x: str) -> str:
         return self.conv(x, self.width(), k=int(self.rng.choice((1, 3))), bn=bool(self.rng.random() < 0.4))
@@ -161,6 +162,76 @@ class _Builder:
             self.take(x)
             pads = g.const(n + ".pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
             return [self.add(g.node("Pad", [x, pads], n), c, h + 2)]
+        if kind == "affine":       # a per-channel scale and shift, as a Mul and an Add (or Sub, Div)
+            n = self.name("aff")
+            self.take(x)
+            op1, op2 = ("Mul", "Add") if self.rng.random() < 0.5 else ("Div", "Sub")
+            scale = g.const(n + ".s", self.rng.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32))
+            shift = g.const(n + ".t", self.rng.normal(0, 0.1, (c, 1, 1)).astype(np.float32))
+            return [self.add(g.node(op2, [g.node(op1, [x, scale], n + ".m"), shift], n), c, h)]
+        if kind == "repvgg":       # 3x3 + 1x1 (+ the input through a BatchNorm) summed, then ReLU
+            n = self.name("rep")
+            cout = c if self.rng.random() < 0.6 else self.width()
+            y3, y1 = self.conv(x, cout, k=3, bn=True, act=False), self.conv(x, cout, k=1, bn=True, act=False)
+            branches = [y3, y1]
+            if cout == c:
+                p = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
+                     self.rng.uniform(0.5, 1.5, c)]
+                bn = [g.const(f"{n}.id{i}", v.astype(np.float32)) for i, v in enumerate(p)]
+                branches.append(g.node("BatchNormalization", [x] + bn, n + ".id", epsilon=1e-5))
+                self.take(x)
+            for t in (y3, y1):
+                self.take(t)
+            total = branches[0]
+            for i, b in enumerate(branches[1:]):
+                total = g.node("Add", [total, b], f"{n}.add{i}")
+            return [self.add(g.node("Relu", [total], n), cout, h)]
+        if kind == "deconv" and h <= 16:   # ConvTranspose kernel 2 stride 2 (YOLOv6's upsampling)
+            n = self.name("deconv")
+            self.take(x)
+            cout = self.width()
+            w = g.const(n + ".w", (self.rng.normal(0, 1, (c, cout, 2, 2)) / np.sqrt(c)).astype(np.float32))
+            ins = [x, w] + ([g.const(n + ".b", self.rng.normal(0, 0.1, cout).astype(np.float32))]
+                            if self.rng.random() < 0.5 else [])
+            y = g.node("ConvTranspose", ins, n, kernel_shape=[2, 2], strides=[2, 2])
+            return [self.add(self.act(y, n + ".act"), cout, 2 * h)]
+        if kind == "mish":         # x * tanh(softplus(x)), as exporters write Mish before opset 18
+            n = self.name("mish")
+            self.take(x)
+            t = g.node("Tanh", [g.node("Softplus", [x], n + ".sp")], n + ".tanh")
+            return [self.add(g.node("Mul", [x, t], n), c, h)]
+        if kind == "spatial":      # CBAM's spatial gate: mean and max over the channels
+            n = self.name("sa")
+            self.take(x)
+            if g.opset >= 18:
+                ax = g.const(n + ".axes", np.array([1], np.int64))
+                mean = g.node("ReduceMean", [x, ax], n + ".mean", keepdims=1)
+                mx = g.node("ReduceMax", [x, ax], n + ".max", keepdims=1)
+            else:
+                mean = g.node("ReduceMean", [x], n + ".mean", axes=[1], keepdims=1)
+                mx = g.node("ReduceMax", [x], n + ".max", axes=[1], keepdims=1)
+            cat = g.node("Concat", [mean, mx], n + ".cat", axis=1)
+            w = g.const(n + ".w", (self.rng.normal(0, 1, (1, 2, 3, 3)) / 4).astype(np.float32))
+            gate = g.node("Sigmoid", [g.node("Conv", [cat, w], n + ".conv", kernel_shape=[3, 3],
+                                             pads=[1] * 4)], n + ".sig")
+            return [self.add(g.node("Mul", [x, gate], n), c, h)]
+        if kind == "shared":       # one weight read by two Convs (a module called twice)
+            others = [t for t, (tc, _) in self.live.items() if tc == c and t not in (x, "x")]
+            if not others:
+                return [self.cbs(x)]
+            other = str(self.rng.choice(others))
+            n = self.name("shared")
+            cout = self.width()
+            w = g.const(n + ".w", (self.rng.normal(0, 1, (cout, c, 1, 1)) / np.sqrt(c)).astype(np.float32))
+            outs = []
+            for i, t in enumerate((x, other)):
+                _, th = self.take(t)
+                outs.append(self.add(g.node("Conv", [t, w], f"{n}.{i}"), cout, th))
+            return outs
+        if kind == "s2d" and h >= 4 and h % 2 == 0:   # SpaceToDepth, then a Conv reads it
+            self.take(x)
+            y = self.add(g.node("SpaceToDepth", [x], self.name("s2d"), blocksize=2), 4 * c, h // 2)
+            return [self.conv(y, self.width())]
         if kind == "sppf":
             y = self.conv(x, self.width())
             cy = self.live[y][0]
@@ -174,10 +245,12 @@ class _Builder:
         return [self.cbs(x)]
 
 
-def random_yolo_like(seed: int, steps: int = 0) -> onnx.ModelProto:
+def random_yolo_like(seed: int, steps: int = 0, messy: bool = False) -> onnx.ModelProto:
     """A random graph from ``seed`` (``steps`` blocks, default 6-13) on a 1x3x16x16 input; every
     tensor no block reads feeds a 1x1 head Conv, and one head is flattened as a Detect output
-    (Reshape to (1, 1, K, H*W), Transpose) so its channels cannot be pruned."""
+    (Reshape to (1, 1, K, H*W), Transpose) so its channels cannot be pruned. ``messy`` makes it
+    as exporters do: a dynamic batch read back by Shape, Gather, Unsqueeze and Concat for the
+    Reshape, a quarter of the nodes unnamed, a third of the constants as Constant nodes."""
     b = _Builder(seed)
     b.add("x", 3, 16)
     x = b.conv("x", b.width(), k=3, bn=bool(b.rng.random() < 0.5))
@@ -185,7 +258,7 @@ def random_yolo_like(seed: int, steps: int = 0) -> onnx.ModelProto:
         made = b.block(str(b.rng.choice(BLOCKS)), x)
         if made:
             x = str(made[int(b.rng.integers(0, len(made)))])
-    g, outs, ranks = b.g, [], []
+    g, outs = b.g, []
     ends = [t for t in b.live if t != "x" and not b.used.get(t)]
     for i, t in enumerate(ends):
         c, h = b.take(t)
@@ -193,11 +266,41 @@ def random_yolo_like(seed: int, steps: int = 0) -> onnx.ModelProto:
         y = g.conv(t, c, k, f"head{i}")
         if i == 0:
             shape = g.const(f"head{i}.shape", np.array([1, 1, k, h * h], np.int64))
+            if messy:
+                shape = _batch_from_shape(g, y, f"head{i}", [1, k, h * h])
             y = g.node("Transpose", [g.node("Reshape", [y, shape], f"head{i}.flat")], f"head{i}.t",
                        perm=[0, 1, 3, 2])
         outs.append(y)
-        ranks.append(4)
-    return g.model([("x", (1, 3, 16, 16))], outs, ranks)
+    model = g.model([("x", ("N" if messy else 1, 3, 16, 16))], outs)
+    return _mess_up(model, b.rng) if messy else model
+
+
+def _batch_from_shape(g: G, y: str, name: str, rest: List[int]) -> str:
+    """The target (batch of ``y``, *rest) computed as a TorchScript export computes it."""
+    n = g.node("Gather", [g.node("Shape", [y], name + ".shape"), g.const(name + ".i0", np.array(0, np.int64))],
+               name + ".batch", axis=0)
+    if g.opset >= 13:
+        n = g.node("Unsqueeze", [n, g.const(name + ".ax", np.array([0], np.int64))], name + ".unsq")
+    else:
+        n = g.node("Unsqueeze", [n], name + ".unsq", axes=[0])
+    return g.node("Concat", [n, g.const(name + ".rest", np.array(rest, np.int64))], name + ".target", axis=0)
+
+
+def _mess_up(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """A quarter of the nodes unnamed; a third of the initializers as Constant nodes, first."""
+    for n in model.graph.node:
+        if rng.random() < 0.25:
+            n.name = ""
+    moved = [t for t in model.graph.initializer if rng.random() < 0.33]
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in moved]
+    keep = [t for t in model.graph.initializer if all(t is not m for m in moved)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 __all__ = ["random_yolo_like", "OPSETS", "BLOCKS"]

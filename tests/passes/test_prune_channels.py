@@ -27,7 +27,7 @@ def run(model: onnx.ModelProto, calib: Optional[list] = None, **opts):
 
 def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
     """The original with every removed channel zeroed at its source: producer and depthwise
-    filters and biases, BN beta and mean (BN(0) = 0), per-channel constants (0 + 0 = 0 * 0 = 0).
+    filters and biases, BN beta and mean (BN(0) = 0), per-channel constants (0 + 0 = 0 * 0 = 0 / s).
     A ConvTranspose the pass mapped is zeroed in its exact 1x1 Conv + DepthToSpace form."""
     model = _prune_lower.lower(model)[0]
     a = analyze_channels(model)
@@ -65,8 +65,8 @@ def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
             elif r.kind == "bn":
                 zero(node.input[2], r.index)
                 zero(node.input[3], r.index)
-            elif r.kind == "const":
-                for t in node.input:
+            elif r.kind == "const":   # a divisor stays: 0 / s = 0
+                for t in node.input[:1] if node.op_type == "Div" else node.input:
                     if t in inits and numpy_helper.to_array(inits[t]).ndim >= 3:
                         v = numpy_helper.to_array(inits[t])
                         zero(t, r.index, axis=1 - (4 - v.ndim))
