@@ -140,6 +140,14 @@ class _Builder:
             self.take(x)
             ins = [x, g.const(n + ".s", np.array([lo], np.int64)), g.const(n + ".e", np.array([end], np.int64)),
                    g.const(n + ".a", np.array([1], np.int64))]
+            variant = self.rng.random()
+            if variant < 0.25:       # every other channel (a step on the channel axis)
+                ins.append(g.const(n + ".step", np.array([2], np.int64)))
+                return [self.add(g.node("Slice", ins, n), len(range(lo, hi, 2)), h)]
+            if variant < 0.45:       # channels picked by a Gather on axis 1
+                idx = np.sort(self.rng.choice(c, size=int(self.rng.integers(1, c)), replace=False))
+                return [self.add(g.node("Gather", [x, g.const(n + ".idx", idx.astype(np.int64))], n, axis=1),
+                                 len(idx), h)]
             return [self.add(g.node("Slice", ins, n), hi - lo, h)]
         if kind == "maxpool":
             self.take(x)
@@ -154,8 +162,12 @@ class _Builder:
         if kind == "up" and h <= 16:
             n = self.name("up")
             self.take(x)
-            scales = g.const(n + ".scales", np.array([1, 1, 2, 2], np.float32))
             roi = g.const(n + ".roi", np.zeros(0, np.float32))
+            if self.rng.random() < 0.4:   # by output sizes, as dynamic-shape exports write it
+                sizes = g.const(n + ".sizes", np.array([1, c, 2 * h, 2 * h], np.int64))
+                return [self.add(g.node("Resize", [x, roi, g.const(n + ".scales", np.zeros(0, np.float32)), sizes],
+                                        n, mode="nearest"), c, 2 * h)]
+            scales = g.const(n + ".scales", np.array([1, 1, 2, 2], np.float32))
             return [self.add(g.node("Resize", [x, roi, scales], n, mode="nearest"), c, 2 * h)]
         if kind == "pad":
             n = self.name("pad")

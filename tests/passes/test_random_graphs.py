@@ -41,7 +41,7 @@ def test_the_seeds_cover_every_block_kind_and_messy_graphs_are_messy():
     seen = set().union(*({n.op_type for n in m.graph.node} for m in models))
     assert {"Split", "Slice", "Concat", "Add", "Resize", "MaxPool", "AveragePool", "GlobalAveragePool",
             "BatchNormalization", "Pad", "Clip", "LeakyRelu", "HardSwish", "Relu", "ConvTranspose",
-            "Softplus", "ReduceMax", "SpaceToDepth", "Div"} <= seen, seen
+            "Softplus", "ReduceMax", "SpaceToDepth", "Div", "Gather"} <= seen, seen
     assert {m.opset_import[0].version for m in models} == {11, 13, 17, 18}
     assert random_yolo_like(5).SerializeToString() == random_yolo_like(5).SerializeToString()
     messy = random_yolo_like(5, messy=True)
