@@ -154,8 +154,8 @@ class ScoreCost:
         self.scores = scores
 
     def unit(self, layer: Layer, size: int) -> Tuple[List[ChannelGroup], float]:
-        order = layer.first_removable(sorted(layer.remaining, key=lambda g: (self.scores.get(g.gid, 0.0), g.gid)),
-                                      size)
+        ranked = sorted(layer.remaining, key=lambda g: (self.scores.get(g.gid, 0.0), g.gid))
+        order = layer.first_removable(ranked, size)
         return order, sum(self.scores.get(g.gid, 0.0) for g in order)
 
     def commit(self, layer: Layer, unit: Sequence[ChannelGroup]) -> None:

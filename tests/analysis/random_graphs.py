@@ -138,8 +138,8 @@ class _Builder:
             end = hi - c if hi < c and self.rng.random() < 0.3 else (2 ** 62 if hi == c else hi)
             n = self.name("slice")
             self.take(x)
-            ins = [x, g.const(n + ".s", np.array([lo], np.int64)), g.const(n + ".e", np.array([end], np.int64)),
-                   g.const(n + ".a", np.array([1], np.int64))]
+            ins = [x] + [g.const(n + suffix, np.array([v], np.int64))
+                         for suffix, v in ((".s", lo), (".e", end), (".a", 1))]
             variant = self.rng.random()
             if variant < 0.25:       # every other channel (a step on the channel axis)
                 ins.append(g.const(n + ".step", np.array([2], np.int64)))
@@ -154,7 +154,8 @@ class _Builder:
             if h >= 4 and self.rng.random() < 0.4:
                 return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[2, 2], strides=[2, 2]),
                                  c, h // 2)]
-            return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[5, 5], pads=[2] * 4), c, h)]
+            return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[5, 5], pads=[2] * 4),
+                             c, h)]
         if kind == "avgpool":
             self.take(x)
             return [self.add(g.node("AveragePool", [x], self.name("ap"), kernel_shape=[3, 3], pads=[1] * 4,
@@ -165,8 +166,8 @@ class _Builder:
             roi = g.const(n + ".roi", np.zeros(0, np.float32))
             if self.rng.random() < 0.4:   # by output sizes, as dynamic-shape exports write it
                 sizes = g.const(n + ".sizes", np.array([1, c, 2 * h, 2 * h], np.int64))
-                return [self.add(g.node("Resize", [x, roi, g.const(n + ".scales", np.zeros(0, np.float32)), sizes],
-                                        n, mode="nearest"), c, 2 * h)]
+                no_scales = g.const(n + ".scales", np.zeros(0, np.float32))
+                return [self.add(g.node("Resize", [x, roi, no_scales, sizes], n, mode="nearest"), c, 2 * h)]
             scales = g.const(n + ".scales", np.array([1, 1, 2, 2], np.float32))
             return [self.add(g.node("Resize", [x, roi, scales], n, mode="nearest"), c, 2 * h)]
         if kind == "pad":
@@ -289,8 +290,8 @@ def random_yolo_like(seed: int, steps: int = 0, messy: bool = False) -> onnx.Mod
 
 def _batch_from_shape(g: G, y: str, name: str, rest: List[int]) -> str:
     """The target (batch of ``y``, *rest) computed as a TorchScript export computes it."""
-    n = g.node("Gather", [g.node("Shape", [y], name + ".shape"), g.const(name + ".i0", np.array(0, np.int64))],
-               name + ".batch", axis=0)
+    first = g.const(name + ".i0", np.array(0, np.int64))
+    n = g.node("Gather", [g.node("Shape", [y], name + ".shape"), first], name + ".batch", axis=0)
     if g.opset >= 13:
         n = g.node("Unsqueeze", [n, g.const(name + ".ax", np.array([0], np.int64))], name + ".unsq")
     else:

@@ -346,7 +346,7 @@ def test_a_split_part_keeps_a_channel_even_when_its_channels_cost_least(cost):
     four of a's eight left that part with no channels, a zero-size tensor onnxruntime's
     optimizer refused ("invalid channel count"). Every part keeps one now."""
     model = graphs.split_rejoin_graph()
-    opts = dict(per_layer={"a": 0.5}, round_to=1, fold_mean=False, reconstruct=False)
+    opts = dict(per_layer={"a": 0.5}, round_to=1, **EXACT)
     if cost == "lsq":
         opts.update(criterion="activation", cost="lsq")
     res = run(model, verify.random_feeds(model, 4, 0) if cost == "lsq" else None, **opts)
@@ -842,7 +842,8 @@ def test_a_branch_dead_on_every_calibration_image_is_pruned_and_refit_without_a_
     'Singular matrix' (numpy's LinAlgError). Now the penalty counts such an input as energy 1."""
     g = graphs.G()
     a = g.conv("x", 3, 4, "a")
-    g.inits[-1].CopyFrom(numpy_helper.from_array(np.full(4, -100.0, np.float32), "a.b"))
+    bias = next(t for t in g.inits if t.name == "a.b")
+    bias.CopyFrom(numpy_helper.from_array(np.full(4, -100.0, np.float32), "a.b"))
     b = g.cbs(g.node("Relu", [a], "a.relu"), 4, 8, "b", k=3)
     model = g.model([graphs.X], [g.conv(b, 8, 5, "h")])
     calib = verify.random_feeds(model, 4, 0)

@@ -73,7 +73,7 @@ def test_calibrated_pruning_writes_a_model_that_runs(seed, messy):
     res = run(model, calib, ratio=0.2)
     onnx.checker.check_model(res.model, full_check=True)
     inferred = onnx.shape_inference.infer_shapes(res.model, check_type=True, strict_mode=True)
-    for vi in inferred.graph.value_info:    # no feature map left with no channels (a Resize's empty roi may be)
+    for vi in inferred.graph.value_info:    # no feature map without channels (a Resize's roi may be empty)
         dims = vi.type.tensor_type.shape.dim
         assert len(dims) != 4 or all(d.dim_param or d.dim_value > 0 for d in dims), vi.name
     out = verify.run(verify.session(res.model, optimize=True), calib[0])
