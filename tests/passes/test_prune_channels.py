@@ -852,3 +852,21 @@ def test_a_branch_dead_on_every_calibration_image_is_pruned_and_refit_without_a_
         assert res.modified and res.report.details["mac_reduction"] > 0.2, cost
         onnx.checker.check_model(res.model, full_check=True)
         assert np.all(np.isfinite(verify.run(verify.session(res.model), calib[0])[0])), cost
+
+
+def test_a_model_whose_only_prunable_layer_has_no_dense_consumer_says_so_with_calibration():
+    """The only layer with prunable channels is a CBAM spatial gate's one-channel Conv (its
+    consumer, a broadcasting Mul, has no weights): the least-squares statistics had no Conv to
+    collect for, and asking onnxruntime for a model with no outputs stopped the pass ("OrtValue
+    indexes should have been populated", exit 4). Now it says there is nothing it can take."""
+    g = graphs.G()
+    a = g.conv("x", 3, 4, "a")
+    mean = g.node("ReduceMean", [a], "mean", axes=[1], keepdims=1)
+    peak = g.node("ReduceMax", [a], "max", axes=[1], keepdims=1)
+    both = g.node("Concat", [mean, peak], "cat", axis=1)
+    gate = g.node("Sigmoid", [g.conv(both, 2, 1, "gate", k=3)], "sig")
+    model = g.model([graphs.X], [a, g.conv(g.node("Mul", [a, gate], "gated"), 4, 5, "h")])
+    calib = verify.random_feeds(model, 4, 0)
+    res = run(model, calib, ratio=0.2, criterion="activation", reconstruct=True)
+    assert not res.modified
+    assert res.report.details["notes"][0].startswith("target not reached: 0.0% of 20.0%"), res.report.details
