@@ -12,8 +12,8 @@ import onnx
 
 from tests.analysis.graphs import G
 
-#: the opsets drawn from: Split sizes as an attribute (11), as an input (13), num_outputs allowed (18)
-OPSETS = (11, 13, 17, 18)
+#: the opsets drawn from: Split sizes as an attribute (11), as an input (13), num_outputs allowed (18+)
+OPSETS = (11, 13, 17, 18, 21)
 BLOCKS = ("cbs", "cbs", "down", "dw", "group2", "residual", "gate", "se", "concat", "concat",
           "split", "slice", "maxpool", "avgpool", "up", "pad", "sppf", "affine", "repvgg", "deconv",
           "mish", "spatial", "shared", "s2d")
