@@ -5,7 +5,7 @@ AveragePool, Resize, Pad, SPPF) over tensors of a few channels, ending in 1x1 he
 them flattened as a Detect output is. The same seed gives the same model."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -80,182 +80,245 @@ class _Builder:
         return self.conv(x, self.width(), k=int(self.rng.choice((1, 3))), bn=bool(self.rng.random() < 0.4))
 
     def block(self, kind: str, x: str) -> List[str]:
-        """Add one block reading ``x`` (and maybe other live tensors); the tensors it makes."""
-        g, (c, h) = self.g, self.live[x]
-        if kind == "down" and h >= 4:
-            return [self.conv(x, self.width(), k=3, stride=2, bn=bool(self.rng.random() < 0.5))]
-        if kind == "dw":
-            return [self.conv(x, c, k=3, group=c, bn=bool(self.rng.random() < 0.5))]
-        if kind == "group2" and c % 2 == 0:
-            return [self.conv(x, 2 * int(self.rng.choice((2, 3, 4))), k=3, group=2)]
-        if kind == "residual":
-            y = self.conv(self.conv(x, self.width()), c, k=3)
+        """Add one block reading ``x`` (and maybe other live tensors); the tensors it makes. A
+        block whose shape does not suit ``x`` (a stride-2 Conv on a 2x2 map) is a Conv instead."""
+        c, h = self.live[x]
+        method = getattr(self, "_" + kind, None)   # "cbs" has none: a Conv
+        made = method(x, c, h) if method else None
+        return [self.cbs(x)] if made is None else made
+
+    def _down(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        if h < 4:
+            return None
+        return [self.conv(x, self.width(), k=3, stride=2, bn=bool(self.rng.random() < 0.5))]
+
+    def _dw(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        return [self.conv(x, c, k=3, group=c, bn=bool(self.rng.random() < 0.5))]
+
+    def _group2(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        if c % 2:
+            return None
+        return [self.conv(x, 2 * int(self.rng.choice((2, 3, 4))), k=3, group=2)]
+
+    def _residual(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        y = self.conv(self.conv(x, self.width()), c, k=3)
+        self.take(x)
+        self.take(y)
+        return [self.add(g.node("Add", [x, y], self.name("add")), c, h)]
+
+    def _gate(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        s = g.node("Sigmoid", [self.conv(x, c)], self.name("gsig"))
+        self.take(x)
+        self.used[s] = 1
+        return [self.add(g.node("Mul", [x, s], self.name("gate")), c, h)]
+
+    def _se(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        n = self.name("se")
+        self.take(x)
+        p = g.node("GlobalAveragePool", [x], n + ".gap")
+        r = max(2, c // 2)
+        w1 = g.const(n + ".w1", (self.rng.normal(0, 1, (r, c, 1, 1)) / np.sqrt(c)).astype(np.float32))
+        w2 = g.const(n + ".w2", (self.rng.normal(0, 1, (c, r, 1, 1)) / np.sqrt(r)).astype(np.float32))
+        z = g.node("Relu", [g.node("Conv", [p, w1], n + ".fc1")], n + ".relu")
+        s = g.node("Sigmoid", [g.node("Conv", [z, w2], n + ".fc2")], n + ".sig")
+        return [self.add(g.node("Mul", [x, s], n), c, h)]
+
+    def _concat(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        others = [t for t, (_, th) in self.live.items() if th == h and t != x]
+        picked = list(self.rng.choice(others, size=min(len(others), int(self.rng.integers(1, 3))),
+                                      replace=False)) if others else [self.cbs(x)]
+        if self.live[picked[0]][1] != h:   # cbs keeps the size; kept for clarity
+            return []
+        parts = [x] + [str(t) for t in picked]
+        for t in parts:
+            self.take(t)
+        return [self.add(g.node("Concat", parts, self.name("cat"), axis=1),
+                         sum(self.live[t][0] for t in parts), h)]
+
+    def _split(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        if c < 2:
+            return None
+        a = int(self.rng.integers(1, c))
+        self.take(x)
+        n = self.name("split")
+        if g.opset < 13:
+            outs = g.node("Split", [x], n, n_out=2, axis=1, split=[a, c - a])
+        elif g.opset >= 18 and c % 2 == 0 and self.rng.random() < 0.5:
+            a = c // 2
+            outs = g.node("Split", [x], n, n_out=2, axis=1, num_outputs=2)
+        else:
+            outs = g.node("Split", [x, g.const(n + ".sizes", np.array([a, c - a], np.int64))], n,
+                          n_out=2, axis=1)
+        return [self.add(outs[0], a, h), self.add(outs[1], c - a, h)]
+
+    def _slice(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        if c < 3:
+            return None
+        lo = int(self.rng.integers(0, c - 1))
+        hi = int(self.rng.integers(lo + 1, c + 1))
+        end = hi - c if hi < c and self.rng.random() < 0.3 else (2 ** 62 if hi == c else hi)
+        n = self.name("slice")
+        self.take(x)
+        ins = [x] + [g.const(n + suffix, np.array([v], np.int64))
+                     for suffix, v in ((".s", lo), (".e", end), (".a", 1))]
+        variant = self.rng.random()
+        if variant < 0.25:       # every other channel (a step on the channel axis)
+            ins.append(g.const(n + ".step", np.array([2], np.int64)))
+            return [self.add(g.node("Slice", ins, n), len(range(lo, hi, 2)), h)]
+        if variant < 0.45:       # channels picked by a Gather on axis 1
+            idx = np.sort(self.rng.choice(c, size=int(self.rng.integers(1, c)), replace=False))
+            return [self.add(g.node("Gather", [x, g.const(n + ".idx", idx.astype(np.int64))], n, axis=1),
+                             len(idx), h)]
+        return [self.add(g.node("Slice", ins, n), hi - lo, h)]
+
+    def _maxpool(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        self.take(x)
+        if h >= 4 and self.rng.random() < 0.4:
+            return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[2, 2], strides=[2, 2]),
+                             c, h // 2)]
+        return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[5, 5], pads=[2] * 4),
+                         c, h)]
+
+    def _avgpool(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        self.take(x)
+        return [self.add(g.node("AveragePool", [x], self.name("ap"), kernel_shape=[3, 3], pads=[1] * 4,
+                                count_include_pad=int(self.rng.integers(0, 2))), c, h)]
+
+    def _up(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        if h > 16:
+            return None
+        n = self.name("up")
+        self.take(x)
+        roi = g.const(n + ".roi", np.zeros(0, np.float32))
+        if self.rng.random() < 0.4:   # by output sizes, as dynamic-shape exports write it
+            sizes = g.const(n + ".sizes", np.array([1, c, 2 * h, 2 * h], np.int64))
+            no_scales = g.const(n + ".scales", np.zeros(0, np.float32))
+            return [self.add(g.node("Resize", [x, roi, no_scales, sizes], n, mode="nearest"), c, 2 * h)]
+        scales = g.const(n + ".scales", np.array([1, 1, 2, 2], np.float32))
+        return [self.add(g.node("Resize", [x, roi, scales], n, mode="nearest"), c, 2 * h)]
+
+    def _pad(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        n = self.name("pad")
+        self.take(x)
+        pads = g.const(n + ".pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+        return [self.add(g.node("Pad", [x, pads], n), c, h + 2)]
+
+    def _affine(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """A per-channel scale and shift, as a Mul and an Add (or Sub, Div)."""
+        g = self.g
+        n = self.name("aff")
+        self.take(x)
+        op1, op2 = ("Mul", "Add") if self.rng.random() < 0.5 else ("Div", "Sub")
+        scale = g.const(n + ".s", self.rng.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32))
+        shift = g.const(n + ".t", self.rng.normal(0, 0.1, (c, 1, 1)).astype(np.float32))
+        return [self.add(g.node(op2, [g.node(op1, [x, scale], n + ".m"), shift], n), c, h)]
+
+    def _repvgg(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """3x3 + 1x1 (+ the input through a BatchNorm) summed, then ReLU."""
+        g = self.g
+        n = self.name("rep")
+        cout = c if self.rng.random() < 0.6 else self.width()
+        y3, y1 = self.conv(x, cout, k=3, bn=True, act=False), self.conv(x, cout, k=1, bn=True, act=False)
+        branches = [y3, y1]
+        if cout == c:
+            p = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
+                 self.rng.uniform(0.5, 1.5, c)]
+            bn = [g.const(f"{n}.id{i}", v.astype(np.float32)) for i, v in enumerate(p)]
+            branches.append(g.node("BatchNormalization", [x] + bn, n + ".id", epsilon=1e-5))
             self.take(x)
-            self.take(y)
-            return [self.add(g.node("Add", [x, y], self.name("add")), c, h)]
-        if kind == "gate":
-            s = g.node("Sigmoid", [self.conv(x, c)], self.name("gsig"))
-            self.take(x)
-            self.used[s] = 1
-            return [self.add(g.node("Mul", [x, s], self.name("gate")), c, h)]
-        if kind == "se":
-            n = self.name("se")
-            self.take(x)
-            p = g.node("GlobalAveragePool", [x], n + ".gap")
-            r = max(2, c // 2)
-            w1 = g.const(n + ".w1", (self.rng.normal(0, 1, (r, c, 1, 1)) / np.sqrt(c)).astype(np.float32))
-            w2 = g.const(n + ".w2", (self.rng.normal(0, 1, (c, r, 1, 1)) / np.sqrt(r)).astype(np.float32))
-            z = g.node("Relu", [g.node("Conv", [p, w1], n + ".fc1")], n + ".relu")
-            s = g.node("Sigmoid", [g.node("Conv", [z, w2], n + ".fc2")], n + ".sig")
-            return [self.add(g.node("Mul", [x, s], n), c, h)]
-        if kind == "concat":
-            others = [t for t, (_, th) in self.live.items() if th == h and t != x]
-            picked = list(self.rng.choice(others, size=min(len(others), int(self.rng.integers(1, 3))),
-                                          replace=False)) if others else [self.cbs(x)]
-            if self.live[picked[0]][1] != h:   # cbs keeps the size; kept for clarity
-                return []
-            parts = [x] + [str(t) for t in picked]
-            for t in parts:
-                self.take(t)
-            return [self.add(g.node("Concat", parts, self.name("cat"), axis=1),
-                             sum(self.live[t][0] for t in parts), h)]
-        if kind == "split" and c >= 2:
-            a = int(self.rng.integers(1, c))
-            self.take(x)
-            n = self.name("split")
-            if g.opset < 13:
-                outs = g.node("Split", [x], n, n_out=2, axis=1, split=[a, c - a])
-            elif g.opset >= 18 and c % 2 == 0 and self.rng.random() < 0.5:
-                a = c // 2
-                outs = g.node("Split", [x], n, n_out=2, axis=1, num_outputs=2)
-            else:
-                outs = g.node("Split", [x, g.const(n + ".sizes", np.array([a, c - a], np.int64))], n,
-                              n_out=2, axis=1)
-            return [self.add(outs[0], a, h), self.add(outs[1], c - a, h)]
-        if kind == "slice" and c >= 3:
-            lo = int(self.rng.integers(0, c - 1))
-            hi = int(self.rng.integers(lo + 1, c + 1))
-            end = hi - c if hi < c and self.rng.random() < 0.3 else (2 ** 62 if hi == c else hi)
-            n = self.name("slice")
-            self.take(x)
-            ins = [x] + [g.const(n + suffix, np.array([v], np.int64))
-                         for suffix, v in ((".s", lo), (".e", end), (".a", 1))]
-            variant = self.rng.random()
-            if variant < 0.25:       # every other channel (a step on the channel axis)
-                ins.append(g.const(n + ".step", np.array([2], np.int64)))
-                return [self.add(g.node("Slice", ins, n), len(range(lo, hi, 2)), h)]
-            if variant < 0.45:       # channels picked by a Gather on axis 1
-                idx = np.sort(self.rng.choice(c, size=int(self.rng.integers(1, c)), replace=False))
-                return [self.add(g.node("Gather", [x, g.const(n + ".idx", idx.astype(np.int64))], n, axis=1),
-                                 len(idx), h)]
-            return [self.add(g.node("Slice", ins, n), hi - lo, h)]
-        if kind == "maxpool":
-            self.take(x)
-            if h >= 4 and self.rng.random() < 0.4:
-                return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[2, 2], strides=[2, 2]),
-                                 c, h // 2)]
-            return [self.add(g.node("MaxPool", [x], self.name("mp"), kernel_shape=[5, 5], pads=[2] * 4),
-                             c, h)]
-        if kind == "avgpool":
-            self.take(x)
-            return [self.add(g.node("AveragePool", [x], self.name("ap"), kernel_shape=[3, 3], pads=[1] * 4,
-                                    count_include_pad=int(self.rng.integers(0, 2))), c, h)]
-        if kind == "up" and h <= 16:
-            n = self.name("up")
-            self.take(x)
-            roi = g.const(n + ".roi", np.zeros(0, np.float32))
-            if self.rng.random() < 0.4:   # by output sizes, as dynamic-shape exports write it
-                sizes = g.const(n + ".sizes", np.array([1, c, 2 * h, 2 * h], np.int64))
-                no_scales = g.const(n + ".scales", np.zeros(0, np.float32))
-                return [self.add(g.node("Resize", [x, roi, no_scales, sizes], n, mode="nearest"), c, 2 * h)]
-            scales = g.const(n + ".scales", np.array([1, 1, 2, 2], np.float32))
-            return [self.add(g.node("Resize", [x, roi, scales], n, mode="nearest"), c, 2 * h)]
-        if kind == "pad":
-            n = self.name("pad")
-            self.take(x)
-            pads = g.const(n + ".pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
-            return [self.add(g.node("Pad", [x, pads], n), c, h + 2)]
-        if kind == "affine":       # a per-channel scale and shift, as a Mul and an Add (or Sub, Div)
-            n = self.name("aff")
-            self.take(x)
-            op1, op2 = ("Mul", "Add") if self.rng.random() < 0.5 else ("Div", "Sub")
-            scale = g.const(n + ".s", self.rng.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32))
-            shift = g.const(n + ".t", self.rng.normal(0, 0.1, (c, 1, 1)).astype(np.float32))
-            return [self.add(g.node(op2, [g.node(op1, [x, scale], n + ".m"), shift], n), c, h)]
-        if kind == "repvgg":       # 3x3 + 1x1 (+ the input through a BatchNorm) summed, then ReLU
-            n = self.name("rep")
-            cout = c if self.rng.random() < 0.6 else self.width()
-            y3, y1 = self.conv(x, cout, k=3, bn=True, act=False), self.conv(x, cout, k=1, bn=True, act=False)
-            branches = [y3, y1]
-            if cout == c:
-                p = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
-                     self.rng.uniform(0.5, 1.5, c)]
-                bn = [g.const(f"{n}.id{i}", v.astype(np.float32)) for i, v in enumerate(p)]
-                branches.append(g.node("BatchNormalization", [x] + bn, n + ".id", epsilon=1e-5))
-                self.take(x)
-            for t in (y3, y1):
-                self.take(t)
-            total = branches[0]
-            for i, b in enumerate(branches[1:]):
-                total = g.node("Add", [total, b], f"{n}.add{i}")
-            return [self.add(g.node("Relu", [total], n), cout, h)]
-        if kind == "deconv" and h <= 16:   # ConvTranspose kernel 2 stride 2 (YOLOv6's upsampling)
-            n = self.name("deconv")
-            self.take(x)
-            cout = self.width()
-            w = g.const(n + ".w", (self.rng.normal(0, 1, (c, cout, 2, 2)) / np.sqrt(c)).astype(np.float32))
-            ins = [x, w] + ([g.const(n + ".b", self.rng.normal(0, 0.1, cout).astype(np.float32))]
-                            if self.rng.random() < 0.5 else [])
-            y = g.node("ConvTranspose", ins, n, kernel_shape=[2, 2], strides=[2, 2])
-            return [self.add(self.act(y, n + ".act"), cout, 2 * h)]
-        if kind == "mish":         # x * tanh(softplus(x)), as exporters write Mish before opset 18
-            n = self.name("mish")
-            self.take(x)
-            t = g.node("Tanh", [g.node("Softplus", [x], n + ".sp")], n + ".tanh")
-            return [self.add(g.node("Mul", [x, t], n), c, h)]
-        if kind == "spatial":      # CBAM's spatial gate: mean and max over the channels
-            n = self.name("sa")
-            self.take(x)
-            if g.opset >= 18:
-                ax = g.const(n + ".axes", np.array([1], np.int64))
-                mean = g.node("ReduceMean", [x, ax], n + ".mean", keepdims=1)
-                mx = g.node("ReduceMax", [x, ax], n + ".max", keepdims=1)
-            else:
-                mean = g.node("ReduceMean", [x], n + ".mean", axes=[1], keepdims=1)
-                mx = g.node("ReduceMax", [x], n + ".max", axes=[1], keepdims=1)
-            cat = g.node("Concat", [mean, mx], n + ".cat", axis=1)
-            w = g.const(n + ".w", (self.rng.normal(0, 1, (1, 2, 3, 3)) / 4).astype(np.float32))
-            gate = g.node("Sigmoid", [g.node("Conv", [cat, w], n + ".conv", kernel_shape=[3, 3],
-                                             pads=[1] * 4)], n + ".sig")
-            return [self.add(g.node("Mul", [x, gate], n), c, h)]
-        if kind == "shared":       # one weight read by two Convs (a module called twice)
-            others = [t for t, (tc, _) in self.live.items() if tc == c and t not in (x, "x")]
-            if not others:
-                return [self.cbs(x)]
-            other = str(self.rng.choice(others))
-            n = self.name("shared")
-            cout = self.width()
-            w = g.const(n + ".w", (self.rng.normal(0, 1, (cout, c, 1, 1)) / np.sqrt(c)).astype(np.float32))
-            outs = []
-            for i, t in enumerate((x, other)):
-                _, th = self.take(t)
-                outs.append(self.add(g.node("Conv", [t, w], f"{n}.{i}"), cout, th))
-            return outs
-        if kind == "s2d" and h >= 4 and h % 2 == 0:   # SpaceToDepth, then a Conv reads it
-            self.take(x)
-            y = self.add(g.node("SpaceToDepth", [x], self.name("s2d"), blocksize=2), 4 * c, h // 2)
-            return [self.conv(y, self.width())]
-        if kind == "sppf":
-            y = self.conv(x, self.width())
-            cy = self.live[y][0]
-            pools = [y]
-            for _ in range(3):
-                pools.append(g.node("MaxPool", [pools[-1]], self.name("sppf"), kernel_shape=[5, 5],
-                                    pads=[2] * 4))
-            self.take(y)
-            cat = self.add(g.node("Concat", pools, self.name("sppfcat"), axis=1), 4 * cy, h)
-            return [self.conv(cat, self.width())]
-        return [self.cbs(x)]
+        for t in (y3, y1):
+            self.take(t)
+        total = branches[0]
+        for i, b in enumerate(branches[1:]):
+            total = g.node("Add", [total, b], f"{n}.add{i}")
+        return [self.add(g.node("Relu", [total], n), cout, h)]
+
+    def _deconv(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """ConvTranspose kernel 2 stride 2 (YOLOv6's upsampling)."""
+        g = self.g
+        if h > 16:
+            return None
+        n = self.name("deconv")
+        self.take(x)
+        cout = self.width()
+        w = g.const(n + ".w", (self.rng.normal(0, 1, (c, cout, 2, 2)) / np.sqrt(c)).astype(np.float32))
+        ins = [x, w] + ([g.const(n + ".b", self.rng.normal(0, 0.1, cout).astype(np.float32))]
+                        if self.rng.random() < 0.5 else [])
+        y = g.node("ConvTranspose", ins, n, kernel_shape=[2, 2], strides=[2, 2])
+        return [self.add(self.act(y, n + ".act"), cout, 2 * h)]
+
+    def _mish(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """X * tanh(softplus(x)), as exporters write Mish before opset 18."""
+        g = self.g
+        n = self.name("mish")
+        self.take(x)
+        t = g.node("Tanh", [g.node("Softplus", [x], n + ".sp")], n + ".tanh")
+        return [self.add(g.node("Mul", [x, t], n), c, h)]
+
+    def _spatial(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """CBAM's spatial gate: mean and max over the channels."""
+        g = self.g
+        n = self.name("sa")
+        self.take(x)
+        if g.opset >= 18:
+            ax = g.const(n + ".axes", np.array([1], np.int64))
+            mean = g.node("ReduceMean", [x, ax], n + ".mean", keepdims=1)
+            mx = g.node("ReduceMax", [x, ax], n + ".max", keepdims=1)
+        else:
+            mean = g.node("ReduceMean", [x], n + ".mean", axes=[1], keepdims=1)
+            mx = g.node("ReduceMax", [x], n + ".max", axes=[1], keepdims=1)
+        cat = g.node("Concat", [mean, mx], n + ".cat", axis=1)
+        w = g.const(n + ".w", (self.rng.normal(0, 1, (1, 2, 3, 3)) / 4).astype(np.float32))
+        gate = g.node("Sigmoid", [g.node("Conv", [cat, w], n + ".conv", kernel_shape=[3, 3],
+                                         pads=[1] * 4)], n + ".sig")
+        return [self.add(g.node("Mul", [x, gate], n), c, h)]
+
+    def _shared(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """One weight read by two Convs (a module called twice)."""
+        g = self.g
+        others = [t for t, (tc, _) in self.live.items() if tc == c and t not in (x, "x")]
+        if not others:
+            return [self.cbs(x)]
+        other = str(self.rng.choice(others))
+        n = self.name("shared")
+        cout = self.width()
+        w = g.const(n + ".w", (self.rng.normal(0, 1, (cout, c, 1, 1)) / np.sqrt(c)).astype(np.float32))
+        outs = []
+        for i, t in enumerate((x, other)):
+            _, th = self.take(t)
+            outs.append(self.add(g.node("Conv", [t, w], f"{n}.{i}"), cout, th))
+        return outs
+
+    def _s2d(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """SpaceToDepth, then a Conv reads it."""
+        g = self.g
+        if h < 4 or h % 2:
+            return None
+        self.take(x)
+        y = self.add(g.node("SpaceToDepth", [x], self.name("s2d"), blocksize=2), 4 * c, h // 2)
+        return [self.conv(y, self.width())]
+
+    def _sppf(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        g = self.g
+        y = self.conv(x, self.width())
+        cy = self.live[y][0]
+        pools = [y]
+        for _ in range(3):
+            pools.append(g.node("MaxPool", [pools[-1]], self.name("sppf"), kernel_shape=[5, 5],
+                                pads=[2] * 4))
+        self.take(y)
+        cat = self.add(g.node("Concat", pools, self.name("sppfcat"), axis=1), 4 * cy, h)
+        return [self.conv(cat, self.width())]
 
 
 def random_yolo_like(seed: int, steps: int = 0, messy: bool = False) -> onnx.ModelProto:
