@@ -356,7 +356,7 @@ def test_a_flatten_from_dim_two_reads_the_shape_by_slice_and_becomes_constant(op
         sl = helper.make_node("Slice", ["s", "s0", "s1", "ax"], ["head"])
     else:
         sl = helper.make_node("Slice", ["s"], ["head"], starts=[0], ends=[2], axes=[0])
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Shape", ["c"], ["s"]), sl,
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Shape", ["c"], ["s"]), sl,
              helper.make_node("Concat", ["head", "minus1"], ["t"], axis=0),
              helper.make_node("Reshape", ["c", "t"], ["y"])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
