@@ -5,7 +5,7 @@ AveragePool, Resize, Pad, SPPF) over tensors of a few channels, ending in 1x1 he
 them flattened as a Detect output is. The same seed gives the same model."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -24,7 +24,7 @@ class _Builder:
         self.rng = np.random.default_rng(seed)
         self.g = G(int(self.rng.choice(OPSETS)), seed)
         self.live: Dict[str, Tuple[int, int]] = {}    # tensor -> (channels, height = width)
-        self.used: Dict[str, int] = {}
+        self.used: Set[str] = set()      # tensors a block has read
         self.k = 0
 
     def name(self, kind: str) -> str:
@@ -32,7 +32,7 @@ class _Builder:
         return f"{kind}{self.k}"
 
     def take(self, t: str) -> Tuple[int, int]:
-        self.used[t] = self.used.get(t, 0) + 1
+        self.used.add(t)
         return self.live[t]
 
     def add(self, t: str, c: int, h: int) -> str:
@@ -111,7 +111,6 @@ class _Builder:
         g = self.g
         s = g.node("Sigmoid", [self.conv(x, c)], self.name("gsig"))
         self.take(x)
-        self.used[s] = 1
         return [self.add(g.node("Mul", [x, s], self.name("gate")), c, h)]
 
     def _se(self, x: str, c: int, h: int) -> Optional[List[str]]:
@@ -335,7 +334,7 @@ def random_yolo_like(seed: int, steps: int = 0, messy: bool = False) -> onnx.Mod
         if made:
             x = str(made[int(b.rng.integers(0, len(made)))])
     g, outs = b.g, []
-    ends = [t for t in b.live if t != "x" and not b.used.get(t)]
+    ends = [t for t in b.live if t != "x" and t not in b.used]
     for i, t in enumerate(ends):
         c, h = b.take(t)
         k = 5 + int(b.rng.integers(0, 4))
