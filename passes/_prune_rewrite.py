@@ -1,15 +1,15 @@
 """The structural rewrite of prune-channels: remove channel positions everywhere they appear.
 
 Given the kept channel indices of every tensor that loses channels, slice producer Conv weights
-and biases (output axis), consumer Conv weights (input axis), depthwise Convs (and their group
-count), BatchNormalization parameters, per-channel constants of element-wise ops, and rewrite
-Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize
-'sizes', the indices of a channel Gather, the target shapes of a channel shuffle's Reshapes,
-constant Expand targets, and the Linear layers and Reshapes of a squeeze-and-excitation gate
-(analysis.linear_se), and make up
-for the removed channels after a mean, sum, max or min over the channel axis (CBAM). Concat
-offsets follow from the inputs. Optionally the removed channels' means are folded
-into the consumer biases first. value_info is dropped and shapes inferred again.
+and biases (output axis), consumer Conv weights (input axis), grouped and depthwise Convs (whole
+groups, and their group count), BatchNormalization parameters, per-channel constants of
+element-wise ops, and rewrite Split sizes (attribute or input, by opset), Slice bounds on the
+channel axis and constant Resize 'sizes', the indices of a channel Gather, the target shapes of a
+channel shuffle's Reshapes, constant Expand targets, and the Linear layers and Reshapes of a
+squeeze-and-excitation gate (analysis.linear_se), and make up for the removed channels after a
+mean, sum, max or min over the channel axis (CBAM). Concat offsets follow from the inputs.
+Optionally the removed channels' means are folded into the consumer biases first. value_info is
+dropped and shapes inferred again.
 """
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ class _Rewriter:
         has_b = len(node.inputs) > 2 and bool(node.inputs[2].name)
         b = ir.const_value(node.inputs[2]) if has_b else np.zeros(w.shape[0], w.dtype)
         g = int(node.attrs.get("group", 1))
-        if g > 1:  # depthwise: input and output channels are the same positions
-            keep = ky if ky is not None else kx
-            w, b = w[keep], b[keep]
-            node.attrs["group"] = int(len(keep))
+        if g > 1:  # whole groups go (analysis: a group's inputs and outputs are one channel)
+            rows = self._group_rows(node, kx, ky, g, w.shape[0])
+            node.attrs["group"] = int(len(rows) // (w.shape[0] // g))
+            w, b = w[rows], b[rows]
         else:
             if kx is not None:
                 b = b + self._folded(x.name, kx, w).astype(b.dtype)
@@ -90,6 +90,17 @@ class _Rewriter:
         self.set_input(node, 1, w, node.inputs[1].name + "_pruned")
         if has_b or np.any(b != 0):
             self.set_input(node, 2, b, (node.inputs[2].name if has_b else node.name + "_bias") + "_pruned")
+
+    def _group_rows(self, node: gs.Node, kx: Optional[np.ndarray], ky: Optional[np.ndarray],
+                    g: int, cout: int) -> np.ndarray:
+        """The weight rows (output channels) of the kept groups of a grouped Conv."""
+        size, keep = (cout // g, ky) if ky is not None else (self.counts[node.inputs[0].name] // g, kx)
+        kept = keep[::size] // size
+        rows = (kept[:, None] * (cout // g) + np.arange(cout // g)).reshape(-1)
+        if len(keep) != len(kept) * size or not np.array_equal(
+                keep, (kept[:, None] * size + np.arange(size)).reshape(-1)):
+            raise PreconditionError(f"prune-channels: Conv '{node.name}' would lose part of a group")
+        return rows
 
     def _folded(self, tensor: str, keep: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Bias change from replacing the removed input channels by their means."""

@@ -15,6 +15,7 @@ a layer's count first. Costs come from a cost model:
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
@@ -254,12 +255,30 @@ class LSQCost:
         return a is b or bool(self._consumers(a) & self._consumers(b))
 
 
+def group_steps(groups: Sequence[ChannelGroup], round_to: int, min_channels: int) -> Tuple[int, int]:
+    """(round_to, min_channels) counted in groups. A group holds one channel of each tensor,
+    except through a grouped Conv, where it is a whole Conv group: a RegNet layer whose groups
+    hold 16 channels may lose one at a time and still keep a multiple of 8 channels, one of
+    ResNeXt's 4-channel groups goes in twos, and a multiple of 8 groups always does."""
+    per_tensor: Dict[str, List[int]] = defaultdict(lambda: [0] * len(groups))
+    for k, g in enumerate(groups):
+        for tensor, _ in g.channels:
+            per_tensor[tensor][k] += 1
+    widths = [math.gcd(*counts) for counts in per_tensor.values()] or [1]
+    step = 1
+    for w in widths:
+        need = round_to // math.gcd(round_to, w)
+        step = step * need // math.gcd(step, need)
+    return step, -(-min_channels // min(widths))
+
+
 def make_layers(analysis: ChannelAnalysis, round_to: int, min_channels: int,
                 max_layer_ratio: float) -> List[Layer]:
     out = []
     for key, groups in sorted(analysis.clusters().items()):
         n, parts = len(groups), layer_parts(groups)
-        out.append(Layer(key, list(groups), allowed_counts(n, round_to, min_channels),
+        counts = allowed_counts(n, *group_steps(groups, round_to, min_channels))
+        out.append(Layer(key, list(groups), counts,
                          max(int(-(-n * (1 - max_layer_ratio) // 1)), len(parts)), list(groups), parts))
     return out
 

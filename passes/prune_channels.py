@@ -39,8 +39,9 @@ upsampling) is pruned as the 1x1 Conv and DepthToSpace it equals, and written ba
 
 Must not fire on channels that reach a graph output, a Reshape/Transpose (other than a channel
 shuffle, whose Reshapes take the new count)/Flatten/Gemm/Softmax,
-the Detect decode, a non-depthwise grouped Conv or a protected node: those layers are skipped
-with the reason. A model with nothing prunable raises PreconditionError.
+the Detect decode or a protected node: those layers are skipped with the reason. A grouped
+Conv loses whole groups: group a's input and output channels are one channel of the analysis
+(depthwise Convs are the case of one input channel a group). A model with nothing prunable raises PreconditionError.
 """
 from __future__ import annotations
 

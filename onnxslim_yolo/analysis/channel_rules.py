@@ -341,7 +341,8 @@ def rule_elementwise(node: gs.Node, rec: Recorder) -> None:
 
 
 def conv_kind(node: gs.Node, rec: Recorder) -> Tuple[str, str]:
-    """("dense" | "depthwise" | "blocked", reason)."""
+    """("dense" | "grouped" | "blocked", reason). "grouped": group > 1 with the weight's
+    (cout, cin / group, ...) layout; depthwise Convs are the case of one input channel a group."""
     w = node.inputs[1] if len(node.inputs) > 1 else None
     wv = ir.const_value(w) if w is not None else None
     if wv is None:
@@ -351,10 +352,25 @@ def conv_kind(node: gs.Node, rec: Recorder) -> Tuple[str, str]:
     g = int(node.attrs.get("group", 1))
     if g == 1:
         return "dense", ""
-    cin = rec.channels(node.inputs[0])
-    if cin == g and wv.shape[0] == g and wv.shape[1] == 1:
-        return "depthwise", ""
-    return "blocked", f"grouped Conv (group={g}) that is not depthwise"
+    cin, cout = rec.channels(node.inputs[0]), rec.channels(node.outputs[0])
+    if not cin or not cout:
+        return "blocked", f"grouped Conv (group={g}) with unknown channel counts"
+    if wv.ndim < 3 or cin % g or cout % g or wv.shape[0] != cout or wv.shape[1] != cin // g:
+        return "blocked", f"grouped Conv (group={g}) whose weight {list(wv.shape)} does not fit {cin} -> {cout}"
+    return "grouped", ""
+
+
+def _link_groups(node: gs.Node, rec: Recorder, x: gs.Tensor, y: gs.Tensor, g: int) -> None:
+    """A Conv of ``g`` groups loses whole groups: group a's input channels and output channels
+    are one channel (depthwise: input a and output a). Its output channels take the
+    "depthwise" role, named after the common case."""
+    ci, co = rec.channels(x) // g, rec.channels(y) // g
+    for a in range(g):
+        for b in range(ci):
+            rec.link(x, a * ci + b, y, a * co, 1)
+        for d in range(1, co):
+            rec.link(y, a * co, y, a * co + d, 1)
+    rec.role(y, "depthwise", node)
 
 
 def rule_conv(node: gs.Node, rec: Recorder) -> None:
@@ -362,11 +378,8 @@ def rule_conv(node: gs.Node, rec: Recorder) -> None:
     kind, why = conv_kind(node, rec)
     if kind == "blocked":
         return block_node(node, rec, why)
-    if kind == "depthwise":
-        _pass_through(node, rec, x, y)
-        if rec.channels(y):
-            rec.role(y, "depthwise", node)
-        return
+    if kind == "grouped":
+        return _link_groups(node, rec, x, y, int(node.attrs["group"]))
     if rec.channels(x):
         rec.role(x, "consumer", node)
     else:

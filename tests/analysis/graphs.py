@@ -116,6 +116,17 @@ def residual_graph() -> onnx.ModelProto:
     return g.model([X], [g.conv(dw, 8, 5, "h")])
 
 
+def grouped_graph() -> onnx.ModelProto:
+    """a(8) -> SiLU -> grp 3x3 (group=4, 8 -> 12) -> SiLU -> dwm 3x3 (group=12, 12 -> 24: a
+    depthwise Conv with two outputs per input) -> SiLU -> h (as ResNeXt / RegNet and Keras'
+    depth_multiplier export them)."""
+    g = G()
+    a = g.cbs("x", 3, 8, "a")
+    grp = g.silu(g.conv(a, 8, 12, "grp", k=3, group=4), "grp.act")
+    dwm = g.silu(g.conv(grp, 12, 24, "dwm", k=3, group=12), "dwm.act")
+    return g.model([X], [g.conv(dwm, 24, 5, "h")])
+
+
 def pool_resize_graph() -> onnx.ModelProto:
     """a(6) -> MaxPool 3x3 -> Resize x2 (scales) -> b 3x3 -> Slice channels [1:5] -> c."""
     g = G()

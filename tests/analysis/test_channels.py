@@ -207,13 +207,17 @@ def test_a_transpose_other_than_a_shuffle_blocks():
     assert _group(a, "u0.b1_out", 0).prunable
 
 
-def test_unmapped_ops_and_grouped_convs_block_with_reasons():
+def test_unmapped_ops_block_with_reasons_and_a_grouped_conv_ties_each_group():
     a = analyze_channels(graphs.blocked_graph(), protect_head=False)
     assert not a.prunable_groups()
     assert "consumed by Reshape 'flat'" in _group(a, "a_out", 0).reasons
-    grouped = "consumed by Conv 'grp' (grouped Conv (group=2) that is not depthwise)"
-    assert grouped in _group(a, "p_out", 1).reasons
-    assert "graph output 'grp_out'" in _group(a, "grp_out", 0).reasons
+    # grp (group=2, 4 -> 4): group 0 is inputs 0-1 and outputs 0-1, one channel to prune
+    first = _group(a, "p_out", 1)
+    assert {(t, i) for t, i in first.channels if t in ("p_out", "grp_out")} == \
+        {("p_out", 0), ("p_out", 1), ("grp_out", 0), ("grp_out", 1)}
+    assert first.reasons == ("graph output 'grp_out'",)
+    assert [r.index for r in first.of_kind("depthwise")] == [0, 1]
+    assert _group(a, "p_out", 2) is not first and _group(a, "p_out", 2) is _group(a, "grp_out", 3)
     assert "graph input 'x'" in _group(a, "x", 0).reasons
 
 

@@ -89,6 +89,7 @@ HAND = {
     "split18": lambda: graphs.split_graph(18),
     "split18_num_outputs": lambda: graphs.split_graph(18, (4, 4), True),
     "residual_depthwise": graphs.residual_graph,
+    "grouped_and_depth_multiplier": graphs.grouped_graph,
     "pool_resize_slice": graphs.pool_resize_graph,
     "pad13": graphs.pad_graph,
     "pad18_axes": lambda: graphs.pad_graph(18),
@@ -338,6 +339,32 @@ def test_split_and_depthwise_attributes_follow_the_kept_channels():
     dw = next(n for n in res.model.graph.node if n.name == "dw")
     group = [a.i for a in dw.attribute if a.name == "group"][0]
     assert group == res.report.details["layers"]["dw"]["out_channels"][1] < 8
+
+
+def test_grouped_convs_lose_whole_groups():
+    """grp (group=4, two inputs and three outputs a group) and dwm (group=12, two outputs an
+    input): a's channels go in pairs, grp's outputs in threes with them, dwm's in pairs with
+    grp's; the group counts and weights follow, and the result equals the zeroed original."""
+    model = graphs.grouped_graph()
+    res = run(model, per_layer={"a": 0.5}, round_to=1, **EXACT)
+    layers = res.report.details["layers"]
+    kept_a = layers["a"]["kept_out"]
+    assert len(kept_a) == 4 and all(i % 2 == 0 and i + 1 in kept_a for i in kept_a[::2])
+    grps = [i // 2 for i in kept_a[::2]]
+    assert layers["grp"]["kept_out"] == [3 * k + j for k in grps for j in range(3)]
+    assert layers["dwm"]["kept_out"] == [2 * c + j for c in layers["grp"]["kept_out"] for j in range(2)]
+    nodes = {n.name: n for n in res.model.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    for name, group, shape in (("grp", 2, (6, 2, 3, 3)), ("dwm", 6, (12, 1, 3, 3))):
+        assert [a.i for a in nodes[name].attribute if a.name == "group"] == [group]
+        assert inits[nodes[name].input[1]].shape == shape
+    assert_exact(model, res.model, res.report.details)
+    # calibrated: the measured choice and h's refit work across the groups too
+    calib = verify.random_feeds(model, 8, 1)
+    res = run(model, calib, ratio=0.3, round_to=1)
+    assert res.modified and "h" in res.report.details["refit"]
+    assert res.report.details["layers"]["grp"]["out_channels"][1] % 3 == 0
+    verify.session(res.model).run(None, calib[0])
 
 
 @pytest.mark.parametrize("cost", ["score", "lsq"])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from onnxslim_yolo.analysis.channels import ChannelGroup
-from onnxslim_yolo.passes._prune_select import Layer, _best
+from onnxslim_yolo.passes._prune_select import Layer, _best, allowed_counts, group_steps
 
 
 def _group(gid: int, macs: int) -> ChannelGroup:
@@ -73,3 +73,24 @@ def test_channel_counts_are_multiples_of_round_to_or_the_layer_is_kept_whole():
     assert allowed_counts(32, 32, 1) == []
     assert allowed_counts(64, 32, 1) == [32] and allowed_counts(48, 16, 20) == [32]
     assert allowed_counts(5, 1, 2) == [4, 3, 2]   # round_to 1: any count down to min_channels
+
+
+def _wide_groups(widths, n=4):
+    """``n`` groups holding ``widths[t]`` channels of each tensor t (a grouped Conv's groups)."""
+    return [ChannelGroup(k, frozenset((t, k * w + i) for t, w in widths.items() for i in range(w)),
+                         (), 0, ()) for k in range(n)]
+
+
+def test_round_to_and_min_channels_count_channels_through_grouped_convs():
+    assert group_steps(_wide_groups({"a": 1, "b": 1}), 8, 1) == (8, 1)        # one channel a group
+    assert group_steps(_wide_groups({"a": 16, "b": 16}), 8, 1) == (1, 1)      # RegNet: 16 a group
+    assert group_steps(_wide_groups({"a": 4, "b": 4}), 8, 1) == (2, 1)        # ResNeXt 32x4d
+    assert group_steps(_wide_groups({"a": 2, "b": 3, "c": 6}), 8, 1) == (8, 1)
+    assert group_steps(_wide_groups({"a": 16, "b": 32}), 8, 40) == (1, 3)     # 3 x 16 >= 40
+    assert group_steps(_wide_groups({"a": 4}), 1, 1) == (1, 1)
+    # a Split part: the groups it does not hold count 0 there
+    parts = _wide_groups({"a": 1})
+    parts[0] = ChannelGroup(0, parts[0].channels | {("part", 0)}, (), 0, ())
+    assert group_steps(parts, 8, 1) == (8, 1)
+    # 10 RegNet groups of 16 channels keep 9, 8, ... of them: every count a multiple of 8 channels
+    assert allowed_counts(10, *group_steps(_wide_groups({"a": 16}, 10), 8, 1)) == list(range(9, 0, -1))
