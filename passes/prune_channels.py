@@ -41,7 +41,8 @@ Must not fire on channels that reach a graph output, a Reshape/Transpose (other 
 shuffle, whose Reshapes take the new count)/Flatten/Gemm/Softmax,
 the Detect decode or a protected node: those layers are skipped with the reason. A grouped
 Conv loses whole groups: group a's input and output channels are one channel of the analysis
-(depthwise Convs are the case of one input channel a group). A model with nothing prunable raises PreconditionError.
+(depthwise Convs are the case of one input channel a group). A model with nothing prunable
+raises PreconditionError.
 """
 from __future__ import annotations
 

@@ -356,7 +356,8 @@ def conv_kind(node: gs.Node, rec: Recorder) -> Tuple[str, str]:
     if not cin or not cout:
         return "blocked", f"grouped Conv (group={g}) with unknown channel counts"
     if wv.ndim < 3 or cin % g or cout % g or wv.shape[0] != cout or wv.shape[1] != cin // g:
-        return "blocked", f"grouped Conv (group={g}) whose weight {list(wv.shape)} does not fit {cin} -> {cout}"
+        return "blocked", (f"grouped Conv (group={g}) whose weight {list(wv.shape)} does not fit "
+                           f"{cin} -> {cout}")
     return "grouped", ""
 
 
