@@ -84,7 +84,9 @@ class Canonicalize(Pass):
         shapes = dict(ctx.input_shapes) if ctx.fix_input_shapes else {}
         if shapes:
             model = ir.fix_input_shapes(model, shapes)
-        if not ir.is_topological(model.graph):   # onnx's inference reads the nodes in order
+        unsorted = not ir.is_topological(model.graph)
+        if unsorted:   # onnx's inference reads the nodes in order
+            report.count("nodes_sorted", len(model.graph.node))
             model = ir.to_model(ir.to_graph(model).toposort(), like=model, cleanup=False)
         graph = _inferred_graph(model, report)
         n_before = len(graph.nodes)
@@ -117,9 +119,11 @@ class Canonicalize(Pass):
         report.count("constant_nodes_folded", max(0, n_before - n_after - removed))
         out = ir.to_model(graph, like=model, cleanup=False)
         del out.graph.value_info[:]
-        modified = n_after != n_before or named > 0 or bool(shapes) or not _same_graph(model, out)
+        modified = (n_after != n_before or named > 0 or bool(shapes) or unsorted
+                    or not _same_graph(model, out))
         # unmodified, the model goes back as it came: the export may still differ in what no
-        # reader sees (initializers in the order their nodes use them)
+        # reader sees (initializers in the order their nodes use them, another topological
+        # order of the same nodes)
         return PassResult(out if modified else model, modified, report)
 
 
@@ -260,8 +264,9 @@ def constant_reshape_targets(graph: gs.Graph) -> int:
 
 
 def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    ga = [(n.op_type, tuple(n.input), tuple(n.output)) for n in a.graph.node]
-    gb = [(n.op_type, tuple(n.input), tuple(n.output)) for n in b.graph.node]
+    """The same nodes (in any order: both are topologically sorted) and as many initializers."""
+    ga = sorted((n.op_type, tuple(n.input), tuple(n.output)) for n in a.graph.node)
+    gb = sorted((n.op_type, tuple(n.input), tuple(n.output)) for n in b.graph.node)
     return ga == gb and len(a.graph.initializer) == len(b.graph.initializer)
 
 

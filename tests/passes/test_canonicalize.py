@@ -469,6 +469,30 @@ def test_nodes_out_of_order_are_sorted_before_shape_inference():
     onnx.checker.check_model(res.model, full_check=True)
 
 
+def test_another_topological_order_of_the_same_nodes_is_no_change():
+    """A ResNet block as torch lists it (the branch, then the shortcut Conv): graphsurgeon's sort
+    puts the shortcut first. That alone is no change: the model goes back as given (the summary
+    said "changed: yes" with nothing to show). An input out of order is sorted and counted."""
+    w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv1", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w"], ["b"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["x", "w"], ["d"], name="down", kernel_shape=[1, 1]),
+             helper.make_node("Add", ["b", "d"], ["y"], name="add")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])
+    m = helper.make_model_gen_version(helper.make_graph(nodes, "g", [x], [y], [w]),
+                                      opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    resorted = [n.name for n in ir.to_graph(m).toposort().nodes]
+    assert resorted != [n.name for n in nodes]   # the case: graphsurgeon orders them otherwise
+    res = Canonicalize().run(m, PassContext())
+    assert not res.modified and res.model is m and "nodes_sorted" not in res.report.counts
+    m.graph.node.insert(0, m.graph.node.pop())   # the Add first: out of order
+    res = Canonicalize().run(m, PassContext())
+    assert res.modified and res.report.counts["nodes_sorted"] == 5
+    assert ir.is_topological(res.model.graph)
+
+
 def test_a_refusal_seen_again_in_another_fold_round_is_listed_once():
     """An Identity from one graph output to another was refused once per fold round (3 identical
     entries), 'from a graph input or constant'."""
