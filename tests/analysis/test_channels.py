@@ -268,6 +268,39 @@ def test_shape_feeding_its_own_resize_does_not_block():
     assert "channel count read by Shape 'shape' feeding Reshape 'r'" in an2.group_of("a_out", 0).reasons
 
 
+@pytest.mark.parametrize("read, blocks", [
+    ("gather 2", False), ("gather -1", False), ("gather 0 2 3", False), ("slice 2 4", False),
+    ("slice -2 4", False), ("slice 0 4 2", False), ("end 1", False), ("start 2", False),
+    ("gather 1", True), ("gather -3", True), ("slice 0 2", True), ("slice 1 4 2", True),
+    ("end -1", True)])
+def test_a_shape_read_for_other_dims_than_the_channels_does_not_block(read, blocks):
+    """``_, _, h, w = x.shape`` (YOLOv8/11's anchors with a dynamic batch: Shape -> Gather 2 and 3
+    -> Range) reads no channel count, whatever the values then size; reading entry 1 blocks."""
+    g = graphs.G(15)   # Shape's start and end
+    a = g.cbs("x", 3, 4, "a")
+    kind, *nums = read.split()
+    ints = [int(v) for v in nums]
+    attrs = {kind: ints[0]} if kind in ("start", "end") else {}
+    shp = g.node("Shape", [a], "shape", **attrs)
+    if kind == "gather":
+        picked = g.node("Gather", [shp, g.const("idx", np.array(ints, np.int64))], "pick", axis=0)
+    elif kind == "slice":
+        bounds = [np.array([v], np.int64) for v in ints[:2] + [0] + ints[2:]]
+        picked = g.node("Slice", [shp] + [g.const(f"b{i}", v) for i, v in enumerate(bounds)], "pick")
+    else:
+        picked = shp
+    n = g.node("ReduceProd", [picked], "n", keepdims=1)
+    flat = g.node("Reshape", [g.node("Mul", [a, a], "sq"), g.node("Concat", [
+        g.const("one", np.array([1], np.int64)), g.const("m1", np.array([-1], np.int64))], "t", axis=0)], "flat")
+    cast = g.node("Cast", [n], "cast", to=1)  # float
+    out = g.node("Mul", [g.node("ReduceSum", [flat], "sum", keepdims=0), cast], "scaled")
+    an = analyze_channels(g.model([graphs.X], [g.conv(a, 4, 2, "h"), out], out_rank=[4, 1]))
+    reasons = an.group_of("a_out", 0).reasons
+    assert ("channel count read by Shape 'shape' feeding ReduceProd 'n'" in reasons) == blocks
+    if not blocks:   # what is left blocking is the Reshape of a * a, not the Shape
+        assert all("Shape" not in r for r in reasons)
+
+
 def test_total_macs_match_flops_and_fixture_families_have_prunable_groups():
     from fixtures import FAMILIES
 
