@@ -2,14 +2,14 @@
 
 Given the kept channel indices of every tensor that loses channels, slice producer Conv weights
 and biases (output axis), consumer Conv weights (input axis), grouped and depthwise Convs (whole
-groups, and their group count), BatchNormalization parameters, per-channel constants of
-element-wise ops, and rewrite Split sizes (attribute or input, by opset), Slice bounds on the
-channel axis and constant Resize 'sizes', the indices of a channel Gather, the target shapes of a
-channel shuffle's Reshapes, constant Expand targets, and the Linear layers and Reshapes of a
-squeeze-and-excitation gate (analysis.linear_se), and make up for the removed channels after a
-mean, sum, max or min over the channel axis (CBAM). Concat offsets follow from the inputs.
-Optionally the removed channels' means are folded into the consumer biases first. value_info is
-dropped and shapes inferred again.
+groups, and their group count), BatchNormalization and InstanceNormalization parameters,
+per-channel constants of element-wise ops, and rewrite Split sizes (attribute or input, by
+opset), Slice bounds on the channel axis and constant Resize 'sizes', the indices of a channel
+Gather, the target shapes of a channel shuffle's Reshapes, constant Expand targets, and the
+Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se), and make up for
+the removed channels after a mean, sum, max or min over the channel axis (CBAM). Concat offsets
+follow from the inputs. Optionally the removed channels' means are folded into the consumer
+biases first. value_info is dropped and shapes inferred again.
 """
 from __future__ import annotations
 
@@ -112,10 +112,11 @@ class _Rewriter:
         return taps @ mean[gone]
 
     def batchnorm(self, node: gs.Node) -> None:
+        """BatchNormalization's four per-channel inputs, InstanceNormalization's two."""
         k = self.k(node.outputs[0])
         if k is None:
             return
-        for i in range(1, 5):
+        for i in range(1, len(node.inputs)):
             v = ir.const_value(node.inputs[i])
             self.set_input(node, i, v[k], node.inputs[i].name + "_pruned")
 
@@ -259,6 +260,7 @@ class _Rewriter:
 
     def run(self) -> None:
         table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
+                 "InstanceNormalization": self.batchnorm,
                  "Gather": self.gather,
                  "Slice": self.slice, "Resize": self.resize, "Reshape": self.reshape,
                  "Flatten": self.linear_se, "Squeeze": self.linear_se, "Expand": self.expand,

@@ -2,9 +2,9 @@
 
 Every channel position ``(tensor, index)`` of a feature tensor (float, rank >= 3, static channel
 count on axis 1) is a node of a networkx graph; the per-op rules in :mod:`channel_rules` link
-positions that are the same channel (through activations, BN, pooling, Resize, Split/Slice/Concat
-offsets, residual Add/Mul, depthwise and grouped Convs (a group's inputs and outputs go
-together), spatial Pads, Reduce/Squeeze/Unsqueeze over axes
+positions that are the same channel (through activations, BN, InstanceNorm, pooling, Resize,
+Split/Slice/Concat offsets, residual Add/Mul, depthwise and grouped Convs (a group's inputs and
+outputs go together), spatial Pads, Reduce/Squeeze/Unsqueeze over axes
 after the channel axis, ShuffleNet's channel shuffle, a fixed permutation, DepthToSpace and
 SpaceToDepth, which tie a channel to its block of channels, and squeeze-and-excitation
 gates written with Linear layers, :mod:`.linear_se`). A connected
@@ -42,8 +42,8 @@ ClusterKey = Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]
 @dataclass(frozen=True)
 class Role:
     """A weight slot tied to one channel: ``kind`` is producer (Conv output channel), consumer
-    (dense Conv input channel), depthwise (output channel of a depthwise or grouped Conv), bn or
-    const (per-channel constant of an element-wise op)."""
+    (dense Conv input channel), depthwise (output channel of a depthwise or grouped Conv), bn,
+    norm (InstanceNormalization) or const (per-channel constant of an element-wise op)."""
 
     kind: str
     node: str

@@ -127,6 +127,23 @@ def grouped_graph() -> onnx.ModelProto:
     return g.model([X], [g.conv(dwm, 24, 5, "h")])
 
 
+def instancenorm_graph() -> onnx.ModelProto:
+    """IBN-Net's mix: a(8) -> Split (4, 4) -> InstanceNormalization on the first half,
+    BatchNormalization on the second -> Concat -> SiLU -> h."""
+    g = G()
+    a = g.conv("x", 3, 8, "a", k=3)
+    parts = g.node("Split", [a, g.const("sizes", np.array([4, 4], np.int64))], "split", n_out=2, axis=1)
+    r = g.rng
+    scale, bias = r.uniform(0.5, 1.5, 4).astype(np.float32), r.normal(0, 0.5, 4).astype(np.float32)
+    inorm = g.node("InstanceNormalization", [parts[0], g.const("in.s", scale), g.const("in.b", bias)], "in")
+    bn = g.node("BatchNormalization", [parts[1]] + [
+        g.const(f"bn.{k}", v.astype(np.float32)) for k, v in (
+            ("s", r.uniform(0.5, 1.5, 4)), ("b", r.normal(0, 0.5, 4)), ("m", r.normal(0, 0.5, 4)),
+            ("v", r.uniform(0.5, 1.5, 4)))], "bn")
+    cat = g.silu(g.node("Concat", [inorm, bn], "cat", axis=1), "act")
+    return g.model([X], [g.conv(cat, 8, 5, "h")])
+
+
 def pool_resize_graph() -> onnx.ModelProto:
     """a(6) -> MaxPool 3x3 -> Resize x2 (scales) -> b 3x3 -> Slice channels [1:5] -> c."""
     g = G()

@@ -27,7 +27,8 @@ def run(model: onnx.ModelProto, calib: Optional[list] = None, **opts):
 
 def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
     """The original with every removed channel zeroed at its source: producer and depthwise
-    filters and biases, BN beta and mean (BN(0) = 0), per-channel constants (0 + 0 = 0 * 0 = 0 / s).
+    filters and biases, BN beta and mean (BN(0) = 0), InstanceNorm bias, per-channel constants
+    (0 + 0 = 0 * 0 = 0 / s).
     A ConvTranspose the pass mapped is zeroed in its exact 1x1 Conv + DepthToSpace form."""
     model = _prune_lower.lower(model)[0]
     a = analyze_channels(model)
@@ -65,6 +66,8 @@ def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
             elif r.kind == "bn":
                 zero(node.input[2], r.index)
                 zero(node.input[3], r.index)
+            elif r.kind == "norm":   # InstanceNormalization of a zero channel: its bias
+                zero(node.input[2], r.index)
             elif r.kind == "const":   # a divisor stays: 0 / s = 0
                 for t in node.input[:1] if node.op_type == "Div" else node.input:
                     if t in inits and numpy_helper.to_array(inits[t]).ndim >= 3:
@@ -90,6 +93,7 @@ HAND = {
     "split18_num_outputs": lambda: graphs.split_graph(18, (4, 4), True),
     "residual_depthwise": graphs.residual_graph,
     "grouped_and_depth_multiplier": graphs.grouped_graph,
+    "instancenorm_ibn": graphs.instancenorm_graph,
     "pool_resize_slice": graphs.pool_resize_graph,
     "pad13": graphs.pad_graph,
     "pad18_axes": lambda: graphs.pad_graph(18),
@@ -339,6 +343,21 @@ def test_split_and_depthwise_attributes_follow_the_kept_channels():
     dw = next(n for n in res.model.graph.node if n.name == "dw")
     group = [a.i for a in dw.attribute if a.name == "group"][0]
     assert group == res.report.details["layers"]["dw"]["out_channels"][1] < 8
+
+
+def test_instancenorm_channels_go_with_their_scale_and_bias():
+    """IBN's InstanceNormalization half of a's channels prunes as the BatchNormalization half does."""
+    model = graphs.instancenorm_graph()
+    res = run(model, per_layer={"a": 0.5}, round_to=1, **EXACT)
+    kept = res.report.details["layers"]["a"]["kept_out"]
+    first = [i for i in kept if i < 4]
+    assert len(first) < 4 and len(kept) == 4
+    node = next(n for n in res.model.graph.node if n.op_type == "InstanceNormalization")
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    src = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.array_equal(inits[node.input[1]], src["in.s"][first])
+    assert np.array_equal(inits[node.input[2]], src["in.b"][first])
+    assert_exact(model, res.model, res.report.details)
 
 
 def test_grouped_convs_lose_whole_groups():
