@@ -714,6 +714,24 @@ def const_ints(node: gs.Node, index: int, attr: Optional[str] = None) -> Optiona
     return None if v is None else [int(a) for a in np.asarray(v).ravel()]
 
 
+def picked_indices(node: gs.Node, length: int) -> Optional[List[int]]:
+    """The positions of a 1-D vector of ``length`` entries (a shape) that ``node`` takes, in
+    order: a Gather on axis 0 of constant indices, or a Slice on axis 0 with constant bounds
+    (any step). None for any other node, computed bounds or indices out of range."""
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and len(node.inputs) > 1:
+        idx = const_value(node.inputs[1])
+        if idx is None or not all(-length <= int(i) < length for i in np.ravel(idx)):
+            return None
+        return [int(i) % length for i in np.ravel(idx)]
+    if node.op == "Slice":
+        starts, ends = const_ints(node, 1, "starts"), const_ints(node, 2, "ends")
+        axes, steps = const_ints(node, 3, "axes"), const_ints(node, 4, "steps")
+        if not starts or not ends or axes not in ([], [0], [-1]) or steps is None or len(steps) > 1:
+            return None
+        return list(range(length))[slice(starts[0], ends[0], steps[0] if steps else 1)]
+    return None
+
+
 def reshape_target(node: gs.Node) -> Optional[List[int]]:
     """A Reshape's constant target shape; None when it is computed or, with ``allowzero`` set,
     holds a 0 (a dim of size zero rather than a copy of the input's). ``allowzero`` changes

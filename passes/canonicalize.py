@@ -167,18 +167,10 @@ def _shape_entries(t: gs.Tensor) -> Optional[list]:
     if node.op == "Concat" and int(node.attrs.get("axis", 0)) in (0, -1):
         parts = [_shape_entries(i) for i in node.inputs]
         return None if any(p is None for p in parts) else [v for p in parts for v in p]
-    if node.op == "Slice":  # x.shape[a:b], as flatten(start_dim=2) reads it
+    if node.op in ("Slice", "Gather"):  # x.shape[a:b] (flatten(start_dim=2)), x.shape[i]
         data = _shape_entries(node.inputs[0])
-        starts, ends = ir.const_ints(node, 1, "starts"), ir.const_ints(node, 2, "ends")
-        axes, steps = ir.const_ints(node, 3, "axes"), ir.const_ints(node, 4, "steps")
-        if data is None or not starts or not ends or axes not in ([], [0], [-1]) or steps not in ([], [1]):
-            return None
-        return data[starts[0]:ends[0]]
-    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
-        data, idx = _shape_entries(node.inputs[0]), ir.const_value(node.inputs[1])
-        if data is None or idx is None or not all(-len(data) <= int(i) < len(data) for i in idx.ravel()):
-            return None
-        return [data[int(i)] for i in idx.ravel()]
+        picked = ir.picked_indices(node, len(data)) if data is not None else None
+        return None if picked is None else [data[i] for i in picked]
     return None
 
 

@@ -408,31 +408,13 @@ def _meets_source(expand: gs.Node, src: gs.Tensor) -> bool:
     return any(r.op in ELEMENTWISE_OPS and src in r.inputs for r in expand.outputs[0].outputs)
 
 
-def _picked_entries(node: gs.Node, length: Optional[int]) -> Optional[List[int]]:
-    """The entries of a shape vector (of ``length`` entries, None if unknown) that a Gather on
-    axis 0 or a Slice with constant bounds takes; None for any other reader or bounds that
-    need the unknown length."""
-    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
-        idx = ir.const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        if idx is None or (length is None and np.any(idx < 0)):
-            return None
-        return [int(i) % length if length else int(i) for i in np.asarray(idx).ravel()]
-    if node.op == "Slice" and length is not None:
-        starts, ends = ir.const_ints(node, 1, "starts"), ir.const_ints(node, 2, "ends")
-        axes, steps = ir.const_ints(node, 3, "axes"), ir.const_ints(node, 4, "steps")
-        if not starts or not ends or axes not in ([], [0], [-1]) or steps is None or len(steps) > 1:
-            return None
-        return list(range(length))[slice(starts[0], ends[0], steps[0] if steps else 1)]
-    return None
-
-
 def _shape_channel_entry(node: gs.Node) -> Tuple[Optional[int], Optional[int]]:
     """(where the channel count sits in a Shape's output or None if it is not there, the output's
     length or None if unknown)."""
     shape = node.inputs[0].shape
     rank = len(shape) if shape is not None else None
     start, end = int(node.attrs.get("start", 0)), node.attrs.get("end")
-    if rank is None:  # a negative start is caught by the caller; a negative end may hold it
+    if rank is None:  # the caller keeps a negative start; a negative end may hold the count
         cut = end is not None and 0 <= int(end) <= 1
         return (1 - start if 0 <= start <= 1 and not cut else None), None
     window = list(range(rank))[slice(start, None if end is None else int(end))]
@@ -444,7 +426,7 @@ def _shape_feeds_only_own_resize(node: gs.Node) -> Optional[str]:
     or Slices of other entries), or only sizes a Resize of the same tensor, or an Expand of a
     tensor then combined with it, else what reads it."""
     entry, length = _shape_channel_entry(node)
-    if entry is None and int(node.attrs.get("start", 0)) >= 0:
+    if entry is None and (length is not None or int(node.attrs.get("start", 0)) >= 0):
         return None  # reads other dims only
     stack, seen = [node.outputs[0]], set()
     while stack:
@@ -453,7 +435,7 @@ def _shape_feeds_only_own_resize(node: gs.Node) -> Optional[str]:
             continue
         seen.add(id(t))
         for c in t.outputs:
-            picked = _picked_entries(c, length) if t is node.outputs[0] and entry is not None else None
+            picked = ir.picked_indices(c, length) if t is node.outputs[0] and length is not None else None
             if picked is not None and entry not in picked:
                 continue  # an entry other than the channel count
             if c.op == "Resize" and len(c.inputs) > 3 and c.inputs[3] is t:

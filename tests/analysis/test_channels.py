@@ -271,6 +271,7 @@ def test_shape_feeding_its_own_resize_does_not_block():
 @pytest.mark.parametrize("read, blocks", [
     ("gather 2", False), ("gather -1", False), ("gather 0 2 3", False), ("slice 2 4", False),
     ("slice -2 4", False), ("slice 0 4 2", False), ("end 1", False), ("start 2", False),
+    ("start -2", False), ("slice 3 0 -1", True), ("slice 3 1 -1", False),
     ("gather 1", True), ("gather -3", True), ("slice 0 2", True), ("slice 1 4 2", True),
     ("end -1", True)])
 def test_a_shape_read_for_other_dims_than_the_channels_does_not_block(read, blocks):
