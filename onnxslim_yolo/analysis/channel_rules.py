@@ -90,28 +90,19 @@ def rule_unary(node: gs.Node, rec: Recorder) -> None:
     _pass_through(node, rec, node.inputs[0], node.outputs[0])
 
 
-def rule_batchnorm(node: gs.Node, rec: Recorder) -> None:
+def rule_norm(node: gs.Node, rec: Recorder) -> None:
+    """BatchNormalization and InstanceNormalization (which normalises each channel over its own
+    spatial values) map channel c to channel c; their per-channel parameters (four, two) take
+    the role "bn" or "norm" and are sliced with the channel."""
     if not _has_feature_io(node, rec):
         return
-    if any(ir.const_value(t) is None for t in node.inputs[1:5]):
+    if any(ir.const_value(t) is None for t in node.inputs[1:]):
         return block_node(node, rec, "non-constant parameters")
     if any(o.outputs for o in node.outputs[1:]):
         return block_node(node, rec, "training-mode outputs are used")
     _pass_through(node, rec, node.inputs[0], node.outputs[0])
     if rec.channels(node.outputs[0]):
-        rec.role(node.outputs[0], "bn", node)
-
-
-def rule_instancenorm(node: gs.Node, rec: Recorder) -> None:
-    """InstanceNormalization normalises each channel over its own spatial values: channel c in,
-    channel c out, with its scale and bias (role "norm": sliced with the channel)."""
-    if not _has_feature_io(node, rec):
-        return
-    if any(ir.const_value(t) is None for t in node.inputs[1:3]):
-        return block_node(node, rec, "non-constant scale or bias")
-    _pass_through(node, rec, node.inputs[0], node.outputs[0])
-    if rec.channels(node.outputs[0]):
-        rec.role(node.outputs[0], "norm", node)
+        rec.role(node.outputs[0], "bn" if node.op == "BatchNormalization" else "norm", node)
 
 
 def rule_pool(node: gs.Node, rec: Recorder) -> None:
@@ -725,7 +716,7 @@ RULES: Dict[str, Rule] = {
     **{op: rule_axes for op in REDUCE_OPS},
     "Squeeze": _or_linear_se(rule_axes), "Unsqueeze": _or_linear_se(rule_axes),
     "Flatten": _or_linear_se(block_node), "Expand": rule_expand,
-    "BatchNormalization": rule_batchnorm, "InstanceNormalization": rule_instancenorm,
+    "BatchNormalization": rule_norm, "InstanceNormalization": rule_norm,
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
     "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,
