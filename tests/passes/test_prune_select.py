@@ -66,8 +66,6 @@ def test_a_unit_under_half_the_remainder_beats_any_lump():
 def test_channel_counts_are_multiples_of_round_to_or_the_layer_is_kept_whole():
     """A layer no wider than --round-to took any count (--round-to 32 left layers of 13, 27 and
     31 channels, which run slower); it has no multiple to shrink to, so it stays whole."""
-    from onnxslim_yolo.passes._prune_select import allowed_counts
-
     assert allowed_counts(40, 8, 1) == [32, 24, 16, 8]
     assert allowed_counts(16, 32, 1) == [] and allowed_counts(8, 8, 1) == []
     assert allowed_counts(32, 32, 1) == []
