@@ -291,8 +291,8 @@ def test_a_shape_read_for_other_dims_than_the_channels_does_not_block(read, bloc
     else:
         picked = shp
     n = g.node("ReduceProd", [picked], "n", keepdims=1)
-    flat = g.node("Reshape", [g.node("Mul", [a, a], "sq"), g.node("Concat", [
-        g.const("one", np.array([1], np.int64)), g.const("m1", np.array([-1], np.int64))], "t", axis=0)], "flat")
+    target = g.const("t", np.array([1, -1], np.int64))
+    flat = g.node("Reshape", [g.node("Mul", [a, a], "sq"), target], "flat")
     cast = g.node("Cast", [n], "cast", to=1)  # float
     out = g.node("Mul", [g.node("ReduceSum", [flat], "sum", keepdims=0), cast], "scaled")
     an = analyze_channels(g.model([graphs.X], [g.conv(a, 4, 2, "h"), out], out_rank=[4, 1]))
