@@ -17,6 +17,9 @@ OPSETS = (11, 13, 17, 18, 21)
 BLOCKS = ("cbs", "cbs", "down", "dw", "group2", "residual", "gate", "se", "concat", "concat",
           "split", "slice", "maxpool", "avgpool", "up", "pad", "sppf", "affine", "repvgg", "deconv",
           "mish", "spatial", "shared", "s2d")
+#: drawn from too with ``extra`` (the same seed then gives another graph): InstanceNormalization,
+#: a depthwise Conv with two outputs per input, a Resize to another map's size read by Shape
+EXTRA_BLOCKS = ("instnorm", "dwmult", "sizeof")
 
 
 class _Builder:
@@ -307,6 +310,40 @@ class _Builder:
         y = self.add(g.node("SpaceToDepth", [x], self.name("s2d"), blocksize=2), 4 * c, h // 2)
         return [self.conv(y, self.width())]
 
+    def _instnorm(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """A Conv, InstanceNormalization, an activation (IBN-Net)."""
+        g = self.g
+        y = self.conv(x, self.width(), act=False)
+        cy = self.take(y)[0]
+        n = self.name("in")
+        scale = g.const(n + ".s", self.rng.uniform(0.5, 1.5, cy).astype(np.float32))
+        bias = g.const(n + ".b", self.rng.normal(0, 0.5, cy).astype(np.float32))
+        z = g.node("InstanceNormalization", [y, scale, bias], n)
+        return [self.add(self.act(z, n + ".act"), cy, h)]
+
+    def _dwmult(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        return [self.conv(x, 2 * c, k=3, group=c)]
+
+    def _sizeof(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """``F.interpolate(x, size=other.shape[-2:])`` as an export writes it: Shape of x sliced
+        to (N, C), Shape of another live map sliced to (H, W), Concat, Resize by those sizes."""
+        g = self.g
+        others = [t for t, (_, th) in self.live.items() if th != h and t != "x"]
+        if not others:
+            return None
+        o = str(others[int(self.rng.integers(0, len(others)))])
+        n = self.name("sizeof")
+        self.take(x)
+
+        def part(t: str, a: int, b: int, tag: str) -> str:
+            bounds = [g.const(f"{n}.{tag}{i}", np.array([v], np.int64)) for i, v in enumerate((a, b, 0))]
+            return g.node("Slice", [g.node("Shape", [t], f"{n}.shape_{tag}")] + bounds, f"{n}.{tag}")
+
+        sizes = g.node("Concat", [part(x, 0, 2, "nc"), part(o, 2, 4, "hw")], n + ".sizes", axis=0)
+        roi = g.const(n + ".roi", np.zeros(0, np.float32))
+        no_scales = g.const(n + ".scales", np.zeros(0, np.float32))
+        return [self.add(g.node("Resize", [x, roi, no_scales, sizes], n, mode="nearest"), c, self.live[o][1])]
+
     def _sppf(self, x: str, c: int, h: int) -> Optional[List[str]]:
         g = self.g
         y = self.conv(x, self.width())
@@ -320,8 +357,9 @@ class _Builder:
         return [self.conv(cat, self.width())]
 
 
-def random_yolo_like(seed: int, steps: int = 0, messy: bool = False) -> onnx.ModelProto:
-    """A random graph from ``seed`` (``steps`` blocks, default 6-13) on a 1x3x16x16 input; every
+def random_yolo_like(seed: int, steps: int = 0, messy: bool = False, extra: bool = False) -> onnx.ModelProto:
+    """A random graph from ``seed`` (``steps`` blocks, default 6-13, drawn from BLOCKS, and
+    EXTRA_BLOCKS too with ``extra``) on a 1x3x16x16 input; every
     tensor no block reads feeds a 1x1 head Conv, and one head is flattened as a Detect output
     (Reshape to (1, 1, K, H*W), Transpose) so its channels cannot be pruned. ``messy`` makes it
     as exporters do: a dynamic batch read back by Shape, Gather, Unsqueeze and Concat for the
@@ -330,7 +368,7 @@ def random_yolo_like(seed: int, steps: int = 0, messy: bool = False) -> onnx.Mod
     b.add("x", 3, 16)
     x = b.conv("x", b.width(), k=3, bn=bool(b.rng.random() < 0.5))
     for _ in range(steps or int(b.rng.integers(6, 14))):
-        made = b.block(str(b.rng.choice(BLOCKS)), x)
+        made = b.block(str(b.rng.choice(BLOCKS + EXTRA_BLOCKS if extra else BLOCKS)), x)
         if made:
             x = str(made[int(b.rng.integers(0, len(made)))])
     g, outs = b.g, []
@@ -378,4 +416,4 @@ def _mess_up(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProt
     return model
 
 
-__all__ = ["random_yolo_like", "OPSETS", "BLOCKS"]
+__all__ = ["random_yolo_like", "OPSETS", "BLOCKS", "EXTRA_BLOCKS"]

@@ -1,7 +1,8 @@
 """Passes on random YOLO-like graphs (tests/analysis/random_graphs.py), clean and messy (dynamic
 batch read back by Shape chains, unnamed nodes, Constant nodes): the exact pipeline is verified
 by the manager without a warning, pruning's mechanics equal the original with the removed
-channels zeroed, and calibrated pruning and INT8 write models onnxruntime runs optimized."""
+channels zeroed, and calibrated pruning and INT8 write models onnxruntime runs optimized. Some
+seeds also draw the extra blocks (random_graphs.EXTRA_BLOCKS)."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,11 @@ from tests.analysis.random_graphs import random_yolo_like
 from tests.passes.test_prune_channels import EXACT, assert_exact, run
 
 SEEDS = list(range(30))
+#: (seed, messy, extra): every seed clean and messy, and the first 12 with the extra blocks
+#: (InstanceNormalization, a depthwise Conv with two outputs per input, a Resize to the size
+#: another map's Shape gives)
+CASES = [(s, m, False) for s in SEEDS for m in (False, True)] + \
+    [(s, m, True) for s in SEEDS[:12] for m in (False, True)]
 
 
 def named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -48,12 +54,16 @@ def test_the_seeds_cover_every_block_kind_and_messy_graphs_are_messy():
     assert messy.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert any(not n.name for n in messy.graph.node)
     assert {"Constant", "Shape", "Gather", "Unsqueeze"} <= {n.op_type for n in messy.graph.node}
+    extra = [random_yolo_like(s, extra=True) for s in SEEDS[:12]]
+    assert any(n.op_type == "InstanceNormalization" for m in extra for n in m.graph.node)
+    assert any(n.op_type == "Resize" and n.input[3].endswith(".sizes_out") and "sizeof" in n.name
+               for m in extra for n in m.graph.node if len(n.input) > 3)
+    assert random_yolo_like(3, extra=True).SerializeToString() != random_yolo_like(3).SerializeToString()
 
 
-@pytest.mark.parametrize("messy", [False, True])
-@pytest.mark.parametrize("seed", SEEDS)
-def test_exact_pipeline_and_pruning_mechanics(seed, messy, caplog):
-    model = random_yolo_like(seed, messy=messy)
+@pytest.mark.parametrize("seed, messy, extra", CASES)
+def test_exact_pipeline_and_pruning_mechanics(seed, messy, extra, caplog):
+    model = random_yolo_like(seed, messy=messy, extra=extra)
     with caplog.at_level(logging.WARNING):
         res = PassManager(build_passes(default_pass_names()), PassContext()).run(model)
     assert not [r for r in caplog.records if "modified=False" in r.getMessage()]
@@ -65,10 +75,9 @@ def test_exact_pipeline_and_pruning_mechanics(seed, messy, caplog):
         assert 0 < pruned.report.details["mac_reduction"] <= 0.4
 
 
-@pytest.mark.parametrize("messy", [False, True])
-@pytest.mark.parametrize("seed", SEEDS[:8])
-def test_calibrated_pruning_writes_a_model_that_runs(seed, messy):
-    model = random_yolo_like(seed, messy=messy)
+@pytest.mark.parametrize("seed, messy, extra", [c for c in CASES if c[0] < 8])
+def test_calibrated_pruning_writes_a_model_that_runs(seed, messy, extra):
+    model = random_yolo_like(seed, messy=messy, extra=extra)
     calib = verify.random_feeds(model, 16, 1)
     res = run(model, calib, ratio=0.2)
     onnx.checker.check_model(res.model, full_check=True)
