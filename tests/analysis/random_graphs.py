@@ -72,12 +72,16 @@ class _Builder:
         y = g.node("Conv", ins, name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2,
                    group=group)
         if bn:
-            p = [self.rng.uniform(0.5, 1.5, cout), self.rng.normal(0, 0.1, cout),
-                 self.rng.normal(0, 0.1, cout), self.rng.uniform(0.5, 1.5, cout)]
-            names = [g.const(f"{name}.bn{i}", v.astype(np.float32)) for i, v in enumerate(p)]
-            y = g.node("BatchNormalization", [y] + names, name + ".bn", epsilon=1e-3)
+            y = self.batchnorm(y, cout, name + ".bn", f"{name}.bn", 1e-3)
         h2 = (h + 2 * (k // 2) - k) // stride + 1
         return self.add(self.act(y, name + ".act") if act else y, cout, h2)
+
+    def batchnorm(self, x: str, c: int, name: str, prefix: str, eps: float) -> str:
+        """BatchNormalization of ``c`` channels with random parameters (constants prefix0..3)."""
+        p = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
+             self.rng.uniform(0.5, 1.5, c)]
+        params = [self.g.const(f"{prefix}{i}", v.astype(np.float32)) for i, v in enumerate(p)]
+        return self.g.node("BatchNormalization", [x] + params, name, epsilon=eps)
 
     def cbs(self, x: str) -> str:
         return self.conv(x, self.width(), k=int(self.rng.choice((1, 3))), bn=bool(self.rng.random() < 0.4))
@@ -233,10 +237,7 @@ class _Builder:
         y3, y1 = self.conv(x, cout, k=3, bn=True, act=False), self.conv(x, cout, k=1, bn=True, act=False)
         branches = [y3, y1]
         if cout == c:
-            p = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
-                 self.rng.uniform(0.5, 1.5, c)]
-            bn = [g.const(f"{n}.id{i}", v.astype(np.float32)) for i, v in enumerate(p)]
-            branches.append(g.node("BatchNormalization", [x] + bn, n + ".id", epsilon=1e-5))
+            branches.append(self.batchnorm(x, c, n + ".id", f"{n}.id", 1e-5))
             self.take(x)
         for t in (y3, y1):
             self.take(t)
