@@ -184,11 +184,13 @@ _LIGHT_TENSOR = 1 << 16
 
 
 def infer_shapes(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
-    """``onnx.shape_inference.infer_shapes`` (same keyword arguments), also over 2 GiB.
+    """``onnx.shape_inference.infer_shapes`` (same keyword arguments), also over 2 GiB, and past
+    ops onnx infers nothing for (:data:`SAME_SHAPE_UNINFERRED`).
 
     onnx serializes the model to infer it, which protobuf refuses above 2 GiB. Such a model is
     inferred without its weights (see :func:`_infer_light`); the inferred value_info and outputs
     are then put on a copy of the original."""
+    model = _seed_uninferred(model, kwargs)
     if model_size(model) <= PROTO_LIMIT:
         return _with_contrib_types(model, onnx.shape_inference.infer_shapes(model, **kwargs), kwargs)
     inferred = _with_contrib_types(model, _infer_light(model, **kwargs), kwargs)
@@ -205,11 +207,45 @@ def inferred_values(model: onnx.ModelProto, **kwargs: Any) -> List[onnx.ValueInf
     """The value_info and graph outputs shape inference gives (same keyword arguments as
     :func:`infer_shapes`), for callers that read only types and shapes: over 2 GiB this makes no
     copy of the weights."""
+    return _values(_seed_uninferred(model, kwargs), kwargs)
+
+
+def _values(model: onnx.ModelProto, kwargs: Mapping[str, Any]) -> List[onnx.ValueInfoProto]:
     if model_size(model) <= PROTO_LIMIT:
         g = _with_contrib_types(model, onnx.shape_inference.infer_shapes(model, **kwargs), kwargs).graph
     else:
         g = _with_contrib_types(model, _infer_light(model, **kwargs), kwargs).graph
     return list(g.value_info) + list(g.output)
+
+
+#: ops whose output has its first input's type and shape but for which onnx infers nothing
+#: (GroupNormalization-21 is a function built per node, and onnx's inference does not expand
+#: it): every tensor after one stayed unknown, and strict inference failed there
+SAME_SHAPE_UNINFERRED = frozenset({"GroupNormalization"})
+
+
+def _seed_uninferred(model: onnx.ModelProto, kwargs: Mapping[str, Any]) -> onnx.ModelProto:
+    """``model``, or a copy whose value_info gives each output of a :data:`SAME_SHAPE_UNINFERRED`
+    node its input's type and shape, as far as inference (not strict) reaches them."""
+    nodes = [n for n in model.graph.node if n.op_type in SAME_SHAPE_UNINFERRED
+             and n.domain in ("", "ai.onnx") and n.input and n.output and n.output[0]]
+    if not nodes:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    loose = {k: v for k, v in kwargs.items() if k == "data_prop"}
+    for _ in nodes:   # each round reaches at least one more of them, or none
+        known = {vi.name: vi for vi in list(out.graph.input) + _values(out, loose)
+                 if vi.type.tensor_type.elem_type}
+        seeded = [n for n in nodes if n.output[0] not in known and n.input[0] in known]
+        for n in seeded:
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(known[n.input[0]])
+            vi.name = n.output[0]
+            out.graph.value_info.append(vi)
+        if not seeded:
+            break
+    return out
 
 
 #: the domain of onnxruntime's own ops (its optimizer's fusions: QuickGelu, FusedConv, ...)
@@ -967,8 +1003,8 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: Dict[str, Sequence[int]]) -
 
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
-                        "InstanceNormalization", "LayerNormalization", "PRelu", "QLinearConv",
-                        "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+                        "InstanceNormalization", "LayerNormalization", "GroupNormalization", "PRelu",
+                        "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
 
 
 def param_tensors(model: onnx.ModelProto) -> Dict[str, Tuple[int, int]]:

@@ -2,9 +2,9 @@
 
 Given the kept channel indices of every tensor that loses channels, slice producer Conv weights
 and biases (output axis), consumer Conv weights (input axis), grouped and depthwise Convs (whole
-groups, and their group count), BatchNormalization and InstanceNormalization parameters,
-per-channel constants of element-wise ops, and rewrite Split sizes (attribute or input, by
-opset), Slice bounds on the channel axis and constant Resize 'sizes', the indices of a channel
+groups, and their group count), BatchNormalization and InstanceNormalization parameters, group
+norms (whole groups, analysis.group_norm), per-channel constants of element-wise ops, and
+rewrite Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize 'sizes', the indices of a channel
 Gather, the target shapes of a channel shuffle's Reshapes, constant Expand targets, and the
 Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se), and make up for
 the removed channels after a mean, sum, max or min over the channel axis (CBAM). Concat offsets
@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim_yolo import ir
-from onnxslim_yolo.analysis import channel_rules, linear_se
+from onnxslim_yolo.analysis import channel_rules, group_norm, linear_se
 from onnxslim_yolo.analysis.channels import ChannelAnalysis
 from onnxslim_yolo.pass_base import PreconditionError
 
@@ -225,10 +225,27 @@ class _Rewriter:
             src = out
         self.touched.add(node.name)
 
+    def _groups(self, node: gs.Node, fn, *args) -> None:
+        try:
+            fn(*args, self.set_input)
+        except ValueError as exc:
+            raise PreconditionError(f"prune-channels: {node.op} '{node.name}': {exc}") from None
+
+    def group_norm(self, node: gs.Node) -> None:
+        """GroupNormalization keeps its kept groups (analysis.group_norm)."""
+        k = self.k(node.outputs[0])
+        if k is not None:
+            self._groups(node, group_norm.rewrite_op, node, k, self.counts[node.outputs[0].name])
+
     def reshape(self, node: gs.Node) -> None:
         """The two Reshapes of a channel shuffle (channel_rules.Shuffle, SplitShuffle) take the new
-        count, and so do those of a Linear excitation branch."""
+        count, and so do those of a Linear excitation branch; an exported group norm keeps its
+        kept groups (analysis.group_norm)."""
         self.linear_se(node)
+        gn = group_norm.exported_from(node, self.shapes)
+        k = self.k(node.inputs[0]) if gn is not None else None
+        if k is not None:
+            return self._groups(node, group_norm.rewrite_exported, gn, k)
         split = channel_rules.split_shuffle_from(node, self.shapes)
         sh = channel_rules.shuffle_from(node, self.shapes)  # this graph's tensors carry no shapes
         k = self.k(node.inputs[0]) if split is not None or sh is not None else None
@@ -260,7 +277,7 @@ class _Rewriter:
 
     def run(self) -> None:
         table = {"Conv": self.conv, "BatchNormalization": self.batchnorm, "Split": self.split,
-                 "InstanceNormalization": self.batchnorm,
+                 "InstanceNormalization": self.batchnorm, "GroupNormalization": self.group_norm,
                  "Gather": self.gather,
                  "Slice": self.slice, "Resize": self.resize, "Reshape": self.reshape,
                  "Flatten": self.linear_se, "Squeeze": self.linear_se, "Expand": self.expand,

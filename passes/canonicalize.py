@@ -52,8 +52,8 @@ NEUTRAL = {"Add": (0.0, (0, 1)), "Sub": (0.0, (1,)), "Mul": (1.0, (0, 1)), "Div"
 RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 #: ops whose output's first axis is their first variable input's (the batch stays the batch)
 BATCH_KEEPING = frozenset({
-    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "GlobalMaxPool", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
     "Tanh", "Clip", "Elu", "Selu", "Softplus", "Mish", "Gelu", "Erf", "Identity", "Cast", "Add", "Sub",
     "Mul", "Div", "Pow", "Sqrt", "Exp", "PRelu"})
 

@@ -408,3 +408,24 @@ def test_graph_outputs_keep_the_dim_names_they_declare(tmp_path: Path):
     listed.type.tensor_type.shape.dim[2].dim_value = 84
     m.graph.value_info[-1].CopyFrom(listed)
     assert dims(ir.to_model(ir.to_graph(m), like=m)) == [1, 8, 84]
+
+
+def test_shape_inference_reaches_past_a_group_normalization():
+    """onnx infers nothing for GroupNormalization-21, so every tensor after it stayed unknown
+    (strict inference without check_type fails at the next node); ir gives its output the
+    input's type and shape."""
+    from tests.analysis.graphs import group_norm_graph
+
+    model = group_norm_graph("op21")
+    with pytest.raises(onnx.shape_inference.InferenceError, match="act.sig"):
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    plain = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    assert not any(vi.type.tensor_type.HasField("shape") for vi in plain.graph.value_info
+                   if vi.name in ("gn_out", "act_out"))
+    inferred = ir.infer_shapes(model, strict_mode=True)
+    assert ir.infer_shapes(model, check_type=True, strict_mode=True).graph.value_info == inferred.graph.value_info
+    dims = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in inferred.graph.value_info}
+    assert dims["gn_out"] == dims["act_out"] == [1, 16, 8, 8]
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in ir.inferred_values(model)}
+    assert shapes["h_out"] == [1, 5, 8, 8]
+    assert not any(vi.name == "gn_out" for vi in model.graph.value_info)  # the input is left as it was

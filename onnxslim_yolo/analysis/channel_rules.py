@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .. import ir
-from . import linear_se
+from . import group_norm, linear_se
 
 #: element-wise ops of one data input (extra inputs, if any, are scalars such as Clip's bounds).
 UNARY_OPS = frozenset({
@@ -103,6 +103,40 @@ def rule_norm(node: gs.Node, rec: Recorder) -> None:
     _pass_through(node, rec, node.inputs[0], node.outputs[0])
     if rec.channels(node.outputs[0]):
         rec.role(node.outputs[0], "bn" if node.op == "BatchNormalization" else "norm", node)
+
+
+def rule_instancenorm(node: gs.Node, rec: Recorder) -> None:
+    """An InstanceNormalization inside an exported group norm is mapped with it (its rows are
+    groups, not channels); any other is a per-channel norm."""
+    if group_norm.exported_around(node) is None:
+        rule_norm(node, rec)
+
+
+def rule_group_norm(node: gs.Node, rec: Recorder) -> None:
+    """GroupNormalization: channel c is channel c, and a group's channels go together
+    (:mod:`.group_norm`); the output takes the role "groupnorm"."""
+    if not _has_feature_io(node, rec):
+        return
+    x, y = node.inputs[0], node.outputs[0]
+    why = group_norm.op_refusal(node, rec.channels(x))
+    if why is None and rec.channels(y) != rec.channels(x):
+        why = "output channel count differs"
+    if why is not None:
+        return block_node(node, rec, why)
+    group_norm.link_groups(rec, x, y, int(node.attrs["num_groups"]))
+    rec.role(y, "groupnorm", node)
+
+
+def rule_exported_group_norm(gn: group_norm.ExportedGroupNorm, rec: Recorder) -> None:
+    """Reshape -> InstanceNormalization -> Reshape (:mod:`.group_norm`): the tensors between
+    the three nodes hold groups, not channels, and take no part."""
+    x, y = gn.first.inputs[0], gn.last.outputs[0]
+    if rec.channels(x) != gn.channels or rec.channels(y) != gn.channels:
+        for t in (x, y):
+            rec.block(t, f"group norm at {_desc(gn.first)} with unknown channel counts")
+        return
+    group_norm.link_groups(rec, x, y, gn.groups)
+    rec.role(y, "groupnorm", gn.norm)
 
 
 def rule_pool(node: gs.Node, rec: Recorder) -> None:
@@ -435,11 +469,19 @@ def _shape_feeds_only_own_resize(node: gs.Node) -> Optional[str]:
             elif c.op == "Expand" and len(c.inputs) > 1 and c.inputs[1] is t and \
                     _meets_source(c, node.inputs[0]):
                 continue
+            elif c.op == "Reshape" and c.inputs[1] is t and _restores(c, node.inputs[0]):
+                continue
             elif c.op in SHAPE_ARITH_OPS:
                 stack.extend(c.outputs)
             else:
                 return _desc(c)
     return None
+
+
+def _restores(reshape: gs.Node, src: gs.Tensor) -> bool:
+    """A Reshape that ends an exported group norm of ``src``: back to ``src``'s own shape."""
+    gn = group_norm.exported_around(reshape)
+    return gn is not None and gn.last is reshape and gn.first.inputs[0] is src
 
 
 def rule_shape(node: gs.Node, rec: Recorder) -> None:
@@ -607,6 +649,9 @@ def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
     split = split_shuffle_from(node) if node.op == "Reshape" else None
     if split is not None:
         return rule_split_shuffle(split, rec)
+    gn = group_norm.exported_from(node) if node.op == "Reshape" else None
+    if gn is not None:
+        return rule_exported_group_norm(gn, rec)
     sh = shuffle_from(node) if node.op == "Reshape" else None
     if sh is not None:
         x, y = sh.first.inputs[0], sh.last.outputs[0]
@@ -622,7 +667,8 @@ def rule_shuffle(node: gs.Node, rec: Recorder) -> None:
     perm = node.attrs.get("perm") if node.op == "Transpose" else None
     if perm is not None and [int(p) for p in perm[:2]] == [0, 1]:
         return _pass_through(node, rec, node.inputs[0], node.outputs[0])
-    if _shuffle_around(node) is None and _split_shuffle_around(node) is None:
+    if _shuffle_around(node) is None and _split_shuffle_around(node) is None and \
+            group_norm.exported_around(node) is None:
         block_node(node, rec)
 
 
@@ -716,7 +762,8 @@ RULES: Dict[str, Rule] = {
     **{op: rule_axes for op in REDUCE_OPS},
     "Squeeze": _or_linear_se(rule_axes), "Unsqueeze": _or_linear_se(rule_axes),
     "Flatten": _or_linear_se(block_node), "Expand": rule_expand,
-    "BatchNormalization": rule_norm, "InstanceNormalization": rule_norm,
+    "BatchNormalization": rule_norm, "InstanceNormalization": rule_instancenorm,
+    "GroupNormalization": rule_group_norm,
     "Resize": rule_resize, "Upsample": rule_resize,
     "Concat": rule_concat, "Split": rule_split, "Slice": rule_slice,
     "DepthToSpace": rule_depth_space, "SpaceToDepth": rule_depth_space,

@@ -43,7 +43,9 @@ ClusterKey = Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]
 class Role:
     """A weight slot tied to one channel: ``kind`` is producer (Conv output channel), consumer
     (dense Conv input channel), depthwise (output channel of a depthwise or grouped Conv), bn,
-    norm (InstanceNormalization) or const (per-channel constant of an element-wise op)."""
+    norm (InstanceNormalization), groupnorm (output channel of a group norm, either form of
+    analysis.group_norm; ``node`` is the node holding its bias) or const (per-channel constant of
+    an element-wise op)."""
 
     kind: str
     node: str

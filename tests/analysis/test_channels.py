@@ -402,3 +402,39 @@ def test_a_channel_gather_is_a_one_way_reader_when_asked_and_blocks_otherwise():
     off = analyze_channels(model)
     assert all(not off.group_of(s, c).prunable for c in range(6))
     assert any("Gather 'pick'" in r for r in off.group_of(s, 0).reasons)
+
+
+@pytest.mark.parametrize("form", ["op21", "shape", "const", "minus_one"])
+def test_a_group_norm_ties_each_group_and_maps_channels_through(form):
+    """Four groups of four: channel c of a is channel c after the norm, the four channels of a
+    group are one channel of the analysis, and the output takes the role "groupnorm"."""
+    a = analyze_channels(graphs.group_norm_graph(form))
+    out = "gn_out" if form == "op21" else "gn.last_out"
+    for k in range(4):
+        g = _group(a, "a_out", 4 * k)
+        assert g.prunable, g.reasons
+        assert {i for t, i in g.channels if t == "a_out"} == {4 * k + j for j in range(4)}
+        assert {i for t, i in g.channels if t == out} == {4 * k + j for j in range(4)}
+        assert [r.index for r in g.of_kind("groupnorm")] == [4 * k + j for j in range(4)]
+    assert len(a.prunable_groups()) == 4
+    if form != "op21":  # the rows between the Reshapes are groups, not channels of the analysis
+        assert "gn.first_out" not in a.channel_counts and "gn.in_out" not in a.channel_counts
+
+
+def test_a_group_norm_blocks_when_its_pattern_is_broken():
+    """Another reader of the grouped rows (the Shape feeding the last Reshape then counts as
+    reading the channel count too), and a group count the channels do not divide: each blocks
+    the channels with a reason."""
+    model = graphs.group_norm_graph("shape")
+    model.graph.node.append(helper.make_node("Relu", ["gn.first_out"], ["tap"], name="tap"))
+    model.graph.output.append(helper.make_tensor_value_info("tap", TensorProto.FLOAT, None))
+    a = analyze_channels(model)
+    assert _group(a, "a_out", 0).reasons == (
+        "channel count read by Shape 'gn.shape' feeding Reshape 'gn.last'", "consumed by Reshape 'gn.first'")
+    assert not _group(a, "gn.last_out", 0).prunable
+    model = graphs.group_norm_graph("op21")
+    gn = next(n for n in model.graph.node if n.op_type == "GroupNormalization")
+    next(at for at in gn.attribute if at.name == "num_groups").i = 3
+    a = analyze_channels(model)
+    assert _group(a, "a_out", 0).reasons == (
+        "consumed by GroupNormalization 'gn' (16 channels in 3 groups)",)

@@ -27,8 +27,8 @@ def run(model: onnx.ModelProto, calib: Optional[list] = None, **opts):
 
 def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
     """The original with every removed channel zeroed at its source: producer and depthwise
-    filters and biases, BN beta and mean (BN(0) = 0), InstanceNorm bias, per-channel constants
-    (0 + 0 = 0 * 0 = 0 / s).
+    filters and biases, BN beta and mean (BN(0) = 0), InstanceNorm and group norm biases (a zero
+    channel or group normalises to its bias), per-channel constants (0 + 0 = 0 * 0 = 0 / s).
     A ConvTranspose the pass mapped is zeroed in its exact 1x1 Conv + DepthToSpace form."""
     model = _prune_lower.lower(model)[0]
     a = analyze_channels(model)
@@ -68,6 +68,9 @@ def zeroed(model: onnx.ModelProto, details: Dict) -> onnx.ModelProto:
                 zero(node.input[3], r.index)
             elif r.kind == "norm":   # InstanceNormalization of a zero channel: its bias
                 zero(node.input[2], r.index)
+            elif r.kind == "groupnorm":   # a zero group: its bias, one a channel or (exported) a group
+                bias = numpy_helper.to_array(inits[node.input[2]])
+                zero(node.input[2], r.index * len(bias) // a.channel_counts[r.tensor])
             elif r.kind == "const":   # a divisor stays: 0 / s = 0
                 for t in node.input[:1] if node.op_type == "Div" else node.input:
                     if t in inits and numpy_helper.to_array(inits[t]).ndim >= 3:
@@ -94,6 +97,10 @@ HAND = {
     "residual_depthwise": graphs.residual_graph,
     "grouped_and_depth_multiplier": graphs.grouped_graph,
     "instancenorm_ibn": graphs.instancenorm_graph,
+    "group_norm21_op": graphs.group_norm_graph,
+    "group_norm13_exported_shape": lambda: graphs.group_norm_graph("shape"),
+    "group_norm13_exported_const": lambda: graphs.group_norm_graph("const"),
+    "group_norm18_exported_minus_one": lambda: graphs.group_norm_graph("minus_one", 18),
     "pool_resize_slice": graphs.pool_resize_graph,
     "pad13": graphs.pad_graph,
     "pad18_axes": lambda: graphs.pad_graph(18),
@@ -916,3 +923,35 @@ def test_a_model_whose_only_prunable_layer_has_no_dense_consumer_says_so_with_ca
     res = run(model, calib, ratio=0.2, criterion="activation", reconstruct=True)
     assert not res.modified
     assert res.report.details["notes"][0].startswith("target not reached: 0.0% of 20.0%"), res.report.details
+
+
+@pytest.mark.parametrize("form", ["op21", "shape", "const"])
+def test_a_group_norm_loses_whole_groups(form):
+    """a's 16 channels in 4 groups of 4: a keep of 8 is two whole groups; the group count, the
+    first target's G, the InstanceNormalization's per-group parameters, a constant last target
+    and the affine follow; with --round-to 8 two groups go at a time; calibrated, h is refit."""
+    model = graphs.group_norm_graph(form)
+    res = run(model, per_layer={"a": 0.5}, round_to=1, **EXACT)
+    kept = res.report.details["layers"]["a"]["kept_out"]
+    groups = sorted({i // 4 for i in kept})
+    assert len(kept) == 8 and kept == [4 * k + j for k in groups for j in range(4)]
+    nodes = {n.name: n for n in res.model.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    src = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if form == "op21":
+        assert [a.i for a in nodes["gn"].attribute if a.name == "num_groups"] == [2]
+        assert np.array_equal(inits[nodes["gn"].input[1]], src["gn.s"][kept])
+    else:
+        assert inits[nodes["gn.first"].input[1]].tolist() == [0, 2, -1]
+        assert np.array_equal(inits[nodes["gn.in"].input[2]], src["gn.b"][groups])
+        assert np.array_equal(inits[nodes["gn.mul"].input[1]], src["gn.gamma"][kept])
+        if form == "const":
+            assert inits[nodes["gn.last"].input[1]].tolist() == [1, 8, 8, 8]
+    assert_exact(model, res.model, res.report.details)
+    res = run(model, ratio=0.3, round_to=8, **EXACT)
+    assert res.report.details["layers"]["a"]["out_channels"] == [16, 8]
+    calib = verify.random_feeds(model, 8, 1)
+    res = run(model, calib, ratio=0.2, round_to=1)
+    assert res.modified and "h" in res.report.details["refit"]
+    assert res.report.details["layers"]["a"]["out_channels"][1] % 4 == 0
+    verify.session(res.model, optimize=True).run(None, calib[0])
