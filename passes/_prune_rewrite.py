@@ -4,12 +4,13 @@ Given the kept channel indices of every tensor that loses channels, slice produc
 and biases (output axis), consumer Conv weights (input axis), grouped and depthwise Convs (whole
 groups, and their group count), BatchNormalization and InstanceNormalization parameters, group
 norms (whole groups, analysis.group_norm), per-channel constants of element-wise ops, and
-rewrite Split sizes (attribute or input, by opset), Slice bounds on the channel axis and constant Resize 'sizes', the indices of a channel
-Gather, the target shapes of a channel shuffle's Reshapes, constant Expand targets, and the
-Linear layers and Reshapes of a squeeze-and-excitation gate (analysis.linear_se), and make up for
-the removed channels after a mean, sum, max or min over the channel axis (CBAM). Concat offsets
-follow from the inputs. Optionally the removed channels' means are folded into the consumer
-biases first. value_info is dropped and shapes inferred again.
+rewrite Split sizes (attribute or input, by opset), Slice bounds on the channel axis and
+constant Resize 'sizes', the indices of a channel Gather, the target shapes of a channel
+shuffle's Reshapes, constant Expand targets, and the Linear layers and Reshapes of a
+squeeze-and-excitation gate (analysis.linear_se), and make up for the removed channels after a
+mean, sum, max or min over the channel axis (CBAM). Concat offsets follow from the inputs.
+Optionally the removed channels' means are folded into the consumer biases first. value_info is
+dropped and shapes inferred again.
 """
 from __future__ import annotations
 

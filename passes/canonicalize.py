@@ -53,9 +53,9 @@ RESHAPES = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten"})
 #: ops whose output's first axis is their first variable input's (the batch stays the batch)
 BATCH_KEEPING = frozenset({
     "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
-    "Tanh", "Clip", "Elu", "Selu", "Softplus", "Mish", "Gelu", "Erf", "Identity", "Cast", "Add", "Sub",
-    "Mul", "Div", "Pow", "Sqrt", "Exp", "PRelu"})
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "LeakyRelu", "Sigmoid",
+    "HardSigmoid", "HardSwish", "Tanh", "Clip", "Elu", "Selu", "Softplus", "Mish", "Gelu", "Erf",
+    "Identity", "Cast", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "PRelu"})
 
 
 @dataclass(frozen=True)

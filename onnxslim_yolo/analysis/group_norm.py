@@ -1,12 +1,13 @@
 """Group normalization on the channel axis, as the channel analysis and the pruning rewrite see it.
 
 Two forms: ONNX's GroupNormalization op (opset 21, a scale and bias per channel; opset 18's, one
-per group, is deprecated and the onnx checker refuses it), and the way PyTorch exports ``nn.GroupNorm``: Reshape (N, C, ...) -> (N, G, ...),
-InstanceNormalization of those G rows, Reshape back to the input's shape (a Shape of the input,
-or a constant), and the per-channel affine as separate Mul and Add nodes, which their own rules
-map. Each group of C/G neighbouring channels is normalised by its own statistics: removing a
-whole group leaves every other group as it was, removing part of one would not. So a group is
-one channel of the analysis, and pruning lowers the group count.
+per group, is deprecated and the onnx checker refuses it), and the way PyTorch exports
+``nn.GroupNorm``: Reshape (N, C, ...) -> (N, G, ...), InstanceNormalization of those G rows,
+Reshape back to the input's shape (a Shape of the input, or a constant), and the per-channel
+affine as separate Mul and Add nodes, which their own rules map. Each group of C/G neighbouring
+channels is normalised by its own statistics: removing a whole group leaves every other group as
+it was, removing part of one would not. So a group is one channel of the analysis, and pruning
+lowers the group count.
 """
 from __future__ import annotations
 

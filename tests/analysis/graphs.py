@@ -478,26 +478,28 @@ def gather_graph() -> onnx.ModelProto:
 
 def group_norm_graph(form: str = "op21", opset: Optional[int] = None) -> onnx.ModelProto:
     """a(16) -> group norm of 4 groups -> SiLU -> h, and a 3x3 Conv b reading a too.
-    ``form``: "op21", the GroupNormalization op; "shape" / "const" / "minus_one", PyTorch's export: Reshape (0, 4, -1) ->
-    InstanceNormalization -> Reshape to Shape(a) / to (1, 16, 8, 8) / to (1, -1, 8, 8), then the
-    per-channel Mul and Add."""
+    ``form``: "op21", the GroupNormalization op; "shape" / "const" / "minus_one", PyTorch's
+    export: Reshape (0, 4, -1) -> InstanceNormalization -> Reshape to Shape(a) / to (1, 16, 8, 8)
+    / to (1, -1, 8, 8), then the per-channel Mul and Add."""
     op = form.startswith("op")
     g = G(opset or (int(form[2:]) if op else 13))
     a = g.conv("x", 3, 16, "a", k=3)
-    r = g.rng
+
+    def params(name: str, n: int, shape=None) -> List[str]:
+        size = shape or (n,)
+        return [g.const(f"{name}.s", g.rng.uniform(0.5, 1.5, size).astype(np.float32)),
+                g.const(f"{name}.b", g.rng.normal(0, 0.5, size).astype(np.float32))]
+
     if op:
-        gn = g.node("GroupNormalization", [a, g.const("gn.s", r.uniform(0.5, 1.5, 16).astype(np.float32)),
-                                           g.const("gn.b", r.normal(0, 0.5, 16).astype(np.float32))],
-                    "gn", num_groups=4, epsilon=1e-5)
+        gn = g.node("GroupNormalization", [a] + params("gn", 16), "gn", num_groups=4, epsilon=1e-5)
     else:
         mid = g.node("Reshape", [a, g.const("gn.to", np.array([0, 4, -1], np.int64))], "gn.first")
-        inorm = g.node("InstanceNormalization", [mid, g.const("gn.s", r.uniform(0.5, 1.5, 4).astype(np.float32)),
-                                                 g.const("gn.b", r.normal(0, 0.5, 4).astype(np.float32))], "gn.in")
+        inorm = g.node("InstanceNormalization", [mid] + params("gn", 4), "gn.in")
         back = {"shape": lambda: g.node("Shape", [a], "gn.shape"),
                 "const": lambda: g.const("gn.back", np.array([1, 16, 8, 8], np.int64)),
                 "minus_one": lambda: g.const("gn.back", np.array([1, -1, 8, 8], np.int64))}[form]()
-        y = g.node("Reshape", [inorm, back], "gn.last")
-        y = g.node("Mul", [y, g.const("gn.gamma", r.uniform(0.5, 1.5, (16, 1, 1)).astype(np.float32))], "gn.mul")
-        gn = g.node("Add", [y, g.const("gn.beta", r.normal(0, 0.5, (16, 1, 1)).astype(np.float32))], "gn.add")
+        gamma, beta = params("gn.affine", 16, (16, 1, 1))
+        y = g.node("Mul", [g.node("Reshape", [inorm, back], "gn.last"), gamma], "gn.mul")
+        gn = g.node("Add", [y, beta], "gn.add")
     h = g.conv(g.silu(gn, "act"), 16, 5, "h")
     return g.model([X], [h, g.conv(a, 16, 4, "b", k=3)])

@@ -944,7 +944,7 @@ def test_a_group_norm_loses_whole_groups(form):
     else:
         assert inits[nodes["gn.first"].input[1]].tolist() == [0, 2, -1]
         assert np.array_equal(inits[nodes["gn.in"].input[2]], src["gn.b"][groups])
-        assert np.array_equal(inits[nodes["gn.mul"].input[1]], src["gn.gamma"][kept])
+        assert np.array_equal(inits[nodes["gn.mul"].input[1]], src["gn.affine.s"][kept])
         if form == "const":
             assert inits[nodes["gn.last"].input[1]].tolist() == [1, 8, 8, 8]
     assert_exact(model, res.model, res.report.details)
