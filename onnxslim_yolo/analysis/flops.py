@@ -111,7 +111,16 @@ def infer_static(model: onnx.ModelProto,
         # a shape computed by Where, as YOLOE's text embeddings are): its dims are its shape
         shaped += [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                    for t in folded.graph.initializer]
-        inferred.graph.value_info.extend(vi for vi in shaped if vi.name in outputs and vi.name not in known)
+        fill = [vi for vi in shaped if vi.name in outputs and vi.name not in known]
+        # a symbolic shape the first inference gave ('unk__0' after a Reshape to a computed
+        # target) gives way to the folded copy's static one: to_graph reads the first entry
+        static = set(_shape_table(folded))
+        replaced = {vi.name for vi in fill if vi.name in static}
+        entries = {vi.name for vi in inferred.graph.value_info}
+        kept = [vi for vi in inferred.graph.value_info if vi.name not in replaced]
+        del inferred.graph.value_info[:]
+        added = [vi for vi in fill if vi.name in replaced or vi.name not in entries]
+        inferred.graph.value_info.extend(kept + added)
     return inferred
 
 

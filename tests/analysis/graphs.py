@@ -476,6 +476,29 @@ def gather_graph() -> onnx.ModelProto:
     return g.model([X], [g.conv(cat, 4, 2, "h")])
 
 
+def _exported_group_norm(g: G, x: str, name: str, c: int, groups: int) -> str:
+    """nn.GroupNorm as TorchScript exports it: Reshape (0, G, -1) -> InstanceNormalization ->
+    Reshape to Shape(x) -> Mul, Add (random parameters)."""
+    r = g.rng
+    mid = g.node("Reshape", [x, g.const(name + ".to", np.array([0, groups, -1], np.int64))], name + ".first")
+    norm = g.node("InstanceNormalization", [mid, g.const(name + ".s", np.ones(groups, np.float32)),
+                                            g.const(name + ".b", np.zeros(groups, np.float32))], name + ".in")
+    y = g.node("Reshape", [norm, g.node("Shape", [x], name + ".shape")], name + ".last")
+    gamma = g.const(name + ".gamma", r.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32))
+    beta = g.const(name + ".beta", r.normal(0, 0.5, (c, 1, 1)).astype(np.float32))
+    return g.node("Add", [g.node("Mul", [y, gamma], name + ".mul"), beta], name + ".add")
+
+
+def group_norm_chain_graph(opset: int = 11) -> onnx.ModelProto:
+    """a(8) -> group norm (4 groups) -> SiLU -> c 3x3 (8) -> group norm (2 groups) -> SiLU -> h,
+    both norms as TorchScript exports them. At opset 11 onnx's inference does not carry the
+    Shape into the last Reshape, so c's output had symbolic dims until shapes were folded."""
+    g = G(opset)
+    a = g.conv("x", 3, 8, "a", k=3)
+    c = g.conv(g.silu(_exported_group_norm(g, a, "gn1", 8, 4), "act1"), 8, 8, "c", k=3)
+    return g.model([X], [g.conv(g.silu(_exported_group_norm(g, c, "gn2", 8, 2), "act2"), 8, 5, "h")])
+
+
 def group_norm_graph(form: str = "op21", opset: Optional[int] = None) -> onnx.ModelProto:
     """a(16) -> group norm of 4 groups -> SiLU -> h, and a 3x3 Conv b reading a too.
     ``form``: "op21", the GroupNormalization op; "shape" / "const" / "minus_one", PyTorch's

@@ -18,8 +18,9 @@ BLOCKS = ("cbs", "cbs", "down", "dw", "group2", "residual", "gate", "se", "conca
           "split", "slice", "maxpool", "avgpool", "up", "pad", "sppf", "affine", "repvgg", "deconv",
           "mish", "spatial", "shared", "s2d")
 #: drawn from too with ``extra`` (the same seed then gives another graph): InstanceNormalization,
-#: a depthwise Conv with two outputs per input, a Resize to another map's size read by Shape
-EXTRA_BLOCKS = ("instnorm", "dwmult", "sizeof")
+#: a depthwise Conv with two outputs per input, a Resize to another map's size read by Shape, a
+#: group norm (the GroupNormalization op from opset 21, else as PyTorch exports nn.GroupNorm)
+EXTRA_BLOCKS = ("instnorm", "dwmult", "sizeof", "groupnorm")
 
 
 class _Builder:
@@ -321,6 +322,32 @@ class _Builder:
         bias = g.const(n + ".b", self.rng.normal(0, 0.5, cy).astype(np.float32))
         z = g.node("InstanceNormalization", [y, scale, bias], n)
         return [self.add(self.act(z, n + ".act"), cy, h)]
+
+    def _groupnorm(self, x: str, c: int, h: int) -> Optional[List[str]]:
+        """A Conv, a group norm of 2 or 3 groups, an activation: the GroupNormalization op at
+        opset 21, else Reshape (0, G, -1) -> InstanceNormalization -> Reshape back (to the
+        Conv's Shape, or a constant with a -1 batch) -> per-channel Mul and Add."""
+        g, r = self.g, self.rng
+        y = self.conv(x, 12, act=False)
+        groups, n = int(r.choice((2, 3))), self.name("gn")
+
+        def params(tag: str, size) -> List[str]:
+            return [g.const(f"{n}.{tag}s", r.uniform(0.5, 1.5, size).astype(np.float32)),
+                    g.const(f"{n}.{tag}b", r.normal(0, 0.5, size).astype(np.float32))]
+
+        self.take(y)
+        if g.opset >= 21:
+            z = g.node("GroupNormalization", [y] + params("", 12), n, num_groups=groups, epsilon=1e-5)
+        else:
+            to = g.const(n + ".to", np.array([0, groups, -1], np.int64))
+            mid = g.node("Reshape", [y, to], n + ".first")
+            norm = g.node("InstanceNormalization", [mid] + params("", groups), n + ".in")
+            back = g.node("Shape", [y], n + ".shape") if r.random() < 0.5 else \
+                g.const(n + ".back", np.array([-1, 12, h, h], np.int64))
+            gamma, beta = params("affine", (12, 1, 1))
+            y = g.node("Mul", [g.node("Reshape", [norm, back], n + ".last"), gamma], n + ".mul")
+            z = g.node("Add", [y, beta], n + ".add")
+        return [self.add(self.act(z, n + ".act"), 12, h)]
 
     def _dwmult(self, x: str, c: int, h: int) -> Optional[List[str]]:
         return [self.conv(x, 2 * c, k=3, group=c)]

@@ -438,3 +438,19 @@ def test_a_group_norm_blocks_when_its_pattern_is_broken():
     a = analyze_channels(model)
     assert _group(a, "a_out", 0).reasons == (
         "consumed by GroupNormalization 'gn' (16 channels in 3 groups)",)
+
+
+def test_shapes_folded_after_a_computed_reshape_replace_symbolic_ones():
+    """Two exported group norms at opset 11: onnx's inference leaves the first one's output and
+    so c's output with symbolic dims; the folded copy's static shapes replace them, and both
+    norms' groups are prunable (the second was "produced by Reshape 'gn2.last'" before)."""
+    from onnxslim_yolo.analysis.flops import infer_static
+
+    model = graphs.group_norm_chain_graph()
+    entries = [vi for vi in infer_static(model).graph.value_info if vi.name == "c_out"]
+    assert [[d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in entries] == [[1, 8, 8, 8]]
+    a = analyze_channels(model)
+    for tensor, size in (("a_out", 2), ("c_out", 4)):
+        g = _group(a, tensor, 0)
+        assert g.prunable, g.reasons
+        assert {i for t, i in g.channels if t == tensor} == set(range(size))

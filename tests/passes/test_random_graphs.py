@@ -19,7 +19,7 @@ from tests.passes.test_prune_channels import EXACT, assert_exact, run
 SEEDS = list(range(30))
 #: (seed, messy, extra): every seed clean and messy, and the first 12 with the extra blocks
 #: (InstanceNormalization, a depthwise Conv with two outputs per input, a Resize to the size
-#: another map's Shape gives)
+#: another map's Shape gives, a group norm)
 CASES = [(s, m, False) for s in SEEDS for m in (False, True)] + \
     [(s, m, True) for s in SEEDS[:12] for m in (False, True)]
 
@@ -56,6 +56,8 @@ def test_the_seeds_cover_every_block_kind_and_messy_graphs_are_messy():
     assert {"Constant", "Shape", "Gather", "Unsqueeze"} <= {n.op_type for n in messy.graph.node}
     extra = [random_yolo_like(s, extra=True) for s in SEEDS[:12]]
     assert any(n.op_type == "InstanceNormalization" for m in extra for n in m.graph.node)
+    assert any(n.op_type == "GroupNormalization" for m in extra for n in m.graph.node)
+    assert any(n.op_type == "Reshape" and n.name.startswith("gn") for m in extra for n in m.graph.node)
     assert any(n.op_type == "Resize" and n.input[3].endswith(".sizes_out") and "sizeof" in n.name
                for m in extra for n in m.graph.node if len(n.input) > 3)
     assert random_yolo_like(3, extra=True).SerializeToString() != random_yolo_like(3).SerializeToString()
