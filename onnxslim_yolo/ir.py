@@ -723,6 +723,12 @@ def producer(t: gs.Tensor) -> Optional[gs.Node]:
     return t.inputs[0] if len(t.inputs) == 1 else None
 
 
+def only_reader(t: gs.Tensor, op: str) -> Optional[gs.Node]:
+    """The node reading ``t`` when it is the only one and an ``op``, else None."""
+    readers = list(t.outputs)
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+
 def const_value(t: gs.Tensor) -> Optional[np.ndarray]:
     """The value of a constant tensor: an initializer, or the output of a Constant node."""
     if isinstance(t, gs.Constant):

@@ -118,9 +118,10 @@ def rule_group_norm(node: gs.Node, rec: Recorder) -> None:
     if not _has_feature_io(node, rec):
         return
     x, y = node.inputs[0], node.outputs[0]
-    why = group_norm.op_refusal(node, rec.channels(x))
-    if why is None and rec.channels(y) != rec.channels(x):
-        why = "output channel count differs"
+    cx, cy = rec.channels(x), rec.channels(y)
+    why = group_norm.op_refusal(node, cx)
+    if why is None and cy != cx:
+        why = f"changes the channel count {cx} -> {cy}"
     if why is not None:
         return block_node(node, rec, why)
     group_norm.link_groups(rec, x, y, int(node.attrs["num_groups"]))
@@ -505,11 +506,6 @@ class Shuffle:
     channels: int
 
 
-def _only_reader(t: gs.Tensor, op: str) -> Optional[gs.Node]:
-    readers = list(t.outputs)
-    return readers[0] if len(readers) == 1 and readers[0].op == op else None
-
-
 def shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Optional[Shuffle]:
     """The channel shuffle whose first Reshape is ``node``, when the three nodes have constant
     target shapes (an entry of -1 where the count follows from the others), static shapes (the
@@ -517,8 +513,8 @@ def shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] = 
     if node.op != "Reshape":
         return None
     x, mid = node.inputs[0], node.outputs[0]
-    tr = _only_reader(mid, "Transpose")
-    last = _only_reader(tr.outputs[0], "Reshape") if tr is not None else None
+    tr = ir.only_reader(mid, "Transpose")
+    last = ir.only_reader(tr.outputs[0], "Reshape") if tr is not None else None
     if last is None:
         return None
     xs, ms, ys = (ir.static_dims(t, shapes) for t in (x, mid, last.outputs[0]))
@@ -559,8 +555,8 @@ def split_shuffle_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int
     Reshape read by exactly two Gathers on axis 0 of the scalar indices 0 and 1."""
     if node.op != "Reshape":
         return None
-    tr = _only_reader(node.outputs[0], "Transpose")
-    last = _only_reader(tr.outputs[0], "Reshape") if tr is not None else None
+    tr = ir.only_reader(node.outputs[0], "Transpose")
+    last = ir.only_reader(tr.outputs[0], "Reshape") if tr is not None else None
     if last is None or [int(p) for p in tr.attrs.get("perm", [])] != [1, 0, 2]:
         return None
     xs, ms, ls = (ir.static_dims(t, shapes) for t in (node.inputs[0], node.outputs[0], last.outputs[0]))

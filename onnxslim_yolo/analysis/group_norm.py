@@ -31,11 +31,6 @@ class ExportedGroupNorm:
     channels: int
 
 
-def _only_reader(t: gs.Tensor, op: str) -> Optional[gs.Node]:
-    readers = list(t.outputs)
-    return readers[0] if len(readers) == 1 and readers[0].op == op else None
-
-
 def _shape_of(t: gs.Tensor, x: gs.Tensor) -> bool:
     """True when ``t`` is the whole Shape of ``x``."""
     p = ir.producer(t) if isinstance(t, gs.Variable) else None
@@ -57,8 +52,8 @@ def exported_from(node: gs.Node, shapes: Optional[Mapping[str, Sequence[int]]] =
     if node.op != "Reshape":
         return None
     x, mid = node.inputs[0], node.outputs[0]
-    norm = _only_reader(mid, "InstanceNormalization")
-    last = _only_reader(norm.outputs[0], "Reshape") if norm is not None else None
+    norm = ir.only_reader(mid, "InstanceNormalization")
+    last = ir.only_reader(norm.outputs[0], "Reshape") if norm is not None else None
     if last is None or last.inputs[0] is not norm.outputs[0] or len(last.inputs) < 2:
         return None
     if any(o.outputs for o in norm.outputs[1:]):
