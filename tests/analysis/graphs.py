@@ -476,17 +476,20 @@ def gather_graph() -> onnx.ModelProto:
     return g.model([X], [g.conv(cat, 4, 2, "h")])
 
 
-def _exported_group_norm(g: G, x: str, name: str, c: int, groups: int) -> str:
-    """nn.GroupNorm as TorchScript exports it: Reshape (0, G, -1) -> InstanceNormalization ->
-    Reshape to Shape(x) -> Mul, Add (random parameters)."""
-    r = g.rng
+def _exported_group_norm(g: G, x: str, name: str, c: int, groups: int, back: Optional[str] = None) -> str:
+    """nn.GroupNorm as PyTorch exports it: Reshape (0, G, -1) -> InstanceNormalization -> Reshape
+    to ``back`` (default Shape(x)) -> Mul, Add; random parameters (``name``.s / .b per group,
+    ``name``.affine.s / .b per channel)."""
     mid = g.node("Reshape", [x, g.const(name + ".to", np.array([0, groups, -1], np.int64))], name + ".first")
-    norm = g.node("InstanceNormalization", [mid, g.const(name + ".s", np.ones(groups, np.float32)),
-                                            g.const(name + ".b", np.zeros(groups, np.float32))], name + ".in")
-    y = g.node("Reshape", [norm, g.node("Shape", [x], name + ".shape")], name + ".last")
-    gamma = g.const(name + ".gamma", r.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32))
-    beta = g.const(name + ".beta", r.normal(0, 0.5, (c, 1, 1)).astype(np.float32))
+    norm = g.node("InstanceNormalization", [mid] + _norm_params(g, name, (groups,)), name + ".in")
+    y = g.node("Reshape", [norm, back or g.node("Shape", [x], name + ".shape")], name + ".last")
+    gamma, beta = _norm_params(g, name + ".affine", (c, 1, 1))
     return g.node("Add", [g.node("Mul", [y, gamma], name + ".mul"), beta], name + ".add")
+
+
+def _norm_params(g: G, name: str, shape: Tuple[int, ...]) -> List[str]:
+    return [g.const(f"{name}.s", g.rng.uniform(0.5, 1.5, shape).astype(np.float32)),
+            g.const(f"{name}.b", g.rng.normal(0, 0.5, shape).astype(np.float32))]
 
 
 def group_norm_chain_graph(opset: int = 11) -> onnx.ModelProto:
@@ -507,22 +510,11 @@ def group_norm_graph(form: str = "op21", opset: Optional[int] = None) -> onnx.Mo
     op = form.startswith("op")
     g = G(opset or (int(form[2:]) if op else 13))
     a = g.conv("x", 3, 16, "a", k=3)
-
-    def params(name: str, n: int, shape=None) -> List[str]:
-        size = shape or (n,)
-        return [g.const(f"{name}.s", g.rng.uniform(0.5, 1.5, size).astype(np.float32)),
-                g.const(f"{name}.b", g.rng.normal(0, 0.5, size).astype(np.float32))]
-
     if op:
-        gn = g.node("GroupNormalization", [a] + params("gn", 16), "gn", num_groups=4, epsilon=1e-5)
+        gn = g.node("GroupNormalization", [a] + _norm_params(g, "gn", (16,)), "gn", num_groups=4,
+                    epsilon=1e-5)
     else:
-        mid = g.node("Reshape", [a, g.const("gn.to", np.array([0, 4, -1], np.int64))], "gn.first")
-        inorm = g.node("InstanceNormalization", [mid] + params("gn", 4), "gn.in")
-        back = {"shape": lambda: g.node("Shape", [a], "gn.shape"),
-                "const": lambda: g.const("gn.back", np.array([1, 16, 8, 8], np.int64)),
-                "minus_one": lambda: g.const("gn.back", np.array([1, -1, 8, 8], np.int64))}[form]()
-        gamma, beta = params("gn.affine", 16, (16, 1, 1))
-        y = g.node("Mul", [g.node("Reshape", [inorm, back], "gn.last"), gamma], "gn.mul")
-        gn = g.node("Add", [y, beta], "gn.add")
+        back = {"shape": None, "const": [1, 16, 8, 8], "minus_one": [1, -1, 8, 8]}[form]
+        gn = _exported_group_norm(g, a, "gn", 16, 4, back and g.const("gn.back", np.array(back, np.int64)))
     h = g.conv(g.silu(gn, "act"), 16, 5, "h")
     return g.model([X], [h, g.conv(a, 16, 4, "b", k=3)])
