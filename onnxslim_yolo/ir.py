@@ -234,10 +234,11 @@ def _seed_uninferred(model: onnx.ModelProto, kwargs: Mapping[str, Any]) -> onnx.
     out = onnx.ModelProto()
     out.CopyFrom(model)
     loose = {k: v for k, v in kwargs.items() if k == "data_prop"}
-    for _ in nodes:   # each round reaches at least one more of them, or none
+    while nodes:   # each round reaches at least one more of them, or stops
         known = {vi.name: vi for vi in list(out.graph.input) + _values(out, loose)
                  if vi.type.tensor_type.elem_type}
-        seeded = [n for n in nodes if n.output[0] not in known and n.input[0] in known]
+        nodes = [n for n in nodes if n.output[0] not in known]
+        seeded = [n for n in nodes if n.input[0] in known]
         for n in seeded:
             vi = onnx.ValueInfoProto()
             vi.CopyFrom(known[n.input[0]])
@@ -245,6 +246,7 @@ def _seed_uninferred(model: onnx.ModelProto, kwargs: Mapping[str, Any]) -> onnx.
             out.graph.value_info.append(vi)
         if not seeded:
             break
+        nodes = [n for n in nodes if n.input[0] not in known]
     return out
 
 

@@ -95,13 +95,13 @@ class _Rewriter:
     def _group_rows(self, node: gs.Node, kx: Optional[np.ndarray], ky: Optional[np.ndarray],
                     g: int, cout: int) -> np.ndarray:
         """The weight rows (output channels) of the kept groups of a grouped Conv."""
-        size, keep = (cout // g, ky) if ky is not None else (self.counts[node.inputs[0].name] // g, kx)
-        kept = keep[::size] // size
-        rows = (kept[:, None] * (cout // g) + np.arange(cout // g)).reshape(-1)
-        if len(keep) != len(kept) * size or not np.array_equal(
-                keep, (kept[:, None] * size + np.arange(size)).reshape(-1)):
-            raise PreconditionError(f"prune-channels: Conv '{node.name}' would lose part of a group")
-        return rows
+        keep, channels = (ky, cout) if ky is not None else (kx, self.counts[node.inputs[0].name])
+        try:
+            kept = group_norm.kept_groups(keep, channels, g)
+        except ValueError:
+            why = f"prune-channels: Conv '{node.name}' would lose part of a group"
+            raise PreconditionError(why) from None
+        return (kept[:, None] * (cout // g) + np.arange(cout // g)).reshape(-1)
 
     def _folded(self, tensor: str, keep: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Bias change from replacing the removed input channels by their means."""

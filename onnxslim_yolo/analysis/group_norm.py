@@ -111,7 +111,8 @@ def link_groups(rec, x: gs.Tensor, y: gs.Tensor, groups: int) -> None:
 
 
 def kept_groups(keep: np.ndarray, channels: int, groups: int) -> np.ndarray:
-    """The groups of the kept channel indices (whole groups: the analysis never splits one)."""
+    """The groups of the kept channel indices (whole groups: the analysis never splits one); a
+    group norm's, and a grouped Conv's (passes/_prune_rewrite)."""
     m = channels // groups
     kept = keep[::m] // m
     if len(keep) != len(kept) * m or not np.array_equal(keep, (kept[:, None] * m + np.arange(m)).ravel()):
