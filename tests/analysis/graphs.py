@@ -476,20 +476,24 @@ def gather_graph() -> onnx.ModelProto:
     return g.model([X], [g.conv(cat, 4, 2, "h")])
 
 
-def _exported_group_norm(g: G, x: str, name: str, c: int, groups: int, back: Optional[str] = None) -> str:
+def exported_group_norm(g: G, x: str, name: str, c: int, groups: int, back: Optional[str] = None,
+                        rng: Optional[np.random.Generator] = None) -> str:
     """nn.GroupNorm as PyTorch exports it: Reshape (0, G, -1) -> InstanceNormalization -> Reshape
     to ``back`` (default Shape(x)) -> Mul, Add; random parameters (``name``.s / .b per group,
-    ``name``.affine.s / .b per channel)."""
+    ``name``.affine.s / .b per channel), drawn from ``rng`` (default ``g.rng``)."""
     mid = g.node("Reshape", [x, g.const(name + ".to", np.array([0, groups, -1], np.int64))], name + ".first")
-    norm = g.node("InstanceNormalization", [mid] + _norm_params(g, name, (groups,)), name + ".in")
+    norm = g.node("InstanceNormalization", [mid] + norm_params(g, name, (groups,), rng), name + ".in")
     y = g.node("Reshape", [norm, back or g.node("Shape", [x], name + ".shape")], name + ".last")
-    gamma, beta = _norm_params(g, name + ".affine", (c, 1, 1))
+    gamma, beta = norm_params(g, name + ".affine", (c, 1, 1), rng)
     return g.node("Add", [g.node("Mul", [y, gamma], name + ".mul"), beta], name + ".add")
 
 
-def _norm_params(g: G, name: str, shape: Tuple[int, ...]) -> List[str]:
-    return [g.const(f"{name}.s", g.rng.uniform(0.5, 1.5, shape).astype(np.float32)),
-            g.const(f"{name}.b", g.rng.normal(0, 0.5, shape).astype(np.float32))]
+def norm_params(g: G, name: str, shape: Tuple[int, ...],
+                rng: Optional[np.random.Generator] = None) -> List[str]:
+    """A norm's scale (``name``.s, uniform 0.5-1.5) and bias (``name``.b, normal, sd 0.5)."""
+    r = g.rng if rng is None else rng
+    return [g.const(f"{name}.s", r.uniform(0.5, 1.5, shape).astype(np.float32)),
+            g.const(f"{name}.b", r.normal(0, 0.5, shape).astype(np.float32))]
 
 
 def group_norm_chain_graph(opset: int = 11) -> onnx.ModelProto:
@@ -498,8 +502,8 @@ def group_norm_chain_graph(opset: int = 11) -> onnx.ModelProto:
     Shape into the last Reshape, so c's output had symbolic dims until shapes were folded."""
     g = G(opset)
     a = g.conv("x", 3, 8, "a", k=3)
-    c = g.conv(g.silu(_exported_group_norm(g, a, "gn1", 8, 4), "act1"), 8, 8, "c", k=3)
-    return g.model([X], [g.conv(g.silu(_exported_group_norm(g, c, "gn2", 8, 2), "act2"), 8, 5, "h")])
+    c = g.conv(g.silu(exported_group_norm(g, a, "gn1", 8, 4), "act1"), 8, 8, "c", k=3)
+    return g.model([X], [g.conv(g.silu(exported_group_norm(g, c, "gn2", 8, 2), "act2"), 8, 5, "h")])
 
 
 def group_norm_graph(form: str = "op21", opset: Optional[int] = None) -> onnx.ModelProto:
@@ -511,10 +515,10 @@ def group_norm_graph(form: str = "op21", opset: Optional[int] = None) -> onnx.Mo
     g = G(opset or (int(form[2:]) if op else 13))
     a = g.conv("x", 3, 16, "a", k=3)
     if op:
-        gn = g.node("GroupNormalization", [a] + _norm_params(g, "gn", (16,)), "gn", num_groups=4,
+        gn = g.node("GroupNormalization", [a] + norm_params(g, "gn", (16,)), "gn", num_groups=4,
                     epsilon=1e-5)
     else:
         back = {"shape": None, "const": [1, 16, 8, 8], "minus_one": [1, -1, 8, 8]}[form]
-        gn = _exported_group_norm(g, a, "gn", 16, 4, back and g.const("gn.back", np.array(back, np.int64)))
+        gn = exported_group_norm(g, a, "gn", 16, 4, back and g.const("gn.back", np.array(back, np.int64)))
     h = g.conv(g.silu(gn, "act"), 16, 5, "h")
     return g.model([X], [h, g.conv(a, 16, 4, "b", k=3)])

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 import onnx
 
-from tests.analysis.graphs import G
+from tests.analysis.graphs import G, exported_group_norm, norm_params
 
 #: the opsets drawn from: Split sizes as an attribute (11), as an input (13), num_outputs allowed (18+)
 OPSETS = (11, 13, 17, 18, 21)
@@ -318,9 +318,7 @@ class _Builder:
         y = self.conv(x, self.width(), act=False)
         cy = self.take(y)[0]
         n = self.name("in")
-        scale = g.const(n + ".s", self.rng.uniform(0.5, 1.5, cy).astype(np.float32))
-        bias = g.const(n + ".b", self.rng.normal(0, 0.5, cy).astype(np.float32))
-        z = g.node("InstanceNormalization", [y, scale, bias], n)
+        z = g.node("InstanceNormalization", [y] + norm_params(g, n, (cy,), self.rng), n)
         return [self.add(self.act(z, n + ".act"), cy, h)]
 
     def _groupnorm(self, x: str, c: int, h: int) -> Optional[List[str]]:
@@ -330,23 +328,13 @@ class _Builder:
         g, r = self.g, self.rng
         y = self.conv(x, 12, act=False)
         groups, n = int(r.choice((2, 3))), self.name("gn")
-
-        def params(tag: str, size) -> List[str]:
-            return [g.const(f"{n}.{tag}s", r.uniform(0.5, 1.5, size).astype(np.float32)),
-                    g.const(f"{n}.{tag}b", r.normal(0, 0.5, size).astype(np.float32))]
-
         self.take(y)
         if g.opset >= 21:
-            z = g.node("GroupNormalization", [y] + params("", 12), n, num_groups=groups, epsilon=1e-5)
+            z = g.node("GroupNormalization", [y] + norm_params(g, n, (12,), r), n, num_groups=groups,
+                       epsilon=1e-5)
         else:
-            to = g.const(n + ".to", np.array([0, groups, -1], np.int64))
-            mid = g.node("Reshape", [y, to], n + ".first")
-            norm = g.node("InstanceNormalization", [mid] + params("", groups), n + ".in")
-            back = g.node("Shape", [y], n + ".shape") if r.random() < 0.5 else \
-                g.const(n + ".back", np.array([-1, 12, h, h], np.int64))
-            gamma, beta = params("affine", (12, 1, 1))
-            y = g.node("Mul", [g.node("Reshape", [norm, back], n + ".last"), gamma], n + ".mul")
-            z = g.node("Add", [y, beta], n + ".add")
+            back = None if r.random() < 0.5 else g.const(n + ".back", np.array([-1, 12, h, h], np.int64))
+            z = exported_group_norm(g, y, n, 12, groups, back, r)
         return [self.add(self.act(z, n + ".act"), 12, h)]
 
     def _dwmult(self, x: str, c: int, h: int) -> Optional[List[str]]:
