@@ -73,15 +73,15 @@ class _Builder:
         y = g.node("Conv", ins, name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2,
                    group=group)
         if bn:
-            y = self.batchnorm(y, cout, name + ".bn", f"{name}.bn", 1e-3)
+            y = self.batchnorm(y, cout, name + ".bn", 1e-3)
         h2 = (h + 2 * (k // 2) - k) // stride + 1
         return self.add(self.act(y, name + ".act") if act else y, cout, h2)
 
-    def batchnorm(self, x: str, c: int, name: str, prefix: str, eps: float) -> str:
-        """BatchNormalization of ``c`` channels with random parameters (constants prefix0..3)."""
+    def batchnorm(self, x: str, c: int, name: str, eps: float) -> str:
+        """BatchNormalization ``name`` of ``c`` channels with random parameters (constants name0..3)."""
         p = [self.rng.uniform(0.5, 1.5, c), self.rng.normal(0, 0.1, c), self.rng.normal(0, 0.1, c),
              self.rng.uniform(0.5, 1.5, c)]
-        params = [self.g.const(f"{prefix}{i}", v.astype(np.float32)) for i, v in enumerate(p)]
+        params = [self.g.const(f"{name}{i}", v.astype(np.float32)) for i, v in enumerate(p)]
         return self.g.node("BatchNormalization", [x] + params, name, epsilon=eps)
 
     def cbs(self, x: str) -> str:
@@ -238,7 +238,7 @@ class _Builder:
         y3, y1 = self.conv(x, cout, k=3, bn=True, act=False), self.conv(x, cout, k=1, bn=True, act=False)
         branches = [y3, y1]
         if cout == c:
-            branches.append(self.batchnorm(x, c, n + ".id", f"{n}.id", 1e-5))
+            branches.append(self.batchnorm(x, c, n + ".id", 1e-5))
             self.take(x)
         for t in (y3, y1):
             self.take(t)
